@@ -1,0 +1,156 @@
+//! The card: validity by age (C1), the renewal window (K2) and the status a relying party sees (C2).
+use chrono::{Datelike, Months, NaiveDate};
+use serde::{Deserialize, Serialize};
+
+/// The days before expiry from which a card may be renewed (K2).
+pub const RENEWAL_WINDOW_DAYS: i64 = 90;
+
+/// What a relying party is told about a card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CardStatus {
+    Valid,
+    ReportedLost,
+    Revoked,
+    Expired,
+    Unknown,
+}
+
+/// The status the registry stores; `Expired` is derived from the date, `Unknown` from absence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoredCardStatus {
+    Valid,
+    ReportedLost,
+    Revoked,
+}
+
+impl StoredCardStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Valid => "valid",
+            Self::ReportedLost => "reported_lost",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Valid, Self::ReportedLost, Self::Revoked].into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// C2: the status on `today` of a card stored with this status and expiry (None: long-term).
+    /// A card reported lost or revoked stays so after its expiry: that is the stronger answer.
+    pub fn effective(self, valid_until: Option<NaiveDate>, today: NaiveDate) -> CardStatus {
+        match self {
+            Self::ReportedLost => CardStatus::ReportedLost,
+            Self::Revoked => CardStatus::Revoked,
+            Self::Valid if valid_until.is_some_and(|until| today > until) => CardStatus::Expired,
+            Self::Valid => CardStatus::Valid,
+        }
+    }
+
+    /// K6: a loss report can be withdrawn; a revocation is final.
+    pub fn can_move_to(self, next: Self) -> bool {
+        matches!(
+            (self, next),
+            (Self::Valid, Self::ReportedLost)
+                | (Self::ReportedLost, Self::Valid)
+                | (Self::Valid | Self::ReportedLost, Self::Revoked)
+        )
+    }
+}
+
+/// The validity period of a card made on `valid_from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CardTerm {
+    pub valid_from: NaiveDate,
+    /// None: long-term.
+    pub valid_until: Option<NaiveDate>,
+}
+
+/// Full years of age on `day`.
+pub fn age_on(birth: NaiveDate, day: NaiveDate) -> u32 {
+    let mut age = day.year() - birth.year();
+    if (day.month(), day.day()) < (birth.month(), birth.day()) {
+        age -= 1;
+    }
+    u32::try_from(age).unwrap_or(0)
+}
+
+/// C1: under 16 → 5 years; 16–25 → 10; 26–45 → 20; 46 and over → long-term.
+pub fn validity_years(age: u32) -> Option<u32> {
+    match age {
+        0..=15 => Some(5),
+        16..=25 => Some(10),
+        26..=45 => Some(20),
+        _ => None,
+    }
+}
+
+/// C1: the term of a card issued on `issue_day` to a holder born on `birth`.
+/// A card valid from 29 February ends on 28 February of a common year.
+pub fn term_for(birth: NaiveDate, issue_day: NaiveDate) -> CardTerm {
+    let valid_until = validity_years(age_on(birth, issue_day))
+        .and_then(|years| issue_day.checked_add_months(Months::new(years * 12)));
+    CardTerm { valid_from: issue_day, valid_until }
+}
+
+/// K2: renewal is allowed from 90 days before expiry on, and after expiry; never for long-term cards.
+pub fn renewable(valid_until: Option<NaiveDate>, today: NaiveDate) -> bool {
+    valid_until.is_some_and(|until| (until - today).num_days() <= RENEWAL_WINDOW_DAYS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, day).unwrap()
+    }
+
+    #[test]
+    fn c1_validity_by_age_on_the_day_of_issue() {
+        let issue = d(2118, 1, 1);
+        assert_eq!(term_for(d(2103, 1, 2), issue).valid_until, Some(d(2123, 1, 1)), "age 14: 5 years");
+        assert_eq!(term_for(d(2102, 1, 1), issue).valid_until, Some(d(2128, 1, 1)), "age 16: 10 years");
+        assert_eq!(term_for(d(2092, 1, 2), issue).valid_until, Some(d(2128, 1, 1)), "age 25: 10 years");
+        assert_eq!(term_for(d(2092, 1, 1), issue).valid_until, Some(d(2138, 1, 1)), "age 26: 20 years");
+        assert_eq!(term_for(d(2072, 1, 2), issue).valid_until, Some(d(2138, 1, 1)), "age 45: 20 years");
+        assert_eq!(term_for(d(2072, 1, 1), issue).valid_until, None, "age 46: long-term");
+    }
+
+    #[test]
+    fn c1_leap_day_issue_ends_on_28_february() {
+        assert_eq!(term_for(d(2080, 6, 1), d(2116, 2, 29)).valid_until, Some(d(2136, 2, 29)));
+        assert_eq!(term_for(d(2100, 6, 1), d(2116, 2, 29)).valid_until, Some(d(2121, 2, 28)));
+    }
+
+    #[test]
+    fn k2_renewal_window_opens_90_days_before_expiry() {
+        let until = Some(d(2118, 4, 1));
+        assert!(!renewable(until, d(2117, 12, 31)), "91 days before");
+        assert!(renewable(until, d(2118, 1, 1)), "90 days before");
+        assert!(renewable(until, d(2119, 1, 1)), "already expired");
+        assert!(!renewable(None, d(2118, 1, 1)), "long-term cards are never renewed");
+    }
+
+    #[test]
+    fn c2_status_is_derived_from_stored_status_and_date() {
+        let until = Some(d(2118, 1, 1));
+        assert_eq!(StoredCardStatus::Valid.effective(until, d(2118, 1, 1)), CardStatus::Valid);
+        assert_eq!(StoredCardStatus::Valid.effective(until, d(2118, 1, 2)), CardStatus::Expired);
+        assert_eq!(StoredCardStatus::Valid.effective(None, d(2200, 1, 1)), CardStatus::Valid);
+        assert_eq!(StoredCardStatus::ReportedLost.effective(until, d(2119, 1, 1)), CardStatus::ReportedLost);
+        assert_eq!(StoredCardStatus::Revoked.effective(None, d(2118, 1, 1)), CardStatus::Revoked);
+    }
+
+    #[test]
+    fn k6_reported_lost_is_reversible_revoked_is_final() {
+        use StoredCardStatus::*;
+        assert!(Valid.can_move_to(ReportedLost));
+        assert!(ReportedLost.can_move_to(Valid));
+        assert!(ReportedLost.can_move_to(Revoked));
+        assert!(!Revoked.can_move_to(Valid));
+        assert!(!Revoked.can_move_to(ReportedLost));
+    }
+}

@@ -1,0 +1,329 @@
+//! Signed decisions of a home bureau (S4): canonical encoding, signing and verification.
+use chrono::{DateTime, NaiveDate, Utc};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+
+use crate::{application::ApplicationKind, directory::Directory, id_number::Sex};
+
+/// Domain separation tag: a signature over a decision can never be mistaken for another message.
+const CANONICAL_TAG: &[u8] = b"yidi.decision.v1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecisionPurpose {
+    IssueCard,
+    ReportLoss,
+    WithdrawLossReport,
+}
+
+impl DecisionPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IssueCard => "issue_card",
+            Self::ReportLoss => "report_loss",
+            Self::WithdrawLossReport => "withdraw_loss_report",
+        }
+    }
+}
+
+/// The data a card carries, as the home bureau's register holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardData {
+    pub id_number: String,
+    pub name: String,
+    pub sex: Sex,
+    pub birth_date: NaiveDate,
+    pub registration_province: String,
+    pub address: String,
+    pub face_template: Vec<u8>,
+    pub valid_from: NaiveDate,
+    /// None: long-term.
+    pub valid_until: Option<NaiveDate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub decision_id: String,
+    pub purpose: DecisionPurpose,
+    /// The signing home bureau.
+    pub bureau_id: String,
+    /// The producer or registry it is addressed to.
+    pub addressee_id: String,
+    pub application_id: String,
+    pub station_id: String,
+    pub application_kind: Option<ApplicationKind>,
+    pub card: CardData,
+    pub previous_card_serial: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedDecision {
+    pub decision: Decision,
+    pub signature: Vec<u8>,
+}
+
+/// Why a decision is refused by a producer or the registry (S4).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionError {
+    #[error("decision is not signed")]
+    Unsigned,
+    #[error("signature does not verify: the decision was tampered with or signed by another key")]
+    BadSignature,
+    #[error("signer {0:?} is not a home bureau in the directory")]
+    UnknownSigner(String),
+    #[error("signer {signer:?} does not hold household registrations of province {province}")]
+    WrongJurisdiction { signer: String, province: String },
+    #[error("decision is for {found}, expected {expected}")]
+    WrongPurpose { expected: &'static str, found: &'static str },
+    #[error("decision is addressed to {found:?}, not to {expected:?}")]
+    Misaddressed { expected: String, found: String },
+    #[error("decision expired at {0}")]
+    Expired(DateTime<Utc>),
+    #[error("decision is issued in the future ({0})")]
+    NotYetValid(DateTime<Utc>),
+    #[error("decision {0} was already used")]
+    AlreadyUsed(String),
+}
+
+impl DecisionError {
+    /// Stable code for `ErrorInfo.reason` and audit records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unsigned => "DECISION_UNSIGNED",
+            Self::BadSignature => "DECISION_BAD_SIGNATURE",
+            Self::UnknownSigner(_) => "DECISION_UNKNOWN_SIGNER",
+            Self::WrongJurisdiction { .. } => "DECISION_WRONG_JURISDICTION",
+            Self::WrongPurpose { .. } => "DECISION_WRONG_PURPOSE",
+            Self::Misaddressed { .. } => "DECISION_MISADDRESSED",
+            Self::Expired(_) => "DECISION_EXPIRED",
+            Self::NotYetValid(_) => "DECISION_NOT_YET_VALID",
+            Self::AlreadyUsed(_) => "DECISION_ALREADY_USED",
+        }
+    }
+}
+
+/// Appends one length-prefixed field: unambiguous whatever the field contains.
+fn put(out: &mut Vec<u8>, field: &[u8]) {
+    out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+    out.extend_from_slice(field);
+}
+
+fn put_time(out: &mut Vec<u8>, at: DateTime<Utc>) {
+    let mut bytes = at.timestamp().to_be_bytes().to_vec();
+    bytes.extend_from_slice(&at.timestamp_subsec_nanos().to_be_bytes());
+    put(out, &bytes);
+}
+
+impl Decision {
+    /// The bytes that are signed: every field, in a fixed order, length-prefixed.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.card.face_template.len());
+        put(&mut out, CANONICAL_TAG);
+        put(&mut out, self.decision_id.as_bytes());
+        put(&mut out, self.purpose.as_str().as_bytes());
+        put(&mut out, self.bureau_id.as_bytes());
+        put(&mut out, self.addressee_id.as_bytes());
+        put(&mut out, self.application_id.as_bytes());
+        put(&mut out, self.station_id.as_bytes());
+        put(&mut out, self.application_kind.map(ApplicationKind::as_str).unwrap_or("").as_bytes());
+        let card = &self.card;
+        put(&mut out, card.id_number.as_bytes());
+        put(&mut out, card.name.as_bytes());
+        put(&mut out, match card.sex {
+            Sex::Male => b"male",
+            Sex::Female => b"female",
+        });
+        put(&mut out, card.birth_date.to_string().as_bytes());
+        put(&mut out, card.registration_province.as_bytes());
+        put(&mut out, card.address.as_bytes());
+        put(&mut out, &card.face_template);
+        put(&mut out, card.valid_from.to_string().as_bytes());
+        put(&mut out, card.valid_until.map(|d| d.to_string()).unwrap_or_default().as_bytes());
+        put(&mut out, self.previous_card_serial.as_bytes());
+        put_time(&mut out, self.issued_at);
+        put_time(&mut out, self.expires_at);
+        out
+    }
+
+    pub fn sign(self, key: &SigningKey) -> SignedDecision {
+        let signature = key.sign(&self.canonical_bytes()).to_bytes().to_vec();
+        SignedDecision { decision: self, signature }
+    }
+}
+
+/// What the verifier expects of a decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Expectation<'a> {
+    pub purpose: DecisionPurpose,
+    /// The verifier's own id (producer or registry), or for the registry checking a card
+    /// registration, the producer that presents it.
+    pub addressee_id: &'a str,
+    pub now: DateTime<Utc>,
+}
+
+impl SignedDecision {
+    /// S4: the decision is signed by the home bureau whose jurisdiction holds the citizen,
+    /// untampered, for this purpose, addressed to `expected.addressee_id`, and within its validity.
+    /// Single use is the caller's check (it needs the caller's store).
+    pub fn verify(&self, directory: &Directory, expected: Expectation<'_>) -> Result<&Decision, DecisionError> {
+        let decision = &self.decision;
+        if self.signature.is_empty() {
+            return Err(DecisionError::Unsigned);
+        }
+        let signer = directory
+            .get_with_role(&decision.bureau_id, crate::directory::Role::Verification)
+            .ok_or_else(|| DecisionError::UnknownSigner(decision.bureau_id.clone()))?;
+        let key = signer.public_key.as_ref().ok_or_else(|| DecisionError::UnknownSigner(signer.id.clone()))?;
+        let signature = Signature::from_slice(&self.signature).map_err(|_| DecisionError::BadSignature)?;
+        key.verify(&decision.canonical_bytes(), &signature).map_err(|_| DecisionError::BadSignature)?;
+        // Signed by a real home bureau, but is it this citizen's home bureau?
+        if !signer.holds_jurisdiction_over(&decision.card.registration_province) {
+            return Err(DecisionError::WrongJurisdiction {
+                signer: signer.id.clone(),
+                province: decision.card.registration_province.clone(),
+            });
+        }
+        if decision.purpose != expected.purpose {
+            return Err(DecisionError::WrongPurpose {
+                expected: expected.purpose.as_str(),
+                found: decision.purpose.as_str(),
+            });
+        }
+        if decision.addressee_id != expected.addressee_id {
+            return Err(DecisionError::Misaddressed {
+                expected: expected.addressee_id.to_owned(),
+                found: decision.addressee_id.clone(),
+            });
+        }
+        if expected.now >= decision.expires_at {
+            return Err(DecisionError::Expired(decision.expires_at));
+        }
+        // A small allowance for clock skew between bureaus.
+        if decision.issued_at > expected.now + chrono::Duration::minutes(5) {
+            return Err(DecisionError::NotYetValid(decision.issued_at));
+        }
+        Ok(decision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+    use crate::directory::{Bureau, Role};
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn home(id: &str, province: &str, key: &SigningKey) -> Bureau {
+        Bureau {
+            id: id.into(),
+            role: Role::Verification,
+            name: id.into(),
+            jurisdiction: vec![province.into()],
+            region: String::new(),
+            endpoint: String::new(),
+            public_key: Some(key.verifying_key()),
+        }
+    }
+
+    fn directory() -> Directory {
+        Directory::new(vec![home("home-jx", "36", &key(1)), home("home-sc", "51", &key(2))]).unwrap()
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2118, 1, 1, 9, 0, 0).unwrap()
+    }
+
+    fn decision() -> Decision {
+        let day = NaiveDate::from_ymd_opt(2118, 1, 1).unwrap();
+        Decision {
+            decision_id: "d-1".into(),
+            purpose: DecisionPurpose::IssueCard,
+            bureau_id: "home-jx".into(),
+            addressee_id: "producer-zj".into(),
+            application_id: "a-1".into(),
+            station_id: "station-hz".into(),
+            application_kind: Some(ApplicationKind::Replacement),
+            card: CardData {
+                id_number: "36010219900307123X".into(),
+                name: "Li Na".into(),
+                sex: Sex::Female,
+                birth_date: NaiveDate::from_ymd_opt(1990, 3, 7).unwrap(),
+                registration_province: "36".into(),
+                address: "Nanchang".into(),
+                face_template: vec![1, 2, 3],
+                valid_from: day,
+                valid_until: None,
+            },
+            previous_card_serial: "S1".into(),
+            issued_at: now(),
+            expires_at: now() + chrono::Duration::days(7),
+        }
+    }
+
+    fn expect(addressee: &str) -> Expectation<'_> {
+        Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: addressee, now: now() }
+    }
+
+    #[test]
+    fn s4_a_decision_signed_by_the_home_bureau_verifies() {
+        let signed = decision().sign(&key(1));
+        assert!(signed.verify(&directory(), expect("producer-zj")).is_ok());
+    }
+
+    #[test]
+    fn s4_unsigned_and_tampered_decisions_are_refused() {
+        let mut signed = decision().sign(&key(1));
+        signed.decision.card.name = "Someone Else".into();
+        assert_eq!(signed.verify(&directory(), expect("producer-zj")), Err(DecisionError::BadSignature));
+        let mut unsigned = decision().sign(&key(1));
+        unsigned.signature.clear();
+        assert_eq!(unsigned.verify(&directory(), expect("producer-zj")), Err(DecisionError::Unsigned));
+    }
+
+    #[test]
+    fn s4_a_bureau_cannot_sign_for_another_jurisdictions_citizen() {
+        let mut forged = decision();
+        forged.bureau_id = "home-sc".into();
+        let signed = forged.sign(&key(2));
+        assert!(matches!(
+            signed.verify(&directory(), expect("producer-zj")),
+            Err(DecisionError::WrongJurisdiction { .. })
+        ));
+    }
+
+    #[test]
+    fn s4_misaddressed_expired_and_wrong_purpose_are_refused() {
+        let signed = decision().sign(&key(1));
+        assert!(matches!(signed.verify(&directory(), expect("producer-other")), Err(DecisionError::Misaddressed { .. })));
+        let late = Expectation { now: now() + chrono::Duration::days(8), ..expect("producer-zj") };
+        assert!(matches!(signed.verify(&directory(), late), Err(DecisionError::Expired(_))));
+        let as_loss = Expectation { purpose: DecisionPurpose::ReportLoss, ..expect("producer-zj") };
+        assert!(matches!(signed.verify(&directory(), as_loss), Err(DecisionError::WrongPurpose { .. })));
+    }
+
+    #[test]
+    fn s4_a_key_not_in_the_directory_is_refused() {
+        let mut stranger = decision();
+        stranger.bureau_id = "home-nowhere".into();
+        let signed = stranger.sign(&key(9));
+        assert!(matches!(signed.verify(&directory(), expect("producer-zj")), Err(DecisionError::UnknownSigner(_))));
+        let impostor = decision().sign(&key(9));
+        assert_eq!(impostor.verify(&directory(), expect("producer-zj")), Err(DecisionError::BadSignature));
+    }
+
+    #[test]
+    fn s4_canonical_encoding_separates_fields() {
+        let mut a = decision();
+        let mut b = decision();
+        a.card.name = "ab".into();
+        a.card.address = "c".into();
+        b.card.name = "a".into();
+        b.card.address = "bc".into();
+        assert_ne!(a.canonical_bytes(), b.canonical_bytes());
+    }
+}

@@ -1,0 +1,20 @@
+//! The rules of DOMAIN.md as pure types and functions. Every function that depends on the date
+//! takes it as an argument: time is injected by the services, never read here.
+#![forbid(unsafe_code)]
+
+pub mod application;
+pub mod biometrics;
+pub mod card;
+pub mod decision;
+pub mod directory;
+pub mod id_number;
+pub mod mask;
+pub mod policy;
+
+pub use application::{ApplicationKind, ApplicationState, RefusalReason};
+pub use biometrics::{BiometricMatcher, MatchOutcome, SimulatedMatcher};
+pub use card::{CardStatus, CardTerm, StoredCardStatus};
+pub use decision::{CardData, Decision, DecisionError, DecisionPurpose, SignedDecision};
+pub use directory::{Bureau, Directory, Role};
+pub use id_number::{IdNumber, IdNumberError, Sex};
+pub use policy::{DocumentKind, Phase, PolicyTimeline};

@@ -1,0 +1,12 @@
+//! The `yidi.v1` gRPC contract, generated from `proto/yidi/v1` at build time.
+#![forbid(unsafe_code)]
+
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("yidi.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every `yidi.v1` file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/yidi_descriptor.bin"));
+
+pub use prost_types::Timestamp;
