@@ -1,0 +1,22 @@
+//! Plumbing every yidi service shares, so that four services never carry four copies of it:
+//! configuration, the injected clock, the bureau directory and keys, database connections, the
+//! gRPC server with health and reflection, error-to-Status mapping, request validation,
+//! proto ↔ domain conversions, tracing and the shutdown signal.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod convert;
+pub mod db;
+pub mod directory;
+pub mod error;
+pub mod population;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod validate;
+
+pub use clock::Clock;
+pub use error::{ApiError, FieldViolations};
+pub use shutdown::Shutdown;

@@ -1,0 +1,126 @@
+//! Layered configuration: defaults (serde) → one TOML file → environment (`YIDI__SECTION__KEY`).
+//!
+//! The file is `--config <path>` on the command line, else `$YIDI_CONFIG`, else
+//! `deploy/config/<service>.toml` if it exists. Every key is documented in `deploy/config/README.md`.
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, de::DeserializeOwned};
+
+use crate::{clock::ClockConfig, telemetry::LogConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    File { path: PathBuf, source: config::ConfigError },
+    #[error("configuration: {0}")]
+    Invalid(#[from] config::ConfigError),
+    #[error("configuration key {key}: {message}")]
+    Key { key: &'static str, message: String },
+}
+
+impl ConfigError {
+    pub fn key(key: &'static str, message: impl Into<String>) -> Self {
+        Self::Key { key, message: message.into() }
+    }
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// This bureau's id in the directory.
+    pub bureau_id: String,
+    /// Address to listen on, e.g. `127.0.0.1:50051`.
+    pub listen: SocketAddr,
+    /// Seconds in-flight requests get to finish after a shutdown signal.
+    #[serde(default = "default_grace_seconds")]
+    pub shutdown_grace_seconds: u64,
+}
+
+fn default_grace_seconds() -> u64 {
+    10
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://path/to/file.db?mode=rwc` or `postgres://user@host:5432/db`.
+    pub url: String,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    8
+}
+
+/// `[directory]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// The directory of bureaus (TOML), e.g. `var/demo/directory.toml`.
+    pub path: PathBuf,
+}
+
+/// The sections every service has.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommonSections {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub directory: DirectoryConfig,
+    #[serde(default)]
+    pub clock: ClockConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The configuration file named on the command line or in `$YIDI_CONFIG`, if any.
+fn explicit_path() -> Option<PathBuf> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(PathBuf::from(path));
+        }
+    }
+    std::env::var_os("YIDI_CONFIG").map(PathBuf::from)
+}
+
+/// Loads `T` for `service` from the layers described in the module documentation.
+pub fn load<T: DeserializeOwned>(service: &str) -> Result<T, ConfigError> {
+    let (path, required) = match explicit_path() {
+        Some(path) => (path, true),
+        None => (PathBuf::from(format!("deploy/config/{service}.toml")), false),
+    };
+    let file = config::File::from(path.as_path()).format(config::FileFormat::Toml).required(required);
+    let settings = config::Config::builder()
+        .add_source(file)
+        .add_source(
+            config::Environment::with_prefix("YIDI").prefix_separator("__").separator("__").try_parsing(true),
+        )
+        .build()
+        .map_err(|source| ConfigError::File { path: path.clone(), source })?;
+    Ok(settings.try_deserialize()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let settings = config::Config::builder()
+            .add_source(config::File::from_str(
+                "[server]\nbureau_id = \"x\"\nlisten = \"not an address\"\n[database]\nurl = \"sqlite::memory:\"\n[directory]\npath = \"d.toml\"\n",
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .unwrap();
+        let error = settings.try_deserialize::<CommonSections>().unwrap_err().to_string();
+        assert!(error.contains("server.listen"), "{error}");
+    }
+}

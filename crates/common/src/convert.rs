@@ -1,0 +1,286 @@
+//! proto ↔ domain conversions shared by the services.
+use chrono::{DateTime, NaiveDate, Utc};
+use yidi_domain::{
+    ApplicationKind, ApplicationState, CardData, CardStatus, Decision, DecisionPurpose, DocumentKind, RefusalReason,
+    SignedDecision, id_number::Sex,
+};
+use yidi_proto::v1 as pb;
+
+use crate::error::{ApiError, FieldViolations};
+
+pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
+}
+
+pub fn from_timestamp(at: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).ok()?)
+}
+
+pub fn kind_to_proto(kind: ApplicationKind) -> pb::ApplicationKind {
+    match kind {
+        ApplicationKind::Replacement => pb::ApplicationKind::Replacement,
+        ApplicationKind::Renewal => pb::ApplicationKind::Renewal,
+        ApplicationKind::LossReport => pb::ApplicationKind::LossReport,
+    }
+}
+
+pub fn kind_from_proto(kind: pb::ApplicationKind) -> Option<ApplicationKind> {
+    match kind {
+        pb::ApplicationKind::Unspecified => None,
+        pb::ApplicationKind::Replacement => Some(ApplicationKind::Replacement),
+        pb::ApplicationKind::Renewal => Some(ApplicationKind::Renewal),
+        pb::ApplicationKind::LossReport => Some(ApplicationKind::LossReport),
+    }
+}
+
+pub fn state_to_proto(state: ApplicationState) -> pb::ApplicationState {
+    match state {
+        ApplicationState::Received => pb::ApplicationState::Received,
+        ApplicationState::Verifying => pb::ApplicationState::Verifying,
+        ApplicationState::Refused => pb::ApplicationState::Refused,
+        ApplicationState::Approved => pb::ApplicationState::Approved,
+        ApplicationState::InProduction => pb::ApplicationState::InProduction,
+        ApplicationState::ReadyForCollection => pb::ApplicationState::ReadyForCollection,
+        ApplicationState::Collected => pb::ApplicationState::Collected,
+        ApplicationState::Cancelled => pb::ApplicationState::Cancelled,
+    }
+}
+
+pub fn state_from_proto(state: pb::ApplicationState) -> Option<ApplicationState> {
+    ApplicationState::ALL.into_iter().find(|s| state_to_proto(*s) == state)
+}
+
+pub fn refusal_to_proto(reason: RefusalReason) -> pb::RefusalReason {
+    match reason {
+        RefusalReason::FirstApplication => pb::RefusalReason::FirstApplication,
+        RefusalReason::FaceMismatch => pb::RefusalReason::FaceMismatch,
+        RefusalReason::FingerprintMismatch => pb::RefusalReason::FingerprintMismatch,
+        RefusalReason::BadCreditRecord => pb::RefusalReason::BadCreditRecord,
+        RefusalReason::RegistrationCancelled => pb::RefusalReason::RegistrationCancelled,
+        RefusalReason::AgentNotAllowed => pb::RefusalReason::AgentNotAllowed,
+        RefusalReason::NotAcceptedHere => pb::RefusalReason::NotAcceptedHere,
+        RefusalReason::DocumentNotAccepted => pb::RefusalReason::DocumentNotAccepted,
+        RefusalReason::UnknownCitizen => pb::RefusalReason::UnknownCitizen,
+        RefusalReason::NotYetRenewable => pb::RefusalReason::NotYetRenewable,
+        RefusalReason::ApplicationAlreadyOpen => pb::RefusalReason::ApplicationAlreadyOpen,
+        RefusalReason::CardNotCurrent => pb::RefusalReason::CardNotCurrent,
+        RefusalReason::LossReportFinal => pb::RefusalReason::LossReportFinal,
+    }
+}
+
+pub fn refusal_from_proto(reason: pb::RefusalReason) -> Option<RefusalReason> {
+    RefusalReason::ALL.into_iter().find(|r| refusal_to_proto(*r) == reason)
+}
+
+pub fn card_status_to_proto(status: CardStatus) -> pb::CardStatus {
+    match status {
+        CardStatus::Valid => pb::CardStatus::Valid,
+        CardStatus::ReportedLost => pb::CardStatus::ReportedLost,
+        CardStatus::Revoked => pb::CardStatus::Revoked,
+        CardStatus::Expired => pb::CardStatus::Expired,
+        CardStatus::Unknown => pb::CardStatus::Unknown,
+    }
+}
+
+pub fn document_from_proto(kind: pb::DocumentKind) -> Option<DocumentKind> {
+    match kind {
+        pb::DocumentKind::Unspecified => None,
+        pb::DocumentKind::HouseholdRegisterBook => Some(DocumentKind::HouseholdRegisterBook),
+        pb::DocumentKind::ResidencePermit => Some(DocumentKind::ResidencePermit),
+        pb::DocumentKind::ValidCertificate => Some(DocumentKind::ValidCertificate),
+        pb::DocumentKind::WorkUnitProof => Some(DocumentKind::WorkUnitProof),
+    }
+}
+
+pub fn purpose_to_proto(purpose: DecisionPurpose) -> pb::DecisionPurpose {
+    match purpose {
+        DecisionPurpose::IssueCard => pb::DecisionPurpose::IssueCard,
+        DecisionPurpose::ReportLoss => pb::DecisionPurpose::ReportLoss,
+        DecisionPurpose::WithdrawLossReport => pb::DecisionPurpose::WithdrawLossReport,
+    }
+}
+
+pub fn purpose_from_proto(purpose: pb::DecisionPurpose) -> Option<DecisionPurpose> {
+    match purpose {
+        pb::DecisionPurpose::Unspecified => None,
+        pb::DecisionPurpose::IssueCard => Some(DecisionPurpose::IssueCard),
+        pb::DecisionPurpose::ReportLoss => Some(DecisionPurpose::ReportLoss),
+        pb::DecisionPurpose::WithdrawLossReport => Some(DecisionPurpose::WithdrawLossReport),
+    }
+}
+
+fn optional_date(date: Option<NaiveDate>) -> String {
+    date.map(|d| d.to_string()).unwrap_or_default()
+}
+
+pub fn signed_decision_to_proto(signed: &SignedDecision) -> pb::SignedDecision {
+    let d = &signed.decision;
+    let card = &d.card;
+    pb::SignedDecision {
+        decision: Some(pb::Decision {
+            decision_id: d.decision_id.clone(),
+            purpose: purpose_to_proto(d.purpose) as i32,
+            bureau_id: d.bureau_id.clone(),
+            addressee_id: d.addressee_id.clone(),
+            application_id: d.application_id.clone(),
+            station_id: d.station_id.clone(),
+            application_kind: d.application_kind.map_or(pb::ApplicationKind::Unspecified, kind_to_proto) as i32,
+            card: Some(pb::CardData {
+                id_number: card.id_number.clone(),
+                name: card.name.clone(),
+                sex: match card.sex {
+                    Sex::Male => pb::Sex::Male,
+                    Sex::Female => pb::Sex::Female,
+                } as i32,
+                birth_date: card.birth_date.to_string(),
+                registration_province: card.registration_province.clone(),
+                address: card.address.clone(),
+                face_template: card.face_template.clone(),
+                valid_from: card.valid_from.to_string(),
+                valid_until: optional_date(card.valid_until),
+            }),
+            previous_card_serial: d.previous_card_serial.clone(),
+            issued_at: Some(timestamp(d.issued_at)),
+            expires_at: Some(timestamp(d.expires_at)),
+        }),
+        signature: signed.signature.clone(),
+    }
+}
+
+/// Reads a signed decision from a request. Structure problems are field violations under `field`;
+/// whether the decision is genuine is for `SignedDecision::verify`.
+pub fn signed_decision_from_proto(field: &str, signed: Option<&pb::SignedDecision>) -> Result<SignedDecision, ApiError> {
+    let mut v = FieldViolations::new();
+    let Some(signed) = signed else {
+        return Err(FieldViolations::single(field, "is required"));
+    };
+    let Some(d) = signed.decision.as_ref() else {
+        return Err(FieldViolations::single(format!("{field}.decision"), "is required"));
+    };
+    let Some(card) = d.card.as_ref() else {
+        return Err(FieldViolations::single(format!("{field}.decision.card"), "is required"));
+    };
+    let f = |name: &str| format!("{field}.decision.{name}");
+    let purpose = v
+        .enumeration::<pb::DecisionPurpose>(&f("purpose"), d.purpose)
+        .and_then(purpose_from_proto);
+    let kind = match pb::ApplicationKind::try_from(d.application_kind) {
+        Ok(kind) => kind_from_proto(kind),
+        Err(_) => {
+            v.add(f("application_kind"), format!("unknown value {}", d.application_kind));
+            None
+        }
+    };
+    let sex = match pb::Sex::try_from(card.sex) {
+        Ok(pb::Sex::Male) => Some(Sex::Male),
+        Ok(pb::Sex::Female) => Some(Sex::Female),
+        _ => {
+            v.add(f("card.sex"), "must be SEX_MALE or SEX_FEMALE");
+            None
+        }
+    };
+    let birth_date = v.date(&f("card.birth_date"), &card.birth_date);
+    let valid_from = v.date(&f("card.valid_from"), &card.valid_from);
+    let valid_until = if card.valid_until.is_empty() { Some(None) } else { v.date(&f("card.valid_until"), &card.valid_until).map(Some) };
+    let issued_at = d.issued_at.as_ref().and_then(from_timestamp);
+    if issued_at.is_none() {
+        v.add(f("issued_at"), "is required");
+    }
+    let expires_at = d.expires_at.as_ref().and_then(from_timestamp);
+    if expires_at.is_none() {
+        v.add(f("expires_at"), "is required");
+    }
+    for (name, value) in [
+        ("decision_id", &d.decision_id),
+        ("bureau_id", &d.bureau_id),
+        ("addressee_id", &d.addressee_id),
+        ("card.id_number", &card.id_number),
+    ] {
+        v.required(&f(name), value, crate::validate::MAX_TEXT_LEN);
+    }
+    for (name, value) in [
+        ("application_id", &d.application_id),
+        ("station_id", &d.station_id),
+        ("card.name", &card.name),
+        ("card.address", &card.address),
+        ("card.registration_province", &card.registration_province),
+        ("previous_card_serial", &d.previous_card_serial),
+    ] {
+        v.bounded(&f(name), value, crate::validate::MAX_TEXT_LEN);
+    }
+    if card.face_template.len() > crate::validate::MAX_TEMPLATE_LEN {
+        v.add(f("card.face_template"), "is too large");
+    }
+    if signed.signature.len() > 128 {
+        v.add(format!("{field}.signature"), "is too large");
+    }
+    v.finish()?;
+    let (Some(purpose), Some(sex), Some(birth_date), Some(valid_from), Some(valid_until), Some(issued_at), Some(expires_at)) =
+        (purpose, sex, birth_date, valid_from, valid_until, issued_at, expires_at)
+    else {
+        return Err(FieldViolations::single(field, "is malformed"));
+    };
+    Ok(SignedDecision {
+        decision: Decision {
+            decision_id: d.decision_id.clone(),
+            purpose,
+            bureau_id: d.bureau_id.clone(),
+            addressee_id: d.addressee_id.clone(),
+            application_id: d.application_id.clone(),
+            station_id: d.station_id.clone(),
+            application_kind: kind,
+            card: CardData {
+                id_number: card.id_number.clone(),
+                name: card.name.clone(),
+                sex,
+                birth_date,
+                registration_province: card.registration_province.clone(),
+                address: card.address.clone(),
+                face_template: card.face_template.clone(),
+                valid_from,
+                valid_until,
+            },
+            previous_card_serial: d.previous_card_serial.clone(),
+            issued_at,
+            expires_at,
+        },
+        signature: signed.signature.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s4_decisions_survive_the_wire_unchanged() {
+        let at = DateTime::from_timestamp(4_700_000_000, 123).unwrap();
+        let decision = Decision {
+            decision_id: "d".into(),
+            purpose: DecisionPurpose::IssueCard,
+            bureau_id: "b".into(),
+            addressee_id: "p".into(),
+            application_id: "a".into(),
+            station_id: "s".into(),
+            application_kind: Some(ApplicationKind::Renewal),
+            card: CardData {
+                id_number: "11010519491231002X".into(),
+                name: "n".into(),
+                sex: Sex::Female,
+                birth_date: NaiveDate::from_ymd_opt(1949, 12, 31).unwrap(),
+                registration_province: "11".into(),
+                address: "x".into(),
+                face_template: vec![1, 2],
+                valid_from: NaiveDate::from_ymd_opt(2118, 1, 1).unwrap(),
+                valid_until: None,
+            },
+            previous_card_serial: "s1".into(),
+            issued_at: at,
+            expires_at: at,
+        };
+        let signed = SignedDecision { decision, signature: vec![7; 64] };
+        let back = signed_decision_from_proto("decision", Some(&signed_decision_to_proto(&signed))).unwrap();
+        assert_eq!(back, signed);
+        assert_eq!(back.decision.canonical_bytes(), signed.decision.canonical_bytes());
+    }
+}
