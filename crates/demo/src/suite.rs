@@ -1,0 +1,355 @@
+//! Starts the whole suite, each bureau as its own process of its own binary, with its own
+//! database, on loopback; stops it cleanly (SIGTERM, exit code checked).
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, Database as SeaDatabase};
+use tokio::process::{Child, Command};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use yidi_common::population::Population;
+
+use crate::topology::{self, Keys, PRODUCER, Process};
+
+/// Where each bureau keeps its data.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// One SQLite file per bureau in the suite's folder.
+    Sqlite,
+    /// One freshly created PostgreSQL database per bureau, dropped when the suite stops.
+    Postgres {
+        /// A URL of the server's maintenance database, e.g. `postgres://postgres@127.0.0.1:5432/test`.
+        admin_url: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum ClockSetting {
+    /// Time starts at this instant and runs.
+    Start(DateTime<Utc>),
+    /// Time stands still.
+    Fixed(DateTime<Utc>),
+}
+
+#[derive(Debug, Clone)]
+pub struct SuiteOptions {
+    /// Folder for configuration, keys, SQLite files and logs.
+    pub dir: PathBuf,
+    /// Folder holding the `yidi-*` binaries.
+    pub bin_dir: PathBuf,
+    /// Use the default ports (50051...) instead of free ones.
+    pub default_ports: bool,
+    pub backend: Backend,
+    pub clock: ClockSetting,
+    /// A different clock for some bureaus (e.g. to make decisions arrive expired).
+    pub clock_overrides: BTreeMap<Process, ClockSetting>,
+    pub citizens_per_province: usize,
+    pub production_delay_ms: u64,
+    /// TOML appended to a bureau's configuration file (e.g. a `[policy]` section for the station).
+    pub extra_config: BTreeMap<Process, String>,
+    /// `[log] format`: "text" or "json".
+    pub log_format: String,
+}
+
+impl SuiteOptions {
+    pub fn new(dir: PathBuf, bin_dir: PathBuf, now: DateTime<Utc>) -> Self {
+        Self {
+            dir,
+            bin_dir,
+            default_ports: false,
+            backend: Backend::Sqlite,
+            clock: ClockSetting::Start(now),
+            clock_overrides: BTreeMap::new(),
+            citizens_per_province: 30,
+            production_delay_ms: 200,
+            extra_config: BTreeMap::new(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// The folder of the running executable's sibling binaries (`target/debug` for tests and the demo).
+pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("YIDI_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("executable has no folder")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+pub struct Suite {
+    pub dir: PathBuf,
+    pub ports: BTreeMap<Process, u16>,
+    pub keys: Keys,
+    pub population: Population,
+    options: SuiteOptions,
+    children: BTreeMap<Process, Child>,
+    postgres: Option<PostgresDatabases>,
+}
+
+struct PostgresDatabases {
+    admin_url: String,
+    names: Vec<String>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `postgres://user@host:port/db` → the same server with another database.
+fn with_database(admin_url: &str, name: &str) -> String {
+    let base = admin_url.split('?').next().unwrap_or(admin_url);
+    match base.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+impl Suite {
+    pub async fn start(options: SuiteOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.dir).with_context(|| format!("creating {}", options.dir.display()))?;
+        let dir = std::fs::canonicalize(&options.dir)?;
+        let mut ports = BTreeMap::new();
+        for process in Process::ALL {
+            let port = if options.default_ports { process.default_port() } else { free_port()? };
+            ports.insert(process, port);
+        }
+        let keys = topology::write_keys_and_directory(&dir, &ports)?;
+        let today = match options.clock {
+            ClockSetting::Start(at) | ClockSetting::Fixed(at) => at.date_naive(),
+        };
+        let population = crate::population::generate(today, options.citizens_per_province);
+        population.write(&dir.join("population.json"))?;
+
+        let postgres = match &options.backend {
+            Backend::Sqlite => {
+                for process in Process::ALL {
+                    for suffix in ["db", "db-wal", "db-shm"] {
+                        let _ = std::fs::remove_file(dir.join(format!("{}.{suffix}", process.slug())));
+                    }
+                }
+                None
+            }
+            Backend::Postgres { admin_url } => Some(create_databases(admin_url).await?),
+        };
+        let mut suite = Self { dir, ports, keys, population, options, children: BTreeMap::new(), postgres };
+        for process in Process::ALL {
+            suite.write_config(process)?;
+        }
+        for process in Process::ALL {
+            suite.spawn(process)?;
+        }
+        for process in Process::ALL {
+            suite.wait_until_serving(process).await?;
+        }
+        Ok(suite)
+    }
+
+    pub fn endpoint(&self, process: Process) -> String {
+        format!("http://127.0.0.1:{}", self.ports[&process])
+    }
+
+    pub fn log_path(&self, process: Process) -> PathBuf {
+        self.dir.join(format!("{}.log", process.slug()))
+    }
+
+    pub fn config_path(&self, process: Process) -> PathBuf {
+        self.dir.join(format!("{}.toml", process.slug()))
+    }
+
+    fn database_url(&self, process: Process) -> String {
+        match &self.postgres {
+            None => format!("sqlite://{}?mode=rwc", self.dir.join(format!("{}.db", process.slug())).display()),
+            Some(pg) => {
+                let name = pg.names.iter().find(|n| n.ends_with(process.slug())).cloned().unwrap_or_default();
+                with_database(&pg.admin_url, &name)
+            }
+        }
+    }
+
+    fn write_config(&self, process: Process) -> anyhow::Result<()> {
+        let dir = &self.dir;
+        let clock = match self.options.clock_overrides.get(&process).unwrap_or(&self.options.clock) {
+            ClockSetting::Start(at) => format!("start = \"{}\"", at.to_rfc3339()),
+            ClockSetting::Fixed(at) => format!("fixed = \"{}\"", at.to_rfc3339()),
+        };
+        let population = dir.join("population.json");
+        let own = match process {
+            Process::HomeJiangxi | Process::HomeSichuan => format!(
+                "[signing]\nkey_path = \"{}\"\n\n[register]\nimport_path = \"{}\"\n",
+                dir.join("keys").join(format!("{}.key", process.bureau_id())).display(),
+                population.display()
+            ),
+            Process::Registry => format!("[import]\npath = \"{}\"\n", population.display()),
+            Process::Issuance => format!("[production]\ndelay_ms = {}\n", self.options.production_delay_ms),
+            Process::Intake => format!("[station]\nproducer_id = \"{PRODUCER}\"\n"),
+        };
+        let extra = self.options.extra_config.get(&process).cloned().unwrap_or_default();
+        let text = format!(
+            "# Written by yidi-demo for this run.\n[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [database]\nurl = \"{url}\"\n\n[directory]\npath = \"{directory}\"\n\n[clock]\n{clock}\n\n\
+             [log]\nformat = \"{format}\"\n\n{own}\n{extra}\n",
+            id = process.bureau_id(),
+            port = self.ports[&process],
+            url = self.database_url(process),
+            directory = dir.join("directory.toml").display(),
+            format = self.options.log_format,
+        );
+        std::fs::write(self.config_path(process), text)?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, process: Process) -> anyhow::Result<()> {
+        let binary = self.options.bin_dir.join(format!("yidi-{}", process.service()));
+        if !binary.exists() {
+            bail!("{} not found: build the services first (cargo build --workspace --bins)", binary.display());
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(process))?;
+        let child = Command::new(&binary)
+            .arg("--config")
+            .arg(self.config_path(process))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        self.children.insert(process, child);
+        Ok(())
+    }
+
+    async fn wait_until_serving(&mut self, process: Process) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(child) = self.children.get_mut(&process)
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("{} exited at start ({status}):\n{}", process.slug(), self.log_tail(process));
+            }
+            let channel = tonic::transport::Endpoint::from_shared(self.endpoint(process))?.connect().await;
+            if let Ok(channel) = channel {
+                let mut client = HealthClient::new(channel);
+                let answer = client.check(HealthCheckRequest { service: String::new() }).await;
+                if answer.is_ok_and(|a| a.get_ref().status == ServingStatus::Serving as i32) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not become healthy in 60 s:\n{}", process.slug(), self.log_tail(process));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines a bureau logged, for failure messages.
+    pub fn log_tail(&self, process: Process) -> String {
+        let text = std::fs::read_to_string(self.log_path(process)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Kills a bureau at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self, process: Process) -> anyhow::Result<()> {
+        if let Some(mut child) = self.children.remove(&process) {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a killed or stopped bureau again on the same port and database.
+    pub async fn restart(&mut self, process: Process) -> anyhow::Result<()> {
+        self.spawn(process)?;
+        self.wait_until_serving(process).await
+    }
+
+    /// Asks a bureau to stop (SIGTERM) and waits; returns its exit code.
+    pub async fn terminate(&mut self, process: Process) -> anyhow::Result<Option<i32>> {
+        let Some(mut child) = self.children.remove(&process) else { return Ok(None) };
+        if let Some(pid) = child.id() {
+            // `kill` keeps this crate free of unsafe code (no direct libc call).
+            Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;
+        }
+        match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+            Ok(status) => Ok(status?.code()),
+            Err(_) => {
+                child.kill().await?;
+                bail!("{} did not stop within 20 s of SIGTERM", process.slug())
+            }
+        }
+    }
+
+    /// Stops every bureau (SIGTERM, newest first), checks each exited with 0, drops PostgreSQL databases.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        for process in Process::ALL.into_iter().rev() {
+            match self.terminate(process).await {
+                Ok(Some(0) | None) => {}
+                Ok(Some(code)) => failures.push(format!("{} exited with {code}", process.slug())),
+                Err(error) => failures.push(error.to_string()),
+            }
+        }
+        if let Some(pg) = self.postgres.take() {
+            drop_databases(&pg).await?;
+        }
+        if failures.is_empty() { Ok(()) } else { bail!("{}", failures.join("; ")) }
+    }
+
+    pub fn options(&self) -> &SuiteOptions {
+        &self.options
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Suite {
+    fn drop(&mut self) {
+        // Children die with `kill_on_drop`; databases are dropped on a thread of their own because
+        // Drop cannot await (a test that panicked never reached `stop`).
+        if let Some(pg) = self.postgres.take() {
+            self.children.clear();
+            let _ = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    let _ = runtime.block_on(drop_databases(&pg));
+                }
+            })
+            .join();
+        }
+    }
+}
+
+async fn create_databases(admin_url: &str) -> anyhow::Result<PostgresDatabases> {
+    let admin = SeaDatabase::connect(admin_url)
+        .await
+        .with_context(|| format!("PostgreSQL at {admin_url} is unreachable"))?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut names = Vec::new();
+    for process in Process::ALL {
+        let name = format!("yidi_{}_{}", &run[..12], process.slug());
+        admin.execute_unprepared(&format!("CREATE DATABASE \"{name}\"")).await?;
+        names.push(name);
+    }
+    admin.close().await?;
+    Ok(PostgresDatabases { admin_url: admin_url.to_owned(), names })
+}
+
+async fn drop_databases(pg: &PostgresDatabases) -> anyhow::Result<()> {
+    let admin = SeaDatabase::connect(&pg.admin_url).await?;
+    for name in &pg.names {
+        admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await?;
+    }
+    admin.close().await?;
+    Ok(())
+}
