@@ -1,0 +1,85 @@
+//! yidi-issuance: the entrusted producer. Makes and issues a card only for a decision signed by
+//! the citizen's home bureau (S4), keeps the card data verbatim, registers each card with the
+//! national registry and dispatches it to the accepting station.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod entities;
+mod grpc;
+mod repo;
+mod service;
+mod worker;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use yidi_common::{Clock, Shutdown, config::ConfigError};
+use yidi_issuance_migration::{Migrator, MigratorTrait};
+use yidi_proto::v1::issuance_server::IssuanceServer;
+
+use crate::{config::IssuanceConfig, grpc::IssuanceGrpc, repo::Repo, service::IssuanceService, worker::Worker};
+
+/// Runs the service on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: IssuanceConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let clock = Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?;
+    let directory = yidi_common::directory::load(&config.directory.path)?;
+    let registry = config.check_directory(&directory)?.clone();
+    let channel = yidi_common::client::channel(&registry.endpoint)
+        .map_err(|e| ConfigError::key("directory.path", format!("registry {} endpoint: {e}", registry.id)))?;
+
+    let db = yidi_common::db::connect(&config.database).await.context("database.url: cannot connect")?;
+    Migrator::up(&db, None).await.context("database migration")?;
+
+    let (trigger, stop) = Shutdown::new();
+    let _signal = trigger.trigger_on(shutdown);
+
+    let service = Arc::new(IssuanceService::new(
+        Repo::new(db.clone()),
+        Arc::new(directory),
+        clock,
+        config.server.bureau_id.clone(),
+        config.production.serial_prefix.clone(),
+        Duration::from_millis(config.production.delay_ms),
+    ));
+    let worker = Worker::new(
+        Arc::clone(&service),
+        channel,
+        registry.id.clone(),
+        Duration::from_millis(config.production.retry_interval_ms),
+        stop.clone(),
+    );
+    let worker = tokio::spawn(worker.run());
+    tracing::info!(
+        bureau_id = %config.server.bureau_id,
+        registry = %registry.id,
+        delay_ms = config.production.delay_ms,
+        "issuance starting"
+    );
+
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    let grpc = IssuanceGrpc::new(service, stop.clone());
+    let served = yidi_common::server::serve(listener, IssuanceServer::new(grpc), stop.clone(), grace).await;
+
+    finish_worker(worker, &stop, grace).await;
+    db.close().await.context("closing the database")?;
+    served.context("gRPC server")?;
+    Ok(())
+}
+
+/// Waits for the worker to notice the shutdown; aborts it if the server ended for another reason.
+async fn finish_worker(worker: tokio::task::JoinHandle<()>, stop: &Shutdown, grace: Duration) {
+    if !stop.is_triggered() {
+        worker.abort();
+        let _ = worker.await;
+        return;
+    }
+    let abort = worker.abort_handle();
+    if tokio::time::timeout(grace, worker).await.is_err() {
+        abort.abort();
+    }
+}

@@ -1,0 +1,19 @@
+//! Schema of the issuance service (the entrusted producer): `orders` and `audit_log`.
+#![forbid(unsafe_code)]
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_orders;
+mod m20261127_000002_create_audit_log;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261127_000001_create_orders::Migration),
+            Box::new(m20261127_000002_create_audit_log::Migration),
+        ]
+    }
+}

@@ -1,0 +1,144 @@
+//! `IssuanceConfig`: the common sections plus `[production]`.
+use serde::Deserialize;
+use yidi_common::{
+    clock::{Clock, ClockConfig},
+    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    telemetry::LogConfig,
+};
+use yidi_domain::{Bureau, Directory, Role};
+
+/// Upper bound on `production.delay_ms` and `production.retry_interval_ms` (one hour).
+const MAX_INTERVAL_MS: u64 = 3_600_000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceConfig {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub directory: DirectoryConfig,
+    #[serde(default)]
+    pub clock: ClockConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub production: ProductionConfig,
+}
+
+/// `[production]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProductionConfig {
+    /// Simulated time to make a card, after which it is registered.
+    pub delay_ms: u64,
+    /// Two upper-case letters; card serials are `{prefix}{10 digits}`.
+    pub serial_prefix: String,
+    /// How often the worker retries registrations that failed.
+    pub retry_interval_ms: u64,
+}
+
+impl Default for ProductionConfig {
+    fn default() -> Self {
+        Self { delay_ms: 500, serial_prefix: "ZJ".into(), retry_interval_ms: 1000 }
+    }
+}
+
+impl IssuanceConfig {
+    /// Checks the values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.bureau_id.trim().is_empty() {
+            return Err(ConfigError::key("server.bureau_id", "is required"));
+        }
+        if self.database.url.trim().is_empty() {
+            return Err(ConfigError::key("database.url", "is required"));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::key("database.max_connections", "must be at least 1"));
+        }
+        if self.directory.path.as_os_str().is_empty() {
+            return Err(ConfigError::key("directory.path", "is required"));
+        }
+        Clock::from_config(&self.clock).map_err(|message| ConfigError::key("clock", message))?;
+        let prefix = &self.production.serial_prefix;
+        if prefix.len() != 2 || !prefix.chars().all(|c| c.is_ascii_uppercase()) {
+            return Err(ConfigError::key(
+                "production.serial_prefix",
+                format!("must be two upper-case letters (A-Z), found {prefix:?}"),
+            ));
+        }
+        if self.production.delay_ms > MAX_INTERVAL_MS {
+            return Err(ConfigError::key("production.delay_ms", format!("must be at most {MAX_INTERVAL_MS}")));
+        }
+        if self.production.retry_interval_ms == 0 || self.production.retry_interval_ms > MAX_INTERVAL_MS {
+            return Err(ConfigError::key(
+                "production.retry_interval_ms",
+                format!("must be between 1 and {MAX_INTERVAL_MS}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks this bureau against the directory and returns the registry the cards are registered with.
+    pub fn check_directory<'d>(&self, directory: &'d Directory) -> Result<&'d Bureau, ConfigError> {
+        if directory.get_with_role(&self.server.bureau_id, Role::Issuance).is_none() {
+            return Err(ConfigError::key(
+                "server.bureau_id",
+                format!(
+                    "{:?} is not an issuance bureau in the directory {}",
+                    self.server.bureau_id,
+                    self.directory.path.display()
+                ),
+            ));
+        }
+        let registries: Vec<&Bureau> = directory.with_role(Role::Registry).collect();
+        match registries.as_slice() {
+            [registry] => Ok(registry),
+            [] => Err(ConfigError::key("directory.path", format!(
+                "{} lists no bureau with role registry; exactly one is required",
+                self.directory.path.display()
+            ))),
+            many => Err(ConfigError::key("directory.path", format!(
+                "{} lists {} bureaus with role registry; exactly one is required",
+                self.directory.path.display(),
+                many.len()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<IssuanceConfig, toml::de::Error> {
+        let text = format!(
+            "[server]\nbureau_id = \"producer-zhejiang\"\nlisten = \"127.0.0.1:0\"\n\
+             [database]\nurl = \"sqlite::memory:\"\n[directory]\npath = \"d.toml\"\n{extra}"
+        );
+        toml::from_str(&text)
+    }
+
+    #[test]
+    fn c2_production_defaults_are_documented_values() {
+        let config = config("").unwrap();
+        assert_eq!(config.production.delay_ms, 500);
+        assert_eq!(config.production.serial_prefix, "ZJ");
+        assert_eq!(config.production.retry_interval_ms, 1000);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn c2_a_bad_serial_prefix_names_its_key() {
+        for prefix in ["zj", "Z", "ZJK", "Z1"] {
+            let config = config(&format!("[production]\nserial_prefix = \"{prefix}\"\n")).unwrap();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("production.serial_prefix"), "{prefix}: {error}");
+        }
+    }
+
+    #[test]
+    fn c2_zero_retry_interval_and_unknown_keys_are_refused() {
+        let config = config("[production]\nretry_interval_ms = 0\n").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("production.retry_interval_ms"));
+        assert!(self::config("[production]\nspeed = 3\n").is_err());
+    }
+}

@@ -1,0 +1,325 @@
+//! All database access. Every state change is committed, with its audit row, before it is
+//! acknowledged or broadcast; state transitions are conditional updates.
+use chrono::{DateTime, NaiveDate, Utc};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, Set,
+    SqlErr, TransactionTrait,
+    sea_query::{Expr, ExprTrait},
+};
+use uuid::Uuid;
+use yidi_common::ApiError;
+use yidi_domain::mask::mask_id_number;
+
+use crate::entities::{audit_log, orders};
+
+/// The life of an order at the producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OrderState {
+    InProduction,
+    Registered,
+    Dispatched,
+}
+
+impl OrderState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InProduction => "in_production",
+            Self::Registered => "registered",
+            Self::Dispatched => "dispatched",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::InProduction, Self::Registered, Self::Dispatched].into_iter().find(|v| v.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        self == Self::Dispatched
+    }
+}
+
+/// An order as the service and its callers see it: the id number is masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub order_id: Uuid,
+    pub decision_id: String,
+    pub application_id: String,
+    pub station_id: String,
+    pub id_number_masked: String,
+    pub card_serial: String,
+    pub state: OrderState,
+    pub valid_from: NaiveDate,
+    pub valid_until: Option<NaiveDate>,
+    pub ready_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub last_error: String,
+    pub retry_stopped: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<orders::Model> for Order {
+    type Error = ApiError;
+
+    fn try_from(model: orders::Model) -> Result<Self, ApiError> {
+        let state = OrderState::parse(&model.state)
+            .ok_or_else(|| ApiError::Internal(format!("order {} has unknown state {:?}", model.order_id, model.state)))?;
+        Ok(Self {
+            order_id: model.order_id,
+            decision_id: model.decision_id,
+            application_id: model.application_id,
+            station_id: model.station_id,
+            id_number_masked: mask_id_number(&model.id_number),
+            card_serial: model.card_serial,
+            state,
+            valid_from: model.valid_from,
+            valid_until: model.valid_until,
+            ready_at: model.ready_at,
+            attempts: model.attempts,
+            last_error: model.last_error,
+            retry_stopped: model.retry_stopped,
+            created_at: model.created_at,
+            updated_at: model.updated_at,
+        })
+    }
+}
+
+/// An order to insert.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub order_id: Uuid,
+    pub decision_id: String,
+    pub application_id: String,
+    pub station_id: String,
+    pub id_number: String,
+    pub card_serial: String,
+    pub signed_decision: Vec<u8>,
+    pub valid_from: NaiveDate,
+    pub valid_until: Option<NaiveDate>,
+    pub ready_at: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+}
+
+/// One audit record.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub at: DateTime<Utc>,
+    pub action: &'static str,
+    pub subject: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+impl Audit {
+    fn into_active(self) -> audit_log::ActiveModel {
+        audit_log::ActiveModel {
+            at: Set(self.at),
+            action: Set(self.action.to_owned()),
+            subject: Set(self.subject),
+            outcome: Set(self.outcome),
+            detail: Set(self.detail),
+            ..Default::default()
+        }
+    }
+}
+
+/// Why an insert failed.
+#[derive(Debug)]
+pub enum InsertError {
+    /// An order for this decision exists already (S4, single use).
+    DecisionUsed,
+    /// The card serial is taken; draw another.
+    SerialTaken,
+    Db(DbErr),
+}
+
+/// A registration attempt's outcome, as the worker records it.
+#[derive(Debug, Clone)]
+pub enum Attempt {
+    /// Transient failure: retry later.
+    Retry(String),
+    /// Definitive refusal: stop retrying, keep the error visible.
+    Refused(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Repo {
+    db: DatabaseConnection,
+}
+
+impl Repo {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    pub async fn audit(&self, audit: Audit) -> Result<(), ApiError> {
+        audit.into_active().insert(&self.db).await?;
+        Ok(())
+    }
+
+    /// Inserts the order and its audit row in one transaction.
+    pub async fn insert_order(&self, order: NewOrder, audit: Audit) -> Result<Order, InsertError> {
+        let decision_id = order.decision_id.clone();
+        let serial = order.card_serial.clone();
+        let result = self
+            .db
+            .transaction::<_, orders::Model, DbErr>(|txn| {
+                Box::pin(async move {
+                    let model = orders::ActiveModel {
+                        order_id: Set(order.order_id),
+                        decision_id: Set(order.decision_id),
+                        application_id: Set(order.application_id),
+                        station_id: Set(order.station_id),
+                        id_number: Set(order.id_number),
+                        card_serial: Set(order.card_serial),
+                        state: Set(OrderState::InProduction.as_str().to_owned()),
+                        signed_decision: Set(order.signed_decision),
+                        valid_from: Set(order.valid_from),
+                        valid_until: Set(order.valid_until),
+                        ready_at: Set(order.ready_at),
+                        attempts: Set(0),
+                        last_error: Set(String::new()),
+                        retry_stopped: Set(false),
+                        created_at: Set(order.now),
+                        updated_at: Set(order.now),
+                    }
+                    .insert(txn)
+                    .await?;
+                    audit.into_active().insert(txn).await?;
+                    Ok(model)
+                })
+            })
+            .await;
+        match result {
+            Ok(model) => Order::try_from(model).map_err(|e| InsertError::Db(DbErr::Custom(e.to_string()))),
+            Err(error) => {
+                let error = match error {
+                    sea_orm::TransactionError::Connection(e) | sea_orm::TransactionError::Transaction(e) => e,
+                };
+                if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) {
+                    // Which key? Ask the database rather than parse driver messages.
+                    match self.find_model_by_decision(&decision_id).await {
+                        Ok(Some(_)) => return Err(InsertError::DecisionUsed),
+                        Ok(None) => {}
+                        Err(e) => return Err(InsertError::Db(e)),
+                    }
+                    match orders::Entity::find().filter(orders::Column::CardSerial.eq(serial)).one(&self.db).await {
+                        Ok(Some(_)) => return Err(InsertError::SerialTaken),
+                        Ok(None) => {}
+                        Err(e) => return Err(InsertError::Db(e)),
+                    }
+                }
+                Err(InsertError::Db(error))
+            }
+        }
+    }
+
+    async fn find_model_by_decision(&self, decision_id: &str) -> Result<Option<orders::Model>, DbErr> {
+        orders::Entity::find().filter(orders::Column::DecisionId.eq(decision_id)).one(&self.db).await
+    }
+
+    pub async fn decision_used(&self, decision_id: &str) -> Result<bool, ApiError> {
+        Ok(self.find_model_by_decision(decision_id).await?.is_some())
+    }
+
+    pub async fn find(&self, order_id: Uuid) -> Result<Option<Order>, ApiError> {
+        orders::Entity::find_by_id(order_id).one(&self.db).await?.map(Order::try_from).transpose()
+    }
+
+    pub async fn find_by_decision(&self, decision_id: &str) -> Result<Option<Order>, ApiError> {
+        self.find_model_by_decision(decision_id).await?.map(Order::try_from).transpose()
+    }
+
+    /// The stored signed decision (protobuf bytes) of an order.
+    pub async fn signed_decision(&self, order_id: Uuid) -> Result<Option<Vec<u8>>, ApiError> {
+        Ok(orders::Entity::find_by_id(order_id).one(&self.db).await?.map(|m| m.signed_decision))
+    }
+
+    /// Orders the worker still has to move: in production (and not refused), or registered.
+    pub async fn pending(&self) -> Result<Vec<Order>, ApiError> {
+        orders::Entity::find()
+            .filter(
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(orders::Column::State.eq(OrderState::InProduction.as_str()))
+                            .add(orders::Column::RetryStopped.eq(false)),
+                    )
+                    .add(orders::Column::State.eq(OrderState::Registered.as_str())),
+            )
+            .order_by_asc(orders::Column::ReadyAt)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(Order::try_from)
+            .collect()
+    }
+
+    /// Moves an order from `from` to `to` if it is still in `from`, with its audit row. `None`: it
+    /// was not in `from` (another worker or a replay moved it).
+    pub async fn transition(
+        &self,
+        order_id: Uuid,
+        from: OrderState,
+        to: OrderState,
+        now: DateTime<Utc>,
+        audit: Audit,
+    ) -> Result<Option<Order>, ApiError> {
+        let txn = self.db.begin().await?;
+        let mut update = orders::Entity::update_many()
+            .col_expr(orders::Column::State, Expr::value(to.as_str()))
+            .col_expr(orders::Column::UpdatedAt, Expr::value(now));
+        if from == OrderState::InProduction {
+            update = update
+                .col_expr(orders::Column::Attempts, Expr::col(orders::Column::Attempts).add(1))
+                .col_expr(orders::Column::LastError, Expr::value(""));
+        }
+        let result = update
+            .filter(orders::Column::OrderId.eq(order_id))
+            .filter(orders::Column::State.eq(from.as_str()))
+            .exec(&txn)
+            .await?;
+        if result.rows_affected != 1 {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+        audit.into_active().insert(&txn).await?;
+        let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
+        txn.commit().await?;
+        model.map(Order::try_from).transpose()
+    }
+
+    /// Records a failed registration attempt of an order still in production.
+    pub async fn record_attempt(
+        &self,
+        order_id: Uuid,
+        attempt: Attempt,
+        now: DateTime<Utc>,
+        audit: Option<Audit>,
+    ) -> Result<Option<Order>, ApiError> {
+        let (error, stop) = match attempt {
+            Attempt::Retry(error) => (error, false),
+            Attempt::Refused(error) => (error, true),
+        };
+        let txn = self.db.begin().await?;
+        let result = orders::Entity::update_many()
+            .col_expr(orders::Column::Attempts, Expr::col(orders::Column::Attempts).add(1))
+            .col_expr(orders::Column::LastError, Expr::value(error))
+            .col_expr(orders::Column::RetryStopped, Expr::value(stop))
+            .col_expr(orders::Column::UpdatedAt, Expr::value(now))
+            .filter(orders::Column::OrderId.eq(order_id))
+            .filter(orders::Column::State.eq(OrderState::InProduction.as_str()))
+            .exec(&txn)
+            .await?;
+        if result.rows_affected != 1 {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+        if let Some(audit) = audit {
+            audit.into_active().insert(&txn).await?;
+        }
+        let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
+        txn.commit().await?;
+        model.map(Order::try_from).transpose()
+    }
+}
