@@ -1,0 +1,136 @@
+//! yidi-verification: the household-registration bureau of a home province. The only bureau that
+//! verifies identity (S4): it checks the live biometrics against its register, refuses or approves,
+//! and signs its decisions.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod entities;
+mod grpc;
+mod repo;
+mod service;
+
+use std::{future::Future, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use sea_orm::DatabaseConnection;
+use yidi_common::{Clock, Shutdown, population::Population};
+use yidi_domain::{BiometricMatcher, Directory, IdNumber, Role, SimulatedMatcher};
+use yidi_proto::v1::verification_server::VerificationServer;
+use yidi_verification_migration::{Migrator, MigratorTrait};
+
+use crate::{
+    config::VerificationConfig,
+    grpc::VerificationApi,
+    repo::{Citizen, Repo},
+    service::Verifier,
+};
+
+/// Runs the service on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: VerificationConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let (trigger, shutdown_flag) = Shutdown::new();
+    let _signal = trigger.trigger_on(shutdown);
+
+    let directory = yidi_common::directory::load(&config.directory.path)?;
+    let bureau_id = config.server.bureau_id.clone();
+    let key = yidi_common::directory::read_signing_key(&config.signing.key_path)
+        .with_context(|| format!("signing.key_path {}", config.signing.key_path.display()))?;
+    let jurisdiction = {
+        let bureau = directory.get_with_role(&bureau_id, Role::Verification).ok_or_else(|| {
+            anyhow::anyhow!("server.bureau_id: {bureau_id:?} is not a verification bureau in the directory")
+        })?;
+        if bureau.public_key.as_ref() != Some(&key.verifying_key()) {
+            anyhow::bail!(
+                "signing.key_path {}: the key does not match the directory's public_key of {bureau_id}",
+                config.signing.key_path.display()
+            );
+        }
+        bureau.jurisdiction.clone()
+    };
+    let clock = Clock::from_config(&config.clock).map_err(|message| anyhow::anyhow!("clock: {message}"))?;
+
+    let db = yidi_common::db::connect(&config.database).await.context("database.url")?;
+    let result = run(&config, db.clone(), directory, bureau_id, jurisdiction, key, clock, listener, shutdown_flag).await;
+    let closed = db.close().await;
+    result?;
+    closed.context("closing the database")?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    config: &VerificationConfig,
+    db: DatabaseConnection,
+    directory: Directory,
+    bureau_id: String,
+    jurisdiction: Vec<String>,
+    key: ed25519_dalek::SigningKey,
+    clock: Clock,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    Migrator::up(&db, None).await.context("database migration")?;
+    let repo = Repo::new(db);
+    if let Some(path) = &config.register.import_path {
+        let inserted = import(&repo, path, &bureau_id, &clock).await?;
+        tracing::info!(inserted, path = %path.display(), "population imported");
+    }
+    let matcher: Arc<dyn BiometricMatcher> = Arc::new(SimulatedMatcher {
+        face_threshold: config.biometrics.face_threshold,
+        fingerprint_threshold: config.biometrics.fingerprint_threshold,
+    });
+    let ttl_seconds = i64::try_from(config.signing.decision_ttl_seconds).context("signing.decision_ttl_seconds")?;
+    let verifier = Arc::new(Verifier::new(
+        repo,
+        clock,
+        Arc::new(directory),
+        bureau_id,
+        jurisdiction,
+        key,
+        chrono::Duration::seconds(ttl_seconds),
+        matcher,
+    ));
+    let api = VerificationApi::new(verifier);
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    yidi_common::server::serve(listener, VerificationServer::new(api), shutdown, grace).await?;
+    Ok(())
+}
+
+/// Inserts every citizen of this bureau not yet on the register; never overwrites existing rows.
+async fn import(repo: &Repo, path: &Path, bureau_id: &str, clock: &Clock) -> anyhow::Result<u64> {
+    let population = Population::read(path).context("register.import_path")?;
+    let now = clock.now();
+    let today = clock.today();
+    let mut rows = Vec::new();
+    for c in population.citizens.into_iter().filter(|c| c.home_bureau_id == bureau_id) {
+        let id_number = match IdNumber::parse(&c.id_number, today) {
+            Ok(id) => id,
+            Err(error) => {
+                tracing::warn!(id_number = %yidi_domain::mask::mask_id_number(&c.id_number), %error, "population entry skipped");
+                continue;
+            }
+        };
+        let citizen = Citizen {
+            id_number: id_number.as_str().to_owned(),
+            name: c.name,
+            sex: c.sex,
+            birth_date: c.birth_date,
+            registration_province: c.registration_province,
+            address: c.address,
+            face_template: c.face_template,
+            fingerprint_template: c.fingerprint_template,
+            credit: c.credit,
+            registration: c.registration,
+            date_of_death: None,
+            current_card_serial: c.card.as_ref().map(|card| card.serial.clone()),
+            current_card_valid_from: c.card.as_ref().map(|card| card.valid_from),
+            current_card_valid_until: c.card.as_ref().and_then(|card| card.valid_until),
+        };
+        rows.push(repo::new_citizen(&citizen, now));
+    }
+    Ok(repo.import_citizens(rows).await.context("register import")?)
+}

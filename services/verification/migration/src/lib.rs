@@ -1,0 +1,22 @@
+//! Schema of the verification service (a home bureau's register, its verifications and audit log).
+//! Works on SQLite and PostgreSQL: built with sea-query's schema builder only.
+#![forbid(unsafe_code)]
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_citizens;
+mod m20261127_000002_create_verifications;
+mod m20261127_000003_create_audit_log;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261127_000001_create_citizens::Migration),
+            Box::new(m20261127_000002_create_verifications::Migration),
+            Box::new(m20261127_000003_create_audit_log::Migration),
+        ]
+    }
+}

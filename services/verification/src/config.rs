@@ -1,0 +1,141 @@
+//! `VerificationConfig`: the common sections plus `[signing]`, `[register]`, `[biometrics]`.
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use yidi_common::{
+    clock::ClockConfig,
+    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    telemetry::LogConfig,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationConfig {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub directory: DirectoryConfig,
+    #[serde(default)]
+    pub clock: ClockConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub signing: SigningConfig,
+    #[serde(default)]
+    pub register: RegisterConfig,
+    #[serde(default)]
+    pub biometrics: BiometricsConfig,
+}
+
+/// `[signing]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// File with this bureau's Ed25519 key (base64 of the 32-byte seed).
+    pub key_path: PathBuf,
+    /// A decision expires this many seconds after it is issued.
+    #[serde(default = "default_decision_ttl_seconds")]
+    pub decision_ttl_seconds: u64,
+}
+
+fn default_decision_ttl_seconds() -> u64 {
+    604_800
+}
+
+/// `[register]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterConfig {
+    /// A population JSON file imported at start (citizens of this bureau not yet registered).
+    #[serde(default)]
+    pub import_path: Option<PathBuf>,
+}
+
+/// `[biometrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BiometricsConfig {
+    pub face_threshold: f32,
+    pub fingerprint_threshold: f32,
+}
+
+impl Default for BiometricsConfig {
+    fn default() -> Self {
+        Self { face_threshold: 0.90, fingerprint_threshold: 0.95 }
+    }
+}
+
+/// Longest accepted decision lifetime: one year.
+const MAX_DECISION_TTL_SECONDS: u64 = 366 * 24 * 3600;
+
+impl VerificationConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.bureau_id.trim().is_empty() {
+            return Err(ConfigError::key("server.bureau_id", "must not be empty"));
+        }
+        if self.database.url.trim().is_empty() {
+            return Err(ConfigError::key("database.url", "must not be empty"));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::key("database.max_connections", "must be at least 1"));
+        }
+        if self.signing.key_path.as_os_str().is_empty() {
+            return Err(ConfigError::key("signing.key_path", "is required"));
+        }
+        if self.signing.decision_ttl_seconds == 0 || self.signing.decision_ttl_seconds > MAX_DECISION_TTL_SECONDS {
+            return Err(ConfigError::key(
+                "signing.decision_ttl_seconds",
+                format!("must be between 1 and {MAX_DECISION_TTL_SECONDS}"),
+            ));
+        }
+        if let Some(path) = &self.register.import_path
+            && path.as_os_str().is_empty()
+        {
+            return Err(ConfigError::key("register.import_path", "must not be empty when set"));
+        }
+        for (key, value) in [
+            ("biometrics.face_threshold", self.biometrics.face_threshold),
+            ("biometrics.fingerprint_threshold", self.biometrics.fingerprint_threshold),
+        ] {
+            if !(value > 0.0 && value <= 1.0) {
+                return Err(ConfigError::key(key, format!("must be in (0, 1], found {value}")));
+            }
+        }
+        if let Err(message) = yidi_common::Clock::from_config(&self.clock) {
+            return Err(ConfigError::key("clock", message));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<VerificationConfig, toml::de::Error> {
+        toml::from_str(&format!(
+            "[server]\nbureau_id = \"home-jiangxi\"\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite::memory:\"\n\
+             [directory]\npath = \"d.toml\"\n[signing]\nkey_path = \"k\"\n{extra}"
+        ))
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = config("").unwrap();
+        assert_eq!(config.signing.decision_ttl_seconds, 604_800);
+        assert!((config.biometrics.face_threshold - 0.90).abs() < f32::EPSILON);
+        assert!((config.biometrics.fingerprint_threshold - 0.95).abs() < f32::EPSILON);
+        assert!(config.register.import_path.is_none());
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_bad_threshold_names_its_key() {
+        let config = config("[biometrics]\nface_threshold = 1.5\n").unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("biometrics.face_threshold"), "{error}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(config("[signing2]\nx = 1\n").is_err());
+    }
+}

@@ -1,0 +1,602 @@
+//! The rules of the home bureau (no tonic types): takes validated domain values.
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use ed25519_dalek::SigningKey;
+use prost::Message;
+use yidi_common::{
+    ApiError, Clock,
+    convert::{refusal_to_proto, signed_decision_to_proto},
+    population::{Credit, Registration},
+};
+use yidi_domain::{
+    ApplicationKind, ApplicationState, BiometricMatcher, CardData, Decision, DecisionPurpose, Directory, IdNumber,
+    RefusalReason, Role, SignedDecision, card, mask,
+};
+use yidi_proto::v1 as pb;
+
+use crate::repo::{Audit, Citizen, NewVerification, Repo, Tx, is_unique_violation};
+
+/// A Verify request, validated.
+#[derive(Debug, Clone)]
+pub struct VerifyInput {
+    pub application_id: String,
+    pub station_id: String,
+    pub purpose: DecisionPurpose,
+    /// Some for ISSUE_CARD (replacement/renewal) and REPORT_LOSS (loss report); None for withdrawal.
+    pub kind: Option<ApplicationKind>,
+    pub id_number: IdNumber,
+    pub card_serial: String,
+    /// Empty for a withdrawal (not matched).
+    pub live_face: Vec<u8>,
+    pub live_fingerprint: Vec<u8>,
+    /// The producer for ISSUE_CARD; empty otherwise.
+    pub producer_id: String,
+}
+
+/// The answer to Verify: the encoded `VerifyResponse`, as stored and replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyAnswer {
+    pub response: Vec<u8>,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CitizenView {
+    pub id_number_masked: String,
+    pub name_masked: String,
+    pub registration_province: String,
+    pub registration: Registration,
+    pub credit: Credit,
+    pub current_card_serial: Option<String>,
+    pub current_card_valid_until: Option<NaiveDate>,
+    pub open_application_ids: Vec<String>,
+}
+
+pub struct Verifier {
+    repo: Repo,
+    clock: Clock,
+    directory: Arc<Directory>,
+    bureau_id: String,
+    jurisdiction: Vec<String>,
+    key: SigningKey,
+    ttl: Duration,
+    matcher: Arc<dyn BiometricMatcher>,
+}
+
+/// What the register and the request say, judged by rules 1–7 of the brief; first failure wins.
+pub struct Facts<'a> {
+    pub citizen: Option<&'a Citizen>,
+    pub jurisdiction: &'a [String],
+    /// Open ISSUE_CARD applications of the citizen other than this one (K5).
+    pub other_open_applications: usize,
+    pub today: NaiveDate,
+}
+
+/// Rules 1–7, in order. `Ok` means approve.
+pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatcher) -> Result<(), RefusalReason> {
+    // 1. N3: on this bureau's register, within its jurisdiction.
+    let Some(citizen) = facts.citizen else {
+        return Err(RefusalReason::UnknownCitizen);
+    };
+    if !facts.jurisdiction.iter().any(|p| *p == citizen.registration_province) {
+        return Err(RefusalReason::UnknownCitizen);
+    }
+    // 2. S3: registration cancelled (deceased).
+    if citizen.registration == Registration::Cancelled {
+        return Err(RefusalReason::RegistrationCancelled);
+    }
+    // 3. S2, S3, K6: the person at the counter is the citizen.
+    if input.purpose != DecisionPurpose::WithdrawLossReport
+        && !matcher.match_face(&input.live_face, &citizen.face_template).matched
+    {
+        return Err(RefusalReason::FaceMismatch);
+    }
+    if !matcher.match_fingerprint(&input.live_fingerprint, &citizen.fingerprint_template).matched {
+        return Err(RefusalReason::FingerprintMismatch);
+    }
+    // 4. S3: credit record.
+    if citizen.credit == Credit::Bad {
+        return Err(RefusalReason::BadCreditRecord);
+    }
+    // 5. K4: a first application is never accepted in a different place.
+    let Some(current) = citizen.current_card_serial.as_deref() else {
+        return Err(RefusalReason::FirstApplication);
+    };
+    // 6. The card named is the current one.
+    if current != input.card_serial {
+        return Err(RefusalReason::CardNotCurrent);
+    }
+    // 7. K5 and K2.
+    if input.purpose == DecisionPurpose::IssueCard {
+        if facts.other_open_applications > 0 {
+            return Err(RefusalReason::ApplicationAlreadyOpen);
+        }
+        if input.kind == Some(ApplicationKind::Renewal)
+            && !card::renewable(citizen.current_card_valid_until, facts.today)
+        {
+            return Err(RefusalReason::NotYetRenewable);
+        }
+    }
+    Ok(())
+}
+
+fn truncate_to_seconds(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
+}
+
+impl Verifier {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        repo: Repo,
+        clock: Clock,
+        directory: Arc<Directory>,
+        bureau_id: String,
+        jurisdiction: Vec<String>,
+        key: SigningKey,
+        ttl: Duration,
+        matcher: Arc<dyn BiometricMatcher>,
+    ) -> Self {
+        Self { repo, clock, directory, bureau_id, jurisdiction, key, ttl, matcher }
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    pub fn today(&self) -> NaiveDate {
+        self.clock.today()
+    }
+
+    /// The national registry the loss decisions are addressed to.
+    fn registry_id(&self) -> Result<String, ApiError> {
+        let mut registries: Vec<&str> = self.directory.with_role(Role::Registry).map(|b| b.id.as_str()).collect();
+        registries.sort_unstable();
+        registries
+            .first()
+            .map(|id| (*id).to_owned())
+            .ok_or_else(|| ApiError::precondition("NO_REGISTRY", "the directory lists no registry bureau"))
+    }
+
+    pub async fn verify(&self, input: VerifyInput) -> Result<VerifyAnswer, ApiError> {
+        match self.verify_once(&input).await {
+            Err(ApiError::Database(error)) if is_unique_violation(&error) => {
+                // A concurrent call with the same (application, purpose) won: answer as it did.
+                match self.repo.verification(&input.application_id, input.purpose).await? {
+                    Some(row) => Ok(VerifyAnswer { response: row.response, replayed: true }),
+                    None => Err(ApiError::Database(error)),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn verify_once(&self, input: &VerifyInput) -> Result<VerifyAnswer, ApiError> {
+        let registry_id = if input.purpose == DecisionPurpose::IssueCard && input.kind != Some(ApplicationKind::Replacement) {
+            None
+        } else {
+            Some(self.registry_id()?)
+        };
+        let tx = self.repo.begin().await?;
+        if let Some(row) = tx.verification(&input.application_id, input.purpose).await? {
+            return Ok(VerifyAnswer { response: row.response, replayed: true });
+        }
+        let now = self.clock.now();
+        let today = now.date_naive();
+        let citizen = tx.citizen_for_update(input.id_number.as_str()).await?;
+        let other_open_applications = if input.purpose == DecisionPurpose::IssueCard {
+            tx.open_application_ids(input.id_number.as_str())
+                .await?
+                .into_iter()
+                .filter(|id| *id != input.application_id)
+                .count()
+        } else {
+            0
+        };
+        let facts = Facts { citizen: citizen.as_ref(), jurisdiction: &self.jurisdiction, other_open_applications, today };
+        let masked = input.id_number.masked();
+        let verdict = judge(input, &facts, self.matcher.as_ref());
+        let (citizen, registry_id) = match (verdict, citizen.as_ref(), registry_id) {
+            (Ok(()), Some(citizen), registry_id) => (citizen, registry_id),
+            (Err(reason), _, _) => return self.refuse(tx, input, reason, &masked, now).await,
+            // judge() never approves an unknown citizen; refuse rather than panic.
+            (Ok(()), None, _) => return self.refuse(tx, input, RefusalReason::UnknownCitizen, &masked, now).await,
+        };
+        self.approve(tx, input, citizen, registry_id, &masked, now).await
+    }
+
+    async fn refuse(
+        &self,
+        tx: Tx,
+        input: &VerifyInput,
+        reason: RefusalReason,
+        masked: &str,
+        now: DateTime<Utc>,
+    ) -> Result<VerifyAnswer, ApiError> {
+        let response = pb::VerifyResponse {
+            decision: None,
+            loss_decision: None,
+            refusal_reason: refusal_to_proto(reason) as i32,
+        }
+        .encode_to_vec();
+        tx.insert_verification(NewVerification {
+            application_id: input.application_id.clone(),
+            purpose: input.purpose,
+            station_id: input.station_id.clone(),
+            id_number: input.id_number.as_str().to_owned(),
+            kind: input.kind.map(ApplicationKind::as_str),
+            refusal_reason: Some(reason.code()),
+            decision_id: None,
+            loss_decision_id: None,
+            response: response.clone(),
+            valid_from: None,
+            valid_until: None,
+            open: false,
+            created_at: now,
+        })
+        .await?;
+        let detail = format!(
+            "application {} purpose {} station {}: {}",
+            input.application_id,
+            input.purpose.as_str(),
+            input.station_id,
+            reason
+        );
+        tx.audit(Audit { at: now, action: "verify", subject: masked, outcome: reason.code(), detail: &detail })
+            .await?;
+        tx.commit().await?;
+        tracing::info!(id_number = masked, application_id = %input.application_id, reason = reason.code(), "verification refused");
+        Ok(VerifyAnswer { response, replayed: false })
+    }
+
+    fn decision(
+        &self,
+        input: &VerifyInput,
+        purpose: DecisionPurpose,
+        addressee_id: &str,
+        application_kind: Option<ApplicationKind>,
+        card: CardData,
+        issued_at: DateTime<Utc>,
+    ) -> SignedDecision {
+        Decision {
+            decision_id: uuid::Uuid::new_v4().to_string(),
+            purpose,
+            bureau_id: self.bureau_id.clone(),
+            addressee_id: addressee_id.to_owned(),
+            application_id: input.application_id.clone(),
+            station_id: input.station_id.clone(),
+            application_kind,
+            card,
+            previous_card_serial: input.card_serial.clone(),
+            issued_at,
+            expires_at: issued_at + self.ttl,
+        }
+        .sign(&self.key)
+    }
+
+    async fn approve(
+        &self,
+        tx: Tx,
+        input: &VerifyInput,
+        citizen: &Citizen,
+        registry_id: Option<String>,
+        masked: &str,
+        now: DateTime<Utc>,
+    ) -> Result<VerifyAnswer, ApiError> {
+        let issued_at = truncate_to_seconds(now);
+        let today = now.date_naive();
+        let card_data = |valid_from: NaiveDate, valid_until: Option<NaiveDate>| CardData {
+            id_number: citizen.id_number.clone(),
+            name: citizen.name.clone(),
+            sex: citizen.sex,
+            birth_date: citizen.birth_date,
+            registration_province: citizen.registration_province.clone(),
+            address: citizen.address.clone(),
+            face_template: citizen.face_template.clone(),
+            valid_from,
+            valid_until,
+        };
+        let registry = |registry_id: &Option<String>| {
+            registry_id.clone().ok_or_else(|| ApiError::Internal("registry addressee missing".into()))
+        };
+        let (decision, loss_decision, term) = match input.purpose {
+            DecisionPurpose::IssueCard => {
+                // C1: the term of the new card, by age on the day of issue.
+                let term = card::term_for(citizen.birth_date, today);
+                let data = card_data(term.valid_from, term.valid_until);
+                let decision =
+                    self.decision(input, DecisionPurpose::IssueCard, &input.producer_id, input.kind, data.clone(), issued_at);
+                // K1: a replacement files the loss report too.
+                let loss = if input.kind == Some(ApplicationKind::Replacement) {
+                    Some(self.decision(input, DecisionPurpose::ReportLoss, &registry(&registry_id)?, input.kind, data, issued_at))
+                } else {
+                    None
+                };
+                (decision, loss, Some(term))
+            }
+            purpose => {
+                // The card concerned is the current one.
+                let valid_from = citizen.current_card_valid_from.unwrap_or(today);
+                let data = card_data(valid_from, citizen.current_card_valid_until);
+                let decision = self.decision(input, purpose, &registry(&registry_id)?, input.kind, data, issued_at);
+                (decision, None, None)
+            }
+        };
+        let response = pb::VerifyResponse {
+            decision: Some(signed_decision_to_proto(&decision)),
+            loss_decision: loss_decision.as_ref().map(signed_decision_to_proto),
+            refusal_reason: pb::RefusalReason::Unspecified as i32,
+        }
+        .encode_to_vec();
+        let decision_id = decision.decision.decision_id.clone();
+        let loss_decision_id = loss_decision.as_ref().map(|d| d.decision.decision_id.clone());
+        tx.insert_verification(NewVerification {
+            application_id: input.application_id.clone(),
+            purpose: input.purpose,
+            station_id: input.station_id.clone(),
+            id_number: input.id_number.as_str().to_owned(),
+            kind: input.kind.map(ApplicationKind::as_str),
+            refusal_reason: None,
+            decision_id: Some(decision_id.clone()),
+            loss_decision_id: loss_decision_id.clone(),
+            response: response.clone(),
+            valid_from: term.map(|t| t.valid_from),
+            valid_until: term.and_then(|t| t.valid_until),
+            open: input.purpose == DecisionPurpose::IssueCard,
+            created_at: now,
+        })
+        .await?;
+        let detail = format!(
+            "application {} purpose {} station {} addressee {} decision {}{}",
+            input.application_id,
+            input.purpose.as_str(),
+            input.station_id,
+            decision.decision.addressee_id,
+            decision_id,
+            loss_decision_id.map(|id| format!(" loss decision {id}")).unwrap_or_default()
+        );
+        tx.audit(Audit { at: now, action: "verify", subject: masked, outcome: "APPROVED", detail: &detail }).await?;
+        tx.commit().await?;
+        tracing::info!(id_number = masked, application_id = %input.application_id, purpose = input.purpose.as_str(), "verification approved");
+        Ok(VerifyAnswer { response, replayed: false })
+    }
+
+    pub async fn get_citizen(&self, id_number: &IdNumber) -> Result<CitizenView, ApiError> {
+        let citizen = self
+            .repo
+            .citizen(id_number.as_str())
+            .await?
+            .ok_or_else(|| ApiError::not_found("citizen", id_number.masked()))?;
+        let open_application_ids = self.repo.open_application_ids(id_number.as_str()).await?;
+        Ok(CitizenView {
+            id_number_masked: id_number.masked(),
+            name_masked: mask::mask_name(&citizen.name),
+            registration_province: citizen.registration_province,
+            registration: citizen.registration,
+            credit: citizen.credit,
+            current_card_serial: citizen.current_card_serial,
+            current_card_valid_until: citizen.current_card_valid_until,
+            open_application_ids,
+        })
+    }
+
+    /// Cancels the registration of a deceased citizen (idempotent).
+    pub async fn record_death(&self, id_number: &IdNumber, date_of_death: NaiveDate) -> Result<DateTime<Utc>, ApiError> {
+        let now = self.clock.now();
+        let masked = id_number.masked();
+        let tx = self.repo.begin().await?;
+        let citizen = tx
+            .citizen_for_update(id_number.as_str())
+            .await?
+            .ok_or_else(|| ApiError::not_found("citizen", masked.clone()))?;
+        if date_of_death < citizen.birth_date {
+            return Err(yidi_common::FieldViolations::single("date_of_death", "must not be before the birth date"));
+        }
+        let changed = tx.cancel_registration(id_number.as_str(), date_of_death, now).await?;
+        let outcome = if changed { "CANCELLED" } else { "ALREADY_CANCELLED" };
+        let detail = format!("date of death {date_of_death}");
+        tx.audit(Audit { at: now, action: "record_death", subject: &masked, outcome, detail: &detail }).await?;
+        tx.commit().await?;
+        tracing::info!(id_number = %masked, outcome, "death recorded");
+        Ok(now)
+    }
+
+    pub async fn record_credit_status(&self, id_number: &IdNumber, credit: Credit, note: &str) -> Result<DateTime<Utc>, ApiError> {
+        let now = self.clock.now();
+        let masked = id_number.masked();
+        let tx = self.repo.begin().await?;
+        if tx.citizen_for_update(id_number.as_str()).await?.is_none() {
+            return Err(ApiError::not_found("citizen", masked));
+        }
+        tx.set_credit(id_number.as_str(), credit, now).await?;
+        let outcome = match credit {
+            Credit::Good => "GOOD",
+            Credit::Bad => "BAD",
+        };
+        tx.audit(Audit { at: now, action: "record_credit_status", subject: &masked, outcome, detail: note }).await?;
+        tx.commit().await?;
+        tracing::info!(id_number = %masked, outcome, "credit status recorded");
+        Ok(now)
+    }
+
+    /// K5: the application ended; for a collection the new card becomes the current one.
+    pub async fn close_application(
+        &self,
+        application_id: &str,
+        final_state: ApplicationState,
+        new_card_serial: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        let now = self.clock.now();
+        let tx = self.repo.begin().await?;
+        let row = tx
+            .verification(application_id, DecisionPurpose::IssueCard)
+            .await?
+            .ok_or_else(|| ApiError::not_found("application", application_id))?;
+        // Lock the citizen's row (PostgreSQL) before changing anything of theirs.
+        tx.citizen_for_update(&row.id_number).await?;
+        let state = final_state.as_str();
+        if let Some(closed) = row.closed_state.as_deref() {
+            return if closed == state {
+                Ok(true)
+            } else {
+                Err(ApiError::precondition(
+                    "APPLICATION_ALREADY_CLOSED",
+                    format!("application {application_id} was already closed as {closed}"),
+                ))
+            };
+        }
+        if final_state == ApplicationState::Collected && row.refusal_reason.is_some() {
+            return Err(ApiError::precondition(
+                "APPLICATION_REFUSED",
+                format!("application {application_id} was refused; no card can have been collected"),
+            ));
+        }
+        if !tx.close_verification(row.id, state, now).await? {
+            return Err(ApiError::precondition("APPLICATION_ALREADY_CLOSED", format!("application {application_id} is closed")));
+        }
+        let masked = mask::mask_id_number(&row.id_number);
+        let mut detail = format!("application {application_id} {state}");
+        if let (ApplicationState::Collected, Some(serial)) = (final_state, new_card_serial) {
+            tx.set_current_card(&row.id_number, serial, row.valid_from, row.valid_until, now).await?;
+            detail.push_str(&format!("; current card is now {serial}"));
+        }
+        tx.audit(Audit { at: now, action: "close_application", subject: &masked, outcome: &state.to_ascii_uppercase(), detail: &detail })
+            .await?;
+        tx.commit().await?;
+        tracing::info!(id_number = %masked, application_id, state, "application closed");
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use yidi_domain::{SimulatedMatcher, biometrics::with_sensor_noise};
+
+    use super::*;
+
+    fn template(seed: u8) -> Vec<u8> {
+        (0..64u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 ^ seed.wrapping_mul(97)).collect()
+    }
+
+    fn today() -> NaiveDate {
+        NaiveDate::from_ymd_opt(2118, 1, 1).unwrap_or_default()
+    }
+
+    fn id() -> IdNumber {
+        IdNumber::compose("360102", NaiveDate::from_ymd_opt(1990, 3, 7).unwrap_or_default(), 123)
+    }
+
+    fn citizen() -> Citizen {
+        Citizen {
+            id_number: id().as_str().to_owned(),
+            name: "Li Na".into(),
+            sex: yidi_domain::Sex::Male,
+            birth_date: NaiveDate::from_ymd_opt(1990, 3, 7).unwrap_or_default(),
+            registration_province: "36".into(),
+            address: "Nanchang".into(),
+            face_template: template(1),
+            fingerprint_template: template(2),
+            credit: Credit::Good,
+            registration: Registration::Active,
+            date_of_death: None,
+            current_card_serial: Some("S1".into()),
+            current_card_valid_from: NaiveDate::from_ymd_opt(2100, 1, 1),
+            current_card_valid_until: NaiveDate::from_ymd_opt(2120, 1, 1),
+        }
+    }
+
+    fn input(purpose: DecisionPurpose, kind: Option<ApplicationKind>) -> VerifyInput {
+        VerifyInput {
+            application_id: "a-1".into(),
+            station_id: "station".into(),
+            purpose,
+            kind,
+            id_number: id(),
+            card_serial: "S1".into(),
+            live_face: with_sensor_noise(&template(1), 5, 1),
+            live_fingerprint: with_sensor_noise(&template(2), 5, 2),
+            producer_id: "producer".into(),
+        }
+    }
+
+    fn judge_with(input: &VerifyInput, citizen: &Citizen, open: usize) -> Result<(), RefusalReason> {
+        let jurisdiction = vec!["36".to_owned()];
+        let facts = Facts { citizen: Some(citizen), jurisdiction: &jurisdiction, other_open_applications: open, today: today() };
+        judge(input, &facts, &SimulatedMatcher::default())
+    }
+
+    #[test]
+    fn s2_the_citizen_in_person_is_approved() {
+        let replacement = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Replacement));
+        assert_eq!(judge_with(&replacement, &citizen(), 0), Ok(()));
+    }
+
+    #[test]
+    fn n3_a_citizen_of_another_jurisdiction_is_unknown() {
+        let mut other = citizen();
+        other.registration_province = "51".into();
+        let request = input(DecisionPurpose::ReportLoss, Some(ApplicationKind::LossReport));
+        assert_eq!(judge_with(&request, &other, 0), Err(RefusalReason::UnknownCitizen));
+        let jurisdiction = vec!["36".to_owned()];
+        let facts = Facts { citizen: None, jurisdiction: &jurisdiction, other_open_applications: 0, today: today() };
+        assert_eq!(judge(&request, &facts, &SimulatedMatcher::default()), Err(RefusalReason::UnknownCitizen));
+    }
+
+    #[test]
+    fn s3_refusals_come_in_the_rulebook_order() {
+        // Deceased AND impostor AND bad credit: the cancelled registration is named first.
+        let mut c = citizen();
+        c.registration = Registration::Cancelled;
+        c.credit = Credit::Bad;
+        let mut request = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Replacement));
+        request.live_face = template(9);
+        assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::RegistrationCancelled));
+        c.registration = Registration::Active;
+        assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::FaceMismatch));
+        request.live_face = template(1);
+        assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::BadCreditRecord));
+    }
+
+    #[test]
+    fn k6_withdrawal_needs_a_fingerprint_match_but_no_face() {
+        let mut request = input(DecisionPurpose::WithdrawLossReport, None);
+        request.live_face = Vec::new();
+        assert_eq!(judge_with(&request, &citizen(), 0), Ok(()));
+        request.live_fingerprint = template(9);
+        assert_eq!(judge_with(&request, &citizen(), 0), Err(RefusalReason::FingerprintMismatch));
+    }
+
+    #[test]
+    fn k2_renewal_only_within_90_days_of_expiry() {
+        let request = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Renewal));
+        assert_eq!(judge_with(&request, &citizen(), 0), Err(RefusalReason::NotYetRenewable));
+        let mut c = citizen();
+        c.current_card_valid_until = NaiveDate::from_ymd_opt(2118, 3, 1);
+        assert_eq!(judge_with(&request, &c, 0), Ok(()));
+        c.current_card_valid_until = None;
+        assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::NotYetRenewable), "long-term cards are never renewed");
+    }
+
+    #[test]
+    fn k5_a_second_open_application_is_refused_but_not_a_loss_report() {
+        let request = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Replacement));
+        assert_eq!(judge_with(&request, &citizen(), 1), Err(RefusalReason::ApplicationAlreadyOpen));
+        let loss = input(DecisionPurpose::ReportLoss, Some(ApplicationKind::LossReport));
+        assert_eq!(judge_with(&loss, &citizen(), 1), Ok(()));
+    }
+
+    #[test]
+    fn k4_never_held_a_card_is_a_first_application() {
+        let mut c = citizen();
+        c.current_card_serial = None;
+        let request = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Replacement));
+        assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::FirstApplication));
+    }
+
+    #[test]
+    fn k1_an_old_card_is_not_current() {
+        let mut request = input(DecisionPurpose::ReportLoss, Some(ApplicationKind::LossReport));
+        request.card_serial = "S0".into();
+        assert_eq!(judge_with(&request, &citizen(), 0), Err(RefusalReason::CardNotCurrent));
+    }
+}
