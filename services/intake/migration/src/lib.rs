@@ -1,0 +1,21 @@
+//! Schema of the intake station's database (SQLite or PostgreSQL).
+#![forbid(unsafe_code)]
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_applications;
+mod m20261127_000002_create_application_events;
+mod m20261127_000003_create_audit_log;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261127_000001_create_applications::Migration),
+            Box::new(m20261127_000002_create_application_events::Migration),
+            Box::new(m20261127_000003_create_audit_log::Migration),
+        ]
+    }
+}

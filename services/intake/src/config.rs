@@ -1,0 +1,89 @@
+//! `IntakeConfig`: the common sections plus `[station]`, `[policy]`, `[worker]`, `[biometrics]`.
+use serde::Deserialize;
+use yidi_common::{
+    clock::ClockConfig,
+    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    telemetry::LogConfig,
+};
+use yidi_domain::PolicyTimeline;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeConfig {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub directory: DirectoryConfig,
+    #[serde(default)]
+    pub clock: ClockConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub station: StationConfig,
+    #[serde(default)]
+    pub policy: PolicyTimeline,
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    #[serde(default)]
+    pub biometrics: BiometricsConfig,
+}
+
+/// `[station]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StationConfig {
+    /// The producer this station entrusts; an issuance bureau in the directory.
+    pub producer_id: String,
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// How often the worker scans for applications to advance.
+    pub tick_ms: u64,
+    /// How long SubmitApplication / ReportLoss wait for the home bureau's answer.
+    pub respond_within_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { tick_ms: 200, respond_within_ms: 5000 }
+    }
+}
+
+/// `[biometrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BiometricsConfig {
+    /// Face match threshold at collection (C3).
+    pub face_threshold: f32,
+}
+
+impl Default for BiometricsConfig {
+    fn default() -> Self {
+        Self { face_threshold: 0.90 }
+    }
+}
+
+impl IntakeConfig {
+    /// Checks the values that need no directory; `serve` checks the directory-dependent ones.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.bureau_id.trim().is_empty() {
+            return Err(ConfigError::key("server.bureau_id", "must not be empty"));
+        }
+        if self.station.producer_id.trim().is_empty() {
+            return Err(ConfigError::key("station.producer_id", "must name the entrusted producer"));
+        }
+        self.policy.validate().map_err(|message| ConfigError::key("policy", message))?;
+        if self.worker.tick_ms == 0 || self.worker.tick_ms > 60_000 {
+            return Err(ConfigError::key("worker.tick_ms", "must be between 1 and 60000"));
+        }
+        if self.worker.respond_within_ms > 60_000 {
+            return Err(ConfigError::key("worker.respond_within_ms", "must be at most 60000"));
+        }
+        let threshold = self.biometrics.face_threshold;
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            return Err(ConfigError::key("biometrics.face_threshold", "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+}

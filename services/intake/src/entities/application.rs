@@ -1,0 +1,36 @@
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "applications")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub application_id: String,
+    pub kind: String,
+    pub state: String,
+    pub id_number: String,
+    pub declared_province: String,
+    pub home_bureau_id: String,
+    pub previous_card_serial: String,
+    pub document_kind: String,
+    pub live_face_template: Vec<u8>,
+    pub live_fingerprint_template: Vec<u8>,
+    pub refusal_reason: Option<String>,
+    pub decision: Option<Vec<u8>>,
+    pub loss_decision: Option<Vec<u8>>,
+    pub loss_recorded: bool,
+    pub order_id: Option<String>,
+    pub new_card_serial: Option<String>,
+    pub home_notified: bool,
+    /// A peer refused definitively; the worker stops retrying until an operator acts.
+    pub halted: bool,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: Option<DateTimeUtc>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,4 @@
+//! One file per table.
+pub mod application;
+pub mod application_event;
+pub mod audit_log;

@@ -1,0 +1,172 @@
+//! Calls to the other bureaus, over gRPC, through channels kept per bureau.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tonic::{Code, Status, transport::Channel};
+use yidi_domain::Directory;
+use yidi_proto::v1 as pb;
+use yidi_proto::v1::{
+    issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient,
+    verification_client::VerificationClient,
+};
+
+/// A failed call to another bureau.
+#[derive(Debug)]
+pub enum PeerError {
+    /// The bureau is not in the directory or its endpoint is unusable.
+    Unreachable { peer: String, message: String },
+    /// The bureau (or the transport) answered with a status.
+    Status { peer: String, status: Box<Status> },
+}
+
+impl PeerError {
+    /// Whether retrying later may succeed (transport trouble, overload), as opposed to a
+    /// definitive refusal that retrying cannot change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Status { status, .. } => !matches!(
+                status.code(),
+                Code::PermissionDenied
+                    | Code::FailedPrecondition
+                    | Code::InvalidArgument
+                    | Code::Unimplemented
+                    | Code::Unauthenticated
+                    | Code::OutOfRange
+                    | Code::AlreadyExists
+                    | Code::NotFound
+            ),
+        }
+    }
+
+    /// Whether the peer could not be reached at all (transport failure, timeout).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Status { status, .. } => {
+                matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+            }
+        }
+    }
+
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Self::Unreachable { .. } => None,
+            Self::Status { status, .. } => Some(status.code()),
+        }
+    }
+
+    pub fn peer(&self) -> &str {
+        match self {
+            Self::Unreachable { peer, .. } | Self::Status { peer, .. } => peer,
+        }
+    }
+}
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable { peer, message } => write!(f, "{peer}: {message}"),
+            Self::Status { peer, status } => write!(f, "{peer}: {:?}: {}", status.code(), status.message()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Peers {
+    directory: Arc<Directory>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    pub fn new(directory: Arc<Directory>) -> Self {
+        Self { directory, channels: Arc::default() }
+    }
+
+    fn channel(&self, bureau_id: &str) -> Result<Channel, PeerError> {
+        let unreachable = |message: String| PeerError::Unreachable { peer: bureau_id.to_owned(), message };
+        if let Ok(channels) = self.channels.lock()
+            && let Some(channel) = channels.get(bureau_id)
+        {
+            return Ok(channel.clone());
+        }
+        let bureau = self.directory.get(bureau_id).ok_or_else(|| unreachable("not in the directory".into()))?;
+        let channel = yidi_common::client::channel(&bureau.endpoint).map_err(|e| unreachable(e.to_string()))?;
+        if let Ok(mut channels) = self.channels.lock() {
+            channels.insert(bureau_id.to_owned(), channel.clone());
+        }
+        Ok(channel)
+    }
+
+    fn status(peer: &str) -> impl FnOnce(Status) -> PeerError + '_ {
+        move |status| PeerError::Status { peer: peer.to_owned(), status: Box::new(status) }
+    }
+
+    pub async fn verify(&self, home: &str, request: pb::VerifyRequest) -> Result<pb::VerifyResponse, PeerError> {
+        let mut client = VerificationClient::new(self.channel(home)?);
+        client.verify(request).await.map(tonic::Response::into_inner).map_err(Self::status(home))
+    }
+
+    pub async fn close_application(
+        &self,
+        home: &str,
+        request: pb::CloseApplicationRequest,
+    ) -> Result<pb::CloseApplicationResponse, PeerError> {
+        let mut client = VerificationClient::new(self.channel(home)?);
+        client.close_application(request).await.map(tonic::Response::into_inner).map_err(Self::status(home))
+    }
+
+    pub async fn report_loss(
+        &self,
+        registry: &str,
+        decision: pb::SignedDecision,
+    ) -> Result<pb::LossRegistryReportLossResponse, PeerError> {
+        let mut client = LossRegistryClient::new(self.channel(registry)?);
+        client
+            .report_loss(pb::LossRegistryReportLossRequest { decision: Some(decision) })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(registry))
+    }
+
+    pub async fn withdraw_loss_report(
+        &self,
+        registry: &str,
+        decision: pb::SignedDecision,
+    ) -> Result<pb::LossRegistryWithdrawLossReportResponse, PeerError> {
+        let mut client = LossRegistryClient::new(self.channel(registry)?);
+        client
+            .withdraw_loss_report(pb::LossRegistryWithdrawLossReportRequest { decision: Some(decision) })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(registry))
+    }
+
+    pub async fn place_order(&self, producer: &str, decision: pb::SignedDecision) -> Result<pb::Order, PeerError> {
+        let mut client = IssuanceClient::new(self.channel(producer)?);
+        let response = client
+            .place_order(pb::PlaceOrderRequest { decision: Some(decision) })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(producer))?;
+        response.order.ok_or_else(|| PeerError::Unreachable {
+            peer: producer.to_owned(),
+            message: "PlaceOrder answered without an order".into(),
+        })
+    }
+
+    pub async fn get_order(&self, producer: &str, order_id: &str, decision_id: &str) -> Result<pb::Order, PeerError> {
+        let mut client = IssuanceClient::new(self.channel(producer)?);
+        let response = client
+            .get_order(pb::GetOrderRequest { order_id: order_id.to_owned(), decision_id: decision_id.to_owned() })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(producer))?;
+        response.order.ok_or_else(|| PeerError::Unreachable {
+            peer: producer.to_owned(),
+            message: "GetOrder answered without an order".into(),
+        })
+    }
+}

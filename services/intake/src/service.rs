@@ -1,0 +1,587 @@
+//! The station's rules: counter checks, applications, cancellation, collection, withdrawal.
+//! Takes validated domain values; never decides who the applicant is (that is the home bureau's).
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use sea_orm::{ActiveValue::Set, ColumnTrait, Condition};
+use tokio::sync::{Notify, broadcast, mpsc};
+use yidi_common::{ApiError, Clock, Shutdown};
+use yidi_domain::{
+    ApplicationKind, ApplicationState, BiometricMatcher, Bureau, Directory, DocumentKind, IdNumber, PolicyTimeline,
+    RefusalReason, mask::mask_id_number,
+};
+use yidi_proto::v1 as pb;
+
+use crate::{
+    entities::{application, application_event},
+    peers::{PeerError, Peers},
+    repo::{self, AuditEntry, Repo, Transition},
+};
+
+/// Who this station is and whom it works with.
+#[derive(Debug, Clone)]
+pub struct Station {
+    pub id: String,
+    /// Six-digit address code of the station.
+    pub region: String,
+    pub producer_id: String,
+    pub registry_id: String,
+}
+
+/// The person at the counter, validated.
+#[derive(Debug, Clone)]
+pub struct Applicant {
+    pub id_number: IdNumber,
+    pub declared_province: String,
+    pub face_template: Vec<u8>,
+    pub fingerprint_template: Vec<u8>,
+    pub document_kind: DocumentKind,
+    pub agent_id_number: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub state: ApplicationState,
+    pub at: DateTime<Utc>,
+    pub note: String,
+}
+
+/// An application as operators and callers see it (no full identity number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplicationView {
+    pub application_id: String,
+    pub kind: ApplicationKind,
+    pub state: ApplicationState,
+    pub refusal_reason: Option<RefusalReason>,
+    pub id_number_masked: String,
+    pub home_bureau_id: String,
+    pub previous_card_serial: String,
+    pub new_card_serial: String,
+    pub order_id: String,
+    pub loss_recorded: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_error: String,
+    pub history: Vec<HistoryEntry>,
+}
+
+impl ApplicationView {
+    /// Nothing more will happen to it: refused, collected, cancelled, or a recorded loss report.
+    pub fn is_final(&self) -> bool {
+        is_final(self.kind, self.state, self.loss_recorded)
+    }
+}
+
+pub fn is_final(kind: ApplicationKind, state: ApplicationState, loss_recorded: bool) -> bool {
+    state.is_final() || (kind == ApplicationKind::LossReport && state == ApplicationState::Approved && loss_recorded)
+}
+
+/// Whether the home bureau has answered.
+fn past_verifying(state: ApplicationState) -> bool {
+    !matches!(state, ApplicationState::Received | ApplicationState::Verifying)
+}
+
+pub fn document_str(kind: DocumentKind) -> &'static str {
+    match kind {
+        DocumentKind::HouseholdRegisterBook => "household_register_book",
+        DocumentKind::ResidencePermit => "residence_permit",
+        DocumentKind::ValidCertificate => "valid_certificate",
+        DocumentKind::WorkUnitProof => "work_unit_proof",
+    }
+}
+
+/// Why a withdrawal failed: one of ours, or the registry's (or home bureau's) own answer, which
+/// is passed to the caller unchanged.
+#[derive(Debug)]
+pub enum WithdrawError {
+    Api(ApiError),
+    Peer(Box<tonic::Status>),
+}
+
+impl From<ApiError> for WithdrawError {
+    fn from(error: ApiError) -> Self {
+        Self::Api(error)
+    }
+}
+
+impl From<sea_orm::DbErr> for WithdrawError {
+    fn from(error: sea_orm::DbErr) -> Self {
+        Self::Api(error.into())
+    }
+}
+
+pub(crate) struct Inner {
+    pub repo: Repo,
+    pub clock: Clock,
+    pub directory: Arc<Directory>,
+    pub station: Station,
+    pub policy: PolicyTimeline,
+    pub matcher: Arc<dyn BiometricMatcher>,
+    pub peers: Peers,
+    pub changes: broadcast::Sender<ApplicationView>,
+    pub wake: Notify,
+    pub respond_within: Duration,
+    pub shutdown: Shutdown,
+}
+
+/// The intake service; cheap to clone.
+#[derive(Clone)]
+pub struct Intake {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub struct IntakeParts {
+    pub repo: Repo,
+    pub clock: Clock,
+    pub directory: Arc<Directory>,
+    pub station: Station,
+    pub policy: PolicyTimeline,
+    pub matcher: Arc<dyn BiometricMatcher>,
+    pub respond_within: Duration,
+    pub shutdown: Shutdown,
+}
+
+impl Intake {
+    pub fn new(parts: IntakeParts) -> Self {
+        let (changes, _) = broadcast::channel(256);
+        let peers = Peers::new(parts.directory.clone());
+        Self {
+            inner: Arc::new(Inner {
+                repo: parts.repo,
+                clock: parts.clock,
+                directory: parts.directory,
+                station: parts.station,
+                policy: parts.policy,
+                matcher: parts.matcher,
+                peers,
+                changes,
+                wake: Notify::new(),
+                respond_within: parts.respond_within,
+                shutdown: parts.shutdown,
+            }),
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    /// The counter rules, in order: no agent (S2), the acceptance policy (P0–P4), a home bureau
+    /// to route to (N3). A refusal writes one audit row and nothing else.
+    pub async fn counter_check(&self, action: &'static str, applicant: &Applicant) -> Result<Bureau, ApiError> {
+        match self.counter_rules(applicant) {
+            Ok(home) => Ok(home),
+            Err(reason) => {
+                tracing::info!(action, id = %applicant.id_number.masked(), reason = reason.code(), "refused at the counter");
+                self.inner
+                    .repo
+                    .audit(
+                        AuditEntry::new(action, applicant.id_number.masked(), "refused", reason.code()),
+                        self.now(),
+                    )
+                    .await?;
+                Err(ApiError::Refused(reason))
+            }
+        }
+    }
+
+    fn counter_rules(&self, applicant: &Applicant) -> Result<Bureau, RefusalReason> {
+        if !applicant.agent_id_number.trim().is_empty() {
+            return Err(RefusalReason::AgentNotAllowed);
+        }
+        self.inner.policy.check(
+            &self.inner.station.region,
+            &applicant.declared_province,
+            self.inner.clock.today(),
+            applicant.document_kind,
+        )?;
+        self.inner.directory.home_bureau_for(&applicant.declared_province).cloned().ok_or(RefusalReason::UnknownCitizen)
+    }
+
+    /// SubmitApplication (K1, K2) and ReportLoss (K3): counter rules, then the application is
+    /// received and handed to the worker; answers once the home bureau has answered, or after
+    /// `respond_within` with the state as it then is.
+    pub async fn submit(
+        &self,
+        kind: ApplicationKind,
+        applicant: Applicant,
+        card_serial: String,
+    ) -> Result<ApplicationView, ApiError> {
+        let action = if kind == ApplicationKind::LossReport { "report_loss" } else { "submit_application" };
+        let home = self.counter_check(action, &applicant).await?;
+        let now = self.now();
+        let application_id = uuid::Uuid::new_v4().to_string();
+        let model = application::Model {
+            application_id: application_id.clone(),
+            kind: kind.as_str().to_owned(),
+            state: ApplicationState::Received.as_str().to_owned(),
+            id_number: applicant.id_number.as_str().to_owned(),
+            declared_province: applicant.declared_province.clone(),
+            home_bureau_id: home.id.clone(),
+            previous_card_serial: card_serial,
+            document_kind: document_str(applicant.document_kind).to_owned(),
+            live_face_template: applicant.face_template,
+            live_fingerprint_template: applicant.fingerprint_template,
+            refusal_reason: None,
+            decision: None,
+            loss_decision: None,
+            loss_recorded: false,
+            order_id: None,
+            new_card_serial: None,
+            home_notified: false,
+            halted: false,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: Some(now),
+            created_at: now,
+            updated_at: now,
+        };
+        let mut changes = self.inner.changes.subscribe();
+        self.inner.repo.insert_application(model, "received at the counter").await?;
+        tracing::info!(%application_id, kind = kind.as_str(), id = %applicant.id_number.masked(), home = %home.id, "application received");
+        self.publish(&application_id).await;
+        self.inner.wake.notify_one();
+
+        let deadline = tokio::time::Instant::now() + self.inner.respond_within;
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
+                Ok(Ok(view)) => {
+                    if view.application_id == application_id && past_verifying(view.state) {
+                        return Ok(view);
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    let view = self.get(&application_id).await?;
+                    if past_verifying(view.state) {
+                        return Ok(view);
+                    }
+                }
+            }
+        }
+        self.get(&application_id).await
+    }
+
+    pub async fn get(&self, application_id: &str) -> Result<ApplicationView, ApiError> {
+        let model =
+            self.inner.repo.get(application_id).await?.ok_or_else(|| ApiError::not_found("application", application_id))?;
+        let events = self.inner.repo.events(application_id).await?;
+        view(model, &events)
+    }
+
+    /// Newest first; the next offset if there may be more.
+    pub async fn list(
+        &self,
+        state: Option<ApplicationState>,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<ApplicationView>, Option<u64>), ApiError> {
+        let models = self.inner.repo.list(state, offset, limit + 1).await?;
+        let more = models.len() as u64 > limit;
+        let models: Vec<_> = models.into_iter().take(limit as usize).collect();
+        let ids: Vec<String> = models.iter().map(|m| m.application_id.clone()).collect();
+        let events = self.inner.repo.events_for(&ids).await?;
+        let mut views = Vec::with_capacity(models.len());
+        for model in models {
+            let own: Vec<_> = events.iter().filter(|e| e.application_id == model.application_id).cloned().collect();
+            views.push(view(model, &own)?);
+        }
+        let next = more.then_some(offset + views.len() as u64);
+        Ok((views, next))
+    }
+
+    /// Broadcasts the application as committed, to watchers and waiting callers.
+    pub(crate) async fn publish(&self, application_id: &str) {
+        match self.get(application_id).await {
+            Ok(view) => {
+                let _ = self.inner.changes.send(view);
+            }
+            Err(error) => tracing::warn!(%application_id, %error, "could not publish a change"),
+        }
+    }
+
+    /// The current state, then every change, until a final state or shutdown.
+    pub async fn watch(&self, application_id: &str) -> Result<mpsc::Receiver<ApplicationView>, ApiError> {
+        let mut changes = self.inner.changes.subscribe();
+        let current = self.get(application_id).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        let id = application_id.to_owned();
+        tokio::spawn(async move {
+            let mut last = current.clone();
+            if tx.send(current).await.is_err() || last.is_final() {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    () = this.inner.shutdown.wait() => return,
+                    () = tx.closed() => return,
+                    next = changes.recv() => next,
+                };
+                let view = match next {
+                    Ok(view) if view.application_id == id => view,
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => match this.get(&id).await {
+                        Ok(view) => view,
+                        Err(_) => return,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                // Skip stale or repeated snapshots.
+                if view.history.len() < last.history.len() || view == last {
+                    continue;
+                }
+                last = view.clone();
+                if tx.send(view).await.is_err() || last.is_final() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Cancellation before production; never of a loss report already recorded.
+    pub async fn cancel(&self, application_id: &str) -> Result<ApplicationView, ApiError> {
+        for _ in 0..5 {
+            let model = self
+                .inner
+                .repo
+                .get(application_id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("application", application_id))?;
+            let (kind, state) = parse_kind_state(&model)?;
+            if !state.is_cancellable() || (kind == ApplicationKind::LossReport && model.loss_recorded) {
+                let why = if state.is_cancellable() { " and its loss report is recorded" } else { "" };
+                return Err(ApiError::precondition(
+                    "NOT_CANCELLABLE",
+                    format!("application {application_id} is {}{why}; it can no longer be cancelled", state.as_str()),
+                ));
+            }
+            let mut changes = repo::changes();
+            // The home bureau has heard of it (and keeps it open, K5) unless it never left the station.
+            changes.home_notified = Set(state == ApplicationState::Received || !kind.makes_a_card());
+            let condition = (kind == ApplicationKind::LossReport)
+                .then(|| Condition::all().add(application::Column::LossRecorded.eq(false)));
+            let masked = mask_id_number(&model.id_number);
+            let applied = self
+                .inner
+                .repo
+                .transition(
+                    Transition {
+                        application_id,
+                        from: &[state],
+                        to: ApplicationState::Cancelled,
+                        changes,
+                        condition,
+                        note: format!("cancelled at the counter (was {})", state.as_str()),
+                        audit: Some(AuditEntry::new("cancel_application", masked, "cancelled", application_id)),
+                    },
+                    self.now(),
+                )
+                .await?;
+            if applied {
+                tracing::info!(%application_id, "application cancelled");
+                self.publish(application_id).await;
+                self.inner.wake.notify_one();
+                return self.get(application_id).await;
+            }
+            // The worker moved it meanwhile: judge again on the new state.
+        }
+        Err(ApiError::precondition("NOT_CANCELLABLE", format!("application {application_id} is changing; try again")))
+    }
+
+    /// C3: the card is handed over only after a fresh face match against the home bureau's record.
+    pub async fn collect(&self, application_id: &str, live_face: &[u8]) -> Result<ApplicationView, ApiError> {
+        let model =
+            self.inner.repo.get(application_id).await?.ok_or_else(|| ApiError::not_found("application", application_id))?;
+        let (_, state) = parse_kind_state(&model)?;
+        if state != ApplicationState::ReadyForCollection {
+            return Err(not_ready(application_id, state));
+        }
+        let decision = decode_decision(model.decision.as_deref())
+            .ok_or_else(|| ApiError::Internal(format!("application {application_id} has no readable decision")))?;
+        let enrolled = decision.decision.and_then(|d| d.card).map(|c| c.face_template).unwrap_or_default();
+        let outcome = self.inner.matcher.match_face(live_face, &enrolled);
+        let masked = mask_id_number(&model.id_number);
+        let serial = model.new_card_serial.clone().unwrap_or_default();
+        if !outcome.matched {
+            tracing::info!(%application_id, score = outcome.score, "collection refused: face mismatch");
+            self.inner
+                .repo
+                .audit(
+                    AuditEntry::new(
+                        "collect_card",
+                        masked,
+                        "refused",
+                        format!("{} card {serial} score {:.3}", RefusalReason::FaceMismatch.code(), outcome.score),
+                    ),
+                    self.now(),
+                )
+                .await?;
+            return Err(ApiError::Refused(RefusalReason::FaceMismatch));
+        }
+        let applied = self
+            .inner
+            .repo
+            .transition(
+                Transition {
+                    application_id,
+                    from: &[ApplicationState::ReadyForCollection],
+                    to: ApplicationState::Collected,
+                    changes: repo::changes(),
+                    condition: None,
+                    note: format!("card {serial} handed over after a face match"),
+                    audit: Some(AuditEntry::new(
+                        "collect_card",
+                        masked,
+                        "collected",
+                        format!("card {serial} score {:.3}", outcome.score),
+                    )),
+                },
+                self.now(),
+            )
+            .await?;
+        if !applied {
+            let current = self.get(application_id).await?;
+            return Err(not_ready(application_id, current.state));
+        }
+        tracing::info!(%application_id, card = %serial, "card collected");
+        self.publish(application_id).await;
+        self.inner.wake.notify_one();
+        self.get(application_id).await
+    }
+
+    /// K6: withdraw a loss report, in person; synchronous.
+    pub async fn withdraw_loss_report(
+        &self,
+        applicant: Applicant,
+        card_serial: String,
+    ) -> Result<pb::LossRegistryWithdrawLossReportResponse, WithdrawError> {
+        const ACTION: &str = "withdraw_loss_report";
+        let home = self.counter_check(ACTION, &applicant).await?;
+        let masked = applicant.id_number.masked();
+        let request = pb::VerifyRequest {
+            application_id: uuid::Uuid::new_v4().to_string(),
+            station_id: self.inner.station.id.clone(),
+            purpose: pb::DecisionPurpose::WithdrawLossReport as i32,
+            kind: pb::ApplicationKind::Unspecified as i32,
+            id_number: applicant.id_number.as_str().to_owned(),
+            card_serial: card_serial.clone(),
+            live: Some(pb::Biometrics {
+                face_template: applicant.face_template.clone(),
+                fingerprint_template: applicant.fingerprint_template.clone(),
+            }),
+            producer_id: String::new(),
+        };
+        let answer = self.inner.peers.verify(&home.id, request).await.map_err(peer_error)?;
+        let Some(decision) = answer.decision else {
+            let reason = pb::RefusalReason::try_from(answer.refusal_reason)
+                .ok()
+                .and_then(yidi_common::convert::refusal_from_proto)
+                .ok_or_else(|| {
+                    ApiError::unavailable(&home.id, "answered neither a decision nor a known refusal reason")
+                })?;
+            self.inner.repo.audit(AuditEntry::new(ACTION, masked, "refused", reason.code()), self.now()).await?;
+            return Err(ApiError::Refused(reason).into());
+        };
+        let registry = self.inner.station.registry_id.clone();
+        match self.inner.peers.withdraw_loss_report(&registry, decision).await {
+            Ok(response) => {
+                self.inner
+                    .repo
+                    .audit(AuditEntry::new(ACTION, masked, "withdrawn", format!("card {card_serial}")), self.now())
+                    .await?;
+                tracing::info!(card = %card_serial, "loss report withdrawn");
+                Ok(response)
+            }
+            Err(error) => {
+                self.inner
+                    .repo
+                    .audit(AuditEntry::new(ACTION, masked, "failed", format!("card {card_serial}: {error}")), self.now())
+                    .await?;
+                Err(peer_error(error))
+            }
+        }
+    }
+}
+
+fn peer_error(error: PeerError) -> WithdrawError {
+    if error.is_unavailable() {
+        return WithdrawError::Api(ApiError::unavailable(error.peer().to_owned(), error.to_string()));
+    }
+    match error {
+        PeerError::Status { status, .. } => WithdrawError::Peer(status),
+        other => WithdrawError::Api(ApiError::unavailable(other.peer().to_owned(), other.to_string())),
+    }
+}
+
+fn not_ready(application_id: &str, state: ApplicationState) -> ApiError {
+    ApiError::precondition(
+        "NOT_READY_FOR_COLLECTION",
+        format!("application {application_id} is {}, not ready_for_collection", state.as_str()),
+    )
+}
+
+pub(crate) fn parse_kind_state(model: &application::Model) -> Result<(ApplicationKind, ApplicationState), ApiError> {
+    let kind = ApplicationKind::parse(&model.kind)
+        .ok_or_else(|| ApiError::Internal(format!("unknown kind {:?} stored", model.kind)))?;
+    let state = ApplicationState::parse(&model.state)
+        .ok_or_else(|| ApiError::Internal(format!("unknown state {:?} stored", model.state)))?;
+    Ok((kind, state))
+}
+
+pub(crate) fn decode_decision(bytes: Option<&[u8]>) -> Option<pb::SignedDecision> {
+    pb::SignedDecision::decode(bytes?).ok()
+}
+
+fn view(model: application::Model, events: &[application_event::Model]) -> Result<ApplicationView, ApiError> {
+    let (kind, state) = parse_kind_state(&model)?;
+    Ok(ApplicationView {
+        kind,
+        state,
+        refusal_reason: model.refusal_reason.as_deref().and_then(RefusalReason::from_code),
+        id_number_masked: mask_id_number(&model.id_number),
+        home_bureau_id: model.home_bureau_id,
+        previous_card_serial: model.previous_card_serial,
+        new_card_serial: model.new_card_serial.unwrap_or_default(),
+        order_id: model.order_id.unwrap_or_default(),
+        loss_recorded: model.loss_recorded,
+        created_at: model.created_at,
+        updated_at: model.updated_at,
+        last_error: model.last_error.unwrap_or_default(),
+        history: events
+            .iter()
+            .filter_map(|e| {
+                Some(HistoryEntry { state: ApplicationState::parse(&e.state)?, at: e.at, note: e.note.clone() })
+            })
+            .collect(),
+        application_id: model.application_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k3_a_recorded_loss_report_is_final_but_an_unrecorded_one_is_not() {
+        assert!(is_final(ApplicationKind::LossReport, ApplicationState::Approved, true));
+        assert!(!is_final(ApplicationKind::LossReport, ApplicationState::Approved, false));
+        assert!(!is_final(ApplicationKind::Replacement, ApplicationState::Approved, true));
+        assert!(is_final(ApplicationKind::Renewal, ApplicationState::Refused, false));
+    }
+
+    #[test]
+    fn submit_answers_once_the_home_bureau_has_answered() {
+        assert!(!past_verifying(ApplicationState::Received));
+        assert!(!past_verifying(ApplicationState::Verifying));
+        assert!(past_verifying(ApplicationState::Approved));
+        assert!(past_verifying(ApplicationState::Refused));
+        assert!(past_verifying(ApplicationState::Cancelled));
+    }
+}
