@@ -1,0 +1,223 @@
+//! Test harness: starts the whole suite (real binaries, separate processes, free loopback ports)
+//! on SQLite or on fresh PostgreSQL databases, and offers clients and helpers.
+//!
+//! PostgreSQL: `YIDI_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`). When it
+//! is unreachable the PostgreSQL variant of each test is skipped with a message, unless
+//! `YIDI_REQUIRE_POSTGRES=1` (set by `.ci/run`), which makes it fail.
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+use yidi_common::population::Citizen;
+use yidi_demo::{
+    suite::{Backend, ClockSetting, Suite, SuiteOptions, default_bin_dir},
+    topology::Process,
+};
+use yidi_proto::v1::{
+    self as pb, intake_client::IntakeClient, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient,
+    verification_client::VerificationClient,
+};
+
+pub use yidi_demo::topology;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs a scenario `async fn(Db) -> anyhow::Result<()>` once on SQLite and once on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() -> anyhow::Result<()> {
+                    super::$scenario($crate::Db::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() -> anyhow::Result<()> {
+                    super::$scenario($crate::Db::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("YIDI_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// 09:00 UTC on a date.
+pub fn at(date: &str) -> DateTime<Utc> {
+    let day = NaiveDate::parse_from_str(date, "%Y-%m-%d").unwrap_or_default();
+    day.and_time(NaiveTime::from_hms_opt(9, 0, 0).unwrap_or_default()).and_utc()
+}
+
+/// The national phase: every province is accepted at the Zhejiang station.
+pub const NATIONAL_DAY: &str = "2118-03-01";
+
+pub struct TestSuite {
+    pub suite: Suite,
+    pub today: NaiveDate,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the suite standing on `date`; `configure` may adjust the options. `Ok(None)`: the
+/// PostgreSQL variant is skipped because no server is reachable (and none is required).
+pub async fn start(db: Db, date: &str, configure: impl FnOnce(&mut SuiteOptions)) -> anyhow::Result<Option<TestSuite>> {
+    let dir = tempfile::Builder::new().prefix("yidi-suite-").tempdir()?;
+    let now = at(date);
+    let mut options = SuiteOptions::new(dir.path().to_path_buf(), default_bin_dir()?, now);
+    options.clock = ClockSetting::Start(now);
+    if db == Db::Postgres {
+        let url = postgres_url();
+        if sea_orm::Database::connect(&url).await.is_err() {
+            if std::env::var("YIDI_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+                bail!("PostgreSQL is required (YIDI_REQUIRE_POSTGRES=1) but {url} is unreachable");
+            }
+            eprintln!("SKIPPED: PostgreSQL at {url} is unreachable; the PostgreSQL run of this test was skipped");
+            return Ok(None);
+        }
+        options.backend = Backend::Postgres { admin_url: url };
+    }
+    configure(&mut options);
+    let suite = Suite::start(options).await?;
+    Ok(Some(TestSuite { suite, today: now.date_naive(), _dir: dir }))
+}
+
+impl TestSuite {
+    async fn channel(&self, process: Process) -> anyhow::Result<Channel> {
+        Ok(tonic::transport::Endpoint::from_shared(self.suite.endpoint(process))?
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await?)
+    }
+
+    pub async fn intake(&self) -> anyhow::Result<IntakeClient<Channel>> {
+        Ok(IntakeClient::new(self.channel(Process::Intake).await?))
+    }
+
+    pub async fn registry(&self) -> anyhow::Result<LossRegistryClient<Channel>> {
+        Ok(LossRegistryClient::new(self.channel(Process::Registry).await?))
+    }
+
+    pub async fn issuance(&self) -> anyhow::Result<IssuanceClient<Channel>> {
+        Ok(IssuanceClient::new(self.channel(Process::Issuance).await?))
+    }
+
+    pub async fn home(&self, process: Process) -> anyhow::Result<VerificationClient<Channel>> {
+        Ok(VerificationClient::new(self.channel(process).await?))
+    }
+
+    /// The first citizen of `province` ("36" Jiangxi, "51" Sichuan) labelled `scenario`.
+    pub fn citizen(&self, scenario: &str, province: &str) -> anyhow::Result<Citizen> {
+        self.suite
+            .population
+            .citizens
+            .iter()
+            .find(|c| c.scenario == scenario && c.registration_province == province)
+            .cloned()
+            .with_context(|| format!("no citizen {scenario} in {province}"))
+    }
+
+    /// The `n`-th ordinary citizen of a province.
+    pub fn ordinary(&self, province: &str, n: usize) -> anyhow::Result<Citizen> {
+        self.suite
+            .population
+            .citizens
+            .iter()
+            .filter(|c| c.scenario == "ordinary" && c.registration_province == province)
+            .nth(n)
+            .cloned()
+            .with_context(|| format!("no ordinary citizen #{n} in {province}"))
+    }
+
+    /// Polls the application until `done` holds; fails with the bureaus' logs after `timeout`.
+    pub async fn wait_for(
+        &self,
+        application_id: &str,
+        what: &str,
+        done: impl Fn(&pb::Application) -> bool,
+    ) -> anyhow::Result<pb::Application> {
+        let mut intake = self.intake().await?;
+        let deadline = Instant::now() + Duration::from_secs(45);
+        loop {
+            let application = intake
+                .get_application(pb::GetApplicationRequest { application_id: application_id.to_owned() })
+                .await?
+                .into_inner()
+                .application
+                .context("no application in answer")?;
+            if done(&application) {
+                return Ok(application);
+            }
+            if Instant::now() > deadline {
+                bail!("application never reached {what}: {application:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_for_state(&self, application_id: &str, state: pb::ApplicationState) -> anyhow::Result<pb::Application> {
+        self.wait_for(application_id, state.as_str_name(), |a| a.state == state as i32).await
+    }
+
+    /// Every bureau's recent log lines, for failure messages.
+    pub fn logs(&self) -> String {
+        Process::ALL
+            .iter()
+            .map(|p| format!("--- {} ---\n{}", p.slug(), self.suite.log_tail(*p)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.suite.stop().await
+    }
+}
+
+/// The person at the counter, showing the household register book.
+pub fn applicant(citizen: &Citizen) -> pb::Applicant {
+    applicant_with(citizen, pb::DocumentKind::HouseholdRegisterBook)
+}
+
+pub fn applicant_with(citizen: &Citizen, document: pb::DocumentKind) -> pb::Applicant {
+    pb::Applicant {
+        id_number: citizen.id_number.clone(),
+        declared_province: citizen.registration_province.clone(),
+        live: Some(live(citizen)),
+        document: Some(pb::Document { kind: document as i32, number: format!("DOC-{}", &citizen.id_number[14..]) }),
+        agent_id_number: String::new(),
+    }
+}
+
+/// What the person at the counter presents (the population's live templates).
+pub fn live(citizen: &Citizen) -> pb::Biometrics {
+    pb::Biometrics {
+        face_template: citizen.live_face_template.clone(),
+        fingerprint_template: citizen.live_fingerprint_template.clone(),
+    }
+}
+
+pub fn serial(citizen: &Citizen) -> String {
+    citizen.card.as_ref().map(|c| c.serial.clone()).unwrap_or_default()
+}
+
+/// The `ErrorInfo.reason` of a status (e.g. `REFUSAL_REASON_FACE_MISMATCH`).
+pub fn reason(status: &tonic::Status) -> String {
+    status.get_details_error_info().map(|info| info.reason).unwrap_or_default()
+}
+
+/// The fields named by a status's `BadRequest` violations.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}

@@ -35,8 +35,9 @@ pub struct CityOpening {
     pub from: NaiveDate,
 }
 
+/// Keys left out of a `[policy]` section keep the seed's values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct PolicyTimeline {
     /// P1: start of the one-to-one pilot. Before it, P0: nobody applies outside the home province.
     pub pilot_from: NaiveDate,

@@ -1,0 +1,155 @@
+//! S4: the producer and the registry act only on a decision signed by the citizen's home bureau,
+//! addressed to them, unexpired and not used before. The test signs decisions itself with the
+//! keys the suite generated, forging each way a decision can be wrong.
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use ed25519_dalek::SigningKey;
+use yidi_common::{convert::signed_decision_to_proto, population::Citizen};
+use yidi_domain::{ApplicationKind, CardData, Decision, DecisionPurpose, SignedDecision, card::term_for};
+use yidi_proto::v1 as pb;
+use yidi_tests::{Db, NATIONAL_DAY, TestSuite, at, on_both_databases, reason, serial, start, topology};
+
+on_both_databases!(s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry);
+
+fn decision(t: &TestSuite, citizen: &Citizen, purpose: DecisionPurpose, addressee: &str, issued_at: DateTime<Utc>) -> Decision {
+    let term = term_for(citizen.birth_date, t.today);
+    Decision {
+        decision_id: uuid::Uuid::new_v4().to_string(),
+        purpose,
+        bureau_id: citizen.home_bureau_id.clone(),
+        addressee_id: addressee.into(),
+        application_id: uuid::Uuid::new_v4().to_string(),
+        station_id: topology::STATION.into(),
+        application_kind: (purpose == DecisionPurpose::IssueCard).then_some(ApplicationKind::Replacement),
+        card: CardData {
+            id_number: citizen.id_number.clone(),
+            name: citizen.name.clone(),
+            sex: citizen.sex,
+            birth_date: citizen.birth_date,
+            registration_province: citizen.registration_province.clone(),
+            address: citizen.address.clone(),
+            face_template: citizen.face_template.clone(),
+            valid_from: term.valid_from,
+            valid_until: term.valid_until,
+        },
+        previous_card_serial: serial(citizen),
+        issued_at,
+        expires_at: issued_at + chrono::Duration::days(7),
+    }
+}
+
+/// Every way a decision can be wrong, each expected to be refused with this `ErrorInfo.reason`.
+fn forgeries(t: &TestSuite, citizen: &Citizen, purpose: DecisionPurpose, addressee: &str) -> Vec<(&'static str, SignedDecision, &'static str)> {
+    let jiangxi: &SigningKey = &t.suite.keys[topology::HOME_JIANGXI];
+    let sichuan: &SigningKey = &t.suite.keys[topology::HOME_SICHUAN];
+    let now = at(NATIONAL_DAY);
+    let genuine = || decision(t, citizen, purpose, addressee, now);
+
+    let mut unsigned = genuine().sign(jiangxi);
+    unsigned.signature.clear();
+    let mut tampered = genuine().sign(jiangxi);
+    tampered.decision.card.name = "Someone Else".into();
+    let mut other_bureau = genuine();
+    other_bureau.bureau_id = topology::HOME_SICHUAN.into();
+    let wrong_jurisdiction = other_bureau.sign(sichuan);
+    let misaddressed = decision(t, citizen, purpose, "producer-elsewhere", now).sign(jiangxi);
+    let expired = decision(t, citizen, purpose, addressee, now - chrono::Duration::days(8)).sign(jiangxi);
+    let stolen_key = genuine().sign(&yidi_common::directory::generate_signing_key());
+    vec![
+        ("unsigned", unsigned, "DECISION_UNSIGNED"),
+        ("tampered", tampered, "DECISION_BAD_SIGNATURE"),
+        ("unknown key", stolen_key, "DECISION_BAD_SIGNATURE"),
+        ("wrong jurisdiction", wrong_jurisdiction, "DECISION_WRONG_JURISDICTION"),
+        ("misaddressed", misaddressed, "DECISION_MISADDRESSED"),
+        ("expired", expired, "DECISION_EXPIRED"),
+    ]
+}
+
+async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let citizen = t.ordinary("36", 0)?;
+    let mut issuance = t.issuance().await?;
+    let mut registry = t.registry().await?;
+
+    for (what, forged, expected) in forgeries(&t, &citizen, DecisionPurpose::IssueCard, topology::PRODUCER) {
+        let wire = signed_decision_to_proto(&forged);
+        let refused = issuance
+            .place_order(pb::PlaceOrderRequest { decision: Some(wire.clone()) })
+            .await
+            .expect_err(what);
+        assert_eq!(reason(&refused), expected, "issuance, {what}: {refused:?}");
+        let refused = registry
+            .register_card(pb::RegisterCardRequest {
+                decision: Some(wire),
+                producer_id: topology::PRODUCER.into(),
+                card_serial: "ZJ9000000001".into(),
+            })
+            .await
+            .expect_err(what);
+        assert_eq!(reason(&refused), expected, "registry card, {what}: {refused:?}");
+    }
+    for (what, forged, expected) in forgeries(&t, &citizen, DecisionPurpose::ReportLoss, topology::REGISTRY) {
+        let refused = registry
+            .report_loss(pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&forged)) })
+            .await
+            .expect_err(what);
+        assert_eq!(reason(&refused), expected, "registry loss, {what}: {refused:?}");
+    }
+    // A decision for one purpose is not accepted for another.
+    let for_producer = decision(&t, &citizen, DecisionPurpose::IssueCard, topology::REGISTRY, at(NATIONAL_DAY))
+        .sign(&t.suite.keys[topology::HOME_JIANGXI]);
+    let refused = registry
+        .report_loss(pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&for_producer)) })
+        .await
+        .expect_err("wrong purpose");
+    assert_eq!(reason(&refused), "DECISION_WRONG_PURPOSE");
+    // Nothing above changed the card.
+    let check = registry
+        .check_card(pb::CheckCardRequest { id_number: citizen.id_number.clone(), card_serial: serial(&citizen), relying_party: "bank".into() })
+        .await?
+        .into_inner();
+    assert_eq!(check.status, pb::CardStatus::Valid as i32);
+
+    // A genuine decision works once; replayed, it is refused by both.
+    let genuine = signed_decision_to_proto(
+        &decision(&t, &citizen, DecisionPurpose::IssueCard, topology::PRODUCER, at(NATIONAL_DAY))
+            .sign(&t.suite.keys[topology::HOME_JIANGXI]),
+    );
+    let order = issuance
+        .place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) })
+        .await?
+        .into_inner()
+        .order
+        .context("order")?;
+    let replayed = issuance.place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) }).await.expect_err("replay");
+    assert_eq!(replayed.code(), tonic::Code::AlreadyExists);
+    assert_eq!(reason(&replayed), "DECISION_ALREADY_USED");
+    // Wait until the producer has registered its card, then replay the decision at the registry.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = issuance
+            .get_order(pb::GetOrderRequest { order_id: order.order_id.clone(), decision_id: String::new() })
+            .await?
+            .into_inner()
+            .order
+            .context("order")?
+            .state;
+        if state == pb::OrderState::Dispatched as i32 {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "order never dispatched\n{}", t.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let replayed = registry
+        .register_card(pb::RegisterCardRequest {
+            decision: Some(genuine),
+            producer_id: topology::PRODUCER.into(),
+            card_serial: "ZJ9000000002".into(),
+        })
+        .await
+        .expect_err("a second card for one decision");
+    assert_eq!(reason(&replayed), "DECISION_ALREADY_USED");
+    t.stop().await
+}

@@ -1,0 +1,383 @@
+//! The flows end to end: the real binaries as separate processes, driven over gRPC.
+use anyhow::Context;
+use tokio_stream::StreamExt;
+use yidi_proto::v1 as pb;
+use yidi_tests::{Db, NATIONAL_DAY, applicant, live, on_both_databases, reason, serial, start, topology::Process};
+
+on_both_databases!(
+    k1_replacement_across_provinces_end_to_end,
+    k3_loss_report_alone_invalidates_the_card_everywhere,
+    k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation,
+    k2_renewal_inside_the_window_makes_a_new_card,
+    n3_routing_follows_the_declared_registration_not_the_number,
+    c4_a_relying_party_must_name_number_and_serial,
+    lifecycle_cancellation_only_before_production,
+);
+
+/// The happy path of the seed: a Jiangxi citizen living in Zhejiang lost his card.
+async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let citizen = t.citizen("replacement", "36")?;
+    let old_serial = serial(&citizen);
+    let mut registry = t.registry().await?;
+    let check = |serial: String| pb::CheckCardRequest {
+        id_number: citizen.id_number.clone(),
+        card_serial: serial,
+        relying_party: "test-bank".into(),
+    };
+    let before = registry.check_card(check(old_serial.clone())).await?.into_inner();
+    assert_eq!(before.status, pb::CardStatus::Valid as i32);
+
+    let mut revocations = registry
+        .watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 })
+        .await?
+        .into_inner();
+
+    let mut intake = t.intake().await?;
+    let submitted = intake
+        .submit_application(pb::SubmitApplicationRequest {
+            kind: pb::ApplicationKind::Replacement as i32,
+            applicant: Some(applicant(&citizen)),
+            card_serial: old_serial.clone(),
+        })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    assert_eq!(submitted.home_bureau_id, "home-jiangxi");
+    assert!(!submitted.id_number_masked.contains(&citizen.id_number[6..14]), "number is masked");
+
+    let ready = t.wait_for_state(&submitted.application_id, pb::ApplicationState::ReadyForCollection).await?;
+    assert!(ready.loss_recorded, "K1: the replacement filed the loss report");
+    let new_serial = ready.new_card_serial.clone();
+    assert!(!new_serial.is_empty() && new_serial != old_serial);
+
+    // S1: the old card was reported lost, then revoked by the new card.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(10), revocations.next())
+            .await
+            .context("revocation stream stalled")?
+            .context("stream ended")??;
+        if event.card_serial == old_serial {
+            seen.push(event.status);
+        }
+    }
+    assert_eq!(seen, vec![pb::CardStatus::ReportedLost as i32, pb::CardStatus::Revoked as i32]);
+    let old = registry.check_card(check(old_serial.clone())).await?.into_inner();
+    assert_eq!(old.status, pb::CardStatus::Revoked as i32);
+    let new = registry.check_card(check(new_serial.clone())).await?.into_inner();
+    assert_eq!(new.status, pb::CardStatus::Valid as i32);
+
+    // C3: handed over only after a fresh face match.
+    let mut stranger = live(&citizen);
+    stranger.face_template = t.ordinary("51", 0)?.face_template;
+    let refused = intake
+        .collect_card(pb::CollectCardRequest { application_id: ready.application_id.clone(), live: Some(stranger) })
+        .await
+        .expect_err("a stranger cannot collect the card");
+    assert_eq!(reason(&refused), "REFUSAL_REASON_FACE_MISMATCH");
+    let collected = intake
+        .collect_card(pb::CollectCardRequest { application_id: ready.application_id.clone(), live: Some(live(&citizen)) })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
+    let states: Vec<i32> = collected.history.iter().map(|h| h.state).collect();
+    use pb::ApplicationState as S;
+    assert_eq!(
+        states,
+        [S::Received, S::Verifying, S::Approved, S::InProduction, S::ReadyForCollection, S::Collected].map(|s| s as i32)
+    );
+
+    // The home bureau now knows the new card as current; the application is closed (K5).
+    let mut home = t.home(Process::HomeJiangxi).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let record = home
+            .get_citizen(pb::GetCitizenRequest { id_number: citizen.id_number.clone() })
+            .await?
+            .into_inner();
+        if record.current_card_serial == new_serial && record.open_application_ids.is_empty() {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "home bureau never learned the new card: {record:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    t.stop().await
+}
+
+async fn k3_loss_report_alone_invalidates_the_card_everywhere(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let citizen = t.citizen("loss_report", "51")?;
+    let mut intake = t.intake().await?;
+    let reported = intake
+        .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    assert_eq!(reported.kind, pb::ApplicationKind::LossReport as i32);
+    let done = t.wait_for(&reported.application_id, "loss recorded", |a| a.loss_recorded).await?;
+    assert_eq!(done.state, pb::ApplicationState::Approved as i32);
+    assert!(done.new_card_serial.is_empty(), "K3: no new card");
+
+    // S1 + C4: every relying party sees it at once, and the check is a hit for the home bureau.
+    let mut registry = t.registry().await?;
+    let answer = registry
+        .check_card(pb::CheckCardRequest {
+            id_number: citizen.id_number.clone(),
+            card_serial: serial(&citizen),
+            relying_party: "railway-gate-7".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(answer.status, pb::CardStatus::ReportedLost as i32);
+    assert!(answer.status_changed_at.is_some());
+    let hits = registry
+        .list_hits(pb::ListHitsRequest { home_bureau_id: "home-sichuan".into(), page_size: 50, page_token: String::new() })
+        .await?
+        .into_inner()
+        .hits;
+    assert!(hits.iter().any(|h| h.card_serial == serial(&citizen) && h.relying_party == "railway-gate-7"));
+    let other = registry
+        .list_hits(pb::ListHitsRequest { home_bureau_id: "home-jiangxi".into(), page_size: 50, page_token: String::new() })
+        .await?
+        .into_inner()
+        .hits;
+    assert!(other.iter().all(|h| h.card_serial != serial(&citizen)), "another bureau does not see it");
+    t.stop().await
+}
+
+async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let mut intake = t.intake().await?;
+    let mut registry = t.registry().await?;
+
+    // A card reported lost, then found: withdrawal with a fresh fingerprint match.
+    let citizen = t.citizen("withdrawal", "36")?;
+    let mut wrong_finger = applicant(&citizen);
+    if let Some(live) = wrong_finger.live.as_mut() {
+        live.fingerprint_template = t.ordinary("36", 1)?.fingerprint_template;
+    }
+    let refused = intake
+        .withdraw_loss_report(pb::WithdrawLossReportRequest { applicant: Some(wrong_finger), card_serial: serial(&citizen) })
+        .await
+        .expect_err("someone else's finger");
+    assert_eq!(reason(&refused), "REFUSAL_REASON_FINGERPRINT_MISMATCH");
+    let withdrawn = intake
+        .withdraw_loss_report(pb::WithdrawLossReportRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) })
+        .await?
+        .into_inner();
+    assert_eq!(withdrawn.status, pb::CardStatus::Valid as i32);
+    let check = registry
+        .check_card(pb::CheckCardRequest {
+            id_number: citizen.id_number.clone(),
+            card_serial: serial(&citizen),
+            relying_party: "hotel".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(check.status, pb::CardStatus::Valid as i32);
+
+    // Once a replacement card is made, the old card is revoked: withdrawal is final.
+    let citizen = t.citizen("loss_report_final", "36")?;
+    let application = intake
+        .submit_application(pb::SubmitApplicationRequest {
+            kind: pb::ApplicationKind::Replacement as i32,
+            applicant: Some(applicant(&citizen)),
+            card_serial: serial(&citizen),
+        })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
+    let refused = intake
+        .withdraw_loss_report(pb::WithdrawLossReportRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) })
+        .await
+        .expect_err("revoked is final");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason(&refused), "REFUSAL_REASON_LOSS_REPORT_FINAL", "{refused:?}");
+    t.stop().await
+}
+
+async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let citizen = t.citizen("renewal", "51")?;
+    let mut intake = t.intake().await?;
+    let application = intake
+        .submit_application(pb::SubmitApplicationRequest {
+            kind: pb::ApplicationKind::Renewal as i32,
+            applicant: Some(applicant(&citizen)),
+            card_serial: serial(&citizen),
+        })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    let ready = t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
+    assert!(!ready.loss_recorded, "a renewal files no loss report");
+
+    // C1: the new card's term follows the holder's age on the day of issue.
+    let order = t
+        .issuance()
+        .await?
+        .get_order(pb::GetOrderRequest { order_id: ready.order_id.clone(), decision_id: String::new() })
+        .await?
+        .into_inner()
+        .order
+        .context("order")?;
+    let term = yidi_domain::card::term_for(citizen.birth_date, t.today);
+    assert_eq!(order.valid_from, term.valid_from.to_string());
+    assert_eq!(order.valid_until, term.valid_until.map(|d| d.to_string()).unwrap_or_default());
+    assert_eq!(order.state, pb::OrderState::Dispatched as i32);
+
+    // The renewed card revokes the old one (S1).
+    let old = t
+        .registry()
+        .await?
+        .check_card(pb::CheckCardRequest {
+            id_number: citizen.id_number.clone(),
+            card_serial: serial(&citizen),
+            relying_party: "bank".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(old.status, pb::CardStatus::Revoked as i32);
+    t.stop().await
+}
+
+async fn n3_routing_follows_the_declared_registration_not_the_number(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let mut intake = t.intake().await?;
+    // Number from Zhejiang (33...), household registration moved to Jiangxi.
+    let moved = t.citizen("registration_moved", "36")?;
+    assert!(moved.id_number.starts_with("33"));
+    let application = intake
+        .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&moved)), card_serial: serial(&moved) })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    assert_eq!(application.home_bureau_id, "home-jiangxi");
+    t.wait_for(&application.application_id, "loss recorded", |a| a.loss_recorded).await?;
+
+    // Declaring the wrong province routes to a bureau that does not hold the citizen.
+    let citizen = t.ordinary("36", 2)?;
+    let mut wrong = applicant(&citizen);
+    wrong.declared_province = "51".into();
+    let application = intake
+        .report_loss(pb::ReportLossRequest { applicant: Some(wrong), card_serial: serial(&citizen) })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    assert_eq!(application.home_bureau_id, "home-sichuan");
+    let refused = t.wait_for_state(&application.application_id, pb::ApplicationState::Refused).await?;
+    assert_eq!(refused.refusal_reason, pb::RefusalReason::UnknownCitizen as i32);
+    t.stop().await
+}
+
+async fn c4_a_relying_party_must_name_number_and_serial(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let mut registry = t.registry().await?;
+    let citizen = t.ordinary("36", 0)?;
+    let other = t.ordinary("36", 1)?;
+    let request = |id: &str, serial: &str| pb::CheckCardRequest {
+        id_number: id.into(),
+        card_serial: serial.into(),
+        relying_party: "bank".into(),
+    };
+    let valid = registry.check_card(request(&citizen.id_number, &serial(&citizen))).await?.into_inner();
+    assert_eq!(valid.status, pb::CardStatus::Valid as i32);
+    // Another person's serial with this number: indistinguishable from a serial that does not exist.
+    let mismatched = registry.check_card(request(&citizen.id_number, &serial(&other))).await?.into_inner();
+    assert_eq!(mismatched.status, pb::CardStatus::Unknown as i32);
+    assert!(mismatched.status_changed_at.is_none());
+    let missing = registry.check_card(request(&citizen.id_number, "")).await.expect_err("serial required");
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+    assert!(yidi_tests::violated_fields(&missing).contains(&"card_serial".to_owned()));
+
+    // C2: the batch answers each card in order.
+    let batch = registry
+        .check_cards(pb::CheckCardsRequest {
+            cards: vec![
+                pb::CardQuery { id_number: citizen.id_number.clone(), card_serial: serial(&citizen) },
+                pb::CardQuery { id_number: citizen.id_number.clone(), card_serial: "ZZ0000000000".into() },
+            ],
+            relying_party: "bank".into(),
+        })
+        .await?
+        .into_inner();
+    let statuses: Vec<i32> = batch.results.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![pb::CardStatus::Valid as i32, pb::CardStatus::Unknown as i32]);
+    t.stop().await
+}
+
+async fn lifecycle_cancellation_only_before_production(db: Db) -> anyhow::Result<()> {
+    let Some(mut t) = start(db, NATIONAL_DAY, |options| {
+        options.extra_config.insert(Process::Intake, "[worker]\nrespond_within_ms = 500\n".into());
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let mut intake = t.intake().await?;
+
+    // The home bureau is down: the application waits in VERIFYING and can be cancelled.
+    t.suite.terminate(Process::HomeJiangxi).await?;
+    let waiting = t.ordinary("36", 4)?;
+    let application = intake
+        .submit_application(pb::SubmitApplicationRequest {
+            kind: pb::ApplicationKind::Renewal as i32,
+            applicant: Some(applicant(&waiting)),
+            card_serial: serial(&waiting),
+        })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    assert_eq!(application.state, pb::ApplicationState::Verifying as i32, "{application:?}");
+    let cancelled = intake
+        .cancel_application(pb::CancelApplicationRequest { application_id: application.application_id.clone() })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
+    t.suite.restart(Process::HomeJiangxi).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let still = t.wait_for_state(&application.application_id, pb::ApplicationState::Cancelled).await?;
+    assert_eq!(still.history.last().map(|h| h.state), Some(pb::ApplicationState::Cancelled as i32));
+
+    let citizen = t.ordinary("51", 3)?;
+    let application = intake
+        .submit_application(pb::SubmitApplicationRequest {
+            kind: pb::ApplicationKind::Replacement as i32,
+            applicant: Some(applicant(&citizen)),
+            card_serial: serial(&citizen),
+        })
+        .await?
+        .into_inner()
+        .application
+        .context("application")?;
+    let ready = t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
+    let refused = intake
+        .cancel_application(pb::CancelApplicationRequest { application_id: ready.application_id.clone() })
+        .await
+        .expect_err("too late to cancel");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let unknown = intake
+        .get_application(pb::GetApplicationRequest { application_id: uuid::Uuid::new_v4().to_string() })
+        .await
+        .expect_err("unknown id");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    let malformed = intake
+        .get_application(pb::GetApplicationRequest { application_id: "nope".into() })
+        .await
+        .expect_err("malformed id");
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
+    t.stop().await
+}
