@@ -1,0 +1,609 @@
+//! In-process gRPC tests of the producer: the real server on an SQLite temp file, a fake
+//! registry where one is needed, and the generated clients.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use ed25519_dalek::SigningKey;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use tempfile::TempDir;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tonic::{Code, Request, Response, Status, transport::Channel};
+use tonic_types::StatusExt;
+use yidi_common::{
+    clock::ClockConfig,
+    config::{DatabaseConfig, DirectoryConfig, ServerConfig},
+    convert::signed_decision_to_proto,
+    directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key},
+    telemetry::LogConfig,
+};
+use yidi_domain::{
+    ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, Role, SignedDecision, mask::mask_id_number,
+};
+use yidi_issuance::config::{IssuanceConfig, ProductionConfig};
+use yidi_proto::v1::{
+    self as pb,
+    issuance_client::IssuanceClient,
+    loss_registry_server::{LossRegistry, LossRegistryServer},
+};
+
+const PRODUCER: &str = "producer-zhejiang";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2118, 3, 1, 9, 0, 0).unwrap()
+}
+
+// ---------------------------------------------------------------- fake registry
+
+#[derive(Clone, Default)]
+struct FakeRegistry {
+    calls: Arc<Mutex<Vec<pb::RegisterCardRequest>>>,
+    refuse: Option<Code>,
+}
+
+impl FakeRegistry {
+    fn calls(&self) -> Vec<pb::RegisterCardRequest> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl LossRegistry for FakeRegistry {
+    async fn report_loss(
+        &self,
+        _: Request<pb::LossRegistryReportLossRequest>,
+    ) -> Result<Response<pb::LossRegistryReportLossResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn withdraw_loss_report(
+        &self,
+        _: Request<pb::LossRegistryWithdrawLossReportRequest>,
+    ) -> Result<Response<pb::LossRegistryWithdrawLossReportResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn register_card(
+        &self,
+        request: Request<pb::RegisterCardRequest>,
+    ) -> Result<Response<pb::RegisterCardResponse>, Status> {
+        let request = request.into_inner();
+        self.calls.lock().unwrap().push(request.clone());
+        if let Some(code) = self.refuse {
+            return Err(Status::new(code, "refused by the fake registry"));
+        }
+        Ok(Response::new(pb::RegisterCardResponse {
+            card_serial: request.card_serial,
+            status: pb::CardStatus::Valid as i32,
+            revoked_card_serials: vec![],
+        }))
+    }
+
+    async fn check_card(&self, _: Request<pb::CheckCardRequest>) -> Result<Response<pb::CheckCardResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn check_cards(
+        &self,
+        _: Request<pb::CheckCardsRequest>,
+    ) -> Result<Response<pb::CheckCardsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    type WatchRevocationsStream = tokio_stream::Empty<Result<pb::WatchRevocationsResponse, Status>>;
+
+    async fn watch_revocations(
+        &self,
+        _: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_hits(&self, _: Request<pb::ListHitsRequest>) -> Result<Response<pb::ListHitsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+fn spawn_registry(listener: TcpListener, fake: FakeRegistry) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(LossRegistryServer::new(fake))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    })
+}
+
+/// A fake registry on a fresh port.
+async fn start_registry(fake: FakeRegistry) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    (endpoint, spawn_registry(listener, fake))
+}
+
+// ---------------------------------------------------------------- the producer under test
+
+struct Producer {
+    _dir: TempDir,
+    database_url: String,
+    jiangxi: SigningKey,
+    sichuan: SigningKey,
+    client: IssuanceClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+struct Options {
+    registry_endpoint: String,
+    delay_ms: u64,
+    retry_interval_ms: u64,
+}
+
+impl Options {
+    fn new(registry_endpoint: &str) -> Self {
+        Self { registry_endpoint: registry_endpoint.to_owned(), delay_ms: 50, retry_interval_ms: 100 }
+    }
+}
+
+fn entry(id: &str, role: Role, jurisdiction: &[&str], endpoint: &str, key: Option<&SigningKey>) -> BureauEntry {
+    BureauEntry {
+        id: id.into(),
+        role,
+        name: id.into(),
+        jurisdiction: jurisdiction.iter().map(|p| (*p).to_owned()).collect(),
+        region: String::new(),
+        endpoint: endpoint.into(),
+        public_key: key.map(|k| encode_public_key(&k.verifying_key())).unwrap_or_default(),
+    }
+}
+
+impl Producer {
+    async fn start(options: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let jiangxi = generate_signing_key();
+        let sichuan = generate_signing_key();
+        let directory_path = dir.path().join("directory.toml");
+        DirectoryFile {
+            bureaus: vec![
+                entry("station-hangzhou", Role::Intake, &[], "http://127.0.0.1:1", None),
+                entry("home-jiangxi", Role::Verification, &["36"], "http://127.0.0.1:1", Some(&jiangxi)),
+                entry("home-sichuan", Role::Verification, &["51"], "http://127.0.0.1:1", Some(&sichuan)),
+                entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
+                entry("producer-other", Role::Issuance, &[], "http://127.0.0.1:1", None),
+                entry("registry-national", Role::Registry, &[], &options.registry_endpoint, None),
+            ],
+        }
+        .write(&directory_path)
+        .unwrap();
+        let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("issuance.db").display());
+        let mut producer = Self {
+            _dir: dir,
+            database_url,
+            jiangxi,
+            sichuan,
+            client: IssuanceClient::new(Channel::from_static("http://127.0.0.1:1").connect_lazy()),
+            stop: None,
+            server: None,
+        };
+        producer.launch(&options, directory_path).await;
+        producer
+    }
+
+    async fn launch(&mut self, options: &Options, directory_path: PathBuf) {
+        let config = IssuanceConfig {
+            server: ServerConfig {
+                bureau_id: PRODUCER.into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                shutdown_grace_seconds: 2,
+            },
+            database: DatabaseConfig { url: self.database_url.clone(), max_connections: 4 },
+            directory: DirectoryConfig { path: directory_path },
+            clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
+            log: LogConfig::default(),
+            production: ProductionConfig {
+                delay_ms: options.delay_ms,
+                serial_prefix: "ZJ".into(),
+                retry_interval_ms: options.retry_interval_ms,
+            },
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: SocketAddr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.server = Some(tokio::spawn(yidi_issuance::serve(config, listener, async move {
+            let _ = stopped.await;
+        })));
+        self.stop = Some(stop);
+        self.client = IssuanceClient::connect(format!("http://{address}")).await.unwrap();
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(WAIT, server).await.expect("server stops").unwrap().unwrap();
+        }
+    }
+
+    fn decision(&self, id: &str) -> Decision {
+        let birth = NaiveDate::from_ymd_opt(1990, 3, 7).unwrap();
+        let id_number = IdNumber::compose("360102", birth, 124);
+        Decision {
+            decision_id: id.into(),
+            purpose: DecisionPurpose::IssueCard,
+            bureau_id: "home-jiangxi".into(),
+            addressee_id: PRODUCER.into(),
+            application_id: uuid::Uuid::new_v4().to_string(),
+            station_id: "station-hangzhou".into(),
+            application_kind: Some(ApplicationKind::Replacement),
+            card: CardData {
+                id_number: id_number.as_str().into(),
+                name: "Li Na".into(),
+                sex: id_number.sex(),
+                birth_date: birth,
+                registration_province: "36".into(),
+                address: "12 Bayi Avenue, Nanchang".into(),
+                face_template: vec![7, 1, 8, 2, 8],
+                // Deliberately not today (the clock's date): the producer must print these, not recompute.
+                valid_from: NaiveDate::from_ymd_opt(2118, 2, 27).unwrap(),
+                valid_until: Some(NaiveDate::from_ymd_opt(2138, 2, 27).unwrap()),
+            },
+            previous_card_serial: "ZJ0000000001".into(),
+            issued_at: now() - chrono::Duration::minutes(1),
+            expires_at: now() + chrono::Duration::days(7),
+        }
+    }
+
+    fn signed(&self, id: &str) -> SignedDecision {
+        self.decision(id).sign(&self.jiangxi)
+    }
+
+    async fn place(&mut self, decision: pb::SignedDecision) -> Result<pb::Order, Status> {
+        let response = self.client.place_order(pb::PlaceOrderRequest { decision: Some(decision) }).await?;
+        Ok(response.into_inner().order.expect("order"))
+    }
+
+    async fn get(&mut self, decision_id: &str) -> Result<pb::Order, Status> {
+        let request = pb::GetOrderRequest { order_id: String::new(), decision_id: decision_id.into() };
+        Ok(self.client.get_order(request).await?.into_inner().order.expect("order"))
+    }
+
+    async fn db(&self) -> DatabaseConnection {
+        Database::connect(&self.database_url).await.unwrap()
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let db = self.db().await;
+        let row = db
+            .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+            .await
+            .unwrap()
+            .unwrap();
+        let n = row.try_get::<i64>("", "n").unwrap();
+        db.close().await.unwrap();
+        n
+    }
+
+    /// Every state the order passes through, from WatchOrder, until the stream ends.
+    async fn watch_to_end(&mut self, order_id: &str) -> Vec<pb::Order> {
+        let mut stream =
+            self.client.watch_order(pb::WatchOrderRequest { order_id: order_id.into() }).await.unwrap().into_inner();
+        let mut seen = Vec::new();
+        tokio::time::timeout(WAIT, async {
+            while let Some(message) = stream.next().await {
+                seen.push(message.unwrap().order.unwrap());
+            }
+        })
+        .await
+        .expect("the watch ends once the order is dispatched");
+        seen
+    }
+
+    async fn wait_for(&mut self, decision_id: &str, done: impl Fn(&pb::Order) -> bool) -> pb::Order {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let order = self.get(decision_id).await.unwrap();
+            if done(&order) {
+                return order;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out; last seen {order:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn reason(status: &Status) -> String {
+    status.get_error_details().error_info().map(|info| info.reason.clone()).unwrap_or_default()
+}
+
+/// A refused decision: the code and reason, one audit row, no order.
+async fn assert_refused(producer: &mut Producer, decision: pb::SignedDecision, code: Code, expected_reason: &str) {
+    let decision_id = decision.decision.as_ref().unwrap().decision_id.clone();
+    let status = producer.place(decision).await.unwrap_err();
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(reason(&status), expected_reason, "{status:?}");
+    assert_eq!(producer.get(&decision_id).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM orders").await, 0);
+    assert_eq!(
+        producer
+            .count(&format!(
+                "SELECT COUNT(*) AS n FROM audit_log WHERE action = 'place_order' AND outcome = '{}'",
+                expected_reason.to_lowercase()
+            ))
+            .await,
+        1
+    );
+}
+
+fn state(order: &pb::Order) -> pb::OrderState {
+    pb::OrderState::try_from(order.state).unwrap()
+}
+
+// ---------------------------------------------------------------- S4 refusals
+
+#[tokio::test]
+async fn s4_issuance_refuses_unsigned_decision() {
+    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let mut decision = signed_decision_to_proto(&producer.signed("d-unsigned"));
+    decision.signature.clear();
+    assert_refused(&mut producer, decision, Code::PermissionDenied, "DECISION_UNSIGNED").await;
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_refuses_tampered_decision() {
+    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let mut decision = signed_decision_to_proto(&producer.signed("d-tampered"));
+    decision.decision.as_mut().unwrap().card.as_mut().unwrap().name = "Someone Else".into();
+    assert_refused(&mut producer, decision, Code::PermissionDenied, "DECISION_BAD_SIGNATURE").await;
+    // A decision signed with a key that is not the named bureau's is the same forgery.
+    let forged = signed_decision_to_proto(&producer.decision("d-forged").sign(&generate_signing_key()));
+    let status = producer.place(forged).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "DECISION_BAD_SIGNATURE");
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_refuses_wrong_jurisdiction() {
+    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    // Sichuan's bureau, with its own genuine key, signs for a citizen registered in Jiangxi.
+    let mut decision = producer.decision("d-jurisdiction");
+    decision.bureau_id = "home-sichuan".into();
+    let signed = decision.sign(&producer.sichuan);
+    assert_refused(
+        &mut producer,
+        signed_decision_to_proto(&signed),
+        Code::PermissionDenied,
+        "DECISION_WRONG_JURISDICTION",
+    )
+    .await;
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_refuses_misaddressed_decision() {
+    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let mut decision = producer.decision("d-misaddressed");
+    decision.addressee_id = "producer-other".into();
+    let signed = decision.sign(&producer.jiangxi);
+    assert_refused(&mut producer, signed_decision_to_proto(&signed), Code::PermissionDenied, "DECISION_MISADDRESSED")
+        .await;
+    // A decision for another purpose is not an order either.
+    let mut loss = producer.decision("d-loss");
+    loss.purpose = DecisionPurpose::ReportLoss;
+    let status = producer.place(signed_decision_to_proto(&loss.sign(&producer.jiangxi))).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "DECISION_WRONG_PURPOSE");
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_refuses_expired_decision() {
+    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let mut decision = producer.decision("d-expired");
+    decision.issued_at = now() - chrono::Duration::days(8);
+    decision.expires_at = now() - chrono::Duration::seconds(1);
+    let signed = decision.sign(&producer.jiangxi);
+    assert_refused(&mut producer, signed_decision_to_proto(&signed), Code::FailedPrecondition, "DECISION_EXPIRED")
+        .await;
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_refuses_replayed_decision() {
+    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let decision = signed_decision_to_proto(&producer.signed("d-replayed"));
+    let first = producer.place(decision.clone()).await.unwrap();
+    let status = producer.place(decision).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(reason(&status), "DECISION_ALREADY_USED");
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM orders").await, 1);
+    assert_eq!(producer.get("d-replayed").await.unwrap().order_id, first.order_id);
+    assert_eq!(
+        producer
+            .count("SELECT COUNT(*) AS n FROM audit_log WHERE outcome = 'decision_already_used'")
+            .await,
+        1
+    );
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_rejects_malformed_requests_with_field_violations() {
+    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let status = producer.client.place_order(pb::PlaceOrderRequest { decision: None }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<String> = status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(fields, vec!["decision".to_owned()]);
+
+    let mut decision = signed_decision_to_proto(&producer.signed("d-malformed"));
+    {
+        let inner = decision.decision.as_mut().unwrap();
+        inner.card.as_mut().unwrap().valid_from = "27/02/2118".into();
+        inner.expires_at = None;
+    }
+    let status = producer.place(decision).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<String> = status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    assert!(fields.contains(&"decision.decision.card.valid_from".to_owned()), "{fields:?}");
+    assert!(fields.contains(&"decision.decision.expires_at".to_owned()), "{fields:?}");
+
+    let both = pb::GetOrderRequest { order_id: uuid::Uuid::new_v4().to_string(), decision_id: "d".into() };
+    assert_eq!(producer.client.get_order(both).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(producer.client.get_order(pb::GetOrderRequest::default()).await.unwrap_err().code(), Code::InvalidArgument);
+    let unknown = pb::GetOrderRequest { order_id: uuid::Uuid::new_v4().to_string(), decision_id: String::new() };
+    assert_eq!(producer.client.get_order(unknown).await.unwrap_err().code(), Code::NotFound);
+    let bad_watch = pb::WatchOrderRequest { order_id: "nope".into() };
+    assert_eq!(producer.client.watch_order(bad_watch).await.unwrap_err().code(), Code::InvalidArgument);
+    // Invalid input writes nothing, not even an audit row.
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM orders").await, 0);
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log").await, 0);
+    producer.shutdown().await;
+}
+
+// ---------------------------------------------------------------- production
+
+#[tokio::test]
+async fn s4_issuance_order_is_registered_and_dispatched() {
+    let fake = FakeRegistry::default();
+    let (endpoint, _registry) = start_registry(fake.clone()).await;
+    let mut producer = Producer::start(Options { delay_ms: 300, ..Options::new(&endpoint) }).await;
+    let signed = producer.signed("d-happy");
+    let placed = producer.place(signed_decision_to_proto(&signed)).await.unwrap();
+    assert_eq!(state(&placed), pb::OrderState::InProduction);
+    assert!(placed.card_serial.starts_with("ZJ") && placed.card_serial.len() == 12, "{}", placed.card_serial);
+    assert_eq!(placed.id_number_masked, mask_id_number(&signed.decision.card.id_number));
+    assert_ne!(placed.id_number_masked, signed.decision.card.id_number);
+    assert_eq!(placed.station_id, "station-hangzhou");
+    assert_eq!(placed.application_id, signed.decision.application_id);
+
+    let states: Vec<pb::OrderState> = producer.watch_to_end(&placed.order_id).await.iter().map(state).collect();
+    assert_eq!(
+        states,
+        vec![pb::OrderState::InProduction, pb::OrderState::Registered, pb::OrderState::Dispatched]
+    );
+    let order = producer.get("d-happy").await.unwrap();
+    assert_eq!(state(&order), pb::OrderState::Dispatched);
+    assert_eq!(order.last_error, "");
+    assert_eq!(fake.calls().len(), 1);
+    // Watching a dispatched order: its state, then the end.
+    let again = producer.watch_to_end(&placed.order_id).await;
+    assert_eq!(again.iter().map(state).collect::<Vec<_>>(), vec![pb::OrderState::Dispatched]);
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE action = 'dispatch'").await, 1);
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE action = 'register_card'").await, 1);
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_keeps_card_data_verbatim() {
+    let fake = FakeRegistry::default();
+    let (endpoint, _registry) = start_registry(fake.clone()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let signed = producer.signed("d-verbatim");
+    let sent = signed_decision_to_proto(&signed);
+    let placed = producer.place(sent.clone()).await.unwrap();
+    // C1 is the home bureau's: the validity printed is the decision's, not recomputed for today.
+    assert_eq!(placed.valid_from, "2118-02-27");
+    assert_eq!(placed.valid_until, "2138-02-27");
+    producer.wait_for("d-verbatim", |o| state(o) == pb::OrderState::Dispatched).await;
+
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 1);
+    let registered = &calls[0];
+    assert_eq!(registered.producer_id, PRODUCER);
+    assert_eq!(registered.card_serial, placed.card_serial);
+    // The registered card carries exactly the decision's data, signature included.
+    assert_eq!(registered.decision.as_ref(), Some(&sent));
+    let back = yidi_common::convert::signed_decision_from_proto("decision", registered.decision.as_ref()).unwrap();
+    assert_eq!(back, signed);
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_retries_registration_until_the_registry_answers() {
+    // A port with nobody listening yet.
+    let reserved = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = reserved.local_addr().unwrap();
+    drop(reserved);
+    let mut producer = Producer::start(Options::new(&format!("http://{address}"))).await;
+    let placed = producer.place(signed_decision_to_proto(&producer.signed("d-retry"))).await.unwrap();
+    let failing = producer.wait_for("d-retry", |o| !o.last_error.is_empty()).await;
+    assert_eq!(state(&failing), pb::OrderState::InProduction);
+    assert!(failing.last_error.contains("registry-national"), "{}", failing.last_error);
+    // Let it fail a few more times, then bring the registry up on that port.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fake = FakeRegistry::default();
+    let _registry = spawn_registry(TcpListener::bind(address).await.unwrap(), fake.clone());
+    let done = producer.wait_for("d-retry", |o| state(o) == pb::OrderState::Dispatched).await;
+    assert_eq!(done.order_id, placed.order_id);
+    assert_eq!(done.last_error, "");
+    assert_eq!(fake.calls().len(), 1);
+    assert!(
+        producer.count("SELECT attempts AS n FROM orders").await >= 3,
+        "failed attempts are counted"
+    );
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_stops_retrying_when_the_registry_refuses() {
+    let fake = FakeRegistry { refuse: Some(Code::PermissionDenied), ..FakeRegistry::default() };
+    let (endpoint, _registry) = start_registry(fake.clone()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    producer.place(signed_decision_to_proto(&producer.signed("d-refused"))).await.unwrap();
+    let refused = producer.wait_for("d-refused", |o| !o.last_error.is_empty()).await;
+    assert_eq!(state(&refused), pb::OrderState::InProduction);
+    assert!(refused.last_error.contains("PermissionDenied"), "{}", refused.last_error);
+    // Several retry intervals later, still exactly one call.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(fake.calls().len(), 1);
+    assert_eq!(state(&producer.get("d-refused").await.unwrap()), pb::OrderState::InProduction);
+    assert_eq!(
+        producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE outcome = 'refused_by_registry'").await,
+        1
+    );
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_orders_survive_a_restart() {
+    let fake = FakeRegistry::default();
+    let (endpoint, _registry) = start_registry(fake.clone()).await;
+    // Long production: the service stops before the card is made.
+    let options = Options { delay_ms: 60_000, ..Options::new(&endpoint) };
+    let mut producer = Producer::start(options).await;
+    let placed = producer.place(signed_decision_to_proto(&producer.signed("d-restart"))).await.unwrap();
+    producer.shutdown().await;
+    assert!(fake.calls().is_empty());
+
+    let directory_path = producer._dir.path().join("directory.toml");
+    producer.launch(&Options { delay_ms: 50, ..Options::new(&endpoint) }, directory_path).await;
+    let done = producer.wait_for("d-restart", |o| state(o) == pb::OrderState::Dispatched).await;
+    assert_eq!(done.order_id, placed.order_id);
+    assert_eq!(done.card_serial, placed.card_serial);
+    // Still single-use after the restart.
+    let replay = producer.place(signed_decision_to_proto(&producer.signed("d-restart"))).await.unwrap_err();
+    assert_eq!(replay.code(), Code::AlreadyExists);
+    producer.shutdown().await;
+}
