@@ -1,0 +1,25 @@
+//! Schema of the national loss registry: cards, loss reports, status events, hits, audit log.
+#![forbid(unsafe_code)]
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_cards;
+mod m20261127_000002_create_loss_reports;
+mod m20261127_000003_create_status_events;
+mod m20261127_000004_create_hits;
+mod m20261127_000005_create_audit_log;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261127_000001_create_cards::Migration),
+            Box::new(m20261127_000002_create_loss_reports::Migration),
+            Box::new(m20261127_000003_create_status_events::Migration),
+            Box::new(m20261127_000004_create_hits::Migration),
+            Box::new(m20261127_000005_create_audit_log::Migration),
+        ]
+    }
+}

@@ -1,0 +1,24 @@
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "cards")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub serial: String,
+    pub id_number: String,
+    pub home_bureau_id: String,
+    /// `StoredCardStatus::as_str`.
+    pub status: String,
+    pub valid_from: Date,
+    pub valid_until: Option<Date>,
+    #[sea_orm(unique)]
+    pub decision_id: Option<String>,
+    pub producer_id: Option<String>,
+    pub status_changed_at: DateTimeUtc,
+    pub created_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,250 @@
+//! The `yidi.v1.LossRegistry` gRPC service: validates requests (proto → domain), calls the rules,
+//! and answers (domain → proto). Invalid input never reaches the rules.
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use yidi_common::{
+    ApiError, FieldViolations,
+    convert::{card_status_to_proto, signed_decision_from_proto, timestamp},
+    validate::{MAX_TEXT_LEN, page_size, page_token},
+};
+use yidi_domain::{CardStatus, IdNumber, SignedDecision, StoredCardStatus};
+use yidi_proto::v1::{self as pb, loss_registry_server::LossRegistry};
+
+use crate::service::{CardQuery, Registry};
+
+/// Longest card serial accepted.
+pub const MAX_SERIAL_LEN: usize = 64;
+/// Longest relying party name accepted.
+pub const MAX_RELYING_PARTY_LEN: usize = 128;
+/// Most cards per CheckCards call.
+pub const MAX_BATCH: usize = 1000;
+
+pub struct RegistryGrpc {
+    service: Arc<Registry>,
+}
+
+impl RegistryGrpc {
+    pub fn new(service: Arc<Registry>) -> Self {
+        Self { service }
+    }
+
+    /// Reads a signed decision and checks the parts the registry stores: the holder's number
+    /// (N1, N2) and, for loss and withdrawal decisions, the serial of the card concerned.
+    fn decision(&self, signed: Option<&pb::SignedDecision>, needs_previous_serial: bool) -> Result<SignedDecision, ApiError> {
+        let decision = signed_decision_from_proto("decision", signed)?;
+        let mut v = FieldViolations::new();
+        let today = self.service.today();
+        match IdNumber::parse(&decision.decision.card.id_number, today) {
+            Ok(id) => {
+                if id.as_str() != decision.decision.card.id_number {
+                    v.add("decision.decision.card.id_number", "must be normalised (upper-case X)");
+                }
+            }
+            Err(error) => v.add("decision.decision.card.id_number", error.to_string()),
+        }
+        if needs_previous_serial {
+            v.required("decision.decision.previous_card_serial", &decision.decision.previous_card_serial, MAX_SERIAL_LEN);
+        }
+        v.finish()?;
+        Ok(decision)
+    }
+}
+
+fn relying_party(v: &mut FieldViolations, value: &str) -> Option<String> {
+    v.required("relying_party", value, MAX_RELYING_PARTY_LEN).map(str::to_owned)
+}
+
+fn event_to_proto(event: crate::repo::StatusEvent) -> pb::WatchRevocationsResponse {
+    let status = match event.status {
+        StoredCardStatus::Valid => CardStatus::Valid,
+        StoredCardStatus::ReportedLost => CardStatus::ReportedLost,
+        StoredCardStatus::Revoked => CardStatus::Revoked,
+    };
+    pb::WatchRevocationsResponse {
+        sequence: event.sequence,
+        card_serial: event.card_serial,
+        status: card_status_to_proto(status) as i32,
+        changed_at: Some(timestamp(event.changed_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl LossRegistry for RegistryGrpc {
+    async fn report_loss(
+        &self,
+        request: Request<pb::LossRegistryReportLossRequest>,
+    ) -> Result<Response<pb::LossRegistryReportLossResponse>, Status> {
+        let request = request.into_inner();
+        let signed = self.decision(request.decision.as_ref(), true)?;
+        let outcome = self.service.report_loss(signed).await?;
+        Ok(Response::new(pb::LossRegistryReportLossResponse {
+            card_serial: outcome.card_serial,
+            status: card_status_to_proto(outcome.status) as i32,
+            changed_at: Some(timestamp(outcome.changed_at)),
+            already_reported: outcome.already_reported,
+        }))
+    }
+
+    async fn withdraw_loss_report(
+        &self,
+        request: Request<pb::LossRegistryWithdrawLossReportRequest>,
+    ) -> Result<Response<pb::LossRegistryWithdrawLossReportResponse>, Status> {
+        let request = request.into_inner();
+        let signed = self.decision(request.decision.as_ref(), true)?;
+        let outcome = self.service.withdraw_loss_report(signed).await?;
+        Ok(Response::new(pb::LossRegistryWithdrawLossReportResponse {
+            card_serial: outcome.card_serial,
+            status: card_status_to_proto(outcome.status) as i32,
+            changed_at: Some(timestamp(outcome.changed_at)),
+        }))
+    }
+
+    async fn register_card(
+        &self,
+        request: Request<pb::RegisterCardRequest>,
+    ) -> Result<Response<pb::RegisterCardResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = FieldViolations::new();
+        let producer_id = v.required("producer_id", &request.producer_id, MAX_TEXT_LEN).map(str::to_owned);
+        let card_serial = v.required("card_serial", &request.card_serial, MAX_SERIAL_LEN).map(str::to_owned);
+        let signed = match self.decision(request.decision.as_ref(), false) {
+            Ok(signed) => Some(signed),
+            Err(ApiError::InvalidArgument(more)) => {
+                for (field, description) in more.iter() {
+                    v.add(field.clone(), description.clone());
+                }
+                None
+            }
+            Err(other) => return Err(other.into()),
+        };
+        v.finish()?;
+        let (Some(signed), Some(producer_id), Some(card_serial)) = (signed, producer_id, card_serial) else {
+            return Err(ApiError::Internal("validation incomplete".into()).into());
+        };
+        let outcome = self.service.register_card(signed, producer_id, card_serial).await?;
+        Ok(Response::new(pb::RegisterCardResponse {
+            card_serial: outcome.card_serial,
+            status: card_status_to_proto(outcome.status) as i32,
+            revoked_card_serials: outcome.revoked_card_serials,
+        }))
+    }
+
+    async fn check_card(&self, request: Request<pb::CheckCardRequest>) -> Result<Response<pb::CheckCardResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = FieldViolations::new();
+        let id_number = v.id_number("id_number", &request.id_number, self.service.today());
+        let card_serial = v.required("card_serial", &request.card_serial, MAX_SERIAL_LEN).map(str::to_owned);
+        let relying_party = relying_party(&mut v, &request.relying_party);
+        v.finish()?;
+        let (Some(id_number), Some(card_serial), Some(relying_party)) = (id_number, card_serial, relying_party) else {
+            return Err(ApiError::Internal("validation incomplete".into()).into());
+        };
+        let (results, checked_at) = self.service.check_cards(&[CardQuery { id_number, card_serial }], &relying_party).await?;
+        let result = results.into_iter().next().ok_or_else(|| ApiError::Internal("no result".into()))?;
+        Ok(Response::new(pb::CheckCardResponse {
+            status: card_status_to_proto(result.status) as i32,
+            status_changed_at: result.status_changed_at.map(timestamp),
+            checked_at: Some(timestamp(checked_at)),
+        }))
+    }
+
+    async fn check_cards(&self, request: Request<pb::CheckCardsRequest>) -> Result<Response<pb::CheckCardsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = FieldViolations::new();
+        if request.cards.is_empty() || request.cards.len() > MAX_BATCH {
+            v.add("cards", format!("must hold 1 to {MAX_BATCH} queries, found {}", request.cards.len()));
+            // Per-item problems of an oversized batch are not worth reporting.
+            relying_party(&mut v, &request.relying_party);
+            return Err(ApiError::InvalidArgument(v).into());
+        }
+        let today = self.service.today();
+        let mut queries = Vec::with_capacity(request.cards.len());
+        for (index, query) in request.cards.iter().enumerate() {
+            let id_number = v.id_number(&format!("cards[{index}].id_number"), &query.id_number, today);
+            let card_serial = v.required(&format!("cards[{index}].card_serial"), &query.card_serial, MAX_SERIAL_LEN);
+            if let (Some(id_number), Some(card_serial)) = (id_number, card_serial) {
+                queries.push(CardQuery { id_number, card_serial: card_serial.to_owned() });
+            }
+        }
+        let relying_party = relying_party(&mut v, &request.relying_party);
+        v.finish()?;
+        let Some(relying_party) = relying_party else {
+            return Err(ApiError::Internal("validation incomplete".into()).into());
+        };
+        let (results, checked_at) = self.service.check_cards(&queries, &relying_party).await?;
+        Ok(Response::new(pb::CheckCardsResponse {
+            results: results
+                .into_iter()
+                .enumerate()
+                .map(|(index, result)| pb::CardCheckResult {
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    status: card_status_to_proto(result.status) as i32,
+                    status_changed_at: result.status_changed_at.map(timestamp),
+                })
+                .collect(),
+            checked_at: Some(timestamp(checked_at)),
+        }))
+    }
+
+    type WatchRevocationsStream = ReceiverStream<Result<pb::WatchRevocationsResponse, Status>>;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let after = request.into_inner().after_sequence;
+        let (events_tx, mut events_rx) = mpsc::channel(64);
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let service = Arc::clone(&self.service);
+        tokio::spawn(async move { service.watch(after, events_tx).await });
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    // The caller went away: dropping `events_rx` ends the watch.
+                    () = out_tx.closed() => break,
+                    item = events_rx.recv() => {
+                        let Some(item) = item else { break };
+                        let item = item.map(event_to_proto).map_err(Status::from);
+                        if out_tx.send(item).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    async fn list_hits(&self, request: Request<pb::ListHitsRequest>) -> Result<Response<pb::ListHitsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = FieldViolations::new();
+        let home_bureau_id = v.required("home_bureau_id", &request.home_bureau_id, MAX_TEXT_LEN).map(str::to_owned);
+        if let Some(id) = &home_bureau_id
+            && !self.service.is_home_bureau(id)
+        {
+            v.add("home_bureau_id", format!("{id:?} is not a home bureau (verification) in the directory"));
+        }
+        let size = page_size(&mut v, "page_size", request.page_size);
+        let offset = page_token(&mut v, "page_token", &request.page_token);
+        v.finish()?;
+        let Some(home_bureau_id) = home_bureau_id else {
+            return Err(ApiError::Internal("validation incomplete".into()).into());
+        };
+        let (hits, next) = self.service.list_hits(&home_bureau_id, offset, size).await?;
+        Ok(Response::new(pb::ListHitsResponse {
+            hits: hits
+                .into_iter()
+                .map(|hit| pb::Hit {
+                    card_serial: hit.card_serial,
+                    id_number: hit.id_number,
+                    relying_party: hit.relying_party,
+                    checked_at: Some(timestamp(hit.checked_at)),
+                })
+                .collect(),
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,483 @@
+//! All database access of the registry. Every status change is written together with its event
+//! row and its audit row in one transaction, committed before the caller answers or broadcasts.
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait, TryInsertResult,
+    sea_query::Expr,
+};
+use yidi_domain::StoredCardStatus;
+
+use crate::entities::{audit_log, cards, hits, loss_reports, status_events};
+
+/// A card as the registry stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Card {
+    pub serial: String,
+    pub id_number: String,
+    pub home_bureau_id: String,
+    pub status: StoredCardStatus,
+    pub valid_from: NaiveDate,
+    pub valid_until: Option<NaiveDate>,
+    pub decision_id: Option<String>,
+    pub producer_id: Option<String>,
+    pub status_changed_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl TryFrom<cards::Model> for Card {
+    type Error = DbErr;
+
+    fn try_from(m: cards::Model) -> Result<Self, DbErr> {
+        let status = StoredCardStatus::parse(&m.status)
+            .ok_or_else(|| DbErr::Custom(format!("card {}: unknown status {:?}", m.serial, m.status)))?;
+        Ok(Self {
+            serial: m.serial,
+            id_number: m.id_number,
+            home_bureau_id: m.home_bureau_id,
+            status,
+            valid_from: m.valid_from,
+            valid_until: m.valid_until,
+            decision_id: m.decision_id,
+            producer_id: m.producer_id,
+            status_changed_at: m.status_changed_at,
+            created_at: m.created_at,
+        })
+    }
+}
+
+/// One row of `status_events`, as watchers receive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusEvent {
+    pub sequence: u64,
+    pub card_serial: String,
+    pub status: StoredCardStatus,
+    pub changed_at: DateTime<Utc>,
+}
+
+impl TryFrom<status_events::Model> for StatusEvent {
+    type Error = DbErr;
+
+    fn try_from(m: status_events::Model) -> Result<Self, DbErr> {
+        let status = StoredCardStatus::parse(&m.status)
+            .ok_or_else(|| DbErr::Custom(format!("event {}: unknown status {:?}", m.sequence, m.status)))?;
+        Ok(Self {
+            sequence: u64::try_from(m.sequence).map_err(|_| DbErr::Custom("negative sequence".into()))?,
+            card_serial: m.card_serial,
+            status,
+            changed_at: m.changed_at,
+        })
+    }
+}
+
+/// One audit record.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub action: &'static str,
+    /// Masked identity number or card serial.
+    pub subject: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// A card to register (RegisterCard) or import (legacy cards, no decision).
+#[derive(Debug, Clone)]
+pub struct NewCard {
+    pub serial: String,
+    pub id_number: String,
+    pub home_bureau_id: String,
+    pub status: StoredCardStatus,
+    pub valid_from: NaiveDate,
+    pub valid_until: Option<NaiveDate>,
+    pub decision_id: Option<String>,
+    pub producer_id: Option<String>,
+}
+
+/// A check of a card reported lost (C4).
+#[derive(Debug, Clone)]
+pub struct NewHit {
+    pub card_serial: String,
+    pub id_number: String,
+    pub home_bureau_id: String,
+    pub relying_party: String,
+    pub checked_at: DateTime<Utc>,
+}
+
+/// A stored hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    pub card_serial: String,
+    pub id_number: String,
+    pub relying_party: String,
+    pub checked_at: DateTime<Utc>,
+}
+
+/// Whether a conditional status change found the card in the expected status.
+#[derive(Debug)]
+pub enum Change<T> {
+    Done(T),
+    /// The card changed meanwhile; nothing was written. The caller re-reads and decides again.
+    Raced,
+}
+
+#[derive(Clone)]
+pub struct Repo {
+    db: DatabaseConnection,
+}
+
+async fn insert_audit<C: ConnectionTrait>(db: &C, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
+    audit_log::Entity::insert(audit_log::ActiveModel {
+        id: NotSet,
+        at: Set(at),
+        action: Set(entry.action.to_owned()),
+        subject: Set(entry.subject),
+        outcome: Set(entry.outcome),
+        detail: Set(entry.detail),
+    })
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
+}
+
+/// Moves `serial` from `from` to `to` if it still is in `from`, and writes the event row.
+/// `None`: the card was not in `from` (nothing written).
+async fn move_status<C: ConnectionTrait>(
+    db: &C,
+    serial: &str,
+    from: StoredCardStatus,
+    to: StoredCardStatus,
+    now: DateTime<Utc>,
+) -> Result<Option<StatusEvent>, DbErr> {
+    if !from.can_move_to(to) {
+        return Err(DbErr::Custom(format!("transition {} -> {} is not allowed", from.as_str(), to.as_str())));
+    }
+    let updated = cards::Entity::update_many()
+        .col_expr(cards::Column::Status, Expr::value(to.as_str()))
+        .col_expr(cards::Column::StatusChangedAt, Expr::value(now))
+        .filter(cards::Column::Serial.eq(serial))
+        .filter(cards::Column::Status.eq(from.as_str()))
+        .exec(db)
+        .await?;
+    if updated.rows_affected != 1 {
+        return Ok(None);
+    }
+    let inserted = status_events::Entity::insert(status_events::ActiveModel {
+        sequence: NotSet,
+        card_serial: Set(serial.to_owned()),
+        status: Set(to.as_str().to_owned()),
+        changed_at: Set(now),
+    })
+    .exec(db)
+    .await?;
+    let sequence = u64::try_from(inserted.last_insert_id).map_err(|_| DbErr::Custom("negative sequence".into()))?;
+    Ok(Some(StatusEvent { sequence, card_serial: serial.to_owned(), status: to, changed_at: now }))
+}
+
+fn card_model(card: NewCard, now: DateTime<Utc>) -> cards::ActiveModel {
+    cards::ActiveModel {
+        serial: Set(card.serial),
+        id_number: Set(card.id_number),
+        home_bureau_id: Set(card.home_bureau_id),
+        status: Set(card.status.as_str().to_owned()),
+        valid_from: Set(card.valid_from),
+        valid_until: Set(card.valid_until),
+        decision_id: Set(card.decision_id),
+        producer_id: Set(card.producer_id),
+        status_changed_at: Set(now),
+        created_at: Set(now),
+    }
+}
+
+impl Repo {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    pub async fn card(&self, serial: &str) -> Result<Option<Card>, DbErr> {
+        cards::Entity::find_by_id(serial.to_owned()).one(&self.db).await?.map(Card::try_from).transpose()
+    }
+
+    /// The cards with these serials, read in one query.
+    pub async fn cards(&self, serials: &[String]) -> Result<HashMap<String, Card>, DbErr> {
+        if serials.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut unique: Vec<&String> = serials.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let models = cards::Entity::find().filter(cards::Column::Serial.is_in(unique)).all(&self.db).await?;
+        models.into_iter().map(|m| Card::try_from(m).map(|c| (c.serial.clone(), c))).collect()
+    }
+
+    pub async fn card_by_decision(&self, decision_id: &str) -> Result<Option<Card>, DbErr> {
+        cards::Entity::find()
+            .filter(cards::Column::DecisionId.eq(decision_id))
+            .one(&self.db)
+            .await?
+            .map(Card::try_from)
+            .transpose()
+    }
+
+    /// Serials of the holder's other cards revoked at `at` (by the registration of `serial`).
+    pub async fn revoked_by_registration(&self, card: &Card) -> Result<Vec<String>, DbErr> {
+        let models = cards::Entity::find()
+            .filter(cards::Column::IdNumber.eq(card.id_number.as_str()))
+            .filter(cards::Column::Serial.ne(card.serial.as_str()))
+            .filter(cards::Column::Status.eq(StoredCardStatus::Revoked.as_str()))
+            .filter(cards::Column::StatusChangedAt.eq(card.created_at))
+            .order_by_asc(cards::Column::Serial)
+            .all(&self.db)
+            .await?;
+        Ok(models.into_iter().map(|m| m.serial).collect())
+    }
+
+    pub async fn loss_report_decision_used(&self, decision_id: &str) -> Result<bool, DbErr> {
+        Ok(loss_reports::Entity::find()
+            .filter(loss_reports::Column::DecisionId.eq(decision_id))
+            .one(&self.db)
+            .await?
+            .is_some())
+    }
+
+    pub async fn withdraw_decision_used(&self, decision_id: &str) -> Result<bool, DbErr> {
+        Ok(loss_reports::Entity::find()
+            .filter(loss_reports::Column::WithdrawDecisionId.eq(decision_id))
+            .one(&self.db)
+            .await?
+            .is_some())
+    }
+
+    pub async fn audit(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
+        insert_audit(&self.db, at, entry).await
+    }
+
+    /// A loss report for a card that already stands reported lost: the decision is used, no change.
+    pub async fn record_loss_report(
+        &self,
+        serial: &str,
+        decision_id: &str,
+        now: DateTime<Utc>,
+        audit: AuditEntry,
+    ) -> Result<(), DbErr> {
+        let txn = self.db.begin().await?;
+        insert_loss_report(&txn, serial, decision_id, now).await?;
+        insert_audit(&txn, now, audit).await?;
+        txn.commit().await
+    }
+
+    /// Valid → reported lost, with the loss report, the event and the audit record.
+    pub async fn report_loss(
+        &self,
+        serial: &str,
+        decision_id: &str,
+        now: DateTime<Utc>,
+        audit: AuditEntry,
+    ) -> Result<Change<StatusEvent>, DbErr> {
+        let txn = self.db.begin().await?;
+        let Some(event) =
+            move_status(&txn, serial, StoredCardStatus::Valid, StoredCardStatus::ReportedLost, now).await?
+        else {
+            txn.rollback().await?;
+            return Ok(Change::Raced);
+        };
+        insert_loss_report(&txn, serial, decision_id, now).await?;
+        insert_audit(&txn, now, audit).await?;
+        txn.commit().await?;
+        Ok(Change::Done(event))
+    }
+
+    /// Reported lost → valid (K6): the open loss reports are closed, the latest with the decision.
+    pub async fn withdraw_loss_report(
+        &self,
+        serial: &str,
+        decision_id: &str,
+        now: DateTime<Utc>,
+        audit: AuditEntry,
+    ) -> Result<Change<StatusEvent>, DbErr> {
+        let txn = self.db.begin().await?;
+        let Some(event) =
+            move_status(&txn, serial, StoredCardStatus::ReportedLost, StoredCardStatus::Valid, now).await?
+        else {
+            txn.rollback().await?;
+            return Ok(Change::Raced);
+        };
+        let open = loss_reports::Entity::find()
+            .filter(loss_reports::Column::CardSerial.eq(serial))
+            .filter(loss_reports::Column::WithdrawnAt.is_null())
+            .order_by_desc(loss_reports::Column::Id)
+            .all(&txn)
+            .await?;
+        match open.first() {
+            Some(latest) => {
+                loss_reports::Entity::update_many()
+                    .col_expr(loss_reports::Column::WithdrawnAt, Expr::value(now))
+                    .col_expr(loss_reports::Column::WithdrawDecisionId, Expr::value(decision_id))
+                    .filter(loss_reports::Column::Id.eq(latest.id))
+                    .exec(&txn)
+                    .await?;
+                loss_reports::Entity::update_many()
+                    .col_expr(loss_reports::Column::WithdrawnAt, Expr::value(now))
+                    .filter(loss_reports::Column::CardSerial.eq(serial))
+                    .filter(loss_reports::Column::WithdrawnAt.is_null())
+                    .exec(&txn)
+                    .await?;
+            }
+            None => {
+                // A loss report without a row (should not happen: imports write one): record the
+                // withdrawal anyway so its decision stays single-use.
+                loss_reports::Entity::insert(loss_reports::ActiveModel {
+                    id: NotSet,
+                    card_serial: Set(serial.to_owned()),
+                    decision_id: Set(format!("unrecorded:{decision_id}")),
+                    reported_at: Set(now),
+                    withdrawn_at: Set(Some(now)),
+                    withdraw_decision_id: Set(Some(decision_id.to_owned())),
+                })
+                .exec_without_returning(&txn)
+                .await?;
+            }
+        }
+        insert_audit(&txn, now, audit).await?;
+        txn.commit().await?;
+        Ok(Change::Done(event))
+    }
+
+    /// S1: inserts the new card and revokes every other card of the holder that is valid or
+    /// reported lost, one event per revoked card, all in one transaction.
+    pub async fn register_card(
+        &self,
+        card: NewCard,
+        now: DateTime<Utc>,
+        audit: impl FnOnce(&[String]) -> AuditEntry,
+    ) -> Result<Vec<StatusEvent>, DbErr> {
+        let txn = self.db.begin().await?;
+        let serial = card.serial.clone();
+        let id_number = card.id_number.clone();
+        // The insert comes first: on SQLite it takes the write lock before anything is read.
+        cards::Entity::insert(card_model(card, now)).exec_without_returning(&txn).await?;
+        let others = cards::Entity::find()
+            .filter(cards::Column::IdNumber.eq(id_number.as_str()))
+            .filter(cards::Column::Serial.ne(serial.as_str()))
+            .filter(
+                cards::Column::Status
+                    .is_in([StoredCardStatus::Valid.as_str(), StoredCardStatus::ReportedLost.as_str()]),
+            )
+            .order_by_asc(cards::Column::Serial)
+            .all(&txn)
+            .await?;
+        let mut events = Vec::with_capacity(others.len());
+        for other in others {
+            let from = StoredCardStatus::parse(&other.status)
+                .ok_or_else(|| DbErr::Custom(format!("card {}: unknown status", other.serial)))?;
+            if let Some(event) = move_status(&txn, &other.serial, from, StoredCardStatus::Revoked, now).await? {
+                events.push(event);
+            }
+        }
+        let revoked: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
+        insert_audit(&txn, now, audit(&revoked)).await?;
+        txn.commit().await?;
+        Ok(events)
+    }
+
+    /// Imports a legacy card if its serial is not yet known; never overwrites. A card already
+    /// reported lost gets a loss report row `import:<serial>` so a withdrawal can close it.
+    pub async fn import_card(&self, card: NewCard, now: DateTime<Utc>) -> Result<bool, DbErr> {
+        if cards::Entity::find_by_id(card.serial.clone()).one(&self.db).await?.is_some() {
+            return Ok(false);
+        }
+        let serial = card.serial.clone();
+        let lost = card.status == StoredCardStatus::ReportedLost;
+        let txn = self.db.begin().await?;
+        let inserted = cards::Entity::insert(card_model(card, now))
+            .on_conflict_do_nothing()
+            .exec_without_returning(&txn)
+            .await?;
+        if !matches!(inserted, TryInsertResult::Inserted(n) if n > 0) {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        if lost {
+            insert_loss_report(&txn, &serial, &format!("import:{serial}"), now).await?;
+        }
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// C4: hits, in one multi-row insert.
+    pub async fn record_hits(&self, new: Vec<NewHit>) -> Result<(), DbErr> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let models = new.into_iter().map(|h| hits::ActiveModel {
+            id: NotSet,
+            card_serial: Set(h.card_serial),
+            id_number: Set(h.id_number),
+            home_bureau_id: Set(h.home_bureau_id),
+            relying_party: Set(h.relying_party),
+            checked_at: Set(h.checked_at),
+        });
+        hits::Entity::insert_many(models).exec_without_returning(&self.db).await?;
+        Ok(())
+    }
+
+    /// Hits on the cards of `home_bureau_id`, newest first.
+    pub async fn hits(&self, home_bureau_id: &str, offset: u64, limit: u64) -> Result<Vec<Hit>, DbErr> {
+        let models = hits::Entity::find()
+            .filter(hits::Column::HomeBureauId.eq(home_bureau_id))
+            .order_by_desc(hits::Column::CheckedAt)
+            .order_by_desc(hits::Column::Id)
+            .offset(offset)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        Ok(models
+            .into_iter()
+            .map(|m| Hit {
+                card_serial: m.card_serial,
+                id_number: m.id_number,
+                relying_party: m.relying_party,
+                checked_at: m.checked_at,
+            })
+            .collect())
+    }
+
+    /// Status events with a sequence greater than `after`, oldest first.
+    pub async fn events_after(&self, after: u64, limit: u64) -> Result<Vec<StatusEvent>, DbErr> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        status_events::Entity::find()
+            .filter(status_events::Column::Sequence.gt(after))
+            .order_by_asc(status_events::Column::Sequence)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(StatusEvent::try_from)
+            .collect()
+    }
+
+    pub async fn close(self) -> Result<(), DbErr> {
+        self.db.close().await
+    }
+}
+
+async fn insert_loss_report<C: ConnectionTrait>(
+    db: &C,
+    serial: &str,
+    decision_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    loss_reports::Entity::insert(loss_reports::ActiveModel {
+        id: NotSet,
+        card_serial: Set(serial.to_owned()),
+        decision_id: Set(decision_id.to_owned()),
+        reported_at: Set(now),
+        withdrawn_at: Set(None),
+        withdraw_decision_id: Set(None),
+    })
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,523 @@
+//! The registry's rules (S1, S4, C2, C4, K6) on validated domain values. No tonic types here.
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
+use sea_orm::{DbErr, SqlErr};
+use tokio::sync::{Mutex, broadcast, mpsc};
+use yidi_common::{ApiError, Clock, Shutdown, population::Population};
+use yidi_domain::{
+    CardStatus, DecisionError, DecisionPurpose, Directory, IdNumber, RefusalReason, Role, SignedDecision,
+    StoredCardStatus, decision::Expectation, mask::mask_id_number,
+};
+
+use crate::repo::{AuditEntry, Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent};
+
+/// How often a status change is retried when another writer changed the card meanwhile.
+const ATTEMPTS: usize = 3;
+/// Events read from the database per query when a watcher catches up.
+const BACKLOG_PAGE: u64 = 500;
+/// Capacity of the live event channel; a watcher that falls further behind re-reads the database.
+pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LossOutcome {
+    pub card_serial: String,
+    pub status: CardStatus,
+    pub changed_at: DateTime<Utc>,
+    pub already_reported: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WithdrawOutcome {
+    pub card_serial: String,
+    pub status: CardStatus,
+    pub changed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterOutcome {
+    pub card_serial: String,
+    pub status: CardStatus,
+    pub revoked_card_serials: Vec<String>,
+}
+
+/// One card a relying party asks about (C4: number and serial, both validated).
+#[derive(Debug, Clone)]
+pub struct CardQuery {
+    pub id_number: IdNumber,
+    pub card_serial: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckResult {
+    pub status: CardStatus,
+    /// When the card entered `status`; None for UNKNOWN.
+    pub status_changed_at: Option<DateTime<Utc>>,
+}
+
+pub struct Registry {
+    repo: Repo,
+    directory: Arc<Directory>,
+    clock: Clock,
+    bureau_id: String,
+    events: broadcast::Sender<StatusEvent>,
+    /// Serialises status changes so that events commit and broadcast in sequence order.
+    writer: Mutex<()>,
+    shutdown: Shutdown,
+}
+
+fn is_unique_violation(error: &DbErr) -> bool {
+    matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+/// C2: the status a relying party is told, and since when.
+pub fn answer(card: &Card, today: NaiveDate) -> CheckResult {
+    let status = card.status.effective(card.valid_until, today);
+    let status_changed_at = match (status, card.valid_until) {
+        // An expired card entered EXPIRED at the start of the day after its last valid day.
+        (CardStatus::Expired, Some(until)) => until
+            .succ_opt()
+            .and_then(|day| day.and_hms_opt(0, 0, 0))
+            .map(|at| at.and_utc().max(card.status_changed_at))
+            .unwrap_or(card.status_changed_at),
+        _ => card.status_changed_at,
+    };
+    CheckResult { status, status_changed_at: Some(status_changed_at) }
+}
+
+/// C4: a card is known to a relying party only under the number of its holder.
+pub fn check_one(card: Option<&Card>, id_number: &IdNumber, today: NaiveDate) -> CheckResult {
+    match card {
+        Some(card) if card.id_number == id_number.as_str() => answer(card, today),
+        _ => CheckResult { status: CardStatus::Unknown, status_changed_at: None },
+    }
+}
+
+impl Registry {
+    pub fn new(repo: Repo, directory: Arc<Directory>, clock: Clock, bureau_id: String, shutdown: Shutdown) -> Self {
+        let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        Self { repo, directory, clock, bureau_id, events, writer: Mutex::new(()), shutdown }
+    }
+
+    /// Now, at the precision every database keeps (microseconds).
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now().trunc_subsecs(6)
+    }
+
+    pub fn today(&self) -> NaiveDate {
+        self.clock.today()
+    }
+
+    /// Whether `id` is a home bureau (verification role) in the directory.
+    pub fn is_home_bureau(&self, id: &str) -> bool {
+        self.directory.get_with_role(id, Role::Verification).is_some()
+    }
+
+    /// Writes the audit record of a refusal and returns the refusal.
+    async fn refuse(&self, action: &'static str, subject: String, detail: String, error: ApiError) -> ApiError {
+        let outcome = format!("refused:{}", error.reason());
+        tracing::info!(action, subject = %subject, outcome = %outcome, "request refused");
+        let entry = AuditEntry { action, subject, outcome, detail: format!("{detail}; {error}") };
+        match self.repo.audit(self.now(), entry).await {
+            Ok(()) => error,
+            Err(db) => ApiError::Database(db),
+        }
+    }
+
+    fn publish(&self, events: impl IntoIterator<Item = StatusEvent>) {
+        for event in events {
+            // No receiver is not an error: nobody watches.
+            let _ = self.events.send(event);
+        }
+    }
+
+    /// The holder's card named by a loss or withdrawal decision, or NOT_FOUND.
+    async fn decision_card(&self, signed: &SignedDecision) -> Result<Option<Card>, ApiError> {
+        let d = &signed.decision;
+        let card = self.repo.card(&d.previous_card_serial).await?;
+        Ok(card.filter(|c| c.id_number == d.card.id_number))
+    }
+
+    fn not_found(serial: &str) -> ApiError {
+        ApiError::not_found("decision.previous_card_serial", serial)
+    }
+
+    /// S1, S4: records a loss report signed by the holder's home bureau.
+    pub async fn report_loss(&self, signed: SignedDecision) -> Result<LossOutcome, ApiError> {
+        const ACTION: &str = "report_loss";
+        let now = self.now();
+        let d = &signed.decision;
+        let subject = mask_id_number(&d.card.id_number);
+        let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
+        let expected = Expectation { purpose: DecisionPurpose::ReportLoss, addressee_id: &self.bureau_id, now };
+        if let Err(error) = signed.verify(&self.directory, expected) {
+            return Err(self.refuse(ACTION, subject, detail, error.into()).await);
+        }
+        let today = self.today();
+        let _writer = self.writer.lock().await;
+        for _ in 0..ATTEMPTS {
+            if self.repo.loss_report_decision_used(&d.decision_id).await? {
+                // The same decision again: answer as before, write nothing.
+                let card = self.decision_card(&signed).await?.ok_or_else(|| Self::not_found(&d.previous_card_serial))?;
+                let answer = answer(&card, today);
+                return Ok(LossOutcome {
+                    card_serial: card.serial,
+                    status: answer.status,
+                    changed_at: card.status_changed_at,
+                    already_reported: true,
+                });
+            }
+            let Some(card) = self.decision_card(&signed).await? else {
+                return Err(self.refuse(ACTION, subject, detail, Self::not_found(&d.previous_card_serial)).await);
+            };
+            let audit = |outcome: &str| AuditEntry {
+                action: ACTION,
+                subject: card.serial.clone(),
+                outcome: outcome.to_owned(),
+                detail: detail.clone(),
+            };
+            match card.status {
+                StoredCardStatus::Revoked => {
+                    let error = ApiError::precondition("CARD_REVOKED", "the card is revoked: a newer card was issued");
+                    return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+                }
+                StoredCardStatus::ReportedLost => {
+                    match self.repo.record_loss_report(&card.serial, &d.decision_id, now, audit("already_reported")).await {
+                        Ok(()) => {}
+                        Err(e) if is_unique_violation(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                    tracing::info!(serial = %card.serial, "loss report recorded for a card already reported lost");
+                    return Ok(LossOutcome {
+                        status: answer(&card, today).status,
+                        changed_at: card.status_changed_at,
+                        card_serial: card.serial,
+                        already_reported: true,
+                    });
+                }
+                StoredCardStatus::Valid => {
+                    match self.repo.report_loss(&card.serial, &d.decision_id, now, audit("reported_lost")).await {
+                        Ok(Change::Done(event)) => {
+                            self.publish([event.clone()]);
+                            tracing::info!(serial = %card.serial, sequence = event.sequence, "card reported lost");
+                            return Ok(LossOutcome {
+                                card_serial: card.serial,
+                                status: CardStatus::ReportedLost,
+                                changed_at: event.changed_at,
+                                already_reported: false,
+                            });
+                        }
+                        Ok(Change::Raced) => continue,
+                        Err(e) if is_unique_violation(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Err(ApiError::Internal("the card kept changing; try again".into()))
+    }
+
+    /// K6: a loss report is withdrawn (the card was found); never after a revocation.
+    pub async fn withdraw_loss_report(&self, signed: SignedDecision) -> Result<WithdrawOutcome, ApiError> {
+        const ACTION: &str = "withdraw_loss_report";
+        let now = self.now();
+        let d = &signed.decision;
+        let subject = mask_id_number(&d.card.id_number);
+        let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
+        let expected =
+            Expectation { purpose: DecisionPurpose::WithdrawLossReport, addressee_id: &self.bureau_id, now };
+        if let Err(error) = signed.verify(&self.directory, expected) {
+            return Err(self.refuse(ACTION, subject, detail, error.into()).await);
+        }
+        let today = self.today();
+        let _writer = self.writer.lock().await;
+        for _ in 0..ATTEMPTS {
+            if self.repo.withdraw_decision_used(&d.decision_id).await? {
+                let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
+                return Err(self.refuse(ACTION, subject, detail, error).await);
+            }
+            let Some(card) = self.decision_card(&signed).await? else {
+                return Err(self.refuse(ACTION, subject, detail, Self::not_found(&d.previous_card_serial)).await);
+            };
+            match card.status {
+                StoredCardStatus::Revoked => {
+                    let error = ApiError::Refused(RefusalReason::LossReportFinal);
+                    return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+                }
+                StoredCardStatus::Valid => {
+                    let error = ApiError::precondition("NOT_REPORTED_LOST", "the card is not reported lost");
+                    return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+                }
+                StoredCardStatus::ReportedLost => {
+                    let audit = AuditEntry {
+                        action: ACTION,
+                        subject: card.serial.clone(),
+                        outcome: "withdrawn".into(),
+                        detail: detail.clone(),
+                    };
+                    match self.repo.withdraw_loss_report(&card.serial, &d.decision_id, now, audit).await {
+                        Ok(Change::Done(event)) => {
+                            self.publish([event.clone()]);
+                            tracing::info!(serial = %card.serial, sequence = event.sequence, "loss report withdrawn");
+                            return Ok(WithdrawOutcome {
+                                status: StoredCardStatus::Valid.effective(card.valid_until, today),
+                                card_serial: card.serial,
+                                changed_at: event.changed_at,
+                            });
+                        }
+                        Ok(Change::Raced) => continue,
+                        Err(e) if is_unique_violation(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Err(ApiError::Internal("the card kept changing; try again".into()))
+    }
+
+    /// S1, S4: a producer registers a card made for a decision addressed to it; every older card
+    /// of the holder is revoked in the same transaction.
+    pub async fn register_card(
+        &self,
+        signed: SignedDecision,
+        producer_id: String,
+        card_serial: String,
+    ) -> Result<RegisterOutcome, ApiError> {
+        const ACTION: &str = "register_card";
+        let now = self.now();
+        let d = &signed.decision;
+        let subject = mask_id_number(&d.card.id_number);
+        let detail = format!("decision {} by {} producer {} card {}", d.decision_id, d.bureau_id, producer_id, card_serial);
+        if self.directory.get_with_role(&producer_id, Role::Issuance).is_none() {
+            let error = DecisionError::Misaddressed {
+                expected: "an issuance bureau of the directory".into(),
+                found: producer_id.clone(),
+            };
+            return Err(self.refuse(ACTION, subject, detail, error.into()).await);
+        }
+        let expected = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: &producer_id, now };
+        if let Err(error) = signed.verify(&self.directory, expected) {
+            return Err(self.refuse(ACTION, subject, detail, error.into()).await);
+        }
+        let today = self.today();
+        let _writer = self.writer.lock().await;
+        for _ in 0..ATTEMPTS {
+            if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
+                if existing.serial == card_serial {
+                    // The same registration again: the same answer, nothing written.
+                    let revoked_card_serials = self.repo.revoked_by_registration(&existing).await?;
+                    return Ok(RegisterOutcome {
+                        status: answer(&existing, today).status,
+                        card_serial: existing.serial,
+                        revoked_card_serials,
+                    });
+                }
+                let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
+                return Err(self.refuse(ACTION, subject, detail, error).await);
+            }
+            if self.repo.card(&card_serial).await?.is_some() {
+                let error = ApiError::precondition("CARD_SERIAL_EXISTS", format!("card serial {card_serial:?} is already registered"));
+                return Err(self.refuse(ACTION, card_serial.clone(), detail, error).await);
+            }
+            let new = NewCard {
+                serial: card_serial.clone(),
+                id_number: d.card.id_number.clone(),
+                home_bureau_id: d.bureau_id.clone(),
+                status: StoredCardStatus::Valid,
+                valid_from: d.card.valid_from,
+                valid_until: d.card.valid_until,
+                decision_id: Some(d.decision_id.clone()),
+                producer_id: Some(producer_id.clone()),
+            };
+            let audit = |revoked: &[String]| AuditEntry {
+                action: ACTION,
+                subject: card_serial.clone(),
+                outcome: "registered".into(),
+                detail: format!("{detail}; revoked [{}]", revoked.join(", ")),
+            };
+            match self.repo.register_card(new, now, audit).await {
+                Ok(events) => {
+                    let revoked_card_serials: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
+                    self.publish(events);
+                    tracing::info!(serial = %card_serial, holder = %subject, revoked = revoked_card_serials.len(), "card registered");
+                    return Ok(RegisterOutcome {
+                        status: StoredCardStatus::Valid.effective(d.card.valid_until, today),
+                        card_serial,
+                        revoked_card_serials,
+                    });
+                }
+                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Internal("the registration kept conflicting; try again".into()))
+    }
+
+    /// C2, C4: the status of each card, in order; checks of lost cards are hits.
+    pub async fn check_cards(
+        &self,
+        queries: &[CardQuery],
+        relying_party: &str,
+    ) -> Result<(Vec<CheckResult>, DateTime<Utc>), ApiError> {
+        let checked_at = self.now();
+        let today = self.today();
+        let serials: Vec<String> = queries.iter().map(|q| q.card_serial.clone()).collect();
+        let cards = self.repo.cards(&serials).await?;
+        let mut hits = Vec::new();
+        let results = queries
+            .iter()
+            .map(|query| {
+                let card = cards.get(&query.card_serial);
+                let result = check_one(card, &query.id_number, today);
+                if let (CardStatus::ReportedLost, Some(card)) = (result.status, card) {
+                    hits.push(NewHit {
+                        card_serial: card.serial.clone(),
+                        id_number: card.id_number.clone(),
+                        home_bureau_id: card.home_bureau_id.clone(),
+                        relying_party: relying_party.to_owned(),
+                        checked_at,
+                    });
+                }
+                result
+            })
+            .collect();
+        if !hits.is_empty() {
+            tracing::info!(hits = hits.len(), "checks of cards reported lost");
+        }
+        self.repo.record_hits(hits).await?;
+        Ok((results, checked_at))
+    }
+
+    /// C4: hits on the cards of a home bureau, newest first; the next offset if there is more.
+    pub async fn list_hits(&self, home_bureau_id: &str, offset: u64, size: u64) -> Result<(Vec<Hit>, Option<u64>), ApiError> {
+        let mut hits = self.repo.hits(home_bureau_id, offset, size + 1).await?;
+        let next = if hits.len() as u64 > size {
+            hits.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+            Some(offset + size)
+        } else {
+            None
+        };
+        Ok((hits, next))
+    }
+
+    /// Sends every status event after `after` to `sink`, then the live ones, until shutdown or
+    /// until the receiver goes away. A lagging watcher re-reads the database.
+    pub async fn watch(&self, mut after: u64, sink: mpsc::Sender<Result<StatusEvent, ApiError>>) {
+        // Subscribe before reading the backlog, so nothing committed in between is missed.
+        let mut live = self.events.subscribe();
+        let mut catch_up = true;
+        loop {
+            if catch_up {
+                match self.repo.events_after(after, BACKLOG_PAGE).await {
+                    Ok(events) => {
+                        let full = events.len() as u64 == BACKLOG_PAGE;
+                        for event in events {
+                            after = event.sequence;
+                            if sink.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if full {
+                            continue;
+                        }
+                        catch_up = false;
+                    }
+                    Err(error) => {
+                        let _ = sink.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.shutdown.wait() => return,
+                () = sink.closed() => return,
+                received = live.recv() => match received {
+                    Ok(event) if event.sequence <= after => {}
+                    Ok(event) if event.sequence == after + 1 => {
+                        after = event.sequence;
+                        if sink.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A gap or a lag: the database has everything.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => catch_up = true,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+
+    /// Registers every citizen's existing card not yet known (idempotent, never overwrites).
+    pub async fn import(&self, population: &Population) -> Result<usize, ApiError> {
+        let now = self.now();
+        let mut imported = 0;
+        for citizen in &population.citizens {
+            let Some(card) = &citizen.card else { continue };
+            let new = NewCard {
+                serial: card.serial.clone(),
+                id_number: citizen.id_number.trim().to_ascii_uppercase(),
+                home_bureau_id: citizen.home_bureau_id.clone(),
+                status: if card.reported_lost { StoredCardStatus::ReportedLost } else { StoredCardStatus::Valid },
+                valid_from: card.valid_from,
+                valid_until: card.valid_until,
+                decision_id: None,
+                producer_id: None,
+            };
+            if self.repo.import_card(new, now).await? {
+                imported += 1;
+            }
+        }
+        Ok(imported)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, day).unwrap()
+    }
+
+    fn card(status: StoredCardStatus, valid_until: Option<NaiveDate>) -> Card {
+        let at = d(2117, 1, 1).and_hms_opt(8, 0, 0).unwrap().and_utc();
+        Card {
+            serial: "S1".into(),
+            id_number: IdNumber::compose("360102", d(1990, 3, 7), 123).as_str().to_owned(),
+            home_bureau_id: "home-jiangxi".into(),
+            status,
+            valid_from: d(2110, 1, 1),
+            valid_until,
+            decision_id: None,
+            producer_id: None,
+            status_changed_at: at,
+            created_at: at,
+        }
+    }
+
+    #[test]
+    fn c2_expired_card_entered_expired_the_day_after_its_last_day() {
+        let c = card(StoredCardStatus::Valid, Some(d(2118, 1, 1)));
+        let result = answer(&c, d(2118, 1, 5));
+        assert_eq!(result.status, CardStatus::Expired);
+        assert_eq!(result.status_changed_at, Some(d(2118, 1, 2).and_hms_opt(0, 0, 0).unwrap().and_utc()));
+        assert_eq!(answer(&c, d(2118, 1, 1)).status, CardStatus::Valid);
+    }
+
+    #[test]
+    fn c2_lost_card_stays_lost_after_expiry() {
+        let c = card(StoredCardStatus::ReportedLost, Some(d(2118, 1, 1)));
+        assert_eq!(answer(&c, d(2119, 1, 1)).status, CardStatus::ReportedLost);
+    }
+
+    #[test]
+    fn c4_serial_of_another_holder_is_unknown() {
+        let c = card(StoredCardStatus::Valid, None);
+        let other = IdNumber::compose("360102", d(1991, 3, 7), 124);
+        let result = check_one(Some(&c), &other, d(2118, 1, 1));
+        assert_eq!(result, CheckResult { status: CardStatus::Unknown, status_changed_at: None });
+        let holder = IdNumber::parse(&c.id_number, d(2118, 1, 1)).unwrap();
+        assert_eq!(check_one(Some(&c), &holder, d(2118, 1, 1)).status, CardStatus::Valid);
+        assert_eq!(check_one(None, &holder, d(2118, 1, 1)).status, CardStatus::Unknown);
+    }
+}
