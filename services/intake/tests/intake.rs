@@ -292,6 +292,11 @@ impl Harness {
 
     /// `home_reachable: false` points the home bureaus at a closed port.
     async fn start_with(now: &str, home_reachable: bool) -> Self {
+        Self::start_on(now, home_reachable, None).await
+    }
+
+    /// `database_url: None` uses an SQLite file in a temporary folder.
+    async fn start_on(now: &str, home_reachable: bool, database_url: Option<String>) -> Self {
         let now: DateTime<Utc> = now.parse().unwrap();
         let key = SigningKey::from_bytes(&[7; 32]);
         let state = Arc::new(FakeState::default());
@@ -344,7 +349,8 @@ impl Harness {
         };
         let directory_path = dir.path().join("directory.toml");
         file.write(&directory_path).unwrap();
-        let db_path = dir.path().join("intake.db");
+        let database_url = database_url
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("intake.db").display()));
         let config_text = format!(
             r#"
 [server]
@@ -352,7 +358,7 @@ bureau_id = "{STATION}"
 listen = "127.0.0.1:0"
 shutdown_grace_seconds = 1
 [database]
-url = "sqlite://{}?mode=rwc"
+url = "{}"
 [directory]
 path = "{}"
 [clock]
@@ -363,7 +369,7 @@ producer_id = "{PRODUCER}"
 tick_ms = 20
 respond_within_ms = 3000
 "#,
-            db_path.display(),
+            database_url,
             directory_path.display(),
             now.to_rfc3339(),
         );
@@ -827,5 +833,43 @@ async fn s4_an_unreachable_home_bureau_is_retried_with_the_error_visible() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    h.stop().await;
+}
+
+/// The same lifecycle on PostgreSQL: `YIDI_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/<fresh db>
+/// cargo test -p yidi-intake -- --ignored`.
+#[tokio::test]
+#[ignore = "needs a PostgreSQL database in YIDI_TEST_POSTGRES_URL"]
+async fn c3_lifecycle_on_postgresql() {
+    let url = std::env::var("YIDI_TEST_POSTGRES_URL").expect("YIDI_TEST_POSTGRES_URL");
+    let mut h = Harness::start_on(NATIONAL, true, Some(url)).await;
+    h.fakes.dispatched.store(true, Ordering::SeqCst);
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let id = h
+        .client
+        .submit_application(submit(ApplicationKind::Replacement, person))
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap()
+        .application_id;
+    let ready = h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
+    assert!(ready.loss_recorded);
+    let collected = h
+        .client
+        .collect_card(pb::CollectCardRequest {
+            application_id: id.clone(),
+            live: Some(pb::Biometrics { face_template: register_face(), fingerprint_template: Vec::new() }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap();
+    assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
+    assert_eq!(collected.history.len(), 6);
+    let listed = h.list_all().await;
+    assert!(listed.iter().any(|a| a.application_id == id));
     h.stop().await;
 }
