@@ -1,0 +1,613 @@
+//! In-process gRPC tests: the real server on an SQLite temp file, talked to with the generated client.
+use std::{net::SocketAddr, path::PathBuf};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use ed25519_dalek::SigningKey;
+use sea_orm::{ConnectionTrait, Database, Statement};
+use tokio::sync::oneshot;
+use tonic::{Code, transport::Channel};
+use yidi_common::{
+    convert::signed_decision_from_proto,
+    directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key, write_signing_key},
+    population::{Citizen, Credit, ExistingCard, Population, Registration},
+};
+use yidi_domain::{
+    DecisionPurpose, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber,
+};
+use yidi_proto::v1::{self as pb, verification_client::VerificationClient};
+use yidi_verification::config::VerificationConfig;
+
+const HOME: &str = "home-jiangxi";
+const STATION: &str = "station-hangzhou";
+const PRODUCER: &str = "producer-zhejiang";
+const REGISTRY: &str = "registry-national";
+
+fn now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2118-01-01T09:00:00.750Z").unwrap().with_timezone(&Utc)
+}
+
+fn template(seed: u8) -> Vec<u8> {
+    (0..64u32).map(|i| ((i.wrapping_mul(2654435761) >> 7) as u8) ^ seed.wrapping_mul(97) ^ (i as u8).wrapping_mul(seed)).collect()
+}
+
+fn date(y: i32, m: u32, d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(y, m, d).unwrap()
+}
+
+/// A person of the test population: seed gives their templates, `card` their current card.
+struct Person {
+    id: IdNumber,
+    seed: u8,
+}
+
+impl Person {
+    fn face(&self) -> Vec<u8> {
+        with_sensor_noise(&template(self.seed), 6, u64::from(self.seed))
+    }
+    fn fingerprint(&self) -> Vec<u8> {
+        with_sensor_noise(&template(self.seed.wrapping_add(100)), 6, u64::from(self.seed) + 1)
+    }
+}
+
+fn person(address: &str, birth: NaiveDate, seq: u16, seed: u8) -> Person {
+    Person { id: IdNumber::compose(address, birth, seq), seed }
+}
+
+// The population: index = scenario.
+fn replacement() -> Person {
+    person("360102", date(2091, 3, 7), 123, 1)
+}
+fn renewable() -> Person {
+    person("360103", date(1960, 5, 1), 11, 2)
+}
+fn not_renewable() -> Person {
+    person("360104", date(2000, 5, 1), 12, 3)
+}
+fn deceased() -> Person {
+    person("360105", date(1950, 1, 1), 13, 4)
+}
+fn first_timer() -> Person {
+    person("360106", date(2001, 1, 1), 14, 5)
+}
+fn sichuan_registered() -> Person {
+    // Jiangxi number, but the household registration moved to Sichuan (N3).
+    person("360107", date(1985, 1, 1), 15, 6)
+}
+fn sichuan() -> Person {
+    person("510101", date(1985, 1, 1), 16, 7)
+}
+fn bad_credit() -> Person {
+    person("360108", date(1980, 1, 1), 17, 8)
+}
+
+fn citizen(p: &Person, province: &str, home: &str, card: Option<ExistingCard>, credit: Credit, registration: Registration) -> Citizen {
+    Citizen {
+        id_number: p.id.as_str().to_owned(),
+        name: format!("Citizen {}", p.seed),
+        sex: p.id.sex(),
+        birth_date: p.id.birth_date(),
+        registration_province: province.into(),
+        address: "1 Bayi Avenue, Nanchang".into(),
+        home_bureau_id: home.into(),
+        scenario: "test".into(),
+        credit,
+        registration,
+        card,
+        face_template: template(p.seed),
+        fingerprint_template: template(p.seed.wrapping_add(100)),
+        live_face_template: p.face(),
+        live_fingerprint_template: p.fingerprint(),
+    }
+}
+
+fn card(serial: &str, until: Option<NaiveDate>) -> Option<ExistingCard> {
+    Some(ExistingCard { serial: serial.into(), valid_from: date(2100, 1, 1), valid_until: until, reported_lost: false })
+}
+
+fn population() -> Population {
+    use Credit::*;
+    use Registration::*;
+    Population {
+        citizens: vec![
+            citizen(&replacement(), "36", HOME, card("JX-0001", Some(date(2125, 1, 1))), Good, Active),
+            citizen(&renewable(), "36", HOME, card("JX-0002", Some(date(2118, 2, 1))), Good, Active),
+            citizen(&not_renewable(), "36", HOME, card("JX-0003", Some(date(2125, 6, 1))), Good, Active),
+            citizen(&deceased(), "36", HOME, card("JX-0004", None), Good, Cancelled),
+            citizen(&first_timer(), "36", HOME, None, Good, Active),
+            citizen(&sichuan_registered(), "51", HOME, card("JX-0006", None), Good, Active),
+            citizen(&sichuan(), "51", "home-sichuan", card("SC-0001", None), Good, Active),
+            citizen(&bad_credit(), "36", HOME, card("JX-0008", None), Bad, Active),
+        ],
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir_path: PathBuf,
+    key: SigningKey,
+    db_url: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path().to_path_buf();
+        let key = generate_signing_key();
+        let other = generate_signing_key();
+        write_signing_key(&dir_path.join("home.key"), &key).unwrap();
+        let entry = |id: &str, role: Role, jurisdiction: &[&str], region: &str, public_key: String| BureauEntry {
+            id: id.into(),
+            role,
+            name: id.into(),
+            jurisdiction: jurisdiction.iter().map(|s| s.to_string()).collect(),
+            region: region.into(),
+            endpoint: "http://127.0.0.1:1".into(),
+            public_key,
+        };
+        DirectoryFile {
+            bureaus: vec![
+                entry(STATION, Role::Intake, &[], "330106", String::new()),
+                entry(HOME, Role::Verification, &["36"], "", encode_public_key(&key.verifying_key())),
+                entry("home-sichuan", Role::Verification, &["51"], "", encode_public_key(&other.verifying_key())),
+                entry(PRODUCER, Role::Issuance, &[], "", String::new()),
+                entry(REGISTRY, Role::Registry, &[], "", String::new()),
+            ],
+        }
+        .write(&dir_path.join("directory.toml"))
+        .unwrap();
+        population().write(&dir_path.join("population.json")).unwrap();
+        let db_url = format!("sqlite://{}?mode=rwc", dir_path.join("verification.db").display());
+        Self { _dir: dir, dir_path, key, db_url }
+    }
+
+    fn config(&self, extra: &str) -> VerificationConfig {
+        let text = format!(
+            r#"
+[server]
+bureau_id = "{HOME}"
+listen = "127.0.0.1:0"
+shutdown_grace_seconds = 1
+[database]
+url = "{db}"
+[directory]
+path = "{dir}/directory.toml"
+[clock]
+fixed = "{now}"
+[signing]
+key_path = "{dir}/home.key"
+[register]
+import_path = "{dir}/population.json"
+{extra}
+"#,
+            db = self.db_url,
+            dir = self.dir_path.display(),
+            now = now().to_rfc3339(),
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    async fn start(&self) -> Server {
+        self.start_with(self.config("")).await.unwrap()
+    }
+
+    async fn start_with(&self, config: VerificationConfig) -> anyhow::Result<Server> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(yidi_verification::serve(config, listener, async {
+            let _ = stopped.await;
+        }));
+        // Wait for the server to answer (or to fail starting).
+        for _ in 0..200 {
+            if handle.is_finished() {
+                return Err(handle.await?.err().unwrap_or_else(|| anyhow::anyhow!("server ended")));
+            }
+            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))?.connect().await {
+                return Ok(Server { client: VerificationClient::new(channel), stop: Some(stop), handle, addr });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        anyhow::bail!("server did not start")
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let db = Database::connect(&self.db_url).await.unwrap();
+        let row = db
+            .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+            .await
+            .unwrap()
+            .unwrap();
+        let n: i64 = row.try_get_by_index(0).unwrap();
+        db.close().await.unwrap();
+        n
+    }
+}
+
+struct Server {
+    client: VerificationClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    #[allow(dead_code)]
+    addr: SocketAddr,
+}
+
+impl Server {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        drop(self.client);
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+fn issue(application_id: &str, p: &Person, kind: pb::ApplicationKind, serial: &str) -> pb::VerifyRequest {
+    pb::VerifyRequest {
+        application_id: application_id.into(),
+        station_id: STATION.into(),
+        purpose: pb::DecisionPurpose::IssueCard as i32,
+        kind: kind as i32,
+        id_number: p.id.as_str().into(),
+        card_serial: serial.into(),
+        live: Some(pb::Biometrics { face_template: p.face(), fingerprint_template: p.fingerprint() }),
+        producer_id: PRODUCER.into(),
+    }
+}
+
+fn report_loss(application_id: &str, p: &Person, serial: &str) -> pb::VerifyRequest {
+    pb::VerifyRequest {
+        purpose: pb::DecisionPurpose::ReportLoss as i32,
+        kind: pb::ApplicationKind::LossReport as i32,
+        producer_id: String::new(),
+        ..issue(application_id, p, pb::ApplicationKind::LossReport, serial)
+    }
+}
+
+fn refusal(response: &pb::VerifyResponse) -> pb::RefusalReason {
+    assert!(response.decision.is_none() || response.refusal_reason == 0);
+    pb::RefusalReason::try_from(response.refusal_reason).unwrap()
+}
+
+fn directory(fixture: &Fixture) -> yidi_domain::Directory {
+    yidi_common::directory::load(&fixture.dir_path.join("directory.toml")).unwrap()
+}
+
+#[tokio::test]
+async fn s4_an_approved_replacement_carries_decisions_that_verify() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let p = replacement();
+    let response =
+        server.client.verify(issue("app-1", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::Unspecified);
+    let directory = directory(&fixture);
+
+    let decision = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap();
+    let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
+    let d = decision.verify(&directory, expect).unwrap();
+    assert_eq!(d.bureau_id, HOME);
+    assert_eq!(d.card.id_number, p.id.as_str());
+    assert_eq!(d.card.face_template, template(p.seed), "the register's template, not the live capture");
+    assert_eq!(d.previous_card_serial, "JX-0001");
+    assert_eq!(d.application_kind, Some(yidi_domain::ApplicationKind::Replacement));
+    // C1: age 26 on the day of issue → 20 years.
+    assert_eq!(d.card.valid_from, date(2118, 1, 1));
+    assert_eq!(d.card.valid_until, Some(date(2138, 1, 1)));
+    // Whole seconds; 7 days by default.
+    assert_eq!(d.issued_at, DateTime::from_timestamp(now().timestamp(), 0).unwrap());
+    assert_eq!(d.expires_at - d.issued_at, chrono::Duration::days(7));
+
+    // K1: the loss decision is addressed to the registry, for the card lost.
+    let loss = signed_decision_from_proto("loss_decision", response.loss_decision.as_ref()).unwrap();
+    let expect = Expectation { purpose: DecisionPurpose::ReportLoss, addressee_id: REGISTRY, now: now() };
+    let l = loss.verify(&directory, expect).unwrap();
+    assert_eq!(l.previous_card_serial, "JX-0001");
+    assert_ne!(l.decision_id, d.decision_id);
+
+    // Signed with this bureau's key: a tampered copy fails.
+    let mut tampered = decision.clone();
+    tampered.decision.card.name = "Someone Else".into();
+    let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
+    assert!(tampered.verify(&directory, expect).is_err());
+    assert_eq!(fixture.key.verifying_key(), directory.get(HOME).unwrap().public_key.unwrap());
+
+    // Recorded with an audit row, and the application is open (K5).
+    let citizen = server.client.get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() }).await.unwrap().into_inner();
+    assert_eq!(citizen.open_application_ids, vec!["app-1".to_owned()]);
+    assert_eq!(citizen.id_number_masked, p.id.masked());
+    assert_eq!(citizen.name_masked, "C********");
+    assert_eq!(citizen.current_card_serial, "JX-0001");
+    assert_eq!(citizen.current_card_valid_until, "2125-01-01");
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'verify' AND outcome = 'APPROVED'").await, 1);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE subject LIKE '%20910307%'").await, 0, "no full numbers");
+}
+
+#[tokio::test]
+async fn s4_a_repeated_verify_returns_the_stored_answer() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let request = report_loss("app-loss", &replacement(), "JX-0001");
+    let first = server.client.verify(request.clone()).await.unwrap().into_inner();
+    let again = server.client.verify(request).await.unwrap().into_inner();
+    assert!(first.decision.is_some());
+    assert_eq!(first, again, "same decision id, same signature");
+    // A refusal replays too.
+    let mut refused = report_loss("app-refused", &replacement(), "JX-0001");
+    refused.live.as_mut().unwrap().face_template = template(99);
+    let first = server.client.verify(refused.clone()).await.unwrap().into_inner();
+    refused.live.as_mut().unwrap().face_template = replacement().face();
+    let again = server.client.verify(refused).await.unwrap().into_inner();
+    assert_eq!(refusal(&first), pb::RefusalReason::FaceMismatch);
+    assert_eq!(first, again);
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 2);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log").await, 2);
+}
+
+#[tokio::test]
+async fn s2_a_face_or_fingerprint_of_someone_else_is_refused() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let p = replacement();
+    let mut request = issue("app-face", &p, pb::ApplicationKind::Replacement, "JX-0001");
+    request.live.as_mut().unwrap().face_template = template(42);
+    let response = server.client.verify(request).await.unwrap().into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::FaceMismatch);
+    assert!(response.decision.is_none() && response.loss_decision.is_none());
+
+    let mut request = issue("app-finger", &p, pb::ApplicationKind::Replacement, "JX-0001");
+    request.live.as_mut().unwrap().fingerprint_template = template(42);
+    let response = server.client.verify(request).await.unwrap().into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::FingerprintMismatch);
+
+    // K6: a withdrawal is judged on a fresh fingerprint only.
+    let mut withdraw = report_loss("app-found", &p, "JX-0001");
+    withdraw.purpose = pb::DecisionPurpose::WithdrawLossReport as i32;
+    withdraw.kind = pb::ApplicationKind::Unspecified as i32;
+    withdraw.live.as_mut().unwrap().face_template.clear();
+    withdraw.live.as_mut().unwrap().fingerprint_template = template(42);
+    let response = server.client.verify(withdraw.clone()).await.unwrap().into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::FingerprintMismatch);
+    withdraw.application_id = "app-found-2".into();
+    withdraw.live.as_mut().unwrap().fingerprint_template = p.fingerprint();
+    let response = server.client.verify(withdraw).await.unwrap().into_inner();
+    let decision = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap();
+    let expect = Expectation { purpose: DecisionPurpose::WithdrawLossReport, addressee_id: REGISTRY, now: now() };
+    assert_eq!(decision.verify(&directory(&fixture), expect).unwrap().previous_card_serial, "JX-0001");
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications WHERE outcome = 'refused'").await, 3);
+}
+
+#[tokio::test]
+async fn s3_a_cancelled_registration_and_a_bad_credit_record_are_refused() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let response = server
+        .client
+        .verify(issue("app-dead", &deceased(), pb::ApplicationKind::Replacement, "JX-0004"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::RegistrationCancelled);
+    let response = server
+        .client
+        .verify(issue("app-credit", &bad_credit(), pb::ApplicationKind::Replacement, "JX-0008"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::BadCreditRecord);
+
+    // Register upkeep: a death recorded today cancels the registration (idempotently).
+    let p = replacement();
+    let death = pb::RecordDeathRequest { id_number: p.id.as_str().into(), date_of_death: "2117-12-30".into() };
+    let answer = server.client.record_death(death.clone()).await.unwrap().into_inner();
+    assert_eq!(answer.registration_status, pb::RegistrationStatus::Cancelled as i32);
+    server.client.record_death(death).await.unwrap();
+    let response =
+        server.client.verify(issue("app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::RegistrationCancelled);
+    let future = pb::RecordDeathRequest { id_number: renewable().id.as_str().into(), date_of_death: "2118-01-02".into() };
+    assert_eq!(server.client.record_death(future).await.unwrap_err().code(), Code::InvalidArgument);
+    let unknown = pb::RecordDeathRequest { id_number: sichuan().id.as_str().into(), date_of_death: "2117-01-02".into() };
+    assert_eq!(server.client.record_death(unknown).await.unwrap_err().code(), Code::NotFound);
+
+    // Credit: bad, then good again.
+    let r = renewable();
+    let set = |status: pb::CreditStatus| pb::RecordCreditStatusRequest {
+        id_number: r.id.as_str().into(),
+        credit_status: status as i32,
+        note: "court ruling 2117-123".into(),
+    };
+    server.client.record_credit_status(set(pb::CreditStatus::Bad)).await.unwrap();
+    let response =
+        server.client.verify(issue("app-3", &r, pb::ApplicationKind::Renewal, "JX-0002")).await.unwrap().into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::BadCreditRecord);
+    server.client.record_credit_status(set(pb::CreditStatus::Good)).await.unwrap();
+    let response =
+        server.client.verify(issue("app-4", &r, pb::ApplicationKind::Renewal, "JX-0002")).await.unwrap().into_inner();
+    assert!(response.decision.is_some(), "{response:?}");
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'record_death'").await, 2);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'record_credit_status'").await, 2);
+}
+
+#[tokio::test]
+async fn k4_a_first_application_is_refused() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let response = server
+        .client
+        .verify(issue("app-first", &first_timer(), pb::ApplicationKind::Replacement, "NONE"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::FirstApplication);
+    // A card that is not the current one is refused too.
+    let response = server
+        .client
+        .verify(issue("app-old", &replacement(), pb::ApplicationKind::Replacement, "JX-OLD"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::CardNotCurrent);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let p = replacement();
+    let first = server.client.verify(issue("app-a", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    let term = signed_decision_from_proto("decision", first.decision.as_ref()).unwrap().decision.card;
+    let second = server.client.verify(issue("app-b", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
+
+    // Closing: unknown application, bad state, then collected with the new card.
+    let close = |id: &str, state: pb::ApplicationState, serial: &str| pb::CloseApplicationRequest {
+        application_id: id.into(),
+        final_state: state as i32,
+        new_card_serial: serial.into(),
+    };
+    let err = server.client.close_application(close("nope", pb::ApplicationState::Cancelled, "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = server.client.close_application(close("app-a", pb::ApplicationState::Approved, "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let collected = close("app-a", pb::ApplicationState::Collected, "JX-1001");
+    assert!(server.client.close_application(collected.clone()).await.unwrap().into_inner().closed);
+    assert!(server.client.close_application(collected).await.unwrap().into_inner().closed, "idempotent");
+    let err = server.client.close_application(close("app-a", pb::ApplicationState::Cancelled, "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let citizen = server.client.get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() }).await.unwrap().into_inner();
+    assert!(citizen.open_application_ids.is_empty());
+    assert_eq!(citizen.current_card_serial, "JX-1001");
+    assert_eq!(citizen.current_card_valid_until, term.valid_until.map(|d| d.to_string()).unwrap_or_default());
+
+    // The old card is no longer current; the new one is, and a new application is accepted.
+    let old = server.client.verify(issue("app-c", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    assert_eq!(refusal(&old), pb::RefusalReason::CardNotCurrent);
+    let new = server.client.verify(issue("app-d", &p, pb::ApplicationKind::Replacement, "JX-1001")).await.unwrap().into_inner();
+    assert!(new.decision.is_some());
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'close_application'").await, 1);
+}
+
+#[tokio::test]
+async fn k2_a_renewal_before_the_window_is_refused() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let response = server
+        .client
+        .verify(issue("app-early", &not_renewable(), pb::ApplicationKind::Renewal, "JX-0003"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::NotYetRenewable);
+    let response = server
+        .client
+        .verify(issue("app-due", &renewable(), pb::ApplicationKind::Renewal, "JX-0002"))
+        .await
+        .unwrap()
+        .into_inner();
+    let decision = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap();
+    assert!(response.loss_decision.is_none(), "a renewal files no loss report");
+    // C1: 46 and over on the day of issue → long-term.
+    assert_eq!(decision.decision.card.valid_until, None);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn n3_a_citizen_outside_the_jurisdiction_is_unknown() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    // Registered in Sichuan: another bureau's citizen, never imported here.
+    let response =
+        server.client.verify(report_loss("app-sc", &sichuan(), "SC-0001")).await.unwrap().into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
+    // A Jiangxi number whose registration is in Sichuan.
+    let response =
+        server.client.verify(report_loss("app-moved", &sichuan_registered(), "JX-0006")).await.unwrap().into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
+    let err = server.client.get_citizen(pb::GetCitizenRequest { id_number: sichuan().id.as_str().into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn n1_invalid_requests_name_every_field_and_write_nothing() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let mut request = issue("", &replacement(), pb::ApplicationKind::LossReport, "");
+    request.id_number = "360102199003071231".into(); // wrong check character (N2)
+    request.station_id = PRODUCER.into(); // not an intake station
+    request.producer_id = STATION.into(); // not a producer
+    request.live = None;
+    let err = server.client.verify(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    for field in [
+        "application_id",
+        "station_id",
+        "kind",
+        "id_number",
+        "card_serial",
+        "live.face_template",
+        "live.fingerprint_template",
+        "producer_id",
+    ] {
+        assert!(err.message().contains(&format!("{field}:")), "{field} missing from {}", err.message());
+    }
+    let err = server
+        .client
+        .verify(pb::VerifyRequest { purpose: 0, ..report_loss("x", &replacement(), "JX-0001") })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("purpose:"), "{}", err.message());
+    let err = server
+        .client
+        .record_credit_status(pb::RecordCreditStatusRequest { id_number: replacement().id.as_str().into(), credit_status: 0, note: "x".repeat(300) })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("credit_status:") && err.message().contains("note:"), "{}", err.message());
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 0);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log").await, 0);
+}
+
+#[tokio::test]
+async fn s4_start_refuses_a_key_that_is_not_the_directorys() {
+    let fixture = Fixture::new();
+    write_signing_key(&fixture.dir_path.join("other.key"), &generate_signing_key()).unwrap();
+    let mut config = fixture.config("");
+    config.signing.key_path = fixture.dir_path.join("other.key");
+    let error = fixture.start_with(config).await.err().unwrap().to_string();
+    assert!(error.contains("signing.key_path"), "{error}");
+    let mut config = fixture.config("");
+    config.server.bureau_id = PRODUCER.into();
+    let error = fixture.start_with(config).await.err().unwrap().to_string();
+    assert!(error.contains("server.bureau_id"), "{error}");
+}
+
+#[tokio::test]
+async fn k5_the_import_is_idempotent_and_never_overwrites_the_register() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let r = renewable();
+    server
+        .client
+        .record_credit_status(pb::RecordCreditStatusRequest {
+            id_number: r.id.as_str().into(),
+            credit_status: pb::CreditStatus::Bad as i32,
+            note: String::new(),
+        })
+        .await
+        .unwrap();
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7, "only this bureau's citizens");
+    let mut server = fixture.start().await;
+    let citizen = server.client.get_citizen(pb::GetCitizenRequest { id_number: r.id.as_str().into() }).await.unwrap().into_inner();
+    assert_eq!(citizen.credit_status, pb::CreditStatus::Bad as i32);
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
+}
