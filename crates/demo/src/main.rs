@@ -3,7 +3,9 @@
 //! ```text
 //! yidi-demo [run] [--dir var/demo] [--date 2118-03-01] [--citizens 200] [--postgres URL]
 //! yidi-demo keygen [--dir var/demo]          # keys + directory.toml for the default ports
+//! yidi-demo keygen --compose [--dir D]      # the same, endpoints named as in docker-compose.yml
 //! yidi-demo population [--date D] [--citizens N] --out FILE
+//! yidi-demo health ENDPOINT                  # gRPC health check (container probes)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -23,6 +25,8 @@ struct Args {
     citizens: usize,
     postgres: Option<String>,
     out: Option<PathBuf>,
+    compose: bool,
+    endpoint: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -34,12 +38,19 @@ fn parse_args() -> anyhow::Result<Args> {
         citizens: 200,
         postgres: None,
         out: None,
+        compose: false,
+        endpoint: None,
     };
     let mut raw = std::env::args().skip(1);
     while let Some(arg) = raw.next() {
         let mut value = |name: &str| raw.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
             "run" | "keygen" | "population" => args.command = arg,
+            "health" => {
+                args.command = arg;
+                args.endpoint = Some(value("health")?);
+            }
+            "--compose" => args.compose = true,
             "--dir" => args.dir = PathBuf::from(value("--dir")?),
             "--date" => {
                 let text = value("--date")?;
@@ -63,8 +74,14 @@ async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     match args.command.as_str() {
         "keygen" => {
-            let ports: BTreeMap<Process, u16> = Process::ALL.iter().map(|p| (*p, p.default_port())).collect();
-            topology::write_keys_and_directory(&args.dir, &ports)?;
+            if args.compose {
+                topology::write_keys_and_directory_with(&args.dir, |p| {
+                    format!("http://{}:{}", p.compose_host(), p.default_port())
+                })?;
+            } else {
+                let ports: BTreeMap<Process, u16> = Process::ALL.iter().map(|p| (*p, p.default_port())).collect();
+                topology::write_keys_and_directory(&args.dir, &ports)?;
+            }
             println!("wrote {0}/keys/*.key (private, mode 0600) and {0}/directory.toml", args.dir.display());
         }
         "population" => {
@@ -72,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
             yidi_demo::population::generate(args.date, args.citizens).write(&out)?;
             println!("wrote {}", out.display());
         }
+        "health" => health(args.endpoint.as_deref().unwrap_or_default()).await?,
         _ => run(args).await?,
     }
     Ok(())
@@ -108,4 +126,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     suite.stop().await?;
     println!("all services stopped cleanly");
     Ok(())
+}
+
+/// Exits 0 when the service at `endpoint` answers SERVING to the standard gRPC health check.
+async fn health(endpoint: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let url = if endpoint.starts_with("http") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await?;
+    let status = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?.into_inner();
+    if status.status == ServingStatus::Serving as i32 {
+        println!("SERVING");
+        Ok(())
+    } else {
+        bail!("not serving ({})", status.status)
+    }
 }

@@ -58,6 +58,17 @@ impl Process {
         }
     }
 
+    /// Host name of the bureau in `docker-compose.yml`.
+    pub fn compose_host(self) -> &'static str {
+        match self {
+            Self::Intake => "intake",
+            Self::HomeJiangxi => "verification-jiangxi",
+            Self::HomeSichuan => "verification-sichuan",
+            Self::Issuance => "issuance",
+            Self::Registry => "registry",
+        }
+    }
+
     /// Short name for files and databases.
     pub fn slug(self) -> &'static str {
         match self {
@@ -74,8 +85,13 @@ impl Process {
 pub type Keys = BTreeMap<String, SigningKey>;
 
 /// Generates fresh keys for the home bureaus, writes them to `dir/keys/<bureau>.key` (mode 0600),
-/// and writes `dir/directory.toml` with their public keys and the given ports.
+/// and writes `dir/directory.toml` with their public keys and the given ports on loopback.
 pub fn write_keys_and_directory(dir: &Path, ports: &BTreeMap<Process, u16>) -> anyhow::Result<Keys> {
+    write_keys_and_directory_with(dir, |process| format!("http://127.0.0.1:{}", ports[&process]))
+}
+
+/// As [`write_keys_and_directory`], with each bureau's endpoint given by `endpoint`.
+pub fn write_keys_and_directory_with(dir: &Path, endpoint: impl Fn(Process) -> String) -> anyhow::Result<Keys> {
     let key_dir = dir.join("keys");
     std::fs::create_dir_all(&key_dir).with_context(|| format!("creating {}", key_dir.display()))?;
     let mut keys = Keys::new();
@@ -84,7 +100,6 @@ pub fn write_keys_and_directory(dir: &Path, ports: &BTreeMap<Process, u16>) -> a
         write_signing_key(&key_dir.join(format!("{home}.key")), &key)?;
         keys.insert(home.to_owned(), key);
     }
-    let endpoint = |process: Process| format!("http://127.0.0.1:{}", ports[&process]);
     let public = |id: &str| encode_public_key(&keys[id].verifying_key());
     let entry = |id: &str, role, name: &str| BureauEntry {
         id: id.into(),
