@@ -130,6 +130,11 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with_database(None)
+    }
+
+    /// `database_url`: None for an SQLite file in the temp folder.
+    fn with_database(database_url: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let dir_path = dir.path().to_path_buf();
         let key = generate_signing_key();
@@ -156,7 +161,8 @@ impl Fixture {
         .write(&dir_path.join("directory.toml"))
         .unwrap();
         population().write(&dir_path.join("population.json")).unwrap();
-        let db_url = format!("sqlite://{}?mode=rwc", dir_path.join("verification.db").display());
+        let db_url = database_url
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir_path.join("verification.db").display()));
         Self { _dir: dir, dir_path, key, db_url }
     }
 
@@ -610,4 +616,41 @@ async fn k5_the_import_is_idempotent_and_never_overwrites_the_register() {
     assert_eq!(citizen.credit_status, pb::CreditStatus::Bad as i32);
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
+}
+
+/// The main flow on PostgreSQL: `YIDI_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/<fresh db>
+/// cargo test -p yidi-verification -- --ignored`.
+#[tokio::test]
+#[ignore = "needs a PostgreSQL database in YIDI_TEST_POSTGRES_URL"]
+async fn s4_postgres_verify_replay_and_close() {
+    let url = std::env::var("YIDI_TEST_POSTGRES_URL").expect("YIDI_TEST_POSTGRES_URL");
+    let fixture = Fixture::with_database(Some(url));
+    let mut server = fixture.start().await;
+    let p = replacement();
+    let request = issue("pg-app-1", &p, pb::ApplicationKind::Replacement, "JX-0001");
+    let first = server.client.verify(request.clone()).await.unwrap().into_inner();
+    let again = server.client.verify(request).await.unwrap().into_inner();
+    assert_eq!(first, again);
+    let decision = signed_decision_from_proto("decision", first.decision.as_ref()).unwrap();
+    let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
+    decision.verify(&directory(&fixture), expect).unwrap();
+    let second = server.client.verify(issue("pg-app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
+    let close = pb::CloseApplicationRequest {
+        application_id: "pg-app-1".into(),
+        final_state: pb::ApplicationState::Collected as i32,
+        new_card_serial: "JX-2001".into(),
+    };
+    assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
+    let citizen = server.client.get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() }).await.unwrap().into_inner();
+    assert_eq!(citizen.current_card_serial, "JX-2001");
+    assert_eq!(citizen.current_card_valid_until, "2138-01-01");
+    let death = pb::RecordDeathRequest { id_number: deceased().id.as_str().into(), date_of_death: "2117-01-01".into() };
+    server.client.record_death(death).await.unwrap();
+    server.stop().await;
+    // A restart re-runs the (idempotent) migration and import.
+    let server = fixture.start().await;
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log").await, 4);
 }
