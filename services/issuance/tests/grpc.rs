@@ -142,11 +142,13 @@ struct Options {
     registry_endpoint: String,
     delay_ms: u64,
     retry_interval_ms: u64,
+    /// Default: an SQLite file in the temp dir.
+    database_url: Option<String>,
 }
 
 impl Options {
     fn new(registry_endpoint: &str) -> Self {
-        Self { registry_endpoint: registry_endpoint.to_owned(), delay_ms: 50, retry_interval_ms: 100 }
+        Self { registry_endpoint: registry_endpoint.to_owned(), delay_ms: 50, retry_interval_ms: 100, database_url: None }
     }
 }
 
@@ -180,7 +182,10 @@ impl Producer {
         }
         .write(&directory_path)
         .unwrap();
-        let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("issuance.db").display());
+        let database_url = options
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("issuance.db").display()));
         let mut producer = Self {
             _dir: dir,
             database_url,
@@ -606,4 +611,81 @@ async fn s4_issuance_orders_survive_a_restart() {
     let replay = producer.place(signed_decision_to_proto(&producer.signed("d-restart"))).await.unwrap_err();
     assert_eq!(replay.code(), Code::AlreadyExists);
     producer.shutdown().await;
+}
+
+/// The same rules on PostgreSQL, when `YIDI_TEST_POSTGRES` names a server
+/// (e.g. `postgres://postgres@127.0.0.1:5432`); a uniquely named database is created and dropped.
+#[tokio::test]
+async fn s4_issuance_works_on_postgresql() {
+    let Ok(server) = std::env::var("YIDI_TEST_POSTGRES") else {
+        eprintln!("YIDI_TEST_POSTGRES is not set: skipping the PostgreSQL run");
+        return;
+    };
+    let server = server.trim_end_matches('/').to_owned();
+    let name = format!("yidi_issuance_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = Database::connect(format!("{server}/postgres")).await.unwrap();
+    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
+
+    let fake = FakeRegistry::default();
+    let (endpoint, _registry) = start_registry(fake.clone()).await;
+    let options = Options { database_url: Some(format!("{server}/{name}")), ..Options::new(&endpoint) };
+    let mut producer = Producer::start(options).await;
+    let sent = signed_decision_to_proto(&producer.signed("d-postgres"));
+    let placed = producer.place(sent.clone()).await.unwrap();
+    let states: Vec<pb::OrderState> = producer.watch_to_end(&placed.order_id).await.iter().map(state).collect();
+    assert_eq!(states.last(), Some(&pb::OrderState::Dispatched));
+    assert_eq!(fake.calls()[0].decision.as_ref(), Some(&sent));
+    let replay = producer.place(sent).await.unwrap_err();
+    assert_eq!(replay.code(), Code::AlreadyExists);
+    let mut expired = producer.decision("d-postgres-expired");
+    expired.expires_at = now() - chrono::Duration::seconds(1);
+    let expired = signed_decision_to_proto(&expired.sign(&producer.jiangxi));
+    assert_eq!(producer.place(expired).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM orders").await, 1);
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log").await, 5);
+    producer.shutdown().await;
+
+    admin.execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
+    admin.close().await.unwrap();
+}
+
+/// Start-up fails, naming the key, when the directory has no registry or this bureau is no producer.
+#[tokio::test]
+async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = generate_signing_key();
+    let cases = [
+        ("directory.path", vec![
+            entry("home-jiangxi", Role::Verification, &["36"], "http://127.0.0.1:1", Some(&key)),
+            entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
+        ]),
+        ("directory.path", vec![
+            entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
+            entry("registry-a", Role::Registry, &[], "http://127.0.0.1:1", None),
+            entry("registry-b", Role::Registry, &[], "http://127.0.0.1:1", None),
+        ]),
+        ("server.bureau_id", vec![
+            entry(PRODUCER, Role::Intake, &[], "http://127.0.0.1:1", None),
+            entry("registry-national", Role::Registry, &[], "http://127.0.0.1:1", None),
+        ]),
+    ];
+    for (index, (key_name, bureaus)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("directory-{index}.toml"));
+        DirectoryFile { bureaus }.write(&path).unwrap();
+        let config = IssuanceConfig {
+            server: ServerConfig { bureau_id: PRODUCER.into(), listen: "127.0.0.1:0".parse().unwrap(), shutdown_grace_seconds: 1 },
+            database: DatabaseConfig {
+                url: format!("sqlite://{}?mode=rwc", dir.path().join(format!("db-{index}.db")).display()),
+                max_connections: 2,
+            },
+            directory: DirectoryConfig { path },
+            clock: ClockConfig::default(),
+            log: LogConfig::default(),
+            production: ProductionConfig::default(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let result = tokio::time::timeout(WAIT, yidi_issuance::serve(config, listener, std::future::pending())).await;
+        let error = result.expect("start-up fails at once").unwrap_err().to_string();
+        assert!(error.contains(key_name), "case {index}: {error}");
+    }
 }
