@@ -654,3 +654,31 @@ async fn s4_postgres_verify_replay_and_close() {
     assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
     assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log").await, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k5_concurrent_applications_of_one_citizen_open_only_one() {
+    let fixture = Fixture::new();
+    let server = fixture.start().await;
+    let p = replacement();
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let mut client = server.client.clone();
+        // Two calls per application id: a retry must get the same answer.
+        let request = issue(&format!("race-{}", i / 2), &p, pb::ApplicationKind::Replacement, "JX-0001");
+        calls.push(tokio::spawn(async move { client.verify(request).await.map(|r| r.into_inner()) }));
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap().unwrap());
+    }
+    let approved: Vec<_> = answers.iter().filter(|a| a.decision.is_some()).collect();
+    assert_eq!(approved.len(), 2, "one application approved, answered twice: {answers:?}");
+    assert_eq!(approved[0], approved[1]);
+    for pair in answers.chunks(2) {
+        assert_eq!(pair[0], pair[1], "a retry gets the stored answer");
+    }
+    assert!(answers.iter().filter(|a| a.decision.is_none()).all(|a| refusal(a) == pb::RefusalReason::ApplicationAlreadyOpen));
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 3);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications WHERE open").await, 1);
+}
