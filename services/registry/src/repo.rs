@@ -176,7 +176,7 @@ async fn move_status<C: ConnectionTrait>(
     Ok(Some(StatusEvent { sequence, card_serial: serial.to_owned(), status: to, changed_at: now }))
 }
 
-fn card_model(card: NewCard, now: DateTime<Utc>) -> cards::ActiveModel {
+fn card_model(card: NewCard, status_changed_at: DateTime<Utc>, now: DateTime<Utc>) -> cards::ActiveModel {
     cards::ActiveModel {
         serial: Set(card.serial),
         id_number: Set(card.id_number),
@@ -186,8 +186,9 @@ fn card_model(card: NewCard, now: DateTime<Utc>) -> cards::ActiveModel {
         valid_until: Set(card.valid_until),
         decision_id: Set(card.decision_id),
         producer_id: Set(card.producer_id),
-        status_changed_at: Set(now),
+        status_changed_at: Set(status_changed_at),
         created_at: Set(now),
+        revoked_by: Set(None),
     }
 }
 
@@ -221,13 +222,10 @@ impl Repo {
             .transpose()
     }
 
-    /// Serials of the holder's other cards revoked at `at` (by the registration of `serial`).
-    pub async fn revoked_by_registration(&self, card: &Card) -> Result<Vec<String>, DbErr> {
+    /// Serials of the cards the registration of `serial` revoked.
+    pub async fn revoked_by_registration(&self, serial: &str) -> Result<Vec<String>, DbErr> {
         let models = cards::Entity::find()
-            .filter(cards::Column::IdNumber.eq(card.id_number.as_str()))
-            .filter(cards::Column::Serial.ne(card.serial.as_str()))
-            .filter(cards::Column::Status.eq(StoredCardStatus::Revoked.as_str()))
-            .filter(cards::Column::StatusChangedAt.eq(card.created_at))
+            .filter(cards::Column::RevokedBy.eq(serial))
             .order_by_asc(cards::Column::Serial)
             .all(&self.db)
             .await?;
@@ -357,7 +355,7 @@ impl Repo {
         let serial = card.serial.clone();
         let id_number = card.id_number.clone();
         // The insert comes first: on SQLite it takes the write lock before anything is read.
-        cards::Entity::insert(card_model(card, now)).exec_without_returning(&txn).await?;
+        cards::Entity::insert(card_model(card, now, now)).exec_without_returning(&txn).await?;
         let others = cards::Entity::find()
             .filter(cards::Column::IdNumber.eq(id_number.as_str()))
             .filter(cards::Column::Serial.ne(serial.as_str()))
@@ -373,6 +371,11 @@ impl Repo {
             let from = StoredCardStatus::parse(&other.status)
                 .ok_or_else(|| DbErr::Custom(format!("card {}: unknown status", other.serial)))?;
             if let Some(event) = move_status(&txn, &other.serial, from, StoredCardStatus::Revoked, now).await? {
+                cards::Entity::update_many()
+                    .col_expr(cards::Column::RevokedBy, Expr::value(serial.as_str()))
+                    .filter(cards::Column::Serial.eq(other.serial.as_str()))
+                    .exec(&txn)
+                    .await?;
                 events.push(event);
             }
         }
@@ -390,8 +393,14 @@ impl Repo {
         }
         let serial = card.serial.clone();
         let lost = card.status == StoredCardStatus::ReportedLost;
+        // A legacy valid card has been valid since its first day; when a legacy loss report was
+        // made is unknown, so it counts from the import.
+        let since = match (lost, card.valid_from.and_hms_opt(0, 0, 0)) {
+            (false, Some(start)) => start.and_utc().min(now),
+            _ => now,
+        };
         let txn = self.db.begin().await?;
-        let inserted = cards::Entity::insert(card_model(card, now))
+        let inserted = cards::Entity::insert(card_model(card, since, now))
             .on_conflict_do_nothing()
             .exec_without_returning(&txn)
             .await?;

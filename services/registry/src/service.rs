@@ -78,7 +78,7 @@ pub fn answer(card: &Card, today: NaiveDate) -> CheckResult {
         (CardStatus::Expired, Some(until)) => until
             .succ_opt()
             .and_then(|day| day.and_hms_opt(0, 0, 0))
-            .map(|at| at.and_utc().max(card.status_changed_at))
+            .map(|at| at.and_utc())
             .unwrap_or(card.status_changed_at),
         _ => card.status_changed_at,
     };
@@ -305,7 +305,7 @@ impl Registry {
             if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
                 if existing.serial == card_serial {
                     // The same registration again: the same answer, nothing written.
-                    let revoked_card_serials = self.repo.revoked_by_registration(&existing).await?;
+                    let revoked_card_serials = self.repo.revoked_by_registration(&existing.serial).await?;
                     return Ok(RegisterOutcome {
                         status: answer(&existing, today).status,
                         card_serial: existing.serial,

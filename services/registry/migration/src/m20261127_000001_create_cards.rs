@@ -16,6 +16,7 @@ pub(crate) enum Cards {
     ProducerId,
     StatusChangedAt,
     CreatedAt,
+    RevokedBy,
 }
 
 #[async_trait::async_trait]
@@ -36,6 +37,7 @@ impl MigrationTrait for Migration {
                     .col(ColumnDef::new(Cards::ProducerId).string_len(256).null())
                     .col(ColumnDef::new(Cards::StatusChangedAt).timestamp_with_time_zone().not_null())
                     .col(ColumnDef::new(Cards::CreatedAt).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(Cards::RevokedBy).string_len(64).null())
                     .to_owned(),
             )
             .await?;

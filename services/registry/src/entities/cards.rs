@@ -16,6 +16,8 @@ pub struct Model {
     pub producer_id: Option<String>,
     pub status_changed_at: DateTimeUtc,
     pub created_at: DateTimeUtc,
+    /// The card whose registration revoked this one (S1).
+    pub revoked_by: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,0 +1,746 @@
+//! In-process gRPC tests: the real server on an SQLite temp file, the generated client, decisions
+//! signed in the test by keys listed in a directory file written here.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use ed25519_dalek::SigningKey;
+use sea_orm::{ConnectionTrait, Statement};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tokio_stream::StreamExt;
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+use yidi_common::{
+    clock::ClockConfig,
+    config::{DatabaseConfig, DirectoryConfig, ServerConfig},
+    convert::signed_decision_to_proto,
+    directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key},
+    population::{Citizen, Credit, ExistingCard, Population, Registration},
+    telemetry::LogConfig,
+};
+use yidi_domain::{CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision};
+use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
+use yidi_registry::config::{ImportConfig, RegistryConfig};
+
+const REGISTRY: &str = "registry-national";
+const PRODUCER: &str = "producer-zhejiang";
+const OTHER_PRODUCER: &str = "producer-other";
+const JIANGXI: &str = "home-jiangxi";
+const SICHUAN: &str = "home-sichuan";
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2118, 1, 1, 9, 0, 0).unwrap()
+}
+
+fn day(y: i32, m: u32, d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(y, m, d).unwrap()
+}
+
+/// A Jiangxi citizen (registered in 36) with a legacy card.
+struct Person {
+    id: String,
+    card: String,
+}
+
+fn person(sequence: u16, card: &str) -> Person {
+    Person { id: IdNumber::compose("360102", day(1990, 3, 7), sequence).as_str().to_owned(), card: card.into() }
+}
+
+fn citizen(p: &Person, valid_until: Option<NaiveDate>, reported_lost: bool) -> Citizen {
+    Citizen {
+        id_number: p.id.clone(),
+        name: "Test Person".into(),
+        sex: Sex::Male,
+        birth_date: day(1990, 3, 7),
+        registration_province: "36".into(),
+        address: "Nanchang".into(),
+        home_bureau_id: JIANGXI.into(),
+        scenario: "replacement".into(),
+        credit: Credit::Good,
+        registration: Registration::Active,
+        card: Some(ExistingCard { serial: p.card.clone(), valid_from: day(2100, 1, 1), valid_until, reported_lost }),
+        face_template: vec![1, 2, 3],
+        fingerprint_template: vec![4, 5, 6],
+        live_face_template: vec![1, 2, 3],
+        live_fingerprint_template: vec![4, 5, 6],
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    db_url: String,
+    jiangxi: SigningKey,
+    sichuan: SigningKey,
+    client: LossRegistryClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    config: RegistryConfig,
+}
+
+fn entry(id: &str, role: Role, jurisdiction: &[&str], key: Option<&SigningKey>) -> BureauEntry {
+    BureauEntry {
+        id: id.into(),
+        role,
+        name: id.into(),
+        jurisdiction: jurisdiction.iter().map(|s| (*s).to_owned()).collect(),
+        region: String::new(),
+        endpoint: "http://127.0.0.1:1".into(),
+        public_key: key.map(|k| encode_public_key(&k.verifying_key())).unwrap_or_default(),
+    }
+}
+
+async fn start(config: RegistryConfig) -> (LossRegistryClient<Channel>, oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(yidi_registry::serve(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    (LossRegistryClient::new(channel), stop, task)
+}
+
+impl Harness {
+    async fn new(citizens: Vec<Citizen>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let jiangxi = generate_signing_key();
+        let sichuan = generate_signing_key();
+        let directory = DirectoryFile {
+            bureaus: vec![
+                entry("station-hangzhou", Role::Intake, &[], None),
+                entry(JIANGXI, Role::Verification, &["36"], Some(&jiangxi)),
+                entry(SICHUAN, Role::Verification, &["51"], Some(&sichuan)),
+                entry(PRODUCER, Role::Issuance, &[], None),
+                entry(OTHER_PRODUCER, Role::Issuance, &[], None),
+                entry(REGISTRY, Role::Registry, &[], None),
+            ],
+        };
+        let directory_path = dir.path().join("directory.toml");
+        directory.write(&directory_path).unwrap();
+        let population_path = dir.path().join("population.json");
+        Population { citizens }.write(&population_path).unwrap();
+        let db_url = format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display());
+        let config = RegistryConfig {
+            server: ServerConfig {
+                bureau_id: REGISTRY.into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                shutdown_grace_seconds: 1,
+            },
+            database: DatabaseConfig { url: db_url.clone(), max_connections: 4 },
+            directory: DirectoryConfig { path: directory_path },
+            clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
+            log: LogConfig::default(),
+            import: ImportConfig { path: Some(population_path) },
+        };
+        let (client, stop, task) = start(config.clone()).await;
+        let mut harness = Self { _dir: dir, db_url, jiangxi, sichuan, client, stop: Some(stop), task: Some(task), config };
+        harness.ready().await;
+        harness
+    }
+
+    /// Waits until the server answers (migrated and imported); the check writes nothing.
+    async fn ready(&mut self) {
+        let probe = IdNumber::compose("360102", day(1990, 3, 7), 1);
+        self.check(probe.as_str(), "PROBE").await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap().unwrap();
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.shutdown().await;
+        let (client, stop, task) = start(self.config.clone()).await;
+        self.client = client;
+        self.stop = Some(stop);
+        self.task = Some(task);
+        self.ready().await;
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        let db = yidi_common::db::connect(&DatabaseConfig { url: self.db_url.clone(), max_connections: 1 }).await.unwrap();
+        let row = db
+            .query_one_raw(Statement::from_string(db.get_database_backend(), format!("SELECT COUNT(*) FROM {table}")))
+            .await
+            .unwrap()
+            .unwrap();
+        let n: i64 = row.try_get_by_index(0).unwrap();
+        db.close().await.unwrap();
+        n
+    }
+
+    fn decision(&self, purpose: DecisionPurpose, p: &Person, decision_id: &str, addressee: &str) -> Decision {
+        Decision {
+            decision_id: decision_id.into(),
+            purpose,
+            bureau_id: JIANGXI.into(),
+            addressee_id: addressee.into(),
+            application_id: "00000000-0000-0000-0000-000000000001".into(),
+            station_id: "station-hangzhou".into(),
+            application_kind: None,
+            card: CardData {
+                id_number: p.id.clone(),
+                name: "Test Person".into(),
+                sex: Sex::Male,
+                birth_date: day(1990, 3, 7),
+                registration_province: "36".into(),
+                address: "Nanchang".into(),
+                face_template: vec![1, 2, 3],
+                valid_from: day(2118, 1, 1),
+                valid_until: Some(day(2138, 1, 1)),
+            },
+            previous_card_serial: p.card.clone(),
+            issued_at: now(),
+            expires_at: now() + chrono::Duration::days(7),
+        }
+    }
+
+    fn loss(&self, p: &Person, decision_id: &str) -> SignedDecision {
+        self.decision(DecisionPurpose::ReportLoss, p, decision_id, REGISTRY).sign(&self.jiangxi)
+    }
+
+    fn withdrawal(&self, p: &Person, decision_id: &str) -> SignedDecision {
+        self.decision(DecisionPurpose::WithdrawLossReport, p, decision_id, REGISTRY).sign(&self.jiangxi)
+    }
+
+    fn issue(&self, p: &Person, decision_id: &str) -> SignedDecision {
+        self.decision(DecisionPurpose::IssueCard, p, decision_id, PRODUCER).sign(&self.jiangxi)
+    }
+
+    async fn report_loss(&mut self, signed: &SignedDecision) -> Result<pb::LossRegistryReportLossResponse, Status> {
+        let request = pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(signed)) };
+        self.client.report_loss(request).await.map(|r| r.into_inner())
+    }
+
+    async fn withdraw(&mut self, signed: &SignedDecision) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
+        let request = pb::LossRegistryWithdrawLossReportRequest { decision: Some(signed_decision_to_proto(signed)) };
+        self.client.withdraw_loss_report(request).await.map(|r| r.into_inner())
+    }
+
+    async fn register(
+        &mut self,
+        signed: &SignedDecision,
+        producer: &str,
+        serial: &str,
+    ) -> Result<pb::RegisterCardResponse, Status> {
+        let request = pb::RegisterCardRequest {
+            decision: Some(signed_decision_to_proto(signed)),
+            producer_id: producer.into(),
+            card_serial: serial.into(),
+        };
+        self.client.register_card(request).await.map(|r| r.into_inner())
+    }
+
+    async fn check(&mut self, id: &str, serial: &str) -> pb::CheckCardResponse {
+        self.try_check(id, serial, "bank-of-test").await.unwrap()
+    }
+
+    async fn try_check(&mut self, id: &str, serial: &str, party: &str) -> Result<pb::CheckCardResponse, Status> {
+        let request =
+            pb::CheckCardRequest { id_number: id.into(), card_serial: serial.into(), relying_party: party.into() };
+        self.client.check_card(request).await.map(|r| r.into_inner())
+    }
+
+    async fn hits(&mut self, bureau: &str) -> Result<Vec<pb::Hit>, Status> {
+        let request = pb::ListHitsRequest { home_bureau_id: bureau.into(), page_size: 0, page_token: String::new() };
+        self.client.list_hits(request).await.map(|r| r.into_inner().hits)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn status_of(code: i32) -> pb::CardStatus {
+    pb::CardStatus::try_from(code).unwrap()
+}
+
+fn violations(status: &Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+fn reason(status: &Status) -> String {
+    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn s1_loss_report_is_seen_by_the_next_check() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
+
+    let loss = h.loss(&p, "loss-1");
+    let answer = h.report_loss(&loss).await.unwrap();
+    assert_eq!(answer.card_serial, p.card);
+    assert_eq!(status_of(answer.status), pb::CardStatus::ReportedLost);
+    assert!(!answer.already_reported);
+
+    let check = h.check(&p.id, &p.card).await;
+    assert_eq!(status_of(check.status), pb::CardStatus::ReportedLost);
+    assert_eq!(check.status_changed_at, answer.changed_at);
+
+    // The same decision again: idempotent, nothing written.
+    let events = h.count("status_events").await;
+    let again = h.report_loss(&loss).await.unwrap();
+    assert!(again.already_reported);
+    assert_eq!(status_of(again.status), pb::CardStatus::ReportedLost);
+    assert_eq!(h.count("status_events").await, events);
+    assert_eq!(h.count("loss_reports").await, 1);
+
+    // A second, different report of a card already lost: recorded, no status change.
+    let second = h.report_loss(&h.loss(&p, "loss-2")).await.unwrap();
+    assert!(second.already_reported);
+    assert_eq!(h.count("loss_reports").await, 2);
+    assert_eq!(h.count("status_events").await, events);
+
+    // It survives a restart (committed, not cached).
+    h.restart().await;
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s1_new_card_revokes_older_cards() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    let first = h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1001").await.unwrap();
+    assert_eq!(first.card_serial, "ZJ-1001");
+    assert_eq!(status_of(first.status), pb::CardStatus::Valid);
+    assert_eq!(first.revoked_card_serials, vec![p.card.clone()]);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1001").await.status), pb::CardStatus::Valid);
+
+    // The newer card was lost too; the next card revokes it.
+    let newer = Person { id: p.id.clone(), card: "ZJ-1001".into() };
+    h.report_loss(&h.loss(&newer, "loss-1")).await.unwrap();
+    let second = h.register(&h.issue(&p, "issue-2"), PRODUCER, "ZJ-1002").await.unwrap();
+    assert_eq!(second.revoked_card_serials, vec!["ZJ-1001".to_owned()]);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1001").await.status), pb::CardStatus::Revoked);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1002").await.status), pb::CardStatus::Valid);
+
+    // The producer retries the same registration: the same answer, nothing written.
+    let events = h.count("status_events").await;
+    let again = h.register(&h.issue(&p, "issue-2"), PRODUCER, "ZJ-1002").await.unwrap();
+    assert_eq!(again, second);
+    assert_eq!(h.count("status_events").await, events);
+
+    // The feed holds every change: revocation, loss, revocation.
+    let mut stream = h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+        seen.push((event.card_serial, status_of(event.status)));
+    }
+    assert_eq!(seen, vec![
+        (p.card.clone(), pb::CardStatus::Revoked),
+        ("ZJ-1001".to_owned(), pb::CardStatus::ReportedLost),
+        ("ZJ-1001".to_owned(), pb::CardStatus::Revoked),
+    ]);
+    drop(stream);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s1_watch_revocations_sends_history_then_live_changes_and_ends_on_shutdown() {
+    let p = person(123, "JX-0001");
+    let q = person(135, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&q, None, false)]).await;
+    h.report_loss(&h.loss(&p, "loss-p")).await.unwrap();
+    let mut stream = h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((first.sequence, first.card_serial.as_str()), (1, "JX-0001"));
+    // A live change arrives on the open stream.
+    h.report_loss(&h.loss(&q, "loss-q")).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((second.sequence, second.card_serial.as_str()), (2, "JX-0002"));
+    assert_eq!(status_of(second.status), pb::CardStatus::ReportedLost);
+    // after_sequence skips what the watcher has.
+    let mut later = h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 1 }).await.unwrap().into_inner();
+    let only = tokio::time::timeout(Duration::from_secs(5), later.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(only.sequence, 2);
+    // Shutdown ends the streams.
+    if let Some(stop) = h.stop.take() {
+        let _ = stop.send(());
+    }
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
+    assert!(end.is_none() || end.is_some_and(|r| r.is_err()), "stream must end on shutdown");
+    h.shutdown().await;
+}
+
+/// Asserts that a refused request left cards, loss reports and events untouched and wrote one audit row.
+async fn assert_refusal_wrote_only_audit(h: &Harness, before: (i64, i64, i64, i64)) {
+    assert_eq!(h.count("cards").await, before.0);
+    assert_eq!(h.count("loss_reports").await, before.1);
+    assert_eq!(h.count("status_events").await, before.2);
+    assert_eq!(h.count("audit_log").await, before.3 + 1, "a refusal is audited");
+}
+
+async fn counts(h: &Harness) -> (i64, i64, i64, i64) {
+    (h.count("cards").await, h.count("loss_reports").await, h.count("status_events").await, h.count("audit_log").await)
+}
+
+#[tokio::test]
+async fn s4_registry_refuses_unsigned_decision() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    let mut unsigned = h.loss(&p, "loss-1");
+    unsigned.signature.clear();
+    let before = counts(&h).await;
+    let error = h.report_loss(&unsigned).await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied, "{error:?}");
+    assert_eq!(reason(&error), "DECISION_UNSIGNED");
+    assert_refusal_wrote_only_audit(&h, before).await;
+    let mut unsigned_issue = h.issue(&p, "issue-1");
+    unsigned_issue.signature.clear();
+    let error = h.register(&unsigned_issue, PRODUCER, "ZJ-1").await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_registry_refuses_tampered_decision() {
+    let p = person(123, "JX-0001");
+    let victim = person(135, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&victim, None, false)]).await;
+    // Signed for p's card, redirected to someone else's card.
+    let mut tampered = h.loss(&p, "loss-1");
+    tampered.decision.previous_card_serial = victim.card.clone();
+    tampered.decision.card.id_number = victim.id.clone();
+    let before = counts(&h).await;
+    let error = h.report_loss(&tampered).await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(reason(&error), "DECISION_BAD_SIGNATURE");
+    assert_refusal_wrote_only_audit(&h, before).await;
+    // A longer validity written into an issuance decision.
+    let mut longer = h.issue(&p, "issue-1");
+    longer.decision.card.valid_until = None;
+    let error = h.register(&longer, PRODUCER, "ZJ-1").await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(status_of(h.check(&victim.id, &victim.card).await.status), pb::CardStatus::Valid);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Unknown);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_registry_refuses_wrong_jurisdiction() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    // Sichuan signs, correctly with its own key, for a citizen registered in Jiangxi.
+    let mut decision = h.decision(DecisionPurpose::ReportLoss, &p, "loss-1", REGISTRY);
+    decision.bureau_id = SICHUAN.into();
+    let forged = decision.sign(&h.sichuan);
+    let before = counts(&h).await;
+    let error = h.report_loss(&forged).await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    assert_refusal_wrote_only_audit(&h, before).await;
+    let mut issue = h.decision(DecisionPurpose::IssueCard, &p, "issue-1", PRODUCER);
+    issue.bureau_id = SICHUAN.into();
+    let error = h.register(&issue.sign(&h.sichuan), PRODUCER, "ZJ-1").await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_registry_refuses_misaddressed_decision() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    // A loss report addressed to the producer.
+    let to_producer = h.decision(DecisionPurpose::ReportLoss, &p, "loss-1", PRODUCER).sign(&h.jiangxi);
+    let before = counts(&h).await;
+    let error = h.report_loss(&to_producer).await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(reason(&error), "DECISION_MISADDRESSED");
+    assert_refusal_wrote_only_audit(&h, before).await;
+    // An issuance decision for one producer presented by another.
+    let issue = h.issue(&p, "issue-1");
+    let error = h.register(&issue, OTHER_PRODUCER, "ZJ-1").await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_MISADDRESSED");
+    // A "producer" that is no issuance bureau.
+    let to_registry = h.decision(DecisionPurpose::IssueCard, &p, "issue-2", REGISTRY).sign(&h.jiangxi);
+    let error = h.register(&to_registry, REGISTRY, "ZJ-2").await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied);
+    // Wrong purpose: an issuance decision used as a loss report.
+    let error = h.report_loss(&h.decision(DecisionPurpose::IssueCard, &p, "x", REGISTRY).sign(&h.jiangxi)).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_PURPOSE");
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_registry_refuses_expired_decision() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    let mut decision = h.decision(DecisionPurpose::ReportLoss, &p, "loss-1", REGISTRY);
+    decision.issued_at = now() - chrono::Duration::days(8);
+    decision.expires_at = now() - chrono::Duration::days(1);
+    let expired = decision.sign(&h.jiangxi);
+    let before = counts(&h).await;
+    let error = h.report_loss(&expired).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&error), "DECISION_EXPIRED");
+    assert_refusal_wrote_only_audit(&h, before).await;
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_registry_refuses_replayed_decision() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    // An issuance decision registers one card only.
+    let issue = h.issue(&p, "issue-1");
+    h.register(&issue, PRODUCER, "ZJ-1").await.unwrap();
+    let before = counts(&h).await;
+    let error = h.register(&issue, PRODUCER, "ZJ-2").await.unwrap_err();
+    assert_eq!(error.code(), Code::AlreadyExists);
+    assert_eq!(reason(&error), "DECISION_ALREADY_USED");
+    assert_refusal_wrote_only_audit(&h, before).await;
+    // A withdrawal decision is used once.
+    let current = Person { id: p.id.clone(), card: "ZJ-1".into() };
+    h.report_loss(&h.loss(&current, "loss-1")).await.unwrap();
+    let withdrawal = h.withdrawal(&current, "found-1");
+    h.withdraw(&withdrawal).await.unwrap();
+    h.report_loss(&h.loss(&current, "loss-2")).await.unwrap();
+    let error = h.withdraw(&withdrawal).await.unwrap_err();
+    assert_eq!(error.code(), Code::AlreadyExists);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::ReportedLost);
+    // A serial registers once.
+    let error = h.register(&h.issue(&p, "issue-3"), PRODUCER, "ZJ-1").await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&error), "CARD_SERIAL_EXISTS");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn c2_unknown_serial_is_unknown() {
+    let p = person(123, "JX-0001");
+    let q = person(135, "JX-0002");
+    let expired = person(147, "JX-OLD");
+    let mut h = Harness::new(vec![
+        citizen(&p, None, false),
+        citizen(&q, Some(day(2130, 1, 1)), false),
+        citizen(&expired, Some(day(2117, 6, 30)), false),
+    ])
+    .await;
+    let unknown = h.check(&p.id, "NO-SUCH-SERIAL").await;
+    assert_eq!(status_of(unknown.status), pb::CardStatus::Unknown);
+    assert!(unknown.status_changed_at.is_none());
+    assert!(unknown.checked_at.is_some());
+    // Another holder's serial answers exactly like a serial that does not exist (C4).
+    let foreign = h.check(&p.id, &q.card).await;
+    assert_eq!(status_of(foreign.status), pb::CardStatus::Unknown);
+    assert!(foreign.status_changed_at.is_none());
+    // Expired is derived from the date.
+    let old = h.check(&expired.id, &expired.card).await;
+    assert_eq!(status_of(old.status), pb::CardStatus::Expired);
+    assert_eq!(old.status_changed_at.map(|t| t.seconds), Some(Utc.with_ymd_and_hms(2117, 7, 1, 0, 0, 0).unwrap().timestamp()));
+    assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid);
+    // A loss report for a serial that is not the holder's: NOT_FOUND.
+    let wrong = Person { id: p.id.clone(), card: q.card.clone() };
+    let error = h.report_loss(&h.loss(&wrong, "loss-1")).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn c4_check_needs_number_and_serial() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    let error = h.try_check("", &p.card, "bank").await.unwrap_err();
+    assert_eq!(violations(&error), vec!["id_number"]);
+    let error = h.try_check(&p.id, "", "bank").await.unwrap_err();
+    assert_eq!(violations(&error), vec!["card_serial"]);
+    let error = h.try_check("", "", "").await.unwrap_err();
+    assert_eq!(violations(&error), vec!["id_number", "card_serial", "relying_party"]);
+    // N2: a wrong check character is refused at the edge.
+    let mut bad = p.id.clone();
+    let last = if bad.ends_with('1') { "2" } else { "1" };
+    bad.replace_range(17..18, last);
+    let error = h.try_check(&bad, &p.card, "bank").await.unwrap_err();
+    assert_eq!(violations(&error), vec!["id_number"]);
+    let error = h.try_check(&p.id, &p.card, &"x".repeat(129)).await.unwrap_err();
+    assert_eq!(violations(&error), vec!["relying_party"]);
+    // Lower-case x is normalised (N2).
+    let x = IdNumber::compose("360102", day(1990, 3, 7), 0);
+    let mut found = None;
+    for seq in 0..1000u16 {
+        let id = IdNumber::compose("360102", day(1990, 3, 7), seq);
+        if id.as_str().ends_with('X') {
+            found = Some(id);
+            break;
+        }
+    }
+    let id = found.unwrap_or(x);
+    let answer = h.try_check(&id.as_str().to_ascii_lowercase(), "NONE", "bank").await.unwrap();
+    assert_eq!(status_of(answer.status), pb::CardStatus::Unknown);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn c4_lost_card_check_is_a_hit_for_the_home_bureau() {
+    let p = person(123, "JX-0001");
+    let q = person(135, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, true), citizen(&q, None, false)]).await;
+    // A legacy card imported as reported lost.
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost);
+    // A check of a valid card is no hit.
+    h.check(&q.id, &q.card).await;
+    h.try_check(&p.id, &p.card, "hotel-west-lake").await.unwrap();
+    let hits = h.hits(JIANGXI).await.unwrap();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(hits[0].card_serial, p.card);
+    assert_eq!(hits[0].id_number, p.id);
+    assert!(hits.iter().any(|hit| hit.relying_party == "hotel-west-lake"));
+    assert!(hits.iter().all(|hit| hit.card_serial == p.card));
+    // Another home bureau sees none of them.
+    assert!(h.hits(SICHUAN).await.unwrap().is_empty());
+    // Only home bureaus may ask.
+    let error = h.hits(PRODUCER).await.unwrap_err();
+    assert_eq!(violations(&error), vec!["home_bureau_id"]);
+    // Paging.
+    let page = h
+        .client
+        .list_hits(pb::ListHitsRequest { home_bureau_id: JIANGXI.into(), page_size: 1, page_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.hits.len(), 1);
+    let rest = h
+        .client
+        .list_hits(pb::ListHitsRequest { home_bureau_id: JIANGXI.into(), page_size: 1, page_token: page.next_page_token })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.hits.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn k6_withdrawal_restores_valid_but_not_after_revocation() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    // Not reported lost: nothing to withdraw.
+    let error = h.withdraw(&h.withdrawal(&p, "found-0")).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&error), "NOT_REPORTED_LOST");
+
+    h.report_loss(&h.loss(&p, "loss-1")).await.unwrap();
+    let found = h.withdraw(&h.withdrawal(&p, "found-1")).await.unwrap();
+    assert_eq!(status_of(found.status), pb::CardStatus::Valid);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
+
+    // Lost again, and this time a replacement is made: the old card is revoked for good.
+    h.report_loss(&h.loss(&p, "loss-2")).await.unwrap();
+    h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
+    let error = h.withdraw(&h.withdrawal(&p, "found-2")).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&error), "REFUSAL_REASON_LOSS_REPORT_FINAL");
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
+    // A loss report of a revoked card is refused too.
+    let error = h.report_loss(&h.loss(&p, "loss-3")).await.unwrap_err();
+    assert_eq!(reason(&error), "CARD_REVOKED");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn c2_batch_check_answers_in_order_and_caps_at_1000() {
+    let p = person(123, "JX-0001");
+    let q = person(135, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, true), citizen(&q, None, false)]).await;
+    let query = |id: &str, serial: &str| pb::CardQuery { id_number: id.into(), card_serial: serial.into() };
+    let request = pb::CheckCardsRequest {
+        cards: vec![query(&q.id, &q.card), query(&p.id, "NOPE"), query(&p.id, &p.card), query(&p.id, &q.card)],
+        relying_party: "bank".into(),
+    };
+    let answer = h.client.check_cards(request).await.unwrap().into_inner();
+    let got: Vec<(u32, pb::CardStatus)> = answer.results.iter().map(|r| (r.index, status_of(r.status))).collect();
+    assert_eq!(got, vec![
+        (0, pb::CardStatus::Valid),
+        (1, pb::CardStatus::Unknown),
+        (2, pb::CardStatus::ReportedLost),
+        (3, pb::CardStatus::Unknown),
+    ]);
+    assert!(answer.results[1].status_changed_at.is_none());
+    assert_eq!(h.hits(JIANGXI).await.unwrap().len(), 1, "the lost card's check is a hit");
+
+    let full = pb::CheckCardsRequest { cards: vec![query(&q.id, &q.card); 1000], relying_party: "bank".into() };
+    assert_eq!(h.client.check_cards(full).await.unwrap().into_inner().results.len(), 1000);
+    let lost = pb::CheckCardsRequest { cards: vec![query(&p.id, &p.card); 1000], relying_party: "bank".into() };
+    h.client.check_cards(lost).await.unwrap();
+    assert_eq!(h.count("hits").await, 1001, "one hit per lost-card query");
+
+    let over = pb::CheckCardsRequest { cards: vec![query(&q.id, &q.card); 1001], relying_party: "bank".into() };
+    assert_eq!(violations(&h.client.check_cards(over).await.unwrap_err()), vec!["cards"]);
+    let empty = pb::CheckCardsRequest { cards: vec![], relying_party: "bank".into() };
+    assert_eq!(violations(&h.client.check_cards(empty).await.unwrap_err()), vec!["cards"]);
+    let bad = pb::CheckCardsRequest { cards: vec![query(&q.id, &q.card), query("123", ""), query(&p.id, "")], relying_party: String::new() };
+    assert_eq!(violations(&h.client.check_cards(bad).await.unwrap_err()), vec![
+        "cards[1].id_number",
+        "cards[1].card_serial",
+        "cards[2].card_serial",
+        "relying_party",
+    ]);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_invalid_decision_structure_is_invalid_argument_and_writes_nothing() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    let before = counts(&h).await;
+    let error = h.client.report_loss(pb::LossRegistryReportLossRequest { decision: None }).await.unwrap_err();
+    assert_eq!(violations(&error), vec!["decision"]);
+    let mut no_serial = h.loss(&p, "loss-1");
+    no_serial.decision.previous_card_serial.clear();
+    let error = h.report_loss(&no_serial).await.unwrap_err();
+    assert_eq!(violations(&error), vec!["decision.decision.previous_card_serial"]);
+    let error = h.register(&h.issue(&p, "issue-1"), "", "").await.unwrap_err();
+    assert_eq!(violations(&error), vec!["producer_id", "card_serial"]);
+    assert_eq!(counts(&h).await, before, "invalid input writes nothing, not even audit");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn c2_import_is_idempotent_and_never_overwrites() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    h.report_loss(&h.loss(&p, "loss-1")).await.unwrap();
+    // The restart imports the same population again: the card stays reported lost.
+    h.restart().await;
+    assert_eq!(h.count("cards").await, 1);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost);
+    h.shutdown().await;
+}
+
+#[test]
+fn config_rejects_a_bad_clock_and_a_missing_bureau() {
+    let dir = PathBuf::from("d.toml");
+    let mut config = RegistryConfig {
+        server: ServerConfig { bureau_id: String::new(), listen: "127.0.0.1:0".parse().unwrap(), shutdown_grace_seconds: 1 },
+        database: DatabaseConfig { url: "sqlite::memory:".into(), max_connections: 1 },
+        directory: DirectoryConfig { path: dir },
+        clock: ClockConfig::default(),
+        log: LogConfig::default(),
+        import: ImportConfig::default(),
+    };
+    assert!(config.validate().unwrap_err().to_string().contains("server.bureau_id"));
+    config.server.bureau_id = REGISTRY.into();
+    config.clock = ClockConfig { fixed: Some(now()), start: Some(now()), offset_seconds: 0 };
+    assert!(config.validate().unwrap_err().to_string().contains("clock"));
+}
