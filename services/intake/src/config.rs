@@ -46,7 +46,10 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { tick_ms: 200, respond_within_ms: 5000 }
+        Self {
+            tick_ms: 200,
+            respond_within_ms: 5000,
+        }
     }
 }
 
@@ -60,29 +63,46 @@ pub struct BiometricsConfig {
 
 impl Default for BiometricsConfig {
     fn default() -> Self {
-        Self { face_threshold: 0.90 }
+        Self {
+            face_threshold: 0.90,
+        }
     }
 }
 
 impl IntakeConfig {
     /// Checks the values that need no directory; `serve` checks the directory-dependent ones.
+    #[allow(clippy::result_large_err)] // ConfigError is the shared type of every service
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.bureau_id.trim().is_empty() {
             return Err(ConfigError::key("server.bureau_id", "must not be empty"));
         }
         if self.station.producer_id.trim().is_empty() {
-            return Err(ConfigError::key("station.producer_id", "must name the entrusted producer"));
+            return Err(ConfigError::key(
+                "station.producer_id",
+                "must name the entrusted producer",
+            ));
         }
-        self.policy.validate().map_err(|message| ConfigError::key("policy", message))?;
+        self.policy
+            .validate()
+            .map_err(|message| ConfigError::key("policy", message))?;
         if self.worker.tick_ms == 0 || self.worker.tick_ms > 60_000 {
-            return Err(ConfigError::key("worker.tick_ms", "must be between 1 and 60000"));
+            return Err(ConfigError::key(
+                "worker.tick_ms",
+                "must be between 1 and 60000",
+            ));
         }
         if self.worker.respond_within_ms > 60_000 {
-            return Err(ConfigError::key("worker.respond_within_ms", "must be at most 60000"));
+            return Err(ConfigError::key(
+                "worker.respond_within_ms",
+                "must be at most 60000",
+            ));
         }
         let threshold = self.biometrics.face_threshold;
         if !(threshold > 0.0 && threshold <= 1.0) {
-            return Err(ConfigError::key("biometrics.face_threshold", "must be in (0, 1]"));
+            return Err(ConfigError::key(
+                "biometrics.face_threshold",
+                "must be in (0, 1]",
+            ));
         }
         Ok(())
     }

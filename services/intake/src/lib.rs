@@ -35,29 +35,48 @@ pub async fn serve(
     let directory = yidi_common::directory::load(&config.directory.path)?;
     let station = directory
         .get_with_role(&config.server.bureau_id, Role::Intake)
-        .with_context(|| format!("server.bureau_id: {:?} is not an intake bureau in the directory", config.server.bureau_id))?;
-    if directory.get_with_role(&config.station.producer_id, Role::Issuance).is_none() {
+        .with_context(|| {
+            format!(
+                "server.bureau_id: {:?} is not an intake bureau in the directory",
+                config.server.bureau_id
+            )
+        })?;
+    if directory
+        .get_with_role(&config.station.producer_id, Role::Issuance)
+        .is_none()
+    {
         anyhow::bail!(
             "configuration key station.producer_id: {:?} is not an issuance bureau in the directory",
             config.station.producer_id
         );
     }
-    let registry = directory.with_role(Role::Registry).next().context("the directory lists no registry bureau")?;
+    let registry = directory
+        .with_role(Role::Registry)
+        .next()
+        .context("the directory lists no registry bureau")?;
     let station = Station {
         id: station.id.clone(),
         region: station.region.clone(),
         producer_id: config.station.producer_id.clone(),
         registry_id: registry.id.clone(),
     };
-    let clock = Clock::from_config(&config.clock).map_err(|message| anyhow::anyhow!("configuration key clock: {message}"))?;
+    let clock = Clock::from_config(&config.clock)
+        .map_err(|message| anyhow::anyhow!("configuration key clock: {message}"))?;
 
-    let db = yidi_common::db::connect(&config.database).await.context("database.url")?;
-    Migrator::up(&db, None).await.context("migrating the intake database")?;
+    let db = yidi_common::db::connect(&config.database)
+        .await
+        .context("database.url")?;
+    Migrator::up(&db, None)
+        .await
+        .context("migrating the intake database")?;
 
     let (trigger, shutdown_handle) = Shutdown::new();
     let signal_task = trigger.trigger_on(shutdown);
 
-    let matcher = SimulatedMatcher { face_threshold: config.biometrics.face_threshold, ..SimulatedMatcher::default() };
+    let matcher = SimulatedMatcher {
+        face_threshold: config.biometrics.face_threshold,
+        ..SimulatedMatcher::default()
+    };
     let intake = Intake::new(IntakeParts {
         repo: Repo::new(db.clone()),
         clock,
@@ -68,10 +87,19 @@ pub async fn serve(
         respond_within: Duration::from_millis(config.worker.respond_within_ms),
         shutdown: shutdown_handle.clone(),
     });
-    let worker = tokio::spawn(worker::run(intake.clone(), Duration::from_millis(config.worker.tick_ms)));
+    let worker = tokio::spawn(worker::run(
+        intake.clone(),
+        Duration::from_millis(config.worker.tick_ms),
+    ));
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let served = yidi_common::server::serve(listener, IntakeServer::new(grpc::IntakeGrpc::new(intake)), shutdown_handle, grace).await;
+    let served = yidi_common::server::serve(
+        listener,
+        IntakeServer::new(grpc::IntakeGrpc::new(intake)),
+        shutdown_handle,
+        grace,
+    )
+    .await;
     if served.is_err() {
         worker.abort();
         signal_task.abort();

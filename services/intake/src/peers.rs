@@ -46,7 +46,10 @@ impl PeerError {
         match self {
             Self::Unreachable { .. } => true,
             Self::Status { status, .. } => {
-                matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+                matches!(
+                    status.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+                )
             }
         }
     }
@@ -69,7 +72,9 @@ impl std::fmt::Display for PeerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unreachable { peer, message } => write!(f, "{peer}: {message}"),
-            Self::Status { peer, status } => write!(f, "{peer}: {:?}: {}", status.code(), status.message()),
+            Self::Status { peer, status } => {
+                write!(f, "{peer}: {:?}: {}", status.code(), status.message())
+            }
         }
     }
 }
@@ -82,18 +87,28 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(directory: Arc<Directory>) -> Self {
-        Self { directory, channels: Arc::default() }
+        Self {
+            directory,
+            channels: Arc::default(),
+        }
     }
 
     fn channel(&self, bureau_id: &str) -> Result<Channel, PeerError> {
-        let unreachable = |message: String| PeerError::Unreachable { peer: bureau_id.to_owned(), message };
+        let unreachable = |message: String| PeerError::Unreachable {
+            peer: bureau_id.to_owned(),
+            message,
+        };
         if let Ok(channels) = self.channels.lock()
             && let Some(channel) = channels.get(bureau_id)
         {
             return Ok(channel.clone());
         }
-        let bureau = self.directory.get(bureau_id).ok_or_else(|| unreachable("not in the directory".into()))?;
-        let channel = yidi_common::client::channel(&bureau.endpoint).map_err(|e| unreachable(e.to_string()))?;
+        let bureau = self
+            .directory
+            .get(bureau_id)
+            .ok_or_else(|| unreachable("not in the directory".into()))?;
+        let channel = yidi_common::client::channel(&bureau.endpoint)
+            .map_err(|e| unreachable(e.to_string()))?;
         if let Ok(mut channels) = self.channels.lock() {
             channels.insert(bureau_id.to_owned(), channel.clone());
         }
@@ -101,12 +116,23 @@ impl Peers {
     }
 
     fn status(peer: &str) -> impl FnOnce(Status) -> PeerError + '_ {
-        move |status| PeerError::Status { peer: peer.to_owned(), status: Box::new(status) }
+        move |status| PeerError::Status {
+            peer: peer.to_owned(),
+            status: Box::new(status),
+        }
     }
 
-    pub async fn verify(&self, home: &str, request: pb::VerifyRequest) -> Result<pb::VerifyResponse, PeerError> {
+    pub async fn verify(
+        &self,
+        home: &str,
+        request: pb::VerifyRequest,
+    ) -> Result<pb::VerifyResponse, PeerError> {
         let mut client = VerificationClient::new(self.channel(home)?);
-        client.verify(request).await.map(tonic::Response::into_inner).map_err(Self::status(home))
+        client
+            .verify(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(home))
     }
 
     pub async fn close_application(
@@ -115,7 +141,11 @@ impl Peers {
         request: pb::CloseApplicationRequest,
     ) -> Result<pb::CloseApplicationResponse, PeerError> {
         let mut client = VerificationClient::new(self.channel(home)?);
-        client.close_application(request).await.map(tonic::Response::into_inner).map_err(Self::status(home))
+        client
+            .close_application(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(home))
     }
 
     pub async fn report_loss(
@@ -125,7 +155,9 @@ impl Peers {
     ) -> Result<pb::LossRegistryReportLossResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .report_loss(pb::LossRegistryReportLossRequest { decision: Some(decision) })
+            .report_loss(pb::LossRegistryReportLossRequest {
+                decision: Some(decision),
+            })
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
@@ -138,16 +170,24 @@ impl Peers {
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .withdraw_loss_report(pb::LossRegistryWithdrawLossReportRequest { decision: Some(decision) })
+            .withdraw_loss_report(pb::LossRegistryWithdrawLossReportRequest {
+                decision: Some(decision),
+            })
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
     }
 
-    pub async fn place_order(&self, producer: &str, decision: pb::SignedDecision) -> Result<pb::Order, PeerError> {
+    pub async fn place_order(
+        &self,
+        producer: &str,
+        decision: pb::SignedDecision,
+    ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
         let response = client
-            .place_order(pb::PlaceOrderRequest { decision: Some(decision) })
+            .place_order(pb::PlaceOrderRequest {
+                decision: Some(decision),
+            })
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(producer))?;
@@ -157,10 +197,18 @@ impl Peers {
         })
     }
 
-    pub async fn get_order(&self, producer: &str, order_id: &str, decision_id: &str) -> Result<pb::Order, PeerError> {
+    pub async fn get_order(
+        &self,
+        producer: &str,
+        order_id: &str,
+        decision_id: &str,
+    ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
         let response = client
-            .get_order(pb::GetOrderRequest { order_id: order_id.to_owned(), decision_id: decision_id.to_owned() })
+            .get_order(pb::GetOrderRequest {
+                order_id: order_id.to_owned(),
+                decision_id: decision_id.to_owned(),
+            })
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(producer))?;

@@ -7,10 +7,10 @@ use std::{
     time::Duration,
 };
 
+use prost::Message;
 use sea_orm::{ActiveValue::Set, DbErr};
 use tokio::{task::JoinSet, time::Instant};
 use yidi_common::ApiError;
-use prost::Message;
 use yidi_domain::{ApplicationKind, ApplicationState, mask::mask_id_number};
 use yidi_proto::v1 as pb;
 
@@ -47,7 +47,11 @@ impl From<ApiError> for Failure {
 }
 
 fn from_peer(error: PeerError) -> Failure {
-    if error.is_transient() { Failure::Retry(error.to_string()) } else { Failure::Halt(error.to_string()) }
+    if error.is_transient() {
+        Failure::Retry(error.to_string())
+    } else {
+        Failure::Halt(error.to_string())
+    }
 }
 
 /// Exponential from 0.5 s, at most 30 s.
@@ -92,16 +96,24 @@ pub async fn run(intake: Intake, tick: Duration) {
         let now = Instant::now();
         for model in pending {
             let id = model.application_id.clone();
-            let due = retry_at.lock().map(|r| r.get(&id).is_none_or(|at| *at <= now)).unwrap_or(true);
+            let due = retry_at
+                .lock()
+                .map(|r| r.get(&id).is_none_or(|at| *at <= now))
+                .unwrap_or(true);
             if !due {
                 continue;
             }
-            let Ok(mut set) = in_flight.lock() else { continue };
+            let Ok(mut set) = in_flight.lock() else {
+                continue;
+            };
             if !set.insert(id.clone()) {
                 continue;
             }
             drop(set);
-            let guard = InFlight { set: in_flight.clone(), id: id.clone() };
+            let guard = InFlight {
+                set: in_flight.clone(),
+                id: id.clone(),
+            };
             let intake = intake.clone();
             let retry_at = retry_at.clone();
             tasks.spawn(async move {
@@ -155,17 +167,25 @@ async fn drive(intake: &Intake, id: &str) -> Option<Duration> {
                     _ => return Some(backoff(1)),
                 };
                 let delay = backoff(current.attempts.saturating_add(1));
-                let next = (!halt)
-                    .then(|| intake.clock().now() + chrono::Duration::from_std(delay).unwrap_or_default());
+                let next = (!halt).then(|| {
+                    intake.clock().now() + chrono::Duration::from_std(delay).unwrap_or_default()
+                });
                 if halt {
                     tracing::warn!(application_id = %id, error = %message, "peer refused definitively; application halted");
                 } else {
                     tracing::info!(application_id = %id, error = %message, ?delay, "peer call failed; will retry");
                 }
-                match intake.inner.repo.record_failure(&current, &message, next, halt, intake.clock().now()).await {
+                match intake
+                    .inner
+                    .repo
+                    .record_failure(&current, &message, next, halt, intake.clock().now())
+                    .await
+                {
                     Ok(true) => intake.publish(id).await,
                     Ok(false) => {}
-                    Err(error) => tracing::warn!(application_id = %id, %error, "could not record a failure"),
+                    Err(error) => {
+                        tracing::warn!(application_id = %id, %error, "could not record a failure")
+                    }
                 }
                 return (!halt).then_some(delay);
             }
@@ -205,7 +225,9 @@ async fn step(intake: &Intake, model: &application::Model) -> Result<bool, Failu
             )
             .await?),
         ApplicationState::Verifying => verify(intake, model, kind).await,
-        ApplicationState::Approved if !is_final(kind, state, model.loss_recorded) => approved(intake, model, kind).await,
+        ApplicationState::Approved if !is_final(kind, state, model.loss_recorded) => {
+            approved(intake, model, kind).await
+        }
         ApplicationState::InProduction => {
             let order_id = model.order_id.clone().unwrap_or_default();
             let order = inner
@@ -244,13 +266,21 @@ async fn step(intake: &Intake, model: &application::Model) -> Result<bool, Failu
     }
 }
 
-async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Result<bool, Failure> {
+async fn verify(
+    intake: &Intake,
+    model: &application::Model,
+    kind: ApplicationKind,
+) -> Result<bool, Failure> {
     let inner = &intake.inner;
     let issue = kind.makes_a_card();
     let request = pb::VerifyRequest {
         application_id: model.application_id.clone(),
         station_id: inner.station.id.clone(),
-        purpose: if issue { pb::DecisionPurpose::IssueCard } else { pb::DecisionPurpose::ReportLoss } as i32,
+        purpose: if issue {
+            pb::DecisionPurpose::IssueCard
+        } else {
+            pb::DecisionPurpose::ReportLoss
+        } as i32,
         kind: yidi_common::convert::kind_to_proto(kind) as i32,
         id_number: model.id_number.clone(),
         card_serial: model.previous_card_serial.clone(),
@@ -258,13 +288,25 @@ async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKi
             face_template: model.live_face_template.clone(),
             fingerprint_template: model.live_fingerprint_template.clone(),
         }),
-        producer_id: if issue { inner.station.producer_id.clone() } else { String::new() },
+        producer_id: if issue {
+            inner.station.producer_id.clone()
+        } else {
+            String::new()
+        },
     };
-    let answer = inner.peers.verify(&model.home_bureau_id, request).await.map_err(from_peer)?;
+    let answer = inner
+        .peers
+        .verify(&model.home_bureau_id, request)
+        .await
+        .map_err(from_peer)?;
     let masked = mask_id_number(&model.id_number);
     let id = model.application_id.as_str();
     if let Some(decision) = answer.decision {
-        let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
+        let decision_id = decision
+            .decision
+            .as_ref()
+            .map(|d| d.decision_id.clone())
+            .unwrap_or_default();
         let mut changes = progress_changes();
         changes.decision = Set(Some(decision.encode_to_vec()));
         changes.loss_decision = Set(answer.loss_decision.map(|d| d.encode_to_vec()));
@@ -277,8 +319,16 @@ async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKi
                     to: ApplicationState::Approved,
                     changes,
                     condition: None,
-                    note: format!("approved by {} (decision {decision_id})", model.home_bureau_id),
-                    audit: Some(AuditEntry::new("verification", masked, "approved", format!("decision {decision_id}"))),
+                    note: format!(
+                        "approved by {} (decision {decision_id})",
+                        model.home_bureau_id
+                    ),
+                    audit: Some(AuditEntry::new(
+                        "verification",
+                        masked,
+                        "approved",
+                        format!("decision {decision_id}"),
+                    )),
                 },
                 intake.clock().now(),
             )
@@ -291,7 +341,12 @@ async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKi
     let reason = pb::RefusalReason::try_from(answer.refusal_reason)
         .ok()
         .and_then(yidi_common::convert::refusal_from_proto)
-        .ok_or_else(|| Failure::Halt(format!("{} answered neither a decision nor a known refusal", model.home_bureau_id)))?;
+        .ok_or_else(|| {
+            Failure::Halt(format!(
+                "{} answered neither a decision nor a known refusal",
+                model.home_bureau_id
+            ))
+        })?;
     let mut changes = progress_changes();
     changes.refusal_reason = Set(Some(reason.code().to_owned()));
     let applied = inner
@@ -304,7 +359,12 @@ async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKi
                 changes,
                 condition: None,
                 note: format!("refused by {}: {}", model.home_bureau_id, reason.code()),
-                audit: Some(AuditEntry::new("verification", masked, "refused", reason.code())),
+                audit: Some(AuditEntry::new(
+                    "verification",
+                    masked,
+                    "refused",
+                    reason.code(),
+                )),
             },
             intake.clock().now(),
         )
@@ -315,7 +375,11 @@ async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKi
     Ok(applied)
 }
 
-async fn approved(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Result<bool, Failure> {
+async fn approved(
+    intake: &Intake,
+    model: &application::Model,
+    kind: ApplicationKind,
+) -> Result<bool, Failure> {
     let inner = &intake.inner;
     let id = model.application_id.as_str();
     let masked = mask_id_number(&model.id_number);
@@ -335,11 +399,18 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
             Ok(response) => format!(
                 "card {} {}",
                 response.card_serial,
-                if response.already_reported { "already reported" } else { "reported lost" }
+                if response.already_reported {
+                    "already reported"
+                } else {
+                    "reported lost"
+                }
             ),
             // Our decision was used before (we reported, then crashed before recording it).
             Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
-                format!("card {} already reported by this application", model.previous_card_serial)
+                format!(
+                    "card {} already reported by this application",
+                    model.previous_card_serial
+                )
             }
             Err(error) => return Err(from_peer(error)),
         };
@@ -351,7 +422,12 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
                 id,
                 ApplicationState::Approved,
                 changes,
-                Some(AuditEntry::new("loss_report", masked.clone(), "recorded", detail)),
+                Some(AuditEntry::new(
+                    "loss_report",
+                    masked.clone(),
+                    "recorded",
+                    detail,
+                )),
                 intake.clock().now(),
             )
             .await?;
@@ -368,12 +444,18 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
         return Ok(false);
     }
     let producer = &inner.station.producer_id;
-    let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
+    let decision_id = decision
+        .decision
+        .as_ref()
+        .map(|d| d.decision_id.clone())
+        .unwrap_or_default();
     let order = match inner.peers.place_order(producer, decision).await {
         Ok(order) => order,
-        Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
-            inner.peers.get_order(producer, "", &decision_id).await.map_err(from_peer)?
-        }
+        Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => inner
+            .peers
+            .get_order(producer, "", &decision_id)
+            .await
+            .map_err(from_peer)?,
         Err(error) => return Err(from_peer(error)),
     };
     let mut changes = progress_changes();
@@ -395,7 +477,10 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
                     "issuance",
                     masked,
                     "ordered",
-                    format!("order {} card {} decision {decision_id}", order.order_id, order.card_serial),
+                    format!(
+                        "order {} card {} decision {decision_id}",
+                        order.order_id, order.card_serial
+                    ),
                 )),
             },
             intake.clock().now(),
@@ -408,7 +493,11 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
 }
 
 /// Tells the home bureau the application ended, so it is no longer open there (K5).
-async fn close(intake: &Intake, model: &application::Model, state: ApplicationState) -> Result<(), Failure> {
+async fn close(
+    intake: &Intake,
+    model: &application::Model,
+    state: ApplicationState,
+) -> Result<(), Failure> {
     let inner = &intake.inner;
     let request = pb::CloseApplicationRequest {
         application_id: model.application_id.clone(),
@@ -419,7 +508,11 @@ async fn close(intake: &Intake, model: &application::Model, state: ApplicationSt
             String::new()
         },
     };
-    match inner.peers.close_application(&model.home_bureau_id, request).await {
+    match inner
+        .peers
+        .close_application(&model.home_bureau_id, request)
+        .await
+    {
         Ok(_) => {}
         // The home bureau never opened it: nothing to close.
         Err(error) if error.code() == Some(tonic::Code::NotFound) => {}
@@ -427,7 +520,16 @@ async fn close(intake: &Intake, model: &application::Model, state: ApplicationSt
     }
     let mut changes = progress_changes();
     changes.home_notified = Set(true);
-    inner.repo.update_in_state(&model.application_id, state, changes, None, intake.clock().now()).await?;
+    inner
+        .repo
+        .update_in_state(
+            &model.application_id,
+            state,
+            changes,
+            None,
+            intake.clock().now(),
+        )
+        .await?;
     tracing::info!(application_id = %model.application_id, state = state.as_str(), "home bureau notified");
     Ok(())
 }
