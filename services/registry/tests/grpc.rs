@@ -101,6 +101,11 @@ async fn start(config: RegistryConfig) -> (LossRegistryClient<Channel>, oneshot:
 
 impl Harness {
     async fn new(citizens: Vec<Citizen>) -> Self {
+        Self::with_database(citizens, None).await
+    }
+
+    /// `database_url`: None for an SQLite file in the temp folder.
+    async fn with_database(citizens: Vec<Citizen>, database_url: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let jiangxi = generate_signing_key();
         let sichuan = generate_signing_key();
@@ -118,7 +123,8 @@ impl Harness {
         directory.write(&directory_path).unwrap();
         let population_path = dir.path().join("population.json");
         Population { citizens }.write(&population_path).unwrap();
-        let db_url = format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display());
+        let db_url = database_url
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display()));
         let config = RegistryConfig {
             server: ServerConfig {
                 bureau_id: REGISTRY.into(),
@@ -743,4 +749,52 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
     config.server.bureau_id = REGISTRY.into();
     config.clock = ClockConfig { fixed: Some(now()), start: Some(now()), offset_seconds: 0 };
     assert!(config.validate().unwrap_err().to_string().contains("clock"));
+}
+
+/// The same rules on PostgreSQL, when `YIDI_TEST_POSTGRES_URL` names a server
+/// (e.g. `postgres://postgres@127.0.0.1:5432`); a fresh database is created and dropped.
+#[tokio::test]
+async fn s1_rules_hold_on_postgres_when_configured() {
+    let Ok(server) = std::env::var("YIDI_TEST_POSTGRES_URL") else {
+        eprintln!("YIDI_TEST_POSTGRES_URL not set: PostgreSQL run skipped");
+        return;
+    };
+    let name = format!("yidi_registry_test_{}_{}", std::process::id(), Utc::now().timestamp_micros());
+    let admin = yidi_common::db::connect(&DatabaseConfig { url: format!("{server}/postgres"), max_connections: 1 }).await.unwrap();
+    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
+    {
+        let p = person(123, "JX-0001");
+        let q = person(135, "JX-0002");
+        let mut h =
+            Harness::with_database(vec![citizen(&p, None, false), citizen(&q, None, true)], Some(format!("{server}/{name}"))).await;
+        let answer = h.report_loss(&h.loss(&p, "loss-1")).await.unwrap();
+        assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost);
+        assert_eq!(h.check(&p.id, &p.card).await.status_changed_at, answer.changed_at);
+        assert!(h.report_loss(&h.loss(&p, "loss-1")).await.unwrap().already_reported);
+        let found = h.withdraw(&h.withdrawal(&p, "found-1")).await.unwrap();
+        assert_eq!(status_of(found.status), pb::CardStatus::Valid);
+        assert_eq!(h.withdraw(&h.withdrawal(&p, "found-1")).await.unwrap_err().code(), Code::AlreadyExists);
+        let registered = h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
+        assert_eq!(registered.revoked_card_serials, vec![p.card.clone()]);
+        assert_eq!(h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap(), registered);
+        assert_eq!(h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-2").await.unwrap_err().code(), Code::AlreadyExists);
+        let query = |id: &str, serial: &str| pb::CardQuery { id_number: id.into(), card_serial: serial.into() };
+        let batch = pb::CheckCardsRequest { cards: vec![query(&q.id, &q.card); 1000], relying_party: "bank".into() };
+        assert_eq!(h.client.check_cards(batch).await.unwrap().into_inner().results.len(), 1000);
+        assert_eq!(h.hits(JIANGXI).await.unwrap().len(), 50, "first page of the 1000 hits");
+        let mut stream =
+            h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let event = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+            statuses.push(status_of(event.status));
+        }
+        assert_eq!(statuses, vec![pb::CardStatus::ReportedLost, pb::CardStatus::Valid, pb::CardStatus::Revoked]);
+        drop(stream);
+        h.restart().await;
+        assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Valid);
+        h.shutdown().await;
+    }
+    admin.execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
+    admin.close().await.unwrap();
 }
