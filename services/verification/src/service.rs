@@ -79,7 +79,7 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
     let Some(citizen) = facts.citizen else {
         return Err(RefusalReason::UnknownCitizen);
     };
-    if !facts.jurisdiction.iter().any(|p| *p == citizen.registration_province) {
+    if !facts.jurisdiction.contains(&citizen.registration_province) {
         return Err(RefusalReason::UnknownCitizen);
     }
     // 2. S3: registration cancelled (deceased).
