@@ -596,7 +596,7 @@ async fn s4_start_refuses_a_key_that_is_not_the_directorys() {
 }
 
 #[tokio::test]
-async fn k5_the_import_is_idempotent_and_never_overwrites_the_register() {
+async fn n3_the_import_takes_only_this_bureaus_citizens_and_never_overwrites() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     let r = renewable();
