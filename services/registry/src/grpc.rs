@@ -33,20 +33,23 @@ impl RegistryGrpc {
 
     /// Reads a signed decision and checks the parts the registry stores: the holder's number
     /// (N1, N2) and, for loss and withdrawal decisions, the serial of the card concerned.
-    fn decision(&self, signed: Option<&pb::SignedDecision>, needs_previous_serial: bool) -> Result<SignedDecision, ApiError> {
+    fn decision(
+        &self,
+        signed: Option<&pb::SignedDecision>,
+        needs_previous_serial: bool,
+    ) -> Result<SignedDecision, ApiError> {
         let decision = signed_decision_from_proto("decision", signed)?;
         let mut v = FieldViolations::new();
         let today = self.service.today();
-        match IdNumber::parse(&decision.decision.card.id_number, today) {
-            Ok(id) => {
-                if id.as_str() != decision.decision.card.id_number {
-                    v.add("decision.decision.card.id_number", "must be normalised (upper-case X)");
-                }
-            }
-            Err(error) => v.add("decision.decision.card.id_number", error.to_string()),
+        if let Err(error) = IdNumber::parse(&decision.decision.card.id_number, today) {
+            v.add("decision.decision.card.id_number", error.to_string());
         }
         if needs_previous_serial {
-            v.required("decision.decision.previous_card_serial", &decision.decision.previous_card_serial, MAX_SERIAL_LEN);
+            v.required(
+                "decision.decision.previous_card_serial",
+                &decision.decision.previous_card_serial,
+                MAX_SERIAL_LEN,
+            );
         }
         v.finish()?;
         Ok(decision)
@@ -132,7 +135,10 @@ impl LossRegistry for RegistryGrpc {
         }))
     }
 
-    async fn check_card(&self, request: Request<pb::CheckCardRequest>) -> Result<Response<pb::CheckCardResponse>, Status> {
+    async fn check_card(
+        &self,
+        request: Request<pb::CheckCardRequest>,
+    ) -> Result<Response<pb::CheckCardResponse>, Status> {
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         let id_number = v.id_number("id_number", &request.id_number, self.service.today());
@@ -142,7 +148,8 @@ impl LossRegistry for RegistryGrpc {
         let (Some(id_number), Some(card_serial), Some(relying_party)) = (id_number, card_serial, relying_party) else {
             return Err(ApiError::Internal("validation incomplete".into()).into());
         };
-        let (results, checked_at) = self.service.check_cards(&[CardQuery { id_number, card_serial }], &relying_party).await?;
+        let (results, checked_at) =
+            self.service.check_cards(&[CardQuery { id_number, card_serial }], &relying_party).await?;
         let result = results.into_iter().next().ok_or_else(|| ApiError::Internal("no result".into()))?;
         Ok(Response::new(pb::CheckCardResponse {
             status: card_status_to_proto(result.status) as i32,
@@ -151,7 +158,10 @@ impl LossRegistry for RegistryGrpc {
         }))
     }
 
-    async fn check_cards(&self, request: Request<pb::CheckCardsRequest>) -> Result<Response<pb::CheckCardsResponse>, Status> {
+    async fn check_cards(
+        &self,
+        request: Request<pb::CheckCardsRequest>,
+    ) -> Result<Response<pb::CheckCardsResponse>, Status> {
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         if request.cards.is_empty() || request.cards.len() > MAX_BATCH {

@@ -11,11 +11,11 @@ mod service;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use yidi_registry_migration::MigratorTrait;
 use yidi_common::{Clock, Shutdown, population::Population};
 use yidi_domain::Role;
 use yidi_proto::v1::loss_registry_server::LossRegistryServer;
 use yidi_registry_migration::Migrator;
+use yidi_registry_migration::MigratorTrait;
 
 use crate::{config::RegistryConfig, grpc::RegistryGrpc, repo::Repo, service::Registry};
 
@@ -50,8 +50,8 @@ pub async fn serve(
         tracing::info!(imported, path = %path.display(), "legacy cards imported");
     }
 
-    let server = LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry)))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let server =
+        LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry))).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let served = yidi_common::server::serve(listener, server, stop, grace).await;
     drop(registry);

@@ -66,6 +66,11 @@ pub struct Registry {
     shutdown: Shutdown,
 }
 
+/// N2: identity numbers are stored and compared with an upper-case check character.
+fn normalised(id_number: &str) -> String {
+    id_number.trim().to_ascii_uppercase()
+}
+
 fn is_unique_violation(error: &DbErr) -> bool {
     matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
@@ -135,7 +140,7 @@ impl Registry {
     async fn decision_card(&self, signed: &SignedDecision) -> Result<Option<Card>, ApiError> {
         let d = &signed.decision;
         let card = self.repo.card(&d.previous_card_serial).await?;
-        Ok(card.filter(|c| c.id_number == d.card.id_number))
+        Ok(card.filter(|c| c.id_number == normalised(&d.card.id_number)))
     }
 
     fn not_found(serial: &str) -> ApiError {
@@ -158,7 +163,8 @@ impl Registry {
         for _ in 0..ATTEMPTS {
             if self.repo.loss_report_decision_used(&d.decision_id).await? {
                 // The same decision again: answer as before, write nothing.
-                let card = self.decision_card(&signed).await?.ok_or_else(|| Self::not_found(&d.previous_card_serial))?;
+                let card =
+                    self.decision_card(&signed).await?.ok_or_else(|| Self::not_found(&d.previous_card_serial))?;
                 let answer = answer(&card, today);
                 return Ok(LossOutcome {
                     card_serial: card.serial,
@@ -182,7 +188,11 @@ impl Registry {
                     return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
                 }
                 StoredCardStatus::ReportedLost => {
-                    match self.repo.record_loss_report(&card.serial, &d.decision_id, now, audit("already_reported")).await {
+                    match self
+                        .repo
+                        .record_loss_report(&card.serial, &d.decision_id, now, audit("already_reported"))
+                        .await
+                    {
                         Ok(()) => {}
                         Err(e) if is_unique_violation(&e) => continue,
                         Err(e) => return Err(e.into()),
@@ -224,8 +234,7 @@ impl Registry {
         let d = &signed.decision;
         let subject = mask_id_number(&d.card.id_number);
         let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
-        let expected =
-            Expectation { purpose: DecisionPurpose::WithdrawLossReport, addressee_id: &self.bureau_id, now };
+        let expected = Expectation { purpose: DecisionPurpose::WithdrawLossReport, addressee_id: &self.bureau_id, now };
         if let Err(error) = signed.verify(&self.directory, expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
@@ -287,7 +296,8 @@ impl Registry {
         let now = self.now();
         let d = &signed.decision;
         let subject = mask_id_number(&d.card.id_number);
-        let detail = format!("decision {} by {} producer {} card {}", d.decision_id, d.bureau_id, producer_id, card_serial);
+        let detail =
+            format!("decision {} by {} producer {} card {}", d.decision_id, d.bureau_id, producer_id, card_serial);
         if self.directory.get_with_role(&producer_id, Role::Issuance).is_none() {
             let error = DecisionError::Misaddressed {
                 expected: "an issuance bureau of the directory".into(),
@@ -316,12 +326,15 @@ impl Registry {
                 return Err(self.refuse(ACTION, subject, detail, error).await);
             }
             if self.repo.card(&card_serial).await?.is_some() {
-                let error = ApiError::precondition("CARD_SERIAL_EXISTS", format!("card serial {card_serial:?} is already registered"));
+                let error = ApiError::precondition(
+                    "CARD_SERIAL_EXISTS",
+                    format!("card serial {card_serial:?} is already registered"),
+                );
                 return Err(self.refuse(ACTION, card_serial.clone(), detail, error).await);
             }
             let new = NewCard {
                 serial: card_serial.clone(),
-                id_number: d.card.id_number.clone(),
+                id_number: normalised(&d.card.id_number),
                 home_bureau_id: d.bureau_id.clone(),
                 status: StoredCardStatus::Valid,
                 valid_from: d.card.valid_from,
@@ -389,7 +402,12 @@ impl Registry {
     }
 
     /// C4: hits on the cards of a home bureau, newest first; the next offset if there is more.
-    pub async fn list_hits(&self, home_bureau_id: &str, offset: u64, size: u64) -> Result<(Vec<Hit>, Option<u64>), ApiError> {
+    pub async fn list_hits(
+        &self,
+        home_bureau_id: &str,
+        offset: u64,
+        size: u64,
+    ) -> Result<(Vec<Hit>, Option<u64>), ApiError> {
         let mut hits = self.repo.hits(home_bureau_id, offset, size + 1).await?;
         let next = if hits.len() as u64 > size {
             hits.truncate(usize::try_from(size).unwrap_or(usize::MAX));
@@ -455,7 +473,7 @@ impl Registry {
             let Some(card) = &citizen.card else { continue };
             let new = NewCard {
                 serial: card.serial.clone(),
-                id_number: citizen.id_number.trim().to_ascii_uppercase(),
+                id_number: normalised(&citizen.id_number),
                 home_bureau_id: citizen.home_bureau_id.clone(),
                 status: if card.reported_lost { StoredCardStatus::ReportedLost } else { StoredCardStatus::Valid },
                 valid_from: card.valid_from,

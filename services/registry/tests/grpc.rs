@@ -88,7 +88,9 @@ fn entry(id: &str, role: Role, jurisdiction: &[&str], key: Option<&SigningKey>) 
     }
 }
 
-async fn start(config: RegistryConfig) -> (LossRegistryClient<Channel>, oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
+async fn start(
+    config: RegistryConfig,
+) -> (LossRegistryClient<Channel>, oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -123,8 +125,8 @@ impl Harness {
         directory.write(&directory_path).unwrap();
         let population_path = dir.path().join("population.json");
         Population { citizens }.write(&population_path).unwrap();
-        let db_url = database_url
-            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display()));
+        let db_url =
+            database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display()));
         let config = RegistryConfig {
             server: ServerConfig {
                 bureau_id: REGISTRY.into(),
@@ -138,7 +140,8 @@ impl Harness {
             import: ImportConfig { path: Some(population_path) },
         };
         let (client, stop, task) = start(config.clone()).await;
-        let mut harness = Self { _dir: dir, db_url, jiangxi, sichuan, client, stop: Some(stop), task: Some(task), config };
+        let mut harness =
+            Self { _dir: dir, db_url, jiangxi, sichuan, client, stop: Some(stop), task: Some(task), config };
         harness.ready().await;
         harness
     }
@@ -168,7 +171,8 @@ impl Harness {
     }
 
     async fn count(&self, table: &str) -> i64 {
-        let db = yidi_common::db::connect(&DatabaseConfig { url: self.db_url.clone(), max_connections: 1 }).await.unwrap();
+        let db =
+            yidi_common::db::connect(&DatabaseConfig { url: self.db_url.clone(), max_connections: 1 }).await.unwrap();
         let row = db
             .query_one_raw(Statement::from_string(db.get_database_backend(), format!("SELECT COUNT(*) FROM {table}")))
             .await
@@ -222,7 +226,10 @@ impl Harness {
         self.client.report_loss(request).await.map(|r| r.into_inner())
     }
 
-    async fn withdraw(&mut self, signed: &SignedDecision) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
+    async fn withdraw(
+        &mut self,
+        signed: &SignedDecision,
+    ) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
         let request = pb::LossRegistryWithdrawLossReportRequest { decision: Some(signed_decision_to_proto(signed)) };
         self.client.withdraw_loss_report(request).await.map(|r| r.into_inner())
     }
@@ -343,17 +350,21 @@ async fn s1_new_card_revokes_older_cards() {
     assert_eq!(h.count("status_events").await, events);
 
     // The feed holds every change: revocation, loss, revocation.
-    let mut stream = h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let mut stream =
+        h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
     let mut seen = Vec::new();
     for _ in 0..3 {
         let event = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
         seen.push((event.card_serial, status_of(event.status)));
     }
-    assert_eq!(seen, vec![
-        (p.card.clone(), pb::CardStatus::Revoked),
-        ("ZJ-1001".to_owned(), pb::CardStatus::ReportedLost),
-        ("ZJ-1001".to_owned(), pb::CardStatus::Revoked),
-    ]);
+    assert_eq!(
+        seen,
+        vec![
+            (p.card.clone(), pb::CardStatus::Revoked),
+            ("ZJ-1001".to_owned(), pb::CardStatus::ReportedLost),
+            ("ZJ-1001".to_owned(), pb::CardStatus::Revoked),
+        ]
+    );
     drop(stream);
     h.shutdown().await;
 }
@@ -364,7 +375,8 @@ async fn s1_watch_revocations_sends_history_then_live_changes_and_ends_on_shutdo
     let q = person(135, "JX-0002");
     let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&q, None, false)]).await;
     h.report_loss(&h.loss(&p, "loss-p")).await.unwrap();
-    let mut stream = h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
+    let mut stream =
+        h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
     let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
     assert_eq!((first.sequence, first.card_serial.as_str()), (1, "JX-0001"));
     // A live change arrives on the open stream.
@@ -373,7 +385,8 @@ async fn s1_watch_revocations_sends_history_then_live_changes_and_ends_on_shutdo
     assert_eq!((second.sequence, second.card_serial.as_str()), (2, "JX-0002"));
     assert_eq!(status_of(second.status), pb::CardStatus::ReportedLost);
     // after_sequence skips what the watcher has.
-    let mut later = h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 1 }).await.unwrap().into_inner();
+    let mut later =
+        h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 1 }).await.unwrap().into_inner();
     let only = tokio::time::timeout(Duration::from_secs(5), later.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(only.sequence, 2);
     // Shutdown ends the streams.
@@ -480,7 +493,8 @@ async fn s4_registry_refuses_misaddressed_decision() {
     let error = h.register(&to_registry, REGISTRY, "ZJ-2").await.unwrap_err();
     assert_eq!(error.code(), Code::PermissionDenied);
     // Wrong purpose: an issuance decision used as a loss report.
-    let error = h.report_loss(&h.decision(DecisionPurpose::IssueCard, &p, "x", REGISTRY).sign(&h.jiangxi)).await.unwrap_err();
+    let error =
+        h.report_loss(&h.decision(DecisionPurpose::IssueCard, &p, "x", REGISTRY).sign(&h.jiangxi)).await.unwrap_err();
     assert_eq!(reason(&error), "DECISION_WRONG_PURPOSE");
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
     h.shutdown().await;
@@ -553,7 +567,10 @@ async fn c2_unknown_serial_is_unknown() {
     // Expired is derived from the date.
     let old = h.check(&expired.id, &expired.card).await;
     assert_eq!(status_of(old.status), pb::CardStatus::Expired);
-    assert_eq!(old.status_changed_at.map(|t| t.seconds), Some(Utc.with_ymd_and_hms(2117, 7, 1, 0, 0, 0).unwrap().timestamp()));
+    assert_eq!(
+        old.status_changed_at.map(|t| t.seconds),
+        Some(Utc.with_ymd_and_hms(2117, 7, 1, 0, 0, 0).unwrap().timestamp())
+    );
     assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid);
     // A loss report for a serial that is not the holder's: NOT_FOUND.
     let wrong = Person { id: p.id.clone(), card: q.card.clone() };
@@ -628,7 +645,11 @@ async fn c4_lost_card_check_is_a_hit_for_the_home_bureau() {
     assert_eq!(page.hits.len(), 1);
     let rest = h
         .client
-        .list_hits(pb::ListHitsRequest { home_bureau_id: JIANGXI.into(), page_size: 1, page_token: page.next_page_token })
+        .list_hits(pb::ListHitsRequest {
+            home_bureau_id: JIANGXI.into(),
+            page_size: 1,
+            page_token: page.next_page_token,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -676,12 +697,15 @@ async fn c2_batch_check_answers_in_order_and_caps_at_1000() {
     };
     let answer = h.client.check_cards(request).await.unwrap().into_inner();
     let got: Vec<(u32, pb::CardStatus)> = answer.results.iter().map(|r| (r.index, status_of(r.status))).collect();
-    assert_eq!(got, vec![
-        (0, pb::CardStatus::Valid),
-        (1, pb::CardStatus::Unknown),
-        (2, pb::CardStatus::ReportedLost),
-        (3, pb::CardStatus::Unknown),
-    ]);
+    assert_eq!(
+        got,
+        vec![
+            (0, pb::CardStatus::Valid),
+            (1, pb::CardStatus::Unknown),
+            (2, pb::CardStatus::ReportedLost),
+            (3, pb::CardStatus::Unknown),
+        ]
+    );
     assert!(answer.results[1].status_changed_at.is_none());
     assert_eq!(h.hits(JIANGXI).await.unwrap().len(), 1, "the lost card's check is a hit");
 
@@ -695,13 +719,14 @@ async fn c2_batch_check_answers_in_order_and_caps_at_1000() {
     assert_eq!(violations(&h.client.check_cards(over).await.unwrap_err()), vec!["cards"]);
     let empty = pb::CheckCardsRequest { cards: vec![], relying_party: "bank".into() };
     assert_eq!(violations(&h.client.check_cards(empty).await.unwrap_err()), vec!["cards"]);
-    let bad = pb::CheckCardsRequest { cards: vec![query(&q.id, &q.card), query("123", ""), query(&p.id, "")], relying_party: String::new() };
-    assert_eq!(violations(&h.client.check_cards(bad).await.unwrap_err()), vec![
-        "cards[1].id_number",
-        "cards[1].card_serial",
-        "cards[2].card_serial",
-        "relying_party",
-    ]);
+    let bad = pb::CheckCardsRequest {
+        cards: vec![query(&q.id, &q.card), query("123", ""), query(&p.id, "")],
+        relying_party: String::new(),
+    };
+    assert_eq!(
+        violations(&h.client.check_cards(bad).await.unwrap_err()),
+        vec!["cards[1].id_number", "cards[1].card_serial", "cards[2].card_serial", "relying_party",]
+    );
     h.shutdown().await;
 }
 
@@ -738,7 +763,11 @@ async fn c2_import_is_idempotent_and_never_overwrites() {
 fn config_rejects_a_bad_clock_and_a_missing_bureau() {
     let dir = PathBuf::from("d.toml");
     let mut config = RegistryConfig {
-        server: ServerConfig { bureau_id: String::new(), listen: "127.0.0.1:0".parse().unwrap(), shutdown_grace_seconds: 1 },
+        server: ServerConfig {
+            bureau_id: String::new(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shutdown_grace_seconds: 1,
+        },
         database: DatabaseConfig { url: "sqlite::memory:".into(), max_connections: 1 },
         directory: DirectoryConfig { path: dir },
         clock: ClockConfig::default(),
@@ -760,13 +789,18 @@ async fn s1_rules_hold_on_postgres_when_configured() {
         return;
     };
     let name = format!("yidi_registry_test_{}_{}", std::process::id(), Utc::now().timestamp_micros());
-    let admin = yidi_common::db::connect(&DatabaseConfig { url: format!("{server}/postgres"), max_connections: 1 }).await.unwrap();
+    let admin = yidi_common::db::connect(&DatabaseConfig { url: format!("{server}/postgres"), max_connections: 1 })
+        .await
+        .unwrap();
     admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
     {
         let p = person(123, "JX-0001");
         let q = person(135, "JX-0002");
-        let mut h =
-            Harness::with_database(vec![citizen(&p, None, false), citizen(&q, None, true)], Some(format!("{server}/{name}"))).await;
+        let mut h = Harness::with_database(
+            vec![citizen(&p, None, false), citizen(&q, None, true)],
+            Some(format!("{server}/{name}")),
+        )
+        .await;
         let answer = h.report_loss(&h.loss(&p, "loss-1")).await.unwrap();
         assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost);
         assert_eq!(h.check(&p.id, &p.card).await.status_changed_at, answer.changed_at);
@@ -777,7 +811,10 @@ async fn s1_rules_hold_on_postgres_when_configured() {
         let registered = h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
         assert_eq!(registered.revoked_card_serials, vec![p.card.clone()]);
         assert_eq!(h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap(), registered);
-        assert_eq!(h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-2").await.unwrap_err().code(), Code::AlreadyExists);
+        assert_eq!(
+            h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-2").await.unwrap_err().code(),
+            Code::AlreadyExists
+        );
         let query = |id: &str, serial: &str| pb::CardQuery { id_number: id.into(), card_serial: serial.into() };
         let batch = pb::CheckCardsRequest { cards: vec![query(&q.id, &q.card); 1000], relying_party: "bank".into() };
         assert_eq!(h.client.check_cards(batch).await.unwrap().into_inner().results.len(), 1000);
