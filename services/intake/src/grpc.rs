@@ -75,8 +75,8 @@ fn applicant(
 }
 
 fn card_serial(v: &mut FieldViolations, value: &str) -> Option<String> {
-    v.required("card_serial", value, MAX_SHORT)
-        .map(str::to_owned)
+    // Optional: empty means the citizen's current card, as the home bureau's register knows it.
+    v.bounded("card_serial", value, MAX_SHORT).map(str::to_owned)
 }
 
 fn malformed() -> ApiError {

@@ -308,6 +308,10 @@ async fn verify(
             .map(|d| d.decision_id.clone())
             .unwrap_or_default();
         let mut changes = progress_changes();
+        // The home bureau names the card concerned (the register's current card when none was given).
+        if let Some(previous) = decision.decision.as_ref().map(|d| d.previous_card_serial.clone()).filter(|s| !s.is_empty()) {
+            changes.previous_card_serial = Set(previous);
+        }
         changes.decision = Set(Some(decision.encode_to_vec()));
         changes.loss_decision = Set(answer.loss_decision.map(|d| d.encode_to_vec()));
         let applied = inner

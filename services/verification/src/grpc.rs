@@ -65,7 +65,8 @@ impl VerificationApi {
             }
         }
         let id_number = v.id_number("id_number", &request.id_number, today);
-        let card_serial = v.required("card_serial", &request.card_serial, MAX_ID_LEN);
+        // Optional: empty means the citizen's current card on the register.
+        let card_serial = v.bounded("card_serial", &request.card_serial, MAX_ID_LEN);
         let empty = pb::Biometrics::default();
         let live = request.live.as_ref().unwrap_or(&empty);
         let needs_face = matches!(purpose, Some(DecisionPurpose::IssueCard | DecisionPurpose::ReportLoss));

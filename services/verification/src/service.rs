@@ -103,8 +103,8 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
     let Some(current) = citizen.current_card_serial.as_deref() else {
         return Err(RefusalReason::FirstApplication);
     };
-    // 6. The card named is the current one.
-    if current != input.card_serial {
+    // 6. The card named, if any, is the current one (a citizen rarely knows a lost card's serial).
+    if !input.card_serial.is_empty() && current != input.card_serial {
         return Err(RefusalReason::CardNotCurrent);
     }
     // 7. K5 and K2.
@@ -256,6 +256,7 @@ impl Verifier {
         addressee_id: &str,
         application_kind: Option<ApplicationKind>,
         card: CardData,
+        current_card_serial: &str,
         issued_at: DateTime<Utc>,
     ) -> SignedDecision {
         Decision {
@@ -267,7 +268,7 @@ impl Verifier {
             station_id: input.station_id.clone(),
             application_kind,
             card,
-            previous_card_serial: input.card_serial.clone(),
+            previous_card_serial: current_card_serial.to_owned(),
             issued_at,
             expires_at: issued_at + self.ttl,
         }
@@ -285,6 +286,8 @@ impl Verifier {
     ) -> Result<VerifyAnswer, ApiError> {
         let issued_at = truncate_to_seconds(now);
         let today = now.date_naive();
+        // judge() approved, so the citizen holds a card and any serial named is this one.
+        let current = citizen.current_card_serial.clone().unwrap_or_else(|| input.card_serial.clone());
         let card_data = |valid_from: NaiveDate, valid_until: Option<NaiveDate>| CardData {
             id_number: citizen.id_number.clone(),
             name: citizen.name.clone(),
@@ -305,10 +308,10 @@ impl Verifier {
                 let term = card::term_for(citizen.birth_date, today);
                 let data = card_data(term.valid_from, term.valid_until);
                 let decision =
-                    self.decision(input, DecisionPurpose::IssueCard, &input.producer_id, input.kind, data.clone(), issued_at);
+                    self.decision(input, DecisionPurpose::IssueCard, &input.producer_id, input.kind, data.clone(), &current, issued_at);
                 // K1: a replacement files the loss report too.
                 let loss = if input.kind == Some(ApplicationKind::Replacement) {
-                    Some(self.decision(input, DecisionPurpose::ReportLoss, &registry(&registry_id)?, input.kind, data, issued_at))
+                    Some(self.decision(input, DecisionPurpose::ReportLoss, &registry(&registry_id)?, input.kind, data, &current, issued_at))
                 } else {
                     None
                 };
@@ -318,7 +321,7 @@ impl Verifier {
                 // The card concerned is the current one.
                 let valid_from = citizen.current_card_valid_from.unwrap_or(today);
                 let data = card_data(valid_from, citizen.current_card_valid_until);
-                let decision = self.decision(input, purpose, &registry(&registry_id)?, input.kind, data, issued_at);
+                let decision = self.decision(input, purpose, &registry(&registry_id)?, input.kind, data, &current, issued_at);
                 (decision, None, None)
             }
         };

@@ -557,7 +557,6 @@ async fn n1_invalid_requests_name_every_field_and_write_nothing() {
         "station_id",
         "kind",
         "id_number",
-        "card_serial",
         "live.face_template",
         "live.fingerprint_template",
         "producer_id",
