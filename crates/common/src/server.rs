@@ -14,6 +14,10 @@ use tower::Service;
 
 use crate::shutdown::Shutdown;
 
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+pub const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("reflection: {0}")]
@@ -32,14 +36,23 @@ where
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<S>().await;
 
-    let descriptor_sets =
-        [yidi_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET];
-    let mut reflection_v1 = tonic_reflection::server::Builder::configure();
-    let mut reflection_v1alpha = tonic_reflection::server::Builder::configure();
-    for set in descriptor_sets {
-        reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(set);
-        reflection_v1alpha = reflection_v1alpha.register_encoded_file_descriptor_set(set);
-    }
+    // Every port advertises exactly what it serves; the rich-error types are registered so that
+    // grpcurl can decode `google.rpc.BadRequest`/`ErrorInfo` details.
+    let descriptor_sets = [
+        yidi_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let advertised = [S::NAME, HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA];
+    let reflection = || {
+        let builder = descriptor_sets.iter().fold(
+            tonic_reflection::server::Builder::configure().include_reflection_service(false),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        );
+        advertised.iter().fold(builder, |builder, name| builder.with_service_name(*name))
+    };
 
     let address = listener.local_addr().ok();
     tracing::info!(service = S::NAME, ?address, "serving");
@@ -56,8 +69,8 @@ where
     let server = Server::builder()
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
         .add_service(health_service)
-        .add_service(reflection_v1.build_v1()?)
-        .add_service(reflection_v1alpha.build_v1alpha()?)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained);
 
