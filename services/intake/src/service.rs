@@ -71,6 +71,15 @@ impl ApplicationView {
     pub fn is_final(&self) -> bool {
         is_final(self.kind, self.state, self.loss_recorded)
     }
+
+    /// What the caller at the counter waits for: the home bureau's answer, and for a loss report
+    /// also its recording at the registry (K3: the card is invalid everywhere once answered).
+    fn is_answered(&self) -> bool {
+        match self.kind {
+            ApplicationKind::LossReport => self.is_final(),
+            _ => past_verifying(self.state),
+        }
+    }
 }
 
 pub fn is_final(kind: ApplicationKind, state: ApplicationState, loss_recorded: bool) -> bool {
@@ -278,13 +287,13 @@ impl Intake {
             match tokio::time::timeout_at(deadline, changes.recv()).await {
                 Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
                 Ok(Ok(view)) => {
-                    if view.application_id == application_id && past_verifying(view.state) {
+                    if view.application_id == application_id && view.is_answered() {
                         return Ok(view);
                     }
                 }
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
                     let view = self.get(&application_id).await?;
-                    if past_verifying(view.state) {
+                    if view.is_answered() {
                         return Ok(view);
                     }
                 }
