@@ -1,9 +1,10 @@
 //! Plumbing every yidi service shares, so that four services never carry four copies of it:
-//! configuration, the injected clock, the bureau directory and keys, database connections, the
+//! the audit log, configuration, the injected clock, the bureau directory and keys, database connections, the
 //! gRPC server with health and reflection, error-to-Status mapping, request validation,
 //! proto ↔ domain conversions, tracing and the shutdown signal.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -5,35 +5,10 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr,
     EntityTrait, Order, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
+use yidi_common::audit::{self, AuditEntry};
 use yidi_domain::ApplicationState;
 
-use crate::entities::{application, application_event, audit_log};
-
-/// One row of the audit log.
-#[derive(Debug, Clone)]
-pub struct AuditEntry {
-    pub action: &'static str,
-    /// Masked identity number or a card serial.
-    pub subject: String,
-    pub outcome: String,
-    pub detail: String,
-}
-
-impl AuditEntry {
-    pub fn new(
-        action: &'static str,
-        subject: impl Into<String>,
-        outcome: impl Into<String>,
-        detail: impl Into<String>,
-    ) -> Self {
-        Self {
-            action,
-            subject: subject.into(),
-            outcome: outcome.into(),
-            detail: detail.into(),
-        }
-    }
-}
+use crate::entities::{application, application_event};
 
 /// A state transition: `from` (one of) → `to`, with the columns that change alongside.
 #[derive(Debug)]
@@ -81,7 +56,7 @@ impl Repo {
     }
 
     pub async fn audit(&self, entry: AuditEntry, at: DateTime<Utc>) -> Result<(), DbErr> {
-        insert_audit(&self.db, entry, at).await
+        audit::append(&self.db, at, entry).await
     }
 
     pub async fn get(&self, application_id: &str) -> Result<Option<application::Model>, DbErr> {
@@ -188,7 +163,7 @@ impl Repo {
         }
         insert_event(&txn, t.application_id, t.to.as_str(), now, &t.note).await?;
         if let Some(entry) = t.audit {
-            insert_audit(&txn, entry, now).await?;
+            audit::append(&txn, now, entry).await?;
         }
         txn.commit().await?;
         Ok(true)
@@ -216,7 +191,7 @@ impl Repo {
             return Ok(false);
         }
         if let Some(entry) = audit {
-            insert_audit(&txn, entry, now).await?;
+            audit::append(&txn, now, entry).await?;
         }
         txn.commit().await?;
         Ok(true)
@@ -255,24 +230,6 @@ async fn insert_event<C: sea_orm::ConnectionTrait>(
         state: Set(state.to_owned()),
         at: Set(at),
         note: Set(note.to_owned()),
-        ..Default::default()
-    }
-    .insert(db)
-    .await?;
-    Ok(())
-}
-
-async fn insert_audit<C: sea_orm::ConnectionTrait>(
-    db: &C,
-    entry: AuditEntry,
-    at: DateTime<Utc>,
-) -> Result<(), DbErr> {
-    audit_log::ActiveModel {
-        at: Set(at),
-        action: Set(entry.action.to_owned()),
-        subject: Set(entry.subject),
-        outcome: Set(entry.outcome),
-        detail: Set(entry.detail),
         ..Default::default()
     }
     .insert(db)

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::{ActiveValue::Set, ColumnTrait, Condition};
 use tokio::sync::{Notify, broadcast, mpsc};
-use yidi_common::{ApiError, Clock, Shutdown};
+use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry};
 use yidi_domain::{
     ApplicationKind, ApplicationState, BiometricMatcher, Bureau, Directory, DocumentKind, IdNumber,
     PolicyTimeline, RefusalReason, mask::mask_id_number,
@@ -16,7 +16,7 @@ use yidi_proto::v1 as pb;
 use crate::{
     entities::{application, application_event},
     peers::{PeerError, Peers},
-    repo::{self, AuditEntry, Repo, Transition},
+    repo::{self, Repo, Transition},
 };
 
 /// Who this station is and whom it works with.

@@ -10,14 +10,14 @@ use std::{
 use prost::Message;
 use sea_orm::{ActiveValue::Set, DbErr};
 use tokio::{task::JoinSet, time::Instant};
-use yidi_common::ApiError;
+use yidi_common::{ApiError, audit::AuditEntry};
 use yidi_domain::{ApplicationKind, ApplicationState, mask::mask_id_number};
 use yidi_proto::v1 as pb;
 
 use crate::{
     entities::application,
     peers::PeerError,
-    repo::{self, AuditEntry, Transition},
+    repo::{self, Transition},
     service::{Intake, decode_decision, is_final, parse_kind_state},
 };
 

@@ -7,10 +7,13 @@ use sea_orm::{
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
-use yidi_common::ApiError;
+use yidi_common::{
+    ApiError,
+    audit::{self, AuditEntry},
+};
 use yidi_domain::mask::mask_id_number;
 
-use crate::entities::{audit_log, orders};
+use crate::entities::orders;
 
 /// The life of an order at the producer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,29 +103,6 @@ pub struct NewOrder {
     pub now: DateTime<Utc>,
 }
 
-/// One audit record.
-#[derive(Debug, Clone)]
-pub struct Audit {
-    pub at: DateTime<Utc>,
-    pub action: &'static str,
-    pub subject: String,
-    pub outcome: String,
-    pub detail: String,
-}
-
-impl Audit {
-    fn into_active(self) -> audit_log::ActiveModel {
-        audit_log::ActiveModel {
-            at: Set(self.at),
-            action: Set(self.action.to_owned()),
-            subject: Set(self.subject),
-            outcome: Set(self.outcome),
-            detail: Set(self.detail),
-            ..Default::default()
-        }
-    }
-}
-
 /// Why an insert failed.
 #[derive(Debug)]
 pub enum InsertError {
@@ -152,13 +132,13 @@ impl Repo {
         Self { db }
     }
 
-    pub async fn audit(&self, audit: Audit) -> Result<(), ApiError> {
-        audit.into_active().insert(&self.db).await?;
+    pub async fn audit(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), ApiError> {
+        audit::append(&self.db, at, entry).await?;
         Ok(())
     }
 
     /// Inserts the order and its audit row in one transaction.
-    pub async fn insert_order(&self, order: NewOrder, audit: Audit) -> Result<Order, InsertError> {
+    pub async fn insert_order(&self, order: NewOrder, audit: AuditEntry) -> Result<Order, InsertError> {
         let decision_id = order.decision_id.clone();
         let serial = order.card_serial.clone();
         let result = self
@@ -185,7 +165,7 @@ impl Repo {
                     }
                     .insert(txn)
                     .await?;
-                    audit.into_active().insert(txn).await?;
+                    audit::append(txn, order.now, audit).await?;
                     Ok(model)
                 })
             })
@@ -263,7 +243,7 @@ impl Repo {
         from: OrderState,
         to: OrderState,
         now: DateTime<Utc>,
-        audit: Audit,
+        audit: AuditEntry,
     ) -> Result<Option<Order>, ApiError> {
         let txn = self.db.begin().await?;
         let mut update = orders::Entity::update_many()
@@ -283,7 +263,7 @@ impl Repo {
             txn.rollback().await?;
             return Ok(None);
         }
-        audit.into_active().insert(&txn).await?;
+        audit::append(&txn, now, audit).await?;
         let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
         txn.commit().await?;
         model.map(Order::try_from).transpose()
@@ -295,7 +275,7 @@ impl Repo {
         order_id: Uuid,
         attempt: Attempt,
         now: DateTime<Utc>,
-        audit: Option<Audit>,
+        audit: Option<AuditEntry>,
     ) -> Result<Option<Order>, ApiError> {
         let (error, stop) = match attempt {
             Attempt::Retry(error) => (error, false),
@@ -315,8 +295,8 @@ impl Repo {
             txn.rollback().await?;
             return Ok(None);
         }
-        if let Some(audit) = audit {
-            audit.into_active().insert(&txn).await?;
+        if let Some(entry) = audit {
+            audit::append(&txn, now, entry).await?;
         }
         let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
         txn.commit().await?;

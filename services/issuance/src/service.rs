@@ -4,12 +4,12 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
-use yidi_common::{ApiError, Clock};
+use yidi_common::{ApiError, Clock, audit::AuditEntry};
 use yidi_domain::{
     DecisionError, DecisionPurpose, Directory, SignedDecision, decision::Expectation, mask::mask_id_number,
 };
 
-use crate::repo::{Audit, InsertError, NewOrder, Order, Repo};
+use crate::repo::{InsertError, NewOrder, Order, Repo};
 
 /// How many fresh serials PlaceOrder draws before giving up on a collision streak.
 const SERIAL_DRAWS: usize = 8;
@@ -123,8 +123,7 @@ impl IssuanceService {
                 ready_at,
                 now,
             };
-            let audit = Audit {
-                at: now,
+            let audit = AuditEntry {
                 action: "place_order",
                 subject: subject.clone(),
                 outcome: "accepted".into(),
@@ -160,14 +159,13 @@ impl IssuanceService {
     /// Records a refused decision in the audit log (and nothing else), then returns the refusal.
     async fn refuse(&self, subject: String, decision_id: &str, error: DecisionError) -> ApiError {
         tracing::warn!(decision_id, id_number = %subject, reason = error.code(), "decision refused");
-        let audit = Audit {
-            at: self.clock.now(),
+        let audit = AuditEntry {
             action: "place_order",
             subject,
             outcome: error.code().to_lowercase(),
             detail: format!("decision {decision_id}: {error}"),
         };
-        match self.repo.audit(audit).await {
+        match self.repo.audit(self.clock.now(), audit).await {
             Ok(()) => ApiError::Decision(error),
             Err(audit_error) => audit_error,
         }

@@ -10,11 +10,11 @@ use prost::Message;
 use tokio::time::Instant;
 use tonic::{Code, transport::Channel};
 use uuid::Uuid;
-use yidi_common::Shutdown;
+use yidi_common::{Shutdown, audit::AuditEntry};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 
 use crate::{
-    repo::{Attempt, Audit, Order, OrderState},
+    repo::{Attempt, Order, OrderState},
     service::IssuanceService,
 };
 
@@ -176,8 +176,7 @@ impl Worker {
                     );
                 }
                 let now = self.service.clock().now();
-                let audit = Audit {
-                    at: now,
+                let audit = AuditEntry {
                     action: "register_card",
                     subject: order.card_serial.clone(),
                     outcome: "registered".into(),
@@ -222,8 +221,7 @@ impl Worker {
             }
             Verdict::Definitive => {
                 tracing::warn!(order_id = %order.order_id, error = %message, "registration refused; not retrying");
-                let audit = Audit {
-                    at: now,
+                let audit = AuditEntry {
                     action: "register_card",
                     subject: order.card_serial.clone(),
                     outcome: "refused_by_registry".into(),
@@ -247,8 +245,7 @@ impl Worker {
 
     async fn dispatch(&self, order: Order) -> Next {
         let now = self.service.clock().now();
-        let audit = Audit {
-            at: now,
+        let audit = AuditEntry {
             action: "dispatch",
             subject: order.card_serial.clone(),
             outcome: "dispatched".into(),

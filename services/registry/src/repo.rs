@@ -9,9 +9,10 @@ use sea_orm::{
     TransactionTrait, TryInsertResult,
     sea_query::Expr,
 };
+use yidi_common::audit::{self, AuditEntry};
 use yidi_domain::StoredCardStatus;
 
-use crate::entities::{audit_log, cards, hits, loss_reports, status_events};
+use crate::entities::{cards, hits, loss_reports, status_events};
 
 /// A card as the registry stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,16 +74,6 @@ impl TryFrom<status_events::Model> for StatusEvent {
     }
 }
 
-/// One audit record.
-#[derive(Debug, Clone)]
-pub struct AuditEntry {
-    pub action: &'static str,
-    /// Masked identity number or card serial.
-    pub subject: String,
-    pub outcome: String,
-    pub detail: String,
-}
-
 /// A card to register (RegisterCard) or import (legacy cards, no decision).
 #[derive(Debug, Clone)]
 pub struct NewCard {
@@ -126,20 +117,6 @@ pub enum Change<T> {
 #[derive(Clone)]
 pub struct Repo {
     db: DatabaseConnection,
-}
-
-async fn insert_audit<C: ConnectionTrait>(db: &C, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
-    audit_log::Entity::insert(audit_log::ActiveModel {
-        id: NotSet,
-        at: Set(at),
-        action: Set(entry.action.to_owned()),
-        subject: Set(entry.subject),
-        outcome: Set(entry.outcome),
-        detail: Set(entry.detail),
-    })
-    .exec_without_returning(db)
-    .await?;
-    Ok(())
 }
 
 /// Moves `serial` from `from` to `to` if it still is in `from`, and writes the event row.
@@ -249,7 +226,7 @@ impl Repo {
     }
 
     pub async fn audit(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
-        insert_audit(&self.db, at, entry).await
+        audit::append(&self.db, at, entry).await
     }
 
     /// A loss report for a card that already stands reported lost: the decision is used, no change.
@@ -262,7 +239,7 @@ impl Repo {
     ) -> Result<(), DbErr> {
         let txn = self.db.begin().await?;
         insert_loss_report(&txn, serial, decision_id, now).await?;
-        insert_audit(&txn, now, audit).await?;
+        audit::append(&txn, now, audit).await?;
         txn.commit().await
     }
 
@@ -282,7 +259,7 @@ impl Repo {
             return Ok(Change::Raced);
         };
         insert_loss_report(&txn, serial, decision_id, now).await?;
-        insert_audit(&txn, now, audit).await?;
+        audit::append(&txn, now, audit).await?;
         txn.commit().await?;
         Ok(Change::Done(event))
     }
@@ -338,7 +315,7 @@ impl Repo {
                 .await?;
             }
         }
-        insert_audit(&txn, now, audit).await?;
+        audit::append(&txn, now, audit).await?;
         txn.commit().await?;
         Ok(Change::Done(event))
     }
@@ -380,7 +357,7 @@ impl Repo {
             }
         }
         let revoked: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
-        insert_audit(&txn, now, audit(&revoked)).await?;
+        audit::append(&txn, now, audit(&revoked)).await?;
         txn.commit().await?;
         Ok(events)
     }

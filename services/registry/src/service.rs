@@ -4,13 +4,13 @@ use std::sync::Arc;
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use sea_orm::{DbErr, SqlErr};
 use tokio::sync::{Mutex, broadcast, mpsc};
-use yidi_common::{ApiError, Clock, Shutdown, population::Population};
+use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry, population::Population};
 use yidi_domain::{
     CardStatus, DecisionError, DecisionPurpose, Directory, IdNumber, RefusalReason, Role, SignedDecision,
     StoredCardStatus, decision::Expectation, mask::mask_id_number,
 };
 
-use crate::repo::{AuditEntry, Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent};
+use crate::repo::{Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent};
 
 /// How often a status change is retried when another writer changed the card meanwhile.
 const ATTEMPTS: usize = 3;

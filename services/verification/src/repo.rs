@@ -7,10 +7,13 @@ use sea_orm::{
     QueryOrder, QuerySelect, SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
     sea_query::Expr,
 };
-use yidi_common::population::{Credit, Registration};
+use yidi_common::{
+    audit::{self, AuditEntry},
+    population::{Credit, Registration},
+};
 use yidi_domain::{DecisionPurpose, Sex};
 
-use crate::entities::{audit_log, citizens, verifications};
+use crate::entities::{citizens, verifications};
 
 pub fn purpose_str(purpose: DecisionPurpose) -> &'static str {
     purpose.as_str()
@@ -115,16 +118,6 @@ pub struct NewVerification {
     pub valid_until: Option<NaiveDate>,
     pub open: bool,
     pub created_at: DateTime<Utc>,
-}
-
-/// An audit record. `subject` is a masked id number or a card serial, never a full number.
-#[derive(Debug, Clone)]
-pub struct Audit<'a> {
-    pub at: DateTime<Utc>,
-    pub action: &'a str,
-    pub subject: &'a str,
-    pub outcome: &'a str,
-    pub detail: &'a str,
 }
 
 #[derive(Clone)]
@@ -252,17 +245,8 @@ impl Tx {
         Ok(())
     }
 
-    pub async fn audit(&self, entry: Audit<'_>) -> Result<(), DbErr> {
-        let model = audit_log::ActiveModel {
-            id: NotSet,
-            at: Set(entry.at),
-            action: Set(entry.action.to_owned()),
-            subject: Set(entry.subject.to_owned()),
-            outcome: Set(entry.outcome.to_owned()),
-            detail: Set(entry.detail.to_owned()),
-        };
-        audit_log::Entity::insert(model).exec_without_returning(&self.txn).await?;
-        Ok(())
+    pub async fn audit(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
+        audit::append(&self.txn, at, entry).await
     }
 
     /// Cancels the registration (idempotent). Returns false when it already was cancelled.

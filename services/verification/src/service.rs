@@ -6,6 +6,7 @@ use ed25519_dalek::SigningKey;
 use prost::Message;
 use yidi_common::{
     ApiError, Clock,
+    audit::AuditEntry,
     convert::{refusal_to_proto, signed_decision_to_proto},
     population::{Credit, Registration},
 };
@@ -15,7 +16,7 @@ use yidi_domain::{
 };
 use yidi_proto::v1 as pb;
 
-use crate::repo::{Audit, Citizen, NewVerification, Repo, Tx, is_unique_violation};
+use crate::repo::{Citizen, NewVerification, Repo, Tx, is_unique_violation};
 
 /// A Verify request, validated.
 #[derive(Debug, Clone)]
@@ -242,7 +243,7 @@ impl Verifier {
             input.station_id,
             reason
         );
-        tx.audit(Audit { at: now, action: "verify", subject: masked, outcome: reason.code(), detail: &detail })
+        tx.audit(now, AuditEntry::new("verify", masked, reason.code(), &detail))
             .await?;
         tx.commit().await?;
         tracing::info!(id_number = masked, application_id = %input.application_id, reason = reason.code(), "verification refused");
@@ -358,7 +359,7 @@ impl Verifier {
             decision_id,
             loss_decision_id.map(|id| format!(" loss decision {id}")).unwrap_or_default()
         );
-        tx.audit(Audit { at: now, action: "verify", subject: masked, outcome: "APPROVED", detail: &detail }).await?;
+        tx.audit(now, AuditEntry::new("verify", masked, "APPROVED", &detail)).await?;
         tx.commit().await?;
         tracing::info!(id_number = masked, application_id = %input.application_id, purpose = input.purpose.as_str(), "verification approved");
         Ok(VerifyAnswer { response, replayed: false })
@@ -398,7 +399,7 @@ impl Verifier {
         let changed = tx.cancel_registration(id_number.as_str(), date_of_death, now).await?;
         let outcome = if changed { "CANCELLED" } else { "ALREADY_CANCELLED" };
         let detail = format!("date of death {date_of_death}");
-        tx.audit(Audit { at: now, action: "record_death", subject: &masked, outcome, detail: &detail }).await?;
+        tx.audit(now, AuditEntry::new("record_death", masked.as_str(), outcome, detail)).await?;
         tx.commit().await?;
         tracing::info!(id_number = %masked, outcome, "death recorded");
         Ok(now)
@@ -416,7 +417,7 @@ impl Verifier {
             Credit::Good => "GOOD",
             Credit::Bad => "BAD",
         };
-        tx.audit(Audit { at: now, action: "record_credit_status", subject: &masked, outcome, detail: note }).await?;
+        tx.audit(now, AuditEntry::new("record_credit_status", masked.as_str(), outcome, note)).await?;
         tx.commit().await?;
         tracing::info!(id_number = %masked, outcome, "credit status recorded");
         Ok(now)
@@ -463,8 +464,7 @@ impl Verifier {
             tx.set_current_card(&row.id_number, serial, row.valid_from, row.valid_until, now).await?;
             detail.push_str(&format!("; current card is now {serial}"));
         }
-        tx.audit(Audit { at: now, action: "close_application", subject: &masked, outcome: &state.to_ascii_uppercase(), detail: &detail })
-            .await?;
+        tx.audit(now, AuditEntry::new("close_application", masked.as_str(), state.to_ascii_uppercase(), detail)).await?;
         tx.commit().await?;
         tracing::info!(id_number = %masked, application_id, state, "application closed");
         Ok(true)

@@ -2,10 +2,10 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
+use yidi_common::audit::CreateAuditLog;
 
 mod m20261127_000001_create_applications;
 mod m20261127_000002_create_application_events;
-mod m20261127_000003_create_audit_log;
 
 pub struct Migrator;
 
@@ -13,9 +13,9 @@ pub struct Migrator;
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
+            Box::new(CreateAuditLog),
             Box::new(m20261127_000001_create_applications::Migration),
             Box::new(m20261127_000002_create_application_events::Migration),
-            Box::new(m20261127_000003_create_audit_log::Migration),
         ]
     }
 }

@@ -1,4 +1,3 @@
 //! One file per table.
 pub mod application;
 pub mod application_event;
-pub mod audit_log;

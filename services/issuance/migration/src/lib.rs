@@ -2,9 +2,9 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
+use yidi_common::audit::CreateAuditLog;
 
 mod m20261127_000001_create_orders;
-mod m20261127_000002_create_audit_log;
 
 pub struct Migrator;
 
@@ -12,8 +12,8 @@ pub struct Migrator;
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
+            Box::new(CreateAuditLog),
             Box::new(m20261127_000001_create_orders::Migration),
-            Box::new(m20261127_000002_create_audit_log::Migration),
         ]
     }
 }

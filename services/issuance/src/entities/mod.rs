@@ -1,3 +1,2 @@
 //! One file per table.
-pub mod audit_log;
 pub mod orders;

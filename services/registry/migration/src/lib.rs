@@ -2,12 +2,12 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
+use yidi_common::audit::CreateAuditLog;
 
 mod m20261127_000001_create_cards;
 mod m20261127_000002_create_loss_reports;
 mod m20261127_000003_create_status_events;
 mod m20261127_000004_create_hits;
-mod m20261127_000005_create_audit_log;
 
 pub struct Migrator;
 
@@ -15,11 +15,11 @@ pub struct Migrator;
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
+            Box::new(CreateAuditLog),
             Box::new(m20261127_000001_create_cards::Migration),
             Box::new(m20261127_000002_create_loss_reports::Migration),
             Box::new(m20261127_000003_create_status_events::Migration),
             Box::new(m20261127_000004_create_hits::Migration),
-            Box::new(m20261127_000005_create_audit_log::Migration),
         ]
     }
 }

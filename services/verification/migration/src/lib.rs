@@ -3,10 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
+use yidi_common::audit::CreateAuditLog;
 
 mod m20261127_000001_create_citizens;
 mod m20261127_000002_create_verifications;
-mod m20261127_000003_create_audit_log;
 
 pub struct Migrator;
 
@@ -14,9 +14,9 @@ pub struct Migrator;
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
+            Box::new(CreateAuditLog),
             Box::new(m20261127_000001_create_citizens::Migration),
             Box::new(m20261127_000002_create_verifications::Migration),
-            Box::new(m20261127_000003_create_audit_log::Migration),
         ]
     }
 }
