@@ -1,9 +1,10 @@
 //! Test harness: starts the whole suite (real binaries, separate processes, free loopback ports)
 //! on SQLite or on fresh PostgreSQL databases, and offers clients and helpers.
 //!
-//! PostgreSQL: `YIDI_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`). When it
-//! is unreachable the PostgreSQL variant of each test is skipped with a message, unless
-//! `YIDI_REQUIRE_POSTGRES=1` (set by `.ci/run`), which makes it fail.
+//! PostgreSQL: `YIDI_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`), where
+//! each suite creates its own databases and drops them. When it is unreachable the PostgreSQL
+//! variant of each test is skipped with a message, unless `YIDI_REQUIRE_POSTGRES=1` (set by
+//! `.ci/run`), which makes it fail. The convention is `yidi_common::scratch_db`'s.
 #![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
-use yidi_common::population::Citizen;
+use yidi_common::{population::Citizen, scratch_db};
 use yidi_demo::{
     suite::{Backend, ClockSetting, Suite, SuiteOptions, default_bin_dir},
     topology::Process,
@@ -49,10 +50,6 @@ macro_rules! on_both_databases {
     };
 }
 
-pub fn postgres_url() -> String {
-    std::env::var("YIDI_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 /// 09:00 UTC on a date.
 pub fn at(date: &str) -> DateTime<Utc> {
     let day = NaiveDate::parse_from_str(date, "%Y-%m-%d").unwrap_or_default();
@@ -76,14 +73,9 @@ pub async fn start(db: Db, date: &str, configure: impl FnOnce(&mut SuiteOptions)
     let mut options = SuiteOptions::new(dir.path().to_path_buf(), default_bin_dir()?, now);
     options.clock = ClockSetting::Start(now);
     if db == Db::Postgres {
-        let url = postgres_url();
-        if sea_orm::Database::connect(&url).await.is_err() {
-            if std::env::var("YIDI_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
-                bail!("PostgreSQL is required (YIDI_REQUIRE_POSTGRES=1) but {url} is unreachable");
-            }
-            eprintln!("SKIPPED: PostgreSQL at {url} is unreachable; the PostgreSQL run of this test was skipped");
+        let Some(url) = scratch_db::postgres_server_for_tests().await.map_err(anyhow::Error::msg)? else {
             return Ok(None);
-        }
+        };
         options.backend = Backend::Postgres { admin_url: url };
     }
     configure(&mut options);

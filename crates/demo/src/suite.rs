@@ -9,10 +9,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, Database as SeaDatabase};
 use tokio::process::{Child, Command};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-use yidi_common::population::Population;
+use yidi_common::{population::Population, scratch_db::ScratchDatabase};
 
 use crate::topology::{self, Keys, PRODUCER, Process};
 
@@ -93,26 +92,13 @@ pub struct Suite {
     pub population: Population,
     options: SuiteOptions,
     children: BTreeMap<Process, Child>,
-    postgres: Option<PostgresDatabases>,
-}
-
-struct PostgresDatabases {
-    admin_url: String,
-    names: Vec<String>,
+    /// With [`Backend::Postgres`], each bureau's scratch database.
+    postgres: BTreeMap<Process, ScratchDatabase>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
-}
-
-/// `postgres://user@host:port/db` → the same server with another database.
-fn with_database(admin_url: &str, name: &str) -> String {
-    let base = admin_url.split('?').next().unwrap_or(admin_url);
-    match base.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{name}"),
-        None => format!("{base}/{name}"),
-    }
 }
 
 impl Suite {
@@ -138,9 +124,9 @@ impl Suite {
                         let _ = std::fs::remove_file(dir.join(format!("{}.{suffix}", process.slug())));
                     }
                 }
-                None
+                BTreeMap::new()
             }
-            Backend::Postgres { admin_url } => Some(create_databases(admin_url).await?),
+            Backend::Postgres { admin_url } => create_databases(admin_url).await?,
         };
         let mut suite = Self { dir, ports, keys, population, options, children: BTreeMap::new(), postgres };
         for process in Process::ALL {
@@ -168,12 +154,9 @@ impl Suite {
     }
 
     fn database_url(&self, process: Process) -> String {
-        match &self.postgres {
+        match self.postgres.get(&process) {
             None => format!("sqlite://{}?mode=rwc", self.dir.join(format!("{}.db", process.slug())).display()),
-            Some(pg) => {
-                let name = pg.names.iter().find(|n| n.ends_with(process.slug())).cloned().unwrap_or_default();
-                with_database(&pg.admin_url, &name)
-            }
+            Some(database) => database.url().to_owned(),
         }
     }
 
@@ -298,8 +281,8 @@ impl Suite {
                 Err(error) => failures.push(error.to_string()),
             }
         }
-        if let Some(pg) = self.postgres.take() {
-            drop_databases(&pg).await?;
+        for (_, database) in std::mem::take(&mut self.postgres) {
+            database.drop().await?;
         }
         if failures.is_empty() { Ok(()) } else { bail!("{}", failures.join("; ")) }
     }
@@ -315,41 +298,20 @@ impl Suite {
 
 impl Drop for Suite {
     fn drop(&mut self) {
-        // Children die with `kill_on_drop`; databases are dropped on a thread of their own because
-        // Drop cannot await (a test that panicked never reached `stop`).
-        if let Some(pg) = self.postgres.take() {
-            self.children.clear();
-            let _ = std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(200));
-                if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    let _ = runtime.block_on(drop_databases(&pg));
-                }
-            })
-            .join();
-        }
+        // A test that panicked never reached `stop`: kill the bureaus (`kill_on_drop`) before their
+        // databases go (each `ScratchDatabase` drops its own).
+        self.children.clear();
     }
 }
 
-async fn create_databases(admin_url: &str) -> anyhow::Result<PostgresDatabases> {
-    let admin = SeaDatabase::connect(admin_url)
-        .await
-        .with_context(|| format!("PostgreSQL at {admin_url} is unreachable"))?;
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let mut names = Vec::new();
+/// One scratch database per bureau; those created so far go again if one fails.
+async fn create_databases(admin_url: &str) -> anyhow::Result<BTreeMap<Process, ScratchDatabase>> {
+    let mut databases = BTreeMap::new();
     for process in Process::ALL {
-        let name = format!("yidi_{}_{}", &run[..12], process.slug());
-        admin.execute_unprepared(&format!("CREATE DATABASE \"{name}\"")).await?;
-        names.push(name);
+        let database = ScratchDatabase::create(admin_url, process.slug())
+            .await
+            .with_context(|| format!("creating {}'s database on PostgreSQL at {admin_url}", process.slug()))?;
+        databases.insert(process, database);
     }
-    admin.close().await?;
-    Ok(PostgresDatabases { admin_url: admin_url.to_owned(), names })
-}
-
-async fn drop_databases(pg: &PostgresDatabases) -> anyhow::Result<()> {
-    let admin = SeaDatabase::connect(&pg.admin_url).await?;
-    for name in &pg.names {
-        admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await?;
-    }
-    admin.close().await?;
-    Ok(())
+    Ok(databases)
 }

@@ -20,6 +20,7 @@ use yidi_common::{
     ApiError,
     convert::signed_decision_to_proto,
     directory::{BureauEntry, DirectoryFile, encode_public_key},
+    scratch_db::postgres_for_tests,
 };
 use yidi_domain::{
     ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, RefusalReason, Role, Sex,
@@ -1161,13 +1162,12 @@ async fn s4_an_unreachable_home_bureau_is_retried_with_the_error_visible() {
     h.stop().await;
 }
 
-/// The same lifecycle on PostgreSQL: `YIDI_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/<fresh db>
-/// cargo test -p yidi-intake -- --ignored`.
+/// The same lifecycle on PostgreSQL, in a scratch database of the test server (see
+/// `yidi_common::scratch_db`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
 #[tokio::test]
-#[ignore = "needs a PostgreSQL database in YIDI_TEST_POSTGRES_URL"]
 async fn c3_lifecycle_on_postgresql() {
-    let url = std::env::var("YIDI_TEST_POSTGRES_URL").expect("YIDI_TEST_POSTGRES_URL");
-    let mut h = Harness::start_on(NATIONAL, true, Some(url)).await;
+    let Some(scratch) = postgres_for_tests("intake").await.unwrap() else { return };
+    let mut h = Harness::start_on(NATIONAL, true, Some(scratch.url().to_owned())).await;
     h.fakes.dispatched.store(true, Ordering::SeqCst);
     let person = applicant(
         &jiangxi_citizen(),
@@ -1208,4 +1208,5 @@ async fn c3_lifecycle_on_postgresql() {
     let listed = h.list_all().await;
     assert!(listed.iter().any(|a| a.application_id == id));
     h.stop().await;
+    scratch.drop().await.unwrap();
 }

@@ -20,6 +20,7 @@ use yidi_common::{
     config::{DatabaseConfig, DirectoryConfig, ServerConfig},
     convert::signed_decision_to_proto,
     directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key},
+    scratch_db::postgres_for_tests,
     telemetry::LogConfig,
 };
 use yidi_domain::{
@@ -613,31 +614,14 @@ async fn s4_issuance_orders_survive_a_restart() {
     producer.shutdown().await;
 }
 
-/// The same rules on PostgreSQL. The server is the one of `YIDI_TEST_POSTGRES_URL` (default
-/// `postgres://postgres@127.0.0.1:5432/test`); a uniquely named database is created and dropped.
-/// Skipped with a message when the server is unreachable, unless `YIDI_REQUIRE_POSTGRES=1`.
+/// The same rules on PostgreSQL, in a scratch database of the test server (see
+/// `yidi_common::scratch_db`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
 #[tokio::test]
 async fn s4_issuance_works_on_postgresql() {
-    let url = std::env::var("YIDI_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let server = match url.rsplit_once('/') {
-        Some((server, _database)) if server.contains("://") && !server.ends_with('/') => server.to_owned(),
-        _ => url.trim_end_matches('/').to_owned(),
-    };
-    let admin = match Database::connect(format!("{server}/postgres")).await {
-        Ok(admin) => admin,
-        Err(error) if std::env::var("YIDI_REQUIRE_POSTGRES").as_deref() != Ok("1") => {
-            eprintln!("PostgreSQL at {server} unreachable ({error}): skipping the PostgreSQL run");
-            return;
-        }
-        Err(error) => panic!("PostgreSQL at {server} is required: {error}"),
-    };
-    let name = format!("yidi_issuance_test_{}", uuid::Uuid::new_v4().simple());
-    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
-
+    let Some(scratch) = postgres_for_tests("issuance").await.unwrap() else { return };
     let fake = FakeRegistry::default();
     let (endpoint, _registry) = start_registry(fake.clone()).await;
-    let options = Options { database_url: Some(format!("{server}/{name}")), ..Options::new(&endpoint) };
+    let options = Options { database_url: Some(scratch.url().to_owned()), ..Options::new(&endpoint) };
     let mut producer = Producer::start(options).await;
     let sent = signed_decision_to_proto(&producer.signed("d-postgres"));
     let placed = producer.place(sent.clone()).await.unwrap();
@@ -653,9 +637,7 @@ async fn s4_issuance_works_on_postgresql() {
     assert_eq!(producer.count("SELECT COUNT(*) AS n FROM orders").await, 1);
     assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log").await, 5);
     producer.shutdown().await;
-
-    admin.execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
-    admin.close().await.unwrap();
+    scratch.drop().await.unwrap();
 }
 
 /// Start-up fails, naming the key, when the directory has no registry or this bureau is no producer.

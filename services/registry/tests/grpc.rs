@@ -15,6 +15,7 @@ use yidi_common::{
     convert::signed_decision_to_proto,
     directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key},
     population::{Citizen, Credit, ExistingCard, Population, Registration},
+    scratch_db::postgres_for_tests,
     telemetry::LogConfig,
 };
 use yidi_domain::{CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision};
@@ -780,25 +781,17 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
     assert!(config.validate().unwrap_err().to_string().contains("clock"));
 }
 
-/// The same rules on PostgreSQL, when `YIDI_TEST_POSTGRES_URL` names a server
-/// (e.g. `postgres://postgres@127.0.0.1:5432`); a fresh database is created and dropped.
+/// The same rules on PostgreSQL, in a scratch database of the test server (see
+/// `yidi_common::scratch_db`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
 #[tokio::test]
 async fn s1_rules_hold_on_postgres_when_configured() {
-    let Ok(server) = std::env::var("YIDI_TEST_POSTGRES_URL") else {
-        eprintln!("YIDI_TEST_POSTGRES_URL not set: PostgreSQL run skipped");
-        return;
-    };
-    let name = format!("yidi_registry_test_{}_{}", std::process::id(), Utc::now().timestamp_micros());
-    let admin = yidi_common::db::connect(&DatabaseConfig { url: format!("{server}/postgres"), max_connections: 1 })
-        .await
-        .unwrap();
-    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let Some(scratch) = postgres_for_tests("registry").await.unwrap() else { return };
     {
         let p = person(123, "JX-0001");
         let q = person(135, "JX-0002");
         let mut h = Harness::with_database(
             vec![citizen(&p, None, false), citizen(&q, None, true)],
-            Some(format!("{server}/{name}")),
+            Some(scratch.url().to_owned()),
         )
         .await;
         let answer = h.report_loss(&h.loss(&p, "loss-1")).await.unwrap();
@@ -832,6 +825,5 @@ async fn s1_rules_hold_on_postgres_when_configured() {
         assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Valid);
         h.shutdown().await;
     }
-    admin.execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
-    admin.close().await.unwrap();
+    scratch.drop().await.unwrap();
 }

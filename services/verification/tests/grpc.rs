@@ -10,6 +10,7 @@ use yidi_common::{
     convert::signed_decision_from_proto,
     directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key, write_signing_key},
     population::{Citizen, Credit, ExistingCard, Population, Registration},
+    scratch_db::postgres_for_tests,
 };
 use yidi_domain::{
     DecisionPurpose, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber,
@@ -617,13 +618,12 @@ async fn n3_the_import_takes_only_this_bureaus_citizens_and_never_overwrites() {
     assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
 }
 
-/// The main flow on PostgreSQL: `YIDI_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/<fresh db>
-/// cargo test -p yidi-verification -- --ignored`.
+/// The main flow on PostgreSQL, in a scratch database of the test server (see
+/// `yidi_common::scratch_db`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
 #[tokio::test]
-#[ignore = "needs a PostgreSQL database in YIDI_TEST_POSTGRES_URL"]
 async fn s4_postgres_verify_replay_and_close() {
-    let url = std::env::var("YIDI_TEST_POSTGRES_URL").expect("YIDI_TEST_POSTGRES_URL");
-    let fixture = Fixture::with_database(Some(url));
+    let Some(scratch) = postgres_for_tests("verification").await.unwrap() else { return };
+    let fixture = Fixture::with_database(Some(scratch.url().to_owned()));
     let mut server = fixture.start().await;
     let p = replacement();
     let request = issue("pg-app-1", &p, pb::ApplicationKind::Replacement, "JX-0001");
@@ -652,6 +652,7 @@ async fn s4_postgres_verify_replay_and_close() {
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
     assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log").await, 4);
+    scratch.drop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
