@@ -1,8 +1,8 @@
 //! Plumbing every yidi service shares, so that four services never carry four copies of it:
-//! the audit log, configuration, the injected clock, the bureau directory and keys, database connections, the
-//! gRPC server with health and reflection, error-to-Status mapping, request validation,
-//! proto ↔ domain conversions, tracing, the shutdown signal, and scratch PostgreSQL databases
-//! for tests.
+//! the audit log, configuration, the injected clock, the bureau directory and keys, database
+//! connections, the start-up sequence, the gRPC server with health and reflection,
+//! error-to-Status mapping, request validation, proto ↔ domain conversions, tracing, the shutdown
+//! signal, and scratch PostgreSQL databases for tests.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -17,6 +17,7 @@ pub mod population;
 pub mod scratch_db;
 pub mod server;
 pub mod shutdown;
+pub mod startup;
 pub mod telemetry;
 pub mod validate;
 

@@ -14,9 +14,9 @@ mod worker;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use yidi_common::{Clock, Shutdown};
+use yidi_common::startup::{self, Prepared, Sections};
 use yidi_domain::{Role, SimulatedMatcher};
-use yidi_intake_migration::{Migrator, MigratorTrait};
+use yidi_intake_migration::Migrator;
 use yidi_proto::v1::intake_server::IntakeServer;
 
 use crate::{
@@ -32,46 +32,35 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let directory = yidi_common::directory::load(&config.directory.path)?;
-    let station = directory
-        .get_with_role(&config.server.bureau_id, Role::Intake)
-        .with_context(|| {
-            format!(
-                "server.bureau_id: {:?} is not an intake bureau in the directory",
-                config.server.bureau_id
-            )
-        })?;
-    if directory
-        .get_with_role(&config.station.producer_id, Role::Issuance)
-        .is_none()
-    {
-        anyhow::bail!(
-            "configuration key station.producer_id: {:?} is not an issuance bureau in the directory",
-            config.station.producer_id
-        );
-    }
-    let registry = directory
-        .with_role(Role::Registry)
-        .next()
-        .context("the directory lists no registry bureau")?;
-    let station = Station {
-        id: station.id.clone(),
-        region: station.region.clone(),
-        producer_id: config.station.producer_id.clone(),
-        registry_id: registry.id.clone(),
+    let sections = Sections {
+        server: &config.server,
+        database: &config.database,
+        directory: &config.directory,
+        clock: &config.clock,
     };
-    let clock = Clock::from_config(&config.clock)
-        .map_err(|message| anyhow::anyhow!("configuration key clock: {message}"))?;
-
-    let db = yidi_common::db::connect(&config.database)
-        .await
-        .context("database.url")?;
-    Migrator::up(&db, None)
-        .await
-        .context("migrating the intake database")?;
-
-    let (trigger, shutdown_handle) = Shutdown::new();
-    let signal_task = trigger.trigger_on(shutdown);
+    let prepared = startup::prepare::<Migrator, _>(sections, Role::Intake, shutdown, |directory, station| {
+        if directory
+            .get_with_role(&config.station.producer_id, Role::Issuance)
+            .is_none()
+        {
+            anyhow::bail!(
+                "configuration key station.producer_id: {:?} is not an issuance bureau in the directory",
+                config.station.producer_id
+            );
+        }
+        let registry = directory
+            .with_role(Role::Registry)
+            .next()
+            .context("the directory lists no registry bureau")?;
+        Ok(Station {
+            id: station.id.clone(),
+            region: station.region.clone(),
+            producer_id: config.station.producer_id.clone(),
+            registry_id: registry.id.clone(),
+        })
+    })
+    .await?;
+    let Prepared { directory, clock, db, shutdown, signal, grace, checked: station } = prepared;
 
     let matcher = SimulatedMatcher {
         face_threshold: config.biometrics.face_threshold,
@@ -85,24 +74,23 @@ pub async fn serve(
         policy: config.policy.clone(),
         matcher: Arc::new(matcher),
         respond_within: Duration::from_millis(config.worker.respond_within_ms),
-        shutdown: shutdown_handle.clone(),
+        shutdown: shutdown.clone(),
     });
     let worker = tokio::spawn(worker::run(
         intake.clone(),
         Duration::from_millis(config.worker.tick_ms),
     ));
 
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let served = yidi_common::server::serve(
         listener,
         IntakeServer::new(grpc::IntakeGrpc::new(intake)),
-        shutdown_handle,
+        shutdown,
         grace,
     )
     .await;
     if served.is_err() {
         worker.abort();
-        signal_task.abort();
+        signal.abort();
     }
     let _ = worker.await;
     db.close().await?;

@@ -77,18 +77,8 @@ impl IssuanceConfig {
         Ok(())
     }
 
-    /// Checks this bureau against the directory and returns the registry the cards are registered with.
-    pub fn check_directory<'d>(&self, directory: &'d Directory) -> Result<&'d Bureau, ConfigError> {
-        if directory.get_with_role(&self.server.bureau_id, Role::Issuance).is_none() {
-            return Err(ConfigError::key(
-                "server.bureau_id",
-                format!(
-                    "{:?} is not an issuance bureau in the directory {}",
-                    self.server.bureau_id,
-                    self.directory.path.display()
-                ),
-            ));
-        }
+    /// The registry the cards are registered with: the directory must list exactly one.
+    pub fn registry<'d>(&self, directory: &'d Directory) -> Result<&'d Bureau, ConfigError> {
         let registries: Vec<&Bureau> = directory.with_role(Role::Registry).collect();
         match registries.as_slice() {
             [registry] => Ok(registry),

@@ -13,8 +13,13 @@ mod worker;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use yidi_common::{Clock, Shutdown, config::ConfigError};
-use yidi_issuance_migration::{Migrator, MigratorTrait};
+use yidi_common::{
+    Shutdown,
+    config::ConfigError,
+    startup::{self, Prepared, Sections},
+};
+use yidi_domain::Role;
+use yidi_issuance_migration::Migrator;
 use yidi_proto::v1::issuance_server::IssuanceServer;
 
 use crate::{config::IssuanceConfig, grpc::IssuanceGrpc, repo::Repo, service::IssuanceService, worker::Worker};
@@ -26,17 +31,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let clock = Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?;
-    let directory = yidi_common::directory::load(&config.directory.path)?;
-    let registry = config.check_directory(&directory)?.clone();
-    let channel = yidi_common::client::channel(&registry.endpoint)
-        .map_err(|e| ConfigError::key("directory.path", format!("registry {} endpoint: {e}", registry.id)))?;
-
-    let db = yidi_common::db::connect(&config.database).await.context("database.url: cannot connect")?;
-    Migrator::up(&db, None).await.context("database migration")?;
-
-    let (trigger, stop) = Shutdown::new();
-    let _signal = trigger.trigger_on(shutdown);
+    let sections =
+        Sections { server: &config.server, database: &config.database, directory: &config.directory, clock: &config.clock };
+    let prepared = startup::prepare::<Migrator, _>(sections, Role::Issuance, shutdown, |directory, _| {
+        let registry = config.registry(directory)?.clone();
+        let channel = yidi_common::client::channel(&registry.endpoint)
+            .map_err(|e| ConfigError::key("directory.path", format!("registry {} endpoint: {e}", registry.id)))?;
+        Ok((registry, channel))
+    })
+    .await?;
+    let Prepared { directory, clock, db, shutdown: stop, grace, checked: (registry, channel), .. } = prepared;
 
     let service = Arc::new(IssuanceService::new(
         Repo::new(db.clone()),
@@ -61,7 +65,6 @@ pub async fn serve(
         "issuance starting"
     );
 
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let grpc = IssuanceGrpc::new(service, stop.clone());
     let served = yidi_common::server::serve(listener, IssuanceServer::new(grpc), stop.clone(), grace).await;
 

@@ -8,14 +8,16 @@ mod grpc;
 mod repo;
 mod service;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
 use anyhow::Context;
-use yidi_common::{Clock, Shutdown, population::Population};
+use yidi_common::{
+    population::Population,
+    startup::{self, Prepared, Sections},
+};
 use yidi_domain::Role;
 use yidi_proto::v1::loss_registry_server::LossRegistryServer;
 use yidi_registry_migration::Migrator;
-use yidi_registry_migration::MigratorTrait;
 
 use crate::{config::RegistryConfig, grpc::RegistryGrpc, repo::Repo, service::Registry};
 
@@ -29,19 +31,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let (trigger, stop) = Shutdown::new();
-    trigger.trigger_on(shutdown);
-
-    let directory = yidi_common::directory::load(&config.directory.path)?;
-    let bureau_id = config.server.bureau_id.clone();
-    if directory.get_with_role(&bureau_id, Role::Registry).is_none() {
-        anyhow::bail!("configuration key server.bureau_id: {bureau_id:?} is not a registry bureau in the directory");
-    }
-    let clock = Clock::from_config(&config.clock).map_err(|e| anyhow::anyhow!("configuration key clock: {e}"))?;
-
-    let db = yidi_common::db::connect(&config.database).await.context("database")?;
-    Migrator::up(&db, None).await.context("database migration")?;
+    let sections =
+        Sections { server: &config.server, database: &config.database, directory: &config.directory, clock: &config.clock };
+    let Prepared { directory, clock, db, shutdown: stop, grace, .. } =
+        startup::prepare::<Migrator, _>(sections, Role::Registry, shutdown, |_, _| Ok(())).await?;
     let repo = Repo::new(db);
+    let bureau_id = config.server.bureau_id.clone();
     let registry = Arc::new(Registry::new(repo.clone(), Arc::new(directory), clock, bureau_id, stop.clone()));
 
     if let Some(path) = &config.import.path {
@@ -52,7 +47,6 @@ pub async fn serve(
 
     let server =
         LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry))).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let served = yidi_common::server::serve(listener, server, stop, grace).await;
     drop(registry);
     repo.close().await.context("closing the database")?;

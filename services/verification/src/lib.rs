@@ -9,14 +9,17 @@ mod grpc;
 mod repo;
 mod service;
 
-use std::{future::Future, path::Path, sync::Arc, time::Duration};
+use std::{future::Future, path::Path, sync::Arc};
 
 use anyhow::Context;
-use sea_orm::DatabaseConnection;
-use yidi_common::{Clock, Shutdown, population::Population};
-use yidi_domain::{BiometricMatcher, Directory, IdNumber, Role, SimulatedMatcher};
+use yidi_common::{
+    Clock,
+    population::Population,
+    startup::{self, Prepared, Sections},
+};
+use yidi_domain::{BiometricMatcher, IdNumber, Role, SimulatedMatcher};
 use yidi_proto::v1::verification_server::VerificationServer;
-use yidi_verification_migration::{Migrator, MigratorTrait};
+use yidi_verification_migration::Migrator;
 
 use crate::{
     config::VerificationConfig,
@@ -25,6 +28,12 @@ use crate::{
     service::Verifier,
 };
 
+/// This bureau's signing key and jurisdiction, checked against the directory.
+struct Signer {
+    key: ed25519_dalek::SigningKey,
+    jurisdiction: Vec<String>,
+}
+
 /// Runs the service on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: VerificationConfig,
@@ -32,48 +41,36 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let (trigger, shutdown_flag) = Shutdown::new();
-    let _signal = trigger.trigger_on(shutdown);
-
-    let directory = yidi_common::directory::load(&config.directory.path)?;
-    let bureau_id = config.server.bureau_id.clone();
-    let key = yidi_common::directory::read_signing_key(&config.signing.key_path)
-        .with_context(|| format!("signing.key_path {}", config.signing.key_path.display()))?;
-    let jurisdiction = {
-        let bureau = directory.get_with_role(&bureau_id, Role::Verification).ok_or_else(|| {
-            anyhow::anyhow!("server.bureau_id: {bureau_id:?} is not a verification bureau in the directory")
-        })?;
+    let sections =
+        Sections { server: &config.server, database: &config.database, directory: &config.directory, clock: &config.clock };
+    let prepared = startup::prepare::<Migrator, _>(sections, Role::Verification, shutdown, |_, bureau| {
+        let key = yidi_common::directory::read_signing_key(&config.signing.key_path)
+            .with_context(|| format!("signing.key_path {}", config.signing.key_path.display()))?;
         if bureau.public_key.as_ref() != Some(&key.verifying_key()) {
             anyhow::bail!(
-                "signing.key_path {}: the key does not match the directory's public_key of {bureau_id}",
-                config.signing.key_path.display()
+                "signing.key_path {}: the key does not match the directory's public_key of {}",
+                config.signing.key_path.display(),
+                bureau.id
             );
         }
-        bureau.jurisdiction.clone()
-    };
-    let clock = Clock::from_config(&config.clock).map_err(|message| anyhow::anyhow!("clock: {message}"))?;
-
-    let db = yidi_common::db::connect(&config.database).await.context("database.url")?;
-    let result = run(&config, db.clone(), directory, bureau_id, jurisdiction, key, clock, listener, shutdown_flag).await;
+        Ok(Signer { key, jurisdiction: bureau.jurisdiction.clone() })
+    })
+    .await?;
+    let db = prepared.db.clone();
+    let result = run(&config, prepared, listener).await;
     let closed = db.close().await;
     result?;
     closed.context("closing the database")?;
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run(
     config: &VerificationConfig,
-    db: DatabaseConnection,
-    directory: Directory,
-    bureau_id: String,
-    jurisdiction: Vec<String>,
-    key: ed25519_dalek::SigningKey,
-    clock: Clock,
+    prepared: Prepared<Signer>,
     listener: tokio::net::TcpListener,
-    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    Migrator::up(&db, None).await.context("database migration")?;
+    let Prepared { directory, clock, db, shutdown, grace, checked: signer, .. } = prepared;
+    let bureau_id = config.server.bureau_id.clone();
     let repo = Repo::new(db);
     if let Some(path) = &config.register.import_path {
         let inserted = import(&repo, path, &bureau_id, &clock).await?;
@@ -89,13 +86,12 @@ async fn run(
         clock,
         Arc::new(directory),
         bureau_id,
-        jurisdiction,
-        key,
+        signer.jurisdiction,
+        signer.key,
         chrono::Duration::seconds(ttl_seconds),
         matcher,
     ));
     let api = VerificationApi::new(verifier);
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     yidi_common::server::serve(listener, VerificationServer::new(api), shutdown, grace).await?;
     Ok(())
 }

@@ -1,0 +1,208 @@
+//! The start-up every service shares, between validating its configuration and serving: the
+//! directory (and this bureau's role in it), the clock, the service's own checks, the database
+//! (connected and migrated) and the shutdown signal. Start-up is an edge, so errors are
+//! `anyhow` ones, each naming the configuration key at fault.
+use std::{future::Future, time::Duration};
+
+use anyhow::Context;
+use sea_orm::DatabaseConnection;
+use sea_orm_migration::MigratorTrait;
+use tokio::task::JoinHandle;
+use yidi_domain::{Bureau, Directory, Role};
+
+use crate::{
+    clock::{Clock, ClockConfig},
+    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    db, directory,
+    shutdown::Shutdown,
+};
+
+/// The sections every service's configuration has, borrowed from it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sections<'a> {
+    pub server: &'a ServerConfig,
+    pub database: &'a DatabaseConfig,
+    pub directory: &'a DirectoryConfig,
+    pub clock: &'a ClockConfig,
+}
+
+/// A service ready to build its parts and serve.
+#[derive(Debug)]
+pub struct Prepared<T> {
+    pub directory: Directory,
+    pub clock: Clock,
+    /// Connected and migrated; the service closes it once it has served.
+    pub db: DatabaseConnection,
+    /// Triggered when the caller's shutdown future resolves.
+    pub shutdown: Shutdown,
+    /// The task that triggers `shutdown`.
+    pub signal: JoinHandle<()>,
+    /// `server.shutdown_grace_seconds`.
+    pub grace: Duration,
+    /// What the service's own check returned.
+    pub checked: T,
+}
+
+/// Loads the directory and checks that `server.bureau_id` is listed there with `role`, builds the
+/// clock, runs the service's own `check` (given the directory and this bureau's entry), then
+/// connects to the database and runs the migrator `M`, and finally arms the shutdown signal.
+///
+/// Everything that can be wrong with the configuration is reported before the database is
+/// touched; a failed migration closes the connection again.
+pub async fn prepare<M: MigratorTrait, T>(
+    sections: Sections<'_>,
+    role: Role,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    check: impl FnOnce(&Directory, &Bureau) -> anyhow::Result<T>,
+) -> anyhow::Result<Prepared<T>> {
+    let directory = directory::load(&sections.directory.path)?;
+    let bureau_id = &sections.server.bureau_id;
+    let bureau = directory.get_with_role(bureau_id, role).ok_or_else(|| {
+        ConfigError::key(
+            "server.bureau_id",
+            format!(
+                "{bureau_id:?} is not a bureau with role {} in the directory {}",
+                format!("{role:?}").to_lowercase(),
+                sections.directory.path.display()
+            ),
+        )
+    })?;
+    let clock = Clock::from_config(sections.clock).map_err(|message| ConfigError::key("clock", message))?;
+    let checked = check(&directory, bureau)?;
+
+    let db = db::connect(sections.database).await.context("database.url: cannot connect")?;
+    if let Err(error) = M::up(&db, None).await {
+        let _ = db.close().await;
+        return Err(anyhow::Error::new(error).context("database migration"));
+    }
+
+    let (trigger, shutdown_handle) = Shutdown::new();
+    let signal = trigger.trigger_on(shutdown);
+    Ok(Prepared {
+        directory,
+        clock,
+        db,
+        shutdown: shutdown_handle,
+        signal,
+        grace: Duration::from_secs(sections.server.shutdown_grace_seconds),
+        checked,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectionTrait, Statement};
+    use sea_orm_migration::{MigrationTrait, prelude::async_trait};
+
+    use super::*;
+    use crate::{
+        audit::CreateAuditLog,
+        directory::{BureauEntry, DirectoryFile},
+    };
+
+    struct AuditOnly;
+
+    #[async_trait::async_trait]
+    impl MigratorTrait for AuditOnly {
+        fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+            vec![Box::new(CreateAuditLog)]
+        }
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        server: ServerConfig,
+        database: DatabaseConfig,
+        directory: DirectoryConfig,
+        clock: ClockConfig,
+    }
+
+    impl Setup {
+        fn new(bureau_id: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let entry = |id: &str, role| BureauEntry {
+                id: id.into(),
+                role,
+                name: id.into(),
+                jurisdiction: Vec::new(),
+                region: String::new(),
+                endpoint: "http://127.0.0.1:1".into(),
+                public_key: String::new(),
+            };
+            let path = dir.path().join("directory.toml");
+            DirectoryFile { bureaus: vec![entry("registry-national", Role::Registry), entry("station", Role::Intake)] }
+                .write(&path)
+                .unwrap();
+            Self {
+                server: ServerConfig {
+                    bureau_id: bureau_id.into(),
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    shutdown_grace_seconds: 3,
+                },
+                database: DatabaseConfig {
+                    url: format!("sqlite://{}?mode=rwc", dir.path().join("db.sqlite").display()),
+                    max_connections: 1,
+                },
+                directory: DirectoryConfig { path },
+                clock: ClockConfig::default(),
+                dir,
+            }
+        }
+
+        fn sections(&self) -> Sections<'_> {
+            Sections { server: &self.server, database: &self.database, directory: &self.directory, clock: &self.clock }
+        }
+
+        fn database_exists(&self) -> bool {
+            self.dir.path().join("db.sqlite").exists()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bureau_with_the_role_gets_a_migrated_database_and_a_shutdown_armed_by_the_signal() {
+        let setup = Setup::new("registry-national");
+        let (fire, fired) = tokio::sync::oneshot::channel::<()>();
+        let signal = async {
+            let _ = fired.await;
+        };
+        let prepared = prepare::<AuditOnly, _>(setup.sections(), Role::Registry, signal, |directory, bureau| {
+            Ok((directory.with_role(Role::Intake).count(), bureau.id.clone()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(prepared.checked, (1, "registry-national".to_owned()));
+        assert_eq!(prepared.grace, Duration::from_secs(3));
+        let backend = prepared.db.get_database_backend();
+        let count = Statement::from_string(backend, "SELECT COUNT(*) FROM audit_log");
+        assert!(prepared.db.query_one_raw(count).await.unwrap().is_some(), "migrated");
+
+        assert!(!prepared.shutdown.is_triggered());
+        fire.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), prepared.shutdown.wait()).await.unwrap();
+        prepared.db.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn configuration_errors_name_their_key_before_the_database_is_touched() {
+        let never = std::future::pending::<()>;
+
+        let setup = Setup::new("station");
+        let error = prepare::<AuditOnly, _>(setup.sections(), Role::Registry, never(), |_, _| Ok(())).await.unwrap_err();
+        assert!(error.to_string().contains("server.bureau_id"), "{error}");
+
+        let mut setup = Setup::new("registry-national");
+        let now = chrono::Utc::now();
+        (setup.clock.fixed, setup.clock.start) = (Some(now), Some(now));
+        let error = prepare::<AuditOnly, _>(setup.sections(), Role::Registry, never(), |_, _| Ok(())).await.unwrap_err();
+        assert!(error.to_string().contains("clock"), "{error}");
+
+        let setup = Setup::new("registry-national");
+        let error = prepare::<AuditOnly, ()>(setup.sections(), Role::Registry, never(), |_, _| {
+            anyhow::bail!("configuration key import.path: missing")
+        })
+        .await
+        .unwrap_err();
+        assert!(error.to_string().contains("import.path"), "{error}");
+        assert!(!setup.database_exists(), "the service's own check runs before the database is touched");
+    }
+}
