@@ -96,27 +96,27 @@ pub struct Suite {
     postgres: BTreeMap<Process, ScratchDatabase>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 impl Suite {
     pub async fn start(options: SuiteOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.dir).with_context(|| format!("creating {}", options.dir.display()))?;
         let dir = std::fs::canonicalize(&options.dir)?;
-        let mut ports = BTreeMap::new();
-        for process in Process::ALL {
-            let port = if options.default_ports { process.default_port() } else { free_port()? };
-            ports.insert(process, port);
-        }
-        let keys = topology::write_keys_and_directory(&dir, &ports)?;
+        // Port 0: each bureau binds a free port itself and prints it; nothing is reserved and
+        // released beforehand, so no other process can take the port in between.
+        let ports = Process::ALL
+            .iter()
+            .map(|p| (*p, if options.default_ports { p.default_port() } else { 0 }))
+            .collect();
+        let keys = topology::generate_keys(&dir)?;
         let today = match options.clock {
             ClockSetting::Start(at) | ClockSetting::Fixed(at) => at.date_naive(),
         };
         let population = crate::population::generate(today, options.citizens_per_province);
         population.write(&dir.join("population.json"))?;
 
+        // A fresh start: keys are new, so data signed under old ones must go, and so must old logs.
+        for process in Process::ALL {
+            let _ = std::fs::remove_file(dir.join(format!("{}.log", process.slug())));
+        }
         let postgres = match &options.backend {
             Backend::Sqlite => {
                 for process in Process::ALL {
@@ -129,16 +129,68 @@ impl Suite {
             Backend::Postgres { admin_url } => create_databases(admin_url).await?,
         };
         let mut suite = Self { dir, ports, keys, population, options, children: BTreeMap::new(), postgres };
+        // In dependency order, so that each bureau's directory already holds the endpoints of the
+        // bureaus it calls: the registry and home bureaus call nobody, the producer calls the
+        // registry, the station calls everyone.
+        let stages: [&[Process]; 3] = [
+            &[Process::Registry, Process::HomeJiangxi, Process::HomeSichuan],
+            &[Process::Issuance],
+            &[Process::Intake],
+        ];
+        for stage in stages {
+            suite.write_directory()?;
+            for process in stage {
+                suite.write_config(*process)?;
+                suite.spawn(*process)?;
+            }
+            for process in stage {
+                if suite.ports[process] == 0 {
+                    let port = suite.wait_for_port(*process).await?;
+                    suite.ports.insert(*process, port);
+                }
+                suite.wait_until_serving(*process).await?;
+            }
+        }
+        // The complete directory, for restarts and for operators.
+        suite.write_directory()?;
         for process in Process::ALL {
             suite.write_config(process)?;
         }
-        for process in Process::ALL {
-            suite.spawn(process)?;
-        }
-        for process in Process::ALL {
-            suite.wait_until_serving(process).await?;
-        }
         Ok(suite)
+    }
+
+    fn write_directory(&self) -> anyhow::Result<()> {
+        topology::write_directory(&self.dir, &self.keys, |process| topology::loopback_endpoint(self.ports[&process]))
+    }
+
+    /// The port a bureau started on port 0 reports in its "listening on" line.
+    async fn wait_for_port(&mut self, process: Process) -> anyhow::Result<u16> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = std::fs::read_to_string(self.log_path(process)).unwrap_or_default();
+            let reported = log
+                .lines()
+                .filter_map(|line| line.split_once(" listening on ").map(|(_, address)| address.trim()))
+                .filter_map(|address| address.parse::<std::net::SocketAddr>().ok())
+                .last();
+            if let Some(address) = reported {
+                return Ok(address.port());
+            }
+            self.fail_if_exited(process)?;
+            if Instant::now() > deadline {
+                bail!("{} did not report its port in 60 s:\n{}", process.slug(), self.log_tail(process));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn fail_if_exited(&mut self, process: Process) -> anyhow::Result<()> {
+        if let Some(child) = self.children.get_mut(&process)
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("{} exited at start ({status}):\n{}", process.slug(), self.log_tail(process));
+        }
+        Ok(())
     }
 
     pub fn endpoint(&self, process: Process) -> String {
@@ -214,11 +266,7 @@ impl Suite {
     async fn wait_until_serving(&mut self, process: Process) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(child) = self.children.get_mut(&process)
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("{} exited at start ({status}):\n{}", process.slug(), self.log_tail(process));
-            }
+            self.fail_if_exited(process)?;
             let channel = tonic::transport::Endpoint::from_shared(self.endpoint(process))?.connect().await;
             if let Ok(channel) = channel {
                 let mut client = HealthClient::new(channel);
@@ -251,6 +299,8 @@ impl Suite {
 
     /// Starts a killed or stopped bureau again on the same port and database.
     pub async fn restart(&mut self, process: Process) -> anyhow::Result<()> {
+        // Same port as before: the configuration now names it.
+        self.write_config(process)?;
         self.spawn(process)?;
         self.wait_until_serving(process).await
     }

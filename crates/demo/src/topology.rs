@@ -87,11 +87,22 @@ pub type Keys = BTreeMap<String, SigningKey>;
 /// Generates fresh keys for the home bureaus, writes them to `dir/keys/<bureau>.key` (mode 0600),
 /// and writes `dir/directory.toml` with their public keys and the given ports on loopback.
 pub fn write_keys_and_directory(dir: &Path, ports: &BTreeMap<Process, u16>) -> anyhow::Result<Keys> {
-    write_keys_and_directory_with(dir, |process| format!("http://127.0.0.1:{}", ports[&process]))
+    write_keys_and_directory_with(dir, |process| loopback_endpoint(ports[&process]))
 }
 
 /// As [`write_keys_and_directory`], with each bureau's endpoint given by `endpoint`.
 pub fn write_keys_and_directory_with(dir: &Path, endpoint: impl Fn(Process) -> String) -> anyhow::Result<Keys> {
+    let keys = generate_keys(dir)?;
+    write_directory(dir, &keys, endpoint)?;
+    Ok(keys)
+}
+
+pub fn loopback_endpoint(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// Generates fresh keys for the home bureaus and writes them to `dir/keys/<bureau>.key` (mode 0600).
+pub fn generate_keys(dir: &Path) -> anyhow::Result<Keys> {
     let key_dir = dir.join("keys");
     std::fs::create_dir_all(&key_dir).with_context(|| format!("creating {}", key_dir.display()))?;
     let mut keys = Keys::new();
@@ -100,7 +111,12 @@ pub fn write_keys_and_directory_with(dir: &Path, endpoint: impl Fn(Process) -> S
         write_signing_key(&key_dir.join(format!("{home}.key")), &key)?;
         keys.insert(home.to_owned(), key);
     }
-    let public = |id: &str| encode_public_key(&keys[id].verifying_key());
+    Ok(keys)
+}
+
+/// Writes `dir/directory.toml`: every bureau with its endpoint, the home bureaus with their public keys.
+pub fn write_directory(dir: &Path, keys: &Keys, endpoint: impl Fn(Process) -> String) -> anyhow::Result<()> {
+    let public = |id: &str| keys.get(id).map(|key| encode_public_key(&key.verifying_key())).unwrap_or_default();
     let entry = |id: &str, role, name: &str| BureauEntry {
         id: id.into(),
         role,
@@ -140,5 +156,5 @@ pub fn write_keys_and_directory_with(dir: &Path, endpoint: impl Fn(Process) -> S
         ],
     };
     directory.write(&dir.join("directory.toml"))?;
-    Ok(keys)
+    Ok(())
 }
