@@ -156,7 +156,11 @@ impl TestSuite {
         }
     }
 
-    pub async fn wait_for_state(&self, application_id: &str, state: pb::ApplicationState) -> anyhow::Result<pb::Application> {
+    pub async fn wait_for_state(
+        &self,
+        application_id: &str,
+        state: pb::ApplicationState,
+    ) -> anyhow::Result<pb::Application> {
         self.wait_for(application_id, state.as_str_name(), |a| a.state == state as i32).await
     }
 

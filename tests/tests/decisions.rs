@@ -13,7 +13,13 @@ use yidi_tests::{Db, NATIONAL_DAY, TestSuite, at, on_both_databases, reason, ser
 
 on_both_databases!(s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry);
 
-fn decision(t: &TestSuite, citizen: &Citizen, purpose: DecisionPurpose, addressee: &str, issued_at: DateTime<Utc>) -> Decision {
+fn decision(
+    t: &TestSuite,
+    citizen: &Citizen,
+    purpose: DecisionPurpose,
+    addressee: &str,
+    issued_at: DateTime<Utc>,
+) -> Decision {
     let term = term_for(citizen.birth_date, t.today);
     Decision {
         decision_id: uuid::Uuid::new_v4().to_string(),
@@ -41,7 +47,12 @@ fn decision(t: &TestSuite, citizen: &Citizen, purpose: DecisionPurpose, addresse
 }
 
 /// Every way a decision can be wrong, each expected to be refused with this `ErrorInfo.reason`.
-fn forgeries(t: &TestSuite, citizen: &Citizen, purpose: DecisionPurpose, addressee: &str) -> Vec<(&'static str, SignedDecision, &'static str)> {
+fn forgeries(
+    t: &TestSuite,
+    citizen: &Citizen,
+    purpose: DecisionPurpose,
+    addressee: &str,
+) -> Vec<(&'static str, SignedDecision, &'static str)> {
     let jiangxi: &SigningKey = &t.suite.keys[topology::HOME_JIANGXI];
     let sichuan: &SigningKey = &t.suite.keys[topology::HOME_SICHUAN];
     let now = at(NATIONAL_DAY);
@@ -67,7 +78,9 @@ fn forgeries(t: &TestSuite, citizen: &Citizen, purpose: DecisionPurpose, address
     ]
 }
 
-async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry(db: Db) -> anyhow::Result<()> {
+async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry(
+    db: Db,
+) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     let citizen = t.ordinary("36", 0)?;
     let mut issuance = t.issuance().await?;
@@ -75,10 +88,8 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
 
     for (what, forged, expected) in forgeries(&t, &citizen, DecisionPurpose::IssueCard, topology::PRODUCER) {
         let wire = signed_decision_to_proto(&forged);
-        let refused = issuance
-            .place_order(pb::PlaceOrderRequest { decision: Some(wire.clone()) })
-            .await
-            .expect_err(what);
+        let refused =
+            issuance.place_order(pb::PlaceOrderRequest { decision: Some(wire.clone()) }).await.expect_err(what);
         assert_eq!(reason(&refused), expected, "issuance, {what}: {refused:?}");
         let refused = registry
             .register_card(pb::RegisterCardRequest {
@@ -107,7 +118,11 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     assert_eq!(reason(&refused), "DECISION_WRONG_PURPOSE");
     // Nothing above changed the card.
     let check = registry
-        .check_card(pb::CheckCardRequest { id_number: citizen.id_number.clone(), card_serial: serial(&citizen), relying_party: "bank".into() })
+        .check_card(pb::CheckCardRequest {
+            id_number: citizen.id_number.clone(),
+            card_serial: serial(&citizen),
+            relying_party: "bank".into(),
+        })
         .await?
         .into_inner();
     assert_eq!(check.status, pb::CardStatus::Valid as i32);
@@ -123,7 +138,8 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         .into_inner()
         .order
         .context("order")?;
-    let replayed = issuance.place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) }).await.expect_err("replay");
+    let replayed =
+        issuance.place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) }).await.expect_err("replay");
     assert_eq!(replayed.code(), tonic::Code::AlreadyExists);
     assert_eq!(reason(&replayed), "DECISION_ALREADY_USED");
     // Wait until the producer has registered its card, then replay the decision at the registry.

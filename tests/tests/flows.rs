@@ -28,10 +28,8 @@ async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()
     let before = registry.check_card(check(old_serial.clone())).await?.into_inner();
     assert_eq!(before.status, pb::CardStatus::Valid as i32);
 
-    let mut revocations = registry
-        .watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 })
-        .await?
-        .into_inner();
+    let mut revocations =
+        registry.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await?.into_inner();
 
     let mut intake = t.intake().await?;
     let submitted = intake
@@ -78,7 +76,10 @@ async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()
         .expect_err("a stranger cannot collect the card");
     assert_eq!(reason(&refused), "REFUSAL_REASON_FACE_MISMATCH");
     let collected = intake
-        .collect_card(pb::CollectCardRequest { application_id: ready.application_id.clone(), live: Some(live(&citizen)) })
+        .collect_card(pb::CollectCardRequest {
+            application_id: ready.application_id.clone(),
+            live: Some(live(&citizen)),
+        })
         .await?
         .into_inner()
         .application
@@ -88,17 +89,16 @@ async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()
     use pb::ApplicationState as S;
     assert_eq!(
         states,
-        [S::Received, S::Verifying, S::Approved, S::InProduction, S::ReadyForCollection, S::Collected].map(|s| s as i32)
+        [S::Received, S::Verifying, S::Approved, S::InProduction, S::ReadyForCollection, S::Collected]
+            .map(|s| s as i32)
     );
 
     // The home bureau now knows the new card as current; the application is closed (K5).
     let mut home = t.home(Process::HomeJiangxi).await?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let record = home
-            .get_citizen(pb::GetCitizenRequest { id_number: citizen.id_number.clone() })
-            .await?
-            .into_inner();
+        let record =
+            home.get_citizen(pb::GetCitizenRequest { id_number: citizen.id_number.clone() }).await?.into_inner();
         if record.current_card_serial == new_serial && record.open_application_ids.is_empty() {
             break;
         }
@@ -137,13 +137,21 @@ async fn k3_loss_report_alone_invalidates_the_card_everywhere(db: Db) -> anyhow:
     assert_eq!(answer.status, pb::CardStatus::ReportedLost as i32);
     assert!(answer.status_changed_at.is_some());
     let hits = registry
-        .list_hits(pb::ListHitsRequest { home_bureau_id: "home-sichuan".into(), page_size: 50, page_token: String::new() })
+        .list_hits(pb::ListHitsRequest {
+            home_bureau_id: "home-sichuan".into(),
+            page_size: 50,
+            page_token: String::new(),
+        })
         .await?
         .into_inner()
         .hits;
     assert!(hits.iter().any(|h| h.card_serial == serial(&citizen) && h.relying_party == "railway-gate-7"));
     let other = registry
-        .list_hits(pb::ListHitsRequest { home_bureau_id: "home-jiangxi".into(), page_size: 50, page_token: String::new() })
+        .list_hits(pb::ListHitsRequest {
+            home_bureau_id: "home-jiangxi".into(),
+            page_size: 50,
+            page_token: String::new(),
+        })
         .await?
         .into_inner()
         .hits;
@@ -163,12 +171,18 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         live.fingerprint_template = t.ordinary("36", 1)?.fingerprint_template;
     }
     let refused = intake
-        .withdraw_loss_report(pb::WithdrawLossReportRequest { applicant: Some(wrong_finger), card_serial: serial(&citizen) })
+        .withdraw_loss_report(pb::WithdrawLossReportRequest {
+            applicant: Some(wrong_finger),
+            card_serial: serial(&citizen),
+        })
         .await
         .expect_err("someone else's finger");
     assert_eq!(reason(&refused), "REFUSAL_REASON_FINGERPRINT_MISMATCH");
     let withdrawn = intake
-        .withdraw_loss_report(pb::WithdrawLossReportRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) })
+        .withdraw_loss_report(pb::WithdrawLossReportRequest {
+            applicant: Some(applicant(&citizen)),
+            card_serial: serial(&citizen),
+        })
         .await?
         .into_inner();
     assert_eq!(withdrawn.status, pb::CardStatus::Valid as i32);
@@ -196,7 +210,10 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .context("application")?;
     t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
     let refused = intake
-        .withdraw_loss_report(pb::WithdrawLossReportRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) })
+        .withdraw_loss_report(pb::WithdrawLossReportRequest {
+            applicant: Some(applicant(&citizen)),
+            card_serial: serial(&citizen),
+        })
         .await
         .expect_err("revoked is final");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");

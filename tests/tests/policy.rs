@@ -16,7 +16,10 @@ on_both_databases!(
 async fn try_report(t: &TestSuite, citizen: &Citizen, document: pb::DocumentKind) -> anyhow::Result<Option<String>> {
     let mut intake = t.intake().await?;
     let answer = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(applicant_with(citizen, document)), card_serial: serial(citizen) })
+        .report_loss(pb::ReportLossRequest {
+            applicant: Some(applicant_with(citizen, document)),
+            card_serial: serial(citizen),
+        })
         .await;
     match answer {
         Ok(answer) => {

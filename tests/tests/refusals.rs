@@ -1,7 +1,9 @@
 //! Every refusal of the rulebook, with its reason code, through the real suite.
 use anyhow::Context;
 use yidi_proto::v1 as pb;
-use yidi_tests::{Db, NATIONAL_DAY, TestSuite, applicant, applicant_with, on_both_databases, reason, serial, start, violated_fields};
+use yidi_tests::{
+    Db, NATIONAL_DAY, TestSuite, applicant, applicant_with, on_both_databases, reason, serial, start, violated_fields,
+};
 
 on_both_databases!(
     s3_home_bureau_refusals_carry_their_reason,
@@ -11,7 +13,11 @@ on_both_databases!(
 );
 
 /// Submits a replacement and waits for the home bureau's answer.
-async fn refusal_for(t: &TestSuite, citizen: &yidi_common::population::Citizen, kind: pb::ApplicationKind) -> anyhow::Result<i32> {
+async fn refusal_for(
+    t: &TestSuite,
+    citizen: &yidi_common::population::Citizen,
+    kind: pb::ApplicationKind,
+) -> anyhow::Result<i32> {
     let mut intake = t.intake().await?;
     let application = intake
         .submit_application(pb::SubmitApplicationRequest {
@@ -50,8 +56,11 @@ async fn s3_home_bureau_refusals_carry_their_reason(db: Db) -> anyhow::Result<()
     // A deceased citizen's registration is cancelled by the register upkeep RPC, and then refused.
     let citizen = t.ordinary("51", 5)?;
     let mut home = t.home(yidi_tests::topology::Process::HomeSichuan).await?;
-    home.record_death(pb::RecordDeathRequest { id_number: citizen.id_number.clone(), date_of_death: "2118-02-01".into() })
-        .await?;
+    home.record_death(pb::RecordDeathRequest {
+        id_number: citizen.id_number.clone(),
+        date_of_death: "2118-02-01".into(),
+    })
+    .await?;
     assert_eq!(refusal_for(&t, &citizen, Replacement).await?, R::RegistrationCancelled as i32);
     let citizen = t.ordinary("51", 6)?;
     home.record_credit_status(pb::RecordCreditStatusRequest {
@@ -155,7 +164,11 @@ async fn n1_invalid_numbers_are_refused_at_the_edge_and_write_nothing(db: Db) ->
     let refused = t
         .registry()
         .await?
-        .check_card(pb::CheckCardRequest { id_number: wrong_check, card_serial: serial(&citizen), relying_party: "bank".into() })
+        .check_card(pb::CheckCardRequest {
+            id_number: wrong_check,
+            card_serial: serial(&citizen),
+            relying_party: "bank".into(),
+        })
         .await
         .expect_err("invalid number");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);

@@ -5,9 +5,7 @@
 //! serial, never a full number or a name.
 use chrono::{DateTime, Utc};
 use sea_orm::{ActiveValue::NotSet, Set, entity::prelude::*};
-use sea_orm_migration::prelude::{
-    ColumnDef, Index, MigrationName, MigrationTrait, SchemaManager, Table, async_trait,
-};
+use sea_orm_migration::prelude::{ColumnDef, Index, MigrationName, MigrationTrait, SchemaManager, Table, async_trait};
 
 /// A row of `audit_log`.
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -100,12 +98,7 @@ impl MigrationTrait for CreateAuditLog {
             .await?;
         manager
             .create_index(
-                Index::create()
-                    .name("idx_audit_log_at")
-                    .table(Entity)
-                    .col(Column::At)
-                    .if_not_exists()
-                    .to_owned(),
+                Index::create().name("idx_audit_log_at").table(Entity).col(Column::At).if_not_exists().to_owned(),
             )
             .await
     }

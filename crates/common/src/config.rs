@@ -99,9 +99,7 @@ pub fn load<T: DeserializeOwned>(service: &str) -> Result<T, ConfigError> {
     let file = config::File::from(path.as_path()).format(config::FileFormat::Toml).required(required);
     let settings = config::Config::builder()
         .add_source(file)
-        .add_source(
-            config::Environment::with_prefix("YIDI").prefix_separator("__").separator("__").try_parsing(true),
-        )
+        .add_source(config::Environment::with_prefix("YIDI").prefix_separator("__").separator("__").try_parsing(true))
         .build()
         .map_err(|source| ConfigError::File { path: path.clone(), source })?;
     Ok(settings.try_deserialize()?)

@@ -149,7 +149,10 @@ pub fn signed_decision_to_proto(signed: &SignedDecision) -> pb::SignedDecision {
 
 /// Reads a signed decision from a request. Structure problems are field violations under `field`;
 /// whether the decision is genuine is for `SignedDecision::verify`.
-pub fn signed_decision_from_proto(field: &str, signed: Option<&pb::SignedDecision>) -> Result<SignedDecision, ApiError> {
+pub fn signed_decision_from_proto(
+    field: &str,
+    signed: Option<&pb::SignedDecision>,
+) -> Result<SignedDecision, ApiError> {
     let mut v = FieldViolations::new();
     let Some(signed) = signed else {
         return Err(FieldViolations::single(field, "is required"));
@@ -161,9 +164,7 @@ pub fn signed_decision_from_proto(field: &str, signed: Option<&pb::SignedDecisio
         return Err(FieldViolations::single(format!("{field}.decision.card"), "is required"));
     };
     let f = |name: &str| format!("{field}.decision.{name}");
-    let purpose = v
-        .enumeration::<pb::DecisionPurpose>(&f("purpose"), d.purpose)
-        .and_then(purpose_from_proto);
+    let purpose = v.enumeration::<pb::DecisionPurpose>(&f("purpose"), d.purpose).and_then(purpose_from_proto);
     let kind = match pb::ApplicationKind::try_from(d.application_kind) {
         Ok(kind) => kind_from_proto(kind),
         Err(_) => {
@@ -181,7 +182,11 @@ pub fn signed_decision_from_proto(field: &str, signed: Option<&pb::SignedDecisio
     };
     let birth_date = v.date(&f("card.birth_date"), &card.birth_date);
     let valid_from = v.date(&f("card.valid_from"), &card.valid_from);
-    let valid_until = if card.valid_until.is_empty() { Some(None) } else { v.date(&f("card.valid_until"), &card.valid_until).map(Some) };
+    let valid_until = if card.valid_until.is_empty() {
+        Some(None)
+    } else {
+        v.date(&f("card.valid_until"), &card.valid_until).map(Some)
+    };
     let issued_at = d.issued_at.as_ref().and_then(from_timestamp);
     if issued_at.is_none() {
         v.add(f("issued_at"), "is required");
@@ -215,8 +220,15 @@ pub fn signed_decision_from_proto(field: &str, signed: Option<&pb::SignedDecisio
         v.add(format!("{field}.signature"), "is too large");
     }
     v.finish()?;
-    let (Some(purpose), Some(sex), Some(birth_date), Some(valid_from), Some(valid_until), Some(issued_at), Some(expires_at)) =
-        (purpose, sex, birth_date, valid_from, valid_until, issued_at, expires_at)
+    let (
+        Some(purpose),
+        Some(sex),
+        Some(birth_date),
+        Some(valid_from),
+        Some(valid_until),
+        Some(issued_at),
+        Some(expires_at),
+    ) = (purpose, sex, birth_date, valid_from, valid_until, issued_at, expires_at)
     else {
         return Err(FieldViolations::single(field, "is malformed"));
     };

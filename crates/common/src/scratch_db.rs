@@ -130,11 +130,8 @@ async fn drop_database(admin_url: &str, name: &str) -> Result<(), DbErr> {
 
 /// `yidi_<label>_<12 random hex digits>`: lower case, at most 63 bytes (PostgreSQL's limit).
 fn unique_name(label: &str) -> String {
-    let label: String = label
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
-        .take(40)
-        .collect();
+    let label: String =
+        label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).take(40).collect();
     format!("yidi_{label}_{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
@@ -161,7 +158,10 @@ mod tests {
 
     #[test]
     fn the_database_replaces_the_one_in_the_url_and_keeps_the_query() {
-        assert_eq!(with_database("postgres://postgres@127.0.0.1:5432/test", "x"), "postgres://postgres@127.0.0.1:5432/x");
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/test", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
         assert_eq!(with_database("postgres://postgres@127.0.0.1:5432", "x"), "postgres://postgres@127.0.0.1:5432/x");
         assert_eq!(with_database("postgres://u:p@h/test?sslmode=disable", "x"), "postgres://u:p@h/x?sslmode=disable");
     }

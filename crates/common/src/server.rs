@@ -30,7 +30,12 @@ pub enum ServeError {
 /// NOT_SERVING from the moment shutdown begins; in-flight calls then get `grace` to finish.
 pub async fn serve<S>(listener: TcpListener, service: S, shutdown: Shutdown, grace: Duration) -> Result<(), ServeError>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send + 'static,
 {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -47,10 +52,11 @@ where
     ];
     let advertised = [S::NAME, HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA];
     let reflection = || {
-        let builder = descriptor_sets.iter().fold(
-            tonic_reflection::server::Builder::configure().include_reflection_service(false),
-            |builder, set| builder.register_encoded_file_descriptor_set(set),
-        );
+        let builder = descriptor_sets
+            .iter()
+            .fold(tonic_reflection::server::Builder::configure().include_reflection_service(false), |builder, set| {
+                builder.register_encoded_file_descriptor_set(set)
+            });
         advertised.iter().fold(builder, |builder, name| builder.with_service_name(*name))
     };
 

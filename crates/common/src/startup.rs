@@ -187,13 +187,15 @@ mod tests {
         let never = std::future::pending::<()>;
 
         let setup = Setup::new("station");
-        let error = prepare::<AuditOnly, _>(setup.sections(), Role::Registry, never(), |_, _| Ok(())).await.unwrap_err();
+        let error =
+            prepare::<AuditOnly, _>(setup.sections(), Role::Registry, never(), |_, _| Ok(())).await.unwrap_err();
         assert!(error.to_string().contains("server.bureau_id"), "{error}");
 
         let mut setup = Setup::new("registry-national");
         let now = chrono::Utc::now();
         (setup.clock.fixed, setup.clock.start) = (Some(now), Some(now));
-        let error = prepare::<AuditOnly, _>(setup.sections(), Role::Registry, never(), |_, _| Ok(())).await.unwrap_err();
+        let error =
+            prepare::<AuditOnly, _>(setup.sections(), Role::Registry, never(), |_, _| Ok(())).await.unwrap_err();
         assert!(error.to_string().contains("clock"), "{error}");
 
         let setup = Setup::new("registry-national");

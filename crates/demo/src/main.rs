@@ -132,10 +132,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn health(endpoint: &str) -> anyhow::Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let url = if endpoint.starts_with("http") { endpoint.to_owned() } else { format!("http://{endpoint}") };
-    let channel = tonic::transport::Endpoint::from_shared(url)?
-        .timeout(std::time::Duration::from_secs(3))
-        .connect()
-        .await?;
+    let channel =
+        tonic::transport::Endpoint::from_shared(url)?.timeout(std::time::Duration::from_secs(3)).connect().await?;
     let status = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?.into_inner();
     if status.status == ServingStatus::Serving as i32 {
         println!("SERVING");

@@ -53,7 +53,8 @@ impl Rng {
 }
 
 const SURNAMES: &[&str] = &["Wang", "Li", "Zhang", "Liu", "Chen", "Yang", "Huang", "Zhao", "Wu", "Zhou", "Xu", "Sun"];
-const GIVEN: &[&str] = &["Wei", "Fang", "Na", "Min", "Jing", "Lei", "Jun", "Yan", "Tao", "Ming", "Hui", "Qiang", "Li", "Xia"];
+const GIVEN: &[&str] =
+    &["Wei", "Fang", "Na", "Min", "Jing", "Lei", "Jun", "Yan", "Tao", "Ming", "Hui", "Qiang", "Li", "Xia"];
 
 struct Province {
     code: &'static str,

@@ -102,10 +102,8 @@ impl Suite {
         let dir = std::fs::canonicalize(&options.dir)?;
         // Port 0: each bureau binds a free port itself and prints it; nothing is reserved and
         // released beforehand, so no other process can take the port in between.
-        let ports = Process::ALL
-            .iter()
-            .map(|p| (*p, if options.default_ports { p.default_port() } else { 0 }))
-            .collect();
+        let ports =
+            Process::ALL.iter().map(|p| (*p, if options.default_ports { p.default_port() } else { 0 })).collect();
         let keys = topology::generate_keys(&dir)?;
         let today = match options.clock {
             ClockSetting::Start(at) | ClockSetting::Fixed(at) => at.date_naive(),

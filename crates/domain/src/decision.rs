@@ -129,10 +129,13 @@ impl Decision {
         let card = &self.card;
         put(&mut out, card.id_number.as_bytes());
         put(&mut out, card.name.as_bytes());
-        put(&mut out, match card.sex {
-            Sex::Male => b"male",
-            Sex::Female => b"female",
-        });
+        put(
+            &mut out,
+            match card.sex {
+                Sex::Male => b"male",
+                Sex::Female => b"female",
+            },
+        );
         put(&mut out, card.birth_date.to_string().as_bytes());
         put(&mut out, card.registration_province.as_bytes());
         put(&mut out, card.address.as_bytes());
@@ -299,7 +302,10 @@ mod tests {
     #[test]
     fn s4_misaddressed_expired_and_wrong_purpose_are_refused() {
         let signed = decision().sign(&key(1));
-        assert!(matches!(signed.verify(&directory(), expect("producer-other")), Err(DecisionError::Misaddressed { .. })));
+        assert!(matches!(
+            signed.verify(&directory(), expect("producer-other")),
+            Err(DecisionError::Misaddressed { .. })
+        ));
         let late = Expectation { now: now() + chrono::Duration::days(8), ..expect("producer-zj") };
         assert!(matches!(signed.verify(&directory(), late), Err(DecisionError::Expired(_))));
         let as_loss = Expectation { purpose: DecisionPurpose::ReportLoss, ..expect("producer-zj") };

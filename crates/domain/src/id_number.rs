@@ -155,11 +155,7 @@ impl fmt::Display for IdNumber {
 
 /// N2: the check character of the first 17 digits. `first17` must be 17 ASCII digits.
 pub fn check_character(first17: &str) -> char {
-    let sum: u32 = first17
-        .bytes()
-        .zip(WEIGHTS)
-        .map(|(digit, weight)| u32::from(digit - b'0') * weight)
-        .sum();
+    let sum: u32 = first17.bytes().zip(WEIGHTS).map(|(digit, weight)| u32::from(digit - b'0') * weight).sum();
     CHECK_CHARACTERS[(sum % 11) as usize]
 }
 
@@ -239,10 +235,7 @@ mod tests {
         assert_eq!(province_name("52"), Some("Guizhou"));
         let first17 = "99010219900307123";
         let id = format!("{first17}{}", check_character(first17));
-        assert_eq!(
-            IdNumber::parse(&id, today()),
-            Err(IdNumberError::UnknownProvince { province: "99".into() })
-        );
+        assert_eq!(IdNumber::parse(&id, today()), Err(IdNumberError::UnknownProvince { province: "99".into() }));
     }
 
     fn birth_dates() -> impl Strategy<Value = NaiveDate> {

@@ -46,10 +46,7 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self {
-            tick_ms: 200,
-            respond_within_ms: 5000,
-        }
+        Self { tick_ms: 200, respond_within_ms: 5000 }
     }
 }
 
@@ -63,9 +60,7 @@ pub struct BiometricsConfig {
 
 impl Default for BiometricsConfig {
     fn default() -> Self {
-        Self {
-            face_threshold: 0.90,
-        }
+        Self { face_threshold: 0.90 }
     }
 }
 
@@ -77,32 +72,18 @@ impl IntakeConfig {
             return Err(ConfigError::key("server.bureau_id", "must not be empty"));
         }
         if self.station.producer_id.trim().is_empty() {
-            return Err(ConfigError::key(
-                "station.producer_id",
-                "must name the entrusted producer",
-            ));
+            return Err(ConfigError::key("station.producer_id", "must name the entrusted producer"));
         }
-        self.policy
-            .validate()
-            .map_err(|message| ConfigError::key("policy", message))?;
+        self.policy.validate().map_err(|message| ConfigError::key("policy", message))?;
         if self.worker.tick_ms == 0 || self.worker.tick_ms > 60_000 {
-            return Err(ConfigError::key(
-                "worker.tick_ms",
-                "must be between 1 and 60000",
-            ));
+            return Err(ConfigError::key("worker.tick_ms", "must be between 1 and 60000"));
         }
         if self.worker.respond_within_ms > 60_000 {
-            return Err(ConfigError::key(
-                "worker.respond_within_ms",
-                "must be at most 60000",
-            ));
+            return Err(ConfigError::key("worker.respond_within_ms", "must be at most 60000"));
         }
         let threshold = self.biometrics.face_threshold;
         if !(threshold > 0.0 && threshold <= 1.0) {
-            return Err(ConfigError::key(
-                "biometrics.face_threshold",
-                "must be in (0, 1]",
-            ));
+            return Err(ConfigError::key("biometrics.face_threshold", "must be in (0, 1]"));
         }
         Ok(())
     }

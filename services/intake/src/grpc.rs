@@ -6,10 +6,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 use yidi_common::{
     ApiError, FieldViolations,
-    convert::{
-        document_from_proto, kind_to_proto, refusal_to_proto, state_from_proto, state_to_proto,
-        timestamp,
-    },
+    convert::{document_from_proto, kind_to_proto, refusal_to_proto, state_from_proto, state_to_proto, timestamp},
     validate::{page_size, page_token},
 };
 use yidi_domain::ApplicationKind;
@@ -43,27 +40,15 @@ fn applicant(
     let empty = pb::Applicant::default();
     let a = applicant.unwrap_or(&empty);
     let id_number = v.id_number("applicant.id_number", &a.id_number, today);
-    let province = v
-        .province("applicant.declared_province", &a.declared_province)
-        .map(str::to_owned);
+    let province = v.province("applicant.declared_province", &a.declared_province).map(str::to_owned);
     let live = a.live.clone().unwrap_or_default();
-    let face = v
-        .template("applicant.live.face_template", &live.face_template)
-        .map(<[u8]>::to_vec);
-    let fingerprint = v
-        .template(
-            "applicant.live.fingerprint_template",
-            &live.fingerprint_template,
-        )
-        .map(<[u8]>::to_vec);
+    let face = v.template("applicant.live.face_template", &live.face_template).map(<[u8]>::to_vec);
+    let fingerprint = v.template("applicant.live.fingerprint_template", &live.fingerprint_template).map(<[u8]>::to_vec);
     let document = a.document.clone().unwrap_or_default();
-    let document_kind = v
-        .enumeration::<pb::DocumentKind>("applicant.document.kind", document.kind)
-        .and_then(document_from_proto);
+    let document_kind =
+        v.enumeration::<pb::DocumentKind>("applicant.document.kind", document.kind).and_then(document_from_proto);
     v.required("applicant.document.number", &document.number, MAX_SHORT);
-    let agent = v
-        .bounded("applicant.agent_id_number", &a.agent_id_number, MAX_SHORT)
-        .map(str::to_owned);
+    let agent = v.bounded("applicant.agent_id_number", &a.agent_id_number, MAX_SHORT).map(str::to_owned);
     Some(Applicant {
         id_number: id_number?,
         declared_province: province?,
@@ -95,10 +80,7 @@ pub fn to_proto(view: ApplicationView) -> pb::Application {
         application_id: view.application_id,
         kind: kind_to_proto(view.kind) as i32,
         state: state_to_proto(view.state) as i32,
-        refusal_reason: view
-            .refusal_reason
-            .map_or(pb::RefusalReason::Unspecified, refusal_to_proto)
-            as i32,
+        refusal_reason: view.refusal_reason.map_or(pb::RefusalReason::Unspecified, refusal_to_proto) as i32,
         id_number_masked: view.id_number_masked,
         home_bureau_id: view.home_bureau_id,
         previous_card_serial: view.previous_card_serial,
@@ -111,17 +93,12 @@ pub fn to_proto(view: ApplicationView) -> pb::Application {
         history: view
             .history
             .into_iter()
-            .map(|h| pb::StateChange {
-                state: state_to_proto(h.state) as i32,
-                at: Some(timestamp(h.at)),
-                note: h.note,
-            })
+            .map(|h| pb::StateChange { state: state_to_proto(h.state) as i32, at: Some(timestamp(h.at)), note: h.note })
             .collect(),
     }
 }
 
-type WatchStream =
-    Pin<Box<dyn Stream<Item = Result<pb::WatchApplicationResponse, Status>> + Send + 'static>>;
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchApplicationResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl pb::intake_server::Intake for IntakeGrpc {
@@ -135,10 +112,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
             Some(pb::ApplicationKind::Replacement) => Some(ApplicationKind::Replacement),
             Some(pb::ApplicationKind::Renewal) => Some(ApplicationKind::Renewal),
             Some(pb::ApplicationKind::LossReport) => {
-                v.add(
-                    "kind",
-                    "a loss report alone is lodged with ReportLoss; use ReportLoss",
-                );
+                v.add("kind", "a loss report alone is lodged with ReportLoss; use ReportLoss");
                 None
             }
             _ => None,
@@ -150,9 +124,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
             return Err(malformed().into());
         };
         let view = self.intake.submit(kind, applicant, serial).await?;
-        Ok(Response::new(pb::SubmitApplicationResponse {
-            application: Some(to_proto(view)),
-        }))
+        Ok(Response::new(pb::SubmitApplicationResponse { application: Some(to_proto(view)) }))
     }
 
     async fn get_application(
@@ -161,9 +133,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
     ) -> Result<Response<pb::GetApplicationResponse>, Status> {
         let id = application_id(&request.get_ref().application_id)?;
         let view = self.intake.get(&id).await?;
-        Ok(Response::new(pb::GetApplicationResponse {
-            application: Some(to_proto(view)),
-        }))
+        Ok(Response::new(pb::GetApplicationResponse { application: Some(to_proto(view)) }))
     }
 
     async fn list_applications(
@@ -198,11 +168,8 @@ impl pb::intake_server::Intake for IntakeGrpc {
     ) -> Result<Response<Self::WatchApplicationStream>, Status> {
         let id = application_id(&request.get_ref().application_id)?;
         let receiver = self.intake.watch(&id).await?;
-        let stream = ReceiverStream::new(receiver).map(|view| {
-            Ok(pb::WatchApplicationResponse {
-                application: Some(to_proto(view)),
-            })
-        });
+        let stream = ReceiverStream::new(receiver)
+            .map(|view| Ok(pb::WatchApplicationResponse { application: Some(to_proto(view)) }));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -212,9 +179,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
     ) -> Result<Response<pb::CancelApplicationResponse>, Status> {
         let id = application_id(&request.get_ref().application_id)?;
         let view = self.intake.cancel(&id).await?;
-        Ok(Response::new(pb::CancelApplicationResponse {
-            application: Some(to_proto(view)),
-        }))
+        Ok(Response::new(pb::CancelApplicationResponse { application: Some(to_proto(view)) }))
     }
 
     async fn collect_card(
@@ -223,21 +188,15 @@ impl pb::intake_server::Intake for IntakeGrpc {
     ) -> Result<Response<pb::CollectCardResponse>, Status> {
         let request = request.into_inner();
         let mut v = FieldViolations::new();
-        let id = v
-            .resource_id("application_id", &request.application_id)
-            .map(str::to_owned);
+        let id = v.resource_id("application_id", &request.application_id).map(str::to_owned);
         let live = request.live.unwrap_or_default();
-        let face = v
-            .template("live.face_template", &live.face_template)
-            .map(<[u8]>::to_vec);
+        let face = v.template("live.face_template", &live.face_template).map(<[u8]>::to_vec);
         v.finish()?;
         let (Some(id), Some(face)) = (id, face) else {
             return Err(malformed().into());
         };
         let view = self.intake.collect(&id, &face).await?;
-        Ok(Response::new(pb::CollectCardResponse {
-            application: Some(to_proto(view)),
-        }))
+        Ok(Response::new(pb::CollectCardResponse { application: Some(to_proto(view)) }))
     }
 
     async fn report_loss(
@@ -252,13 +211,8 @@ impl pb::intake_server::Intake for IntakeGrpc {
         let (Some(applicant), Some(serial)) = (applicant, serial) else {
             return Err(malformed().into());
         };
-        let view = self
-            .intake
-            .submit(ApplicationKind::LossReport, applicant, serial)
-            .await?;
-        Ok(Response::new(pb::ReportLossResponse {
-            application: Some(to_proto(view)),
-        }))
+        let view = self.intake.submit(ApplicationKind::LossReport, applicant, serial).await?;
+        Ok(Response::new(pb::ReportLossResponse { application: Some(to_proto(view)) }))
     }
 
     async fn withdraw_loss_report(

@@ -39,19 +39,13 @@ pub async fn serve(
         clock: &config.clock,
     };
     let prepared = startup::prepare::<Migrator, _>(sections, Role::Intake, shutdown, |directory, station| {
-        if directory
-            .get_with_role(&config.station.producer_id, Role::Issuance)
-            .is_none()
-        {
+        if directory.get_with_role(&config.station.producer_id, Role::Issuance).is_none() {
             anyhow::bail!(
                 "configuration key station.producer_id: {:?} is not an issuance bureau in the directory",
                 config.station.producer_id
             );
         }
-        let registry = directory
-            .with_role(Role::Registry)
-            .next()
-            .context("the directory lists no registry bureau")?;
+        let registry = directory.with_role(Role::Registry).next().context("the directory lists no registry bureau")?;
         Ok(Station {
             id: station.id.clone(),
             region: station.region.clone(),
@@ -62,10 +56,7 @@ pub async fn serve(
     .await?;
     let Prepared { directory, clock, db, shutdown, signal, grace, checked: station } = prepared;
 
-    let matcher = SimulatedMatcher {
-        face_threshold: config.biometrics.face_threshold,
-        ..SimulatedMatcher::default()
-    };
+    let matcher = SimulatedMatcher { face_threshold: config.biometrics.face_threshold, ..SimulatedMatcher::default() };
     let intake = Intake::new(IntakeParts {
         repo: Repo::new(db.clone()),
         clock,
@@ -76,18 +67,10 @@ pub async fn serve(
         respond_within: Duration::from_millis(config.worker.respond_within_ms),
         shutdown: shutdown.clone(),
     });
-    let worker = tokio::spawn(worker::run(
-        intake.clone(),
-        Duration::from_millis(config.worker.tick_ms),
-    ));
+    let worker = tokio::spawn(worker::run(intake.clone(), Duration::from_millis(config.worker.tick_ms)));
 
-    let served = yidi_common::server::serve(
-        listener,
-        IntakeServer::new(grpc::IntakeGrpc::new(intake)),
-        shutdown,
-        grace,
-    )
-    .await;
+    let served =
+        yidi_common::server::serve(listener, IntakeServer::new(grpc::IntakeGrpc::new(intake)), shutdown, grace).await;
     if served.is_err() {
         worker.abort();
         signal.abort();

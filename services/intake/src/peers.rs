@@ -8,8 +8,7 @@ use tonic::{Code, Status, transport::Channel};
 use yidi_domain::Directory;
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::{
-    issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient,
-    verification_client::VerificationClient,
+    issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient, verification_client::VerificationClient,
 };
 
 /// A failed call to another bureau.
@@ -46,10 +45,7 @@ impl PeerError {
         match self {
             Self::Unreachable { .. } => true,
             Self::Status { status, .. } => {
-                matches!(
-                    status.code(),
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-                )
+                matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
             }
         }
     }
@@ -87,28 +83,18 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(directory: Arc<Directory>) -> Self {
-        Self {
-            directory,
-            channels: Arc::default(),
-        }
+        Self { directory, channels: Arc::default() }
     }
 
     fn channel(&self, bureau_id: &str) -> Result<Channel, PeerError> {
-        let unreachable = |message: String| PeerError::Unreachable {
-            peer: bureau_id.to_owned(),
-            message,
-        };
+        let unreachable = |message: String| PeerError::Unreachable { peer: bureau_id.to_owned(), message };
         if let Ok(channels) = self.channels.lock()
             && let Some(channel) = channels.get(bureau_id)
         {
             return Ok(channel.clone());
         }
-        let bureau = self
-            .directory
-            .get(bureau_id)
-            .ok_or_else(|| unreachable("not in the directory".into()))?;
-        let channel = yidi_common::client::channel(&bureau.endpoint)
-            .map_err(|e| unreachable(e.to_string()))?;
+        let bureau = self.directory.get(bureau_id).ok_or_else(|| unreachable("not in the directory".into()))?;
+        let channel = yidi_common::client::channel(&bureau.endpoint).map_err(|e| unreachable(e.to_string()))?;
         if let Ok(mut channels) = self.channels.lock() {
             channels.insert(bureau_id.to_owned(), channel.clone());
         }
@@ -116,23 +102,12 @@ impl Peers {
     }
 
     fn status(peer: &str) -> impl FnOnce(Status) -> PeerError + '_ {
-        move |status| PeerError::Status {
-            peer: peer.to_owned(),
-            status: Box::new(status),
-        }
+        move |status| PeerError::Status { peer: peer.to_owned(), status: Box::new(status) }
     }
 
-    pub async fn verify(
-        &self,
-        home: &str,
-        request: pb::VerifyRequest,
-    ) -> Result<pb::VerifyResponse, PeerError> {
+    pub async fn verify(&self, home: &str, request: pb::VerifyRequest) -> Result<pb::VerifyResponse, PeerError> {
         let mut client = VerificationClient::new(self.channel(home)?);
-        client
-            .verify(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(home))
+        client.verify(request).await.map(tonic::Response::into_inner).map_err(Self::status(home))
     }
 
     pub async fn close_application(
@@ -141,11 +116,7 @@ impl Peers {
         request: pb::CloseApplicationRequest,
     ) -> Result<pb::CloseApplicationResponse, PeerError> {
         let mut client = VerificationClient::new(self.channel(home)?);
-        client
-            .close_application(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(home))
+        client.close_application(request).await.map(tonic::Response::into_inner).map_err(Self::status(home))
     }
 
     pub async fn report_loss(
@@ -155,9 +126,7 @@ impl Peers {
     ) -> Result<pb::LossRegistryReportLossResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .report_loss(pb::LossRegistryReportLossRequest {
-                decision: Some(decision),
-            })
+            .report_loss(pb::LossRegistryReportLossRequest { decision: Some(decision) })
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
@@ -170,24 +139,16 @@ impl Peers {
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .withdraw_loss_report(pb::LossRegistryWithdrawLossReportRequest {
-                decision: Some(decision),
-            })
+            .withdraw_loss_report(pb::LossRegistryWithdrawLossReportRequest { decision: Some(decision) })
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
     }
 
-    pub async fn place_order(
-        &self,
-        producer: &str,
-        decision: pb::SignedDecision,
-    ) -> Result<pb::Order, PeerError> {
+    pub async fn place_order(&self, producer: &str, decision: pb::SignedDecision) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
         let response = client
-            .place_order(pb::PlaceOrderRequest {
-                decision: Some(decision),
-            })
+            .place_order(pb::PlaceOrderRequest { decision: Some(decision) })
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(producer))?;
@@ -197,18 +158,10 @@ impl Peers {
         })
     }
 
-    pub async fn get_order(
-        &self,
-        producer: &str,
-        order_id: &str,
-        decision_id: &str,
-    ) -> Result<pb::Order, PeerError> {
+    pub async fn get_order(&self, producer: &str, order_id: &str, decision_id: &str) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
         let response = client
-            .get_order(pb::GetOrderRequest {
-                order_id: order_id.to_owned(),
-                decision_id: decision_id.to_owned(),
-            })
+            .get_order(pb::GetOrderRequest { order_id: order_id.to_owned(), decision_id: decision_id.to_owned() })
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(producer))?;

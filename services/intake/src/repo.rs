@@ -2,8 +2,8 @@
 //! one transaction before anyone is told; transitions are conditional on the expected state.
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr,
-    EntityTrait, Order, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, Order,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use yidi_common::audit::{self, AuditEntry};
 use yidi_domain::ApplicationState;
@@ -30,9 +30,7 @@ pub struct Repo {
 }
 
 fn empty_changes() -> application::ActiveModel {
-    application::ActiveModel {
-        ..Default::default()
-    }
+    application::ActiveModel { ..Default::default() }
 }
 
 impl Repo {
@@ -41,11 +39,7 @@ impl Repo {
     }
 
     /// Inserts a new application in RECEIVED with its first event.
-    pub async fn insert_application(
-        &self,
-        model: application::Model,
-        note: &str,
-    ) -> Result<(), DbErr> {
+    pub async fn insert_application(&self, model: application::Model, note: &str) -> Result<(), DbErr> {
         let txn = self.db.begin().await?;
         let at = model.created_at;
         let id = model.application_id.clone();
@@ -60,15 +54,10 @@ impl Repo {
     }
 
     pub async fn get(&self, application_id: &str) -> Result<Option<application::Model>, DbErr> {
-        application::Entity::find_by_id(application_id.to_owned())
-            .one(&self.db)
-            .await
+        application::Entity::find_by_id(application_id.to_owned()).one(&self.db).await
     }
 
-    pub async fn events(
-        &self,
-        application_id: &str,
-    ) -> Result<Vec<application_event::Model>, DbErr> {
+    pub async fn events(&self, application_id: &str) -> Result<Vec<application_event::Model>, DbErr> {
         application_event::Entity::find()
             .filter(application_event::Column::ApplicationId.eq(application_id))
             .order_by(application_event::Column::Id, Order::Asc)
@@ -119,20 +108,15 @@ impl Repo {
         .iter()
         .map(|s| s.as_str())
         .collect();
-        let closing = [
-            ApplicationState::Collected.as_str(),
-            ApplicationState::Cancelled.as_str(),
-        ];
+        let closing = [ApplicationState::Collected.as_str(), ApplicationState::Cancelled.as_str()];
         application::Entity::find()
             .filter(application::Column::Halted.eq(false))
             .filter(
-                Condition::any()
-                    .add(application::Column::State.is_in(open))
-                    .add(
-                        Condition::all()
-                            .add(application::Column::State.is_in(closing))
-                            .add(application::Column::HomeNotified.eq(false)),
-                    ),
+                Condition::any().add(application::Column::State.is_in(open)).add(
+                    Condition::all()
+                        .add(application::Column::State.is_in(closing))
+                        .add(application::Column::HomeNotified.eq(false)),
+                ),
             )
             .order_by(application::Column::CreatedAt, Order::Asc)
             .all(&self.db)
@@ -152,11 +136,7 @@ impl Repo {
         if let Some(condition) = t.condition {
             filter = filter.add(condition);
         }
-        let result = application::Entity::update_many()
-            .set(changes)
-            .filter(filter)
-            .exec(&txn)
-            .await?;
+        let result = application::Entity::update_many().set(changes).filter(filter).exec(&txn).await?;
         if result.rows_affected == 0 {
             txn.rollback().await?;
             return Ok(false);
@@ -213,8 +193,7 @@ impl Repo {
         changes.next_attempt_at = Set(next_attempt_at);
         changes.halted = Set(halt);
         let state = ApplicationState::parse(&current.state).unwrap_or(ApplicationState::Received);
-        self.update_in_state(&current.application_id, state, changes, None, now)
-            .await
+        self.update_in_state(&current.application_id, state, changes, None, now).await
     }
 }
 

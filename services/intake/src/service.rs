@@ -8,8 +8,8 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, Condition};
 use tokio::sync::{Notify, broadcast, mpsc};
 use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry};
 use yidi_domain::{
-    ApplicationKind, ApplicationState, BiometricMatcher, Bureau, Directory, DocumentKind, IdNumber,
-    PolicyTimeline, RefusalReason, mask::mask_id_number,
+    ApplicationKind, ApplicationState, BiometricMatcher, Bureau, Directory, DocumentKind, IdNumber, PolicyTimeline,
+    RefusalReason, mask::mask_id_number,
 };
 use yidi_proto::v1 as pb;
 
@@ -83,18 +83,12 @@ impl ApplicationView {
 }
 
 pub fn is_final(kind: ApplicationKind, state: ApplicationState, loss_recorded: bool) -> bool {
-    state.is_final()
-        || (kind == ApplicationKind::LossReport
-            && state == ApplicationState::Approved
-            && loss_recorded)
+    state.is_final() || (kind == ApplicationKind::LossReport && state == ApplicationState::Approved && loss_recorded)
 }
 
 /// Whether the home bureau has answered.
 fn past_verifying(state: ApplicationState) -> bool {
-    !matches!(
-        state,
-        ApplicationState::Received | ApplicationState::Verifying
-    )
+    !matches!(state, ApplicationState::Received | ApplicationState::Verifying)
 }
 
 pub fn document_str(kind: DocumentKind) -> &'static str {
@@ -188,26 +182,14 @@ impl Intake {
 
     /// The counter rules, in order: no agent (S2), the acceptance policy (P0–P4), a home bureau
     /// to route to (N3). A refusal writes one audit row and nothing else.
-    pub async fn counter_check(
-        &self,
-        action: &'static str,
-        applicant: &Applicant,
-    ) -> Result<Bureau, ApiError> {
+    pub async fn counter_check(&self, action: &'static str, applicant: &Applicant) -> Result<Bureau, ApiError> {
         match self.counter_rules(applicant) {
             Ok(home) => Ok(home),
             Err(reason) => {
                 tracing::info!(action, id = %applicant.id_number.masked(), reason = reason.code(), "refused at the counter");
                 self.inner
                     .repo
-                    .audit(
-                        AuditEntry::new(
-                            action,
-                            applicant.id_number.masked(),
-                            "refused",
-                            reason.code(),
-                        ),
-                        self.now(),
-                    )
+                    .audit(AuditEntry::new(action, applicant.id_number.masked(), "refused", reason.code()), self.now())
                     .await?;
                 Err(ApiError::Refused(reason))
             }
@@ -224,11 +206,7 @@ impl Intake {
             self.inner.clock.today(),
             applicant.document_kind,
         )?;
-        self.inner
-            .directory
-            .home_bureau_for(&applicant.declared_province)
-            .cloned()
-            .ok_or(RefusalReason::UnknownCitizen)
+        self.inner.directory.home_bureau_for(&applicant.declared_province).cloned().ok_or(RefusalReason::UnknownCitizen)
     }
 
     /// SubmitApplication (K1, K2) and ReportLoss (K3): counter rules, then the application is
@@ -240,11 +218,7 @@ impl Intake {
         applicant: Applicant,
         card_serial: String,
     ) -> Result<ApplicationView, ApiError> {
-        let action = if kind == ApplicationKind::LossReport {
-            "report_loss"
-        } else {
-            "submit_application"
-        };
+        let action = if kind == ApplicationKind::LossReport { "report_loss" } else { "submit_application" };
         let home = self.counter_check(action, &applicant).await?;
         let now = self.now();
         let application_id = uuid::Uuid::new_v4().to_string();
@@ -274,10 +248,7 @@ impl Intake {
             updated_at: now,
         };
         let mut changes = self.inner.changes.subscribe();
-        self.inner
-            .repo
-            .insert_application(model, "received at the counter")
-            .await?;
+        self.inner.repo.insert_application(model, "received at the counter").await?;
         tracing::info!(%application_id, kind = kind.as_str(), id = %applicant.id_number.masked(), home = %home.id, "application received");
         self.publish(&application_id).await;
         self.inner.wake.notify_one();
@@ -327,11 +298,7 @@ impl Intake {
         let events = self.inner.repo.events_for(&ids).await?;
         let mut views = Vec::with_capacity(models.len());
         for model in models {
-            let own: Vec<_> = events
-                .iter()
-                .filter(|e| e.application_id == model.application_id)
-                .cloned()
-                .collect();
+            let own: Vec<_> = events.iter().filter(|e| e.application_id == model.application_id).cloned().collect();
             views.push(view(model, &own)?);
         }
         let next = more.then_some(offset + views.len() as u64);
@@ -349,10 +316,7 @@ impl Intake {
     }
 
     /// The current state, then every change, until a final state or shutdown.
-    pub async fn watch(
-        &self,
-        application_id: &str,
-    ) -> Result<mpsc::Receiver<ApplicationView>, ApiError> {
+    pub async fn watch(&self, application_id: &str) -> Result<mpsc::Receiver<ApplicationView>, ApiError> {
         let mut changes = self.inner.changes.subscribe();
         let current = self.get(application_id).await?;
         let (tx, rx) = mpsc::channel(16);
@@ -401,26 +365,16 @@ impl Intake {
                 .await?
                 .ok_or_else(|| ApiError::not_found("application", application_id))?;
             let (kind, state) = parse_kind_state(&model)?;
-            if !state.is_cancellable()
-                || (kind == ApplicationKind::LossReport && model.loss_recorded)
-            {
-                let why = if state.is_cancellable() {
-                    " and its loss report is recorded"
-                } else {
-                    ""
-                };
+            if !state.is_cancellable() || (kind == ApplicationKind::LossReport && model.loss_recorded) {
+                let why = if state.is_cancellable() { " and its loss report is recorded" } else { "" };
                 return Err(ApiError::precondition(
                     "NOT_CANCELLABLE",
-                    format!(
-                        "application {application_id} is {}{why}; it can no longer be cancelled",
-                        state.as_str()
-                    ),
+                    format!("application {application_id} is {}{why}; it can no longer be cancelled", state.as_str()),
                 ));
             }
             let mut changes = repo::changes();
             // The home bureau has heard of it (and keeps it open, K5) unless it never left the station.
-            changes.home_notified =
-                Set(state == ApplicationState::Received || !kind.makes_a_card());
+            changes.home_notified = Set(state == ApplicationState::Received || !kind.makes_a_card());
             let condition = (kind == ApplicationKind::LossReport)
                 .then(|| Condition::all().add(application::Column::LossRecorded.eq(false)));
             let masked = mask_id_number(&model.id_number);
@@ -435,12 +389,7 @@ impl Intake {
                         changes,
                         condition,
                         note: format!("cancelled at the counter (was {})", state.as_str()),
-                        audit: Some(AuditEntry::new(
-                            "cancel_application",
-                            masked,
-                            "cancelled",
-                            application_id,
-                        )),
+                        audit: Some(AuditEntry::new("cancel_application", masked, "cancelled", application_id)),
                     },
                     self.now(),
                 )
@@ -453,18 +402,11 @@ impl Intake {
             }
             // The worker moved it meanwhile: judge again on the new state.
         }
-        Err(ApiError::precondition(
-            "NOT_CANCELLABLE",
-            format!("application {application_id} is changing; try again"),
-        ))
+        Err(ApiError::precondition("NOT_CANCELLABLE", format!("application {application_id} is changing; try again")))
     }
 
     /// C3: the card is handed over only after a fresh face match against the home bureau's record.
-    pub async fn collect(
-        &self,
-        application_id: &str,
-        live_face: &[u8],
-    ) -> Result<ApplicationView, ApiError> {
+    pub async fn collect(&self, application_id: &str, live_face: &[u8]) -> Result<ApplicationView, ApiError> {
         let model = self
             .inner
             .repo
@@ -475,16 +417,9 @@ impl Intake {
         if state != ApplicationState::ReadyForCollection {
             return Err(not_ready(application_id, state));
         }
-        let decision = decode_decision(model.decision.as_deref()).ok_or_else(|| {
-            ApiError::Internal(format!(
-                "application {application_id} has no readable decision"
-            ))
-        })?;
-        let enrolled = decision
-            .decision
-            .and_then(|d| d.card)
-            .map(|c| c.face_template)
-            .unwrap_or_default();
+        let decision = decode_decision(model.decision.as_deref())
+            .ok_or_else(|| ApiError::Internal(format!("application {application_id} has no readable decision")))?;
+        let enrolled = decision.decision.and_then(|d| d.card).map(|c| c.face_template).unwrap_or_default();
         let outcome = self.inner.matcher.match_face(live_face, &enrolled);
         let masked = mask_id_number(&model.id_number);
         let serial = model.new_card_serial.clone().unwrap_or_default();
@@ -497,11 +432,7 @@ impl Intake {
                         "collect_card",
                         masked,
                         "refused",
-                        format!(
-                            "{} card {serial} score {:.3}",
-                            RefusalReason::FaceMismatch.code(),
-                            outcome.score
-                        ),
+                        format!("{} card {serial} score {:.3}", RefusalReason::FaceMismatch.code(), outcome.score),
                     ),
                     self.now(),
                 )
@@ -561,45 +492,23 @@ impl Intake {
             }),
             producer_id: String::new(),
         };
-        let answer = self
-            .inner
-            .peers
-            .verify(&home.id, request)
-            .await
-            .map_err(peer_error)?;
+        let answer = self.inner.peers.verify(&home.id, request).await.map_err(peer_error)?;
         let Some(decision) = answer.decision else {
             let reason = pb::RefusalReason::try_from(answer.refusal_reason)
                 .ok()
                 .and_then(yidi_common::convert::refusal_from_proto)
                 .ok_or_else(|| {
-                    ApiError::unavailable(
-                        &home.id,
-                        "answered neither a decision nor a known refusal reason",
-                    )
+                    ApiError::unavailable(&home.id, "answered neither a decision nor a known refusal reason")
                 })?;
-            self.inner
-                .repo
-                .audit(
-                    AuditEntry::new(ACTION, masked, "refused", reason.code()),
-                    self.now(),
-                )
-                .await?;
+            self.inner.repo.audit(AuditEntry::new(ACTION, masked, "refused", reason.code()), self.now()).await?;
             return Err(ApiError::Refused(reason).into());
         };
         let registry = self.inner.station.registry_id.clone();
-        match self
-            .inner
-            .peers
-            .withdraw_loss_report(&registry, decision)
-            .await
-        {
+        match self.inner.peers.withdraw_loss_report(&registry, decision).await {
             Ok(response) => {
                 self.inner
                     .repo
-                    .audit(
-                        AuditEntry::new(ACTION, masked, "withdrawn", format!("card {card_serial}")),
-                        self.now(),
-                    )
+                    .audit(AuditEntry::new(ACTION, masked, "withdrawn", format!("card {card_serial}")), self.now())
                     .await?;
                 tracing::info!(card = %card_serial, "loss report withdrawn");
                 Ok(response)
@@ -608,12 +517,7 @@ impl Intake {
                 self.inner
                     .repo
                     .audit(
-                        AuditEntry::new(
-                            ACTION,
-                            masked,
-                            "failed",
-                            format!("card {card_serial}: {error}"),
-                        ),
+                        AuditEntry::new(ACTION, masked, "failed", format!("card {card_serial}: {error}")),
                         self.now(),
                     )
                     .await?;
@@ -625,33 +529,22 @@ impl Intake {
 
 fn peer_error(error: PeerError) -> WithdrawError {
     if error.is_unavailable() {
-        return WithdrawError::Api(ApiError::unavailable(
-            error.peer().to_owned(),
-            error.to_string(),
-        ));
+        return WithdrawError::Api(ApiError::unavailable(error.peer().to_owned(), error.to_string()));
     }
     match error {
         PeerError::Status { status, .. } => WithdrawError::Peer(status),
-        other => WithdrawError::Api(ApiError::unavailable(
-            other.peer().to_owned(),
-            other.to_string(),
-        )),
+        other => WithdrawError::Api(ApiError::unavailable(other.peer().to_owned(), other.to_string())),
     }
 }
 
 fn not_ready(application_id: &str, state: ApplicationState) -> ApiError {
     ApiError::precondition(
         "NOT_READY_FOR_COLLECTION",
-        format!(
-            "application {application_id} is {}, not ready_for_collection",
-            state.as_str()
-        ),
+        format!("application {application_id} is {}, not ready_for_collection", state.as_str()),
     )
 }
 
-pub(crate) fn parse_kind_state(
-    model: &application::Model,
-) -> Result<(ApplicationKind, ApplicationState), ApiError> {
+pub(crate) fn parse_kind_state(model: &application::Model) -> Result<(ApplicationKind, ApplicationState), ApiError> {
     let kind = ApplicationKind::parse(&model.kind)
         .ok_or_else(|| ApiError::Internal(format!("unknown kind {:?} stored", model.kind)))?;
     let state = ApplicationState::parse(&model.state)
@@ -663,18 +556,12 @@ pub(crate) fn decode_decision(bytes: Option<&[u8]>) -> Option<pb::SignedDecision
     pb::SignedDecision::decode(bytes?).ok()
 }
 
-fn view(
-    model: application::Model,
-    events: &[application_event::Model],
-) -> Result<ApplicationView, ApiError> {
+fn view(model: application::Model, events: &[application_event::Model]) -> Result<ApplicationView, ApiError> {
     let (kind, state) = parse_kind_state(&model)?;
     Ok(ApplicationView {
         kind,
         state,
-        refusal_reason: model
-            .refusal_reason
-            .as_deref()
-            .and_then(RefusalReason::from_code),
+        refusal_reason: model.refusal_reason.as_deref().and_then(RefusalReason::from_code),
         id_number_masked: mask_id_number(&model.id_number),
         home_bureau_id: model.home_bureau_id,
         previous_card_serial: model.previous_card_serial,
@@ -687,11 +574,7 @@ fn view(
         history: events
             .iter()
             .filter_map(|e| {
-                Some(HistoryEntry {
-                    state: ApplicationState::parse(&e.state)?,
-                    at: e.at,
-                    note: e.note.clone(),
-                })
+                Some(HistoryEntry { state: ApplicationState::parse(&e.state)?, at: e.at, note: e.note.clone() })
             })
             .collect(),
         application_id: model.application_id,
@@ -704,26 +587,10 @@ mod tests {
 
     #[test]
     fn k3_a_recorded_loss_report_is_final_but_an_unrecorded_one_is_not() {
-        assert!(is_final(
-            ApplicationKind::LossReport,
-            ApplicationState::Approved,
-            true
-        ));
-        assert!(!is_final(
-            ApplicationKind::LossReport,
-            ApplicationState::Approved,
-            false
-        ));
-        assert!(!is_final(
-            ApplicationKind::Replacement,
-            ApplicationState::Approved,
-            true
-        ));
-        assert!(is_final(
-            ApplicationKind::Renewal,
-            ApplicationState::Refused,
-            false
-        ));
+        assert!(is_final(ApplicationKind::LossReport, ApplicationState::Approved, true));
+        assert!(!is_final(ApplicationKind::LossReport, ApplicationState::Approved, false));
+        assert!(!is_final(ApplicationKind::Replacement, ApplicationState::Approved, true));
+        assert!(is_final(ApplicationKind::Renewal, ApplicationState::Refused, false));
     }
 
     #[test]

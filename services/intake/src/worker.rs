@@ -47,11 +47,7 @@ impl From<ApiError> for Failure {
 }
 
 fn from_peer(error: PeerError) -> Failure {
-    if error.is_transient() {
-        Failure::Retry(error.to_string())
-    } else {
-        Failure::Halt(error.to_string())
-    }
+    if error.is_transient() { Failure::Retry(error.to_string()) } else { Failure::Halt(error.to_string()) }
 }
 
 /// Exponential from 0.5 s, at most 30 s.
@@ -96,10 +92,7 @@ pub async fn run(intake: Intake, tick: Duration) {
         let now = Instant::now();
         for model in pending {
             let id = model.application_id.clone();
-            let due = retry_at
-                .lock()
-                .map(|r| r.get(&id).is_none_or(|at| *at <= now))
-                .unwrap_or(true);
+            let due = retry_at.lock().map(|r| r.get(&id).is_none_or(|at| *at <= now)).unwrap_or(true);
             if !due {
                 continue;
             }
@@ -110,10 +103,7 @@ pub async fn run(intake: Intake, tick: Duration) {
                 continue;
             }
             drop(set);
-            let guard = InFlight {
-                set: in_flight.clone(),
-                id: id.clone(),
-            };
+            let guard = InFlight { set: in_flight.clone(), id: id.clone() };
             let intake = intake.clone();
             let retry_at = retry_at.clone();
             tasks.spawn(async move {
@@ -167,20 +157,14 @@ async fn drive(intake: &Intake, id: &str) -> Option<Duration> {
                     _ => return Some(backoff(1)),
                 };
                 let delay = backoff(current.attempts.saturating_add(1));
-                let next = (!halt).then(|| {
-                    intake.clock().now() + chrono::Duration::from_std(delay).unwrap_or_default()
-                });
+                let next =
+                    (!halt).then(|| intake.clock().now() + chrono::Duration::from_std(delay).unwrap_or_default());
                 if halt {
                     tracing::warn!(application_id = %id, error = %message, "peer refused definitively; application halted");
                 } else {
                     tracing::info!(application_id = %id, error = %message, ?delay, "peer call failed; will retry");
                 }
-                match intake
-                    .inner
-                    .repo
-                    .record_failure(&current, &message, next, halt, intake.clock().now())
-                    .await
-                {
+                match intake.inner.repo.record_failure(&current, &message, next, halt, intake.clock().now()).await {
                     Ok(true) => intake.publish(id).await,
                     Ok(false) => {}
                     Err(error) => {
@@ -230,11 +214,7 @@ async fn step(intake: &Intake, model: &application::Model) -> Result<bool, Failu
         }
         ApplicationState::InProduction => {
             let order_id = model.order_id.clone().unwrap_or_default();
-            let order = inner
-                .peers
-                .get_order(&inner.station.producer_id, &order_id, "")
-                .await
-                .map_err(from_peer)?;
+            let order = inner.peers.get_order(&inner.station.producer_id, &order_id, "").await.map_err(from_peer)?;
             if order.state != pb::OrderState::Dispatched as i32 {
                 return Ok(false);
             }
@@ -266,21 +246,13 @@ async fn step(intake: &Intake, model: &application::Model) -> Result<bool, Failu
     }
 }
 
-async fn verify(
-    intake: &Intake,
-    model: &application::Model,
-    kind: ApplicationKind,
-) -> Result<bool, Failure> {
+async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Result<bool, Failure> {
     let inner = &intake.inner;
     let issue = kind.makes_a_card();
     let request = pb::VerifyRequest {
         application_id: model.application_id.clone(),
         station_id: inner.station.id.clone(),
-        purpose: if issue {
-            pb::DecisionPurpose::IssueCard
-        } else {
-            pb::DecisionPurpose::ReportLoss
-        } as i32,
+        purpose: if issue { pb::DecisionPurpose::IssueCard } else { pb::DecisionPurpose::ReportLoss } as i32,
         kind: yidi_common::convert::kind_to_proto(kind) as i32,
         id_number: model.id_number.clone(),
         card_serial: model.previous_card_serial.clone(),
@@ -288,28 +260,18 @@ async fn verify(
             face_template: model.live_face_template.clone(),
             fingerprint_template: model.live_fingerprint_template.clone(),
         }),
-        producer_id: if issue {
-            inner.station.producer_id.clone()
-        } else {
-            String::new()
-        },
+        producer_id: if issue { inner.station.producer_id.clone() } else { String::new() },
     };
-    let answer = inner
-        .peers
-        .verify(&model.home_bureau_id, request)
-        .await
-        .map_err(from_peer)?;
+    let answer = inner.peers.verify(&model.home_bureau_id, request).await.map_err(from_peer)?;
     let masked = mask_id_number(&model.id_number);
     let id = model.application_id.as_str();
     if let Some(decision) = answer.decision {
-        let decision_id = decision
-            .decision
-            .as_ref()
-            .map(|d| d.decision_id.clone())
-            .unwrap_or_default();
+        let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
         let mut changes = progress_changes();
         // The home bureau names the card concerned (the register's current card when none was given).
-        if let Some(previous) = decision.decision.as_ref().map(|d| d.previous_card_serial.clone()).filter(|s| !s.is_empty()) {
+        if let Some(previous) =
+            decision.decision.as_ref().map(|d| d.previous_card_serial.clone()).filter(|s| !s.is_empty())
+        {
             changes.previous_card_serial = Set(previous);
         }
         changes.decision = Set(Some(decision.encode_to_vec()));
@@ -323,16 +285,8 @@ async fn verify(
                     to: ApplicationState::Approved,
                     changes,
                     condition: None,
-                    note: format!(
-                        "approved by {} (decision {decision_id})",
-                        model.home_bureau_id
-                    ),
-                    audit: Some(AuditEntry::new(
-                        "verification",
-                        masked,
-                        "approved",
-                        format!("decision {decision_id}"),
-                    )),
+                    note: format!("approved by {} (decision {decision_id})", model.home_bureau_id),
+                    audit: Some(AuditEntry::new("verification", masked, "approved", format!("decision {decision_id}"))),
                 },
                 intake.clock().now(),
             )
@@ -346,10 +300,7 @@ async fn verify(
         .ok()
         .and_then(yidi_common::convert::refusal_from_proto)
         .ok_or_else(|| {
-            Failure::Halt(format!(
-                "{} answered neither a decision nor a known refusal",
-                model.home_bureau_id
-            ))
+            Failure::Halt(format!("{} answered neither a decision nor a known refusal", model.home_bureau_id))
         })?;
     let mut changes = progress_changes();
     changes.refusal_reason = Set(Some(reason.code().to_owned()));
@@ -363,12 +314,7 @@ async fn verify(
                 changes,
                 condition: None,
                 note: format!("refused by {}: {}", model.home_bureau_id, reason.code()),
-                audit: Some(AuditEntry::new(
-                    "verification",
-                    masked,
-                    "refused",
-                    reason.code(),
-                )),
+                audit: Some(AuditEntry::new("verification", masked, "refused", reason.code())),
             },
             intake.clock().now(),
         )
@@ -379,11 +325,7 @@ async fn verify(
     Ok(applied)
 }
 
-async fn approved(
-    intake: &Intake,
-    model: &application::Model,
-    kind: ApplicationKind,
-) -> Result<bool, Failure> {
+async fn approved(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Result<bool, Failure> {
     let inner = &intake.inner;
     let id = model.application_id.as_str();
     let masked = mask_id_number(&model.id_number);
@@ -403,18 +345,11 @@ async fn approved(
             Ok(response) => format!(
                 "card {} {}",
                 response.card_serial,
-                if response.already_reported {
-                    "already reported"
-                } else {
-                    "reported lost"
-                }
+                if response.already_reported { "already reported" } else { "reported lost" }
             ),
             // Our decision was used before (we reported, then crashed before recording it).
             Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
-                format!(
-                    "card {} already reported by this application",
-                    model.previous_card_serial
-                )
+                format!("card {} already reported by this application", model.previous_card_serial)
             }
             Err(error) => return Err(from_peer(error)),
         };
@@ -426,12 +361,7 @@ async fn approved(
                 id,
                 ApplicationState::Approved,
                 changes,
-                Some(AuditEntry::new(
-                    "loss_report",
-                    masked.clone(),
-                    "recorded",
-                    detail,
-                )),
+                Some(AuditEntry::new("loss_report", masked.clone(), "recorded", detail)),
                 intake.clock().now(),
             )
             .await?;
@@ -448,18 +378,12 @@ async fn approved(
         return Ok(false);
     }
     let producer = &inner.station.producer_id;
-    let decision_id = decision
-        .decision
-        .as_ref()
-        .map(|d| d.decision_id.clone())
-        .unwrap_or_default();
+    let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
     let order = match inner.peers.place_order(producer, decision).await {
         Ok(order) => order,
-        Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => inner
-            .peers
-            .get_order(producer, "", &decision_id)
-            .await
-            .map_err(from_peer)?,
+        Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
+            inner.peers.get_order(producer, "", &decision_id).await.map_err(from_peer)?
+        }
         Err(error) => return Err(from_peer(error)),
     };
     let mut changes = progress_changes();
@@ -481,10 +405,7 @@ async fn approved(
                     "issuance",
                     masked,
                     "ordered",
-                    format!(
-                        "order {} card {} decision {decision_id}",
-                        order.order_id, order.card_serial
-                    ),
+                    format!("order {} card {} decision {decision_id}", order.order_id, order.card_serial),
                 )),
             },
             intake.clock().now(),
@@ -497,11 +418,7 @@ async fn approved(
 }
 
 /// Tells the home bureau the application ended, so it is no longer open there (K5).
-async fn close(
-    intake: &Intake,
-    model: &application::Model,
-    state: ApplicationState,
-) -> Result<(), Failure> {
+async fn close(intake: &Intake, model: &application::Model, state: ApplicationState) -> Result<(), Failure> {
     let inner = &intake.inner;
     let request = pb::CloseApplicationRequest {
         application_id: model.application_id.clone(),
@@ -512,11 +429,7 @@ async fn close(
             String::new()
         },
     };
-    match inner
-        .peers
-        .close_application(&model.home_bureau_id, request)
-        .await
-    {
+    match inner.peers.close_application(&model.home_bureau_id, request).await {
         Ok(_) => {}
         // The home bureau never opened it: nothing to close.
         Err(error) if error.code() == Some(tonic::Code::NotFound) => {}
@@ -524,16 +437,7 @@ async fn close(
     }
     let mut changes = progress_changes();
     changes.home_notified = Set(true);
-    inner
-        .repo
-        .update_in_state(
-            &model.application_id,
-            state,
-            changes,
-            None,
-            intake.clock().now(),
-        )
-        .await?;
+    inner.repo.update_in_state(&model.application_id, state, changes, None, intake.clock().now()).await?;
     tracing::info!(application_id = %model.application_id, state = state.as_str(), "home bureau notified");
     Ok(())
 }

@@ -37,15 +37,11 @@ const REGISTRY: &str = "registry-national";
 const FINAL_SERIAL: &str = "CARD-FINAL";
 
 fn register_face() -> Vec<u8> {
-    (0..64u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
-        .collect()
+    (0..64u32).map(|i| (i.wrapping_mul(2654435761) >> 9) as u8).collect()
 }
 
 fn register_fingerprint() -> Vec<u8> {
-    (0..64u32)
-        .map(|i| (i.wrapping_mul(40503) >> 3) as u8)
-        .collect()
+    (0..64u32).map(|i| (i.wrapping_mul(40503) >> 3) as u8).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -71,12 +67,7 @@ struct Fakes {
 }
 
 impl Fakes {
-    fn decision(
-        &self,
-        request: &pb::VerifyRequest,
-        purpose: DecisionPurpose,
-        addressee: &str,
-    ) -> pb::SignedDecision {
+    fn decision(&self, request: &pb::VerifyRequest, purpose: DecisionPurpose, addressee: &str) -> pb::SignedDecision {
         let now = self.state.now.lock().unwrap().unwrap_or_else(Utc::now);
         let id = IdNumber::parse(&request.id_number, now.date_naive()).unwrap();
         let decision = Decision {
@@ -112,28 +103,18 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl pb::verification_server::Verification for Fakes {
-    async fn verify(
-        &self,
-        request: Request<pb::VerifyRequest>,
-    ) -> Result<Response<pb::VerifyResponse>, Status> {
+    async fn verify(&self, request: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyResponse>, Status> {
         let request = request.into_inner();
         self.state.verify_calls.fetch_add(1, Ordering::SeqCst);
         if self.state.hold_verify.load(Ordering::SeqCst) {
             self.state.release_verify.notified().await;
         }
         if let Some(reason) = *self.state.refusal.lock().unwrap() {
-            return Ok(Response::new(pb::VerifyResponse {
-                refusal_reason: reason as i32,
-                ..Default::default()
-            }));
+            return Ok(Response::new(pb::VerifyResponse { refusal_reason: reason as i32, ..Default::default() }));
         }
         let response = match pb::DecisionPurpose::try_from(request.purpose) {
             Ok(pb::DecisionPurpose::IssueCard) => pb::VerifyResponse {
-                decision: Some(self.decision(
-                    &request,
-                    DecisionPurpose::IssueCard,
-                    &request.producer_id,
-                )),
+                decision: Some(self.decision(&request, DecisionPurpose::IssueCard, &request.producer_id)),
                 loss_decision: (request.kind == pb::ApplicationKind::Replacement as i32)
                     .then(|| self.decision(&request, DecisionPurpose::ReportLoss, REGISTRY)),
                 refusal_reason: 0,
@@ -143,11 +124,7 @@ impl pb::verification_server::Verification for Fakes {
                 ..Default::default()
             },
             Ok(pb::DecisionPurpose::WithdrawLossReport) => pb::VerifyResponse {
-                decision: Some(self.decision(
-                    &request,
-                    DecisionPurpose::WithdrawLossReport,
-                    REGISTRY,
-                )),
+                decision: Some(self.decision(&request, DecisionPurpose::WithdrawLossReport, REGISTRY)),
                 ..Default::default()
             },
             _ => return Err(Status::invalid_argument("purpose")),
@@ -155,10 +132,7 @@ impl pb::verification_server::Verification for Fakes {
         Ok(Response::new(response))
     }
 
-    async fn get_citizen(
-        &self,
-        _: Request<pb::GetCitizenRequest>,
-    ) -> Result<Response<pb::GetCitizenResponse>, Status> {
+    async fn get_citizen(&self, _: Request<pb::GetCitizenRequest>) -> Result<Response<pb::GetCitizenResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
@@ -181,21 +155,13 @@ impl pb::verification_server::Verification for Fakes {
         request: Request<pb::CloseApplicationRequest>,
     ) -> Result<Response<pb::CloseApplicationResponse>, Status> {
         let r = request.into_inner();
-        self.state.closed.lock().unwrap().push((
-            r.application_id,
-            r.final_state,
-            r.new_card_serial,
-        ));
+        self.state.closed.lock().unwrap().push((r.application_id, r.final_state, r.new_card_serial));
         Ok(Response::new(pb::CloseApplicationResponse { closed: true }))
     }
 }
 
 fn serial_of(decision: &Option<pb::SignedDecision>) -> String {
-    decision
-        .as_ref()
-        .and_then(|d| d.decision.as_ref())
-        .map(|d| d.previous_card_serial.clone())
-        .unwrap_or_default()
+    decision.as_ref().and_then(|d| d.decision.as_ref()).map(|d| d.previous_card_serial.clone()).unwrap_or_default()
 }
 
 #[tonic::async_trait]
@@ -236,17 +202,11 @@ impl pb::loss_registry_server::LossRegistry for Fakes {
         Err(Status::unimplemented("fake"))
     }
 
-    async fn check_card(
-        &self,
-        _: Request<pb::CheckCardRequest>,
-    ) -> Result<Response<pb::CheckCardResponse>, Status> {
+    async fn check_card(&self, _: Request<pb::CheckCardRequest>) -> Result<Response<pb::CheckCardResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
-    async fn check_cards(
-        &self,
-        _: Request<pb::CheckCardsRequest>,
-    ) -> Result<Response<pb::CheckCardsResponse>, Status> {
+    async fn check_cards(&self, _: Request<pb::CheckCardsRequest>) -> Result<Response<pb::CheckCardsResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
@@ -259,10 +219,7 @@ impl pb::loss_registry_server::LossRegistry for Fakes {
         Err(Status::unimplemented("fake"))
     }
 
-    async fn list_hits(
-        &self,
-        _: Request<pb::ListHitsRequest>,
-    ) -> Result<Response<pb::ListHitsResponse>, Status> {
+    async fn list_hits(&self, _: Request<pb::ListHitsRequest>) -> Result<Response<pb::ListHitsResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 }
@@ -292,40 +249,22 @@ impl pb::issuance_server::Issuance for Fakes {
         &self,
         request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
-        let d = request
-            .into_inner()
-            .decision
-            .and_then(|d| d.decision)
-            .unwrap_or_default();
+        let d = request.into_inner().decision.and_then(|d| d.decision).unwrap_or_default();
         if d.purpose != pb::DecisionPurpose::IssueCard as i32 || d.addressee_id != PRODUCER {
             return Err(Status::permission_denied("not for us"));
         }
-        self.state
-            .orders
-            .lock()
-            .unwrap()
-            .push(d.decision_id.clone());
-        Ok(Response::new(pb::PlaceOrderResponse {
-            order: Some(self.order(&d.decision_id, &d.application_id)),
-        }))
+        self.state.orders.lock().unwrap().push(d.decision_id.clone());
+        Ok(Response::new(pb::PlaceOrderResponse { order: Some(self.order(&d.decision_id, &d.application_id)) }))
     }
 
-    async fn get_order(
-        &self,
-        request: Request<pb::GetOrderRequest>,
-    ) -> Result<Response<pb::GetOrderResponse>, Status> {
+    async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::GetOrderResponse>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(pb::GetOrderResponse {
-            order: Some(self.order(&r.decision_id, "")),
-        }))
+        Ok(Response::new(pb::GetOrderResponse { order: Some(self.order(&r.decision_id, "")) }))
     }
 
     type WatchOrderStream = BoxStream<pb::WatchOrderResponse>;
 
-    async fn watch_order(
-        &self,
-        _: Request<pb::WatchOrderRequest>,
-    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+    async fn watch_order(&self, _: Request<pb::WatchOrderRequest>) -> Result<Response<Self::WatchOrderStream>, Status> {
         Err(Status::unimplemented("fake"))
     }
 }
@@ -357,20 +296,13 @@ impl Harness {
         let key = SigningKey::from_bytes(&[7; 32]);
         let state = Arc::new(FakeState::default());
         *state.now.lock().unwrap() = Some(now);
-        let fakes = Fakes {
-            state: state.clone(),
-            key: Arc::new(key.clone()),
-        };
+        let fakes = Fakes { state: state.clone(), key: Arc::new(key.clone()) };
         let fake_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let fake_addr = fake_listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(pb::verification_server::VerificationServer::new(
-                    fakes.clone(),
-                ))
-                .add_service(pb::loss_registry_server::LossRegistryServer::new(
-                    fakes.clone(),
-                ))
+                .add_service(pb::verification_server::VerificationServer::new(fakes.clone()))
+                .add_service(pb::loss_registry_server::LossRegistryServer::new(fakes.clone()))
                 .add_service(pb::issuance_server::IssuanceServer::new(fakes))
                 .serve_with_incoming(TcpListenerStream::new(fake_listener)),
         );
@@ -412,12 +344,8 @@ impl Harness {
         };
         let directory_path = dir.path().join("directory.toml");
         file.write(&directory_path).unwrap();
-        let database_url = database_url.unwrap_or_else(|| {
-            format!(
-                "sqlite://{}?mode=rwc",
-                dir.path().join("intake.db").display()
-            )
-        });
+        let database_url =
+            database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("intake.db").display()));
         let config_text = format!(
             r#"
 [server]
@@ -447,16 +375,8 @@ respond_within_ms = 3000
         let server = tokio::spawn(yidi_intake::serve(config, listener, async move {
             let _ = stopped.await;
         }));
-        let client = IntakeClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        Self {
-            client,
-            fakes: state,
-            stop: Some(stop),
-            server: Some(server),
-            _dir: dir,
-        }
+        let client = IntakeClient::connect(format!("http://{addr}")).await.unwrap();
+        Self { client, fakes: state, stop: Some(stop), server: Some(server), _dir: dir }
     }
 
     async fn stop(mut self) {
@@ -464,19 +384,13 @@ respond_within_ms = 3000
             let _ = stop.send(());
         }
         if let Some(server) = self.server.take() {
-            tokio::time::timeout(Duration::from_secs(10), server)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
         }
     }
 
     async fn get(&mut self, id: &str) -> pb::Application {
         self.client
-            .get_application(pb::GetApplicationRequest {
-                application_id: id.into(),
-            })
+            .get_application(pb::GetApplicationRequest { application_id: id.into() })
             .await
             .unwrap()
             .into_inner()
@@ -484,12 +398,7 @@ respond_within_ms = 3000
             .unwrap()
     }
 
-    async fn wait_for(
-        &mut self,
-        id: &str,
-        what: &str,
-        done: impl Fn(&pb::Application) -> bool,
-    ) -> pb::Application {
+    async fn wait_for(&mut self, id: &str, what: &str, done: impl Fn(&pb::Application) -> bool) -> pb::Application {
         for _ in 0..500 {
             let application = self.get(id).await;
             if done(&application) {
@@ -501,25 +410,16 @@ respond_within_ms = 3000
     }
 
     async fn list_all(&mut self) -> Vec<pb::Application> {
-        self.client
-            .list_applications(pb::ListApplicationsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .applications
+        self.client.list_applications(pb::ListApplicationsRequest::default()).await.unwrap().into_inner().applications
     }
 }
 
 fn jiangxi_citizen() -> String {
-    IdNumber::compose("360102", NaiveDate::from_ymd_opt(1990, 3, 7).unwrap(), 124)
-        .as_str()
-        .to_owned()
+    IdNumber::compose("360102", NaiveDate::from_ymd_opt(1990, 3, 7).unwrap(), 124).as_str().to_owned()
 }
 
 fn zhejiang_citizen() -> String {
-    IdNumber::compose("330102", NaiveDate::from_ymd_opt(1985, 5, 1).unwrap(), 31)
-        .as_str()
-        .to_owned()
+    IdNumber::compose("330102", NaiveDate::from_ymd_opt(1985, 5, 1).unwrap(), 31).as_str().to_owned()
 }
 
 fn applicant(id_number: &str, province: &str, document: pb::DocumentKind) -> pb::Applicant {
@@ -530,10 +430,7 @@ fn applicant(id_number: &str, province: &str, document: pb::DocumentKind) -> pb:
             face_template: with_sensor_noise(&register_face(), 6, 1),
             fingerprint_template: with_sensor_noise(&register_fingerprint(), 4, 2),
         }),
-        document: Some(pb::Document {
-            kind: document as i32,
-            number: "DOC-1".into(),
-        }),
+        document: Some(pb::Document { kind: document as i32, number: "DOC-1".into() }),
         agent_id_number: String::new(),
     }
 }
@@ -547,18 +444,11 @@ fn submit(kind: ApplicationKind, applicant: pb::Applicant) -> pb::SubmitApplicat
 }
 
 fn reason(status: &Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_default()
+    status.get_details_error_info().map(|info| info.reason).unwrap_or_default()
 }
 
 fn states(application: &pb::Application) -> Vec<pb::ApplicationState> {
-    application
-        .history
-        .iter()
-        .map(|h| pb::ApplicationState::try_from(h.state).unwrap())
-        .collect()
+    application.history.iter().map(|h| pb::ApplicationState::try_from(h.state).unwrap()).collect()
 }
 
 const NATIONAL: &str = "2118-01-01T09:00:00Z";
@@ -569,37 +459,19 @@ const NATIONAL: &str = "2118-01-01T09:00:00Z";
 #[tokio::test]
 async fn s2_agent_is_refused_at_the_counter() {
     let mut h = Harness::start(NATIONAL).await;
-    let mut person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let mut person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     person.agent_id_number = zhejiang_citizen();
-    let status = h
-        .client
-        .submit_application(submit(ApplicationKind::Replacement, person.clone()))
-        .await
-        .unwrap_err();
+    let status = h.client.submit_application(submit(ApplicationKind::Replacement, person.clone())).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status), "REFUSAL_REASON_AGENT_NOT_ALLOWED");
     let status = h
         .client
-        .report_loss(pb::ReportLossRequest {
-            applicant: Some(person),
-            card_serial: "OLD-0001".into(),
-        })
+        .report_loss(pb::ReportLossRequest { applicant: Some(person), card_serial: "OLD-0001".into() })
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "REFUSAL_REASON_AGENT_NOT_ALLOWED");
-    assert!(
-        h.list_all().await.is_empty(),
-        "a refusal writes no application"
-    );
-    assert_eq!(
-        h.fakes.verify_calls.load(Ordering::SeqCst),
-        0,
-        "never reaches the home bureau"
-    );
+    assert!(h.list_all().await.is_empty(), "a refusal writes no application");
+    assert_eq!(h.fakes.verify_calls.load(Ordering::SeqCst), 0, "never reaches the home bureau");
     h.stop().await;
 }
 
@@ -607,20 +479,12 @@ async fn s2_agent_is_refused_at_the_counter() {
 async fn p0_nobody_is_accepted_outside_home_before_the_pilot() {
     let mut h = Harness::start("2115-06-01T09:00:00Z").await;
     let outsider = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::WorkUnitProof);
-    let status = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, outsider))
-        .await
-        .unwrap_err();
+    let status = h.client.submit_application(submit(ApplicationKind::Renewal, outsider)).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status), "REFUSAL_REASON_NOT_ACCEPTED_HERE");
     assert!(h.list_all().await.is_empty());
     // A citizen of the station's own province is served.
-    let local = applicant(
-        &zhejiang_citizen(),
-        "33",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let local = applicant(&zhejiang_citizen(), "33", pb::DocumentKind::HouseholdRegisterBook);
     let application = h
         .client
         .submit_application(submit(ApplicationKind::Renewal, local))
@@ -637,16 +501,8 @@ async fn p0_nobody_is_accepted_outside_home_before_the_pilot() {
 #[tokio::test]
 async fn p4_pilot_documents_only_during_the_pilot() {
     let mut h = Harness::start("2115-09-01T09:00:00Z").await;
-    let book = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
-    let status = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, book))
-        .await
-        .unwrap_err();
+    let book = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let status = h.client.submit_application(submit(ApplicationKind::Renewal, book)).await.unwrap_err();
     assert_eq!(reason(&status), "REFUSAL_REASON_DOCUMENT_NOT_ACCEPTED");
     let proof = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::WorkUnitProof);
     let application = h
@@ -663,11 +519,7 @@ async fn p4_pilot_documents_only_during_the_pilot() {
     // After the pilot (national phase) the pilot documents are no longer accepted.
     let mut h = Harness::start(NATIONAL).await;
     let proof = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::WorkUnitProof);
-    let status = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, proof))
-        .await
-        .unwrap_err();
+    let status = h.client.submit_application(submit(ApplicationKind::Renewal, proof)).await.unwrap_err();
     assert_eq!(reason(&status), "REFUSAL_REASON_DOCUMENT_NOT_ACCEPTED");
     h.stop().await;
 }
@@ -680,31 +532,13 @@ async fn n1_invalid_id_number_is_refused_with_field_violation() {
     id.pop();
     id.push(last);
     let mut person = applicant(&id, "36", pb::DocumentKind::HouseholdRegisterBook);
-    person.live = Some(pb::Biometrics {
-        face_template: Vec::new(),
-        fingerprint_template: register_fingerprint(),
-    });
-    let status = h
-        .client
-        .submit_application(submit(ApplicationKind::Replacement, person))
-        .await
-        .unwrap_err();
+    person.live = Some(pb::Biometrics { face_template: Vec::new(), fingerprint_template: register_fingerprint() });
+    let status = h.client.submit_application(submit(ApplicationKind::Replacement, person)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let fields: Vec<String> = status
-        .get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
-    assert!(
-        fields.contains(&"applicant.id_number".to_owned()),
-        "{fields:?}"
-    );
-    assert!(
-        fields.contains(&"applicant.live.face_template".to_owned()),
-        "all violations are collected: {fields:?}"
-    );
+    let fields: Vec<String> =
+        status.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+    assert!(fields.contains(&"applicant.id_number".to_owned()), "{fields:?}");
+    assert!(fields.contains(&"applicant.live.face_template".to_owned()), "all violations are collected: {fields:?}");
     assert!(h.list_all().await.is_empty(), "nothing written");
     assert_eq!(h.fakes.verify_calls.load(Ordering::SeqCst), 0);
     h.stop().await;
@@ -713,11 +547,7 @@ async fn n1_invalid_id_number_is_refused_with_field_violation() {
 #[tokio::test]
 async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_production() {
     let mut h = Harness::start(NATIONAL).await;
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     let submitted = h
         .client
         .submit_application(submit(ApplicationKind::Replacement, person))
@@ -727,73 +557,43 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
         .application
         .unwrap();
     let id = submitted.application_id.clone();
-    assert!(
-        submitted.state >= pb::ApplicationState::Approved as i32,
-        "answers after the home bureau: {submitted:?}"
-    );
-    assert!(
-        !submitted.id_number_masked.contains("19900307"),
-        "the number is masked"
-    );
+    assert!(submitted.state >= pb::ApplicationState::Approved as i32, "answers after the home bureau: {submitted:?}");
+    assert!(!submitted.id_number_masked.contains("19900307"), "the number is masked");
 
     let mut watch = h
         .client
-        .watch_application(pb::WatchApplicationRequest {
-            application_id: id.clone(),
-        })
+        .watch_application(pb::WatchApplicationRequest { application_id: id.clone() })
         .await
         .unwrap()
         .into_inner();
     let first = watch.next().await.unwrap().unwrap().application.unwrap();
     assert_eq!(first.application_id, id);
 
-    let in_production = h
-        .wait_for(&id, "in production", |a| {
-            a.state == pb::ApplicationState::InProduction as i32
-        })
-        .await;
+    let in_production =
+        h.wait_for(&id, "in production", |a| a.state == pb::ApplicationState::InProduction as i32).await;
     assert!(in_production.loss_recorded, "K1 files the loss report too");
-    assert_eq!(
-        h.fakes.loss_reports.lock().unwrap().as_slice(),
-        ["OLD-0001"]
-    );
+    assert_eq!(h.fakes.loss_reports.lock().unwrap().as_slice(), ["OLD-0001"]);
     assert_eq!(in_production.new_card_serial, "NEW-0001");
     // Cancellation only before production.
-    let status = h
-        .client
-        .cancel_application(pb::CancelApplicationRequest {
-            application_id: id.clone(),
-        })
-        .await
-        .unwrap_err();
+    let status =
+        h.client.cancel_application(pb::CancelApplicationRequest { application_id: id.clone() }).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
     // Not ready: no collection.
-    let live = pb::Biometrics {
-        face_template: with_sensor_noise(&register_face(), 5, 9),
-        fingerprint_template: Vec::new(),
-    };
+    let live =
+        pb::Biometrics { face_template: with_sensor_noise(&register_face(), 5, 9), fingerprint_template: Vec::new() };
     let status = h
         .client
-        .collect_card(pb::CollectCardRequest {
-            application_id: id.clone(),
-            live: Some(live.clone()),
-        })
+        .collect_card(pb::CollectCardRequest { application_id: id.clone(), live: Some(live.clone()) })
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "NOT_READY_FOR_COLLECTION");
 
     h.fakes.dispatched.store(true, Ordering::SeqCst);
-    h.wait_for(&id, "ready", |a| {
-        a.state == pb::ApplicationState::ReadyForCollection as i32
-    })
-    .await;
+    h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
     let collected = h
         .client
-        .collect_card(pb::CollectCardRequest {
-            application_id: id.clone(),
-            live: Some(live),
-        })
+        .collect_card(pb::CollectCardRequest { application_id: id.clone(), live: Some(live) })
         .await
         .unwrap()
         .into_inner()
@@ -803,24 +603,13 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
     use pb::ApplicationState as S;
     assert_eq!(
         states(&collected),
-        [
-            S::Received,
-            S::Verifying,
-            S::Approved,
-            S::InProduction,
-            S::ReadyForCollection,
-            S::Collected
-        ]
+        [S::Received, S::Verifying, S::Approved, S::InProduction, S::ReadyForCollection, S::Collected]
     );
 
     // The watch saw every state up to the final one, then ended.
     let mut seen = vec![pb::ApplicationState::try_from(first.state).unwrap()];
-    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), watch.next())
-        .await
-        .unwrap()
-    {
-        let state =
-            pb::ApplicationState::try_from(message.unwrap().application.unwrap().state).unwrap();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap() {
+        let state = pb::ApplicationState::try_from(message.unwrap().application.unwrap().state).unwrap();
         if seen.last() != Some(&state) {
             seen.push(state);
         }
@@ -836,10 +625,7 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let closed = h.fakes.closed.lock().unwrap().clone();
-    assert_eq!(
-        closed,
-        vec![(id.clone(), S::Collected as i32, "NEW-0001".to_owned())]
-    );
+    assert_eq!(closed, vec![(id.clone(), S::Collected as i32, "NEW-0001".to_owned())]);
     h.stop().await;
 }
 
@@ -847,29 +633,16 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
 async fn k5_cancellation_before_production_stops_the_worker_and_tells_the_home_bureau() {
     let mut h = Harness::start(NATIONAL).await;
     h.fakes.hold_verify.store(true, Ordering::SeqCst);
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     let mut request = submit(ApplicationKind::Renewal, person);
     request.card_serial = "OLD-0002".into();
     // The home bureau does not answer within respond_within: the current state is returned.
-    let submitted = h
-        .client
-        .submit_application(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let submitted = h.client.submit_application(request).await.unwrap().into_inner().application.unwrap();
     let id = submitted.application_id;
     assert_eq!(submitted.state, pb::ApplicationState::Verifying as i32);
     let cancelled = h
         .client
-        .cancel_application(pb::CancelApplicationRequest {
-            application_id: id.clone(),
-        })
+        .cancel_application(pb::CancelApplicationRequest { application_id: id.clone() })
         .await
         .unwrap()
         .into_inner()
@@ -885,25 +658,11 @@ async fn k5_cancellation_before_production_stops_the_worker_and_tells_the_home_b
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        h.get(&id).await.state,
-        pb::ApplicationState::Cancelled as i32
-    );
+    assert_eq!(h.get(&id).await.state, pb::ApplicationState::Cancelled as i32);
     assert!(h.fakes.orders.lock().unwrap().is_empty(), "no card is made");
     let closed = h.fakes.closed.lock().unwrap().clone();
-    assert_eq!(
-        closed,
-        vec![(
-            id.clone(),
-            pb::ApplicationState::Cancelled as i32,
-            String::new()
-        )]
-    );
-    let status = h
-        .client
-        .cancel_application(pb::CancelApplicationRequest { application_id: id })
-        .await
-        .unwrap_err();
+    assert_eq!(closed, vec![(id.clone(), pb::ApplicationState::Cancelled as i32, String::new())]);
+    let status = h.client.cancel_application(pb::CancelApplicationRequest { application_id: id }).await.unwrap_err();
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
     h.stop().await;
 }
@@ -912,11 +671,7 @@ async fn k5_cancellation_before_production_stops_the_worker_and_tells_the_home_b
 async fn c3_card_handed_over_only_after_face_match() {
     let mut h = Harness::start(NATIONAL).await;
     h.fakes.dispatched.store(true, Ordering::SeqCst);
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     let id = h
         .client
         .submit_application(submit(ApplicationKind::Renewal, person))
@@ -926,37 +681,21 @@ async fn c3_card_handed_over_only_after_face_match() {
         .application
         .unwrap()
         .application_id;
-    h.wait_for(&id, "ready", |a| {
-        a.state == pb::ApplicationState::ReadyForCollection as i32
-    })
-    .await;
+    h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
     let stranger: Vec<u8> = register_face().iter().map(|b| !b).collect();
     let status = h
         .client
         .collect_card(pb::CollectCardRequest {
             application_id: id.clone(),
-            live: Some(pb::Biometrics {
-                face_template: stranger,
-                fingerprint_template: Vec::new(),
-            }),
+            live: Some(pb::Biometrics { face_template: stranger, fingerprint_template: Vec::new() }),
         })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status), "REFUSAL_REASON_FACE_MISMATCH");
-    assert_eq!(
-        h.get(&id).await.state,
-        pb::ApplicationState::ReadyForCollection as i32,
-        "nothing changed"
-    );
-    let status = h
-        .client
-        .collect_card(pb::CollectCardRequest {
-            application_id: id.clone(),
-            live: None,
-        })
-        .await
-        .unwrap_err();
+    assert_eq!(h.get(&id).await.state, pb::ApplicationState::ReadyForCollection as i32, "nothing changed");
+    let status =
+        h.client.collect_card(pb::CollectCardRequest { application_id: id.clone(), live: None }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let collected = h
         .client
@@ -979,17 +718,10 @@ async fn c3_card_handed_over_only_after_face_match() {
 #[tokio::test]
 async fn k3_loss_report_is_recorded_and_then_no_longer_cancellable() {
     let mut h = Harness::start(NATIONAL).await;
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     let reported = h
         .client
-        .report_loss(pb::ReportLossRequest {
-            applicant: Some(person),
-            card_serial: "OLD-0003".into(),
-        })
+        .report_loss(pb::ReportLossRequest { applicant: Some(person), card_serial: "OLD-0003".into() })
         .await
         .unwrap()
         .into_inner()
@@ -999,47 +731,19 @@ async fn k3_loss_report_is_recorded_and_then_no_longer_cancellable() {
     let id = reported.application_id;
     let recorded = h.wait_for(&id, "loss recorded", |a| a.loss_recorded).await;
     assert_eq!(recorded.state, pb::ApplicationState::Approved as i32);
-    assert_eq!(
-        h.fakes.loss_reports.lock().unwrap().as_slice(),
-        ["OLD-0003"]
-    );
-    assert!(
-        h.fakes.orders.lock().unwrap().is_empty(),
-        "a loss report alone makes no card"
-    );
-    let status = h
-        .client
-        .cancel_application(pb::CancelApplicationRequest {
-            application_id: id.clone(),
-        })
-        .await
-        .unwrap_err();
+    assert_eq!(h.fakes.loss_reports.lock().unwrap().as_slice(), ["OLD-0003"]);
+    assert!(h.fakes.orders.lock().unwrap().is_empty(), "a loss report alone makes no card");
+    let status =
+        h.client.cancel_application(pb::CancelApplicationRequest { application_id: id.clone() }).await.unwrap_err();
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
     // The watch of a recorded loss report ends after its current state.
-    let mut watch = h
-        .client
-        .watch_application(pb::WatchApplicationRequest { application_id: id })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch =
+        h.client.watch_application(pb::WatchApplicationRequest { application_id: id }).await.unwrap().into_inner();
     assert!(watch.next().await.unwrap().is_ok());
-    assert!(
-        tokio::time::timeout(Duration::from_secs(5), watch.next())
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().is_none());
     // Submitting a loss report through SubmitApplication is refused as invalid.
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
-    let status = h
-        .client
-        .submit_application(submit(ApplicationKind::LossReport, person))
-        .await
-        .unwrap_err();
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let status = h.client.submit_application(submit(ApplicationKind::LossReport, person)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     h.stop().await;
 }
@@ -1048,11 +752,7 @@ async fn k3_loss_report_is_recorded_and_then_no_longer_cancellable() {
 async fn s3_a_refusal_of_the_home_bureau_is_final_with_its_reason() {
     let mut h = Harness::start(NATIONAL).await;
     *h.fakes.refusal.lock().unwrap() = Some(pb::RefusalReason::BadCreditRecord);
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     let application = h
         .client
         .submit_application(submit(ApplicationKind::Replacement, person))
@@ -1062,10 +762,7 @@ async fn s3_a_refusal_of_the_home_bureau_is_final_with_its_reason() {
         .application
         .unwrap();
     assert_eq!(application.state, pb::ApplicationState::Refused as i32);
-    assert_eq!(
-        application.refusal_reason,
-        pb::RefusalReason::BadCreditRecord as i32
-    );
+    assert_eq!(application.refusal_reason, pb::RefusalReason::BadCreditRecord as i32);
     let refused = h
         .client
         .list_applications(pb::ListApplicationsRequest {
@@ -1083,11 +780,7 @@ async fn s3_a_refusal_of_the_home_bureau_is_final_with_its_reason() {
 #[tokio::test]
 async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_unchanged() {
     let mut h = Harness::start(NATIONAL).await;
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     let answer = h
         .client
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
@@ -1111,21 +804,14 @@ async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_u
     assert_eq!(status.code(), expected.code());
     assert_eq!(status.message(), expected.message());
     assert_eq!(reason(&status), "REFUSAL_REASON_LOSS_REPORT_FINAL");
-    assert!(
-        h.list_all().await.is_empty(),
-        "a withdrawal is not an application"
-    );
+    assert!(h.list_all().await.is_empty(), "a withdrawal is not an application");
     h.stop().await;
 }
 
 #[tokio::test]
 async fn s4_an_unreachable_home_bureau_is_retried_with_the_error_visible() {
     let mut h = Harness::start_with(NATIONAL, false).await;
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     let id = h
         .client
         .submit_application(submit(ApplicationKind::Renewal, person))
@@ -1135,27 +821,14 @@ async fn s4_an_unreachable_home_bureau_is_retried_with_the_error_visible() {
         .application
         .unwrap()
         .application_id;
-    let waiting = h
-        .wait_for(&id, "an error recorded", |a| !a.last_error.is_empty())
-        .await;
-    assert_eq!(
-        waiting.state,
-        pb::ApplicationState::Verifying as i32,
-        "stays verifying; never decided locally"
-    );
-    let status = h
-        .client
-        .get_application(pb::GetApplicationRequest {
-            application_id: "not-an-id".into(),
-        })
-        .await
-        .unwrap_err();
+    let waiting = h.wait_for(&id, "an error recorded", |a| !a.last_error.is_empty()).await;
+    assert_eq!(waiting.state, pb::ApplicationState::Verifying as i32, "stays verifying; never decided locally");
+    let status =
+        h.client.get_application(pb::GetApplicationRequest { application_id: "not-an-id".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let status = h
         .client
-        .get_application(pb::GetApplicationRequest {
-            application_id: "00000000-0000-4000-8000-000000000000".into(),
-        })
+        .get_application(pb::GetApplicationRequest { application_id: "00000000-0000-4000-8000-000000000000".into() })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -1169,11 +842,7 @@ async fn c3_lifecycle_on_postgresql() {
     let Some(scratch) = postgres_for_tests("intake").await.unwrap() else { return };
     let mut h = Harness::start_on(NATIONAL, true, Some(scratch.url().to_owned())).await;
     h.fakes.dispatched.store(true, Ordering::SeqCst);
-    let person = applicant(
-        &jiangxi_citizen(),
-        "36",
-        pb::DocumentKind::HouseholdRegisterBook,
-    );
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
     let id = h
         .client
         .submit_application(submit(ApplicationKind::Replacement, person))
@@ -1183,20 +852,13 @@ async fn c3_lifecycle_on_postgresql() {
         .application
         .unwrap()
         .application_id;
-    let ready = h
-        .wait_for(&id, "ready", |a| {
-            a.state == pb::ApplicationState::ReadyForCollection as i32
-        })
-        .await;
+    let ready = h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
     assert!(ready.loss_recorded);
     let collected = h
         .client
         .collect_card(pb::CollectCardRequest {
             application_id: id.clone(),
-            live: Some(pb::Biometrics {
-                face_template: register_face(),
-                fingerprint_template: Vec::new(),
-            }),
+            live: Some(pb::Biometrics { face_template: register_face(), fingerprint_template: Vec::new() }),
         })
         .await
         .unwrap()

@@ -82,15 +82,21 @@ impl IssuanceConfig {
         let registries: Vec<&Bureau> = directory.with_role(Role::Registry).collect();
         match registries.as_slice() {
             [registry] => Ok(registry),
-            [] => Err(ConfigError::key("directory.path", format!(
-                "{} lists no bureau with role registry; exactly one is required",
-                self.directory.path.display()
-            ))),
-            many => Err(ConfigError::key("directory.path", format!(
-                "{} lists {} bureaus with role registry; exactly one is required",
-                self.directory.path.display(),
-                many.len()
-            ))),
+            [] => Err(ConfigError::key(
+                "directory.path",
+                format!(
+                    "{} lists no bureau with role registry; exactly one is required",
+                    self.directory.path.display()
+                ),
+            )),
+            many => Err(ConfigError::key(
+                "directory.path",
+                format!(
+                    "{} lists {} bureaus with role registry; exactly one is required",
+                    self.directory.path.display(),
+                    many.len()
+                ),
+            )),
         }
     }
 }

@@ -31,8 +31,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let sections =
-        Sections { server: &config.server, database: &config.database, directory: &config.directory, clock: &config.clock };
+    let sections = Sections {
+        server: &config.server,
+        database: &config.database,
+        directory: &config.directory,
+        clock: &config.clock,
+    };
     let prepared = startup::prepare::<Migrator, _>(sections, Role::Issuance, shutdown, |directory, _| {
         let registry = config.registry(directory)?.clone();
         let channel = yidi_common::client::channel(&registry.endpoint)

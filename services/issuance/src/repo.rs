@@ -65,8 +65,9 @@ impl TryFrom<orders::Model> for Order {
     type Error = ApiError;
 
     fn try_from(model: orders::Model) -> Result<Self, ApiError> {
-        let state = OrderState::parse(&model.state)
-            .ok_or_else(|| ApiError::Internal(format!("order {} has unknown state {:?}", model.order_id, model.state)))?;
+        let state = OrderState::parse(&model.state).ok_or_else(|| {
+            ApiError::Internal(format!("order {} has unknown state {:?}", model.order_id, model.state))
+        })?;
         Ok(Self {
             order_id: model.order_id,
             decision_id: model.decision_id,

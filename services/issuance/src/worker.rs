@@ -280,7 +280,8 @@ mod tests {
         for code in [Code::PermissionDenied, Code::FailedPrecondition, Code::AlreadyExists, Code::InvalidArgument] {
             assert_eq!(classify(code), Verdict::Definitive, "{code:?}");
         }
-        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Unknown, Code::Internal, Code::ResourceExhausted] {
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Unknown, Code::Internal, Code::ResourceExhausted]
+        {
             assert_eq!(classify(code), Verdict::Transient, "{code:?}");
         }
     }

@@ -90,10 +90,7 @@ impl LossRegistry for FakeRegistry {
         Err(Status::unimplemented("fake"))
     }
 
-    async fn check_cards(
-        &self,
-        _: Request<pb::CheckCardsRequest>,
-    ) -> Result<Response<pb::CheckCardsResponse>, Status> {
+    async fn check_cards(&self, _: Request<pb::CheckCardsRequest>) -> Result<Response<pb::CheckCardsResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
@@ -149,7 +146,12 @@ struct Options {
 
 impl Options {
     fn new(registry_endpoint: &str) -> Self {
-        Self { registry_endpoint: registry_endpoint.to_owned(), delay_ms: 50, retry_interval_ms: 100, database_url: None }
+        Self {
+            registry_endpoint: registry_endpoint.to_owned(),
+            delay_ms: 50,
+            retry_interval_ms: 100,
+            database_url: None,
+        }
     }
 }
 
@@ -285,11 +287,8 @@ impl Producer {
 
     async fn count(&self, sql: &str) -> i64 {
         let db = self.db().await;
-        let row = db
-            .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
-            .await
-            .unwrap()
-            .unwrap();
+        let row =
+            db.query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned())).await.unwrap().unwrap();
         let n = row.try_get::<i64>("", "n").unwrap();
         db.close().await.unwrap();
         n
@@ -437,12 +436,7 @@ async fn s4_issuance_refuses_replayed_decision() {
     assert_eq!(reason(&status), "DECISION_ALREADY_USED");
     assert_eq!(producer.count("SELECT COUNT(*) AS n FROM orders").await, 1);
     assert_eq!(producer.get("d-replayed").await.unwrap().order_id, first.order_id);
-    assert_eq!(
-        producer
-            .count("SELECT COUNT(*) AS n FROM audit_log WHERE outcome = 'decision_already_used'")
-            .await,
-        1
-    );
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE outcome = 'decision_already_used'").await, 1);
     producer.shutdown().await;
 }
 
@@ -477,7 +471,10 @@ async fn s4_issuance_rejects_malformed_requests_with_field_violations() {
 
     let both = pb::GetOrderRequest { order_id: uuid::Uuid::new_v4().to_string(), decision_id: "d".into() };
     assert_eq!(producer.client.get_order(both).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(producer.client.get_order(pb::GetOrderRequest::default()).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        producer.client.get_order(pb::GetOrderRequest::default()).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     let unknown = pb::GetOrderRequest { order_id: uuid::Uuid::new_v4().to_string(), decision_id: String::new() };
     assert_eq!(producer.client.get_order(unknown).await.unwrap_err().code(), Code::NotFound);
     let bad_watch = pb::WatchOrderRequest { order_id: "nope".into() };
@@ -505,10 +502,7 @@ async fn s4_issuance_order_is_registered_and_dispatched() {
     assert_eq!(placed.application_id, signed.decision.application_id);
 
     let states: Vec<pb::OrderState> = producer.watch_to_end(&placed.order_id).await.iter().map(state).collect();
-    assert_eq!(
-        states,
-        vec![pb::OrderState::InProduction, pb::OrderState::Registered, pb::OrderState::Dispatched]
-    );
+    assert_eq!(states, vec![pb::OrderState::InProduction, pb::OrderState::Registered, pb::OrderState::Dispatched]);
     let order = producer.get("d-happy").await.unwrap();
     assert_eq!(state(&order), pb::OrderState::Dispatched);
     assert_eq!(order.last_error, "");
@@ -565,10 +559,7 @@ async fn s4_issuance_retries_registration_until_the_registry_answers() {
     assert_eq!(done.order_id, placed.order_id);
     assert_eq!(done.last_error, "");
     assert_eq!(fake.calls().len(), 1);
-    assert!(
-        producer.count("SELECT attempts AS n FROM orders").await >= 3,
-        "failed attempts are counted"
-    );
+    assert!(producer.count("SELECT attempts AS n FROM orders").await >= 3, "failed attempts are counted");
     producer.shutdown().await;
 }
 
@@ -585,10 +576,7 @@ async fn s4_issuance_stops_retrying_when_the_registry_refuses() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(fake.calls().len(), 1);
     assert_eq!(state(&producer.get("d-refused").await.unwrap()), pb::OrderState::InProduction);
-    assert_eq!(
-        producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE outcome = 'refused_by_registry'").await,
-        1
-    );
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE outcome = 'refused_by_registry'").await, 1);
     producer.shutdown().await;
 }
 
@@ -646,25 +634,38 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
     let dir = tempfile::tempdir().unwrap();
     let key = generate_signing_key();
     let cases = [
-        ("directory.path", vec![
-            entry("home-jiangxi", Role::Verification, &["36"], "http://127.0.0.1:1", Some(&key)),
-            entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
-        ]),
-        ("directory.path", vec![
-            entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
-            entry("registry-a", Role::Registry, &[], "http://127.0.0.1:1", None),
-            entry("registry-b", Role::Registry, &[], "http://127.0.0.1:1", None),
-        ]),
-        ("server.bureau_id", vec![
-            entry(PRODUCER, Role::Intake, &[], "http://127.0.0.1:1", None),
-            entry("registry-national", Role::Registry, &[], "http://127.0.0.1:1", None),
-        ]),
+        (
+            "directory.path",
+            vec![
+                entry("home-jiangxi", Role::Verification, &["36"], "http://127.0.0.1:1", Some(&key)),
+                entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
+            ],
+        ),
+        (
+            "directory.path",
+            vec![
+                entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
+                entry("registry-a", Role::Registry, &[], "http://127.0.0.1:1", None),
+                entry("registry-b", Role::Registry, &[], "http://127.0.0.1:1", None),
+            ],
+        ),
+        (
+            "server.bureau_id",
+            vec![
+                entry(PRODUCER, Role::Intake, &[], "http://127.0.0.1:1", None),
+                entry("registry-national", Role::Registry, &[], "http://127.0.0.1:1", None),
+            ],
+        ),
     ];
     for (index, (key_name, bureaus)) in cases.into_iter().enumerate() {
         let path = dir.path().join(format!("directory-{index}.toml"));
         DirectoryFile { bureaus }.write(&path).unwrap();
         let config = IssuanceConfig {
-            server: ServerConfig { bureau_id: PRODUCER.into(), listen: "127.0.0.1:0".parse().unwrap(), shutdown_grace_seconds: 1 },
+            server: ServerConfig {
+                bureau_id: PRODUCER.into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                shutdown_grace_seconds: 1,
+            },
             database: DatabaseConfig {
                 url: format!("sqlite://{}?mode=rwc", dir.path().join(format!("db-{index}.db")).display()),
                 max_connections: 2,

@@ -31,8 +31,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let sections =
-        Sections { server: &config.server, database: &config.database, directory: &config.directory, clock: &config.clock };
+    let sections = Sections {
+        server: &config.server,
+        database: &config.database,
+        directory: &config.directory,
+        clock: &config.clock,
+    };
     let Prepared { directory, clock, db, shutdown: stop, grace, .. } =
         startup::prepare::<Migrator, _>(sections, Role::Registry, shutdown, |_, _| Ok(())).await?;
     let repo = Repo::new(db);

@@ -13,7 +13,7 @@ use yidi_common::{
 use yidi_domain::{ApplicationKind, ApplicationState, DecisionPurpose, Role};
 use yidi_proto::v1::{self as pb, verification_server::Verification};
 
-use crate::service::{VerifyInput, Verifier};
+use crate::service::{Verifier, VerifyInput};
 
 /// Longest application id, card serial and bureau id accepted.
 const MAX_ID_LEN: usize = 64;
@@ -91,7 +91,17 @@ impl VerificationApi {
             v.bounded("producer_id", &request.producer_id, MAX_ID_LEN).map(|_| "")
         };
         v.finish()?;
-        match (application_id, station_id, purpose, kind, id_number, card_serial, live_face, live_fingerprint, producer_id) {
+        match (
+            application_id,
+            station_id,
+            purpose,
+            kind,
+            id_number,
+            card_serial,
+            live_face,
+            live_fingerprint,
+            producer_id,
+        ) {
             (
                 Some(application_id),
                 Some(station_id),
@@ -142,7 +152,10 @@ impl Verification for VerificationApi {
         Ok(Response::new(response))
     }
 
-    async fn get_citizen(&self, request: Request<pb::GetCitizenRequest>) -> Result<Response<pb::GetCitizenResponse>, Status> {
+    async fn get_citizen(
+        &self,
+        request: Request<pb::GetCitizenRequest>,
+    ) -> Result<Response<pb::GetCitizenResponse>, Status> {
         let mut v = FieldViolations::new();
         let id_number = v.id_number("id_number", &request.get_ref().id_number, self.verifier.today());
         v.finish()?;
@@ -160,7 +173,10 @@ impl Verification for VerificationApi {
         }))
     }
 
-    async fn record_death(&self, request: Request<pb::RecordDeathRequest>) -> Result<Response<pb::RecordDeathResponse>, Status> {
+    async fn record_death(
+        &self,
+        request: Request<pb::RecordDeathRequest>,
+    ) -> Result<Response<pb::RecordDeathResponse>, Status> {
         let request = request.get_ref();
         let today = self.verifier.today();
         let mut v = FieldViolations::new();
@@ -218,9 +234,8 @@ impl Verification for VerificationApi {
         let request = request.get_ref();
         let mut v = FieldViolations::new();
         let application_id = v.required("application_id", &request.application_id, MAX_ID_LEN);
-        let final_state = v
-            .enumeration::<pb::ApplicationState>("final_state", request.final_state)
-            .and_then(state_from_proto);
+        let final_state =
+            v.enumeration::<pb::ApplicationState>("final_state", request.final_state).and_then(state_from_proto);
         if let Some(state) = final_state
             && !matches!(state, ApplicationState::Collected | ApplicationState::Cancelled)
         {

@@ -41,8 +41,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let sections =
-        Sections { server: &config.server, database: &config.database, directory: &config.directory, clock: &config.clock };
+    let sections = Sections {
+        server: &config.server,
+        database: &config.database,
+        directory: &config.directory,
+        clock: &config.clock,
+    };
     let prepared = startup::prepare::<Migrator, _>(sections, Role::Verification, shutdown, |_, bureau| {
         let key = yidi_common::directory::read_signing_key(&config.signing.key_path)
             .with_context(|| format!("signing.key_path {}", config.signing.key_path.display()))?;

@@ -3,8 +3,8 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
     sea_query::Expr,
 };
 use yidi_common::{
@@ -148,7 +148,11 @@ impl Repo {
         open_application_ids(&self.db, id_number).await
     }
 
-    pub async fn verification(&self, application_id: &str, purpose: DecisionPurpose) -> Result<Option<verifications::Model>, DbErr> {
+    pub async fn verification(
+        &self,
+        application_id: &str,
+        purpose: DecisionPurpose,
+    ) -> Result<Option<verifications::Model>, DbErr> {
         verification(&self.db, application_id, purpose).await
     }
 
@@ -203,7 +207,11 @@ impl Tx {
         self.txn.commit().await
     }
 
-    pub async fn verification(&self, application_id: &str, purpose: DecisionPurpose) -> Result<Option<verifications::Model>, DbErr> {
+    pub async fn verification(
+        &self,
+        application_id: &str,
+        purpose: DecisionPurpose,
+    ) -> Result<Option<verifications::Model>, DbErr> {
         verification(&self.txn, application_id, purpose).await
     }
 
@@ -250,7 +258,12 @@ impl Tx {
     }
 
     /// Cancels the registration (idempotent). Returns false when it already was cancelled.
-    pub async fn cancel_registration(&self, id_number: &str, date_of_death: NaiveDate, at: DateTime<Utc>) -> Result<bool, DbErr> {
+    pub async fn cancel_registration(
+        &self,
+        id_number: &str,
+        date_of_death: NaiveDate,
+        at: DateTime<Utc>,
+    ) -> Result<bool, DbErr> {
         let result = citizens::Entity::update_many()
             .col_expr(citizens::Column::RegistrationStatus, Expr::value(registration_str(Registration::Cancelled)))
             .col_expr(citizens::Column::DateOfDeath, Expr::value(date_of_death))

@@ -173,11 +173,12 @@ impl Verifier {
     }
 
     async fn verify_once(&self, input: &VerifyInput) -> Result<VerifyAnswer, ApiError> {
-        let registry_id = if input.purpose == DecisionPurpose::IssueCard && input.kind != Some(ApplicationKind::Replacement) {
-            None
-        } else {
-            Some(self.registry_id()?)
-        };
+        let registry_id =
+            if input.purpose == DecisionPurpose::IssueCard && input.kind != Some(ApplicationKind::Replacement) {
+                None
+            } else {
+                Some(self.registry_id()?)
+            };
         let tx = self.repo.begin().await?;
         if let Some(row) = tx.verification(&input.application_id, input.purpose).await? {
             return Ok(VerifyAnswer { response: row.response, replayed: true });
@@ -194,7 +195,8 @@ impl Verifier {
         } else {
             0
         };
-        let facts = Facts { citizen: citizen.as_ref(), jurisdiction: &self.jurisdiction, other_open_applications, today };
+        let facts =
+            Facts { citizen: citizen.as_ref(), jurisdiction: &self.jurisdiction, other_open_applications, today };
         let masked = input.id_number.masked();
         let verdict = judge(input, &facts, self.matcher.as_ref());
         let (citizen, registry_id) = match (verdict, citizen.as_ref(), registry_id) {
@@ -214,12 +216,9 @@ impl Verifier {
         masked: &str,
         now: DateTime<Utc>,
     ) -> Result<VerifyAnswer, ApiError> {
-        let response = pb::VerifyResponse {
-            decision: None,
-            loss_decision: None,
-            refusal_reason: refusal_to_proto(reason) as i32,
-        }
-        .encode_to_vec();
+        let response =
+            pb::VerifyResponse { decision: None, loss_decision: None, refusal_reason: refusal_to_proto(reason) as i32 }
+                .encode_to_vec();
         tx.insert_verification(NewVerification {
             application_id: input.application_id.clone(),
             purpose: input.purpose,
@@ -243,8 +242,7 @@ impl Verifier {
             input.station_id,
             reason
         );
-        tx.audit(now, AuditEntry::new("verify", masked, reason.code(), &detail))
-            .await?;
+        tx.audit(now, AuditEntry::new("verify", masked, reason.code(), &detail)).await?;
         tx.commit().await?;
         tracing::info!(id_number = masked, application_id = %input.application_id, reason = reason.code(), "verification refused");
         Ok(VerifyAnswer { response, replayed: false })
@@ -308,11 +306,26 @@ impl Verifier {
                 // C1: the term of the new card, by age on the day of issue.
                 let term = card::term_for(citizen.birth_date, today);
                 let data = card_data(term.valid_from, term.valid_until);
-                let decision =
-                    self.decision(input, DecisionPurpose::IssueCard, &input.producer_id, input.kind, data.clone(), &current, issued_at);
+                let decision = self.decision(
+                    input,
+                    DecisionPurpose::IssueCard,
+                    &input.producer_id,
+                    input.kind,
+                    data.clone(),
+                    &current,
+                    issued_at,
+                );
                 // K1: a replacement files the loss report too.
                 let loss = if input.kind == Some(ApplicationKind::Replacement) {
-                    Some(self.decision(input, DecisionPurpose::ReportLoss, &registry(&registry_id)?, input.kind, data, &current, issued_at))
+                    Some(self.decision(
+                        input,
+                        DecisionPurpose::ReportLoss,
+                        &registry(&registry_id)?,
+                        input.kind,
+                        data,
+                        &current,
+                        issued_at,
+                    ))
                 } else {
                     None
                 };
@@ -322,7 +335,8 @@ impl Verifier {
                 // The card concerned is the current one.
                 let valid_from = citizen.current_card_valid_from.unwrap_or(today);
                 let data = card_data(valid_from, citizen.current_card_valid_until);
-                let decision = self.decision(input, purpose, &registry(&registry_id)?, input.kind, data, &current, issued_at);
+                let decision =
+                    self.decision(input, purpose, &registry(&registry_id)?, input.kind, data, &current, issued_at);
                 (decision, None, None)
             }
         };
@@ -385,7 +399,11 @@ impl Verifier {
     }
 
     /// Cancels the registration of a deceased citizen (idempotent).
-    pub async fn record_death(&self, id_number: &IdNumber, date_of_death: NaiveDate) -> Result<DateTime<Utc>, ApiError> {
+    pub async fn record_death(
+        &self,
+        id_number: &IdNumber,
+        date_of_death: NaiveDate,
+    ) -> Result<DateTime<Utc>, ApiError> {
         let now = self.clock.now();
         let masked = id_number.masked();
         let tx = self.repo.begin().await?;
@@ -405,7 +423,12 @@ impl Verifier {
         Ok(now)
     }
 
-    pub async fn record_credit_status(&self, id_number: &IdNumber, credit: Credit, note: &str) -> Result<DateTime<Utc>, ApiError> {
+    pub async fn record_credit_status(
+        &self,
+        id_number: &IdNumber,
+        credit: Credit,
+        note: &str,
+    ) -> Result<DateTime<Utc>, ApiError> {
         let now = self.clock.now();
         let masked = id_number.masked();
         let tx = self.repo.begin().await?;
@@ -456,7 +479,10 @@ impl Verifier {
             ));
         }
         if !tx.close_verification(row.id, state, now).await? {
-            return Err(ApiError::precondition("APPLICATION_ALREADY_CLOSED", format!("application {application_id} is closed")));
+            return Err(ApiError::precondition(
+                "APPLICATION_ALREADY_CLOSED",
+                format!("application {application_id} is closed"),
+            ));
         }
         let masked = mask::mask_id_number(&row.id_number);
         let mut detail = format!("application {application_id} {state}");
@@ -464,7 +490,8 @@ impl Verifier {
             tx.set_current_card(&row.id_number, serial, row.valid_from, row.valid_until, now).await?;
             detail.push_str(&format!("; current card is now {serial}"));
         }
-        tx.audit(now, AuditEntry::new("close_application", masked.as_str(), state.to_ascii_uppercase(), detail)).await?;
+        tx.audit(now, AuditEntry::new("close_application", masked.as_str(), state.to_ascii_uppercase(), detail))
+            .await?;
         tx.commit().await?;
         tracing::info!(id_number = %masked, application_id, state, "application closed");
         Ok(true)
@@ -524,7 +551,12 @@ mod tests {
 
     fn judge_with(input: &VerifyInput, citizen: &Citizen, open: usize) -> Result<(), RefusalReason> {
         let jurisdiction = vec!["36".to_owned()];
-        let facts = Facts { citizen: Some(citizen), jurisdiction: &jurisdiction, other_open_applications: open, today: today() };
+        let facts = Facts {
+            citizen: Some(citizen),
+            jurisdiction: &jurisdiction,
+            other_open_applications: open,
+            today: today(),
+        };
         judge(input, &facts, &SimulatedMatcher::default())
     }
 
@@ -577,7 +609,11 @@ mod tests {
         c.current_card_valid_until = NaiveDate::from_ymd_opt(2118, 3, 1);
         assert_eq!(judge_with(&request, &c, 0), Ok(()));
         c.current_card_valid_until = None;
-        assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::NotYetRenewable), "long-term cards are never renewed");
+        assert_eq!(
+            judge_with(&request, &c, 0),
+            Err(RefusalReason::NotYetRenewable),
+            "long-term cards are never renewed"
+        );
     }
 
     #[test]

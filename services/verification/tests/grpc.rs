@@ -12,9 +12,7 @@ use yidi_common::{
     population::{Citizen, Credit, ExistingCard, Population, Registration},
     scratch_db::postgres_for_tests,
 };
-use yidi_domain::{
-    DecisionPurpose, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber,
-};
+use yidi_domain::{DecisionPurpose, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber};
 use yidi_proto::v1::{self as pb, verification_client::VerificationClient};
 use yidi_verification::config::VerificationConfig;
 
@@ -28,7 +26,9 @@ fn now() -> DateTime<Utc> {
 }
 
 fn template(seed: u8) -> Vec<u8> {
-    (0..64u32).map(|i| ((i.wrapping_mul(2654435761) >> 7) as u8) ^ seed.wrapping_mul(97) ^ (i as u8).wrapping_mul(seed)).collect()
+    (0..64u32)
+        .map(|i| ((i.wrapping_mul(2654435761) >> 7) as u8) ^ seed.wrapping_mul(97) ^ (i as u8).wrapping_mul(seed))
+        .collect()
 }
 
 fn date(y: i32, m: u32, d: u32) -> NaiveDate {
@@ -81,7 +81,14 @@ fn bad_credit() -> Person {
     person("360108", date(1980, 1, 1), 17, 8)
 }
 
-fn citizen(p: &Person, province: &str, home: &str, card: Option<ExistingCard>, credit: Credit, registration: Registration) -> Citizen {
+fn citizen(
+    p: &Person,
+    province: &str,
+    home: &str,
+    card: Option<ExistingCard>,
+    credit: Credit,
+    registration: Registration,
+) -> Citizen {
     Citizen {
         id_number: p.id.as_str().to_owned(),
         name: format!("Citizen {}", p.seed),
@@ -162,8 +169,8 @@ impl Fixture {
         .write(&dir_path.join("directory.toml"))
         .unwrap();
         population().write(&dir_path.join("population.json")).unwrap();
-        let db_url = database_url
-            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir_path.join("verification.db").display()));
+        let db_url =
+            database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir_path.join("verification.db").display()));
         Self { _dir: dir, dir_path, key, db_url }
     }
 
@@ -219,11 +226,8 @@ import_path = "{dir}/population.json"
 
     async fn count(&self, sql: &str) -> i64 {
         let db = Database::connect(&self.db_url).await.unwrap();
-        let row = db
-            .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
-            .await
-            .unwrap()
-            .unwrap();
+        let row =
+            db.query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned())).await.unwrap().unwrap();
         let n: i64 = row.try_get_by_index(0).unwrap();
         db.close().await.unwrap();
         n
@@ -284,8 +288,12 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     let p = replacement();
-    let response =
-        server.client.verify(issue("app-1", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    let response = server
+        .client
+        .verify(issue("app-1", &p, pb::ApplicationKind::Replacement, "JX-0001"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(refusal(&response), pb::RefusalReason::Unspecified);
     let directory = directory(&fixture);
 
@@ -319,15 +327,27 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
     assert_eq!(fixture.key.verifying_key(), directory.get(HOME).unwrap().public_key.unwrap());
 
     // Recorded with an audit row, and the application is open (K5).
-    let citizen = server.client.get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() }).await.unwrap().into_inner();
+    let citizen = server
+        .client
+        .get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(citizen.open_application_ids, vec!["app-1".to_owned()]);
     assert_eq!(citizen.id_number_masked, p.id.masked());
     assert_eq!(citizen.name_masked, "C********");
     assert_eq!(citizen.current_card_serial, "JX-0001");
     assert_eq!(citizen.current_card_valid_until, "2125-01-01");
     server.stop().await;
-    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'verify' AND outcome = 'APPROVED'").await, 1);
-    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE subject LIKE '%20910307%'").await, 0, "no full numbers");
+    assert_eq!(
+        fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'verify' AND outcome = 'APPROVED'").await,
+        1
+    );
+    assert_eq!(
+        fixture.count("SELECT COUNT(*) FROM audit_log WHERE subject LIKE '%20910307%'").await,
+        0,
+        "no full numbers"
+    );
 }
 
 #[tokio::test]
@@ -411,12 +431,18 @@ async fn s3_a_cancelled_registration_and_a_bad_credit_record_are_refused() {
     let answer = server.client.record_death(death.clone()).await.unwrap().into_inner();
     assert_eq!(answer.registration_status, pb::RegistrationStatus::Cancelled as i32);
     server.client.record_death(death).await.unwrap();
-    let response =
-        server.client.verify(issue("app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    let response = server
+        .client
+        .verify(issue("app-2", &p, pb::ApplicationKind::Replacement, "JX-0001"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(refusal(&response), pb::RefusalReason::RegistrationCancelled);
-    let future = pb::RecordDeathRequest { id_number: renewable().id.as_str().into(), date_of_death: "2118-01-02".into() };
+    let future =
+        pb::RecordDeathRequest { id_number: renewable().id.as_str().into(), date_of_death: "2118-01-02".into() };
     assert_eq!(server.client.record_death(future).await.unwrap_err().code(), Code::InvalidArgument);
-    let unknown = pb::RecordDeathRequest { id_number: sichuan().id.as_str().into(), date_of_death: "2117-01-02".into() };
+    let unknown =
+        pb::RecordDeathRequest { id_number: sichuan().id.as_str().into(), date_of_death: "2117-01-02".into() };
     assert_eq!(server.client.record_death(unknown).await.unwrap_err().code(), Code::NotFound);
 
     // Credit: bad, then good again.
@@ -466,9 +492,19 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     let p = replacement();
-    let first = server.client.verify(issue("app-a", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    let first = server
+        .client
+        .verify(issue("app-a", &p, pb::ApplicationKind::Replacement, "JX-0001"))
+        .await
+        .unwrap()
+        .into_inner();
     let term = signed_decision_from_proto("decision", first.decision.as_ref()).unwrap().decision.card;
-    let second = server.client.verify(issue("app-b", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    let second = server
+        .client
+        .verify(issue("app-b", &p, pb::ApplicationKind::Replacement, "JX-0001"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
 
     // Closing: unknown application, bad state, then collected with the new card.
@@ -487,15 +523,30 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
     let err = server.client.close_application(close("app-a", pb::ApplicationState::Cancelled, "")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
-    let citizen = server.client.get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() }).await.unwrap().into_inner();
+    let citizen = server
+        .client
+        .get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(citizen.open_application_ids.is_empty());
     assert_eq!(citizen.current_card_serial, "JX-1001");
     assert_eq!(citizen.current_card_valid_until, term.valid_until.map(|d| d.to_string()).unwrap_or_default());
 
     // The old card is no longer current; the new one is, and a new application is accepted.
-    let old = server.client.verify(issue("app-c", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    let old = server
+        .client
+        .verify(issue("app-c", &p, pb::ApplicationKind::Replacement, "JX-0001"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(refusal(&old), pb::RefusalReason::CardNotCurrent);
-    let new = server.client.verify(issue("app-d", &p, pb::ApplicationKind::Replacement, "JX-1001")).await.unwrap().into_inner();
+    let new = server
+        .client
+        .verify(issue("app-d", &p, pb::ApplicationKind::Replacement, "JX-1001"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(new.decision.is_some());
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'close_application'").await, 1);
@@ -530,14 +581,14 @@ async fn n3_a_citizen_outside_the_jurisdiction_is_unknown() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     // Registered in Sichuan: another bureau's citizen, never imported here.
-    let response =
-        server.client.verify(report_loss("app-sc", &sichuan(), "SC-0001")).await.unwrap().into_inner();
+    let response = server.client.verify(report_loss("app-sc", &sichuan(), "SC-0001")).await.unwrap().into_inner();
     assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
     // A Jiangxi number whose registration is in Sichuan.
     let response =
         server.client.verify(report_loss("app-moved", &sichuan_registered(), "JX-0006")).await.unwrap().into_inner();
     assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
-    let err = server.client.get_citizen(pb::GetCitizenRequest { id_number: sichuan().id.as_str().into() }).await.unwrap_err();
+    let err =
+        server.client.get_citizen(pb::GetCitizenRequest { id_number: sichuan().id.as_str().into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     server.stop().await;
 }
@@ -572,7 +623,11 @@ async fn n1_invalid_requests_name_every_field_and_write_nothing() {
     assert!(err.message().contains("purpose:"), "{}", err.message());
     let err = server
         .client
-        .record_credit_status(pb::RecordCreditStatusRequest { id_number: replacement().id.as_str().into(), credit_status: 0, note: "x".repeat(300) })
+        .record_credit_status(pb::RecordCreditStatusRequest {
+            id_number: replacement().id.as_str().into(),
+            credit_status: 0,
+            note: "x".repeat(300),
+        })
         .await
         .unwrap_err();
     assert!(err.message().contains("credit_status:") && err.message().contains("note:"), "{}", err.message());
@@ -612,7 +667,12 @@ async fn n3_the_import_takes_only_this_bureaus_citizens_and_never_overwrites() {
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7, "only this bureau's citizens");
     let mut server = fixture.start().await;
-    let citizen = server.client.get_citizen(pb::GetCitizenRequest { id_number: r.id.as_str().into() }).await.unwrap().into_inner();
+    let citizen = server
+        .client
+        .get_citizen(pb::GetCitizenRequest { id_number: r.id.as_str().into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(citizen.credit_status, pb::CreditStatus::Bad as i32);
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
@@ -633,7 +693,12 @@ async fn s4_postgres_verify_replay_and_close() {
     let decision = signed_decision_from_proto("decision", first.decision.as_ref()).unwrap();
     let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
     decision.verify(&directory(&fixture), expect).unwrap();
-    let second = server.client.verify(issue("pg-app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.unwrap().into_inner();
+    let second = server
+        .client
+        .verify(issue("pg-app-2", &p, pb::ApplicationKind::Replacement, "JX-0001"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
     let close = pb::CloseApplicationRequest {
         application_id: "pg-app-1".into(),
@@ -641,7 +706,12 @@ async fn s4_postgres_verify_replay_and_close() {
         new_card_serial: "JX-2001".into(),
     };
     assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
-    let citizen = server.client.get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() }).await.unwrap().into_inner();
+    let citizen = server
+        .client
+        .get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(citizen.current_card_serial, "JX-2001");
     assert_eq!(citizen.current_card_valid_until, "2138-01-01");
     let death = pb::RecordDeathRequest { id_number: deceased().id.as_str().into(), date_of_death: "2117-01-01".into() };
@@ -677,7 +747,12 @@ async fn k5_concurrent_applications_of_one_citizen_open_only_one() {
     for pair in answers.chunks(2) {
         assert_eq!(pair[0], pair[1], "a retry gets the stored answer");
     }
-    assert!(answers.iter().filter(|a| a.decision.is_none()).all(|a| refusal(a) == pb::RefusalReason::ApplicationAlreadyOpen));
+    assert!(
+        answers
+            .iter()
+            .filter(|a| a.decision.is_none())
+            .all(|a| refusal(a) == pb::RefusalReason::ApplicationAlreadyOpen)
+    );
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 3);
     assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications WHERE open").await, 1);

@@ -21,28 +21,10 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(ApplicationEvents::Table)
                     .if_not_exists()
-                    .col(
-                        ColumnDef::new(ApplicationEvents::Id)
-                            .big_integer()
-                            .not_null()
-                            .auto_increment()
-                            .primary_key(),
-                    )
-                    .col(
-                        ColumnDef::new(ApplicationEvents::ApplicationId)
-                            .string_len(36)
-                            .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(ApplicationEvents::State)
-                            .string_len(32)
-                            .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(ApplicationEvents::At)
-                            .timestamp_with_time_zone()
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(ApplicationEvents::Id).big_integer().not_null().auto_increment().primary_key())
+                    .col(ColumnDef::new(ApplicationEvents::ApplicationId).string_len(36).not_null())
+                    .col(ColumnDef::new(ApplicationEvents::State).string_len(32).not_null())
+                    .col(ColumnDef::new(ApplicationEvents::At).timestamp_with_time_zone().not_null())
                     .col(ColumnDef::new(ApplicationEvents::Note).text().not_null())
                     .to_owned(),
             )
@@ -60,8 +42,6 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .drop_table(Table::drop().table(ApplicationEvents::Table).to_owned())
-            .await
+        manager.drop_table(Table::drop().table(ApplicationEvents::Table).to_owned()).await
     }
 }

@@ -11,9 +11,6 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![
-            Box::new(CreateAuditLog),
-            Box::new(m20261127_000001_create_orders::Migration),
-        ]
+        vec![Box::new(CreateAuditLog), Box::new(m20261127_000001_create_orders::Migration)]
     }
 }
