@@ -11,11 +11,17 @@ use crate::{clock::ClockConfig, telemetry::LogConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {path}: {source}")]
-    File { path: PathBuf, source: config::ConfigError },
+    File { path: PathBuf, source: Box<config::ConfigError> },
     #[error("configuration: {0}")]
-    Invalid(#[from] config::ConfigError),
+    Invalid(Box<config::ConfigError>),
     #[error("configuration key {key}: {message}")]
     Key { key: &'static str, message: String },
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(error: config::ConfigError) -> Self {
+        Self::Invalid(Box::new(error))
+    }
 }
 
 impl ConfigError {
@@ -101,7 +107,7 @@ pub fn load<T: DeserializeOwned>(service: &str) -> Result<T, ConfigError> {
         .add_source(file)
         .add_source(config::Environment::with_prefix("YIDI").prefix_separator("__").separator("__").try_parsing(true))
         .build()
-        .map_err(|source| ConfigError::File { path: path.clone(), source })?;
+        .map_err(|source| ConfigError::File { path: path.clone(), source: Box::new(source) })?;
     Ok(settings.try_deserialize()?)
 }
 

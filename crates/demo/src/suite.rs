@@ -170,7 +170,7 @@ impl Suite {
                 .lines()
                 .filter_map(|line| line.split_once(" listening on ").map(|(_, address)| address.trim()))
                 .filter_map(|address| address.parse::<std::net::SocketAddr>().ok())
-                .last();
+                .next_back();
             if let Some(address) = reported {
                 return Ok(address.port());
             }

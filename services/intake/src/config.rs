@@ -66,7 +66,6 @@ impl Default for BiometricsConfig {
 
 impl IntakeConfig {
     /// Checks the values that need no directory; `serve` checks the directory-dependent ones.
-    #[allow(clippy::result_large_err)] // ConfigError is the shared type of every service
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.bureau_id.trim().is_empty() {
             return Err(ConfigError::key("server.bureau_id", "must not be empty"));

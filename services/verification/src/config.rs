@@ -67,7 +67,6 @@ impl Default for BiometricsConfig {
 const MAX_DECISION_TTL_SECONDS: u64 = 366 * 24 * 3600;
 
 impl VerificationConfig {
-    #[allow(clippy::result_large_err)] // ConfigError is the shared type of every service
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.bureau_id.trim().is_empty() {
             return Err(ConfigError::key("server.bureau_id", "must not be empty"));

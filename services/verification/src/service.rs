@@ -253,7 +253,6 @@ impl Verifier {
         input: &VerifyInput,
         purpose: DecisionPurpose,
         addressee_id: &str,
-        application_kind: Option<ApplicationKind>,
         card: CardData,
         current_card_serial: &str,
         issued_at: DateTime<Utc>,
@@ -265,7 +264,7 @@ impl Verifier {
             addressee_id: addressee_id.to_owned(),
             application_id: input.application_id.clone(),
             station_id: input.station_id.clone(),
-            application_kind,
+            application_kind: input.kind,
             card,
             previous_card_serial: current_card_serial.to_owned(),
             issued_at,
@@ -310,7 +309,6 @@ impl Verifier {
                     input,
                     DecisionPurpose::IssueCard,
                     &input.producer_id,
-                    input.kind,
                     data.clone(),
                     &current,
                     issued_at,
@@ -321,7 +319,6 @@ impl Verifier {
                         input,
                         DecisionPurpose::ReportLoss,
                         &registry(&registry_id)?,
-                        input.kind,
                         data,
                         &current,
                         issued_at,
@@ -335,8 +332,7 @@ impl Verifier {
                 // The card concerned is the current one.
                 let valid_from = citizen.current_card_valid_from.unwrap_or(today);
                 let data = card_data(valid_from, citizen.current_card_valid_until);
-                let decision =
-                    self.decision(input, purpose, &registry(&registry_id)?, input.kind, data, &current, issued_at);
+                let decision = self.decision(input, purpose, &registry(&registry_id)?, data, &current, issued_at);
                 (decision, None, None)
             }
         };
