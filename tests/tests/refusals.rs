@@ -157,6 +157,19 @@ async fn n1_invalid_numbers_are_refused_at_the_edge_and_write_nothing(db: Db) ->
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let fields = violated_fields(&refused);
     assert!(fields.iter().any(|f| f == "kind"), "{fields:?}");
+    // Oversized strings are refused before they reach a database or a log.
+    let mut oversized = applicant(&citizen);
+    if let Some(document) = oversized.document.as_mut() {
+        document.number = "9".repeat(10_000);
+    }
+    let refused = intake
+        .report_loss(pb::ReportLossRequest { applicant: Some(oversized), card_serial: "X".repeat(5_000) })
+        .await
+        .expect_err("oversized strings");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let fields = violated_fields(&refused);
+    assert!(fields.contains(&"applicant.document.number".to_owned()), "{fields:?}");
+    assert!(fields.contains(&"card_serial".to_owned()), "{fields:?}");
     let listed = intake.list_applications(pb::ListApplicationsRequest::default()).await?.into_inner();
     assert!(listed.applications.is_empty(), "nothing written: {listed:?}");
 
