@@ -130,6 +130,26 @@ impl TestSuite {
             .with_context(|| format!("no ordinary citizen #{n} in {province}"))
     }
 
+    /// Lodges a replacement or renewal for `citizen`, in person with the household register book.
+    pub async fn submit(
+        &self,
+        kind: pb::ApplicationKind,
+        citizen: &Citizen,
+        card_serial: String,
+    ) -> anyhow::Result<pb::Application> {
+        self.intake()
+            .await?
+            .submit_application(pb::SubmitApplicationRequest {
+                kind: kind as i32,
+                applicant: Some(applicant(citizen)),
+                card_serial,
+            })
+            .await?
+            .into_inner()
+            .application
+            .context("no application in answer")
+    }
+
     /// Polls the application until `done` holds; fails with the bureaus' logs after `timeout`.
     pub async fn wait_for(
         &self,

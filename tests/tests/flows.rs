@@ -32,16 +32,7 @@ async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()
         registry.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await?.into_inner();
 
     let mut intake = t.intake().await?;
-    let submitted = intake
-        .submit_application(pb::SubmitApplicationRequest {
-            kind: pb::ApplicationKind::Replacement as i32,
-            applicant: Some(applicant(&citizen)),
-            card_serial: old_serial.clone(),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let submitted = t.submit(pb::ApplicationKind::Replacement, &citizen, old_serial.clone()).await?;
     assert_eq!(submitted.home_bureau_id, "home-jiangxi");
     assert!(!submitted.id_number_masked.contains(&citizen.id_number[6..14]), "number is masked");
 
@@ -198,16 +189,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
 
     // Once a replacement card is made, the old card is revoked: withdrawal is final.
     let citizen = t.citizen("loss_report_final", "36")?;
-    let application = intake
-        .submit_application(pb::SubmitApplicationRequest {
-            kind: pb::ApplicationKind::Replacement as i32,
-            applicant: Some(applicant(&citizen)),
-            card_serial: serial(&citizen),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
     t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
     let refused = intake
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
@@ -224,17 +206,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
 async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     let citizen = t.citizen("renewal", "51")?;
-    let mut intake = t.intake().await?;
-    let application = intake
-        .submit_application(pb::SubmitApplicationRequest {
-            kind: pb::ApplicationKind::Renewal as i32,
-            applicant: Some(applicant(&citizen)),
-            card_serial: serial(&citizen),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.submit(pb::ApplicationKind::Renewal, &citizen, serial(&citizen)).await?;
     let ready = t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
     assert!(!ready.loss_recorded, "a renewal files no loss report");
 
@@ -347,16 +319,7 @@ async fn lifecycle_cancellation_only_before_production(db: Db) -> anyhow::Result
     // The home bureau is down: the application waits in VERIFYING and can be cancelled.
     t.suite.terminate(Process::HomeJiangxi).await?;
     let waiting = t.ordinary("36", 4)?;
-    let application = intake
-        .submit_application(pb::SubmitApplicationRequest {
-            kind: pb::ApplicationKind::Renewal as i32,
-            applicant: Some(applicant(&waiting)),
-            card_serial: serial(&waiting),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.submit(pb::ApplicationKind::Renewal, &waiting, serial(&waiting)).await?;
     assert_eq!(application.state, pb::ApplicationState::Verifying as i32, "{application:?}");
     let cancelled = intake
         .cancel_application(pb::CancelApplicationRequest { application_id: application.application_id.clone() })
@@ -371,16 +334,7 @@ async fn lifecycle_cancellation_only_before_production(db: Db) -> anyhow::Result
     assert_eq!(still.history.last().map(|h| h.state), Some(pb::ApplicationState::Cancelled as i32));
 
     let citizen = t.ordinary("51", 3)?;
-    let application = intake
-        .submit_application(pb::SubmitApplicationRequest {
-            kind: pb::ApplicationKind::Replacement as i32,
-            applicant: Some(applicant(&citizen)),
-            card_serial: serial(&citizen),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
     let ready = t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
     let refused = intake
         .cancel_application(pb::CancelApplicationRequest { application_id: ready.application_id.clone() })

@@ -1,5 +1,4 @@
 //! Every refusal of the rulebook, with its reason code, through the real suite.
-use anyhow::Context;
 use yidi_proto::v1 as pb;
 use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, applicant, applicant_with, on_both_databases, reason, serial, start, violated_fields,
@@ -18,17 +17,7 @@ async fn refusal_for(
     citizen: &yidi_common::population::Citizen,
     kind: pb::ApplicationKind,
 ) -> anyhow::Result<i32> {
-    let mut intake = t.intake().await?;
-    let application = intake
-        .submit_application(pb::SubmitApplicationRequest {
-            kind: kind as i32,
-            applicant: Some(applicant(citizen)),
-            card_serial: serial(citizen),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.submit(kind, citizen, serial(citizen)).await?;
     let refused = t.wait_for_state(&application.application_id, pb::ApplicationState::Refused).await?;
     Ok(refused.refusal_reason)
 }
@@ -108,17 +97,7 @@ async fn s2_agents_are_refused_at_the_counter(db: Db) -> anyhow::Result<()> {
 async fn k5_a_second_open_application_is_refused(db: Db) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     let citizen = t.citizen("application_already_open", "51")?;
-    let mut intake = t.intake().await?;
-    let first = intake
-        .submit_application(pb::SubmitApplicationRequest {
-            kind: pb::ApplicationKind::Replacement as i32,
-            applicant: Some(applicant(&citizen)),
-            card_serial: serial(&citizen),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let first = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
     t.wait_for(&first.application_id, "approved or later", |a| {
         a.state >= pb::ApplicationState::Approved as i32 && a.state != pb::ApplicationState::Refused as i32
     })
