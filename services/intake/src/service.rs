@@ -491,6 +491,7 @@ impl Intake {
                 fingerprint_template: applicant.fingerprint_template.clone(),
             }),
             producer_id: String::new(),
+            declared_province: applicant.declared_province.clone(),
         };
         let answer = self.inner.peers.verify(&home.id, request).await.map_err(peer_error)?;
         let Some(decision) = answer.decision else {

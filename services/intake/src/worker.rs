@@ -261,6 +261,7 @@ async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKi
             fingerprint_template: model.live_fingerprint_template.clone(),
         }),
         producer_id: if issue { inner.station.producer_id.clone() } else { String::new() },
+        declared_province: model.declared_province.clone(),
     };
     let answer = inner.peers.verify(&model.home_bureau_id, request).await.map_err(from_peer)?;
     let masked = mask_id_number(&model.id_number);
@@ -428,6 +429,7 @@ async fn close(intake: &Intake, model: &application::Model, state: ApplicationSt
         } else {
             String::new()
         },
+        station_id: inner.station.id.clone(),
     };
     match inner.peers.close_application(&model.home_bureau_id, request).await {
         Ok(_) => {}

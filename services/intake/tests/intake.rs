@@ -57,6 +57,10 @@ struct FakeState {
     loss_reports: Mutex<Vec<String>>,
     orders: Mutex<Vec<String>>,
     closed: Mutex<Vec<(String, i32, String)>>,
+    /// `declared_province` of every Verify request received.
+    verify_provinces: Mutex<Vec<String>>,
+    /// `station_id` of every CloseApplication request received.
+    close_stations: Mutex<Vec<String>>,
     now: Mutex<Option<DateTime<Utc>>>,
 }
 
@@ -106,6 +110,7 @@ impl pb::verification_server::Verification for Fakes {
     async fn verify(&self, request: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyResponse>, Status> {
         let request = request.into_inner();
         self.state.verify_calls.fetch_add(1, Ordering::SeqCst);
+        self.state.verify_provinces.lock().unwrap().push(request.declared_province.clone());
         if self.state.hold_verify.load(Ordering::SeqCst) {
             self.state.release_verify.notified().await;
         }
@@ -155,6 +160,7 @@ impl pb::verification_server::Verification for Fakes {
         request: Request<pb::CloseApplicationRequest>,
     ) -> Result<Response<pb::CloseApplicationResponse>, Status> {
         let r = request.into_inner();
+        self.state.close_stations.lock().unwrap().push(r.station_id.clone());
         self.state.closed.lock().unwrap().push((r.application_id, r.final_state, r.new_card_serial));
         Ok(Response::new(pb::CloseApplicationResponse { closed: true }))
     }
@@ -626,6 +632,9 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
     }
     let closed = h.fakes.closed.lock().unwrap().clone();
     assert_eq!(closed, vec![(id.clone(), S::Collected as i32, "NEW-0001".to_owned())]);
+    assert_eq!(h.fakes.close_stations.lock().unwrap().as_slice(), [STATION], "CloseApplication names the station");
+    let provinces = h.fakes.verify_provinces.lock().unwrap().clone();
+    assert!(!provinces.is_empty() && provinces.iter().all(|p| p == "36"), "Verify carries the declared province");
     h.stop().await;
 }
 
@@ -792,6 +801,7 @@ async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_u
         .into_inner();
     assert_eq!(answer.card_serial, "OLD-0004");
     assert_eq!(answer.status, pb::CardStatus::Valid as i32);
+    assert_eq!(h.fakes.verify_provinces.lock().unwrap().as_slice(), ["36"], "Verify carries the declared province");
     let status = h
         .client
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
