@@ -16,7 +16,10 @@ use yidi_domain::{
 };
 use yidi_proto::v1 as pb;
 
-use crate::repo::{Citizen, NewVerification, Repo, Tx, is_unique_violation};
+use crate::{
+    entities::verifications,
+    repo::{Citizen, NewVerification, Repo, Tx, is_unique_violation},
+};
 
 /// A Verify request, validated.
 #[derive(Debug, Clone)]
@@ -122,6 +125,33 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
     Ok(())
 }
 
+/// A repeat of (application, purpose) gets the stored answer only when it is the same request:
+/// same station, same citizen, same kind. Anything else is a reused id, refused without the stored
+/// body (it holds signed decisions with the citizen's full personal data, and the live biometrics of
+/// the repeat are never checked).
+fn replay(row: verifications::Model, input: &VerifyInput) -> Result<VerifyAnswer, ApiError> {
+    let same = row.station_id == input.station_id
+        && row.id_number == input.id_number.as_str()
+        && row.kind.as_deref() == input.kind.map(ApplicationKind::as_str);
+    if !same {
+        tracing::warn!(
+            application_id = %input.application_id,
+            station_id = %input.station_id,
+            purpose = input.purpose.as_str(),
+            "verify refused: application id reused for a different request"
+        );
+        return Err(ApiError::precondition(
+            "APPLICATION_ID_REUSED",
+            format!(
+                "application {} was already verified for {} with a different station, citizen or kind",
+                input.application_id,
+                input.purpose.as_str()
+            ),
+        ));
+    }
+    Ok(VerifyAnswer { response: row.response, replayed: true })
+}
+
 fn truncate_to_seconds(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
 }
@@ -164,7 +194,7 @@ impl Verifier {
             Err(ApiError::Database(error)) if is_unique_violation(&error) => {
                 // A concurrent call with the same (application, purpose) won: answer as it did.
                 match self.repo.verification(&input.application_id, input.purpose).await? {
-                    Some(row) => Ok(VerifyAnswer { response: row.response, replayed: true }),
+                    Some(row) => replay(row, &input),
                     None => Err(ApiError::Database(error)),
                 }
             }
@@ -181,7 +211,7 @@ impl Verifier {
             };
         let tx = self.repo.begin().await?;
         if let Some(row) = tx.verification(&input.application_id, input.purpose).await? {
-            return Ok(VerifyAnswer { response: row.response, replayed: true });
+            return replay(row, input);
         }
         let now = self.clock.now();
         let today = now.date_naive();

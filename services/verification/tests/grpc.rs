@@ -39,6 +39,8 @@ fn date(y: i32, m: u32, d: u32) -> NaiveDate {
 struct Person {
     id: IdNumber,
     seed: u8,
+    /// The household-registration province declared at the counter (N3).
+    province: String,
 }
 
 impl Person {
@@ -51,7 +53,7 @@ impl Person {
 }
 
 fn person(address: &str, birth: NaiveDate, seq: u16, seed: u8) -> Person {
-    Person { id: IdNumber::compose(address, birth, seq), seed }
+    Person { id: IdNumber::compose(address, birth, seq), seed, province: address[..2].to_owned() }
 }
 
 // The population: index = scenario.
@@ -72,7 +74,7 @@ fn first_timer() -> Person {
 }
 fn sichuan_registered() -> Person {
     // Jiangxi number, but the household registration moved to Sichuan (N3).
-    person("360107", date(1985, 1, 1), 15, 6)
+    Person { province: "51".into(), ..person("360107", date(1985, 1, 1), 15, 6) }
 }
 fn sichuan() -> Person {
     person("510101", date(1985, 1, 1), 16, 7)
@@ -160,6 +162,7 @@ impl Fixture {
         DirectoryFile {
             bureaus: vec![
                 entry(STATION, Role::Intake, &[], "330106", String::new()),
+                entry("station-other", Role::Intake, &[], "330102", String::new()),
                 entry(HOME, Role::Verification, &["36"], "", encode_public_key(&key.verifying_key())),
                 entry("home-sichuan", Role::Verification, &["51"], "", encode_public_key(&other.verifying_key())),
                 entry(PRODUCER, Role::Issuance, &[], "", String::new()),
@@ -262,6 +265,7 @@ fn issue(application_id: &str, p: &Person, kind: pb::ApplicationKind, serial: &s
         card_serial: serial.into(),
         live: Some(pb::Biometrics { face_template: p.face(), fingerprint_template: p.fingerprint() }),
         producer_id: PRODUCER.into(),
+        declared_province: p.province.clone(),
     }
 }
 
@@ -370,6 +374,39 @@ async fn s4_a_repeated_verify_returns_the_stored_answer() {
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 2);
     assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log").await, 2);
+}
+
+#[tokio::test]
+async fn s4_a_reused_application_id_gets_no_stored_answer() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let request = issue("app-reuse", &replacement(), pb::ApplicationKind::Replacement, "JX-0001");
+    let first = server.client.verify(request.clone()).await.unwrap().into_inner();
+    assert!(first.decision.is_some());
+    let reused = |request: pb::VerifyRequest| {
+        let mut client = server.client.clone();
+        async move {
+            let err = client.verify(request).await.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+            assert!(err.message().contains("app-reuse"), "{}", err.message());
+            // The status details (ErrorInfo) carry the reason; nothing of the stored answer leaks.
+            let details = String::from_utf8_lossy(err.details()).into_owned();
+            assert!(details.contains("APPLICATION_ID_REUSED"), "{details}");
+            let everything = format!("{}{details}", err.message());
+            assert!(!everything.contains("Citizen 1") && !everything.contains("20910307"), "{everything}");
+        }
+    };
+    // Another citizen (with their own, matching, biometrics) under the same id.
+    reused(issue("app-reuse", &renewable(), pb::ApplicationKind::Replacement, "JX-0002")).await;
+    // Another station.
+    reused(pb::VerifyRequest { station_id: "station-other".into(), ..request.clone() }).await;
+    // Another kind.
+    reused(issue("app-reuse", &replacement(), pb::ApplicationKind::Renewal, "JX-0001")).await;
+    // The same request still replays.
+    let again = server.client.verify(request).await.unwrap().into_inner();
+    assert_eq!(first, again);
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 1);
 }
 
 #[tokio::test]
@@ -512,6 +549,7 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
         application_id: id.into(),
         final_state: state as i32,
         new_card_serial: serial.into(),
+        station_id: STATION.into(),
     };
     let err = server.client.close_application(close("nope", pb::ApplicationState::Cancelled, "")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -704,6 +742,7 @@ async fn s4_postgres_verify_replay_and_close() {
         application_id: "pg-app-1".into(),
         final_state: pb::ApplicationState::Collected as i32,
         new_card_serial: "JX-2001".into(),
+        station_id: STATION.into(),
     };
     assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
     let citizen = server
