@@ -65,6 +65,8 @@ impl VerificationApi {
             }
         }
         let id_number = v.id_number("id_number", &request.id_number, today);
+        // N3: required; the register confirms it (see `judge`).
+        let declared_province = v.province("declared_province", &request.declared_province);
         // Optional: empty means the citizen's current card on the register.
         let card_serial = v.bounded("card_serial", &request.card_serial, MAX_ID_LEN);
         let empty = pb::Biometrics::default();
@@ -101,6 +103,7 @@ impl VerificationApi {
             live_face,
             live_fingerprint,
             producer_id,
+            declared_province,
         ) {
             (
                 Some(application_id),
@@ -112,6 +115,7 @@ impl VerificationApi {
                 Some(live_face),
                 Some(live_fingerprint),
                 Some(producer_id),
+                Some(declared_province),
             ) => Ok(VerifyInput {
                 application_id: application_id.to_owned(),
                 station_id: station_id.to_owned(),
@@ -122,6 +126,7 @@ impl VerificationApi {
                 live_face: live_face.to_vec(),
                 live_fingerprint: live_fingerprint.to_vec(),
                 producer_id: producer_id.to_owned(),
+                declared_province: declared_province.to_owned(),
             }),
             _ => Err(ApiError::Internal("validation left a field unset".into())),
         }

@@ -36,6 +36,8 @@ pub struct VerifyInput {
     pub live_fingerprint: Vec<u8>,
     /// The producer for ISSUE_CARD; empty otherwise.
     pub producer_id: String,
+    /// N3: the registration province declared at the counter, by which the station routed the request.
+    pub declared_province: String,
 }
 
 /// The answer to Verify: the encoded `VerifyResponse`, as stored and replayed.
@@ -84,6 +86,11 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
         return Err(RefusalReason::UnknownCitizen);
     };
     if !facts.jurisdiction.contains(&citizen.registration_province) {
+        return Err(RefusalReason::UnknownCitizen);
+    }
+    // The station routed by, and judged its acceptance policy on, the declared province: the register
+    // must confirm it, or the request was routed (and judged) on a false premise.
+    if citizen.registration_province != input.declared_province {
         return Err(RefusalReason::UnknownCitizen);
     }
     // 2. S3: registration cancelled (deceased).
@@ -572,6 +579,7 @@ mod tests {
             live_face: with_sensor_noise(&template(1), 5, 1),
             live_fingerprint: with_sensor_noise(&template(2), 5, 2),
             producer_id: "producer".into(),
+            declared_province: "36".into(),
         }
     }
 
@@ -601,6 +609,19 @@ mod tests {
         let jurisdiction = vec!["36".to_owned()];
         let facts = Facts { citizen: None, jurisdiction: &jurisdiction, other_open_applications: 0, today: today() };
         assert_eq!(judge(&request, &facts, &SimulatedMatcher::default()), Err(RefusalReason::UnknownCitizen));
+    }
+
+    #[test]
+    fn n3_the_declared_province_must_be_the_registers() {
+        let mut request = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Replacement));
+        request.declared_province = "33".into();
+        assert_eq!(judge_with(&request, &citizen(), 0), Err(RefusalReason::UnknownCitizen));
+        // Named before any other refusal: the request never belonged to this judgement.
+        let mut c = citizen();
+        c.credit = Credit::Bad;
+        assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::UnknownCitizen));
+        request.declared_province = "36".into();
+        assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::BadCreditRecord));
     }
 
     #[test]

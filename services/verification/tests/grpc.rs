@@ -625,6 +625,16 @@ async fn n3_a_citizen_outside_the_jurisdiction_is_unknown() {
     let response =
         server.client.verify(report_loss("app-moved", &sichuan_registered(), "JX-0006")).await.unwrap().into_inner();
     assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
+    // N3: a Jiangxi citizen declared (and so routed and judged) as registered elsewhere is not confirmed,
+    // whichever province the station claimed.
+    for province in ["33", "51"] {
+        let mut request = issue("app-declared", &replacement(), pb::ApplicationKind::Replacement, "JX-0001");
+        request.declared_province = province.into();
+        request.application_id = format!("app-declared-{province}");
+        let response = server.client.verify(request).await.unwrap().into_inner();
+        assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
+        assert!(response.decision.is_none() && response.loss_decision.is_none());
+    }
     let err =
         server.client.get_citizen(pb::GetCitizenRequest { id_number: sichuan().id.as_str().into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -639,6 +649,7 @@ async fn n1_invalid_requests_name_every_field_and_write_nothing() {
     request.id_number = "360102199003071231".into(); // wrong check character (N2)
     request.station_id = PRODUCER.into(); // not an intake station
     request.producer_id = STATION.into(); // not a producer
+    request.declared_province = "99".into(); // not a province (N3)
     request.live = None;
     let err = server.client.verify(request).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -650,6 +661,7 @@ async fn n1_invalid_requests_name_every_field_and_write_nothing() {
         "live.face_template",
         "live.fingerprint_template",
         "producer_id",
+        "declared_province",
     ] {
         assert!(err.message().contains(&format!("{field}:")), "{field} missing from {}", err.message());
     }
@@ -659,6 +671,14 @@ async fn n1_invalid_requests_name_every_field_and_write_nothing() {
         .await
         .unwrap_err();
     assert!(err.message().contains("purpose:"), "{}", err.message());
+    // N3: the declared province is required.
+    let err = server
+        .client
+        .verify(pb::VerifyRequest { declared_province: String::new(), ..report_loss("x", &replacement(), "JX-0001") })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("declared_province:"), "{}", err.message());
     let err = server
         .client
         .record_credit_status(pb::RecordCreditStatusRequest {
