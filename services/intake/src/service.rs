@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use prost::Message;
-use sea_orm::{ActiveValue::Set, ColumnTrait, Condition};
+use sea_orm::ActiveValue::Set;
 use tokio::sync::{Notify, broadcast, mpsc};
 use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry};
 use yidi_domain::{
@@ -355,7 +355,7 @@ impl Intake {
         Ok(rx)
     }
 
-    /// Cancellation before production; never of a loss report already recorded.
+    /// Cancellation before production; a loss report only until the home bureau approved it.
     pub async fn cancel(&self, application_id: &str) -> Result<ApplicationView, ApiError> {
         for _ in 0..5 {
             let model = self
@@ -365,8 +365,11 @@ impl Intake {
                 .await?
                 .ok_or_else(|| ApiError::not_found("application", application_id))?;
             let (kind, state) = parse_kind_state(&model)?;
-            if !state.is_cancellable() || (kind == ApplicationKind::LossReport && model.loss_recorded) {
-                let why = if state.is_cancellable() { " and its loss report is recorded" } else { "" };
+            // A loss report, once approved, is being filed at the registry: no longer cancellable.
+            let loss_filing = kind == ApplicationKind::LossReport
+                && !matches!(state, ApplicationState::Received | ApplicationState::Verifying);
+            if !state.is_cancellable() || loss_filing {
+                let why = if state.is_cancellable() { " and its loss report is being filed" } else { "" };
                 return Err(ApiError::precondition(
                     "NOT_CANCELLABLE",
                     format!("application {application_id} is {}{why}; it can no longer be cancelled", state.as_str()),
@@ -375,8 +378,6 @@ impl Intake {
             let mut changes = repo::changes();
             // The home bureau has heard of it (and keeps it open, K5) unless it never left the station.
             changes.home_notified = Set(state == ApplicationState::Received || !kind.makes_a_card());
-            let condition = (kind == ApplicationKind::LossReport)
-                .then(|| Condition::all().add(application::Column::LossRecorded.eq(false)));
             let masked = mask_id_number(&model.id_number);
             let applied = self
                 .inner
@@ -387,7 +388,7 @@ impl Intake {
                         from: &[state],
                         to: ApplicationState::Cancelled,
                         changes,
-                        condition,
+                        condition: None,
                         note: format!("cancelled at the counter (was {})", state.as_str()),
                         audit: Some(AuditEntry::new("cancel_application", masked, "cancelled", application_id)),
                     },

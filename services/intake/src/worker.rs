@@ -212,6 +212,7 @@ async fn step(intake: &Intake, model: &application::Model) -> Result<bool, Failu
         ApplicationState::Approved if !is_final(kind, state, model.loss_recorded) => {
             approved(intake, model, kind).await
         }
+        ApplicationState::InProduction if model.order_id.is_none() => place_order(intake, model).await,
         ApplicationState::InProduction => {
             let order_id = model.order_id.clone().unwrap_or_default();
             let order = inner.peers.get_order(&inner.station.producer_id, &order_id, "").await.map_err(from_peer)?;
@@ -362,7 +363,7 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
                 id,
                 ApplicationState::Approved,
                 changes,
-                Some(AuditEntry::new("loss_report", masked.clone(), "recorded", detail)),
+                Some(AuditEntry::new("loss_report", masked, "recorded", detail)),
                 intake.clock().now(),
             )
             .await?;
@@ -378,6 +379,33 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
     if !kind.makes_a_card() {
         return Ok(false);
     }
+    // Record the intent before calling the producer: once IN_PRODUCTION the application can no
+    // longer be cancelled, so a cancel either wins here (and no order is placed) or is refused.
+    let producer = &inner.station.producer_id;
+    Ok(inner
+        .repo
+        .transition(
+            Transition {
+                application_id: id,
+                from: &[ApplicationState::Approved],
+                to: ApplicationState::InProduction,
+                changes: progress_changes(),
+                condition: None,
+                note: format!("ordering from {producer}"),
+                audit: None,
+            },
+            intake.clock().now(),
+        )
+        .await?)
+}
+
+/// IN_PRODUCTION without an order yet: place it (idempotent: a decision already used answers
+/// ALREADY_EXISTS, and the order is then looked up by its decision) and store it.
+async fn place_order(intake: &Intake, model: &application::Model) -> Result<bool, Failure> {
+    let inner = &intake.inner;
+    let id = model.application_id.as_str();
+    let decision = decode_decision(model.decision.as_deref())
+        .ok_or_else(|| Failure::Halt("the stored decision is unreadable".into()))?;
     let producer = &inner.station.producer_id;
     let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
     let order = match inner.peers.place_order(producer, decision).await {
@@ -394,21 +422,16 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
     }
     let applied = inner
         .repo
-        .transition(
-            Transition {
-                application_id: id,
-                from: &[ApplicationState::Approved],
-                to: ApplicationState::InProduction,
-                changes,
-                condition: None,
-                note: format!("order {} placed with {producer}", order.order_id),
-                audit: Some(AuditEntry::new(
-                    "issuance",
-                    masked,
-                    "ordered",
-                    format!("order {} card {} decision {decision_id}", order.order_id, order.card_serial),
-                )),
-            },
+        .update_in_state(
+            id,
+            ApplicationState::InProduction,
+            changes,
+            Some(AuditEntry::new(
+                "issuance",
+                mask_id_number(&model.id_number),
+                "ordered",
+                format!("order {} card {} decision {decision_id}", order.order_id, order.card_serial),
+            )),
             intake.clock().now(),
         )
         .await?;

@@ -51,6 +51,11 @@ fn register_fingerprint() -> Vec<u8> {
 struct FakeState {
     refusal: Mutex<Option<pb::RefusalReason>>,
     hold_verify: AtomicBool,
+    /// While set, PlaceOrder and ReportLoss do not answer.
+    hold_order: AtomicBool,
+    hold_loss: AtomicBool,
+    place_order_calls: AtomicUsize,
+    report_loss_calls: AtomicUsize,
     release_verify: Notify,
     dispatched: AtomicBool,
     verify_calls: AtomicUsize,
@@ -176,6 +181,10 @@ impl pb::loss_registry_server::LossRegistry for Fakes {
         &self,
         request: Request<pb::LossRegistryReportLossRequest>,
     ) -> Result<Response<pb::LossRegistryReportLossResponse>, Status> {
+        self.state.report_loss_calls.fetch_add(1, Ordering::SeqCst);
+        while self.state.hold_loss.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let serial = serial_of(&request.get_ref().decision);
         self.state.loss_reports.lock().unwrap().push(serial.clone());
         Ok(Response::new(pb::LossRegistryReportLossResponse {
@@ -255,6 +264,10 @@ impl pb::issuance_server::Issuance for Fakes {
         &self,
         request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        self.state.place_order_calls.fetch_add(1, Ordering::SeqCst);
+        while self.state.hold_order.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let d = request.into_inner().decision.and_then(|d| d.decision).unwrap_or_default();
         if d.purpose != pb::DecisionPurpose::IssueCard as i32 || d.addressee_id != PRODUCER {
             return Err(Status::permission_denied("not for us"));
@@ -575,8 +588,9 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
     let first = watch.next().await.unwrap().unwrap().application.unwrap();
     assert_eq!(first.application_id, id);
 
-    let in_production =
-        h.wait_for(&id, "in production", |a| a.state == pb::ApplicationState::InProduction as i32).await;
+    let in_production = h
+        .wait_for(&id, "ordered", |a| a.state == pb::ApplicationState::InProduction as i32 && !a.order_id.is_empty())
+        .await;
     assert!(in_production.loss_recorded, "K1 files the loss report too");
     assert_eq!(h.fakes.loss_reports.lock().unwrap().as_slice(), ["OLD-0001"]);
     assert_eq!(in_production.new_card_serial, "NEW-0001");
@@ -673,6 +687,76 @@ async fn k5_cancellation_before_production_stops_the_worker_and_tells_the_home_b
     assert_eq!(closed, vec![(id.clone(), pb::ApplicationState::Cancelled as i32, String::new())]);
     let status = h.client.cancel_application(pb::CancelApplicationRequest { application_id: id }).await.unwrap_err();
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn lifecycle_a_cancel_while_the_order_is_being_placed_is_refused() {
+    let mut h = Harness::start(NATIONAL).await;
+    h.fakes.hold_order.store(true, Ordering::SeqCst);
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let id = h
+        .client
+        .submit_application(submit(ApplicationKind::Renewal, person))
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap()
+        .application_id;
+    for _ in 0..500 {
+        if h.fakes.place_order_calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.fakes.place_order_calls.load(Ordering::SeqCst), 1, "PlaceOrder is under way");
+    let ordering = h.get(&id).await;
+    assert_eq!(ordering.state, pb::ApplicationState::InProduction as i32, "intent recorded before the call");
+    assert!(ordering.order_id.is_empty());
+    assert!(ordering.history.iter().any(|e| e.note.starts_with("ordering from")), "{ordering:?}");
+    // The producer is slow; the cancel arrives meanwhile and is refused.
+    let status =
+        h.client.cancel_application(pb::CancelApplicationRequest { application_id: id.clone() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status), "NOT_CANCELLABLE");
+    h.fakes.hold_order.store(false, Ordering::SeqCst);
+    let ordered = h.wait_for(&id, "order stored", |a| !a.order_id.is_empty()).await;
+    assert_eq!(ordered.state, pb::ApplicationState::InProduction as i32);
+    assert_eq!(ordered.new_card_serial, "NEW-0001");
+    assert_eq!(h.fakes.orders.lock().unwrap().len(), 1, "ordered once");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn k3_a_loss_report_being_filed_is_no_longer_cancellable() {
+    let mut h = Harness::start(NATIONAL).await;
+    h.fakes.hold_loss.store(true, Ordering::SeqCst);
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let id = h
+        .client
+        .report_loss(pb::ReportLossRequest { applicant: Some(person), card_serial: "OLD-0005".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap()
+        .application_id;
+    for _ in 0..500 {
+        if h.fakes.report_loss_calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let filing = h.get(&id).await;
+    assert_eq!(filing.state, pb::ApplicationState::Approved as i32);
+    assert!(!filing.loss_recorded);
+    let status =
+        h.client.cancel_application(pb::CancelApplicationRequest { application_id: id.clone() }).await.unwrap_err();
+    assert_eq!(reason(&status), "NOT_CANCELLABLE");
+    h.fakes.hold_loss.store(false, Ordering::SeqCst);
+    let recorded = h.wait_for(&id, "loss recorded", |a| a.loss_recorded).await;
+    assert_eq!(recorded.state, pb::ApplicationState::Approved as i32);
     h.stop().await;
 }
 
