@@ -108,6 +108,32 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
             .expect_err(what);
         assert_eq!(reason(&refused), expected, "registry loss, {what}: {refused:?}");
     }
+    // A bureau that writes its own province into a decision cannot act on another bureau's
+    // citizen: the registry knows which home bureau each card belongs to.
+    let sichuan = &t.suite.keys[topology::HOME_SICHUAN];
+    let rewritten = |purpose, addressee| {
+        let mut d = decision(&t, &citizen, purpose, addressee, at(NATIONAL_DAY));
+        d.bureau_id = topology::HOME_SICHUAN.into();
+        d.card.registration_province = "51".into();
+        signed_decision_to_proto(&d.sign(sichuan))
+    };
+    let refused = registry
+        .report_loss(pb::LossRegistryReportLossRequest {
+            decision: Some(rewritten(DecisionPurpose::ReportLoss, topology::REGISTRY)),
+        })
+        .await
+        .expect_err("rewritten province, loss");
+    assert_eq!(reason(&refused), "DECISION_WRONG_JURISDICTION", "{refused:?}");
+    let refused = registry
+        .register_card(pb::RegisterCardRequest {
+            decision: Some(rewritten(DecisionPurpose::IssueCard, topology::PRODUCER)),
+            producer_id: topology::PRODUCER.into(),
+            card_serial: "ZJ9000000003".into(),
+        })
+        .await
+        .expect_err("rewritten province, card");
+    assert_eq!(reason(&refused), "DECISION_WRONG_JURISDICTION", "{refused:?}");
+
     // A decision for one purpose is not accepted for another.
     let for_producer = decision(&t, &citizen, DecisionPurpose::IssueCard, topology::REGISTRY, at(NATIONAL_DAY))
         .sign(&t.suite.keys[topology::HOME_JIANGXI]);

@@ -195,12 +195,11 @@ pub fn signed_decision_from_proto(
     if expires_at.is_none() {
         v.add(f("expires_at"), "is required");
     }
-    for (name, value) in [
-        ("decision_id", &d.decision_id),
-        ("bureau_id", &d.bureau_id),
-        ("addressee_id", &d.addressee_id),
-        ("card.id_number", &card.id_number),
-    ] {
+    // Decision ids are UUIDs; the bound keeps derived keys within every database column.
+    v.required(&f("decision_id"), &d.decision_id, 64);
+    for (name, value) in
+        [("bureau_id", &d.bureau_id), ("addressee_id", &d.addressee_id), ("card.id_number", &card.id_number)]
+    {
         v.required(&f(name), value, crate::validate::MAX_TEXT_LEN);
     }
     for (name, value) in [

@@ -112,10 +112,35 @@ pub fn page_size(violations: &mut FieldViolations, field: &str, raw: u32) -> u64
     }
 }
 
+/// The largest offset a page token may carry.
+pub const MAX_PAGE_OFFSET: u64 = 1 << 40;
+
 /// Page tokens are the decimal offset of the next page.
 pub fn page_token(violations: &mut FieldViolations, field: &str, raw: &str) -> u64 {
     if raw.is_empty() {
         return 0;
     }
-    raw.parse().map_err(|_| violations.add(field, "is not a token from a previous page")).unwrap_or(0)
+    // Offsets beyond i64 would reach the database driver as an out-of-range bind (which panics).
+    match raw.parse::<u64>() {
+        Ok(offset) if offset <= MAX_PAGE_OFFSET => offset,
+        _ => {
+            violations.add(field, "is not a token from a previous page");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_beyond_any_table_are_refused() {
+        let mut violations = FieldViolations::new();
+        assert_eq!(page_token(&mut violations, "page_token", "50"), 50);
+        assert!(violations.is_empty());
+        assert_eq!(page_token(&mut violations, "page_token", "9223372036854775808"), 0);
+        assert_eq!(page_token(&mut violations, "page_token", "x"), 0);
+        assert_eq!(violations.iter().count(), 2);
+    }
 }

@@ -190,6 +190,18 @@ impl Repo {
         models.into_iter().map(|m| Card::try_from(m).map(|c| (c.serial.clone(), c))).collect()
     }
 
+    /// The holder's cards that are still in force (valid or reported lost).
+    pub async fn active_cards_of(&self, id_number: &str) -> Result<Vec<Card>, DbErr> {
+        cards::Entity::find()
+            .filter(cards::Column::IdNumber.eq(id_number))
+            .filter(cards::Column::Status.ne(StoredCardStatus::Revoked.as_str()))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(Card::try_from)
+            .collect()
+    }
+
     pub async fn card_by_decision(&self, decision_id: &str) -> Result<Option<Card>, DbErr> {
         cards::Entity::find()
             .filter(cards::Column::DecisionId.eq(decision_id))

@@ -143,6 +143,20 @@ impl Registry {
         Ok(card.filter(|c| c.id_number == normalised(&d.card.id_number)))
     }
 
+    /// S4: the registry knows which home bureau each card belongs to; a decision about it must be
+    /// signed by that bureau, whatever province the signer wrote into the decision.
+    fn signed_by_holder_bureau(card: &Card, signed: &SignedDecision) -> Result<(), ApiError> {
+        let d = &signed.decision;
+        if card.home_bureau_id == d.bureau_id {
+            return Ok(());
+        }
+        Err(DecisionError::WrongJurisdiction {
+            signer: d.bureau_id.clone(),
+            province: format!("of the holder of card {} (home bureau {})", card.serial, card.home_bureau_id),
+        }
+        .into())
+    }
+
     fn not_found(serial: &str) -> ApiError {
         ApiError::not_found("decision.previous_card_serial", serial)
     }
@@ -176,6 +190,9 @@ impl Registry {
             let Some(card) = self.decision_card(&signed).await? else {
                 return Err(self.refuse(ACTION, subject, detail, Self::not_found(&d.previous_card_serial)).await);
             };
+            if let Err(error) = Self::signed_by_holder_bureau(&card, &signed) {
+                return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+            }
             let audit = |outcome: &str| AuditEntry {
                 action: ACTION,
                 subject: card.serial.clone(),
@@ -248,6 +265,21 @@ impl Registry {
             let Some(card) = self.decision_card(&signed).await? else {
                 return Err(self.refuse(ACTION, subject, detail, Self::not_found(&d.previous_card_serial)).await);
             };
+            if let Err(error) = Self::signed_by_holder_bureau(&card, &signed) {
+                return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+            }
+            // K6: a withdrawal signed before the loss now standing was reported is about an earlier
+            // loss; it must not clear this one. (A minute's allowance for the bureaus' clocks and the
+            // whole-second `issued_at`.)
+            if card.status == StoredCardStatus::ReportedLost
+                && d.issued_at + chrono::Duration::minutes(1) < card.status_changed_at
+            {
+                let error = ApiError::precondition(
+                    "DECISION_PREDATES_LOSS_REPORT",
+                    "the withdrawal was decided before the loss report now standing was made",
+                );
+                return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+            }
             match card.status {
                 StoredCardStatus::Revoked => {
                     let error = ApiError::Refused(RefusalReason::LossReportFinal);
@@ -324,6 +356,12 @@ impl Registry {
                 }
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
                 return Err(self.refuse(ACTION, subject, detail, error).await);
+            }
+            let holder = normalised(&d.card.id_number);
+            for card in self.repo.active_cards_of(&holder).await? {
+                if let Err(error) = Self::signed_by_holder_bureau(&card, &signed) {
+                    return Err(self.refuse(ACTION, subject, detail, error).await);
+                }
             }
             if self.repo.card(&card_serial).await?.is_some() {
                 let error = ApiError::precondition(
@@ -411,7 +449,7 @@ impl Registry {
         let mut hits = self.repo.hits(home_bureau_id, offset, size + 1).await?;
         let next = if hits.len() as u64 > size {
             hits.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-            Some(offset + size)
+            Some(offset.saturating_add(size))
         } else {
             None
         };
