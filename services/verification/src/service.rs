@@ -76,6 +76,9 @@ pub struct Facts<'a> {
     pub jurisdiction: &'a [String],
     /// Open ISSUE_CARD applications of the citizen other than this one (K5).
     pub other_open_applications: usize,
+    /// The six-digit address code of the lodging station (its directory `region`); empty when unknown,
+    /// which counts as a different place.
+    pub station_region: &'a str,
     pub today: NaiveDate,
 }
 
@@ -106,17 +109,27 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
     if !matcher.match_fingerprint(&input.live_fingerprint, &citizen.fingerprint_template).matched {
         return Err(RefusalReason::FingerprintMismatch);
     }
+    // Rules 4 and 5 are refusals "in a different place" (S3, K4): outside the registration province.
+    let different_place = !facts.station_region.starts_with(&citizen.registration_province);
     // 4. S3: credit record.
-    if citizen.credit == Credit::Bad {
+    if different_place && citizen.credit == Credit::Bad {
         return Err(RefusalReason::BadCreditRecord);
     }
     // 5. K4: a first application is never accepted in a different place.
-    let Some(current) = citizen.current_card_serial.as_deref() else {
+    if different_place && citizen.current_card_serial.is_none() {
         return Err(RefusalReason::FirstApplication);
-    };
-    // 6. The card named, if any, is the current one (a citizen rarely knows a lost card's serial).
-    if !input.card_serial.is_empty() && current != input.card_serial {
-        return Err(RefusalReason::CardNotCurrent);
+    }
+    // 6. The card named, if any, is the current one (a citizen rarely knows a lost card's serial). A
+    // loss report or withdrawal concerns the current card, so a citizen without one has nothing to
+    // report or find.
+    match citizen.current_card_serial.as_deref() {
+        Some(current) if !input.card_serial.is_empty() && current != input.card_serial => {
+            return Err(RefusalReason::CardNotCurrent);
+        }
+        None if !input.card_serial.is_empty() || input.purpose != DecisionPurpose::IssueCard => {
+            return Err(RefusalReason::CardNotCurrent);
+        }
+        _ => {}
     }
     // 7. K5 and K2.
     if input.purpose == DecisionPurpose::IssueCard {
@@ -232,8 +245,19 @@ impl Verifier {
         } else {
             0
         };
-        let facts =
-            Facts { citizen: citizen.as_ref(), jurisdiction: &self.jurisdiction, other_open_applications, today };
+        // The station was checked against the directory at validation; unknown counts as a different place.
+        let station_region = self
+            .directory
+            .get_with_role(&input.station_id, Role::Intake)
+            .map(|station| station.region.as_str())
+            .unwrap_or_default();
+        let facts = Facts {
+            citizen: citizen.as_ref(),
+            jurisdiction: &self.jurisdiction,
+            other_open_applications,
+            station_region,
+            today,
+        };
         let masked = input.id_number.masked();
         let verdict = judge(input, &facts, self.matcher.as_ref());
         let (citizen, registry_id) = match (verdict, citizen.as_ref(), registry_id) {
@@ -350,8 +374,10 @@ impl Verifier {
                     &current,
                     issued_at,
                 );
-                // K1: a replacement files the loss report too.
-                let loss = if input.kind == Some(ApplicationKind::Replacement) {
+                // K1: a replacement files the loss report too (if there is a card to lose: a first
+                // card, accepted only at home, has none).
+                let loss = if input.kind == Some(ApplicationKind::Replacement) && citizen.current_card_serial.is_some()
+                {
                     Some(self.decision(
                         input,
                         DecisionPurpose::ReportLoss,
@@ -583,12 +609,23 @@ mod tests {
         }
     }
 
+    /// Judged for a station in Hangzhou (Zhejiang): a different place for this Jiangxi citizen.
     fn judge_with(input: &VerifyInput, citizen: &Citizen, open: usize) -> Result<(), RefusalReason> {
+        judge_at("330106", input, citizen, open)
+    }
+
+    fn judge_at(
+        station_region: &str,
+        input: &VerifyInput,
+        citizen: &Citizen,
+        open: usize,
+    ) -> Result<(), RefusalReason> {
         let jurisdiction = vec!["36".to_owned()];
         let facts = Facts {
             citizen: Some(citizen),
             jurisdiction: &jurisdiction,
             other_open_applications: open,
+            station_region,
             today: today(),
         };
         judge(input, &facts, &SimulatedMatcher::default())
@@ -607,7 +644,13 @@ mod tests {
         let request = input(DecisionPurpose::ReportLoss, Some(ApplicationKind::LossReport));
         assert_eq!(judge_with(&request, &other, 0), Err(RefusalReason::UnknownCitizen));
         let jurisdiction = vec!["36".to_owned()];
-        let facts = Facts { citizen: None, jurisdiction: &jurisdiction, other_open_applications: 0, today: today() };
+        let facts = Facts {
+            citizen: None,
+            jurisdiction: &jurisdiction,
+            other_open_applications: 0,
+            station_region: "330106",
+            today: today(),
+        };
         assert_eq!(judge(&request, &facts, &SimulatedMatcher::default()), Err(RefusalReason::UnknownCitizen));
     }
 
@@ -677,6 +720,27 @@ mod tests {
         c.current_card_serial = None;
         let request = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Replacement));
         assert_eq!(judge_with(&request, &c, 0), Err(RefusalReason::FirstApplication));
+    }
+
+    #[test]
+    fn s3_bad_credit_and_k4_first_application_are_refusals_in_a_different_place_only() {
+        let mut c = citizen();
+        c.credit = Credit::Bad;
+        let request = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Replacement));
+        assert_eq!(judge_at("330106", &request, &c, 0), Err(RefusalReason::BadCreditRecord));
+        assert_eq!(judge_at("", &request, &c, 0), Err(RefusalReason::BadCreditRecord), "unknown region: not home");
+        assert_eq!(judge_at("360102", &request, &c, 0), Ok(()), "at home in Jiangxi");
+        c.credit = Credit::Good;
+        c.current_card_serial = None;
+        let mut first = input(DecisionPurpose::IssueCard, Some(ApplicationKind::Replacement));
+        first.card_serial.clear();
+        assert_eq!(judge_at("330106", &first, &c, 0), Err(RefusalReason::FirstApplication));
+        assert_eq!(judge_at("360102", &first, &c, 0), Ok(()));
+        // At home too, a citizen without a card has no card to name, report lost or find.
+        assert_eq!(judge_at("360102", &request, &c, 0), Err(RefusalReason::CardNotCurrent));
+        let mut loss = input(DecisionPurpose::ReportLoss, Some(ApplicationKind::LossReport));
+        loss.card_serial.clear();
+        assert_eq!(judge_at("360102", &loss, &c, 0), Err(RefusalReason::CardNotCurrent));
     }
 
     #[test]

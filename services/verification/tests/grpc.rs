@@ -18,6 +18,8 @@ use yidi_verification::config::VerificationConfig;
 
 const HOME: &str = "home-jiangxi";
 const STATION: &str = "station-hangzhou";
+/// A station in Nanchang, Jiangxi: at home for the Jiangxi-registered population.
+const LOCAL_STATION: &str = "station-nanchang";
 const PRODUCER: &str = "producer-zhejiang";
 const REGISTRY: &str = "registry-national";
 
@@ -163,6 +165,7 @@ impl Fixture {
             bureaus: vec![
                 entry(STATION, Role::Intake, &[], "330106", String::new()),
                 entry("station-other", Role::Intake, &[], "330102", String::new()),
+                entry(LOCAL_STATION, Role::Intake, &[], "360102", String::new()),
                 entry(HOME, Role::Verification, &["36"], "", encode_public_key(&key.verifying_key())),
                 entry("home-sichuan", Role::Verification, &["51"], "", encode_public_key(&other.verifying_key())),
                 entry(PRODUCER, Role::Issuance, &[], "", String::new()),
@@ -500,6 +503,26 @@ async fn s3_a_cancelled_registration_and_a_bad_credit_record_are_refused() {
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'record_death'").await, 2);
     assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'record_credit_status'").await, 2);
+}
+
+#[tokio::test]
+async fn s3_bad_credit_is_no_refusal_at_a_station_of_the_home_province() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let request = issue("app-home", &bad_credit(), pb::ApplicationKind::Replacement, "JX-0008");
+    let away = server.client.verify(issue("app-away", &bad_credit(), pb::ApplicationKind::Replacement, "JX-0008"));
+    assert_eq!(refusal(&away.await.unwrap().into_inner()), pb::RefusalReason::BadCreditRecord);
+    let response = server
+        .client
+        .verify(pb::VerifyRequest { station_id: LOCAL_STATION.into(), ..request })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refusal(&response), pb::RefusalReason::Unspecified);
+    let decision = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap();
+    assert_eq!(decision.decision.station_id, LOCAL_STATION);
+    assert!(response.loss_decision.is_some(), "K1: the replacement files the loss report");
+    server.stop().await;
 }
 
 #[tokio::test]
