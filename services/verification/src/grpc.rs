@@ -246,13 +246,20 @@ impl Verification for VerificationApi {
         {
             v.add("final_state", "must be APPLICATION_STATE_COLLECTED or APPLICATION_STATE_CANCELLED");
         }
-        let new_card_serial = v.bounded("new_card_serial", &request.new_card_serial, MAX_ID_LEN);
+        let station_id = v.required("station_id", &request.station_id, MAX_ID_LEN);
+        let new_card_serial = if final_state == Some(ApplicationState::Collected) {
+            // The card handed over becomes the citizen's current card.
+            v.required("new_card_serial", &request.new_card_serial, MAX_ID_LEN)
+        } else {
+            v.bounded("new_card_serial", &request.new_card_serial, MAX_ID_LEN)
+        };
         v.finish()?;
-        let (Some(application_id), Some(final_state)) = (application_id, final_state) else {
+        let (Some(application_id), Some(station_id), Some(final_state)) = (application_id, station_id, final_state)
+        else {
             return Err(ApiError::Internal("validation left a field unset".into()).into());
         };
         let serial = new_card_serial.filter(|s| !s.is_empty());
-        let closed = self.verifier.close_application(application_id, final_state, serial).await?;
+        let closed = self.verifier.close_application(application_id, station_id, final_state, serial).await?;
         Ok(Response::new(pb::CloseApplicationResponse { closed }))
     }
 }

@@ -505,10 +505,12 @@ impl Verifier {
         Ok(now)
     }
 
-    /// K5: the application ended; for a collection the new card becomes the current one.
+    /// K5: the application ended; for a collection the new card becomes the current one. Only the
+    /// station that lodged the application may close it.
     pub async fn close_application(
         &self,
         application_id: &str,
+        station_id: &str,
         final_state: ApplicationState,
         new_card_serial: Option<&str>,
     ) -> Result<bool, ApiError> {
@@ -518,6 +520,13 @@ impl Verifier {
             .verification(application_id, DecisionPurpose::IssueCard)
             .await?
             .ok_or_else(|| ApiError::not_found("application", application_id))?;
+        if row.station_id != station_id {
+            tracing::warn!(application_id, station_id, "close refused: not the lodging station");
+            return Err(ApiError::precondition(
+                "NOT_THE_LODGING_STATION",
+                format!("application {application_id} was not lodged at station {station_id}"),
+            ));
+        }
         // Lock the citizen's row (PostgreSQL) before changing anything of theirs.
         tx.citizen_for_update(&row.id_number).await?;
         let state = final_state.as_str();
@@ -544,7 +553,7 @@ impl Verifier {
             ));
         }
         let masked = mask::mask_id_number(&row.id_number);
-        let mut detail = format!("application {application_id} {state}");
+        let mut detail = format!("application {application_id} {state} by station {station_id}");
         if let (ApplicationState::Collected, Some(serial)) = (final_state, new_card_serial) {
             tx.set_current_card(&row.id_number, serial, row.valid_from, row.valid_until, now).await?;
             detail.push_str(&format!("; current card is now {serial}"));

@@ -578,9 +578,29 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
     assert_eq!(err.code(), Code::NotFound);
     let err = server.client.close_application(close("app-a", pb::ApplicationState::Approved, "")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // COLLECTED names the card handed over; the station is required.
+    let err = server.client.close_application(close("app-a", pb::ApplicationState::Collected, " ")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("new_card_serial:"), "{}", err.message());
+    let anonymous = pb::CloseApplicationRequest {
+        station_id: String::new(),
+        ..close("app-a", pb::ApplicationState::Cancelled, "")
+    };
+    let err = server.client.close_application(anonymous).await.unwrap_err();
+    assert!(err.message().contains("station_id:"), "{}", err.message());
+    // Only the lodging station closes: another station can neither cancel nor collect it.
+    for state in [pb::ApplicationState::Cancelled, pb::ApplicationState::Collected] {
+        let other =
+            pb::CloseApplicationRequest { station_id: "station-other".into(), ..close("app-a", state, "JX-6666") };
+        let err = server.client.close_application(other).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(String::from_utf8_lossy(err.details()).contains("NOT_THE_LODGING_STATION"), "{err:?}");
+    }
     let collected = close("app-a", pb::ApplicationState::Collected, "JX-1001");
     assert!(server.client.close_application(collected.clone()).await.unwrap().into_inner().closed);
-    assert!(server.client.close_application(collected).await.unwrap().into_inner().closed, "idempotent");
+    assert!(server.client.close_application(collected.clone()).await.unwrap().into_inner().closed, "idempotent");
+    let other = pb::CloseApplicationRequest { station_id: LOCAL_STATION.into(), ..collected };
+    assert_eq!(server.client.close_application(other).await.unwrap_err().code(), Code::FailedPrecondition);
     let err = server.client.close_application(close("app-a", pb::ApplicationState::Cancelled, "")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
