@@ -96,8 +96,9 @@ impl Repo {
             .await
     }
 
-    /// Applications the worker may have something to do for: not final, or final but the home
-    /// bureau not yet told; halted ones are left to operators.
+    /// Applications the worker may have something to do for: not final and not halted (halted
+    /// ones are left to operators), or collected/cancelled with the home bureau not yet told
+    /// (halted or not: telling the home bureau is always retried).
     pub async fn pending(&self) -> Result<Vec<application::Model>, DbErr> {
         let open: Vec<&str> = [
             ApplicationState::Received,
@@ -110,13 +111,18 @@ impl Repo {
         .collect();
         let closing = [ApplicationState::Collected.as_str(), ApplicationState::Cancelled.as_str()];
         application::Entity::find()
-            .filter(application::Column::Halted.eq(false))
             .filter(
-                Condition::any().add(application::Column::State.is_in(open)).add(
-                    Condition::all()
-                        .add(application::Column::State.is_in(closing))
-                        .add(application::Column::HomeNotified.eq(false)),
-                ),
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(application::Column::State.is_in(open))
+                            .add(application::Column::Halted.eq(false)),
+                    )
+                    .add(
+                        Condition::all()
+                            .add(application::Column::State.is_in(closing))
+                            .add(application::Column::HomeNotified.eq(false)),
+                    ),
             )
             .order_by(application::Column::CreatedAt, Order::Asc)
             .all(&self.db)
@@ -178,22 +184,25 @@ impl Repo {
     }
 
     /// Records a failed call to a peer: attempts + 1, the error, when to try again, and whether
-    /// to stop retrying.
+    /// to stop retrying; only if the row is still in `ran_in`, the state the failing step ran in
+    /// (a cancel meanwhile must not be marked with the failure, nor halted).
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_failure(
         &self,
-        current: &application::Model,
+        application_id: &str,
+        ran_in: ApplicationState,
+        attempts: i32,
         error: &str,
         next_attempt_at: Option<DateTime<Utc>>,
         halt: bool,
         now: DateTime<Utc>,
     ) -> Result<bool, DbErr> {
         let mut changes = empty_changes();
-        changes.attempts = Set(current.attempts.saturating_add(1));
+        changes.attempts = Set(attempts);
         changes.last_error = Set(Some(error.chars().take(1000).collect()));
         changes.next_attempt_at = Set(next_attempt_at);
         changes.halted = Set(halt);
-        let state = ApplicationState::parse(&current.state).unwrap_or(ApplicationState::Received);
-        self.update_in_state(&current.application_id, state, changes, None, now).await
+        self.update_in_state(application_id, ran_in, changes, None, now).await
     }
 }
 

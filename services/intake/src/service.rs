@@ -378,6 +378,11 @@ impl Intake {
             let mut changes = repo::changes();
             // The home bureau has heard of it (and keeps it open, K5) unless it never left the station.
             changes.home_notified = Set(state == ApplicationState::Received || !kind.makes_a_card());
+            // A halted application is taken off the operators' list; the worker only closes it now.
+            changes.halted = Set(false);
+            changes.attempts = Set(0);
+            changes.last_error = Set(None);
+            changes.next_attempt_at = Set(None);
             let masked = mask_id_number(&model.id_number);
             let applied = self
                 .inner

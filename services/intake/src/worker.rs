@@ -133,7 +133,10 @@ async fn drive(intake: &Intake, id: &str) -> Option<Duration> {
                 return Some(backoff(1));
             }
         };
-        if model.halted {
+        let closing = !model.home_notified
+            && ApplicationState::parse(&model.state)
+                .is_some_and(|s| matches!(s, ApplicationState::Collected | ApplicationState::Cancelled));
+        if model.halted && !closing {
             return None;
         }
         match step(intake, &model).await {
@@ -152,11 +155,20 @@ async fn drive(intake: &Intake, id: &str) -> Option<Duration> {
                     Failure::Halt(message) => (message, true),
                     Failure::Database(_) => (String::new(), false),
                 };
+                let Ok(ran_in) = parse_kind_state(&model).map(|(_, state)| state) else {
+                    return Some(backoff(1));
+                };
                 let current = match intake.inner.repo.get(id).await {
                     Ok(Some(current)) => current,
                     _ => return Some(backoff(1)),
                 };
-                let delay = backoff(current.attempts.saturating_add(1));
+                if current.state != model.state {
+                    // Moved on meanwhile (e.g. cancelled): the failure is of a step no longer due.
+                    tracing::info!(application_id = %id, error = %message, "step failed but the application moved on");
+                    return None;
+                }
+                let attempts = current.attempts.saturating_add(1);
+                let delay = backoff(attempts);
                 let next =
                     (!halt).then(|| intake.clock().now() + chrono::Duration::from_std(delay).unwrap_or_default());
                 if halt {
@@ -164,9 +176,14 @@ async fn drive(intake: &Intake, id: &str) -> Option<Duration> {
                 } else {
                     tracing::info!(application_id = %id, error = %message, ?delay, "peer call failed; will retry");
                 }
-                match intake.inner.repo.record_failure(&current, &message, next, halt, intake.clock().now()).await {
+                let recorded = intake
+                    .inner
+                    .repo
+                    .record_failure(id, ran_in, attempts, &message, next, halt, intake.clock().now())
+                    .await;
+                match recorded {
                     Ok(true) => intake.publish(id).await,
-                    Ok(false) => {}
+                    Ok(false) => return None,
                     Err(error) => {
                         tracing::warn!(application_id = %id, %error, "could not record a failure")
                     }
@@ -458,7 +475,8 @@ async fn close(intake: &Intake, model: &application::Model, state: ApplicationSt
         Ok(_) => {}
         // The home bureau never opened it: nothing to close.
         Err(error) if error.code() == Some(tonic::Code::NotFound) => {}
-        Err(error) => return Err(from_peer(error)),
+        // Telling the home bureau is never given up (K5 keeps the application open there).
+        Err(error) => return Err(Failure::Retry(error.to_string())),
     }
     let mut changes = progress_changes();
     changes.home_notified = Set(true);

@@ -51,6 +51,8 @@ fn register_fingerprint() -> Vec<u8> {
 struct FakeState {
     refusal: Mutex<Option<pb::RefusalReason>>,
     hold_verify: AtomicBool,
+    /// Verify answers this status instead of an answer.
+    verify_error: Mutex<Option<Code>>,
     /// While set, PlaceOrder and ReportLoss do not answer.
     hold_order: AtomicBool,
     hold_loss: AtomicBool,
@@ -118,6 +120,9 @@ impl pb::verification_server::Verification for Fakes {
         self.state.verify_provinces.lock().unwrap().push(request.declared_province.clone());
         if self.state.hold_verify.load(Ordering::SeqCst) {
             self.state.release_verify.notified().await;
+        }
+        if let Some(code) = *self.state.verify_error.lock().unwrap() {
+            return Err(Status::new(code, "fake failure"));
         }
         if let Some(reason) = *self.state.refusal.lock().unwrap() {
             return Ok(Response::new(pb::VerifyResponse { refusal_reason: reason as i32, ..Default::default() }));
@@ -757,6 +762,82 @@ async fn k3_a_loss_report_being_filed_is_no_longer_cancellable() {
     h.fakes.hold_loss.store(false, Ordering::SeqCst);
     let recorded = h.wait_for(&id, "loss recorded", |a| a.loss_recorded).await;
     assert_eq!(recorded.state, pb::ApplicationState::Approved as i32);
+    h.stop().await;
+}
+
+async fn wait_closed(h: &Harness, id: &str) -> Vec<(String, i32, String)> {
+    for _ in 0..250 {
+        if h.fakes.closed.lock().unwrap().iter().any(|c| c.0 == id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.fakes.closed.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn k5_a_halted_application_cancelled_is_still_closed_at_the_home_bureau() {
+    let mut h = Harness::start(NATIONAL).await;
+    *h.fakes.verify_error.lock().unwrap() = Some(Code::PermissionDenied);
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let id = h
+        .client
+        .submit_application(submit(ApplicationKind::Renewal, person))
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap()
+        .application_id;
+    let halted = h.wait_for(&id, "halted", |a| !a.last_error.is_empty()).await;
+    assert_eq!(halted.state, pb::ApplicationState::Verifying as i32);
+    let cancelled = h
+        .client
+        .cancel_application(pb::CancelApplicationRequest { application_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap();
+    assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
+    assert!(cancelled.last_error.is_empty(), "the error is cleared: {cancelled:?}");
+    let closed = wait_closed(&h, &id).await;
+    assert_eq!(closed, vec![(id.clone(), pb::ApplicationState::Cancelled as i32, String::new())]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn k5_a_failure_after_a_cancel_does_not_mark_the_cancelled_application() {
+    let mut h = Harness::start(NATIONAL).await;
+    h.fakes.hold_verify.store(true, Ordering::SeqCst);
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let id = h
+        .client
+        .submit_application(submit(ApplicationKind::Renewal, person))
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap()
+        .application_id;
+    let cancelled = h
+        .client
+        .cancel_application(pb::CancelApplicationRequest { application_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap();
+    assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
+    // The home bureau now fails definitively for the step that ran before the cancel.
+    *h.fakes.verify_error.lock().unwrap() = Some(Code::PermissionDenied);
+    h.fakes.hold_verify.store(false, Ordering::SeqCst);
+    h.fakes.release_verify.notify_waiters();
+    let closed = wait_closed(&h, &id).await;
+    assert_eq!(closed, vec![(id.clone(), pb::ApplicationState::Cancelled as i32, String::new())]);
+    let after = h.get(&id).await;
+    assert_eq!(after.state, pb::ApplicationState::Cancelled as i32);
+    assert!(after.last_error.is_empty(), "{after:?}");
     h.stop().await;
 }
 
