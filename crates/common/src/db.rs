@@ -21,8 +21,12 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
         .sqlx_logging(false);
     let db = Database::connect(options).await?;
     if db.get_database_backend() == DbBackend::Sqlite {
-        // WAL lets readers run beside the writer; the busy timeout queues writers instead of failing.
-        db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;").await?;
+        // WAL lets readers run beside the writer. journal_mode=WAL is persistent (stored in the database
+        // file), so setting it once through any one pooled connection covers them all. Per-connection
+        // pragmas would not: this statement reaches only one connection of the pool. They are not needed
+        // either: sqlx opens every connection with foreign_keys=ON and a busy timeout (5 s by default)
+        // that queues writers instead of failing them.
+        db.execute_unprepared("PRAGMA journal_mode=WAL;").await?;
     }
     Ok(db)
 }
