@@ -56,6 +56,28 @@ pub fn backoff(attempts: i32) -> Duration {
     Duration::from_millis(500u64.saturating_mul(1u64 << exponent)).min(Duration::from_secs(30))
 }
 
+/// Between polls of an order still in production: from 1 s, doubling, at most 30 s.
+pub fn poll_interval(polls: u32) -> Duration {
+    Duration::from_secs(1u64 << polls.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
+/// What a step left to do.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Something changed; there may be more to do now.
+    More,
+    /// Nothing to do until something else changes it.
+    Idle,
+    /// Waiting on a peer (an order in production): ask again later, less often each time.
+    Poll,
+}
+
+impl From<bool> for Next {
+    fn from(changed: bool) -> Self {
+        if changed { Self::More } else { Self::Idle }
+    }
+}
+
 /// Removes the application from the in-flight set when its task ends (or is aborted).
 struct InFlight {
     set: Arc<Mutex<HashSet<String>>>,
@@ -73,6 +95,7 @@ impl Drop for InFlight {
 pub async fn run(intake: Intake, tick: Duration) {
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let retry_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let polls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let mut tasks = JoinSet::new();
     let shutdown = intake.inner.shutdown.clone();
     loop {
@@ -106,9 +129,10 @@ pub async fn run(intake: Intake, tick: Duration) {
             let guard = InFlight { set: in_flight.clone(), id: id.clone() };
             let intake = intake.clone();
             let retry_at = retry_at.clone();
+            let polls = polls.clone();
             tasks.spawn(async move {
                 let _guard = guard;
-                let delay = drive(&intake, &id).await;
+                let delay = drive(&intake, &id, &polls).await;
                 if let Ok(mut retry_at) = retry_at.lock() {
                     match delay {
                         Some(delay) => retry_at.insert(id, Instant::now() + delay),
@@ -123,31 +147,51 @@ pub async fn run(intake: Intake, tick: Duration) {
 }
 
 /// Advances one application as far as it goes now. Returns a retry delay after a failure.
-async fn drive(intake: &Intake, id: &str) -> Option<Duration> {
-    loop {
+async fn drive(intake: &Intake, id: &str, polls: &Mutex<HashMap<String, u32>>) -> Option<Duration> {
+    let outcome = drive_once(intake, id).await;
+    let Ok(mut polls) = polls.lock() else {
+        return outcome.unwrap_or(Some(poll_interval(1)));
+    };
+    match outcome {
+        Ok(delay) => {
+            polls.remove(id);
+            delay
+        }
+        Err(()) => {
+            let count = polls.entry(id.to_owned()).or_default();
+            *count = count.saturating_add(1);
+            Some(poll_interval(*count))
+        }
+    }
+}
+
+/// Advances one application as far as it goes now. `Err(())`: waiting on an order.
+async fn drive_once(intake: &Intake, id: &str) -> Result<Option<Duration>, ()> {
+    Ok(loop {
         let model = match intake.inner.repo.get(id).await {
             Ok(Some(model)) => model,
-            Ok(None) => return None,
+            Ok(None) => return Ok(None),
             Err(error) => {
                 tracing::warn!(application_id = %id, %error, "worker could not read the application");
-                return Some(backoff(1));
+                return Ok(Some(backoff(1)));
             }
         };
         let closing = !model.home_notified
             && ApplicationState::parse(&model.state)
                 .is_some_and(|s| matches!(s, ApplicationState::Collected | ApplicationState::Cancelled));
         if model.halted && !closing {
-            return None;
+            return Ok(None);
         }
         match step(intake, &model).await {
-            Ok(true) => {
+            Ok(Next::More) => {
                 intake.publish(id).await;
                 continue;
             }
-            Ok(false) => return None,
+            Ok(Next::Idle) => return Ok(None),
+            Ok(Next::Poll) => return Err(()),
             Err(Failure::Database(error)) => {
                 tracing::warn!(application_id = %id, %error, "database error while advancing");
-                return Some(backoff(1));
+                return Ok(Some(backoff(1)));
             }
             Err(failure) => {
                 let (message, halt) = match failure {
@@ -156,16 +200,16 @@ async fn drive(intake: &Intake, id: &str) -> Option<Duration> {
                     Failure::Database(_) => (String::new(), false),
                 };
                 let Ok(ran_in) = parse_kind_state(&model).map(|(_, state)| state) else {
-                    return Some(backoff(1));
+                    return Ok(Some(backoff(1)));
                 };
                 let current = match intake.inner.repo.get(id).await {
                     Ok(Some(current)) => current,
-                    _ => return Some(backoff(1)),
+                    _ => return Ok(Some(backoff(1))),
                 };
                 if current.state != model.state {
                     // Moved on meanwhile (e.g. cancelled): the failure is of a step no longer due.
                     tracing::info!(application_id = %id, error = %message, "step failed but the application moved on");
-                    return None;
+                    return Ok(None);
                 }
                 let attempts = current.attempts.saturating_add(1);
                 let delay = backoff(attempts);
@@ -183,15 +227,15 @@ async fn drive(intake: &Intake, id: &str) -> Option<Duration> {
                     .await;
                 match recorded {
                     Ok(true) => intake.publish(id).await,
-                    Ok(false) => return None,
+                    Ok(false) => return Ok(None),
                     Err(error) => {
                         tracing::warn!(application_id = %id, %error, "could not record a failure")
                     }
                 }
-                return (!halt).then_some(delay);
+                break (!halt).then_some(delay);
             }
         }
-    }
+    })
 }
 
 /// Clears the error bookkeeping after progress.
@@ -204,7 +248,7 @@ fn progress_changes() -> application::ActiveModel {
 }
 
 /// One step. `Ok(true)`: something changed and there may be more to do.
-async fn step(intake: &Intake, model: &application::Model) -> Result<bool, Failure> {
+async fn step(intake: &Intake, model: &application::Model) -> Result<Next, Failure> {
     let (kind, state) = parse_kind_state(model)?;
     let inner = &intake.inner;
     let now = || intake.clock().now();
@@ -224,17 +268,27 @@ async fn step(intake: &Intake, model: &application::Model) -> Result<bool, Failu
                 },
                 now(),
             )
-            .await?),
-        ApplicationState::Verifying => verify(intake, model, kind).await,
+            .await?
+            .into()),
+        ApplicationState::Verifying => verify(intake, model, kind).await.map(Next::from),
         ApplicationState::Approved if !is_final(kind, state, model.loss_recorded) => {
-            approved(intake, model, kind).await
+            approved(intake, model, kind).await.map(Next::from)
         }
-        ApplicationState::InProduction if model.order_id.is_none() => place_order(intake, model).await,
+        ApplicationState::InProduction if model.order_id.is_none() => place_order(intake, model).await.map(Next::from),
         ApplicationState::InProduction => {
             let order_id = model.order_id.clone().unwrap_or_default();
             let order = inner.peers.get_order(&inner.station.producer_id, &order_id, "").await.map_err(from_peer)?;
             if order.state != pb::OrderState::Dispatched as i32 {
-                return Ok(false);
+                // Show why it waits (or that it no longer has trouble) on the application.
+                let error = Some(order.last_error.clone()).filter(|e| !e.is_empty());
+                if error != model.last_error {
+                    let mut changes = progress_changes();
+                    changes.last_error = Set(error.map(|e| e.chars().take(1000).collect()));
+                    if inner.repo.update_in_state(id, ApplicationState::InProduction, changes, None, now()).await? {
+                        intake.publish(id).await;
+                    }
+                }
+                return Ok(Next::Poll);
             }
             let mut changes = progress_changes();
             if !order.card_serial.is_empty() {
@@ -254,13 +308,14 @@ async fn step(intake: &Intake, model: &application::Model) -> Result<bool, Failu
                     },
                     now(),
                 )
-                .await?)
+                .await?
+                .into())
         }
         ApplicationState::Collected | ApplicationState::Cancelled if !model.home_notified => {
             close(intake, model, state).await?;
-            Ok(false)
+            Ok(Next::Idle)
         }
-        _ => Ok(false),
+        _ => Ok(Next::Idle),
     }
 }
 
@@ -496,5 +551,14 @@ mod tests {
         assert_eq!(backoff(3), Duration::from_millis(2000));
         assert_eq!(backoff(10), Duration::from_secs(30));
         assert_eq!(backoff(1000), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn orders_are_polled_from_one_second_up_to_thirty() {
+        assert_eq!(poll_interval(1), Duration::from_secs(1));
+        assert_eq!(poll_interval(2), Duration::from_secs(2));
+        assert_eq!(poll_interval(5), Duration::from_secs(16));
+        assert_eq!(poll_interval(6), Duration::from_secs(30));
+        assert_eq!(poll_interval(u32::MAX), Duration::from_secs(30));
     }
 }

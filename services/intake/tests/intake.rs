@@ -55,6 +55,8 @@ struct FakeState {
     verify_error: Mutex<Option<Code>>,
     /// While set, PlaceOrder and ReportLoss do not answer.
     hold_order: AtomicBool,
+    /// The producer's `last_error` on every order it answers.
+    order_error: Mutex<String>,
     hold_loss: AtomicBool,
     place_order_calls: AtomicUsize,
     report_loss_calls: AtomicUsize,
@@ -258,6 +260,7 @@ impl Fakes {
             station_id: STATION.into(),
             state: state as i32,
             card_serial: "NEW-0001".into(),
+            last_error: self.state.order_error.lock().unwrap().clone(),
             ..Default::default()
         }
     }
@@ -838,6 +841,29 @@ async fn k5_a_failure_after_a_cancel_does_not_mark_the_cancelled_application() {
     let after = h.get(&id).await;
     assert_eq!(after.state, pb::ApplicationState::Cancelled as i32);
     assert!(after.last_error.is_empty(), "{after:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn lifecycle_the_producers_trouble_is_visible_on_the_application() {
+    let mut h = Harness::start(NATIONAL).await;
+    *h.fakes.order_error.lock().unwrap() = "printer jammed".into();
+    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let id = h
+        .client
+        .submit_application(submit(ApplicationKind::Renewal, person))
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap()
+        .application_id;
+    let waiting = h.wait_for(&id, "the producer's error", |a| a.last_error == "printer jammed").await;
+    assert_eq!(waiting.state, pb::ApplicationState::InProduction as i32);
+    h.fakes.order_error.lock().unwrap().clear();
+    h.fakes.dispatched.store(true, Ordering::SeqCst);
+    let ready = h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
+    assert!(ready.last_error.is_empty(), "{ready:?}");
     h.stop().await;
 }
 
