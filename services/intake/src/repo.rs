@@ -6,7 +6,7 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use yidi_common::audit::{self, AuditEntry};
-use yidi_domain::ApplicationState;
+use yidi_domain::{ApplicationKind, ApplicationState};
 
 use crate::entities::{application, application_event};
 
@@ -96,10 +96,11 @@ impl Repo {
             .await
     }
 
-    /// Applications the worker may have something to do for: not final and not halted (halted
-    /// ones are left to operators), or collected/cancelled with the home bureau not yet told
-    /// (halted or not: telling the home bureau is always retried).
-    pub async fn pending(&self) -> Result<Vec<application::Model>, DbErr> {
+    /// Ids of the applications the worker may have something to do for, oldest first: open and
+    /// not halted (halted ones are left to operators; a recorded loss report is final), or
+    /// collected/cancelled with the home bureau not yet told (halted or not: telling the home
+    /// bureau is always retried). Final rows that need nothing are not read.
+    pub async fn pending(&self) -> Result<Vec<String>, DbErr> {
         let open: Vec<&str> = [
             ApplicationState::Received,
             ApplicationState::Verifying,
@@ -110,13 +111,19 @@ impl Repo {
         .map(|s| s.as_str())
         .collect();
         let closing = [ApplicationState::Collected.as_str(), ApplicationState::Cancelled.as_str()];
+        let recorded_loss_report = Condition::all()
+            .add(application::Column::Kind.eq(ApplicationKind::LossReport.as_str()))
+            .add(application::Column::LossRecorded.eq(true));
         application::Entity::find()
+            .select_only()
+            .column(application::Column::ApplicationId)
             .filter(
                 Condition::any()
                     .add(
                         Condition::all()
                             .add(application::Column::State.is_in(open))
-                            .add(application::Column::Halted.eq(false)),
+                            .add(application::Column::Halted.eq(false))
+                            .add(recorded_loss_report.not()),
                     )
                     .add(
                         Condition::all()
@@ -125,6 +132,7 @@ impl Repo {
                     ),
             )
             .order_by(application::Column::CreatedAt, Order::Asc)
+            .into_tuple::<String>()
             .all(&self.db)
             .await
     }
@@ -228,4 +236,73 @@ async fn insert_event<C: sea_orm::ConnectionTrait>(
 /// A fresh set of changes (nothing set).
 pub fn changes() -> application::ActiveModel {
     empty_changes()
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::Database;
+    use yidi_intake_migration::{Migrator, MigratorTrait};
+
+    use super::*;
+
+    fn row(id: &str, kind: ApplicationKind, state: ApplicationState, at: i64) -> application::Model {
+        let at = DateTime::from_timestamp(at, 0).unwrap_or_default();
+        application::Model {
+            application_id: id.into(),
+            kind: kind.as_str().into(),
+            state: state.as_str().into(),
+            id_number: "360102199003071243".into(),
+            declared_province: "36".into(),
+            home_bureau_id: "home-jiangxi".into(),
+            previous_card_serial: String::new(),
+            document_kind: "household_register_book".into(),
+            live_face_template: vec![1; 64],
+            live_fingerprint_template: vec![2; 64],
+            refusal_reason: None,
+            decision: None,
+            loss_decision: None,
+            loss_recorded: false,
+            order_id: None,
+            new_card_serial: None,
+            home_notified: false,
+            halted: false,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    #[tokio::test]
+    async fn pending_skips_final_rows_that_need_nothing_but_closes_halted_cancelled_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("pending.db").display());
+        let db = Database::connect(url).await.unwrap();
+        Migrator::up(&db, None).await.unwrap();
+        let repo = Repo::new(db);
+        use ApplicationKind as K;
+        use ApplicationState as S;
+        let mut rows = vec![
+            row("open", K::Renewal, S::Verifying, 1),
+            row("loss-filing", K::LossReport, S::Approved, 2),
+            row("refused", K::Renewal, S::Refused, 3),
+            row("ready", K::Renewal, S::ReadyForCollection, 4),
+        ];
+        let mut recorded = row("loss-recorded", K::LossReport, S::Approved, 5);
+        recorded.loss_recorded = true;
+        let mut halted = row("halted", K::Renewal, S::Verifying, 6);
+        halted.halted = true;
+        let mut halted_cancelled = row("halted-cancelled", K::Renewal, S::Cancelled, 7);
+        halted_cancelled.halted = true;
+        let mut told = row("told", K::Renewal, S::Collected, 8);
+        told.home_notified = true;
+        let mut replacement = row("replacement", K::Replacement, S::Approved, 9);
+        replacement.loss_recorded = true;
+        rows.extend([recorded, halted, halted_cancelled, told, replacement]);
+        for model in rows {
+            repo.insert_application(model, "test").await.unwrap();
+        }
+        assert_eq!(repo.pending().await.unwrap(), ["open", "loss-filing", "halted-cancelled", "replacement"]);
+    }
 }

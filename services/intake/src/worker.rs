@@ -112,9 +112,16 @@ pub async fn run(intake: Intake, tick: Duration) {
                 continue;
             }
         };
+        // Forget the timers of applications that no longer need anything.
+        let wanted: HashSet<&String> = pending.iter().collect();
+        if let Ok(mut retry_at) = retry_at.lock() {
+            retry_at.retain(|id, _| wanted.contains(id));
+        }
+        if let Ok(mut polls) = polls.lock() {
+            polls.retain(|id, _| wanted.contains(id));
+        }
         let now = Instant::now();
-        for model in pending {
-            let id = model.application_id.clone();
+        for id in pending {
             let due = retry_at.lock().map(|r| r.get(&id).is_none_or(|at| *at <= now)).unwrap_or(true);
             if !due {
                 continue;
