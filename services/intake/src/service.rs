@@ -187,12 +187,20 @@ impl Intake {
             Ok(home) => Ok(home),
             Err(reason) => {
                 tracing::info!(action, id = %applicant.id_number.masked(), reason = reason.code(), "refused at the counter");
-                self.inner
-                    .repo
-                    .audit(AuditEntry::new(action, applicant.id_number.masked(), "refused", reason.code()), self.now())
-                    .await?;
+                // The refusal is the answer even if its audit row cannot be written.
+                self.audit_or_log(AuditEntry::new(action, applicant.id_number.masked(), "refused", reason.code()))
+                    .await;
                 Err(ApiError::Refused(reason))
             }
+        }
+    }
+
+    /// Writes an audit row after the outcome is settled; a failure is logged, never returned,
+    /// so it cannot turn a done (or refused) action into an error.
+    async fn audit_or_log(&self, entry: AuditEntry) {
+        let (action, outcome) = (entry.action, entry.outcome.clone());
+        if let Err(error) = self.inner.repo.audit(entry, self.now()).await {
+            tracing::error!(%action, %outcome, %error, "could not write the audit row");
         }
     }
 
@@ -507,27 +515,20 @@ impl Intake {
                 .ok_or_else(|| {
                     ApiError::unavailable(&home.id, "answered neither a decision nor a known refusal reason")
                 })?;
-            self.inner.repo.audit(AuditEntry::new(ACTION, masked, "refused", reason.code()), self.now()).await?;
+            self.audit_or_log(AuditEntry::new(ACTION, masked, "refused", reason.code())).await;
             return Err(ApiError::Refused(reason).into());
         };
         let registry = self.inner.station.registry_id.clone();
         match self.inner.peers.withdraw_loss_report(&registry, decision).await {
+            // The registry has acted (or answered): its answer stands even if the audit write fails.
             Ok(response) => {
-                self.inner
-                    .repo
-                    .audit(AuditEntry::new(ACTION, masked, "withdrawn", format!("card {card_serial}")), self.now())
-                    .await?;
+                self.audit_or_log(AuditEntry::new(ACTION, masked, "withdrawn", format!("card {card_serial}"))).await;
                 tracing::info!(card = %card_serial, "loss report withdrawn");
                 Ok(response)
             }
             Err(error) => {
-                self.inner
-                    .repo
-                    .audit(
-                        AuditEntry::new(ACTION, masked, "failed", format!("card {card_serial}: {error}")),
-                        self.now(),
-                    )
-                    .await?;
+                self.audit_or_log(AuditEntry::new(ACTION, masked, "failed", format!("card {card_serial}: {error}")))
+                    .await;
                 Err(peer_error(error))
             }
         }
