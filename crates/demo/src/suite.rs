@@ -2,7 +2,7 @@
 //! database, on loopback; stops it cleanly (SIGTERM, exit code checked).
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -287,15 +287,7 @@ impl Suite {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// Kills a bureau at once (SIGKILL), as a crash would.
-    pub async fn kill(&mut self, process: Process) -> anyhow::Result<()> {
-        if let Some(mut child) = self.children.remove(&process) {
-            child.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// Starts a killed or stopped bureau again on the same port and database.
+    /// Starts a stopped bureau again on the same port and database.
     pub async fn restart(&mut self, process: Process) -> anyhow::Result<()> {
         // Same port as before: the configuration now names it.
         self.write_config(process)?;
@@ -333,14 +325,6 @@ impl Suite {
             database.drop().await?;
         }
         if failures.is_empty() { Ok(()) } else { bail!("{}", failures.join("; ")) }
-    }
-
-    pub fn options(&self) -> &SuiteOptions {
-        &self.options
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 
