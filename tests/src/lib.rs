@@ -84,7 +84,7 @@ pub async fn start(db: Db, date: &str, configure: impl FnOnce(&mut SuiteOptions)
 }
 
 impl TestSuite {
-    async fn channel(&self, process: Process) -> anyhow::Result<Channel> {
+    pub async fn channel(&self, process: Process) -> anyhow::Result<Channel> {
         Ok(tonic::transport::Endpoint::from_shared(self.suite.endpoint(process))?
             .timeout(Duration::from_secs(30))
             .connect()

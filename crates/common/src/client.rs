@@ -14,3 +14,23 @@ pub fn channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
         .tcp_nodelay(true)
         .connect_lazy())
 }
+
+/// Whether the server behind `channel` answers SERVING to the standard health check (a server
+/// still migrating its database answers NOT_SERVING; one not listening fails the call).
+pub async fn is_serving(channel: &Channel) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let answer = HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await;
+    answer.is_ok_and(|answer| answer.into_inner().status == ServingStatus::Serving as i32)
+}
+
+/// Waits until the server behind `channel` is SERVING; `false` if `within` passed first.
+pub async fn wait_until_serving(channel: &Channel, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if is_serving(channel).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

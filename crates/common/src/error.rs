@@ -66,6 +66,9 @@ pub enum ApiError {
     Decision(#[from] DecisionError),
     #[error("{peer} unavailable: {message}")]
     Unavailable { peer: String, message: String },
+    /// The service is listening but not ready (its database is being migrated).
+    #[error("{service} is starting: try again shortly")]
+    Starting { service: &'static str },
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     #[error("internal error: {0}")]
@@ -94,6 +97,7 @@ impl ApiError {
             Self::Refused(reason) => format!("REFUSAL_REASON_{}", reason.code()),
             Self::Decision(error) => error.code().into(),
             Self::Unavailable { .. } => "PEER_UNAVAILABLE".into(),
+            Self::Starting { .. } => "STARTING".into(),
             Self::Database(_) => "DATABASE".into(),
             Self::Internal(_) => "INTERNAL".into(),
         }
@@ -107,7 +111,7 @@ impl ApiError {
             Self::Decision(DecisionError::AlreadyUsed(_)) => Code::AlreadyExists,
             Self::Decision(DecisionError::Expired(_) | DecisionError::NotYetValid(_)) => Code::FailedPrecondition,
             Self::Decision(_) => Code::PermissionDenied,
-            Self::Unavailable { .. } => Code::Unavailable,
+            Self::Unavailable { .. } | Self::Starting { .. } => Code::Unavailable,
             Self::Database(_) | Self::Internal(_) => Code::Internal,
         }
     }

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod db;
 pub mod directory;
 pub mod error;
+pub mod health;
 pub mod population;
 pub mod scratch_db;
 pub mod server;

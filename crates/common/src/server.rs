@@ -1,8 +1,18 @@
 //! The gRPC server every service runs: its own service plus `grpc.health.v1.Health` and server
 //! reflection in both `v1` and `v1alpha` (grpcurl 1.8 speaks only v1alpha), with graceful shutdown.
-use std::{convert::Infallible, time::Duration};
+//!
+//! The server answers from the moment its port is bound: while the service starts (database
+//! migration, imports) health says NOT_SERVING and the service's own RPCs are UNAVAILABLE, so an
+//! orchestrator can tell "starting" from "dead" and no call waits in a listen backlog.
+use std::{
+    convert::Infallible,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::net::TcpListener;
+use futures::future::BoxFuture;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     body::Body,
@@ -10,9 +20,13 @@ use tonic::{
     server::NamedService,
     transport::Server,
 };
-use tower::Service;
+use tower::{Service, ServiceExt};
 
-use crate::shutdown::Shutdown;
+use crate::{
+    error::ApiError,
+    health::{HealthPhase, Phase, health_service},
+    shutdown::Shutdown,
+};
 
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
@@ -24,22 +38,57 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("the server task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
-/// Serves `service` on `listener` until `shutdown` triggers. Health answers SERVING while up and
-/// NOT_SERVING from the moment shutdown begins; in-flight calls then get `grace` to finish.
-pub async fn serve<S>(listener: TcpListener, service: S, shutdown: Shutdown, grace: Duration) -> Result<(), ServeError>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+/// What a gRPC service must be to be served.
+pub trait GrpcService:
+    Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
+    + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
         + NamedService
         + Clone
         + Send
         + Sync
-        + 'static,
-    S::Future: Send + 'static,
+        + 'static
 {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<S>().await;
+}
+
+/// A server that is listening but whose service is not ready yet.
+#[must_use = "a started server answers UNAVAILABLE until `serve` is given its service"]
+pub struct Starting<S> {
+    service: Arc<OnceLock<S>>,
+    health: HealthPhase,
+    shutdown: Shutdown,
+    /// `None` once `serve` has taken it; dropping an unserved `Starting` stops the server.
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl<S> std::fmt::Debug for Starting<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Starting").field("phase", &self.health.get()).finish_non_exhaustive()
+    }
+}
+
+/// Starts serving on `listener` at once, with health NOT_SERVING and the service answering
+/// UNAVAILABLE until [`Starting::serve`] hands it over. When `shutdown` triggers, health goes
+/// NOT_SERVING (health watches end after saying so), no new connection is taken, and calls in
+/// flight get `grace` to finish.
+pub fn start<S: GrpcService>(
+    listener: TcpListener,
+    shutdown: Shutdown,
+    grace: Duration,
+) -> Result<Starting<S>, ServeError> {
+    let (health, health_server) = health_service(S::NAME);
 
     // Every port advertises exactly what it serves; the rich-error types are registered so that
     // grpcurl can decode `google.rpc.BadRequest`/`ErrorInfo` details.
@@ -59,33 +108,258 @@ where
             });
         advertised.iter().fold(builder, |builder, name| builder.with_service_name(*name))
     };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let service = Arc::new(OnceLock::new());
     let address = listener.local_addr().ok();
-    tracing::info!(service = S::NAME, ?address, "serving");
+    tracing::info!(service = S::NAME, ?address, "listening; not serving until started");
     let drained = {
         let shutdown = shutdown.clone();
         let health = health.clone();
         async move {
             shutdown.wait().await;
-            health.set_not_serving::<S>().await;
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            health.set(Phase::Stopping);
             tracing::info!(service = S::NAME, "shutting down: draining in-flight calls");
         }
     };
     let server = Server::builder()
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .add_service(service)
+        .add_service(health_server)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(WhenReady { service: Arc::clone(&service) })
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained);
 
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result?,
-        () = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(service = S::NAME, "grace period over; dropping calls still in flight");
+    let task = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::pin!(server);
+            tokio::select! {
+                result = &mut server => result?,
+                () = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
+                    tracing::warn!(service = S::NAME, "grace period over; dropping calls still in flight");
+                }
+            }
+            Ok(())
+        })
+    };
+    Ok(Starting { service, health, shutdown, task: Some(task) })
+}
+
+impl<S: GrpcService> Starting<S> {
+    /// Hands the ready service over (health SERVING, unless shutdown has already begun) and serves
+    /// until shutdown has drained.
+    pub async fn serve(mut self, service: S) -> Result<(), ServeError> {
+        // A second `set` cannot happen: `serve` consumes the only handle.
+        let _ = self.service.set(service);
+        if !self.shutdown.is_triggered() {
+            self.health.set(Phase::Serving);
+            tracing::info!(service = S::NAME, "serving");
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
         }
     }
-    Ok(())
+
+    /// Stops the server after a failed start (dropping it does the same, without waiting).
+    pub async fn abandon(mut self) {
+        self.health.set(Phase::Stopping);
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl<S> Drop for Starting<S> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The service slot: UNAVAILABLE until the service is ready.
+struct WhenReady<S> {
+    service: Arc<OnceLock<S>>,
+}
+
+impl<S> Clone for WhenReady<S> {
+    fn clone(&self) -> Self {
+        Self { service: Arc::clone(&self.service) }
+    }
+}
+
+impl<S: NamedService> NamedService for WhenReady<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S: GrpcService> Service<Request<Body>> for WhenReady<S> {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        match self.service.get() {
+            Some(service) => Box::pin(service.clone().oneshot(request)),
+            None => {
+                let status = tonic::Status::from(ApiError::Starting { service: S::NAME });
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::SocketAddr;
+
+    use tonic::{Code, Request as GrpcRequest, Response as GrpcResponse, Status, transport::Channel};
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_types::StatusExt;
+    use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, issuance_server::IssuanceServer};
+
+    use super::*;
+
+    /// A stand-in service: `GetOrder` waits `delay`, then answers NOT_FOUND; the rest is
+    /// unimplemented.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct SlowIssuance {
+        pub delay: Duration,
+    }
+
+    #[tonic::async_trait]
+    impl pb::issuance_server::Issuance for SlowIssuance {
+        async fn place_order(
+            &self,
+            _: GrpcRequest<pb::PlaceOrderRequest>,
+        ) -> Result<GrpcResponse<pb::PlaceOrderResponse>, Status> {
+            Err(Status::unimplemented("test service"))
+        }
+
+        async fn get_order(
+            &self,
+            _: GrpcRequest<pb::GetOrderRequest>,
+        ) -> Result<GrpcResponse<pb::GetOrderResponse>, Status> {
+            tokio::time::sleep(self.delay).await;
+            Err(Status::not_found("no orders here"))
+        }
+
+        type WatchOrderStream = futures::stream::Empty<Result<pb::WatchOrderResponse, Status>>;
+
+        async fn watch_order(
+            &self,
+            _: GrpcRequest<pb::WatchOrderRequest>,
+        ) -> Result<GrpcResponse<Self::WatchOrderStream>, Status> {
+            Err(Status::unimplemented("test service"))
+        }
+    }
+
+    pub(crate) type TestService = IssuanceServer<SlowIssuance>;
+
+    async fn listener() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        (listener, address)
+    }
+
+    async fn channel(address: SocketAddr) -> Channel {
+        Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap()
+    }
+
+    async fn health_of(channel: &Channel, service: &str) -> Result<ServingStatus, Status> {
+        let answer = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest { service: service.into() })
+            .await?
+            .into_inner();
+        Ok(ServingStatus::try_from(answer.status).unwrap())
+    }
+
+    fn get_order() -> pb::GetOrderRequest {
+        pb::GetOrderRequest { order_id: "order-1".into(), ..Default::default() }
+    }
+
+    const ENOUGH: Duration = Duration::from_secs(5);
+
+    async fn next(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) -> Option<i32> {
+        let message = tokio::time::timeout(ENOUGH, watch.message()).await.expect("a health update in time");
+        message.expect("a healthy stream").map(|answer| answer.status)
+    }
+
+    #[tokio::test]
+    async fn health_is_not_serving_until_ready_serving_then_not_serving_at_shutdown() {
+        let (listener, address) = listener().await;
+        let (trigger, shutdown) = Shutdown::new();
+        let starting = start::<TestService>(listener, shutdown, ENOUGH).unwrap();
+        let channel = channel(address).await;
+
+        // Starting: health answers, the service does not yet.
+        assert_eq!(health_of(&channel, "").await.unwrap(), ServingStatus::NotServing);
+        assert_eq!(health_of(&channel, "yidi.v1.Issuance").await.unwrap(), ServingStatus::NotServing);
+        assert_eq!(health_of(&channel, "yidi.v1.Nothing").await.unwrap_err().code(), Code::NotFound);
+        let starting_error = IssuanceClient::new(channel.clone()).get_order(get_order()).await.unwrap_err();
+        assert_eq!(starting_error.code(), Code::Unavailable);
+        assert_eq!(starting_error.get_error_details().error_info().unwrap().reason, "STARTING");
+
+        let mut watch = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest { service: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing as i32));
+
+        let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance::default())));
+        assert_eq!(next(&mut watch).await, Some(ServingStatus::Serving as i32));
+        assert_eq!(health_of(&channel, "yidi.v1.Issuance").await.unwrap(), ServingStatus::Serving);
+        let served = IssuanceClient::new(channel.clone()).get_order(get_order()).await.unwrap_err();
+        assert_eq!(served.code(), Code::NotFound, "the service itself answers now");
+
+        trigger.trigger();
+        assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing as i32));
+        assert_eq!(next(&mut watch).await, None, "the health watch ends, so it cannot hold the shutdown");
+        tokio::time::timeout(ENOUGH, serving).await.expect("drained well within the grace").unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_calls_in_flight_finish_and_bounds_them_by_the_grace_period() {
+        for (delay, grace, finishes) in
+            [(Duration::from_millis(300), ENOUGH, true), (ENOUGH, Duration::from_millis(200), false)]
+        {
+            let (listener, address) = listener().await;
+            let (trigger, shutdown) = Shutdown::new();
+            let starting = start::<TestService>(listener, shutdown, grace).unwrap();
+            let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance { delay })));
+            let channel = channel(address).await;
+            let in_flight = tokio::spawn(async move { IssuanceClient::new(channel).get_order(get_order()).await });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+
+            let began = std::time::Instant::now();
+            trigger.trigger();
+            tokio::time::timeout(ENOUGH, serving).await.unwrap().unwrap().unwrap();
+            if finishes {
+                let answer = in_flight.await.unwrap().unwrap_err();
+                assert_eq!(answer.code(), Code::NotFound, "the call in flight got its answer: {answer:?}");
+            } else {
+                // In a process, returning from `serve` ends `main` and with it the stuck call.
+                assert!(began.elapsed() < Duration::from_secs(2), "bounded by the grace: {:?}", began.elapsed());
+                in_flight.abort();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_start_stops_listening() {
+        let (listener, address) = listener().await;
+        let (_trigger, shutdown) = Shutdown::new();
+        let starting = start::<TestService>(listener, shutdown, ENOUGH).unwrap();
+        starting.abandon().await;
+        let refused = Channel::from_shared(format!("http://{address}")).unwrap().connect().await;
+        assert!(refused.is_err(), "nothing listens after a failed start");
+    }
 }

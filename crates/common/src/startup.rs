@@ -7,13 +7,14 @@ use std::{future::Future, time::Duration};
 use anyhow::Context;
 use sea_orm::DatabaseConnection;
 use sea_orm_migration::MigratorTrait;
-use tokio::task::JoinHandle;
+use tokio::{net::TcpListener, task::JoinHandle};
 use yidi_domain::{Bureau, Directory, Role};
 
 use crate::{
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     db, directory,
+    server::{self, GrpcService, Starting},
     shutdown::Shutdown,
 };
 
@@ -28,7 +29,7 @@ pub struct Sections<'a> {
 
 /// A service ready to build its parts and serve.
 #[derive(Debug)]
-pub struct Prepared<T> {
+pub struct Prepared<S, T> {
     pub directory: Directory,
     pub clock: Clock,
     /// Connected and migrated; the service closes it once it has served.
@@ -37,6 +38,8 @@ pub struct Prepared<T> {
     pub shutdown: Shutdown,
     /// The task that triggers `shutdown`.
     pub signal: JoinHandle<()>,
+    /// Already listening (health NOT_SERVING); `server.serve(service)` makes it SERVING.
+    pub server: Starting<S>,
     /// `server.shutdown_grace_seconds`.
     pub grace: Duration,
     /// What the service's own check returned.
@@ -44,17 +47,19 @@ pub struct Prepared<T> {
 }
 
 /// Loads the directory and checks that `server.bureau_id` is listed there with `role`, builds the
-/// clock, runs the service's own `check` (given the directory and this bureau's entry), then
-/// connects to the database and runs the migrator `M`, and finally arms the shutdown signal.
+/// clock and runs the service's own `check` (given the directory and this bureau's entry). Then it
+/// starts answering on `listener` (health NOT_SERVING), connects to the database and runs the
+/// migrator `M`.
 ///
-/// Everything that can be wrong with the configuration is reported before the database is
-/// touched; a failed migration closes the connection again.
-pub async fn prepare<M: MigratorTrait, T>(
+/// Everything that can be wrong with the configuration is reported before the port answers or the
+/// database is touched; a failed connection or migration stops the server and closes the database.
+pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     sections: Sections<'_>,
     role: Role,
+    listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
     check: impl FnOnce(&Directory, &Bureau) -> anyhow::Result<T>,
-) -> anyhow::Result<Prepared<T>> {
+) -> anyhow::Result<Prepared<S, T>> {
     let directory = directory::load(&sections.directory.path)?;
     let bureau_id = &sections.server.bureau_id;
     let bureau = directory.get_with_role(bureau_id, role).ok_or_else(|| {
@@ -70,23 +75,29 @@ pub async fn prepare<M: MigratorTrait, T>(
     let clock = Clock::from_config(sections.clock).map_err(|message| ConfigError::key("clock", message))?;
     let checked = check(&directory, bureau)?;
 
-    let db = db::connect(sections.database).await.context("database.url: cannot connect")?;
+    let (trigger, shutdown_handle) = Shutdown::new();
+    let grace = Duration::from_secs(sections.server.shutdown_grace_seconds);
+    let server = server::start::<S>(listener, shutdown_handle.clone(), grace).context("starting the gRPC server")?;
+    let signal = trigger.trigger_on(shutdown);
+
+    let db = match connect_and_migrate::<M>(sections.database).await {
+        Ok(db) => db,
+        Err(error) => {
+            signal.abort();
+            server.abandon().await;
+            return Err(error);
+        }
+    };
+    Ok(Prepared { directory, clock, db, shutdown: shutdown_handle, signal, server, grace, checked })
+}
+
+async fn connect_and_migrate<M: MigratorTrait>(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnection> {
+    let db = db::connect(config).await.context("database.url: cannot connect")?;
     if let Err(error) = M::up(&db, None).await {
         let _ = db.close().await;
         return Err(anyhow::Error::new(error).context("database migration"));
     }
-
-    let (trigger, shutdown_handle) = Shutdown::new();
-    let signal = trigger.trigger_on(shutdown);
-    Ok(Prepared {
-        directory,
-        clock,
-        db,
-        shutdown: shutdown_handle,
-        signal,
-        grace: Duration::from_secs(sections.server.shutdown_grace_seconds),
-        checked,
-    })
+    Ok(db)
 }
 
 #[cfg(test)]
@@ -98,7 +109,12 @@ mod tests {
     use crate::{
         audit::CreateAuditLog,
         directory::{BureauEntry, DirectoryFile},
+        server::tests::{SlowIssuance, TestService},
     };
+
+    async fn listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").await.unwrap()
+    }
 
     struct AuditOnly;
 
@@ -165,13 +181,16 @@ mod tests {
         let signal = async {
             let _ = fired.await;
         };
-        let prepared = prepare::<AuditOnly, _>(setup.sections(), Role::Registry, signal, |directory, bureau| {
-            Ok((directory.with_role(Role::Intake).count(), bureau.id.clone()))
-        })
+        let prepared = prepare::<AuditOnly, TestService, _>(
+            setup.sections(),
+            Role::Registry,
+            listener().await,
+            signal,
+            |directory, bureau| Ok((directory.with_role(Role::Intake).count(), bureau.id.clone())),
+        )
         .await
         .unwrap();
         assert_eq!(prepared.checked, (1, "registry-national".to_owned()));
-        assert_eq!(prepared.grace, Duration::from_secs(3));
         let backend = prepared.db.get_database_backend();
         let count = Statement::from_string(backend, "SELECT COUNT(*) FROM audit_log");
         assert!(prepared.db.query_one_raw(count).await.unwrap().is_some(), "migrated");
@@ -179,7 +198,19 @@ mod tests {
         assert!(!prepared.shutdown.is_triggered());
         fire.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), prepared.shutdown.wait()).await.unwrap();
+        let service = TestService::new(SlowIssuance::default());
+        tokio::time::timeout(Duration::from_secs(5), prepared.server.serve(service)).await.unwrap().unwrap();
         prepared.db.close().await.unwrap();
+    }
+
+    /// The error of a start-up that must fail.
+    async fn refused(setup: &Setup) -> anyhow::Error {
+        let never = std::future::pending::<()>();
+        let prepared =
+            prepare::<AuditOnly, TestService, _>(setup.sections(), Role::Registry, listener().await, never, |_, _| {
+                Ok(())
+            });
+        prepared.await.unwrap_err()
     }
 
     #[tokio::test]
@@ -187,21 +218,23 @@ mod tests {
         let never = std::future::pending::<()>;
 
         let setup = Setup::new("station");
-        let error =
-            prepare::<AuditOnly, _>(setup.sections(), Role::Registry, never(), |_, _| Ok(())).await.unwrap_err();
+        let error = refused(&setup).await;
         assert!(error.to_string().contains("server.bureau_id"), "{error}");
 
         let mut setup = Setup::new("registry-national");
         let now = chrono::Utc::now();
         (setup.clock.fixed, setup.clock.start) = (Some(now), Some(now));
-        let error =
-            prepare::<AuditOnly, _>(setup.sections(), Role::Registry, never(), |_, _| Ok(())).await.unwrap_err();
+        let error = refused(&setup).await;
         assert!(error.to_string().contains("clock"), "{error}");
 
         let setup = Setup::new("registry-national");
-        let error = prepare::<AuditOnly, ()>(setup.sections(), Role::Registry, never(), |_, _| {
-            anyhow::bail!("configuration key import.path: missing")
-        })
+        let error = prepare::<AuditOnly, TestService, ()>(
+            setup.sections(),
+            Role::Registry,
+            listener().await,
+            never(),
+            |_, _| anyhow::bail!("configuration key import.path: missing"),
+        )
         .await
         .unwrap_err();
         assert!(error.to_string().contains("import.path"), "{error}");

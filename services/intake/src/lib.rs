@@ -38,23 +38,25 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
     };
-    let prepared = startup::prepare::<Migrator, _>(sections, Role::Intake, shutdown, |directory, station| {
-        if directory.get_with_role(&config.station.producer_id, Role::Issuance).is_none() {
-            anyhow::bail!(
-                "configuration key station.producer_id: {:?} is not an issuance bureau in the directory",
-                config.station.producer_id
-            );
-        }
-        let registry = directory.with_role(Role::Registry).next().context("the directory lists no registry bureau")?;
-        Ok(Station {
-            id: station.id.clone(),
-            region: station.region.clone(),
-            producer_id: config.station.producer_id.clone(),
-            registry_id: registry.id.clone(),
+    let prepared =
+        startup::prepare::<Migrator, _, _>(sections, Role::Intake, listener, shutdown, |directory, station| {
+            if directory.get_with_role(&config.station.producer_id, Role::Issuance).is_none() {
+                anyhow::bail!(
+                    "configuration key station.producer_id: {:?} is not an issuance bureau in the directory",
+                    config.station.producer_id
+                );
+            }
+            let registry =
+                directory.with_role(Role::Registry).next().context("the directory lists no registry bureau")?;
+            Ok(Station {
+                id: station.id.clone(),
+                region: station.region.clone(),
+                producer_id: config.station.producer_id.clone(),
+                registry_id: registry.id.clone(),
+            })
         })
-    })
-    .await?;
-    let Prepared { directory, clock, db, shutdown, signal, grace, checked: station } = prepared;
+        .await?;
+    let Prepared { directory, clock, db, shutdown, signal, server, checked: station, .. } = prepared;
 
     let matcher = SimulatedMatcher { face_threshold: config.biometrics.face_threshold, ..SimulatedMatcher::default() };
     let intake = Intake::new(IntakeParts {
@@ -69,8 +71,7 @@ pub async fn serve(
     });
     let worker = tokio::spawn(worker::run(intake.clone(), Duration::from_millis(config.worker.tick_ms)));
 
-    let served =
-        yidi_common::server::serve(listener, IntakeServer::new(grpc::IntakeGrpc::new(intake)), shutdown, grace).await;
+    let served = server.serve(IntakeServer::new(grpc::IntakeGrpc::new(intake))).await;
     if served.is_err() {
         worker.abort();
         signal.abort();

@@ -402,7 +402,10 @@ respond_within_ms = 3000
         let server = tokio::spawn(yidi_intake::serve(config, listener, async move {
             let _ = stopped.await;
         }));
-        let client = IntakeClient::connect(format!("http://{addr}")).await.unwrap();
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        assert!(yidi_common::client::wait_until_serving(&channel, Duration::from_secs(30)).await, "serving");
+        let client = IntakeClient::new(channel);
         Self { client, fakes: state, stop: Some(stop), server: Some(server), _dir: dir }
     }
 

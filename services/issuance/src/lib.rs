@@ -37,14 +37,14 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
     };
-    let prepared = startup::prepare::<Migrator, _>(sections, Role::Issuance, shutdown, |directory, _| {
+    let prepared = startup::prepare::<Migrator, _, _>(sections, Role::Issuance, listener, shutdown, |directory, _| {
         let registry = config.registry(directory)?.clone();
         let channel = yidi_common::client::channel(&registry.endpoint)
             .map_err(|e| ConfigError::key("directory.path", format!("registry {} endpoint: {e}", registry.id)))?;
         Ok((registry, channel))
     })
     .await?;
-    let Prepared { directory, clock, db, shutdown: stop, grace, checked: (registry, channel), .. } = prepared;
+    let Prepared { directory, clock, db, shutdown: stop, server, grace, checked: (registry, channel), .. } = prepared;
 
     let service = Arc::new(IssuanceService::new(
         Repo::new(db.clone()),
@@ -70,7 +70,7 @@ pub async fn serve(
     );
 
     let grpc = IssuanceGrpc::new(service, stop.clone());
-    let served = yidi_common::server::serve(listener, IssuanceServer::new(grpc), stop.clone(), grace).await;
+    let served = server.serve(IssuanceServer::new(grpc)).await;
 
     finish_worker(worker, &stop, grace).await;
     db.close().await.context("closing the database")?;

@@ -226,7 +226,9 @@ impl Producer {
             let _ = stopped.await;
         })));
         self.stop = Some(stop);
-        self.client = IssuanceClient::connect(format!("http://{address}")).await.unwrap();
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        assert!(yidi_common::client::wait_until_serving(&channel, WAIT).await, "serving");
+        self.client = IssuanceClient::new(channel);
     }
 
     async fn shutdown(&mut self) {

@@ -37,8 +37,8 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
     };
-    let Prepared { directory, clock, db, shutdown: stop, grace, .. } =
-        startup::prepare::<Migrator, _>(sections, Role::Registry, shutdown, |_, _| Ok(())).await?;
+    let Prepared { directory, clock, db, shutdown: stop, server, .. } =
+        startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, |_, _| Ok(())).await?;
     let repo = Repo::new(db);
     let bureau_id = config.server.bureau_id.clone();
     let registry = Arc::new(Registry::new(repo.clone(), Arc::new(directory), clock, bureau_id, stop.clone()));
@@ -49,9 +49,9 @@ pub async fn serve(
         tracing::info!(imported, path = %path.display(), "legacy cards imported");
     }
 
-    let server =
+    let service =
         LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry))).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let served = yidi_common::server::serve(listener, server, stop, grace).await;
+    let served = server.serve(service).await;
     drop(registry);
     repo.close().await.context("closing the database")?;
     served?;

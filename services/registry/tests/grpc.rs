@@ -99,6 +99,7 @@ async fn start(
         let _ = stopped.await;
     }));
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    assert!(yidi_common::client::wait_until_serving(&channel, std::time::Duration::from_secs(30)).await, "serving");
     (LossRegistryClient::new(channel), stop, task)
 }
 

@@ -47,7 +47,7 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
     };
-    let prepared = startup::prepare::<Migrator, _>(sections, Role::Verification, shutdown, |_, bureau| {
+    let prepared = startup::prepare::<Migrator, _, _>(sections, Role::Verification, listener, shutdown, |_, bureau| {
         let key = yidi_common::directory::read_signing_key(&config.signing.key_path)
             .with_context(|| format!("signing.key_path {}", config.signing.key_path.display()))?;
         if bureau.public_key.as_ref() != Some(&key.verifying_key()) {
@@ -61,7 +61,7 @@ pub async fn serve(
     })
     .await?;
     let db = prepared.db.clone();
-    let result = run(&config, prepared, listener).await;
+    let result = run(&config, prepared).await;
     let closed = db.close().await;
     result?;
     closed.context("closing the database")?;
@@ -70,10 +70,9 @@ pub async fn serve(
 
 async fn run(
     config: &VerificationConfig,
-    prepared: Prepared<Signer>,
-    listener: tokio::net::TcpListener,
+    prepared: Prepared<VerificationServer<VerificationApi>, Signer>,
 ) -> anyhow::Result<()> {
-    let Prepared { directory, clock, db, shutdown, grace, checked: signer, .. } = prepared;
+    let Prepared { directory, clock, db, server, checked: signer, .. } = prepared;
     let bureau_id = config.server.bureau_id.clone();
     let repo = Repo::new(db);
     if let Some(path) = &config.register.import_path {
@@ -96,7 +95,7 @@ async fn run(
         matcher,
     ));
     let api = VerificationApi::new(verifier);
-    yidi_common::server::serve(listener, VerificationServer::new(api), shutdown, grace).await?;
+    server.serve(VerificationServer::new(api)).await?;
     Ok(())
 }
 

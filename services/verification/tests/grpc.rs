@@ -222,7 +222,9 @@ import_path = "{dir}/population.json"
             if handle.is_finished() {
                 return Err(handle.await?.err().unwrap_or_else(|| anyhow::anyhow!("server ended")));
             }
-            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))?.connect().await {
+            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))?.connect().await
+                && yidi_common::client::is_serving(&channel).await
+            {
                 return Ok(Server { client: VerificationClient::new(channel), stop: Some(stop), handle, addr });
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;

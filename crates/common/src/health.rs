@@ -1,0 +1,123 @@
+//! `grpc.health.v1.Health` for one service: NOT_SERVING while the service starts (its database is
+//! being migrated), SERVING once it is ready, NOT_SERVING again from the moment shutdown begins.
+//!
+//! Our own implementation rather than `tonic_health`'s reporter: its `Watch` streams never end, so
+//! a load balancer or `grpcurl` watching health would hold every graceful shutdown until the grace
+//! period runs out. Here a `Watch` stream sends the final NOT_SERVING and then ends.
+use std::pin::Pin;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse,
+    health_check_response::ServingStatus,
+    health_server::{Health, HealthServer},
+};
+
+/// Where a service is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Listening, but its database is not migrated yet: NOT_SERVING.
+    Starting,
+    /// SERVING.
+    Serving,
+    /// Shutting down: NOT_SERVING, and `Watch` streams end after saying so.
+    Stopping,
+}
+
+impl Phase {
+    fn serving_status(self) -> ServingStatus {
+        match self {
+            Self::Serving => ServingStatus::Serving,
+            Self::Starting | Self::Stopping => ServingStatus::NotServing,
+        }
+    }
+}
+
+/// Sets the phase the health service reports.
+#[derive(Debug, Clone)]
+pub struct HealthPhase {
+    sender: watch::Sender<Phase>,
+}
+
+impl HealthPhase {
+    pub fn set(&self, phase: Phase) {
+        self.sender.send_replace(phase);
+    }
+
+    pub fn get(&self) -> Phase {
+        *self.sender.borrow()
+    }
+}
+
+/// The health service for the service named `service_name`; "" (the whole server) reports the same.
+pub fn health_service(service_name: &'static str) -> (HealthPhase, HealthServer<ServiceHealth>) {
+    let (sender, receiver) = watch::channel(Phase::Starting);
+    (HealthPhase { sender }, HealthServer::new(ServiceHealth { service_name, receiver }))
+}
+
+#[derive(Debug)]
+pub struct ServiceHealth {
+    service_name: &'static str,
+    receiver: watch::Receiver<Phase>,
+}
+
+impl ServiceHealth {
+    fn knows(&self, service: &str) -> bool {
+        service.is_empty() || service == self.service_name
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+fn answer(status: ServingStatus) -> HealthCheckResponse {
+    HealthCheckResponse { status: status.into() }
+}
+
+#[tonic::async_trait]
+impl Health for ServiceHealth {
+    async fn check(&self, request: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
+        let service = request.into_inner().service;
+        if !self.knows(&service) {
+            return Err(Status::not_found(format!("unknown service {service:?}")));
+        }
+        Ok(Response::new(answer(self.receiver.borrow().serving_status())))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let service = request.into_inner().service;
+        let mut receiver = self.receiver.clone();
+        // The protocol: an unknown service is answered SERVICE_UNKNOWN on the stream, not with an
+        // error; that stream too ends when the server stops.
+        if !self.knows(&service) {
+            let until_stopping = futures::stream::once(async move {
+                let _ = receiver.wait_for(|phase| *phase == Phase::Stopping).await;
+            })
+            .filter_map(|()| async { None });
+            let stream =
+                futures::stream::once(async { Ok(answer(ServingStatus::ServiceUnknown)) }).chain(until_stopping);
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        // The current status first, then one answer per change; after Stopping's NOT_SERVING, the end.
+        let stream =
+            futures::stream::unfold((receiver, None), |(mut receiver, last_sent): (_, Option<Phase>)| async move {
+                let phase = match last_sent {
+                    Some(Phase::Stopping) => return None,
+                    None => *receiver.borrow_and_update(),
+                    Some(previous) => {
+                        let sent = previous.serving_status();
+                        *receiver
+                            .wait_for(|phase| phase.serving_status() != sent || *phase == Phase::Stopping)
+                            .await
+                            .ok()?
+                    }
+                };
+                Some((Ok(answer(phase.serving_status())), (receiver, Some(phase))))
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
