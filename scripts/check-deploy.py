@@ -6,7 +6,8 @@ Called by scripts/check-deploy.sh after the schema validation, with the resolved
   documented for that service in deploy/config/README.md, and every key documented as required is
   set, in the file or by a YIDI__SECTION__KEY variable of the container that reads it;
 - compose: each bureau reads a TOML mounted from deploy/compose/, its health check probes the port
-  it listens on, it exports to the collector under its own OTEL_SERVICE_NAME;
+  it listens on, it exports to the collector under its own OTEL_SERVICE_NAME; every component a
+  pipeline of deploy/otel-collector.yaml names is defined, and the traces reach Jaeger;
 - Kubernetes: every Deployment's containers name an image, requests and limits, the non-root
   security context, native gRPC liveness/readiness probes on the port the service listens on; every
   ConfigMap/Secret key it mounts or reads exists; each directory endpoint is a Service's name and
@@ -124,6 +125,26 @@ def check_compose(resolved: Path) -> None:
             problem(where, "does not wait for a healthy postgres")
     if len(names) != 5:
         problem("docker-compose.yml", f"expected 5 bureaus, found {len(names)}")
+
+
+def check_collector() -> None:
+    where = "deploy/otel-collector.yaml"
+    config = yaml.safe_load((ROOT / where).read_text())
+    pipelines = config.get("service", {}).get("pipelines", {})
+    for signal in ("traces", "metrics"):
+        if signal not in pipelines:
+            problem(where, f"no {signal} pipeline (the bureaus export {signal})")
+    for name, pipeline in pipelines.items():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in pipeline.get(kind, []):
+                if component not in (config.get(kind) or {}):
+                    problem(where, f"pipeline {name} uses undefined {kind[:-1]} {component}")
+    exporters = config.get("exporters") or {}
+    if not any(e.get("endpoint") == "jaeger:4317" for e in exporters.values() if isinstance(e, dict)):
+        problem(where, "no exporter sends to jaeger:4317")
+    grpc = (config.get("receivers") or {}).get("otlp", {}).get("protocols", {}).get("grpc") or {}
+    if grpc.get("endpoint") != "0.0.0.0:4317":
+        problem(where, "the OTLP gRPC receiver does not listen on 0.0.0.0:4317")
 
 
 def load_manifests() -> dict[str, list[dict]]:
@@ -263,6 +284,7 @@ def main() -> int:
     for path in sorted((ROOT / "deploy" / "config").glob("*.toml")):
         check_toml(str(path.relative_to(ROOT)), path.read_text(), service_of(path.name), {})
     check_compose(Path(sys.argv[1]))
+    check_collector()
     check_kubernetes()
     for line in problems:
         print(f"check-deploy: {line}", file=sys.stderr)

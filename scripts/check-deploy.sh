@@ -18,7 +18,7 @@ if ! command -v docker-compose >/dev/null; then
     as_root=()
     if [ "$(id -u)" -ne 0 ]; then as_root=(sudo); fi
     "${as_root[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq docker-compose >/dev/null
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get install -y -qq docker-compose >/dev/null
 fi
 if [ "$(cat "$TOOLS/pins" 2>/dev/null)" != "$PINS" ]; then
     echo "check-deploy: installing $PINS into $TOOLS"
