@@ -63,8 +63,11 @@ def service_of(file_name: str) -> str | None:
     return next((s for s in SERVICES if file_name.startswith(s)), None)
 
 
-def check_toml(where: str, text: str, service: str, env: dict[str, str]) -> dict:
+def check_toml(where: str, text: str, service: str | None, env: dict[str, str]) -> dict:
     """Checks one service TOML; returns it parsed."""
+    if service is None:
+        problem(where, "belongs to no yidi service (intake, verification, issuance, registry)")
+        return {}
     try:
         config = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
