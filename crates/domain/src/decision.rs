@@ -332,4 +332,72 @@ mod tests {
         b.card.address = "bc".into();
         assert_ne!(a.canonical_bytes(), b.canonical_bytes());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Changes field `which` of a signed decision to `text` (or `bytes`); false if that is no change.
+        fn tamper(decision: &mut Decision, which: usize, text: &str, bytes: &[u8]) -> bool {
+            let slot: &mut String = match which {
+                0 => &mut decision.decision_id,
+                1 => &mut decision.bureau_id,
+                2 => &mut decision.addressee_id,
+                3 => &mut decision.application_id,
+                4 => &mut decision.station_id,
+                5 => &mut decision.card.id_number,
+                6 => &mut decision.card.name,
+                7 => &mut decision.card.registration_province,
+                8 => &mut decision.card.address,
+                9 => &mut decision.previous_card_serial,
+                _ => {
+                    let changed = decision.card.face_template != bytes;
+                    decision.card.face_template = bytes.to_vec();
+                    return changed;
+                }
+            };
+            let changed = slot != text;
+            *slot = text.to_owned();
+            changed
+        }
+
+        proptest! {
+            #[test]
+            fn s4_any_change_to_a_signed_decision_is_refused(
+                which in 0usize..11,
+                text in "[A-Za-z0-9 -]{0,20}",
+                bytes in proptest::collection::vec(any::<u8>(), 0..16),
+                days in -400i64..400,
+            ) {
+                let mut signed = decision().sign(&key(1));
+                let mut changed = tamper(&mut signed.decision, which, &text, &bytes);
+                if days != 0 && which == 10 {
+                    signed.decision.card.valid_from += chrono::Duration::days(days);
+                    changed = true;
+                }
+                prop_assume!(changed);
+                prop_assert!(signed.verify(&directory(), expect("producer-zj")).is_err());
+            }
+
+            #[test]
+            fn s4_arbitrary_signature_bytes_never_verify(signature in proptest::collection::vec(any::<u8>(), 0..130)) {
+                let mut signed = decision().sign(&key(1));
+                prop_assume!(signed.signature != signature);
+                signed.signature = signature;
+                prop_assert!(signed.verify(&directory(), expect("producer-zj")).is_err());
+            }
+
+            #[test]
+            fn s4_canonical_bytes_tell_any_two_decisions_apart(
+                which in 0usize..11,
+                text in "[A-Za-z0-9 -]{0,20}",
+                bytes in proptest::collection::vec(any::<u8>(), 0..16),
+            ) {
+                let mut other = decision();
+                prop_assume!(tamper(&mut other, which, &text, &bytes));
+                prop_assert_ne!(decision().canonical_bytes(), other.canonical_bytes());
+            }
+        }
+    }
 }
