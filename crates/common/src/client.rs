@@ -1,18 +1,26 @@
 //! Channels to other bureaus. Connections are lazy: a bureau that is down fails the calls made to
 //! it (with UNAVAILABLE, retried by the caller), never the start of the service that calls it.
+//! Every call through them has a client span and carries the trace context (`rpc_telemetry`).
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
+use tower::Layer;
+
+use crate::rpc_telemetry::{RpcTelemetry, RpcTelemetryLayer};
 
 /// Per-call deadline towards another bureau.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(endpoint.to_owned())?
+/// A channel to another bureau, as every generated client takes it (`IntakeClient<PeerChannel>`).
+pub type PeerChannel = RpcTelemetry<Channel>;
+
+pub fn channel(endpoint: &str) -> Result<PeerChannel, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(endpoint.to_owned())?
         .connect_timeout(Duration::from_secs(3))
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true)
-        .connect_lazy())
+        .connect_lazy();
+    Ok(RpcTelemetryLayer::client().layer(channel))
 }
 
 /// Whether the server behind `channel` answers SERVING to the standard health check (a server

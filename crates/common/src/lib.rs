@@ -15,6 +15,7 @@ pub mod directory;
 pub mod error;
 pub mod health;
 pub mod population;
+pub mod rpc_telemetry;
 pub mod scratch_db;
 pub mod server;
 pub mod shutdown;

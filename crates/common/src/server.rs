@@ -25,6 +25,7 @@ use tower::{Service, ServiceExt};
 use crate::{
     error::ApiError,
     health::{HealthPhase, Phase, health_service},
+    rpc_telemetry::RpcTelemetryLayer,
     shutdown::Shutdown,
 };
 
@@ -124,7 +125,7 @@ pub fn start<S: GrpcService>(
         }
     };
     let server = Server::builder()
-        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+        .layer(RpcTelemetryLayer::server())
         .add_service(health_server)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

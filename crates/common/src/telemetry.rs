@@ -1,6 +1,42 @@
-//! Logging. Structured logs on stderr, human-readable or JSON (`[log] format = "json"`).
+//! Logs, traces and metrics.
+//!
+//! * Logs: structured, on stderr, human-readable or JSON (`[log] format = "json"`). Every line
+//!   written inside a span carries the OpenTelemetry `trace_id` and `span_id` of that span, so a
+//!   log line can be found from a trace and the other way round.
+//! * Traces: every `tracing` span is an OpenTelemetry span. They are exported over OTLP/gRPC only
+//!   when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; otherwise
+//!   ids are still made (for the logs and for propagation to the next bureau) and nothing leaves
+//!   the process.
+//! * Metrics: recorded through the global OpenTelemetry meter (see `rpc_telemetry`), exported over
+//!   OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._METRICS_ENDPOINT`) is set; a no-op
+//!   otherwise.
+//!
+//! The standard variables are read by the OpenTelemetry SDK itself: `OTEL_SERVICE_NAME`,
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_EXPORTER_OTLP_*`;
+//! `OTEL_TRACES_EXPORTER=none` / `OTEL_METRICS_EXPORTER=none` switch one signal off.
+use std::{collections::HashMap, fmt, time::Duration};
+
+use opentelemetry::{
+    KeyValue,
+    propagation::TextMapPropagator,
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{
+    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator, trace::SdkTracerProvider,
+};
 use serde::Deserialize;
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing::Level;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    EnvFilter,
+    filter::Targets,
+    fmt::{
+        FmtContext, FormatEvent, FormatFields,
+        format::{Writer, format},
+    },
+    prelude::*,
+    registry::LookupSpan,
+};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -25,14 +61,182 @@ impl Default for LogConfig {
     }
 }
 
-/// Installs the global subscriber; a second call (several services in one test process) is a no-op.
-pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
-    let registry = tracing_subscriber::registry().with(filter);
-    // Colours only on a terminal: log files and collectors get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = match config.format {
-        LogFormat::Text => registry.with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).try_init(),
-        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).try_init(),
+pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+const OTLP_METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
+const SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+/// How long shutting down may wait for the last spans and metrics to be exported.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who is reporting: the default `service.name` (`OTEL_SERVICE_NAME` overrides it) and the bureau.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    /// e.g. `yidi-intake`.
+    pub service: &'a str,
+    /// e.g. `station-hangzhou`; several bureaus may run the same service.
+    pub bureau_id: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("{variable}: {message}")]
+    Exporter { variable: &'static str, message: String },
+}
+
+/// The installed providers; [`Telemetry::shutdown`] exports what is still buffered. Call it at exit.
+#[must_use = "call shutdown() at exit, or the last spans are lost"]
+pub struct Telemetry {
+    tracer: SdkTracerProvider,
+    meter: Option<SdkMeterProvider>,
+}
+
+impl fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Telemetry").field("metrics", &self.meter.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// Flushes and shuts down the providers. Their calls block (the exporters wait on the network),
+    /// so they run on the blocking pool rather than on a runtime worker.
+    pub async fn shutdown(self) {
+        let Self { tracer, meter } = self;
+        let flushed = tokio::task::spawn_blocking(move || {
+            let traces = tracer.force_flush().and_then(|()| tracer.shutdown_with_timeout(FLUSH_TIMEOUT));
+            let metrics = meter.map(|meter| meter.shutdown_with_timeout(FLUSH_TIMEOUT));
+            (traces, metrics)
+        })
+        .await;
+        match flushed {
+            Ok((Err(error), _)) => eprintln!("telemetry: flushing traces failed: {error}"),
+            Ok((_, Some(Err(error)))) => eprintln!("telemetry: flushing metrics failed: {error}"),
+            Err(error) => eprintln!("telemetry: flushing failed: {error}"),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a signal is exported: an endpoint is configured and the signal is not switched off.
+fn exported(signal_endpoint: &str, exporter_switch: &str) -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|value| !value.trim().is_empty());
+    (set(OTLP_ENDPOINT) || set(signal_endpoint))
+        && !std::env::var(exporter_switch).is_ok_and(|value| value.trim().eq_ignore_ascii_case("none"))
+}
+
+fn resource(identity: Identity<'_>) -> Resource {
+    // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; ours is the fallback.
+    let builder = Resource::builder().with_attribute(KeyValue::new("yidi.bureau_id", identity.bureau_id.to_owned()));
+    if std::env::var(SERVICE_NAME).is_ok_and(|name| !name.trim().is_empty()) {
+        builder.build()
+    } else {
+        builder.with_service_name(identity.service.to_owned()).build()
+    }
+}
+
+/// Installs the global subscriber (logs + spans) and meter provider. Must run inside the tokio
+/// runtime (the exporters' channels live on it). A second call in one process (several services
+/// in one test) leaves the first subscriber in place.
+pub fn init(config: &LogConfig, identity: Identity<'_>) -> Result<Telemetry, TelemetryError> {
+    let resource = resource(identity);
+    let mut tracer = SdkTracerProvider::builder().with_resource(resource.clone());
+    if exported(OTLP_TRACES_ENDPOINT, "OTEL_TRACES_EXPORTER") {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError::Exporter { variable: OTLP_ENDPOINT, message: e.to_string() })?;
+        tracer = tracer.with_batch_exporter(exporter);
+    }
+    let tracer = tracer.build();
+    let meter = if exported(OTLP_METRICS_ENDPOINT, "OTEL_METRICS_EXPORTER") {
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError::Exporter { variable: OTLP_ENDPOINT, message: e.to_string() })?;
+        let meter = SdkMeterProvider::builder().with_resource(resource).with_periodic_exporter(exporter).build();
+        opentelemetry::global::set_meter_provider(meter.clone());
+        Some(meter)
+    } else {
+        None
     };
+
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
+    // Spans have their own filter: a quieter log must not cut a trace (nor stop its propagation).
+    let span_filter = Targets::new()
+        .with_default(Level::INFO)
+        .with_targets(["h2", "hyper", "tower", "sqlx", "sea_orm"].map(|target| (target, Level::WARN)));
+    let spans = tracing_opentelemetry::layer().with_tracer(tracer.tracer("yidi")).with_filter(span_filter);
+    let registry = tracing_subscriber::registry().with(spans);
+    // No colours: the ids are added to a line formatted apart, which has none (and log files and
+    // collectors want plain text anyway).
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+    let _ = match config.format {
+        LogFormat::Text => registry.with(logs.event_format(WithTraceIds(format())).with_filter(log_filter)).try_init(),
+        LogFormat::Json => {
+            registry.with(logs.json().event_format(WithTraceIds(format().json())).with_filter(log_filter)).try_init()
+        }
+    };
+    Ok(Telemetry { tracer, meter })
+}
+
+/// An event format that adds the current OpenTelemetry trace and span ids to every line written
+/// inside a span: as the first members of a JSON object, or as trailing `trace_id=… span_id=…`
+/// fields of a text line.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        // The OpenTelemetry layer activates a span's context when the span is entered.
+        let ids = opentelemetry::Context::map_current(|cx| {
+            let span = cx.span();
+            let context = span.span_context();
+            context.is_valid().then(|| (context.trace_id(), context.span_id()))
+        });
+        let Some((trace_id, span_id)) = ids else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        if let Some(rest) = line.strip_prefix('{') {
+            write!(writer, "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",{rest}")
+        } else {
+            let (body, newline) = line.strip_suffix('\n').map_or((line.as_str(), ""), |body| (body, "\n"));
+            write!(writer, "{body} trace_id={trace_id} span_id={span_id}{newline}")
+        }
+    }
+}
+
+fn propagator() -> TraceContextPropagator {
+    TraceContextPropagator::new()
+}
+
+/// The W3C `traceparent` of the current span (None outside any trace), to be stored with work
+/// that a background worker will carry on later.
+pub fn current_traceparent() -> Option<String> {
+    let mut carrier = HashMap::new();
+    propagator().inject_context(&tracing::Span::current().context(), &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes a stored W3C `traceparent` the parent of `span` (a span not yet entered), so that work
+/// resumed later joins the trace of the request that started it. Nothing happens without one.
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent.filter(|value| !value.is_empty()) else {
+        return;
+    };
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = propagator().extract(&carrier);
+    if parent.span().span_context().is_valid() {
+        // Fails only without the OpenTelemetry layer (e.g. in-process tests): then there is no trace to join.
+        let _ = span.set_parent(parent);
+    }
 }

@@ -53,6 +53,8 @@ pub struct SuiteOptions {
     pub extra_config: BTreeMap<Process, String>,
     /// `[log] format`: "text" or "json".
     pub log_format: String,
+    /// Environment variables added to every bureau's (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl SuiteOptions {
@@ -68,6 +70,7 @@ impl SuiteOptions {
             production_delay_ms: 200,
             extra_config: BTreeMap::new(),
             log_format: "text".into(),
+            env: Vec::new(),
         }
     }
 }
@@ -251,6 +254,7 @@ impl Suite {
         let child = Command::new(&binary)
             .arg("--config")
             .arg(self.config_path(process))
+            .envs(self.options.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,11 +1,19 @@
 #![forbid(unsafe_code)]
 
+use yidi_common::telemetry::{self, Identity};
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: yidi_intake::config::IntakeConfig = yidi_common::config::load("intake")?;
     config.validate()?;
-    yidi_common::telemetry::init(&config.log);
-    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-    println!("yidi-intake listening on {}", listener.local_addr()?);
-    yidi_intake::serve(config, listener, yidi_common::shutdown::signal()).await
+    let telemetry =
+        telemetry::init(&config.log, Identity { service: "yidi-intake", bureau_id: &config.server.bureau_id })?;
+    let served = async {
+        let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+        println!("yidi-intake listening on {}", listener.local_addr()?); // the launcher reads this line
+        yidi_intake::serve(config, listener, yidi_common::shutdown::signal()).await
+    }
+    .await;
+    telemetry.shutdown().await;
+    served
 }

@@ -4,7 +4,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
+use yidi_common::client::PeerChannel;
 use yidi_domain::Directory;
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::{
@@ -78,7 +79,7 @@ impl std::fmt::Display for PeerError {
 #[derive(Debug, Clone)]
 pub struct Peers {
     directory: Arc<Directory>,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<String, PeerChannel>>>,
 }
 
 impl Peers {
@@ -86,7 +87,7 @@ impl Peers {
         Self { directory, channels: Arc::default() }
     }
 
-    fn channel(&self, bureau_id: &str) -> Result<Channel, PeerError> {
+    fn channel(&self, bureau_id: &str) -> Result<PeerChannel, PeerError> {
         let unreachable = |message: String| PeerError::Unreachable { peer: bureau_id.to_owned(), message };
         if let Ok(channels) = self.channels.lock()
             && let Some(channel) = channels.get(bureau_id)

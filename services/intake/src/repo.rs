@@ -3,9 +3,12 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, Order,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect,
 };
-use yidi_common::audit::{self, AuditEntry};
+use yidi_common::{
+    audit::{self, AuditEntry},
+    db,
+};
 use yidi_domain::{ApplicationKind, ApplicationState};
 
 use crate::entities::{application, application_event};
@@ -40,7 +43,7 @@ impl Repo {
 
     /// Inserts a new application in RECEIVED with its first event.
     pub async fn insert_application(&self, model: application::Model, note: &str) -> Result<(), DbErr> {
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         let at = model.created_at;
         let id = model.application_id.clone();
         let state = model.state.clone();
@@ -139,7 +142,7 @@ impl Repo {
 
     /// Applies a transition if the row is still in one of `from`. Returns whether it applied.
     pub async fn transition(&self, t: Transition<'_>, now: DateTime<Utc>) -> Result<bool, DbErr> {
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         let mut changes = t.changes;
         changes.state = Set(t.to.as_str().to_owned());
         changes.updated_at = Set(now);
@@ -172,7 +175,7 @@ impl Repo {
         audit: Option<AuditEntry>,
         now: DateTime<Utc>,
     ) -> Result<bool, DbErr> {
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         changes.updated_at = Set(now);
         let result = application::Entity::update_many()
             .set(changes)
@@ -269,6 +272,7 @@ mod tests {
             attempts: 0,
             last_error: None,
             next_attempt_at: None,
+            trace_context: None,
             created_at: at,
             updated_at: at,
         }

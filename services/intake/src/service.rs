@@ -252,6 +252,7 @@ impl Intake {
             attempts: 0,
             last_error: None,
             next_attempt_at: Some(now),
+            trace_context: yidi_common::telemetry::current_traceparent(),
             created_at: now,
             updated_at: now,
         };

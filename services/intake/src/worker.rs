@@ -10,6 +10,7 @@ use std::{
 use prost::Message;
 use sea_orm::{ActiveValue::Set, DbErr};
 use tokio::{task::JoinSet, time::Instant};
+use tracing::Instrument;
 use yidi_common::{ApiError, audit::AuditEntry};
 use yidi_domain::{ApplicationKind, ApplicationState, mask::mask_id_number};
 use yidi_proto::v1 as pb;
@@ -189,60 +190,71 @@ async fn drive_once(intake: &Intake, id: &str) -> Result<Option<Duration>, ()> {
         if model.halted && !closing {
             return Ok(None);
         }
-        match step(intake, &model).await {
-            Ok(Next::More) => {
-                intake.publish(id).await;
-                continue;
-            }
-            Ok(Next::Idle) => return Ok(None),
-            Ok(Next::Poll) => return Err(()),
-            Err(Failure::Database(error)) => {
-                tracing::warn!(application_id = %id, %error, "database error while advancing");
-                return Ok(Some(backoff(1)));
-            }
-            Err(failure) => {
-                let (message, halt) = match failure {
-                    Failure::Retry(message) => (message, false),
-                    Failure::Halt(message) => (message, true),
-                    Failure::Database(_) => (String::new(), false),
-                };
-                let Ok(ran_in) = parse_kind_state(&model).map(|(_, state)| state) else {
-                    return Ok(Some(backoff(1)));
-                };
-                let current = match intake.inner.repo.get(id).await {
-                    Ok(Some(current)) => current,
-                    _ => return Ok(Some(backoff(1))),
-                };
-                if current.state != model.state {
-                    // Moved on meanwhile (e.g. cancelled): the failure is of a step no longer due.
-                    tracing::info!(application_id = %id, error = %message, "step failed but the application moved on");
-                    return Ok(None);
-                }
-                let attempts = current.attempts.saturating_add(1);
-                let delay = backoff(attempts);
-                let next =
-                    (!halt).then(|| intake.clock().now() + chrono::Duration::from_std(delay).unwrap_or_default());
-                if halt {
-                    tracing::warn!(application_id = %id, error = %message, "peer refused definitively; application halted");
-                } else {
-                    tracing::info!(application_id = %id, error = %message, ?delay, "peer call failed; will retry");
-                }
-                let recorded = intake
-                    .inner
-                    .repo
-                    .record_failure(id, ran_in, attempts, &message, next, halt, intake.clock().now())
-                    .await;
-                match recorded {
-                    Ok(true) => intake.publish(id).await,
-                    Ok(false) => return Ok(None),
-                    Err(error) => {
-                        tracing::warn!(application_id = %id, %error, "could not record a failure")
-                    }
-                }
-                break (!halt).then_some(delay);
-            }
+        // The step continues the trace of the request that lodged the application.
+        let span = tracing::info_span!("application_step", application_id = %id, state = %model.state);
+        yidi_common::telemetry::continue_trace(&span, model.trace_context.as_deref());
+        if let Some(outcome) = advance(intake, &model).instrument(span).await {
+            break outcome?;
         }
     })
+}
+
+/// One step of `drive_once` and what it leaves: `None` to go on with the next step, otherwise
+/// what `drive_once` returns.
+async fn advance(intake: &Intake, model: &application::Model) -> Option<Result<Option<Duration>, ()>> {
+    let id = model.application_id.as_str();
+    match step(intake, model).await {
+        Ok(Next::More) => {
+            intake.publish(id).await;
+            None
+        }
+        Ok(Next::Idle) => Some(Ok(None)),
+        Ok(Next::Poll) => Some(Err(())),
+        Err(Failure::Database(error)) => {
+            tracing::warn!(application_id = %id, %error, "database error while advancing");
+            Some(Ok(Some(backoff(1))))
+        }
+        Err(failure) => {
+            let (message, halt) = match failure {
+                Failure::Retry(message) => (message, false),
+                Failure::Halt(message) => (message, true),
+                Failure::Database(_) => (String::new(), false),
+            };
+            let Ok(ran_in) = parse_kind_state(model).map(|(_, state)| state) else {
+                return Some(Ok(Some(backoff(1))));
+            };
+            let current = match intake.inner.repo.get(id).await {
+                Ok(Some(current)) => current,
+                _ => return Some(Ok(Some(backoff(1)))),
+            };
+            if current.state != model.state {
+                // Moved on meanwhile (e.g. cancelled): the failure is of a step no longer due.
+                tracing::info!(application_id = %id, error = %message, "step failed but the application moved on");
+                return Some(Ok(None));
+            }
+            let attempts = current.attempts.saturating_add(1);
+            let delay = backoff(attempts);
+            let next = (!halt).then(|| intake.clock().now() + chrono::Duration::from_std(delay).unwrap_or_default());
+            if halt {
+                tracing::warn!(application_id = %id, error = %message, "peer refused definitively; application halted");
+            } else {
+                tracing::info!(application_id = %id, error = %message, ?delay, "peer call failed; will retry");
+            }
+            let recorded = intake
+                .inner
+                .repo
+                .record_failure(id, ran_in, attempts, &message, next, halt, intake.clock().now())
+                .await;
+            match recorded {
+                Ok(true) => intake.publish(id).await,
+                Ok(false) => return Some(Ok(None)),
+                Err(error) => {
+                    tracing::warn!(application_id = %id, %error, "could not record a failure")
+                }
+            }
+            Some(Ok((!halt).then_some(delay)))
+        }
+    }
 }
 
 /// Clears the error bookkeeping after progress.

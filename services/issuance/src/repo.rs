@@ -3,13 +3,14 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, Set,
-    SqlErr, TransactionTrait,
+    SqlErr,
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
 use yidi_common::{
     ApiError,
     audit::{self, AuditEntry},
+    db,
 };
 use yidi_domain::mask::mask_id_number;
 
@@ -57,6 +58,8 @@ pub struct Order {
     pub attempts: i32,
     pub last_error: String,
     pub retry_stopped: bool,
+    /// W3C `traceparent` of the PlaceOrder request.
+    pub trace_context: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -82,6 +85,7 @@ impl TryFrom<orders::Model> for Order {
             attempts: model.attempts,
             last_error: model.last_error,
             retry_stopped: model.retry_stopped,
+            trace_context: model.trace_context,
             created_at: model.created_at,
             updated_at: model.updated_at,
         })
@@ -101,6 +105,7 @@ pub struct NewOrder {
     pub valid_from: NaiveDate,
     pub valid_until: Option<NaiveDate>,
     pub ready_at: DateTime<Utc>,
+    pub trace_context: Option<String>,
     pub now: DateTime<Utc>,
 }
 
@@ -142,41 +147,37 @@ impl Repo {
     pub async fn insert_order(&self, order: NewOrder, audit: AuditEntry) -> Result<Order, InsertError> {
         let decision_id = order.decision_id.clone();
         let serial = order.card_serial.clone();
-        let result = self
-            .db
-            .transaction::<_, orders::Model, DbErr>(|txn| {
-                Box::pin(async move {
-                    let model = orders::ActiveModel {
-                        order_id: Set(order.order_id),
-                        decision_id: Set(order.decision_id),
-                        application_id: Set(order.application_id),
-                        station_id: Set(order.station_id),
-                        id_number: Set(order.id_number),
-                        card_serial: Set(order.card_serial),
-                        state: Set(OrderState::InProduction.as_str().to_owned()),
-                        signed_decision: Set(order.signed_decision),
-                        valid_from: Set(order.valid_from),
-                        valid_until: Set(order.valid_until),
-                        ready_at: Set(order.ready_at),
-                        attempts: Set(0),
-                        last_error: Set(String::new()),
-                        retry_stopped: Set(false),
-                        created_at: Set(order.now),
-                        updated_at: Set(order.now),
-                    }
-                    .insert(txn)
-                    .await?;
-                    audit::append(txn, order.now, audit).await?;
-                    Ok(model)
-                })
-            })
-            .await;
+        let result = async {
+            let txn = db::begin(&self.db).await?;
+            let model = orders::ActiveModel {
+                order_id: Set(order.order_id),
+                decision_id: Set(order.decision_id),
+                application_id: Set(order.application_id),
+                station_id: Set(order.station_id),
+                id_number: Set(order.id_number),
+                card_serial: Set(order.card_serial),
+                state: Set(OrderState::InProduction.as_str().to_owned()),
+                signed_decision: Set(order.signed_decision),
+                valid_from: Set(order.valid_from),
+                valid_until: Set(order.valid_until),
+                ready_at: Set(order.ready_at),
+                attempts: Set(0),
+                last_error: Set(String::new()),
+                retry_stopped: Set(false),
+                trace_context: Set(order.trace_context),
+                created_at: Set(order.now),
+                updated_at: Set(order.now),
+            }
+            .insert(&txn)
+            .await?;
+            audit::append(&txn, order.now, audit).await?;
+            txn.commit().await?;
+            Ok::<_, DbErr>(model)
+        }
+        .await;
         match result {
             Ok(model) => Order::try_from(model).map_err(|e| InsertError::Db(DbErr::Custom(e.to_string()))),
             Err(error) => {
-                let error = match error {
-                    sea_orm::TransactionError::Connection(e) | sea_orm::TransactionError::Transaction(e) => e,
-                };
                 if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) {
                     // Which key? Ask the database rather than parse driver messages.
                     match self.find_model_by_decision(&decision_id).await {
@@ -246,7 +247,7 @@ impl Repo {
         now: DateTime<Utc>,
         audit: AuditEntry,
     ) -> Result<Option<Order>, ApiError> {
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         let mut update = orders::Entity::update_many()
             .col_expr(orders::Column::State, Expr::value(to.as_str()))
             .col_expr(orders::Column::UpdatedAt, Expr::value(now));
@@ -282,7 +283,7 @@ impl Repo {
             Attempt::Retry(error) => (error, false),
             Attempt::Refused(error) => (error, true),
         };
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         let result = orders::Entity::update_many()
             .col_expr(orders::Column::Attempts, Expr::col(orders::Column::Attempts).add(1))
             .col_expr(orders::Column::LastError, Expr::value(error))

@@ -121,6 +121,7 @@ impl IssuanceService {
                 valid_from: decision.card.valid_from,
                 valid_until: decision.card.valid_until,
                 ready_at,
+                trace_context: yidi_common::telemetry::current_traceparent(),
                 now,
             };
             let audit = AuditEntry {

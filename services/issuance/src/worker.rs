@@ -8,9 +8,10 @@ use std::{
 
 use prost::Message;
 use tokio::time::Instant;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
+use tracing::Instrument;
 use uuid::Uuid;
-use yidi_common::{Shutdown, audit::AuditEntry};
+use yidi_common::{Shutdown, audit::AuditEntry, client::PeerChannel};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 
 use crate::{
@@ -51,7 +52,7 @@ pub fn classify(code: Code) -> Verdict {
 
 pub struct Worker {
     service: Arc<IssuanceService>,
-    client: LossRegistryClient<Channel>,
+    client: LossRegistryClient<PeerChannel>,
     registry_id: String,
     retry_interval: Duration,
     shutdown: Shutdown,
@@ -60,7 +61,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(
         service: Arc<IssuanceService>,
-        channel: Channel,
+        channel: PeerChannel,
         registry_id: String,
         retry_interval: Duration,
         shutdown: Shutdown,
@@ -129,10 +130,13 @@ impl Worker {
                 return Next::RetryLater;
             }
         };
+        // The work continues the trace of the PlaceOrder request (and so of the application).
+        let span = tracing::info_span!("order_step", order_id = %order.order_id, state = order.state.as_str());
+        yidi_common::telemetry::continue_trace(&span, order.trace_context.as_deref());
         match order.state {
             OrderState::InProduction if order.retry_stopped => Next::Done,
-            OrderState::InProduction => self.register(order).await,
-            OrderState::Registered => self.dispatch(order).await,
+            OrderState::InProduction => self.register(order).instrument(span).await,
+            OrderState::Registered => self.dispatch(order).instrument(span).await,
             OrderState::Dispatched => Next::Done,
         }
     }

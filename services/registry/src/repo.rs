@@ -6,10 +6,13 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait, TryInsertResult,
+    TryInsertResult,
     sea_query::Expr,
 };
-use yidi_common::audit::{self, AuditEntry};
+use yidi_common::{
+    audit::{self, AuditEntry},
+    db,
+};
 use yidi_domain::StoredCardStatus;
 
 use crate::entities::{cards, hits, loss_reports, status_events};
@@ -249,7 +252,7 @@ impl Repo {
         now: DateTime<Utc>,
         audit: AuditEntry,
     ) -> Result<(), DbErr> {
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         insert_loss_report(&txn, serial, decision_id, now).await?;
         audit::append(&txn, now, audit).await?;
         txn.commit().await
@@ -263,7 +266,7 @@ impl Repo {
         now: DateTime<Utc>,
         audit: AuditEntry,
     ) -> Result<Change<StatusEvent>, DbErr> {
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         let Some(event) =
             move_status(&txn, serial, StoredCardStatus::Valid, StoredCardStatus::ReportedLost, now).await?
         else {
@@ -284,7 +287,7 @@ impl Repo {
         now: DateTime<Utc>,
         audit: AuditEntry,
     ) -> Result<Change<StatusEvent>, DbErr> {
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         let Some(event) =
             move_status(&txn, serial, StoredCardStatus::ReportedLost, StoredCardStatus::Valid, now).await?
         else {
@@ -340,7 +343,7 @@ impl Repo {
         now: DateTime<Utc>,
         audit: impl FnOnce(&[String]) -> AuditEntry,
     ) -> Result<Vec<StatusEvent>, DbErr> {
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         let serial = card.serial.clone();
         let id_number = card.id_number.clone();
         // The insert comes first: on SQLite it takes the write lock before anything is read.
@@ -388,7 +391,7 @@ impl Repo {
             (false, Some(start)) => start.and_utc().min(now),
             _ => now,
         };
-        let txn = self.db.begin().await?;
+        let txn = db::begin(&self.db).await?;
         let inserted = cards::Entity::insert(card_model(card, since, now))
             .on_conflict_do_nothing()
             .exec_without_returning(&txn)

@@ -1,11 +1,19 @@
 #![forbid(unsafe_code)]
 
+use yidi_common::telemetry::{self, Identity};
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: yidi_verification::config::VerificationConfig = yidi_common::config::load("verification")?;
     config.validate()?;
-    yidi_common::telemetry::init(&config.log);
-    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-    println!("yidi-verification listening on {}", listener.local_addr()?); // the test harness reads this line
-    yidi_verification::serve(config, listener, yidi_common::shutdown::signal()).await
+    let telemetry =
+        telemetry::init(&config.log, Identity { service: "yidi-verification", bureau_id: &config.server.bureau_id })?;
+    let served = async {
+        let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+        println!("yidi-verification listening on {}", listener.local_addr()?); // the launcher reads this line
+        yidi_verification::serve(config, listener, yidi_common::shutdown::signal()).await
+    }
+    .await;
+    telemetry.shutdown().await;
+    served
 }

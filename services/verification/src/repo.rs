@@ -3,12 +3,13 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
+    SqliteTransactionMode, TransactionOptions,
     sea_query::Expr,
 };
 use yidi_common::{
     audit::{self, AuditEntry},
+    db,
     population::{Credit, Registration},
 };
 use yidi_domain::{DecisionPurpose, Sex};
@@ -137,7 +138,7 @@ impl Repo {
             sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
             ..TransactionOptions::default()
         };
-        Ok(Tx { txn: self.db.begin_with_options(options).await? })
+        Ok(Tx { txn: db::begin_with_options(&self.db, options).await? })
     }
 
     pub async fn citizen(&self, id_number: &str) -> Result<Option<Citizen>, DbErr> {
@@ -199,7 +200,7 @@ async fn verification<C: ConnectionTrait>(
 
 /// A write transaction. Dropped without `commit`, it rolls back.
 pub struct Tx {
-    txn: DatabaseTransaction,
+    txn: db::Transaction,
 }
 
 impl Tx {

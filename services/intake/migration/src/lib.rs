@@ -6,6 +6,7 @@ use yidi_common::audit::CreateAuditLog;
 
 mod m20261127_000001_create_applications;
 mod m20261127_000002_create_application_events;
+mod m20261127_000003_add_application_trace_context;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateAuditLog),
             Box::new(m20261127_000001_create_applications::Migration),
             Box::new(m20261127_000002_create_application_events::Migration),
+            Box::new(m20261127_000003_add_application_trace_context::Migration),
         ]
     }
 }

@@ -26,6 +26,8 @@ pub struct Model {
     pub attempts: i32,
     pub last_error: Option<String>,
     pub next_attempt_at: Option<DateTimeUtc>,
+    /// W3C `traceparent` of the request that lodged it: the worker's calls continue that trace.
+    pub trace_context: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

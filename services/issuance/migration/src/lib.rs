@@ -5,12 +5,17 @@ pub use sea_orm_migration::prelude::*;
 use yidi_common::audit::CreateAuditLog;
 
 mod m20261127_000001_create_orders;
+mod m20261127_000002_add_order_trace_context;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateAuditLog), Box::new(m20261127_000001_create_orders::Migration)]
+        vec![
+            Box::new(CreateAuditLog),
+            Box::new(m20261127_000001_create_orders::Migration),
+            Box::new(m20261127_000002_add_order_trace_context::Migration),
+        ]
     }
 }

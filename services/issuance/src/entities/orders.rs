@@ -24,6 +24,8 @@ pub struct Model {
     pub last_error: String,
     /// The registry refused the card definitively: the worker does not retry it.
     pub retry_stopped: bool,
+    /// W3C `traceparent` of the PlaceOrder request: the worker's calls continue that trace.
+    pub trace_context: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

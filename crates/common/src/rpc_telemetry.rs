@@ -1,0 +1,298 @@
+//! A span and metrics per gRPC call, with W3C trace context carried in the request metadata, as
+//! one tower layer used on both ends: the server wraps every service it serves
+//! (`RpcTelemetryLayer::server`), and every channel to another bureau is wrapped too
+//! (`RpcTelemetryLayer::client`, see `client::channel`). Handlers know nothing of it.
+//!
+//! * Server: reads `traceparent`/`tracestate` from the request headers, opens a server span named
+//!   after the gRPC path (`yidi.v1.Intake/SubmitApplication`) as a child of the caller's span.
+//! * Client: opens a client span under the current span and writes its `traceparent` into the
+//!   outgoing headers, so the callee's server span is its child.
+//! * Both: OpenTelemetry semantic attributes (`rpc.system`, `rpc.service`, `rpc.method`,
+//!   `rpc.grpc.status_code`) and metrics per method: `rpc.{server,client}.requests` and
+//!   `rpc.{server,client}.errors` (counters, by status code) and `rpc.{server,client}.duration`
+//!   (histogram, milliseconds).
+//!
+//! The status is read from the response headers, where a unary call's error (a trailers-only
+//! response) is; a stream that fails after it started counts as OK, and the span of a stream ends
+//! when the stream starts, not when it ends.
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Histogram},
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::TraceContextExt,
+};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tonic::{
+    Code,
+    codegen::http::{HeaderMap, HeaderName, HeaderValue, Request, Response},
+};
+use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Which end of a call a layer sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Server,
+    Client,
+}
+
+struct RpcMetrics {
+    requests: Counter<u64>,
+    errors: Counter<u64>,
+    duration: Histogram<f64>,
+}
+
+impl RpcMetrics {
+    /// Instruments of the global meter provider (a no-op one unless OTLP metrics are configured).
+    fn new(side: Side) -> Self {
+        let meter = opentelemetry::global::meter("yidi");
+        let prefix = match side {
+            Side::Server => "rpc.server",
+            Side::Client => "rpc.client",
+        };
+        Self {
+            requests: meter
+                .u64_counter(format!("{prefix}.requests"))
+                .with_description("gRPC calls, by method and status")
+                .build(),
+            errors: meter
+                .u64_counter(format!("{prefix}.errors"))
+                .with_description("gRPC calls that ended with a status other than OK, by method and status")
+                .build(),
+            duration: meter
+                .f64_histogram(format!("{prefix}.duration"))
+                .with_unit("ms")
+                .with_description("gRPC call latency, by method and status")
+                .build(),
+        }
+    }
+
+    fn record(&self, rpc: &Rpc, code: Code, started: Instant) {
+        let attributes = [
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", rpc.service.clone()),
+            KeyValue::new("rpc.method", rpc.method.clone()),
+            KeyValue::new("rpc.grpc.status_code", i64::from(code as i32)),
+        ];
+        self.requests.add(1, &attributes);
+        if code != Code::Ok {
+            self.errors.add(1, &attributes);
+        }
+        self.duration.record(started.elapsed().as_secs_f64() * 1000.0, &attributes);
+    }
+}
+
+/// `/yidi.v1.Intake/SubmitApplication` → service `yidi.v1.Intake`, method `SubmitApplication`.
+struct Rpc {
+    name: String,
+    service: String,
+    method: String,
+}
+
+impl Rpc {
+    fn from_path(path: &str) -> Self {
+        let name = path.trim_start_matches('/');
+        let (service, method) = name.split_once('/').unwrap_or((name, ""));
+        Self { name: name.to_owned(), service: service.to_owned(), method: method.to_owned() }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(key.as_bytes()), HeaderValue::from_str(&value)) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The gRPC status of a response whose status is in its headers (any error of a unary call);
+/// otherwise it is in the trailers, sent after the body: OK for all we can tell here.
+fn status_of(headers: &HeaderMap) -> Code {
+    headers
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
+/// Whether the span is marked as failed: by the server only for its own faults (OpenTelemetry's
+/// gRPC conventions), by the client for any status but OK.
+fn is_span_error(side: Side, code: Code) -> bool {
+    match side {
+        Side::Client => code != Code::Ok,
+        Side::Server => matches!(
+            code,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        ),
+    }
+}
+
+/// The tower layer; see the module documentation.
+#[derive(Clone)]
+pub struct RpcTelemetryLayer {
+    side: Side,
+    metrics: Arc<RpcMetrics>,
+}
+
+impl std::fmt::Debug for RpcTelemetryLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcTelemetryLayer").field("side", &self.side).finish_non_exhaustive()
+    }
+}
+
+impl RpcTelemetryLayer {
+    pub fn server() -> Self {
+        Self { side: Side::Server, metrics: Arc::new(RpcMetrics::new(Side::Server)) }
+    }
+
+    pub fn client() -> Self {
+        Self { side: Side::Client, metrics: Arc::new(RpcMetrics::new(Side::Client)) }
+    }
+}
+
+impl<S> tower::Layer<S> for RpcTelemetryLayer {
+    type Service = RpcTelemetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcTelemetry { inner, side: self.side, metrics: Arc::clone(&self.metrics) }
+    }
+}
+
+/// A service (a server's routes or a client's channel) with a span and metrics per call.
+#[derive(Clone)]
+pub struct RpcTelemetry<S> {
+    inner: S,
+    side: Side,
+    metrics: Arc<RpcMetrics>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for RpcTelemetry<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcTelemetry").field("inner", &self.inner).field("side", &self.side).finish_non_exhaustive()
+    }
+}
+
+impl<S> RpcTelemetry<S> {
+    fn span(&self, rpc: &Rpc, headers: &mut HeaderMap) -> Span {
+        let propagator = TraceContextPropagator::new();
+        // Only the name and kind are `tracing` fields (they show in every log line of the call);
+        // the rest are OpenTelemetry attributes only.
+        let span = match self.side {
+            Side::Server => tracing::info_span!("grpc", otel.name = %rpc.name, otel.kind = "server"),
+            Side::Client => tracing::info_span!("grpc_client", otel.name = %rpc.name, otel.kind = "client"),
+        };
+        span.set_attribute("rpc.system", "grpc");
+        span.set_attribute("rpc.service", rpc.service.clone());
+        span.set_attribute("rpc.method", rpc.method.clone());
+        match self.side {
+            Side::Server => {
+                let parent = propagator.extract(&HeaderExtractor(headers));
+                if parent.span().span_context().is_valid() {
+                    // Fails only without the OpenTelemetry layer installed: then there is nothing to join.
+                    let _ = span.set_parent(parent);
+                }
+            }
+            Side::Client => propagator.inject_context(&span.context(), &mut HeaderInjector(headers)),
+        }
+        span
+    }
+}
+
+impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for RpcTelemetry<S>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let rpc = Rpc::from_path(request.uri().path());
+        let span = self.span(&rpc, request.headers_mut());
+        let started = Instant::now();
+        // The clone is not ready yet; the service that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let call = span.in_scope(|| inner.call(request));
+        let (side, metrics) = (self.side, Arc::clone(&self.metrics));
+        let recorded = span.clone();
+        Box::pin(
+            async move {
+                let result = call.await;
+                let code = match &result {
+                    Ok(response) => status_of(response.headers()),
+                    // The server's routes never fail; a channel fails when the peer is unreachable.
+                    Err(_) => Code::Unavailable,
+                };
+                recorded.set_attribute("rpc.grpc.status_code", i64::from(code as i32));
+                if is_span_error(side, code) {
+                    recorded.set_status(opentelemetry::trace::Status::error(format!("{code:?}")));
+                }
+                metrics.record(&rpc, code, started);
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_names_the_service_and_the_method() {
+        let rpc = Rpc::from_path("/yidi.v1.Intake/SubmitApplication");
+        assert_eq!(rpc.name, "yidi.v1.Intake/SubmitApplication");
+        assert_eq!(rpc.service, "yidi.v1.Intake");
+        assert_eq!(rpc.method, "SubmitApplication");
+    }
+
+    #[test]
+    fn the_status_comes_from_a_trailers_only_response_or_is_ok() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(status_of(&headers), Code::Ok);
+        headers.insert("grpc-status", HeaderValue::from_static("9"));
+        assert_eq!(status_of(&headers), Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn a_refusal_fails_the_client_span_but_not_the_server_span() {
+        assert!(is_span_error(Side::Client, Code::PermissionDenied));
+        assert!(!is_span_error(Side::Server, Code::PermissionDenied));
+        assert!(is_span_error(Side::Server, Code::Internal));
+        assert!(!is_span_error(Side::Client, Code::Ok));
+    }
+}
