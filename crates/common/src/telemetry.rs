@@ -31,7 +31,7 @@ use tracing_subscriber::{
     EnvFilter,
     filter::Targets,
     fmt::{
-        FmtContext, FormatEvent, FormatFields,
+        FmtContext, FormatEvent, FormatFields, MakeWriter,
         format::{Writer, format},
     },
     prelude::*,
@@ -102,7 +102,8 @@ impl Telemetry {
     pub async fn shutdown(self) {
         let Self { tracer, meter } = self;
         let flushed = tokio::task::spawn_blocking(move || {
-            let traces = tracer.force_flush().and_then(|()| tracer.shutdown_with_timeout(FLUSH_TIMEOUT));
+            // Shutting down exports what is buffered first.
+            let traces = tracer.shutdown_with_timeout(FLUSH_TIMEOUT);
             let metrics = meter.map(|meter| meter.shutdown_with_timeout(FLUSH_TIMEOUT));
             (traces, metrics)
         })
@@ -159,6 +160,20 @@ pub fn init(config: &LogConfig, identity: Identity<'_>) -> Result<Telemetry, Tel
         None
     };
 
+    // A second subscriber in one process (several services in one test) is refused: the first stays.
+    let _ = subscriber(config, &tracer, std::io::stderr).try_init();
+    Ok(Telemetry { tracer, meter })
+}
+
+/// Logs (to `writer`, filtered by `[log] filter` or `RUST_LOG`) and spans (to `tracer`).
+fn subscriber<W>(
+    config: &LogConfig,
+    tracer: &SdkTracerProvider,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
     // Spans have their own filter: a quieter log must not cut a trace (nor stop its propagation).
     let span_filter = Targets::new()
@@ -168,14 +183,13 @@ pub fn init(config: &LogConfig, identity: Identity<'_>) -> Result<Telemetry, Tel
     let registry = tracing_subscriber::registry().with(spans);
     // No colours: the ids are added to a line formatted apart, which has none (and log files and
     // collectors want plain text anyway).
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
-    let _ = match config.format {
-        LogFormat::Text => registry.with(logs.event_format(WithTraceIds(format())).with_filter(log_filter)).try_init(),
+    let logs = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false);
+    match config.format {
+        LogFormat::Text => Box::new(registry.with(logs.event_format(WithTraceIds(format())).with_filter(log_filter))),
         LogFormat::Json => {
-            registry.with(logs.json().event_format(WithTraceIds(format().json())).with_filter(log_filter)).try_init()
+            Box::new(registry.with(logs.json().event_format(WithTraceIds(format().json())).with_filter(log_filter)))
         }
-    };
-    Ok(Telemetry { tracer, meter })
+    }
 }
 
 /// An event format that adds the current OpenTelemetry trace and span ids to every line written
@@ -238,5 +252,83 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
     if parent.span().span_context().is_valid() {
         // Fails only without the OpenTelemetry layer (e.g. in-process tests): then there is no trace to join.
         let _ = span.set_parent(parent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Formats one event inside a span and one outside; returns the lines and the span's ids.
+    fn log_lines(format: LogFormat) -> (Vec<String>, String, String) {
+        let buffer = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let buffer = Arc::clone(&buffer);
+            move || SharedBuffer(Arc::clone(&buffer))
+        };
+        let config = LogConfig { format, ..LogConfig::default() };
+        let tracer = SdkTracerProvider::builder().build();
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber(&config, &tracer, writer), || {
+            let span = tracing::info_span!("request");
+            let context = span.context().span().span_context().clone();
+            span.in_scope(|| tracing::info!(answer = 42, "inside"));
+            tracing::info!("outside");
+            (context.trace_id().to_string(), context.span_id().to_string())
+        });
+        let text = String::from_utf8(buffer.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
+        (text.lines().map(str::to_owned).collect(), trace_id, span_id)
+    }
+
+    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn text_lines_inside_a_span_end_with_its_trace_and_span_ids() {
+        let (lines, trace_id, span_id) = log_lines(LogFormat::Text);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("inside answer=42"), "{}", lines[0]);
+        assert!(lines[0].ends_with(&format!(" trace_id={trace_id} span_id={span_id}")), "{}", lines[0]);
+        assert!(!lines[1].contains("trace_id="), "{}", lines[1]);
+    }
+
+    #[test]
+    fn json_lines_inside_a_span_carry_its_trace_and_span_ids() {
+        let (lines, trace_id, span_id) = log_lines(LogFormat::Json);
+        let parsed: Vec<serde_json::Value> = lines.iter().filter_map(|line| serde_json::from_str(line).ok()).collect();
+        assert_eq!(parsed.len(), 2, "{lines:?}");
+        assert_eq!(parsed[0]["trace_id"], trace_id.as_str());
+        assert_eq!(parsed[0]["span_id"], span_id.as_str());
+        assert_eq!(parsed[0]["fields"]["message"], "inside");
+        assert!(parsed[1].get("trace_id").is_none(), "{}", lines[1]);
+    }
+
+    #[test]
+    fn a_stored_traceparent_becomes_the_parent_of_later_work() {
+        let config = LogConfig::default();
+        let tracer = SdkTracerProvider::builder().build();
+        tracing::subscriber::with_default(subscriber(&config, &tracer, std::io::sink), || {
+            let request = tracing::info_span!("request");
+            let stored = request.in_scope(current_traceparent).unwrap_or_default();
+            let request_context = request.context().span().span_context().clone();
+            assert!(stored.contains(&request_context.trace_id().to_string()), "{stored}");
+
+            let later = tracing::info_span!("later");
+            continue_trace(&later, Some(&stored));
+            let later_context = later.context().span().span_context().clone();
+            assert_eq!(later_context.trace_id(), request_context.trace_id());
+            assert_ne!(later_context.span_id(), request_context.span_id());
+        });
     }
 }
