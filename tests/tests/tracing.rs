@@ -245,6 +245,10 @@ async fn one_application_is_one_trace_across_the_four_bureaus() -> anyhow::Resul
     };
     let submit = trace.iter().find(|s| s.name == "yidi.v1.Intake/SubmitApplication").context("submit span")?;
     assert!(submit.parent_span_id.is_empty(), "the counter's request starts the trace");
+    // The launcher probed every bureau's health until it served: probes make no traces.
+    let probes: Vec<ReceivedSpan> =
+        receiver.spans().into_iter().filter(|s| s.name.starts_with("grpc.health")).collect();
+    assert!(probes.is_empty(), "health probes were traced: {probes:?}");
 
     // Logs (JSON here) carry the trace id of the request they were written in.
     let trace_hex = hex(&trace_id);

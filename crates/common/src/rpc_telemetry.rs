@@ -12,6 +12,8 @@
 //!   `rpc.{server,client}.errors` (counters, by status code) and `rpc.{server,client}.duration`
 //!   (histogram, milliseconds).
 //!
+//! Health probes and reflection get metrics but no span.
+//!
 //! The status is read from the response headers, where a unary call's error (a trailers-only
 //! response) is; a stream that fails after it started counts as OK, and the span of a stream ends
 //! when the stream starts, not when it ends.
@@ -102,6 +104,12 @@ impl Rpc {
         let name = path.trim_start_matches('/');
         let (service, method) = name.split_once('/').unwrap_or((name, ""));
         Self { name: name.to_owned(), service: service.to_owned(), method: method.to_owned() }
+    }
+
+    /// Health probes and reflection are counted but not traced: probes every few seconds would
+    /// bury the applications' traces.
+    fn is_untraced(&self) -> bool {
+        self.service.starts_with("grpc.health.") || self.service.starts_with("grpc.reflection.")
     }
 }
 
@@ -201,6 +209,9 @@ impl<S: std::fmt::Debug> std::fmt::Debug for RpcTelemetry<S> {
 
 impl<S> RpcTelemetry<S> {
     fn span(&self, rpc: &Rpc, headers: &mut HeaderMap) -> Span {
+        if rpc.is_untraced() {
+            return Span::none();
+        }
         let propagator = TraceContextPropagator::new();
         // Only the name and kind are `tracing` fields (they show in every log line of the call);
         // the rest are OpenTelemetry attributes only.
@@ -278,6 +289,9 @@ mod tests {
         assert_eq!(rpc.name, "yidi.v1.Intake/SubmitApplication");
         assert_eq!(rpc.service, "yidi.v1.Intake");
         assert_eq!(rpc.method, "SubmitApplication");
+        assert!(!rpc.is_untraced());
+        assert!(Rpc::from_path("/grpc.health.v1.Health/Check").is_untraced());
+        assert!(Rpc::from_path("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo").is_untraced());
     }
 
     #[test]
