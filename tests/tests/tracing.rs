@@ -2,7 +2,7 @@
 //! to a receiver in this test process, and one replacement is driven to READY_FOR_COLLECTION.
 //! Its trace must hold the spans of all four services, each server span a child of the client
 //! span that called it, and the database transactions; the logs must carry its trace id, and the
-//! per-RPC metrics must arrive too.
+//! per-RPC metrics (a stream's counted when it ends) must arrive too.
 //!
 //! Run on SQLite only: the tracing layers and the stored trace context are the same code on
 //! PostgreSQL, which the rest of the suite covers.
@@ -266,6 +266,11 @@ async fn one_application_is_one_trace_across_the_four_bureaus() -> anyhow::Resul
     let unknown = pb::GetApplicationRequest { application_id: uuid::Uuid::new_v4().to_string() };
     let missing = t.intake().await?.get_application(unknown).await.expect_err("no such application");
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    // A stream's call ends when the stream does: a watch the client drops counts as CANCELLED.
+    let watch = pb::WatchApplicationRequest { application_id: submitted.application_id.clone() };
+    let mut watching = t.intake().await?.watch_application(watch).await?.into_inner();
+    watching.message().await?.context("the watch answers the current state first")?;
+    drop(watching);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let points = receiver.points();
@@ -280,6 +285,7 @@ async fn one_application_is_one_trace_across_the_four_bureaus() -> anyhow::Resul
         if has("yidi-intake", "rpc.server.requests", "SubmitApplication", "0")
             && has("yidi-intake", "rpc.server.duration", "SubmitApplication", "0")
             && has("yidi-intake", "rpc.server.errors", "GetApplication", "5")
+            && has("yidi-intake", "rpc.server.errors", "WatchApplication", "1")
             && has("yidi-registry", "rpc.server.requests", "RegisterCard", "0")
             && has("yidi-issuance", "rpc.client.requests", "RegisterCard", "0")
         {

@@ -14,9 +14,10 @@
 //!
 //! Health probes and reflection get metrics but no span.
 //!
-//! The status is read from the response headers, where a unary call's error (a trailers-only
-//! response) is; a stream that fails after it started counts as OK, and the span of a stream ends
-//! when the stream starts, not when it ends.
+//! A call ends, for its span and its metrics, when its status is known: at once for a response
+//! that carries it in its headers (a unary call's error), otherwise with the trailers after the
+//! last message, so that a stream's span and latency cover the whole stream and an error in the
+//! middle of it is counted; a stream the other end drops counts as CANCELLED.
 use std::{
     future::Future,
     pin::Pin,
@@ -25,6 +26,7 @@ use std::{
     time::Instant,
 };
 
+use http_body::Body;
 use opentelemetry::{
     KeyValue,
     metrics::{Counter, Histogram},
@@ -135,11 +137,12 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
-/// The gRPC status of a response whose status is in its headers (any error of a unary call);
-/// otherwise it is in the trailers, sent after the body: OK for all we can tell here.
+const GRPC_STATUS: &str = "grpc-status";
+
+/// The gRPC status in response headers or trailers; none there means OK.
 fn status_of(headers: &HeaderMap) -> Code {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<i32>().ok())
         .map_or(Code::Ok, Code::from_i32)
@@ -240,10 +243,11 @@ impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for RpcTelemetry<S>
 where
     S: tower::Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    ResBody: Body + Unpin,
 {
-    type Response = S::Response;
+    type Response = Response<ObservedBody<ResBody>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -252,30 +256,118 @@ where
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let rpc = Rpc::from_path(request.uri().path());
         let span = self.span(&rpc, request.headers_mut());
-        let started = Instant::now();
+        let call_ends = CallEnd {
+            span: span.clone(),
+            rpc,
+            side: self.side,
+            metrics: Arc::clone(&self.metrics),
+            started: Instant::now(),
+            recorded: false,
+        };
         // The clone is not ready yet; the service that was polled ready is the one to call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let call = span.in_scope(|| inner.call(request));
-        let (side, metrics) = (self.side, Arc::clone(&self.metrics));
-        let recorded = span.clone();
         Box::pin(
             async move {
-                let result = call.await;
-                let code = match &result {
-                    Ok(response) => status_of(response.headers()),
-                    // The server's routes never fail; a channel fails when the peer is unreachable.
-                    Err(_) => Code::Unavailable,
+                let response = match call.await {
+                    Ok(response) => response,
+                    Err(error) => {
+                        // The server's routes never fail; a channel fails when the peer is unreachable.
+                        call_ends.record(Code::Unavailable);
+                        return Err(error);
+                    }
                 };
-                recorded.set_attribute("rpc.grpc.status_code", i64::from(code as i32));
-                if is_span_error(side, code) {
-                    recorded.set_status(opentelemetry::trace::Status::error(format!("{code:?}")));
-                }
-                metrics.record(&rpc, code, started);
-                result
+                let (parts, body) = response.into_parts();
+                // A status in the headers (trailers-only: every error of a unary call) ends the call now;
+                // otherwise it ends with the trailers, after the last message.
+                let pending = if parts.headers.contains_key(GRPC_STATUS) || body.is_end_stream() {
+                    call_ends.record(status_of(&parts.headers));
+                    None
+                } else {
+                    Some(call_ends)
+                };
+                Ok(Response::from_parts(parts, ObservedBody { inner: body, pending }))
             }
             .instrument(span),
         )
+    }
+}
+
+/// What is recorded when a call ends: its span's status and the metrics. A call dropped before
+/// its status was known (the other end went away, e.g. a client that stopped a watch, or cancelled
+/// a call in flight) ends as CANCELLED.
+struct CallEnd {
+    span: Span,
+    rpc: Rpc,
+    side: Side,
+    metrics: Arc<RpcMetrics>,
+    started: Instant,
+    recorded: bool,
+}
+
+impl CallEnd {
+    /// Records the call's end; its span ends when this (its last handle) is dropped.
+    fn record(mut self, code: Code) {
+        self.finish(code);
+    }
+
+    fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        self.span.set_attribute("rpc.grpc.status_code", i64::from(code as i32));
+        if is_span_error(self.side, code) {
+            self.span.set_status(opentelemetry::trace::Status::error(format!("{code:?}")));
+        }
+        self.metrics.record(&self.rpc, code, self.started);
+    }
+}
+
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        self.finish(Code::Cancelled);
+    }
+}
+
+/// A response body that ends its call when the trailers pass (or the stream breaks off, or is
+/// dropped), so that a stream's span, status and latency cover the whole stream.
+pub struct ObservedBody<B> {
+    inner: B,
+    pending: Option<CallEnd>,
+}
+
+impl<B: Body + Unpin> Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(status_of),
+            Poll::Ready(Some(Err(_))) => Some(Code::Internal),
+            // gRPC always ends with trailers: an end without them is a broken call.
+            Poll::Ready(None) => Some(Code::Unknown),
+            Poll::Pending => None,
+        };
+        if let Some(code) = ended
+            && let Some(call) = this.pending.take()
+        {
+            call.record(code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
