@@ -8,8 +8,9 @@ Conventions in README.md (kept unobtrusive so the README reads as a normal walk-
 
 * The runbook is every part of README.md between `<!-- runbook -->` and `<!-- /runbook -->`.
 * `<!-- runbook: demo ARGS -->` (re)starts the demo there: `target/debug/yidi-demo run ARGS` with a
-  fresh temporary `--dir` (the README's `scripts/demo.sh ARGS`). A running demo is stopped first
-  (SIGTERM) and must exit with 0; so must the last one at the end.
+  fresh temporary `--dir` (the README's `scripts/demo.sh ARGS`) on the default ports (it fails
+  if one is taken), and waits until every port answers SERVING to the gRPC health check. A running
+  demo is stopped first (SIGTERM) and must exit with 0; so must the last one at the end.
 * Inside the runbook, every fenced ```sh block is run, in order, in ONE bash session (variables and
   functions carry over), in a scratch folder where `var/demo` is the demo's folder, as the README's
   `var/demo` is for `scripts/demo.sh` run at the repository root. stdout and stderr are merged.
@@ -215,6 +216,16 @@ def compare(matcher: Matcher, expected: str, actual: str) -> tuple[bool, str, st
 # The demo and the shell
 
 
+def serving(port: int) -> bool:
+    """Whether the service on `port` answers SERVING to the standard health check."""
+    check = subprocess.run(
+        ["grpcurl", "-plaintext", "-max-time", "2", f"127.0.0.1:{port}", "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+    )
+    return check.returncode == 0 and '"SERVING"' in check.stdout
+
+
 class Demo:
     def __init__(self, binary: Path, dir: Path, args: list[str], log: Path) -> None:
         self.dir = dir
@@ -235,7 +246,11 @@ class Demo:
             start_new_session=True,
         )
         deadline = time.monotonic() + DEMO_START_TIMEOUT_S
-        while "Ctrl-C stops every service." not in log.read_text():
+        waiting = list(DEMO_PORTS)
+        while waiting:
+            if serving(waiting[0]):
+                waiting.pop(0)
+                continue
             if self.process.poll() is not None:
                 raise SystemExit(f"the demo exited at start ({self.process.returncode}):\n{self.tail()}")
             if time.monotonic() > deadline:
