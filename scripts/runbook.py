@@ -9,7 +9,8 @@ Conventions in README.md (kept unobtrusive so the README reads as a normal walk-
 * The runbook is every part of README.md between `<!-- runbook -->` and `<!-- /runbook -->`.
 * `<!-- runbook: demo ARGS -->` (re)starts the demo there: `target/debug/yidi-demo run ARGS` with a
   fresh temporary `--dir` (the README's `scripts/demo.sh ARGS`) on the default ports (it fails
-  if one is taken), and waits until every port answers SERVING to the gRPC health check. A running
+  if one is taken), and waits until it is ready and every port answers SERVING to the gRPC health
+  check. A running
   demo is stopped first (SIGTERM) and must exit with 0; so must the last one at the end.
 * Inside the runbook, every fenced ```sh block is run, in order, in ONE bash session (variables and
   functions carry over), in a scratch folder where `var/demo` is the demo's folder, as the README's
@@ -50,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_PORTS = (50051, 50052, 50053, 50054, 50056)
 COMMAND_TIMEOUT_S = 90
 DEMO_START_TIMEOUT_S = 120
+PORT_WAIT_S = 90
 
 PLACEHOLDER_PATTERNS = {
     "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
@@ -216,6 +218,38 @@ def compare(matcher: Matcher, expected: str, actual: str) -> tuple[bool, str, st
 # The demo and the shell
 
 
+def bindable(port: int) -> bool:
+    """Whether a server could bind `port` now (with SO_REUSEADDR, as the services do)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_free_ports() -> None:
+    """Fails at once if a demo port has a listener; waits while one is held only for a while.
+
+    The demo's ports lie in Linux's ephemeral range: a connection another program made from one
+    of them (the test suite makes thousands) blocks binding it for up to 60 s in TIME_WAIT."""
+    for port in DEMO_PORTS:
+        with socket.socket() as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(
+                    f"port {port} is taken: the runbook needs the demo's ports 50051-50054 and 50056 free "
+                    "(is scripts/demo.sh running?)"
+                )
+    deadline = time.monotonic() + PORT_WAIT_S
+    while busy := [port for port in DEMO_PORTS if not bindable(port)]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ports {busy} stayed in use for {PORT_WAIT_S} s (ss -tan shows by whom)")
+        print(f"runbook: waiting for ports {busy} (in use by a closed connection: TIME_WAIT)")
+        time.sleep(5)
+
+
 def serving(port: int) -> bool:
     """Whether the service on `port` answers SERVING to the standard health check."""
     check = subprocess.run(
@@ -230,14 +264,7 @@ class Demo:
     def __init__(self, binary: Path, dir: Path, args: list[str], log: Path) -> None:
         self.dir = dir
         self.log = log
-        for port in DEMO_PORTS:
-            with socket.socket() as probe:
-                probe.settimeout(0.5)
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    raise SystemExit(
-                        f"port {port} is taken: the runbook needs the demo's ports 50051-50054 and 50056 free "
-                        "(is scripts/demo.sh running?)"
-                    )
+        wait_for_free_ports()
         self.process = subprocess.Popen(
             [str(binary), "run", "--dir", str(dir), *args],
             stdin=subprocess.DEVNULL,
@@ -245,21 +272,26 @@ class Demo:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        # The demo says it is ready once every bureau answers SERVING; no port is probed before,
+        # because a probe's own ephemeral port could be a demo port not bound yet.
         deadline = time.monotonic() + DEMO_START_TIMEOUT_S
-        waiting = list(DEMO_PORTS)
-        while waiting:
-            if serving(waiting[0]):
-                waiting.pop(0)
-                continue
+        while "Ctrl-C stops every service." not in log.read_text(errors="replace"):
             if self.process.poll() is not None:
                 raise SystemExit(f"the demo exited at start ({self.process.returncode}):\n{self.tail()}")
             if time.monotonic() > deadline:
                 self.process.kill()
                 raise SystemExit(f"the demo did not start in {DEMO_START_TIMEOUT_S} s:\n{self.tail()}")
             time.sleep(0.2)
+        not_serving = [port for port in DEMO_PORTS if not serving(port)]
+        if not_serving:
+            self.stop()
+            raise SystemExit(f"the demo started, but ports {not_serving} do not answer SERVING:\n{self.tail()}")
 
     def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+        """The end of the demo's output, without backtrace frames (RUST_BACKTRACE=1 buries the error)."""
+        frame = re.compile(r"^\s+(\d+: |at )")
+        lines = [line for line in self.log.read_text(errors="replace").splitlines() if not frame.match(line)]
+        return "\n".join(lines[-30:])
 
     def stop(self) -> int:
         """SIGTERM, then the exit code. A bureau the runbook paused (kill -STOP) is resumed first."""
@@ -275,6 +307,21 @@ class Demo:
             self.process.kill()
             self.process.wait()
             return -1
+
+
+def start_demo(binary: Path, dir: Path, args: list[str], log: Path) -> Demo:
+    """Starts the demo; once more if a bureau still found its port in use (see wait_for_free_ports)."""
+    try:
+        return Demo(binary, dir, args, log)
+    except SystemExit as error:
+        logs = " ".join(path.read_text(errors="replace") for path in dir.glob("*.log"))
+        if "Address already in use" not in logs:
+            raise
+        print(f"runbook: a demo port was in use at start; starting again in 3 s:\n{error}")
+        time.sleep(3)
+        shutil.rmtree(dir)
+        dir.mkdir(parents=True)
+        return Demo(binary, dir, args, log)
 
 
 class Shell:
@@ -365,7 +412,7 @@ def main() -> int:
                     shutil.rmtree(demo_dir)
                 demo_dir.mkdir(parents=True)
                 t = time.monotonic()
-                demo = Demo(binary, demo_dir, step.demo_args, scratch / f"demo-{step.line}.out")
+                demo = start_demo(binary, demo_dir, step.demo_args, scratch / f"demo-{step.line}.out")
                 print(f"  demo    yidi-demo run {' '.join(step.demo_args)}  ({time.monotonic() - t:.1f} s)")
                 continue
             assert step.command is not None
