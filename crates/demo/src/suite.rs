@@ -117,6 +117,7 @@ impl Suite {
         // A fresh start: keys are new, so data signed under old ones must go, and so must old logs.
         for process in Process::ALL {
             let _ = std::fs::remove_file(dir.join(format!("{}.log", process.slug())));
+            let _ = std::fs::remove_file(dir.join(format!("{}.pid", process.slug())));
         }
         let postgres = match &options.backend {
             Backend::Sqlite => {
@@ -202,6 +203,12 @@ impl Suite {
         self.dir.join(format!("{}.log", process.slug()))
     }
 
+    /// Holds the bureau's process id while it runs, so an operator can pause it (`kill -STOP`) to
+    /// simulate an outage (README, operator runbook, "Cancel").
+    pub fn pid_path(&self, process: Process) -> PathBuf {
+        self.dir.join(format!("{}.pid", process.slug()))
+    }
+
     pub fn config_path(&self, process: Process) -> PathBuf {
         self.dir.join(format!("{}.toml", process.slug()))
     }
@@ -261,6 +268,9 @@ impl Suite {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
+        if let Some(pid) = child.id() {
+            std::fs::write(self.pid_path(process), format!("{pid}\n"))?;
+        }
         self.children.insert(process, child);
         Ok(())
     }
@@ -302,6 +312,7 @@ impl Suite {
     /// Asks a bureau to stop (SIGTERM) and waits; returns its exit code.
     pub async fn terminate(&mut self, process: Process) -> anyhow::Result<Option<i32>> {
         let Some(mut child) = self.children.remove(&process) else { return Ok(None) };
+        let _ = std::fs::remove_file(self.pid_path(process));
         if let Some(pid) = child.id() {
             // `kill` keeps this crate free of unsafe code (no direct libc call).
             Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;

@@ -105,7 +105,7 @@ impl ApplicationState {
 pub enum RefusalReason {
     #[error("a first application is never accepted in a different place (K4)")]
     FirstApplication,
-    #[error("the live face does not match the register (S2, S3)")]
+    #[error("the live face does not match the register (S2, S3; C3 at collection)")]
     FaceMismatch,
     #[error("the live fingerprints do not match the register (S2, S3)")]
     FingerprintMismatch,
