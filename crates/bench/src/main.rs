@@ -33,6 +33,8 @@ options:
   --cards N          cards for the registry runs (default 100000; smoke 1000)
   --scale-cards N    cards for the large scale run (default 10000000)
   --connections L    comma-separated connection counts for CheckCard (default 1,8,32)
+  --flow-levels L    applications in flight for the replacement flow (default 8,32,128)
+  --commit-max N     most connections of the commit-rate runs (1, 8, 32; default 32)
   --postgres URL     server for scratch databases (default $YIDI_TEST_POSTGRES_URL or the test server)
   --out DIR          where reports go (default target/bench)
   --bin-dir DIR      folder of the yidi-* binaries (default: this executable's)
@@ -45,6 +47,10 @@ pub struct Options {
     pub cards: u64,
     pub scale_cards: u64,
     pub connection_levels: Vec<usize>,
+    /// Applications in flight (closed loop) of the replacement-flow runs.
+    pub flow_levels: Vec<usize>,
+    /// Most connections of the commit-rate runs.
+    pub commit_max: usize,
     pub postgres_url: String,
     pub out: PathBuf,
     pub work: PathBuf,
@@ -60,6 +66,8 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
         cards: if smoke { 1000 } else { 100_000 },
         scale_cards: 10_000_000,
         connection_levels: vec![1, 8, 32],
+        flow_levels: vec![8, 32, 128],
+        commit_max: 32,
         postgres_url: test_postgres_url(),
         out: checks::default_out(&bin_dir),
         work: PathBuf::new(),
@@ -76,6 +84,8 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
             "--connections" => {
                 options.connection_levels = value.split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?;
             }
+            "--flow-levels" => options.flow_levels = levels(value)?,
+            "--commit-max" => options.commit_max = value.parse()?,
             "--postgres" => options.postgres_url = value.clone(),
             "--out" => options.out = PathBuf::from(value),
             "--bin-dir" => options.bin_dir = PathBuf::from(value),
@@ -85,6 +95,11 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
     options.work = options.out.join(format!("work-{command}"));
     std::fs::create_dir_all(&options.work)?;
     Ok(options)
+}
+
+/// `1,8,32` → [1, 8, 32].
+fn levels(value: &str) -> anyhow::Result<Vec<usize>> {
+    Ok(value.split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?)
 }
 
 #[tokio::main]
