@@ -173,8 +173,14 @@ impl LossRegistry for RegistryGrpc {
         let today = self.service.today();
         let mut queries = Vec::with_capacity(request.cards.len());
         for (index, query) in request.cards.iter().enumerate() {
-            let id_number = v.id_number(&format!("cards[{index}].id_number"), &query.id_number, today);
-            let card_serial = v.required(&format!("cards[{index}].card_serial"), &query.card_serial, MAX_SERIAL_LEN);
+            // Field paths are formatted only for a query that fails: a valid 1,000-card batch would
+            // otherwise format 2,000 of them per call.
+            let mut item = FieldViolations::new();
+            let id_number = item.id_number("id_number", &query.id_number, today);
+            let card_serial = item.required("card_serial", &query.card_serial, MAX_SERIAL_LEN);
+            for (field, description) in item.iter() {
+                v.add(format!("cards[{index}].{field}"), description.clone());
+            }
             if let (Some(id_number), Some(card_serial)) = (id_number, card_serial) {
                 queries.push(CardQuery { id_number, card_serial: card_serial.to_owned() });
             }

@@ -5,6 +5,7 @@
 pub mod config;
 mod entities;
 mod grpc;
+mod index;
 mod repo;
 mod service;
 
@@ -41,7 +42,10 @@ pub async fn serve(
         startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, |_, _| Ok(())).await?;
     let repo = Repo::new(db);
     let bureau_id = config.server.bureau_id.clone();
-    let registry = Arc::new(Registry::new(repo.clone(), Arc::new(directory), clock, bureau_id, stop.clone()));
+    let loading = std::time::Instant::now();
+    let index = repo.load_index().await.context("loading the card index")?;
+    tracing::info!(cards = index.len(), seconds = loading.elapsed().as_secs_f64(), "card index loaded");
+    let registry = Arc::new(Registry::new(repo.clone(), index, Arc::new(directory), clock, bureau_id, stop.clone()));
 
     if let Some(path) = &config.import.path {
         let population = Population::read(path)?;

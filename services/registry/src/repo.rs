@@ -1,21 +1,26 @@
 //! All database access of the registry. Every status change is written together with its event
 //! row and its audit row in one transaction, committed before the caller answers or broadcasts.
-use std::collections::HashMap;
-
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TryInsertResult,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, TryInsertResult,
     sea_query::Expr,
 };
+use tokio_stream::StreamExt;
 use yidi_common::{
     audit::{self, AuditEntry},
     db,
 };
 use yidi_domain::StoredCardStatus;
 
-use crate::entities::{cards, hits, loss_reports, status_events};
+use crate::{
+    entities::{cards, hits, loss_reports, status_events},
+    index::{CardIndex, IndexedCard},
+};
+
+/// The columns a check needs, as the index loader reads them.
+type IndexRow = (String, String, String, String, Option<NaiveDate>, DateTime<Utc>);
 
 /// A card as the registry stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +55,20 @@ impl TryFrom<cards::Model> for Card {
             status_changed_at: m.status_changed_at,
             created_at: m.created_at,
         })
+    }
+}
+
+impl Card {
+    /// The card as the index keeps it.
+    pub fn indexed(&self) -> IndexedCard<'_> {
+        IndexedCard {
+            serial: &self.serial,
+            id_number: &self.id_number,
+            home_bureau_id: &self.home_bureau_id,
+            status: self.status,
+            valid_until: self.valid_until,
+            status_changed_at: self.status_changed_at,
+        }
     }
 }
 
@@ -88,6 +107,20 @@ pub struct NewCard {
     pub valid_until: Option<NaiveDate>,
     pub decision_id: Option<String>,
     pub producer_id: Option<String>,
+}
+
+impl NewCard {
+    /// The card as the index keeps it once written, in its status since `status_changed_at`.
+    pub fn indexed(&self, status_changed_at: DateTime<Utc>) -> IndexedCard<'_> {
+        IndexedCard {
+            serial: &self.serial,
+            id_number: &self.id_number,
+            home_bureau_id: &self.home_bureau_id,
+            status: self.status,
+            valid_until: self.valid_until,
+            status_changed_at,
+        }
+    }
 }
 
 /// A check of a card reported lost (C4).
@@ -181,16 +214,50 @@ impl Repo {
         cards::Entity::find_by_id(serial.to_owned()).one(&self.db).await?.map(Card::try_from).transpose()
     }
 
-    /// The cards with these serials, read in one query.
-    pub async fn cards(&self, serials: &[String]) -> Result<HashMap<String, Card>, DbErr> {
-        if serials.is_empty() {
-            return Ok(HashMap::new());
+    /// Every card, into a new index sized for them (read as one stream, never all in memory).
+    pub async fn load_index(&self) -> Result<CardIndex, DbErr> {
+        let count = cards::Entity::find().count(&self.db).await?;
+        // A little room for the cards registered while running, so the first ones do not re-hash.
+        let index = CardIndex::with_capacity(usize::try_from(count).unwrap_or(0).saturating_add(1024));
+        let mut rows = cards::Entity::find()
+            .select_only()
+            .columns([
+                cards::Column::Serial,
+                cards::Column::IdNumber,
+                cards::Column::HomeBureauId,
+                cards::Column::Status,
+                cards::Column::ValidUntil,
+                cards::Column::StatusChangedAt,
+            ])
+            .into_tuple::<IndexRow>()
+            .stream(&self.db)
+            .await?;
+        while let Some(row) = rows.next().await {
+            let (serial, id_number, home_bureau_id, status, valid_until, status_changed_at) = row?;
+            let status = StoredCardStatus::parse(&status)
+                .ok_or_else(|| DbErr::Custom(format!("card {serial}: unknown status {status:?}")))?;
+            let card = IndexedCard {
+                serial: &serial,
+                id_number: &id_number,
+                home_bureau_id: &home_bureau_id,
+                status,
+                valid_until,
+                status_changed_at,
+            };
+            index.insert(card).map_err(|e| DbErr::Custom(e.to_string()))?;
         }
-        let mut unique: Vec<&String> = serials.iter().collect();
-        unique.sort();
-        unique.dedup();
-        let models = cards::Entity::find().filter(cards::Column::Serial.is_in(unique)).all(&self.db).await?;
-        models.into_iter().map(|m| Card::try_from(m).map(|c| (c.serial.clone(), c))).collect()
+        Ok(index)
+    }
+
+    /// Every card of a holder, whatever its status.
+    pub async fn cards_of(&self, id_number: &str) -> Result<Vec<Card>, DbErr> {
+        cards::Entity::find()
+            .filter(cards::Column::IdNumber.eq(id_number))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(Card::try_from)
+            .collect()
     }
 
     /// The holder's cards that are still in force (valid or reported lost).
@@ -379,9 +446,10 @@ impl Repo {
 
     /// Imports a legacy card if its serial is not yet known; never overwrites. A card already
     /// reported lost gets a loss report row `import:<serial>` so a withdrawal can close it.
-    pub async fn import_card(&self, card: NewCard, now: DateTime<Utc>) -> Result<bool, DbErr> {
+    /// `Some(since when the card has its status)` if it was imported.
+    pub async fn import_card(&self, card: NewCard, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, DbErr> {
         if cards::Entity::find_by_id(card.serial.clone()).one(&self.db).await?.is_some() {
-            return Ok(false);
+            return Ok(None);
         }
         let serial = card.serial.clone();
         let lost = card.status == StoredCardStatus::ReportedLost;
@@ -398,13 +466,13 @@ impl Repo {
             .await?;
         if !matches!(inserted, TryInsertResult::Inserted(n) if n > 0) {
             txn.rollback().await?;
-            return Ok(false);
+            return Ok(None);
         }
         if lost {
             insert_loss_report(&txn, &serial, &format!("import:{serial}"), now).await?;
         }
         txn.commit().await?;
-        Ok(true)
+        Ok(Some(since))
     }
 
     /// C4: hits, in one multi-row insert.

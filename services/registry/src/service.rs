@@ -10,7 +10,10 @@ use yidi_domain::{
     StoredCardStatus, decision::Expectation, mask::mask_id_number,
 };
 
-use crate::repo::{Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent};
+use crate::{
+    index::{CardIndex, CardState, IndexedCard},
+    repo::{Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent},
+};
 
 /// How often a status change is retried when another writer changed the card meanwhile.
 const ATTEMPTS: usize = 3;
@@ -57,6 +60,8 @@ pub struct CheckResult {
 
 pub struct Registry {
     repo: Repo,
+    /// Every card's status; checks read only this (S1: updated by each write before it answers).
+    index: CardIndex,
     directory: Arc<Directory>,
     clock: Clock,
     bureau_id: String,
@@ -76,32 +81,90 @@ fn is_unique_violation(error: &DbErr) -> bool {
 }
 
 /// C2: the status a relying party is told, and since when.
-pub fn answer(card: &Card, today: NaiveDate) -> CheckResult {
-    let status = card.status.effective(card.valid_until, today);
-    let status_changed_at = match (status, card.valid_until) {
+fn answer_state(
+    status: StoredCardStatus,
+    valid_until: Option<NaiveDate>,
+    changed_at: DateTime<Utc>,
+    today: NaiveDate,
+) -> CheckResult {
+    let status = status.effective(valid_until, today);
+    let status_changed_at = match (status, valid_until) {
         // An expired card entered EXPIRED at the start of the day after its last valid day.
-        (CardStatus::Expired, Some(until)) => until
-            .succ_opt()
-            .and_then(|day| day.and_hms_opt(0, 0, 0))
-            .map(|at| at.and_utc())
-            .unwrap_or(card.status_changed_at),
-        _ => card.status_changed_at,
+        (CardStatus::Expired, Some(until)) => {
+            until.succ_opt().and_then(|day| day.and_hms_opt(0, 0, 0)).map(|at| at.and_utc()).unwrap_or(changed_at)
+        }
+        _ => changed_at,
     };
     CheckResult { status, status_changed_at: Some(status_changed_at) }
 }
 
-/// C4: a card is known to a relying party only under the number of its holder.
-pub fn check_one(card: Option<&Card>, id_number: &IdNumber, today: NaiveDate) -> CheckResult {
-    match card {
-        Some(card) if card.id_number == id_number.as_str() => answer(card, today),
-        _ => CheckResult { status: CardStatus::Unknown, status_changed_at: None },
+/// C2: the status a relying party is told about a stored card, and since when.
+pub fn answer(card: &Card, today: NaiveDate) -> CheckResult {
+    answer_state(card.status, card.valid_until, card.status_changed_at, today)
+}
+
+/// C4: a card is known to a relying party only under the number of its holder (the index finds
+/// a card only under it).
+pub fn check_one(state: Option<&CardState>, today: NaiveDate) -> CheckResult {
+    match state {
+        Some(state) => answer_state(state.status, state.valid_until, state.status_changed_at, today),
+        None => CheckResult { status: CardStatus::Unknown, status_changed_at: None },
     }
 }
 
 impl Registry {
-    pub fn new(repo: Repo, directory: Arc<Directory>, clock: Clock, bureau_id: String, shutdown: Shutdown) -> Self {
+    /// `index` holds every card of `repo` ([`Repo::load_index`]).
+    pub fn new(
+        repo: Repo,
+        index: CardIndex,
+        directory: Arc<Directory>,
+        clock: Clock,
+        bureau_id: String,
+        shutdown: Shutdown,
+    ) -> Self {
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
-        Self { repo, directory, clock, bureau_id, events, writer: Mutex::new(()), shutdown }
+        Self { repo, index, directory, clock, bureau_id, events, writer: Mutex::new(()), shutdown }
+    }
+
+    /// S1: a committed status change reaches the index before anyone is told. Called under the
+    /// writer lock, so changes land in commit order.
+    async fn index_events(&self, events: &[StatusEvent], id_number: &str) {
+        let mut missing = false;
+        for event in events {
+            missing |= !self.index.set_status(&event.card_serial, event.status, event.changed_at);
+        }
+        if missing {
+            self.resync_holder(id_number).await;
+        }
+    }
+
+    fn index_card(&self, card: IndexedCard<'_>) {
+        if let Err(error) = self.index.insert(card) {
+            // Only a directory of more than 65,535 home bureaus gets here.
+            tracing::error!(%error, serial = card.serial, "card not indexed");
+        }
+    }
+
+    /// After a write whose outcome is unknown (an error, perhaps after the commit), or a change to
+    /// a card the index lacked: the holder's cards are read again, so the index never keeps a
+    /// status the database no longer has.
+    async fn resync_holder(&self, id_number: &str) {
+        match self.repo.cards_of(id_number).await {
+            Ok(cards) => {
+                for card in &cards {
+                    self.index_card(card.indexed());
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, holder = %mask_id_number(id_number), "card index not re-read after a failed write")
+            }
+        }
+    }
+
+    /// A write failed: its outcome may still have been committed, so the holder is re-read.
+    async fn write_failed(&self, error: DbErr, id_number: &str) -> ApiError {
+        self.resync_holder(id_number).await;
+        error.into()
     }
 
     /// Now, at the precision every database keeps (microseconds).
@@ -225,6 +288,7 @@ impl Registry {
                 StoredCardStatus::Valid => {
                     match self.repo.report_loss(&card.serial, &d.decision_id, now, audit("reported_lost")).await {
                         Ok(Change::Done(event)) => {
+                            self.index_events(std::slice::from_ref(&event), &card.id_number).await;
                             self.publish([event.clone()]);
                             tracing::info!(serial = %card.serial, sequence = event.sequence, "card reported lost");
                             return Ok(LossOutcome {
@@ -236,7 +300,7 @@ impl Registry {
                         }
                         Ok(Change::Raced) => continue,
                         Err(e) if is_unique_violation(&e) => continue,
-                        Err(e) => return Err(e.into()),
+                        Err(e) => return Err(self.write_failed(e, &card.id_number).await),
                     }
                 }
             }
@@ -298,6 +362,7 @@ impl Registry {
                     };
                     match self.repo.withdraw_loss_report(&card.serial, &d.decision_id, now, audit).await {
                         Ok(Change::Done(event)) => {
+                            self.index_events(std::slice::from_ref(&event), &card.id_number).await;
                             self.publish([event.clone()]);
                             tracing::info!(serial = %card.serial, sequence = event.sequence, "loss report withdrawn");
                             return Ok(WithdrawOutcome {
@@ -308,7 +373,7 @@ impl Registry {
                         }
                         Ok(Change::Raced) => continue,
                         Err(e) if is_unique_violation(&e) => continue,
-                        Err(e) => return Err(e.into()),
+                        Err(e) => return Err(self.write_failed(e, &card.id_number).await),
                     }
                 }
             }
@@ -372,7 +437,7 @@ impl Registry {
             }
             let new = NewCard {
                 serial: card_serial.clone(),
-                id_number: normalised(&d.card.id_number),
+                id_number: holder.clone(),
                 home_bureau_id: d.bureau_id.clone(),
                 status: StoredCardStatus::Valid,
                 valid_from: d.card.valid_from,
@@ -386,8 +451,10 @@ impl Registry {
                 outcome: "registered".into(),
                 detail: format!("{detail}; revoked [{}]", revoked.join(", ")),
             };
-            match self.repo.register_card(new, now, audit).await {
+            match self.repo.register_card(new.clone(), now, audit).await {
                 Ok(events) => {
+                    self.index_card(new.indexed(now));
+                    self.index_events(&events, &holder).await;
                     let revoked_card_serials: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
                     self.publish(events);
                     tracing::info!(serial = %card_serial, holder = %subject, revoked = revoked_card_serials.len(), "card registered");
@@ -398,33 +465,33 @@ impl Registry {
                     });
                 }
                 Err(e) if is_unique_violation(&e) => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(self.write_failed(e, &holder).await),
             }
         }
         Err(ApiError::Internal("the registration kept conflicting; try again".into()))
     }
 
-    /// C2, C4: the status of each card, in order; checks of lost cards are hits.
+    /// C2, C4: the status of each card, in order, from the index: a check never waits on the
+    /// database. Checks of lost cards are hits, written (one multi-row insert per call) before the
+    /// answer, so none is lost; only those calls touch the database.
     pub async fn check_cards(
         &self,
         queries: &[CardQuery],
         relying_party: &str,
     ) -> Result<(Vec<CheckResult>, DateTime<Utc>), ApiError> {
         let checked_at = self.now();
-        let today = self.today();
-        let serials: Vec<String> = queries.iter().map(|q| q.card_serial.clone()).collect();
-        let cards = self.repo.cards(&serials).await?;
+        let today = checked_at.date_naive();
         let mut hits = Vec::new();
         let results = queries
             .iter()
             .map(|query| {
-                let card = cards.get(&query.card_serial);
-                let result = check_one(card, &query.id_number, today);
-                if let (CardStatus::ReportedLost, Some(card)) = (result.status, card) {
+                let state = self.index.get(&query.card_serial, query.id_number.as_str());
+                let result = check_one(state.as_ref(), today);
+                if let (CardStatus::ReportedLost, Some(state)) = (result.status, state) {
                     hits.push(NewHit {
-                        card_serial: card.serial.clone(),
-                        id_number: card.id_number.clone(),
-                        home_bureau_id: card.home_bureau_id.clone(),
+                        card_serial: query.card_serial.clone(),
+                        id_number: query.id_number.as_str().to_owned(),
+                        home_bureau_id: self.index.bureau_id(state.home_bureau),
                         relying_party: relying_party.to_owned(),
                         checked_at,
                     });
@@ -434,8 +501,8 @@ impl Registry {
             .collect();
         if !hits.is_empty() {
             tracing::info!(hits = hits.len(), "checks of cards reported lost");
+            self.repo.record_hits(hits).await?;
         }
-        self.repo.record_hits(hits).await?;
         Ok((results, checked_at))
     }
 
@@ -519,8 +586,13 @@ impl Registry {
                 decision_id: None,
                 producer_id: None,
             };
-            if self.repo.import_card(new, now).await? {
-                imported += 1;
+            match self.repo.import_card(new.clone(), now).await {
+                Ok(Some(status_changed_at)) => {
+                    self.index_card(new.indexed(status_changed_at));
+                    imported += 1;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.write_failed(e, &new.id_number).await),
             }
         }
         Ok(imported)
@@ -569,11 +641,14 @@ mod tests {
     #[test]
     fn c4_serial_of_another_holder_is_unknown() {
         let c = card(StoredCardStatus::Valid, None);
+        let index = CardIndex::with_capacity(1);
+        index.insert(c.indexed()).unwrap();
         let other = IdNumber::compose("360102", d(1991, 3, 7), 124);
-        let result = check_one(Some(&c), &other, d(2118, 1, 1));
+        let result = check_one(index.get(&c.serial, other.as_str()).as_ref(), d(2118, 1, 1));
         assert_eq!(result, CheckResult { status: CardStatus::Unknown, status_changed_at: None });
         let holder = IdNumber::parse(&c.id_number, d(2118, 1, 1)).unwrap();
-        assert_eq!(check_one(Some(&c), &holder, d(2118, 1, 1)).status, CardStatus::Valid);
-        assert_eq!(check_one(None, &holder, d(2118, 1, 1)).status, CardStatus::Unknown);
+        let found = index.get(&c.serial, holder.as_str());
+        assert_eq!(check_one(found.as_ref(), d(2118, 1, 1)), answer(&c, d(2118, 1, 1)));
+        assert_eq!(check_one(None, d(2118, 1, 1)).status, CardStatus::Unknown);
     }
 }

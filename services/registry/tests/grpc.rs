@@ -326,6 +326,72 @@ async fn s1_loss_report_is_seen_by_the_next_check() {
     h.shutdown().await;
 }
 
+/// S1 through the card index: every committed change (loss report, withdrawal, revocation by a
+/// newer card) is what the very next check answers, and what the index loads after a restart.
+#[tokio::test]
+async fn s1_check_right_after_loss_report_sees_reported_lost() {
+    let p = person(123, "JX0001000000");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
+
+    let reported = h.report_loss(&h.loss(&p, "loss-1")).await.unwrap();
+    let check = h.check(&p.id, &p.card).await;
+    assert_eq!(status_of(check.status), pb::CardStatus::ReportedLost);
+    assert_eq!(check.status_changed_at, reported.changed_at);
+
+    let withdrawn = h.withdraw(&h.withdrawal(&p, "withdraw-1")).await.unwrap();
+    let check = h.check(&p.id, &p.card).await;
+    assert_eq!(status_of(check.status), pb::CardStatus::Valid);
+    assert_eq!(check.status_changed_at, withdrawn.changed_at);
+
+    let reported = h.report_loss(&h.loss(&p, "loss-2")).await.unwrap();
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost);
+    assert!(!reported.already_reported);
+
+    let registered = h.register(&h.issue(&p, "issue-1"), PRODUCER, "JX0001000099").await.unwrap();
+    assert_eq!(registered.revoked_card_serials, vec![p.card.clone()]);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
+    assert_eq!(status_of(h.check(&p.id, "JX0001000099").await.status), pb::CardStatus::Valid);
+
+    // The index is the database's: the same answers after a restart reloads it.
+    h.restart().await;
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
+    assert_eq!(status_of(h.check(&p.id, "JX0001000099").await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+/// C4 and the fast path: checks of valid cards are answered without the database (here: with the
+/// cards table gone), while a check of a lost card still writes its hit.
+#[tokio::test]
+async fn c4_valid_card_checks_never_read_the_database() {
+    let p = person(123, "JX0001000000");
+    let q = person(124, "JX0001000001");
+    let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&q, None, true)]).await;
+    let db = yidi_common::db::connect(&DatabaseConfig { url: h.db_url.clone(), max_connections: 1 }).await.unwrap();
+    db.execute_unprepared("ALTER TABLE cards RENAME TO cards_elsewhere").await.unwrap();
+
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
+    assert_eq!(status_of(h.check(&q.id, &p.card).await.status), pb::CardStatus::Unknown);
+    let batch = pb::CheckCardsRequest {
+        cards: vec![
+            pb::CardQuery { id_number: p.id.clone(), card_serial: p.card.clone() },
+            pb::CardQuery { id_number: p.id.clone(), card_serial: "JX0009999999".into() },
+        ],
+        relying_party: "bank-of-test".into(),
+    };
+    let results = h.client.check_cards(batch).await.unwrap().into_inner().results;
+    let statuses: Vec<_> = results.iter().map(|r| status_of(r.status)).collect();
+    assert_eq!(statuses, [pb::CardStatus::Valid, pb::CardStatus::Unknown]);
+
+    assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::ReportedLost);
+    let hits = h.hits(JIANGXI).await.unwrap();
+    assert_eq!(hits.iter().map(|hit| hit.card_serial.as_str()).collect::<Vec<_>>(), [q.card.as_str()]);
+
+    db.execute_unprepared("ALTER TABLE cards_elsewhere RENAME TO cards").await.unwrap();
+    db.close().await.unwrap();
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn s1_new_card_revokes_older_cards() {
     let p = person(123, "JX-0001");

@@ -1,0 +1,40 @@
+//! The baseline: a bare tonic unary echo (no health, reflection, tracing or database), served by
+//! this binary in a process of its own (`yidi-bench serve-echo`), like the registry.
+use tonic::{Request, Response, Status, transport::Server};
+
+pub mod pb {
+    tonic::include_proto!("yidi.bench.v1");
+}
+
+use pb::echo_server::{Echo, EchoServer};
+
+/// About the size of a CheckCardRequest (number, serial, relying party), so both move the same bytes.
+pub const PAYLOAD_LEN: usize = 44;
+
+#[derive(Default)]
+struct Echoer;
+
+#[tonic::async_trait]
+impl Echo for Echoer {
+    async fn echo(&self, request: Request<pb::EchoRequest>) -> Result<Response<pb::EchoResponse>, Status> {
+        Ok(Response::new(pb::EchoResponse { payload: request.into_inner().payload }))
+    }
+}
+
+/// Serves the echo on a free loopback port until the process is stopped; prints the address.
+pub async fn serve() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("yidi-bench echo listening on {}", listener.local_addr()?);
+    Server::builder()
+        .add_service(EchoServer::new(Echoer))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+/// One echo call of [`PAYLOAD_LEN`] bytes.
+pub async fn call(channel: tonic::transport::Channel) -> Result<u64, Status> {
+    let mut client = pb::echo_client::EchoClient::new(channel);
+    client.echo(pb::EchoRequest { payload: vec![7; PAYLOAD_LEN] }).await?;
+    Ok(1)
+}

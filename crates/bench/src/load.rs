@@ -1,0 +1,151 @@
+//! The load generator: a fixed number of HTTP/2 connections, each with a fixed number of requests
+//! in flight (one task each, closed loop), for a fixed time after a warm-up; latencies go into an
+//! HdrHistogram.
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// How hard and how long to drive a server.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LoadSpec {
+    pub connections: usize,
+    /// Requests in flight on each connection.
+    pub in_flight: usize,
+    #[serde(serialize_with = "seconds")]
+    pub warmup: Duration,
+    #[serde(serialize_with = "seconds")]
+    pub duration: Duration,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// What one run measured (only requests that started after the warm-up and ended in the window).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadResult {
+    pub spec: LoadSpec,
+    pub requests: u64,
+    pub errors: u64,
+    /// Items answered (cards checked); equals `requests` for single-item calls.
+    pub items: u64,
+    pub requests_per_second: f64,
+    pub items_per_second: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub first_error: Option<String>,
+}
+
+struct Tally {
+    histogram: Histogram<u64>,
+    errors: u64,
+    items: u64,
+    first_error: Option<String>,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    // 1 µs to 60 s, three significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
+}
+
+/// Opens `spec.connections` connections to `endpoint`.
+pub async fn connect(endpoint: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let channel = Endpoint::from_shared(endpoint.to_owned())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {endpoint}"))?;
+        channels.push(channel);
+    }
+    Ok(channels)
+}
+
+/// Drives `call(channel, n)` (n counts each task's calls, for picking inputs) as `spec` says.
+/// `call` answers the number of items the call covered.
+pub async fn drive<F, Fut>(endpoint: &str, spec: LoadSpec, call: F) -> anyhow::Result<LoadResult>
+where
+    F: Fn(Channel, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<u64, tonic::Status>> + Send,
+{
+    let channels = connect(endpoint, spec.connections).await?;
+    let call = Arc::new(call);
+    let start = Instant::now();
+    let measure_from = start + spec.warmup;
+    let end = measure_from + spec.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (c, channel) in channels.iter().enumerate() {
+        for f in 0..spec.in_flight {
+            let channel = channel.clone();
+            let call = Arc::clone(&call);
+            let seed = (c * spec.in_flight + f) as u64;
+            tasks.spawn(async move {
+                let mut tally = Tally { histogram: histogram()?, errors: 0, items: 0, first_error: None };
+                // Each task walks its own stride of inputs.
+                let mut n = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                loop {
+                    let began = Instant::now();
+                    if began >= end {
+                        break;
+                    }
+                    let outcome = call(channel.clone(), n).await;
+                    n = n.wrapping_add(1);
+                    let ended = Instant::now();
+                    if began < measure_from || ended > end {
+                        continue;
+                    }
+                    match outcome {
+                        Ok(items) => {
+                            let micros = u64::try_from(ended.duration_since(began).as_micros()).unwrap_or(u64::MAX);
+                            tally.histogram.saturating_record(micros.max(1));
+                            tally.items += items;
+                        }
+                        Err(status) => {
+                            tally.errors += 1;
+                            tally.first_error.get_or_insert_with(|| status.to_string());
+                        }
+                    }
+                }
+                anyhow::Ok(tally)
+            });
+        }
+    }
+    let mut total = Tally { histogram: histogram()?, errors: 0, items: 0, first_error: None };
+    while let Some(joined) = tasks.join_next().await {
+        let tally = joined??;
+        total.histogram.add(&tally.histogram).context("merging histograms")?;
+        total.errors += tally.errors;
+        total.items += tally.items;
+        if total.first_error.is_none() {
+            total.first_error = tally.first_error;
+        }
+    }
+    drop(channels);
+    let window = spec.duration.as_secs_f64();
+    let h = &total.histogram;
+    Ok(LoadResult {
+        spec,
+        requests: h.len(),
+        errors: total.errors,
+        items: total.items,
+        requests_per_second: h.len() as f64 / window,
+        items_per_second: total.items as f64 / window,
+        p50_us: h.value_at_quantile(0.50),
+        p90_us: h.value_at_quantile(0.90),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+        first_error: total.first_error,
+    })
+}

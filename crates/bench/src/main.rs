@@ -1,0 +1,136 @@
+//! `yidi-bench`: measures the registry's checks against a bare tonic echo in the same run, the
+//! card index at 10M cards, and the replacement flow against PostgreSQL's commit rate; writes
+//! JSON and Markdown into `target/bench/` (BENCHMARKS.md shows how to run it).
+#![forbid(unsafe_code)]
+
+mod cards;
+mod checks;
+mod echo;
+mod flow;
+mod load;
+mod process;
+mod raw;
+mod report;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use yidi_common::scratch_db::test_postgres_url;
+
+const USAGE: &str = "\
+usage: yidi-bench <command> [options]
+
+commands:
+  all        registry + scale + write (every table of BENCHMARKS.md)
+  registry   CheckCard vs the echo baseline (PostgreSQL and SQLite), CheckCards, h2load cross-check
+  scale      100k vs 10M cards: load, start-up, RSS per card, CheckCard latency
+  write      the replacement flow on PostgreSQL vs the commit rate of the same server
+  smoke      a few seconds of echo, CheckCard and CheckCards on SQLite (CI; no thresholds)
+
+options:
+  --seconds S        measured seconds per run (default 10; smoke 1)
+  --warmup S         warm-up seconds per run (default 2; smoke 0.3)
+  --cards N          cards for the registry runs (default 100000; smoke 1000)
+  --scale-cards N    cards for the large scale run (default 10000000)
+  --connections L    comma-separated connection counts for CheckCard (default 1,8,32)
+  --flow-levels L    applications in flight for the replacement flow (default 8,32,128)
+  --commit-max N     most connections of the commit-rate runs (1, 8, 32; default 32)
+  --postgres URL     server for scratch databases (default $YIDI_TEST_POSTGRES_URL or the test server)
+  --out DIR          where reports go (default target/bench)
+  --bin-dir DIR      folder of the yidi-* binaries (default: this executable's)
+";
+
+/// What every measurement reads.
+pub struct Options {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub cards: u64,
+    pub scale_cards: u64,
+    pub connection_levels: Vec<usize>,
+    /// Applications in flight (closed loop) of the replacement-flow runs.
+    pub flow_levels: Vec<usize>,
+    /// Most connections of the commit-rate runs.
+    pub commit_max: usize,
+    pub postgres_url: String,
+    pub out: PathBuf,
+    pub work: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
+    let smoke = command == "smoke";
+    let bin_dir = yidi_demo::suite::default_bin_dir()?;
+    let mut options = Options {
+        duration: Duration::from_secs_f64(if smoke { 1.0 } else { 10.0 }),
+        warmup: Duration::from_secs_f64(if smoke { 0.3 } else { 2.0 }),
+        cards: if smoke { 1000 } else { 100_000 },
+        scale_cards: 10_000_000,
+        connection_levels: vec![1, 8, 32],
+        flow_levels: vec![8, 32, 128],
+        commit_max: 32,
+        postgres_url: test_postgres_url(),
+        out: checks::default_out(&bin_dir),
+        work: PathBuf::new(),
+        bin_dir,
+    };
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--seconds" => options.duration = Duration::from_secs_f64(value.parse()?),
+            "--warmup" => options.warmup = Duration::from_secs_f64(value.parse()?),
+            "--cards" => options.cards = value.parse()?,
+            "--scale-cards" => options.scale_cards = value.parse()?,
+            "--connections" => {
+                options.connection_levels = value.split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?;
+            }
+            "--flow-levels" => options.flow_levels = levels(value)?,
+            "--commit-max" => options.commit_max = value.parse()?,
+            "--postgres" => options.postgres_url = value.clone(),
+            "--out" => options.out = PathBuf::from(value),
+            "--bin-dir" => options.bin_dir = PathBuf::from(value),
+            other => bail!("unknown option {other}\n\n{USAGE}"),
+        }
+    }
+    options.work = options.out.join(format!("work-{command}"));
+    std::fs::create_dir_all(&options.work)?;
+    Ok(options)
+}
+
+/// `1,8,32` → [1, 8, 32].
+fn levels(value: &str) -> anyhow::Result<Vec<usize>> {
+    Ok(value.split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = args.first().cloned() else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    if command == "serve-echo" {
+        return echo::serve().await;
+    }
+    let options = parse(&command, &args[1..])?;
+    let mut report = report::Report::new(&command);
+    match command.as_str() {
+        "registry" => checks::registry(&options, &mut report).await?,
+        "scale" => checks::scale(&options, &mut report).await?,
+        "write" => flow::write(&options, &mut report).await?,
+        "smoke" => checks::smoke(&options, &mut report).await?,
+        "all" => {
+            checks::registry(&options, &mut report).await?;
+            checks::scale(&options, &mut report).await?;
+            flow::write(&options, &mut report).await?;
+        }
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            return Ok(());
+        }
+        other => bail!("unknown command {other}\n\n{USAGE}"),
+    }
+    report.machine = report::machine();
+    report.write(&options.out)?;
+    Ok(())
+}
