@@ -13,12 +13,11 @@ use std::{
 
 use futures::future::BoxFuture;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     body::Body,
     codegen::http::{Request, Response},
     server::NamedService,
-    transport::Server,
+    transport::{Server, server::TcpIncoming},
 };
 use tower::{Service, ServiceExt};
 
@@ -130,7 +129,7 @@ pub fn start<S: GrpcService>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(WhenReady { service: Arc::clone(&service) })
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained);
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drained);
 
     let task = {
         let shutdown = shutdown.clone();
