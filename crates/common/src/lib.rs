@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod caller;
 pub mod client;
 pub mod clock;
 pub mod config;

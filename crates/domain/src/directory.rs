@@ -17,6 +17,36 @@ pub enum Role {
     Registry,
 }
 
+/// What an operator may do at the one bureau whose service he operates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorAccess {
+    /// Reads only: Get*, List*, Watch*, audit verification.
+    Read,
+    /// Reads and acts: counter work, register entries, operator retries.
+    Admin,
+}
+
+/// Who a caller is, as the directory knows him: the identity a peer certificate names, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// A bureau of the directory (station, home bureau, producer, registry).
+    Bureau { id: String, role: Role },
+    /// A bank, hotel, airline...: may only ask whether a card is valid.
+    RelyingParty { id: String },
+    /// A person operating one bureau's service.
+    Operator { id: String, bureau_id: String, access: OperatorAccess },
+}
+
+impl Principal {
+    /// The identity named in the certificate (and in the directory).
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Bureau { id, .. } | Self::RelyingParty { id } | Self::Operator { id, .. } => id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bureau {
     pub id: String,
