@@ -64,6 +64,9 @@ pub enum ApiError {
     /// A decision a producer or the registry does not accept (S4).
     #[error("decision refused: {0}")]
     Decision(#[from] DecisionError),
+    /// The caller is authenticated and admitted to the method, but may not act on what it names.
+    #[error("{message}")]
+    PermissionDenied { reason: &'static str, message: String },
     #[error("{peer} unavailable: {message}")]
     Unavailable { peer: String, message: String },
     /// The service is listening but not ready (its database is being migrated).
@@ -93,7 +96,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) => "INVALID_ARGUMENT".into(),
             Self::NotFound { .. } => "NOT_FOUND".into(),
-            Self::FailedPrecondition { reason, .. } => (*reason).into(),
+            Self::FailedPrecondition { reason, .. } | Self::PermissionDenied { reason, .. } => (*reason).into(),
             Self::Refused(reason) => format!("REFUSAL_REASON_{}", reason.code()),
             Self::Decision(error) => error.code().into(),
             Self::Unavailable { .. } => "PEER_UNAVAILABLE".into(),
@@ -110,7 +113,7 @@ impl ApiError {
             Self::FailedPrecondition { .. } | Self::Refused(_) => Code::FailedPrecondition,
             Self::Decision(DecisionError::AlreadyUsed(_)) => Code::AlreadyExists,
             Self::Decision(DecisionError::Expired(_) | DecisionError::NotYetValid(_)) => Code::FailedPrecondition,
-            Self::Decision(_) => Code::PermissionDenied,
+            Self::Decision(_) | Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::Unavailable { .. } | Self::Starting { .. } => Code::Unavailable,
             Self::Database(_) | Self::Internal(_) => Code::Internal,
         }

@@ -5,6 +5,7 @@
 //! signal, and scratch PostgreSQL databases for tests.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod audit;
 pub mod caller;
 pub mod client;

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 use yidi_common::{
     ApiError, FieldViolations, Shutdown,
+    caller::ensure_acting_for_itself,
     convert::{signed_decision_from_proto, timestamp},
     validate::MAX_TEXT_LEN,
 };
@@ -111,7 +112,9 @@ impl Issuance for IssuanceGrpc {
         &self,
         request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        let extensions = request.extensions().clone();
         let request = validate_place_order(request.get_ref())?;
+        ensure_acting_for_itself(&extensions, "decision.station_id", &request.signed.decision.station_id)?;
         let order = self.service.place_order(request).await?;
         Ok(Response::new(pb::PlaceOrderResponse { order: Some(order_to_proto(&order)) }))
     }

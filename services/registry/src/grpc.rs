@@ -7,6 +7,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use yidi_common::{
     ApiError, FieldViolations,
+    caller::ensure_acting_for_itself,
     convert::{card_status_to_proto, signed_decision_from_proto, timestamp},
     validate::{MAX_TEXT_LEN, page_size, page_token},
 };
@@ -80,8 +81,10 @@ impl LossRegistry for RegistryGrpc {
         &self,
         request: Request<pb::LossRegistryReportLossRequest>,
     ) -> Result<Response<pb::LossRegistryReportLossResponse>, Status> {
+        let extensions = request.extensions().clone();
         let request = request.into_inner();
         let signed = self.decision(request.decision.as_ref(), true)?;
+        ensure_acting_for_itself(&extensions, "decision.station_id", &signed.decision.station_id)?;
         let outcome = self.service.report_loss(signed).await?;
         Ok(Response::new(pb::LossRegistryReportLossResponse {
             card_serial: outcome.card_serial,
@@ -95,8 +98,10 @@ impl LossRegistry for RegistryGrpc {
         &self,
         request: Request<pb::LossRegistryWithdrawLossReportRequest>,
     ) -> Result<Response<pb::LossRegistryWithdrawLossReportResponse>, Status> {
+        let extensions = request.extensions().clone();
         let request = request.into_inner();
         let signed = self.decision(request.decision.as_ref(), true)?;
+        ensure_acting_for_itself(&extensions, "decision.station_id", &signed.decision.station_id)?;
         let outcome = self.service.withdraw_loss_report(signed).await?;
         Ok(Response::new(pb::LossRegistryWithdrawLossReportResponse {
             card_serial: outcome.card_serial,
@@ -109,6 +114,7 @@ impl LossRegistry for RegistryGrpc {
         &self,
         request: Request<pb::RegisterCardRequest>,
     ) -> Result<Response<pb::RegisterCardResponse>, Status> {
+        ensure_acting_for_itself(request.extensions(), "producer_id", &request.get_ref().producer_id)?;
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         let producer_id = v.required("producer_id", &request.producer_id, MAX_TEXT_LEN).map(str::to_owned);
@@ -235,6 +241,8 @@ impl LossRegistry for RegistryGrpc {
     }
 
     async fn list_hits(&self, request: Request<pb::ListHitsRequest>) -> Result<Response<pb::ListHitsResponse>, Status> {
+        // A home bureau reads the hits on its own citizens only.
+        ensure_acting_for_itself(request.extensions(), "home_bureau_id", &request.get_ref().home_bureau_id)?;
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         let home_bureau_id = v.required("home_bureau_id", &request.home_bureau_id, MAX_TEXT_LEN).map(str::to_owned);

@@ -6,6 +6,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 use yidi_common::{
     ApiError, FieldViolations,
+    caller::ensure_acting_for_itself,
     convert::{kind_from_proto, purpose_from_proto, state_from_proto, timestamp},
     population::{Credit, Registration},
     validate::MAX_TEXT_LEN,
@@ -151,6 +152,7 @@ fn registration_to_proto(registration: Registration) -> pb::RegistrationStatus {
 impl Verification for VerificationApi {
     async fn verify(&self, request: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyResponse>, Status> {
         let input = self.validate_verify(request.get_ref())?;
+        ensure_acting_for_itself(request.extensions(), "station_id", &request.get_ref().station_id)?;
         let answer = self.verifier.verify(input).await?;
         let response = pb::VerifyResponse::decode(answer.response.as_slice())
             .map_err(|e| ApiError::Internal(format!("stored response does not decode: {e}")))?;
@@ -236,6 +238,7 @@ impl Verification for VerificationApi {
         &self,
         request: Request<pb::CloseApplicationRequest>,
     ) -> Result<Response<pb::CloseApplicationResponse>, Status> {
+        ensure_acting_for_itself(request.extensions(), "station_id", &request.get_ref().station_id)?;
         let request = request.get_ref();
         let mut v = FieldViolations::new();
         let application_id = v.required("application_id", &request.application_id, MAX_ID_LEN);
