@@ -7,6 +7,8 @@
 //! `.ci/run`), which makes it fail. The convention is `yidi_common::scratch_db`'s.
 #![forbid(unsafe_code)]
 
+pub mod raw;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};

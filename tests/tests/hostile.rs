@@ -2,22 +2,12 @@
 //! protobuf, a message over the size limit, unknown enum values, and empty requests. Each call
 //! gets a clean gRPC error (never a crash, a hang or an internal error other than the codec's own
 //! "cannot decode"), and every service keeps serving afterwards.
-use std::{str::FromStr, time::Duration};
-
 use anyhow::Context;
-use prost::{
-    Message,
-    bytes::{Buf, BufMut},
-};
+use prost::Message;
 use prost_types::{DescriptorProto, FileDescriptorSet, field_descriptor_proto::Type};
-use tonic::{
-    Code, Request, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    codegen::http::uri::PathAndQuery,
-    transport::Channel,
-};
+use tonic::Code;
 use yidi_proto::v1 as pb;
-use yidi_tests::{Db, NATIONAL_DAY, on_both_databases, serial, start, topology::Process};
+use yidi_tests::{Db, NATIONAL_DAY, on_both_databases, raw::call, serial, start, topology::Process};
 
 on_both_databases!(every_rpc_answers_hostile_input_with_a_clean_error_and_keeps_serving);
 
@@ -140,74 +130,4 @@ fn with_unknown_enums(
         }
     }
     Ok(bytes)
-}
-
-/// One call with a raw body; the status it ended with (OK if it answered).
-async fn call(channel: &Channel, path: &str, body: Vec<u8>, streaming: bool) -> Status {
-    let mut grpc = tonic::client::Grpc::new(channel.clone());
-    if let Err(error) = grpc.ready().await {
-        return Status::unavailable(error.to_string());
-    }
-    let Ok(path) = PathAndQuery::from_str(path) else { return Status::internal("bad path") };
-    let mut request = Request::new(body);
-    request.set_timeout(Duration::from_secs(2));
-    let answered = tokio::time::timeout(Duration::from_secs(10), async {
-        if streaming {
-            // The client keeps its own deadline on a stream, as grpcurl's -max-time does.
-            let mut stream = grpc.server_streaming(request, path, RawCodec).await?.into_inner();
-            let drained = async {
-                while stream.message().await?.is_some() {}
-                Ok(())
-            };
-            tokio::time::timeout(Duration::from_secs(2), drained)
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("the client's deadline")))
-        } else {
-            grpc.unary(request, path, RawCodec).await.map(drop)
-        }
-    })
-    .await;
-    match answered {
-        Ok(Ok(())) => Status::ok(""),
-        Ok(Err(status)) => status,
-        Err(_) => Status::unknown("no answer within 10 s"),
-    }
-}
-
-/// Sends and receives message bodies as they are, so that anything can be put on the wire.
-#[derive(Debug, Clone, Copy)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        *self
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        *self
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
 }
