@@ -16,6 +16,7 @@ pub mod db;
 pub mod directory;
 pub mod error;
 pub mod health;
+pub mod overload;
 pub mod population;
 pub mod rpc_telemetry;
 pub mod scratch_db;
