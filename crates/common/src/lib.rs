@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod audit_rpc;
 pub mod caller;
 pub mod client;
 pub mod clock;

@@ -1,5 +1,6 @@
 //! The gRPC server every service runs: its own service plus `grpc.health.v1.Health` and server
-//! reflection in both `v1` and `v1alpha` (grpcurl 1.8 speaks only v1alpha), with graceful shutdown.
+//! reflection in both `v1` and `v1alpha` (grpcurl 1.8 speaks only v1alpha), the `yidi.v1.Audit`
+//! service over its audit log, and graceful shutdown.
 //!
 //! The server answers from the moment its port is bound: while the service starts (database
 //! migration, imports) health says NOT_SERVING and the service's own RPCs are UNAVAILABLE, so an
@@ -12,6 +13,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use sea_orm::DatabaseConnection;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::{
     body::Body,
@@ -20,8 +22,10 @@ use tonic::{
     transport::{Server, server::TcpIncoming},
 };
 use tower::{Service, ServiceExt};
+use yidi_proto::v1::audit_server::AuditServer;
 
 use crate::{
+    audit_rpc::AuditGrpc,
     error::ApiError,
     health::{HealthPhase, Phase, health_service},
     rpc_telemetry::RpcTelemetryLayer,
@@ -31,6 +35,9 @@ use crate::{
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 pub const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+pub const AUDIT_SERVICE: &str = yidi_proto::v1::audit_server::SERVICE_NAME;
+
+type AuditService = AuditServer<AuditGrpc>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -67,6 +74,8 @@ impl<S> GrpcService for S where
 #[must_use = "a started server answers UNAVAILABLE until `serve` is given its service"]
 pub struct Starting<S> {
     service: Arc<OnceLock<S>>,
+    /// The Audit service, there once the database is migrated ([`Starting::open_audit`]).
+    audit: Arc<OnceLock<AuditService>>,
     health: HealthPhase,
     shutdown: Shutdown,
     /// `None` once `serve` has taken it; dropping an unserved `Starting` stops the server.
@@ -99,7 +108,7 @@ pub fn start<S: GrpcService>(
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ];
-    let advertised = [S::NAME, HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA];
+    let advertised = [S::NAME, AUDIT_SERVICE, HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA];
     let reflection = || {
         let builder = descriptor_sets
             .iter()
@@ -112,6 +121,7 @@ pub fn start<S: GrpcService>(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let service = Arc::new(OnceLock::new());
+    let audit = Arc::new(OnceLock::new());
     let address = listener.local_addr().ok();
     tracing::info!(service = S::NAME, ?address, "listening; not serving until started");
     let drained = {
@@ -129,6 +139,7 @@ pub fn start<S: GrpcService>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(WhenReady { service: Arc::clone(&service) })
+        .add_service(WhenReady { service: Arc::clone(&audit) })
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drained);
 
     let task = {
@@ -144,10 +155,17 @@ pub fn start<S: GrpcService>(
             Ok(())
         })
     };
-    Ok(Starting { service, health, shutdown, task: Some(task) })
+    Ok(Starting { service, audit, health, shutdown, task: Some(task) })
 }
 
 impl<S: GrpcService> Starting<S> {
+    /// Serves `yidi.v1.Audit` over `db` (migrated: the audit log exists) from now on; until then it
+    /// answers UNAVAILABLE like the service itself.
+    pub fn open_audit(&self, db: DatabaseConnection) {
+        // A second call keeps the first database: there is one per service.
+        let _ = self.audit.set(AuditGrpc::server(db));
+    }
+
     /// Hands the ready service over (health SERVING, unless shutdown has already begun) and serves
     /// until shutdown has drained.
     pub async fn serve(mut self, service: S) -> Result<(), ServeError> {

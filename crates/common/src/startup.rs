@@ -88,6 +88,7 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
             return Err(error);
         }
     };
+    server.open_audit(db.clone());
     Ok(Prepared { directory, clock, db, shutdown: shutdown_handle, signal, server, grace, checked })
 }
 
@@ -107,7 +108,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        audit::CreateAuditLog,
+        audit::{ChainAuditLog, CreateAuditLog},
         directory::{BureauEntry, DirectoryFile},
         server::tests::{SlowIssuance, TestService},
     };
@@ -121,7 +122,7 @@ mod tests {
     #[async_trait::async_trait]
     impl MigratorTrait for AuditOnly {
         fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-            vec![Box::new(CreateAuditLog)]
+            vec![Box::new(CreateAuditLog), Box::new(ChainAuditLog)]
         }
     }
 

@@ -213,7 +213,8 @@ impl Suite {
         self.dir.join(format!("{}.toml", process.slug()))
     }
 
-    fn database_url(&self, process: Process) -> String {
+    /// The bureau's database: its SQLite file, or its scratch PostgreSQL database.
+    pub fn database_url(&self, process: Process) -> String {
         match self.postgres.get(&process) {
             None => format!("sqlite://{}?mode=rwc", self.dir.join(format!("{}.db", process.slug())).display()),
             Some(database) => database.url().to_owned(),

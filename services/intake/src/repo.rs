@@ -41,14 +41,22 @@ impl Repo {
         Self { db }
     }
 
-    /// Inserts a new application in RECEIVED with its first event.
-    pub async fn insert_application(&self, model: application::Model, note: &str) -> Result<(), DbErr> {
+    /// Inserts a new application in RECEIVED with its first event (and audit row).
+    pub async fn insert_application(
+        &self,
+        model: application::Model,
+        note: &str,
+        audit: Option<AuditEntry>,
+    ) -> Result<(), DbErr> {
         let txn = db::begin(&self.db).await?;
         let at = model.created_at;
         let id = model.application_id.clone();
         let state = model.state.clone();
         application::ActiveModel::from(model).insert(&txn).await?;
         insert_event(&txn, &id, &state, at, note).await?;
+        if let Some(entry) = audit {
+            audit::append(&txn, at, entry).await?;
+        }
         txn.commit().await
     }
 
@@ -305,7 +313,7 @@ mod tests {
         replacement.loss_recorded = true;
         rows.extend([recorded, halted, halted_cancelled, told, replacement]);
         for model in rows {
-            repo.insert_application(model, "test").await.unwrap();
+            repo.insert_application(model, "test", None).await.unwrap();
         }
         assert_eq!(repo.pending().await.unwrap(), ["open", "loss-filing", "halted-cancelled", "replacement"]);
     }

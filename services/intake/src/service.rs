@@ -257,7 +257,13 @@ impl Intake {
             updated_at: now,
         };
         let mut changes = self.inner.changes.subscribe();
-        self.inner.repo.insert_application(model, "received at the counter").await?;
+        let received = AuditEntry::new(
+            action,
+            applicant.id_number.masked(),
+            "received",
+            format!("application {application_id} for {}", home.id),
+        );
+        self.inner.repo.insert_application(model, "received at the counter", Some(received)).await?;
         tracing::info!(%application_id, kind = kind.as_str(), id = %applicant.id_number.masked(), home = %home.id, "application received");
         self.publish(&application_id).await;
         self.inner.wake.notify_one();

@@ -323,7 +323,12 @@ async fn step(intake: &Intake, model: &application::Model) -> Result<Next, Failu
                         changes,
                         condition: None,
                         note: format!("card {} dispatched to the station", order.card_serial),
-                        audit: None,
+                        audit: Some(AuditEntry::new(
+                            "card_dispatched",
+                            mask_id_number(&model.id_number),
+                            "ready_for_collection",
+                            format!("order {order_id} card {}", order.card_serial),
+                        )),
                     },
                     now(),
                 )

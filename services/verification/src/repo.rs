@@ -127,6 +127,11 @@ pub struct Repo {
 }
 
 impl Repo {
+    /// Appends an audit row on its own (a refusal that changed nothing).
+    pub async fn audit(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
+        audit::append(&self.db, at, entry).await
+    }
+
     pub fn new(db: DatabaseConnection) -> Self {
         Self { db }
     }

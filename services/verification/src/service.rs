@@ -210,11 +210,38 @@ impl Verifier {
     }
 
     pub async fn verify(&self, input: VerifyInput) -> Result<VerifyAnswer, ApiError> {
-        match self.verify_once(&input).await {
+        let answer = self.verify_with_replay(&input).await;
+        if let Err(error @ ApiError::FailedPrecondition { .. }) = &answer {
+            let detail = format!(
+                "application {} purpose {} station {}: {error}",
+                input.application_id,
+                input.purpose.as_str(),
+                input.station_id
+            );
+            self.audit_refusal("verify", input.id_number.masked(), error, detail).await?;
+        }
+        answer
+    }
+
+    /// Writes the audit row of a request refused before anything changed (its transaction, if
+    /// any, rolled back).
+    async fn audit_refusal(
+        &self,
+        action: &'static str,
+        subject: String,
+        error: &ApiError,
+        detail: String,
+    ) -> Result<(), ApiError> {
+        let entry = AuditEntry::new(action, subject, format!("refused:{}", error.reason()), detail);
+        Ok(self.repo.audit(self.clock.now(), entry).await?)
+    }
+
+    async fn verify_with_replay(&self, input: &VerifyInput) -> Result<VerifyAnswer, ApiError> {
+        match self.verify_once(input).await {
             Err(ApiError::Database(error)) if is_unique_violation(&error) => {
                 // A concurrent call with the same (application, purpose) won: answer as it did.
                 match self.repo.verification(&input.application_id, input.purpose).await? {
-                    Some(row) => replay(row, &input),
+                    Some(row) => replay(row, input),
                     None => Err(ApiError::Database(error)),
                 }
             }
@@ -508,6 +535,22 @@ impl Verifier {
     /// K5: the application ended; for a collection the new card becomes the current one. Only the
     /// station that lodged the application may close it.
     pub async fn close_application(
+        &self,
+        application_id: &str,
+        station_id: &str,
+        final_state: ApplicationState,
+        new_card_serial: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        let closed = self.close_once(application_id, station_id, final_state, new_card_serial).await;
+        if let Err(error @ ApiError::FailedPrecondition { .. }) = &closed {
+            let detail =
+                format!("application {application_id} {} by station {station_id}: {error}", final_state.as_str());
+            self.audit_refusal("close_application", application_id.to_owned(), error, detail).await?;
+        }
+        closed
+    }
+
+    async fn close_once(
         &self,
         application_id: &str,
         station_id: &str,

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
-use yidi_common::audit::CreateAuditLog;
+use yidi_common::audit::{ChainAuditLog, CreateAuditLog};
 
 mod m20261127_000001_create_cards;
 mod m20261127_000002_create_loss_reports;
@@ -20,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_create_loss_reports::Migration),
             Box::new(m20261127_000003_create_status_events::Migration),
             Box::new(m20261127_000004_create_hits::Migration),
+            Box::new(ChainAuditLog),
         ]
     }
 }

@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
-use yidi_common::audit::CreateAuditLog;
+use yidi_common::audit::{ChainAuditLog, CreateAuditLog};
 
 mod m20261127_000001_create_citizens;
 mod m20261127_000002_create_verifications;
@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateAuditLog),
             Box::new(m20261127_000001_create_citizens::Migration),
             Box::new(m20261127_000002_create_verifications::Migration),
+            Box::new(ChainAuditLog),
         ]
     }
 }
