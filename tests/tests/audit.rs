@@ -251,10 +251,13 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     // The grep finds what it looks for.
     let planted = format!("lodged by {} ({})", used[0].id_number, used[0].name);
     assert_eq!(secrets.found_in(&planted).len(), 2, "{:?}", secrets.found_in(&planted));
+    // (A template may be found under more than one label: a live template is often the enrolled one.)
     let planted = format!("face {}", base64::prelude::BASE64_STANDARD.encode(&used[1].live_face_template));
-    assert_eq!(secrets.found_in(&planted).len(), 1);
+    assert!(secrets.found_in(&planted).iter().any(|what| what.starts_with("live face template")), "{planted}");
     let planted = format!("Applicant {{ face_template: {:?} }}", used[2].face_template);
-    assert_eq!(secrets.found_in(&planted).len(), 1);
+    assert!(secrets.found_in(&planted).iter().any(|what| what.ends_with("(Debug)")), "{planted}");
+    let planted = format!("fingerprint {}", hex(&used[3].fingerprint_template));
+    assert!(secrets.found_in(&planted).iter().any(|what| what.ends_with("(hex)")), "{planted}");
     assert!(secrets.found_in(&format!("{}-not-a-number", &used[0].id_number[..17])).is_empty());
 
     let mut disclosed = Vec::new();
