@@ -632,7 +632,10 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
         .into_inner();
     assert!(new.decision.is_some());
     server.stop().await;
-    assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'close_application'").await, 1);
+    let closes = "SELECT COUNT(*) FROM audit_log WHERE action = 'close_application'";
+    assert_eq!(fixture.count(&format!("{closes} AND outcome = 'COLLECTED'")).await, 1);
+    // Two closes by another station, two contradicting the first close: each refusal is audited.
+    assert_eq!(fixture.count(&format!("{closes} AND outcome LIKE 'refused:%'")).await, 4);
 }
 
 #[tokio::test]
