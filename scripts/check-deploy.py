@@ -255,7 +255,7 @@ def check_kubernetes() -> None:
             port = listen_port(config)
             if port not in {p.get("containerPort") for p in container.get("ports", [])}:
                 problem(where, f"listens on {port}, which is not a container port")
-            for path_key in (("directory", "path"), ("signing", "key_path"), ("register", "import_path"),
+            for path_key in (("directory", "path"), ("signing", "key_dir"), ("register", "import_path"),
                              ("import", "path")):
                 path = config.get(path_key[0], {}).get(path_key[1])
                 if path and not any(path.startswith(mount + "/") for mount in mounts):
