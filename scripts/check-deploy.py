@@ -258,7 +258,8 @@ def check_kubernetes() -> None:
             for path_key in (("directory", "path"), ("signing", "key_dir"), ("register", "import_path"),
                              ("import", "path")):
                 path = config.get(path_key[0], {}).get(path_key[1])
-                if path and not any(path.startswith(mount + "/") for mount in mounts):
+                # A folder (signing.key_dir) may be the mount itself.
+                if path and not any(path == mount or path.startswith(mount + "/") for mount in mounts):
                     problem(where, f"{'.'.join(path_key)} {path} is on no mounted volume")
             if not env.get("OTEL_SERVICE_NAME"):
                 problem(where, "no OTEL_SERVICE_NAME")
