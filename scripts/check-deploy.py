@@ -255,10 +255,11 @@ def check_kubernetes() -> None:
             port = listen_port(config)
             if port not in {p.get("containerPort") for p in container.get("ports", [])}:
                 problem(where, f"listens on {port}, which is not a container port")
-            for path_key in (("directory", "path"), ("signing", "key_path"), ("register", "import_path"),
+            for path_key in (("directory", "path"), ("signing", "key_dir"), ("register", "import_path"),
                              ("import", "path")):
                 path = config.get(path_key[0], {}).get(path_key[1])
-                if path and not any(path.startswith(mount + "/") for mount in mounts):
+                # A folder (signing.key_dir) may be the mount itself.
+                if path and not any(path == mount or path.startswith(mount + "/") for mount in mounts):
                     problem(where, f"{'.'.join(path_key)} {path} is on no mounted volume")
             if not env.get("OTEL_SERVICE_NAME"):
                 problem(where, "no OTEL_SERVICE_NAME")

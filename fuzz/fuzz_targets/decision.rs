@@ -13,7 +13,7 @@ use yidi_common::convert::signed_decision_from_proto;
 use yidi_domain::{
     DecisionPurpose, Directory,
     decision::Expectation,
-    directory::{Bureau, Role},
+    directory::{Bureau, BureauKey, Role},
 };
 use yidi_proto::v1 as pb;
 
@@ -25,7 +25,12 @@ static DIRECTORY: LazyLock<Directory> = LazyLock::new(|| {
         jurisdiction: vec![province.into()],
         region: String::new(),
         endpoint: String::new(),
-        public_key: Some(SigningKey::from_bytes(&[seed; 32]).verifying_key()),
+        keys: vec![BureauKey {
+            id: "k1".into(),
+            public_key: SigningKey::from_bytes(&[seed; 32]).verifying_key(),
+            valid_from: chrono::DateTime::UNIX_EPOCH,
+            valid_until: None,
+        }],
     };
     Directory::new(vec![home("home-jiangxi", "36", 1), home("home-sichuan", "51", 2)]).expect("a valid directory")
 });

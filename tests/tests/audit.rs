@@ -242,6 +242,7 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
             id_number: other.id_number.clone(),
             card_serial: serial(&used[0]),
             relying_party: "test-bank".into(),
+            nonce: Vec::new(),
         })
         .await;
     used.push(other);

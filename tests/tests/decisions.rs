@@ -25,6 +25,7 @@ fn decision(
         decision_id: uuid::Uuid::new_v4().to_string(),
         purpose,
         bureau_id: citizen.home_bureau_id.clone(),
+        key_id: t.suite.keys[citizen.home_bureau_id.as_str()].id.clone(),
         addressee_id: addressee.into(),
         application_id: uuid::Uuid::new_v4().to_string(),
         station_id: topology::STATION.into(),
@@ -53,8 +54,8 @@ fn forgeries(
     purpose: DecisionPurpose,
     addressee: &str,
 ) -> Vec<(&'static str, SignedDecision, &'static str)> {
-    let jiangxi: &SigningKey = &t.suite.keys[topology::HOME_JIANGXI];
-    let sichuan: &SigningKey = &t.suite.keys[topology::HOME_SICHUAN];
+    let jiangxi: &SigningKey = &t.suite.keys[topology::HOME_JIANGXI].key;
+    let sichuan = &t.suite.keys[topology::HOME_SICHUAN];
     let now = at(NATIONAL_DAY);
     let genuine = || decision(t, citizen, purpose, addressee, now);
 
@@ -64,7 +65,9 @@ fn forgeries(
     tampered.decision.card.name = "Someone Else".into();
     let mut other_bureau = genuine();
     other_bureau.bureau_id = topology::HOME_SICHUAN.into();
-    let wrong_jurisdiction = other_bureau.sign(sichuan);
+    other_bureau.key_id = sichuan.id.clone();
+    let wrong_jurisdiction = other_bureau.sign(&sichuan.key);
+    let unlisted_key = Decision { key_id: "key-nobody-listed".into(), ..genuine() }.sign(jiangxi);
     let misaddressed = decision(t, citizen, purpose, "producer-elsewhere", now).sign(jiangxi);
     let expired = decision(t, citizen, purpose, addressee, now - chrono::Duration::days(8)).sign(jiangxi);
     let stolen_key = genuine().sign(&yidi_common::directory::generate_signing_key());
@@ -72,6 +75,7 @@ fn forgeries(
         ("unsigned", unsigned, "DECISION_UNSIGNED"),
         ("tampered", tampered, "DECISION_BAD_SIGNATURE"),
         ("unknown key", stolen_key, "DECISION_BAD_SIGNATURE"),
+        ("unlisted key id", unlisted_key, "DECISION_UNKNOWN_KEY"),
         ("wrong jurisdiction", wrong_jurisdiction, "DECISION_WRONG_JURISDICTION"),
         ("misaddressed", misaddressed, "DECISION_MISADDRESSED"),
         ("expired", expired, "DECISION_EXPIRED"),
@@ -114,8 +118,9 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     let rewritten = |purpose, addressee| {
         let mut d = decision(&t, &citizen, purpose, addressee, at(NATIONAL_DAY));
         d.bureau_id = topology::HOME_SICHUAN.into();
+        d.key_id = sichuan.id.clone();
         d.card.registration_province = "51".into();
-        signed_decision_to_proto(&d.sign(sichuan))
+        signed_decision_to_proto(&d.sign(&sichuan.key))
     };
     let refused = registry
         .report_loss(pb::LossRegistryReportLossRequest {
@@ -136,7 +141,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
 
     // A decision for one purpose is not accepted for another.
     let for_producer = decision(&t, &citizen, DecisionPurpose::IssueCard, topology::REGISTRY, at(NATIONAL_DAY))
-        .sign(&t.suite.keys[topology::HOME_JIANGXI]);
+        .sign(&t.suite.keys[topology::HOME_JIANGXI].key);
     let refused = registry
         .report_loss(pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&for_producer)) })
         .await
@@ -148,6 +153,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
             id_number: citizen.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: "bank".into(),
+            nonce: Vec::new(),
         })
         .await?
         .into_inner();
@@ -156,7 +162,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     // A genuine decision works once; replayed, it is refused by both.
     let genuine = signed_decision_to_proto(
         &decision(&t, &citizen, DecisionPurpose::IssueCard, topology::PRODUCER, at(NATIONAL_DAY))
-            .sign(&t.suite.keys[topology::HOME_JIANGXI]),
+            .sign(&t.suite.keys[topology::HOME_JIANGXI].key),
     );
     let order = issuance
         .place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) })

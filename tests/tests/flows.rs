@@ -24,6 +24,7 @@ async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()
         id_number: citizen.id_number.clone(),
         card_serial: serial,
         relying_party: "test-bank".into(),
+        nonce: Vec::new(),
     };
     let before = registry.check_card(check(old_serial.clone())).await?.into_inner();
     assert_eq!(before.status, pb::CardStatus::Valid as i32);
@@ -122,6 +123,7 @@ async fn k3_loss_report_alone_invalidates_the_card_everywhere(db: Db) -> anyhow:
             id_number: citizen.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: "railway-gate-7".into(),
+            nonce: Vec::new(),
         })
         .await?
         .into_inner();
@@ -182,6 +184,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
             id_number: citizen.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: "hotel".into(),
+            nonce: Vec::new(),
         })
         .await?
         .into_inner();
@@ -232,6 +235,7 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
             id_number: citizen.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: "bank".into(),
+            nonce: Vec::new(),
         })
         .await?
         .into_inner();
@@ -279,6 +283,7 @@ async fn c4_a_relying_party_must_name_number_and_serial(db: Db) -> anyhow::Resul
         id_number: id.into(),
         card_serial: serial.into(),
         relying_party: "bank".into(),
+        nonce: Vec::new(),
     };
     let valid = registry.check_card(request(&citizen.id_number, &serial(&citizen))).await?.into_inner();
     assert_eq!(valid.status, pb::CardStatus::Valid as i32);

@@ -82,6 +82,7 @@ async fn every_rpc_answers_hostile_input_with_a_clean_error_and_keeps_serving(db
         id_number: citizen.id_number.clone(),
         card_serial: serial(&citizen),
         relying_party: "test-bank".into(),
+        nonce: Vec::new(),
     };
     let answer = t.registry().await?.check_card(check).await?.into_inner();
     assert_eq!(answer.status, pb::CardStatus::Valid as i32, "the registry still answers real questions");

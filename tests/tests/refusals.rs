@@ -160,6 +160,7 @@ async fn n1_invalid_numbers_are_refused_at_the_edge_and_write_nothing(db: Db) ->
             id_number: wrong_check,
             card_serial: serial(&citizen),
             relying_party: "bank".into(),
+            nonce: Vec::new(),
         })
         .await
         .expect_err("invalid number");

@@ -30,7 +30,7 @@ fn mix(n: u64) -> u64 {
 
 fn check_request(i: u64) -> pb::CheckCardRequest {
     let (id_number, card_serial) = cards::card(i);
-    pb::CheckCardRequest { id_number, card_serial, relying_party: RELYING_PARTY.into() }
+    pb::CheckCardRequest { id_number, card_serial, relying_party: RELYING_PARTY.into(), nonce: Vec::new() }
 }
 
 /// One CheckCard of a random loaded card; anything but VALID is an error.

@@ -128,9 +128,11 @@ pub async fn start_registry(dir: &Path, bin_dir: &Path, database_url: &str) -> a
     let text = format!(
         "[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = \"{database_url}\"\n\n\
          [directory]\npath = \"{directory}\"\n\n[clock]\nfixed = \"{CLOCK}\"\n\n\
-         [log]\nformat = \"text\"\nfilter = \"warn,yidi_registry=info\"\n",
+         [log]\nformat = \"text\"\nfilter = \"warn,yidi_registry=info\"\n\n\
+         [signing]\nkey_dir = \"{key_dir}\"\n",
         id = Process::Registry.bureau_id(),
         directory = dir.join("directory.toml").display(),
+        key_dir = topology::key_dir(dir, Process::Registry.bureau_id()).display(),
     );
     std::fs::write(&config, text)?;
     let mut command = Command::new(binary);

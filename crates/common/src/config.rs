@@ -67,6 +67,24 @@ fn default_max_connections() -> u32 {
 pub struct DirectoryConfig {
     /// The directory of bureaus (TOML), e.g. `var/demo/directory.toml`.
     pub path: PathBuf,
+    /// Seconds between looks at the directory file (and signing key files) for changes; SIGHUP
+    /// reloads at once.
+    #[serde(default = "default_reload_seconds")]
+    pub reload_seconds: u64,
+}
+
+fn default_reload_seconds() -> u64 {
+    5
+}
+
+impl DirectoryConfig {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, reload_seconds: default_reload_seconds() }
+    }
+
+    pub fn reload_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reload_seconds.max(1))
+    }
 }
 
 /// The sections every service has.

@@ -2,7 +2,9 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use yidi_domain::{
     ApplicationKind, ApplicationState, CardData, CardStatus, Decision, DecisionPurpose, DocumentKind, RefusalReason,
-    SignedDecision, id_number::Sex,
+    SignedDecision,
+    id_number::Sex,
+    status::{SignedStatusStatement, StatusStatement},
 };
 use yidi_proto::v1 as pb;
 
@@ -82,6 +84,57 @@ pub fn card_status_to_proto(status: CardStatus) -> pb::CardStatus {
     }
 }
 
+pub fn card_status_from_proto(status: pb::CardStatus) -> Option<CardStatus> {
+    match status {
+        pb::CardStatus::Unspecified => None,
+        pb::CardStatus::Valid => Some(CardStatus::Valid),
+        pb::CardStatus::ReportedLost => Some(CardStatus::ReportedLost),
+        pb::CardStatus::Revoked => Some(CardStatus::Revoked),
+        pb::CardStatus::Expired => Some(CardStatus::Expired),
+        pb::CardStatus::Unknown => Some(CardStatus::Unknown),
+    }
+}
+
+pub fn status_statement_to_proto(signed: &SignedStatusStatement) -> pb::SignedStatusStatement {
+    let s = &signed.statement;
+    pb::SignedStatusStatement {
+        statement: Some(pb::StatusStatement {
+            registry_id: s.registry_id.clone(),
+            key_id: s.key_id.clone(),
+            card_serial: s.card_serial.clone(),
+            id_number_sha256: s.id_number_hash.to_vec(),
+            status: card_status_to_proto(s.status) as i32,
+            status_changed_at: s.status_changed_at.map(timestamp),
+            answered_at: Some(timestamp(s.answered_at)),
+            nonce: s.nonce.clone(),
+        }),
+        signature: signed.signature.clone(),
+    }
+}
+
+/// Reads a signed status statement (a relying party checking what it was told); None if malformed.
+pub fn status_statement_from_proto(signed: &pb::SignedStatusStatement) -> Option<SignedStatusStatement> {
+    let s = signed.statement.as_ref()?;
+    let status = card_status_from_proto(pb::CardStatus::try_from(s.status).ok()?)?;
+    let status_changed_at = match &s.status_changed_at {
+        Some(at) => Some(from_timestamp(at)?),
+        None => None,
+    };
+    Some(SignedStatusStatement {
+        statement: StatusStatement {
+            registry_id: s.registry_id.clone(),
+            key_id: s.key_id.clone(),
+            card_serial: s.card_serial.clone(),
+            id_number_hash: s.id_number_sha256.as_slice().try_into().ok()?,
+            status,
+            status_changed_at,
+            answered_at: from_timestamp(s.answered_at.as_ref()?)?,
+            nonce: s.nonce.clone(),
+        },
+        signature: signed.signature.clone(),
+    })
+}
+
 pub fn document_from_proto(kind: pb::DocumentKind) -> Option<DocumentKind> {
     match kind {
         pb::DocumentKind::Unspecified => None,
@@ -121,6 +174,7 @@ pub fn signed_decision_to_proto(signed: &SignedDecision) -> pb::SignedDecision {
             decision_id: d.decision_id.clone(),
             purpose: purpose_to_proto(d.purpose) as i32,
             bureau_id: d.bureau_id.clone(),
+            key_id: d.key_id.clone(),
             addressee_id: d.addressee_id.clone(),
             application_id: d.application_id.clone(),
             station_id: d.station_id.clone(),
@@ -203,6 +257,8 @@ pub fn signed_decision_from_proto(
         v.required(&f(name), value, crate::validate::MAX_TEXT_LEN);
     }
     for (name, value) in [
+        // An empty or unlisted key id is the verifier's DECISION_UNKNOWN_KEY, not bad input.
+        ("key_id", &d.key_id),
         ("application_id", &d.application_id),
         ("station_id", &d.station_id),
         ("card.name", &card.name),
@@ -236,6 +292,7 @@ pub fn signed_decision_from_proto(
             decision_id: d.decision_id.clone(),
             purpose,
             bureau_id: d.bureau_id.clone(),
+            key_id: d.key_id.clone(),
             addressee_id: d.addressee_id.clone(),
             application_id: d.application_id.clone(),
             station_id: d.station_id.clone(),
@@ -270,6 +327,7 @@ mod tests {
             decision_id: "d".into(),
             purpose: DecisionPurpose::IssueCard,
             bureau_id: "b".into(),
+            key_id: "k".into(),
             addressee_id: "p".into(),
             application_id: "a".into(),
             station_id: "s".into(),
@@ -293,5 +351,26 @@ mod tests {
         let back = signed_decision_from_proto("decision", Some(&signed_decision_to_proto(&signed))).unwrap();
         assert_eq!(back, signed);
         assert_eq!(back.decision.canonical_bytes(), signed.decision.canonical_bytes());
+    }
+
+    #[test]
+    fn c4_status_statements_survive_the_wire_unchanged() {
+        let at = DateTime::from_timestamp(4_700_000_000, 5_000).unwrap();
+        for status_changed_at in [Some(at), None] {
+            let signed = SignedStatusStatement {
+                statement: StatusStatement {
+                    registry_id: "r".into(),
+                    key_id: "k".into(),
+                    card_serial: "S".into(),
+                    id_number_hash: [9; 32],
+                    status: CardStatus::Revoked,
+                    status_changed_at,
+                    answered_at: at,
+                    nonce: vec![1, 2, 3],
+                },
+                signature: vec![7; 64],
+            };
+            assert_eq!(status_statement_from_proto(&status_statement_to_proto(&signed)), Some(signed));
+        }
     }
 }

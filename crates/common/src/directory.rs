@@ -1,10 +1,19 @@
-//! Loading the bureau directory and the signing keys, and generating keys for demos and tests.
-use std::path::Path;
+//! Loading the bureau directory and the signing keys, and generating keys for demos and tests;
+//! the [`DirectoryHandle`] that re-reads the directory while a service runs.
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use chrono::{DateTime, SecondsFormat, Utc};
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use serde::{Deserialize, Serialize};
-use yidi_domain::{Bureau, Directory, Role};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::{sync::watch, task::JoinHandle};
+use yidi_domain::{Bureau, BureauKey, Directory, Role};
+
+use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryFileError {
@@ -27,9 +36,70 @@ pub struct BureauEntry {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub region: String,
     pub endpoint: String,
-    /// Base64 of the 32-byte Ed25519 public key (home bureaus).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// `[[bureaus.keys]]`: the signing keys (home bureaus; the registry), with ids and windows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyEntry>,
+}
+
+/// One `[[bureaus.keys]]` entry: a public key, its id, and when what it signs is accepted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    pub id: String,
+    /// Base64 of the 32-byte Ed25519 public key.
     pub public_key: String,
+    /// RFC 3339, a TOML date-time or a string.
+    #[serde(serialize_with = "write_instant", deserialize_with = "read_instant")]
+    pub valid_from: DateTime<Utc>,
+    /// RFC 3339; absent while the key is not scheduled for retirement.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "write_optional_instant",
+        deserialize_with = "read_optional_instant"
+    )]
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+impl KeyEntry {
+    pub fn new(id: impl Into<String>, key: &VerifyingKey, valid_from: DateTime<Utc>) -> Self {
+        Self { id: id.into(), public_key: encode_public_key(key), valid_from, valid_until: None }
+    }
+}
+
+/// TOML writes an instant as a native offset date-time; strings are accepted too.
+fn write_instant<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    let text = at.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+    match text.parse::<toml::value::Datetime>() {
+        Ok(datetime) => datetime.serialize(serializer),
+        Err(_) => serializer.serialize_str(&text),
+    }
+}
+
+fn write_optional_instant<S: Serializer>(at: &Option<DateTime<Utc>>, serializer: S) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(at) => write_instant(at, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+fn parse_instant(value: toml::Value) -> Result<DateTime<Utc>, String> {
+    let text = match value {
+        toml::Value::String(text) => text,
+        toml::Value::Datetime(datetime) => datetime.to_string(),
+        other => return Err(format!("expected an RFC 3339 date-time, found {}", other.type_str())),
+    };
+    DateTime::parse_from_rfc3339(&text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|e| format!("{text:?} is not an RFC 3339 date-time with offset: {e}"))
+}
+
+fn read_instant<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    parse_instant(toml::Value::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+}
+
+fn read_optional_instant<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    read_instant(deserializer).map(Some)
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -53,11 +123,17 @@ impl DirectoryFile {
     pub fn to_directory(&self) -> Result<Directory, String> {
         let mut bureaus = Vec::with_capacity(self.bureaus.len());
         for entry in &self.bureaus {
-            let public_key = if entry.public_key.is_empty() {
-                None
-            } else {
-                Some(decode_public_key(&entry.public_key).map_err(|e| format!("bureau {}: public_key {e}", entry.id))?)
-            };
+            let mut keys = Vec::with_capacity(entry.keys.len());
+            for key in &entry.keys {
+                let public_key = decode_public_key(&key.public_key)
+                    .map_err(|e| format!("bureau {} key {}: public_key {e}", entry.id, key.id))?;
+                keys.push(BureauKey {
+                    id: key.id.clone(),
+                    public_key,
+                    valid_from: key.valid_from,
+                    valid_until: key.valid_until,
+                });
+            }
             bureaus.push(Bureau {
                 id: entry.id.clone(),
                 role: entry.role,
@@ -65,7 +141,7 @@ impl DirectoryFile {
                 jurisdiction: entry.jurisdiction.clone(),
                 region: entry.region.clone(),
                 endpoint: entry.endpoint.clone(),
-                public_key,
+                keys,
             });
         }
         Directory::new(bureaus).map_err(|e| e.to_string())
@@ -74,9 +150,94 @@ impl DirectoryFile {
 
 /// Reads and validates the directory file.
 pub fn load(path: &Path) -> Result<Directory, DirectoryFileError> {
-    DirectoryFile::read(path)?
-        .to_directory()
-        .map_err(|message| DirectoryFileError::Invalid { path: path.display().to_string(), message })
+    let text = read_text(path)?;
+    parse(path, &text)
+}
+
+fn read_text(path: &Path) -> Result<String, DirectoryFileError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| DirectoryFileError::Invalid { path: path.display().to_string(), message: e.to_string() })
+}
+
+fn parse(path: &Path, text: &str) -> Result<Directory, DirectoryFileError> {
+    let invalid = |message: String| DirectoryFileError::Invalid { path: path.display().to_string(), message };
+    let file: DirectoryFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    file.to_directory().map_err(invalid)
+}
+
+/// The directory a service uses now. It is re-read while the service runs (key rotation, new
+/// bureaus): on SIGHUP and whenever the file's content changes. A file that does not load keeps
+/// the directory in force, and the error is logged. Readers take [`DirectoryHandle::current`]
+/// once per request, so one request sees one directory.
+#[derive(Debug, Clone)]
+pub struct DirectoryHandle {
+    current: Arc<watch::Sender<Arc<Directory>>>,
+    /// None: a directory given in memory (tests), never re-read.
+    path: Option<PathBuf>,
+    /// The file content last looked at, loaded or refused: polling acts only on a change.
+    last_seen: Arc<Mutex<Option<String>>>,
+}
+
+/// What one look at the directory file found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The file is as last seen (nothing was parsed).
+    Unchanged,
+    /// A new directory is in force.
+    Replaced,
+}
+
+impl DirectoryHandle {
+    /// Loads the directory file; fails if it does not load.
+    pub fn load(path: &Path) -> Result<Self, DirectoryFileError> {
+        let text = read_text(path)?;
+        let directory = parse(path, &text)?;
+        let (sender, _) = watch::channel(Arc::new(directory));
+        Ok(Self { current: Arc::new(sender), path: Some(path.to_owned()), last_seen: Arc::new(Mutex::new(Some(text))) })
+    }
+
+    /// A directory that never changes (tests, embedded tools).
+    pub fn fixed(directory: Directory) -> Self {
+        let (sender, _) = watch::channel(Arc::new(directory));
+        Self { current: Arc::new(sender), path: None, last_seen: Arc::default() }
+    }
+
+    /// The directory in force.
+    pub fn current(&self) -> Arc<Directory> {
+        self.current.borrow().clone()
+    }
+
+    /// Notified at each replacement.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Directory>> {
+        self.current.subscribe()
+    }
+
+    /// Re-reads the file. `forced` (SIGHUP) parses it even when its content looks unchanged. On an
+    /// error the directory in force stays.
+    pub fn reload(&self, forced: bool) -> Result<Reloaded, DirectoryFileError> {
+        let Some(path) = &self.path else { return Ok(Reloaded::Unchanged) };
+        let text = read_text(path)?;
+        {
+            let mut last_seen = self.last_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !forced && last_seen.as_deref() == Some(text.as_str()) {
+                return Ok(Reloaded::Unchanged);
+            }
+            *last_seen = Some(text.clone());
+        }
+        let directory = parse(path, &text)?;
+        self.current.send_replace(Arc::new(directory));
+        Ok(Reloaded::Replaced)
+    }
+
+    /// Re-reads the file every `every` and on SIGHUP until `shutdown`, logging what happens.
+    pub fn spawn_reloader(&self, every: Duration, shutdown: Shutdown) -> JoinHandle<()> {
+        let handle = self.clone();
+        crate::reload::spawn("directory", every, shutdown, move |forced| match handle.reload(forced) {
+            Ok(Reloaded::Replaced) => tracing::info!(forced, "directory reloaded"),
+            Ok(Reloaded::Unchanged) => {}
+            Err(error) => tracing::error!(%error, "directory not reloaded: the one in force stays"),
+        })
+    }
 }
 
 pub fn decode_public_key(text: &str) -> Result<VerifyingKey, String> {

@@ -1,6 +1,6 @@
 //! One error type for every service's rules, mapped to `tonic::Status` with the richer error model:
 //! `BadRequest` field violations for bad input, `ErrorInfo` (domain `yidi`, stable reason) always.
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use sea_orm::DbErr;
 use tonic::{Code, Status};
@@ -67,6 +67,9 @@ pub enum ApiError {
     /// The caller is authenticated and admitted to the method, but may not act on what it names.
     #[error("{message}")]
     PermissionDenied { reason: &'static str, message: String },
+    /// Too many requests of a kind from one caller: RESOURCE_EXHAUSTED with `RetryInfo`.
+    #[error("{message}")]
+    RateLimited { reason: &'static str, message: String, retry_after: Duration },
     #[error("{peer} unavailable: {message}")]
     Unavailable { peer: String, message: String },
     /// The service is listening but not ready (its database is being migrated).
@@ -96,7 +99,9 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) => "INVALID_ARGUMENT".into(),
             Self::NotFound { .. } => "NOT_FOUND".into(),
-            Self::FailedPrecondition { reason, .. } | Self::PermissionDenied { reason, .. } => (*reason).into(),
+            Self::FailedPrecondition { reason, .. }
+            | Self::PermissionDenied { reason, .. }
+            | Self::RateLimited { reason, .. } => (*reason).into(),
             Self::Refused(reason) => format!("REFUSAL_REASON_{}", reason.code()),
             Self::Decision(error) => error.code().into(),
             Self::Unavailable { .. } => "PEER_UNAVAILABLE".into(),
@@ -114,6 +119,7 @@ impl ApiError {
             Self::Decision(DecisionError::AlreadyUsed(_)) => Code::AlreadyExists,
             Self::Decision(DecisionError::Expired(_) | DecisionError::NotYetValid(_)) => Code::FailedPrecondition,
             Self::Decision(_) | Self::PermissionDenied { .. } => Code::PermissionDenied,
+            Self::RateLimited { .. } => Code::ResourceExhausted,
             Self::Unavailable { .. } | Self::Starting { .. } => Code::Unavailable,
             Self::Database(_) | Self::Internal(_) => Code::Internal,
         }
@@ -143,6 +149,10 @@ impl From<ApiError> for Status {
             }
             ApiError::Unavailable { peer, .. } => {
                 metadata.insert("peer".to_owned(), peer.clone());
+            }
+            ApiError::RateLimited { retry_after, .. } => {
+                details.set_retry_info(Some(*retry_after));
+                metadata.insert("retry_after_ms".to_owned(), retry_after.as_millis().to_string());
             }
             _ => {}
         }

@@ -13,7 +13,8 @@ use yidi_domain::{Bureau, Directory, Role};
 use crate::{
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
-    db, directory,
+    db,
+    directory::DirectoryHandle,
     server::{self, GrpcService, Starting},
     shutdown::Shutdown,
 };
@@ -30,7 +31,8 @@ pub struct Sections<'a> {
 /// A service ready to build its parts and serve.
 #[derive(Debug)]
 pub struct Prepared<S, T> {
-    pub directory: Directory,
+    /// Re-read on SIGHUP and when the file changes (`directory.reload_seconds`), until shutdown.
+    pub directory: DirectoryHandle,
     pub clock: Clock,
     /// Connected and migrated; the service closes it once it has served.
     pub db: DatabaseConnection,
@@ -60,7 +62,8 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     shutdown: impl Future<Output = ()> + Send + 'static,
     check: impl FnOnce(&Directory, &Bureau) -> anyhow::Result<T>,
 ) -> anyhow::Result<Prepared<S, T>> {
-    let directory = directory::load(&sections.directory.path)?;
+    let handle = DirectoryHandle::load(&sections.directory.path)?;
+    let directory = handle.current();
     let bureau_id = &sections.server.bureau_id;
     let bureau = directory.get_with_role(bureau_id, role).ok_or_else(|| {
         ConfigError::key(
@@ -79,17 +82,19 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     let grace = Duration::from_secs(sections.server.shutdown_grace_seconds);
     let server = server::start::<S>(listener, shutdown_handle.clone(), grace).context("starting the gRPC server")?;
     let signal = trigger.trigger_on(shutdown);
+    let reloader = handle.spawn_reloader(sections.directory.reload_every(), shutdown_handle.clone());
 
     let db = match connect_and_migrate::<M>(sections.database).await {
         Ok(db) => db,
         Err(error) => {
             signal.abort();
+            reloader.abort();
             server.abandon().await;
             return Err(error);
         }
     };
     server.open_audit(db.clone());
-    Ok(Prepared { directory, clock, db, shutdown: shutdown_handle, signal, server, grace, checked })
+    Ok(Prepared { directory: handle, clock, db, shutdown: shutdown_handle, signal, server, grace, checked })
 }
 
 async fn connect_and_migrate<M: MigratorTrait>(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnection> {
@@ -144,7 +149,7 @@ mod tests {
                 jurisdiction: Vec::new(),
                 region: String::new(),
                 endpoint: "http://127.0.0.1:1".into(),
-                public_key: String::new(),
+                keys: Vec::new(),
             };
             let path = dir.path().join("directory.toml");
             DirectoryFile { bureaus: vec![entry("registry-national", Role::Registry), entry("station", Role::Intake)] }
@@ -160,7 +165,7 @@ mod tests {
                     url: format!("sqlite://{}?mode=rwc", dir.path().join("db.sqlite").display()),
                     max_connections: 1,
                 },
-                directory: DirectoryConfig { path },
+                directory: DirectoryConfig::new(path),
                 clock: ClockConfig::default(),
                 dir,
             }

@@ -82,7 +82,10 @@ async fn main() -> anyhow::Result<()> {
                 let ports: BTreeMap<Process, u16> = Process::ALL.iter().map(|p| (*p, p.default_port())).collect();
                 topology::write_keys_and_directory(&args.dir, &ports)?;
             }
-            println!("wrote {0}/keys/*.key (private, mode 0600) and {0}/directory.toml", args.dir.display());
+            println!(
+                "wrote {0}/keys/<bureau>/<key id>.key (private, mode 0600) and {0}/directory.toml",
+                args.dir.display()
+            );
         }
         "population" => {
             let out = args.out.context("population needs --out FILE")?;

@@ -1,10 +1,17 @@
 //! The demo topology: one station, two home bureaus, the producer and the registry; key
-//! generation and the directory file.
-use std::{collections::BTreeMap, path::Path};
+//! generation (with ids and validity windows) and the directory file.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use ed25519_dalek::SigningKey;
-use yidi_common::directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key, write_signing_key};
+use yidi_common::{
+    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
+    signing::KEY_FILE_SUFFIX,
+};
 use yidi_domain::Role;
 
 pub const STATION: &str = "station-hangzhou";
@@ -81,10 +88,93 @@ impl Process {
     }
 }
 
-/// Signing keys of the home bureaus, by bureau id.
-pub type Keys = BTreeMap<String, SigningKey>;
+/// One signing key of a bureau: its directory id and window, and the private key.
+#[derive(Debug, Clone)]
+pub struct SuiteKey {
+    pub id: String,
+    pub key: SigningKey,
+    pub valid_from: DateTime<Utc>,
+    pub valid_until: Option<DateTime<Utc>>,
+}
 
-/// Generates fresh keys for the home bureaus, writes them to `dir/keys/<bureau>.key` (mode 0600),
+/// When generated keys become valid: early enough for any demo or test clock.
+pub fn generated_keys_valid_from() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2000-01-01T00:00:00Z").map(|at| at.to_utc()).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+/// The bureaus that sign: the home bureaus (decisions) and the registry (status answers).
+pub const SIGNING_BUREAUS: [&str; 3] = [HOME_JIANGXI, HOME_SICHUAN, REGISTRY];
+
+/// Signing keys of the bureaus that sign, by bureau id, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    by_bureau: BTreeMap<String, Vec<SuiteKey>>,
+}
+
+impl Keys {
+    /// Every key of `bureau`, oldest first.
+    pub fn of(&self, bureau: &str) -> &[SuiteKey] {
+        self.by_bureau.get(bureau).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The key of `bureau` named `key_id`.
+    pub fn get(&self, bureau: &str, key_id: &str) -> Option<&SuiteKey> {
+        self.of(bureau).iter().find(|k| k.id == key_id)
+    }
+
+    pub fn push(&mut self, bureau: &str, key: SuiteKey) {
+        self.by_bureau.entry(bureau.to_owned()).or_default().push(key);
+    }
+
+    pub fn get_mut(&mut self, bureau: &str, key_id: &str) -> Option<&mut SuiteKey> {
+        self.by_bureau.get_mut(bureau)?.iter_mut().find(|k| k.id == key_id)
+    }
+
+    fn entries(&self, bureau: &str) -> Vec<KeyEntry> {
+        self.of(bureau)
+            .iter()
+            .map(|k| KeyEntry {
+                valid_until: k.valid_until,
+                ..KeyEntry::new(&k.id, &k.key.verifying_key(), k.valid_from)
+            })
+            .collect()
+    }
+}
+
+/// The newest key of a bureau (the one it signs with unless a rotation is under way).
+impl std::ops::Index<&str> for Keys {
+    type Output = SuiteKey;
+
+    fn index(&self, bureau: &str) -> &SuiteKey {
+        match self.of(bureau).last() {
+            Some(key) => key,
+            None => panic!("no key for {bureau}"),
+        }
+    }
+}
+
+/// The folder of `bureau`'s private key files (`<key id>.key`): its `signing.key_dir`.
+pub fn key_dir(dir: &Path, bureau: &str) -> PathBuf {
+    dir.join("keys").join(bureau)
+}
+
+/// A fresh key id: the bureau, the day and a random suffix.
+pub fn new_key_id(bureau: &str) -> String {
+    format!("{bureau}-{}-{:04x}", Utc::now().format("%Y%m%d"), rand::random::<u16>())
+}
+
+/// Generates a key for `bureau` valid from `valid_from`, writes it to its key folder (mode 0600)
+/// and adds it to `keys`. The directory is not rewritten.
+pub fn add_key(dir: &Path, keys: &mut Keys, bureau: &str, id: &str, valid_from: DateTime<Utc>) -> anyhow::Result<()> {
+    let folder = key_dir(dir, bureau);
+    std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+    let key = generate_signing_key();
+    write_signing_key(&folder.join(format!("{id}{KEY_FILE_SUFFIX}")), &key)?;
+    keys.push(bureau, SuiteKey { id: id.to_owned(), key, valid_from, valid_until: None });
+    Ok(())
+}
+
+/// Generates keys for the bureaus that sign and writes them to `dir/keys/<bureau>/` (mode 0600),
 /// and writes `dir/directory.toml` with their public keys and the given ports on loopback.
 pub fn write_keys_and_directory(dir: &Path, ports: &BTreeMap<Process, u16>) -> anyhow::Result<Keys> {
     write_keys_and_directory_with(dir, |process| loopback_endpoint(ports[&process]))
@@ -101,22 +191,22 @@ pub fn loopback_endpoint(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-/// Generates fresh keys for the home bureaus and writes them to `dir/keys/<bureau>.key` (mode 0600).
+/// Generates one key (with a generated id) for each bureau that signs, in `dir/keys/<bureau>/`.
+/// Key files of earlier runs are removed: a fresh start has fresh keys.
 pub fn generate_keys(dir: &Path) -> anyhow::Result<Keys> {
-    let key_dir = dir.join("keys");
-    std::fs::create_dir_all(&key_dir).with_context(|| format!("creating {}", key_dir.display()))?;
-    let mut keys = Keys::new();
-    for home in [HOME_JIANGXI, HOME_SICHUAN] {
-        let key = generate_signing_key();
-        write_signing_key(&key_dir.join(format!("{home}.key")), &key)?;
-        keys.insert(home.to_owned(), key);
+    let mut keys = Keys::default();
+    for bureau in SIGNING_BUREAUS {
+        let folder = key_dir(dir, bureau);
+        if folder.exists() {
+            std::fs::remove_dir_all(&folder).with_context(|| format!("removing {}", folder.display()))?;
+        }
+        add_key(dir, &mut keys, bureau, &new_key_id(bureau), generated_keys_valid_from())?;
     }
     Ok(keys)
 }
 
-/// Writes `dir/directory.toml`: every bureau with its endpoint, the home bureaus with their public keys.
+/// Writes `dir/directory.toml`: every bureau with its endpoint, the signing ones with their keys.
 pub fn write_directory(dir: &Path, keys: &Keys, endpoint: impl Fn(Process) -> String) -> anyhow::Result<()> {
-    let public = |id: &str| keys.get(id).map(|key| encode_public_key(&key.verifying_key())).unwrap_or_default();
     let entry = |id: &str, role, name: &str| BureauEntry {
         id: id.into(),
         role,
@@ -124,7 +214,7 @@ pub fn write_directory(dir: &Path, keys: &Keys, endpoint: impl Fn(Process) -> St
         jurisdiction: vec![],
         region: String::new(),
         endpoint: String::new(),
-        public_key: String::new(),
+        keys: keys.entries(id),
     };
     let directory = DirectoryFile {
         bureaus: vec![
@@ -136,13 +226,11 @@ pub fn write_directory(dir: &Path, keys: &Keys, endpoint: impl Fn(Process) -> St
             BureauEntry {
                 jurisdiction: vec!["36".into()],
                 endpoint: endpoint(Process::HomeJiangxi),
-                public_key: public(HOME_JIANGXI),
                 ..entry(HOME_JIANGXI, Role::Verification, "Jiangxi household registration bureau")
             },
             BureauEntry {
                 jurisdiction: vec!["51".into()],
                 endpoint: endpoint(Process::HomeSichuan),
-                public_key: public(HOME_SICHUAN),
                 ..entry(HOME_SICHUAN, Role::Verification, "Sichuan household registration bureau")
             },
             BureauEntry {
@@ -155,6 +243,10 @@ pub fn write_directory(dir: &Path, keys: &Keys, endpoint: impl Fn(Process) -> St
             },
         ],
     };
-    directory.write(&dir.join("directory.toml"))?;
+    // Written to a temporary file and renamed: a service re-reading the directory never sees half of it.
+    let path = dir.join("directory.toml");
+    let temporary = dir.join("directory.toml.new");
+    directory.write(&temporary)?;
+    std::fs::rename(&temporary, &path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }

@@ -26,7 +26,12 @@ fn home_bureau(key: &SigningKey) -> Bureau {
         jurisdiction: vec!["36".into()],
         region: String::new(),
         endpoint: String::new(),
-        public_key: Some(key.verifying_key()),
+        keys: vec![yidi_domain::BureauKey {
+            id: "k1".into(),
+            public_key: key.verifying_key(),
+            valid_from: chrono::DateTime::UNIX_EPOCH,
+            valid_until: None,
+        }],
     }
 }
 
@@ -35,6 +40,7 @@ fn decision(id_number: &str) -> Decision {
         decision_id: "0b7e5d9a-2f43-4c1e-9a55-3c3f1f0e8a11".into(),
         purpose: DecisionPurpose::IssueCard,
         bureau_id: "home-jiangxi".into(),
+        key_id: "k1".into(),
         addressee_id: "producer-zhejiang".into(),
         application_id: "5a0c1d3e-7b2f-4e8a-9c1d-2e3f4a5b6c7d".into(),
         station_id: "station-hangzhou".into(),

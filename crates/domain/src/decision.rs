@@ -2,10 +2,15 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
 
-use crate::{application::ApplicationKind, directory::Directory, id_number::Sex};
+use crate::{
+    application::ApplicationKind,
+    directory::{Directory, KeyWindow},
+    id_number::Sex,
+};
 
 /// Domain separation tag: a signature over a decision can never be mistaken for another message.
-const CANONICAL_TAG: &[u8] = b"yidi.decision.v1";
+/// v2: the signed bytes name the key (`key_id`).
+const CANONICAL_TAG: &[u8] = b"yidi.decision.v2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecisionPurpose {
@@ -45,6 +50,8 @@ pub struct Decision {
     pub purpose: DecisionPurpose,
     /// The signing home bureau.
     pub bureau_id: String,
+    /// Which of the signer's directory keys signed it.
+    pub key_id: String,
     /// The producer or registry it is addressed to.
     pub addressee_id: String,
     pub application_id: String,
@@ -71,6 +78,12 @@ pub enum DecisionError {
     BadSignature,
     #[error("signer {0:?} is not a home bureau in the directory")]
     UnknownSigner(String),
+    #[error("signer {signer:?} lists no key {key_id:?} in the directory")]
+    UnknownKey { signer: String, key_id: String },
+    #[error("key {key_id:?} of {signer:?} was retired at {retired_at}")]
+    KeyRetired { signer: String, key_id: String, retired_at: DateTime<Utc> },
+    #[error("key {key_id:?} of {signer:?} is valid only from {valid_from}")]
+    KeyNotYetValid { signer: String, key_id: String, valid_from: DateTime<Utc> },
     #[error("signer {signer:?} does not hold household registrations of province {province}")]
     WrongJurisdiction { signer: String, province: String },
     #[error("decision is for {found}, expected {expected}")]
@@ -92,6 +105,9 @@ impl DecisionError {
             Self::Unsigned => "DECISION_UNSIGNED",
             Self::BadSignature => "DECISION_BAD_SIGNATURE",
             Self::UnknownSigner(_) => "DECISION_UNKNOWN_SIGNER",
+            Self::UnknownKey { .. } => "DECISION_UNKNOWN_KEY",
+            Self::KeyRetired { .. } => "DECISION_KEY_RETIRED",
+            Self::KeyNotYetValid { .. } => "DECISION_KEY_NOT_YET_VALID",
             Self::WrongJurisdiction { .. } => "DECISION_WRONG_JURISDICTION",
             Self::WrongPurpose { .. } => "DECISION_WRONG_PURPOSE",
             Self::Misaddressed { .. } => "DECISION_MISADDRESSED",
@@ -103,15 +119,45 @@ impl DecisionError {
 }
 
 /// Appends one length-prefixed field: unambiguous whatever the field contains.
-fn put(out: &mut Vec<u8>, field: &[u8]) {
+pub(crate) fn put(out: &mut Vec<u8>, field: &[u8]) {
     out.extend_from_slice(&(field.len() as u32).to_be_bytes());
     out.extend_from_slice(field);
 }
 
-fn put_time(out: &mut Vec<u8>, at: DateTime<Utc>) {
+pub(crate) fn put_time(out: &mut Vec<u8>, at: DateTime<Utc>) {
     let mut bytes = at.timestamp().to_be_bytes().to_vec();
     bytes.extend_from_slice(&at.timestamp_subsec_nanos().to_be_bytes());
     put(out, &bytes);
+}
+
+/// S4: a signer's key covers a decision only while it is valid, both now and when the decision was
+/// issued: a retired key signs nothing more, and a decision cannot be back- or forward-dated into
+/// another key's window.
+fn check_key_window(
+    signer: &str,
+    key: &crate::directory::BureauKey,
+    instants: [DateTime<Utc>; 2],
+) -> Result<(), DecisionError> {
+    for at in instants {
+        match key.window_at(at) {
+            KeyWindow::Valid => {}
+            KeyWindow::Retired => {
+                return Err(DecisionError::KeyRetired {
+                    signer: signer.to_owned(),
+                    key_id: key.id.clone(),
+                    retired_at: key.valid_until.unwrap_or(at),
+                });
+            }
+            KeyWindow::NotYetValid => {
+                return Err(DecisionError::KeyNotYetValid {
+                    signer: signer.to_owned(),
+                    key_id: key.id.clone(),
+                    valid_from: key.valid_from,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Decision {
@@ -122,6 +168,7 @@ impl Decision {
         put(&mut out, self.decision_id.as_bytes());
         put(&mut out, self.purpose.as_str().as_bytes());
         put(&mut out, self.bureau_id.as_bytes());
+        put(&mut out, self.key_id.as_bytes());
         put(&mut out, self.addressee_id.as_bytes());
         put(&mut out, self.application_id.as_bytes());
         put(&mut out, self.station_id.as_bytes());
@@ -165,9 +212,10 @@ pub struct Expectation<'a> {
 }
 
 impl SignedDecision {
-    /// S4: the decision is signed by the home bureau whose jurisdiction holds the citizen,
-    /// untampered, for this purpose, addressed to `expected.addressee_id`, and within its validity.
-    /// Single use is the caller's check (it needs the caller's store).
+    /// S4: the decision is signed by the home bureau whose jurisdiction holds the citizen, with a
+    /// key the directory lists for it and that is valid now and was valid when the decision was
+    /// issued, untampered, for this purpose, addressed to `expected.addressee_id`, and within its
+    /// validity. Single use is the caller's check (it needs the caller's store).
     pub fn verify(&self, directory: &Directory, expected: Expectation<'_>) -> Result<&Decision, DecisionError> {
         let decision = &self.decision;
         if self.signature.is_empty() {
@@ -176,9 +224,13 @@ impl SignedDecision {
         let signer = directory
             .get_with_role(&decision.bureau_id, crate::directory::Role::Verification)
             .ok_or_else(|| DecisionError::UnknownSigner(decision.bureau_id.clone()))?;
-        let key = signer.public_key.as_ref().ok_or_else(|| DecisionError::UnknownSigner(signer.id.clone()))?;
+        let key = signer
+            .key(&decision.key_id)
+            .ok_or_else(|| DecisionError::UnknownKey { signer: signer.id.clone(), key_id: decision.key_id.clone() })?;
         let signature = Signature::from_slice(&self.signature).map_err(|_| DecisionError::BadSignature)?;
-        key.verify(&decision.canonical_bytes(), &signature).map_err(|_| DecisionError::BadSignature)?;
+        key.public_key.verify(&decision.canonical_bytes(), &signature).map_err(|_| DecisionError::BadSignature)?;
+        // Genuine, but is the key still (and was it then) in force?
+        check_key_window(&signer.id, key, [expected.now, decision.issued_at])?;
         // Signed by a real home bureau, but is it this citizen's home bureau?
         if !signer.holds_jurisdiction_over(&decision.card.registration_province) {
             return Err(DecisionError::WrongJurisdiction {
@@ -215,13 +267,17 @@ mod tests {
     use ed25519_dalek::SigningKey;
 
     use super::*;
-    use crate::directory::{Bureau, Role};
+    use crate::directory::{Bureau, BureauKey, Role};
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])
     }
 
-    fn home(id: &str, province: &str, key: &SigningKey) -> Bureau {
+    fn listed(id: &str, key: &SigningKey, valid_from: DateTime<Utc>, valid_until: Option<DateTime<Utc>>) -> BureauKey {
+        BureauKey { id: id.into(), public_key: key.verifying_key(), valid_from, valid_until }
+    }
+
+    fn home_with(id: &str, province: &str, keys: Vec<BureauKey>) -> Bureau {
         Bureau {
             id: id.into(),
             role: Role::Verification,
@@ -229,8 +285,12 @@ mod tests {
             jurisdiction: vec![province.into()],
             region: String::new(),
             endpoint: String::new(),
-            public_key: Some(key.verifying_key()),
+            keys,
         }
+    }
+
+    fn home(id: &str, province: &str, key: &SigningKey) -> Bureau {
+        home_with(id, province, vec![listed("k1", key, now() - chrono::Duration::days(365), None)])
     }
 
     fn directory() -> Directory {
@@ -247,6 +307,7 @@ mod tests {
             decision_id: "d-1".into(),
             purpose: DecisionPurpose::IssueCard,
             bureau_id: "home-jx".into(),
+            key_id: "k1".into(),
             addressee_id: "producer-zj".into(),
             application_id: "a-1".into(),
             station_id: "station-hz".into(),
@@ -322,6 +383,72 @@ mod tests {
         assert_eq!(impostor.verify(&directory(), expect("producer-zj")), Err(DecisionError::BadSignature));
     }
 
+    /// k1 retires at `now() + 1 day`; k2 is valid from `now() - 1 hour`.
+    fn rotating_directory() -> Directory {
+        let jx = home_with(
+            "home-jx",
+            "36",
+            vec![
+                listed("k1", &key(1), now() - chrono::Duration::days(365), Some(now() + chrono::Duration::days(1))),
+                listed("k2", &key(3), now() - chrono::Duration::hours(1), None),
+            ],
+        );
+        Directory::new(vec![jx, home("home-sc", "51", &key(2))]).unwrap()
+    }
+
+    fn signed_with(key_id: &str, signing_key: &SigningKey) -> SignedDecision {
+        Decision { key_id: key_id.into(), ..decision() }.sign(signing_key)
+    }
+
+    #[test]
+    fn s4_during_a_rotation_both_keys_verify() {
+        let directory = rotating_directory();
+        assert!(signed_with("k1", &key(1)).verify(&directory, expect("producer-zj")).is_ok());
+        assert!(signed_with("k2", &key(3)).verify(&directory, expect("producer-zj")).is_ok());
+    }
+
+    #[test]
+    fn s4_a_decision_must_name_a_key_the_signer_lists() {
+        let refused = signed_with("k9", &key(1)).verify(&rotating_directory(), expect("producer-zj")).map(|_| ());
+        assert!(matches!(refused, Err(DecisionError::UnknownKey { .. })));
+        assert_eq!(refused.unwrap_err().code(), "DECISION_UNKNOWN_KEY");
+        // The right key id with another key's signature is a bad signature, not a valid decision.
+        let swapped = signed_with("k2", &key(1)).verify(&rotating_directory(), expect("producer-zj")).map(|_| ());
+        assert_eq!(swapped, Err(DecisionError::BadSignature));
+    }
+
+    #[test]
+    fn s4_a_retired_key_is_refused() {
+        let after = Expectation { now: now() + chrono::Duration::days(2), ..expect("producer-zj") };
+        let refused = signed_with("k1", &key(1)).verify(&rotating_directory(), after).map(|_| ());
+        assert!(matches!(refused, Err(DecisionError::KeyRetired { .. })));
+        assert_eq!(refused.unwrap_err().code(), "DECISION_KEY_RETIRED");
+        assert!(signed_with("k2", &key(3)).verify(&rotating_directory(), after).is_ok());
+    }
+
+    #[test]
+    fn s4_a_key_not_yet_valid_is_refused() {
+        let jx = home_with("home-jx", "36", vec![listed("k1", &key(1), now() + chrono::Duration::days(1), None)]);
+        let directory = Directory::new(vec![jx]).unwrap();
+        let refused = signed_with("k1", &key(1)).verify(&directory, expect("producer-zj")).map(|_| ());
+        assert!(matches!(refused, Err(DecisionError::KeyNotYetValid { .. })));
+        assert_eq!(refused.unwrap_err().code(), "DECISION_KEY_NOT_YET_VALID");
+    }
+
+    #[test]
+    fn s4_the_key_must_cover_the_time_of_issue() {
+        // k2 became valid an hour ago: a decision dated two hours ago cannot carry it.
+        let backdated = Decision { key_id: "k2".into(), issued_at: now() - chrono::Duration::hours(2), ..decision() };
+        let refused = backdated.sign(&key(3)).verify(&rotating_directory(), expect("producer-zj")).map(|_| ());
+        assert!(matches!(refused, Err(DecisionError::KeyNotYetValid { .. })));
+        // k1 retires in a day: a decision dated after that, checked within the clock-skew allowance.
+        let retire = now() + chrono::Duration::days(1);
+        let postdated = Decision { issued_at: retire + chrono::Duration::minutes(1), ..decision() };
+        let checked = Expectation { now: retire - chrono::Duration::minutes(1), ..expect("producer-zj") };
+        let refused = postdated.sign(&key(1)).verify(&rotating_directory(), checked).map(|_| ());
+        assert!(matches!(refused, Err(DecisionError::KeyRetired { .. })));
+    }
+
     #[test]
     fn s4_canonical_encoding_separates_fields() {
         let mut a = decision();
@@ -351,6 +478,7 @@ mod tests {
                 7 => &mut decision.card.registration_province,
                 8 => &mut decision.card.address,
                 9 => &mut decision.previous_card_serial,
+                10 => &mut decision.key_id,
                 _ => {
                     let changed = decision.card.face_template != bytes;
                     decision.card.face_template = bytes.to_vec();
@@ -365,14 +493,14 @@ mod tests {
         proptest! {
             #[test]
             fn s4_any_change_to_a_signed_decision_is_refused(
-                which in 0usize..11,
+                which in 0usize..12,
                 text in "[A-Za-z0-9 -]{0,20}",
                 bytes in proptest::collection::vec(any::<u8>(), 0..16),
                 days in -400i64..400,
             ) {
                 let mut signed = decision().sign(&key(1));
                 let mut changed = tamper(&mut signed.decision, which, &text, &bytes);
-                if days != 0 && which == 10 {
+                if days != 0 && which == 11 {
                     signed.decision.card.valid_from += chrono::Duration::days(days);
                     changed = true;
                 }
@@ -390,7 +518,7 @@ mod tests {
 
             #[test]
             fn s4_canonical_bytes_tell_any_two_decisions_apart(
-                which in 0usize..11,
+                which in 0usize..12,
                 text in "[A-Za-z0-9 -]{0,20}",
                 bytes in proptest::collection::vec(any::<u8>(), 0..16),
             ) {

@@ -1,6 +1,7 @@
-//! The directory of bureaus: who they are, their role, jurisdiction, endpoint and public key.
-use std::collections::HashMap;
+//! The directory of bureaus: who they are, their role, jurisdiction, endpoint and signing keys.
+use std::collections::{HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
@@ -58,13 +59,54 @@ pub struct Bureau {
     pub region: String,
     /// gRPC endpoint, e.g. `http://127.0.0.1:50052`.
     pub endpoint: String,
-    /// Ed25519 key its decisions are signed with (home bureaus only).
-    pub public_key: Option<VerifyingKey>,
+    /// Ed25519 keys it signs with (home bureaus: decisions; the registry: status answers), each
+    /// with its id and validity window. Several at once during a rotation.
+    pub keys: Vec<BureauKey>,
+}
+
+/// One signing key of a bureau and the window in which what it signs is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BureauKey {
+    /// Named by every signed message, so the verifier knows which key to use.
+    pub id: String,
+    pub public_key: VerifyingKey,
+    pub valid_from: DateTime<Utc>,
+    /// None: until a later directory retires it.
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+/// Where an instant lies relative to a key's validity window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyWindow {
+    NotYetValid,
+    Valid,
+    Retired,
+}
+
+impl BureauKey {
+    pub fn window_at(&self, at: DateTime<Utc>) -> KeyWindow {
+        if at < self.valid_from {
+            KeyWindow::NotYetValid
+        } else if self.valid_until.is_some_and(|until| at >= until) {
+            KeyWindow::Retired
+        } else {
+            KeyWindow::Valid
+        }
+    }
+
+    pub fn is_valid_at(&self, at: DateTime<Utc>) -> bool {
+        self.window_at(at) == KeyWindow::Valid
+    }
 }
 
 impl Bureau {
     pub fn holds_jurisdiction_over(&self, province: &str) -> bool {
         self.role == Role::Verification && self.jurisdiction.iter().any(|p| p == province)
+    }
+
+    /// The key this bureau lists under `key_id`.
+    pub fn key(&self, key_id: &str) -> Option<&BureauKey> {
+        self.keys.iter().find(|k| k.id == key_id)
     }
 }
 
@@ -79,8 +121,31 @@ pub enum DirectoryError {
     DuplicateId(String),
     #[error("province {province} is in the jurisdiction of both {first} and {second}")]
     OverlappingJurisdiction { province: String, first: String, second: String },
-    #[error("home bureau {0:?} has no public key")]
+    #[error("home bureau {0:?} lists no signing key")]
     MissingKey(String),
+    #[error("bureau {bureau:?} lists key id {key_id:?} twice")]
+    DuplicateKeyId { bureau: String, key_id: String },
+    #[error("bureau {bureau:?} key {key_id:?}: valid_from must be before valid_until")]
+    EmptyKeyWindow { bureau: String, key_id: String },
+    #[error("bureau {bureau:?} has a key with an empty id")]
+    EmptyKeyId { bureau: String },
+}
+
+/// Key ids are unique per bureau (a signed message names one key), and every window is non-empty.
+fn check_keys(bureau: &Bureau) -> Result<(), DirectoryError> {
+    let mut seen = HashSet::new();
+    for key in &bureau.keys {
+        if key.id.trim().is_empty() {
+            return Err(DirectoryError::EmptyKeyId { bureau: bureau.id.clone() });
+        }
+        if !seen.insert(key.id.as_str()) {
+            return Err(DirectoryError::DuplicateKeyId { bureau: bureau.id.clone(), key_id: key.id.clone() });
+        }
+        if key.valid_until.is_some_and(|until| until <= key.valid_from) {
+            return Err(DirectoryError::EmptyKeyWindow { bureau: bureau.id.clone(), key_id: key.id.clone() });
+        }
+    }
+    Ok(())
 }
 
 impl Directory {
@@ -88,8 +153,9 @@ impl Directory {
         let mut by_id = HashMap::new();
         let mut province_owner: HashMap<String, String> = HashMap::new();
         for bureau in bureaus {
+            check_keys(&bureau)?;
             if bureau.role == Role::Verification {
-                if bureau.public_key.is_none() {
+                if bureau.keys.is_empty() {
                     return Err(DirectoryError::MissingKey(bureau.id));
                 }
                 for province in &bureau.jurisdiction {
@@ -126,5 +192,69 @@ impl Directory {
 
     pub fn with_role(&self, role: Role) -> impl Iterator<Item = &Bureau> {
         self.bureaus.values().filter(move |b| b.role == role)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+
+    fn at(year: i32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(year, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    fn key(id: &str, from: i32, until: Option<i32>) -> BureauKey {
+        BureauKey {
+            id: id.into(),
+            public_key: SigningKey::from_bytes(&[7; 32]).verifying_key(),
+            valid_from: at(from),
+            valid_until: until.map(at),
+        }
+    }
+
+    fn home(keys: Vec<BureauKey>) -> Bureau {
+        Bureau {
+            id: "home".into(),
+            role: Role::Verification,
+            name: String::new(),
+            jurisdiction: vec!["36".into()],
+            region: String::new(),
+            endpoint: String::new(),
+            keys,
+        }
+    }
+
+    #[test]
+    fn a_key_window_is_closed_at_its_start_and_open_at_its_end() {
+        let k = key("k1", 2100, Some(2101));
+        assert_eq!(k.window_at(at(2099)), KeyWindow::NotYetValid);
+        assert_eq!(k.window_at(at(2100)), KeyWindow::Valid);
+        assert_eq!(k.window_at(at(2101) - chrono::Duration::nanoseconds(1)), KeyWindow::Valid);
+        assert_eq!(k.window_at(at(2101)), KeyWindow::Retired);
+        assert!(key("k2", 2100, None).is_valid_at(at(3000)));
+    }
+
+    #[test]
+    fn keys_are_found_by_id() {
+        let bureau = home(vec![key("k1", 2100, None), key("k2", 2101, None)]);
+        assert_eq!(bureau.key("k2").map(|k| k.valid_from), Some(at(2101)));
+        assert!(bureau.key("k3").is_none());
+    }
+
+    #[test]
+    fn duplicate_key_ids_empty_windows_and_keyless_home_bureaus_are_refused() {
+        let twice = home(vec![key("k1", 2100, None), key("k1", 2101, None)]);
+        assert!(matches!(Directory::new(vec![twice]), Err(DirectoryError::DuplicateKeyId { .. })));
+        let empty = home(vec![key("k1", 2100, Some(2100))]);
+        assert!(matches!(Directory::new(vec![empty]), Err(DirectoryError::EmptyKeyWindow { .. })));
+        let backwards = home(vec![key("k1", 2101, Some(2100))]);
+        assert!(matches!(Directory::new(vec![backwards]), Err(DirectoryError::EmptyKeyWindow { .. })));
+        let unnamed = home(vec![key(" ", 2100, None)]);
+        assert!(matches!(Directory::new(vec![unnamed]), Err(DirectoryError::EmptyKeyId { .. })));
+        assert!(matches!(Directory::new(vec![home(vec![])]), Err(DirectoryError::MissingKey(_))));
+        assert!(Directory::new(vec![home(vec![key("k1", 2100, Some(2101)), key("k2", 2100, None)])]).is_ok());
     }
 }

@@ -10,11 +10,12 @@ pub mod directory;
 pub mod id_number;
 pub mod mask;
 pub mod policy;
+pub mod status;
 
 pub use application::{ApplicationKind, ApplicationState, RefusalReason};
 pub use biometrics::{BiometricMatcher, MatchOutcome, SimulatedMatcher};
 pub use card::{CardStatus, CardTerm, StoredCardStatus};
 pub use decision::{CardData, Decision, DecisionError, DecisionPurpose, SignedDecision};
-pub use directory::{Bureau, Directory, OperatorAccess, Principal, Role};
+pub use directory::{Bureau, BureauKey, Directory, KeyWindow, OperatorAccess, Principal, Role};
 pub use id_number::{IdNumber, IdNumberError, Sex};
 pub use policy::{DocumentKind, Phase, PolicyTimeline};

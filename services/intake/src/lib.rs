@@ -62,7 +62,7 @@ pub async fn serve(
     let intake = Intake::new(IntakeParts {
         repo: Repo::new(db.clone()),
         clock,
-        directory: Arc::new(directory),
+        directory,
         station,
         policy: config.policy.clone(),
         matcher: Arc::new(matcher),

@@ -6,7 +6,7 @@ use std::{
 
 use tonic::{Code, Status};
 use yidi_common::client::PeerChannel;
-use yidi_domain::Directory;
+use yidi_common::directory::DirectoryHandle;
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::{
     issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient, verification_client::VerificationClient,
@@ -78,12 +78,12 @@ impl std::fmt::Display for PeerError {
 
 #[derive(Debug, Clone)]
 pub struct Peers {
-    directory: Arc<Directory>,
+    directory: DirectoryHandle,
     channels: Arc<Mutex<HashMap<String, PeerChannel>>>,
 }
 
 impl Peers {
-    pub fn new(directory: Arc<Directory>) -> Self {
+    pub fn new(directory: DirectoryHandle) -> Self {
         Self { directory, channels: Arc::default() }
     }
 
@@ -94,7 +94,8 @@ impl Peers {
         {
             return Ok(channel.clone());
         }
-        let bureau = self.directory.get(bureau_id).ok_or_else(|| unreachable("not in the directory".into()))?;
+        let directory = self.directory.current();
+        let bureau = directory.get(bureau_id).ok_or_else(|| unreachable("not in the directory".into()))?;
         let channel = yidi_common::client::channel(&bureau.endpoint).map_err(|e| unreachable(e.to_string()))?;
         if let Ok(mut channels) = self.channels.lock() {
             channels.insert(bureau_id.to_owned(), channel.clone());

@@ -6,10 +6,10 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::ActiveValue::Set;
 use tokio::sync::{Notify, broadcast, mpsc};
-use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry};
+use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry, directory::DirectoryHandle};
 use yidi_domain::{
-    ApplicationKind, ApplicationState, BiometricMatcher, Bureau, Directory, DocumentKind, IdNumber, PolicyTimeline,
-    RefusalReason, mask::mask_id_number,
+    ApplicationKind, ApplicationState, BiometricMatcher, Bureau, DocumentKind, IdNumber, PolicyTimeline, RefusalReason,
+    mask::mask_id_number,
 };
 use yidi_proto::v1 as pb;
 
@@ -123,7 +123,7 @@ impl From<sea_orm::DbErr> for WithdrawError {
 pub(crate) struct Inner {
     pub repo: Repo,
     pub clock: Clock,
-    pub directory: Arc<Directory>,
+    pub directory: DirectoryHandle,
     pub station: Station,
     pub policy: PolicyTimeline,
     pub matcher: Arc<dyn BiometricMatcher>,
@@ -143,7 +143,7 @@ pub struct Intake {
 pub struct IntakeParts {
     pub repo: Repo,
     pub clock: Clock,
-    pub directory: Arc<Directory>,
+    pub directory: DirectoryHandle,
     pub station: Station,
     pub policy: PolicyTimeline,
     pub matcher: Arc<dyn BiometricMatcher>,
@@ -214,7 +214,12 @@ impl Intake {
             self.inner.clock.today(),
             applicant.document_kind,
         )?;
-        self.inner.directory.home_bureau_for(&applicant.declared_province).cloned().ok_or(RefusalReason::UnknownCitizen)
+        self.inner
+            .directory
+            .current()
+            .home_bureau_for(&applicant.declared_province)
+            .cloned()
+            .ok_or(RefusalReason::UnknownCitizen)
     }
 
     /// SubmitApplication (K1, K2) and ReportLoss (K3): counter rules, then the application is

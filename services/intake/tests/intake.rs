@@ -19,7 +19,7 @@ use tonic_types::StatusExt;
 use yidi_common::{
     ApiError,
     convert::signed_decision_to_proto,
-    directory::{BureauEntry, DirectoryFile, encode_public_key},
+    directory::{BureauEntry, DirectoryFile, KeyEntry},
     scratch_db::postgres_for_tests,
 };
 use yidi_domain::{
@@ -87,6 +87,7 @@ impl Fakes {
             decision_id: format!("{}-{}", request.application_id, purpose.as_str()),
             purpose,
             bureau_id: "home-jiangxi".into(),
+            key_id: "k1".into(),
             addressee_id: addressee.into(),
             application_id: request.application_id.clone(),
             station_id: request.station_id.clone(),
@@ -349,17 +350,17 @@ impl Harness {
             jurisdiction: Vec::new(),
             region: String::new(),
             endpoint,
-            public_key: String::new(),
+            keys: Vec::new(),
         };
-        let public_key = encode_public_key(&key.verifying_key());
+        let keys = vec![KeyEntry::new("k1", &key.verifying_key(), chrono::DateTime::UNIX_EPOCH)];
         let mut station = entry(STATION, Role::Intake, "http://127.0.0.1:1".into());
         station.region = "330106".into();
         let mut jiangxi = entry("home-jiangxi", Role::Verification, home_endpoint.clone());
         jiangxi.jurisdiction = vec!["36".into()];
-        jiangxi.public_key = public_key.clone();
+        jiangxi.keys = keys.clone();
         let mut zhejiang = entry("home-zhejiang", Role::Verification, home_endpoint);
         zhejiang.jurisdiction = vec!["33".into()];
-        zhejiang.public_key = public_key;
+        zhejiang.keys = keys;
         let file = DirectoryFile {
             bureaus: vec![
                 station,

@@ -48,7 +48,7 @@ pub async fn serve(
 
     let service = Arc::new(IssuanceService::new(
         Repo::new(db.clone()),
-        Arc::new(directory),
+        directory,
         clock,
         config.server.bureau_id.clone(),
         config.production.serial_prefix.clone(),

@@ -4,10 +4,8 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
-use yidi_common::{ApiError, Clock, audit::AuditEntry};
-use yidi_domain::{
-    DecisionError, DecisionPurpose, Directory, SignedDecision, decision::Expectation, mask::mask_id_number,
-};
+use yidi_common::{ApiError, Clock, audit::AuditEntry, directory::DirectoryHandle};
+use yidi_domain::{DecisionError, DecisionPurpose, SignedDecision, decision::Expectation, mask::mask_id_number};
 
 use crate::repo::{InsertError, NewOrder, Order, Repo};
 
@@ -38,7 +36,7 @@ pub fn new_serial(prefix: &str) -> String {
 
 pub struct IssuanceService {
     repo: Repo,
-    directory: Arc<Directory>,
+    directory: DirectoryHandle,
     clock: Clock,
     bureau_id: String,
     serial_prefix: String,
@@ -50,7 +48,7 @@ pub struct IssuanceService {
 impl IssuanceService {
     pub fn new(
         repo: Repo,
-        directory: Arc<Directory>,
+        directory: DirectoryHandle,
         clock: Clock,
         bureau_id: String,
         serial_prefix: String,
@@ -98,7 +96,7 @@ impl IssuanceService {
         let decision = &request.signed.decision;
         let subject = mask_id_number(&decision.card.id_number);
         let expected = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: &self.bureau_id, now };
-        if let Err(error) = request.signed.verify(&self.directory, expected) {
+        if let Err(error) = request.signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(subject, &decision.decision_id, error).await);
         }
         if self.repo.decision_used(&decision.decision_id).await? {

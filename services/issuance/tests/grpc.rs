@@ -19,7 +19,7 @@ use yidi_common::{
     clock::ClockConfig,
     config::{DatabaseConfig, DirectoryConfig, ServerConfig},
     convert::signed_decision_to_proto,
-    directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key},
+    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key},
     scratch_db::postgres_for_tests,
     telemetry::LogConfig,
 };
@@ -163,7 +163,9 @@ fn entry(id: &str, role: Role, jurisdiction: &[&str], endpoint: &str, key: Optio
         jurisdiction: jurisdiction.iter().map(|p| (*p).to_owned()).collect(),
         region: String::new(),
         endpoint: endpoint.into(),
-        public_key: key.map(|k| encode_public_key(&k.verifying_key())).unwrap_or_default(),
+        keys: key
+            .map(|k| vec![KeyEntry::new("k1", &k.verifying_key(), now() - chrono::Duration::days(30))])
+            .unwrap_or_default(),
     }
 }
 
@@ -210,7 +212,7 @@ impl Producer {
                 shutdown_grace_seconds: 2,
             },
             database: DatabaseConfig { url: self.database_url.clone(), max_connections: 4 },
-            directory: DirectoryConfig { path: directory_path },
+            directory: DirectoryConfig::new(directory_path),
             clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
             log: LogConfig::default(),
             production: ProductionConfig {
@@ -247,6 +249,7 @@ impl Producer {
             decision_id: id.into(),
             purpose: DecisionPurpose::IssueCard,
             bureau_id: "home-jiangxi".into(),
+            key_id: "k1".into(),
             addressee_id: PRODUCER.into(),
             application_id: uuid::Uuid::new_v4().to_string(),
             station_id: "station-hangzhou".into(),
@@ -672,7 +675,7 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
                 url: format!("sqlite://{}?mode=rwc", dir.path().join(format!("db-{index}.db")).display()),
                 max_connections: 2,
             },
-            directory: DirectoryConfig { path },
+            directory: DirectoryConfig::new(path),
             clock: ClockConfig::default(),
             log: LogConfig::default(),
             production: ProductionConfig::default(),

@@ -1,10 +1,11 @@
-//! `RegistryConfig`: the common sections plus `[import]`.
+//! `RegistryConfig`: the common sections plus `[signing]`, `[registry]` and `[import]`.
 use std::path::PathBuf;
 
 use serde::Deserialize;
 use yidi_common::{
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    signing::{KeyFileConfig, KeySources},
     telemetry::LogConfig,
 };
 
@@ -18,8 +19,45 @@ pub struct RegistryConfig {
     pub clock: ClockConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The keys CheckCard answers are signed with.
+    pub signing: SigningConfig,
+    #[serde(default)]
+    pub registry: ChecksConfig,
     #[serde(default)]
     pub import: ImportConfig,
+}
+
+/// `[signing]`: as a home bureau's, for status statements.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// A folder of key files `<key id>.key`, re-read while running.
+    #[serde(default)]
+    pub key_dir: Option<PathBuf>,
+    /// `[[signing.keys]]`: key files with the directory key id each stands for.
+    #[serde(default)]
+    pub keys: Vec<KeyFileConfig>,
+}
+
+impl SigningConfig {
+    pub fn sources(&self) -> KeySources {
+        KeySources { key_dir: self.key_dir.clone(), keys: self.keys.clone() }
+    }
+}
+
+/// `[registry]`: limits on relying parties' checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    /// C4: CheckCard/CheckCards misses (UNKNOWN) one caller may make in a burst, and regains per
+    /// minute; beyond it, RESOURCE_EXHAUSTED.
+    pub check_misses_per_minute: u32,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        Self { check_misses_per_minute: 60 }
+    }
 }
 
 /// `[import]`: cards issued before the suite ran.
@@ -46,6 +84,10 @@ impl RegistryConfig {
             return Err(ConfigError::key("directory.path", "is required"));
         }
         Clock::from_config(&self.clock).map_err(|message| ConfigError::key("clock", message))?;
+        self.signing.sources().validate("signing")?;
+        if self.registry.check_misses_per_minute == 0 {
+            return Err(ConfigError::key("registry.check_misses_per_minute", "must be at least 1"));
+        }
         if let Some(path) = &self.import.path
             && path.as_os_str().is_empty()
         {

@@ -7,11 +7,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use yidi_common::{
     ApiError, FieldViolations,
-    caller::ensure_acting_for_itself,
-    convert::{card_status_to_proto, signed_decision_from_proto, timestamp},
+    caller::{caller_of, ensure_acting_for_itself},
+    convert::{card_status_to_proto, signed_decision_from_proto, status_statement_to_proto, timestamp},
     validate::{MAX_TEXT_LEN, page_size, page_token},
 };
-use yidi_domain::{CardStatus, IdNumber, SignedDecision, StoredCardStatus};
+use yidi_domain::{CardStatus, IdNumber, SignedDecision, StoredCardStatus, status::MAX_NONCE_LEN};
 use yidi_proto::v1::{self as pb, loss_registry_server::LossRegistry};
 
 use crate::service::{CardQuery, Registry};
@@ -54,6 +54,17 @@ impl RegistryGrpc {
         }
         v.finish()?;
         Ok(decision)
+    }
+}
+
+/// Whose misses a check counts against (C4): the authenticated caller, else the peer's address.
+fn limit_key<T>(request: &Request<T>) -> String {
+    if let Some(caller) = caller_of(request.extensions()) {
+        return format!("caller:{}", caller.id());
+    }
+    match request.remote_addr() {
+        Some(address) => format!("ip:{}", address.ip()),
+        None => "unknown".to_owned(),
     }
 }
 
@@ -145,22 +156,29 @@ impl LossRegistry for RegistryGrpc {
         &self,
         request: Request<pb::CheckCardRequest>,
     ) -> Result<Response<pb::CheckCardResponse>, Status> {
+        let caller = limit_key(&request);
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         let id_number = v.id_number("id_number", &request.id_number, self.service.today());
         let card_serial = v.required("card_serial", &request.card_serial, MAX_SERIAL_LEN).map(str::to_owned);
         let relying_party = relying_party(&mut v, &request.relying_party);
+        if request.nonce.len() > MAX_NONCE_LEN {
+            v.add("nonce", format!("must be at most {MAX_NONCE_LEN} bytes"));
+        }
         v.finish()?;
         let (Some(id_number), Some(card_serial), Some(relying_party)) = (id_number, card_serial, relying_party) else {
             return Err(ApiError::Internal("validation incomplete".into()).into());
         };
+        let query = CardQuery { id_number, card_serial };
         let (results, checked_at) =
-            self.service.check_cards(&[CardQuery { id_number, card_serial }], &relying_party).await?;
+            self.service.check_cards(std::slice::from_ref(&query), &relying_party, &caller).await?;
         let result = results.into_iter().next().ok_or_else(|| ApiError::Internal("no result".into()))?;
+        let signed = self.service.sign_status(&query, &result, checked_at, request.nonce);
         Ok(Response::new(pb::CheckCardResponse {
             status: card_status_to_proto(result.status) as i32,
             status_changed_at: result.status_changed_at.map(timestamp),
             checked_at: Some(timestamp(checked_at)),
+            signed_status: signed.as_ref().map(status_statement_to_proto),
         }))
     }
 
@@ -168,6 +186,7 @@ impl LossRegistry for RegistryGrpc {
         &self,
         request: Request<pb::CheckCardsRequest>,
     ) -> Result<Response<pb::CheckCardsResponse>, Status> {
+        let caller = limit_key(&request);
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         if request.cards.is_empty() || request.cards.len() > MAX_BATCH {
@@ -196,7 +215,7 @@ impl LossRegistry for RegistryGrpc {
         let Some(relying_party) = relying_party else {
             return Err(ApiError::Internal("validation incomplete".into()).into());
         };
-        let (results, checked_at) = self.service.check_cards(&queries, &relying_party).await?;
+        let (results, checked_at) = self.service.check_cards(&queries, &relying_party, &caller).await?;
         Ok(Response::new(pb::CheckCardsResponse {
             results: results
                 .into_iter()

@@ -6,6 +6,7 @@ pub mod config;
 mod entities;
 mod grpc;
 mod index;
+mod limit;
 mod repo;
 mod service;
 
@@ -13,14 +14,23 @@ use std::{future::Future, sync::Arc};
 
 use anyhow::Context;
 use yidi_common::{
+    Clock,
+    config::ConfigError,
     population::Population,
+    signing::KeyRing,
     startup::{self, Prepared, Sections},
 };
-use yidi_domain::Role;
+use yidi_domain::{Bureau, Directory, Role};
 use yidi_proto::v1::loss_registry_server::LossRegistryServer;
 use yidi_registry_migration::Migrator;
 
-use crate::{config::RegistryConfig, grpc::RegistryGrpc, repo::Repo, service::Registry};
+use crate::{
+    config::RegistryConfig,
+    grpc::RegistryGrpc,
+    limit::MissLimiter,
+    repo::Repo,
+    service::{Checks, Registry},
+};
 
 /// Largest gRPC message accepted: a full CheckCards batch fits comfortably.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -38,14 +48,30 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
     };
-    let Prepared { directory, clock, db, shutdown: stop, server, .. } =
-        startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, |_, _| Ok(())).await?;
+    let now = Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
+    let check_keys = |directory: &Directory, bureau: &Bureau| {
+        let keys = KeyRing::load(bureau.id.clone(), config.signing.sources()).context("signing.keys")?;
+        let active = keys.check(directory, now).context("signing.keys")?;
+        tracing::info!(key_id = %active.id, held = ?keys.held_ids(), "status signing keys loaded");
+        Ok(Arc::new(keys))
+    };
+    let Prepared { directory, clock, db, shutdown: stop, server, checked: keys, .. } =
+        startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, check_keys).await?;
+    keys.spawn_reloader(config.directory.reload_every(), stop.clone());
     let repo = Repo::new(db);
     let bureau_id = config.server.bureau_id.clone();
     let loading = std::time::Instant::now();
     let index = repo.load_index().await.context("loading the card index")?;
     tracing::info!(cards = index.len(), seconds = loading.elapsed().as_secs_f64(), "card index loaded");
-    let registry = Arc::new(Registry::new(repo.clone(), index, Arc::new(directory), clock, bureau_id, stop.clone()));
+    let registry = Arc::new(Registry::new(
+        repo.clone(),
+        index,
+        directory.clone(),
+        clock,
+        bureau_id,
+        stop.clone(),
+        Checks { keys, limiter: MissLimiter::new(config.registry.check_misses_per_minute) },
+    ));
 
     if let Some(path) = &config.import.path {
         let population = Population::read(path)?;

@@ -4,14 +4,19 @@ use std::sync::Arc;
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use sea_orm::{DbErr, SqlErr};
 use tokio::sync::{Mutex, broadcast, mpsc};
-use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry, population::Population};
+use yidi_common::{
+    ApiError, Clock, Shutdown, audit::AuditEntry, directory::DirectoryHandle, population::Population, signing::KeyRing,
+};
 use yidi_domain::{
-    CardStatus, DecisionError, DecisionPurpose, Directory, IdNumber, RefusalReason, Role, SignedDecision,
-    StoredCardStatus, decision::Expectation, mask::mask_id_number,
+    CardStatus, DecisionError, DecisionPurpose, IdNumber, RefusalReason, Role, SignedDecision, StoredCardStatus,
+    decision::Expectation,
+    mask::mask_id_number,
+    status::{SignedStatusStatement, StatusStatement, id_number_hash},
 };
 
 use crate::{
     index::{CardIndex, CardState, IndexedCard},
+    limit::MissLimiter,
     repo::{Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent},
 };
 
@@ -58,11 +63,19 @@ pub struct CheckResult {
     pub status_changed_at: Option<DateTime<Utc>>,
 }
 
+/// What relying parties' checks need besides the index: the keys answers are signed with, and
+/// the limit on misses.
+pub struct Checks {
+    pub keys: Arc<KeyRing>,
+    pub limiter: MissLimiter,
+}
+
 pub struct Registry {
+    checks: Checks,
     repo: Repo,
     /// Every card's status; checks read only this (S1: updated by each write before it answers).
     index: CardIndex,
-    directory: Arc<Directory>,
+    directory: DirectoryHandle,
     clock: Clock,
     bureau_id: String,
     events: broadcast::Sender<StatusEvent>,
@@ -117,13 +130,40 @@ impl Registry {
     pub fn new(
         repo: Repo,
         index: CardIndex,
-        directory: Arc<Directory>,
+        directory: DirectoryHandle,
         clock: Clock,
         bureau_id: String,
         shutdown: Shutdown,
+        checks: Checks,
     ) -> Self {
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
-        Self { repo, index, directory, clock, bureau_id, events, writer: Mutex::new(()), shutdown }
+        Self { checks, repo, index, directory, clock, bureau_id, events, writer: Mutex::new(()), shutdown }
+    }
+
+    /// C4: the answer about one card, signed with the registry's newest key valid at `answered_at`;
+    /// None (and an error logged) if the directory lists no key the registry holds as valid.
+    pub fn sign_status(
+        &self,
+        query: &CardQuery,
+        result: &CheckResult,
+        answered_at: DateTime<Utc>,
+        nonce: Vec<u8>,
+    ) -> Option<SignedStatusStatement> {
+        let Some(key) = self.checks.keys.select(&self.directory.current(), answered_at) else {
+            tracing::error!(held = ?self.checks.keys.held_ids(), "no status signing key is valid now: answer unsigned");
+            return None;
+        };
+        let statement = StatusStatement {
+            registry_id: self.bureau_id.clone(),
+            key_id: key.id.clone(),
+            card_serial: query.card_serial.clone(),
+            id_number_hash: id_number_hash(query.id_number.as_str()),
+            status: result.status,
+            status_changed_at: result.status_changed_at,
+            answered_at,
+            nonce,
+        };
+        Some(statement.sign(&key.key))
     }
 
     /// S1: a committed status change reaches the index before anyone is told. Called under the
@@ -178,7 +218,7 @@ impl Registry {
 
     /// Whether `id` is a home bureau (verification role) in the directory.
     pub fn is_home_bureau(&self, id: &str) -> bool {
-        self.directory.get_with_role(id, Role::Verification).is_some()
+        self.directory.current().get_with_role(id, Role::Verification).is_some()
     }
 
     /// Writes the audit record of a refusal and returns the refusal.
@@ -232,7 +272,7 @@ impl Registry {
         let subject = mask_id_number(&d.card.id_number);
         let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
         let expected = Expectation { purpose: DecisionPurpose::ReportLoss, addressee_id: &self.bureau_id, now };
-        if let Err(error) = signed.verify(&self.directory, expected) {
+        if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
         let today = self.today();
@@ -316,7 +356,7 @@ impl Registry {
         let subject = mask_id_number(&d.card.id_number);
         let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
         let expected = Expectation { purpose: DecisionPurpose::WithdrawLossReport, addressee_id: &self.bureau_id, now };
-        if let Err(error) = signed.verify(&self.directory, expected) {
+        if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
         let today = self.today();
@@ -395,7 +435,7 @@ impl Registry {
         let subject = mask_id_number(&d.card.id_number);
         let detail =
             format!("decision {} by {} producer {} card {}", d.decision_id, d.bureau_id, producer_id, card_serial);
-        if self.directory.get_with_role(&producer_id, Role::Issuance).is_none() {
+        if self.directory.current().get_with_role(&producer_id, Role::Issuance).is_none() {
             let error = DecisionError::Misaddressed {
                 expected: "an issuance bureau of the directory".into(),
                 found: producer_id.clone(),
@@ -403,7 +443,7 @@ impl Registry {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
         let expected = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: &producer_id, now };
-        if let Err(error) = signed.verify(&self.directory, expected) {
+        if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
         let today = self.today();
@@ -474,10 +514,13 @@ impl Registry {
     /// C2, C4: the status of each card, in order, from the index: a check never waits on the
     /// database. Checks of lost cards are hits, written (one multi-row insert per call) before the
     /// answer, so none is lost; only those calls touch the database.
+    ///
+    /// `caller` (the authenticated caller, else the peer address) may miss only so often.
     pub async fn check_cards(
         &self,
         queries: &[CardQuery],
         relying_party: &str,
+        caller: &str,
     ) -> Result<(Vec<CheckResult>, DateTime<Utc>), ApiError> {
         let checked_at = self.now();
         let today = checked_at.date_naive();
@@ -498,7 +541,16 @@ impl Registry {
                 }
                 result
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let misses = results.iter().filter(|r| r.status == CardStatus::Unknown).count();
+        if let Err(exhausted) = self.checks.limiter.admit(caller, misses, std::time::Instant::now()) {
+            tracing::warn!(caller, misses, "check refused: too many misses (C4)");
+            return Err(ApiError::RateLimited {
+                reason: "CHECK_MISSES_EXHAUSTED",
+                message: "too many checks of unknown number/serial pairs; try again later".into(),
+                retry_after: exhausted.retry_after,
+            });
+        }
         if !hits.is_empty() {
             tracing::info!(hits = hits.len(), "checks of cards reported lost");
             self.repo.record_hits(hits).await?;

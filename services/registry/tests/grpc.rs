@@ -12,21 +12,26 @@ use tonic_types::StatusExt;
 use yidi_common::{
     clock::ClockConfig,
     config::{DatabaseConfig, DirectoryConfig, ServerConfig},
-    convert::signed_decision_to_proto,
-    directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key},
+    convert::{signed_decision_to_proto, status_statement_from_proto},
+    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
     population::{Citizen, Credit, ExistingCard, Population, Registration},
     scratch_db::postgres_for_tests,
     telemetry::LogConfig,
 };
-use yidi_domain::{CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision};
+use yidi_domain::{
+    CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision,
+    status::{SignedStatusStatement, StatementError},
+};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
-use yidi_registry::config::{ImportConfig, RegistryConfig};
+use yidi_registry::config::{ChecksConfig, ImportConfig, RegistryConfig, SigningConfig};
 
 const REGISTRY: &str = "registry-national";
 const PRODUCER: &str = "producer-zhejiang";
 const OTHER_PRODUCER: &str = "producer-other";
 const JIANGXI: &str = "home-jiangxi";
 const SICHUAN: &str = "home-sichuan";
+/// Every signing bureau's key id here (ids are unique per bureau only).
+const KEY_ID: &str = "k1";
 
 fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2118, 1, 1, 9, 0, 0).unwrap()
@@ -71,6 +76,7 @@ struct Harness {
     db_url: String,
     jiangxi: SigningKey,
     sichuan: SigningKey,
+    directory_path: PathBuf,
     client: LossRegistryClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -85,7 +91,9 @@ fn entry(id: &str, role: Role, jurisdiction: &[&str], key: Option<&SigningKey>) 
         jurisdiction: jurisdiction.iter().map(|s| (*s).to_owned()).collect(),
         region: String::new(),
         endpoint: "http://127.0.0.1:1".into(),
-        public_key: key.map(|k| encode_public_key(&k.verifying_key())).unwrap_or_default(),
+        keys: key
+            .map(|k| vec![KeyEntry::new(KEY_ID, &k.verifying_key(), now() - chrono::Duration::days(30))])
+            .unwrap_or_default(),
     }
 }
 
@@ -113,6 +121,10 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let jiangxi = generate_signing_key();
         let sichuan = generate_signing_key();
+        let registry_key = generate_signing_key();
+        let key_dir = dir.path().join("keys");
+        std::fs::create_dir(&key_dir).unwrap();
+        write_signing_key(&key_dir.join(format!("{KEY_ID}.key")), &registry_key).unwrap();
         let directory = DirectoryFile {
             bureaus: vec![
                 entry("station-hangzhou", Role::Intake, &[], None),
@@ -120,7 +132,7 @@ impl Harness {
                 entry(SICHUAN, Role::Verification, &["51"], Some(&sichuan)),
                 entry(PRODUCER, Role::Issuance, &[], None),
                 entry(OTHER_PRODUCER, Role::Issuance, &[], None),
-                entry(REGISTRY, Role::Registry, &[], None),
+                entry(REGISTRY, Role::Registry, &[], Some(&registry_key)),
             ],
         };
         let directory_path = dir.path().join("directory.toml");
@@ -136,14 +148,27 @@ impl Harness {
                 shutdown_grace_seconds: 1,
             },
             database: DatabaseConfig { url: db_url.clone(), max_connections: 4 },
-            directory: DirectoryConfig { path: directory_path },
+            // Short, so that the rotation test sees a new directory soon.
+            directory: DirectoryConfig { path: directory_path.clone(), reload_seconds: 1 },
             clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
             log: LogConfig::default(),
+            signing: SigningConfig { key_dir: Some(key_dir), keys: vec![] },
+            // Tests check many unknown cards; the limit has its own test.
+            registry: ChecksConfig { check_misses_per_minute: 1_000_000 },
             import: ImportConfig { path: Some(population_path) },
         };
         let (client, stop, task) = start(config.clone()).await;
-        let mut harness =
-            Self { _dir: dir, db_url, jiangxi, sichuan, client, stop: Some(stop), task: Some(task), config };
+        let mut harness = Self {
+            _dir: dir,
+            db_url,
+            jiangxi,
+            sichuan,
+            directory_path,
+            client,
+            stop: Some(stop),
+            task: Some(task),
+            config,
+        };
         harness.ready().await;
         harness
     }
@@ -190,6 +215,7 @@ impl Harness {
             decision_id: decision_id.into(),
             purpose,
             bureau_id: JIANGXI.into(),
+            key_id: KEY_ID.into(),
             addressee_id: addressee.into(),
             application_id: "00000000-0000-0000-0000-000000000001".into(),
             station_id: "station-hangzhou".into(),
@@ -255,8 +281,12 @@ impl Harness {
     }
 
     async fn try_check(&mut self, id: &str, serial: &str, party: &str) -> Result<pb::CheckCardResponse, Status> {
-        let request =
-            pb::CheckCardRequest { id_number: id.into(), card_serial: serial.into(), relying_party: party.into() };
+        let request = pb::CheckCardRequest {
+            id_number: id.into(),
+            card_serial: serial.into(),
+            relying_party: party.into(),
+            nonce: Vec::new(),
+        };
         self.client.check_card(request).await.map(|r| r.into_inner())
     }
 
@@ -837,15 +867,23 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
             shutdown_grace_seconds: 1,
         },
         database: DatabaseConfig { url: "sqlite::memory:".into(), max_connections: 1 },
-        directory: DirectoryConfig { path: dir },
+        directory: DirectoryConfig::new(dir),
         clock: ClockConfig::default(),
         log: LogConfig::default(),
+        signing: SigningConfig { key_dir: Some("keys".into()), keys: vec![] },
+        registry: ChecksConfig::default(),
         import: ImportConfig::default(),
     };
     assert!(config.validate().unwrap_err().to_string().contains("server.bureau_id"));
     config.server.bureau_id = REGISTRY.into();
     config.clock = ClockConfig { fixed: Some(now()), start: Some(now()), offset_seconds: 0 };
     assert!(config.validate().unwrap_err().to_string().contains("clock"));
+    config.clock = ClockConfig::default();
+    config.registry.check_misses_per_minute = 0;
+    assert!(config.validate().unwrap_err().to_string().contains("registry.check_misses_per_minute"));
+    config.registry = ChecksConfig::default();
+    config.signing = SigningConfig::default();
+    assert!(config.validate().unwrap_err().to_string().contains("signing"));
 }
 
 /// The same rules on PostgreSQL, in a scratch database of the test server (see
@@ -893,4 +931,126 @@ async fn s1_rules_hold_on_postgres_when_configured() {
         h.shutdown().await;
     }
     scratch.drop().await.unwrap();
+}
+
+async fn signed_check(
+    h: &mut Harness,
+    id: &str,
+    serial: &str,
+    nonce: &[u8],
+) -> (pb::CheckCardResponse, SignedStatusStatement) {
+    let request = pb::CheckCardRequest {
+        id_number: id.into(),
+        card_serial: serial.into(),
+        relying_party: "bank-of-test".into(),
+        nonce: nonce.to_vec(),
+    };
+    let answer = h.client.check_card(request).await.unwrap().into_inner();
+    let signed = status_statement_from_proto(answer.signed_status.as_ref().expect("a signed statement")).unwrap();
+    (answer, signed)
+}
+
+#[tokio::test]
+async fn c4_check_answers_are_signed_and_an_altered_answer_fails() {
+    let p = person(123, "JX-0001");
+    let q = person(135, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&q, None, true)]).await;
+    let directory = yidi_common::directory::load(&h.directory_path).unwrap();
+
+    let (answer, signed) = signed_check(&mut h, &q.id, &q.card, b"nonce-42").await;
+    let statement = signed.verify_answer(&directory, &q.id, &q.card, b"nonce-42").unwrap();
+    assert_eq!(statement.registry_id, REGISTRY);
+    assert_eq!(statement.key_id, KEY_ID);
+    assert_eq!(statement.status, yidi_domain::CardStatus::ReportedLost);
+    assert_eq!(status_of(answer.status), pb::CardStatus::ReportedLost);
+    assert_eq!(statement.status_changed_at.map(yidi_common::convert::timestamp), answer.status_changed_at);
+    assert_eq!(Some(yidi_common::convert::timestamp(statement.answered_at)), answer.checked_at);
+    // The statement names the holder by a hash only.
+    let wire = answer.signed_status.as_ref().unwrap().statement.as_ref().unwrap();
+    assert_eq!(wire.id_number_sha256, yidi_domain::status::id_number_hash(&q.id).to_vec());
+    assert!(!format!("{wire:?}").contains(&q.id));
+
+    // Altered after the fact: the signature no longer holds.
+    let mut altered = signed.clone();
+    altered.statement.status = yidi_domain::CardStatus::Valid;
+    assert_eq!(altered.verify(&directory), Err(StatementError::BadSignature));
+    // Another question's answer (nonce replayed for another serial) is not this one's.
+    assert_eq!(signed.verify_answer(&directory, &q.id, &q.card, b"other"), Err(StatementError::OtherQuestion));
+
+    // UNKNOWN is signed too, without a time of change.
+    let (_, unknown) = signed_check(&mut h, &p.id, "NO-SUCH", b"").await;
+    let statement = unknown.verify_answer(&directory, &p.id, "NO-SUCH", b"").unwrap();
+    assert_eq!((statement.status, statement.status_changed_at), (yidi_domain::CardStatus::Unknown, None));
+
+    let long = pb::CheckCardRequest {
+        id_number: p.id.clone(),
+        card_serial: p.card.clone(),
+        relying_party: "bank-of-test".into(),
+        nonce: vec![0; 65],
+    };
+    assert_eq!(violations(&h.client.check_card(long).await.unwrap_err()), vec!["nonce"]);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn c4_the_registry_signs_with_a_new_key_once_the_directory_lists_it() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    // Rotation without a restart: the new private key file, then the directory listing it.
+    let k2 = generate_signing_key();
+    let key_dir = h.config.signing.key_dir.clone().unwrap();
+    write_signing_key(&key_dir.join("k2.key"), &k2).unwrap();
+    let mut file = DirectoryFile::read(&h.directory_path).unwrap();
+    let registry = file.bureaus.iter_mut().find(|b| b.id == REGISTRY).unwrap();
+    registry.keys.push(KeyEntry::new("k2", &k2.verifying_key(), now() - chrono::Duration::hours(1)));
+    file.write(&h.directory_path).unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, signed) = signed_check(&mut h, &p.id, &p.card, b"n").await;
+        if signed.statement.key_id == "k2" {
+            let directory = yidi_common::directory::load(&h.directory_path).unwrap();
+            assert!(signed.verify_answer(&directory, &p.id, &p.card, b"n").is_ok());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the new key was not taken up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A directory that does not load keeps the one in force: answers stay signed with k2.
+    std::fs::write(&h.directory_path, "this is not a directory").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, signed) = signed_check(&mut h, &p.id, &p.card, b"n").await;
+    assert_eq!(signed.statement.key_id, "k2");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn c4_repeated_misses_from_one_caller_are_limited_but_hits_are_not() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    h.shutdown().await;
+    h.config.registry.check_misses_per_minute = 3;
+    // The restart's readiness probe is a miss: two left.
+    h.restart().await;
+    for _ in 0..50 {
+        assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid, "hits cost nothing");
+    }
+    for serial in ["GUESS-1", "GUESS-2"] {
+        assert_eq!(status_of(h.check(&p.id, serial).await.status), pb::CardStatus::Unknown);
+    }
+    let refused = h.try_check(&p.id, "GUESS-3", "bank-of-test").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(reason(&refused), "CHECK_MISSES_EXHAUSTED");
+    let retry = refused.get_details_retry_info().and_then(|r| r.retry_delay).expect("RetryInfo");
+    assert!(retry > Duration::ZERO && retry <= Duration::from_secs(20), "{retry:?}");
+    // While exhausted, a hit is withheld too: answering it would tell hits from misses.
+    let withheld = h.try_check(&p.id, &p.card, "bank-of-test").await.unwrap_err();
+    assert_eq!(withheld.code(), Code::ResourceExhausted);
+    // CheckCards counts each miss.
+    let batch = pb::CheckCardsRequest {
+        cards: vec![pb::CardQuery { id_number: p.id.clone(), card_serial: "GUESS-4".into() }],
+        relying_party: "bank-of-test".into(),
+    };
+    assert_eq!(h.client.check_cards(batch).await.unwrap_err().code(), Code::ResourceExhausted);
+    h.shutdown().await;
 }

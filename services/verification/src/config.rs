@@ -5,6 +5,7 @@ use serde::Deserialize;
 use yidi_common::{
     clock::ClockConfig,
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    signing::{KeyFileConfig, KeySources},
     telemetry::LogConfig,
 };
 
@@ -29,8 +30,13 @@ pub struct VerificationConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningConfig {
-    /// File with this bureau's Ed25519 key (base64 of the 32-byte seed).
-    pub key_path: PathBuf,
+    /// A folder of key files `<key id>.key` (base64 of the 32-byte Ed25519 seed), re-read while
+    /// running: a new key is put in place by adding its file.
+    #[serde(default)]
+    pub key_dir: Option<PathBuf>,
+    /// `[[signing.keys]]`: key files, each with the directory key id it stands for.
+    #[serde(default)]
+    pub keys: Vec<KeyFileConfig>,
     /// A decision expires this many seconds after it is issued.
     #[serde(default = "default_decision_ttl_seconds")]
     pub decision_ttl_seconds: u64,
@@ -38,6 +44,12 @@ pub struct SigningConfig {
 
 fn default_decision_ttl_seconds() -> u64 {
     604_800
+}
+
+impl SigningConfig {
+    pub fn sources(&self) -> KeySources {
+        KeySources { key_dir: self.key_dir.clone(), keys: self.keys.clone() }
+    }
 }
 
 /// `[register]`
@@ -77,9 +89,7 @@ impl VerificationConfig {
         if self.database.max_connections == 0 {
             return Err(ConfigError::key("database.max_connections", "must be at least 1"));
         }
-        if self.signing.key_path.as_os_str().is_empty() {
-            return Err(ConfigError::key("signing.key_path", "is required"));
-        }
+        self.signing.sources().validate("signing")?;
         if self.signing.decision_ttl_seconds == 0 || self.signing.decision_ttl_seconds > MAX_DECISION_TTL_SECONDS {
             return Err(ConfigError::key(
                 "signing.decision_ttl_seconds",
@@ -113,7 +123,7 @@ mod tests {
     fn config(extra: &str) -> Result<VerificationConfig, toml::de::Error> {
         toml::from_str(&format!(
             "[server]\nbureau_id = \"home-jiangxi\"\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite::memory:\"\n\
-             [directory]\npath = \"d.toml\"\n[signing]\nkey_path = \"k\"\n{extra}"
+             [directory]\npath = \"d.toml\"\n[signing]\nkey_dir = \"k\"\n{extra}"
         ))
     }
 

@@ -14,7 +14,9 @@ use std::{future::Future, path::Path, sync::Arc};
 use anyhow::Context;
 use yidi_common::{
     Clock,
+    config::ConfigError,
     population::Population,
+    signing::KeyRing,
     startup::{self, Prepared, Sections},
 };
 use yidi_domain::{BiometricMatcher, IdNumber, Role, SimulatedMatcher};
@@ -28,9 +30,9 @@ use crate::{
     service::Verifier,
 };
 
-/// This bureau's signing key and jurisdiction, checked against the directory.
+/// This bureau's signing keys and jurisdiction, checked against the directory.
 struct Signer {
-    key: ed25519_dalek::SigningKey,
+    keys: Arc<KeyRing>,
     jurisdiction: Vec<String>,
 }
 
@@ -47,19 +49,16 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
     };
-    let prepared = startup::prepare::<Migrator, _, _>(sections, Role::Verification, listener, shutdown, |_, bureau| {
-        let key = yidi_common::directory::read_signing_key(&config.signing.key_path)
-            .with_context(|| format!("signing.key_path {}", config.signing.key_path.display()))?;
-        if bureau.public_key.as_ref() != Some(&key.verifying_key()) {
-            anyhow::bail!(
-                "signing.key_path {}: the key does not match the directory's public_key of {}",
-                config.signing.key_path.display(),
-                bureau.id
-            );
-        }
-        Ok(Signer { key, jurisdiction: bureau.jurisdiction.clone() })
-    })
-    .await?;
+    let now =
+        yidi_common::Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
+    let prepared =
+        startup::prepare::<Migrator, _, _>(sections, Role::Verification, listener, shutdown, |directory, bureau| {
+            let keys = KeyRing::load(bureau.id.clone(), config.signing.sources()).context("signing.keys")?;
+            let active = keys.check(directory, now).context("signing.keys")?;
+            tracing::info!(key_id = %active.id, held = ?keys.held_ids(), "signing keys loaded");
+            Ok(Signer { keys: Arc::new(keys), jurisdiction: bureau.jurisdiction.clone() })
+        })
+        .await?;
     let db = prepared.db.clone();
     let result = run(&config, prepared).await;
     let closed = db.close().await;
@@ -72,7 +71,8 @@ async fn run(
     config: &VerificationConfig,
     prepared: Prepared<VerificationServer<VerificationApi>, Signer>,
 ) -> anyhow::Result<()> {
-    let Prepared { directory, clock, db, server, checked: signer, .. } = prepared;
+    let Prepared { directory, clock, db, server, shutdown, checked: signer, .. } = prepared;
+    signer.keys.spawn_reloader(config.directory.reload_every(), shutdown);
     let bureau_id = config.server.bureau_id.clone();
     let repo = Repo::new(db);
     if let Some(path) = &config.register.import_path {
@@ -87,10 +87,10 @@ async fn run(
     let verifier = Arc::new(Verifier::new(
         repo,
         clock,
-        Arc::new(directory),
+        directory,
         bureau_id,
         signer.jurisdiction,
-        signer.key,
+        signer.keys,
         chrono::Duration::seconds(ttl_seconds),
         matcher,
     ));

@@ -2,13 +2,14 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
-use ed25519_dalek::SigningKey;
 use prost::Message;
 use yidi_common::{
     ApiError, Clock,
     audit::AuditEntry,
     convert::{refusal_to_proto, signed_decision_to_proto},
+    directory::DirectoryHandle,
     population::{Credit, Registration},
+    signing::{ActiveKey, KeyRing},
 };
 use yidi_domain::{
     ApplicationKind, ApplicationState, BiometricMatcher, CardData, Decision, DecisionPurpose, Directory, IdNumber,
@@ -62,10 +63,10 @@ pub struct CitizenView {
 pub struct Verifier {
     repo: Repo,
     clock: Clock,
-    directory: Arc<Directory>,
+    directory: DirectoryHandle,
     bureau_id: String,
     jurisdiction: Vec<String>,
-    key: SigningKey,
+    keys: Arc<KeyRing>,
     ttl: Duration,
     matcher: Arc<dyn BiometricMatcher>,
 }
@@ -181,18 +182,30 @@ impl Verifier {
     pub fn new(
         repo: Repo,
         clock: Clock,
-        directory: Arc<Directory>,
+        directory: DirectoryHandle,
         bureau_id: String,
         jurisdiction: Vec<String>,
-        key: SigningKey,
+        keys: Arc<KeyRing>,
         ttl: Duration,
         matcher: Arc<dyn BiometricMatcher>,
     ) -> Self {
-        Self { repo, clock, directory, bureau_id, jurisdiction, key, ttl, matcher }
+        Self { repo, clock, directory, bureau_id, jurisdiction, keys, ttl, matcher }
     }
 
-    pub fn directory(&self) -> &Directory {
-        &self.directory
+    /// The directory in force.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.current()
+    }
+
+    /// S4: the newest key the directory lists for this bureau as valid at `issued_at` (rotation).
+    fn signing_key(&self, directory: &Directory, issued_at: DateTime<Utc>) -> Result<ActiveKey, ApiError> {
+        self.keys.select(directory, issued_at).ok_or_else(|| {
+            tracing::error!(held = ?self.keys.held_ids(), "no signing key is valid now: decisions cannot be signed");
+            ApiError::precondition(
+                "NO_SIGNING_KEY",
+                format!("{} holds no signing key the directory lists as valid now", self.bureau_id),
+            )
+        })
     }
 
     pub fn today(&self) -> NaiveDate {
@@ -201,7 +214,8 @@ impl Verifier {
 
     /// The national registry the loss decisions are addressed to.
     fn registry_id(&self) -> Result<String, ApiError> {
-        let mut registries: Vec<&str> = self.directory.with_role(Role::Registry).map(|b| b.id.as_str()).collect();
+        let directory = self.directory.current();
+        let mut registries: Vec<&str> = directory.with_role(Role::Registry).map(|b| b.id.as_str()).collect();
         registries.sort_unstable();
         registries
             .first()
@@ -273,8 +287,8 @@ impl Verifier {
             0
         };
         // The station was checked against the directory at validation; unknown counts as a different place.
-        let station_region = self
-            .directory
+        let directory = self.directory.current();
+        let station_region = directory
             .get_with_role(&input.station_id, Role::Intake)
             .map(|station| station.region.as_str())
             .unwrap_or_default();
@@ -336,6 +350,7 @@ impl Verifier {
         Ok(VerifyAnswer { response, replayed: false })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn decision(
         &self,
         input: &VerifyInput,
@@ -344,11 +359,13 @@ impl Verifier {
         card: CardData,
         current_card_serial: &str,
         issued_at: DateTime<Utc>,
+        key: &ActiveKey,
     ) -> SignedDecision {
         Decision {
             decision_id: uuid::Uuid::new_v4().to_string(),
             purpose,
             bureau_id: self.bureau_id.clone(),
+            key_id: key.id.clone(),
             addressee_id: addressee_id.to_owned(),
             application_id: input.application_id.clone(),
             station_id: input.station_id.clone(),
@@ -358,7 +375,7 @@ impl Verifier {
             issued_at,
             expires_at: issued_at + self.ttl,
         }
-        .sign(&self.key)
+        .sign(&key.key)
     }
 
     async fn approve(
@@ -372,6 +389,8 @@ impl Verifier {
     ) -> Result<VerifyAnswer, ApiError> {
         let issued_at = truncate_to_seconds(now);
         let today = now.date_naive();
+        // Chosen for the instant the decisions carry, which the key must cover.
+        let key = self.signing_key(&self.directory.current(), issued_at)?;
         // judge() approved, so the citizen holds a card and any serial named is this one.
         let current = citizen.current_card_serial.clone().unwrap_or_else(|| input.card_serial.clone());
         let card_data = |valid_from: NaiveDate, valid_until: Option<NaiveDate>| CardData {
@@ -400,6 +419,7 @@ impl Verifier {
                     data.clone(),
                     &current,
                     issued_at,
+                    &key,
                 );
                 // K1: a replacement files the loss report too (if there is a card to lose: a first
                 // card, accepted only at home, has none).
@@ -412,6 +432,7 @@ impl Verifier {
                         data,
                         &current,
                         issued_at,
+                        &key,
                     ))
                 } else {
                     None
@@ -422,7 +443,7 @@ impl Verifier {
                 // The card concerned is the current one.
                 let valid_from = citizen.current_card_valid_from.unwrap_or(today);
                 let data = card_data(valid_from, citizen.current_card_valid_until);
-                let decision = self.decision(input, purpose, &registry(&registry_id)?, data, &current, issued_at);
+                let decision = self.decision(input, purpose, &registry(&registry_id)?, data, &current, issued_at, &key);
                 (decision, None, None)
             }
         };

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 use tonic::{Code, transport::Channel};
 use yidi_common::{
     convert::signed_decision_from_proto,
-    directory::{BureauEntry, DirectoryFile, encode_public_key, generate_signing_key, write_signing_key},
+    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
     population::{Citizen, Credit, ExistingCard, Population, Registration},
     scratch_db::postgres_for_tests,
 };
@@ -22,9 +22,14 @@ const STATION: &str = "station-hangzhou";
 const LOCAL_STATION: &str = "station-nanchang";
 const PRODUCER: &str = "producer-zhejiang";
 const REGISTRY: &str = "registry-national";
+const KEY_ID: &str = "jx-1";
 
 fn now() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2118-01-01T09:00:00.750Z").unwrap().with_timezone(&Utc)
+}
+
+fn key_valid_from() -> DateTime<Utc> {
+    now() - chrono::Duration::days(30)
 }
 
 fn template(seed: u8) -> Vec<u8> {
@@ -151,25 +156,26 @@ impl Fixture {
         let dir_path = dir.path().to_path_buf();
         let key = generate_signing_key();
         let other = generate_signing_key();
-        write_signing_key(&dir_path.join("home.key"), &key).unwrap();
-        let entry = |id: &str, role: Role, jurisdiction: &[&str], region: &str, public_key: String| BureauEntry {
+        std::fs::create_dir(dir_path.join("keys")).unwrap();
+        write_signing_key(&dir_path.join("keys").join(format!("{KEY_ID}.key")), &key).unwrap();
+        let entry = |id: &str, role: Role, jurisdiction: &[&str], region: &str, key: Option<&SigningKey>| BureauEntry {
             id: id.into(),
             role,
             name: id.into(),
             jurisdiction: jurisdiction.iter().map(|s| s.to_string()).collect(),
             region: region.into(),
             endpoint: "http://127.0.0.1:1".into(),
-            public_key,
+            keys: key.map(|k| vec![KeyEntry::new(KEY_ID, &k.verifying_key(), key_valid_from())]).unwrap_or_default(),
         };
         DirectoryFile {
             bureaus: vec![
-                entry(STATION, Role::Intake, &[], "330106", String::new()),
-                entry("station-other", Role::Intake, &[], "330102", String::new()),
-                entry(LOCAL_STATION, Role::Intake, &[], "360102", String::new()),
-                entry(HOME, Role::Verification, &["36"], "", encode_public_key(&key.verifying_key())),
-                entry("home-sichuan", Role::Verification, &["51"], "", encode_public_key(&other.verifying_key())),
-                entry(PRODUCER, Role::Issuance, &[], "", String::new()),
-                entry(REGISTRY, Role::Registry, &[], "", String::new()),
+                entry(STATION, Role::Intake, &[], "330106", None),
+                entry("station-other", Role::Intake, &[], "330102", None),
+                entry(LOCAL_STATION, Role::Intake, &[], "360102", None),
+                entry(HOME, Role::Verification, &["36"], "", Some(&key)),
+                entry("home-sichuan", Role::Verification, &["51"], "", Some(&other)),
+                entry(PRODUCER, Role::Issuance, &[], "", None),
+                entry(REGISTRY, Role::Registry, &[], "", None),
             ],
         }
         .write(&dir_path.join("directory.toml"))
@@ -194,7 +200,7 @@ path = "{dir}/directory.toml"
 [clock]
 fixed = "{now}"
 [signing]
-key_path = "{dir}/home.key"
+key_dir = "{dir}/keys"
 [register]
 import_path = "{dir}/population.json"
 {extra}
@@ -333,7 +339,8 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
     tampered.decision.card.name = "Someone Else".into();
     let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
     assert!(tampered.verify(&directory, expect).is_err());
-    assert_eq!(fixture.key.verifying_key(), directory.get(HOME).unwrap().public_key.unwrap());
+    assert_eq!(d.key_id, KEY_ID);
+    assert_eq!(fixture.key.verifying_key(), directory.get(HOME).unwrap().key(KEY_ID).unwrap().public_key);
 
     // Recorded with an audit row, and the application is open (K5).
     let citizen = server
@@ -745,11 +752,19 @@ async fn n1_invalid_requests_name_every_field_and_write_nothing() {
 #[tokio::test]
 async fn s4_start_refuses_a_key_that_is_not_the_directorys() {
     let fixture = Fixture::new();
-    write_signing_key(&fixture.dir_path.join("other.key"), &generate_signing_key()).unwrap();
+    let other_keys = fixture.dir_path.join("other-keys");
+    std::fs::create_dir(&other_keys).unwrap();
+    write_signing_key(&other_keys.join(format!("{KEY_ID}.key")), &generate_signing_key()).unwrap();
     let mut config = fixture.config("");
-    config.signing.key_path = fixture.dir_path.join("other.key");
-    let error = fixture.start_with(config).await.err().unwrap().to_string();
-    assert!(error.contains("signing.key_path"), "{error}");
+    config.signing.key_dir = Some(other_keys.clone());
+    let error = format!("{:#}", fixture.start_with(config).await.err().unwrap());
+    assert!(error.contains("signing.keys") && error.contains("does not match"), "{error}");
+    // A key the directory does not list signs nothing: no usable key, no start.
+    std::fs::rename(other_keys.join(format!("{KEY_ID}.key")), other_keys.join("unlisted.key")).unwrap();
+    let mut config = fixture.config("");
+    config.signing.key_dir = Some(other_keys);
+    let error = format!("{:#}", fixture.start_with(config).await.err().unwrap());
+    assert!(error.contains("signing.keys") && error.contains("valid now"), "{error}");
     let mut config = fixture.config("");
     config.server.bureau_id = PRODUCER.into();
     let error = fixture.start_with(config).await.err().unwrap().to_string();
