@@ -6,6 +6,7 @@ use yidi_common::{
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -18,6 +19,9 @@ pub struct RegistryConfig {
     pub clock: ClockConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
+    #[serde(default)]
+    pub tls: TlsConfig,
     #[serde(default)]
     pub import: ImportConfig,
 }
@@ -45,6 +49,7 @@ impl RegistryConfig {
         if self.directory.path.as_os_str().is_empty() {
             return Err(ConfigError::key("directory.path", "is required"));
         }
+        self.tls.validate()?;
         Clock::from_config(&self.clock).map_err(|message| ConfigError::key("clock", message))?;
         if let Some(path) = &self.import.path
             && path.as_os_str().is_empty()

@@ -37,9 +37,10 @@ pub async fn serve(
         database: &config.database,
         directory: &config.directory,
         clock: &config.clock,
+        tls: &config.tls,
     };
     let Prepared { directory, clock, db, shutdown: stop, server, .. } =
-        startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, |_, _| Ok(())).await?;
+        startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, |_, _, _| Ok(())).await?;
     let repo = Repo::new(db);
     let bureau_id = config.server.bureau_id.clone();
     let loading = std::time::Instant::now();

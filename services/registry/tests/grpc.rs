@@ -17,6 +17,7 @@ use yidi_common::{
     population::{Citizen, Credit, ExistingCard, Population, Registration},
     scratch_db::postgres_for_tests,
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 use yidi_domain::{CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
@@ -122,6 +123,7 @@ impl Harness {
                 entry(OTHER_PRODUCER, Role::Issuance, &[], None),
                 entry(REGISTRY, Role::Registry, &[], None),
             ],
+            ..DirectoryFile::default()
         };
         let directory_path = dir.path().join("directory.toml");
         directory.write(&directory_path).unwrap();
@@ -134,11 +136,13 @@ impl Harness {
                 bureau_id: REGISTRY.into(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 1,
+                health_listen: None,
             },
             database: DatabaseConfig { url: db_url.clone(), max_connections: 4 },
             directory: DirectoryConfig { path: directory_path },
             clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
             log: LogConfig::default(),
+            tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             import: ImportConfig { path: Some(population_path) },
         };
         let (client, stop, task) = start(config.clone()).await;
@@ -835,11 +839,13 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
             bureau_id: String::new(),
             listen: "127.0.0.1:0".parse().unwrap(),
             shutdown_grace_seconds: 1,
+            health_listen: None,
         },
         database: DatabaseConfig { url: "sqlite::memory:".into(), max_connections: 1 },
         directory: DirectoryConfig { path: dir },
         clock: ClockConfig::default(),
         log: LogConfig::default(),
+        tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
         import: ImportConfig::default(),
     };
     assert!(config.validate().unwrap_err().to_string().contains("server.bureau_id"));

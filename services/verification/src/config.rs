@@ -6,6 +6,7 @@ use yidi_common::{
     clock::ClockConfig,
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -18,6 +19,9 @@ pub struct VerificationConfig {
     pub clock: ClockConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
+    #[serde(default)]
+    pub tls: TlsConfig,
     pub signing: SigningConfig,
     #[serde(default)]
     pub register: RegisterConfig,
@@ -102,6 +106,7 @@ impl VerificationConfig {
         if let Err(message) = yidi_common::Clock::from_config(&self.clock) {
             return Err(ConfigError::key("clock", message));
         }
+        self.tls.validate()?;
         Ok(())
     }
 }

@@ -46,20 +46,22 @@ pub async fn serve(
         database: &config.database,
         directory: &config.directory,
         clock: &config.clock,
+        tls: &config.tls,
     };
-    let prepared = startup::prepare::<Migrator, _, _>(sections, Role::Verification, listener, shutdown, |_, bureau| {
-        let key = yidi_common::directory::read_signing_key(&config.signing.key_path)
-            .with_context(|| format!("signing.key_path {}", config.signing.key_path.display()))?;
-        if bureau.public_key.as_ref() != Some(&key.verifying_key()) {
-            anyhow::bail!(
-                "signing.key_path {}: the key does not match the directory's public_key of {}",
-                config.signing.key_path.display(),
-                bureau.id
-            );
-        }
-        Ok(Signer { key, jurisdiction: bureau.jurisdiction.clone() })
-    })
-    .await?;
+    let prepared =
+        startup::prepare::<Migrator, _, _>(sections, Role::Verification, listener, shutdown, |_, bureau, _| {
+            let key = yidi_common::directory::read_signing_key(&config.signing.key_path)
+                .with_context(|| format!("signing.key_path {}", config.signing.key_path.display()))?;
+            if bureau.public_key.as_ref() != Some(&key.verifying_key()) {
+                anyhow::bail!(
+                    "signing.key_path {}: the key does not match the directory's public_key of {}",
+                    config.signing.key_path.display(),
+                    bureau.id
+                );
+            }
+            Ok(Signer { key, jurisdiction: bureau.jurisdiction.clone() })
+        })
+        .await?;
     let db = prepared.db.clone();
     let result = run(&config, prepared).await;
     let closed = db.close().await;

@@ -171,6 +171,7 @@ impl Fixture {
                 entry(PRODUCER, Role::Issuance, &[], "", String::new()),
                 entry(REGISTRY, Role::Registry, &[], "", String::new()),
             ],
+            ..DirectoryFile::default()
         }
         .write(&dir_path.join("directory.toml"))
         .unwrap();
@@ -191,6 +192,8 @@ shutdown_grace_seconds = 1
 url = "{db}"
 [directory]
 path = "{dir}/directory.toml"
+[tls]
+plaintext = true
 [clock]
 fixed = "{now}"
 [signing]
