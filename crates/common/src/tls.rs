@@ -78,9 +78,9 @@ impl TlsConfig {
                 "is required: set tls.ca, tls.cert and tls.key (mutual TLS), or tls.plaintext = true to serve without TLS",
             ));
         }
-        for (key, _) in given.iter().filter(|(key, _)| !set.contains(key)) {
+        if let Some((missing, _)) = given.iter().find(|(key, _)| !set.contains(key)) {
             return Err(ConfigError::key(
-                key,
+                missing,
                 "is required with mutual TLS (tls.ca, tls.cert and tls.key go together)",
             ));
         }
