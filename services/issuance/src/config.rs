@@ -113,7 +113,7 @@ mod tests {
     fn config(extra: &str) -> Result<IssuanceConfig, toml::de::Error> {
         let text = format!(
             "[server]\nbureau_id = \"producer-zhejiang\"\nlisten = \"127.0.0.1:0\"\n\
-             [database]\nurl = \"sqlite::memory:\"\n[directory]\npath = \"d.toml\"\n{extra}"
+             [database]\nurl = \"sqlite::memory:\"\n[directory]\npath = \"d.toml\"\n[tls]\nplaintext = true\n{extra}"
         );
         toml::from_str(&text)
     }

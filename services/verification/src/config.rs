@@ -118,7 +118,7 @@ mod tests {
     fn config(extra: &str) -> Result<VerificationConfig, toml::de::Error> {
         toml::from_str(&format!(
             "[server]\nbureau_id = \"home-jiangxi\"\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite::memory:\"\n\
-             [directory]\npath = \"d.toml\"\n[signing]\nkey_path = \"k\"\n{extra}"
+             [directory]\npath = \"d.toml\"\n[tls]\nplaintext = true\n[signing]\nkey_path = \"k\"\n{extra}"
         ))
     }
 
