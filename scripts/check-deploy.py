@@ -5,13 +5,14 @@ Called by scripts/check-deploy.sh after the schema validation, with the resolved
 - every key of every service TOML (deploy/config, deploy/compose, the ConfigMap yidi-config) is
   documented for that service in deploy/config/README.md, and every key documented as required is
   set, in the file or by a YIDI__SECTION__KEY variable of the container that reads it;
-- compose: each bureau reads a TOML mounted from deploy/compose/, its health check probes the port
-  it listens on, it exports to the collector under its own OTEL_SERVICE_NAME; every component a
+- compose and Kubernetes: every bureau serves over mutual TLS (tls.ca/cert/key, never
+  tls.plaintext); health checks and probes use its health port (server.health_listen, else listen);
+- compose: each bureau reads a TOML mounted from deploy/compose/, it exports to the collector under its own OTEL_SERVICE_NAME; every component a
   pipeline of deploy/otel-collector.yaml names is defined, and the traces reach Jaeger;
 - Kubernetes: every Deployment's containers name an image, requests and limits, the non-root
   security context, native gRPC liveness/readiness probes on the port the service listens on; every
-  ConfigMap/Secret key it mounts or reads exists; each directory endpoint is a Service's name and
-  port; kustomization.yaml lists every manifest but the placeholder secrets.
+  ConfigMap/Secret key it mounts or reads exists; each directory endpoint is https:// and a
+  Service's name and port; kustomization.yaml lists every manifest but the placeholder secrets.
 Prints one line per problem and exits 1 if there is any.
 """
 
@@ -93,6 +94,19 @@ def listen_port(config: dict) -> int | None:
     return int(listen.rsplit(":", 1)[1]) if ":" in listen else None
 
 
+def health_port(config: dict) -> int | None:
+    """The port health answers on: server.health_listen if set, else the service port."""
+    health = config.get("server", {}).get("health_listen", "")
+    return int(health.rsplit(":", 1)[1]) if ":" in health else listen_port(config)
+
+
+def check_mutual_tls(where: str, config: dict) -> None:
+    """Deployed bureaus serve and call over mutual TLS only (issue 4): never tls.plaintext."""
+    tls = config.get("tls", {})
+    if tls.get("plaintext") or not all(tls.get(key) for key in ("ca", "cert", "key")):
+        problem(where, "must set tls.ca, tls.cert and tls.key (mutual TLS), never tls.plaintext")
+
+
 def check_compose(resolved: Path) -> None:
     compose = yaml.safe_load(resolved.read_text())
     services = compose.get("services", {})
@@ -114,10 +128,11 @@ def check_compose(resolved: Path) -> None:
         env = service.get("environment") or {}
         config = check_toml(f"{Path(source).relative_to(ROOT)}", Path(source).read_text(),
                             service_of(command[0].removeprefix("yidi-")), env)
-        port = listen_port(config)
+        port = health_port(config)
         probe = " ".join(service.get("healthcheck", {}).get("test", []))
         if port is None or not probe.endswith(f":{port}"):
-            problem(where, f"health check `{probe}` does not probe the listen port {port}")
+            problem(where, f"health check `{probe}` does not probe the health port {port}")
+        check_mutual_tls(where, config)
         if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") != "http://otel-collector:4317":
             problem(where, "OTEL_EXPORTER_OTLP_ENDPOINT is not http://otel-collector:4317")
         otel_name = env.get("OTEL_SERVICE_NAME")
@@ -252,11 +267,16 @@ def check_kubernetes() -> None:
             text = data.get(("ConfigMap", config_volume["name"]), {}).get(item["key"], "")
             config = check_toml(f"ConfigMap {config_volume['name']} {item['key']}", text,
                                 service_of(command[0].removeprefix("yidi-")), env)
+            container_ports = {p.get("containerPort") for p in container.get("ports", [])}
             port = listen_port(config)
-            if port not in {p.get("containerPort") for p in container.get("ports", [])}:
+            if port not in container_ports:
                 problem(where, f"listens on {port}, which is not a container port")
+            check_mutual_tls(where, config)
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if container.get(probe, {}).get("grpc", {}).get("port") != health_port(config):
+                    problem(where, f"{probe} does not probe the health port {health_port(config)}")
             for path_key in (("directory", "path"), ("signing", "key_dir"), ("register", "import_path"),
-                             ("import", "path")):
+                             ("import", "path"), ("tls", "ca"), ("tls", "cert"), ("tls", "key")):
                 path = config.get(path_key[0], {}).get(path_key[1])
                 # A folder (signing.key_dir) may be the mount itself.
                 if path and not any(path == mount or path.startswith(mount + "/") for mount in mounts):
@@ -266,7 +286,7 @@ def check_kubernetes() -> None:
 
     directory_text = data.get(("ConfigMap", "yidi-directory"), {}).get("directory.toml", "")
     for bureau in tomllib.loads(directory_text).get("bureaus", []) if directory_text else []:
-        match = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", bureau.get("endpoint", ""))
+        match = re.fullmatch(r"https://([a-z0-9-]+):(\d+)", bureau.get("endpoint", ""))
         service = services.get(match.group(1)) if match else None
         if service is None or int(match.group(2)) not in {p["port"] for p in service["spec"]["ports"]}:
             problem("ConfigMap yidi-directory", f"endpoint {bureau.get('endpoint')} is no Service's name and port")

@@ -18,8 +18,9 @@ use tonic_types::StatusExt;
 use yidi_common::{population::Citizen, scratch_db};
 use yidi_demo::{
     suite::{Backend, ClockSetting, Suite, SuiteOptions, default_bin_dir},
-    topology::Process,
+    topology::{Process, operator_id},
 };
+use yidi_domain::OperatorAccess;
 use yidi_proto::v1::{
     self as pb, intake_client::IntakeClient, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient,
     verification_client::VerificationClient,
@@ -85,12 +86,29 @@ pub async fn start(db: Db, date: &str, configure: impl FnOnce(&mut SuiteOptions)
     Ok(Some(TestSuite { suite, today: now.date_naive(), _dir: dir }))
 }
 
+/// As [`start`], with mutual TLS on every port (a fresh CA and certificates in the suite folder).
+pub async fn start_tls(
+    db: Db,
+    date: &str,
+    configure: impl FnOnce(&mut SuiteOptions),
+) -> anyhow::Result<Option<TestSuite>> {
+    start(db, date, |options| {
+        options.tls = true;
+        configure(options);
+    })
+    .await
+}
+
 impl TestSuite {
+    /// A channel to `process`; on a TLS suite as that bureau's admin operator (`op-<bureau>-admin`).
     pub async fn channel(&self, process: Process) -> anyhow::Result<Channel> {
-        Ok(tonic::transport::Endpoint::from_shared(self.suite.endpoint(process))?
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await?)
+        self.channel_as(process, &operator_id(process.bureau_id(), OperatorAccess::Admin)).await
+    }
+
+    /// A channel to `process` calling as `principal` (any principal id with a certificate in the
+    /// suite's `certs` folder); on a plaintext suite the principal is ignored.
+    pub async fn channel_as(&self, process: Process, principal: &str) -> anyhow::Result<Channel> {
+        self.suite.channel_as(process, principal).await
     }
 
     pub async fn intake(&self) -> anyhow::Result<IntakeClient<Channel>> {

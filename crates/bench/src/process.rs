@@ -127,7 +127,7 @@ pub async fn start_registry(dir: &Path, bin_dir: &Path, database_url: &str) -> a
     let config = dir.join("registry.toml");
     let text = format!(
         "[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = \"{database_url}\"\n\n\
-         [directory]\npath = \"{directory}\"\n\n[clock]\nfixed = \"{CLOCK}\"\n\n\
+         [directory]\npath = \"{directory}\"\n\n[tls]\nplaintext = true\n\n[clock]\nfixed = \"{CLOCK}\"\n\n\
          [log]\nformat = \"text\"\nfilter = \"warn,yidi_registry=info\"\n\n\
          [signing]\nkey_dir = \"{key_dir}\"\n",
         id = Process::Registry.bureau_id(),

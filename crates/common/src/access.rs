@@ -316,13 +316,24 @@ impl DeniedCalls {
 /// The tower layer enforcing [`MATRIX`] for the bureau `serving_bureau`.
 #[derive(Debug, Clone)]
 pub struct AccessLayer {
+    /// `false` on a plaintext server (explicit `tls.plaintext`): no callers, nothing to decide.
+    enforced: bool,
     serving_bureau: Arc<str>,
     denied: DeniedCalls,
 }
 
 impl AccessLayer {
     pub fn new(serving_bureau: &str, denied: DeniedCalls) -> Self {
-        Self { serving_bureau: serving_bureau.into(), denied }
+        Self { enforced: true, serving_bureau: serving_bureau.into(), denied }
+    }
+
+    /// Lets every call through: for plaintext servers only.
+    pub fn disabled() -> Self {
+        Self { enforced: false, serving_bureau: "".into(), denied: DeniedCalls::default() }
+    }
+
+    pub fn denied_calls(&self) -> &DeniedCalls {
+        &self.denied
     }
 }
 
@@ -353,6 +364,9 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        if !self.layer.enforced {
+            return Either::Right(self.inner.call(request));
+        }
         match check(request.uri().path(), caller_of(request.extensions()), &self.layer.serving_bureau) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(denial) => {

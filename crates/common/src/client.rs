@@ -5,8 +5,12 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use tower::Layer;
+use yidi_domain::Bureau;
 
-use crate::rpc_telemetry::{RpcTelemetry, RpcTelemetryLayer};
+use crate::{
+    rpc_telemetry::{RpcTelemetry, RpcTelemetryLayer},
+    tls::Transport,
+};
 
 /// Per-call deadline towards another bureau.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -14,13 +18,58 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A channel to another bureau, as every generated client takes it (`IntakeClient<PeerChannel>`).
 pub type PeerChannel = RpcTelemetry<Channel>;
 
-pub fn channel(endpoint: &str) -> Result<PeerChannel, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(endpoint.to_owned())?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(CALL_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy();
-    Ok(RpcTelemetryLayer::client().layer(channel))
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("bureau {bureau}: endpoint {endpoint:?} must start with {scheme}:// ({why})")]
+    Scheme { bureau: String, endpoint: String, scheme: &'static str, why: &'static str },
+    #[error("bureau {bureau}: endpoint {endpoint:?}: {source}")]
+    Endpoint { bureau: String, endpoint: String, source: tonic::transport::Error },
+}
+
+/// Makes the channels of one bureau to the others, as its `[tls]` section says: with mutual TLS,
+/// every channel trusts only the CA, presents this bureau's certificate and expects the server to
+/// prove it is the bureau the directory names (its id is the TLS name, whatever the host).
+#[derive(Debug, Clone)]
+pub struct Connector {
+    transport: Transport,
+}
+
+impl Connector {
+    pub fn new(transport: Transport) -> Self {
+        Self { transport }
+    }
+
+    pub fn plaintext() -> Self {
+        Self { transport: Transport::Plaintext }
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// A lazy channel to `bureau` at its directory endpoint.
+    pub fn channel(&self, bureau: &Bureau) -> Result<PeerChannel, ConnectError> {
+        let endpoint = &bureau.endpoint;
+        let scheme = self.transport.scheme();
+        if !endpoint.starts_with(&format!("{scheme}://")) {
+            let why = if self.transport.is_tls() {
+                "tls is configured, so every peer is called over mutual TLS"
+            } else {
+                "tls.plaintext is set, so peers are called without TLS"
+            };
+            return Err(ConnectError::Scheme { bureau: bureau.id.clone(), endpoint: endpoint.clone(), scheme, why });
+        }
+        let invalid = |source| ConnectError::Endpoint { bureau: bureau.id.clone(), endpoint: endpoint.clone(), source };
+        let mut builder = Endpoint::from_shared(endpoint.clone())
+            .map_err(invalid)?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(CALL_TIMEOUT)
+            .tcp_nodelay(true);
+        if let Transport::MutualTls(files) = &self.transport {
+            builder = builder.tls_config(files.client_config(&bureau.id)).map_err(invalid)?;
+        }
+        Ok(RpcTelemetryLayer::client().layer(builder.connect_lazy()))
+    }
 }
 
 /// Whether the server behind `channel` answers SERVING to the standard health check (a server

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, de::DeserializeOwned};
 
-use crate::{clock::ClockConfig, telemetry::LogConfig};
+use crate::{clock::ClockConfig, telemetry::LogConfig, tls::TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,6 +41,10 @@ pub struct ServerConfig {
     /// Seconds in-flight requests get to finish after a shutdown signal.
     #[serde(default = "default_grace_seconds")]
     pub shutdown_grace_seconds: u64,
+    /// Optional plaintext address serving only `grpc.health.v1.Health`, for probes that cannot
+    /// present a client certificate (kubelet, `grpc_health_probe`), e.g. `0.0.0.0:8081`.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
 }
 
 fn default_grace_seconds() -> u64 {
@@ -98,6 +102,9 @@ pub struct CommonSections {
     pub clock: ClockConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Required in effect: absent, start-up fails naming `tls` (see [`TlsConfig::validate`]).
+    #[serde(default)]
+    pub tls: TlsConfig,
 }
 
 /// The configuration file named on the command line or in `$YIDI_CONFIG`, if any.

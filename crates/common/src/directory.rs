@@ -11,7 +11,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::{sync::watch, task::JoinHandle};
-use yidi_domain::{Bureau, BureauKey, Directory, Role};
+use yidi_domain::{Bureau, BureauKey, Directory, Operator, OperatorAccess, RelyingParty, Role};
 
 use crate::shutdown::Shutdown;
 
@@ -102,10 +102,33 @@ fn read_optional_instant<'de, D: Deserializer<'de>>(deserializer: D) -> Result<O
     read_instant(deserializer).map(Some)
 }
 
+/// One `[[relying_parties]]` entry: a bank, hotel, airline... that may check cards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelyingPartyEntry {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// One `[[operators]]` entry: a person operating one bureau's service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorEntry {
+    pub id: String,
+    /// The bureau whose service he operates.
+    pub bureau: String,
+    pub access: OperatorAccess,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectoryFile {
     pub bureaus: Vec<BureauEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relying_parties: Vec<RelyingPartyEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<OperatorEntry>,
 }
 
 impl DirectoryFile {
@@ -144,7 +167,19 @@ impl DirectoryFile {
                 keys,
             });
         }
-        Directory::new(bureaus).map_err(|e| e.to_string())
+        let relying_parties = self
+            .relying_parties
+            .iter()
+            .map(|entry| RelyingParty { id: entry.id.clone(), name: entry.name.clone() })
+            .collect();
+        let operators = self
+            .operators
+            .iter()
+            .map(|entry| Operator { id: entry.id.clone(), bureau_id: entry.bureau.clone(), access: entry.access })
+            .collect();
+        Directory::new(bureaus)
+            .and_then(|directory| directory.with_principals(relying_parties, operators))
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -1,5 +1,5 @@
 //! Plumbing every yidi service shares, so that four services never carry four copies of it:
-//! the audit log, configuration, the injected clock, the bureau directory and keys, database
+//! the audit log, configuration, mutual TLS and caller identity, the injected clock, the bureau directory and keys, database
 //! connections, the start-up sequence, the gRPC server with health and reflection,
 //! error-to-Status mapping, request validation, proto ↔ domain conversions, tracing, the shutdown
 //! signal, and scratch PostgreSQL databases for tests.
@@ -22,11 +22,13 @@ pub mod population;
 pub mod reload;
 pub mod rpc_telemetry;
 pub mod scratch_db;
+pub mod security;
 pub mod server;
 pub mod shutdown;
 pub mod signing;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;
 
 pub use clock::Clock;

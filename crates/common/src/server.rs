@@ -29,8 +29,13 @@ use crate::{
     error::ApiError,
     health::{HealthPhase, Phase, health_service},
     rpc_telemetry::RpcTelemetryLayer,
+    security::ServerSecurity,
     shutdown::Shutdown,
+    tls::Transport,
 };
+
+/// How long a client gets to finish the TLS handshake before its connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
@@ -88,15 +93,34 @@ impl<S> std::fmt::Debug for Starting<S> {
     }
 }
 
-/// Starts serving on `listener` at once, with health NOT_SERVING and the service answering
+/// Where a server listens.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The service port, secured as [`ServerSecurity`] says.
+    pub main: TcpListener,
+    /// Optional plaintext port serving only `grpc.health.v1.Health` (same health state), for
+    /// probes that cannot present a client certificate (kubelet, `grpc_health_probe`).
+    pub health: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(main: TcpListener) -> Self {
+        Self { main, health: None }
+    }
+}
+
+/// Starts serving on `listeners` at once, with health NOT_SERVING and the service answering
 /// UNAVAILABLE until [`Starting::serve`] hands it over. When `shutdown` triggers, health goes
 /// NOT_SERVING (health watches end after saying so), no new connection is taken, and calls in
-/// flight get `grace` to finish.
+/// flight get `grace` to finish. Every request of the main port passes `security`'s layers
+/// (mutual TLS and caller identity, then access), health and reflection included.
 pub fn start<S: GrpcService>(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
+    security: &ServerSecurity,
     shutdown: Shutdown,
     grace: Duration,
 ) -> Result<Starting<S>, ServeError> {
+    let Listeners { main: listener, health: health_listener } = listeners.into();
     let (health, health_server) = health_service(S::NAME);
 
     // Every port advertises exactly what it serves; the rich-error types are registered so that
@@ -133,8 +157,28 @@ pub fn start<S: GrpcService>(
             tracing::info!(service = S::NAME, "shutting down: draining in-flight calls");
         }
     };
-    let server = Server::builder()
+    let builder = match security.transport() {
+        Transport::Plaintext => Server::builder(),
+        Transport::MutualTls(files) => {
+            Server::builder().tls_config(files.server_config().timeout(TLS_HANDSHAKE_TIMEOUT))?
+        }
+    };
+    let health_only = health_listener.map(|listener| {
+        tracing::info!(address = ?listener.local_addr().ok(), "plaintext health-only listener");
+        let health_server = health_server.clone();
+        let drained = {
+            let shutdown = shutdown.clone();
+            async move { shutdown.wait().await }
+        };
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_server)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drained),
+        )
+    });
+    let server = builder
         .layer(RpcTelemetryLayer::server())
+        .layer(security.layers())
         .add_service(health_server)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -145,6 +189,8 @@ pub fn start<S: GrpcService>(
     let task = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            // Dropped with this task (a failed start aborts it): the health port closes too.
+            let _health_only = health_only.map(AbortOnDrop);
             tokio::pin!(server);
             tokio::select! {
                 result = &mut server => result?,
@@ -196,6 +242,15 @@ impl<S> Drop for Starting<S> {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -314,7 +369,7 @@ pub(crate) mod tests {
     async fn health_is_not_serving_until_ready_serving_then_not_serving_at_shutdown() {
         let (listener, address) = listener().await;
         let (trigger, shutdown) = Shutdown::new();
-        let starting = start::<TestService>(listener, shutdown, ENOUGH).unwrap();
+        let starting = start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, ENOUGH).unwrap();
         let channel = channel(address).await;
 
         // Starting: health answers, the service does not yet.
@@ -351,7 +406,7 @@ pub(crate) mod tests {
         {
             let (listener, address) = listener().await;
             let (trigger, shutdown) = Shutdown::new();
-            let starting = start::<TestService>(listener, shutdown, grace).unwrap();
+            let starting = start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, grace).unwrap();
             let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance { delay })));
             let channel = channel(address).await;
             let in_flight = tokio::spawn(async move { IssuanceClient::new(channel).get_order(get_order()).await });
@@ -372,10 +427,31 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn the_health_only_listener_answers_health_and_nothing_else() {
+        let (main, _) = listener().await;
+        let (health, health_address) = listener().await;
+        let (trigger, shutdown) = Shutdown::new();
+        let listeners = Listeners { main, health: Some(health) };
+        let starting = start::<TestService>(listeners, &ServerSecurity::plaintext(), shutdown, ENOUGH).unwrap();
+        let probe = channel(health_address).await;
+        assert_eq!(health_of(&probe, "").await.unwrap(), ServingStatus::NotServing);
+        let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance::default())));
+        let deadline = std::time::Instant::now() + ENOUGH;
+        while health_of(&probe, "yidi.v1.Issuance").await.unwrap() != ServingStatus::Serving {
+            assert!(std::time::Instant::now() < deadline, "the health port follows the service's health");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let not_here = IssuanceClient::new(probe.clone()).get_order(get_order()).await.unwrap_err();
+        assert_eq!(not_here.code(), Code::Unimplemented, "only health is served there: {not_here:?}");
+        trigger.trigger();
+        tokio::time::timeout(ENOUGH, serving).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn an_abandoned_start_stops_listening() {
         let (listener, address) = listener().await;
         let (_trigger, shutdown) = Shutdown::new();
-        let starting = start::<TestService>(listener, shutdown, ENOUGH).unwrap();
+        let starting = start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, ENOUGH).unwrap();
         starting.abandon().await;
         let refused = Channel::from_shared(format!("http://{address}")).unwrap().connect().await;
         assert!(refused.is_err(), "nothing listens after a failed start");

@@ -2,7 +2,7 @@
 //! directory (and this bureau's role in it), the clock, the service's own checks, the database
 //! (connected and migrated) and the shutdown signal. Start-up is an edge, so errors are
 //! `anyhow` ones, each naming the configuration key at fault.
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use sea_orm::DatabaseConnection;
@@ -11,12 +11,15 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use yidi_domain::{Bureau, Directory, Role};
 
 use crate::{
+    client::Connector,
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     db,
     directory::DirectoryHandle,
-    server::{self, GrpcService, Starting},
+    security::ServerSecurity,
+    server::{self, GrpcService, Listeners, Starting},
     shutdown::Shutdown,
+    tls::TlsConfig,
 };
 
 /// The sections every service's configuration has, borrowed from it.
@@ -26,6 +29,7 @@ pub struct Sections<'a> {
     pub database: &'a DatabaseConfig,
     pub directory: &'a DirectoryConfig,
     pub clock: &'a ClockConfig,
+    pub tls: &'a TlsConfig,
 }
 
 /// A service ready to build its parts and serve.
@@ -33,6 +37,8 @@ pub struct Sections<'a> {
 pub struct Prepared<S, T> {
     /// Re-read on SIGHUP and when the file changes (`directory.reload_seconds`), until shutdown.
     pub directory: DirectoryHandle,
+    /// Channels to the other bureaus, over mutual TLS unless `tls.plaintext`.
+    pub connector: Connector,
     pub clock: Clock,
     /// Connected and migrated; the service closes it once it has served.
     pub db: DatabaseConnection,
@@ -48,9 +54,10 @@ pub struct Prepared<S, T> {
     pub checked: T,
 }
 
-/// Loads the directory and checks that `server.bureau_id` is listed there with `role`, builds the
-/// clock and runs the service's own `check` (given the directory and this bureau's entry). Then it
-/// starts answering on `listener` (health NOT_SERVING), connects to the database and runs the
+/// Loads the directory and checks that `server.bureau_id` is listed there with `role`, reads the
+/// `[tls]` files, builds the clock and runs the service's own `check` (given the directory, this
+/// bureau's entry and the connector to its peers). Then it starts answering on `listener` (and
+/// `server.health_listen`, if set) with health NOT_SERVING, connects to the database and runs the
 /// migrator `M`.
 ///
 /// Everything that can be wrong with the configuration is reported before the port answers or the
@@ -60,8 +67,9 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     role: Role,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    check: impl FnOnce(&Directory, &Bureau) -> anyhow::Result<T>,
+    check: impl FnOnce(&Directory, &Bureau, &Connector) -> anyhow::Result<T>,
 ) -> anyhow::Result<Prepared<S, T>> {
+    let transport = sections.tls.load()?;
     let handle = DirectoryHandle::load(&sections.directory.path)?;
     let directory = handle.current();
     let bureau_id = &sections.server.bureau_id;
@@ -76,11 +84,22 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
         )
     })?;
     let clock = Clock::from_config(sections.clock).map_err(|message| ConfigError::key("clock", message))?;
-    let checked = check(&directory, bureau)?;
+    let connector = Connector::new(transport.clone());
+    let checked = check(&directory, bureau, &connector)?;
+    let health = match sections.server.health_listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|e| ConfigError::key("server.health_listen", format!("cannot listen on {address}: {e}")))?,
+        ),
+        None => None,
+    };
+    let security = ServerSecurity::new(transport, Arc::new(handle.clone()), bureau_id);
 
     let (trigger, shutdown_handle) = Shutdown::new();
     let grace = Duration::from_secs(sections.server.shutdown_grace_seconds);
-    let server = server::start::<S>(listener, shutdown_handle.clone(), grace).context("starting the gRPC server")?;
+    let server = server::start::<S>(Listeners { main: listener, health }, &security, shutdown_handle.clone(), grace)
+        .context("starting the gRPC server")?;
     let signal = trigger.trigger_on(shutdown);
     let reloader = handle.spawn_reloader(sections.directory.reload_every(), shutdown_handle.clone());
 
@@ -94,7 +113,8 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
         }
     };
     server.open_audit(db.clone());
-    Ok(Prepared { directory: handle, clock, db, shutdown: shutdown_handle, signal, server, grace, checked })
+    security.denied_calls().start_recording(db.clone(), clock.clone());
+    Ok(Prepared { directory: handle, connector, clock, db, shutdown: shutdown_handle, signal, server, grace, checked })
 }
 
 async fn connect_and_migrate<M: MigratorTrait>(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnection> {
@@ -137,6 +157,7 @@ mod tests {
         database: DatabaseConfig,
         directory: DirectoryConfig,
         clock: ClockConfig,
+        tls: TlsConfig,
     }
 
     impl Setup {
@@ -152,14 +173,18 @@ mod tests {
                 keys: Vec::new(),
             };
             let path = dir.path().join("directory.toml");
-            DirectoryFile { bureaus: vec![entry("registry-national", Role::Registry), entry("station", Role::Intake)] }
-                .write(&path)
-                .unwrap();
+            DirectoryFile {
+                bureaus: vec![entry("registry-national", Role::Registry), entry("station", Role::Intake)],
+                ..DirectoryFile::default()
+            }
+            .write(&path)
+            .unwrap();
             Self {
                 server: ServerConfig {
                     bureau_id: bureau_id.into(),
                     listen: "127.0.0.1:0".parse().unwrap(),
                     shutdown_grace_seconds: 3,
+                    health_listen: None,
                 },
                 database: DatabaseConfig {
                     url: format!("sqlite://{}?mode=rwc", dir.path().join("db.sqlite").display()),
@@ -167,12 +192,19 @@ mod tests {
                 },
                 directory: DirectoryConfig::new(path),
                 clock: ClockConfig::default(),
+                tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
                 dir,
             }
         }
 
         fn sections(&self) -> Sections<'_> {
-            Sections { server: &self.server, database: &self.database, directory: &self.directory, clock: &self.clock }
+            Sections {
+                server: &self.server,
+                database: &self.database,
+                directory: &self.directory,
+                clock: &self.clock,
+                tls: &self.tls,
+            }
         }
 
         fn database_exists(&self) -> bool {
@@ -192,7 +224,7 @@ mod tests {
             Role::Registry,
             listener().await,
             signal,
-            |directory, bureau| Ok((directory.with_role(Role::Intake).count(), bureau.id.clone())),
+            |directory, bureau, _| Ok((directory.with_role(Role::Intake).count(), bureau.id.clone())),
         )
         .await
         .unwrap();
@@ -212,10 +244,13 @@ mod tests {
     /// The error of a start-up that must fail.
     async fn refused(setup: &Setup) -> anyhow::Error {
         let never = std::future::pending::<()>();
-        let prepared =
-            prepare::<AuditOnly, TestService, _>(setup.sections(), Role::Registry, listener().await, never, |_, _| {
-                Ok(())
-            });
+        let prepared = prepare::<AuditOnly, TestService, _>(
+            setup.sections(),
+            Role::Registry,
+            listener().await,
+            never,
+            |_, _, _| Ok(()),
+        );
         prepared.await.unwrap_err()
     }
 
@@ -239,7 +274,7 @@ mod tests {
             Role::Registry,
             listener().await,
             never(),
-            |_, _| anyhow::bail!("configuration key import.path: missing"),
+            |_, _, _| anyhow::bail!("configuration key import.path: missing"),
         )
         .await
         .unwrap_err();

@@ -1,19 +1,21 @@
 //! `yidi-demo`: runs the whole suite on loopback (default), or generates keys or the population.
 //!
 //! ```text
-//! yidi-demo [run] [--dir var/demo] [--date 2118-03-01] [--citizens 200] [--postgres URL]
-//! yidi-demo keygen [--dir var/demo]          # keys + directory.toml for the default ports
-//! yidi-demo keygen --compose [--dir D]      # the same, endpoints named as in docker-compose.yml
+//! yidi-demo [run] [--dir var/demo] [--date 2118-03-01] [--citizens 200] [--postgres URL] [--tls]
+//! yidi-demo keygen [--dir var/demo] [--tls]  # keys + directory.toml for the default ports
+//! yidi-demo keygen --compose [--dir D]      # the same, endpoints (https) named as in docker-compose.yml
+//! yidi-demo certs --directory D --out DIR [--new-ca]  # a CA + a certificate per principal
 //! yidi-demo population [--date D] [--citizens N] --out FILE
 //! yidi-demo health ENDPOINT                  # gRPC health check (container probes)
 //! ```
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use chrono::{NaiveDate, NaiveTime};
 use yidi_demo::{
+    certs::{CaChoice, CertDir, write_certificates},
     suite::{Backend, ClockSetting, Suite, SuiteOptions, default_bin_dir},
     topology::{self, Process},
 };
@@ -27,6 +29,9 @@ struct Args {
     out: Option<PathBuf>,
     compose: bool,
     endpoint: Option<String>,
+    tls: bool,
+    directory: Option<PathBuf>,
+    new_ca: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -40,17 +45,23 @@ fn parse_args() -> anyhow::Result<Args> {
         out: None,
         compose: false,
         endpoint: None,
+        tls: false,
+        directory: None,
+        new_ca: false,
     };
     let mut raw = std::env::args().skip(1);
     while let Some(arg) = raw.next() {
         let mut value = |name: &str| raw.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
-            "run" | "keygen" | "population" => args.command = arg,
+            "run" | "keygen" | "population" | "certs" => args.command = arg,
             "health" => {
                 args.command = arg;
                 args.endpoint = Some(value("health")?);
             }
             "--compose" => args.compose = true,
+            "--tls" => args.tls = true,
+            "--new-ca" => args.new_ca = true,
+            "--directory" => args.directory = Some(PathBuf::from(value("--directory")?)),
             "--dir" => args.dir = PathBuf::from(value("--dir")?),
             "--date" => {
                 let text = value("--date")?;
@@ -75,12 +86,14 @@ async fn main() -> anyhow::Result<()> {
     match args.command.as_str() {
         "keygen" => {
             if args.compose {
+                // The compose file runs every bureau over mutual TLS.
                 topology::write_keys_and_directory_with(&args.dir, |p| {
-                    format!("http://{}:{}", p.compose_host(), p.default_port())
+                    format!("https://{}:{}", p.compose_host(), p.default_port())
                 })?;
             } else {
-                let ports: BTreeMap<Process, u16> = Process::ALL.iter().map(|p| (*p, p.default_port())).collect();
-                topology::write_keys_and_directory(&args.dir, &ports)?;
+                topology::write_keys_and_directory_with(&args.dir, |p| {
+                    topology::loopback_endpoint_with(args.tls, p.default_port())
+                })?;
             }
             println!(
                 "wrote {0}/keys/<bureau>/<key id>.key (private, mode 0600) and {0}/directory.toml",
@@ -92,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             yidi_demo::population::generate(args.date, args.citizens).write(&out)?;
             println!("wrote {}", out.display());
         }
+        "certs" => certs(&args)?,
         "health" => health(args.endpoint.as_deref().unwrap_or_default()).await?,
         _ => run(args).await?,
     }
@@ -108,6 +122,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(url) = args.postgres {
         options.backend = Backend::Postgres { admin_url: url };
     }
+    options.tls = args.tls;
     println!("starting the yidi suite (clock starts at {start}) ...");
     let suite = Suite::start(options).await?;
     println!();
@@ -122,12 +137,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!();
     println!("population: {}", suite.dir.join("population.json").display());
-    println!("try:        grpcurl -plaintext 127.0.0.1:50051 list");
+    if suite.is_tls() {
+        let certs = suite.certs();
+        println!("certs:      {} (CA, and a certificate + key per principal)", certs.dir.display());
+        println!(
+            "try:        grpcurl -cacert {0}/ca.pem -cert {0}/op-station-hangzhou-read.pem -key {0}/op-station-hangzhou-read.key -authority station-hangzhou 127.0.0.1:50051 list",
+            certs.dir.display()
+        );
+    } else {
+        println!("try:        grpcurl -plaintext 127.0.0.1:50051 list");
+    }
     println!("Ctrl-C stops every service.");
     yidi_common::shutdown::signal().await;
     println!("stopping ...");
     suite.stop().await?;
     println!("all services stopped cleanly");
+    Ok(())
+}
+
+/// `certs --directory D --out DIR [--new-ca]`: a certificate and key for every principal of the
+/// directory, signed by the CA in DIR (kept if present, unless `--new-ca`).
+fn certs(args: &Args) -> anyhow::Result<()> {
+    let directory_path = args.directory.clone().unwrap_or_else(|| args.dir.join("directory.toml"));
+    let out = args.out.clone().unwrap_or_else(|| args.dir.join("certs"));
+    let directory = yidi_common::directory::load(&directory_path)?;
+    let mut ids: Vec<&str> = directory.principal_ids().collect();
+    ids.sort_unstable();
+    let choice = if args.new_ca { CaChoice::New } else { CaChoice::KeepExisting };
+    let created = write_certificates(&CertDir::new(&out), ids.iter().copied(), choice)?;
+    let ca = if created { "a new CA" } else { "the existing CA" };
+    println!("wrote {} certificates signed by {ca} into {}:", ids.len(), out.display());
+    println!("  ca.pem (public), ca.key (private, mode 0600)");
+    for id in ids {
+        println!("  {id}.pem, {id}.key");
+    }
     Ok(())
 }
 

@@ -10,10 +10,15 @@ use std::{
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-use yidi_common::{population::Population, scratch_db::ScratchDatabase};
+use yidi_common::{directory::DirectoryFile, population::Population, scratch_db::ScratchDatabase, tls::TlsFiles};
+use yidi_domain::OperatorAccess;
 
-use crate::topology::{self, Keys, PRODUCER, Process};
+use crate::{
+    certs::{CaChoice, CertDir, write_certificates},
+    topology::{self, Keys, PRODUCER, Process, operator_id},
+};
 
 /// Where each bureau keeps its data.
 #[derive(Debug, Clone)]
@@ -55,6 +60,9 @@ pub struct SuiteOptions {
     pub log_format: String,
     /// Environment variables added to every bureau's (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub env: Vec<(String, String)>,
+    /// Mutual TLS on every port: a fresh CA and a certificate per principal in `dir/certs`.
+    /// Without it every bureau is configured `tls.plaintext = true`.
+    pub tls: bool,
 }
 
 impl SuiteOptions {
@@ -71,6 +79,7 @@ impl SuiteOptions {
             extra_config: BTreeMap::new(),
             log_format: "text".into(),
             env: Vec::new(),
+            tls: false,
         }
     }
 }
@@ -131,6 +140,13 @@ impl Suite {
             Backend::Postgres { admin_url } => create_databases(admin_url).await?,
         };
         let mut suite = Self { dir, ports, keys, population, options, children: BTreeMap::new(), postgres };
+        if suite.options.tls {
+            // Every principal of the directory (ports do not change who is in it).
+            suite.write_directory()?;
+            let directory =
+                DirectoryFile::read(&suite.dir.join("directory.toml"))?.to_directory().map_err(anyhow::Error::msg)?;
+            write_certificates(&suite.certs(), directory.principal_ids(), CaChoice::New)?;
+        }
         // In dependency order, so that each bureau's directory already holds the endpoints of the
         // bureaus it calls: the registry and home bureaus call nobody, the producer calls the
         // registry, the station calls everyone.
@@ -162,7 +178,39 @@ impl Suite {
     }
 
     fn write_directory(&self) -> anyhow::Result<()> {
-        topology::write_directory(&self.dir, &self.keys, |process| topology::loopback_endpoint(self.ports[&process]))
+        topology::write_directory(&self.dir, &self.keys, |process| {
+            topology::loopback_endpoint_with(self.options.tls, self.ports[&process])
+        })
+    }
+
+    /// Whether every port speaks mutual TLS.
+    pub fn is_tls(&self) -> bool {
+        self.options.tls
+    }
+
+    /// The CA and every principal's certificate and key (TLS suites).
+    pub fn certs(&self) -> CertDir {
+        CertDir::new(self.dir.join("certs"))
+    }
+
+    /// A channel to `process` (not yet connected), calling as `principal` (a principal id of the
+    /// directory whose certificate is in [`Self::certs`]) on a TLS suite; plaintext otherwise.
+    pub fn endpoint_as(&self, process: Process, principal: &str) -> anyhow::Result<Endpoint> {
+        let endpoint = Endpoint::from_shared(self.endpoint(process))?;
+        if !self.options.tls {
+            return Ok(endpoint);
+        }
+        Ok(endpoint.tls_config(self.certs().files(principal)?.client_config(process.bureau_id()))?)
+    }
+
+    /// The same with the TLS files given (e.g. a certificate of another CA).
+    pub fn endpoint_with(&self, process: Process, files: &TlsFiles) -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::from_shared(self.endpoint(process))?.tls_config(files.client_config(process.bureau_id()))?)
+    }
+
+    /// A connected channel to `process` as `principal` (see [`Self::endpoint_as`]).
+    pub async fn channel_as(&self, process: Process, principal: &str) -> anyhow::Result<Channel> {
+        Ok(self.endpoint_as(process, principal)?.timeout(Duration::from_secs(30)).connect().await?)
     }
 
     /// Key rotation, step 1: a new key for `bureau` (private key file into its `signing.key_dir`,
@@ -227,7 +275,7 @@ impl Suite {
     }
 
     pub fn endpoint(&self, process: Process) -> String {
-        format!("http://127.0.0.1:{}", self.ports[&process])
+        topology::loopback_endpoint_with(self.options.tls, self.ports[&process])
     }
 
     pub fn log_path(&self, process: Process) -> PathBuf {
@@ -274,10 +322,21 @@ impl Suite {
             Process::Intake => format!("[station]\nproducer_id = \"{PRODUCER}\"\n"),
         };
         let extra = self.options.extra_config.get(&process).cloned().unwrap_or_default();
+        let tls = if self.options.tls {
+            let certs = self.certs();
+            format!(
+                "ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"",
+                certs.ca_pem().display(),
+                certs.cert(process.bureau_id()).display(),
+                certs.key(process.bureau_id()).display()
+            )
+        } else {
+            "plaintext = true".to_owned()
+        };
         let text = format!(
             "# Written by yidi-demo for this run.\n[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\n\
-             [database]\nurl = \"{url}\"\n\n[directory]\npath = \"{directory}\"\n\n[clock]\n{clock}\n\n\
-             [log]\nformat = \"{format}\"\n\n{own}\n{extra}\n",
+             [database]\nurl = \"{url}\"\n\n[directory]\npath = \"{directory}\"\n\n[tls]\n{tls}\n\n\
+             [clock]\n{clock}\n\n[log]\nformat = \"{format}\"\n\n{own}\n{extra}\n",
             id = process.bureau_id(),
             port = self.ports[&process],
             url = self.database_url(process),
@@ -315,7 +374,9 @@ impl Suite {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             self.fail_if_exited(process)?;
-            let channel = tonic::transport::Endpoint::from_shared(self.endpoint(process))?.connect().await;
+            // On a TLS suite the bureau's read-only operator asks.
+            let operator = operator_id(process.bureau_id(), OperatorAccess::Read);
+            let channel = self.endpoint_as(process, &operator)?.connect().await;
             if let Ok(channel) = channel {
                 let mut client = HealthClient::new(channel);
                 let answer = client.check(HealthCheckRequest { service: String::new() }).await;

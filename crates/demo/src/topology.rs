@@ -9,10 +9,12 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::SigningKey;
 use yidi_common::{
-    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
+    directory::{
+        BureauEntry, DirectoryFile, KeyEntry, OperatorEntry, RelyingPartyEntry, generate_signing_key, write_signing_key,
+    },
     signing::KEY_FILE_SUFFIX,
 };
-use yidi_domain::Role;
+use yidi_domain::{OperatorAccess, Role};
 
 pub const STATION: &str = "station-hangzhou";
 pub const STATION_REGION: &str = "330106";
@@ -20,6 +22,16 @@ pub const HOME_JIANGXI: &str = "home-jiangxi";
 pub const HOME_SICHUAN: &str = "home-sichuan";
 pub const PRODUCER: &str = "producer-zhejiang";
 pub const REGISTRY: &str = "registry-national";
+/// The demo's relying party: a bank that checks cards at the registry.
+pub const RELYING_PARTY: &str = "bank-demo";
+
+/// The operator of `bureau_id`'s service with `access`: `op-<bureau>-read` / `op-<bureau>-admin`.
+pub fn operator_id(bureau_id: &str, access: OperatorAccess) -> String {
+    match access {
+        OperatorAccess::Read => format!("op-{bureau_id}-read"),
+        OperatorAccess::Admin => format!("op-{bureau_id}-admin"),
+    }
+}
 
 /// A bureau process of the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -191,6 +203,11 @@ pub fn loopback_endpoint(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// `https://127.0.0.1:<port>` with mutual TLS, `http://...` without.
+pub fn loopback_endpoint_with(tls: bool, port: u16) -> String {
+    format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" })
+}
+
 /// Generates one key (with a generated id) for each bureau that signs, in `dir/keys/<bureau>/`.
 /// Key files of earlier runs are removed: a fresh start has fresh keys.
 pub fn generate_keys(dir: &Path) -> anyhow::Result<Keys> {
@@ -205,7 +222,8 @@ pub fn generate_keys(dir: &Path) -> anyhow::Result<Keys> {
     Ok(keys)
 }
 
-/// Writes `dir/directory.toml`: every bureau with its endpoint, the signing ones with their keys.
+/// Writes `dir/directory.toml`: every bureau with its endpoint, the signing ones with their keys,
+/// the demo relying party, and a read and an admin operator for every bureau.
 pub fn write_directory(dir: &Path, keys: &Keys, endpoint: impl Fn(Process) -> String) -> anyhow::Result<()> {
     let entry = |id: &str, role, name: &str| BureauEntry {
         id: id.into(),
@@ -242,6 +260,17 @@ pub fn write_directory(dir: &Path, keys: &Keys, endpoint: impl Fn(Process) -> St
                 ..entry(REGISTRY, Role::Registry, "National loss registry")
             },
         ],
+        relying_parties: vec![RelyingPartyEntry { id: RELYING_PARTY.into(), name: "Demo bank (card checks)".into() }],
+        operators: Process::ALL
+            .iter()
+            .flat_map(|process| {
+                [OperatorAccess::Read, OperatorAccess::Admin].map(|access| OperatorEntry {
+                    id: operator_id(process.bureau_id(), access),
+                    bureau: process.bureau_id().into(),
+                    access,
+                })
+            })
+            .collect(),
     };
     // Written to a temporary file and renamed: a service re-reading the directory never sees half of it.
     let path = dir.join("directory.toml");

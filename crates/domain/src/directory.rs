@@ -110,9 +110,27 @@ impl Bureau {
     }
 }
 
+/// A bank, hotel, airline... allowed to ask the registry whether a card is valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelyingParty {
+    pub id: String,
+    pub name: String,
+}
+
+/// A person operating the service of one bureau.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub id: String,
+    /// The bureau whose service he operates.
+    pub bureau_id: String,
+    pub access: OperatorAccess,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
     bureaus: HashMap<String, Bureau>,
+    relying_parties: HashMap<String, RelyingParty>,
+    operators: HashMap<String, Operator>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,6 +147,11 @@ pub enum DirectoryError {
     EmptyKeyWindow { bureau: String, key_id: String },
     #[error("bureau {bureau:?} has a key with an empty id")]
     EmptyKeyId { bureau: String },
+    /// Bureaus, relying parties and operators share one name space: a certificate names one of them.
+    #[error("principal id {0:?} is listed twice (bureaus, relying parties and operators share one id space)")]
+    DuplicatePrincipal(String),
+    #[error("operator {operator:?} operates bureau {bureau:?}, which is not in the directory")]
+    UnknownOperatedBureau { operator: String, bureau: String },
 }
 
 /// Key ids are unique per bureau (a signed message names one key), and every window is non-empty.
@@ -173,7 +196,64 @@ impl Directory {
                 return Err(DirectoryError::DuplicateId(id));
             }
         }
-        Ok(Self { bureaus: by_id })
+        Ok(Self { bureaus: by_id, ..Self::default() })
+    }
+
+    /// Adds the principals that are not bureaus: relying parties and operators. Ids are unique
+    /// across bureaus, relying parties and operators, and an operator's bureau must be listed.
+    pub fn with_principals(
+        mut self,
+        relying_parties: Vec<RelyingParty>,
+        operators: Vec<Operator>,
+    ) -> Result<Self, DirectoryError> {
+        for party in relying_parties {
+            if self.principal(&party.id).is_some() {
+                return Err(DirectoryError::DuplicatePrincipal(party.id));
+            }
+            self.relying_parties.insert(party.id.clone(), party);
+        }
+        for operator in operators {
+            if self.principal(&operator.id).is_some() {
+                return Err(DirectoryError::DuplicatePrincipal(operator.id));
+            }
+            if !self.bureaus.contains_key(&operator.bureau_id) {
+                return Err(DirectoryError::UnknownOperatedBureau {
+                    operator: operator.id,
+                    bureau: operator.bureau_id,
+                });
+            }
+            self.operators.insert(operator.id.clone(), operator);
+        }
+        Ok(self)
+    }
+
+    /// Who `id` is: a bureau, a relying party or an operator; `None` if the directory does not
+    /// know it.
+    pub fn principal(&self, id: &str) -> Option<Principal> {
+        if let Some(bureau) = self.bureaus.get(id) {
+            return Some(Principal::Bureau { id: bureau.id.clone(), role: bureau.role });
+        }
+        if let Some(party) = self.relying_parties.get(id) {
+            return Some(Principal::RelyingParty { id: party.id.clone() });
+        }
+        self.operators.get(id).map(|operator| Principal::Operator {
+            id: operator.id.clone(),
+            bureau_id: operator.bureau_id.clone(),
+            access: operator.access,
+        })
+    }
+
+    /// Every principal id (bureaus, relying parties, operators), e.g. to issue certificates.
+    pub fn principal_ids(&self) -> impl Iterator<Item = &str> {
+        self.bureaus.keys().chain(self.relying_parties.keys()).chain(self.operators.keys()).map(String::as_str)
+    }
+
+    pub fn relying_parties(&self) -> impl Iterator<Item = &RelyingParty> {
+        self.relying_parties.values()
+    }
+
+    pub fn operators(&self) -> impl Iterator<Item = &Operator> {
+        self.operators.values()
     }
 
     pub fn get(&self, id: &str) -> Option<&Bureau> {
@@ -256,5 +336,64 @@ mod tests {
         assert!(matches!(Directory::new(vec![unnamed]), Err(DirectoryError::EmptyKeyId { .. })));
         assert!(matches!(Directory::new(vec![home(vec![])]), Err(DirectoryError::MissingKey(_))));
         assert!(Directory::new(vec![home(vec![key("k1", 2100, Some(2101)), key("k2", 2100, None)])]).is_ok());
+    }
+
+    fn bureau(id: &str, role: Role) -> Bureau {
+        Bureau {
+            id: id.into(),
+            role,
+            name: id.into(),
+            jurisdiction: Vec::new(),
+            region: String::new(),
+            endpoint: "https://127.0.0.1:1".into(),
+            keys: Vec::new(),
+        }
+    }
+
+    fn directory() -> Directory {
+        Directory::new(vec![bureau("registry-national", Role::Registry), bureau("station", Role::Intake)]).unwrap()
+    }
+
+    fn operator(id: &str, bureau_id: &str) -> Operator {
+        Operator { id: id.into(), bureau_id: bureau_id.into(), access: OperatorAccess::Read }
+    }
+
+    #[test]
+    fn principals_resolve_bureaus_relying_parties_and_operators() {
+        let directory = directory()
+            .with_principals(
+                vec![RelyingParty { id: "bank-demo".into(), name: "Demo bank".into() }],
+                vec![operator("op-registry-read", "registry-national")],
+            )
+            .unwrap();
+        assert_eq!(
+            directory.principal("station"),
+            Some(Principal::Bureau { id: "station".into(), role: Role::Intake })
+        );
+        assert_eq!(directory.principal("bank-demo"), Some(Principal::RelyingParty { id: "bank-demo".into() }));
+        assert_eq!(
+            directory.principal("op-registry-read"),
+            Some(Principal::Operator {
+                id: "op-registry-read".into(),
+                bureau_id: "registry-national".into(),
+                access: OperatorAccess::Read
+            })
+        );
+        assert_eq!(directory.principal("stranger"), None);
+        assert_eq!(directory.principal_ids().count(), 4);
+    }
+
+    #[test]
+    fn principal_ids_are_unique_across_kinds_and_operators_need_their_bureau() {
+        let clash =
+            directory().with_principals(vec![RelyingParty { id: "station".into(), name: String::new() }], vec![]);
+        assert_eq!(clash.unwrap_err(), DirectoryError::DuplicatePrincipal("station".into()));
+        let clash = directory().with_principals(
+            vec![RelyingParty { id: "bank".into(), name: String::new() }],
+            vec![operator("bank", "station")],
+        );
+        assert_eq!(clash.unwrap_err(), DirectoryError::DuplicatePrincipal("bank".into()));
+        let orphan = directory().with_principals(vec![], vec![operator("op-x", "nowhere")]);
+        assert!(matches!(orphan.unwrap_err(), DirectoryError::UnknownOperatedBureau { .. }));
     }
 }

@@ -4,6 +4,7 @@ use yidi_common::{
     clock::ClockConfig,
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 use yidi_domain::PolicyTimeline;
 
@@ -17,6 +18,9 @@ pub struct IntakeConfig {
     pub clock: ClockConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
+    #[serde(default)]
+    pub tls: TlsConfig,
     pub station: StationConfig,
     #[serde(default)]
     pub policy: PolicyTimeline,
@@ -84,6 +88,7 @@ impl IntakeConfig {
         if !(threshold > 0.0 && threshold <= 1.0) {
             return Err(ConfigError::key("biometrics.face_threshold", "must be in (0, 1]"));
         }
+        self.tls.validate()?;
         Ok(())
     }
 }

@@ -14,7 +14,10 @@ mod worker;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use yidi_common::startup::{self, Prepared, Sections};
+use yidi_common::{
+    config::ConfigError,
+    startup::{self, Prepared, Sections},
+};
 use yidi_domain::{Role, SimulatedMatcher};
 use yidi_intake_migration::Migrator;
 use yidi_proto::v1::intake_server::IntakeServer;
@@ -37,9 +40,14 @@ pub async fn serve(
         database: &config.database,
         directory: &config.directory,
         clock: &config.clock,
+        tls: &config.tls,
     };
-    let prepared =
-        startup::prepare::<Migrator, _, _>(sections, Role::Intake, listener, shutdown, |directory, station| {
+    let prepared = startup::prepare::<Migrator, _, _>(
+        sections,
+        Role::Intake,
+        listener,
+        shutdown,
+        |directory, station, connector| {
             if directory.get_with_role(&config.station.producer_id, Role::Issuance).is_none() {
                 anyhow::bail!(
                     "configuration key station.producer_id: {:?} is not an issuance bureau in the directory",
@@ -48,21 +56,30 @@ pub async fn serve(
             }
             let registry =
                 directory.with_role(Role::Registry).next().context("the directory lists no registry bureau")?;
+            // Every bureau the station calls must be reachable the way `[tls]` says (https with
+            // mutual TLS, http in plaintext): a mismatch is a configuration error, not an outage.
+            for role in [Role::Verification, Role::Issuance, Role::Registry] {
+                for bureau in directory.with_role(role) {
+                    connector.channel(bureau).map_err(|e| ConfigError::key("directory.path", e.to_string()))?;
+                }
+            }
             Ok(Station {
                 id: station.id.clone(),
                 region: station.region.clone(),
                 producer_id: config.station.producer_id.clone(),
                 registry_id: registry.id.clone(),
             })
-        })
-        .await?;
-    let Prepared { directory, clock, db, shutdown, signal, server, checked: station, .. } = prepared;
+        },
+    )
+    .await?;
+    let Prepared { directory, connector, clock, db, shutdown, signal, server, checked: station, .. } = prepared;
 
     let matcher = SimulatedMatcher { face_threshold: config.biometrics.face_threshold, ..SimulatedMatcher::default() };
     let intake = Intake::new(IntakeParts {
         repo: Repo::new(db.clone()),
         clock,
         directory,
+        connector,
         station,
         policy: config.policy.clone(),
         matcher: Arc::new(matcher),

@@ -5,7 +5,7 @@ use std::{
 };
 
 use tonic::{Code, Status};
-use yidi_common::client::PeerChannel;
+use yidi_common::client::{Connector, PeerChannel};
 use yidi_common::directory::DirectoryHandle;
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::{
@@ -79,12 +79,13 @@ impl std::fmt::Display for PeerError {
 #[derive(Debug, Clone)]
 pub struct Peers {
     directory: DirectoryHandle,
+    connector: Connector,
     channels: Arc<Mutex<HashMap<String, PeerChannel>>>,
 }
 
 impl Peers {
-    pub fn new(directory: DirectoryHandle) -> Self {
-        Self { directory, channels: Arc::default() }
+    pub fn new(directory: DirectoryHandle, connector: Connector) -> Self {
+        Self { directory, connector, channels: Arc::default() }
     }
 
     fn channel(&self, bureau_id: &str) -> Result<PeerChannel, PeerError> {
@@ -96,7 +97,7 @@ impl Peers {
         }
         let directory = self.directory.current();
         let bureau = directory.get(bureau_id).ok_or_else(|| unreachable("not in the directory".into()))?;
-        let channel = yidi_common::client::channel(&bureau.endpoint).map_err(|e| unreachable(e.to_string()))?;
+        let channel = self.connector.channel(bureau).map_err(|e| unreachable(e.to_string()))?;
         if let Ok(mut channels) = self.channels.lock() {
             channels.insert(bureau_id.to_owned(), channel.clone());
         }

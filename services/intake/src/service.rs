@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::ActiveValue::Set;
 use tokio::sync::{Notify, broadcast, mpsc};
-use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry, directory::DirectoryHandle};
+use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry, client::Connector, directory::DirectoryHandle};
 use yidi_domain::{
     ApplicationKind, ApplicationState, BiometricMatcher, Bureau, DocumentKind, IdNumber, PolicyTimeline, RefusalReason,
     mask::mask_id_number,
@@ -144,6 +144,8 @@ pub struct IntakeParts {
     pub repo: Repo,
     pub clock: Clock,
     pub directory: DirectoryHandle,
+    /// Channels to the other bureaus (mutual TLS unless configured plaintext).
+    pub connector: Connector,
     pub station: Station,
     pub policy: PolicyTimeline,
     pub matcher: Arc<dyn BiometricMatcher>,
@@ -154,7 +156,7 @@ pub struct IntakeParts {
 impl Intake {
     pub fn new(parts: IntakeParts) -> Self {
         let (changes, _) = broadcast::channel(256);
-        let peers = Peers::new(parts.directory.clone());
+        let peers = Peers::new(parts.directory.clone(), parts.connector);
         Self {
             inner: Arc::new(Inner {
                 repo: parts.repo,

@@ -369,6 +369,7 @@ impl Harness {
                 entry(PRODUCER, Role::Issuance, format!("http://{fake_addr}")),
                 entry(REGISTRY, Role::Registry, format!("http://{fake_addr}")),
             ],
+            ..DirectoryFile::default()
         };
         let directory_path = dir.path().join("directory.toml");
         file.write(&directory_path).unwrap();
@@ -384,6 +385,8 @@ shutdown_grace_seconds = 1
 url = "{}"
 [directory]
 path = "{}"
+[tls]
+plaintext = true
 [clock]
 fixed = "{}"
 [station]

@@ -4,6 +4,7 @@ use yidi_common::{
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 use yidi_domain::{Bureau, Directory, Role};
 
@@ -20,6 +21,9 @@ pub struct IssuanceConfig {
     pub clock: ClockConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
+    #[serde(default)]
+    pub tls: TlsConfig,
     #[serde(default)]
     pub production: ProductionConfig,
 }
@@ -57,6 +61,7 @@ impl IssuanceConfig {
         if self.directory.path.as_os_str().is_empty() {
             return Err(ConfigError::key("directory.path", "is required"));
         }
+        self.tls.validate()?;
         Clock::from_config(&self.clock).map_err(|message| ConfigError::key("clock", message))?;
         let prefix = &self.production.serial_prefix;
         if prefix.len() != 2 || !prefix.chars().all(|c| c.is_ascii_uppercase()) {
@@ -108,7 +113,7 @@ mod tests {
     fn config(extra: &str) -> Result<IssuanceConfig, toml::de::Error> {
         let text = format!(
             "[server]\nbureau_id = \"producer-zhejiang\"\nlisten = \"127.0.0.1:0\"\n\
-             [database]\nurl = \"sqlite::memory:\"\n[directory]\npath = \"d.toml\"\n{extra}"
+             [database]\nurl = \"sqlite::memory:\"\n[directory]\npath = \"d.toml\"\n[tls]\nplaintext = true\n{extra}"
         );
         toml::from_str(&text)
     }

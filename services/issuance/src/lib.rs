@@ -36,14 +36,16 @@ pub async fn serve(
         database: &config.database,
         directory: &config.directory,
         clock: &config.clock,
+        tls: &config.tls,
     };
-    let prepared = startup::prepare::<Migrator, _, _>(sections, Role::Issuance, listener, shutdown, |directory, _| {
-        let registry = config.registry(directory)?.clone();
-        let channel = yidi_common::client::channel(&registry.endpoint)
-            .map_err(|e| ConfigError::key("directory.path", format!("registry {} endpoint: {e}", registry.id)))?;
-        Ok((registry, channel))
-    })
-    .await?;
+    let prepared =
+        startup::prepare::<Migrator, _, _>(sections, Role::Issuance, listener, shutdown, |directory, _, connector| {
+            let registry = config.registry(directory)?.clone();
+            let channel =
+                connector.channel(&registry).map_err(|e| ConfigError::key("directory.path", e.to_string()))?;
+            Ok((registry, channel))
+        })
+        .await?;
     let Prepared { directory, clock, db, shutdown: stop, server, grace, checked: (registry, channel), .. } = prepared;
 
     let service = Arc::new(IssuanceService::new(

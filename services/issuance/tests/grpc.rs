@@ -22,6 +22,7 @@ use yidi_common::{
     directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key},
     scratch_db::postgres_for_tests,
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 use yidi_domain::{
     ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, Role, SignedDecision, mask::mask_id_number,
@@ -184,6 +185,7 @@ impl Producer {
                 entry("producer-other", Role::Issuance, &[], "http://127.0.0.1:1", None),
                 entry("registry-national", Role::Registry, &[], &options.registry_endpoint, None),
             ],
+            ..DirectoryFile::default()
         }
         .write(&directory_path)
         .unwrap();
@@ -210,11 +212,13 @@ impl Producer {
                 bureau_id: PRODUCER.into(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 2,
+                health_listen: None,
             },
             database: DatabaseConfig { url: self.database_url.clone(), max_connections: 4 },
             directory: DirectoryConfig::new(directory_path),
             clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
             log: LogConfig::default(),
+            tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             production: ProductionConfig {
                 delay_ms: options.delay_ms,
                 serial_prefix: "ZJ".into(),
@@ -664,12 +668,13 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
     ];
     for (index, (key_name, bureaus)) in cases.into_iter().enumerate() {
         let path = dir.path().join(format!("directory-{index}.toml"));
-        DirectoryFile { bureaus }.write(&path).unwrap();
+        DirectoryFile { bureaus, ..DirectoryFile::default() }.write(&path).unwrap();
         let config = IssuanceConfig {
             server: ServerConfig {
                 bureau_id: PRODUCER.into(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 1,
+                health_listen: None,
             },
             database: DatabaseConfig {
                 url: format!("sqlite://{}?mode=rwc", dir.path().join(format!("db-{index}.db")).display()),
@@ -678,6 +683,7 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
             directory: DirectoryConfig::new(path),
             clock: ClockConfig::default(),
             log: LogConfig::default(),
+            tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             production: ProductionConfig::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

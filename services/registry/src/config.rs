@@ -7,6 +7,7 @@ use yidi_common::{
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     signing::{KeyFileConfig, KeySources},
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -23,6 +24,9 @@ pub struct RegistryConfig {
     pub signing: SigningConfig,
     #[serde(default)]
     pub registry: ChecksConfig,
+    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
+    #[serde(default)]
+    pub tls: TlsConfig,
     #[serde(default)]
     pub import: ImportConfig,
 }
@@ -83,6 +87,7 @@ impl RegistryConfig {
         if self.directory.path.as_os_str().is_empty() {
             return Err(ConfigError::key("directory.path", "is required"));
         }
+        self.tls.validate()?;
         Clock::from_config(&self.clock).map_err(|message| ConfigError::key("clock", message))?;
         self.signing.sources().validate("signing")?;
         if self.registry.check_misses_per_minute == 0 {

@@ -47,9 +47,10 @@ pub async fn serve(
         database: &config.database,
         directory: &config.directory,
         clock: &config.clock,
+        tls: &config.tls,
     };
     let now = Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
-    let check_keys = |directory: &Directory, bureau: &Bureau| {
+    let check_keys = |directory: &Directory, bureau: &Bureau, _: &yidi_common::client::Connector| {
         let keys = KeyRing::load(bureau.id.clone(), config.signing.sources()).context("signing.keys")?;
         let active = keys.check(directory, now).context("signing.keys")?;
         tracing::info!(key_id = %active.id, held = ?keys.held_ids(), "status signing keys loaded");

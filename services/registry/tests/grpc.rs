@@ -17,6 +17,7 @@ use yidi_common::{
     population::{Citizen, Credit, ExistingCard, Population, Registration},
     scratch_db::postgres_for_tests,
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 use yidi_domain::{
     CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision,
@@ -134,6 +135,7 @@ impl Harness {
                 entry(OTHER_PRODUCER, Role::Issuance, &[], None),
                 entry(REGISTRY, Role::Registry, &[], Some(&registry_key)),
             ],
+            ..DirectoryFile::default()
         };
         let directory_path = dir.path().join("directory.toml");
         directory.write(&directory_path).unwrap();
@@ -146,6 +148,7 @@ impl Harness {
                 bureau_id: REGISTRY.into(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 1,
+                health_listen: None,
             },
             database: DatabaseConfig { url: db_url.clone(), max_connections: 4 },
             // Short, so that the rotation test sees a new directory soon.
@@ -155,6 +158,7 @@ impl Harness {
             signing: SigningConfig { key_dir: Some(key_dir), keys: vec![] },
             // Tests check many unknown cards; the limit has its own test.
             registry: ChecksConfig { check_misses_per_minute: 1_000_000 },
+            tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             import: ImportConfig { path: Some(population_path) },
         };
         let (client, stop, task) = start(config.clone()).await;
@@ -865,6 +869,7 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
             bureau_id: String::new(),
             listen: "127.0.0.1:0".parse().unwrap(),
             shutdown_grace_seconds: 1,
+            health_listen: None,
         },
         database: DatabaseConfig { url: "sqlite::memory:".into(), max_connections: 1 },
         directory: DirectoryConfig::new(dir),
@@ -872,6 +877,7 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
         log: LogConfig::default(),
         signing: SigningConfig { key_dir: Some("keys".into()), keys: vec![] },
         registry: ChecksConfig::default(),
+        tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
         import: ImportConfig::default(),
     };
     assert!(config.validate().unwrap_err().to_string().contains("server.bureau_id"));

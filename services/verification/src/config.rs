@@ -7,6 +7,7 @@ use yidi_common::{
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     signing::{KeyFileConfig, KeySources},
     telemetry::LogConfig,
+    tls::TlsConfig,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -19,6 +20,9 @@ pub struct VerificationConfig {
     pub clock: ClockConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
+    #[serde(default)]
+    pub tls: TlsConfig,
     pub signing: SigningConfig,
     #[serde(default)]
     pub register: RegisterConfig,
@@ -112,6 +116,7 @@ impl VerificationConfig {
         if let Err(message) = yidi_common::Clock::from_config(&self.clock) {
             return Err(ConfigError::key("clock", message));
         }
+        self.tls.validate()?;
         Ok(())
     }
 }
@@ -123,7 +128,7 @@ mod tests {
     fn config(extra: &str) -> Result<VerificationConfig, toml::de::Error> {
         toml::from_str(&format!(
             "[server]\nbureau_id = \"home-jiangxi\"\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite::memory:\"\n\
-             [directory]\npath = \"d.toml\"\n[signing]\nkey_dir = \"k\"\n{extra}"
+             [directory]\npath = \"d.toml\"\n[tls]\nplaintext = true\n[signing]\nkey_dir = \"k\"\n{extra}"
         ))
     }
 

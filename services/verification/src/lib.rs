@@ -48,11 +48,12 @@ pub async fn serve(
         database: &config.database,
         directory: &config.directory,
         clock: &config.clock,
+        tls: &config.tls,
     };
     let now =
         yidi_common::Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
     let prepared =
-        startup::prepare::<Migrator, _, _>(sections, Role::Verification, listener, shutdown, |directory, bureau| {
+        startup::prepare::<Migrator, _, _>(sections, Role::Verification, listener, shutdown, |directory, bureau, _| {
             let keys = KeyRing::load(bureau.id.clone(), config.signing.sources()).context("signing.keys")?;
             let active = keys.check(directory, now).context("signing.keys")?;
             tracing::info!(key_id = %active.id, held = ?keys.held_ids(), "signing keys loaded");

@@ -177,6 +177,7 @@ impl Fixture {
                 entry(PRODUCER, Role::Issuance, &[], "", None),
                 entry(REGISTRY, Role::Registry, &[], "", None),
             ],
+            ..DirectoryFile::default()
         }
         .write(&dir_path.join("directory.toml"))
         .unwrap();
@@ -197,6 +198,8 @@ shutdown_grace_seconds = 1
 url = "{db}"
 [directory]
 path = "{dir}/directory.toml"
+[tls]
+plaintext = true
 [clock]
 fixed = "{now}"
 [signing]
