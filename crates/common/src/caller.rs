@@ -25,16 +25,21 @@ pub fn caller_of(extensions: &Extensions) -> Option<&Caller> {
     extensions.get::<Caller>()
 }
 
-/// A bureau acts only in its own name: the bureau id a request names in `field` must be the calling
-/// bureau's own (a station cannot ask for verification as another station, a producer cannot
-/// register another producer's card). Operators, whom the access matrix admits only at their own
-/// bureau, and plaintext servers (no caller) are not restricted here.
+/// A bureau or relying party acts only in its own name: the id a request names in `field` must be
+/// the caller's own (a station cannot ask for verification as another station, a producer cannot
+/// register another producer's card, a bank cannot check cards as another bank). Operators, whom
+/// the access matrix admits only at their own bureau, and plaintext servers (no caller) are not
+/// restricted here.
 pub fn ensure_acting_for_itself(extensions: &Extensions, field: &str, named: &str) -> Result<(), ApiError> {
     match caller_of(extensions) {
-        Some(Caller { principal: Principal::Bureau { id, .. } }) if id != named => Err(ApiError::PermissionDenied {
-            reason: "NOT_IN_OWN_NAME",
-            message: format!("{field} names {named:?}, but the caller is {id:?}: a bureau acts only in its own name"),
-        }),
+        Some(Caller { principal: Principal::Bureau { id, .. } | Principal::RelyingParty { id } }) if id != named => {
+            Err(ApiError::PermissionDenied {
+                reason: "NOT_IN_OWN_NAME",
+                message: format!(
+                    "{field} names {named:?}, but the caller is {id:?}: a caller acts only in its own name"
+                ),
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -66,5 +71,9 @@ mod tests {
             },
         });
         assert!(ensure_acting_for_itself(&extensions, "station_id", "sc-station").is_ok());
+
+        extensions.insert(Caller { principal: Principal::RelyingParty { id: "bank".into() } });
+        assert!(ensure_acting_for_itself(&extensions, "relying_party", "bank").is_ok());
+        assert!(ensure_acting_for_itself(&extensions, "relying_party", "other-bank").is_err());
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, codegen::http::Extensions};
 use yidi_common::{
     ApiError, FieldViolations,
     caller::{caller_of, ensure_acting_for_itself},
@@ -65,6 +65,16 @@ fn limit_key<T>(request: &Request<T>) -> String {
     match request.remote_addr() {
         Some(address) => format!("ip:{}", address.ip()),
         None => "unknown".to_owned(),
+    }
+}
+
+/// Who a check is recorded for (the hits a home bureau reads name it): on an authenticated port the
+/// caller, unless the request names someone; a relying party may name only itself. On a plaintext
+/// port, whatever the request declares.
+fn checking_party(extensions: &Extensions, declared: &str) -> Result<String, ApiError> {
+    match caller_of(extensions) {
+        Some(caller) if declared.is_empty() => Ok(caller.id().to_owned()),
+        _ => ensure_acting_for_itself(extensions, "relying_party", declared).map(|()| declared.to_owned()),
     }
 }
 
@@ -157,11 +167,12 @@ impl LossRegistry for RegistryGrpc {
         request: Request<pb::CheckCardRequest>,
     ) -> Result<Response<pb::CheckCardResponse>, Status> {
         let caller = limit_key(&request);
+        let checking = checking_party(request.extensions(), &request.get_ref().relying_party)?;
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         let id_number = v.id_number("id_number", &request.id_number, self.service.today());
         let card_serial = v.required("card_serial", &request.card_serial, MAX_SERIAL_LEN).map(str::to_owned);
-        let relying_party = relying_party(&mut v, &request.relying_party);
+        let relying_party = relying_party(&mut v, &checking);
         if request.nonce.len() > MAX_NONCE_LEN {
             v.add("nonce", format!("must be at most {MAX_NONCE_LEN} bytes"));
         }
@@ -187,12 +198,13 @@ impl LossRegistry for RegistryGrpc {
         request: Request<pb::CheckCardsRequest>,
     ) -> Result<Response<pb::CheckCardsResponse>, Status> {
         let caller = limit_key(&request);
+        let checking = checking_party(request.extensions(), &request.get_ref().relying_party)?;
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         if request.cards.is_empty() || request.cards.len() > MAX_BATCH {
             v.add("cards", format!("must hold 1 to {MAX_BATCH} queries, found {}", request.cards.len()));
             // Per-item problems of an oversized batch are not worth reporting.
-            relying_party(&mut v, &request.relying_party);
+            relying_party(&mut v, &checking);
             return Err(ApiError::InvalidArgument(v).into());
         }
         let today = self.service.today();
@@ -210,7 +222,7 @@ impl LossRegistry for RegistryGrpc {
                 queries.push(CardQuery { id_number, card_serial: card_serial.to_owned() });
             }
         }
-        let relying_party = relying_party(&mut v, &request.relying_party);
+        let relying_party = relying_party(&mut v, &checking);
         v.finish()?;
         let Some(relying_party) = relying_party else {
             return Err(ApiError::Internal("validation incomplete".into()).into());
