@@ -250,10 +250,27 @@ def wait_for_free_ports() -> None:
         time.sleep(5)
 
 
-def serving(port: int) -> bool:
-    """Whether the service on `port` answers SERVING to the standard health check."""
+# The bureau on each demo port: its id is the TLS name its certificate carries.
+PORT_BUREAUS = {
+    50051: "station-hangzhou",
+    50052: "home-jiangxi",
+    50053: "producer-zhejiang",
+    50054: "registry-national",
+    50056: "home-sichuan",
+}
+
+
+def serving(port: int, certs: Path | None = None) -> bool:
+    """Whether the service on `port` answers SERVING to the standard health check; over mutual TLS
+    (as the bureau's read-only operator) when the demo's `certs` folder is given."""
+    if certs is None:
+        transport = ["-plaintext"]
+    else:
+        operator = certs / f"op-{PORT_BUREAUS[port]}-read"
+        transport = ["-cacert", str(certs / "ca.pem"), "-cert", f"{operator}.pem", "-key", f"{operator}.key",
+                     "-authority", PORT_BUREAUS[port]]
     check = subprocess.run(
-        ["grpcurl", "-plaintext", "-max-time", "2", f"127.0.0.1:{port}", "grpc.health.v1.Health/Check"],
+        ["grpcurl", *transport, "-max-time", "2", f"127.0.0.1:{port}", "grpc.health.v1.Health/Check"],
         capture_output=True,
         text=True,
     )
@@ -282,7 +299,8 @@ class Demo:
                 self.process.kill()
                 raise SystemExit(f"the demo did not start in {DEMO_START_TIMEOUT_S} s:\n{self.tail()}")
             time.sleep(0.2)
-        not_serving = [port for port in DEMO_PORTS if not serving(port)]
+        certs = dir / "certs" if "--tls" in args else None
+        not_serving = [port for port in DEMO_PORTS if not serving(port, certs)]
         if not_serving:
             self.stop()
             raise SystemExit(f"the demo started, but ports {not_serving} do not answer SERVING:\n{self.tail()}")
