@@ -8,8 +8,10 @@ use chrono::{DateTime, Utc};
 use ed25519_dalek::SigningKey;
 use yidi_common::{convert::signed_decision_to_proto, population::Citizen};
 use yidi_domain::{ApplicationKind, CardData, Decision, DecisionPurpose, SignedDecision, card::term_for};
-use yidi_proto::v1 as pb;
-use yidi_tests::{Db, NATIONAL_DAY, TestSuite, at, on_both_databases, reason, serial, start, topology};
+use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient};
+use yidi_tests::{
+    Db, NATIONAL_DAY, TestSuite, at, on_both_databases, reason, serial, start_tls, topology, topology::Process,
+};
 
 on_both_databases!(s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry);
 
@@ -85,17 +87,21 @@ fn forgeries(
 async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry(
     db: Db,
 ) -> anyhow::Result<()> {
-    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    // Over mutual TLS: each decision reaches the producer and the registry from the bureau that
+    // would really send it (the station, the producer), admitted by the access matrix, so what
+    // refuses it is the decision's own check.
+    let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     let citizen = t.ordinary("36", 0)?;
-    let mut issuance = t.issuance().await?;
-    let mut registry = t.registry().await?;
+    let mut issuance = IssuanceClient::new(t.channel_as(Process::Issuance, topology::STATION).await?);
+    let mut registry = LossRegistryClient::new(t.channel_as(Process::Registry, topology::STATION).await?);
+    let mut producer_at_registry = LossRegistryClient::new(t.channel_as(Process::Registry, topology::PRODUCER).await?);
 
     for (what, forged, expected) in forgeries(&t, &citizen, DecisionPurpose::IssueCard, topology::PRODUCER) {
         let wire = signed_decision_to_proto(&forged);
         let refused =
             issuance.place_order(pb::PlaceOrderRequest { decision: Some(wire.clone()) }).await.expect_err(what);
         assert_eq!(reason(&refused), expected, "issuance, {what}: {refused:?}");
-        let refused = registry
+        let refused = producer_at_registry
             .register_card(pb::RegisterCardRequest {
                 decision: Some(wire),
                 producer_id: topology::PRODUCER.into(),
@@ -129,7 +135,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         .await
         .expect_err("rewritten province, loss");
     assert_eq!(reason(&refused), "DECISION_WRONG_JURISDICTION", "{refused:?}");
-    let refused = registry
+    let refused = producer_at_registry
         .register_card(pb::RegisterCardRequest {
             decision: Some(rewritten(DecisionPurpose::IssueCard, topology::PRODUCER)),
             producer_id: topology::PRODUCER.into(),
@@ -152,7 +158,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         .check_card(pb::CheckCardRequest {
             id_number: citizen.id_number.clone(),
             card_serial: serial(&citizen),
-            relying_party: "bank".into(),
+            relying_party: topology::STATION.into(),
             nonce: Vec::new(),
         })
         .await?
@@ -190,7 +196,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         anyhow::ensure!(std::time::Instant::now() < deadline, "order never dispatched\n{}", t.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let replayed = registry
+    let replayed = producer_at_registry
         .register_card(pb::RegisterCardRequest {
             decision: Some(genuine),
             producer_id: topology::PRODUCER.into(),
