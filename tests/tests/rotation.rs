@@ -16,11 +16,15 @@ use chrono::{DateTime, Utc};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use yidi_common::{convert::signed_decision_to_proto, population::Citizen};
 use yidi_demo::topology::SuiteKey;
+use yidi_domain::OperatorAccess;
 use yidi_domain::{CardData, Decision, DecisionPurpose, card::term_for};
-use yidi_proto::v1 as pb;
+use yidi_proto::v1::{
+    self as pb, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient,
+    verification_client::VerificationClient,
+};
 use yidi_tests::{
-    Db, NATIONAL_DAY, TestSuite, at, live, on_both_databases, reason, serial, start,
-    topology::{self, Process},
+    Db, NATIONAL_DAY, TestSuite, at, live, on_both_databases, reason, serial, start_tls,
+    topology::{self, Process, operator_id},
 };
 
 on_both_databases!(s4_key_rotation_keeps_serving_and_refuses_the_retired_key);
@@ -37,7 +41,11 @@ struct HealthWatch {
 
 impl HealthWatch {
     fn start(t: &TestSuite) -> Self {
-        let endpoints: Vec<(Process, String)> = Process::ALL.iter().map(|p| (*p, t.suite.endpoint(*p))).collect();
+        // Each bureau's read-only operator asks, over the suite's mutual TLS.
+        let endpoints: Vec<(Process, anyhow::Result<tonic::transport::Endpoint>)> = Process::ALL
+            .iter()
+            .map(|p| (*p, t.suite.endpoint_as(*p, &operator_id(p.bureau_id(), OperatorAccess::Read))))
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let checks = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -45,7 +53,7 @@ impl HealthWatch {
         let task = tokio::spawn(async move {
             let mut clients = Vec::new();
             for (process, endpoint) in endpoints {
-                let channel = tonic::transport::Endpoint::from_shared(endpoint).map(|e| e.connect_lazy());
+                let channel = endpoint.map(|e| e.connect_lazy());
                 if let Ok(channel) = channel {
                     clients.push((process, HealthClient::new(channel)));
                 }
@@ -136,22 +144,22 @@ fn decision(
 }
 
 async fn report_loss(t: &TestSuite, decision: pb::SignedDecision) -> Result<pb::CardStatus, tonic::Status> {
-    let mut registry = t.registry().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let channel = t.channel_as(Process::Registry, topology::STATION).await;
+    let mut registry = LossRegistryClient::new(channel.map_err(|e| tonic::Status::unavailable(e.to_string()))?);
     let answer = registry.report_loss(pb::LossRegistryReportLossRequest { decision: Some(decision) }).await?;
     Ok(answer.into_inner().status())
 }
 
 async fn place_order(t: &TestSuite, decision: pb::SignedDecision) -> Result<pb::Order, tonic::Status> {
-    let mut issuance = t.issuance().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let channel = t.channel_as(Process::Issuance, topology::STATION).await;
+    let mut issuance = IssuanceClient::new(channel.map_err(|e| tonic::Status::unavailable(e.to_string()))?);
     let answer = issuance.place_order(pb::PlaceOrderRequest { decision: Some(decision) }).await?;
     answer.into_inner().order.ok_or_else(|| tonic::Status::internal("no order"))
 }
 
 /// The key id the home bureau signs a new decision with now (a loss report verified directly).
 async fn home_signs_with(t: &TestSuite, citizen: &Citizen) -> anyhow::Result<String> {
-    let answer = t
-        .home(Process::HomeJiangxi)
-        .await?
+    let answer = VerificationClient::new(t.channel_as(Process::HomeJiangxi, topology::STATION).await?)
         .verify(pb::VerifyRequest {
             application_id: uuid::Uuid::new_v4().to_string(),
             station_id: topology::STATION.into(),
@@ -197,7 +205,8 @@ async fn wait_until_dispatched(t: &TestSuite, order_id: &str) -> anyhow::Result<
 }
 
 async fn s4_key_rotation_keeps_serving_and_refuses_the_retired_key(db: Db) -> anyhow::Result<()> {
-    let Some(mut t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    // Over mutual TLS, as the suite runs in production.
+    let Some(mut t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     let pids: Vec<Option<u32>> = Process::ALL.iter().map(|p| t.suite.pid(*p)).collect();
     let health = HealthWatch::start(&t);
     let k1 = t.suite.keys[topology::HOME_JIANGXI].clone();
