@@ -20,7 +20,7 @@ use yidi_demo::{
     suite::{Backend, ClockSetting, Suite, SuiteOptions, default_bin_dir},
     topology::{Process, operator_id},
 };
-use yidi_domain::OperatorAccess;
+use yidi_domain::{ApplicationKind, CardData, Decision, DecisionPurpose, OperatorAccess, card::term_for};
 use yidi_proto::v1::{
     self as pb, intake_client::IntakeClient, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient,
     verification_client::VerificationClient,
@@ -125,6 +125,42 @@ impl TestSuite {
 
     pub async fn home(&self, process: Process) -> anyhow::Result<VerificationClient<Channel>> {
         Ok(VerificationClient::new(self.channel(process).await?))
+    }
+
+    /// A decision as `citizen`'s home bureau would make it (naming the suite's key of that bureau),
+    /// for tests that sign it themselves: forged, replayed, rotated-key decisions.
+    pub fn decision(
+        &self,
+        citizen: &Citizen,
+        purpose: DecisionPurpose,
+        addressee: &str,
+        issued_at: DateTime<Utc>,
+    ) -> Decision {
+        let term = term_for(citizen.birth_date, self.today);
+        Decision {
+            decision_id: uuid::Uuid::new_v4().to_string(),
+            purpose,
+            bureau_id: citizen.home_bureau_id.clone(),
+            key_id: self.suite.keys.of(&citizen.home_bureau_id).last().map(|k| k.id.clone()).unwrap_or_default(),
+            addressee_id: addressee.into(),
+            application_id: uuid::Uuid::new_v4().to_string(),
+            station_id: topology::STATION.into(),
+            application_kind: (purpose == DecisionPurpose::IssueCard).then_some(ApplicationKind::Replacement),
+            card: CardData {
+                id_number: citizen.id_number.clone(),
+                name: citizen.name.clone(),
+                sex: citizen.sex,
+                birth_date: citizen.birth_date,
+                registration_province: citizen.registration_province.clone(),
+                address: citizen.address.clone(),
+                face_template: citizen.face_template.clone(),
+                valid_from: term.valid_from,
+                valid_until: term.valid_until,
+            },
+            previous_card_serial: serial(citizen),
+            issued_at,
+            expires_at: issued_at + chrono::Duration::days(7),
+        }
     }
 
     /// The first citizen of `province` ("36" Jiangxi, "51" Sichuan) labelled `scenario`.

@@ -4,50 +4,15 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
 use ed25519_dalek::SigningKey;
 use yidi_common::{convert::signed_decision_to_proto, population::Citizen};
-use yidi_domain::{ApplicationKind, CardData, Decision, DecisionPurpose, SignedDecision, card::term_for};
+use yidi_domain::{Decision, DecisionPurpose, SignedDecision};
 use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient};
 use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, at, on_both_databases, reason, serial, start_tls, topology, topology::Process,
 };
 
 on_both_databases!(s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry);
-
-fn decision(
-    t: &TestSuite,
-    citizen: &Citizen,
-    purpose: DecisionPurpose,
-    addressee: &str,
-    issued_at: DateTime<Utc>,
-) -> Decision {
-    let term = term_for(citizen.birth_date, t.today);
-    Decision {
-        decision_id: uuid::Uuid::new_v4().to_string(),
-        purpose,
-        bureau_id: citizen.home_bureau_id.clone(),
-        key_id: t.suite.keys[citizen.home_bureau_id.as_str()].id.clone(),
-        addressee_id: addressee.into(),
-        application_id: uuid::Uuid::new_v4().to_string(),
-        station_id: topology::STATION.into(),
-        application_kind: (purpose == DecisionPurpose::IssueCard).then_some(ApplicationKind::Replacement),
-        card: CardData {
-            id_number: citizen.id_number.clone(),
-            name: citizen.name.clone(),
-            sex: citizen.sex,
-            birth_date: citizen.birth_date,
-            registration_province: citizen.registration_province.clone(),
-            address: citizen.address.clone(),
-            face_template: citizen.face_template.clone(),
-            valid_from: term.valid_from,
-            valid_until: term.valid_until,
-        },
-        previous_card_serial: serial(citizen),
-        issued_at,
-        expires_at: issued_at + chrono::Duration::days(7),
-    }
-}
 
 /// Every way a decision can be wrong, each expected to be refused with this `ErrorInfo.reason`.
 fn forgeries(
@@ -59,7 +24,7 @@ fn forgeries(
     let jiangxi: &SigningKey = &t.suite.keys[topology::HOME_JIANGXI].key;
     let sichuan = &t.suite.keys[topology::HOME_SICHUAN];
     let now = at(NATIONAL_DAY);
-    let genuine = || decision(t, citizen, purpose, addressee, now);
+    let genuine = || t.decision(citizen, purpose, addressee, now);
 
     let mut unsigned = genuine().sign(jiangxi);
     unsigned.signature.clear();
@@ -70,8 +35,8 @@ fn forgeries(
     other_bureau.key_id = sichuan.id.clone();
     let wrong_jurisdiction = other_bureau.sign(&sichuan.key);
     let unlisted_key = Decision { key_id: "key-nobody-listed".into(), ..genuine() }.sign(jiangxi);
-    let misaddressed = decision(t, citizen, purpose, "producer-elsewhere", now).sign(jiangxi);
-    let expired = decision(t, citizen, purpose, addressee, now - chrono::Duration::days(8)).sign(jiangxi);
+    let misaddressed = t.decision(citizen, purpose, "producer-elsewhere", now).sign(jiangxi);
+    let expired = t.decision(citizen, purpose, addressee, now - chrono::Duration::days(8)).sign(jiangxi);
     let stolen_key = genuine().sign(&yidi_common::directory::generate_signing_key());
     vec![
         ("unsigned", unsigned, "DECISION_UNSIGNED"),
@@ -122,7 +87,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     // citizen: the registry knows which home bureau each card belongs to.
     let sichuan = &t.suite.keys[topology::HOME_SICHUAN];
     let rewritten = |purpose, addressee| {
-        let mut d = decision(&t, &citizen, purpose, addressee, at(NATIONAL_DAY));
+        let mut d = t.decision(&citizen, purpose, addressee, at(NATIONAL_DAY));
         d.bureau_id = topology::HOME_SICHUAN.into();
         d.key_id = sichuan.id.clone();
         d.card.registration_province = "51".into();
@@ -146,7 +111,8 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     assert_eq!(reason(&refused), "DECISION_WRONG_JURISDICTION", "{refused:?}");
 
     // A decision for one purpose is not accepted for another.
-    let for_producer = decision(&t, &citizen, DecisionPurpose::IssueCard, topology::REGISTRY, at(NATIONAL_DAY))
+    let for_producer = t
+        .decision(&citizen, DecisionPurpose::IssueCard, topology::REGISTRY, at(NATIONAL_DAY))
         .sign(&t.suite.keys[topology::HOME_JIANGXI].key);
     let refused = registry
         .report_loss(pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&for_producer)) })
@@ -167,7 +133,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
 
     // A genuine decision works once; replayed, it is refused by both.
     let genuine = signed_decision_to_proto(
-        &decision(&t, &citizen, DecisionPurpose::IssueCard, topology::PRODUCER, at(NATIONAL_DAY))
+        &t.decision(&citizen, DecisionPurpose::IssueCard, topology::PRODUCER, at(NATIONAL_DAY))
             .sign(&t.suite.keys[topology::HOME_JIANGXI].key),
     );
     let order = issuance

@@ -12,12 +12,11 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use chrono::{DateTime, Utc};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use yidi_common::{convert::signed_decision_to_proto, population::Citizen};
 use yidi_demo::topology::SuiteKey;
 use yidi_domain::OperatorAccess;
-use yidi_domain::{CardData, Decision, DecisionPurpose, card::term_for};
+use yidi_domain::{Decision, DecisionPurpose};
 use yidi_proto::v1::{
     self as pb, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient,
     verification_client::VerificationClient,
@@ -114,32 +113,7 @@ fn decision(
     addressee: &str,
     key: &SuiteKey,
 ) -> pb::SignedDecision {
-    let term = term_for(citizen.birth_date, t.today);
-    let issued_at: DateTime<Utc> = at(NATIONAL_DAY);
-    let decision = Decision {
-        decision_id: uuid::Uuid::new_v4().to_string(),
-        purpose,
-        bureau_id: citizen.home_bureau_id.clone(),
-        key_id: key.id.clone(),
-        addressee_id: addressee.into(),
-        application_id: uuid::Uuid::new_v4().to_string(),
-        station_id: topology::STATION.into(),
-        application_kind: (purpose == DecisionPurpose::IssueCard).then_some(yidi_domain::ApplicationKind::Replacement),
-        card: CardData {
-            id_number: citizen.id_number.clone(),
-            name: citizen.name.clone(),
-            sex: citizen.sex,
-            birth_date: citizen.birth_date,
-            registration_province: citizen.registration_province.clone(),
-            address: citizen.address.clone(),
-            face_template: citizen.face_template.clone(),
-            valid_from: term.valid_from,
-            valid_until: term.valid_until,
-        },
-        previous_card_serial: serial(citizen),
-        issued_at,
-        expires_at: issued_at + chrono::Duration::days(7),
-    };
+    let decision = Decision { key_id: key.id.clone(), ..t.decision(citizen, purpose, addressee, at(NATIONAL_DAY)) };
     signed_decision_to_proto(&decision.sign(&key.key))
 }
 
