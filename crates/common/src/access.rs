@@ -144,6 +144,9 @@ pub static MATRIX: &[MethodRule] = &[
     rule("yidi.v1.LossRegistry", "ListHits", &[HOME, READ]),
     // Every bureau's audit trail is for its own operators.
     rule("yidi.v1.Audit", "*", &[READ]),
+    // What a bureau owes the others: its operators read it, its admins re-queue dead letters.
+    rule("yidi.v1.Outbox", "ListOutboxMessages", &[READ]),
+    rule("yidi.v1.Outbox", "RetryDeadLetter", &[ADMIN]),
     rule("grpc.health.v1.Health", "*", &[Grant::AnyMember]),
     rule("grpc.reflection.v1.ServerReflection", "*", &[Grant::AnyMember]),
     rule("grpc.reflection.v1alpha.ServerReflection", "*", &[Grant::AnyMember]),

@@ -17,6 +17,8 @@ pub mod db;
 pub mod directory;
 pub mod error;
 pub mod health;
+pub mod outbox;
+pub mod outbox_rpc;
 pub mod overload;
 pub mod population;
 pub mod reload;

@@ -14,7 +14,7 @@ use std::{
 
 use futures::future::BoxFuture;
 use sea_orm::DatabaseConnection;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
 use tonic::{
     body::Body,
     codegen::http::{Request, Response},
@@ -22,12 +22,13 @@ use tonic::{
     transport::{Server, server::TcpIncoming},
 };
 use tower::{Service, ServiceExt};
-use yidi_proto::v1::audit_server::AuditServer;
+use yidi_proto::v1::{audit_server::AuditServer, outbox_server::OutboxServer};
 
 use crate::{
     audit_rpc::AuditGrpc,
     error::ApiError,
     health::{HealthPhase, Phase, health_service},
+    outbox_rpc::OutboxGrpc,
     rpc_telemetry::RpcTelemetryLayer,
     security::ServerSecurity,
     shutdown::Shutdown,
@@ -41,8 +42,10 @@ pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 pub const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 pub const AUDIT_SERVICE: &str = yidi_proto::v1::audit_server::SERVICE_NAME;
+pub const OUTBOX_SERVICE: &str = yidi_proto::v1::outbox_server::SERVICE_NAME;
 
 type AuditService = AuditServer<AuditGrpc>;
+type OutboxService = OutboxServer<OutboxGrpc>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -81,6 +84,8 @@ pub struct Starting<S> {
     service: Arc<OnceLock<S>>,
     /// The Audit service, there once the database is migrated ([`Starting::open_audit`]).
     audit: Arc<OnceLock<AuditService>>,
+    /// The Outbox service, likewise ([`Starting::open_outbox`]).
+    outbox: Arc<OnceLock<OutboxService>>,
     health: HealthPhase,
     shutdown: Shutdown,
     /// `None` once `serve` has taken it; dropping an unserved `Starting` stops the server.
@@ -132,7 +137,7 @@ pub fn start<S: GrpcService>(
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ];
-    let advertised = [S::NAME, AUDIT_SERVICE, HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA];
+    let advertised = [S::NAME, AUDIT_SERVICE, OUTBOX_SERVICE, HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA];
     let reflection = || {
         let builder = descriptor_sets
             .iter()
@@ -146,6 +151,7 @@ pub fn start<S: GrpcService>(
 
     let service = Arc::new(OnceLock::new());
     let audit = Arc::new(OnceLock::new());
+    let outbox = Arc::new(OnceLock::new());
     let address = listener.local_addr().ok();
     tracing::info!(service = S::NAME, ?address, "listening; not serving until started");
     let drained = {
@@ -184,6 +190,7 @@ pub fn start<S: GrpcService>(
         .add_service(reflection_v1alpha)
         .add_service(WhenReady { service: Arc::clone(&service) })
         .add_service(WhenReady { service: Arc::clone(&audit) })
+        .add_service(WhenReady { service: Arc::clone(&outbox) })
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drained);
 
     let task = {
@@ -201,7 +208,7 @@ pub fn start<S: GrpcService>(
             Ok(())
         })
     };
-    Ok(Starting { service, audit, health, shutdown, task: Some(task) })
+    Ok(Starting { service, audit, outbox, health, shutdown, task: Some(task) })
 }
 
 impl<S: GrpcService> Starting<S> {
@@ -210,6 +217,12 @@ impl<S: GrpcService> Starting<S> {
     pub fn open_audit(&self, db: DatabaseConnection) {
         // A second call keeps the first database: there is one per service.
         let _ = self.audit.set(AuditGrpc::server(db));
+    }
+
+    /// Serves `yidi.v1.Outbox` over `db` (migrated: `outbox_messages` exists) from now on; a
+    /// re-queued dead letter wakes `wake` (the dispatcher's).
+    pub fn open_outbox(&self, db: DatabaseConnection, wake: Arc<Notify>) {
+        let _ = self.outbox.set(OutboxGrpc::server(db, wake));
     }
 
     /// Hands the ready service over (health SERVING, unless shutdown has already begun) and serves

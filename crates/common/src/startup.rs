@@ -7,7 +7,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use anyhow::Context;
 use sea_orm::DatabaseConnection;
 use sea_orm_migration::MigratorTrait;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
 use yidi_domain::{Bureau, Directory, Role};
 
 use crate::{
@@ -52,6 +52,8 @@ pub struct Prepared<S, T> {
     pub grace: Duration,
     /// What the service's own check returned.
     pub checked: T,
+    /// Wakes the service's outbox dispatcher (an operator re-queued a dead letter).
+    pub outbox_wake: Arc<Notify>,
 }
 
 /// Loads the directory and checks that `server.bureau_id` is listed there with `role`, reads the
@@ -113,8 +115,21 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
         }
     };
     server.open_audit(db.clone());
+    let outbox_wake = Arc::new(Notify::new());
+    server.open_outbox(db.clone(), Arc::clone(&outbox_wake));
     security.denied_calls().start_recording(db.clone(), clock.clone());
-    Ok(Prepared { directory: handle, connector, clock, db, shutdown: shutdown_handle, signal, server, grace, checked })
+    Ok(Prepared {
+        directory: handle,
+        connector,
+        clock,
+        db,
+        shutdown: shutdown_handle,
+        signal,
+        server,
+        grace,
+        checked,
+        outbox_wake,
+    })
 }
 
 async fn connect_and_migrate<M: MigratorTrait>(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnection> {

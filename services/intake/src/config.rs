@@ -1,8 +1,10 @@
-//! `IntakeConfig`: the common sections plus `[station]`, `[policy]`, `[worker]`, `[biometrics]`.
+//! `IntakeConfig`: the common sections plus `[station]`, `[policy]`, `[worker]`, `[outbox]`,
+//! `[biometrics]`.
 use serde::Deserialize;
 use yidi_common::{
     clock::ClockConfig,
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    outbox::OutboxConfig,
     telemetry::LogConfig,
     tls::TlsConfig,
 };
@@ -26,6 +28,9 @@ pub struct IntakeConfig {
     pub policy: PolicyTimeline,
     #[serde(default)]
     pub worker: WorkerConfig,
+    /// `[outbox]`: how the station's messages to the other bureaus are delivered.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
     #[serde(default)]
     pub biometrics: BiometricsConfig,
 }
@@ -42,15 +47,13 @@ pub struct StationConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// How often the worker scans for applications to advance.
-    pub tick_ms: u64,
     /// How long SubmitApplication / ReportLoss wait for the home bureau's answer.
     pub respond_within_ms: u64,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { tick_ms: 200, respond_within_ms: 5000 }
+        Self { respond_within_ms: 5000 }
     }
 }
 
@@ -78,9 +81,7 @@ impl IntakeConfig {
             return Err(ConfigError::key("station.producer_id", "must name the entrusted producer"));
         }
         self.policy.validate().map_err(|message| ConfigError::key("policy", message))?;
-        if self.worker.tick_ms == 0 || self.worker.tick_ms > 60_000 {
-            return Err(ConfigError::key("worker.tick_ms", "must be between 1 and 60000"));
-        }
+        self.outbox.validate()?;
         if self.worker.respond_within_ms > 60_000 {
             return Err(ConfigError::key("worker.respond_within_ms", "must be at most 60000"));
         }

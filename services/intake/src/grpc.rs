@@ -93,8 +93,14 @@ pub fn to_proto(view: ApplicationView) -> pb::Application {
         history: view
             .history
             .into_iter()
-            .map(|h| pb::StateChange { state: state_to_proto(h.state) as i32, at: Some(timestamp(h.at)), note: h.note })
+            .map(|h| pb::StateChange {
+                state: state_to_proto(h.state) as i32,
+                at: Some(timestamp(h.at)),
+                note: h.note,
+                bureau_id: h.bureau_id,
+            })
             .collect(),
+        deliveries: view.deliveries.into_iter().map(yidi_common::outbox_rpc::to_proto).collect(),
     }
 }
 

@@ -16,6 +16,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use anyhow::Context;
 use yidi_common::{
     config::ConfigError,
+    outbox::Dispatcher,
     startup::{self, Prepared, Sections},
 };
 use yidi_domain::{Role, SimulatedMatcher};
@@ -72,7 +73,8 @@ pub async fn serve(
         },
     )
     .await?;
-    let Prepared { directory, connector, clock, db, shutdown, signal, server, checked: station, .. } = prepared;
+    let Prepared { directory, connector, clock, db, shutdown, signal, server, checked: station, outbox_wake, .. } =
+        prepared;
 
     let matcher = SimulatedMatcher { face_threshold: config.biometrics.face_threshold, ..SimulatedMatcher::default() };
     let intake = Intake::new(IntakeParts {
@@ -85,8 +87,12 @@ pub async fn serve(
         matcher: Arc::new(matcher),
         respond_within: Duration::from_millis(config.worker.respond_within_ms),
         shutdown: shutdown.clone(),
+        wake: Arc::clone(&outbox_wake),
+        call_timeout: config.outbox.call_timeout(),
     });
-    let worker = tokio::spawn(worker::run(intake.clone(), Duration::from_millis(config.worker.tick_ms)));
+    let dispatcher =
+        Dispatcher::new(db.clone(), Arc::new(intake.clone()), config.outbox.clone(), outbox_wake, shutdown.clone());
+    let worker = tokio::spawn(dispatcher.run());
 
     let served = server.serve(IntakeServer::new(grpc::IntakeGrpc::new(intake))).await;
     if served.is_err() {

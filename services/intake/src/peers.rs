@@ -2,11 +2,12 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tonic::{Code, Status};
 use yidi_common::client::{Connector, PeerChannel};
-use yidi_common::directory::DirectoryHandle;
+use yidi_common::{directory::DirectoryHandle, outbox::IDEMPOTENCY_KEY};
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::{
     issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient, verification_client::VerificationClient,
@@ -81,11 +82,13 @@ pub struct Peers {
     directory: DirectoryHandle,
     connector: Connector,
     channels: Arc<Mutex<HashMap<String, PeerChannel>>>,
+    /// The deadline of every call, sent along as `grpc-timeout`.
+    call_timeout: Duration,
 }
 
 impl Peers {
-    pub fn new(directory: DirectoryHandle, connector: Connector) -> Self {
-        Self { directory, connector, channels: Arc::default() }
+    pub fn new(directory: DirectoryHandle, connector: Connector, call_timeout: Duration) -> Self {
+        Self { directory, connector, channels: Arc::default(), call_timeout }
     }
 
     fn channel(&self, bureau_id: &str) -> Result<PeerChannel, PeerError> {
@@ -104,32 +107,60 @@ impl Peers {
         Ok(channel)
     }
 
+    /// A request carrying `key` as its idempotency key: a redelivery of the same outbox message
+    /// is answered by the receiver as the first one was, not acted on twice.
+    fn keyed<T>(&self, message: T, key: &str) -> tonic::Request<T> {
+        let mut request = self.request(message);
+        if let Ok(value) = key.parse() {
+            request.metadata_mut().insert(IDEMPOTENCY_KEY, value);
+        }
+        request
+    }
+
+    /// A request under the call deadline: the peer sees it and need not work past it.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.call_timeout);
+        request
+    }
+
     fn status(peer: &str) -> impl FnOnce(Status) -> PeerError + '_ {
         move |status| PeerError::Status { peer: peer.to_owned(), status: Box::new(status) }
     }
 
-    pub async fn verify(&self, home: &str, request: pb::VerifyRequest) -> Result<pb::VerifyResponse, PeerError> {
+    pub async fn verify(
+        &self,
+        home: &str,
+        request: pb::VerifyRequest,
+        key: &str,
+    ) -> Result<pb::VerifyResponse, PeerError> {
         let mut client = VerificationClient::new(self.channel(home)?);
-        client.verify(request).await.map(tonic::Response::into_inner).map_err(Self::status(home))
+        client.verify(self.keyed(request, key)).await.map(tonic::Response::into_inner).map_err(Self::status(home))
     }
 
     pub async fn close_application(
         &self,
         home: &str,
         request: pb::CloseApplicationRequest,
+        key: &str,
     ) -> Result<pb::CloseApplicationResponse, PeerError> {
         let mut client = VerificationClient::new(self.channel(home)?);
-        client.close_application(request).await.map(tonic::Response::into_inner).map_err(Self::status(home))
+        client
+            .close_application(self.keyed(request, key))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(home))
     }
 
     pub async fn report_loss(
         &self,
         registry: &str,
         decision: pb::SignedDecision,
+        key: &str,
     ) -> Result<pb::LossRegistryReportLossResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .report_loss(pb::LossRegistryReportLossRequest { decision: Some(decision) })
+            .report_loss(self.keyed(pb::LossRegistryReportLossRequest { decision: Some(decision) }, key))
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
@@ -142,16 +173,21 @@ impl Peers {
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .withdraw_loss_report(pb::LossRegistryWithdrawLossReportRequest { decision: Some(decision) })
+            .withdraw_loss_report(self.request(pb::LossRegistryWithdrawLossReportRequest { decision: Some(decision) }))
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
     }
 
-    pub async fn place_order(&self, producer: &str, decision: pb::SignedDecision) -> Result<pb::Order, PeerError> {
+    pub async fn place_order(
+        &self,
+        producer: &str,
+        decision: pb::SignedDecision,
+        key: &str,
+    ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
         let response = client
-            .place_order(pb::PlaceOrderRequest { decision: Some(decision) })
+            .place_order(self.keyed(pb::PlaceOrderRequest { decision: Some(decision) }, key))
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(producer))?;
@@ -163,11 +199,15 @@ impl Peers {
 
     pub async fn get_order(&self, producer: &str, order_id: &str, decision_id: &str) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
-        let response = client
-            .get_order(pb::GetOrderRequest { order_id: order_id.to_owned(), decision_id: decision_id.to_owned() })
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(producer))?;
+        let response =
+            client
+                .get_order(self.request(pb::GetOrderRequest {
+                    order_id: order_id.to_owned(),
+                    decision_id: decision_id.to_owned(),
+                }))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(Self::status(producer))?;
         response.order.ok_or_else(|| PeerError::Unreachable {
             peer: producer.to_owned(),
             message: "GetOrder answered without an order".into(),

@@ -8,8 +8,9 @@ use sea_orm::{
 use yidi_common::{
     audit::{self, AuditEntry},
     db,
+    outbox::{self, NewMessage},
 };
-use yidi_domain::{ApplicationKind, ApplicationState};
+use yidi_domain::ApplicationState;
 
 use crate::entities::{application, application_event};
 
@@ -25,6 +26,41 @@ pub struct Transition<'a> {
     pub condition: Option<Condition>,
     pub note: String,
     pub audit: Option<AuditEntry>,
+    /// What the change settles and owes, committed with it.
+    pub messages: Messages,
+}
+
+/// The outbox side of a change: the message it answers (marked delivered) and the messages it
+/// owes (queued), in the change's own transaction.
+#[derive(Debug, Default)]
+pub struct Messages {
+    pub delivered: Option<String>,
+    pub owed: Vec<NewMessage>,
+}
+
+impl Messages {
+    pub fn owe(message: NewMessage) -> Self {
+        Self { delivered: None, owed: vec![message] }
+    }
+
+    pub fn answering(message_id: &str) -> Self {
+        Self { delivered: Some(message_id.to_owned()), owed: Vec::new() }
+    }
+
+    pub fn and_owe(mut self, message: Option<NewMessage>) -> Self {
+        self.owed.extend(message);
+        self
+    }
+
+    async fn write<C: sea_orm::ConnectionTrait>(self, db: &C) -> Result<(), DbErr> {
+        if let Some(id) = self.delivered {
+            outbox::complete(db, &id).await?;
+        }
+        for message in self.owed {
+            outbox::enqueue(db, message).await?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -41,12 +77,14 @@ impl Repo {
         Self { db }
     }
 
-    /// Inserts a new application in RECEIVED with its first event (and audit row).
+    /// Inserts a new application in RECEIVED with its first event (and audit row) and the
+    /// messages it owes.
     pub async fn insert_application(
         &self,
         model: application::Model,
         note: &str,
         audit: Option<AuditEntry>,
+        messages: Messages,
     ) -> Result<(), DbErr> {
         let txn = db::begin(&self.db).await?;
         let at = model.created_at;
@@ -57,7 +95,17 @@ impl Repo {
         if let Some(entry) = audit {
             audit::append(&txn, at, entry).await?;
         }
+        messages.write(&txn).await?;
         txn.commit().await
+    }
+
+    /// The outbox messages about an application, oldest first.
+    pub async fn messages(&self, application_id: &str) -> Result<Vec<outbox::Model>, DbErr> {
+        outbox::for_subject(&self.db, application_id).await
+    }
+
+    pub async fn messages_for(&self, ids: &[String]) -> Result<Vec<outbox::Model>, DbErr> {
+        outbox::for_subjects(&self.db, ids).await
     }
 
     pub async fn audit(&self, entry: AuditEntry, at: DateTime<Utc>) -> Result<(), DbErr> {
@@ -107,47 +155,6 @@ impl Repo {
             .await
     }
 
-    /// Ids of the applications the worker may have something to do for, oldest first: open and
-    /// not halted (halted ones are left to operators; a recorded loss report is final), or
-    /// collected/cancelled with the home bureau not yet told (halted or not: telling the home
-    /// bureau is always retried). Final rows that need nothing are not read.
-    pub async fn pending(&self) -> Result<Vec<String>, DbErr> {
-        let open: Vec<&str> = [
-            ApplicationState::Received,
-            ApplicationState::Verifying,
-            ApplicationState::Approved,
-            ApplicationState::InProduction,
-        ]
-        .iter()
-        .map(|s| s.as_str())
-        .collect();
-        let closing = [ApplicationState::Collected.as_str(), ApplicationState::Cancelled.as_str()];
-        let recorded_loss_report = Condition::all()
-            .add(application::Column::Kind.eq(ApplicationKind::LossReport.as_str()))
-            .add(application::Column::LossRecorded.eq(true));
-        application::Entity::find()
-            .select_only()
-            .column(application::Column::ApplicationId)
-            .filter(
-                Condition::any()
-                    .add(
-                        Condition::all()
-                            .add(application::Column::State.is_in(open))
-                            .add(application::Column::Halted.eq(false))
-                            .add(recorded_loss_report.not()),
-                    )
-                    .add(
-                        Condition::all()
-                            .add(application::Column::State.is_in(closing))
-                            .add(application::Column::HomeNotified.eq(false)),
-                    ),
-            )
-            .order_by(application::Column::CreatedAt, Order::Asc)
-            .into_tuple::<String>()
-            .all(&self.db)
-            .await
-    }
-
     /// Applies a transition if the row is still in one of `from`. Returns whether it applied.
     pub async fn transition(&self, t: Transition<'_>, now: DateTime<Utc>) -> Result<bool, DbErr> {
         let txn = db::begin(&self.db).await?;
@@ -170,6 +177,7 @@ impl Repo {
         if let Some(entry) = t.audit {
             audit::append(&txn, now, entry).await?;
         }
+        t.messages.write(&txn).await?;
         txn.commit().await?;
         Ok(true)
     }
@@ -181,6 +189,7 @@ impl Repo {
         state: ApplicationState,
         mut changes: application::ActiveModel,
         audit: Option<AuditEntry>,
+        messages: Messages,
         now: DateTime<Utc>,
     ) -> Result<bool, DbErr> {
         let txn = db::begin(&self.db).await?;
@@ -198,30 +207,9 @@ impl Repo {
         if let Some(entry) = audit {
             audit::append(&txn, now, entry).await?;
         }
+        messages.write(&txn).await?;
         txn.commit().await?;
         Ok(true)
-    }
-
-    /// Records a failed call to a peer: attempts + 1, the error, when to try again, and whether
-    /// to stop retrying; only if the row is still in `ran_in`, the state the failing step ran in
-    /// (a cancel meanwhile must not be marked with the failure, nor halted).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn record_failure(
-        &self,
-        application_id: &str,
-        ran_in: ApplicationState,
-        attempts: i32,
-        error: &str,
-        next_attempt_at: Option<DateTime<Utc>>,
-        halt: bool,
-        now: DateTime<Utc>,
-    ) -> Result<bool, DbErr> {
-        let mut changes = empty_changes();
-        changes.attempts = Set(attempts);
-        changes.last_error = Set(Some(error.chars().take(1000).collect()));
-        changes.next_attempt_at = Set(next_attempt_at);
-        changes.halted = Set(halt);
-        self.update_in_state(application_id, ran_in, changes, None, now).await
     }
 }
 
@@ -247,74 +235,4 @@ async fn insert_event<C: sea_orm::ConnectionTrait>(
 /// A fresh set of changes (nothing set).
 pub fn changes() -> application::ActiveModel {
     empty_changes()
-}
-
-#[cfg(test)]
-mod tests {
-    use sea_orm::Database;
-    use yidi_intake_migration::{Migrator, MigratorTrait};
-
-    use super::*;
-
-    fn row(id: &str, kind: ApplicationKind, state: ApplicationState, at: i64) -> application::Model {
-        let at = DateTime::from_timestamp(at, 0).unwrap_or_default();
-        application::Model {
-            application_id: id.into(),
-            kind: kind.as_str().into(),
-            state: state.as_str().into(),
-            id_number: "360102199003071243".into(),
-            declared_province: "36".into(),
-            home_bureau_id: "home-jiangxi".into(),
-            previous_card_serial: String::new(),
-            document_kind: "household_register_book".into(),
-            live_face_template: vec![1; 64],
-            live_fingerprint_template: vec![2; 64],
-            refusal_reason: None,
-            decision: None,
-            loss_decision: None,
-            loss_recorded: false,
-            order_id: None,
-            new_card_serial: None,
-            home_notified: false,
-            halted: false,
-            attempts: 0,
-            last_error: None,
-            next_attempt_at: None,
-            trace_context: None,
-            created_at: at,
-            updated_at: at,
-        }
-    }
-
-    #[tokio::test]
-    async fn pending_skips_final_rows_that_need_nothing_but_closes_halted_cancelled_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("pending.db").display());
-        let db = Database::connect(url).await.unwrap();
-        Migrator::up(&db, None).await.unwrap();
-        let repo = Repo::new(db);
-        use ApplicationKind as K;
-        use ApplicationState as S;
-        let mut rows = vec![
-            row("open", K::Renewal, S::Verifying, 1),
-            row("loss-filing", K::LossReport, S::Approved, 2),
-            row("refused", K::Renewal, S::Refused, 3),
-            row("ready", K::Renewal, S::ReadyForCollection, 4),
-        ];
-        let mut recorded = row("loss-recorded", K::LossReport, S::Approved, 5);
-        recorded.loss_recorded = true;
-        let mut halted = row("halted", K::Renewal, S::Verifying, 6);
-        halted.halted = true;
-        let mut halted_cancelled = row("halted-cancelled", K::Renewal, S::Cancelled, 7);
-        halted_cancelled.halted = true;
-        let mut told = row("told", K::Renewal, S::Collected, 8);
-        told.home_notified = true;
-        let mut replacement = row("replacement", K::Replacement, S::Approved, 9);
-        replacement.loss_recorded = true;
-        rows.extend([recorded, halted, halted_cancelled, told, replacement]);
-        for model in rows {
-            repo.insert_application(model, "test", None).await.unwrap();
-        }
-        assert_eq!(repo.pending().await.unwrap(), ["open", "loss-filing", "halted-cancelled", "replacement"]);
-    }
 }

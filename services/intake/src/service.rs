@@ -6,7 +6,13 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::ActiveValue::Set;
 use tokio::sync::{Notify, broadcast, mpsc};
-use yidi_common::{ApiError, Clock, Shutdown, audit::AuditEntry, client::Connector, directory::DirectoryHandle};
+use yidi_common::{
+    ApiError, Clock, Shutdown,
+    audit::AuditEntry,
+    client::Connector,
+    directory::DirectoryHandle,
+    outbox::{self, MessageState},
+};
 use yidi_domain::{
     ApplicationKind, ApplicationState, BiometricMatcher, Bureau, DocumentKind, IdNumber, PolicyTimeline, RefusalReason,
     mask::mask_id_number,
@@ -16,7 +22,8 @@ use yidi_proto::v1 as pb;
 use crate::{
     entities::{application, application_event},
     peers::{PeerError, Peers},
-    repo::{self, Repo, Transition},
+    repo::{self, Messages, Repo, Transition},
+    worker,
 };
 
 /// Who this station is and whom it works with.
@@ -45,6 +52,8 @@ pub struct HistoryEntry {
     pub state: ApplicationState,
     pub at: DateTime<Utc>,
     pub note: String,
+    /// The bureau that took the step.
+    pub bureau_id: String,
 }
 
 /// An application as operators and callers see it (no full identity number).
@@ -62,8 +71,11 @@ pub struct ApplicationView {
     pub loss_recorded: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Why the message the application waits on last failed (or what the peer is doing).
     pub last_error: String,
     pub history: Vec<HistoryEntry>,
+    /// The outbox messages about it, oldest first.
+    pub deliveries: Vec<outbox::Model>,
 }
 
 impl ApplicationView {
@@ -129,7 +141,8 @@ pub(crate) struct Inner {
     pub matcher: Arc<dyn BiometricMatcher>,
     pub peers: Peers,
     pub changes: broadcast::Sender<ApplicationView>,
-    pub wake: Notify,
+    /// Wakes the outbox dispatcher when a message is queued.
+    pub wake: Arc<Notify>,
     pub respond_within: Duration,
     pub shutdown: Shutdown,
 }
@@ -151,12 +164,15 @@ pub struct IntakeParts {
     pub matcher: Arc<dyn BiometricMatcher>,
     pub respond_within: Duration,
     pub shutdown: Shutdown,
+    pub wake: Arc<Notify>,
+    /// The deadline of every call to another bureau.
+    pub call_timeout: Duration,
 }
 
 impl Intake {
     pub fn new(parts: IntakeParts) -> Self {
         let (changes, _) = broadcast::channel(256);
-        let peers = Peers::new(parts.directory.clone(), parts.connector);
+        let peers = Peers::new(parts.directory.clone(), parts.connector, parts.call_timeout);
         Self {
             inner: Arc::new(Inner {
                 repo: parts.repo,
@@ -167,7 +183,7 @@ impl Intake {
                 matcher: parts.matcher,
                 peers,
                 changes,
-                wake: Notify::new(),
+                wake: parts.wake,
                 respond_within: parts.respond_within,
                 shutdown: parts.shutdown,
             }),
@@ -270,14 +286,23 @@ impl Intake {
             "received",
             format!("application {application_id} for {}", home.id),
         );
-        self.inner.repo.insert_application(model, "received at the counter", Some(received)).await?;
+        let owed = Messages::owe(worker::verify(&model));
+        self.inner.repo.insert_application(model, "received at the counter", Some(received), owed).await?;
         tracing::info!(%application_id, kind = kind.as_str(), id = %applicant.id_number.masked(), home = %home.id, "application received");
         self.publish(&application_id).await;
         self.inner.wake.notify_one();
 
         let deadline = tokio::time::Instant::now() + self.inner.respond_within;
         loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
+            // Another replica sharing the database may deliver it: look at the row now and then.
+            let wait = (tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline);
+            match tokio::time::timeout_at(wait, changes.recv()).await {
+                Err(_) if wait < deadline => {
+                    let view = self.get(&application_id).await?;
+                    if view.is_answered() {
+                        return Ok(view);
+                    }
+                }
                 Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
                 Ok(Ok(view)) => {
                     if view.application_id == application_id && view.is_answered() {
@@ -303,7 +328,8 @@ impl Intake {
             .await?
             .ok_or_else(|| ApiError::not_found("application", application_id))?;
         let events = self.inner.repo.events(application_id).await?;
-        view(model, &events)
+        let messages = self.inner.repo.messages(application_id).await?;
+        view(model, &events, messages, &self.inner.station)
     }
 
     /// Newest first; the next offset if there may be more.
@@ -318,10 +344,12 @@ impl Intake {
         let models: Vec<_> = models.into_iter().take(limit as usize).collect();
         let ids: Vec<String> = models.iter().map(|m| m.application_id.clone()).collect();
         let events = self.inner.repo.events_for(&ids).await?;
+        let messages = self.inner.repo.messages_for(&ids).await?;
         let mut views = Vec::with_capacity(models.len());
         for model in models {
             let own: Vec<_> = events.iter().filter(|e| e.application_id == model.application_id).cloned().collect();
-            views.push(view(model, &own)?);
+            let sent: Vec<_> = messages.iter().filter(|m| m.subject == model.application_id).cloned().collect();
+            views.push(view(model, &own, sent, &self.inner.station)?);
         }
         let next = more.then_some(offset + views.len() as u64);
         Ok((views, next))
@@ -399,12 +427,9 @@ impl Intake {
             }
             let mut changes = repo::changes();
             // The home bureau has heard of it (and keeps it open, K5) unless it never left the station.
-            changes.home_notified = Set(state == ApplicationState::Received || !kind.makes_a_card());
-            // A halted application is taken off the operators' list; the worker only closes it now.
-            changes.halted = Set(false);
-            changes.attempts = Set(0);
-            changes.last_error = Set(None);
-            changes.next_attempt_at = Set(None);
+            let home_knows = state != ApplicationState::Received && kind.makes_a_card();
+            changes.home_notified = Set(!home_knows);
+            let owed = if home_knows { Messages::owe(worker::close(&model)) } else { Messages::default() };
             let masked = mask_id_number(&model.id_number);
             let applied = self
                 .inner
@@ -418,6 +443,7 @@ impl Intake {
                         condition: None,
                         note: format!("cancelled at the counter (was {})", state.as_str()),
                         audit: Some(AuditEntry::new("cancel_application", masked, "cancelled", application_id)),
+                        messages: owed,
                     },
                     self.now(),
                 )
@@ -484,6 +510,7 @@ impl Intake {
                         "collected",
                         format!("card {serial} score {:.3}", outcome.score),
                     )),
+                    messages: Messages::owe(worker::close(&model)),
                 },
                 self.now(),
             )
@@ -521,7 +548,8 @@ impl Intake {
             producer_id: String::new(),
             declared_province: applicant.declared_province.clone(),
         };
-        let answer = self.inner.peers.verify(&home.id, request).await.map_err(peer_error)?;
+        let key = request.application_id.clone();
+        let answer = self.inner.peers.verify(&home.id, request, &key).await.map_err(peer_error)?;
         let Some(decision) = answer.decision else {
             let reason = pb::RefusalReason::try_from(answer.refusal_reason)
                 .ok()
@@ -578,8 +606,40 @@ pub(crate) fn decode_decision(bytes: Option<&[u8]>) -> Option<pb::SignedDecision
     pb::SignedDecision::decode(bytes?).ok()
 }
 
-fn view(model: application::Model, events: &[application_event::Model]) -> Result<ApplicationView, ApiError> {
+/// The bureau whose step put an application in `state`: each state is entered by one of them.
+fn bureau_of(state: ApplicationState, model: &application::Model, station: &str, producer: &str) -> String {
+    match state {
+        ApplicationState::Approved | ApplicationState::Refused => model.home_bureau_id.clone(),
+        ApplicationState::ReadyForCollection => producer.to_owned(),
+        _ => station.to_owned(),
+    }
+}
+
+/// What the application waits on went wrong last: the newest undelivered message's error.
+fn waiting_error(messages: &[outbox::Model]) -> String {
+    messages
+        .iter()
+        .rev()
+        .find(|m| matches!(m.message_state(), Some(MessageState::Pending | MessageState::Dead)))
+        .and_then(|m| m.last_error.clone())
+        .unwrap_or_default()
+}
+
+fn view(
+    model: application::Model,
+    events: &[application_event::Model],
+    deliveries: Vec<outbox::Model>,
+    station: &Station,
+) -> Result<ApplicationView, ApiError> {
     let (kind, state) = parse_kind_state(&model)?;
+    let history = events
+        .iter()
+        .filter_map(|e| {
+            let state = ApplicationState::parse(&e.state)?;
+            let bureau_id = bureau_of(state, &model, &station.id, &station.producer_id);
+            Some(HistoryEntry { state, at: e.at, note: e.note.clone(), bureau_id })
+        })
+        .collect();
     Ok(ApplicationView {
         kind,
         state,
@@ -592,13 +652,9 @@ fn view(model: application::Model, events: &[application_event::Model]) -> Resul
         loss_recorded: model.loss_recorded,
         created_at: model.created_at,
         updated_at: model.updated_at,
-        last_error: model.last_error.unwrap_or_default(),
-        history: events
-            .iter()
-            .filter_map(|e| {
-                Some(HistoryEntry { state: ApplicationState::parse(&e.state)?, at: e.at, note: e.note.clone() })
-            })
-            .collect(),
+        last_error: waiting_error(&deliveries),
+        history,
+        deliveries,
         application_id: model.application_id,
     })
 }

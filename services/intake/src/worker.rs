@@ -1,263 +1,75 @@
-//! The background worker: drives each application through verification → registry → issuance,
-//! and tells the home bureau when an application ends. One task per application at a time; a
-//! failure of one application never stops the others.
-use std::{
-    collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+//! What the station sends the other bureaus, delivered from its outbox (see
+//! `yidi_common::outbox`): verification by the home bureau → the loss report to the registry →
+//! the order to the producer → following the order until the card is dispatched → telling the
+//! home bureau the application ended (K5). Each step's answer is recorded in one transaction with
+//! the message it answers and the message the next step owes, so a crash anywhere leaves either
+//! the step undone (and its message still pending) or done (and the next one queued).
+use std::time::Duration;
 
 use prost::Message;
-use sea_orm::{ActiveValue::Set, DbErr};
-use tokio::{task::JoinSet, time::Instant};
+use sea_orm::ActiveValue::Set;
 use tracing::Instrument;
-use yidi_common::{ApiError, audit::AuditEntry};
+use yidi_common::{
+    ApiError,
+    audit::AuditEntry,
+    outbox::{self, Delivery, Handler, NewMessage},
+};
 use yidi_domain::{ApplicationKind, ApplicationState, mask::mask_id_number};
 use yidi_proto::v1 as pb;
 
 use crate::{
     entities::application,
     peers::PeerError,
-    repo::{self, Transition},
-    service::{Intake, decode_decision, is_final, parse_kind_state},
+    repo::{self, Messages, Transition},
+    service::{Intake, decode_decision, parse_kind_state},
 };
 
-/// Why a step did not complete.
-#[derive(Debug)]
-enum Failure {
-    /// Try again after a backoff.
-    Retry(String),
-    /// Retrying cannot help; left for operators.
-    Halt(String),
-    Database(DbErr),
+pub const VERIFY: &str = "verify";
+pub const REPORT_LOSS: &str = "report_loss";
+pub const PLACE_ORDER: &str = "place_order";
+pub const AWAIT_ORDER: &str = "await_order";
+pub const CLOSE_APPLICATION: &str = "close_application";
+
+/// The first message an application owes: verification by its home bureau.
+pub fn verify(model: &application::Model) -> NewMessage {
+    NewMessage::new(VERIFY, &model.application_id, &model.home_bureau_id)
 }
 
-impl From<DbErr> for Failure {
-    fn from(error: DbErr) -> Self {
-        Self::Database(error)
+/// What a newly approved application owes next: its loss report (K1, K3) or its card.
+fn after_approval(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Option<NewMessage> {
+    let station = &intake.inner.station;
+    match kind {
+        ApplicationKind::LossReport | ApplicationKind::Replacement => {
+            Some(NewMessage::new(REPORT_LOSS, &model.application_id, &station.registry_id))
+        }
+        ApplicationKind::Renewal => Some(NewMessage::new(PLACE_ORDER, &model.application_id, &station.producer_id)),
     }
 }
 
-impl From<ApiError> for Failure {
-    fn from(error: ApiError) -> Self {
-        match error {
-            ApiError::Database(error) => Self::Database(error),
-            other => Self::Halt(other.to_string()),
-        }
+/// Telling the home bureau the application ended (K5), owed by collection and cancellation.
+pub fn close(model: &application::Model) -> NewMessage {
+    NewMessage::new(CLOSE_APPLICATION, &model.application_id, &model.home_bureau_id)
+}
+
+/// Between polls of an order still in production: half the time it has waited so far, from 1 s
+/// up to 30 s, so a quick order is seen quickly and a slow one costs few calls.
+pub fn poll_interval(waited: Duration) -> Duration {
+    (waited / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// Why a step did not complete, mapped onto the outbox's outcomes.
+fn from_peer(error: PeerError) -> Delivery {
+    if error.is_transient() { Delivery::Retry(error.to_string()) } else { Delivery::Fail(error.to_string()) }
+}
+
+fn from_api(error: ApiError) -> Delivery {
+    match error {
+        ApiError::Database(error) => Delivery::Retry(format!("station database: {error}")),
+        other => Delivery::Fail(other.to_string()),
     }
 }
 
-fn from_peer(error: PeerError) -> Failure {
-    if error.is_transient() { Failure::Retry(error.to_string()) } else { Failure::Halt(error.to_string()) }
-}
-
-/// Exponential from 0.5 s, at most 30 s.
-pub fn backoff(attempts: i32) -> Duration {
-    let exponent = u32::try_from(attempts.saturating_sub(1).clamp(0, 16)).unwrap_or(0);
-    Duration::from_millis(500u64.saturating_mul(1u64 << exponent)).min(Duration::from_secs(30))
-}
-
-/// Between polls of an order still in production: from 1 s, doubling, at most 30 s.
-pub fn poll_interval(polls: u32) -> Duration {
-    Duration::from_secs(1u64 << polls.saturating_sub(1).min(5)).min(Duration::from_secs(30))
-}
-
-/// What a step left to do.
-#[derive(Debug, PartialEq, Eq)]
-enum Next {
-    /// Something changed; there may be more to do now.
-    More,
-    /// Nothing to do until something else changes it.
-    Idle,
-    /// Waiting on a peer (an order in production): ask again later, less often each time.
-    Poll,
-}
-
-impl From<bool> for Next {
-    fn from(changed: bool) -> Self {
-        if changed { Self::More } else { Self::Idle }
-    }
-}
-
-/// Removes the application from the in-flight set when its task ends (or is aborted).
-struct InFlight {
-    set: Arc<Mutex<HashSet<String>>>,
-    id: String,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Ok(mut set) = self.set.lock() {
-            set.remove(&self.id);
-        }
-    }
-}
-
-pub async fn run(intake: Intake, tick: Duration) {
-    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let retry_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let polls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let mut tasks = JoinSet::new();
-    let shutdown = intake.inner.shutdown.clone();
-    loop {
-        tokio::select! {
-            () = shutdown.wait() => break,
-            () = intake.inner.wake.notified() => {}
-            () = tokio::time::sleep(tick) => {}
-        }
-        while tasks.try_join_next().is_some() {}
-        let pending = match intake.inner.repo.pending().await {
-            Ok(pending) => pending,
-            Err(error) => {
-                tracing::warn!(%error, "worker could not read pending applications");
-                continue;
-            }
-        };
-        // Forget the timers of applications that no longer need anything.
-        let wanted: HashSet<&String> = pending.iter().collect();
-        if let Ok(mut retry_at) = retry_at.lock() {
-            retry_at.retain(|id, _| wanted.contains(id));
-        }
-        if let Ok(mut polls) = polls.lock() {
-            polls.retain(|id, _| wanted.contains(id));
-        }
-        let now = Instant::now();
-        for id in pending {
-            let due = retry_at.lock().map(|r| r.get(&id).is_none_or(|at| *at <= now)).unwrap_or(true);
-            if !due {
-                continue;
-            }
-            let Ok(mut set) = in_flight.lock() else {
-                continue;
-            };
-            if !set.insert(id.clone()) {
-                continue;
-            }
-            drop(set);
-            let guard = InFlight { set: in_flight.clone(), id: id.clone() };
-            let intake = intake.clone();
-            let retry_at = retry_at.clone();
-            let polls = polls.clone();
-            tasks.spawn(async move {
-                let _guard = guard;
-                let delay = drive(&intake, &id, &polls).await;
-                if let Ok(mut retry_at) = retry_at.lock() {
-                    match delay {
-                        Some(delay) => retry_at.insert(id, Instant::now() + delay),
-                        None => retry_at.remove(&id),
-                    };
-                }
-            });
-        }
-    }
-    tasks.shutdown().await;
-    tracing::info!("worker stopped");
-}
-
-/// Advances one application as far as it goes now. Returns a retry delay after a failure.
-async fn drive(intake: &Intake, id: &str, polls: &Mutex<HashMap<String, u32>>) -> Option<Duration> {
-    let outcome = drive_once(intake, id).await;
-    let Ok(mut polls) = polls.lock() else {
-        return outcome.unwrap_or(Some(poll_interval(1)));
-    };
-    match outcome {
-        Ok(delay) => {
-            polls.remove(id);
-            delay
-        }
-        Err(()) => {
-            let count = polls.entry(id.to_owned()).or_default();
-            *count = count.saturating_add(1);
-            Some(poll_interval(*count))
-        }
-    }
-}
-
-/// Advances one application as far as it goes now. `Err(())`: waiting on an order.
-async fn drive_once(intake: &Intake, id: &str) -> Result<Option<Duration>, ()> {
-    Ok(loop {
-        let model = match intake.inner.repo.get(id).await {
-            Ok(Some(model)) => model,
-            Ok(None) => return Ok(None),
-            Err(error) => {
-                tracing::warn!(application_id = %id, %error, "worker could not read the application");
-                return Ok(Some(backoff(1)));
-            }
-        };
-        let closing = !model.home_notified
-            && ApplicationState::parse(&model.state)
-                .is_some_and(|s| matches!(s, ApplicationState::Collected | ApplicationState::Cancelled));
-        if model.halted && !closing {
-            return Ok(None);
-        }
-        // The step continues the trace of the request that lodged the application.
-        let span = tracing::info_span!("application_step", application_id = %id, state = %model.state);
-        yidi_common::telemetry::continue_trace(&span, model.trace_context.as_deref());
-        if let Some(outcome) = advance(intake, &model).instrument(span).await {
-            break outcome?;
-        }
-    })
-}
-
-/// One step of `drive_once` and what it leaves: `None` to go on with the next step, otherwise
-/// what `drive_once` returns.
-async fn advance(intake: &Intake, model: &application::Model) -> Option<Result<Option<Duration>, ()>> {
-    let id = model.application_id.as_str();
-    match step(intake, model).await {
-        Ok(Next::More) => {
-            intake.publish(id).await;
-            None
-        }
-        Ok(Next::Idle) => Some(Ok(None)),
-        Ok(Next::Poll) => Some(Err(())),
-        Err(Failure::Database(error)) => {
-            tracing::warn!(application_id = %id, %error, "database error while advancing");
-            Some(Ok(Some(backoff(1))))
-        }
-        Err(failure) => {
-            let (message, halt) = match failure {
-                Failure::Retry(message) => (message, false),
-                Failure::Halt(message) => (message, true),
-                Failure::Database(_) => (String::new(), false),
-            };
-            let Ok(ran_in) = parse_kind_state(model).map(|(_, state)| state) else {
-                return Some(Ok(Some(backoff(1))));
-            };
-            let current = match intake.inner.repo.get(id).await {
-                Ok(Some(current)) => current,
-                _ => return Some(Ok(Some(backoff(1)))),
-            };
-            if current.state != model.state {
-                // Moved on meanwhile (e.g. cancelled): the failure is of a step no longer due.
-                tracing::info!(application_id = %id, error = %message, "step failed but the application moved on");
-                return Some(Ok(None));
-            }
-            let attempts = current.attempts.saturating_add(1);
-            let delay = backoff(attempts);
-            let next = (!halt).then(|| intake.clock().now() + chrono::Duration::from_std(delay).unwrap_or_default());
-            if halt {
-                tracing::warn!(application_id = %id, error = %message, "peer refused definitively; application halted");
-            } else {
-                tracing::info!(application_id = %id, error = %message, ?delay, "peer call failed; will retry");
-            }
-            let recorded = intake
-                .inner
-                .repo
-                .record_failure(id, ran_in, attempts, &message, next, halt, intake.clock().now())
-                .await;
-            match recorded {
-                Ok(true) => intake.publish(id).await,
-                Ok(false) => return Some(Ok(None)),
-                Err(error) => {
-                    tracing::warn!(application_id = %id, %error, "could not record a failure")
-                }
-            }
-            Some(Ok((!halt).then_some(delay)))
-        }
-    }
-}
-
-/// Clears the error bookkeeping after progress.
+/// Clears the error bookkeeping kept on the row by earlier versions.
 fn progress_changes() -> application::ActiveModel {
     let mut changes = repo::changes();
     changes.attempts = Set(0);
@@ -266,85 +78,115 @@ fn progress_changes() -> application::ActiveModel {
     changes
 }
 
-/// One step. `Ok(true)`: something changed and there may be more to do.
-async fn step(intake: &Intake, model: &application::Model) -> Result<Next, Failure> {
-    let (kind, state) = parse_kind_state(model)?;
-    let inner = &intake.inner;
-    let now = || intake.clock().now();
-    let id = model.application_id.as_str();
-    match state {
-        ApplicationState::Received => Ok(inner
-            .repo
-            .transition(
-                Transition {
-                    application_id: id,
-                    from: &[ApplicationState::Received],
-                    to: ApplicationState::Verifying,
-                    changes: repo::changes(),
-                    condition: None,
-                    note: format!("sent to home bureau {}", model.home_bureau_id),
-                    audit: None,
-                },
-                now(),
-            )
-            .await?
-            .into()),
-        ApplicationState::Verifying => verify(intake, model, kind).await.map(Next::from),
-        ApplicationState::Approved if !is_final(kind, state, model.loss_recorded) => {
-            approved(intake, model, kind).await.map(Next::from)
-        }
-        ApplicationState::InProduction if model.order_id.is_none() => place_order(intake, model).await.map(Next::from),
-        ApplicationState::InProduction => {
-            let order_id = model.order_id.clone().unwrap_or_default();
-            let order = inner.peers.get_order(&inner.station.producer_id, &order_id, "").await.map_err(from_peer)?;
-            if order.state != pb::OrderState::Dispatched as i32 {
-                // Show why it waits (or that it no longer has trouble) on the application.
-                let error = Some(order.last_error.clone()).filter(|e| !e.is_empty());
-                if error != model.last_error {
-                    let mut changes = progress_changes();
-                    changes.last_error = Set(error.map(|e| e.chars().take(1000).collect()));
-                    if inner.repo.update_in_state(id, ApplicationState::InProduction, changes, None, now()).await? {
-                        intake.publish(id).await;
-                    }
-                }
-                return Ok(Next::Poll);
-            }
-            let mut changes = progress_changes();
-            if !order.card_serial.is_empty() {
-                changes.new_card_serial = Set(Some(order.card_serial.clone()));
-            }
-            Ok(inner
-                .repo
-                .transition(
-                    Transition {
-                        application_id: id,
-                        from: &[ApplicationState::InProduction],
-                        to: ApplicationState::ReadyForCollection,
-                        changes,
-                        condition: None,
-                        note: format!("card {} dispatched to the station", order.card_serial),
-                        audit: Some(AuditEntry::new(
-                            "card_dispatched",
-                            mask_id_number(&model.id_number),
-                            "ready_for_collection",
-                            format!("order {order_id} card {}", order.card_serial),
-                        )),
-                    },
-                    now(),
-                )
-                .await?
-                .into())
-        }
-        ApplicationState::Collected | ApplicationState::Cancelled if !model.home_notified => {
-            close(intake, model, state).await?;
-            Ok(Next::Idle)
-        }
-        _ => Ok(Next::Idle),
+/// Whether the application, as it is now, still needs what `topic` sends.
+fn still_owed(topic: &str, model: &application::Model) -> bool {
+    let Ok((_, state)) = parse_kind_state(model) else {
+        return true;
+    };
+    use ApplicationState as S;
+    match topic {
+        VERIFY => matches!(state, S::Received | S::Verifying),
+        REPORT_LOSS => state == S::Approved && !model.loss_recorded,
+        PLACE_ORDER => state == S::Approved || (state == S::InProduction && model.order_id.is_none()),
+        AWAIT_ORDER => state == S::InProduction,
+        CLOSE_APPLICATION => matches!(state, S::Collected | S::Cancelled) && !model.home_notified,
+        _ => true,
     }
 }
 
-async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Result<bool, Failure> {
+impl Intake {
+    async fn read(&self, application_id: &str) -> Result<application::Model, Delivery> {
+        match self.inner.repo.get(application_id).await {
+            Ok(Some(model)) => Ok(model),
+            Ok(None) => Err(Delivery::Fail(format!("application {application_id} does not exist"))),
+            Err(error) => Err(Delivery::Retry(format!("station database: {error}"))),
+        }
+    }
+}
+
+impl Handler for Intake {
+    async fn deliver(&self, message: &outbox::Model) -> Delivery {
+        let model = match self.read(&message.subject).await {
+            Ok(model) => model,
+            Err(outcome) => return outcome,
+        };
+        // The step continues the trace of the request that lodged the application.
+        let span = tracing::info_span!("application_step", application_id = %model.application_id, topic = %message.topic, state = %model.state);
+        yidi_common::telemetry::continue_trace(&span, model.trace_context.as_deref());
+        let outcome = step(self, message, &model).instrument(span).await;
+        match &outcome {
+            Delivery::Delivered => self.publish(&model.application_id).await,
+            // A failure of a step no longer due (the application was cancelled meanwhile) is no
+            // one's concern: it must neither be retried nor mark the application.
+            Delivery::Retry(error) | Delivery::Fail(error) => {
+                if let Ok(now) = self.read(&message.subject).await
+                    && !still_owed(&message.topic, &now)
+                {
+                    return Delivery::Dropped(format!("application is {} ({error})", now.state));
+                }
+            }
+            Delivery::Later { .. } | Delivery::Dropped(_) => {}
+        }
+        outcome
+    }
+
+    async fn settled(&self, message: &outbox::Model) {
+        // Watchers see attempts, errors and dead letters as they happen.
+        self.publish(&message.subject).await;
+    }
+}
+
+async fn step(intake: &Intake, message: &outbox::Model, model: &application::Model) -> Delivery {
+    let (kind, state) = match parse_kind_state(model) {
+        Ok(parsed) => parsed,
+        Err(error) => return from_api(error),
+    };
+    if !still_owed(&message.topic, model) {
+        return overtaken(model, state);
+    }
+    let result = match message.topic.as_str() {
+        VERIFY => verify_step(intake, message, model, kind, state).await,
+        REPORT_LOSS => report_loss_step(intake, message, model, kind, state).await,
+        PLACE_ORDER => place_order_step(intake, message, model, state).await,
+        AWAIT_ORDER => await_order_step(intake, message, model, state).await,
+        CLOSE_APPLICATION => close_step(intake, message, model, state).await,
+        other => Ok(Delivery::Fail(format!("unknown topic {other:?}"))),
+    };
+    result.unwrap_or_else(from_api)
+}
+
+fn overtaken(model: &application::Model, state: ApplicationState) -> Delivery {
+    Delivery::Dropped(format!("application {} is {}", model.application_id, state.as_str()))
+}
+
+async fn verify_step(
+    intake: &Intake,
+    message: &outbox::Model,
+    model: &application::Model,
+    kind: ApplicationKind,
+    state: ApplicationState,
+) -> Result<Delivery, ApiError> {
     let inner = &intake.inner;
+    let id = model.application_id.as_str();
+    match state {
+        ApplicationState::Received => {
+            let sent = Transition {
+                application_id: id,
+                from: &[ApplicationState::Received],
+                to: ApplicationState::Verifying,
+                changes: repo::changes(),
+                condition: None,
+                note: format!("sent to home bureau {}", model.home_bureau_id),
+                audit: None,
+                messages: Messages::default(),
+            };
+            if inner.repo.transition(sent, intake.clock().now()).await? {
+                intake.publish(id).await;
+            }
+        }
+        ApplicationState::Verifying => {}
+        other => return Ok(overtaken(model, other)),
+    }
     let issue = kind.makes_a_card();
     let request = pb::VerifyRequest {
         application_id: model.application_id.clone(),
@@ -360,9 +202,11 @@ async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKi
         producer_id: if issue { inner.station.producer_id.clone() } else { String::new() },
         declared_province: model.declared_province.clone(),
     };
-    let answer = inner.peers.verify(&model.home_bureau_id, request).await.map_err(from_peer)?;
+    let answer = match inner.peers.verify(&model.home_bureau_id, request, &message.id).await {
+        Ok(answer) => answer,
+        Err(error) => return Ok(from_peer(error)),
+    };
     let masked = mask_id_number(&model.id_number);
-    let id = model.application_id.as_str();
     if let Some(decision) = answer.decision {
         let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
         let mut changes = progress_changes();
@@ -374,114 +218,117 @@ async fn verify(intake: &Intake, model: &application::Model, kind: ApplicationKi
         }
         changes.decision = Set(Some(decision.encode_to_vec()));
         changes.loss_decision = Set(answer.loss_decision.map(|d| d.encode_to_vec()));
-        let applied = inner
-            .repo
-            .transition(
-                Transition {
-                    application_id: id,
-                    from: &[ApplicationState::Verifying],
-                    to: ApplicationState::Approved,
-                    changes,
-                    condition: None,
-                    note: format!("approved by {} (decision {decision_id})", model.home_bureau_id),
-                    audit: Some(AuditEntry::new("verification", masked, "approved", format!("decision {decision_id}"))),
-                },
-                intake.clock().now(),
-            )
-            .await?;
-        if applied {
+        let approved = Transition {
+            application_id: id,
+            from: &[ApplicationState::Verifying],
+            to: ApplicationState::Approved,
+            changes,
+            condition: None,
+            note: format!("approved by {} (decision {decision_id})", model.home_bureau_id),
+            audit: Some(AuditEntry::new("verification", masked, "approved", format!("decision {decision_id}"))),
+            messages: Messages::answering(&message.id).and_owe(after_approval(intake, model, kind)),
+        };
+        if inner.repo.transition(approved, intake.clock().now()).await? {
             tracing::info!(application_id = %id, %decision_id, "approved by the home bureau");
+            return Ok(Delivery::Delivered);
         }
-        return Ok(applied);
+        return Ok(Delivery::Dropped(format!("application {id} moved on while the home bureau approved it")));
     }
-    let reason = pb::RefusalReason::try_from(answer.refusal_reason)
-        .ok()
-        .and_then(yidi_common::convert::refusal_from_proto)
-        .ok_or_else(|| {
-            Failure::Halt(format!("{} answered neither a decision nor a known refusal", model.home_bureau_id))
-        })?;
+    let Some(reason) =
+        pb::RefusalReason::try_from(answer.refusal_reason).ok().and_then(yidi_common::convert::refusal_from_proto)
+    else {
+        return Ok(Delivery::Fail(format!("{} answered neither a decision nor a known refusal", model.home_bureau_id)));
+    };
     let mut changes = progress_changes();
     changes.refusal_reason = Set(Some(reason.code().to_owned()));
-    let applied = inner
+    let refused = Transition {
+        application_id: id,
+        from: &[ApplicationState::Verifying],
+        to: ApplicationState::Refused,
+        changes,
+        condition: None,
+        note: format!("refused by {}: {}", model.home_bureau_id, reason.code()),
+        audit: Some(AuditEntry::new("verification", masked, "refused", reason.code())),
+        messages: Messages::answering(&message.id),
+    };
+    if inner.repo.transition(refused, intake.clock().now()).await? {
+        tracing::info!(application_id = %id, reason = reason.code(), "refused by the home bureau");
+        return Ok(Delivery::Delivered);
+    }
+    Ok(Delivery::Dropped(format!("application {id} moved on while the home bureau refused it")))
+}
+
+/// K1, K3: the loss report is filed before any card is ordered.
+async fn report_loss_step(
+    intake: &Intake,
+    message: &outbox::Model,
+    model: &application::Model,
+    kind: ApplicationKind,
+    state: ApplicationState,
+) -> Result<Delivery, ApiError> {
+    let inner = &intake.inner;
+    let id = model.application_id.as_str();
+    if state != ApplicationState::Approved {
+        return Ok(overtaken(model, state));
+    }
+    if model.loss_recorded {
+        return Ok(Delivery::Dropped(format!("the loss report of application {id} is already recorded")));
+    }
+    let decision = match kind {
+        ApplicationKind::LossReport => decode_decision(model.decision.as_deref()),
+        _ => decode_decision(model.loss_decision.as_deref()),
+    };
+    let Some(decision) = decision else {
+        return Ok(Delivery::Fail("the stored loss decision is unreadable".into()));
+    };
+    let registry = &inner.station.registry_id;
+    let detail = match inner.peers.report_loss(registry, decision, &message.id).await {
+        Ok(response) => format!(
+            "card {} {}",
+            response.card_serial,
+            if response.already_reported { "already reported" } else { "reported lost" }
+        ),
+        // Our decision was used before (we reported, then crashed before recording it).
+        Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
+            format!("card {} already reported by this application", model.previous_card_serial)
+        }
+        Err(error) => return Ok(from_peer(error)),
+    };
+    let mut changes = progress_changes();
+    changes.loss_recorded = Set(true);
+    let next = kind.makes_a_card().then(|| NewMessage::new(PLACE_ORDER, id, &inner.station.producer_id));
+    let recorded = inner
         .repo
-        .transition(
-            Transition {
-                application_id: id,
-                from: &[ApplicationState::Verifying],
-                to: ApplicationState::Refused,
-                changes,
-                condition: None,
-                note: format!("refused by {}: {}", model.home_bureau_id, reason.code()),
-                audit: Some(AuditEntry::new("verification", masked, "refused", reason.code())),
-            },
+        .update_in_state(
+            id,
+            ApplicationState::Approved,
+            changes,
+            Some(AuditEntry::new("loss_report", mask_id_number(&model.id_number), "recorded", detail)),
+            Messages::answering(&message.id).and_owe(next),
             intake.clock().now(),
         )
         .await?;
-    if applied {
-        tracing::info!(application_id = %id, reason = reason.code(), "refused by the home bureau");
+    if !recorded {
+        return Ok(Delivery::Dropped(format!("application {id} moved on while its loss report was filed")));
     }
-    Ok(applied)
+    tracing::info!(application_id = %id, "loss report recorded by the registry");
+    Ok(Delivery::Delivered)
 }
 
-async fn approved(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Result<bool, Failure> {
+/// Orders the card. The intent is recorded first: once IN_PRODUCTION the application can no longer
+/// be cancelled, so a cancel either wins before (and no order is placed) or is refused.
+async fn place_order_step(
+    intake: &Intake,
+    message: &outbox::Model,
+    model: &application::Model,
+    state: ApplicationState,
+) -> Result<Delivery, ApiError> {
     let inner = &intake.inner;
     let id = model.application_id.as_str();
-    let masked = mask_id_number(&model.id_number);
-    let decision = decode_decision(model.decision.as_deref())
-        .ok_or_else(|| Failure::Halt("the stored decision is unreadable".into()))?;
-    // K1, K3: file the loss report first.
-    let loss_decision = match kind {
-        ApplicationKind::LossReport => Some(decision.clone()),
-        ApplicationKind::Replacement => decode_decision(model.loss_decision.as_deref()),
-        ApplicationKind::Renewal => None,
-    };
-    if !model.loss_recorded
-        && let Some(loss_decision) = loss_decision
-    {
-        let registry = &inner.station.registry_id;
-        let detail = match inner.peers.report_loss(registry, loss_decision).await {
-            Ok(response) => format!(
-                "card {} {}",
-                response.card_serial,
-                if response.already_reported { "already reported" } else { "reported lost" }
-            ),
-            // Our decision was used before (we reported, then crashed before recording it).
-            Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
-                format!("card {} already reported by this application", model.previous_card_serial)
-            }
-            Err(error) => return Err(from_peer(error)),
-        };
-        let mut changes = progress_changes();
-        changes.loss_recorded = Set(true);
-        let applied = inner
-            .repo
-            .update_in_state(
-                id,
-                ApplicationState::Approved,
-                changes,
-                Some(AuditEntry::new("loss_report", masked, "recorded", detail)),
-                intake.clock().now(),
-            )
-            .await?;
-        if !applied {
-            return Ok(false);
-        }
-        tracing::info!(application_id = %id, "loss report recorded by the registry");
-        intake.publish(id).await;
-        if kind == ApplicationKind::LossReport {
-            return Ok(false);
-        }
-    }
-    if !kind.makes_a_card() {
-        return Ok(false);
-    }
-    // Record the intent before calling the producer: once IN_PRODUCTION the application can no
-    // longer be cancelled, so a cancel either wins here (and no order is placed) or is refused.
     let producer = &inner.station.producer_id;
-    Ok(inner
-        .repo
-        .transition(
-            Transition {
+    match state {
+        ApplicationState::Approved => {
+            let ordering = Transition {
                 application_id: id,
                 from: &[ApplicationState::Approved],
                 to: ApplicationState::InProduction,
@@ -489,34 +336,38 @@ async fn approved(intake: &Intake, model: &application::Model, kind: Application
                 condition: None,
                 note: format!("ordering from {producer}"),
                 audit: None,
-            },
-            intake.clock().now(),
-        )
-        .await?)
-}
-
-/// IN_PRODUCTION without an order yet: place it (idempotent: a decision already used answers
-/// ALREADY_EXISTS, and the order is then looked up by its decision) and store it.
-async fn place_order(intake: &Intake, model: &application::Model) -> Result<bool, Failure> {
-    let inner = &intake.inner;
-    let id = model.application_id.as_str();
-    let decision = decode_decision(model.decision.as_deref())
-        .ok_or_else(|| Failure::Halt("the stored decision is unreadable".into()))?;
-    let producer = &inner.station.producer_id;
+                messages: Messages::default(),
+            };
+            if !inner.repo.transition(ordering, intake.clock().now()).await? {
+                return Ok(Delivery::Retry(format!("application {id} changed while ordering; judged again")));
+            }
+            intake.publish(id).await;
+        }
+        ApplicationState::InProduction if model.order_id.is_none() => {}
+        other => return Ok(overtaken(model, other)),
+    }
+    let Some(decision) = decode_decision(model.decision.as_deref()) else {
+        return Ok(Delivery::Fail("the stored decision is unreadable".into()));
+    };
     let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
-    let order = match inner.peers.place_order(producer, decision).await {
+    // Idempotent at the producer: a decision already used answers ALREADY_EXISTS, and the order is
+    // then looked up by its decision.
+    let order = match inner.peers.place_order(producer, decision, &message.id).await {
         Ok(order) => order,
         Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
-            inner.peers.get_order(producer, "", &decision_id).await.map_err(from_peer)?
+            match inner.peers.get_order(producer, "", &decision_id).await {
+                Ok(order) => order,
+                Err(error) => return Ok(from_peer(error)),
+            }
         }
-        Err(error) => return Err(from_peer(error)),
+        Err(error) => return Ok(from_peer(error)),
     };
     let mut changes = progress_changes();
     changes.order_id = Set(Some(order.order_id.clone()));
     if !order.card_serial.is_empty() {
         changes.new_card_serial = Set(Some(order.card_serial.clone()));
     }
-    let applied = inner
+    let stored = inner
         .repo
         .update_in_state(
             id,
@@ -528,18 +379,81 @@ async fn place_order(intake: &Intake, model: &application::Model) -> Result<bool
                 "ordered",
                 format!("order {} card {} decision {decision_id}", order.order_id, order.card_serial),
             )),
+            Messages::answering(&message.id).and_owe(Some(NewMessage::new(AWAIT_ORDER, id, producer))),
             intake.clock().now(),
         )
         .await?;
-    if applied {
-        tracing::info!(application_id = %id, order_id = %order.order_id, "order placed");
+    if !stored {
+        return Ok(Delivery::Retry(format!("application {id} changed while its order was stored")));
     }
-    Ok(applied)
+    tracing::info!(application_id = %id, order_id = %order.order_id, "order placed");
+    Ok(Delivery::Delivered)
+}
+
+/// Follows the order until the producer has dispatched the card to the station.
+async fn await_order_step(
+    intake: &Intake,
+    message: &outbox::Model,
+    model: &application::Model,
+    state: ApplicationState,
+) -> Result<Delivery, ApiError> {
+    let inner = &intake.inner;
+    let id = model.application_id.as_str();
+    if state != ApplicationState::InProduction {
+        return Ok(overtaken(model, state));
+    }
+    let Some(order_id) = model.order_id.clone() else {
+        return Ok(Delivery::Fail(format!("application {id} has no order to follow")));
+    };
+    let order = match inner.peers.get_order(&inner.station.producer_id, &order_id, "").await {
+        Ok(order) => order,
+        Err(error) => return Ok(from_peer(error)),
+    };
+    if order.state != pb::OrderState::Dispatched as i32 {
+        let waited = (chrono::Utc::now() - message.created_at).to_std().unwrap_or_default();
+        // What the producer is struggling with, if anything, shows on the message.
+        let note = Some(order.last_error).filter(|e| !e.is_empty());
+        return Ok(Delivery::Later { after: poll_interval(waited), note });
+    }
+    let mut changes = progress_changes();
+    if !order.card_serial.is_empty() {
+        changes.new_card_serial = Set(Some(order.card_serial.clone()));
+    }
+    let ready = Transition {
+        application_id: id,
+        from: &[ApplicationState::InProduction],
+        to: ApplicationState::ReadyForCollection,
+        changes,
+        condition: None,
+        note: format!("card {} dispatched to the station", order.card_serial),
+        audit: Some(AuditEntry::new(
+            "card_dispatched",
+            mask_id_number(&model.id_number),
+            "ready_for_collection",
+            format!("order {order_id} card {}", order.card_serial),
+        )),
+        messages: Messages::answering(&message.id),
+    };
+    if inner.repo.transition(ready, intake.clock().now()).await? {
+        return Ok(Delivery::Delivered);
+    }
+    Ok(Delivery::Dropped(format!("application {id} moved on while its card was dispatched")))
 }
 
 /// Tells the home bureau the application ended, so it is no longer open there (K5).
-async fn close(intake: &Intake, model: &application::Model, state: ApplicationState) -> Result<(), Failure> {
+async fn close_step(
+    intake: &Intake,
+    message: &outbox::Model,
+    model: &application::Model,
+    state: ApplicationState,
+) -> Result<Delivery, ApiError> {
     let inner = &intake.inner;
+    if !matches!(state, ApplicationState::Collected | ApplicationState::Cancelled) {
+        return Ok(Delivery::Fail(format!("application {} is {}, not ended", model.application_id, state.as_str())));
+    }
+    if model.home_notified {
+        return Ok(Delivery::Dropped("the home bureau was already told".into()));
+    }
     let request = pb::CloseApplicationRequest {
         application_id: model.application_id.clone(),
         final_state: yidi_common::convert::state_to_proto(state) as i32,
@@ -550,18 +464,27 @@ async fn close(intake: &Intake, model: &application::Model, state: ApplicationSt
         },
         station_id: inner.station.id.clone(),
     };
-    match inner.peers.close_application(&model.home_bureau_id, request).await {
+    match inner.peers.close_application(&model.home_bureau_id, request, &message.id).await {
         Ok(_) => {}
         // The home bureau never opened it: nothing to close.
         Err(error) if error.code() == Some(tonic::Code::NotFound) => {}
-        // Telling the home bureau is never given up (K5 keeps the application open there).
-        Err(error) => return Err(Failure::Retry(error.to_string())),
+        Err(error) => return Ok(from_peer(error)),
     }
     let mut changes = progress_changes();
     changes.home_notified = Set(true);
-    inner.repo.update_in_state(&model.application_id, state, changes, None, intake.clock().now()).await?;
+    inner
+        .repo
+        .update_in_state(
+            &model.application_id,
+            state,
+            changes,
+            None,
+            Messages::answering(&message.id),
+            intake.clock().now(),
+        )
+        .await?;
     tracing::info!(application_id = %model.application_id, state = state.as_str(), "home bureau notified");
-    Ok(())
+    Ok(Delivery::Delivered)
 }
 
 #[cfg(test)]
@@ -569,20 +492,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_is_exponential_from_half_a_second_up_to_thirty() {
-        assert_eq!(backoff(1), Duration::from_millis(500));
-        assert_eq!(backoff(2), Duration::from_millis(1000));
-        assert_eq!(backoff(3), Duration::from_millis(2000));
-        assert_eq!(backoff(10), Duration::from_secs(30));
-        assert_eq!(backoff(1000), Duration::from_secs(30));
-    }
-
-    #[test]
     fn orders_are_polled_from_one_second_up_to_thirty() {
-        assert_eq!(poll_interval(1), Duration::from_secs(1));
-        assert_eq!(poll_interval(2), Duration::from_secs(2));
-        assert_eq!(poll_interval(5), Duration::from_secs(16));
-        assert_eq!(poll_interval(6), Duration::from_secs(30));
-        assert_eq!(poll_interval(u32::MAX), Duration::from_secs(30));
+        assert_eq!(poll_interval(Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(poll_interval(Duration::from_secs(8)), Duration::from_secs(4));
+        assert_eq!(poll_interval(Duration::from_secs(3600)), Duration::from_secs(30));
     }
 }

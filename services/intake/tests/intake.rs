@@ -392,8 +392,9 @@ fixed = "{}"
 [station]
 producer_id = "{PRODUCER}"
 [worker]
-tick_ms = 20
 respond_within_ms = 3000
+[outbox]
+poll_ms = 20
 "#,
             database_url,
             directory_path.display(),

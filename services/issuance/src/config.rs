@@ -3,12 +3,13 @@ use serde::Deserialize;
 use yidi_common::{
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    outbox::OutboxConfig,
     telemetry::LogConfig,
     tls::TlsConfig,
 };
 use yidi_domain::{Bureau, Directory, Role};
 
-/// Upper bound on `production.delay_ms` and `production.retry_interval_ms` (one hour).
+/// Upper bound on `production.delay_ms` (one hour).
 const MAX_INTERVAL_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -26,6 +27,9 @@ pub struct IssuanceConfig {
     pub tls: TlsConfig,
     #[serde(default)]
     pub production: ProductionConfig,
+    /// `[outbox]`: how card registrations are delivered to the registry.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
 }
 
 /// `[production]`
@@ -36,13 +40,11 @@ pub struct ProductionConfig {
     pub delay_ms: u64,
     /// Two upper-case letters; card serials are `{prefix}{10 digits}`.
     pub serial_prefix: String,
-    /// How often the worker retries registrations that failed.
-    pub retry_interval_ms: u64,
 }
 
 impl Default for ProductionConfig {
     fn default() -> Self {
-        Self { delay_ms: 500, serial_prefix: "ZJ".into(), retry_interval_ms: 1000 }
+        Self { delay_ms: 500, serial_prefix: "ZJ".into() }
     }
 }
 
@@ -73,13 +75,7 @@ impl IssuanceConfig {
         if self.production.delay_ms > MAX_INTERVAL_MS {
             return Err(ConfigError::key("production.delay_ms", format!("must be at most {MAX_INTERVAL_MS}")));
         }
-        if self.production.retry_interval_ms == 0 || self.production.retry_interval_ms > MAX_INTERVAL_MS {
-            return Err(ConfigError::key(
-                "production.retry_interval_ms",
-                format!("must be between 1 and {MAX_INTERVAL_MS}"),
-            ));
-        }
-        Ok(())
+        self.outbox.validate()
     }
 
     /// The registry the cards are registered with: the directory must list exactly one.
@@ -123,7 +119,6 @@ mod tests {
         let config = config("").unwrap();
         assert_eq!(config.production.delay_ms, 500);
         assert_eq!(config.production.serial_prefix, "ZJ");
-        assert_eq!(config.production.retry_interval_ms, 1000);
         assert!(config.validate().is_ok());
     }
 
@@ -137,9 +132,9 @@ mod tests {
     }
 
     #[test]
-    fn c2_zero_retry_interval_and_unknown_keys_are_refused() {
-        let config = config("[production]\nretry_interval_ms = 0\n").unwrap();
-        assert!(config.validate().unwrap_err().to_string().contains("production.retry_interval_ms"));
+    fn c2_a_zero_retry_budget_and_unknown_keys_are_refused() {
+        let config = config("[outbox]\nmax_attempts = 0\n").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("outbox.max_attempts"));
         assert!(self::config("[production]\nspeed = 3\n").is_err());
     }
 }

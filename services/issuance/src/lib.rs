@@ -16,13 +16,20 @@ use anyhow::Context;
 use yidi_common::{
     Shutdown,
     config::ConfigError,
+    outbox::{self, Dispatcher},
     startup::{self, Prepared, Sections},
 };
 use yidi_domain::Role;
 use yidi_issuance_migration::Migrator;
 use yidi_proto::v1::issuance_server::IssuanceServer;
 
-use crate::{config::IssuanceConfig, grpc::IssuanceGrpc, repo::Repo, service::IssuanceService, worker::Worker};
+use crate::{
+    config::IssuanceConfig,
+    grpc::IssuanceGrpc,
+    repo::Repo,
+    service::{IssuanceParts, IssuanceService},
+    worker::Registrar,
+};
 
 /// Runs the service on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -46,24 +53,27 @@ pub async fn serve(
             Ok((registry, channel))
         })
         .await?;
-    let Prepared { directory, clock, db, shutdown: stop, server, grace, checked: (registry, channel), .. } = prepared;
+    let Prepared {
+        directory, clock, db, shutdown: stop, server, grace, checked: (registry, channel), outbox_wake, ..
+    } = prepared;
 
-    let service = Arc::new(IssuanceService::new(
-        Repo::new(db.clone()),
+    let service = Arc::new(IssuanceService::new(IssuanceParts {
+        repo: Repo::new(db.clone()),
         directory,
         clock,
-        config.server.bureau_id.clone(),
-        config.production.serial_prefix.clone(),
-        Duration::from_millis(config.production.delay_ms),
-    ));
-    let worker = Worker::new(
-        Arc::clone(&service),
-        channel,
-        registry.id.clone(),
-        Duration::from_millis(config.production.retry_interval_ms),
-        stop.clone(),
-    );
-    let worker = tokio::spawn(worker.run());
+        bureau_id: config.server.bureau_id.clone(),
+        serial_prefix: config.production.serial_prefix.clone(),
+        delay: Duration::from_millis(config.production.delay_ms),
+        registry_id: registry.id.clone(),
+        wake: Arc::clone(&outbox_wake),
+    }));
+    // Production takes at most `production.delay_ms` from now, whatever it was when an order was
+    // placed: a restart with a shorter delay (or a clock set back) cannot stall older orders.
+    let latest = chrono::Utc::now() + chrono::Duration::milliseconds(config.production.delay_ms as i64);
+    outbox::bring_forward(&db, worker::REGISTER_CARD, latest).await.context("rescheduling registrations")?;
+    let registrar = Registrar::new(Arc::clone(&service), channel, registry.id.clone(), config.outbox.call_timeout());
+    let dispatcher = Dispatcher::new(db.clone(), Arc::new(registrar), config.outbox.clone(), outbox_wake, stop.clone());
+    let worker = tokio::spawn(dispatcher.run());
     tracing::info!(
         bureau_id = %config.server.bureau_id,
         registry = %registry.id,

@@ -2,8 +2,7 @@
 //! acknowledged or broadcast; state transitions are conditional updates.
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, Set,
-    SqlErr,
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Set, SqlErr,
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
@@ -11,6 +10,7 @@ use yidi_common::{
     ApiError,
     audit::{self, AuditEntry},
     db,
+    outbox::{self, NewMessage},
 };
 use yidi_domain::mask::mask_id_number;
 
@@ -143,8 +143,14 @@ impl Repo {
         Ok(())
     }
 
-    /// Inserts the order and its audit row in one transaction.
-    pub async fn insert_order(&self, order: NewOrder, audit: AuditEntry) -> Result<Order, InsertError> {
+    /// Inserts the order, its audit row and the message that will register its card, in one
+    /// transaction.
+    pub async fn insert_order(
+        &self,
+        order: NewOrder,
+        audit: AuditEntry,
+        registration: NewMessage,
+    ) -> Result<Order, InsertError> {
         let decision_id = order.decision_id.clone();
         let serial = order.card_serial.clone();
         let result = async {
@@ -171,6 +177,7 @@ impl Repo {
             .insert(&txn)
             .await?;
             audit::append(&txn, order.now, audit).await?;
+            outbox::enqueue(&txn, registration).await?;
             txn.commit().await?;
             Ok::<_, DbErr>(model)
         }
@@ -217,26 +224,6 @@ impl Repo {
         Ok(orders::Entity::find_by_id(order_id).one(&self.db).await?.map(|m| m.signed_decision))
     }
 
-    /// Orders the worker still has to move: in production (and not refused), or registered.
-    pub async fn pending(&self) -> Result<Vec<Order>, ApiError> {
-        orders::Entity::find()
-            .filter(
-                Condition::any()
-                    .add(
-                        Condition::all()
-                            .add(orders::Column::State.eq(OrderState::InProduction.as_str()))
-                            .add(orders::Column::RetryStopped.eq(false)),
-                    )
-                    .add(orders::Column::State.eq(OrderState::Registered.as_str())),
-            )
-            .order_by_asc(orders::Column::ReadyAt)
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(Order::try_from)
-            .collect()
-    }
-
     /// Moves an order from `from` to `to` if it is still in `from`, with its audit row. `None`: it
     /// was not in `from` (another worker or a replay moved it).
     pub async fn transition(
@@ -254,7 +241,9 @@ impl Repo {
         if from == OrderState::InProduction {
             update = update
                 .col_expr(orders::Column::Attempts, Expr::col(orders::Column::Attempts).add(1))
-                .col_expr(orders::Column::LastError, Expr::value(""));
+                .col_expr(orders::Column::LastError, Expr::value(""))
+                // Registered after all (an operator retried a refused registration).
+                .col_expr(orders::Column::RetryStopped, Expr::value(false));
         }
         let result = update
             .filter(orders::Column::OrderId.eq(order_id))

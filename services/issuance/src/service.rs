@@ -2,12 +2,16 @@
 //! addressed to this producer, unexpired and not used before; the card data is kept verbatim.
 use std::{sync::Arc, time::Duration};
 
+use chrono::Utc;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
-use yidi_common::{ApiError, Clock, audit::AuditEntry, directory::DirectoryHandle};
+use yidi_common::{ApiError, Clock, audit::AuditEntry, directory::DirectoryHandle, outbox::NewMessage};
 use yidi_domain::{DecisionError, DecisionPurpose, SignedDecision, decision::Expectation, mask::mask_id_number};
 
-use crate::repo::{InsertError, NewOrder, Order, Repo};
+use crate::{
+    repo::{InsertError, NewOrder, Order, Repo},
+    worker::REGISTER_CARD,
+};
 
 /// How many fresh serials PlaceOrder draws before giving up on a collision streak.
 const SERIAL_DRAWS: usize = 8;
@@ -41,21 +45,30 @@ pub struct IssuanceService {
     bureau_id: String,
     serial_prefix: String,
     delay: Duration,
+    /// The registry cards are registered with.
+    registry_id: String,
+    /// Wakes the outbox dispatcher when an order is placed.
     wake: Arc<Notify>,
     events: broadcast::Sender<Order>,
 }
 
+/// What the service is made of.
+pub struct IssuanceParts {
+    pub repo: Repo,
+    pub directory: DirectoryHandle,
+    pub clock: Clock,
+    pub bureau_id: String,
+    pub serial_prefix: String,
+    pub delay: Duration,
+    pub registry_id: String,
+    pub wake: Arc<Notify>,
+}
+
 impl IssuanceService {
-    pub fn new(
-        repo: Repo,
-        directory: DirectoryHandle,
-        clock: Clock,
-        bureau_id: String,
-        serial_prefix: String,
-        delay: Duration,
-    ) -> Self {
+    pub fn new(parts: IssuanceParts) -> Self {
         let (events, _) = broadcast::channel(256);
-        Self { repo, directory, clock, bureau_id, serial_prefix, delay, wake: Arc::new(Notify::new()), events }
+        let IssuanceParts { repo, directory, clock, bureau_id, serial_prefix, delay, registry_id, wake } = parts;
+        Self { repo, directory, clock, bureau_id, serial_prefix, delay, registry_id, wake, events }
     }
 
     pub fn repo(&self) -> &Repo {
@@ -68,15 +81,6 @@ impl IssuanceService {
 
     pub fn bureau_id(&self) -> &str {
         &self.bureau_id
-    }
-
-    pub fn delay(&self) -> Duration {
-        self.delay
-    }
-
-    /// Woken after each order placed.
-    pub fn wake(&self) -> Arc<Notify> {
-        Arc::clone(&self.wake)
     }
 
     /// Every committed change of an order.
@@ -131,7 +135,14 @@ impl IssuanceService {
                     decision.decision_id, decision.bureau_id
                 ),
             };
-            match self.repo.insert_order(order, audit).await {
+            // Registered with the registry once made: the production time as the clock counts it,
+            // at most `delay` from now in real time (a fixed or shifted clock cannot stall it).
+            let left = (ready_at - now).to_std().unwrap_or(Duration::ZERO).min(self.delay);
+            let registration = NewMessage {
+                not_before: Some(Utc::now() + chrono::Duration::from_std(left).unwrap_or_default()),
+                ..NewMessage::new(REGISTER_CARD, order_id.to_string(), &self.registry_id)
+            };
+            match self.repo.insert_order(order, audit, registration).await {
                 Ok(order) => {
                     tracing::info!(
                         order_id = %order.order_id,

@@ -1,34 +1,23 @@
-//! The production worker: once an order's production time has passed, registers the card with
-//! the registry (presenting the stored signed decision verbatim), then dispatches it.
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+//! The production worker: once an order's production time has passed, its outbox message (queued
+//! with the order, due at that time) registers the card with the registry (presenting the stored
+//! signed decision verbatim), then dispatches it.
+use std::{sync::Arc, time::Duration};
 
 use prost::Message;
-use tokio::time::Instant;
 use tonic::Code;
 use tracing::Instrument;
 use uuid::Uuid;
-use yidi_common::{Shutdown, audit::AuditEntry, client::PeerChannel};
+use yidi_common::{
+    audit::AuditEntry,
+    client::PeerChannel,
+    outbox::{self, Delivery, Handler, IDEMPOTENCY_KEY},
+};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 
 use crate::{
     repo::{Attempt, Order, OrderState},
     service::IssuanceService,
 };
-
-/// What became of one attempt at moving an order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
-    /// Nothing more to do for this order (dispatched, refused, or gone).
-    Done,
-    /// Try again after the retry interval.
-    RetryLater,
-    /// Shutting down.
-    Stop,
-}
 
 /// How the worker treats a registry's answer (a `Status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,125 +39,77 @@ pub fn classify(code: Code) -> Verdict {
     }
 }
 
-pub struct Worker {
+/// The outbox topic of card registrations.
+pub const REGISTER_CARD: &str = "register_card";
+
+/// Delivers the producer's outbox: each order's card registration with the registry, then its
+/// dispatch to the station.
+pub struct Registrar {
     service: Arc<IssuanceService>,
     client: LossRegistryClient<PeerChannel>,
     registry_id: String,
-    retry_interval: Duration,
-    shutdown: Shutdown,
+    /// The deadline of every call, sent along as `grpc-timeout`.
+    call_timeout: Duration,
 }
 
-impl Worker {
+impl Registrar {
     pub fn new(
         service: Arc<IssuanceService>,
         channel: PeerChannel,
         registry_id: String,
-        retry_interval: Duration,
-        shutdown: Shutdown,
+        call_timeout: Duration,
     ) -> Self {
-        Self { service, client: LossRegistryClient::new(channel), registry_id, retry_interval, shutdown }
+        Self { service, client: LossRegistryClient::new(channel), registry_id, call_timeout }
     }
+}
 
-    /// Runs until shutdown.
-    pub async fn run(mut self) {
-        let wake = self.service.wake();
-        // When each pending order is next due, in real (tokio) time.
-        let mut schedule: HashMap<Uuid, Instant> = HashMap::new();
-        loop {
-            if self.shutdown.is_triggered() {
-                break;
-            }
-            match self.service.repo().pending().await {
-                Ok(pending) => {
-                    let live: HashSet<Uuid> = pending.iter().map(|o| o.order_id).collect();
-                    schedule.retain(|id, _| live.contains(id));
-                    for order in &pending {
-                        schedule.entry(order.order_id).or_insert_with(|| self.first_due(order));
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "production worker: cannot read pending orders"),
-            }
-            let now = Instant::now();
-            let mut due: Vec<(Uuid, Instant)> =
-                schedule.iter().filter(|(_, at)| **at <= now).map(|(id, at)| (*id, *at)).collect();
-            due.sort_by_key(|(_, at)| *at);
-            for (order_id, _) in due {
-                match self.advance(order_id).await {
-                    Next::Done => {
-                        schedule.remove(&order_id);
-                    }
-                    Next::RetryLater => {
-                        schedule.insert(order_id, Instant::now() + self.retry_interval);
-                    }
-                    Next::Stop => return,
-                }
-            }
-            let timer = Instant::now() + self.retry_interval;
-            let next = schedule.values().copied().min().map_or(timer, |at| at.min(timer));
-            tokio::select! {
-                () = self.shutdown.wait() => break,
-                () = wake.notified() => {}
-                () = tokio::time::sleep_until(next) => {}
-            }
-        }
-        tracing::info!("production worker stopped");
-    }
-
-    /// When an order first becomes due: the production time left by the clock (at most the
-    /// configured delay, so a fixed or shifted clock cannot stall it), from now in real time.
-    fn first_due(&self, order: &Order) -> Instant {
-        let left = (order.ready_at - self.service.clock().now()).to_std().unwrap_or(Duration::ZERO);
-        Instant::now() + left.min(self.service.delay())
-    }
-
-    async fn advance(&mut self, order_id: Uuid) -> Next {
+impl Handler for Registrar {
+    async fn deliver(&self, message: &outbox::Model) -> Delivery {
+        let Ok(order_id) = Uuid::parse_str(&message.subject) else {
+            return Delivery::Fail(format!("{:?} is not an order id", message.subject));
+        };
         let order = match self.service.repo().find(order_id).await {
             Ok(Some(order)) => order,
-            Ok(None) => return Next::Done,
-            Err(error) => {
-                tracing::warn!(%order_id, %error, "production worker: cannot read order");
-                return Next::RetryLater;
-            }
+            Ok(None) => return Delivery::Fail(format!("order {order_id} does not exist")),
+            Err(error) => return Delivery::Retry(format!("producer database: {error}")),
         };
         // The work continues the trace of the PlaceOrder request (and so of the application).
         let span = tracing::info_span!("order_step", order_id = %order.order_id, state = order.state.as_str());
         yidi_common::telemetry::continue_trace(&span, order.trace_context.as_deref());
         match order.state {
-            OrderState::InProduction if order.retry_stopped => Next::Done,
-            OrderState::InProduction => self.register(order).instrument(span).await,
+            OrderState::InProduction => self.register(order, &message.id).instrument(span).await,
+            // Registered before a crash or a lost answer: only the dispatch is left.
             OrderState::Registered => self.dispatch(order).instrument(span).await,
-            OrderState::Dispatched => Next::Done,
+            OrderState::Dispatched => Delivery::Dropped(format!("order {order_id} is already dispatched")),
         }
     }
+}
 
-    async fn register(&mut self, order: Order) -> Next {
+impl Registrar {
+    async fn register(&self, order: Order, message_id: &str) -> Delivery {
         let stored = match self.service.repo().signed_decision(order.order_id).await {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return Next::Done,
-            Err(error) => {
-                tracing::warn!(order_id = %order.order_id, %error, "production worker: cannot read decision");
-                return Next::RetryLater;
-            }
+            Ok(None) => return Delivery::Fail(format!("order {} has no stored decision", order.order_id)),
+            Err(error) => return Delivery::Retry(format!("producer database: {error}")),
         };
         let decision = match pb::SignedDecision::decode(stored.as_slice()) {
             Ok(decision) => decision,
             Err(error) => {
-                return self
-                    .failed(&order, Verdict::Definitive, format!("stored decision cannot be decoded: {error}"))
-                    .await;
+                let message = format!("stored decision cannot be decoded: {error}");
+                return self.failed(&order, Verdict::Definitive, message).await;
             }
         };
-        let request = pb::RegisterCardRequest {
+        let mut request = tonic::Request::new(pb::RegisterCardRequest {
             decision: Some(decision),
             producer_id: self.service.bureau_id().to_owned(),
             card_serial: order.card_serial.clone(),
-        };
-        let shutdown = self.shutdown.clone();
-        let answer = tokio::select! {
-            () = shutdown.wait() => return Next::Stop,
-            answer = self.client.register_card(request) => answer,
-        };
-        match answer {
+        });
+        request.set_timeout(self.call_timeout);
+        // A redelivery is answered by the registry as the first delivery was.
+        if let Ok(key) = message_id.parse() {
+            request.metadata_mut().insert(IDEMPOTENCY_KEY, key);
+        }
+        match self.client.clone().register_card(request).await {
             Ok(response) => {
                 let response = response.into_inner();
                 if !response.card_serial.is_empty() && response.card_serial != order.card_serial {
@@ -202,11 +143,8 @@ impl Worker {
                         self.service.publish(&registered);
                         self.dispatch(registered).await
                     }
-                    Ok(None) => Next::Done,
-                    Err(error) => {
-                        tracing::warn!(order_id = %order.order_id, %error, "cannot record registration; will retry");
-                        Next::RetryLater
-                    }
+                    Ok(None) => Delivery::Retry(format!("order {} changed while registering", order.order_id)),
+                    Err(error) => Delivery::Retry(format!("cannot record the registration: {error}")),
                 }
             }
             Err(status) => {
@@ -216,38 +154,33 @@ impl Worker {
         }
     }
 
-    async fn failed(&self, order: &Order, verdict: Verdict, message: String) -> Next {
+    /// Keeps the failure visible on the order (GetOrder, and so the station's application).
+    async fn failed(&self, order: &Order, verdict: Verdict, message: String) -> Delivery {
         let now = self.service.clock().now();
-        let (attempt, audit, next) = match verdict {
-            Verdict::Transient => {
-                tracing::warn!(order_id = %order.order_id, error = %message, "registration failed; will retry");
-                (Attempt::Retry(message), None, Next::RetryLater)
-            }
+        let (attempt, audit) = match verdict {
+            Verdict::Transient => (Attempt::Retry(message.clone()), None),
             Verdict::Definitive => {
-                tracing::warn!(order_id = %order.order_id, error = %message, "registration refused; not retrying");
                 let audit = AuditEntry {
                     action: "register_card",
                     subject: order.card_serial.clone(),
                     outcome: "refused_by_registry".into(),
                     detail: format!("order {}: {message}", order.order_id),
                 };
-                (Attempt::Refused(message), Some(audit), Next::Done)
+                (Attempt::Refused(message.clone()), Some(audit))
             }
         };
         match self.service.repo().record_attempt(order.order_id, attempt, now, audit).await {
-            Ok(Some(updated)) => {
-                self.service.publish(&updated);
-                next
-            }
-            Ok(None) => Next::Done,
-            Err(error) => {
-                tracing::warn!(order_id = %order.order_id, %error, "cannot record the failed attempt");
-                Next::RetryLater
-            }
+            Ok(Some(updated)) => self.service.publish(&updated),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(order_id = %order.order_id, %error, "cannot record the failed attempt"),
+        }
+        match verdict {
+            Verdict::Transient => Delivery::Retry(message),
+            Verdict::Definitive => Delivery::Fail(message),
         }
     }
 
-    async fn dispatch(&self, order: Order) -> Next {
+    async fn dispatch(&self, order: Order) -> Delivery {
         let now = self.service.clock().now();
         let audit = AuditEntry {
             action: "dispatch",
@@ -264,13 +197,10 @@ impl Worker {
             Ok(Some(dispatched)) => {
                 tracing::info!(order_id = %order.order_id, card_serial = %order.card_serial, "card dispatched");
                 self.service.publish(&dispatched);
-                Next::Done
+                Delivery::Delivered
             }
-            Ok(None) => Next::Done,
-            Err(error) => {
-                tracing::warn!(order_id = %order.order_id, %error, "cannot record dispatch; will retry");
-                Next::RetryLater
-            }
+            Ok(None) => Delivery::Dropped(format!("order {} was dispatched meanwhile", order.order_id)),
+            Err(error) => Delivery::Retry(format!("cannot record the dispatch: {error}")),
         }
     }
 }

@@ -20,6 +20,7 @@ use yidi_common::{
     config::{DatabaseConfig, DirectoryConfig, ServerConfig},
     convert::signed_decision_to_proto,
     directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key},
+    outbox::OutboxConfig,
     scratch_db::postgres_for_tests,
     telemetry::LogConfig,
     tls::TlsConfig,
@@ -140,6 +141,7 @@ struct Producer {
 struct Options {
     registry_endpoint: String,
     delay_ms: u64,
+    /// Backoff between registration attempts (with jitter: half to all of it).
     retry_interval_ms: u64,
     /// Default: an SQLite file in the temp dir.
     database_url: Option<String>,
@@ -219,10 +221,12 @@ impl Producer {
             clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
             log: LogConfig::default(),
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
-            production: ProductionConfig {
-                delay_ms: options.delay_ms,
-                serial_prefix: "ZJ".into(),
-                retry_interval_ms: options.retry_interval_ms,
+            production: ProductionConfig { delay_ms: options.delay_ms, serial_prefix: "ZJ".into() },
+            outbox: OutboxConfig {
+                backoff_initial_ms: options.retry_interval_ms,
+                backoff_max_ms: options.retry_interval_ms,
+                poll_ms: 20,
+                ..OutboxConfig::default()
             },
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -685,6 +689,7 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
             log: LogConfig::default(),
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             production: ProductionConfig::default(),
+            outbox: OutboxConfig::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let result = tokio::time::timeout(WAIT, yidi_issuance::serve(config, listener, std::future::pending())).await;
