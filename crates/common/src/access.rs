@@ -121,6 +121,7 @@ pub static MATRIX: &[MethodRule] = &[
     rule("yidi.v1.Intake", "ReportLoss", &[ADMIN]),
     rule("yidi.v1.Intake", "WithdrawLossReport", &[ADMIN]),
     rule("yidi.v1.Intake", "GetApplication", &[READ]),
+    rule("yidi.v1.Intake", "GetApplicationTimeline", &[READ]),
     rule("yidi.v1.Intake", "ListApplications", &[READ]),
     rule("yidi.v1.Intake", "WatchApplication", &[READ]),
     // The home bureau verifies only for stations; its own register is kept by its own operators.

@@ -59,6 +59,11 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub delivered_at: Option<DateTimeUtc>,
+    /// How many times a replica took it for delivery (polls of a slow peer included): with
+    /// nothing failing, 1, however many replicas share the queue.
+    pub claims: i32,
+    /// The replica that settled it (delivered, dead or dropped).
+    pub settled_by: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -132,6 +137,8 @@ pub async fn enqueue(db: &impl ConnectionTrait, message: NewMessage) -> Result<S
         created_at: Set(now),
         updated_at: Set(now),
         delivered_at: Set(None),
+        claims: Set(0),
+        settled_by: Set(None),
     }
     .insert(db)
     .await?;
@@ -146,6 +153,8 @@ pub async fn complete(db: &impl ConnectionTrait, message_id: &str) -> Result<boo
         .col_expr(Column::State, Expr::value(MessageState::Delivered.as_str()))
         .col_expr(Column::DeliveredAt, Expr::value(now))
         .col_expr(Column::UpdatedAt, Expr::value(now))
+        // SET reads the row as it was: the replica holding the lease settles it.
+        .col_expr(Column::SettledBy, Expr::col(Column::LeaseOwner))
         .col_expr(Column::LeaseOwner, Expr::value(Option::<String>::None))
         .col_expr(Column::LeaseUntil, Expr::value(Option::<DateTime<Utc>>::None))
         .filter(Column::Id.eq(message_id))
@@ -163,6 +172,22 @@ pub async fn bring_forward(db: &impl ConnectionTrait, topic: &str, latest: DateT
         .filter(Column::Topic.eq(topic))
         .filter(Column::State.eq(MessageState::Pending.as_str()))
         .filter(Column::NextAttemptAt.gt(latest))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
+
+/// Drops every message about `subject` still owed (pending or dead), with the reason: what they
+/// were for was overtaken (e.g. the application was cancelled). A delivery in flight finds its
+/// message no longer pending and records nothing.
+pub async fn drop_owed(db: &impl ConnectionTrait, subject: &str, why: &str) -> Result<u64, DbErr> {
+    let now = Utc::now();
+    let result = Entity::update_many()
+        .col_expr(Column::State, Expr::value(MessageState::Dropped.as_str()))
+        .col_expr(Column::LastError, Expr::value(why))
+        .col_expr(Column::UpdatedAt, Expr::value(now))
+        .filter(Column::Subject.eq(subject))
+        .filter(Column::State.is_in([MessageState::Pending.as_str(), MessageState::Dead.as_str()]))
         .exec(db)
         .await?;
     Ok(result.rows_affected)
@@ -303,7 +328,7 @@ impl OutboxConfig {
     /// How long a claimed message stays with its replica: the call's deadline plus time to
     /// record the answer. Past it, another replica may take the message over.
     fn lease(&self) -> Duration {
-        self.call_timeout() + Duration::from_secs(10)
+        self.call_timeout() + Duration::from_secs(5)
     }
 
     /// The wait after the `attempts`-th failure: exponential, capped, with "equal jitter" (half
@@ -409,8 +434,16 @@ impl<H: Handler> Dispatcher<H> {
                 Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
             }
         }
-        // Deliveries in flight are dropped: their leases run out and the messages stay pending.
+        // Deliveries in flight are dropped and their messages stay pending; their leases are handed
+        // back so that another replica (or this one, restarted) takes them at once.
         deliveries.shutdown().await;
+        match release(&this.db, &this.owner).await {
+            Ok(released) if released > 0 => {
+                tracing::info!(released, "outbox: leases of interrupted deliveries released")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "outbox: cannot release leases; they will run out"),
+        }
         tracing::info!("outbox dispatcher stopped");
     }
 
@@ -476,7 +509,7 @@ async fn claim(db: &DatabaseConnection, owner: &str, lease: Duration, limit: usi
     // SQLite: one writer at a time, so the UPDATE is atomic by itself.
     let lock = if backend == DbBackend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
     let sql = format!(
-        "UPDATE outbox_messages SET lease_owner = {owner}, lease_until = {until} \
+        "UPDATE outbox_messages SET lease_owner = {owner}, lease_until = {until}, claims = claims + 1 \
          WHERE id IN (SELECT id FROM outbox_messages WHERE state = {pending} AND next_attempt_at <= {now} \
          AND (lease_until IS NULL OR lease_until < {now2}) ORDER BY next_attempt_at, id LIMIT {limit}{lock}) \
          RETURNING *",
@@ -501,6 +534,17 @@ async fn claim(db: &DatabaseConnection, owner: &str, lease: Duration, limit: usi
     Ok(claimed)
 }
 
+/// Hands back `owner`'s leases.
+async fn release(db: &DatabaseConnection, owner: &str) -> Result<u64, DbErr> {
+    let result = Entity::update_many()
+        .col_expr(Column::LeaseOwner, Expr::value(Option::<String>::None))
+        .col_expr(Column::LeaseUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .filter(Column::LeaseOwner.eq(owner))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
+
 /// Ends a leased message: delivered (if the handler has not already marked it in its
 /// transaction) or dropped, with a note.
 async fn settle(
@@ -513,6 +557,7 @@ async fn settle(
     let now = Utc::now();
     let mut update = Entity::update_many()
         .col_expr(Column::State, Expr::value(state.as_str()))
+        .col_expr(Column::SettledBy, Expr::value(owner))
         .col_expr(Column::UpdatedAt, Expr::value(now));
     if state == MessageState::Delivered {
         update = update.col_expr(Column::DeliveredAt, Expr::value(now));
@@ -544,7 +589,11 @@ async fn reschedule(
     let now = Utc::now();
     let state = if dead { MessageState::Dead } else { MessageState::Pending };
     let error = error.map(|e| e.chars().take(2000).collect::<String>());
-    let result = Entity::update_many()
+    let mut update = Entity::update_many();
+    if dead {
+        update = update.col_expr(Column::SettledBy, Expr::value(owner));
+    }
+    let result = update
         .col_expr(Column::State, Expr::value(state.as_str()))
         .col_expr(Column::Attempts, Expr::value(attempts))
         .col_expr(Column::NextAttemptAt, Expr::value(now + chrono::Duration::from_std(wait).unwrap_or_default()))
@@ -598,6 +647,8 @@ impl MigrationTrait for CreateOutbox {
                     .col(ColumnDef::new(Column::CreatedAt).timestamp_with_time_zone().not_null())
                     .col(ColumnDef::new(Column::UpdatedAt).timestamp_with_time_zone().not_null())
                     .col(ColumnDef::new(Column::DeliveredAt).timestamp_with_time_zone().null())
+                    .col(ColumnDef::new(Column::Claims).integer().not_null().default(0))
+                    .col(ColumnDef::new(Column::SettledBy).string_len(64).null())
                     .to_owned(),
             )
             .await?;

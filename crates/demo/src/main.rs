@@ -112,12 +112,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+const DEMO_OUTBOX: &str =
+    "[outbox]\ncall_timeout_ms = 2000\nmax_attempts = 3\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n";
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let start = args.date.and_time(NaiveTime::from_hms_opt(9, 0, 0).context("time")?).and_utc();
     let mut options = SuiteOptions::new(args.dir.clone(), default_bin_dir()?, start);
     options.default_ports = true;
     options.citizens_per_province = args.citizens;
     options.production_delay_ms = 2000;
+    // A short retry budget, so that an outage of a few seconds (README: "Dead letters") already
+    // leaves a dead letter to retry; the defaults give ten attempts over about three minutes.
+    options.extra_config.insert(Process::Intake, DEMO_OUTBOX.into());
     options.clock = ClockSetting::Start(start);
     if let Some(url) = args.postgres {
         options.backend = Backend::Postgres { admin_url: url };

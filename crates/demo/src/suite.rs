@@ -301,6 +301,12 @@ impl Suite {
     }
 
     fn write_config(&self, process: Process) -> anyhow::Result<()> {
+        std::fs::write(self.config_path(process), self.config_text(process, self.ports[&process]))?;
+        Ok(())
+    }
+
+    /// The configuration of `process` listening on `port` (0: any free port).
+    fn config_text(&self, process: Process, port: u16) -> String {
         let dir = &self.dir;
         let clock = match self.options.clock_overrides.get(&process).unwrap_or(&self.options.clock) {
             ClockSetting::Start(at) => format!("start = \"{}\"", at.to_rfc3339()),
@@ -333,18 +339,15 @@ impl Suite {
         } else {
             "plaintext = true".to_owned()
         };
-        let text = format!(
+        format!(
             "# Written by yidi-demo for this run.\n[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\n\
              [database]\nurl = \"{url}\"\n\n[directory]\npath = \"{directory}\"\n\n[tls]\n{tls}\n\n\
              [clock]\n{clock}\n\n[log]\nformat = \"{format}\"\n\n{own}\n{extra}\n",
             id = process.bureau_id(),
-            port = self.ports[&process],
             url = self.database_url(process),
             directory = dir.join("directory.toml").display(),
             format = self.options.log_format,
-        );
-        std::fs::write(self.config_path(process), text)?;
-        Ok(())
+        )
     }
 
     fn spawn(&mut self, process: Process) -> anyhow::Result<()> {
@@ -423,6 +426,47 @@ impl Suite {
         }
     }
 
+    /// Starts a second process of `process`'s binary on the same database and directory entry
+    /// (another replica behind the same name), on a free port of its own.
+    pub async fn start_replica(&self, process: Process) -> anyhow::Result<Replica> {
+        let binary = self.options.bin_dir.join(format!("yidi-{}", process.service()));
+        let config_path = self.dir.join(format!("{}-replica.toml", process.slug()));
+        let log_path = self.dir.join(format!("{}-replica.log", process.slug()));
+        std::fs::write(&config_path, self.config_text(process, 0))?;
+        let log = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&log_path)?;
+        let child = Command::new(&binary)
+            .arg("--config")
+            .arg(&config_path)
+            .envs(self.options.env.iter().map(|(name, value)| (name, value)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut replica = Replica { child, log_path, port: 0, tls: self.options.tls };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while replica.port == 0 {
+            let log = std::fs::read_to_string(&replica.log_path).unwrap_or_default();
+            if let Some(port) = log
+                .lines()
+                .filter_map(|line| line.split_once(" listening on ").map(|(_, address)| address.trim()))
+                .filter_map(|address| address.parse::<std::net::SocketAddr>().ok())
+                .map(|address| address.port())
+                .next_back()
+            {
+                replica.port = port;
+            } else if Instant::now() > deadline {
+                bail!("the {} replica did not report its port in 60 s:\n{log}", process.slug());
+            } else if let Some(status) = replica.child.try_wait()? {
+                bail!("the {} replica exited at start ({status}):\n{log}", process.slug());
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(replica)
+    }
+
     /// Stops every bureau (SIGTERM, newest first), checks each exited with 0, drops PostgreSQL databases.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let mut failures = Vec::new();
@@ -445,6 +489,34 @@ impl Drop for Suite {
         // A test that panicked never reached `stop`: kill the bureaus (`kill_on_drop`) before their
         // databases go (each `ScratchDatabase` drops its own).
         self.children.clear();
+    }
+}
+
+/// A second process of a bureau ([`Suite::start_replica`]); killed when dropped.
+pub struct Replica {
+    child: Child,
+    pub log_path: PathBuf,
+    pub port: u16,
+    tls: bool,
+}
+
+impl Replica {
+    pub fn endpoint(&self) -> String {
+        topology::loopback_endpoint_with(self.tls, self.port)
+    }
+
+    /// Asks it to stop (SIGTERM) and returns its exit code.
+    pub async fn terminate(mut self) -> anyhow::Result<Option<i32>> {
+        if let Some(pid) = self.child.id() {
+            Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;
+        }
+        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
+            Ok(status) => Ok(status?.code()),
+            Err(_) => {
+                self.child.kill().await?;
+                bail!("the replica did not stop within 20 s of SIGTERM")
+            }
+        }
     }
 }
 

@@ -100,7 +100,6 @@ pub fn to_proto(view: ApplicationView) -> pb::Application {
                 bureau_id: h.bureau_id,
             })
             .collect(),
-        deliveries: view.deliveries.into_iter().map(yidi_common::outbox_rpc::to_proto).collect(),
     }
 }
 
@@ -140,6 +139,19 @@ impl pb::intake_server::Intake for IntakeGrpc {
         let id = application_id(&request.get_ref().application_id)?;
         let view = self.intake.get(&id).await?;
         Ok(Response::new(pb::GetApplicationResponse { application: Some(to_proto(view)) }))
+    }
+
+    async fn get_application_timeline(
+        &self,
+        request: Request<pb::GetApplicationTimelineRequest>,
+    ) -> Result<Response<pb::GetApplicationTimelineResponse>, Status> {
+        let id = application_id(&request.get_ref().application_id)?;
+        let mut view = self.intake.get(&id).await?;
+        let deliveries = std::mem::take(&mut view.deliveries);
+        Ok(Response::new(pb::GetApplicationTimelineResponse {
+            application: Some(to_proto(view)),
+            deliveries: deliveries.into_iter().map(yidi_common::outbox_rpc::to_proto).collect(),
+        }))
     }
 
     async fn list_applications(

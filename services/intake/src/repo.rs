@@ -35,16 +35,24 @@ pub struct Transition<'a> {
 #[derive(Debug, Default)]
 pub struct Messages {
     pub delivered: Option<String>,
+    /// Messages about this subject still owed that the change makes pointless, and why.
+    pub dropped: Option<(String, String)>,
     pub owed: Vec<NewMessage>,
 }
 
 impl Messages {
     pub fn owe(message: NewMessage) -> Self {
-        Self { delivered: None, owed: vec![message] }
+        Self { owed: vec![message], ..Self::default() }
     }
 
     pub fn answering(message_id: &str) -> Self {
-        Self { delivered: Some(message_id.to_owned()), owed: Vec::new() }
+        Self { delivered: Some(message_id.to_owned()), ..Self::default() }
+    }
+
+    /// Drops what is still owed about `subject` (before queueing what this change owes).
+    pub fn dropping(mut self, subject: &str, why: impl Into<String>) -> Self {
+        self.dropped = Some((subject.to_owned(), why.into()));
+        self
     }
 
     pub fn and_owe(mut self, message: Option<NewMessage>) -> Self {
@@ -55,6 +63,9 @@ impl Messages {
     async fn write<C: sea_orm::ConnectionTrait>(self, db: &C) -> Result<(), DbErr> {
         if let Some(id) = self.delivered {
             outbox::complete(db, &id).await?;
+        }
+        if let Some((subject, why)) = self.dropped {
+            outbox::drop_owed(db, &subject, &why).await?;
         }
         for message in self.owed {
             outbox::enqueue(db, message).await?;
@@ -235,4 +246,81 @@ async fn insert_event<C: sea_orm::ConnectionTrait>(
 /// A fresh set of changes (nothing set).
 pub fn changes() -> application::ActiveModel {
     empty_changes()
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::Database;
+    use yidi_common::outbox::MessageState;
+    use yidi_domain::ApplicationKind;
+    use yidi_intake_migration::{Migrator, MigratorTrait};
+
+    use super::*;
+
+    fn received(id: &str) -> application::Model {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        application::Model {
+            application_id: id.into(),
+            kind: ApplicationKind::Renewal.as_str().into(),
+            state: ApplicationState::Received.as_str().into(),
+            id_number: "360102199003071243".into(),
+            declared_province: "36".into(),
+            home_bureau_id: "home-jiangxi".into(),
+            previous_card_serial: String::new(),
+            document_kind: "household_register_book".into(),
+            live_face_template: vec![1; 64],
+            live_fingerprint_template: vec![2; 64],
+            refusal_reason: None,
+            decision: None,
+            loss_decision: None,
+            loss_recorded: false,
+            order_id: None,
+            new_card_serial: None,
+            home_notified: false,
+            halted: false,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+            trace_context: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    /// The change and the messages it owes commit together, or neither does.
+    #[tokio::test]
+    async fn a_transition_that_does_not_apply_queues_nothing_and_one_that_does_settles_its_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("intake.db").display());
+        let db = Database::connect(url).await.unwrap();
+        Migrator::up(&db, None).await.unwrap();
+        let repo = Repo::new(db);
+        let owed = Messages::owe(NewMessage::new("verify", "app-1", "home-jiangxi"));
+        repo.insert_application(received("app-1"), "received", None, owed).await.unwrap();
+        let verify = repo.messages("app-1").await.unwrap().remove(0);
+        assert_eq!(verify.message_state(), Some(MessageState::Pending));
+
+        let transition = |from, messages| Transition {
+            application_id: "app-1",
+            from,
+            to: ApplicationState::Approved,
+            changes: changes(),
+            condition: None,
+            note: "approved".into(),
+            audit: None,
+            messages,
+        };
+        let now = Utc::now();
+        // Not in APPROVED's predecessor: nothing changes, nothing is queued or settled.
+        let messages = Messages::answering(&verify.id).and_owe(Some(NewMessage::new("place_order", "app-1", "p")));
+        assert!(!repo.transition(transition(&[ApplicationState::Verifying], messages), now).await.unwrap());
+        let after = repo.messages("app-1").await.unwrap();
+        assert_eq!((after.len(), after[0].message_state()), (1, Some(MessageState::Pending)));
+
+        let messages = Messages::answering(&verify.id).and_owe(Some(NewMessage::new("place_order", "app-1", "p")));
+        assert!(repo.transition(transition(&[ApplicationState::Received], messages), now).await.unwrap());
+        let after = repo.messages("app-1").await.unwrap();
+        let states: Vec<_> = after.iter().map(|m| (m.topic.as_str(), m.message_state())).collect();
+        assert_eq!(states, [("verify", Some(MessageState::Delivered)), ("place_order", Some(MessageState::Pending))]);
+    }
 }

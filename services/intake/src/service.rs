@@ -430,6 +430,7 @@ impl Intake {
             let home_knows = state != ApplicationState::Received && kind.makes_a_card();
             changes.home_notified = Set(!home_knows);
             let owed = if home_knows { Messages::owe(worker::close(&model)) } else { Messages::default() };
+            let owed = owed.dropping(application_id, "the application was cancelled");
             let masked = mask_id_number(&model.id_number);
             let applied = self
                 .inner
