@@ -24,6 +24,9 @@ use yidi_demo::{suite::Suite, topology::Process};
 pub enum Outcome {
     /// READY_FOR_COLLECTION: one order, one card registered, the old card revoked.
     CardReady,
+    /// As `CardReady`, then COLLECTED at the counter, and the home bureau told (K5): its
+    /// verification is closed as collected and the new card is the citizen's current one.
+    Collected,
     /// A loss report: APPROVED with the loss recorded, the card reported lost.
     LossRecorded,
     /// REFUSED by the home bureau: no order, no card.
@@ -68,6 +71,7 @@ struct Application {
     new_card_serial: Option<String>,
     loss_recorded: bool,
     halted: bool,
+    home_notified: bool,
     last_error: Option<String>,
 }
 
@@ -80,7 +84,9 @@ impl Application {
     fn is_settled(&self) -> bool {
         !self.halted
             && match self.state.as_str() {
-                "refused" | "cancelled" | "collected" | "ready_for_collection" => true,
+                "refused" | "ready_for_collection" => true,
+                // Settled once the home bureau has been told (K5).
+                "cancelled" | "collected" => self.home_notified,
                 "approved" => self.kind == "loss_report" && self.loss_recorded,
                 _ => false,
             }
@@ -88,7 +94,8 @@ impl Application {
 
     fn outcome(&self) -> Option<Outcome> {
         match self.state.as_str() {
-            "ready_for_collection" | "collected" => Some(Outcome::CardReady),
+            "ready_for_collection" => Some(Outcome::CardReady),
+            "collected" => Some(Outcome::Collected),
             "approved" if self.kind == "loss_report" && self.loss_recorded => Some(Outcome::LossRecorded),
             "refused" => Some(Outcome::Refused),
             _ => None,
@@ -182,7 +189,7 @@ async fn applications(url: &str) -> anyhow::Result<Vec<Application>> {
     let rows = query(
         &db,
         "SELECT application_id, kind, state, id_number, previous_card_serial, new_card_serial, loss_recorded, \
-         halted, last_error FROM applications",
+         halted, home_notified, last_error FROM applications",
     )
     .await?;
     db.close().await?;
@@ -197,7 +204,8 @@ async fn applications(url: &str) -> anyhow::Result<Vec<Application>> {
                 new_card_serial: row.try_get_by_index(5)?,
                 loss_recorded: row.try_get_by_index(6)?,
                 halted: row.try_get_by_index(7)?,
-                last_error: row.try_get_by_index(8)?,
+                home_notified: row.try_get_by_index(8)?,
+                last_error: row.try_get_by_index(9)?,
             })
         })
         .collect()
@@ -205,12 +213,7 @@ async fn applications(url: &str) -> anyhow::Result<Vec<Application>> {
 
 /// The applications of the station that are not settled yet (id, state, last error).
 pub async fn unsettled(databases: &Databases) -> anyhow::Result<Vec<String>> {
-    Ok(applications(&databases.intake)
-        .await?
-        .into_iter()
-        .filter(|a| !a.is_settled())
-        .map(|a| describe(&a))
-        .collect())
+    Ok(applications(&databases.intake).await?.into_iter().filter(|a| !a.is_settled()).map(|a| describe(&a)).collect())
 }
 
 fn describe(application: &Application) -> String {
@@ -278,11 +281,16 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
             .collect::<Result<_, _>>()?;
     registry.close().await?;
 
-    let mut verifications: Vec<(String, String)> = Vec::new();
+    // (application, purpose, closed as) of every verification; the citizens' current cards.
+    let mut verifications: Vec<(String, String, Option<String>)> = Vec::new();
+    let mut current_card: HashMap<String, Option<String>> = HashMap::new();
     for url in &databases.homes {
         let home = connect(url).await?;
-        for row in query(&home, "SELECT application_id, purpose FROM verifications").await? {
-            verifications.push((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
+        for row in query(&home, "SELECT application_id, purpose, closed_state FROM verifications").await? {
+            verifications.push((row.try_get_by_index(0)?, row.try_get_by_index(1)?, row.try_get_by_index(2)?));
+        }
+        for row in query(&home, "SELECT id_number, current_card_serial FROM citizens").await? {
+            current_card.insert(row.try_get_by_index(0)?, row.try_get_by_index(1)?);
         }
         home.close().await?;
     }
@@ -299,7 +307,9 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
     let by_id: HashMap<&str, &Application> = applications.iter().map(|a| (a.id.as_str(), a)).collect();
     for expected in acknowledged {
         match by_id.get(expected.application_id.as_str()) {
-            None => report.lost.push(format!("{} acknowledged but not in the station's database", expected.application_id)),
+            None => {
+                report.lost.push(format!("{} acknowledged but not in the station's database", expected.application_id))
+            }
             Some(application) if application.is_settled() && application.outcome() != Some(expected.expect) => {
                 report.unexpected.push(format!("{} (expected {:?})", describe(application), expected.expect));
             }
@@ -340,8 +350,13 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
             report.duplicated.push(format!("{count} standing loss reports for card {serial}"));
         }
     }
+    let closed_as: HashMap<&str, Option<&str>> = verifications
+        .iter()
+        .filter(|(_, purpose, _)| purpose == "issue_card")
+        .map(|(application, _, closed)| (application.as_str(), closed.as_deref()))
+        .collect();
     let mut verified: HashMap<(&str, &str), usize> = HashMap::new();
-    for (application, purpose) in &verifications {
+    for (application, purpose, _) in &verifications {
         *verified.entry((application.as_str(), purpose.as_str())).or_default() += 1;
     }
     for ((application, purpose), count) in &verified {
@@ -352,13 +367,17 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
     let known: HashSet<&str> = by_id.keys().copied().collect();
     for order in &orders {
         if !known.contains(order.application_id.as_str()) {
-            report.duplicated.push(format!("order for decision {} of unknown application {}", order.decision_id, order.application_id));
+            report.duplicated.push(format!(
+                "order for decision {} of unknown application {}",
+                order.decision_id, order.application_id
+            ));
         }
     }
 
     for application in &applications {
         let settled = application.is_settled();
-        let state_label = if application.halted { format!("{} (halted)", application.state) } else { application.state.clone() };
+        let state_label =
+            if application.halted { format!("{} (halted)", application.state) } else { application.state.clone() };
         *report.by_kind_and_state.entry((application.kind.clone(), state_label)).or_default() += 1;
         if !settled {
             report.unsettled.push(describe(application));
@@ -402,12 +421,25 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
                     }
                     match card_by_serial.get(application.previous_card_serial.as_str()) {
                         Some(old) if old.status == "revoked" => {}
-                        Some(old) => {
-                            report.unexpected.push(format!("{id}: old card {} is {}", old.serial, old.status))
+                        Some(old) => report.unexpected.push(format!("{id}: old card {} is {}", old.serial, old.status)),
+                        None => {
+                            report.lost.push(format!("{id}: old card {} unknown", application.previous_card_serial))
                         }
-                        None => report.lost.push(format!("{id}: old card {} unknown", application.previous_card_serial)),
                     }
                 }
+            }
+        }
+        if application.state == "collected" && application.home_notified {
+            let closed = closed_as.get(id).copied().flatten();
+            if closed != Some("collected") {
+                report.lost.push(format!("{id}: collected, but the home bureau has it closed as {closed:?}"));
+            }
+            let current = current_card.get(&application.id_number).cloned().flatten();
+            if current != application.new_card_serial {
+                report.lost.push(format!(
+                    "{id}: collected card {:?}, but the home bureau's current card is {current:?}",
+                    application.new_card_serial
+                ));
             }
         }
         if application.loss_recorded {
@@ -423,7 +455,11 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
             {
                 report.unexpected.push(format!("{id}: reported card {} is {}", old.serial, old.status));
             }
-        } else if application.kind != "renewal" && settled && application.state != "refused" && application.state != "cancelled" {
+        } else if application.kind != "renewal"
+            && settled
+            && application.state != "refused"
+            && application.state != "cancelled"
+        {
             report.lost.push(format!("{id}: settled {} without its loss report", application.state));
         }
     }

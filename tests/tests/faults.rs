@@ -42,7 +42,11 @@ async fn submit_round(t: &TestSuite, round: usize) -> anyhow::Result<Vec<Acknowl
     let renewable: Vec<_> = ["36", "51"]
         .into_iter()
         .flat_map(|province| {
-            t.suite.population.citizens.iter().filter(move |c| c.scenario == "renewal" && c.registration_province == province)
+            t.suite
+                .population
+                .citizens
+                .iter()
+                .filter(move |c| c.scenario == "renewal" && c.registration_province == province)
         })
         .cloned()
         .collect();
@@ -131,7 +135,10 @@ async fn settle_and_check(t: &TestSuite, acknowledged: &[Acknowledged]) -> anyho
             Outcome::CardReady => {
                 ensure!(application.state == pb::ApplicationState::ReadyForCollection as i32, "{application:?}");
                 let order = issuance
-                    .get_order(pb::GetOrderRequest { order_id: application.order_id.clone(), decision_id: String::new() })
+                    .get_order(pb::GetOrderRequest {
+                        order_id: application.order_id.clone(),
+                        decision_id: String::new(),
+                    })
                     .await?
                     .into_inner()
                     .order
@@ -150,6 +157,9 @@ async fn settle_and_check(t: &TestSuite, acknowledged: &[Acknowledged]) -> anyho
                 ensure!(application.order_id.is_empty(), "a loss report made an order: {application:?}");
             }
             Outcome::Refused => ensure!(application.state == pb::ApplicationState::Refused as i32, "{application:?}"),
+            Outcome::Collected => {
+                ensure!(application.state == pb::ApplicationState::Collected as i32, "{application:?}")
+            }
         }
     }
     Ok(())

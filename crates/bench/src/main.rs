@@ -93,7 +93,10 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
         applications: 300,
         kills: 10,
         callers: 8,
-        seed: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1),
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
         postgres_given: false,
     };
     let mut rest = args.iter();

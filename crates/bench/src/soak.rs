@@ -76,7 +76,8 @@ fn kind_label(kind: pb::ApplicationKind) -> &'static str {
 }
 
 /// Replacements, loss reports and renewals in turn; every tenth renewal is of a card not yet
-/// renewable, which the home bureau must refuse (and nothing may be made for it).
+/// renewable, which the home bureau must refuse (and nothing may be made for it). Every other new
+/// card is collected at the counter as soon as it is ready.
 fn plan(applications: usize, ordinary: &[Citizen], renewable: &[Citizen]) -> anyhow::Result<Vec<Planned>> {
     let mut ordinary = ordinary.iter();
     let mut renewable = renewable.iter();
@@ -89,6 +90,7 @@ fn plan(applications: usize, ordinary: &[Citizen], renewable: &[Citizen]) -> any
             _ => (pb::ApplicationKind::Renewal, renewable.next(), Outcome::CardReady),
         };
         let citizen = citizen.context("the population has too few citizens for the plan")?.clone();
+        let expect = if expect == Outcome::CardReady && (index / 3) % 2 == 0 { Outcome::Collected } else { expect };
         planned.push(Planned { kind, citizen, expect });
     }
     Ok(planned)
@@ -104,7 +106,10 @@ struct Tally {
     found_after_failure: usize,
 }
 
-async fn submit_once(intake: &mut IntakeClient<tonic::transport::Channel>, planned: &Planned) -> Result<String, tonic::Status> {
+async fn submit_once(
+    intake: &mut IntakeClient<tonic::transport::Channel>,
+    planned: &Planned,
+) -> Result<String, tonic::Status> {
     let applicant = Some(yidi_tests::applicant(&planned.citizen));
     let card_serial = yidi_tests::serial(&planned.citizen);
     let application = if planned.kind == pb::ApplicationKind::LossReport {
@@ -140,21 +145,23 @@ async fn submit(
     planned: &Planned,
     deadline: Instant,
     tally: &Mutex<Tally>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let mut failed = false;
     loop {
         if failed && let Ok(Some(application_id)) = recorded_for(intake_db, &planned.citizen).await {
             let mut tally = tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?;
             tally.found_after_failure += 1;
-            tally.acknowledged.push(Acknowledged { application_id, expect: planned.expect });
-            return Ok(());
+            tally.acknowledged.push(Acknowledged { application_id: application_id.clone(), expect: planned.expect });
+            return Ok(application_id);
         }
         match submit_once(&mut intake, planned).await {
             Ok(application_id) => {
                 let mut tally = tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?;
                 tally.after_retry += usize::from(failed);
-                tally.acknowledged.push(Acknowledged { application_id, expect: planned.expect });
-                return Ok(());
+                tally
+                    .acknowledged
+                    .push(Acknowledged { application_id: application_id.clone(), expect: planned.expect });
+                return Ok(application_id);
             }
             Err(status) if Instant::now() < deadline => {
                 // Refusals at the counter would be a bug of the plan, not an outage: stop on them.
@@ -167,6 +174,39 @@ async fn submit(
             Err(status) => bail!("gave up submitting at the deadline: {status:?}"),
         }
     }
+}
+
+/// The citizen collects the card as soon as it is ready, with a fresh face match (C3); calls that
+/// fail (the station down) are tried again until the deadline.
+async fn collect(
+    mut intake: IntakeClient<tonic::transport::Channel>,
+    application_id: &str,
+    citizen: &Citizen,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    while Instant::now() < deadline {
+        let request = pb::GetApplicationRequest { application_id: application_id.to_owned() };
+        if let Ok(Some(application)) = intake.get_application(request).await.map(|a| a.into_inner().application) {
+            match pb::ApplicationState::try_from(application.state) {
+                Ok(pb::ApplicationState::ReadyForCollection) => {
+                    let request = pb::CollectCardRequest {
+                        application_id: application_id.to_owned(),
+                        live: Some(yidi_tests::live(citizen)),
+                    };
+                    // A failed call may have been committed: the next round reads the state again.
+                    if intake.collect_card(request).await.is_ok() {
+                        return Ok(());
+                    }
+                }
+                Ok(pb::ApplicationState::Collected) => return Ok(()),
+                // Anything else final is the reconciliation's to report.
+                Ok(pb::ApplicationState::Refused | pb::ApplicationState::Cancelled) => return Ok(()),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!("application {application_id} was never collected before the deadline")
 }
 
 pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::path::Path) -> anyhow::Result<bool> {
@@ -216,17 +256,41 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
         .timeout(Duration::from_secs(10))
         .connect_lazy();
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let queue = Arc::new(Mutex::new(planned.clone().into_iter()));
+    let queue = Arc::new(Mutex::new(planned.clone().into_iter().enumerate()));
+    // Lodging is spread over about three seconds per kill asked for (a kill, its outage and the
+    // restart take about that), so that every kill finds applications in flight, however few.
+    let span = Duration::from_secs(3 * options.kills as u64).min(options.max / 2);
+    let slot = span / u32::try_from(planned.len().max(1)).unwrap_or(u32::MAX);
     let submitting = Arc::new(AtomicBool::new(true));
     let mut submitters = tokio::task::JoinSet::new();
+    let (to_collect, collectable) = tokio::sync::mpsc::unbounded_channel::<(String, Citizen)>();
     for _ in 0..options.concurrency.max(1) {
-        let (queue, tally, intake_db) = (queue.clone(), tally.clone(), intake_db.clone());
+        let (queue, tally, intake_db, to_collect) =
+            (queue.clone(), tally.clone(), intake_db.clone(), to_collect.clone());
         let intake = IntakeClient::new(channel.clone());
         submitters.spawn(async move {
             loop {
                 let next = queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.next();
-                let Some(planned) = next else { return anyhow::Ok(()) };
-                submit(intake.clone(), &intake_db, &planned, deadline, &tally).await?;
+                let Some((index, planned)) = next else { return anyhow::Ok(()) };
+                tokio::time::sleep_until((began + slot * u32::try_from(index).unwrap_or(u32::MAX)).into()).await;
+                let application_id = submit(intake.clone(), &intake_db, &planned, deadline, &tally).await?;
+                if planned.expect == Outcome::Collected {
+                    to_collect.send((application_id, planned.citizen.clone()))?;
+                }
+            }
+        });
+    }
+    // The collectors end once the submitters have ended (and with them every sender).
+    drop(to_collect);
+    let collectable = Arc::new(tokio::sync::Mutex::new(collectable));
+    for _ in 0..options.concurrency.max(1) {
+        let collectable = collectable.clone();
+        let intake = IntakeClient::new(channel.clone());
+        submitters.spawn(async move {
+            loop {
+                let next = collectable.lock().await.recv().await;
+                let Some((application_id, citizen)) = next else { return anyhow::Ok(()) };
+                collect(intake.clone(), &application_id, &citizen, deadline).await?;
             }
         });
     }
@@ -264,7 +328,12 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
         suite.kill(victim).await?;
         total_kills += 1;
         *kills.entry(victim.bureau_id()).or_default() += 1;
-        kill_log.push(format!("{:>6.1} s  kill -9 {} (down {} ms)", began.elapsed().as_secs_f64(), victim.slug(), down.as_millis()));
+        kill_log.push(format!(
+            "{:>6.1} s  kill -9 {} (down {} ms)",
+            began.elapsed().as_secs_f64(),
+            victim.slug(),
+            down.as_millis()
+        ));
         tokio::time::sleep(down).await;
         suite.restart(victim).await.with_context(|| format!("restarting {}", victim.slug()))?;
     }
@@ -272,7 +341,8 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     let left = deadline.saturating_duration_since(Instant::now());
     let unsettled = reconcile::wait_until_settled(&databases, left).await?;
     let elapsed = began.elapsed();
-    let reconciliation = reconcile::reconcile(&databases, &tally.lock().map(|t| t.acknowledged.clone()).unwrap_or_default()).await?;
+    let reconciliation =
+        reconcile::reconcile(&databases, &tally.lock().map(|t| t.acknowledged.clone()).unwrap_or_default()).await?;
     intake_db.close().await?;
 
     let tally = tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?;
@@ -282,8 +352,18 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     }
     let lost = reconciliation.lost.len() + (planned.len() - tally.acknowledged.len());
     println!("# Soak report");
-    println!("backend: {backend}; seed {}; {} callers; elapsed {:.1} s (bound {} s)", options.seed, options.concurrency, elapsed.as_secs_f64(), options.max.as_secs());
-    println!("planned: {} ({})", planned.len(), per_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "backend: {backend}; seed {}; {} callers; elapsed {:.1} s (bound {} s)",
+        options.seed,
+        options.concurrency,
+        elapsed.as_secs_f64(),
+        options.max.as_secs()
+    );
+    println!(
+        "planned: {} ({})",
+        planned.len(),
+        per_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    );
     println!(
         "acknowledged: {} ({} after a retry while the station was down, {} found recorded after a failed call)",
         tally.acknowledged.len(),
@@ -293,10 +373,7 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     if let Err(error) = &submitted {
         println!("submission stopped: {error:#}");
     }
-    println!(
-        "kills: {total_kills} ({})",
-        kills.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
-    );
+    println!("kills: {total_kills} ({})", kills.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "));
     for line in &kill_log {
         println!("  {line}");
     }
