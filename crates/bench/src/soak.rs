@@ -341,16 +341,15 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     let left = deadline.saturating_duration_since(Instant::now());
     let unsettled = reconcile::wait_until_settled(&databases, left).await?;
     let elapsed = began.elapsed();
-    let reconciliation =
-        reconcile::reconcile(&databases, &tally.lock().map(|t| t.acknowledged.clone()).unwrap_or_default()).await?;
+    let tally = std::mem::take(&mut *tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?);
+    let reconciliation = reconcile::reconcile(&databases, &tally.acknowledged).await?;
     intake_db.close().await?;
 
-    let tally = tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?;
     let mut per_kind: BTreeMap<&str, usize> = BTreeMap::new();
     for planned in &planned {
         *per_kind.entry(kind_label(planned.kind)).or_default() += 1;
     }
-    let lost = reconciliation.lost.len() + (planned.len() - tally.acknowledged.len());
+    let lost = reconciliation.lost.len() + planned.len().saturating_sub(tally.acknowledged.len());
     println!("# Soak report");
     println!(
         "backend: {backend}; seed {}; {} callers; elapsed {:.1} s (bound {} s)",
