@@ -6,8 +6,9 @@
 //!   or halted), or settled while a bureau has no trace of it (no order, no registered card, no
 //!   loss report);
 //! * duplicated: more than one order for an application (or a decision), more than one card
-//!   registered for an order or a citizen, more than one standing loss report for a card, more
-//!   than one verification of an application for a purpose;
+//!   registered for an order, more cards for a citizen than applications, more standing loss
+//!   reports for a card than applications that reported it, more than one verification of an
+//!   application for a purpose;
 //! * unexpected: settled, but not in the outcome the run expected (e.g. refused instead of ready).
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -341,13 +342,29 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
     for card in cards.iter().filter(|c| c.decision_id.is_some()) {
         *issued_to.entry(card.id_number.as_str()).or_default() += 1;
     }
+    // A citizen may rightly have several cards made over time, one per application.
+    let mut ordered_for: HashMap<&str, usize> = HashMap::new();
+    for application in &applications {
+        if application.makes_a_card()
+            && matches!(application.state.as_str(), "in_production" | "ready_for_collection" | "collected")
+        {
+            *ordered_for.entry(application.id_number.as_str()).or_default() += 1;
+        }
+    }
     let mut loss_reports_of: HashMap<&str, usize> = HashMap::new();
     for serial in &standing_loss_reports {
         *loss_reports_of.entry(serial.as_str()).or_default() += 1;
     }
+    // A card may rightly be reported by several applications (a loss report, then a replacement,
+    // K1), each once; one standing report may also predate the run (the population's).
+    let mut reporting_applications: HashMap<&str, usize> = HashMap::new();
+    for application in applications.iter().filter(|a| a.loss_recorded) {
+        *reporting_applications.entry(application.previous_card_serial.as_str()).or_default() += 1;
+    }
     for (serial, count) in &loss_reports_of {
-        if *count > 1 {
-            report.duplicated.push(format!("{count} standing loss reports for card {serial}"));
+        let allowed = reporting_applications.get(serial).copied().unwrap_or_default().max(1);
+        if *count > allowed {
+            report.duplicated.push(format!("{count} standing loss reports for card {serial}, reported by {allowed}"));
         }
     }
     let closed_as: HashMap<&str, Option<&str>> = verifications
@@ -415,9 +432,12 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
                         [_] => {}
                         many => report.duplicated.push(format!("{id}: {} cards for one decision", many.len())),
                     }
-                    match issued_to.get(application.id_number.as_str()).copied().unwrap_or_default() {
-                        0 | 1 => {}
-                        n => report.duplicated.push(format!("{id}: {n} cards registered for one citizen")),
+                    let made = issued_to.get(application.id_number.as_str()).copied().unwrap_or_default();
+                    let ordered = ordered_for.get(application.id_number.as_str()).copied().unwrap_or_default();
+                    if made > ordered {
+                        report
+                            .duplicated
+                            .push(format!("{id}: {made} cards registered for a citizen who applied {ordered} times"));
                     }
                     match card_by_serial.get(application.previous_card_serial.as_str()) {
                         Some(old) if old.status == "revoked" => {}
@@ -443,11 +463,9 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
             }
         }
         if application.loss_recorded {
-            match loss_reports_of.get(application.previous_card_serial.as_str()).copied().unwrap_or_default() {
-                0 => report.lost.push(format!("{id}: loss recorded but the registry has no loss report")),
-                1 => {}
-                // Counted above, once per card.
-                _ => {}
+            // More than one is judged above, once per card.
+            if !loss_reports_of.contains_key(application.previous_card_serial.as_str()) {
+                report.lost.push(format!("{id}: loss recorded but the registry has no loss report"));
             }
             if application.kind == "loss_report"
                 && let Some(old) = card_by_serial.get(application.previous_card_serial.as_str())
