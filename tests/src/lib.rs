@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod raw;
+pub mod reconcile;
 
 use std::time::{Duration, Instant};
 

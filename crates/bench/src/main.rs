@@ -11,6 +11,7 @@ mod load;
 mod process;
 mod raw;
 mod report;
+mod soak;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -26,16 +27,23 @@ commands:
   scale      100k vs 10M cards: load, start-up, RSS per card, CheckCard latency
   write      the replacement flow on PostgreSQL vs the commit rate of the same server
   smoke      a few seconds of echo, CheckCard and CheckCards on SQLite (CI; no thresholds)
+  soak       applications of every kind while random bureaus are killed (SIGKILL) and restarted;
+             reconciles the databases, exits non-zero on anything lost, duplicated or unsettled
 
 options:
-  --seconds S        measured seconds per run (default 10; smoke 1)
+  --seconds S        measured seconds per run (default 10; smoke 1); soak: bound on the run (default 600)
   --warmup S         warm-up seconds per run (default 2; smoke 0.3)
   --cards N          cards for the registry runs (default 100000; smoke 1000)
   --scale-cards N    cards for the large scale run (default 10000000)
   --connections L    comma-separated connection counts for CheckCard (default 1,8,32)
   --flow-levels L    applications in flight for the replacement flow (default 8,32,128)
   --commit-max N     most connections of the commit-rate runs (1, 8, 32; default 32)
-  --postgres URL     server for scratch databases (default $YIDI_TEST_POSTGRES_URL or the test server)
+  --postgres URL     server for scratch databases (default $YIDI_TEST_POSTGRES_URL or the test server);
+                     soak runs on SQLite unless it is given
+  --applications N   soak: applications, a third of each kind (default 300)
+  --kills K          soak: at least this many kills (default 10)
+  --callers C        soak: callers submitting at once (default 8)
+  --seed S           soak: seed of the random kills (default: from the clock)
   --out DIR          where reports go (default target/bench)
   --bin-dir DIR      folder of the yidi-* binaries (default: this executable's)
 ";
@@ -55,13 +63,23 @@ pub struct Options {
     pub out: PathBuf,
     pub work: PathBuf,
     pub bin_dir: PathBuf,
+    pub applications: usize,
+    pub kills: usize,
+    pub callers: usize,
+    pub seed: u64,
+    /// `--postgres` was given (the soak then runs on PostgreSQL).
+    pub postgres_given: bool,
 }
 
 fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
     let smoke = command == "smoke";
     let bin_dir = yidi_demo::suite::default_bin_dir()?;
     let mut options = Options {
-        duration: Duration::from_secs_f64(if smoke { 1.0 } else { 10.0 }),
+        duration: Duration::from_secs_f64(match command {
+            "smoke" => 1.0,
+            "soak" => 600.0,
+            _ => 10.0,
+        }),
         warmup: Duration::from_secs_f64(if smoke { 0.3 } else { 2.0 }),
         cards: if smoke { 1000 } else { 100_000 },
         scale_cards: 10_000_000,
@@ -72,6 +90,14 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
         out: checks::default_out(&bin_dir),
         work: PathBuf::new(),
         bin_dir,
+        applications: 300,
+        kills: 10,
+        callers: 8,
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+        postgres_given: false,
     };
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
@@ -86,7 +112,14 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
             }
             "--flow-levels" => options.flow_levels = levels(value)?,
             "--commit-max" => options.commit_max = value.parse()?,
-            "--postgres" => options.postgres_url = value.clone(),
+            "--postgres" => {
+                options.postgres_url = value.clone();
+                options.postgres_given = true;
+            }
+            "--applications" => options.applications = value.parse()?,
+            "--kills" => options.kills = value.parse()?,
+            "--callers" => options.callers = value.parse()?,
+            "--seed" => options.seed = value.parse()?,
             "--out" => options.out = PathBuf::from(value),
             "--bin-dir" => options.bin_dir = PathBuf::from(value),
             other => bail!("unknown option {other}\n\n{USAGE}"),
@@ -113,6 +146,20 @@ async fn main() -> anyhow::Result<()> {
         return echo::serve().await;
     }
     let options = parse(&command, &args[1..])?;
+    if command == "soak" {
+        let soak = soak::SoakOptions {
+            applications: options.applications,
+            kills: options.kills,
+            max: options.duration,
+            postgres: options.postgres_given.then(|| options.postgres_url.clone()),
+            seed: options.seed,
+            concurrency: options.callers,
+        };
+        if !soak::soak(&soak, &options.bin_dir, &options.work).await? {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let mut report = report::Report::new(&command);
     match command.as_str() {
         "registry" => checks::registry(&options, &mut report).await?,

@@ -82,6 +82,13 @@ const SICHUAN: Province = Province {
 
 /// Generates `per_province` citizens for each home bureau (at least the labelled scenarios).
 pub fn generate(today: NaiveDate, per_province: usize) -> Population {
+    generate_with_renewals(today, per_province, 0)
+}
+
+/// As [`generate`], with `renewable_per_province` more citizens labelled "renewal" (card inside
+/// the renewal window) after the others, for runs that renew many cards (the soak). With 0 it is
+/// exactly [`generate`].
+pub fn generate_with_renewals(today: NaiveDate, per_province: usize, renewable_per_province: usize) -> Population {
     let mut rng = Rng(0x5EED_1D1D);
     let mut citizens = Vec::new();
     for province in [&JIANGXI, &SICHUAN] {
@@ -91,6 +98,7 @@ pub fn generate(today: NaiveDate, per_province: usize) -> Population {
         while labels.len() < per_province {
             labels.push("ordinary");
         }
+        labels.extend(std::iter::repeat_n("renewal", renewable_per_province));
         for (index, label) in labels.into_iter().enumerate() {
             citizens.push(citizen(&mut rng, province, index, label, today));
         }

@@ -53,6 +53,8 @@ pub struct SuiteOptions {
     /// A different clock for some bureaus (e.g. to make decisions arrive expired).
     pub clock_overrides: BTreeMap<Process, ClockSetting>,
     pub citizens_per_province: usize,
+    /// More citizens per province whose card is inside the renewal window, after the others.
+    pub renewable_per_province: usize,
     pub production_delay_ms: u64,
     /// TOML appended to a bureau's configuration file (e.g. a `[policy]` section for the station).
     pub extra_config: BTreeMap<Process, String>,
@@ -75,6 +77,7 @@ impl SuiteOptions {
             clock: ClockSetting::Start(now),
             clock_overrides: BTreeMap::new(),
             citizens_per_province: 30,
+            renewable_per_province: 0,
             production_delay_ms: 200,
             extra_config: BTreeMap::new(),
             log_format: "text".into(),
@@ -120,7 +123,11 @@ impl Suite {
         let today = match options.clock {
             ClockSetting::Start(at) | ClockSetting::Fixed(at) => at.date_naive(),
         };
-        let population = crate::population::generate(today, options.citizens_per_province);
+        let population = crate::population::generate_with_renewals(
+            today,
+            options.citizens_per_province,
+            options.renewable_per_province,
+        );
         population.write(&dir.join("population.json"))?;
 
         // A fresh start: keys are new, so data signed under old ones must go, and so must old logs.
@@ -407,6 +414,21 @@ impl Suite {
         self.write_config(process)?;
         self.spawn(process)?;
         self.wait_until_serving(process).await
+    }
+
+    /// Kills a bureau outright (SIGKILL, as a crash or `kill -9` would) and waits until it is gone;
+    /// [`Self::restart`] starts it again on the same port and database.
+    pub async fn kill(&mut self, process: Process) -> anyhow::Result<()> {
+        let Some(mut child) = self.children.remove(&process) else { return Ok(()) };
+        let _ = std::fs::remove_file(self.pid_path(process));
+        // `Child::kill` sends SIGKILL and reaps the process.
+        child.kill().await.with_context(|| format!("killing {}", process.slug()))?;
+        Ok(())
+    }
+
+    /// Whether a bureau's process is running (started, not stopped or killed).
+    pub fn is_running(&self, process: Process) -> bool {
+        self.children.contains_key(&process)
     }
 
     /// Asks a bureau to stop (SIGTERM) and waits; returns its exit code.

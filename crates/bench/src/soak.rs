@@ -1,0 +1,398 @@
+//! `soak`: applications of every kind through the whole suite while random bureaus are killed
+//! (SIGKILL) and started again; at the end the five databases are reconciled
+//! (`yidi_tests::reconcile`) and the report says whether anything was lost or duplicated.
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use yidi_common::population::Citizen;
+use yidi_demo::{
+    suite::{Backend, ClockSetting, Suite, SuiteOptions},
+    topology::Process,
+};
+use yidi_proto::v1::{self as pb, intake_client::IntakeClient};
+use yidi_tests::reconcile::{self, Acknowledged, Databases, Outcome};
+
+/// What `soak` was asked for.
+pub struct SoakOptions {
+    pub applications: usize,
+    pub kills: usize,
+    /// Bound on the whole run, start-up excluded.
+    pub max: Duration,
+    /// PostgreSQL server for the bureaus' databases; SQLite files without it.
+    pub postgres: Option<String>,
+    pub seed: u64,
+    /// Callers submitting at once.
+    pub concurrency: usize,
+}
+
+/// Every kill is one of these, chosen at random.
+const VICTIMS: [Process; 5] =
+    [Process::Intake, Process::HomeJiangxi, Process::HomeSichuan, Process::Issuance, Process::Registry];
+
+/// SplitMix64: deterministic from the printed seed, so a failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// A duration between `low` and `high` milliseconds.
+    fn millis(&mut self, low: u64, high: u64) -> Duration {
+        Duration::from_millis(low + self.below(high.saturating_sub(low) + 1))
+    }
+}
+
+/// One application the run lodges: who, what, and how it should end.
+#[derive(Debug, Clone)]
+struct Planned {
+    kind: pb::ApplicationKind,
+    citizen: Citizen,
+    expect: Outcome,
+}
+
+fn kind_label(kind: pb::ApplicationKind) -> &'static str {
+    match kind {
+        pb::ApplicationKind::Replacement => "replacement",
+        pb::ApplicationKind::Renewal => "renewal",
+        _ => "loss_report",
+    }
+}
+
+/// Replacements, loss reports and renewals in turn; every tenth renewal is of a card not yet
+/// renewable, which the home bureau must refuse (and nothing may be made for it). Every other new
+/// card is collected at the counter as soon as it is ready.
+fn plan(applications: usize, ordinary: &[Citizen], renewable: &[Citizen]) -> anyhow::Result<Vec<Planned>> {
+    let mut ordinary = ordinary.iter();
+    let mut renewable = renewable.iter();
+    let mut planned = Vec::with_capacity(applications);
+    for index in 0..applications {
+        let (kind, citizen, expect) = match index % 3 {
+            0 => (pb::ApplicationKind::Replacement, ordinary.next(), Outcome::CardReady),
+            1 => (pb::ApplicationKind::LossReport, ordinary.next(), Outcome::LossRecorded),
+            _ if (index / 3) % 10 == 9 => (pb::ApplicationKind::Renewal, ordinary.next(), Outcome::Refused),
+            _ => (pb::ApplicationKind::Renewal, renewable.next(), Outcome::CardReady),
+        };
+        let citizen = citizen.context("the population has too few citizens for the plan")?.clone();
+        let expect = if expect == Outcome::CardReady && (index / 3) % 2 == 0 { Outcome::Collected } else { expect };
+        planned.push(Planned { kind, citizen, expect });
+    }
+    Ok(planned)
+}
+
+/// How one submission went.
+#[derive(Debug, Default)]
+struct Tally {
+    acknowledged: Vec<Acknowledged>,
+    /// Acknowledged only after a retry (the first call failed: the station was down).
+    after_retry: usize,
+    /// The call failed but the station had recorded it: found in its database by the citizen.
+    found_after_failure: usize,
+}
+
+async fn submit_once(
+    intake: &mut IntakeClient<tonic::transport::Channel>,
+    planned: &Planned,
+) -> Result<String, tonic::Status> {
+    let applicant = Some(yidi_tests::applicant(&planned.citizen));
+    let card_serial = yidi_tests::serial(&planned.citizen);
+    let application = if planned.kind == pb::ApplicationKind::LossReport {
+        intake.report_loss(pb::ReportLossRequest { applicant, card_serial }).await?.into_inner().application
+    } else {
+        intake
+            .submit_application(pb::SubmitApplicationRequest { kind: planned.kind as i32, applicant, card_serial })
+            .await?
+            .into_inner()
+            .application
+    };
+    application.map(|a| a.application_id).ok_or_else(|| tonic::Status::internal("no application in the answer"))
+}
+
+/// The station's application for a citizen, if it recorded one (after a call that failed).
+async fn recorded_for(intake_db: &DatabaseConnection, citizen: &Citizen) -> anyhow::Result<Option<String>> {
+    // Identity numbers are digits (and X): nothing to quote.
+    anyhow::ensure!(citizen.id_number.chars().all(|c| c.is_ascii_alphanumeric()), "odd identity number");
+    let sql = format!("SELECT application_id FROM applications WHERE id_number = '{}'", citizen.id_number);
+    let row = intake_db.query_one_raw(Statement::from_string(intake_db.get_database_backend(), sql)).await?;
+    Ok(match row {
+        Some(row) => Some(row.try_get_by_index(0)?),
+        None => None,
+    })
+}
+
+/// Lodges one application; while the station is down, tries again until it answers. A call that
+/// failed may still have been recorded (killed after the commit, before the answer): the station's
+/// database is asked before trying again, so no citizen ever has two applications.
+async fn submit(
+    mut intake: IntakeClient<tonic::transport::Channel>,
+    intake_db: &DatabaseConnection,
+    planned: &Planned,
+    deadline: Instant,
+    tally: &Mutex<Tally>,
+) -> anyhow::Result<String> {
+    let mut failed = false;
+    loop {
+        if failed && let Ok(Some(application_id)) = recorded_for(intake_db, &planned.citizen).await {
+            let mut tally = tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?;
+            tally.found_after_failure += 1;
+            tally.acknowledged.push(Acknowledged { application_id: application_id.clone(), expect: planned.expect });
+            return Ok(application_id);
+        }
+        match submit_once(&mut intake, planned).await {
+            Ok(application_id) => {
+                let mut tally = tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?;
+                tally.after_retry += usize::from(failed);
+                tally
+                    .acknowledged
+                    .push(Acknowledged { application_id: application_id.clone(), expect: planned.expect });
+                return Ok(application_id);
+            }
+            Err(status) if Instant::now() < deadline => {
+                // Refusals at the counter would be a bug of the plan, not an outage: stop on them.
+                if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition) {
+                    bail!("{} of {} refused: {status:?}", kind_label(planned.kind), planned.citizen.id_number);
+                }
+                failed = true;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(status) => bail!("gave up submitting at the deadline: {status:?}"),
+        }
+    }
+}
+
+/// The citizen collects the card as soon as it is ready, with a fresh face match (C3); calls that
+/// fail (the station down) are tried again until the deadline.
+async fn collect(
+    mut intake: IntakeClient<tonic::transport::Channel>,
+    application_id: &str,
+    citizen: &Citizen,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    while Instant::now() < deadline {
+        let request = pb::GetApplicationRequest { application_id: application_id.to_owned() };
+        if let Ok(Some(application)) = intake.get_application(request).await.map(|a| a.into_inner().application) {
+            match pb::ApplicationState::try_from(application.state) {
+                Ok(pb::ApplicationState::ReadyForCollection) => {
+                    let request = pb::CollectCardRequest {
+                        application_id: application_id.to_owned(),
+                        live: Some(yidi_tests::live(citizen)),
+                    };
+                    // A failed call may have been committed: the next round reads the state again.
+                    if intake.collect_card(request).await.is_ok() {
+                        return Ok(());
+                    }
+                }
+                Ok(pb::ApplicationState::Collected) => return Ok(()),
+                // Anything else final is the reconciliation's to report.
+                Ok(pb::ApplicationState::Refused | pb::ApplicationState::Cancelled) => return Ok(()),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!("application {application_id} was never collected before the deadline")
+}
+
+pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::path::Path) -> anyhow::Result<bool> {
+    let mut rng = Rng(options.seed);
+    let per_kind = options.applications.div_ceil(3);
+    let now = yidi_tests::at(yidi_tests::NATIONAL_DAY);
+    let mut suite_options = SuiteOptions::new(work.join("suite"), bin_dir.to_path_buf(), now);
+    suite_options.clock = ClockSetting::Start(now);
+    if let Some(url) = &options.postgres {
+        suite_options.backend = Backend::Postgres { admin_url: url.clone() };
+    }
+    // Replacements, loss reports and refused renewals take ordinary citizens (one application
+    // each, K5); the scenario citizens take the first twenty or so places of each province.
+    suite_options.citizens_per_province = (2 * per_kind + per_kind / 10) / 2 + 40;
+    suite_options.renewable_per_province = per_kind / 2 + 1;
+    // Callers get their answer at once, so many applications are in flight at each kill.
+    suite_options.extra_config.insert(Process::Intake, "[worker]\nrespond_within_ms = 0\n".into());
+    let backend = if options.postgres.is_some() { "PostgreSQL" } else { "SQLite" };
+    eprintln!(
+        "soak: starting the suite on {backend} ({} citizens per province), seed {}",
+        suite_options.citizens_per_province + suite_options.renewable_per_province,
+        options.seed
+    );
+    let mut suite = Suite::start(suite_options).await?;
+    let databases = Databases::of(&suite);
+    let ordinary: Vec<Citizen> =
+        suite.population.citizens.iter().filter(|c| c.scenario == "ordinary" && c.card.is_some()).cloned().collect();
+    // The scenario's own renewal citizen is left to the tests and the demo.
+    let renewable: Vec<Citizen> = ["36", "51"]
+        .iter()
+        .flat_map(|province| {
+            suite
+                .population
+                .citizens
+                .iter()
+                .filter(move |c| c.scenario == "renewal" && c.registration_province == *province)
+                .skip(1)
+        })
+        .cloned()
+        .collect();
+    let planned = plan(options.applications, &ordinary, &renewable)?;
+
+    let began = Instant::now();
+    let deadline = began + options.max;
+    let intake_db = Database::connect(&databases.intake).await?;
+    let channel = tonic::transport::Endpoint::from_shared(suite.endpoint(Process::Intake))?
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let queue = Arc::new(Mutex::new(planned.clone().into_iter().enumerate()));
+    // Lodging is spread over about three seconds per kill asked for (a kill, its outage and the
+    // restart take about that), so that every kill finds applications in flight, however few.
+    let span = Duration::from_secs(3 * options.kills as u64).min(options.max / 2);
+    let slot = span / u32::try_from(planned.len().max(1)).unwrap_or(u32::MAX);
+    let submitting = Arc::new(AtomicBool::new(true));
+    let mut submitters = tokio::task::JoinSet::new();
+    let (to_collect, collectable) = tokio::sync::mpsc::unbounded_channel::<(String, Citizen)>();
+    for _ in 0..options.concurrency.max(1) {
+        let (queue, tally, intake_db, to_collect) =
+            (queue.clone(), tally.clone(), intake_db.clone(), to_collect.clone());
+        let intake = IntakeClient::new(channel.clone());
+        submitters.spawn(async move {
+            loop {
+                let next = queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.next();
+                let Some((index, planned)) = next else { return anyhow::Ok(()) };
+                tokio::time::sleep_until((began + slot * u32::try_from(index).unwrap_or(u32::MAX)).into()).await;
+                let application_id = submit(intake.clone(), &intake_db, &planned, deadline, &tally).await?;
+                if planned.expect == Outcome::Collected {
+                    to_collect.send((application_id, planned.citizen.clone()))?;
+                }
+            }
+        });
+    }
+    // The collectors end once the submitters have ended (and with them every sender).
+    drop(to_collect);
+    let collectable = Arc::new(tokio::sync::Mutex::new(collectable));
+    for _ in 0..options.concurrency.max(1) {
+        let collectable = collectable.clone();
+        let intake = IntakeClient::new(channel.clone());
+        submitters.spawn(async move {
+            loop {
+                let next = collectable.lock().await.recv().await;
+                let Some((application_id, citizen)) = next else { return anyhow::Ok(()) };
+                collect(intake.clone(), &application_id, &citizen, deadline).await?;
+            }
+        });
+    }
+    let watch_submitters = {
+        let submitting = submitting.clone();
+        tokio::spawn(async move {
+            let mut outcome = Ok(());
+            while let Some(joined) = submitters.join_next().await {
+                if let Err(error) = joined.map_err(anyhow::Error::from).and_then(|r| r) {
+                    outcome = Err(error);
+                }
+            }
+            submitting.store(false, Ordering::SeqCst);
+            outcome
+        })
+    };
+
+    // Kill while anything is in flight, until at least the asked number of kills is done and
+    // every application is lodged; never past the deadline.
+    let mut kills: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut total_kills = 0;
+    let mut kill_log = Vec::new();
+    while Instant::now() < deadline {
+        tokio::time::sleep(rng.millis(500, 2500)).await;
+        let lodged = !submitting.load(Ordering::SeqCst);
+        if lodged && total_kills >= options.kills {
+            break;
+        }
+        if lodged && reconcile::unsettled(&databases).await.is_ok_and(|left| left.is_empty()) {
+            // Nothing in flight: killing now would test nothing.
+            break;
+        }
+        let victim = VICTIMS[rng.below(VICTIMS.len() as u64) as usize];
+        let down = rng.millis(0, 1500);
+        suite.kill(victim).await?;
+        total_kills += 1;
+        *kills.entry(victim.bureau_id()).or_default() += 1;
+        kill_log.push(format!(
+            "{:>6.1} s  kill -9 {} (down {} ms)",
+            began.elapsed().as_secs_f64(),
+            victim.slug(),
+            down.as_millis()
+        ));
+        tokio::time::sleep(down).await;
+        suite.restart(victim).await.with_context(|| format!("restarting {}", victim.slug()))?;
+    }
+    let submitted = watch_submitters.await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let unsettled = reconcile::wait_until_settled(&databases, left).await?;
+    let elapsed = began.elapsed();
+    let tally = std::mem::take(&mut *tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?);
+    let reconciliation = reconcile::reconcile(&databases, &tally.acknowledged).await?;
+    intake_db.close().await?;
+
+    let mut per_kind: BTreeMap<&str, usize> = BTreeMap::new();
+    for planned in &planned {
+        *per_kind.entry(kind_label(planned.kind)).or_default() += 1;
+    }
+    let lost = reconciliation.lost.len() + planned.len().saturating_sub(tally.acknowledged.len());
+    println!("# Soak report");
+    println!(
+        "backend: {backend}; seed {}; {} callers; elapsed {:.1} s (bound {} s)",
+        options.seed,
+        options.concurrency,
+        elapsed.as_secs_f64(),
+        options.max.as_secs()
+    );
+    println!(
+        "planned: {} ({})",
+        planned.len(),
+        per_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "acknowledged: {} ({} after a retry while the station was down, {} found recorded after a failed call)",
+        tally.acknowledged.len(),
+        tally.after_retry,
+        tally.found_after_failure
+    );
+    if let Err(error) = &submitted {
+        println!("submission stopped: {error:#}");
+    }
+    println!("kills: {total_kills} ({})", kills.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "));
+    for line in &kill_log {
+        println!("  {line}");
+    }
+    print!("{reconciliation}");
+    let duplicated = reconciliation.duplicated.len();
+    let clean = submitted.is_ok()
+        && unsettled.is_empty()
+        && reconciliation.is_clean()
+        && lost == 0
+        && total_kills >= options.kills;
+    println!(
+        "RESULT: {} — lost {lost}, duplicated {duplicated}, unsettled {}, unexpected {}, over {} applications and {total_kills} kills",
+        if clean { "PASS" } else { "FAIL" },
+        reconciliation.unsettled.len(),
+        reconciliation.unexpected.len(),
+        reconciliation.applications,
+    );
+    if total_kills < options.kills {
+        println!("only {total_kills} of {} kills happened before everything settled or the bound", options.kills);
+    }
+    suite.stop().await?;
+    Ok(clean)
+}
