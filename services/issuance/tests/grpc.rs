@@ -219,6 +219,7 @@ impl Producer {
             clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
             log: LogConfig::default(),
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
+            idempotency: Default::default(),
             production: ProductionConfig {
                 delay_ms: options.delay_ms,
                 serial_prefix: "ZJ".into(),
@@ -684,6 +685,7 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
             clock: ClockConfig::default(),
             log: LogConfig::default(),
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
+            idempotency: Default::default(),
             production: ProductionConfig::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -2,7 +2,10 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
-use yidi_common::audit::{ChainAuditLog, CreateAuditLog};
+use yidi_common::{
+    audit::{ChainAuditLog, CreateAuditLog},
+    idempotency::CreateIdempotentRequests,
+};
 
 mod m20261127_000001_create_applications;
 mod m20261127_000002_create_application_events;
@@ -19,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_create_application_events::Migration),
             Box::new(m20261127_000003_add_application_trace_context::Migration),
             Box::new(ChainAuditLog),
+            Box::new(CreateIdempotentRequests),
         ]
     }
 }

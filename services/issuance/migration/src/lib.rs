@@ -2,7 +2,10 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
-use yidi_common::audit::{ChainAuditLog, CreateAuditLog};
+use yidi_common::{
+    audit::{ChainAuditLog, CreateAuditLog},
+    idempotency::CreateIdempotentRequests,
+};
 
 mod m20261127_000001_create_orders;
 mod m20261127_000002_add_order_trace_context;
@@ -17,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_create_orders::Migration),
             Box::new(m20261127_000002_add_order_trace_context::Migration),
             Box::new(ChainAuditLog),
+            Box::new(CreateIdempotentRequests),
         ]
     }
 }

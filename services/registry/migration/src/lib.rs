@@ -2,7 +2,10 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
-use yidi_common::audit::{ChainAuditLog, CreateAuditLog};
+use yidi_common::{
+    audit::{ChainAuditLog, CreateAuditLog},
+    idempotency::CreateIdempotentRequests,
+};
 
 mod m20261127_000001_create_cards;
 mod m20261127_000002_create_loss_reports;
@@ -21,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000003_create_status_events::Migration),
             Box::new(m20261127_000004_create_hits::Migration),
             Box::new(ChainAuditLog),
+            Box::new(CreateIdempotentRequests),
         ]
     }
 }

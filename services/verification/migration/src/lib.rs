@@ -3,7 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
-use yidi_common::audit::{ChainAuditLog, CreateAuditLog};
+use yidi_common::{
+    audit::{ChainAuditLog, CreateAuditLog},
+    idempotency::CreateIdempotentRequests,
+};
 
 mod m20261127_000001_create_citizens;
 mod m20261127_000002_create_verifications;
@@ -18,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_create_citizens::Migration),
             Box::new(m20261127_000002_create_verifications::Migration),
             Box::new(ChainAuditLog),
+            Box::new(CreateIdempotentRequests),
         ]
     }
 }
