@@ -866,6 +866,46 @@ mod tests {
         assert!(shared.in_progress.lock().unwrap().is_empty(), "no lock is left behind");
     }
 
+    /// A PlaceOrder request as it arrives behind the security layers, from `caller`.
+    fn framed(signature: &[u8], key: &str, caller: &str) -> Request<Body> {
+        use prost::Message;
+        let decision = pb::SignedDecision { decision: None, signature: signature.to_vec() };
+        let message = pb::PlaceOrderRequest { decision: Some(decision) }.encode_to_vec();
+        let mut frame = vec![0];
+        frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&message);
+        let mut request = Request::post("http://station/yidi.v1.Issuance/PlaceOrder")
+            .header(CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .header(HEADER, key)
+            .body(Body::new(Buffered { data: Some(Bytes::from(frame)), trailers: None }))
+            .unwrap();
+        let principal = yidi_domain::Principal::Bureau { id: caller.into(), role: yidi_domain::Role::Intake };
+        request.extensions_mut().insert(crate::caller::Caller { principal });
+        request
+    }
+
+    #[tokio::test]
+    async fn each_caller_has_its_own_keys() {
+        use tower::ServiceExt;
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
+        let layer = IdempotencyLayer::new();
+        layer.open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        let counter = Counter::default();
+        let service = layer.layer(IssuanceServer::new(counter.clone()));
+        for caller in ["zj-station", "sc-station", "zj-station"] {
+            let response = service.clone().oneshot(framed(b"ok", "same-key", caller)).await.unwrap();
+            let (_, trailers) = collect(response.into_body(), None).await.unwrap();
+            assert_eq!(trailers.unwrap().get(Status::GRPC_STATUS).unwrap(), "0");
+        }
+        assert_eq!(counter.calls.load(Ordering::SeqCst), 2, "the second station's key is its own");
+        let callers: Vec<String> =
+            record::Entity::find().all(&db).await.unwrap().into_iter().map(|r| r.caller).collect();
+        assert_eq!(callers.len(), 2);
+        assert!(callers.contains(&"zj-station".to_owned()) && callers.contains(&"sc-station".to_owned()));
+    }
+
     #[tokio::test]
     async fn answers_past_retention_are_pruned() {
         let served = serve().await;
