@@ -171,16 +171,23 @@ impl Default for IdempotencyConfig {
     }
 }
 
+/// Ten years: beyond any retry, and far from the clock's limits.
+const MAX_RETENTION_HOURS: u64 = 10 * 366 * 24;
+
 impl IdempotencyConfig {
     pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        if self.retention_hours == 0 {
-            return Err(crate::config::ConfigError::key("idempotency.retention_hours", "must be at least 1"));
+        if !(1..=MAX_RETENTION_HOURS).contains(&self.retention_hours) {
+            return Err(crate::config::ConfigError::key(
+                "idempotency.retention_hours",
+                format!("must be 1 to {MAX_RETENTION_HOURS} (ten years), found {}", self.retention_hours),
+            ));
         }
         Ok(())
     }
 
     pub fn retention(&self) -> chrono::Duration {
-        chrono::Duration::hours(i64::try_from(self.retention_hours).unwrap_or(i64::MAX / 3_600_000))
+        let hours = self.retention_hours.min(MAX_RETENTION_HOURS);
+        chrono::Duration::hours(i64::try_from(hours).unwrap_or(i64::from(u32::MAX)))
     }
 }
 
@@ -280,7 +287,8 @@ pub fn spawn_pruner(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            match prune(&db, clock.now() - retention).await {
+            let cutoff = clock.now().checked_sub_signed(retention).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+            match prune(&db, cutoff).await {
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, "idempotent answers past retention pruned"),
                 Err(error) => tracing::warn!(%error, "cannot prune idempotent answers"),
@@ -917,6 +925,7 @@ mod tests {
         client.place_order(order(b"ok", Some("old"))).await.unwrap();
         assert_eq!(served.calls.load(Ordering::SeqCst), 2, "pruned: the key is new again");
         assert!(IdempotencyConfig { retention_hours: 0 }.validate().is_err());
+        assert!(IdempotencyConfig { retention_hours: u64::MAX }.validate().is_err());
         assert_eq!(IdempotencyConfig::default().retention(), chrono::Duration::hours(24));
     }
 }
