@@ -17,6 +17,7 @@ pub mod db;
 pub mod directory;
 pub mod error;
 pub mod health;
+pub mod idempotency;
 pub mod outbox;
 pub mod outbox_rpc;
 pub mod overload;

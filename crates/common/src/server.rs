@@ -28,6 +28,7 @@ use crate::{
     audit_rpc::AuditGrpc,
     error::ApiError,
     health::{HealthPhase, Phase, health_service},
+    idempotency::{self, IdempotencyLayer},
     outbox_rpc::OutboxGrpc,
     rpc_telemetry::RpcTelemetryLayer,
     security::ServerSecurity,
@@ -86,6 +87,9 @@ pub struct Starting<S> {
     audit: Arc<OnceLock<AuditService>>,
     /// The Outbox service, likewise ([`Starting::open_outbox`]).
     outbox: Arc<OnceLock<OutboxService>>,
+    /// Replays answers to repeated mutating calls once [`Starting::open_idempotency`] gives it
+    /// the database.
+    idempotency: IdempotencyLayer,
     health: HealthPhase,
     shutdown: Shutdown,
     /// `None` once `serve` has taken it; dropping an unserved `Starting` stops the server.
@@ -118,7 +122,8 @@ impl From<TcpListener> for Listeners {
 /// UNAVAILABLE until [`Starting::serve`] hands it over. When `shutdown` triggers, health goes
 /// NOT_SERVING (health watches end after saying so), no new connection is taken, and calls in
 /// flight get `grace` to finish. Every request of the main port passes `security`'s layers
-/// (mutual TLS and caller identity, then access), health and reflection included.
+/// (mutual TLS and caller identity, then access), health and reflection included, then the
+/// idempotency layer (mutating calls with an `idempotency-key` only).
 pub fn start<S: GrpcService>(
     listeners: impl Into<Listeners>,
     security: &ServerSecurity,
@@ -152,6 +157,7 @@ pub fn start<S: GrpcService>(
     let service = Arc::new(OnceLock::new());
     let audit = Arc::new(OnceLock::new());
     let outbox = Arc::new(OnceLock::new());
+    let idempotency = IdempotencyLayer::new();
     let address = listener.local_addr().ok();
     tracing::info!(service = S::NAME, ?address, "listening; not serving until started");
     let drained = {
@@ -185,6 +191,7 @@ pub fn start<S: GrpcService>(
     let server = builder
         .layer(RpcTelemetryLayer::server())
         .layer(security.layers())
+        .layer(idempotency.clone())
         .add_service(health_server)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -208,7 +215,7 @@ pub fn start<S: GrpcService>(
             Ok(())
         })
     };
-    Ok(Starting { service, audit, outbox, health, shutdown, task: Some(task) })
+    Ok(Starting { service, audit, outbox, idempotency, health, shutdown, task: Some(task) })
 }
 
 impl<S: GrpcService> Starting<S> {
@@ -223,6 +230,12 @@ impl<S: GrpcService> Starting<S> {
     /// re-queued dead letter wakes `wake` (the dispatcher's).
     pub fn open_outbox(&self, db: DatabaseConnection, wake: Arc<Notify>) {
         let _ = self.outbox.set(OutboxGrpc::server(db, wake));
+    }
+
+    /// Keeps and replays the answers to mutating calls with an `idempotency-key` in `store`
+    /// (migrated: `idempotent_requests` exists) from now on.
+    pub fn open_idempotency(&self, store: idempotency::Store) {
+        self.idempotency.open(store);
     }
 
     /// Hands the ready service over (health SERVING, unless shutdown has already begun) and serves

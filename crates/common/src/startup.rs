@@ -16,6 +16,7 @@ use crate::{
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
     db,
     directory::DirectoryHandle,
+    idempotency::{self, IdempotencyConfig},
     security::ServerSecurity,
     server::{self, GrpcService, Listeners, Starting},
     shutdown::Shutdown,
@@ -30,6 +31,7 @@ pub struct Sections<'a> {
     pub directory: &'a DirectoryConfig,
     pub clock: &'a ClockConfig,
     pub tls: &'a TlsConfig,
+    pub idempotency: &'a IdempotencyConfig,
 }
 
 /// A service ready to build its parts and serve.
@@ -71,6 +73,7 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     shutdown: impl Future<Output = ()> + Send + 'static,
     check: impl FnOnce(&Directory, &Bureau, &Connector) -> anyhow::Result<T>,
 ) -> anyhow::Result<Prepared<S, T>> {
+    sections.idempotency.validate()?;
     let transport = sections.tls.load()?;
     let handle = DirectoryHandle::load(&sections.directory.path)?;
     let directory = handle.current();
@@ -117,6 +120,8 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     server.open_audit(db.clone());
     let outbox_wake = Arc::new(Notify::new());
     server.open_outbox(db.clone(), Arc::clone(&outbox_wake));
+    server.open_idempotency(idempotency::Store { db: db.clone(), clock: clock.clone() });
+    idempotency::spawn_pruner(db.clone(), clock.clone(), sections.idempotency.retention(), shutdown_handle.clone());
     security.denied_calls().start_recording(db.clone(), clock.clone());
     Ok(Prepared {
         directory: handle,
@@ -162,7 +167,7 @@ mod tests {
     #[async_trait::async_trait]
     impl MigratorTrait for AuditOnly {
         fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-            vec![Box::new(CreateAuditLog), Box::new(ChainAuditLog)]
+            vec![Box::new(CreateAuditLog), Box::new(ChainAuditLog), Box::new(idempotency::CreateIdempotentRequests)]
         }
     }
 
@@ -173,6 +178,7 @@ mod tests {
         directory: DirectoryConfig,
         clock: ClockConfig,
         tls: TlsConfig,
+        idempotency: IdempotencyConfig,
     }
 
     impl Setup {
@@ -208,6 +214,7 @@ mod tests {
                 directory: DirectoryConfig::new(path),
                 clock: ClockConfig::default(),
                 tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
+                idempotency: IdempotencyConfig::default(),
                 dir,
             }
         }
@@ -219,6 +226,7 @@ mod tests {
                 directory: &self.directory,
                 clock: &self.clock,
                 tls: &self.tls,
+                idempotency: &self.idempotency,
             }
         }
 

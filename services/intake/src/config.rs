@@ -4,6 +4,7 @@ use serde::Deserialize;
 use yidi_common::{
     clock::ClockConfig,
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    idempotency::IdempotencyConfig,
     outbox::OutboxConfig,
     telemetry::LogConfig,
     tls::TlsConfig,
@@ -23,6 +24,9 @@ pub struct IntakeConfig {
     /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// `[idempotency]`: how long answers to repeated mutating calls are kept.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
     pub station: StationConfig,
     #[serde(default)]
     pub policy: PolicyTimeline,

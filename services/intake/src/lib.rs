@@ -42,6 +42,7 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
         tls: &config.tls,
+        idempotency: &config.idempotency,
     };
     let prepared = startup::prepare::<Migrator, _, _>(
         sections,

@@ -3,6 +3,7 @@ use serde::Deserialize;
 use yidi_common::{
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    idempotency::IdempotencyConfig,
     outbox::OutboxConfig,
     telemetry::LogConfig,
     tls::TlsConfig,
@@ -25,6 +26,9 @@ pub struct IssuanceConfig {
     /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// `[idempotency]`: how long answers to repeated mutating calls are kept.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
     #[serde(default)]
     pub production: ProductionConfig,
     /// `[outbox]`: how card registrations are delivered to the registry.

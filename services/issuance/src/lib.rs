@@ -44,6 +44,7 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
         tls: &config.tls,
+        idempotency: &config.idempotency,
     };
     let prepared =
         startup::prepare::<Migrator, _, _>(sections, Role::Issuance, listener, shutdown, |directory, _, connector| {

@@ -221,6 +221,7 @@ impl Producer {
             clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
             log: LogConfig::default(),
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
+            idempotency: Default::default(),
             production: ProductionConfig { delay_ms: options.delay_ms, serial_prefix: "ZJ".into() },
             outbox: OutboxConfig {
                 backoff_initial_ms: options.retry_interval_ms,
@@ -688,6 +689,7 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
             clock: ClockConfig::default(),
             log: LogConfig::default(),
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
+            idempotency: Default::default(),
             production: ProductionConfig::default(),
             outbox: OutboxConfig::default(),
         };

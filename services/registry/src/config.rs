@@ -5,6 +5,7 @@ use serde::Deserialize;
 use yidi_common::{
     clock::{Clock, ClockConfig},
     config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+    idempotency::IdempotencyConfig,
     signing::{KeyFileConfig, KeySources},
     telemetry::LogConfig,
     tls::TlsConfig,
@@ -27,6 +28,9 @@ pub struct RegistryConfig {
     /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// `[idempotency]`: how long answers to repeated mutating calls are kept.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
     #[serde(default)]
     pub import: ImportConfig,
 }

@@ -48,6 +48,7 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
         tls: &config.tls,
+        idempotency: &config.idempotency,
     };
     let now = Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
     let check_keys = |directory: &Directory, bureau: &Bureau, _: &yidi_common::client::Connector| {

@@ -159,6 +159,7 @@ impl Harness {
             // Tests check many unknown cards; the limit has its own test.
             registry: ChecksConfig { check_misses_per_minute: 1_000_000 },
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
+            idempotency: Default::default(),
             import: ImportConfig { path: Some(population_path) },
         };
         let (client, stop, task) = start(config.clone()).await;
@@ -878,6 +879,7 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
         signing: SigningConfig { key_dir: Some("keys".into()), keys: vec![] },
         registry: ChecksConfig::default(),
         tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
+        idempotency: Default::default(),
         import: ImportConfig::default(),
     };
     assert!(config.validate().unwrap_err().to_string().contains("server.bureau_id"));

@@ -49,6 +49,7 @@ pub async fn serve(
         directory: &config.directory,
         clock: &config.clock,
         tls: &config.tls,
+        idempotency: &config.idempotency,
     };
     let now =
         yidi_common::Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();

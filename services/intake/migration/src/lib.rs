@@ -4,6 +4,7 @@
 pub use sea_orm_migration::prelude::*;
 use yidi_common::{
     audit::{ChainAuditLog, CreateAuditLog},
+    idempotency::CreateIdempotentRequests,
     outbox::CreateOutbox,
 };
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000003_add_application_trace_context::Migration),
             Box::new(ChainAuditLog),
             Box::new(CreateOutbox),
+            Box::new(CreateIdempotentRequests),
         ]
     }
 }

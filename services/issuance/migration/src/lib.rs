@@ -4,6 +4,7 @@
 pub use sea_orm_migration::prelude::*;
 use yidi_common::{
     audit::{ChainAuditLog, CreateAuditLog},
+    idempotency::CreateIdempotentRequests,
     outbox::CreateOutbox,
 };
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_add_order_trace_context::Migration),
             Box::new(ChainAuditLog),
             Box::new(CreateOutbox),
+            Box::new(CreateIdempotentRequests),
         ]
     }
 }

@@ -4,6 +4,7 @@
 pub use sea_orm_migration::prelude::*;
 use yidi_common::{
     audit::{ChainAuditLog, CreateAuditLog},
+    idempotency::CreateIdempotentRequests,
     outbox::CreateOutbox,
 };
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000004_create_hits::Migration),
             Box::new(ChainAuditLog),
             Box::new(CreateOutbox),
+            Box::new(CreateIdempotentRequests),
         ]
     }
 }

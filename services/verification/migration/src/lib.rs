@@ -5,6 +5,7 @@
 pub use sea_orm_migration::prelude::*;
 use yidi_common::{
     audit::{ChainAuditLog, CreateAuditLog},
+    idempotency::CreateIdempotentRequests,
     outbox::CreateOutbox,
 };
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_create_verifications::Migration),
             Box::new(ChainAuditLog),
             Box::new(CreateOutbox),
+            Box::new(CreateIdempotentRequests),
         ]
     }
 }

@@ -1,0 +1,934 @@
+//! Idempotent mutating RPCs: a caller that sends the metadata `idempotency-key` may repeat a
+//! mutating call (after a timeout, a dropped connection, a restart of either side) and gets the
+//! first answer again, with nothing written a second time.
+//!
+//! The [`IdempotencyLayer`] sits on the main port behind the security layers, so it sees only
+//! admitted calls and knows their [`Caller`]. For a method listed in [`MUTATING`] that carries a
+//! key (1 to 128 visible ASCII characters; anything else is INVALID_ARGUMENT naming the field
+//! `idempotency-key`), it buffers the request (bounded by [`MAX_REQUEST_BYTES`]), hashes it with
+//! SHA-256 and looks up (caller, method, key) in the service's own table `idempotent_requests`:
+//! - found, same request: the stored answer (status, message, details, response message) is
+//!   replayed without calling the service, marked with the response header
+//!   `idempotency-replayed: true`;
+//! - found, another request: INVALID_ARGUMENT, ErrorInfo reason `IDEMPOTENCY_KEY_REUSED`;
+//! - not found: the service answers, and a definitive answer ([`is_definitive`]: OK and errors
+//!   that a repeat would meet again) is stored. A transient one (UNAVAILABLE, DEADLINE_EXCEEDED,
+//!   INTERNAL...) is not, so the repeat runs again.
+//!
+//! Repeats of one key that arrive together are run one after the other in this process; across
+//! replicas the table's primary key lets only the first answer be stored.
+//!
+//! Without the header a call behaves as before: retries are not de-duplicated here, though most
+//! handlers are naturally idempotent on their business keys (a decision id, an application id).
+//! Read-only methods ignore the header.
+//!
+//! One window stays open: the service commits its change, then the process dies before the layer
+//! stores the answer; a repeat then runs the handler again. A handler that must close it reads the
+//! key from the request's extensions ([`IdempotencyKey`]) and stores it with its own rows, in its
+//! own transaction. Rows are kept `idempotency.retention_hours` (pruned by [`spawn_pruner`]).
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    pin::Pin,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use base64::Engine;
+use futures::future::BoxFuture;
+use http_body::{Body as _, Frame};
+use sea_orm::{
+    ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait, QueryFilter, entity::prelude::*, sea_query::OnConflict,
+};
+use sea_orm_migration::prelude::{ColumnDef, Index, MigrationName, MigrationTrait, SchemaManager, Table, async_trait};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tonic::{
+    Code, Status,
+    body::Body,
+    codegen::{
+        Bytes,
+        http::{HeaderMap, HeaderValue, Request, Response, header::CONTENT_TYPE, response::Parts},
+    },
+};
+use tonic_types::{ErrorDetails, StatusExt};
+use tower::{Layer, Service};
+
+use crate::{
+    caller::caller_of,
+    clock::Clock,
+    error::{ERROR_DOMAIN, FieldViolations},
+    shutdown::Shutdown,
+};
+
+/// The request metadata carrying the caller's key.
+pub const HEADER: &str = "idempotency-key";
+/// The response header on a replayed answer.
+pub const REPLAYED_HEADER: &str = "idempotency-replayed";
+/// The longest key accepted.
+pub const MAX_KEY_LEN: usize = 128;
+/// The largest request body buffered: tonic's default decode limit plus the 5-byte gRPC frame
+/// header. No mutating request comes near it.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024 + 5;
+/// ErrorInfo reason of a key sent again with another request.
+pub const KEY_REUSED: &str = "IDEMPOTENCY_KEY_REUSED";
+
+/// Every mutating RPC of the suite (full gRPC paths); a unit test checks that each RPC of the
+/// descriptor set is here or in [`READ_ONLY`]. A new mutating RPC is one more line.
+pub static MUTATING: &[&str] = &[
+    "/yidi.v1.Intake/SubmitApplication",
+    "/yidi.v1.Intake/CancelApplication",
+    "/yidi.v1.Intake/CollectCard",
+    "/yidi.v1.Intake/ReportLoss",
+    "/yidi.v1.Intake/WithdrawLossReport",
+    "/yidi.v1.Verification/Verify",
+    "/yidi.v1.Verification/RecordDeath",
+    "/yidi.v1.Verification/RecordCreditStatus",
+    "/yidi.v1.Verification/CloseApplication",
+    "/yidi.v1.Issuance/PlaceOrder",
+    "/yidi.v1.LossRegistry/ReportLoss",
+    "/yidi.v1.LossRegistry/WithdrawLossReport",
+    "/yidi.v1.LossRegistry/RegisterCard",
+    "/yidi.v1.Outbox/RetryDeadLetter",
+];
+
+/// The RPCs that change nothing a repeat could duplicate. CheckCard/CheckCards record a hit per
+/// check: a repeated check is another check, and is recorded as one.
+pub static READ_ONLY: &[&str] = &[
+    "/yidi.v1.Intake/GetApplication",
+    "/yidi.v1.Intake/GetApplicationTimeline",
+    "/yidi.v1.Intake/ListApplications",
+    "/yidi.v1.Intake/WatchApplication",
+    "/yidi.v1.Verification/GetCitizen",
+    "/yidi.v1.Issuance/GetOrder",
+    "/yidi.v1.Issuance/WatchOrder",
+    "/yidi.v1.LossRegistry/CheckCard",
+    "/yidi.v1.LossRegistry/CheckCards",
+    "/yidi.v1.LossRegistry/WatchRevocations",
+    "/yidi.v1.LossRegistry/ListHits",
+    "/yidi.v1.Audit/VerifyAuditChain",
+    "/yidi.v1.Audit/ListAuditEntries",
+    "/yidi.v1.Outbox/ListOutboxMessages",
+];
+
+pub fn is_mutating(path: &str) -> bool {
+    MUTATING.contains(&path)
+}
+
+/// The caller's key, in the request extensions of a mutating call that carries one, for a
+/// handler that stores it with its own rows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(pub String);
+
+/// The key of a request's headers: `Ok(None)` without the header, `Err` (a field violation on
+/// `idempotency-key`) if it is not 1 to 128 visible ASCII characters or is sent twice.
+pub fn key_of(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, FieldViolations> {
+    let mut values = headers.get_all(HEADER).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    let invalid = |description: String| {
+        let mut violations = FieldViolations::new();
+        violations.add(HEADER, description);
+        violations
+    };
+    if values.next().is_some() {
+        return Err(invalid("must be sent once".into()));
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_KEY_LEN {
+        return Err(invalid(format!("must be 1 to {MAX_KEY_LEN} characters, found {}", bytes.len())));
+    }
+    if !bytes.iter().all(u8::is_ascii_graphic) {
+        return Err(invalid("must be visible ASCII characters (no spaces)".into()));
+    }
+    Ok(Some(IdempotencyKey(String::from_utf8_lossy(bytes).into_owned())))
+}
+
+/// Whether an answer with `code` is final, so that a repeat must get it again: the request itself
+/// decided it. Transient failures (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED,
+/// INTERNAL, UNKNOWN, CANCELLED...) are not stored: the repeat runs again.
+pub fn is_definitive(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Ok
+            | Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::OutOfRange
+    )
+}
+
+/// `[idempotency]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    /// Hours a stored answer is kept (and replayed); older rows are pruned.
+    pub retention_hours: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self { retention_hours: 24 }
+    }
+}
+
+/// Ten years: beyond any retry, and far from the clock's limits.
+const MAX_RETENTION_HOURS: u64 = 10 * 366 * 24;
+
+impl IdempotencyConfig {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        if !(1..=MAX_RETENTION_HOURS).contains(&self.retention_hours) {
+            return Err(crate::config::ConfigError::key(
+                "idempotency.retention_hours",
+                format!("must be 1 to {MAX_RETENTION_HOURS} (ten years), found {}", self.retention_hours),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn retention(&self) -> chrono::Duration {
+        let hours = self.retention_hours.min(MAX_RETENTION_HOURS);
+        chrono::Duration::hours(i64::try_from(hours).unwrap_or(i64::from(u32::MAX)))
+    }
+}
+
+/// A row of `idempotent_requests`: the first definitive answer to (caller, method, key).
+pub mod record {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "idempotent_requests")]
+    pub struct Model {
+        /// The caller's directory id; empty on a plaintext server.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub caller: String,
+        /// The full gRPC path.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub method: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub idempotency_key: String,
+        /// SHA-256 of the request body as received (gRPC frames).
+        pub request_sha256: Vec<u8>,
+        /// The gRPC status code of the answer.
+        pub status_code: i32,
+        #[sea_orm(column_type = "Text")]
+        pub message: String,
+        /// `grpc-status-details-bin`, decoded (a `google.rpc.Status`); empty if none.
+        pub details: Vec<u8>,
+        /// The response body (gRPC frames); empty for an error.
+        pub response: Vec<u8>,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The migration creating `idempotent_requests`; every service's migrator lists it.
+pub struct CreateIdempotentRequests;
+
+impl CreateIdempotentRequests {
+    /// Stable: recorded in each database's `seaql_migrations`.
+    pub const NAME: &'static str = "m20261127_950000_create_idempotent_requests";
+}
+
+impl MigrationName for CreateIdempotentRequests {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateIdempotentRequests {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        use record::{Column, Entity};
+        manager
+            .create_table(
+                Table::create()
+                    .table(Entity)
+                    .if_not_exists()
+                    .col(ColumnDef::new(Column::Caller).string_len(256).not_null())
+                    .col(ColumnDef::new(Column::Method).string_len(256).not_null())
+                    .col(ColumnDef::new(Column::IdempotencyKey).string_len(MAX_KEY_LEN as u32).not_null())
+                    .col(ColumnDef::new(Column::RequestSha256).blob().not_null())
+                    .col(ColumnDef::new(Column::StatusCode).integer().not_null())
+                    .col(ColumnDef::new(Column::Message).text().not_null())
+                    .col(ColumnDef::new(Column::Details).blob().not_null())
+                    .col(ColumnDef::new(Column::Response).blob().not_null())
+                    .col(ColumnDef::new(Column::CreatedAt).timestamp_with_time_zone().not_null())
+                    .primary_key(Index::create().col(Column::Caller).col(Column::Method).col(Column::IdempotencyKey))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_idempotent_requests_created_at")
+                    .table(Entity)
+                    .col(Column::CreatedAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.drop_table(Table::drop().table(record::Entity).to_owned()).await
+    }
+}
+
+/// Deletes the rows older than `retention` now, then every [`PRUNE_EVERY`], until shutdown.
+pub fn spawn_pruner(
+    db: DatabaseConnection,
+    clock: Clock,
+    retention: chrono::Duration,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let cutoff = clock.now().checked_sub_signed(retention).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+            match prune(&db, cutoff).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "idempotent answers past retention pruned"),
+                Err(error) => tracing::warn!(%error, "cannot prune idempotent answers"),
+            }
+            tokio::select! {
+                () = shutdown.wait() => return,
+                () = tokio::time::sleep(PRUNE_EVERY) => {}
+            }
+        }
+    })
+}
+
+/// How often [`spawn_pruner`] looks for old rows.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Deletes the answers stored before `cutoff`; returns how many.
+pub async fn prune(db: &DatabaseConnection, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, DbErr> {
+    let deleted = record::Entity::delete_many().filter(record::Column::CreatedAt.lt(cutoff)).exec(db).await?;
+    Ok(deleted.rows_affected)
+}
+
+/// The database the answers are kept in, and the clock that dates them.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub db: DatabaseConnection,
+    pub clock: Clock,
+}
+
+/// (caller, method, key): one stored answer.
+type RecordId = (String, String, String);
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Set once the database is migrated; before that the service answers UNAVAILABLE anyway.
+    store: OnceLock<Store>,
+    /// One lock per key with a call in progress, so that simultaneous repeats run one by one.
+    in_progress: Mutex<HashMap<RecordId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The tower layer; one per server, shared by its connections. See the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct IdempotencyLayer {
+    shared: Arc<Shared>,
+}
+
+impl IdempotencyLayer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keeps and replays answers in `store` from now on (once; later calls are ignored).
+    pub fn open(&self, store: Store) {
+        let _ = self.shared.store.set(store);
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotent<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotent { inner, shared: Arc::clone(&self.shared) }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Idempotent<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Service<Request<Body>> for Idempotent<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let path = request.uri().path();
+        if !is_mutating(path) {
+            return Box::pin(self.inner.call(request));
+        }
+        let key = match key_of(request.headers()) {
+            Ok(None) => return Box::pin(self.inner.call(request)),
+            Ok(Some(key)) => key,
+            Err(violations) => {
+                let status = Status::from(crate::ApiError::InvalidArgument(violations));
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        };
+        let Some(store) = self.shared.store.get().cloned() else {
+            let status = Status::from(crate::ApiError::Starting { service: "the idempotency store" });
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        };
+        let caller = caller_of(request.extensions()).map(|caller| caller.id().to_owned()).unwrap_or_default();
+        let id = (caller, path.to_owned(), key.0.clone());
+        request.extensions_mut().insert(key);
+        // The ready service answers this call; the clone takes its place for the next.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move { Ok(once(inner, shared, store, id, request).await.unwrap_or_else(Status::into_http)) })
+    }
+}
+
+/// The answer to a mutating call with a key: replayed, refused, or the service's (then stored).
+async fn once<S>(
+    mut inner: S,
+    shared: Arc<Shared>,
+    store: Store,
+    id: RecordId,
+    request: Request<Body>,
+) -> Result<Response<Body>, Status>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    let (parts, body) = request.into_parts();
+    let (body, _) = collect(body, Some(MAX_REQUEST_BYTES)).await?;
+    let request_sha256 = Sha256::digest(&body).to_vec();
+    let _turn = KeyTurn::take(&shared, &id).await;
+
+    let stored = record::Entity::find_by_id(id.clone()).one(&store.db).await.map_err(store_unavailable)?;
+    if let Some(stored) = stored {
+        if stored.request_sha256 != request_sha256 {
+            return Err(key_reused(&id));
+        }
+        tracing::info!(method = %id.1, caller = %id.0, "idempotent repeat: the stored answer is replayed");
+        return Ok(replay(&stored));
+    }
+
+    let request = Request::from_parts(parts, Body::new(Buffered { data: Some(body), trailers: None }));
+    let response = match inner.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let (data, trailers) = collect(body, None).await?;
+    let status = trailers.as_ref().and_then(status_of).or_else(|| status_of(&parts.headers));
+    if let Some((code, message, details)) = status.filter(|(code, ..)| is_definitive(*code)) {
+        let row = record::ActiveModel {
+            caller: Set(id.0.clone()),
+            method: Set(id.1.clone()),
+            idempotency_key: Set(id.2.clone()),
+            request_sha256: Set(request_sha256),
+            status_code: Set(code as i32),
+            message: Set(message),
+            details: Set(details),
+            response: Set(data.to_vec()),
+            created_at: Set(store.clock.now()),
+        };
+        // Another replica may have stored its answer first: then its answer stands for repeats.
+        let stored = record::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([record::Column::Caller, record::Column::Method, record::Column::IdempotencyKey])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&store.db)
+            .await;
+        if let Err(error) = stored {
+            tracing::error!(%error, method = %id.1, "cannot store the answer of an idempotent call: a repeat runs again");
+        }
+    }
+    Ok(rebuild(parts, data, trailers))
+}
+
+/// The turn of one key: held while its call runs, released (and forgotten if nobody waits) on drop.
+struct KeyTurn {
+    shared: Arc<Shared>,
+    id: RecordId,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyTurn {
+    async fn take(shared: &Arc<Shared>, id: &RecordId) -> Self {
+        let lock = {
+            let mut in_progress = shared.in_progress.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(in_progress.entry(id.clone()).or_default())
+        };
+        let guard = Some(Arc::clone(&lock).lock_owned().await);
+        Self { shared: Arc::clone(shared), id: id.clone(), lock, guard }
+    }
+}
+
+impl Drop for KeyTurn {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut in_progress = self.shared.in_progress.lock().unwrap_or_else(PoisonError::into_inner);
+        // Clones are taken only under this map's lock: two left (the map's and ours) means no
+        // call waits for this key.
+        if Arc::strong_count(&self.lock) == 2 {
+            in_progress.remove(&self.id);
+        }
+    }
+}
+
+fn store_unavailable(error: DbErr) -> Status {
+    tracing::error!(%error, "the idempotency store cannot be read");
+    let mut details = ErrorDetails::new();
+    details.set_error_info("IDEMPOTENCY_STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
+    Status::with_error_details(Code::Unavailable, "the stored answers cannot be read: try again", details)
+}
+
+fn key_reused(id: &RecordId) -> Status {
+    let mut details = ErrorDetails::new();
+    details.add_bad_request_violation(HEADER, "was used before for another request to this method");
+    details.set_error_info(KEY_REUSED, ERROR_DOMAIN, HashMap::from([("method".to_owned(), id.1.clone())]));
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{HEADER} {:?} was used before with another request to {}", id.2, id.1),
+        details,
+    )
+}
+
+/// The stored answer, as the service first gave it.
+fn replay(stored: &record::Model) -> Response<Body> {
+    let code = Code::from_i32(stored.status_code);
+    let mut response = if code == Code::Ok {
+        let mut trailers = HeaderMap::new();
+        trailers.insert(Status::GRPC_STATUS, HeaderValue::from_static("0"));
+        let body = Buffered { data: Some(Bytes::from(stored.response.clone())), trailers: Some(trailers) };
+        let mut response = Response::new(Body::new(body));
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response
+    } else {
+        Status::with_details(code, stored.message.clone(), Bytes::from(stored.details.clone())).into_http()
+    };
+    response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    response
+}
+
+fn rebuild(parts: Parts, data: Bytes, trailers: Option<HeaderMap>) -> Response<Body> {
+    Response::from_parts(parts, Body::new(Buffered { data: Some(data), trailers }))
+}
+
+/// The status an answer's headers or trailers carry: code, decoded message, decoded details.
+/// `None` if there is none, or it cannot be read (then it is not stored).
+fn status_of(headers: &HeaderMap) -> Option<(Code, String, Vec<u8>)> {
+    let code = Code::from_bytes(headers.get(Status::GRPC_STATUS)?.as_bytes());
+    let message = match headers.get(Status::GRPC_MESSAGE) {
+        Some(value) => percent_decode(value.as_bytes())?,
+        None => String::new(),
+    };
+    let details = match headers.get(Status::GRPC_STATUS_DETAILS) {
+        Some(value) => base64::engine::general_purpose::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        )
+        .decode(value.as_bytes())
+        .ok()?,
+        None => Vec::new(),
+    };
+    Some((code, message, details))
+}
+
+/// `grpc-message` is percent-encoded UTF-8.
+fn percent_decode(bytes: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%'
+            && let [high, low, after @ ..] = tail
+            && let (Some(high), Some(low)) = ((*high as char).to_digit(16), (*low as char).to_digit(16))
+        {
+            out.push((high * 16 + low) as u8);
+            rest = after;
+            continue;
+        }
+        out.push(byte);
+        rest = tail;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// All of a body: its data, concatenated, and its trailers. More than `limit` bytes of data:
+/// OUT_OF_RANGE, as tonic answers a message over its decode limit.
+async fn collect(mut body: Body, limit: Option<usize>) -> Result<(Bytes, Option<HeaderMap>), Status> {
+    let mut data = Vec::new();
+    let mut trailers = None;
+    while let Some(frame) = futures::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        match frame?.into_data() {
+            Ok(chunk) => {
+                data.extend_from_slice(&chunk);
+                if let Some(limit) = limit
+                    && data.len() > limit
+                {
+                    return Err(Status::out_of_range(format!(
+                        "request larger than {limit} bytes: not accepted with {HEADER}"
+                    )));
+                }
+            }
+            Err(frame) => {
+                if let Ok(map) = frame.into_trailers() {
+                    trailers = Some(map);
+                }
+            }
+        }
+    }
+    Ok((Bytes::from(data), trailers))
+}
+
+/// A body already in memory: one data frame, then the trailers, if any.
+struct Buffered {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl http_body::Body for Buffered {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take().filter(|data| !data.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|trailers| Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.as_ref().is_none_or(Bytes::is_empty) && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use sea_orm::Database;
+    use tokio::net::TcpListener;
+    use tonic::{Request as GrpcRequest, Response as GrpcResponse, transport::Channel};
+    use yidi_proto::v1::{
+        self as pb,
+        issuance_client::IssuanceClient,
+        issuance_server::{Issuance, IssuanceServer},
+    };
+
+    use super::*;
+    use crate::{ApiError, security::ServerSecurity, server};
+
+    #[test]
+    fn a_key_is_1_to_128_visible_ascii_characters_sent_once() {
+        let headers = |values: &[&[u8]]| {
+            let mut map = HeaderMap::new();
+            for value in values {
+                map.append(HEADER, HeaderValue::from_bytes(value).unwrap());
+            }
+            map
+        };
+        assert_eq!(key_of(&HeaderMap::new()), Ok(None), "no header: no key, the call runs as always");
+        let longest = "k".repeat(MAX_KEY_LEN);
+        for good in ["a", "order-2118-03-01/7", longest.as_str(), "~!#$%&'*+-.^_`|"] {
+            assert_eq!(key_of(&headers(&[good.as_bytes()])), Ok(Some(IdempotencyKey(good.into()))), "{good:?}");
+        }
+        let too_long = "k".repeat(MAX_KEY_LEN + 1);
+        for bad in [&b""[..], too_long.as_bytes(), b"two words", b"tab\there", "\u{e9}t\u{e9}".as_bytes()] {
+            let violations = key_of(&headers(&[bad])).unwrap_err();
+            let fields: Vec<&str> = violations.iter().map(|(field, _)| field.as_str()).collect();
+            assert_eq!(fields, [HEADER], "{bad:?}");
+        }
+        assert!(key_of(&headers(&[b"a", b"b"])).is_err(), "sent twice");
+    }
+
+    #[test]
+    fn every_rpc_in_the_descriptor_set_is_classified_mutating_or_read_only_once() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(yidi_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut served = Vec::new();
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    served.push(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                }
+            }
+        }
+        let unclassified: Vec<&String> = served
+            .iter()
+            .filter(|path| !MUTATING.contains(&path.as_str()) && !READ_ONLY.contains(&path.as_str()))
+            .collect();
+        assert!(unclassified.is_empty(), "add each to idempotency::MUTATING or READ_ONLY: {unclassified:?}");
+        let both: Vec<&&str> = MUTATING.iter().filter(|path| READ_ONLY.contains(path)).collect();
+        assert!(both.is_empty(), "classified twice: {both:?}");
+        let stale: Vec<&&str> =
+            MUTATING.iter().chain(READ_ONLY).filter(|path| !served.iter().any(|s| s == **path)).collect();
+        assert!(stale.is_empty(), "not an RPC of the descriptor set: {stale:?}");
+        assert!(is_mutating("/yidi.v1.Intake/SubmitApplication"));
+        assert!(!is_mutating("/yidi.v1.Intake/GetApplication"));
+    }
+
+    #[test]
+    fn only_answers_the_request_decided_are_definitive() {
+        for code in [Code::Ok, Code::InvalidArgument, Code::NotFound, Code::AlreadyExists, Code::FailedPrecondition] {
+            assert!(is_definitive(code), "{code:?}");
+        }
+        for code in [
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::Internal,
+            Code::Unknown,
+            Code::Cancelled,
+        ] {
+            assert!(!is_definitive(code), "{code:?}");
+        }
+        assert_eq!(percent_decode(b"caf%C3%A9 50%25 %zz").as_deref(), Some("café 50% %zz"));
+    }
+
+    /// Counts `PlaceOrder` calls; the decision's signature says how to answer.
+    #[derive(Debug, Clone, Default)]
+    struct Counter {
+        calls: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl Issuance for Counter {
+        async fn place_order(
+            &self,
+            request: GrpcRequest<pb::PlaceOrderRequest>,
+        ) -> Result<GrpcResponse<pb::PlaceOrderResponse>, Status> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let seen_key = request.extensions().get::<IdempotencyKey>().map(|key| key.0.clone()).unwrap_or_default();
+            let signature = request.into_inner().decision.map(|d| d.signature).unwrap_or_default();
+            match signature.as_slice() {
+                b"refuse" => Err(ApiError::precondition("ORDER_REFUSED", format!("refused, call {call}")).into()),
+                b"busy" => Err(Status::unavailable(format!("busy, call {call}"))),
+                other => {
+                    if other == b"slow" {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let order =
+                        pb::Order { order_id: format!("order-{call}"), last_error: seen_key, ..Default::default() };
+                    Ok(GrpcResponse::new(pb::PlaceOrderResponse { order: Some(order) }))
+                }
+            }
+        }
+
+        async fn get_order(
+            &self,
+            _: GrpcRequest<pb::GetOrderRequest>,
+        ) -> Result<GrpcResponse<pb::GetOrderResponse>, Status> {
+            Err(Status::unimplemented("test service"))
+        }
+
+        type WatchOrderStream = futures::stream::Empty<Result<pb::WatchOrderResponse, Status>>;
+
+        async fn watch_order(
+            &self,
+            _: GrpcRequest<pb::WatchOrderRequest>,
+        ) -> Result<GrpcResponse<Self::WatchOrderStream>, Status> {
+            Err(Status::unimplemented("test service"))
+        }
+    }
+
+    struct Served {
+        calls: Arc<AtomicUsize>,
+        channel: Channel,
+        db: DatabaseConnection,
+        _trigger: crate::shutdown::ShutdownTrigger,
+    }
+
+    async fn serve() -> Served {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: SocketAddr = listener.local_addr().unwrap();
+        let (trigger, shutdown) = Shutdown::new();
+        let starting = server::start::<IssuanceServer<Counter>>(
+            listener,
+            &ServerSecurity::plaintext(),
+            shutdown,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
+        starting.open_idempotency(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        let counter = Counter::default();
+        let calls = Arc::clone(&counter.calls);
+        tokio::spawn(starting.serve(IssuanceServer::new(counter)));
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        Served { calls, channel, db, _trigger: trigger }
+    }
+
+    fn order(signature: &[u8], key: Option<&str>) -> GrpcRequest<pb::PlaceOrderRequest> {
+        let decision = pb::SignedDecision { decision: None, signature: signature.to_vec() };
+        let mut request = GrpcRequest::new(pb::PlaceOrderRequest { decision: Some(decision) });
+        if let Some(key) = key {
+            request.metadata_mut().insert(HEADER, key.parse().unwrap());
+        }
+        request
+    }
+
+    fn replayed<T>(response: &GrpcResponse<T>) -> bool {
+        response.metadata().get(REPLAYED_HEADER).is_some()
+    }
+
+    #[tokio::test]
+    async fn a_repeat_with_the_same_key_gets_the_first_answer_without_calling_the_service() {
+        let served = serve().await;
+        let mut client = IssuanceClient::new(served.channel.clone());
+        let first = client.place_order(order(b"ok", Some("k-1"))).await.unwrap();
+        let again = client.place_order(order(b"ok", Some("k-1"))).await.unwrap();
+        assert_eq!(served.calls.load(Ordering::SeqCst), 1, "the repeat did not reach the service");
+        assert!(!replayed(&first) && replayed(&again));
+        assert_eq!(first.get_ref(), again.get_ref());
+        assert_eq!(first.get_ref().order.as_ref().unwrap().last_error, "k-1", "the handler sees the key");
+
+        let reused = client.place_order(order(b"other", Some("k-1"))).await.unwrap_err();
+        assert_eq!(reused.code(), Code::InvalidArgument);
+        assert_eq!(reused.get_details_error_info().unwrap().reason, KEY_REUSED);
+        assert_eq!(reused.get_details_bad_request().unwrap().field_violations[0].field, HEADER);
+        assert_eq!(served.calls.load(Ordering::SeqCst), 1);
+
+        // Without a key, or with another one, the call runs.
+        client.place_order(order(b"ok", None)).await.unwrap();
+        client.place_order(order(b"ok", None)).await.unwrap();
+        let other = client.place_order(order(b"ok", Some("k-2"))).await.unwrap();
+        assert_eq!(other.get_ref().order.as_ref().unwrap().order_id, "order-4");
+        assert_eq!(served.calls.load(Ordering::SeqCst), 4);
+
+        let invalid = client.place_order(order(b"ok", Some("a key"))).await.unwrap_err();
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        assert_eq!(invalid.get_details_bad_request().unwrap().field_violations[0].field, HEADER);
+        assert_eq!(served.calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_definitive_refusal_is_replayed_with_its_details_and_a_transient_failure_runs_again() {
+        let served = serve().await;
+        let mut client = IssuanceClient::new(served.channel.clone());
+        let first = client.place_order(order(b"refuse", Some("r"))).await.unwrap_err();
+        let again = client.place_order(order(b"refuse", Some("r"))).await.unwrap_err();
+        assert_eq!(served.calls.load(Ordering::SeqCst), 1);
+        assert_eq!((first.code(), first.message()), (Code::FailedPrecondition, "refused, call 1"));
+        assert_eq!((again.code(), again.message(), again.details()), (first.code(), first.message(), first.details()));
+        assert_eq!(again.get_details_error_info().unwrap().reason, "ORDER_REFUSED");
+
+        for call in 2..=3 {
+            let busy = client.place_order(order(b"busy", Some("b"))).await.unwrap_err();
+            assert_eq!((busy.code(), busy.message()), (Code::Unavailable, format!("busy, call {call}").as_str()));
+        }
+        let stored = record::Entity::find().all(&served.db).await.unwrap();
+        assert_eq!(stored.len(), 1, "only the definitive answer is kept: {stored:?}");
+        assert_eq!((stored[0].caller.as_str(), stored[0].idempotency_key.as_str()), ("", "r"));
+        assert_eq!(stored[0].method, "/yidi.v1.Issuance/PlaceOrder");
+    }
+
+    #[tokio::test]
+    async fn simultaneous_repeats_run_the_service_once() {
+        let served = serve().await;
+        let calls = (0..4).map(|_| {
+            let mut client = IssuanceClient::new(served.channel.clone());
+            tokio::spawn(async move { client.place_order(order(b"slow", Some("together"))).await })
+        });
+        let answers: Vec<pb::PlaceOrderResponse> =
+            futures::future::join_all(calls).await.into_iter().map(|a| a.unwrap().unwrap().into_inner()).collect();
+        assert_eq!(served.calls.load(Ordering::SeqCst), 1);
+        assert!(answers.iter().all(|answer| *answer == answers[0]), "{answers:?}");
+    }
+
+    #[tokio::test]
+    async fn a_key_waits_for_its_turn_and_is_forgotten_once_nobody_waits() {
+        let shared = Arc::new(Shared::default());
+        let id: RecordId = ("caller".into(), "/m".into(), "k".into());
+        let first = KeyTurn::take(&shared, &id).await;
+        let second = {
+            let (shared, id) = (Arc::clone(&shared), id.clone());
+            tokio::spawn(async move { drop(KeyTurn::take(&shared, &id).await) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "the repeat waits while the first call runs");
+        drop(first);
+        second.await.unwrap();
+        assert!(shared.in_progress.lock().unwrap().is_empty(), "no lock is left behind");
+    }
+
+    /// A PlaceOrder request as it arrives behind the security layers, from `caller`.
+    fn framed(signature: &[u8], key: &str, caller: &str) -> Request<Body> {
+        use prost::Message;
+        let decision = pb::SignedDecision { decision: None, signature: signature.to_vec() };
+        let message = pb::PlaceOrderRequest { decision: Some(decision) }.encode_to_vec();
+        let mut frame = vec![0];
+        frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&message);
+        let mut request = Request::post("http://station/yidi.v1.Issuance/PlaceOrder")
+            .header(CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .header(HEADER, key)
+            .body(Body::new(Buffered { data: Some(Bytes::from(frame)), trailers: None }))
+            .unwrap();
+        let principal = yidi_domain::Principal::Bureau { id: caller.into(), role: yidi_domain::Role::Intake };
+        request.extensions_mut().insert(crate::caller::Caller { principal });
+        request
+    }
+
+    #[tokio::test]
+    async fn each_caller_has_its_own_keys() {
+        use tower::ServiceExt;
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
+        let layer = IdempotencyLayer::new();
+        layer.open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        let counter = Counter::default();
+        let service = layer.layer(IssuanceServer::new(counter.clone()));
+        for caller in ["zj-station", "sc-station", "zj-station"] {
+            let response = service.clone().oneshot(framed(b"ok", "same-key", caller)).await.unwrap();
+            let (_, trailers) = collect(response.into_body(), None).await.unwrap();
+            assert_eq!(trailers.unwrap().get(Status::GRPC_STATUS).unwrap(), "0");
+        }
+        assert_eq!(counter.calls.load(Ordering::SeqCst), 2, "the second station's key is its own");
+        let callers: Vec<String> =
+            record::Entity::find().all(&db).await.unwrap().into_iter().map(|r| r.caller).collect();
+        assert_eq!(callers.len(), 2);
+        assert!(callers.contains(&"zj-station".to_owned()) && callers.contains(&"sc-station".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn answers_past_retention_are_pruned() {
+        let served = serve().await;
+        let mut client = IssuanceClient::new(served.channel.clone());
+        client.place_order(order(b"ok", Some("old"))).await.unwrap();
+        let stored_at = record::Entity::find().one(&served.db).await.unwrap().unwrap().created_at;
+        assert_eq!(prune(&served.db, stored_at).await.unwrap(), 0, "not older than the cutoff");
+        assert_eq!(prune(&served.db, stored_at + chrono::Duration::seconds(1)).await.unwrap(), 1);
+        client.place_order(order(b"ok", Some("old"))).await.unwrap();
+        assert_eq!(served.calls.load(Ordering::SeqCst), 2, "pruned: the key is new again");
+        assert!(IdempotencyConfig { retention_hours: 0 }.validate().is_err());
+        assert!(IdempotencyConfig { retention_hours: u64::MAX }.validate().is_err());
+        assert_eq!(IdempotencyConfig::default().retention(), chrono::Duration::hours(24));
+    }
+}
