@@ -189,8 +189,15 @@ async fn applications(url: &str) -> anyhow::Result<Vec<Application>> {
     let db = connect(url).await?;
     let rows = query(
         &db,
-        "SELECT application_id, kind, state, id_number, previous_card_serial, new_card_serial, loss_recorded, \
-         halted, home_notified, last_error FROM applications",
+        // Halted: waiting on a dead letter of the station's outbox (see yidi_common::outbox); the
+        // error shown is that of the newest message still owed.
+        "SELECT a.application_id, a.kind, a.state, a.id_number, a.previous_card_serial, a.new_card_serial, \
+         a.loss_recorded, \
+         (SELECT COUNT(*) FROM outbox_messages m WHERE m.subject = a.application_id AND m.state = 'dead') > 0, \
+         a.home_notified, \
+         (SELECT m.last_error FROM outbox_messages m WHERE m.subject = a.application_id \
+           AND m.state IN ('pending', 'dead') ORDER BY m.created_at DESC LIMIT 1) \
+         FROM applications a",
     )
     .await?;
     db.close().await?;
