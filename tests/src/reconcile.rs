@@ -325,6 +325,18 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
         }
     }
 
+    // Every application the station holds was answered to some caller: one more is a request
+    // lodged twice (a retry after a failed call that had in fact been committed).
+    let answered: HashSet<&str> = acknowledged.iter().map(|a| a.application_id.as_str()).collect();
+    for application in &applications {
+        if !answered.contains(application.id.as_str()) {
+            report.duplicated.push(format!(
+                "{} is in the station's database but no caller was answered with it",
+                describe(application)
+            ));
+        }
+    }
+
     let mut orders_of: HashMap<&str, Vec<&Order>> = HashMap::new();
     for order in &orders {
         orders_of.entry(order.application_id.as_str()).or_default().push(order);

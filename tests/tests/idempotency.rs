@@ -2,6 +2,7 @@
 //! and writes nothing, also after the bureau restarted; the same key with another request is
 //! refused. Through the real suite, at the station, a home bureau and the registry.
 use anyhow::Context;
+use sea_orm::ConnectionTrait;
 use yidi_common::{
     convert::signed_decision_to_proto,
     idempotency::{HEADER, KEY_REUSED, REPLAYED_HEADER},
@@ -12,7 +13,10 @@ use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, applicant, at, on_both_databases, reason, serial, start, topology, topology::Process,
 };
 
-on_both_databases!(a_repeated_mutating_call_with_its_key_gets_the_first_answer_and_writes_nothing_also_after_a_restart,);
+on_both_databases!(
+    a_repeated_mutating_call_with_its_key_gets_the_first_answer_and_writes_nothing_also_after_a_restart,
+    a_station_that_died_before_keeping_its_answer_answers_a_repeat_with_the_application_it_lodged,
+);
 
 /// `message` sent with `key` as its `idempotency-key`.
 fn keyed<T>(message: T, key: &str) -> anyhow::Result<tonic::Request<T>> {
@@ -163,5 +167,35 @@ async fn a_repeated_mutating_call_with_its_key_gets_the_first_answer_and_writes_
         .expect_err("key reused");
     assert_eq!(reason(&refused), KEY_REUSED);
     assert_eq!(written(&t, Process::Intake).await?, before);
+    t.stop().await
+}
+
+/// The window the layer leaves open: the station committed the application, then died before the
+/// layer kept its answer (simulated by deleting the kept answer). The repeat reaches the station,
+/// which finds the application by its key instead of lodging a second one.
+async fn a_station_that_died_before_keeping_its_answer_answers_a_repeat_with_the_application_it_lodged(
+    db: Db,
+) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else {
+        return Ok(());
+    };
+    let citizen = t.ordinary("51", 7)?;
+    let report = pb::ReportLossRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) };
+    let mut intake = t.intake().await?;
+    let first = intake.report_loss(keyed(report.clone(), "loss-at-counter")?).await?.into_inner();
+    let lodged = first.application.context("application")?;
+    let station = sea_orm::Database::connect(t.suite.database_url(Process::Intake)).await?;
+    let forgotten = station
+        .execute_raw(sea_orm::Statement::from_string(station.get_database_backend(), "DELETE FROM idempotent_requests"))
+        .await?;
+    anyhow::ensure!(forgotten.rows_affected() == 1, "the layer had kept the first answer");
+
+    let repeat = intake.report_loss(keyed(report, "loss-at-counter")?).await?;
+    anyhow::ensure!(!is_replay(&repeat), "the layer had nothing to replay");
+    let again = repeat.into_inner().application.context("application")?;
+    anyhow::ensure!(again.application_id == lodged.application_id, "{again:?} vs {lodged:?}");
+    let (applications, _) = written(&t, Process::Intake).await.map(|(_, n)| (n, ()))?;
+    anyhow::ensure!(applications == 1, "one application, not {applications}");
+    station.close().await?;
     t.stop().await
 }

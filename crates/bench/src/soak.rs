@@ -11,8 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
-use yidi_common::population::Citizen;
+use yidi_common::{idempotency, population::Citizen};
 use yidi_demo::{
     suite::{Backend, ClockSetting, Suite, SuiteOptions},
     topology::Process,
@@ -102,62 +101,61 @@ struct Tally {
     acknowledged: Vec<Acknowledged>,
     /// Acknowledged only after a retry (the first call failed: the station was down).
     after_retry: usize,
-    /// The call failed but the station had recorded it: found in its database by the citizen.
-    found_after_failure: usize,
+    /// Answered by the station's idempotency layer with an earlier attempt's answer.
+    replayed: usize,
 }
 
+/// One SubmitApplication or ReportLoss, sent with `key` as its `idempotency-key`. Returns the
+/// application id and whether the answer was a replay of an earlier attempt's.
 async fn submit_once(
     intake: &mut IntakeClient<tonic::transport::Channel>,
     planned: &Planned,
-) -> Result<String, tonic::Status> {
+    key: &str,
+) -> Result<(String, bool), tonic::Status> {
     let applicant = Some(yidi_tests::applicant(&planned.citizen));
     let card_serial = yidi_tests::serial(&planned.citizen);
-    let application = if planned.kind == pb::ApplicationKind::LossReport {
-        intake.report_loss(pb::ReportLossRequest { applicant, card_serial }).await?.into_inner().application
-    } else {
-        intake
-            .submit_application(pb::SubmitApplicationRequest { kind: planned.kind as i32, applicant, card_serial })
-            .await?
-            .into_inner()
-            .application
+    fn keyed<T>(message: T, key: &str) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Ok(value) = key.parse() {
+            request.metadata_mut().insert(idempotency::HEADER, value);
+        }
+        request
+    }
+    let replayed = |metadata: &tonic::metadata::MetadataMap| {
+        metadata.get(idempotency::REPLAYED_HEADER).is_some_and(|value| value == "true")
     };
-    application.map(|a| a.application_id).ok_or_else(|| tonic::Status::internal("no application in the answer"))
+    let (application, replay) = if planned.kind == pb::ApplicationKind::LossReport {
+        let response = intake.report_loss(keyed(pb::ReportLossRequest { applicant, card_serial }, key)).await?;
+        let replay = replayed(response.metadata());
+        (response.into_inner().application, replay)
+    } else {
+        let request = pb::SubmitApplicationRequest { kind: planned.kind as i32, applicant, card_serial };
+        let response = intake.submit_application(keyed(request, key)).await?;
+        let replay = replayed(response.metadata());
+        (response.into_inner().application, replay)
+    };
+    let application = application.ok_or_else(|| tonic::Status::internal("no application in the answer"))?;
+    Ok((application.application_id, replay))
 }
 
-/// The station's application for a citizen, if it recorded one (after a call that failed).
-async fn recorded_for(intake_db: &DatabaseConnection, citizen: &Citizen) -> anyhow::Result<Option<String>> {
-    // Identity numbers are digits (and X): nothing to quote.
-    anyhow::ensure!(citizen.id_number.chars().all(|c| c.is_ascii_alphanumeric()), "odd identity number");
-    let sql = format!("SELECT application_id FROM applications WHERE id_number = '{}'", citizen.id_number);
-    let row = intake_db.query_one_raw(Statement::from_string(intake_db.get_database_backend(), sql)).await?;
-    Ok(match row {
-        Some(row) => Some(row.try_get_by_index(0)?),
-        None => None,
-    })
-}
-
-/// Lodges one application; while the station is down, tries again until it answers. A call that
-/// failed may still have been recorded (killed after the commit, before the answer): the station's
-/// database is asked before trying again, so no citizen ever has two applications.
+/// Lodges one application; while the station is down, tries again until it answers, with the
+/// same idempotency key: a call that failed may still have been committed (the station killed
+/// after the commit, before the answer), and its repeat must get that application, not a second.
 async fn submit(
     mut intake: IntakeClient<tonic::transport::Channel>,
-    intake_db: &DatabaseConnection,
     planned: &Planned,
     deadline: Instant,
     tally: &Mutex<Tally>,
 ) -> anyhow::Result<String> {
+    // One citizen, one application (K5): the citizen names the request.
+    let key = format!("soak-{}", planned.citizen.id_number);
     let mut failed = false;
     loop {
-        if failed && let Ok(Some(application_id)) = recorded_for(intake_db, &planned.citizen).await {
-            let mut tally = tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?;
-            tally.found_after_failure += 1;
-            tally.acknowledged.push(Acknowledged { application_id: application_id.clone(), expect: planned.expect });
-            return Ok(application_id);
-        }
-        match submit_once(&mut intake, planned).await {
-            Ok(application_id) => {
+        match submit_once(&mut intake, planned, &key).await {
+            Ok((application_id, replay)) => {
                 let mut tally = tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?;
                 tally.after_retry += usize::from(failed);
+                tally.replayed += usize::from(replay);
                 tally
                     .acknowledged
                     .push(Acknowledged { application_id: application_id.clone(), expect: planned.expect });
@@ -251,7 +249,6 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
 
     let began = Instant::now();
     let deadline = began + options.max;
-    let intake_db = Database::connect(&databases.intake).await?;
     let channel = tonic::transport::Endpoint::from_shared(suite.endpoint(Process::Intake))?
         .timeout(Duration::from_secs(10))
         .connect_lazy();
@@ -265,15 +262,14 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     let mut submitters = tokio::task::JoinSet::new();
     let (to_collect, collectable) = tokio::sync::mpsc::unbounded_channel::<(String, Citizen)>();
     for _ in 0..options.concurrency.max(1) {
-        let (queue, tally, intake_db, to_collect) =
-            (queue.clone(), tally.clone(), intake_db.clone(), to_collect.clone());
+        let (queue, tally, to_collect) = (queue.clone(), tally.clone(), to_collect.clone());
         let intake = IntakeClient::new(channel.clone());
         submitters.spawn(async move {
             loop {
                 let next = queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.next();
                 let Some((index, planned)) = next else { return anyhow::Ok(()) };
                 tokio::time::sleep_until((began + slot * u32::try_from(index).unwrap_or(u32::MAX)).into()).await;
-                let application_id = submit(intake.clone(), &intake_db, &planned, deadline, &tally).await?;
+                let application_id = submit(intake.clone(), &planned, deadline, &tally).await?;
                 if planned.expect == Outcome::Collected {
                     to_collect.send((application_id, planned.citizen.clone()))?;
                 }
@@ -343,7 +339,6 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     let elapsed = began.elapsed();
     let tally = std::mem::take(&mut *tally.lock().map_err(|_| anyhow::anyhow!("tally poisoned"))?);
     let reconciliation = reconcile::reconcile(&databases, &tally.acknowledged).await?;
-    intake_db.close().await?;
 
     let mut per_kind: BTreeMap<&str, usize> = BTreeMap::new();
     for planned in &planned {
@@ -364,10 +359,10 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
         per_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
     );
     println!(
-        "acknowledged: {} ({} after a retry while the station was down, {} found recorded after a failed call)",
+        "acknowledged: {} ({} after a retry with the same idempotency key, {} of them replayed answers)",
         tally.acknowledged.len(),
         tally.after_retry,
-        tally.found_after_failure
+        tally.replayed
     );
     if let Err(error) = &submitted {
         println!("submission stopped: {error:#}");

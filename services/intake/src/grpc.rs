@@ -6,7 +6,9 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 use yidi_common::{
     ApiError, FieldViolations,
+    caller::caller_of,
     convert::{document_from_proto, kind_to_proto, refusal_to_proto, state_from_proto, state_to_proto, timestamp},
+    idempotency::IdempotencyKey,
     validate::{page_size, page_token},
 };
 use yidi_domain::ApplicationKind;
@@ -103,6 +105,13 @@ pub fn to_proto(view: ApplicationView) -> pb::Application {
     }
 }
 
+/// Caller, method and `idempotency-key` of a keyed call (see `Intake::submit`).
+fn request_key<T>(request: &Request<T>, method: &str) -> Option<String> {
+    let key = request.extensions().get::<IdempotencyKey>()?;
+    let caller = caller_of(request.extensions()).map(|caller| caller.id().to_owned()).unwrap_or_default();
+    Some(format!("{caller}\n{method}\n{}", key.0))
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchApplicationResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -111,6 +120,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
         &self,
         request: Request<pb::SubmitApplicationRequest>,
     ) -> Result<Response<pb::SubmitApplicationResponse>, Status> {
+        let request_key = request_key(&request, "SubmitApplication");
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         let kind = match v.enumeration::<pb::ApplicationKind>("kind", request.kind) {
@@ -128,7 +138,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
         let (Some(kind), Some(applicant), Some(serial)) = (kind, applicant, serial) else {
             return Err(malformed().into());
         };
-        let view = self.intake.submit(kind, applicant, serial).await?;
+        let view = self.intake.submit(kind, applicant, serial, request_key).await?;
         Ok(Response::new(pb::SubmitApplicationResponse { application: Some(to_proto(view)) }))
     }
 
@@ -221,6 +231,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
         &self,
         request: Request<pb::ReportLossRequest>,
     ) -> Result<Response<pb::ReportLossResponse>, Status> {
+        let request_key = request_key(&request, "ReportLoss");
         let request = request.into_inner();
         let mut v = FieldViolations::new();
         let applicant = applicant(&mut v, request.applicant.as_ref(), self.today());
@@ -229,7 +240,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
         let (Some(applicant), Some(serial)) = (applicant, serial) else {
             return Err(malformed().into());
         };
-        let view = self.intake.submit(ApplicationKind::LossReport, applicant, serial).await?;
+        let view = self.intake.submit(ApplicationKind::LossReport, applicant, serial, request_key).await?;
         Ok(Response::new(pb::ReportLossResponse { application: Some(to_proto(view)) }))
     }
 

@@ -123,6 +123,11 @@ impl Repo {
         audit::append(&self.db, at, entry).await
     }
 
+    /// The application lodged by the keyed request `key`, if any.
+    pub async fn by_request_key(&self, key: &str) -> Result<Option<application::Model>, DbErr> {
+        application::Entity::find().filter(application::Column::RequestKey.eq(key)).one(&self.db).await
+    }
+
     pub async fn get(&self, application_id: &str) -> Result<Option<application::Model>, DbErr> {
         application::Entity::find_by_id(application_id.to_owned()).one(&self.db).await
     }
@@ -282,6 +287,7 @@ mod tests {
             last_error: None,
             next_attempt_at: None,
             trace_context: None,
+            request_key: None,
             created_at: at,
             updated_at: at,
         }

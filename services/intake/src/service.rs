@@ -243,12 +243,23 @@ impl Intake {
     /// SubmitApplication (K1, K2) and ReportLoss (K3): counter rules, then the application is
     /// received and handed to the worker; answers once the home bureau has answered, or after
     /// `respond_within` with the state as it then is.
+    ///
+    /// `request_key` (caller, method and `idempotency-key`, when the caller sent one) is stored
+    /// with the application: a repeat that the idempotency layer could not answer (the station
+    /// died between committing and keeping the answer) gets this application, not a second one.
     pub async fn submit(
         &self,
         kind: ApplicationKind,
         applicant: Applicant,
         card_serial: String,
+        request_key: Option<String>,
     ) -> Result<ApplicationView, ApiError> {
+        if let Some(key) = &request_key
+            && let Some(existing) = self.inner.repo.by_request_key(key).await?
+        {
+            tracing::info!(application_id = %existing.application_id, "repeated request: the application lodged by the first is answered");
+            return self.get(&existing.application_id).await;
+        }
         let action = if kind == ApplicationKind::LossReport { "report_loss" } else { "submit_application" };
         let home = self.counter_check(action, &applicant).await?;
         let now = self.now();
@@ -276,6 +287,7 @@ impl Intake {
             last_error: None,
             next_attempt_at: Some(now),
             trace_context: yidi_common::telemetry::current_traceparent(),
+            request_key: request_key.clone(),
             created_at: now,
             updated_at: now,
         };
@@ -287,7 +299,17 @@ impl Intake {
             format!("application {application_id} for {}", home.id),
         );
         let owed = Messages::owe(worker::verify(&model));
-        self.inner.repo.insert_application(model, "received at the counter", Some(received), owed).await?;
+        if let Err(error) =
+            self.inner.repo.insert_application(model, "received at the counter", Some(received), owed).await
+        {
+            // The same keyed request, run at once by another replica: its application is the answer.
+            if let Some(key) = &request_key
+                && let Some(existing) = self.inner.repo.by_request_key(key).await?
+            {
+                return self.get(&existing.application_id).await;
+            }
+            return Err(error.into());
+        }
         tracing::info!(%application_id, kind = kind.as_str(), id = %applicant.id_number.masked(), home = %home.id, "application received");
         self.publish(&application_id).await;
         self.inner.wake.notify_one();

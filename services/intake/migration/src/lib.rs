@@ -11,6 +11,7 @@ use yidi_common::{
 mod m20261127_000001_create_applications;
 mod m20261127_000002_create_application_events;
 mod m20261127_000003_add_application_trace_context;
+mod m20261127_000004_add_application_request_key;
 
 pub struct Migrator;
 
@@ -25,6 +26,8 @@ impl MigratorTrait for Migrator {
             Box::new(ChainAuditLog),
             Box::new(CreateOutbox),
             Box::new(CreateIdempotentRequests),
+            // Appended: databases migrated before it run it last.
+            Box::new(m20261127_000004_add_application_request_key::Migration),
         ]
     }
 }

@@ -21,13 +21,16 @@ pub struct Model {
     pub order_id: Option<String>,
     pub new_card_serial: Option<String>,
     pub home_notified: bool,
-    /// A peer refused definitively; the worker stops retrying until an operator acts.
+    /// Retry bookkeeping of the worker before the outbox, which now keeps it per message
+    /// (`outbox_messages`): no longer written beyond their reset values.
     pub halted: bool,
     pub attempts: i32,
     pub last_error: Option<String>,
     pub next_attempt_at: Option<DateTimeUtc>,
     /// W3C `traceparent` of the request that lodged it: the worker's calls continue that trace.
     pub trace_context: Option<String>,
+    /// Caller, method and `idempotency-key` of the request that lodged it, if keyed; unique.
+    pub request_key: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }
