@@ -116,7 +116,57 @@ async fn home_bureau_down_past_the_retry_budget_leaves_a_dead_letter_that_an_ope
     t.stop().await
 }
 
-on_both_databases!(home_bureau_down_past_the_retry_budget_leaves_a_dead_letter_that_an_operator_retries);
+on_both_databases!(
+    home_bureau_down_past_the_retry_budget_leaves_a_dead_letter_that_an_operator_retries,
+    a_stalled_home_bureau_holds_up_only_its_own_applications,
+);
+
+/// Sends `signal` (STOP, CONT) to a bureau's process.
+async fn signal(t: &yidi_tests::TestSuite, process: Process, signal: &str) -> anyhow::Result<()> {
+    let pid = t.suite.pid(process).context("running")?;
+    let status = tokio::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().await?;
+    ensure!(status.success(), "kill -{signal} {pid}");
+    Ok(())
+}
+
+/// A home bureau that accepts connections but never answers (paused) costs its own applications
+/// one deadline per attempt; the other bureau's applications go through meanwhile, unhindered.
+async fn a_stalled_home_bureau_holds_up_only_its_own_applications(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start(db, NATIONAL_DAY, |options| {
+        let outbox = "[worker]\nrespond_within_ms = 200\n\n[outbox]\ncall_timeout_ms = 1500\nconcurrency = 4\npoll_ms = 50\n";
+        options.extra_config.insert(Process::Intake, outbox.into());
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    signal(&t, Process::HomeSichuan, "STOP").await?;
+    let mut stalled = Vec::new();
+    for n in 0..6 {
+        let citizen = t.ordinary("51", n)?;
+        stalled.push(t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?.application_id);
+    }
+    let began = Instant::now();
+    let citizen = t.ordinary("36", 0)?;
+    let flowing = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?.application_id;
+    t.wait_for_state(&flowing, pb::ApplicationState::ReadyForCollection).await?;
+    let took = began.elapsed();
+    ensure!(took < Duration::from_secs(15), "the Jiangxi application took {took:?} behind the stalled bureau");
+    let mut intake = t.intake().await?;
+    for id in &stalled {
+        let timeline = wait_for_timeline(&mut intake, id, "a failed attempt", |t| {
+            delivery(t, "verify").is_some_and(|m| m.attempts >= 1)
+        })
+        .await?;
+        let verify = delivery(&timeline, "verify").context("verify")?;
+        ensure!(verify.last_error.contains("home-sichuan"), "{verify:?}");
+    }
+    signal(&t, Process::HomeSichuan, "CONT").await?;
+    for id in &stalled {
+        t.wait_for_state(id, pb::ApplicationState::ReadyForCollection).await?;
+    }
+    t.stop().await
+}
 
 /// Two station replicas share one PostgreSQL database (and so one outbox): applications lodged at
 /// either are delivered by whichever claims them first, and no message is ever taken twice.
