@@ -133,7 +133,8 @@ async fn signal(t: &yidi_tests::TestSuite, process: Process, signal: &str) -> an
 /// one deadline per attempt; the other bureau's applications go through meanwhile, unhindered.
 async fn a_stalled_home_bureau_holds_up_only_its_own_applications(db: Db) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |options| {
-        let outbox = "[worker]\nrespond_within_ms = 200\n\n[outbox]\ncall_timeout_ms = 1500\nconcurrency = 4\npoll_ms = 50\n";
+        let outbox =
+            "[worker]\nrespond_within_ms = 200\n\n[outbox]\ncall_timeout_ms = 1500\nconcurrency = 4\npoll_ms = 50\n";
         options.extra_config.insert(Process::Intake, outbox.into());
     })
     .await?
