@@ -1,7 +1,7 @@
 //! Load shedding in the real registry binary, configured with one slot and no queue: a stalled
 //! caller (request headers sent, body never) holds the slot, so the next call is refused at once
 //! with RESOURCE_EXHAUSTED (reason OVERLOADED) while health still says SERVING; the stalled call
-//! is cut off at its deadline by the server, and the slot serves real questions again.
+//! ends at its deadline (tonic keeps it on both sides), and the slot serves real questions again.
 use std::{
     str::FromStr,
     time::{Duration, Instant},

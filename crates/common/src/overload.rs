@@ -319,7 +319,7 @@ mod tests {
 
     /// The server every service runs, with one slot and no queue: while a call holds the slot, the
     /// next is refused at once with RESOURCE_EXHAUSTED (OVERLOADED), health still says SERVING,
-    /// and a call whose deadline passes is cut off by the server, which frees its slot.
+    /// and a call whose deadline passes ends there and frees its slot.
     #[tokio::test]
     async fn the_server_sheds_beyond_its_configured_limits_and_health_still_answers() {
         use tonic::transport::Channel;
@@ -369,7 +369,8 @@ mod tests {
 
         let held = holder.await.unwrap().unwrap_err();
         assert_eq!(held.code(), Code::NotFound, "the call holding the slot ran to its answer: {held:?}");
-        // The slot is free again; a call that outlives its deadline is cut off there, by the server.
+        // The slot is free again; a call that outlives its deadline ends there (tonic keeps the
+        // deadline on both sides) and gives its slot back.
         let began = std::time::Instant::now();
         let expired = get_order(Some(Duration::from_millis(200))).await.unwrap_err();
         assert!(matches!(expired.code(), Code::Cancelled | Code::DeadlineExceeded), "{expired:?}");

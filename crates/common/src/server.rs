@@ -194,8 +194,9 @@ pub fn start<S: GrpcService>(
     let server = builder
         .layer(RpcTelemetryLayer::server())
         // Shedding comes after telemetry, so a refused call is still counted and traced, and
-        // before security, so that under overload a refusal costs no access check and the slots
-        // go to calls that will run. One layer for the port: every connection shares its slots.
+        // before security, so that under overload a refusal costs no access check (a call the
+        // access check refuses gives its slot back at once). One layer for the port: every
+        // connection shares its slots.
         .layer(LoadShedLayer::new(limits))
         .layer(security.layers())
         .layer(idempotency.clone())
