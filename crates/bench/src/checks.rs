@@ -21,14 +21,14 @@ pub const BATCH: usize = 1000;
 /// Distinct pre-encoded batches the load generator cycles through.
 const BATCHES: u64 = 32;
 
-fn mix(n: u64) -> u64 {
+pub fn mix(n: u64) -> u64 {
     let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
-fn check_request(i: u64) -> pb::CheckCardRequest {
+pub fn check_request(i: u64) -> pb::CheckCardRequest {
     let (id_number, card_serial) = cards::card(i);
     pb::CheckCardRequest { id_number, card_serial, relying_party: RELYING_PARTY.into(), nonce: Vec::new() }
 }

@@ -8,6 +8,7 @@ mod checks;
 mod echo;
 mod flow;
 mod load;
+mod overload;
 mod process;
 mod raw;
 mod report;
@@ -22,21 +23,26 @@ const USAGE: &str = "\
 usage: yidi-bench <command> [options]
 
 commands:
-  all        registry + scale + write (every table of BENCHMARKS.md)
+  all        registry + scale + write + overload (every table of BENCHMARKS.md)
   registry   CheckCard vs the echo baseline (PostgreSQL and SQLite), CheckCards, h2load cross-check
   scale      100k vs 10M cards: load, start-up, RSS per card, CheckCard latency
   write      the replacement flow on PostgreSQL vs the commit rate of the same server
+  overload   the registry at twice its capacity, open loop with deadlines: with load shedding vs
+             without (limits nothing reaches); fails if nothing was shed or accepted calls were late
   smoke      a few seconds of echo, CheckCard and CheckCards on SQLite (CI; no thresholds)
   soak       applications of every kind while random bureaus are killed (SIGKILL) and restarted;
              reconciles the databases, exits non-zero on anything lost, duplicated or unsettled
 
 options:
-  --seconds S        measured seconds per run (default 10; smoke 1); soak: bound on the run (default 600)
+  --seconds S        measured seconds per run (default 10; smoke 1); soak: bound on the run (default 600);
+                     overload: the open-loop run (capacity: a third of it, at least 2)
   --warmup S         warm-up seconds per run (default 2; smoke 0.3)
   --cards N          cards for the registry runs (default 100000; smoke 1000)
   --scale-cards N    cards for the large scale run (default 10000000)
   --connections L    comma-separated connection counts for CheckCard (default 1,8,32)
   --flow-levels L    applications in flight for the replacement flow (default 8,32,128)
+  --workload W       overload: lost (CheckCard of cards reported lost, each writes a hit;
+                     default) or valid (CheckCard of valid cards, from memory)
   --commit-max N     most connections of the commit-rate runs (1, 8, 32; default 32)
   --postgres URL     server for scratch databases (default $YIDI_TEST_POSTGRES_URL or the test server);
                      soak runs on SQLite unless it is given
@@ -59,6 +65,8 @@ pub struct Options {
     pub flow_levels: Vec<usize>,
     /// Most connections of the commit-rate runs.
     pub commit_max: usize,
+    /// Which cards the overload runs check.
+    pub workload: overload::Workload,
     pub postgres_url: String,
     pub out: PathBuf,
     pub work: PathBuf,
@@ -86,6 +94,7 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
         connection_levels: vec![1, 8, 32],
         flow_levels: vec![8, 32, 128],
         commit_max: 32,
+        workload: overload::Workload::Lost,
         postgres_url: test_postgres_url(),
         out: checks::default_out(&bin_dir),
         work: PathBuf::new(),
@@ -112,6 +121,7 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
             }
             "--flow-levels" => options.flow_levels = levels(value)?,
             "--commit-max" => options.commit_max = value.parse()?,
+            "--workload" => options.workload = overload::Workload::parse(value)?,
             "--postgres" => {
                 options.postgres_url = value.clone();
                 options.postgres_given = true;
@@ -161,15 +171,18 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut report = report::Report::new(&command);
+    let mut problems = Vec::new();
     match command.as_str() {
         "registry" => checks::registry(&options, &mut report).await?,
         "scale" => checks::scale(&options, &mut report).await?,
         "write" => flow::write(&options, &mut report).await?,
         "smoke" => checks::smoke(&options, &mut report).await?,
+        "overload" => problems = overload::overload(&options, &mut report, options.workload).await?,
         "all" => {
             checks::registry(&options, &mut report).await?;
             checks::scale(&options, &mut report).await?;
             flow::write(&options, &mut report).await?;
+            problems = overload::overload(&options, &mut report, options.workload).await?;
         }
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
@@ -179,5 +192,6 @@ async fn main() -> anyhow::Result<()> {
     }
     report.machine = report::machine();
     report.write(&options.out)?;
+    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
     Ok(())
 }

@@ -25,13 +25,7 @@ pub struct Server {
 impl Server {
     /// Resident memory (VmRSS) in bytes, from /proc.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let kb = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .context("no VmRSS in /proc/PID/status")?;
-        Ok(kb * 1024)
+        rss_of(self.pid)
     }
 
     pub fn log_text(&self) -> String {
@@ -52,6 +46,17 @@ impl Server {
             }
         }
     }
+}
+
+/// Resident memory (VmRSS) of process `pid` in bytes, from /proc.
+pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    Ok(kb * 1024)
 }
 
 async fn spawn(mut command: Command, log: PathBuf, ready: impl AsyncFn(&str) -> bool) -> anyhow::Result<Server> {
@@ -118,6 +123,16 @@ pub async fn start_echo(dir: &Path) -> anyhow::Result<Server> {
 /// The registry binary of `bin_dir` on `database_url` (migrated and loaded at its start), with a
 /// directory of freshly generated keys in `dir`.
 pub async fn start_registry(dir: &Path, bin_dir: &Path, database_url: &str) -> anyhow::Result<Server> {
+    start_registry_with_env(dir, bin_dir, database_url, &[]).await
+}
+
+/// [`start_registry`] with extra environment variables (configuration overrides, `YIDI__...`).
+pub async fn start_registry_with_env(
+    dir: &Path,
+    bin_dir: &Path,
+    database_url: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Server> {
     std::fs::create_dir_all(dir)?;
     let binary = bin_dir.join("yidi-registry");
     if !binary.exists() {
@@ -136,7 +151,7 @@ pub async fn start_registry(dir: &Path, bin_dir: &Path, database_url: &str) -> a
     );
     std::fs::write(&config, text)?;
     let mut command = Command::new(binary);
-    command.arg("--config").arg(&config).env_remove("RUST_LOG");
+    command.arg("--config").arg(&config).env_remove("RUST_LOG").envs(env.iter().copied());
     spawn(command, dir.join("registry.log"), async |endpoint: &str| answers_health(endpoint).await).await
 }
 

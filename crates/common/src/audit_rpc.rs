@@ -24,7 +24,7 @@ impl AuditGrpc {
 
     /// The tonic server for it.
     pub fn server(db: DatabaseConnection) -> AuditServer<Self> {
-        AuditServer::new(Self::new(db))
+        AuditServer::new(Self::new(db)).max_decoding_message_size(crate::overload::MAX_REQUEST_BYTES)
     }
 }
 

@@ -772,6 +772,7 @@ mod tests {
             &ServerSecurity::plaintext(),
             shutdown,
             Duration::from_secs(5),
+            Default::default(),
         )
         .unwrap();
         let db = Database::connect("sqlite::memory:").await.unwrap();

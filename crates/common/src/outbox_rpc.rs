@@ -24,7 +24,7 @@ pub struct OutboxGrpc {
 
 impl OutboxGrpc {
     pub fn server(db: DatabaseConnection, wake: Arc<Notify>) -> OutboxServer<Self> {
-        OutboxServer::new(Self { db, wake })
+        OutboxServer::new(Self { db, wake }).max_decoding_message_size(crate::overload::MAX_REQUEST_BYTES)
     }
 }
 

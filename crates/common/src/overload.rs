@@ -41,6 +41,18 @@ pub struct Limits {
     pub max_queue_wait: Duration,
 }
 
+impl Default for Limits {
+    /// `server.max_in_flight`, `server.max_queued`, `server.max_queue_wait_ms` when unset.
+    fn default() -> Self {
+        Self { max_in_flight: 256, max_queued: 1024, max_queue_wait: Duration::from_millis(1000) }
+    }
+}
+
+/// Largest request message a service decodes (tonic's default is 4 MiB): every yidi request is a
+/// few KiB at most (strings bounded by `validate`, templates 4 KiB), so anything near this is
+/// hostile. The registry allows more for its 1,000-card CheckCards batches.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
 /// What the caller is told to wait before trying again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
@@ -303,5 +315,70 @@ mod tests {
 
         release.notify_waiters();
         assert!(status_of(&running.await.unwrap().unwrap()).is_none());
+    }
+
+    /// The server every service runs, with one slot and no queue: while a call holds the slot, the
+    /// next is refused at once with RESOURCE_EXHAUSTED (OVERLOADED), health still says SERVING,
+    /// and a call whose deadline passes ends there and frees its slot.
+    #[tokio::test]
+    async fn the_server_sheds_beyond_its_configured_limits_and_health_still_answers() {
+        use tonic::transport::Channel;
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, issuance_server::IssuanceServer};
+
+        use crate::{
+            security::ServerSecurity,
+            server::{
+                self,
+                tests::{SlowIssuance, TestService},
+            },
+            shutdown::Shutdown,
+        };
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (trigger, shutdown) = Shutdown::new();
+        let limits = Limits { max_in_flight: 1, max_queued: 0, max_queue_wait: Duration::from_secs(1) };
+        let grace = Duration::from_secs(5);
+        let starting =
+            server::start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, grace, limits).unwrap();
+        let slow = SlowIssuance { delay: Duration::from_secs(2) };
+        let serving = tokio::spawn(starting.serve(IssuanceServer::new(slow)));
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let get_order = |timeout: Option<Duration>| {
+            let mut request =
+                tonic::Request::new(pb::GetOrderRequest { order_id: "order-1".into(), ..Default::default() });
+            if let Some(timeout) = timeout {
+                request.set_timeout(timeout);
+            }
+            let mut client = IssuanceClient::new(channel.clone());
+            async move { client.get_order(request).await }
+        };
+
+        let holder = tokio::spawn(get_order(None));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let began = std::time::Instant::now();
+        let refused = get_order(None).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(began.elapsed() < Duration::from_secs(1), "refused at once, not after the slow call");
+        let details = refused.get_error_details();
+        assert_eq!(details.error_info().map(|info| info.reason.as_str()), Some("OVERLOADED"));
+        assert!(details.retry_info().is_some());
+        let health = HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await;
+        assert_eq!(health.unwrap().into_inner().status, ServingStatus::Serving as i32, "health is never shed");
+
+        let held = holder.await.unwrap().unwrap_err();
+        assert_eq!(held.code(), Code::NotFound, "the call holding the slot ran to its answer: {held:?}");
+        // The slot is free again; a call that outlives its deadline ends there (tonic keeps the
+        // deadline on both sides) and gives its slot back.
+        let began = std::time::Instant::now();
+        let expired = get_order(Some(Duration::from_millis(200))).await.unwrap_err();
+        assert!(matches!(expired.code(), Code::Cancelled | Code::DeadlineExceeded), "{expired:?}");
+        assert!(began.elapsed() < Duration::from_secs(1), "the deadline holds: {:?}", began.elapsed());
+        let next = get_order(Some(Duration::from_millis(100))).await.unwrap_err();
+        assert_ne!(next.code(), Code::ResourceExhausted, "the expired call gave its slot back: {next:?}");
+
+        trigger.trigger();
+        tokio::time::timeout(Duration::from_secs(10), serving).await.unwrap().unwrap().unwrap();
     }
 }

@@ -285,8 +285,14 @@ mod tests {
             "producer",
         );
         let (trigger, shutdown) = Shutdown::new();
-        let starting =
-            server::start::<IssuanceServer<WhoCalls>>(listener, &security, shutdown, Duration::from_secs(5)).unwrap();
+        let starting = server::start::<IssuanceServer<WhoCalls>>(
+            listener,
+            &security,
+            shutdown,
+            Duration::from_secs(5),
+            Default::default(),
+        )
+        .unwrap();
         let serving = tokio::spawn(starting.serve(IssuanceServer::new(WhoCalls)));
 
         let ask_as = |id: &str| {

@@ -30,6 +30,7 @@ use crate::{
     health::{HealthPhase, Phase, health_service},
     idempotency::{self, IdempotencyLayer},
     outbox_rpc::OutboxGrpc,
+    overload::{Limits, LoadShedLayer},
     rpc_telemetry::RpcTelemetryLayer,
     security::ServerSecurity,
     shutdown::Shutdown,
@@ -123,12 +124,14 @@ impl From<TcpListener> for Listeners {
 /// NOT_SERVING (health watches end after saying so), no new connection is taken, and calls in
 /// flight get `grace` to finish. Every request of the main port passes `security`'s layers
 /// (mutual TLS and caller identity, then access), health and reflection included, then the
-/// idempotency layer (mutating calls with an `idempotency-key` only).
+/// idempotency layer (mutating calls with an `idempotency-key` only); all but health pass the load
+/// shedding of `limits` first.
 pub fn start<S: GrpcService>(
     listeners: impl Into<Listeners>,
     security: &ServerSecurity,
     shutdown: Shutdown,
     grace: Duration,
+    limits: Limits,
 ) -> Result<Starting<S>, ServeError> {
     let Listeners { main: listener, health: health_listener } = listeners.into();
     let (health, health_server) = health_service(S::NAME);
@@ -190,6 +193,11 @@ pub fn start<S: GrpcService>(
     });
     let server = builder
         .layer(RpcTelemetryLayer::server())
+        // Shedding comes after telemetry, so a refused call is still counted and traced, and
+        // before security, so that under overload a refusal costs no access check (a call the
+        // access check refuses gives its slot back at once). One layer for the port: every
+        // connection shares its slots.
+        .layer(LoadShedLayer::new(limits))
         .layer(security.layers())
         .layer(idempotency.clone())
         .add_service(health_server)
@@ -395,7 +403,8 @@ pub(crate) mod tests {
     async fn health_is_not_serving_until_ready_serving_then_not_serving_at_shutdown() {
         let (listener, address) = listener().await;
         let (trigger, shutdown) = Shutdown::new();
-        let starting = start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, ENOUGH).unwrap();
+        let starting =
+            start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, ENOUGH, Limits::default()).unwrap();
         let channel = channel(address).await;
 
         // Starting: health answers, the service does not yet.
@@ -432,7 +441,9 @@ pub(crate) mod tests {
         {
             let (listener, address) = listener().await;
             let (trigger, shutdown) = Shutdown::new();
-            let starting = start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, grace).unwrap();
+            let starting =
+                start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, grace, Limits::default())
+                    .unwrap();
             let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance { delay })));
             let channel = channel(address).await;
             let in_flight = tokio::spawn(async move { IssuanceClient::new(channel).get_order(get_order()).await });
@@ -458,7 +469,8 @@ pub(crate) mod tests {
         let (health, health_address) = listener().await;
         let (trigger, shutdown) = Shutdown::new();
         let listeners = Listeners { main, health: Some(health) };
-        let starting = start::<TestService>(listeners, &ServerSecurity::plaintext(), shutdown, ENOUGH).unwrap();
+        let starting =
+            start::<TestService>(listeners, &ServerSecurity::plaintext(), shutdown, ENOUGH, Limits::default()).unwrap();
         let probe = channel(health_address).await;
         assert_eq!(health_of(&probe, "").await.unwrap(), ServingStatus::NotServing);
         let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance::default())));
@@ -477,7 +489,8 @@ pub(crate) mod tests {
     async fn an_abandoned_start_stops_listening() {
         let (listener, address) = listener().await;
         let (_trigger, shutdown) = Shutdown::new();
-        let starting = start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, ENOUGH).unwrap();
+        let starting =
+            start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, ENOUGH, Limits::default()).unwrap();
         starting.abandon().await;
         let refused = Channel::from_shared(format!("http://{address}")).unwrap().connect().await;
         assert!(refused.is_err(), "nothing listens after a failed start");

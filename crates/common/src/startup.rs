@@ -89,6 +89,7 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
         )
     })?;
     let clock = Clock::from_config(sections.clock).map_err(|message| ConfigError::key("clock", message))?;
+    let limits = sections.server.limits()?;
     let connector = Connector::new(transport.clone());
     let checked = check(&directory, bureau, &connector)?;
     let health = match sections.server.health_listen {
@@ -103,7 +104,8 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
 
     let (trigger, shutdown_handle) = Shutdown::new();
     let grace = Duration::from_secs(sections.server.shutdown_grace_seconds);
-    let server = server::start::<S>(Listeners { main: listener, health }, &security, shutdown_handle.clone(), grace)
+    let listeners = Listeners { main: listener, health };
+    let server = server::start::<S>(listeners, &security, shutdown_handle.clone(), grace, limits)
         .context("starting the gRPC server")?;
     let signal = trigger.trigger_on(shutdown);
     let reloader = handle.spawn_reloader(sections.directory.reload_every(), shutdown_handle.clone());
@@ -202,10 +204,8 @@ mod tests {
             .unwrap();
             Self {
                 server: ServerConfig {
-                    bureau_id: bureau_id.into(),
-                    listen: "127.0.0.1:0".parse().unwrap(),
                     shutdown_grace_seconds: 3,
-                    health_listen: None,
+                    ..ServerConfig::new(bureau_id, "127.0.0.1:0".parse().unwrap())
                 },
                 database: DatabaseConfig {
                     url: format!("sqlite://{}?mode=rwc", dir.path().join("db.sqlite").display()),
@@ -290,6 +290,11 @@ mod tests {
         (setup.clock.fixed, setup.clock.start) = (Some(now), Some(now));
         let error = refused(&setup).await;
         assert!(error.to_string().contains("clock"), "{error}");
+
+        let mut setup = Setup::new("registry-national");
+        setup.server.max_in_flight = 0;
+        let error = refused(&setup).await;
+        assert!(error.to_string().contains("server.max_in_flight"), "{error}");
 
         let setup = Setup::new("registry-national");
         let error = prepare::<AuditOnly, TestService, ()>(

@@ -58,6 +58,8 @@ pub struct SuiteOptions {
     pub production_delay_ms: u64,
     /// TOML appended to a bureau's configuration file (e.g. a `[policy]` section for the station).
     pub extra_config: BTreeMap<Process, String>,
+    /// TOML lines added to a bureau's `[server]` section (e.g. `max_in_flight = 1`).
+    pub server_config: BTreeMap<Process, String>,
     /// `[log] format`: "text" or "json".
     pub log_format: String,
     /// Environment variables added to every bureau's (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
@@ -80,6 +82,7 @@ impl SuiteOptions {
             renewable_per_province: 0,
             production_delay_ms: 200,
             extra_config: BTreeMap::new(),
+            server_config: BTreeMap::new(),
             log_format: "text".into(),
             env: Vec::new(),
             tls: false,
@@ -335,6 +338,7 @@ impl Suite {
             Process::Intake => format!("[station]\nproducer_id = \"{PRODUCER}\"\n"),
         };
         let extra = self.options.extra_config.get(&process).cloned().unwrap_or_default();
+        let server = self.options.server_config.get(&process).cloned().unwrap_or_default();
         let tls = if self.options.tls {
             let certs = self.certs();
             format!(
@@ -347,7 +351,7 @@ impl Suite {
             "plaintext = true".to_owned()
         };
         format!(
-            "# Written by yidi-demo for this run.\n[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\n\
+            "# Written by yidi-demo for this run.\n[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n{server}\n\
              [database]\nurl = \"{url}\"\n\n[directory]\npath = \"{directory}\"\n\n[tls]\n{tls}\n\n\
              [clock]\n{clock}\n\n[log]\nformat = \"{format}\"\n\n{own}\n{extra}\n",
             id = process.bureau_id(),

@@ -17,6 +17,7 @@ use anyhow::Context;
 use yidi_common::{
     config::ConfigError,
     outbox::Dispatcher,
+    overload::MAX_REQUEST_BYTES,
     startup::{self, Prepared, Sections},
 };
 use yidi_domain::{Role, SimulatedMatcher};
@@ -95,7 +96,8 @@ pub async fn serve(
         Dispatcher::new(db.clone(), Arc::new(intake.clone()), config.outbox.clone(), outbox_wake, shutdown.clone());
     let worker = tokio::spawn(dispatcher.run());
 
-    let served = server.serve(IntakeServer::new(grpc::IntakeGrpc::new(intake))).await;
+    let service = IntakeServer::new(grpc::IntakeGrpc::new(intake)).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let served = server.serve(service).await;
     if served.is_err() {
         worker.abort();
         signal.abort();

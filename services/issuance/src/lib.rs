@@ -17,6 +17,7 @@ use yidi_common::{
     Shutdown,
     config::ConfigError,
     outbox::{self, Dispatcher},
+    overload::MAX_REQUEST_BYTES,
     startup::{self, Prepared, Sections},
 };
 use yidi_domain::Role;
@@ -83,7 +84,7 @@ pub async fn serve(
     );
 
     let grpc = IssuanceGrpc::new(service, stop.clone());
-    let served = server.serve(IssuanceServer::new(grpc)).await;
+    let served = server.serve(IssuanceServer::new(grpc).max_decoding_message_size(MAX_REQUEST_BYTES)).await;
 
     finish_worker(worker, &stop, grace).await;
     db.close().await.context("closing the database")?;

@@ -211,10 +211,8 @@ impl Producer {
     async fn launch(&mut self, options: &Options, directory_path: PathBuf) {
         let config = IssuanceConfig {
             server: ServerConfig {
-                bureau_id: PRODUCER.into(),
-                listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 2,
-                health_listen: None,
+                ..ServerConfig::new(PRODUCER, "127.0.0.1:0".parse().unwrap())
             },
             database: DatabaseConfig { url: self.database_url.clone(), max_connections: 4 },
             directory: DirectoryConfig::new(directory_path),
@@ -676,10 +674,8 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
         DirectoryFile { bureaus, ..DirectoryFile::default() }.write(&path).unwrap();
         let config = IssuanceConfig {
             server: ServerConfig {
-                bureau_id: PRODUCER.into(),
-                listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 1,
-                health_listen: None,
+                ..ServerConfig::new(PRODUCER, "127.0.0.1:0".parse().unwrap())
             },
             database: DatabaseConfig {
                 url: format!("sqlite://{}?mode=rwc", dir.path().join(format!("db-{index}.db")).display()),

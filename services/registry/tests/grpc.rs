@@ -145,10 +145,8 @@ impl Harness {
             database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display()));
         let config = RegistryConfig {
             server: ServerConfig {
-                bureau_id: REGISTRY.into(),
-                listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 1,
-                health_listen: None,
+                ..ServerConfig::new(REGISTRY, "127.0.0.1:0".parse().unwrap())
             },
             database: DatabaseConfig { url: db_url.clone(), max_connections: 4 },
             // Short, so that the rotation test sees a new directory soon.
@@ -867,10 +865,8 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
     let dir = PathBuf::from("d.toml");
     let mut config = RegistryConfig {
         server: ServerConfig {
-            bureau_id: String::new(),
-            listen: "127.0.0.1:0".parse().unwrap(),
             shutdown_grace_seconds: 1,
-            health_listen: None,
+            ..ServerConfig::new(String::new(), "127.0.0.1:0".parse().unwrap())
         },
         database: DatabaseConfig { url: "sqlite::memory:".into(), max_connections: 1 },
         directory: DirectoryConfig::new(dir),

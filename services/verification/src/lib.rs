@@ -15,6 +15,7 @@ use anyhow::Context;
 use yidi_common::{
     Clock,
     config::ConfigError,
+    overload::MAX_REQUEST_BYTES,
     population::Population,
     signing::KeyRing,
     startup::{self, Prepared, Sections},
@@ -97,7 +98,7 @@ async fn run(
         matcher,
     ));
     let api = VerificationApi::new(verifier);
-    server.serve(VerificationServer::new(api)).await?;
+    server.serve(VerificationServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)).await?;
     Ok(())
 }
 
