@@ -26,7 +26,7 @@ pub fn card(i: u64) -> (String, String) {
 }
 
 fn county_of(i: u64) -> (&'static str, &'static str) {
-    if i % 2 == 0 { ("360102", HOME_JIANGXI) } else { ("510104", HOME_SICHUAN) }
+    if i.is_multiple_of(2) { ("360102", HOME_JIANGXI) } else { ("510104", HOME_SICHUAN) }
 }
 
 /// One `cards` row of card `i`, tab-separated as COPY's text format reads it.
