@@ -259,13 +259,8 @@ impl Suite {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = std::fs::read_to_string(self.log_path(process)).unwrap_or_default();
-            let reported = log
-                .lines()
-                .filter_map(|line| line.split_once(" listening on ").map(|(_, address)| address.trim()))
-                .filter_map(|address| address.parse::<std::net::SocketAddr>().ok())
-                .next_back();
-            if let Some(address) = reported {
-                return Ok(address.port());
+            if let Some(port) = reported_port(&log) {
+                return Ok(port);
             }
             self.fail_if_exited(process)?;
             if Instant::now() > deadline {
@@ -367,16 +362,7 @@ impl Suite {
             bail!("{} not found: build the services first (cargo build --workspace --bins)", binary.display());
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(process))?;
-        let child = Command::new(&binary)
-            .arg("--config")
-            .arg(self.config_path(process))
-            .envs(self.options.env.iter().map(|(name, value)| (name, value)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = self.launch(&binary, &self.config_path(process), log)?;
         if let Some(pid) = child.id() {
             std::fs::write(self.pid_path(process), format!("{pid}\n"))?;
         }
@@ -452,6 +438,20 @@ impl Suite {
         }
     }
 
+    /// Runs `binary --config config` with the suite's environment, output to `log`.
+    fn launch(&self, binary: &std::path::Path, config: &std::path::Path, log: std::fs::File) -> anyhow::Result<Child> {
+        Command::new(binary)
+            .arg("--config")
+            .arg(config)
+            .envs(self.options.env.iter().map(|(name, value)| (name, value)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))
+    }
+
     /// Starts a second process of `process`'s binary on the same database and directory entry
     /// (another replica behind the same name), on a free port of its own.
     pub async fn start_replica(&self, process: Process) -> anyhow::Result<Replica> {
@@ -460,27 +460,12 @@ impl Suite {
         let log_path = self.dir.join(format!("{}-replica.log", process.slug()));
         std::fs::write(&config_path, self.config_text(process, 0))?;
         let log = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&log_path)?;
-        let child = Command::new(&binary)
-            .arg("--config")
-            .arg(&config_path)
-            .envs(self.options.env.iter().map(|(name, value)| (name, value)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = self.launch(&binary, &config_path, log)?;
         let mut replica = Replica { child, log_path, port: 0, tls: self.options.tls };
         let deadline = Instant::now() + Duration::from_secs(60);
         while replica.port == 0 {
             let log = std::fs::read_to_string(&replica.log_path).unwrap_or_default();
-            if let Some(port) = log
-                .lines()
-                .filter_map(|line| line.split_once(" listening on ").map(|(_, address)| address.trim()))
-                .filter_map(|address| address.parse::<std::net::SocketAddr>().ok())
-                .map(|address| address.port())
-                .next_back()
-            {
+            if let Some(port) = reported_port(&log) {
                 replica.port = port;
             } else if Instant::now() > deadline {
                 bail!("the {} replica did not report its port in 60 s:\n{log}", process.slug());
@@ -516,6 +501,15 @@ impl Drop for Suite {
         // databases go (each `ScratchDatabase` drops its own).
         self.children.clear();
     }
+}
+
+/// The port a bureau started on port 0 reports in its log's last "listening on" line.
+fn reported_port(log: &str) -> Option<u16> {
+    log.lines()
+        .filter_map(|line| line.split_once(" listening on ").map(|(_, address)| address.trim()))
+        .filter_map(|address| address.parse::<std::net::SocketAddr>().ok())
+        .map(|address| address.port())
+        .next_back()
 }
 
 /// A second process of a bureau ([`Suite::start_replica`]); killed when dropped.
