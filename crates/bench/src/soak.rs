@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context, bail};
 use yidi_common::{idempotency, population::Citizen};
 use yidi_demo::{
+    population::Rng,
     suite::{Backend, ClockSetting, Suite, SuiteOptions},
     topology::Process,
 };
@@ -36,26 +37,10 @@ pub struct SoakOptions {
 const VICTIMS: [Process; 5] =
     [Process::Intake, Process::HomeJiangxi, Process::HomeSichuan, Process::Issuance, Process::Registry];
 
-/// SplitMix64: deterministic from the printed seed, so a failing run can be repeated.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// A duration between `low` and `high` milliseconds.
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high.saturating_sub(low) + 1))
-    }
+/// A duration between `low` and `high` milliseconds, drawn from the run's seeded sequence (so a
+/// failing run can be repeated).
+fn millis(rng: &mut Rng, low: u64, high: u64) -> Duration {
+    Duration::from_millis(low + rng.below(high.saturating_sub(low) + 1))
 }
 
 /// One application the run lodges: who, what, and how it should end.
@@ -310,7 +295,7 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     let mut total_kills = 0;
     let mut kill_log = Vec::new();
     while Instant::now() < deadline {
-        tokio::time::sleep(rng.millis(500, 2500)).await;
+        tokio::time::sleep(millis(&mut rng, 500, 2500)).await;
         let lodged = !submitting.load(Ordering::SeqCst);
         if lodged && total_kills >= options.kills {
             break;
@@ -320,7 +305,7 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
             break;
         }
         let victim = VICTIMS[rng.below(VICTIMS.len() as u64) as usize];
-        let down = rng.millis(0, 1500);
+        let down = millis(&mut rng, 0, 1500);
         suite.kill(victim).await?;
         total_kills += 1;
         *kills.entry(victim.bureau_id()).or_default() += 1;

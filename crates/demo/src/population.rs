@@ -31,11 +31,12 @@ pub const SCENARIOS: &[&str] = &[
 pub const SICHUAN_ONLY: &[&str] = &["not_accepted_here"];
 pub const JIANGXI_ONLY: &[&str] = &["unknown_citizen"];
 
-/// SplitMix64: tiny, deterministic, good enough for synthetic data.
-struct Rng(u64);
+/// SplitMix64: tiny, deterministic (the same seed, the same sequence), good enough for synthetic
+/// data and for repeatable runs (the soak's kills).
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -43,12 +44,13 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+    /// Below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
 
     fn template(&mut self) -> Vec<u8> {
-        (0..TEMPLATE_LEN).map(|_| self.next() as u8).collect()
+        (0..TEMPLATE_LEN).map(|_| self.next_u64() as u8).collect()
     }
 }
 
