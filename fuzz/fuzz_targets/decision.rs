@@ -9,7 +9,7 @@ use chrono::{TimeZone, Utc};
 use ed25519_dalek::SigningKey;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use yidi_common::convert::signed_decision_from_proto;
+use yidi_grpc::convert::signed_decision_from_proto;
 use yidi_domain::{
     DecisionPurpose, Directory,
     decision::Expectation,

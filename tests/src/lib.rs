@@ -4,7 +4,7 @@
 //! PostgreSQL: `YIDI_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`), where
 //! each suite creates its own databases and drops them. When it is unreachable the PostgreSQL
 //! variant of each test is skipped with a message, unless `YIDI_REQUIRE_POSTGRES=1` (set by
-//! `.ci/run`), which makes it fail. The convention is `yidi_common::scratch_db`'s.
+//! `.ci/run`), which makes it fail. The convention is `yidi_testkit`'s.
 #![forbid(unsafe_code)]
 
 pub mod raw;
@@ -16,7 +16,8 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
-use yidi_common::{population::Citizen, scratch_db};
+use yidi_runtime::population::Citizen;
+
 use yidi_demo::{
     suite::{Backend, ClockSetting, Suite, SuiteOptions, default_bin_dir},
     topology::{Process, operator_id},
@@ -77,7 +78,7 @@ pub async fn start(db: Db, date: &str, configure: impl FnOnce(&mut SuiteOptions)
     let mut options = SuiteOptions::new(dir.path().to_path_buf(), default_bin_dir()?, now);
     options.clock = ClockSetting::Start(now);
     if db == Db::Postgres {
-        let Some(url) = scratch_db::postgres_server_for_tests().await.map_err(anyhow::Error::msg)? else {
+        let Some(url) = yidi_testkit::postgres_server_for_tests().await.map_err(anyhow::Error::msg)? else {
             return Ok(None);
         };
         options.backend = Backend::Postgres { admin_url: url };

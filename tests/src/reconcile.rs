@@ -189,7 +189,7 @@ async fn applications(url: &str) -> anyhow::Result<Vec<Application>> {
     let db = connect(url).await?;
     let rows = query(
         &db,
-        // Halted: waiting on a dead letter of the station's outbox (see yidi_common::outbox); the
+        // Halted: waiting on a dead letter of the station's outbox (see yidi_outbox); the
         // error shown is that of the newest message still owed.
         "SELECT a.application_id, a.kind, a.state, a.id_number, a.previous_card_serial, a.new_card_serial, \
          a.loss_recorded, \

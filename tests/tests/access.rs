@@ -8,9 +8,10 @@ use prost::Message;
 use prost_types::FileDescriptorSet;
 use tonic::Code;
 use tonic_types::StatusExt;
-use yidi_common::{access, caller::Caller, directory::DirectoryFile};
 use yidi_domain::OperatorAccess;
+use yidi_grpc::{access, caller::Caller};
 use yidi_proto::v1::{self as pb, audit_client::AuditClient};
+use yidi_runtime::directory::DirectoryFile;
 use yidi_tests::{
     Db, NATIONAL_DAY, on_both_databases,
     raw::call,

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use anyhow::Context;
 use base64::Engine;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
-use yidi_common::population::Citizen;
 use yidi_proto::v1::{self as pb, audit_client::AuditClient};
+use yidi_runtime::population::Citizen;
 use yidi_tests::{Db, NATIONAL_DAY, TestSuite, applicant, live, on_both_databases, serial, start, topology::Process};
 
 on_both_databases!(

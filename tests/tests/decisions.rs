@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
-use yidi_common::{convert::signed_decision_to_proto, population::Citizen};
 use yidi_domain::{Decision, DecisionPurpose, SignedDecision};
+use yidi_grpc::convert::signed_decision_to_proto;
 use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient};
+use yidi_runtime::population::Citizen;
 use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, at, on_both_databases, reason, serial, start_tls, topology, topology::Process,
 };
@@ -37,7 +38,7 @@ fn forgeries(
     let unlisted_key = Decision { key_id: "key-nobody-listed".into(), ..genuine() }.sign(jiangxi);
     let misaddressed = t.decision(citizen, purpose, "producer-elsewhere", now).sign(jiangxi);
     let expired = t.decision(citizen, purpose, addressee, now - chrono::Duration::days(8)).sign(jiangxi);
-    let stolen_key = genuine().sign(&yidi_common::directory::generate_signing_key());
+    let stolen_key = genuine().sign(&yidi_runtime::directory::generate_signing_key());
     vec![
         ("unsigned", unsigned, "DECISION_UNSIGNED"),
         ("tampered", tampered, "DECISION_BAD_SIGNATURE"),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use sea_orm::{ConnectionTrait, Database, Statement};
-use yidi_common::scratch_db;
+
 use yidi_proto::v1 as pb;
 use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, applicant, on_both_databases,
@@ -221,7 +221,7 @@ async fn registry_killed_mid_flow_loses_and_duplicates_nothing(db: Db) -> anyhow
 /// server itself is left to the soak (RELIABILITY.md); this takes the same reconnect path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_cut_mid_flow_lose_and_duplicate_nothing() -> anyhow::Result<()> {
-    let Some(admin_url) = scratch_db::postgres_server_for_tests().await.map_err(anyhow::Error::msg)? else {
+    let Some(admin_url) = yidi_testkit::postgres_server_for_tests().await.map_err(anyhow::Error::msg)? else {
         return Ok(());
     };
     let Some(t) = start_for_faults(Db::Postgres).await? else { return Ok(()) };

@@ -75,7 +75,7 @@ async fn every_rpc_answers_hostile_input_with_a_clean_error_and_keeps_serving(db
 
     for process in Process::ALL {
         let channel = t.channel(process).await?;
-        assert!(yidi_common::client::is_serving(&channel).await, "{process:?} still serves");
+        assert!(yidi_grpc::client::is_serving(&channel).await, "{process:?} still serves");
     }
     let citizen = t.citizen("replacement", "36")?;
     let check = pb::CheckCardRequest {

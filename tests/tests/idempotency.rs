@@ -3,11 +3,9 @@
 //! refused. Through the real suite, at the station, a home bureau and the registry.
 use anyhow::Context;
 use sea_orm::ConnectionTrait;
-use yidi_common::{
-    convert::signed_decision_to_proto,
-    idempotency::{HEADER, KEY_REUSED, REPLAYED_HEADER},
-};
 use yidi_domain::DecisionPurpose;
+use yidi_grpc::convert::signed_decision_to_proto;
+use yidi_idempotency::{HEADER, KEY_REUSED, REPLAYED_HEADER};
 use yidi_proto::v1::{self as pb, audit_client::AuditClient};
 use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, applicant, at, on_both_databases, reason, serial, start, topology, topology::Process,

@@ -244,7 +244,7 @@ async fn wait_for_channel(endpoint: &str) -> anyhow::Result<Channel> {
     loop {
         let channel = Channel::from_shared(endpoint.to_owned())?.connect().await;
         if let Ok(channel) = channel
-            && yidi_common::client::wait_until_serving(&channel, Duration::from_secs(10)).await
+            && yidi_grpc::client::wait_until_serving(&channel, Duration::from_secs(10)).await
         {
             return Ok(channel);
         }

@@ -1,7 +1,7 @@
 //! The acceptance policy's phase boundaries (P0–P4), each on a suite whose clock stands on the day.
 use anyhow::Context;
-use yidi_common::population::Citizen;
 use yidi_proto::v1 as pb;
+use yidi_runtime::population::Citizen;
 use yidi_tests::{Db, TestSuite, applicant_with, on_both_databases, reason, serial, start, topology::Process};
 
 on_both_databases!(

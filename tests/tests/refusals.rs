@@ -14,7 +14,7 @@ on_both_databases!(
 /// Submits a replacement and waits for the home bureau's answer.
 async fn refusal_for(
     t: &TestSuite,
-    citizen: &yidi_common::population::Citizen,
+    citizen: &yidi_runtime::population::Citizen,
     kind: pb::ApplicationKind,
 ) -> anyhow::Result<i32> {
     let application = t.submit(kind, citizen, serial(citizen)).await?;

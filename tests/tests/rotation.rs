@@ -13,14 +13,15 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-use yidi_common::{convert::signed_decision_to_proto, population::Citizen};
 use yidi_demo::topology::SuiteKey;
 use yidi_domain::OperatorAccess;
 use yidi_domain::{Decision, DecisionPurpose};
+use yidi_grpc::convert::signed_decision_to_proto;
 use yidi_proto::v1::{
     self as pb, issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient,
     verification_client::VerificationClient,
 };
+use yidi_runtime::population::Citizen;
 use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, at, live, on_both_databases, reason, serial, start_tls,
     topology::{self, Process, operator_id},

@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-use yidi_common::tls::TlsFiles;
 use yidi_demo::certs::{CertDir, CertificateAuthority};
+use yidi_grpc::tls::TlsFiles;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 use yidi_tests::{
     Db, NATIONAL_DAY, live, on_both_databases, serial, start_tls,

@@ -6,9 +6,9 @@ use anyhow::Context;
 use chrono::{Duration, NaiveDate};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, TransactionTrait};
 use sea_orm_migration::MigratorTrait;
-use yidi_common::config::DatabaseConfig;
 use yidi_demo::topology::{HOME_JIANGXI, HOME_SICHUAN};
 use yidi_domain::IdNumber;
+use yidi_runtime::config::DatabaseConfig;
 
 /// Serials of synthetic cards: `BN` and ten digits, like a producer's.
 const SERIAL_PREFIX: &str = "BN";
@@ -54,7 +54,7 @@ const COLUMNS: &str =
 /// Creates the registry's schema in `url` and loads cards `0..count`. Returns the seconds it took.
 pub async fn load(url: &str, count: u64) -> anyhow::Result<f64> {
     let began = Instant::now();
-    let db = yidi_common::db::connect(&DatabaseConfig { url: url.to_owned(), max_connections: 2 }).await?;
+    let db = yidi_runtime::db::connect(&DatabaseConfig { url: url.to_owned(), max_connections: 2 }).await?;
     yidi_registry_migration::Migrator::up(&db, None).await.context("registry migrations")?;
     match db.get_database_backend() {
         DbBackend::Postgres => copy_postgres(&db, count).await?,

@@ -4,8 +4,8 @@ use std::{path::Path, time::Duration};
 
 use anyhow::Context;
 use tonic::{Status, transport::Channel};
-use yidi_common::scratch_db::ScratchDatabase;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
+use yidi_testkit::ScratchDatabase;
 
 use crate::{
     Options, cards, echo,

@@ -11,10 +11,11 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tokio_stream::StreamExt;
-use yidi_common::{config::DatabaseConfig, population::Citizen, scratch_db::ScratchDatabase};
 use yidi_demo::suite::{Backend, ClockSetting, Suite, SuiteOptions};
 use yidi_demo::topology::Process;
 use yidi_proto::v1::{self as pb, intake_client::IntakeClient};
+use yidi_runtime::{config::DatabaseConfig, population::Citizen};
+use yidi_testkit::ScratchDatabase;
 
 use crate::{
     Options,
@@ -33,7 +34,7 @@ const FLOW_TIMEOUT: Duration = Duration::from_secs(180);
 const STATS_DELAY: Duration = Duration::from_secs(11);
 
 async fn connect(url: &str, connections: u32) -> anyhow::Result<DatabaseConnection> {
-    Ok(yidi_common::db::connect(&DatabaseConfig { url: url.to_owned(), max_connections: connections }).await?)
+    Ok(yidi_runtime::db::connect(&DatabaseConfig { url: url.to_owned(), max_connections: connections }).await?)
 }
 
 /// Single-row INSERT transactions per second at `connections` concurrent connections.

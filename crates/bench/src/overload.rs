@@ -19,8 +19,8 @@ use sea_orm::{ConnectionTrait, Database};
 use serde::Serialize;
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
-use yidi_common::scratch_db::ScratchDatabase;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
+use yidi_testkit::ScratchDatabase;
 
 use crate::{
     Options, cards,

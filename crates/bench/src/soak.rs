@@ -11,13 +11,14 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use yidi_common::{idempotency, population::Citizen};
 use yidi_demo::{
     population::Rng,
     suite::{Backend, ClockSetting, Suite, SuiteOptions},
     topology::Process,
 };
+use yidi_idempotency as idempotency;
 use yidi_proto::v1::{self as pb, intake_client::IntakeClient};
+use yidi_runtime::population::Citizen;
 use yidi_tests::reconcile::{self, Acknowledged, Databases, Outcome};
 
 /// What `soak` was asked for.

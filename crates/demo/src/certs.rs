@@ -12,7 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, date_time_ymd,
 };
-use yidi_common::tls::TlsFiles;
+use yidi_grpc::tls::TlsFiles;
 
 /// The CA's subject: fixed, so that an existing CA can sign again from its key alone.
 const CA_COMMON_NAME: &str = "yidi demo CA";

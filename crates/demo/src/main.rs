@@ -154,7 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("try:        grpcurl -plaintext 127.0.0.1:50051 list");
     }
     println!("Ctrl-C stops every service.");
-    yidi_common::shutdown::signal().await;
+    yidi_runtime::shutdown::signal().await;
     println!("stopping ...");
     suite.stop().await?;
     println!("all services stopped cleanly");
@@ -166,7 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn certs(args: &Args) -> anyhow::Result<()> {
     let directory_path = args.directory.clone().unwrap_or_else(|| args.dir.join("directory.toml"));
     let out = args.out.clone().unwrap_or_else(|| args.dir.join("certs"));
-    let directory = yidi_common::directory::load(&directory_path)?;
+    let directory = yidi_runtime::directory::load(&directory_path)?;
     let mut ids: Vec<&str> = directory.principal_ids().collect();
     ids.sort_unstable();
     let choice = if args.new_ca { CaChoice::New } else { CaChoice::KeepExisting };

@@ -2,8 +2,9 @@
 //! least one citizen for every refusal of the rulebook. The same `(date, size)` always gives the
 //! same people, so README commands and tests can name them.
 use chrono::{Duration, Months, NaiveDate};
-use yidi_common::population::{Citizen, Credit, ExistingCard, Population, Registration};
+use yidi_domain::{Credit, Registration};
 use yidi_domain::{IdNumber, biometrics::TEMPLATE_LEN, card::term_for};
+use yidi_runtime::population::{Citizen, ExistingCard, Population};
 
 use crate::topology::{HOME_JIANGXI, HOME_SICHUAN};
 

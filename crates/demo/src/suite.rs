@@ -12,8 +12,10 @@ use chrono::{DateTime, Utc};
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-use yidi_common::{directory::DirectoryFile, population::Population, scratch_db::ScratchDatabase, tls::TlsFiles};
 use yidi_domain::OperatorAccess;
+use yidi_grpc::tls::TlsFiles;
+use yidi_runtime::{directory::DirectoryFile, population::Population};
+use yidi_testkit::ScratchDatabase;
 
 use crate::{
     certs::{CaChoice, CertDir, write_certificates},

@@ -8,13 +8,13 @@ use std::{
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::SigningKey;
-use yidi_common::{
+use yidi_domain::{OperatorAccess, Role};
+use yidi_runtime::{
     directory::{
         BureauEntry, DirectoryFile, KeyEntry, OperatorEntry, RelyingPartyEntry, generate_signing_key, write_signing_key,
     },
     signing::KEY_FILE_SUFFIX,
 };
-use yidi_domain::{OperatorAccess, Role};
 
 pub const STATION: &str = "station-hangzhou";
 pub const STATION_REGION: &str = "330106";

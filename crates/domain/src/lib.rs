@@ -10,6 +10,7 @@ pub mod directory;
 pub mod id_number;
 pub mod mask;
 pub mod policy;
+pub mod register;
 pub mod status;
 
 pub use application::{ApplicationKind, ApplicationState, RefusalReason};
@@ -19,3 +20,4 @@ pub use decision::{CardData, Decision, DecisionError, DecisionPurpose, SignedDec
 pub use directory::{Bureau, BureauKey, Directory, KeyWindow, Operator, OperatorAccess, Principal, RelyingParty, Role};
 pub use id_number::{IdNumber, IdNumberError, Sex};
 pub use policy::{DocumentKind, Phase, PolicyTimeline};
+pub use register::{Credit, Registration};

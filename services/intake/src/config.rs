@@ -1,42 +1,24 @@
 //! `IntakeConfig`: the common sections plus `[station]`, `[policy]`, `[worker]`, `[outbox]`,
 //! `[biometrics]`.
 use serde::Deserialize;
-use yidi_common::{
-    clock::ClockConfig,
-    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
-    idempotency::IdempotencyConfig,
-    outbox::OutboxConfig,
-    telemetry::LogConfig,
-    tls::TlsConfig,
-};
+use yidi_bureau::BureauConfig;
 use yidi_domain::PolicyTimeline;
+use yidi_outbox::OutboxConfig;
+use yidi_runtime::config::ConfigError;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IntakeConfig {
-    pub server: ServerConfig,
-    pub database: DatabaseConfig,
-    pub directory: DirectoryConfig,
-    #[serde(default)]
-    pub clock: ClockConfig,
-    #[serde(default)]
-    pub log: LogConfig,
-    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
-    #[serde(default)]
-    pub tls: TlsConfig,
-    /// `[idempotency]`: how long answers to repeated mutating calls are kept.
-    #[serde(default)]
-    pub idempotency: IdempotencyConfig,
-    pub station: StationConfig,
-    #[serde(default)]
-    pub policy: PolicyTimeline,
-    #[serde(default)]
-    pub worker: WorkerConfig,
-    /// `[outbox]`: how the station's messages to the other bureaus are delivered.
-    #[serde(default)]
-    pub outbox: OutboxConfig,
-    #[serde(default)]
-    pub biometrics: BiometricsConfig,
+yidi_bureau::bureau_config! {
+    pub struct IntakeConfig {
+        pub station: StationConfig,
+        #[serde(default)]
+        pub policy: PolicyTimeline,
+        #[serde(default)]
+        pub worker: WorkerConfig,
+        /// `[outbox]`: how the station's messages to the other bureaus are delivered.
+        #[serde(default)]
+        pub outbox: OutboxConfig,
+        #[serde(default)]
+        pub biometrics: BiometricsConfig,
+    }
 }
 
 /// `[station]`
@@ -78,9 +60,7 @@ impl Default for BiometricsConfig {
 impl IntakeConfig {
     /// Checks the values that need no directory; `serve` checks the directory-dependent ones.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.bureau_id.trim().is_empty() {
-            return Err(ConfigError::key("server.bureau_id", "must not be empty"));
-        }
+        self.sections().validate()?;
         if self.station.producer_id.trim().is_empty() {
             return Err(ConfigError::key("station.producer_id", "must name the entrusted producer"));
         }
@@ -93,7 +73,6 @@ impl IntakeConfig {
         if !(threshold > 0.0 && threshold <= 1.0) {
             return Err(ConfigError::key("biometrics.face_threshold", "must be in (0, 1]"));
         }
-        self.tls.validate()?;
         Ok(())
     }
 }

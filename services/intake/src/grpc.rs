@@ -4,14 +4,14 @@ use std::pin::Pin;
 
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
-use yidi_common::{
+use yidi_domain::ApplicationKind;
+use yidi_grpc::{
     ApiError, FieldViolations,
     caller::caller_of,
     convert::{document_from_proto, kind_to_proto, refusal_to_proto, state_from_proto, state_to_proto, timestamp},
-    idempotency::IdempotencyKey,
     validate::{page_size, page_token},
 };
-use yidi_domain::ApplicationKind;
+use yidi_idempotency::IdempotencyKey;
 use yidi_proto::v1 as pb;
 
 use crate::service::{Applicant, ApplicationView, Intake, WithdrawError};
@@ -160,7 +160,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
         let deliveries = std::mem::take(&mut view.deliveries);
         Ok(Response::new(pb::GetApplicationTimelineResponse {
             application: Some(to_proto(view)),
-            deliveries: deliveries.into_iter().map(yidi_common::outbox_rpc::to_proto).collect(),
+            deliveries: deliveries.into_iter().map(yidi_outbox::rpc::to_proto).collect(),
         }))
     }
 

@@ -12,17 +12,16 @@ mod service;
 mod worker;
 
 use std::{future::Future, sync::Arc, time::Duration};
+use yidi_bureau::BureauConfig;
 
 use anyhow::Context;
-use yidi_common::{
-    config::ConfigError,
-    outbox::Dispatcher,
-    overload::MAX_REQUEST_BYTES,
-    startup::{self, Prepared, Sections},
-};
+use yidi_bureau::startup::{self, Prepared};
 use yidi_domain::{Role, SimulatedMatcher};
+use yidi_grpc::overload::MAX_REQUEST_BYTES;
 use yidi_intake_migration::Migrator;
+use yidi_outbox::Dispatcher;
 use yidi_proto::v1::intake_server::IntakeServer;
+use yidi_runtime::config::ConfigError;
 
 use crate::{
     config::IntakeConfig,
@@ -37,14 +36,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let sections = Sections {
-        server: &config.server,
-        database: &config.database,
-        directory: &config.directory,
-        clock: &config.clock,
-        tls: &config.tls,
-        idempotency: &config.idempotency,
-    };
+    let sections = config.sections();
     let prepared = startup::prepare::<Migrator, _, _>(
         sections,
         Role::Intake,

@@ -1,19 +1,8 @@
 #![forbid(unsafe_code)]
 
-use yidi_common::telemetry::{self, Identity};
+use yidi_intake::config::IntakeConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config: yidi_intake::config::IntakeConfig = yidi_common::config::load("intake")?;
-    config.validate()?;
-    let telemetry =
-        telemetry::init(&config.log, Identity { service: "yidi-intake", bureau_id: &config.server.bureau_id })?;
-    let served = async {
-        let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-        println!("yidi-intake listening on {}", listener.local_addr()?); // the launcher reads this line
-        yidi_intake::serve(config, listener, yidi_common::shutdown::signal()).await
-    }
-    .await;
-    telemetry.shutdown().await;
-    served
+    yidi_bureau::process::run("intake", IntakeConfig::validate, yidi_intake::serve).await
 }

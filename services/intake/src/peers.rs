@@ -6,12 +6,13 @@ use std::{
 };
 
 use tonic::{Code, Status};
-use yidi_common::client::{Connector, PeerChannel};
-use yidi_common::{directory::DirectoryHandle, outbox::IDEMPOTENCY_KEY};
+use yidi_grpc::client::{Connector, PeerChannel};
+use yidi_outbox::IDEMPOTENCY_KEY;
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::{
     issuance_client::IssuanceClient, loss_registry_client::LossRegistryClient, verification_client::VerificationClient,
 };
+use yidi_runtime::directory::DirectoryHandle;
 
 /// A failed call to another bureau.
 #[derive(Debug)]

@@ -5,12 +5,10 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, Order,
     QueryFilter, QueryOrder, QuerySelect,
 };
-use yidi_common::{
-    audit::{self, AuditEntry},
-    db,
-    outbox::{self, NewMessage},
-};
+use yidi_audit::{self as audit, AuditEntry};
 use yidi_domain::ApplicationState;
+use yidi_outbox::{self as outbox, NewMessage};
+use yidi_runtime::db;
 
 use crate::entities::{application, application_event};
 
@@ -256,9 +254,9 @@ pub fn changes() -> application::ActiveModel {
 #[cfg(test)]
 mod tests {
     use sea_orm::Database;
-    use yidi_common::outbox::MessageState;
     use yidi_domain::ApplicationKind;
     use yidi_intake_migration::{Migrator, MigratorTrait};
+    use yidi_outbox::MessageState;
 
     use super::*;
 

@@ -6,18 +6,15 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::ActiveValue::Set;
 use tokio::sync::{Notify, broadcast, mpsc};
-use yidi_common::{
-    ApiError, Clock, Shutdown,
-    audit::AuditEntry,
-    client::Connector,
-    directory::DirectoryHandle,
-    outbox::{self, MessageState},
-};
+use yidi_audit::AuditEntry;
 use yidi_domain::{
     ApplicationKind, ApplicationState, BiometricMatcher, Bureau, DocumentKind, IdNumber, PolicyTimeline, RefusalReason,
     mask::mask_id_number,
 };
+use yidi_grpc::{ApiError, client::Connector};
+use yidi_outbox::{self as outbox, MessageState};
 use yidi_proto::v1 as pb;
+use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle};
 
 use crate::{
     entities::{application, application_event},
@@ -286,7 +283,7 @@ impl Intake {
             attempts: 0,
             last_error: None,
             next_attempt_at: Some(now),
-            trace_context: yidi_common::telemetry::current_traceparent(),
+            trace_context: yidi_runtime::telemetry::current_traceparent(),
             request_key: request_key.clone(),
             created_at: now,
             updated_at: now,
@@ -576,7 +573,7 @@ impl Intake {
         let Some(decision) = answer.decision else {
             let reason = pb::RefusalReason::try_from(answer.refusal_reason)
                 .ok()
-                .and_then(yidi_common::convert::refusal_from_proto)
+                .and_then(yidi_grpc::convert::refusal_from_proto)
                 .ok_or_else(|| {
                     ApiError::unavailable(&home.id, "answered neither a decision nor a known refusal reason")
                 })?;

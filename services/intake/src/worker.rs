@@ -1,5 +1,5 @@
 //! What the station sends the other bureaus, delivered from its outbox (see
-//! `yidi_common::outbox`): verification by the home bureau → the loss report to the registry →
+//! `yidi_outbox`): verification by the home bureau → the loss report to the registry →
 //! the order to the producer → following the order until the card is dispatched → telling the
 //! home bureau the application ended (K5). Each step's answer is recorded in one transaction with
 //! the message it answers and the message the next step owes, so a crash anywhere leaves either
@@ -9,12 +9,10 @@ use std::time::Duration;
 use prost::Message;
 use sea_orm::ActiveValue::Set;
 use tracing::Instrument;
-use yidi_common::{
-    ApiError,
-    audit::AuditEntry,
-    outbox::{self, Delivery, Handler, NewMessage},
-};
+use yidi_audit::AuditEntry;
 use yidi_domain::{ApplicationKind, ApplicationState, mask::mask_id_number};
+use yidi_grpc::ApiError;
+use yidi_outbox::{self as outbox, Delivery, Handler, NewMessage};
 use yidi_proto::v1 as pb;
 
 use crate::{
@@ -112,7 +110,7 @@ impl Handler for Intake {
         };
         // The step continues the trace of the request that lodged the application.
         let span = tracing::info_span!("application_step", application_id = %model.application_id, topic = %message.topic, state = %model.state);
-        yidi_common::telemetry::continue_trace(&span, model.trace_context.as_deref());
+        yidi_runtime::telemetry::continue_trace(&span, model.trace_context.as_deref());
         let outcome = step(self, message, &model).instrument(span).await;
         match &outcome {
             Delivery::Delivered => self.publish(&model.application_id).await,
@@ -192,7 +190,7 @@ async fn verify_step(
         application_id: model.application_id.clone(),
         station_id: inner.station.id.clone(),
         purpose: if issue { pb::DecisionPurpose::IssueCard } else { pb::DecisionPurpose::ReportLoss } as i32,
-        kind: yidi_common::convert::kind_to_proto(kind) as i32,
+        kind: yidi_grpc::convert::kind_to_proto(kind) as i32,
         id_number: model.id_number.clone(),
         card_serial: model.previous_card_serial.clone(),
         live: Some(pb::Biometrics {
@@ -235,7 +233,7 @@ async fn verify_step(
         return Ok(Delivery::Dropped(format!("application {id} moved on while the home bureau approved it")));
     }
     let Some(reason) =
-        pb::RefusalReason::try_from(answer.refusal_reason).ok().and_then(yidi_common::convert::refusal_from_proto)
+        pb::RefusalReason::try_from(answer.refusal_reason).ok().and_then(yidi_grpc::convert::refusal_from_proto)
     else {
         return Ok(Delivery::Fail(format!("{} answered neither a decision nor a known refusal", model.home_bureau_id)));
     };
@@ -456,7 +454,7 @@ async fn close_step(
     }
     let request = pb::CloseApplicationRequest {
         application_id: model.application_id.clone(),
-        final_state: yidi_common::convert::state_to_proto(state) as i32,
+        final_state: yidi_grpc::convert::state_to_proto(state) as i32,
         new_card_serial: if state == ApplicationState::Collected {
             model.new_card_serial.clone().unwrap_or_default()
         } else {

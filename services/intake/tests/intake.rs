@@ -16,19 +16,16 @@ use tokio::sync::{Notify, oneshot};
 use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
 use tonic::{Code, Request, Response, Status, transport::Channel};
 use tonic_types::StatusExt;
-use yidi_common::{
-    ApiError,
-    convert::signed_decision_to_proto,
-    directory::{BureauEntry, DirectoryFile, KeyEntry},
-    scratch_db::postgres_for_tests,
-};
 use yidi_domain::{
     ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, RefusalReason, Role, Sex,
     biometrics::with_sensor_noise,
 };
+use yidi_grpc::{ApiError, convert::signed_decision_to_proto};
 use yidi_intake::config::IntakeConfig;
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::intake_client::IntakeClient;
+use yidi_runtime::directory::{BureauEntry, DirectoryFile, KeyEntry};
+use yidi_testkit::postgres_for_tests;
 
 const STATION: &str = "station-hangzhou";
 const PRODUCER: &str = "producer-zhejiang";
@@ -93,7 +90,7 @@ impl Fakes {
             station_id: request.station_id.clone(),
             application_kind: pb::ApplicationKind::try_from(request.kind)
                 .ok()
-                .and_then(yidi_common::convert::kind_from_proto),
+                .and_then(yidi_grpc::convert::kind_from_proto),
             card: CardData {
                 id_number: request.id_number.clone(),
                 name: "Li Na".into(),
@@ -409,7 +406,7 @@ poll_ms = 20
         }));
         let channel =
             tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        assert!(yidi_common::client::wait_until_serving(&channel, Duration::from_secs(30)).await, "serving");
+        assert!(yidi_grpc::client::wait_until_serving(&channel, Duration::from_secs(30)).await, "serving");
         let client = IntakeClient::new(channel);
         Self { client, fakes: state, stop: Some(stop), server: Some(server), _dir: dir }
     }
@@ -472,7 +469,7 @@ fn applicant(id_number: &str, province: &str, document: pb::DocumentKind) -> pb:
 
 fn submit(kind: ApplicationKind, applicant: pb::Applicant) -> pb::SubmitApplicationRequest {
     pb::SubmitApplicationRequest {
-        kind: yidi_common::convert::kind_to_proto(kind) as i32,
+        kind: yidi_grpc::convert::kind_to_proto(kind) as i32,
         applicant: Some(applicant),
         card_serial: "OLD-0001".into(),
     }
@@ -1045,7 +1042,7 @@ async fn s4_an_unreachable_home_bureau_is_retried_with_the_error_visible() {
 }
 
 /// The same lifecycle on PostgreSQL, in a scratch database of the test server (see
-/// `yidi_common::scratch_db`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
+/// `yidi_testkit`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
 #[tokio::test]
 async fn c3_lifecycle_on_postgresql() {
     let Some(scratch) = postgres_for_tests("intake").await.unwrap() else { return };

@@ -1,39 +1,21 @@
 //! `IssuanceConfig`: the common sections plus `[production]`.
 use serde::Deserialize;
-use yidi_common::{
-    clock::{Clock, ClockConfig},
-    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
-    idempotency::IdempotencyConfig,
-    outbox::OutboxConfig,
-    telemetry::LogConfig,
-    tls::TlsConfig,
-};
+use yidi_bureau::BureauConfig;
 use yidi_domain::{Bureau, Directory, Role};
+use yidi_outbox::OutboxConfig;
+use yidi_runtime::config::ConfigError;
 
 /// Upper bound on `production.delay_ms` (one hour).
 const MAX_INTERVAL_MS: u64 = 3_600_000;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IssuanceConfig {
-    pub server: ServerConfig,
-    pub database: DatabaseConfig,
-    pub directory: DirectoryConfig,
-    #[serde(default)]
-    pub clock: ClockConfig,
-    #[serde(default)]
-    pub log: LogConfig,
-    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
-    #[serde(default)]
-    pub tls: TlsConfig,
-    /// `[idempotency]`: how long answers to repeated mutating calls are kept.
-    #[serde(default)]
-    pub idempotency: IdempotencyConfig,
-    #[serde(default)]
-    pub production: ProductionConfig,
-    /// `[outbox]`: how card registrations are delivered to the registry.
-    #[serde(default)]
-    pub outbox: OutboxConfig,
+yidi_bureau::bureau_config! {
+    pub struct IssuanceConfig {
+        #[serde(default)]
+        pub production: ProductionConfig,
+        /// `[outbox]`: how card registrations are delivered to the registry.
+        #[serde(default)]
+        pub outbox: OutboxConfig,
+    }
 }
 
 /// `[production]`
@@ -55,20 +37,7 @@ impl Default for ProductionConfig {
 impl IssuanceConfig {
     /// Checks the values that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.bureau_id.trim().is_empty() {
-            return Err(ConfigError::key("server.bureau_id", "is required"));
-        }
-        if self.database.url.trim().is_empty() {
-            return Err(ConfigError::key("database.url", "is required"));
-        }
-        if self.database.max_connections == 0 {
-            return Err(ConfigError::key("database.max_connections", "must be at least 1"));
-        }
-        if self.directory.path.as_os_str().is_empty() {
-            return Err(ConfigError::key("directory.path", "is required"));
-        }
-        self.tls.validate()?;
-        Clock::from_config(&self.clock).map_err(|message| ConfigError::key("clock", message))?;
+        self.sections().validate()?;
         let prefix = &self.production.serial_prefix;
         if prefix.len() != 2 || !prefix.chars().all(|c| c.is_ascii_uppercase()) {
             return Err(ConfigError::key(

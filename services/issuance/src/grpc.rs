@@ -7,13 +7,14 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-use yidi_common::{
-    ApiError, FieldViolations, Shutdown,
+use yidi_grpc::{
+    ApiError, FieldViolations,
     caller::ensure_acting_for_itself,
     convert::{signed_decision_from_proto, timestamp},
     validate::MAX_TEXT_LEN,
 };
 use yidi_proto::v1::{self as pb, issuance_server::Issuance};
+use yidi_runtime::Shutdown;
 
 use crate::{
     repo::{Order, OrderState},

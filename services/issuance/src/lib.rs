@@ -11,18 +11,16 @@ mod service;
 mod worker;
 
 use std::{future::Future, sync::Arc, time::Duration};
+use yidi_bureau::BureauConfig;
 
 use anyhow::Context;
-use yidi_common::{
-    Shutdown,
-    config::ConfigError,
-    outbox::{self, Dispatcher},
-    overload::MAX_REQUEST_BYTES,
-    startup::{self, Prepared, Sections},
-};
+use yidi_bureau::startup::{self, Prepared};
 use yidi_domain::Role;
+use yidi_grpc::overload::MAX_REQUEST_BYTES;
 use yidi_issuance_migration::Migrator;
+use yidi_outbox::{self as outbox, Dispatcher};
 use yidi_proto::v1::issuance_server::IssuanceServer;
+use yidi_runtime::{Shutdown, config::ConfigError};
 
 use crate::{
     config::IssuanceConfig,
@@ -39,14 +37,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let sections = Sections {
-        server: &config.server,
-        database: &config.database,
-        directory: &config.directory,
-        clock: &config.clock,
-        tls: &config.tls,
-        idempotency: &config.idempotency,
-    };
+    let sections = config.sections();
     let prepared =
         startup::prepare::<Migrator, _, _>(sections, Role::Issuance, listener, shutdown, |directory, _, connector| {
             let registry = config.registry(directory)?.clone();

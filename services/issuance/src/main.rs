@@ -1,19 +1,8 @@
 #![forbid(unsafe_code)]
 
-use yidi_common::telemetry::{self, Identity};
+use yidi_issuance::config::IssuanceConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config: yidi_issuance::config::IssuanceConfig = yidi_common::config::load("issuance")?;
-    config.validate()?;
-    let telemetry =
-        telemetry::init(&config.log, Identity { service: "yidi-issuance", bureau_id: &config.server.bureau_id })?;
-    let served = async {
-        let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-        println!("yidi-issuance listening on {}", listener.local_addr()?); // the launcher reads this line
-        yidi_issuance::serve(config, listener, yidi_common::shutdown::signal()).await
-    }
-    .await;
-    telemetry.shutdown().await;
-    served
+    yidi_bureau::process::run("issuance", IssuanceConfig::validate, yidi_issuance::serve).await
 }

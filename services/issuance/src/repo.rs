@@ -6,13 +6,11 @@ use sea_orm::{
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
-use yidi_common::{
-    ApiError,
-    audit::{self, AuditEntry},
-    db,
-    outbox::{self, NewMessage},
-};
+use yidi_audit::{self as audit, AuditEntry};
 use yidi_domain::mask::mask_id_number;
+use yidi_grpc::ApiError;
+use yidi_outbox::{self as outbox, NewMessage};
+use yidi_runtime::db;
 
 use crate::entities::orders;
 

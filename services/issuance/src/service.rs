@@ -5,8 +5,11 @@ use std::{sync::Arc, time::Duration};
 use chrono::Utc;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
-use yidi_common::{ApiError, Clock, audit::AuditEntry, directory::DirectoryHandle, outbox::NewMessage};
+use yidi_audit::AuditEntry;
 use yidi_domain::{DecisionError, DecisionPurpose, SignedDecision, decision::Expectation, mask::mask_id_number};
+use yidi_grpc::ApiError;
+use yidi_outbox::NewMessage;
+use yidi_runtime::{Clock, directory::DirectoryHandle};
 
 use crate::{
     repo::{InsertError, NewOrder, Order, Repo},
@@ -123,7 +126,7 @@ impl IssuanceService {
                 valid_from: decision.card.valid_from,
                 valid_until: decision.card.valid_until,
                 ready_at,
-                trace_context: yidi_common::telemetry::current_traceparent(),
+                trace_context: yidi_runtime::telemetry::current_traceparent(),
                 now,
             };
             let audit = AuditEntry {

@@ -7,11 +7,9 @@ use prost::Message;
 use tonic::Code;
 use tracing::Instrument;
 use uuid::Uuid;
-use yidi_common::{
-    audit::AuditEntry,
-    client::PeerChannel,
-    outbox::{self, Delivery, Handler, IDEMPOTENCY_KEY},
-};
+use yidi_audit::AuditEntry;
+use yidi_grpc::client::PeerChannel;
+use yidi_outbox::{self as outbox, Delivery, Handler, IDEMPOTENCY_KEY};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 
 use crate::{
@@ -75,7 +73,7 @@ impl Handler for Registrar {
         };
         // The work continues the trace of the PlaceOrder request (and so of the application).
         let span = tracing::info_span!("order_step", order_id = %order.order_id, state = order.state.as_str());
-        yidi_common::telemetry::continue_trace(&span, order.trace_context.as_deref());
+        yidi_runtime::telemetry::continue_trace(&span, order.trace_context.as_deref());
         match order.state {
             OrderState::InProduction => self.register(order, &message.id).instrument(span).await,
             // Registered before a crash or a lost answer: only the dispatch is left.

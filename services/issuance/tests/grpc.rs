@@ -15,25 +15,25 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tonic::{Code, Request, Response, Status, transport::Channel};
 use tonic_types::StatusExt;
-use yidi_common::{
-    clock::ClockConfig,
-    config::{DatabaseConfig, DirectoryConfig, ServerConfig},
-    convert::signed_decision_to_proto,
-    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key},
-    outbox::OutboxConfig,
-    scratch_db::postgres_for_tests,
-    telemetry::LogConfig,
-    tls::TlsConfig,
-};
 use yidi_domain::{
     ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, Role, SignedDecision, mask::mask_id_number,
 };
+use yidi_grpc::server_config::ServerConfig;
+use yidi_grpc::{convert::signed_decision_to_proto, tls::TlsConfig};
 use yidi_issuance::config::{IssuanceConfig, ProductionConfig};
+use yidi_outbox::OutboxConfig;
 use yidi_proto::v1::{
     self as pb,
     issuance_client::IssuanceClient,
     loss_registry_server::{LossRegistry, LossRegistryServer},
 };
+use yidi_runtime::{
+    clock::ClockConfig,
+    config::{DatabaseConfig, DirectoryConfig},
+    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key},
+    telemetry::LogConfig,
+};
+use yidi_testkit::postgres_for_tests;
 
 const PRODUCER: &str = "producer-zhejiang";
 const WAIT: Duration = Duration::from_secs(15);
@@ -236,7 +236,7 @@ impl Producer {
         })));
         self.stop = Some(stop);
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
-        assert!(yidi_common::client::wait_until_serving(&channel, WAIT).await, "serving");
+        assert!(yidi_grpc::client::wait_until_serving(&channel, WAIT).await, "serving");
         self.client = IssuanceClient::new(channel);
     }
 
@@ -547,7 +547,7 @@ async fn s4_issuance_keeps_card_data_verbatim() {
     assert_eq!(registered.card_serial, placed.card_serial);
     // The registered card carries exactly the decision's data, signature included.
     assert_eq!(registered.decision.as_ref(), Some(&sent));
-    let back = yidi_common::convert::signed_decision_from_proto("decision", registered.decision.as_ref()).unwrap();
+    let back = yidi_grpc::convert::signed_decision_from_proto("decision", registered.decision.as_ref()).unwrap();
     assert_eq!(back, signed);
     producer.shutdown().await;
 }
@@ -615,7 +615,7 @@ async fn s4_issuance_orders_survive_a_restart() {
 }
 
 /// The same rules on PostgreSQL, in a scratch database of the test server (see
-/// `yidi_common::scratch_db`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
+/// `yidi_testkit`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
 #[tokio::test]
 async fn s4_issuance_works_on_postgresql() {
     let Some(scratch) = postgres_for_tests("issuance").await.unwrap() else { return };

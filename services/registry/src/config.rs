@@ -1,38 +1,22 @@
 //! `RegistryConfig`: the common sections plus `[signing]`, `[registry]` and `[import]`.
 use std::path::PathBuf;
+use yidi_bureau::BureauConfig;
 
 use serde::Deserialize;
-use yidi_common::{
-    clock::{Clock, ClockConfig},
-    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
-    idempotency::IdempotencyConfig,
+use yidi_runtime::{
+    config::ConfigError,
     signing::{KeyFileConfig, KeySources},
-    telemetry::LogConfig,
-    tls::TlsConfig,
 };
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    pub server: ServerConfig,
-    pub database: DatabaseConfig,
-    pub directory: DirectoryConfig,
-    #[serde(default)]
-    pub clock: ClockConfig,
-    #[serde(default)]
-    pub log: LogConfig,
-    /// The keys CheckCard answers are signed with.
-    pub signing: SigningConfig,
-    #[serde(default)]
-    pub registry: ChecksConfig,
-    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
-    #[serde(default)]
-    pub tls: TlsConfig,
-    /// `[idempotency]`: how long answers to repeated mutating calls are kept.
-    #[serde(default)]
-    pub idempotency: IdempotencyConfig,
-    #[serde(default)]
-    pub import: ImportConfig,
+yidi_bureau::bureau_config! {
+    pub struct RegistryConfig {
+        /// The keys CheckCard answers are signed with.
+        pub signing: SigningConfig,
+        #[serde(default)]
+        pub registry: ChecksConfig,
+        #[serde(default)]
+        pub import: ImportConfig,
+    }
 }
 
 /// `[signing]`: as a home bureau's, for status statements.
@@ -79,20 +63,7 @@ pub struct ImportConfig {
 
 impl RegistryConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.bureau_id.trim().is_empty() {
-            return Err(ConfigError::key("server.bureau_id", "is required (the registry bureau in the directory)"));
-        }
-        if self.database.url.trim().is_empty() {
-            return Err(ConfigError::key("database.url", "is required"));
-        }
-        if self.database.max_connections == 0 {
-            return Err(ConfigError::key("database.max_connections", "must be at least 1"));
-        }
-        if self.directory.path.as_os_str().is_empty() {
-            return Err(ConfigError::key("directory.path", "is required"));
-        }
-        self.tls.validate()?;
-        Clock::from_config(&self.clock).map_err(|message| ConfigError::key("clock", message))?;
+        self.sections().validate()?;
         self.signing.sources().validate("signing")?;
         if self.registry.check_misses_per_minute == 0 {
             return Err(ConfigError::key("registry.check_misses_per_minute", "must be at least 1"));

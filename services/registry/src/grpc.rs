@@ -5,13 +5,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::http::Extensions};
-use yidi_common::{
+use yidi_domain::{CardStatus, IdNumber, SignedDecision, StoredCardStatus, status::MAX_NONCE_LEN};
+use yidi_grpc::{
     ApiError, FieldViolations,
     caller::{caller_of, ensure_acting_for_itself},
     convert::{card_status_to_proto, signed_decision_from_proto, status_statement_to_proto, timestamp},
     validate::{MAX_TEXT_LEN, page_size, page_token},
 };
-use yidi_domain::{CardStatus, IdNumber, SignedDecision, StoredCardStatus, status::MAX_NONCE_LEN};
 use yidi_proto::v1::{self as pb, loss_registry_server::LossRegistry};
 
 use crate::service::{CardQuery, Registry};

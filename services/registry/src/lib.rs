@@ -11,18 +11,14 @@ mod repo;
 mod service;
 
 use std::{future::Future, sync::Arc};
+use yidi_bureau::BureauConfig;
 
 use anyhow::Context;
-use yidi_common::{
-    Clock,
-    config::ConfigError,
-    population::Population,
-    signing::KeyRing,
-    startup::{self, Prepared, Sections},
-};
+use yidi_bureau::startup::{self, Prepared};
 use yidi_domain::{Bureau, Directory, Role};
 use yidi_proto::v1::loss_registry_server::LossRegistryServer;
 use yidi_registry_migration::Migrator;
+use yidi_runtime::{Clock, config::ConfigError, population::Population, signing::KeyRing};
 
 use crate::{
     config::RegistryConfig,
@@ -42,16 +38,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let sections = Sections {
-        server: &config.server,
-        database: &config.database,
-        directory: &config.directory,
-        clock: &config.clock,
-        tls: &config.tls,
-        idempotency: &config.idempotency,
-    };
+    let sections = config.sections();
     let now = Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
-    let check_keys = |directory: &Directory, bureau: &Bureau, _: &yidi_common::client::Connector| {
+    let check_keys = |directory: &Directory, bureau: &Bureau, _: &yidi_grpc::client::Connector| {
         let keys = KeyRing::load(bureau.id.clone(), config.signing.sources()).context("signing.keys")?;
         let active = keys.check(directory, now).context("signing.keys")?;
         tracing::info!(key_id = %active.id, held = ?keys.held_ids(), "status signing keys loaded");

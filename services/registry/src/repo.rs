@@ -8,11 +8,9 @@ use sea_orm::{
     sea_query::Expr,
 };
 use tokio_stream::StreamExt;
-use yidi_common::{
-    audit::{self, AuditEntry},
-    db,
-};
+use yidi_audit::{self as audit, AuditEntry};
 use yidi_domain::StoredCardStatus;
+use yidi_runtime::db;
 
 use crate::{
     entities::{cards, hits, loss_reports, status_events},

@@ -4,15 +4,15 @@ use std::sync::Arc;
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use sea_orm::{DbErr, SqlErr};
 use tokio::sync::{Mutex, broadcast, mpsc};
-use yidi_common::{
-    ApiError, Clock, Shutdown, audit::AuditEntry, directory::DirectoryHandle, population::Population, signing::KeyRing,
-};
+use yidi_audit::AuditEntry;
 use yidi_domain::{
     CardStatus, DecisionError, DecisionPurpose, IdNumber, RefusalReason, Role, SignedDecision, StoredCardStatus,
     decision::Expectation,
     mask::mask_id_number,
     status::{SignedStatusStatement, StatusStatement, id_number_hash},
 };
+use yidi_grpc::ApiError;
+use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Population, signing::KeyRing};
 
 use crate::{
     index::{CardIndex, CardState, IndexedCard},

@@ -9,22 +9,26 @@ use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
-use yidi_common::{
-    clock::ClockConfig,
-    config::{DatabaseConfig, DirectoryConfig, ServerConfig},
-    convert::{signed_decision_to_proto, status_statement_from_proto},
-    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
-    population::{Citizen, Credit, ExistingCard, Population, Registration},
-    scratch_db::postgres_for_tests,
-    telemetry::LogConfig,
-    tls::TlsConfig,
-};
 use yidi_domain::{
     CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision,
     status::{SignedStatusStatement, StatementError},
 };
+use yidi_domain::{Credit, Registration};
+use yidi_grpc::server_config::ServerConfig;
+use yidi_grpc::{
+    convert::{signed_decision_to_proto, status_statement_from_proto},
+    tls::TlsConfig,
+};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 use yidi_registry::config::{ChecksConfig, ImportConfig, RegistryConfig, SigningConfig};
+use yidi_runtime::{
+    clock::ClockConfig,
+    config::{DatabaseConfig, DirectoryConfig},
+    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
+    population::{Citizen, ExistingCard, Population},
+    telemetry::LogConfig,
+};
+use yidi_testkit::postgres_for_tests;
 
 const REGISTRY: &str = "registry-national";
 const PRODUCER: &str = "producer-zhejiang";
@@ -108,7 +112,7 @@ async fn start(
         let _ = stopped.await;
     }));
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    assert!(yidi_common::client::wait_until_serving(&channel, std::time::Duration::from_secs(30)).await, "serving");
+    assert!(yidi_grpc::client::wait_until_serving(&channel, std::time::Duration::from_secs(30)).await, "serving");
     (LossRegistryClient::new(channel), stop, task)
 }
 
@@ -202,7 +206,7 @@ impl Harness {
 
     async fn count(&self, table: &str) -> i64 {
         let db =
-            yidi_common::db::connect(&DatabaseConfig { url: self.db_url.clone(), max_connections: 1 }).await.unwrap();
+            yidi_runtime::db::connect(&DatabaseConfig { url: self.db_url.clone(), max_connections: 1 }).await.unwrap();
         let row = db
             .query_one_raw(Statement::from_string(db.get_database_backend(), format!("SELECT COUNT(*) FROM {table}")))
             .await
@@ -400,7 +404,7 @@ async fn c4_valid_card_checks_never_read_the_database() {
     let p = person(123, "JX0001000000");
     let q = person(124, "JX0001000001");
     let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&q, None, true)]).await;
-    let db = yidi_common::db::connect(&DatabaseConfig { url: h.db_url.clone(), max_connections: 1 }).await.unwrap();
+    let db = yidi_runtime::db::connect(&DatabaseConfig { url: h.db_url.clone(), max_connections: 1 }).await.unwrap();
     db.execute_unprepared("ALTER TABLE cards RENAME TO cards_elsewhere").await.unwrap();
 
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
@@ -891,7 +895,7 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
 }
 
 /// The same rules on PostgreSQL, in a scratch database of the test server (see
-/// `yidi_common::scratch_db`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
+/// `yidi_testkit`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
 #[tokio::test]
 async fn s1_rules_hold_on_postgres_when_configured() {
     let Some(scratch) = postgres_for_tests("registry").await.unwrap() else { return };
@@ -959,7 +963,7 @@ async fn c4_check_answers_are_signed_and_an_altered_answer_fails() {
     let p = person(123, "JX-0001");
     let q = person(135, "JX-0002");
     let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&q, None, true)]).await;
-    let directory = yidi_common::directory::load(&h.directory_path).unwrap();
+    let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
 
     let (answer, signed) = signed_check(&mut h, &q.id, &q.card, b"nonce-42").await;
     let statement = signed.verify_answer(&directory, &q.id, &q.card, b"nonce-42").unwrap();
@@ -967,8 +971,8 @@ async fn c4_check_answers_are_signed_and_an_altered_answer_fails() {
     assert_eq!(statement.key_id, KEY_ID);
     assert_eq!(statement.status, yidi_domain::CardStatus::ReportedLost);
     assert_eq!(status_of(answer.status), pb::CardStatus::ReportedLost);
-    assert_eq!(statement.status_changed_at.map(yidi_common::convert::timestamp), answer.status_changed_at);
-    assert_eq!(Some(yidi_common::convert::timestamp(statement.answered_at)), answer.checked_at);
+    assert_eq!(statement.status_changed_at.map(yidi_grpc::convert::timestamp), answer.status_changed_at);
+    assert_eq!(Some(yidi_grpc::convert::timestamp(statement.answered_at)), answer.checked_at);
     // The statement names the holder by a hash only.
     let wire = answer.signed_status.as_ref().unwrap().statement.as_ref().unwrap();
     assert_eq!(wire.id_number_sha256, yidi_domain::status::id_number_hash(&q.id).to_vec());
@@ -1013,7 +1017,7 @@ async fn c4_the_registry_signs_with_a_new_key_once_the_directory_lists_it() {
     loop {
         let (_, signed) = signed_check(&mut h, &p.id, &p.card, b"n").await;
         if signed.statement.key_id == "k2" {
-            let directory = yidi_common::directory::load(&h.directory_path).unwrap();
+            let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
             assert!(signed.verify_answer(&directory, &p.id, &p.card, b"n").is_ok());
             break;
         }

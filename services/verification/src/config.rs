@@ -1,37 +1,21 @@
 //! `VerificationConfig`: the common sections plus `[signing]`, `[register]`, `[biometrics]`.
 use std::path::PathBuf;
+use yidi_bureau::BureauConfig;
 
 use serde::Deserialize;
-use yidi_common::{
-    clock::ClockConfig,
-    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
-    idempotency::IdempotencyConfig,
+use yidi_runtime::{
+    config::ConfigError,
     signing::{KeyFileConfig, KeySources},
-    telemetry::LogConfig,
-    tls::TlsConfig,
 };
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VerificationConfig {
-    pub server: ServerConfig,
-    pub database: DatabaseConfig,
-    pub directory: DirectoryConfig,
-    #[serde(default)]
-    pub clock: ClockConfig,
-    #[serde(default)]
-    pub log: LogConfig,
-    /// `[tls]`: mutual TLS files, or `plaintext = true`; neither fails start-up.
-    #[serde(default)]
-    pub tls: TlsConfig,
-    /// `[idempotency]`: how long answers to repeated mutating calls are kept.
-    #[serde(default)]
-    pub idempotency: IdempotencyConfig,
-    pub signing: SigningConfig,
-    #[serde(default)]
-    pub register: RegisterConfig,
-    #[serde(default)]
-    pub biometrics: BiometricsConfig,
+yidi_bureau::bureau_config! {
+    pub struct VerificationConfig {
+        pub signing: SigningConfig,
+        #[serde(default)]
+        pub register: RegisterConfig,
+        #[serde(default)]
+        pub biometrics: BiometricsConfig,
+    }
 }
 
 /// `[signing]`
@@ -88,15 +72,7 @@ const MAX_DECISION_TTL_SECONDS: u64 = 366 * 24 * 3600;
 
 impl VerificationConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.bureau_id.trim().is_empty() {
-            return Err(ConfigError::key("server.bureau_id", "must not be empty"));
-        }
-        if self.database.url.trim().is_empty() {
-            return Err(ConfigError::key("database.url", "must not be empty"));
-        }
-        if self.database.max_connections == 0 {
-            return Err(ConfigError::key("database.max_connections", "must be at least 1"));
-        }
+        self.sections().validate()?;
         self.signing.sources().validate("signing")?;
         if self.signing.decision_ttl_seconds == 0 || self.signing.decision_ttl_seconds > MAX_DECISION_TTL_SECONDS {
             return Err(ConfigError::key(
@@ -117,10 +93,6 @@ impl VerificationConfig {
                 return Err(ConfigError::key(key, format!("must be in (0, 1], found {value}")));
             }
         }
-        if let Err(message) = yidi_common::Clock::from_config(&self.clock) {
-            return Err(ConfigError::key("clock", message));
-        }
-        self.tls.validate()?;
         Ok(())
     }
 }

@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use prost::Message;
 use tonic::{Request, Response, Status};
-use yidi_common::{
+use yidi_domain::{ApplicationKind, ApplicationState, DecisionPurpose, Role};
+use yidi_domain::{Credit, Registration};
+use yidi_grpc::{
     ApiError, FieldViolations,
     caller::ensure_acting_for_itself,
     convert::{kind_from_proto, purpose_from_proto, state_from_proto, timestamp},
-    population::{Credit, Registration},
     validate::MAX_TEXT_LEN,
 };
-use yidi_domain::{ApplicationKind, ApplicationState, DecisionPurpose, Role};
 use yidi_proto::v1::{self as pb, verification_server::Verification};
 
 use crate::service::{Verifier, VerifyInput};
@@ -75,7 +75,7 @@ impl VerificationApi {
         let needs_face = matches!(purpose, Some(DecisionPurpose::IssueCard | DecisionPurpose::ReportLoss));
         let live_face = if needs_face {
             v.template("live.face_template", &live.face_template)
-        } else if live.face_template.len() > yidi_common::validate::MAX_TEMPLATE_LEN {
+        } else if live.face_template.len() > yidi_grpc::validate::MAX_TEMPLATE_LEN {
             v.add("live.face_template", "is too large");
             None
         } else {

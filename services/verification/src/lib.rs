@@ -10,18 +10,14 @@ mod repo;
 mod service;
 
 use std::{future::Future, path::Path, sync::Arc};
+use yidi_bureau::BureauConfig;
 
 use anyhow::Context;
-use yidi_common::{
-    Clock,
-    config::ConfigError,
-    overload::MAX_REQUEST_BYTES,
-    population::Population,
-    signing::KeyRing,
-    startup::{self, Prepared, Sections},
-};
+use yidi_bureau::startup::{self, Prepared};
 use yidi_domain::{BiometricMatcher, IdNumber, Role, SimulatedMatcher};
+use yidi_grpc::overload::MAX_REQUEST_BYTES;
 use yidi_proto::v1::verification_server::VerificationServer;
+use yidi_runtime::{Clock, config::ConfigError, population::Population, signing::KeyRing};
 use yidi_verification_migration::Migrator;
 
 use crate::{
@@ -44,16 +40,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let sections = Sections {
-        server: &config.server,
-        database: &config.database,
-        directory: &config.directory,
-        clock: &config.clock,
-        tls: &config.tls,
-        idempotency: &config.idempotency,
-    };
+    let sections = config.sections();
     let now =
-        yidi_common::Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
+        yidi_runtime::Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
     let prepared =
         startup::prepare::<Migrator, _, _>(sections, Role::Verification, listener, shutdown, |directory, bureau, _| {
             let keys = KeyRing::load(bureau.id.clone(), config.signing.sources()).context("signing.keys")?;

@@ -1,19 +1,8 @@
 #![forbid(unsafe_code)]
 
-use yidi_common::telemetry::{self, Identity};
+use yidi_verification::config::VerificationConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config: yidi_verification::config::VerificationConfig = yidi_common::config::load("verification")?;
-    config.validate()?;
-    let telemetry =
-        telemetry::init(&config.log, Identity { service: "yidi-verification", bureau_id: &config.server.bureau_id })?;
-    let served = async {
-        let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-        println!("yidi-verification listening on {}", listener.local_addr()?); // the launcher reads this line
-        yidi_verification::serve(config, listener, yidi_common::shutdown::signal()).await
-    }
-    .await;
-    telemetry.shutdown().await;
-    served
+    yidi_bureau::process::run("verification", VerificationConfig::validate, yidi_verification::serve).await
 }

@@ -7,12 +7,10 @@ use sea_orm::{
     SqliteTransactionMode, TransactionOptions,
     sea_query::Expr,
 };
-use yidi_common::{
-    audit::{self, AuditEntry},
-    db,
-    population::{Credit, Registration},
-};
+use yidi_audit::{self as audit, AuditEntry};
+use yidi_domain::{Credit, Registration};
 use yidi_domain::{DecisionPurpose, Sex};
+use yidi_runtime::db;
 
 use crate::entities::{citizens, verifications};
 

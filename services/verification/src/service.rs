@@ -3,19 +3,22 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use prost::Message;
-use yidi_common::{
-    ApiError, Clock,
-    audit::AuditEntry,
-    convert::{refusal_to_proto, signed_decision_to_proto},
-    directory::DirectoryHandle,
-    population::{Credit, Registration},
-    signing::{ActiveKey, KeyRing},
-};
+use yidi_audit::AuditEntry;
 use yidi_domain::{
     ApplicationKind, ApplicationState, BiometricMatcher, CardData, Decision, DecisionPurpose, Directory, IdNumber,
     RefusalReason, Role, SignedDecision, card, mask,
 };
+use yidi_domain::{Credit, Registration};
+use yidi_grpc::{
+    ApiError,
+    convert::{refusal_to_proto, signed_decision_to_proto},
+};
 use yidi_proto::v1 as pb;
+use yidi_runtime::{
+    Clock,
+    directory::DirectoryHandle,
+    signing::{ActiveKey, KeyRing},
+};
 
 use crate::{
     entities::verifications,
@@ -519,7 +522,7 @@ impl Verifier {
             .await?
             .ok_or_else(|| ApiError::not_found("citizen", masked.clone()))?;
         if date_of_death < citizen.birth_date {
-            return Err(yidi_common::FieldViolations::single("date_of_death", "must not be before the birth date"));
+            return Err(yidi_grpc::FieldViolations::single("date_of_death", "must not be before the birth date"));
         }
         let changed = tx.cancel_registration(id_number.as_str(), date_of_death, now).await?;
         let outcome = if changed { "CANCELLED" } else { "ALREADY_CANCELLED" };

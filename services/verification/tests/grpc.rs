@@ -6,14 +6,15 @@ use ed25519_dalek::SigningKey;
 use sea_orm::{ConnectionTrait, Database, Statement};
 use tokio::sync::oneshot;
 use tonic::{Code, transport::Channel};
-use yidi_common::{
-    convert::signed_decision_from_proto,
-    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
-    population::{Citizen, Credit, ExistingCard, Population, Registration},
-    scratch_db::postgres_for_tests,
-};
+use yidi_domain::{Credit, Registration};
 use yidi_domain::{DecisionPurpose, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber};
+use yidi_grpc::convert::signed_decision_from_proto;
 use yidi_proto::v1::{self as pb, verification_client::VerificationClient};
+use yidi_runtime::{
+    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
+    population::{Citizen, ExistingCard, Population},
+};
+use yidi_testkit::postgres_for_tests;
 use yidi_verification::config::VerificationConfig;
 
 const HOME: &str = "home-jiangxi";
@@ -232,7 +233,7 @@ import_path = "{dir}/population.json"
                 return Err(handle.await?.err().unwrap_or_else(|| anyhow::anyhow!("server ended")));
             }
             if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))?.connect().await
-                && yidi_common::client::is_serving(&channel).await
+                && yidi_grpc::client::is_serving(&channel).await
             {
                 return Ok(Server { client: VerificationClient::new(channel), stop: Some(stop), handle, addr });
             }
@@ -298,7 +299,7 @@ fn refusal(response: &pb::VerifyResponse) -> pb::RefusalReason {
 }
 
 fn directory(fixture: &Fixture) -> yidi_domain::Directory {
-    yidi_common::directory::load(&fixture.dir_path.join("directory.toml")).unwrap()
+    yidi_runtime::directory::load(&fixture.dir_path.join("directory.toml")).unwrap()
 }
 
 #[tokio::test]
@@ -803,7 +804,7 @@ async fn n3_the_import_takes_only_this_bureaus_citizens_and_never_overwrites() {
 }
 
 /// The main flow on PostgreSQL, in a scratch database of the test server (see
-/// `yidi_common::scratch_db`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
+/// `yidi_testkit`: skipped when unreachable, unless `YIDI_REQUIRE_POSTGRES=1`).
 #[tokio::test]
 async fn s4_postgres_verify_replay_and_close() {
     let Some(scratch) = postgres_for_tests("verification").await.unwrap() else { return };

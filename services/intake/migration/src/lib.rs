@@ -2,11 +2,9 @@
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
-use yidi_common::{
-    audit::{ChainAuditLog, CreateAuditLog},
-    idempotency::CreateIdempotentRequests,
-    outbox::CreateOutbox,
-};
+use yidi_audit::{ChainAuditLog, CreateAuditLog};
+use yidi_idempotency::CreateIdempotentRequests;
+use yidi_outbox::CreateOutbox;
 
 mod m20261127_000001_create_applications;
 mod m20261127_000002_create_application_events;

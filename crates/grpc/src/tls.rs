@@ -14,7 +14,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde::Deserialize;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::config::ConfigError;
+use yidi_runtime::config::ConfigError;
 
 /// `[tls]`: either all of `ca`, `cert`, `key` (mutual TLS) or `plaintext = true`.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -1,3 +1,5 @@
+//! The transactional outbox, and the `yidi.v1.Outbox` RPCs over it ([`rpc`]).
+//!
 //! The transactional outbox: what a bureau owes another bureau is a row of `outbox_messages`,
 //! inserted in the same transaction as the change that owes it, so a change is never committed
 //! without its message, nor a message without its change. A [`Dispatcher`] delivers the rows:
@@ -15,6 +17,9 @@
 //!
 //! A message carries no payload: its subject row, committed with it, holds what is to be sent, so
 //! what is sent is always built from the current state (a cancelled application sends nothing).
+#![forbid(unsafe_code)]
+
+pub mod rpc;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
@@ -29,7 +34,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::shutdown::Shutdown;
+use yidi_runtime::shutdown::Shutdown;
 
 /// The metadata key carrying the message id to the receiver.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -298,8 +303,8 @@ impl Default for OutboxConfig {
 }
 
 impl OutboxConfig {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::ConfigError;
+    pub fn validate(&self) -> Result<(), yidi_runtime::config::ConfigError> {
+        use yidi_runtime::config::ConfigError;
         if !(1..=600_000).contains(&self.call_timeout_ms) {
             return Err(ConfigError::key("outbox.call_timeout_ms", "must be between 1 and 600000"));
         }

@@ -13,6 +13,7 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
+    future::Future,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -21,7 +22,6 @@ use std::{
 };
 
 use futures::future::{Either, Ready, ready};
-use sea_orm::DatabaseConnection;
 use tokio::sync::mpsc;
 use tonic::{
     Code, Status,
@@ -33,9 +33,7 @@ use tower::{Layer, Service};
 use yidi_domain::{OperatorAccess, Principal, Role};
 
 use crate::{
-    audit::{self, AuditEntry},
     caller::{Caller, caller_of},
-    clock::Clock,
     error::ERROR_DOMAIN,
 };
 
@@ -273,7 +271,7 @@ pub fn markdown_table() -> String {
 /// not fit is counted and logged instead.
 #[derive(Clone, Default)]
 pub struct DeniedCalls {
-    queue: Arc<OnceLock<mpsc::Sender<AuditEntry>>>,
+    queue: Arc<OnceLock<mpsc::Sender<DeniedCall>>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -283,21 +281,34 @@ impl std::fmt::Debug for DeniedCalls {
     }
 }
 
+/// A denied call as the audit trail records it (action `denied_call`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeniedCall {
+    /// The caller's name, or `unknown` when it presented no identity.
+    pub subject: String,
+    /// `UNAUTHENTICATED` or `PERMISSION_DENIED`.
+    pub outcome: &'static str,
+    pub detail: String,
+}
+
 /// How many denials may wait for the audit writer.
 const DENIAL_QUEUE: usize = 1024;
 
 impl DeniedCalls {
-    /// Starts writing denials into `db`'s audit trail (once; later calls are ignored).
-    pub fn start_recording(&self, db: DatabaseConnection, clock: Clock) {
-        let (sender, mut receiver) = mpsc::channel::<AuditEntry>(DENIAL_QUEUE);
+    /// Starts handing denials to `write` (the audit trail's writer), one at a time, in order (once;
+    /// later calls are ignored).
+    pub fn start_recording<W, F>(&self, mut write: W)
+    where
+        W: FnMut(DeniedCall) -> F + Send + 'static,
+        F: Future<Output = ()> + Send,
+    {
+        let (sender, mut receiver) = mpsc::channel::<DeniedCall>(DENIAL_QUEUE);
         if self.queue.set(sender).is_err() {
             return;
         }
         tokio::spawn(async move {
-            while let Some(entry) = receiver.recv().await {
-                if let Err(error) = audit::append(&db, clock.now(), entry).await {
-                    tracing::error!(%error, "cannot audit a denied call");
-                }
+            while let Some(denied) = receiver.recv().await {
+                write(denied).await;
             }
         });
     }
@@ -310,7 +321,7 @@ impl DeniedCalls {
             Denial::RoleMissing { caller, .. } => (caller.clone(), "PERMISSION_DENIED"),
         };
         let Some(queue) = self.queue.get() else { return };
-        if queue.try_send(AuditEntry::new("denied_call", subject, outcome, denial.message())).is_err() {
+        if queue.try_send(DeniedCall { subject, outcome, detail: denial.message() }).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(dropped, "audit queue for denied calls is full: denial logged, not audited");
         }

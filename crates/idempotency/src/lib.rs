@@ -55,12 +55,11 @@ use tonic::{
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
-use crate::{
+use yidi_grpc::{
     caller::caller_of,
-    clock::Clock,
     error::{ERROR_DOMAIN, FieldViolations},
-    shutdown::Shutdown,
 };
+use yidi_runtime::{clock::Clock, shutdown::Shutdown};
 
 /// The request metadata carrying the caller's key.
 pub const HEADER: &str = "idempotency-key";
@@ -178,9 +177,9 @@ impl Default for IdempotencyConfig {
 const MAX_RETENTION_HOURS: u64 = 10 * 366 * 24;
 
 impl IdempotencyConfig {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+    pub fn validate(&self) -> Result<(), yidi_runtime::config::ConfigError> {
         if !(1..=MAX_RETENTION_HOURS).contains(&self.retention_hours) {
-            return Err(crate::config::ConfigError::key(
+            return Err(yidi_runtime::config::ConfigError::key(
                 "idempotency.retention_hours",
                 format!("must be 1 to {MAX_RETENTION_HOURS} (ten years), found {}", self.retention_hours),
             ));
@@ -384,12 +383,12 @@ where
             Ok(None) => return Box::pin(self.inner.call(request)),
             Ok(Some(key)) => key,
             Err(violations) => {
-                let status = Status::from(crate::ApiError::InvalidArgument(violations));
+                let status = Status::from(yidi_grpc::ApiError::InvalidArgument(violations));
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
         let Some(store) = self.shared.store.get().cloned() else {
-            let status = Status::from(crate::ApiError::Starting { service: "the idempotency store" });
+            let status = Status::from(yidi_grpc::ApiError::Starting { service: "the idempotency store" });
             return Box::pin(std::future::ready(Ok(status.into_http())));
         };
         let caller = caller_of(request.extensions()).map(|caller| caller.id().to_owned()).unwrap_or_default();
@@ -627,12 +626,20 @@ impl http_body::Body for Buffered {
 mod tests {
     use std::{
         net::SocketAddr,
-        sync::atomic::{AtomicUsize, Ordering},
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::Duration,
     };
 
-    use sea_orm::Database;
+    use sea_orm::{Database, DatabaseConnection};
     use tokio::net::TcpListener;
-    use tonic::{Request as GrpcRequest, Response as GrpcResponse, transport::Channel};
+    use tonic::{
+        Code, Request as GrpcRequest, Response as GrpcResponse, Status,
+        codegen::http::{HeaderMap, HeaderValue},
+        transport::Channel,
+    };
     use yidi_proto::v1::{
         self as pb,
         issuance_client::IssuanceClient,
@@ -640,7 +647,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::{ApiError, security::ServerSecurity, server};
+    use yidi_grpc::ApiError;
 
     #[test]
     fn a_key_is_1_to_128_visible_ascii_characters_sent_once() {
@@ -760,27 +767,28 @@ mod tests {
         calls: Arc<AtomicUsize>,
         channel: Channel,
         db: DatabaseConnection,
-        _trigger: crate::shutdown::ShutdownTrigger,
+        _trigger: yidi_runtime::shutdown::ShutdownTrigger,
     }
 
     async fn serve() -> Served {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address: SocketAddr = listener.local_addr().unwrap();
         let (trigger, shutdown) = Shutdown::new();
-        let starting = server::start::<IssuanceServer<Counter>>(
-            listener,
-            &ServerSecurity::plaintext(),
-            shutdown,
-            Duration::from_secs(5),
-            Default::default(),
-        )
-        .unwrap();
         let db = Database::connect("sqlite::memory:").await.unwrap();
         CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
-        starting.open_idempotency(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        let layer = IdempotencyLayer::new();
+        layer.open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
         let counter = Counter::default();
         let calls = Arc::clone(&counter.calls);
-        tokio::spawn(starting.serve(IssuanceServer::new(counter)));
+        // The layer as every bureau's server mounts it (behind the security layers, which a
+        // plaintext server leaves open).
+        let server = tonic::transport::Server::builder()
+            .layer(layer)
+            .add_service(IssuanceServer::new(counter))
+            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
+                shutdown.wait().await
+            });
+        tokio::spawn(server);
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
         Served { calls, channel, db, _trigger: trigger }
     }
@@ -893,7 +901,7 @@ mod tests {
             .body(Body::new(Buffered { data: Some(Bytes::from(frame)), trailers: None }))
             .unwrap();
         let principal = yidi_domain::Principal::Bureau { id: caller.into(), role: yidi_domain::Role::Intake };
-        request.extensions_mut().insert(crate::caller::Caller { principal });
+        request.extensions_mut().insert(yidi_grpc::caller::Caller { principal });
         request
     }
 

@@ -24,18 +24,18 @@ use tonic::{
 use tower::{Service, ServiceExt};
 use yidi_proto::v1::{audit_server::AuditServer, outbox_server::OutboxServer};
 
-use crate::{
-    audit_rpc::AuditGrpc,
+use yidi_audit::rpc::AuditGrpc;
+use yidi_grpc::{
     error::ApiError,
     health::{HealthPhase, Phase, health_service},
-    idempotency::{self, IdempotencyLayer},
-    outbox_rpc::OutboxGrpc,
     overload::{Limits, LoadShedLayer},
     rpc_telemetry::RpcTelemetryLayer,
     security::ServerSecurity,
-    shutdown::Shutdown,
     tls::Transport,
 };
+use yidi_idempotency::{self as idempotency, IdempotencyLayer};
+use yidi_outbox::rpc::OutboxGrpc;
+use yidi_runtime::shutdown::Shutdown;
 
 /// How long a client gets to finish the TLS handshake before its connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -327,48 +327,14 @@ impl<S: GrpcService> Service<Request<Body>> for WhenReady<S> {
 pub(crate) mod tests {
     use std::net::SocketAddr;
 
-    use tonic::{Code, Request as GrpcRequest, Response as GrpcResponse, Status, transport::Channel};
+    use tonic::{Code, Status, transport::Channel};
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     use tonic_types::StatusExt;
     use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, issuance_server::IssuanceServer};
 
     use super::*;
 
-    /// A stand-in service: `GetOrder` waits `delay`, then answers NOT_FOUND; the rest is
-    /// unimplemented.
-    #[derive(Debug, Clone, Default)]
-    pub(crate) struct SlowIssuance {
-        pub delay: Duration,
-    }
-
-    #[tonic::async_trait]
-    impl pb::issuance_server::Issuance for SlowIssuance {
-        async fn place_order(
-            &self,
-            _: GrpcRequest<pb::PlaceOrderRequest>,
-        ) -> Result<GrpcResponse<pb::PlaceOrderResponse>, Status> {
-            Err(Status::unimplemented("test service"))
-        }
-
-        async fn get_order(
-            &self,
-            _: GrpcRequest<pb::GetOrderRequest>,
-        ) -> Result<GrpcResponse<pb::GetOrderResponse>, Status> {
-            tokio::time::sleep(self.delay).await;
-            Err(Status::not_found("no orders here"))
-        }
-
-        type WatchOrderStream = futures::stream::Empty<Result<pb::WatchOrderResponse, Status>>;
-
-        async fn watch_order(
-            &self,
-            _: GrpcRequest<pb::WatchOrderRequest>,
-        ) -> Result<GrpcResponse<Self::WatchOrderStream>, Status> {
-            Err(Status::unimplemented("test service"))
-        }
-    }
-
-    pub(crate) type TestService = IssuanceServer<SlowIssuance>;
+    pub(crate) use yidi_testkit::fake::{SlowIssuance, TestService};
 
     async fn listener() -> (TcpListener, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -494,5 +460,62 @@ pub(crate) mod tests {
         starting.abandon().await;
         let refused = Channel::from_shared(format!("http://{address}")).unwrap().connect().await;
         assert!(refused.is_err(), "nothing listens after a failed start");
+    }
+
+    /// The server every service runs, with one slot and no queue: while a call holds the slot, the
+    /// next is refused at once with RESOURCE_EXHAUSTED (OVERLOADED), health still says SERVING,
+    /// and a call whose deadline passes ends there and frees its slot.
+    #[tokio::test]
+    async fn the_server_sheds_beyond_its_configured_limits_and_health_still_answers() {
+        use tonic::transport::Channel;
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, issuance_server::IssuanceServer};
+
+        use yidi_grpc::{overload::Limits, security::ServerSecurity};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (trigger, shutdown) = Shutdown::new();
+        let limits = Limits { max_in_flight: 1, max_queued: 0, max_queue_wait: Duration::from_secs(1) };
+        let grace = Duration::from_secs(5);
+        let starting = start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, grace, limits).unwrap();
+        let slow = SlowIssuance { delay: Duration::from_secs(2) };
+        let serving = tokio::spawn(starting.serve(IssuanceServer::new(slow)));
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let get_order = |timeout: Option<Duration>| {
+            let mut request =
+                tonic::Request::new(pb::GetOrderRequest { order_id: "order-1".into(), ..Default::default() });
+            if let Some(timeout) = timeout {
+                request.set_timeout(timeout);
+            }
+            let mut client = IssuanceClient::new(channel.clone());
+            async move { client.get_order(request).await }
+        };
+
+        let holder = tokio::spawn(get_order(None));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let began = std::time::Instant::now();
+        let refused = get_order(None).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(began.elapsed() < Duration::from_secs(1), "refused at once, not after the slow call");
+        let details = refused.get_error_details();
+        assert_eq!(details.error_info().map(|info| info.reason.as_str()), Some("OVERLOADED"));
+        assert!(details.retry_info().is_some());
+        let health = HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await;
+        assert_eq!(health.unwrap().into_inner().status, ServingStatus::Serving as i32, "health is never shed");
+
+        let held = holder.await.unwrap().unwrap_err();
+        assert_eq!(held.code(), Code::NotFound, "the call holding the slot ran to its answer: {held:?}");
+        // The slot is free again; a call that outlives its deadline ends there (tonic keeps the
+        // deadline on both sides) and gives its slot back.
+        let began = std::time::Instant::now();
+        let expired = get_order(Some(Duration::from_millis(200))).await.unwrap_err();
+        assert!(matches!(expired.code(), Code::Cancelled | Code::DeadlineExceeded), "{expired:?}");
+        assert!(began.elapsed() < Duration::from_secs(1), "the deadline holds: {:?}", began.elapsed());
+        let next = get_order(Some(Duration::from_millis(100))).await.unwrap_err();
+        assert_ne!(next.code(), Code::ResourceExhausted, "the expired call gave its slot back: {next:?}");
+
+        trigger.trigger();
+        tokio::time::timeout(Duration::from_secs(10), serving).await.unwrap().unwrap().unwrap();
     }
 }

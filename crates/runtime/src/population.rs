@@ -5,7 +5,7 @@ use std::path::Path;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
-use yidi_domain::Sex;
+use yidi_domain::{Credit, Registration, Sex};
 
 /// Templates travel as base64 in JSON, as grpcurl expects for `bytes` fields.
 mod base64_bytes {
@@ -19,21 +19,6 @@ mod base64_bytes {
         let text = String::deserialize(deserializer)?;
         BASE64.decode(text).map_err(serde::de::Error::custom)
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Credit {
-    Good,
-    Bad,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Registration {
-    Active,
-    /// Cancelled: the citizen died.
-    Cancelled,
 }
 
 /// A card issued before the suite ran, as the registry imports it.

@@ -7,10 +7,10 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 use yidi_proto::v1::{self as pb, outbox_server::OutboxServer};
 
-use crate::{
+use crate::{self as outbox, MessageState, RetryError};
+use yidi_grpc::{
     convert::timestamp,
     error::{ApiError, FieldViolations},
-    outbox::{self, MessageState, RetryError},
     validate::{page_size, page_token},
 };
 
@@ -24,7 +24,7 @@ pub struct OutboxGrpc {
 
 impl OutboxGrpc {
     pub fn server(db: DatabaseConnection, wake: Arc<Notify>) -> OutboxServer<Self> {
-        OutboxServer::new(Self { db, wake }).max_decoding_message_size(crate::overload::MAX_REQUEST_BYTES)
+        OutboxServer::new(Self { db, wake }).max_decoding_message_size(yidi_grpc::overload::MAX_REQUEST_BYTES)
     }
 }
 

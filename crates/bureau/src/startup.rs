@@ -10,29 +10,20 @@ use sea_orm_migration::MigratorTrait;
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
 use yidi_domain::{Bureau, Directory, Role};
 
-use crate::{
-    client::Connector,
-    clock::{Clock, ClockConfig},
-    config::{ConfigError, DatabaseConfig, DirectoryConfig, ServerConfig},
+use yidi_audit::AuditEntry;
+use yidi_grpc::{access::DeniedCall, client::Connector, security::ServerSecurity};
+use yidi_runtime::{
+    clock::Clock,
+    config::{ConfigError, DatabaseConfig},
     db,
     directory::DirectoryHandle,
-    idempotency::{self, IdempotencyConfig},
-    security::ServerSecurity,
-    server::{self, GrpcService, Listeners, Starting},
     shutdown::Shutdown,
-    tls::TlsConfig,
 };
 
-/// The sections every service's configuration has, borrowed from it.
-#[derive(Debug, Clone, Copy)]
-pub struct Sections<'a> {
-    pub server: &'a ServerConfig,
-    pub database: &'a DatabaseConfig,
-    pub directory: &'a DirectoryConfig,
-    pub clock: &'a ClockConfig,
-    pub tls: &'a TlsConfig,
-    pub idempotency: &'a IdempotencyConfig,
-}
+use crate::{
+    Sections,
+    server::{self, GrpcService, Listeners, Starting},
+};
 
 /// A service ready to build its parts and serve.
 #[derive(Debug)]
@@ -73,7 +64,7 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     shutdown: impl Future<Output = ()> + Send + 'static,
     check: impl FnOnce(&Directory, &Bureau, &Connector) -> anyhow::Result<T>,
 ) -> anyhow::Result<Prepared<S, T>> {
-    sections.idempotency.validate()?;
+    sections.validate()?;
     let transport = sections.tls.load()?;
     let handle = DirectoryHandle::load(&sections.directory.path)?;
     let directory = handle.current();
@@ -122,9 +113,14 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     server.open_audit(db.clone());
     let outbox_wake = Arc::new(Notify::new());
     server.open_outbox(db.clone(), Arc::clone(&outbox_wake));
-    server.open_idempotency(idempotency::Store { db: db.clone(), clock: clock.clone() });
-    idempotency::spawn_pruner(db.clone(), clock.clone(), sections.idempotency.retention(), shutdown_handle.clone());
-    security.denied_calls().start_recording(db.clone(), clock.clone());
+    server.open_idempotency(yidi_idempotency::Store { db: db.clone(), clock: clock.clone() });
+    yidi_idempotency::spawn_pruner(
+        db.clone(),
+        clock.clone(),
+        sections.idempotency.retention(),
+        shutdown_handle.clone(),
+    );
+    record_denials_in_the_audit_trail(&security, db.clone(), clock.clone());
     Ok(Prepared {
         directory: handle,
         connector,
@@ -137,6 +133,19 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
         checked,
         outbox_wake,
     })
+}
+
+/// Every call the access layer denies becomes a `denied_call` row of this bureau's audit trail.
+fn record_denials_in_the_audit_trail(security: &ServerSecurity, db: DatabaseConnection, clock: Clock) {
+    security.denied_calls().start_recording(move |denied: DeniedCall| {
+        let (db, now) = (db.clone(), clock.now());
+        async move {
+            let entry = AuditEntry::new("denied_call", denied.subject, denied.outcome, denied.detail);
+            if let Err(error) = yidi_audit::append(&db, now, entry).await {
+                tracing::error!(%error, "cannot audit a denied call");
+            }
+        }
+    });
 }
 
 async fn connect_and_migrate<M: MigratorTrait>(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnection> {
@@ -153,12 +162,18 @@ mod tests {
     use sea_orm::{ConnectionTrait, Statement};
     use sea_orm_migration::{MigrationTrait, prelude::async_trait};
 
-    use super::*;
-    use crate::{
-        audit::{ChainAuditLog, CreateAuditLog},
+    use yidi_audit::{ChainAuditLog, CreateAuditLog};
+    use yidi_grpc::{server_config::ServerConfig, tls::TlsConfig};
+    use yidi_idempotency::IdempotencyConfig;
+    use yidi_runtime::{
+        clock::ClockConfig,
+        config::DirectoryConfig,
         directory::{BureauEntry, DirectoryFile},
-        server::tests::{SlowIssuance, TestService},
+        telemetry::LogConfig,
     };
+
+    use super::*;
+    use crate::server::tests::{SlowIssuance, TestService};
 
     async fn listener() -> TcpListener {
         TcpListener::bind("127.0.0.1:0").await.unwrap()
@@ -169,7 +184,11 @@ mod tests {
     #[async_trait::async_trait]
     impl MigratorTrait for AuditOnly {
         fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-            vec![Box::new(CreateAuditLog), Box::new(ChainAuditLog), Box::new(idempotency::CreateIdempotentRequests)]
+            vec![
+                Box::new(CreateAuditLog),
+                Box::new(ChainAuditLog),
+                Box::new(yidi_idempotency::CreateIdempotentRequests),
+            ]
         }
     }
 
@@ -179,6 +198,7 @@ mod tests {
         database: DatabaseConfig,
         directory: DirectoryConfig,
         clock: ClockConfig,
+        log: LogConfig,
         tls: TlsConfig,
         idempotency: IdempotencyConfig,
     }
@@ -213,6 +233,7 @@ mod tests {
                 },
                 directory: DirectoryConfig::new(path),
                 clock: ClockConfig::default(),
+                log: LogConfig::default(),
                 tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
                 idempotency: IdempotencyConfig::default(),
                 dir,
@@ -225,6 +246,7 @@ mod tests {
                 database: &self.database,
                 directory: &self.directory,
                 clock: &self.clock,
+                log: &self.log,
                 tls: &self.tls,
                 idempotency: &self.idempotency,
             }

@@ -4,8 +4,8 @@ use sea_orm::DatabaseConnection;
 use tonic::{Request, Response, Status};
 use yidi_proto::v1::{self as pb, audit_server::AuditServer};
 
-use crate::{
-    audit::{self, EntryQuery},
+use crate::{self as audit, EntryQuery};
+use yidi_grpc::{
     convert::timestamp,
     error::{ApiError, FieldViolations},
     validate::page_size,
@@ -24,7 +24,7 @@ impl AuditGrpc {
 
     /// The tonic server for it.
     pub fn server(db: DatabaseConnection) -> AuditServer<Self> {
-        AuditServer::new(Self::new(db)).max_decoding_message_size(crate::overload::MAX_REQUEST_BYTES)
+        AuditServer::new(Self::new(db)).max_decoding_message_size(yidi_grpc::overload::MAX_REQUEST_BYTES)
     }
 }
 
@@ -128,7 +128,7 @@ mod tests {
     use tonic::Code;
 
     use super::*;
-    use crate::audit::{AuditEntry, ChainAuditLog, CreateAuditLog};
+    use crate::{AuditEntry, ChainAuditLog, CreateAuditLog};
 
     async fn service_with(entries: usize) -> AuditGrpc {
         let db = Database::connect("sqlite::memory:").await.unwrap();

@@ -5,9 +5,11 @@
 //! - each run creates its own uniquely named database(s) there and drops them afterwards;
 //! - an unreachable server skips the test (it prints `SKIPPED: ...` and passes), unless
 //!   `YIDI_REQUIRE_POSTGRES=1`, which makes it fail.
+pub mod fake;
+
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 
-use crate::{config::DatabaseConfig, db};
+use yidi_runtime::{config::DatabaseConfig, db};
 
 /// The server PostgreSQL tests use when `YIDI_TEST_POSTGRES_URL` is not set.
 pub const DEFAULT_TEST_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";

@@ -1,3 +1,5 @@
+//! The hash-chained audit log every bureau keeps, and the `yidi.v1.Audit` RPCs over it ([`rpc`]).
+//!
 //! The audit log every service keeps: one `audit_log` table, one entity, one way to append a row,
 //! the migrations that create and chain it, and the verification of the chain.
 //!
@@ -11,6 +13,9 @@
 //! first broken link. The one-row `audit_head` table holds the last sequence number and hash:
 //! appends take its row lock first, so that two concurrent transactions never chain onto the
 //! same predecessor, and a rolled-back append rolls the head back with it (no gap).
+#![forbid(unsafe_code)]
+
+pub mod rpc;
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::NotSet,
@@ -152,7 +157,7 @@ impl AuditTarget for DatabaseTransaction {
 }
 
 #[async_trait::async_trait]
-impl AuditTarget for crate::db::Transaction {
+impl AuditTarget for yidi_runtime::db::Transaction {
     async fn append_entry(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
         chain_onto_head(self, at, entry).await
     }
@@ -621,7 +626,7 @@ mod tests {
     /// predecessor; appends rolled back with their transaction leave no gap.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn postgres_concurrent_appends_chain_without_forks_or_gaps() {
-        let Some(scratch) = crate::scratch_db::postgres_for_tests("audit_chain").await.unwrap() else { return };
+        let Some(scratch) = yidi_testkit::postgres_for_tests("audit_chain").await.unwrap() else { return };
         let mut options = sea_orm::ConnectOptions::new(scratch.url().to_owned());
         options.max_connections(8).sqlx_logging(false);
         let db = Database::connect(options).await.unwrap();
@@ -639,7 +644,7 @@ mod tests {
                         match n % 3 {
                             0 => append(&db, Utc::now(), entry).await.unwrap(),
                             1 => {
-                                let txn = crate::db::begin(&db).await.unwrap();
+                                let txn = yidi_runtime::db::begin(&db).await.unwrap();
                                 append(&txn, Utc::now(), entry).await.unwrap();
                                 tokio::task::yield_now().await;
                                 txn.commit().await.unwrap();
