@@ -1,21 +1,23 @@
 //! Who may call what: the access matrix, denied by default, enforced in one tower layer.
 //!
 //! Every RPC the suite serves is listed in [`MATRIX`] with the grants that admit a caller; a method
-//! that is not listed admits nobody. The layer runs after the TLS identity layer has put the
+//! that is not listed admits nobody. The contract's RPCs get theirs from their `(yidi.v1.policy)`
+//! option ([`yidi_proto::policy`]); health and reflection, the server's own, are open to members.
+//! The layer runs after the TLS identity layer has put the
 //! authenticated [`Caller`] into the request's extensions: no caller → UNAUTHENTICATED, a caller
 //! without a grant → PERMISSION_DENIED naming the role that was missing. Denied calls are written to
 //! the audit trail. Finer checks that need the request's content (a station may ask only about its
 //! own applications, a producer may register only its own cards) stay with the services, which read
 //! the same [`Caller`].
 //!
-//! README's access table is generated from [`MATRIX`] by [`markdown_table`] and a test keeps the two
-//! equal, so the documentation cannot drift from what is enforced.
+//! docs/ARCHITECTURE.md's access table is generated from [`MATRIX`] by [`markdown_table`] and a test
+//! keeps the two equal, so the documentation cannot drift from what is enforced.
 use std::{
     collections::HashMap,
     convert::Infallible,
     future::Future,
     sync::{
-        Arc, OnceLock,
+        Arc, LazyLock, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -110,46 +112,40 @@ const fn rule(service: &'static str, method: &'static str, grants: &'static [Gra
     MethodRule { service, method, grants }
 }
 
-/// The access matrix. Anything not listed here is denied.
-pub static MATRIX: &[MethodRule] = &[
-    // The counter of an accepting station: its clerks act, its supervisors read.
-    rule("yidi.v1.Intake", "SubmitApplication", &[ADMIN]),
-    rule("yidi.v1.Intake", "CancelApplication", &[ADMIN]),
-    rule("yidi.v1.Intake", "CollectCard", &[ADMIN]),
-    rule("yidi.v1.Intake", "ReportLoss", &[ADMIN]),
-    rule("yidi.v1.Intake", "WithdrawLossReport", &[ADMIN]),
-    rule("yidi.v1.Intake", "GetApplication", &[READ]),
-    rule("yidi.v1.Intake", "GetApplicationTimeline", &[READ]),
-    rule("yidi.v1.Intake", "ListApplications", &[READ]),
-    rule("yidi.v1.Intake", "WatchApplication", &[READ]),
-    // The home bureau verifies only for stations; its own register is kept by its own operators.
-    rule("yidi.v1.Verification", "Verify", &[STATION]),
-    rule("yidi.v1.Verification", "CloseApplication", &[STATION]),
-    rule("yidi.v1.Verification", "GetCitizen", &[READ]),
-    rule("yidi.v1.Verification", "RecordDeath", &[ADMIN]),
-    rule("yidi.v1.Verification", "RecordCreditStatus", &[ADMIN]),
-    // The producer takes orders from stations, which follow them.
-    rule("yidi.v1.Issuance", "PlaceOrder", &[STATION]),
-    rule("yidi.v1.Issuance", "GetOrder", &[STATION, READ]),
-    rule("yidi.v1.Issuance", "WatchOrder", &[STATION, READ]),
-    // The registry: stations file signed loss decisions, producers register their cards, relying
-    // parties ask about status only, home bureaus read the hits on their own citizens.
-    rule("yidi.v1.LossRegistry", "ReportLoss", &[STATION]),
-    rule("yidi.v1.LossRegistry", "WithdrawLossReport", &[STATION]),
-    rule("yidi.v1.LossRegistry", "RegisterCard", &[PRODUCER]),
-    rule("yidi.v1.LossRegistry", "CheckCard", &[Grant::RelyingParty, STATION, READ]),
-    rule("yidi.v1.LossRegistry", "CheckCards", &[Grant::RelyingParty, STATION, READ]),
-    rule("yidi.v1.LossRegistry", "WatchRevocations", &[Grant::RelyingParty, READ]),
-    rule("yidi.v1.LossRegistry", "ListHits", &[HOME, READ]),
-    // Every bureau's audit trail is for its own operators.
-    rule("yidi.v1.Audit", "*", &[READ]),
-    // What a bureau owes the others: its operators read it, its admins re-queue dead letters.
-    rule("yidi.v1.Outbox", "ListOutboxMessages", &[READ]),
-    rule("yidi.v1.Outbox", "RetryDeadLetter", &[ADMIN]),
+/// The access matrix: the policy of every RPC of the contract, then the plumbing's. Anything not
+/// listed here is denied.
+pub static MATRIX: LazyLock<Vec<MethodRule>> = LazyLock::new(|| {
+    let contract = yidi_proto::policy::method_policies().iter().map(|policy| MethodRule {
+        service: &policy.service,
+        method: &policy.method,
+        // Built once per process: the grants live as long as the matrix.
+        grants: Vec::leak(policy.grants.iter().filter_map(|g| from_contract(*g)).collect()),
+    });
+    contract.chain(PLUMBING.iter().copied()).collect()
+});
+
+/// The server's own services, which are not in the contract: open to anyone the directory knows.
+const PLUMBING: &[MethodRule] = &[
     rule("grpc.health.v1.Health", "*", &[Grant::AnyMember]),
     rule("grpc.reflection.v1.ServerReflection", "*", &[Grant::AnyMember]),
     rule("grpc.reflection.v1alpha.ServerReflection", "*", &[Grant::AnyMember]),
 ];
+
+/// The grant of the contract's `yidi.v1.Grant`; GRANT_UNSPECIFIED admits nobody.
+fn from_contract(grant: yidi_proto::v1::Grant) -> Option<Grant> {
+    use yidi_proto::v1::Grant as Contract;
+    Some(match grant {
+        Contract::Unspecified => return None,
+        Contract::Station => STATION,
+        Contract::HomeBureau => HOME,
+        Contract::Producer => PRODUCER,
+        Contract::Registry => Grant::Bureau(Role::Registry),
+        Contract::RelyingParty => Grant::RelyingParty,
+        Contract::OperatorRead => READ,
+        Contract::OperatorAdmin => ADMIN,
+        Contract::AnyMember => Grant::AnyMember,
+    })
+}
 
 /// The rule for a gRPC path `/package.Service/Method`, if any.
 pub fn rule_for(path: &str) -> Option<&'static MethodRule> {
@@ -233,7 +229,7 @@ pub fn check(path: &str, caller: Option<&Caller>, serving_bureau: &str) -> Resul
     })
 }
 
-/// The README's access table: one row per method, one column per kind of caller.
+/// The access table of docs/ARCHITECTURE.md: one row per method, one column per kind of caller.
 pub fn markdown_table() -> String {
     let columns: [(&str, Grant); 7] = [
         ("station", STATION),
@@ -251,7 +247,7 @@ pub fn markdown_table() -> String {
     out.push_str("\n|---|");
     out.push_str(&"---|".repeat(columns.len()));
     out.push('\n');
-    for rule in MATRIX {
+    for rule in MATRIX.iter() {
         out.push_str(&format!("| `{}/{}` |", rule.service, rule.method));
         for (_, column) in &columns {
             // An admin operator holds the read grant too; "any member" admits every column.
@@ -521,8 +517,24 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_shows_the_enforced_matrix() {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    fn the_matrix_is_the_contracts_policies_then_health_and_reflection() {
+        let policies = yidi_proto::policy::method_policies();
+        assert_eq!(MATRIX.len(), policies.len() + PLUMBING.len());
+        for (rule, policy) in MATRIX.iter().zip(policies) {
+            assert_eq!((rule.service, rule.method), (policy.service.as_str(), policy.method.as_str()));
+            let grants: Vec<Grant> = policy.grants.iter().filter_map(|g| from_contract(*g)).collect();
+            assert_eq!(rule.grants, grants, "{}", policy.path);
+            assert_eq!(rule.grants.len(), policy.grants.len(), "every contract grant is an access grant");
+        }
+        assert_eq!(MATRIX[policies.len()..], *PLUMBING);
+        assert_eq!(rule_for("/yidi.v1.Audit/ListAuditEntries").map(|r| r.grants), Some(&[READ][..]));
+        assert_eq!(rule_for("/yidi.v1.Audit/DropTheChain"), None, "no wildcard for a contract service");
+    }
+
+    #[test]
+    fn the_architecture_doc_shows_the_enforced_matrix() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/ARCHITECTURE.md")).unwrap();
         let table = markdown_table();
         let begin = "<!-- access-matrix -->\n";
         let end = "<!-- /access-matrix -->";
@@ -533,7 +545,8 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(
             documented, table,
-            "README's table between {begin:?} and {end:?} must be exactly this (generated from access::MATRIX):\n{table}"
+            "docs/ARCHITECTURE.md's table between {begin:?} and {end:?} must be exactly this (generated from \
+             access::MATRIX):\n{table}"
         );
     }
 

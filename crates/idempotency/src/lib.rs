@@ -30,7 +30,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     pin::Pin,
-    sync::{Arc, Mutex, OnceLock, PoisonError},
+    sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
@@ -73,43 +73,17 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024 + 5;
 /// ErrorInfo reason of a key sent again with another request.
 pub const KEY_REUSED: &str = "IDEMPOTENCY_KEY_REUSED";
 
-/// Every mutating RPC of the suite (full gRPC paths); a unit test checks that each RPC of the
-/// descriptor set is here or in [`READ_ONLY`]. A new mutating RPC is one more line.
-pub static MUTATING: &[&str] = &[
-    "/yidi.v1.Intake/SubmitApplication",
-    "/yidi.v1.Intake/CancelApplication",
-    "/yidi.v1.Intake/CollectCard",
-    "/yidi.v1.Intake/ReportLoss",
-    "/yidi.v1.Intake/WithdrawLossReport",
-    "/yidi.v1.Verification/Verify",
-    "/yidi.v1.Verification/RecordDeath",
-    "/yidi.v1.Verification/RecordCreditStatus",
-    "/yidi.v1.Verification/CloseApplication",
-    "/yidi.v1.Issuance/PlaceOrder",
-    "/yidi.v1.LossRegistry/ReportLoss",
-    "/yidi.v1.LossRegistry/WithdrawLossReport",
-    "/yidi.v1.LossRegistry/RegisterCard",
-    "/yidi.v1.Outbox/RetryDeadLetter",
-];
+/// Every mutating RPC of the suite (full gRPC paths): those whose `(yidi.v1.policy)` option says
+/// `mutating: true` ([`yidi_proto::policy`]). A new mutating RPC says so in the contract.
+pub static MUTATING: LazyLock<Vec<&'static str>> = LazyLock::new(|| rpcs(true));
 
-/// The RPCs that change nothing a repeat could duplicate. CheckCard/CheckCards record a hit per
-/// check: a repeated check is another check, and is recorded as one.
-pub static READ_ONLY: &[&str] = &[
-    "/yidi.v1.Intake/GetApplication",
-    "/yidi.v1.Intake/GetApplicationTimeline",
-    "/yidi.v1.Intake/ListApplications",
-    "/yidi.v1.Intake/WatchApplication",
-    "/yidi.v1.Verification/GetCitizen",
-    "/yidi.v1.Issuance/GetOrder",
-    "/yidi.v1.Issuance/WatchOrder",
-    "/yidi.v1.LossRegistry/CheckCard",
-    "/yidi.v1.LossRegistry/CheckCards",
-    "/yidi.v1.LossRegistry/WatchRevocations",
-    "/yidi.v1.LossRegistry/ListHits",
-    "/yidi.v1.Audit/VerifyAuditChain",
-    "/yidi.v1.Audit/ListAuditEntries",
-    "/yidi.v1.Outbox/ListOutboxMessages",
-];
+/// The RPCs that change nothing a repeat could duplicate (`mutating: false`). CheckCard/CheckCards
+/// record a hit per check: a repeated check is another check, and is recorded as one.
+pub static READ_ONLY: LazyLock<Vec<&'static str>> = LazyLock::new(|| rpcs(false));
+
+fn rpcs(mutating: bool) -> Vec<&'static str> {
+    yidi_proto::policy::method_policies().iter().filter(|p| p.mutating == mutating).map(|p| p.path.as_str()).collect()
+}
 
 pub fn is_mutating(path: &str) -> bool {
     MUTATING.contains(&path)
@@ -688,11 +662,11 @@ mod tests {
             .iter()
             .filter(|path| !MUTATING.contains(&path.as_str()) && !READ_ONLY.contains(&path.as_str()))
             .collect();
-        assert!(unclassified.is_empty(), "add each to idempotency::MUTATING or READ_ONLY: {unclassified:?}");
+        assert!(unclassified.is_empty(), "give each an option (yidi.v1.policy): {unclassified:?}");
         let both: Vec<&&str> = MUTATING.iter().filter(|path| READ_ONLY.contains(path)).collect();
         assert!(both.is_empty(), "classified twice: {both:?}");
         let stale: Vec<&&str> =
-            MUTATING.iter().chain(READ_ONLY).filter(|path| !served.iter().any(|s| s == **path)).collect();
+            MUTATING.iter().chain(READ_ONLY.iter()).filter(|path| !served.iter().any(|s| s == **path)).collect();
         assert!(stale.is_empty(), "not an RPC of the descriptor set: {stale:?}");
         assert!(is_mutating("/yidi.v1.Intake/SubmitApplication"));
         assert!(!is_mutating("/yidi.v1.Intake/GetApplication"));

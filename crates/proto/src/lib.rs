@@ -6,7 +6,10 @@ pub mod v1 {
     tonic::include_proto!("yidi.v1");
 }
 
-/// Encoded `FileDescriptorSet` of every `yidi.v1` file, for gRPC server reflection.
+pub mod policy;
+
+/// Encoded `FileDescriptorSet` of every `yidi.v1` file, for gRPC server reflection, custom options
+/// (`yidi.v1.policy`, read by [`policy`]) included.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/yidi_descriptor.bin"));
 
 pub use prost_types::Timestamp;
