@@ -121,7 +121,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     options.default_ports = true;
     options.citizens_per_province = args.citizens;
     options.production_delay_ms = 2000;
-    // A short retry budget, so that an outage of a few seconds (README: "Dead letters") already
+    // A short retry budget, so that an outage of a few seconds (docs/RUNBOOK.md: "What the station owes, and dead letters") already
     // leaves a dead letter to retry; the defaults give ten attempts over about three minutes.
     options.extra_config.insert(Process::Intake, DEMO_OUTBOX.into());
     options.clock = ClockSetting::Start(start);

@@ -8,7 +8,7 @@ use yidi_runtime::population::{Citizen, ExistingCard, Population};
 
 use crate::topology::{HOME_JIANGXI, HOME_SICHUAN};
 
-/// Scenario labels (README, "Population"): what each labelled citizen demonstrates.
+/// Scenario labels (docs/RUNBOOK.md, "Population"): what each labelled citizen demonstrates.
 pub const SCENARIOS: &[&str] = &[
     "replacement",
     "renewal",

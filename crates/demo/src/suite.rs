@@ -290,7 +290,7 @@ impl Suite {
     }
 
     /// Holds the bureau's process id while it runs, so an operator can pause it (`kill -STOP`) to
-    /// simulate an outage (README, operator runbook, "Cancel").
+    /// simulate an outage (docs/RUNBOOK.md, "Cancel").
     pub fn pid_path(&self, process: Process) -> PathBuf {
         self.dir.join(format!("{}.pid", process.slug()))
     }

@@ -1,4 +1,4 @@
-//! The rules of DOMAIN.md as pure types and functions. Every function that depends on the date
+//! The rulebook (docs/RULES.md) as pure types and functions. Every function that depends on the date
 //! takes it as an argument: time is injected by the services, never read here.
 #![forbid(unsafe_code)]
 

@@ -44,7 +44,7 @@ pub struct Citizen {
     pub address: String,
     /// The home bureau holding the registration.
     pub home_bureau_id: String,
-    /// What this citizen demonstrates, e.g. `replacement`, `face_mismatch` (README, "Population").
+    /// What this citizen demonstrates, e.g. `replacement`, `face_mismatch` (docs/RUNBOOK.md, "Population").
     pub scenario: String,
     pub credit: Credit,
     pub registration: Registration,
