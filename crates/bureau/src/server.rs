@@ -28,12 +28,12 @@ use yidi_audit::rpc::AuditGrpc;
 use yidi_grpc::{
     error::ApiError,
     health::{HealthPhase, Phase, health_service},
-    overload::{Limits, LoadShedLayer},
+    overload::{Limits, LoadShedding},
     rpc_telemetry::RpcTelemetryLayer,
     security::ServerSecurity,
     tls::Transport,
 };
-use yidi_idempotency::{self as idempotency, IdempotencyLayer};
+use yidi_idempotency::{self as idempotency, IdempotencyLayer, KeyedAnswers};
 use yidi_outbox::rpc::OutboxGrpc;
 use yidi_runtime::shutdown::Shutdown;
 
@@ -160,7 +160,7 @@ pub fn start<S: GrpcService>(
     let service = Arc::new(OnceLock::new());
     let audit = Arc::new(OnceLock::new());
     let outbox = Arc::new(OnceLock::new());
-    let idempotency = IdempotencyLayer::new();
+    let idempotency = KeyedAnswers::layer();
     let address = listener.local_addr().ok();
     tracing::info!(service = S::NAME, ?address, "listening; not serving until started");
     let drained = {
@@ -197,7 +197,7 @@ pub fn start<S: GrpcService>(
         // before security, so that under overload a refusal costs no access check (a call the
         // access check refuses gives its slot back at once). One layer for the port: every
         // connection shares its slots.
-        .layer(LoadShedLayer::new(limits))
+        .layer(LoadShedding::layer(limits))
         .layer(security.layers())
         .layer(idempotency.clone())
         .add_service(health_server)
@@ -243,7 +243,7 @@ impl<S: GrpcService> Starting<S> {
     /// Keeps and replays the answers to mutating calls with an `idempotency-key` in `store`
     /// (migrated: `idempotent_requests` exists) from now on.
     pub fn open_idempotency(&self, store: idempotency::Store) {
-        self.idempotency.open(store);
+        self.idempotency.shared().open(store);
     }
 
     /// Hands the ready service over (health SERVING, unless shutdown has already begun) and serves

@@ -10,6 +10,7 @@ pub mod client;
 pub mod convert;
 pub mod error;
 pub mod health;
+pub mod layer;
 pub mod overload;
 pub mod rpc_telemetry;
 pub mod security;

@@ -9,26 +9,26 @@
 //! Health checks are never shed: an orchestrator must see a loaded server as alive.
 use std::{
     collections::HashMap,
-    convert::Infallible,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
-use futures::future::BoxFuture;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{
     Code, Status,
     body::Body,
-    codegen::http::{HeaderMap, Request, Response},
+    codegen::http::{HeaderMap, Request},
 };
 use tonic_types::{ErrorDetails, StatusExt};
-use tower::{Layer, Service};
+use tower::Service as _;
 
-use crate::error::ERROR_DOMAIN;
+use crate::{
+    error::ERROR_DOMAIN,
+    layer::{CallFuture, Inner, Intercept, InterceptLayer},
+};
 
 /// How much a server takes on at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +56,9 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// What the caller is told to wait before trying again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
+/// What the server's connections share: the slots, the queue, the count of refusals.
 #[derive(Debug)]
-struct Shared {
+pub struct LoadShedding {
     limits: Limits,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
@@ -65,70 +66,36 @@ struct Shared {
 }
 
 /// The tower layer; one per server, shared by all its connections.
-#[derive(Debug, Clone)]
-pub struct LoadShedLayer {
-    shared: Arc<Shared>,
-}
+pub type LoadShedLayer = InterceptLayer<LoadShedding>;
 
-impl LoadShedLayer {
-    pub fn new(limits: Limits) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                limits,
-                slots: Arc::new(Semaphore::new(limits.max_in_flight)),
-                queued: AtomicUsize::new(0),
-                shed: AtomicU64::new(0),
-            }),
-        }
+impl LoadShedding {
+    /// The layer shedding beyond `limits`.
+    pub fn layer(limits: Limits) -> LoadShedLayer {
+        InterceptLayer::new(Self {
+            limits,
+            slots: Arc::new(Semaphore::new(limits.max_in_flight)),
+            queued: AtomicUsize::new(0),
+            shed: AtomicU64::new(0),
+        })
     }
 
     /// Calls refused so far.
     pub fn shed_count(&self) -> u64 {
-        self.shared.shed.load(Ordering::Relaxed)
+        self.shed.load(Ordering::Relaxed)
     }
 }
 
-impl<S> Layer<S> for LoadShedLayer {
-    type Service = LoadShed<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        LoadShed { inner, shared: Arc::clone(&self.shared) }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct LoadShed<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-impl<S> Service<Request<Body>> for LoadShed<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        // The clone that was polled ready serves this call; the fresh one waits for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+impl Intercept for LoadShedding {
+    fn intercept<S: Inner>(self: Arc<Self>, mut inner: S, request: Request<Body>) -> CallFuture {
         if request.uri().path().starts_with("/grpc.health.v1.Health/") {
             return Box::pin(inner.call(request));
         }
-        let shared = Arc::clone(&self.shared);
         let deadline = grpc_timeout(request.headers());
         Box::pin(async move {
-            let _slot = match shared.take_slot(deadline).await {
+            let _slot = match self.take_slot(deadline).await {
                 Ok(slot) => slot,
                 Err(status) => {
-                    shared.shed.fetch_add(1, Ordering::Relaxed);
+                    self.shed.fetch_add(1, Ordering::Relaxed);
                     return Ok(status.into_http());
                 }
             };
@@ -137,7 +104,7 @@ where
     }
 }
 
-impl Shared {
+impl LoadShedding {
     async fn take_slot(&self, deadline: Option<Duration>) -> Result<OwnedSemaphorePermit, Status> {
         if let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() {
             return Ok(slot);
@@ -200,6 +167,10 @@ mod tests {
     use tower::{ServiceExt, service_fn};
 
     use super::*;
+    use std::convert::Infallible;
+
+    use tonic::codegen::http::Response;
+    use tower::{Layer, Service};
 
     fn request(path: &str, timeout: Option<&str>) -> Request<Body> {
         let mut builder = Request::builder().uri(path);
@@ -253,7 +224,7 @@ mod tests {
     #[tokio::test]
     async fn excess_calls_are_queued_then_refused_and_health_is_never_shed() {
         let limits = Limits { max_in_flight: 2, max_queued: 1, max_queue_wait: Duration::from_secs(5) };
-        let layer = LoadShedLayer::new(limits);
+        let layer = LoadShedding::layer(limits);
         let release = Arc::new(Notify::new());
         let ran = Arc::new(AtomicUsize::new(0));
         let service = layer.layer(blocking_service(Arc::clone(&release), Arc::clone(&ran)));
@@ -272,7 +243,7 @@ mod tests {
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert_eq!(status.get_error_details().error_info().map(|i| i.reason.clone()).as_deref(), Some("OVERLOADED"));
         assert!(status.get_error_details().retry_info().is_some(), "tells when to retry");
-        assert_eq!(layer.shed_count(), 1);
+        assert_eq!(layer.shared().shed_count(), 1);
 
         // Health passes even now (it runs on the blocked service too: release it afterwards).
         let health = tokio::spawn(service.clone().oneshot(request("/grpc.health.v1.Health/Check", None)));
@@ -296,7 +267,7 @@ mod tests {
     #[tokio::test]
     async fn a_queued_call_gives_up_at_its_own_deadline_with_unavailable() {
         let limits = Limits { max_in_flight: 1, max_queued: 10, max_queue_wait: Duration::from_secs(30) };
-        let layer = LoadShedLayer::new(limits);
+        let layer = LoadShedding::layer(limits);
         let release = Arc::new(Notify::new());
         let ran = Arc::new(AtomicUsize::new(0));
         let service = layer.layer(blocking_service(Arc::clone(&release), Arc::clone(&ran)));

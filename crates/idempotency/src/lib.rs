@@ -53,11 +53,12 @@ use tonic::{
     },
 };
 use tonic_types::{ErrorDetails, StatusExt};
-use tower::{Layer, Service};
+use tower::Service;
 
 use yidi_grpc::{
     caller::caller_of,
     error::{ERROR_DOMAIN, FieldViolations},
+    layer::{CallFuture, Inner, Intercept, InterceptLayer},
 };
 use yidi_runtime::{clock::Clock, shutdown::Shutdown};
 
@@ -296,8 +297,9 @@ pub struct Store {
 /// (caller, method, key): one stored answer.
 type RecordId = (String, String, String);
 
+/// What the server's connections share: the store, and the keys with a call in progress.
 #[derive(Debug, Default)]
-struct Shared {
+pub struct KeyedAnswers {
     /// Set once the database is migrated; before that the service answers UNAVAILABLE anyway.
     store: OnceLock<Store>,
     /// One lock per key with a call in progress, so that simultaneous repeats run one by one.
@@ -305,81 +307,49 @@ struct Shared {
 }
 
 /// The tower layer; one per server, shared by its connections. See the module documentation.
-#[derive(Debug, Clone, Default)]
-pub struct IdempotencyLayer {
-    shared: Arc<Shared>,
-}
+pub type IdempotencyLayer = InterceptLayer<KeyedAnswers>;
 
-impl IdempotencyLayer {
-    pub fn new() -> Self {
-        Self::default()
+impl KeyedAnswers {
+    /// The layer, keeping nothing until [`KeyedAnswers::open`].
+    pub fn layer() -> IdempotencyLayer {
+        InterceptLayer::new(Self::default())
     }
 
     /// Keeps and replays answers in `store` from now on (once; later calls are ignored).
     pub fn open(&self, store: Store) {
-        let _ = self.shared.store.set(store);
+        let _ = self.store.set(store);
     }
 }
 
-impl<S> Layer<S> for IdempotencyLayer {
-    type Service = Idempotent<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Idempotent { inner, shared: Arc::clone(&self.shared) }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Idempotent<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-impl<S> Service<Request<Body>> for Idempotent<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+impl Intercept for KeyedAnswers {
+    fn intercept<S: Inner>(self: Arc<Self>, mut inner: S, mut request: Request<Body>) -> CallFuture {
         let path = request.uri().path();
         if !is_mutating(path) {
-            return Box::pin(self.inner.call(request));
+            return Box::pin(inner.call(request));
         }
         let key = match key_of(request.headers()) {
-            Ok(None) => return Box::pin(self.inner.call(request)),
+            Ok(None) => return Box::pin(inner.call(request)),
             Ok(Some(key)) => key,
             Err(violations) => {
                 let status = Status::from(yidi_grpc::ApiError::InvalidArgument(violations));
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
-        let Some(store) = self.shared.store.get().cloned() else {
+        let Some(store) = self.store.get().cloned() else {
             let status = Status::from(yidi_grpc::ApiError::Starting { service: "the idempotency store" });
             return Box::pin(std::future::ready(Ok(status.into_http())));
         };
         let caller = caller_of(request.extensions()).map(|caller| caller.id().to_owned()).unwrap_or_default();
         let id = (caller, path.to_owned(), key.0.clone());
         request.extensions_mut().insert(key);
-        // The ready service answers this call; the clone takes its place for the next.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let shared = Arc::clone(&self.shared);
-        Box::pin(async move { Ok(once(inner, shared, store, id, request).await.unwrap_or_else(Status::into_http)) })
+        Box::pin(async move { Ok(once(inner, self, store, id, request).await.unwrap_or_else(Status::into_http)) })
     }
 }
 
 /// The answer to a mutating call with a key: replayed, refused, or the service's (then stored).
 async fn once<S>(
     mut inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<KeyedAnswers>,
     store: Store,
     id: RecordId,
     request: Request<Body>,
@@ -439,14 +409,14 @@ where
 
 /// The turn of one key: held while its call runs, released (and forgotten if nobody waits) on drop.
 struct KeyTurn {
-    shared: Arc<Shared>,
+    shared: Arc<KeyedAnswers>,
     id: RecordId,
     lock: Arc<tokio::sync::Mutex<()>>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl KeyTurn {
-    async fn take(shared: &Arc<Shared>, id: &RecordId) -> Self {
+    async fn take(shared: &Arc<KeyedAnswers>, id: &RecordId) -> Self {
         let lock = {
             let mut in_progress = shared.in_progress.lock().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(in_progress.entry(id.clone()).or_default())
@@ -750,8 +720,8 @@ mod tests {
         let (trigger, shutdown) = Shutdown::new();
         let db = Database::connect("sqlite::memory:").await.unwrap();
         CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
-        let layer = IdempotencyLayer::new();
-        layer.open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        let layer = KeyedAnswers::layer();
+        layer.shared().open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
         let counter = Counter::default();
         let calls = Arc::clone(&counter.calls);
         // The layer as every bureau's server mounts it (behind the security layers, which a
@@ -846,7 +816,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_waits_for_its_turn_and_is_forgotten_once_nobody_waits() {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(KeyedAnswers::default());
         let id: RecordId = ("caller".into(), "/m".into(), "k".into());
         let first = KeyTurn::take(&shared, &id).await;
         let second = {
@@ -884,8 +854,8 @@ mod tests {
         use tower::ServiceExt;
         let db = Database::connect("sqlite::memory:").await.unwrap();
         CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
-        let layer = IdempotencyLayer::new();
-        layer.open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        let layer = KeyedAnswers::layer();
+        layer.shared().open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
         let counter = Counter::default();
         let service = layer.layer(IssuanceServer::new(counter.clone()));
         for caller in ["zj-station", "sc-station", "zj-station"] {
