@@ -9,6 +9,7 @@
 
 pub mod raw;
 pub mod reconcile;
+pub mod walks;
 
 use std::time::{Duration, Instant};
 
@@ -139,6 +140,8 @@ impl TestSuite {
         issued_at: DateTime<Utc>,
     ) -> Decision {
         let term = term_for(citizen.birth_date, self.today);
+        let Citizen { id_number, name, sex, birth_date, registration_province, address, face_template, .. } =
+            citizen.clone();
         Decision {
             decision_id: uuid::Uuid::new_v4().to_string(),
             purpose,
@@ -149,13 +152,13 @@ impl TestSuite {
             station_id: topology::STATION.into(),
             application_kind: (purpose == DecisionPurpose::IssueCard).then_some(ApplicationKind::Replacement),
             card: CardData {
-                id_number: citizen.id_number.clone(),
-                name: citizen.name.clone(),
-                sex: citizen.sex,
-                birth_date: citizen.birth_date,
-                registration_province: citizen.registration_province.clone(),
-                address: citizen.address.clone(),
-                face_template: citizen.face_template.clone(),
+                id_number,
+                name,
+                sex,
+                birth_date,
+                registration_province,
+                address,
+                face_template,
                 valid_from: term.valid_from,
                 valid_until: term.valid_until,
             },
@@ -281,6 +284,16 @@ pub fn live(citizen: &Citizen) -> pb::Biometrics {
 
 pub fn serial(citizen: &Citizen) -> String {
     citizen.card.as_ref().map(|c| c.serial.clone()).unwrap_or_default()
+}
+
+/// `relying_party`'s check of the card `card_serial` for `citizen`.
+pub fn card_check(citizen: &Citizen, card_serial: String, relying_party: &str) -> pb::CheckCardRequest {
+    pb::CheckCardRequest {
+        id_number: citizen.id_number.clone(),
+        card_serial,
+        relying_party: relying_party.into(),
+        nonce: Vec::new(),
+    }
 }
 
 /// The `ErrorInfo.reason` of a status (e.g. `REFUSAL_REASON_FACE_MISMATCH`).

@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::Context;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, QueryResult, Statement};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbErr, QueryResult, Statement};
 use yidi_demo::{suite::Suite, topology::Process};
 
 /// Where a run expects an application to end.
@@ -181,6 +181,15 @@ async fn query(db: &DatabaseConnection, sql: &str) -> anyhow::Result<Vec<QueryRe
     Ok(db.query_all_raw(Statement::from_string(db.get_database_backend(), sql.to_owned())).await?)
 }
 
+/// Every row `sql` answers, each read by `read`.
+async fn rows<T>(
+    db: &DatabaseConnection,
+    sql: &str,
+    read: impl Fn(&QueryResult) -> Result<T, DbErr>,
+) -> anyhow::Result<Vec<T>> {
+    Ok(query(db, sql).await?.iter().map(read).collect::<Result<_, _>>()?)
+}
+
 async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
     Database::connect(url).await.with_context(|| format!("connecting to {url}"))
 }
@@ -254,39 +263,32 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
     let applications = applications(&databases.intake).await?;
 
     let issuance = connect(&databases.issuance).await?;
-    let orders = query(&issuance, "SELECT decision_id, application_id, card_serial, state FROM orders")
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(Order {
-                decision_id: row.try_get_by_index(0)?,
-                application_id: row.try_get_by_index(1)?,
-                card_serial: row.try_get_by_index(2)?,
-                state: row.try_get_by_index(3)?,
-            })
+    let orders = rows(&issuance, "SELECT decision_id, application_id, card_serial, state FROM orders", |row| {
+        Ok(Order {
+            decision_id: row.try_get_by_index(0)?,
+            application_id: row.try_get_by_index(1)?,
+            card_serial: row.try_get_by_index(2)?,
+            state: row.try_get_by_index(3)?,
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    })
+    .await?;
     issuance.close().await?;
 
     let registry = connect(&databases.registry).await?;
-    let cards = query(&registry, "SELECT serial, id_number, status, decision_id FROM cards")
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(Card {
-                serial: row.try_get_by_index(0)?,
-                id_number: row.try_get_by_index(1)?,
-                status: row.try_get_by_index(2)?,
-                decision_id: row.try_get_by_index(3)?,
-            })
+    let cards = rows(&registry, "SELECT serial, id_number, status, decision_id FROM cards", |row| {
+        Ok(Card {
+            serial: row.try_get_by_index(0)?,
+            id_number: row.try_get_by_index(1)?,
+            status: row.try_get_by_index(2)?,
+            decision_id: row.try_get_by_index(3)?,
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    })
+    .await?;
     let standing_loss_reports: Vec<String> =
-        query(&registry, "SELECT card_serial FROM loss_reports WHERE withdrawn_at IS NULL")
-            .await?
-            .iter()
-            .map(|row| row.try_get_by_index(0))
-            .collect::<Result<_, _>>()?;
+        rows(&registry, "SELECT card_serial FROM loss_reports WHERE withdrawn_at IS NULL", |row| {
+            row.try_get_by_index(0)
+        })
+        .await?;
     registry.close().await?;
 
     // (application, purpose, closed as) of every verification; the citizens' current cards.

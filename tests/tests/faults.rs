@@ -165,17 +165,30 @@ async fn settle_and_check(t: &TestSuite, acknowledged: &[Acknowledged]) -> anyho
     Ok(())
 }
 
+/// Kills `processes`, lodges the second round while they are down, and brings them back on the
+/// same databases.
+async fn second_round_while_down(
+    t: &mut TestSuite,
+    processes: &[Process],
+    acknowledged: &mut Vec<Acknowledged>,
+) -> anyhow::Result<()> {
+    for process in processes {
+        t.suite.kill(*process).await?;
+    }
+    acknowledged.extend(submit_round(t, 1).await?);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for process in processes {
+        t.suite.restart(*process).await?;
+    }
+    Ok(())
+}
+
 /// Both home bureaus die while the first round is being verified; the second round is lodged
 /// while they are down; they come back on the same databases.
 async fn verification_killed_mid_flow_loses_and_duplicates_nothing(db: Db) -> anyhow::Result<()> {
     let Some(mut t) = start_for_faults(db).await? else { return Ok(()) };
     let mut acknowledged = submit_round(&t, 0).await?;
-    t.suite.kill(Process::HomeJiangxi).await?;
-    t.suite.kill(Process::HomeSichuan).await?;
-    acknowledged.extend(submit_round(&t, 1).await?);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    t.suite.restart(Process::HomeJiangxi).await?;
-    t.suite.restart(Process::HomeSichuan).await?;
+    second_round_while_down(&mut t, &[Process::HomeJiangxi, Process::HomeSichuan], &mut acknowledged).await?;
     settle_and_check(&t, &acknowledged).await?;
     t.stop().await
 }
@@ -186,10 +199,7 @@ async fn issuance_killed_mid_flow_loses_and_duplicates_nothing(db: Db) -> anyhow
     let Some(mut t) = start_for_faults(db).await? else { return Ok(()) };
     let mut acknowledged = submit_round(&t, 0).await?;
     wait_for_any(&t, &acknowledged, pb::ApplicationState::InProduction).await?;
-    t.suite.kill(Process::Issuance).await?;
-    acknowledged.extend(submit_round(&t, 1).await?);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    t.suite.restart(Process::Issuance).await?;
+    second_round_while_down(&mut t, &[Process::Issuance], &mut acknowledged).await?;
     // Again once the second round is being ordered.
     wait_for_any(&t, &acknowledged[acknowledged.len() / 2..], pb::ApplicationState::InProduction).await?;
     t.suite.kill(Process::Issuance).await?;
@@ -203,10 +213,7 @@ async fn registry_killed_mid_flow_loses_and_duplicates_nothing(db: Db) -> anyhow
     let Some(mut t) = start_for_faults(db).await? else { return Ok(()) };
     let mut acknowledged = submit_round(&t, 0).await?;
     wait_for_any(&t, &acknowledged, pb::ApplicationState::Approved).await?;
-    t.suite.kill(Process::Registry).await?;
-    acknowledged.extend(submit_round(&t, 1).await?);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    t.suite.restart(Process::Registry).await?;
+    second_round_while_down(&mut t, &[Process::Registry], &mut acknowledged).await?;
     // Again while the producer registers the first cards.
     wait_for_any(&t, &acknowledged, pb::ApplicationState::InProduction).await?;
     tokio::time::sleep(Duration::from_millis(600)).await;

@@ -1,8 +1,7 @@
 //! The flows end to end: the real binaries as separate processes, driven over gRPC.
 use anyhow::Context;
-use tokio_stream::StreamExt;
 use yidi_proto::v1 as pb;
-use yidi_tests::{Db, NATIONAL_DAY, applicant, live, on_both_databases, reason, serial, start, topology::Process};
+use yidi_tests::{Db, NATIONAL_DAY, applicant, on_both_databases, reason, serial, start, topology::Process, walks};
 
 on_both_databases!(
     k1_replacement_across_provinces_end_to_end,
@@ -14,89 +13,10 @@ on_both_databases!(
     lifecycle_cancellation_only_before_production,
 );
 
-/// The happy path of the seed: a Jiangxi citizen living in Zhejiang lost his card.
+/// The happy path of the seed over plaintext: a Jiangxi citizen living in Zhejiang lost his card.
 async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
-    let citizen = t.citizen("replacement", "36")?;
-    let old_serial = serial(&citizen);
-    let mut registry = t.registry().await?;
-    let check = |serial: String| pb::CheckCardRequest {
-        id_number: citizen.id_number.clone(),
-        card_serial: serial,
-        relying_party: "test-bank".into(),
-        nonce: Vec::new(),
-    };
-    let before = registry.check_card(check(old_serial.clone())).await?.into_inner();
-    assert_eq!(before.status, pb::CardStatus::Valid as i32);
-
-    let mut revocations =
-        registry.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await?.into_inner();
-
-    let mut intake = t.intake().await?;
-    let submitted = t.submit(pb::ApplicationKind::Replacement, &citizen, old_serial.clone()).await?;
-    assert_eq!(submitted.home_bureau_id, "home-jiangxi");
-    assert!(!submitted.id_number_masked.contains(&citizen.id_number[6..14]), "number is masked");
-
-    let ready = t.wait_for_state(&submitted.application_id, pb::ApplicationState::ReadyForCollection).await?;
-    assert!(ready.loss_recorded, "K1: the replacement filed the loss report");
-    let new_serial = ready.new_card_serial.clone();
-    assert!(!new_serial.is_empty() && new_serial != old_serial);
-
-    // S1: the old card was reported lost, then revoked by the new card.
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        let event = tokio::time::timeout(std::time::Duration::from_secs(10), revocations.next())
-            .await
-            .context("revocation stream stalled")?
-            .context("stream ended")??;
-        if event.card_serial == old_serial {
-            seen.push(event.status);
-        }
-    }
-    assert_eq!(seen, vec![pb::CardStatus::ReportedLost as i32, pb::CardStatus::Revoked as i32]);
-    let old = registry.check_card(check(old_serial.clone())).await?.into_inner();
-    assert_eq!(old.status, pb::CardStatus::Revoked as i32);
-    let new = registry.check_card(check(new_serial.clone())).await?.into_inner();
-    assert_eq!(new.status, pb::CardStatus::Valid as i32);
-
-    // C3: handed over only after a fresh face match.
-    let mut stranger = live(&citizen);
-    stranger.face_template = t.ordinary("51", 0)?.face_template;
-    let refused = intake
-        .collect_card(pb::CollectCardRequest { application_id: ready.application_id.clone(), live: Some(stranger) })
-        .await
-        .expect_err("a stranger cannot collect the card");
-    assert_eq!(reason(&refused), "REFUSAL_REASON_FACE_MISMATCH");
-    let collected = intake
-        .collect_card(pb::CollectCardRequest {
-            application_id: ready.application_id.clone(),
-            live: Some(live(&citizen)),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
-    assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
-    let states: Vec<i32> = collected.history.iter().map(|h| h.state).collect();
-    use pb::ApplicationState as S;
-    assert_eq!(
-        states,
-        [S::Received, S::Verifying, S::Approved, S::InProduction, S::ReadyForCollection, S::Collected]
-            .map(|s| s as i32)
-    );
-
-    // The home bureau now knows the new card as current; the application is closed (K5).
-    let mut home = t.home(Process::HomeJiangxi).await?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let record =
-            home.get_citizen(pb::GetCitizenRequest { id_number: citizen.id_number.clone() }).await?.into_inner();
-        if record.current_card_serial == new_serial && record.open_application_ids.is_empty() {
-            break;
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "home bureau never learned the new card: {record:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    walks::replacement_across_provinces(&t).await?;
     t.stop().await
 }
 

@@ -7,7 +7,7 @@ use prost::Message;
 use prost_types::{DescriptorProto, FileDescriptorSet, field_descriptor_proto::Type};
 use tonic::Code;
 use yidi_proto::v1 as pb;
-use yidi_tests::{Db, NATIONAL_DAY, on_both_databases, raw::call, serial, start, topology::Process};
+use yidi_tests::{Db, NATIONAL_DAY, card_check, on_both_databases, raw::call, serial, start, topology::Process};
 
 on_both_databases!(every_rpc_answers_hostile_input_with_a_clean_error_and_keeps_serving);
 
@@ -78,12 +78,7 @@ async fn every_rpc_answers_hostile_input_with_a_clean_error_and_keeps_serving(db
         assert!(yidi_grpc::client::is_serving(&channel).await, "{process:?} still serves");
     }
     let citizen = t.citizen("replacement", "36")?;
-    let check = pb::CheckCardRequest {
-        id_number: citizen.id_number.clone(),
-        card_serial: serial(&citizen),
-        relying_party: "test-bank".into(),
-        nonce: Vec::new(),
-    };
+    let check = card_check(&citizen, serial(&citizen), "test-bank");
     let answer = t.registry().await?.check_card(check).await?.into_inner();
     assert_eq!(answer.status, pb::CardStatus::Valid as i32, "the registry still answers real questions");
     t.stop().await

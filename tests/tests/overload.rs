@@ -11,7 +11,7 @@ use tonic::{Code, codegen::http::uri::PathAndQuery};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_types::StatusExt;
 use yidi_proto::v1 as pb;
-use yidi_tests::{Db, NATIONAL_DAY, raw::RawCodec, serial, start, topology::Process};
+use yidi_tests::{Db, NATIONAL_DAY, card_check, raw::RawCodec, serial, start, topology::Process};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_caller_holds_only_its_slot_until_its_deadline_and_the_excess_is_refused_at_once()
@@ -25,12 +25,7 @@ async fn a_stalled_caller_holds_only_its_slot_until_its_deadline_and_the_excess_
     };
     let channel = t.channel(Process::Registry).await?;
     let citizen = t.citizen("replacement", "36")?;
-    let check = pb::CheckCardRequest {
-        id_number: citizen.id_number.clone(),
-        card_serial: serial(&citizen),
-        relying_party: "test-bank".into(),
-        nonce: Vec::new(),
-    };
+    let check = card_check(&citizen, serial(&citizen), "test-bank");
     let stall_for = Duration::from_secs(3);
 
     // The other bureaus call the registry too: until the stalled call has the slot, try again.

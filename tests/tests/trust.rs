@@ -2,15 +2,15 @@
 //! (chained to the suite's CA) names, resolved through the directory.
 use std::time::Duration;
 
-use anyhow::Context;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use yidi_demo::certs::{CertDir, CertificateAuthority};
 use yidi_grpc::tls::TlsFiles;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 use yidi_tests::{
-    Db, NATIONAL_DAY, live, on_both_databases, serial, start_tls,
+    Db, NATIONAL_DAY, card_check, on_both_databases, serial, start_tls,
     topology::{Process, RELYING_PARTY},
+    walks,
 };
 
 on_both_databases!(
@@ -20,46 +20,11 @@ on_both_databases!(
     a_valid_certificate_whose_id_is_not_in_the_directory_is_unauthenticated,
 );
 
-/// K1 over mutual TLS: the station calls the home bureau, the registry and the producer, the
-/// producer calls the registry, each presenting its own certificate; a relying party checks cards.
+/// K1 over mutual TLS: the walk of `k1_replacement_across_provinces_end_to_end`, each bureau
+/// presenting its own certificate, a relying party checking cards with its own.
 async fn replacement_end_to_end_over_mutual_tls(db: Db) -> anyhow::Result<()> {
     let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
-    let citizen = t.citizen("replacement", "36")?;
-    let old_serial = serial(&citizen);
-    let mut bank = LossRegistryClient::new(t.channel_as(Process::Registry, RELYING_PARTY).await?);
-    let check = |serial: String| pb::CheckCardRequest {
-        id_number: citizen.id_number.clone(),
-        card_serial: serial,
-        relying_party: RELYING_PARTY.into(),
-        nonce: Vec::new(),
-    };
-    let before = bank.check_card(check(old_serial.clone())).await?.into_inner();
-    assert_eq!(before.status, pb::CardStatus::Valid as i32);
-
-    let submitted = t.submit(pb::ApplicationKind::Replacement, &citizen, old_serial.clone()).await?;
-    assert_eq!(submitted.home_bureau_id, "home-jiangxi");
-    let ready = t.wait_for_state(&submitted.application_id, pb::ApplicationState::ReadyForCollection).await?;
-    assert!(ready.loss_recorded, "the replacement filed the loss report at the registry");
-    let new_serial = ready.new_card_serial.clone();
-    assert!(!new_serial.is_empty() && new_serial != old_serial);
-
-    let old = bank.check_card(check(old_serial)).await?.into_inner();
-    assert_eq!(old.status, pb::CardStatus::Revoked as i32);
-    let new = bank.check_card(check(new_serial)).await?.into_inner();
-    assert_eq!(new.status, pb::CardStatus::Valid as i32);
-
-    let collected = t
-        .intake()
-        .await?
-        .collect_card(pb::CollectCardRequest {
-            application_id: ready.application_id.clone(),
-            live: Some(live(&citizen)),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
-    assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
+    walks::replacement_across_provinces(&t).await?;
     t.stop().await
 }
 
@@ -114,12 +79,7 @@ async fn a_certificate_from_another_ca_is_refused(db: Db) -> anyhow::Result<()> 
     }
     let citizen = t.ordinary("36", 0)?;
     let mut registry = LossRegistryClient::new(lazy(t.suite.endpoint_with(Process::Registry, &impostor)?));
-    let check = pb::CheckCardRequest {
-        id_number: citizen.id_number.clone(),
-        card_serial: serial(&citizen),
-        relying_party: RELYING_PARTY.into(),
-        nonce: Vec::new(),
-    };
+    let check = card_check(&citizen, serial(&citizen), RELYING_PARTY);
     let refused = registry.check_card(check).await.expect_err("no answer to an impostor");
     assert_refused_by_transport(&refused, "CheckCard with another CA's certificate");
     // A client that trusts only the other CA refuses the bureau's server certificate in turn.
@@ -142,12 +102,7 @@ async fn a_valid_certificate_whose_id_is_not_in_the_directory_is_unauthenticated
     let citizen = t.citizen("replacement", "36")?;
     let mut registry = LossRegistryClient::new(t.channel_as(Process::Registry, stranger).await?);
     let refused = registry
-        .check_card(pb::CheckCardRequest {
-            id_number: citizen.id_number.clone(),
-            card_serial: serial(&citizen),
-            relying_party: stranger.into(),
-            nonce: Vec::new(),
-        })
+        .check_card(card_check(&citizen, serial(&citizen), stranger))
         .await
         .expect_err("an identity the directory does not know is refused");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
@@ -159,15 +114,7 @@ async fn a_valid_certificate_whose_id_is_not_in_the_directory_is_unauthenticated
 
     // The same certificate file set for a listed principal works.
     let mut bank = LossRegistryClient::new(t.channel_as(Process::Registry, RELYING_PARTY).await?);
-    let answer = bank
-        .check_card(pb::CheckCardRequest {
-            id_number: citizen.id_number.clone(),
-            card_serial: serial(&citizen),
-            relying_party: RELYING_PARTY.into(),
-            nonce: Vec::new(),
-        })
-        .await?
-        .into_inner();
+    let answer = bank.check_card(card_check(&citizen, serial(&citizen), RELYING_PARTY)).await?.into_inner();
     assert_eq!(answer.status, pb::CardStatus::Valid as i32);
     t.stop().await
 }

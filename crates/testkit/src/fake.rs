@@ -1,8 +1,9 @@
-//! Stand-in services for tests of the plumbing: a server needs some service to serve.
+//! Stand-in services: for tests of the plumbing (a server needs some service to serve), and fake
+//! peers a bureau under test calls.
 use std::time::Duration;
 
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
-use yidi_proto::v1::{self as pb, issuance_server::IssuanceServer};
+use yidi_proto::v1::{self as pb, issuance_server::IssuanceServer, loss_registry_server::LossRegistryServer};
 
 /// A stand-in service: `GetOrder` waits `delay`, then answers NOT_FOUND; the rest is
 /// unimplemented.
@@ -39,3 +40,113 @@ impl pb::issuance_server::Issuance for SlowIssuance {
 }
 
 pub type TestService = IssuanceServer<SlowIssuance>;
+
+/// Serves fake peers (`Routes::new(a).add_service(b)`) on a fresh loopback port until the test
+/// ends; returns their `http://` endpoint.
+pub async fn serve_fakes(routes: tonic::service::Routes) -> std::io::Result<(String, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    Ok((endpoint, serve_fakes_on(listener, routes)))
+}
+
+/// Serves fake peers on `listener` until the test ends.
+pub fn serve_fakes_on(
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    })
+}
+
+fn unimplemented_by_fake() -> Status {
+    Status::unimplemented("fake")
+}
+
+/// The registry calls a fake registry answers; every call it does not override, and every call
+/// not listed here, answers UNIMPLEMENTED. Serve it with [`registry_server`].
+#[tonic::async_trait]
+pub trait RegistryFake: Send + Sync + 'static {
+    async fn report_loss(
+        &self,
+        _: pb::LossRegistryReportLossRequest,
+    ) -> Result<pb::LossRegistryReportLossResponse, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    async fn withdraw_loss_report(
+        &self,
+        _: pb::LossRegistryWithdrawLossReportRequest,
+    ) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    async fn register_card(&self, _: pb::RegisterCardRequest) -> Result<pb::RegisterCardResponse, Status> {
+        Err(unimplemented_by_fake())
+    }
+}
+
+/// A [`RegistryFake`] as a LossRegistry service.
+#[derive(Debug, Clone)]
+pub struct FakeRegistry<T>(pub T);
+
+pub fn registry_server<T: RegistryFake>(fake: T) -> LossRegistryServer<FakeRegistry<T>> {
+    LossRegistryServer::new(FakeRegistry(fake))
+}
+
+#[tonic::async_trait]
+impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T> {
+    async fn report_loss(
+        &self,
+        request: GrpcRequest<pb::LossRegistryReportLossRequest>,
+    ) -> Result<GrpcResponse<pb::LossRegistryReportLossResponse>, Status> {
+        self.0.report_loss(request.into_inner()).await.map(GrpcResponse::new)
+    }
+
+    async fn withdraw_loss_report(
+        &self,
+        request: GrpcRequest<pb::LossRegistryWithdrawLossReportRequest>,
+    ) -> Result<GrpcResponse<pb::LossRegistryWithdrawLossReportResponse>, Status> {
+        self.0.withdraw_loss_report(request.into_inner()).await.map(GrpcResponse::new)
+    }
+
+    async fn register_card(
+        &self,
+        request: GrpcRequest<pb::RegisterCardRequest>,
+    ) -> Result<GrpcResponse<pb::RegisterCardResponse>, Status> {
+        self.0.register_card(request.into_inner()).await.map(GrpcResponse::new)
+    }
+
+    async fn check_card(
+        &self,
+        _: GrpcRequest<pb::CheckCardRequest>,
+    ) -> Result<GrpcResponse<pb::CheckCardResponse>, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    async fn check_cards(
+        &self,
+        _: GrpcRequest<pb::CheckCardsRequest>,
+    ) -> Result<GrpcResponse<pb::CheckCardsResponse>, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    type WatchRevocationsStream = futures::stream::Empty<Result<pb::WatchRevocationsResponse, Status>>;
+
+    async fn watch_revocations(
+        &self,
+        _: GrpcRequest<pb::WatchRevocationsRequest>,
+    ) -> Result<GrpcResponse<Self::WatchRevocationsStream>, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    async fn list_hits(
+        &self,
+        _: GrpcRequest<pb::ListHitsRequest>,
+    ) -> Result<GrpcResponse<pb::ListHitsResponse>, Status> {
+        Err(unimplemented_by_fake())
+    }
+}

@@ -5,7 +5,12 @@
 //! - each run creates its own uniquely named database(s) there and drops them afterwards;
 //! - an unreachable server skips the test (it prints `SKIPPED: ...` and passes), unless
 //!   `YIDI_REQUIRE_POSTGRES=1`, which makes it fail.
+pub mod bureau;
+pub mod directory;
 pub mod fake;
+
+pub use bureau::{Bureau, Shutdown};
+pub use directory::DirectoryBuilder;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 

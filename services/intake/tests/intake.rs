@@ -1,7 +1,6 @@
 //! In-process gRPC tests of the intake station: the real server on an SQLite temp file, with small
 //! fake peers (home bureaus, registry, producer) in one tonic server.
 use std::{
-    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -12,9 +11,9 @@ use std::{
 
 use chrono::{DateTime, NaiveDate, Utc};
 use ed25519_dalek::SigningKey;
-use tokio::sync::{Notify, oneshot};
-use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
-use tonic::{Code, Request, Response, Status, transport::Channel};
+use tokio::sync::Notify;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Code, Request, Response, Status, service::Routes, transport::Channel};
 use tonic_types::StatusExt;
 use yidi_domain::{
     ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, RefusalReason, Role, Sex,
@@ -24,8 +23,12 @@ use yidi_grpc::{ApiError, convert::signed_decision_to_proto};
 use yidi_intake::config::IntakeConfig;
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::intake_client::IntakeClient;
-use yidi_runtime::directory::{BureauEntry, DirectoryFile, KeyEntry};
-use yidi_testkit::postgres_for_tests;
+use yidi_testkit::{
+    Bureau, DirectoryBuilder,
+    bureau::closed_endpoint,
+    fake::{RegistryFake, registry_server, serve_fakes},
+    postgres_for_tests,
+};
 
 const STATION: &str = "station-hangzhou";
 const PRODUCER: &str = "producer-zhejiang";
@@ -181,66 +184,38 @@ fn serial_of(decision: &Option<pb::SignedDecision>) -> String {
 }
 
 #[tonic::async_trait]
-impl pb::loss_registry_server::LossRegistry for Fakes {
+impl RegistryFake for Fakes {
     async fn report_loss(
         &self,
-        request: Request<pb::LossRegistryReportLossRequest>,
-    ) -> Result<Response<pb::LossRegistryReportLossResponse>, Status> {
+        request: pb::LossRegistryReportLossRequest,
+    ) -> Result<pb::LossRegistryReportLossResponse, Status> {
         self.state.report_loss_calls.fetch_add(1, Ordering::SeqCst);
         while self.state.hold_loss.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let serial = serial_of(&request.get_ref().decision);
+        let serial = serial_of(&request.decision);
         self.state.loss_reports.lock().unwrap().push(serial.clone());
-        Ok(Response::new(pb::LossRegistryReportLossResponse {
+        Ok(pb::LossRegistryReportLossResponse {
             card_serial: serial,
             status: pb::CardStatus::ReportedLost as i32,
             changed_at: None,
             already_reported: false,
-        }))
+        })
     }
 
     async fn withdraw_loss_report(
         &self,
-        request: Request<pb::LossRegistryWithdrawLossReportRequest>,
-    ) -> Result<Response<pb::LossRegistryWithdrawLossReportResponse>, Status> {
-        let serial = serial_of(&request.get_ref().decision);
+        request: pb::LossRegistryWithdrawLossReportRequest,
+    ) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
+        let serial = serial_of(&request.decision);
         if serial == FINAL_SERIAL {
             return Err(ApiError::Refused(RefusalReason::LossReportFinal).into());
         }
-        Ok(Response::new(pb::LossRegistryWithdrawLossReportResponse {
+        Ok(pb::LossRegistryWithdrawLossReportResponse {
             card_serial: serial,
             status: pb::CardStatus::Valid as i32,
             changed_at: None,
-        }))
-    }
-
-    async fn register_card(
-        &self,
-        _: Request<pb::RegisterCardRequest>,
-    ) -> Result<Response<pb::RegisterCardResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn check_card(&self, _: Request<pb::CheckCardRequest>) -> Result<Response<pb::CheckCardResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn check_cards(&self, _: Request<pb::CheckCardsRequest>) -> Result<Response<pb::CheckCardsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    type WatchRevocationsStream = BoxStream<pb::WatchRevocationsResponse>;
-
-    async fn watch_revocations(
-        &self,
-        _: Request<pb::WatchRevocationsRequest>,
-    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn list_hits(&self, _: Request<pb::ListHitsRequest>) -> Result<Response<pb::ListHitsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        })
     }
 }
 
@@ -300,8 +275,7 @@ impl pb::issuance_server::Issuance for Fakes {
 struct Harness {
     client: IntakeClient<Channel>,
     fakes: Arc<FakeState>,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    bureau: Option<Bureau>,
     _dir: tempfile::TempDir,
 }
 
@@ -322,54 +296,32 @@ impl Harness {
         let state = Arc::new(FakeState::default());
         *state.now.lock().unwrap() = Some(now);
         let fakes = Fakes { state: state.clone(), key: Arc::new(key.clone()) };
-        let fake_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let fake_addr = fake_listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(pb::verification_server::VerificationServer::new(fakes.clone()))
-                .add_service(pb::loss_registry_server::LossRegistryServer::new(fakes.clone()))
-                .add_service(pb::issuance_server::IssuanceServer::new(fakes))
-                .serve_with_incoming(TcpListenerStream::new(fake_listener)),
-        );
-        let home_endpoint = if home_reachable {
-            format!("http://{fake_addr}")
-        } else {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr: SocketAddr = closed.local_addr().unwrap();
-            drop(closed);
-            format!("http://{addr}")
-        };
+        let (fake_endpoint, _) = serve_fakes(
+            Routes::new(pb::verification_server::VerificationServer::new(fakes.clone()))
+                .add_service(registry_server(fakes.clone()))
+                .add_service(pb::issuance_server::IssuanceServer::new(fakes)),
+        )
+        .await
+        .unwrap();
+        let home_endpoint = if home_reachable { fake_endpoint.clone() } else { closed_endpoint() };
         let dir = tempfile::tempdir().unwrap();
-        let entry = |id: &str, role: Role, endpoint: String| BureauEntry {
-            id: id.into(),
-            role,
-            name: id.into(),
-            jurisdiction: Vec::new(),
-            region: String::new(),
-            endpoint,
-            keys: Vec::new(),
-        };
-        let keys = vec![KeyEntry::new("k1", &key.verifying_key(), chrono::DateTime::UNIX_EPOCH)];
-        let mut station = entry(STATION, Role::Intake, "http://127.0.0.1:1".into());
-        station.region = "330106".into();
-        let mut jiangxi = entry("home-jiangxi", Role::Verification, home_endpoint.clone());
-        jiangxi.jurisdiction = vec!["36".into()];
-        jiangxi.keys = keys.clone();
-        let mut zhejiang = entry("home-zhejiang", Role::Verification, home_endpoint);
-        zhejiang.jurisdiction = vec!["33".into()];
-        zhejiang.keys = keys;
-        let file = DirectoryFile {
-            bureaus: vec![
-                station,
-                jiangxi,
-                zhejiang,
-                entry(PRODUCER, Role::Issuance, format!("http://{fake_addr}")),
-                entry(REGISTRY, Role::Registry, format!("http://{fake_addr}")),
-            ],
-            ..DirectoryFile::default()
-        };
-        let directory_path = dir.path().join("directory.toml");
-        file.write(&directory_path).unwrap();
+        let directory_path = DirectoryBuilder::new()
+            .bureau(STATION, Role::Intake)
+            .region("330106")
+            .bureau("home-jiangxi", Role::Verification)
+            .jurisdiction(&["36"])
+            .endpoint(home_endpoint.clone())
+            .key("k1", &key, DateTime::UNIX_EPOCH)
+            .bureau("home-zhejiang", Role::Verification)
+            .jurisdiction(&["33"])
+            .endpoint(home_endpoint)
+            .key("k1", &key, DateTime::UNIX_EPOCH)
+            .bureau(PRODUCER, Role::Issuance)
+            .endpoint(fake_endpoint.clone())
+            .bureau(REGISTRY, Role::Registry)
+            .endpoint(fake_endpoint)
+            .write_into(dir.path())
+            .unwrap();
         let database_url =
             database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("intake.db").display()));
         let config_text = format!(
@@ -398,25 +350,14 @@ poll_ms = 20
             now.to_rfc3339(),
         );
         let config: IntakeConfig = toml::from_str(&config_text).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(yidi_intake::serve(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let channel =
-            tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        assert!(yidi_grpc::client::wait_until_serving(&channel, Duration::from_secs(30)).await, "serving");
-        let client = IntakeClient::new(channel);
-        Self { client, fakes: state, stop: Some(stop), server: Some(server), _dir: dir }
+        let bureau = Bureau::start(|listener, shutdown| yidi_intake::serve(config, listener, shutdown)).await.unwrap();
+        let client = IntakeClient::new(bureau.channel());
+        Self { client, fakes: state, bureau: Some(bureau), _dir: dir }
     }
 
     async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+        if let Some(bureau) = self.bureau.take() {
+            bureau.stop().await.unwrap();
         }
     }
 
@@ -441,9 +382,38 @@ poll_ms = 20
         panic!("timed out waiting for {what}: {:?}", self.get(id).await);
     }
 
+    /// Submits an application the station accepts.
+    async fn submitted(&mut self, request: pb::SubmitApplicationRequest) -> pb::Application {
+        self.client.submit_application(request).await.unwrap().into_inner().application.unwrap()
+    }
+
+    async fn cancel(&mut self, application_id: String) -> Result<pb::Application, Status> {
+        let request = pb::CancelApplicationRequest { application_id };
+        Ok(self.client.cancel_application(request).await?.into_inner().application.unwrap())
+    }
+
+    async fn collect(&mut self, id: &str, live: Option<pb::Biometrics>) -> Result<pb::Application, Status> {
+        let request = pb::CollectCardRequest { application_id: id.to_owned(), live };
+        Ok(self.client.collect_card(request).await?.into_inner().application.unwrap())
+    }
+
+    async fn report_loss(&mut self, applicant: pb::Applicant, card_serial: &str) -> Result<pb::Application, Status> {
+        let request = pb::ReportLossRequest { applicant: Some(applicant), card_serial: card_serial.into() };
+        Ok(self.client.report_loss(request).await?.into_inner().application.unwrap())
+    }
+
+    async fn wait_until_ready(&mut self, id: &str) -> pb::Application {
+        self.wait_for(id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await
+    }
+
     async fn list_all(&mut self) -> Vec<pb::Application> {
         self.client.list_applications(pb::ListApplicationsRequest::default()).await.unwrap().into_inner().applications
     }
+}
+
+/// A Jiangxi citizen at the counter with the household register book.
+fn jiangxi_applicant() -> pb::Applicant {
+    applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook)
 }
 
 fn jiangxi_citizen() -> String {
@@ -491,16 +461,12 @@ const NATIONAL: &str = "2118-01-01T09:00:00Z";
 #[tokio::test]
 async fn s2_agent_is_refused_at_the_counter() {
     let mut h = Harness::start(NATIONAL).await;
-    let mut person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let mut person = jiangxi_applicant();
     person.agent_id_number = zhejiang_citizen();
     let status = h.client.submit_application(submit(ApplicationKind::Replacement, person.clone())).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status), "REFUSAL_REASON_AGENT_NOT_ALLOWED");
-    let status = h
-        .client
-        .report_loss(pb::ReportLossRequest { applicant: Some(person), card_serial: "OLD-0001".into() })
-        .await
-        .unwrap_err();
+    let status = h.report_loss(person, "OLD-0001").await.unwrap_err();
     assert_eq!(reason(&status), "REFUSAL_REASON_AGENT_NOT_ALLOWED");
     assert!(h.list_all().await.is_empty(), "a refusal writes no application");
     assert_eq!(h.fakes.verify_calls.load(Ordering::SeqCst), 0, "never reaches the home bureau");
@@ -517,14 +483,7 @@ async fn p0_nobody_is_accepted_outside_home_before_the_pilot() {
     assert!(h.list_all().await.is_empty());
     // A citizen of the station's own province is served.
     let local = applicant(&zhejiang_citizen(), "33", pb::DocumentKind::HouseholdRegisterBook);
-    let application = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, local))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let application = h.submitted(submit(ApplicationKind::Renewal, local)).await;
     assert_ne!(application.state, pb::ApplicationState::Refused as i32);
     assert_eq!(application.home_bureau_id, "home-zhejiang");
     h.stop().await;
@@ -533,18 +492,11 @@ async fn p0_nobody_is_accepted_outside_home_before_the_pilot() {
 #[tokio::test]
 async fn p4_pilot_documents_only_during_the_pilot() {
     let mut h = Harness::start("2115-09-01T09:00:00Z").await;
-    let book = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let book = jiangxi_applicant();
     let status = h.client.submit_application(submit(ApplicationKind::Renewal, book)).await.unwrap_err();
     assert_eq!(reason(&status), "REFUSAL_REASON_DOCUMENT_NOT_ACCEPTED");
     let proof = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::WorkUnitProof);
-    let application = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, proof))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let application = h.submitted(submit(ApplicationKind::Renewal, proof)).await;
     assert_eq!(application.home_bureau_id, "home-jiangxi");
     h.stop().await;
 
@@ -579,15 +531,8 @@ async fn n1_invalid_id_number_is_refused_with_field_violation() {
 #[tokio::test]
 async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_production() {
     let mut h = Harness::start(NATIONAL).await;
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let submitted = h
-        .client
-        .submit_application(submit(ApplicationKind::Replacement, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let person = jiangxi_applicant();
+    let submitted = h.submitted(submit(ApplicationKind::Replacement, person)).await;
     let id = submitted.application_id.clone();
     assert!(submitted.state >= pb::ApplicationState::Approved as i32, "answers after the home bureau: {submitted:?}");
     assert!(!submitted.id_number_masked.contains("19900307"), "the number is masked");
@@ -608,30 +553,18 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
     assert_eq!(h.fakes.loss_reports.lock().unwrap().as_slice(), ["OLD-0001"]);
     assert_eq!(in_production.new_card_serial, "NEW-0001");
     // Cancellation only before production.
-    let status =
-        h.client.cancel_application(pb::CancelApplicationRequest { application_id: id.clone() }).await.unwrap_err();
+    let status = h.cancel(id.clone()).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
     // Not ready: no collection.
     let live =
         pb::Biometrics { face_template: with_sensor_noise(&register_face(), 5, 9), fingerprint_template: Vec::new() };
-    let status = h
-        .client
-        .collect_card(pb::CollectCardRequest { application_id: id.clone(), live: Some(live.clone()) })
-        .await
-        .unwrap_err();
+    let status = h.collect(&id, Some(live.clone())).await.unwrap_err();
     assert_eq!(reason(&status), "NOT_READY_FOR_COLLECTION");
 
     h.fakes.dispatched.store(true, Ordering::SeqCst);
-    h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
-    let collected = h
-        .client
-        .collect_card(pb::CollectCardRequest { application_id: id.clone(), live: Some(live) })
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    h.wait_until_ready(&id).await;
+    let collected = h.collect(&id, Some(live)).await.unwrap();
     assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
     use pb::ApplicationState as S;
     assert_eq!(
@@ -651,12 +584,7 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
     assert!(seen.contains(&S::ReadyForCollection), "{seen:?}");
 
     // The home bureau is told the application ended, with the card handed over (K5).
-    for _ in 0..250 {
-        if !h.fakes.closed.lock().unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(250, 20, || !h.fakes.closed.lock().unwrap().is_empty()).await;
     let closed = h.fakes.closed.lock().unwrap().clone();
     assert_eq!(closed, vec![(id.clone(), S::Collected as i32, "NEW-0001".to_owned())]);
     assert_eq!(h.fakes.close_stations.lock().unwrap().as_slice(), [STATION], "CloseApplication names the station");
@@ -669,36 +597,24 @@ async fn k1_replacement_runs_from_received_to_collected_and_cancels_only_before_
 async fn k5_cancellation_before_production_stops_the_worker_and_tells_the_home_bureau() {
     let mut h = Harness::start(NATIONAL).await;
     h.fakes.hold_verify.store(true, Ordering::SeqCst);
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let person = jiangxi_applicant();
     let mut request = submit(ApplicationKind::Renewal, person);
     request.card_serial = "OLD-0002".into();
     // The home bureau does not answer within respond_within: the current state is returned.
     let submitted = h.client.submit_application(request).await.unwrap().into_inner().application.unwrap();
     let id = submitted.application_id;
     assert_eq!(submitted.state, pb::ApplicationState::Verifying as i32);
-    let cancelled = h
-        .client
-        .cancel_application(pb::CancelApplicationRequest { application_id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let cancelled = h.cancel(id.clone()).await.unwrap();
     assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
     // The home bureau answers late: the worker must not move a cancelled application on.
     h.fakes.release_verify.notify_waiters();
     h.fakes.hold_verify.store(false, Ordering::SeqCst);
-    for _ in 0..250 {
-        if !h.fakes.closed.lock().unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(250, 20, || !h.fakes.closed.lock().unwrap().is_empty()).await;
     assert_eq!(h.get(&id).await.state, pb::ApplicationState::Cancelled as i32);
     assert!(h.fakes.orders.lock().unwrap().is_empty(), "no card is made");
     let closed = h.fakes.closed.lock().unwrap().clone();
     assert_eq!(closed, vec![(id.clone(), pb::ApplicationState::Cancelled as i32, String::new())]);
-    let status = h.client.cancel_application(pb::CancelApplicationRequest { application_id: id }).await.unwrap_err();
+    let status = h.cancel(id).await.unwrap_err();
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
     h.stop().await;
 }
@@ -707,30 +623,15 @@ async fn k5_cancellation_before_production_stops_the_worker_and_tells_the_home_b
 async fn lifecycle_a_cancel_while_the_order_is_being_placed_is_refused() {
     let mut h = Harness::start(NATIONAL).await;
     h.fakes.hold_order.store(true, Ordering::SeqCst);
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let id = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap()
-        .application_id;
-    for _ in 0..500 {
-        if h.fakes.place_order_calls.load(Ordering::SeqCst) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
+    eventually(500, 10, || h.fakes.place_order_calls.load(Ordering::SeqCst) > 0).await;
     assert_eq!(h.fakes.place_order_calls.load(Ordering::SeqCst), 1, "PlaceOrder is under way");
     let ordering = h.get(&id).await;
     assert_eq!(ordering.state, pb::ApplicationState::InProduction as i32, "intent recorded before the call");
     assert!(ordering.order_id.is_empty());
     assert!(ordering.history.iter().any(|e| e.note.starts_with("ordering from")), "{ordering:?}");
     // The producer is slow; the cancel arrives meanwhile and is refused.
-    let status =
-        h.client.cancel_application(pb::CancelApplicationRequest { application_id: id.clone() }).await.unwrap_err();
+    let status = h.cancel(id.clone()).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
     h.fakes.hold_order.store(false, Ordering::SeqCst);
@@ -745,27 +646,13 @@ async fn lifecycle_a_cancel_while_the_order_is_being_placed_is_refused() {
 async fn k3_a_loss_report_being_filed_is_no_longer_cancellable() {
     let mut h = Harness::start(NATIONAL).await;
     h.fakes.hold_loss.store(true, Ordering::SeqCst);
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let id = h
-        .client
-        .report_loss(pb::ReportLossRequest { applicant: Some(person), card_serial: "OLD-0005".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap()
-        .application_id;
-    for _ in 0..500 {
-        if h.fakes.report_loss_calls.load(Ordering::SeqCst) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let person = jiangxi_applicant();
+    let id = h.report_loss(person, "OLD-0005").await.unwrap().application_id;
+    eventually(500, 10, || h.fakes.report_loss_calls.load(Ordering::SeqCst) > 0).await;
     let filing = h.get(&id).await;
     assert_eq!(filing.state, pb::ApplicationState::Approved as i32);
     assert!(!filing.loss_recorded);
-    let status =
-        h.client.cancel_application(pb::CancelApplicationRequest { application_id: id.clone() }).await.unwrap_err();
+    let status = h.cancel(id.clone()).await.unwrap_err();
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
     h.fakes.hold_loss.store(false, Ordering::SeqCst);
     let recorded = h.wait_for(&id, "loss recorded", |a| a.loss_recorded).await;
@@ -773,13 +660,18 @@ async fn k3_a_loss_report_being_filed_is_no_longer_cancellable() {
     h.stop().await;
 }
 
-async fn wait_closed(h: &Harness, id: &str) -> Vec<(String, i32, String)> {
-    for _ in 0..250 {
-        if h.fakes.closed.lock().unwrap().iter().any(|c| c.0 == id) {
-            break;
+/// Polls `done` up to `tries` times, `interval_ms` apart; the caller asserts what it waited for.
+async fn eventually(tries: usize, interval_ms: u64, done: impl Fn() -> bool) {
+    for _ in 0..tries {
+        if done() {
+            return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
     }
+}
+
+async fn wait_closed(h: &Harness, id: &str) -> Vec<(String, i32, String)> {
+    eventually(250, 20, || h.fakes.closed.lock().unwrap().iter().any(|c| c.0 == id)).await;
     h.fakes.closed.lock().unwrap().clone()
 }
 
@@ -787,26 +679,10 @@ async fn wait_closed(h: &Harness, id: &str) -> Vec<(String, i32, String)> {
 async fn k5_a_halted_application_cancelled_is_still_closed_at_the_home_bureau() {
     let mut h = Harness::start(NATIONAL).await;
     *h.fakes.verify_error.lock().unwrap() = Some(Code::PermissionDenied);
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let id = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap()
-        .application_id;
+    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
     let halted = h.wait_for(&id, "halted", |a| !a.last_error.is_empty()).await;
     assert_eq!(halted.state, pb::ApplicationState::Verifying as i32);
-    let cancelled = h
-        .client
-        .cancel_application(pb::CancelApplicationRequest { application_id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let cancelled = h.cancel(id.clone()).await.unwrap();
     assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
     assert!(cancelled.last_error.is_empty(), "the error is cleared: {cancelled:?}");
     let closed = wait_closed(&h, &id).await;
@@ -818,24 +694,8 @@ async fn k5_a_halted_application_cancelled_is_still_closed_at_the_home_bureau() 
 async fn k5_a_failure_after_a_cancel_does_not_mark_the_cancelled_application() {
     let mut h = Harness::start(NATIONAL).await;
     h.fakes.hold_verify.store(true, Ordering::SeqCst);
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let id = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap()
-        .application_id;
-    let cancelled = h
-        .client
-        .cancel_application(pb::CancelApplicationRequest { application_id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
+    let cancelled = h.cancel(id.clone()).await.unwrap();
     assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
     // The home bureau now fails definitively for the step that ran before the cancel.
     *h.fakes.verify_error.lock().unwrap() = Some(Code::PermissionDenied);
@@ -853,21 +713,12 @@ async fn k5_a_failure_after_a_cancel_does_not_mark_the_cancelled_application() {
 async fn lifecycle_the_producers_trouble_is_visible_on_the_application() {
     let mut h = Harness::start(NATIONAL).await;
     *h.fakes.order_error.lock().unwrap() = "printer jammed".into();
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let id = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap()
-        .application_id;
+    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
     let waiting = h.wait_for(&id, "the producer's error", |a| a.last_error == "printer jammed").await;
     assert_eq!(waiting.state, pb::ApplicationState::InProduction as i32);
     h.fakes.order_error.lock().unwrap().clear();
     h.fakes.dispatched.store(true, Ordering::SeqCst);
-    let ready = h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
+    let ready = h.wait_until_ready(&id).await;
     assert!(ready.last_error.is_empty(), "{ready:?}");
     h.stop().await;
 }
@@ -876,45 +727,27 @@ async fn lifecycle_the_producers_trouble_is_visible_on_the_application() {
 async fn c3_card_handed_over_only_after_face_match() {
     let mut h = Harness::start(NATIONAL).await;
     h.fakes.dispatched.store(true, Ordering::SeqCst);
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let id = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap()
-        .application_id;
-    h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
+    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
+    h.wait_until_ready(&id).await;
     let stranger: Vec<u8> = register_face().iter().map(|b| !b).collect();
     let status = h
-        .client
-        .collect_card(pb::CollectCardRequest {
-            application_id: id.clone(),
-            live: Some(pb::Biometrics { face_template: stranger, fingerprint_template: Vec::new() }),
-        })
+        .collect(&id, Some(pb::Biometrics { face_template: stranger, fingerprint_template: Vec::new() }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status), "REFUSAL_REASON_FACE_MISMATCH");
     assert_eq!(h.get(&id).await.state, pb::ApplicationState::ReadyForCollection as i32, "nothing changed");
-    let status =
-        h.client.collect_card(pb::CollectCardRequest { application_id: id.clone(), live: None }).await.unwrap_err();
+    let status = h.collect(&id, None).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let collected = h
-        .client
-        .collect_card(pb::CollectCardRequest {
-            application_id: id.clone(),
-            live: Some(pb::Biometrics {
+        .collect(
+            &id,
+            Some(pb::Biometrics {
                 face_template: with_sensor_noise(&register_face(), 8, 3),
                 fingerprint_template: Vec::new(),
             }),
-        })
+        )
         .await
-        .unwrap()
-        .into_inner()
-        .application
         .unwrap();
     assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
     h.stop().await;
@@ -923,23 +756,15 @@ async fn c3_card_handed_over_only_after_face_match() {
 #[tokio::test]
 async fn k3_loss_report_is_recorded_and_then_no_longer_cancellable() {
     let mut h = Harness::start(NATIONAL).await;
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let reported = h
-        .client
-        .report_loss(pb::ReportLossRequest { applicant: Some(person), card_serial: "OLD-0003".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let person = jiangxi_applicant();
+    let reported = h.report_loss(person, "OLD-0003").await.unwrap();
     assert_eq!(reported.kind, pb::ApplicationKind::LossReport as i32);
     let id = reported.application_id;
     let recorded = h.wait_for(&id, "loss recorded", |a| a.loss_recorded).await;
     assert_eq!(recorded.state, pb::ApplicationState::Approved as i32);
     assert_eq!(h.fakes.loss_reports.lock().unwrap().as_slice(), ["OLD-0003"]);
     assert!(h.fakes.orders.lock().unwrap().is_empty(), "a loss report alone makes no card");
-    let status =
-        h.client.cancel_application(pb::CancelApplicationRequest { application_id: id.clone() }).await.unwrap_err();
+    let status = h.cancel(id.clone()).await.unwrap_err();
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
     // The watch of a recorded loss report ends after its current state.
     let mut watch =
@@ -947,7 +772,7 @@ async fn k3_loss_report_is_recorded_and_then_no_longer_cancellable() {
     assert!(watch.next().await.unwrap().is_ok());
     assert!(tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().is_none());
     // Submitting a loss report through SubmitApplication is refused as invalid.
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let person = jiangxi_applicant();
     let status = h.client.submit_application(submit(ApplicationKind::LossReport, person)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     h.stop().await;
@@ -957,15 +782,8 @@ async fn k3_loss_report_is_recorded_and_then_no_longer_cancellable() {
 async fn s3_a_refusal_of_the_home_bureau_is_final_with_its_reason() {
     let mut h = Harness::start(NATIONAL).await;
     *h.fakes.refusal.lock().unwrap() = Some(pb::RefusalReason::BadCreditRecord);
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let application = h
-        .client
-        .submit_application(submit(ApplicationKind::Replacement, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap();
+    let person = jiangxi_applicant();
+    let application = h.submitted(submit(ApplicationKind::Replacement, person)).await;
     assert_eq!(application.state, pb::ApplicationState::Refused as i32);
     assert_eq!(application.refusal_reason, pb::RefusalReason::BadCreditRecord as i32);
     let refused = h
@@ -985,7 +803,7 @@ async fn s3_a_refusal_of_the_home_bureau_is_final_with_its_reason() {
 #[tokio::test]
 async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_unchanged() {
     let mut h = Harness::start(NATIONAL).await;
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
+    let person = jiangxi_applicant();
     let answer = h
         .client
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
@@ -1017,16 +835,7 @@ async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_u
 #[tokio::test]
 async fn s4_an_unreachable_home_bureau_is_retried_with_the_error_visible() {
     let mut h = Harness::start_with(NATIONAL, false).await;
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let id = h
-        .client
-        .submit_application(submit(ApplicationKind::Renewal, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap()
-        .application_id;
+    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
     let waiting = h.wait_for(&id, "an error recorded", |a| !a.last_error.is_empty()).await;
     assert_eq!(waiting.state, pb::ApplicationState::Verifying as i32, "stays verifying; never decided locally");
     let status =
@@ -1048,28 +857,12 @@ async fn c3_lifecycle_on_postgresql() {
     let Some(scratch) = postgres_for_tests("intake").await.unwrap() else { return };
     let mut h = Harness::start_on(NATIONAL, true, Some(scratch.url().to_owned())).await;
     h.fakes.dispatched.store(true, Ordering::SeqCst);
-    let person = applicant(&jiangxi_citizen(), "36", pb::DocumentKind::HouseholdRegisterBook);
-    let id = h
-        .client
-        .submit_application(submit(ApplicationKind::Replacement, person))
-        .await
-        .unwrap()
-        .into_inner()
-        .application
-        .unwrap()
-        .application_id;
-    let ready = h.wait_for(&id, "ready", |a| a.state == pb::ApplicationState::ReadyForCollection as i32).await;
+    let id = h.submitted(submit(ApplicationKind::Replacement, jiangxi_applicant())).await.application_id;
+    let ready = h.wait_until_ready(&id).await;
     assert!(ready.loss_recorded);
     let collected = h
-        .client
-        .collect_card(pb::CollectCardRequest {
-            application_id: id.clone(),
-            live: Some(pb::Biometrics { face_template: register_face(), fingerprint_template: Vec::new() }),
-        })
+        .collect(&id, Some(pb::Biometrics { face_template: register_face(), fingerprint_template: Vec::new() }))
         .await
-        .unwrap()
-        .into_inner()
-        .application
         .unwrap();
     assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
     assert_eq!(collected.history.len(), 6);

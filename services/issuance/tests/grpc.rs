@@ -1,7 +1,6 @@
 //! In-process gRPC tests of the producer: the real server on an SQLite temp file, a fake
 //! registry where one is needed, and the generated clients.
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -11,9 +10,9 @@ use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use ed25519_dalek::SigningKey;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 use tempfile::TempDir;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
-use tonic::{Code, Request, Response, Status, transport::Channel};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::StreamExt;
+use tonic::{Code, Status, service::Routes, transport::Channel};
 use tonic_types::StatusExt;
 use yidi_domain::{
     ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, Role, SignedDecision, mask::mask_id_number,
@@ -22,18 +21,18 @@ use yidi_grpc::server_config::ServerConfig;
 use yidi_grpc::{convert::signed_decision_to_proto, tls::TlsConfig};
 use yidi_issuance::config::{IssuanceConfig, ProductionConfig};
 use yidi_outbox::OutboxConfig;
-use yidi_proto::v1::{
-    self as pb,
-    issuance_client::IssuanceClient,
-    loss_registry_server::{LossRegistry, LossRegistryServer},
-};
+use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient};
 use yidi_runtime::{
     clock::ClockConfig,
     config::{DatabaseConfig, DirectoryConfig},
-    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key},
+    directory::generate_signing_key,
     telemetry::LogConfig,
 };
-use yidi_testkit::postgres_for_tests;
+use yidi_testkit::{
+    Bureau, DirectoryBuilder,
+    fake::{RegistryFake, registry_server, serve_fakes, serve_fakes_on},
+    postgres_for_tests,
+};
 
 const PRODUCER: &str = "producer-zhejiang";
 const WAIT: Duration = Duration::from_secs(15);
@@ -57,73 +56,33 @@ impl FakeRegistry {
 }
 
 #[tonic::async_trait]
-impl LossRegistry for FakeRegistry {
-    async fn report_loss(
-        &self,
-        _: Request<pb::LossRegistryReportLossRequest>,
-    ) -> Result<Response<pb::LossRegistryReportLossResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn withdraw_loss_report(
-        &self,
-        _: Request<pb::LossRegistryWithdrawLossReportRequest>,
-    ) -> Result<Response<pb::LossRegistryWithdrawLossReportResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn register_card(
-        &self,
-        request: Request<pb::RegisterCardRequest>,
-    ) -> Result<Response<pb::RegisterCardResponse>, Status> {
-        let request = request.into_inner();
+impl RegistryFake for FakeRegistry {
+    async fn register_card(&self, request: pb::RegisterCardRequest) -> Result<pb::RegisterCardResponse, Status> {
         self.calls.lock().unwrap().push(request.clone());
         if let Some(code) = self.refuse {
             return Err(Status::new(code, "refused by the fake registry"));
         }
-        Ok(Response::new(pb::RegisterCardResponse {
+        Ok(pb::RegisterCardResponse {
             card_serial: request.card_serial,
             status: pb::CardStatus::Valid as i32,
             revoked_card_serials: vec![],
-        }))
-    }
-
-    async fn check_card(&self, _: Request<pb::CheckCardRequest>) -> Result<Response<pb::CheckCardResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn check_cards(&self, _: Request<pb::CheckCardsRequest>) -> Result<Response<pb::CheckCardsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    type WatchRevocationsStream = tokio_stream::Empty<Result<pb::WatchRevocationsResponse, Status>>;
-
-    async fn watch_revocations(
-        &self,
-        _: Request<pb::WatchRevocationsRequest>,
-    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn list_hits(&self, _: Request<pb::ListHitsRequest>) -> Result<Response<pb::ListHitsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        })
     }
 }
 
 fn spawn_registry(listener: TcpListener, fake: FakeRegistry) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(LossRegistryServer::new(fake))
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await;
-    })
+    serve_fakes_on(listener, Routes::new(registry_server(fake)))
 }
 
 /// A fake registry on a fresh port.
 async fn start_registry(fake: FakeRegistry) -> (String, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    (endpoint, spawn_registry(listener, fake))
+    serve_fakes(Routes::new(registry_server(fake))).await.unwrap()
+}
+
+/// A producer whose registry (a fake) answers every registration.
+async fn producer_and_registry() -> (Producer, JoinHandle<()>) {
+    let (endpoint, registry) = start_registry(FakeRegistry::default()).await;
+    (Producer::start(Options::new(&endpoint)).await, registry)
 }
 
 // ---------------------------------------------------------------- the producer under test
@@ -134,8 +93,7 @@ struct Producer {
     jiangxi: SigningKey,
     sichuan: SigningKey,
     client: IssuanceClient<Channel>,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    bureau: Option<Bureau>,
 }
 
 struct Options {
@@ -158,18 +116,8 @@ impl Options {
     }
 }
 
-fn entry(id: &str, role: Role, jurisdiction: &[&str], endpoint: &str, key: Option<&SigningKey>) -> BureauEntry {
-    BureauEntry {
-        id: id.into(),
-        role,
-        name: id.into(),
-        jurisdiction: jurisdiction.iter().map(|p| (*p).to_owned()).collect(),
-        region: String::new(),
-        endpoint: endpoint.into(),
-        keys: key
-            .map(|k| vec![KeyEntry::new("k1", &k.verifying_key(), now() - chrono::Duration::days(30))])
-            .unwrap_or_default(),
-    }
+fn key_valid_from() -> DateTime<Utc> {
+    now() - chrono::Duration::days(30)
 }
 
 impl Producer {
@@ -177,20 +125,20 @@ impl Producer {
         let dir = tempfile::tempdir().unwrap();
         let jiangxi = generate_signing_key();
         let sichuan = generate_signing_key();
-        let directory_path = dir.path().join("directory.toml");
-        DirectoryFile {
-            bureaus: vec![
-                entry("station-hangzhou", Role::Intake, &[], "http://127.0.0.1:1", None),
-                entry("home-jiangxi", Role::Verification, &["36"], "http://127.0.0.1:1", Some(&jiangxi)),
-                entry("home-sichuan", Role::Verification, &["51"], "http://127.0.0.1:1", Some(&sichuan)),
-                entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
-                entry("producer-other", Role::Issuance, &[], "http://127.0.0.1:1", None),
-                entry("registry-national", Role::Registry, &[], &options.registry_endpoint, None),
-            ],
-            ..DirectoryFile::default()
-        }
-        .write(&directory_path)
-        .unwrap();
+        let directory_path = DirectoryBuilder::new()
+            .bureau("station-hangzhou", Role::Intake)
+            .bureau("home-jiangxi", Role::Verification)
+            .jurisdiction(&["36"])
+            .key("k1", &jiangxi, key_valid_from())
+            .bureau("home-sichuan", Role::Verification)
+            .jurisdiction(&["51"])
+            .key("k1", &sichuan, key_valid_from())
+            .bureau(PRODUCER, Role::Issuance)
+            .bureau("producer-other", Role::Issuance)
+            .bureau("registry-national", Role::Registry)
+            .endpoint(options.registry_endpoint.clone())
+            .write_into(dir.path())
+            .unwrap();
         let database_url = options
             .database_url
             .clone()
@@ -201,8 +149,7 @@ impl Producer {
             jiangxi,
             sichuan,
             client: IssuanceClient::new(Channel::from_static("http://127.0.0.1:1").connect_lazy()),
-            stop: None,
-            server: None,
+            bureau: None,
         };
         producer.launch(&options, directory_path).await;
         producer
@@ -228,24 +175,15 @@ impl Producer {
                 ..OutboxConfig::default()
             },
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address: SocketAddr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        self.server = Some(tokio::spawn(yidi_issuance::serve(config, listener, async move {
-            let _ = stopped.await;
-        })));
-        self.stop = Some(stop);
-        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
-        assert!(yidi_grpc::client::wait_until_serving(&channel, WAIT).await, "serving");
-        self.client = IssuanceClient::new(channel);
+        let bureau =
+            Bureau::start(|listener, shutdown| yidi_issuance::serve(config, listener, shutdown)).await.unwrap();
+        self.client = IssuanceClient::new(bureau.channel());
+        self.bureau = Some(bureau);
     }
 
     async fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(WAIT, server).await.expect("server stops").unwrap().unwrap();
+        if let Some(bureau) = self.bureau.take() {
+            bureau.stop().await.unwrap();
         }
     }
 
@@ -357,6 +295,15 @@ async fn assert_refused(producer: &mut Producer, decision: pb::SignedDecision, c
     );
 }
 
+/// The fields named by a status's `BadRequest` violations.
+fn violated_fields(status: &Status) -> Vec<String> {
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
 fn state(order: &pb::Order) -> pb::OrderState {
     pb::OrderState::try_from(order.state).unwrap()
 }
@@ -365,8 +312,7 @@ fn state(order: &pb::Order) -> pb::OrderState {
 
 #[tokio::test]
 async fn s4_issuance_refuses_unsigned_decision() {
-    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
-    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let (mut producer, _registry) = producer_and_registry().await;
     let mut decision = signed_decision_to_proto(&producer.signed("d-unsigned"));
     decision.signature.clear();
     assert_refused(&mut producer, decision, Code::PermissionDenied, "DECISION_UNSIGNED").await;
@@ -375,8 +321,7 @@ async fn s4_issuance_refuses_unsigned_decision() {
 
 #[tokio::test]
 async fn s4_issuance_refuses_tampered_decision() {
-    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
-    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let (mut producer, _registry) = producer_and_registry().await;
     let mut decision = signed_decision_to_proto(&producer.signed("d-tampered"));
     decision.decision.as_mut().unwrap().card.as_mut().unwrap().name = "Someone Else".into();
     assert_refused(&mut producer, decision, Code::PermissionDenied, "DECISION_BAD_SIGNATURE").await;
@@ -390,8 +335,7 @@ async fn s4_issuance_refuses_tampered_decision() {
 
 #[tokio::test]
 async fn s4_issuance_refuses_wrong_jurisdiction() {
-    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
-    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let (mut producer, _registry) = producer_and_registry().await;
     // Sichuan's bureau, with its own genuine key, signs for a citizen registered in Jiangxi.
     let mut decision = producer.decision("d-jurisdiction");
     decision.bureau_id = "home-sichuan".into();
@@ -408,8 +352,7 @@ async fn s4_issuance_refuses_wrong_jurisdiction() {
 
 #[tokio::test]
 async fn s4_issuance_refuses_misaddressed_decision() {
-    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
-    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let (mut producer, _registry) = producer_and_registry().await;
     let mut decision = producer.decision("d-misaddressed");
     decision.addressee_id = "producer-other".into();
     let signed = decision.sign(&producer.jiangxi);
@@ -426,8 +369,7 @@ async fn s4_issuance_refuses_misaddressed_decision() {
 
 #[tokio::test]
 async fn s4_issuance_refuses_expired_decision() {
-    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
-    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let (mut producer, _registry) = producer_and_registry().await;
     let mut decision = producer.decision("d-expired");
     decision.issued_at = now() - chrono::Duration::days(8);
     decision.expires_at = now() - chrono::Duration::seconds(1);
@@ -439,8 +381,7 @@ async fn s4_issuance_refuses_expired_decision() {
 
 #[tokio::test]
 async fn s4_issuance_refuses_replayed_decision() {
-    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
-    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let (mut producer, _registry) = producer_and_registry().await;
     let decision = signed_decision_to_proto(&producer.signed("d-replayed"));
     let first = producer.place(decision.clone()).await.unwrap();
     let status = producer.place(decision).await.unwrap_err();
@@ -454,15 +395,10 @@ async fn s4_issuance_refuses_replayed_decision() {
 
 #[tokio::test]
 async fn s4_issuance_rejects_malformed_requests_with_field_violations() {
-    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
-    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let (mut producer, _registry) = producer_and_registry().await;
     let status = producer.client.place_order(pb::PlaceOrderRequest { decision: None }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let fields: Vec<String> = status
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default();
+    let fields = violated_fields(&status);
     assert_eq!(fields, vec!["decision".to_owned()]);
 
     let mut decision = signed_decision_to_proto(&producer.signed("d-malformed"));
@@ -473,11 +409,7 @@ async fn s4_issuance_rejects_malformed_requests_with_field_violations() {
     }
     let status = producer.place(decision).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let fields: Vec<String> = status
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default();
+    let fields = violated_fields(&status);
     assert!(fields.contains(&"decision.decision.card.valid_from".to_owned()), "{fields:?}");
     assert!(fields.contains(&"decision.decision.expires_at".to_owned()), "{fields:?}");
 
@@ -648,30 +580,27 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
     let cases = [
         (
             "directory.path",
-            vec![
-                entry("home-jiangxi", Role::Verification, &["36"], "http://127.0.0.1:1", Some(&key)),
-                entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
-            ],
+            DirectoryBuilder::new()
+                .bureau("home-jiangxi", Role::Verification)
+                .jurisdiction(&["36"])
+                .key("k1", &key, key_valid_from())
+                .bureau(PRODUCER, Role::Issuance),
         ),
         (
             "directory.path",
-            vec![
-                entry(PRODUCER, Role::Issuance, &[], "http://127.0.0.1:1", None),
-                entry("registry-a", Role::Registry, &[], "http://127.0.0.1:1", None),
-                entry("registry-b", Role::Registry, &[], "http://127.0.0.1:1", None),
-            ],
+            DirectoryBuilder::new()
+                .bureau(PRODUCER, Role::Issuance)
+                .bureau("registry-a", Role::Registry)
+                .bureau("registry-b", Role::Registry),
         ),
         (
             "server.bureau_id",
-            vec![
-                entry(PRODUCER, Role::Intake, &[], "http://127.0.0.1:1", None),
-                entry("registry-national", Role::Registry, &[], "http://127.0.0.1:1", None),
-            ],
+            DirectoryBuilder::new().bureau(PRODUCER, Role::Intake).bureau("registry-national", Role::Registry),
         ),
     ];
-    for (index, (key_name, bureaus)) in cases.into_iter().enumerate() {
+    for (index, (key_name, directory)) in cases.into_iter().enumerate() {
         let path = dir.path().join(format!("directory-{index}.toml"));
-        DirectoryFile { bureaus, ..DirectoryFile::default() }.write(&path).unwrap();
+        directory.build().write(&path).unwrap();
         let config = IssuanceConfig {
             server: ServerConfig {
                 shutdown_grace_seconds: 1,

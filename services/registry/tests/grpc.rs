@@ -1,11 +1,10 @@
 //! In-process gRPC tests: the real server on an SQLite temp file, the generated client, decisions
 //! signed in the test by keys listed in a directory file written here.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use ed25519_dalek::SigningKey;
 use sea_orm::{ConnectionTrait, Statement};
-use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
@@ -24,11 +23,11 @@ use yidi_registry::config::{ChecksConfig, ImportConfig, RegistryConfig, SigningC
 use yidi_runtime::{
     clock::ClockConfig,
     config::{DatabaseConfig, DirectoryConfig},
-    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
+    directory::{DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
     population::{Citizen, ExistingCard, Population},
     telemetry::LogConfig,
 };
-use yidi_testkit::postgres_for_tests;
+use yidi_testkit::{Bureau, DirectoryBuilder, directory::write_key_dir, postgres_for_tests};
 
 const REGISTRY: &str = "registry-national";
 const PRODUCER: &str = "producer-zhejiang";
@@ -56,14 +55,30 @@ fn person(sequence: u16, card: &str) -> Person {
     Person { id: IdNumber::compose("360102", day(1990, 3, 7), sequence).as_str().to_owned(), card: card.into() }
 }
 
-fn citizen(p: &Person, valid_until: Option<NaiveDate>, reported_lost: bool) -> Citizen {
-    Citizen {
+/// What the register holds of `p`, and what decisions about `p` print on a card.
+fn card_data(p: &Person) -> CardData {
+    CardData {
         id_number: p.id.clone(),
         name: "Test Person".into(),
         sex: Sex::Male,
         birth_date: day(1990, 3, 7),
         registration_province: "36".into(),
         address: "Nanchang".into(),
+        face_template: vec![1, 2, 3],
+        valid_from: day(2118, 1, 1),
+        valid_until: Some(day(2138, 1, 1)),
+    }
+}
+
+fn citizen(p: &Person, valid_until: Option<NaiveDate>, reported_lost: bool) -> Citizen {
+    let card = card_data(p);
+    Citizen {
+        id_number: card.id_number,
+        name: card.name,
+        sex: card.sex,
+        birth_date: card.birth_date,
+        registration_province: card.registration_province,
+        address: card.address,
         home_bureau_id: JIANGXI.into(),
         scenario: "replacement".into(),
         credit: Credit::Good,
@@ -83,37 +98,17 @@ struct Harness {
     sichuan: SigningKey,
     directory_path: PathBuf,
     client: LossRegistryClient<Channel>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    bureau: Option<Bureau>,
     config: RegistryConfig,
 }
 
-fn entry(id: &str, role: Role, jurisdiction: &[&str], key: Option<&SigningKey>) -> BureauEntry {
-    BureauEntry {
-        id: id.into(),
-        role,
-        name: id.into(),
-        jurisdiction: jurisdiction.iter().map(|s| (*s).to_owned()).collect(),
-        region: String::new(),
-        endpoint: "http://127.0.0.1:1".into(),
-        keys: key
-            .map(|k| vec![KeyEntry::new(KEY_ID, &k.verifying_key(), now() - chrono::Duration::days(30))])
-            .unwrap_or_default(),
-    }
+async fn start(config: RegistryConfig) -> (LossRegistryClient<Channel>, Bureau) {
+    let bureau = Bureau::start(|listener, shutdown| yidi_registry::serve(config, listener, shutdown)).await.unwrap();
+    (LossRegistryClient::new(bureau.channel()), bureau)
 }
 
-async fn start(
-    config: RegistryConfig,
-) -> (LossRegistryClient<Channel>, oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(yidi_registry::serve(config, listener, async move {
-        let _ = stopped.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    assert!(yidi_grpc::client::wait_until_serving(&channel, std::time::Duration::from_secs(30)).await, "serving");
-    (LossRegistryClient::new(channel), stop, task)
+fn key_valid_from() -> DateTime<Utc> {
+    now() - chrono::Duration::days(30)
 }
 
 impl Harness {
@@ -127,22 +122,21 @@ impl Harness {
         let jiangxi = generate_signing_key();
         let sichuan = generate_signing_key();
         let registry_key = generate_signing_key();
-        let key_dir = dir.path().join("keys");
-        std::fs::create_dir(&key_dir).unwrap();
-        write_signing_key(&key_dir.join(format!("{KEY_ID}.key")), &registry_key).unwrap();
-        let directory = DirectoryFile {
-            bureaus: vec![
-                entry("station-hangzhou", Role::Intake, &[], None),
-                entry(JIANGXI, Role::Verification, &["36"], Some(&jiangxi)),
-                entry(SICHUAN, Role::Verification, &["51"], Some(&sichuan)),
-                entry(PRODUCER, Role::Issuance, &[], None),
-                entry(OTHER_PRODUCER, Role::Issuance, &[], None),
-                entry(REGISTRY, Role::Registry, &[], Some(&registry_key)),
-            ],
-            ..DirectoryFile::default()
-        };
-        let directory_path = dir.path().join("directory.toml");
-        directory.write(&directory_path).unwrap();
+        let key_dir = write_key_dir(dir.path(), KEY_ID, &registry_key).unwrap();
+        let directory_path = DirectoryBuilder::new()
+            .bureau("station-hangzhou", Role::Intake)
+            .bureau(JIANGXI, Role::Verification)
+            .jurisdiction(&["36"])
+            .key(KEY_ID, &jiangxi, key_valid_from())
+            .bureau(SICHUAN, Role::Verification)
+            .jurisdiction(&["51"])
+            .key(KEY_ID, &sichuan, key_valid_from())
+            .bureau(PRODUCER, Role::Issuance)
+            .bureau(OTHER_PRODUCER, Role::Issuance)
+            .bureau(REGISTRY, Role::Registry)
+            .key(KEY_ID, &registry_key, key_valid_from())
+            .write_into(dir.path())
+            .unwrap();
         let population_path = dir.path().join("population.json");
         Population { citizens }.write(&population_path).unwrap();
         let db_url =
@@ -164,18 +158,9 @@ impl Harness {
             idempotency: Default::default(),
             import: ImportConfig { path: Some(population_path) },
         };
-        let (client, stop, task) = start(config.clone()).await;
-        let mut harness = Self {
-            _dir: dir,
-            db_url,
-            jiangxi,
-            sichuan,
-            directory_path,
-            client,
-            stop: Some(stop),
-            task: Some(task),
-            config,
-        };
+        let (client, bureau) = start(config.clone()).await;
+        let mut harness =
+            Self { _dir: dir, db_url, jiangxi, sichuan, directory_path, client, bureau: Some(bureau), config };
         harness.ready().await;
         harness
     }
@@ -187,20 +172,16 @@ impl Harness {
     }
 
     async fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap().unwrap();
+        if let Some(bureau) = self.bureau.take() {
+            bureau.stop().await.unwrap();
         }
     }
 
     async fn restart(&mut self) {
         self.shutdown().await;
-        let (client, stop, task) = start(self.config.clone()).await;
+        let (client, bureau) = start(self.config.clone()).await;
         self.client = client;
-        self.stop = Some(stop);
-        self.task = Some(task);
+        self.bureau = Some(bureau);
         self.ready().await;
     }
 
@@ -227,17 +208,7 @@ impl Harness {
             application_id: "00000000-0000-0000-0000-000000000001".into(),
             station_id: "station-hangzhou".into(),
             application_kind: None,
-            card: CardData {
-                id_number: p.id.clone(),
-                name: "Test Person".into(),
-                sex: Sex::Male,
-                birth_date: day(1990, 3, 7),
-                registration_province: "36".into(),
-                address: "Nanchang".into(),
-                face_template: vec![1, 2, 3],
-                valid_from: day(2118, 1, 1),
-                valid_until: Some(day(2138, 1, 1)),
-            },
+            card: card_data(p),
             previous_card_serial: p.card.clone(),
             issued_at: now(),
             expires_at: now() + chrono::Duration::days(7),
@@ -300,14 +271,6 @@ impl Harness {
     async fn hits(&mut self, bureau: &str) -> Result<Vec<pb::Hit>, Status> {
         let request = pb::ListHitsRequest { home_bureau_id: bureau.into(), page_size: 0, page_token: String::new() };
         self.client.list_hits(request).await.map(|r| r.into_inner().hits)
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 
@@ -495,9 +458,7 @@ async fn s1_watch_revocations_sends_history_then_live_changes_and_ends_on_shutdo
     let only = tokio::time::timeout(Duration::from_secs(5), later.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(only.sequence, 2);
     // Shutdown ends the streams.
-    if let Some(stop) = h.stop.take() {
-        let _ = stop.send(());
-    }
+    h.bureau.as_mut().unwrap().trigger_shutdown();
     let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
     assert!(end.is_none() || end.is_some_and(|r| r.is_err()), "stream must end on shutdown");
     h.shutdown().await;

@@ -1,20 +1,19 @@
 //! In-process gRPC tests: the real server on an SQLite temp file, talked to with the generated client.
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use ed25519_dalek::SigningKey;
 use sea_orm::{ConnectionTrait, Database, Statement};
-use tokio::sync::oneshot;
 use tonic::{Code, transport::Channel};
 use yidi_domain::{Credit, Registration};
 use yidi_domain::{DecisionPurpose, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber};
 use yidi_grpc::convert::signed_decision_from_proto;
 use yidi_proto::v1::{self as pb, verification_client::VerificationClient};
 use yidi_runtime::{
-    directory::{BureauEntry, DirectoryFile, KeyEntry, generate_signing_key, write_signing_key},
+    directory::{generate_signing_key, write_signing_key},
     population::{Citizen, ExistingCard, Population},
 };
-use yidi_testkit::postgres_for_tests;
+use yidi_testkit::{Bureau, DirectoryBuilder, directory::write_key_dir, postgres_for_tests};
 use yidi_verification::config::VerificationConfig;
 
 const HOME: &str = "home-jiangxi";
@@ -157,31 +156,24 @@ impl Fixture {
         let dir_path = dir.path().to_path_buf();
         let key = generate_signing_key();
         let other = generate_signing_key();
-        std::fs::create_dir(dir_path.join("keys")).unwrap();
-        write_signing_key(&dir_path.join("keys").join(format!("{KEY_ID}.key")), &key).unwrap();
-        let entry = |id: &str, role: Role, jurisdiction: &[&str], region: &str, key: Option<&SigningKey>| BureauEntry {
-            id: id.into(),
-            role,
-            name: id.into(),
-            jurisdiction: jurisdiction.iter().map(|s| s.to_string()).collect(),
-            region: region.into(),
-            endpoint: "http://127.0.0.1:1".into(),
-            keys: key.map(|k| vec![KeyEntry::new(KEY_ID, &k.verifying_key(), key_valid_from())]).unwrap_or_default(),
-        };
-        DirectoryFile {
-            bureaus: vec![
-                entry(STATION, Role::Intake, &[], "330106", None),
-                entry("station-other", Role::Intake, &[], "330102", None),
-                entry(LOCAL_STATION, Role::Intake, &[], "360102", None),
-                entry(HOME, Role::Verification, &["36"], "", Some(&key)),
-                entry("home-sichuan", Role::Verification, &["51"], "", Some(&other)),
-                entry(PRODUCER, Role::Issuance, &[], "", None),
-                entry(REGISTRY, Role::Registry, &[], "", None),
-            ],
-            ..DirectoryFile::default()
-        }
-        .write(&dir_path.join("directory.toml"))
-        .unwrap();
+        write_key_dir(&dir_path, KEY_ID, &key).unwrap();
+        DirectoryBuilder::new()
+            .bureau(STATION, Role::Intake)
+            .region("330106")
+            .bureau("station-other", Role::Intake)
+            .region("330102")
+            .bureau(LOCAL_STATION, Role::Intake)
+            .region("360102")
+            .bureau(HOME, Role::Verification)
+            .jurisdiction(&["36"])
+            .key(KEY_ID, &key, key_valid_from())
+            .bureau("home-sichuan", Role::Verification)
+            .jurisdiction(&["51"])
+            .key(KEY_ID, &other, key_valid_from())
+            .bureau(PRODUCER, Role::Issuance)
+            .bureau(REGISTRY, Role::Registry)
+            .write_into(&dir_path)
+            .unwrap();
         population().write(&dir_path.join("population.json")).unwrap();
         let db_url =
             database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir_path.join("verification.db").display()));
@@ -221,25 +213,8 @@ import_path = "{dir}/population.json"
     }
 
     async fn start_with(&self, config: VerificationConfig) -> anyhow::Result<Server> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(yidi_verification::serve(config, listener, async {
-            let _ = stopped.await;
-        }));
-        // Wait for the server to answer (or to fail starting).
-        for _ in 0..200 {
-            if handle.is_finished() {
-                return Err(handle.await?.err().unwrap_or_else(|| anyhow::anyhow!("server ended")));
-            }
-            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))?.connect().await
-                && yidi_grpc::client::is_serving(&channel).await
-            {
-                return Ok(Server { client: VerificationClient::new(channel), stop: Some(stop), handle, addr });
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        anyhow::bail!("server did not start")
+        let bureau = Bureau::start(|listener, shutdown| yidi_verification::serve(config, listener, shutdown)).await?;
+        Ok(Server { client: VerificationClient::new(bureau.channel()), bureau })
     }
 
     async fn count(&self, sql: &str) -> i64 {
@@ -254,19 +229,22 @@ import_path = "{dir}/population.json"
 
 struct Server {
     client: VerificationClient<Channel>,
-    stop: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-    #[allow(dead_code)]
-    addr: SocketAddr,
+    bureau: Bureau,
 }
 
 impl Server {
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    async fn verify(&mut self, request: pb::VerifyRequest) -> pb::VerifyResponse {
+        self.client.verify(request).await.unwrap().into_inner()
+    }
+
+    async fn citizen(&mut self, p: &Person) -> pb::GetCitizenResponse {
+        let request = pb::GetCitizenRequest { id_number: p.id.as_str().into() };
+        self.client.get_citizen(request).await.unwrap().into_inner()
+    }
+
+    async fn stop(self) {
         drop(self.client);
-        self.handle.await.unwrap().unwrap();
+        self.bureau.stop().await.unwrap();
     }
 }
 
@@ -307,12 +285,7 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     let p = replacement();
-    let response = server
-        .client
-        .verify(issue("app-1", &p, pb::ApplicationKind::Replacement, "JX-0001"))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(issue("app-1", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::Unspecified);
     let directory = directory(&fixture);
 
@@ -347,12 +320,7 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
     assert_eq!(fixture.key.verifying_key(), directory.get(HOME).unwrap().key(KEY_ID).unwrap().public_key);
 
     // Recorded with an audit row, and the application is open (K5).
-    let citizen = server
-        .client
-        .get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let citizen = server.citizen(&p).await;
     assert_eq!(citizen.open_application_ids, vec!["app-1".to_owned()]);
     assert_eq!(citizen.id_number_masked, p.id.masked());
     assert_eq!(citizen.name_masked, "C********");
@@ -375,16 +343,16 @@ async fn s4_a_repeated_verify_returns_the_stored_answer() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     let request = report_loss("app-loss", &replacement(), "JX-0001");
-    let first = server.client.verify(request.clone()).await.unwrap().into_inner();
-    let again = server.client.verify(request).await.unwrap().into_inner();
+    let first = server.verify(request.clone()).await;
+    let again = server.verify(request).await;
     assert!(first.decision.is_some());
     assert_eq!(first, again, "same decision id, same signature");
     // A refusal replays too.
     let mut refused = report_loss("app-refused", &replacement(), "JX-0001");
     refused.live.as_mut().unwrap().face_template = template(99);
-    let first = server.client.verify(refused.clone()).await.unwrap().into_inner();
+    let first = server.verify(refused.clone()).await;
     refused.live.as_mut().unwrap().face_template = replacement().face();
-    let again = server.client.verify(refused).await.unwrap().into_inner();
+    let again = server.verify(refused).await;
     assert_eq!(refusal(&first), pb::RefusalReason::FaceMismatch);
     assert_eq!(first, again);
     server.stop().await;
@@ -397,7 +365,7 @@ async fn s4_a_reused_application_id_gets_no_stored_answer() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     let request = issue("app-reuse", &replacement(), pb::ApplicationKind::Replacement, "JX-0001");
-    let first = server.client.verify(request.clone()).await.unwrap().into_inner();
+    let first = server.verify(request.clone()).await;
     assert!(first.decision.is_some());
     let reused = |request: pb::VerifyRequest| {
         let mut client = server.client.clone();
@@ -419,7 +387,7 @@ async fn s4_a_reused_application_id_gets_no_stored_answer() {
     // Another kind.
     reused(issue("app-reuse", &replacement(), pb::ApplicationKind::Renewal, "JX-0001")).await;
     // The same request still replays.
-    let again = server.client.verify(request).await.unwrap().into_inner();
+    let again = server.verify(request).await;
     assert_eq!(first, again);
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 1);
@@ -432,13 +400,13 @@ async fn s2_a_face_or_fingerprint_of_someone_else_is_refused() {
     let p = replacement();
     let mut request = issue("app-face", &p, pb::ApplicationKind::Replacement, "JX-0001");
     request.live.as_mut().unwrap().face_template = template(42);
-    let response = server.client.verify(request).await.unwrap().into_inner();
+    let response = server.verify(request).await;
     assert_eq!(refusal(&response), pb::RefusalReason::FaceMismatch);
     assert!(response.decision.is_none() && response.loss_decision.is_none());
 
     let mut request = issue("app-finger", &p, pb::ApplicationKind::Replacement, "JX-0001");
     request.live.as_mut().unwrap().fingerprint_template = template(42);
-    let response = server.client.verify(request).await.unwrap().into_inner();
+    let response = server.verify(request).await;
     assert_eq!(refusal(&response), pb::RefusalReason::FingerprintMismatch);
 
     // K6: a withdrawal is judged on a fresh fingerprint only.
@@ -447,11 +415,11 @@ async fn s2_a_face_or_fingerprint_of_someone_else_is_refused() {
     withdraw.kind = pb::ApplicationKind::Unspecified as i32;
     withdraw.live.as_mut().unwrap().face_template.clear();
     withdraw.live.as_mut().unwrap().fingerprint_template = template(42);
-    let response = server.client.verify(withdraw.clone()).await.unwrap().into_inner();
+    let response = server.verify(withdraw.clone()).await;
     assert_eq!(refusal(&response), pb::RefusalReason::FingerprintMismatch);
     withdraw.application_id = "app-found-2".into();
     withdraw.live.as_mut().unwrap().fingerprint_template = p.fingerprint();
-    let response = server.client.verify(withdraw).await.unwrap().into_inner();
+    let response = server.verify(withdraw).await;
     let decision = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap();
     let expect = Expectation { purpose: DecisionPurpose::WithdrawLossReport, addressee_id: REGISTRY, now: now() };
     assert_eq!(decision.verify(&directory(&fixture), expect).unwrap().previous_card_serial, "JX-0001");
@@ -463,19 +431,9 @@ async fn s2_a_face_or_fingerprint_of_someone_else_is_refused() {
 async fn s3_a_cancelled_registration_and_a_bad_credit_record_are_refused() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
-    let response = server
-        .client
-        .verify(issue("app-dead", &deceased(), pb::ApplicationKind::Replacement, "JX-0004"))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(issue("app-dead", &deceased(), pb::ApplicationKind::Replacement, "JX-0004")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::RegistrationCancelled);
-    let response = server
-        .client
-        .verify(issue("app-credit", &bad_credit(), pb::ApplicationKind::Replacement, "JX-0008"))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(issue("app-credit", &bad_credit(), pb::ApplicationKind::Replacement, "JX-0008")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::BadCreditRecord);
 
     // Register upkeep: a death recorded today cancels the registration (idempotently).
@@ -484,12 +442,7 @@ async fn s3_a_cancelled_registration_and_a_bad_credit_record_are_refused() {
     let answer = server.client.record_death(death.clone()).await.unwrap().into_inner();
     assert_eq!(answer.registration_status, pb::RegistrationStatus::Cancelled as i32);
     server.client.record_death(death).await.unwrap();
-    let response = server
-        .client
-        .verify(issue("app-2", &p, pb::ApplicationKind::Replacement, "JX-0001"))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(issue("app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::RegistrationCancelled);
     let future =
         pb::RecordDeathRequest { id_number: renewable().id.as_str().into(), date_of_death: "2118-01-02".into() };
@@ -506,12 +459,10 @@ async fn s3_a_cancelled_registration_and_a_bad_credit_record_are_refused() {
         note: "court ruling 2117-123".into(),
     };
     server.client.record_credit_status(set(pb::CreditStatus::Bad)).await.unwrap();
-    let response =
-        server.client.verify(issue("app-3", &r, pb::ApplicationKind::Renewal, "JX-0002")).await.unwrap().into_inner();
+    let response = server.verify(issue("app-3", &r, pb::ApplicationKind::Renewal, "JX-0002")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::BadCreditRecord);
     server.client.record_credit_status(set(pb::CreditStatus::Good)).await.unwrap();
-    let response =
-        server.client.verify(issue("app-4", &r, pb::ApplicationKind::Renewal, "JX-0002")).await.unwrap().into_inner();
+    let response = server.verify(issue("app-4", &r, pb::ApplicationKind::Renewal, "JX-0002")).await;
     assert!(response.decision.is_some(), "{response:?}");
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log WHERE action = 'record_death'").await, 2);
@@ -525,12 +476,7 @@ async fn s3_bad_credit_is_no_refusal_at_a_station_of_the_home_province() {
     let request = issue("app-home", &bad_credit(), pb::ApplicationKind::Replacement, "JX-0008");
     let away = server.client.verify(issue("app-away", &bad_credit(), pb::ApplicationKind::Replacement, "JX-0008"));
     assert_eq!(refusal(&away.await.unwrap().into_inner()), pb::RefusalReason::BadCreditRecord);
-    let response = server
-        .client
-        .verify(pb::VerifyRequest { station_id: LOCAL_STATION.into(), ..request })
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(pb::VerifyRequest { station_id: LOCAL_STATION.into(), ..request }).await;
     assert_eq!(refusal(&response), pb::RefusalReason::Unspecified);
     let decision = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap();
     assert_eq!(decision.decision.station_id, LOCAL_STATION);
@@ -542,20 +488,10 @@ async fn s3_bad_credit_is_no_refusal_at_a_station_of_the_home_province() {
 async fn k4_a_first_application_is_refused() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
-    let response = server
-        .client
-        .verify(issue("app-first", &first_timer(), pb::ApplicationKind::Replacement, "NONE"))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(issue("app-first", &first_timer(), pb::ApplicationKind::Replacement, "NONE")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::FirstApplication);
     // A card that is not the current one is refused too.
-    let response = server
-        .client
-        .verify(issue("app-old", &replacement(), pb::ApplicationKind::Replacement, "JX-OLD"))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(issue("app-old", &replacement(), pb::ApplicationKind::Replacement, "JX-OLD")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::CardNotCurrent);
     server.stop().await;
 }
@@ -565,19 +501,9 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     let p = replacement();
-    let first = server
-        .client
-        .verify(issue("app-a", &p, pb::ApplicationKind::Replacement, "JX-0001"))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = server.verify(issue("app-a", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     let term = signed_decision_from_proto("decision", first.decision.as_ref()).unwrap().decision.card;
-    let second = server
-        .client
-        .verify(issue("app-b", &p, pb::ApplicationKind::Replacement, "JX-0001"))
-        .await
-        .unwrap()
-        .into_inner();
+    let second = server.verify(issue("app-b", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
 
     // Closing: unknown application, bad state, then collected with the new card.
@@ -617,30 +543,15 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
     let err = server.client.close_application(close("app-a", pb::ApplicationState::Cancelled, "")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
-    let citizen = server
-        .client
-        .get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let citizen = server.citizen(&p).await;
     assert!(citizen.open_application_ids.is_empty());
     assert_eq!(citizen.current_card_serial, "JX-1001");
     assert_eq!(citizen.current_card_valid_until, term.valid_until.map(|d| d.to_string()).unwrap_or_default());
 
     // The old card is no longer current; the new one is, and a new application is accepted.
-    let old = server
-        .client
-        .verify(issue("app-c", &p, pb::ApplicationKind::Replacement, "JX-0001"))
-        .await
-        .unwrap()
-        .into_inner();
+    let old = server.verify(issue("app-c", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     assert_eq!(refusal(&old), pb::RefusalReason::CardNotCurrent);
-    let new = server
-        .client
-        .verify(issue("app-d", &p, pb::ApplicationKind::Replacement, "JX-1001"))
-        .await
-        .unwrap()
-        .into_inner();
+    let new = server.verify(issue("app-d", &p, pb::ApplicationKind::Replacement, "JX-1001")).await;
     assert!(new.decision.is_some());
     server.stop().await;
     let closes = "SELECT COUNT(*) FROM audit_log WHERE action = 'close_application'";
@@ -653,19 +564,9 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
 async fn k2_a_renewal_before_the_window_is_refused() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
-    let response = server
-        .client
-        .verify(issue("app-early", &not_renewable(), pb::ApplicationKind::Renewal, "JX-0003"))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(issue("app-early", &not_renewable(), pb::ApplicationKind::Renewal, "JX-0003")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::NotYetRenewable);
-    let response = server
-        .client
-        .verify(issue("app-due", &renewable(), pb::ApplicationKind::Renewal, "JX-0002"))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = server.verify(issue("app-due", &renewable(), pb::ApplicationKind::Renewal, "JX-0002")).await;
     let decision = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap();
     assert!(response.loss_decision.is_none(), "a renewal files no loss report");
     // C1: 46 and over on the day of issue → long-term.
@@ -678,11 +579,10 @@ async fn n3_a_citizen_outside_the_jurisdiction_is_unknown() {
     let fixture = Fixture::new();
     let mut server = fixture.start().await;
     // Registered in Sichuan: another bureau's citizen, never imported here.
-    let response = server.client.verify(report_loss("app-sc", &sichuan(), "SC-0001")).await.unwrap().into_inner();
+    let response = server.verify(report_loss("app-sc", &sichuan(), "SC-0001")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
     // A Jiangxi number whose registration is in Sichuan.
-    let response =
-        server.client.verify(report_loss("app-moved", &sichuan_registered(), "JX-0006")).await.unwrap().into_inner();
+    let response = server.verify(report_loss("app-moved", &sichuan_registered(), "JX-0006")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
     // N3: a Jiangxi citizen declared (and so routed and judged) as registered elsewhere is not confirmed,
     // whichever province the station claimed.
@@ -690,7 +590,7 @@ async fn n3_a_citizen_outside_the_jurisdiction_is_unknown() {
         let mut request = issue("app-declared", &replacement(), pb::ApplicationKind::Replacement, "JX-0001");
         request.declared_province = province.into();
         request.application_id = format!("app-declared-{province}");
-        let response = server.client.verify(request).await.unwrap().into_inner();
+        let response = server.verify(request).await;
         assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
         assert!(response.decision.is_none() && response.loss_decision.is_none());
     }
@@ -792,12 +692,7 @@ async fn n3_the_import_takes_only_this_bureaus_citizens_and_never_overwrites() {
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7, "only this bureau's citizens");
     let mut server = fixture.start().await;
-    let citizen = server
-        .client
-        .get_citizen(pb::GetCitizenRequest { id_number: r.id.as_str().into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let citizen = server.citizen(&r).await;
     assert_eq!(citizen.credit_status, pb::CreditStatus::Bad as i32);
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
@@ -812,18 +707,13 @@ async fn s4_postgres_verify_replay_and_close() {
     let mut server = fixture.start().await;
     let p = replacement();
     let request = issue("pg-app-1", &p, pb::ApplicationKind::Replacement, "JX-0001");
-    let first = server.client.verify(request.clone()).await.unwrap().into_inner();
-    let again = server.client.verify(request).await.unwrap().into_inner();
+    let first = server.verify(request.clone()).await;
+    let again = server.verify(request).await;
     assert_eq!(first, again);
     let decision = signed_decision_from_proto("decision", first.decision.as_ref()).unwrap();
     let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
     decision.verify(&directory(&fixture), expect).unwrap();
-    let second = server
-        .client
-        .verify(issue("pg-app-2", &p, pb::ApplicationKind::Replacement, "JX-0001"))
-        .await
-        .unwrap()
-        .into_inner();
+    let second = server.verify(issue("pg-app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
     let close = pb::CloseApplicationRequest {
         application_id: "pg-app-1".into(),
@@ -832,12 +722,7 @@ async fn s4_postgres_verify_replay_and_close() {
         station_id: STATION.into(),
     };
     assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
-    let citizen = server
-        .client
-        .get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let citizen = server.citizen(&p).await;
     assert_eq!(citizen.current_card_serial, "JX-2001");
     assert_eq!(citizen.current_card_valid_until, "2138-01-01");
     let death = pb::RecordDeathRequest { id_number: deceased().id.as_str().into(), date_of_death: "2117-01-01".into() };
