@@ -23,7 +23,6 @@ use tonic::{
     codegen::http::{HeaderMap, Request},
 };
 use tonic_types::{ErrorDetails, StatusExt};
-use tower::Service as _;
 
 use crate::{
     error::ERROR_DOMAIN,

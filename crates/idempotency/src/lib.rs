@@ -36,7 +36,6 @@ use std::{
 };
 
 use base64::Engine;
-use futures::future::BoxFuture;
 use http_body::{Body as _, Frame};
 use sea_orm::{
     ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait, QueryFilter, entity::prelude::*, sea_query::OnConflict,
@@ -589,6 +588,8 @@ mod tests {
         issuance_client::IssuanceClient,
         issuance_server::{Issuance, IssuanceServer},
     };
+
+    use tower::Layer;
 
     use super::*;
     use yidi_grpc::ApiError;
