@@ -2,6 +2,7 @@
 //! proto. Invalid input never reaches service.rs.
 use std::pin::Pin;
 
+use prost::Message;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 use yidi_domain::ApplicationKind;
@@ -14,7 +15,10 @@ use yidi_grpc::{
 use yidi_idempotency::IdempotencyKey;
 use yidi_proto::v1 as pb;
 
-use crate::service::{Applicant, ApplicationView, Intake, WithdrawError};
+use crate::{
+    service::{Applicant, ApplicationView, Intake},
+    withdrawal::WithdrawError,
+};
 
 /// Longest accepted card serial, document number or agent number.
 const MAX_SHORT: usize = 64;
@@ -103,6 +107,13 @@ pub fn to_proto(view: ApplicationView) -> pb::Application {
             })
             .collect(),
     }
+}
+
+/// The face the home bureau enrolled, from the signed decision stored with the application
+/// (`None`: unreadable); collection (C3) matches the live face against it.
+fn enrolled_face(stored_decision: &[u8]) -> Option<Vec<u8>> {
+    let signed = pb::SignedDecision::decode(stored_decision).ok()?;
+    Some(signed.decision.and_then(|d| d.card).map(|card| card.face_template).unwrap_or_default())
 }
 
 /// Caller, method and `idempotency-key` of a keyed call (see `Intake::submit`).
@@ -223,7 +234,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
         let (Some(id), Some(face)) = (id, face) else {
             return Err(malformed().into());
         };
-        let view = self.intake.collect(&id, &face).await?;
+        let view = self.intake.collect(&id, &face, enrolled_face).await?;
         Ok(Response::new(pb::CollectCardResponse { application: Some(to_proto(view)) }))
     }
 

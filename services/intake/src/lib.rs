@@ -6,10 +6,12 @@
 pub mod config;
 mod entities;
 mod grpc;
+mod handlers;
 mod peers;
 mod repo;
 mod service;
-mod worker;
+mod topic;
+mod withdrawal;
 
 use std::{future::Future, sync::Arc, time::Duration};
 use yidi_bureau::BureauConfig;

@@ -1,16 +1,84 @@
 //! All database access. Every state change is committed, with its event row (and audit row), in
 //! one transaction before anyone is told; transitions are conditional on the expected state.
+//! Callers describe changes in domain terms ([`NewApplication`], [`Changes`]); the rows are built here.
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, Order,
     QueryFilter, QueryOrder, QuerySelect,
 };
 use yidi_audit::{self as audit, AuditEntry};
-use yidi_domain::ApplicationState;
+use yidi_domain::{ApplicationKind, ApplicationState, DocumentKind, RefusalReason};
 use yidi_outbox::{self as outbox, NewMessage};
 use yidi_runtime::db;
 
-use crate::entities::{application, application_event};
+use crate::entities::{application, application_event, stored::State};
+
+/// An application as lodged at the counter; it starts RECEIVED.
+#[derive(Debug, Clone)]
+pub struct NewApplication {
+    pub application_id: String,
+    pub kind: ApplicationKind,
+    pub id_number: String,
+    pub declared_province: String,
+    pub home_bureau_id: String,
+    pub previous_card_serial: String,
+    pub document_kind: DocumentKind,
+    pub live_face_template: Vec<u8>,
+    pub live_fingerprint_template: Vec<u8>,
+    /// W3C `traceparent` of the request that lodged it.
+    pub trace_context: Option<String>,
+    /// Caller, method and `idempotency-key` of the request that lodged it, if keyed.
+    pub request_key: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// The columns a change sets besides the state; `None` (or `false`) leaves a column as it is.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    /// The card concerned, as the home bureau names it.
+    pub previous_card_serial: Option<String>,
+    pub refusal_reason: Option<RefusalReason>,
+    /// The home bureau's signed decision, encoded.
+    pub decision: Option<Vec<u8>>,
+    /// The decision to file the loss report with, encoded (replacements).
+    pub loss_decision: Option<Vec<u8>>,
+    /// The registry recorded the loss report.
+    pub loss_recorded: bool,
+    pub order_id: Option<String>,
+    pub new_card_serial: Option<String>,
+    pub home_notified: Option<bool>,
+}
+
+impl Changes {
+    fn into_active_model(self) -> application::ActiveModel {
+        let mut row = application::ActiveModel { ..Default::default() };
+        if let Some(serial) = self.previous_card_serial {
+            row.previous_card_serial = Set(serial);
+        }
+        if let Some(reason) = self.refusal_reason {
+            row.refusal_reason = Set(Some(reason.code().to_owned()));
+        }
+        if let Some(decision) = self.decision {
+            row.decision = Set(Some(decision));
+        }
+        if let Some(decision) = self.loss_decision {
+            row.loss_decision = Set(Some(decision));
+        }
+        if self.loss_recorded {
+            row.loss_recorded = Set(true);
+        }
+        if let Some(order_id) = self.order_id {
+            row.order_id = Set(Some(order_id));
+        }
+        if let Some(serial) = self.new_card_serial {
+            row.new_card_serial = Set(Some(serial));
+        }
+        if let Some(notified) = self.home_notified {
+            row.home_notified = Set(notified);
+        }
+        row
+    }
+}
 
 /// A state transition: `from` (one of) → `to`, with the columns that change alongside.
 #[derive(Debug)]
@@ -18,10 +86,7 @@ pub struct Transition<'a> {
     pub application_id: &'a str,
     pub from: &'a [ApplicationState],
     pub to: ApplicationState,
-    /// Further columns to set (only `Set` values are written).
-    pub changes: application::ActiveModel,
-    /// An extra condition the row must meet (e.g. a loss report not yet recorded).
-    pub condition: Option<Condition>,
+    pub changes: Changes,
     pub note: String,
     pub audit: Option<AuditEntry>,
     /// What the change settles and owes, committed with it.
@@ -77,10 +142,6 @@ pub struct Repo {
     db: DatabaseConnection,
 }
 
-fn empty_changes() -> application::ActiveModel {
-    application::ActiveModel { ..Default::default() }
-}
-
 impl Repo {
     pub fn new(db: DatabaseConnection) -> Self {
         Self { db }
@@ -90,17 +151,41 @@ impl Repo {
     /// messages it owes.
     pub async fn insert_application(
         &self,
-        model: application::Model,
+        new: NewApplication,
         note: &str,
         audit: Option<AuditEntry>,
         messages: Messages,
     ) -> Result<(), DbErr> {
         let txn = db::begin(&self.db).await?;
-        let at = model.created_at;
-        let id = model.application_id.clone();
-        let state = model.state.clone();
-        application::ActiveModel::from(model).insert(&txn).await?;
-        insert_event(&txn, &id, &state, at, note).await?;
+        let at = new.received_at;
+        let id = new.application_id.clone();
+        let received = ApplicationState::Received;
+        application::ActiveModel {
+            application_id: Set(new.application_id),
+            kind: Set(new.kind.into()),
+            state: Set(received.into()),
+            id_number: Set(new.id_number),
+            declared_province: Set(new.declared_province),
+            home_bureau_id: Set(new.home_bureau_id),
+            previous_card_serial: Set(new.previous_card_serial),
+            document_kind: Set(new.document_kind.into()),
+            live_face_template: Set(new.live_face_template),
+            live_fingerprint_template: Set(new.live_fingerprint_template),
+            refusal_reason: Set(None),
+            decision: Set(None),
+            loss_decision: Set(None),
+            loss_recorded: Set(false),
+            order_id: Set(None),
+            new_card_serial: Set(None),
+            home_notified: Set(false),
+            trace_context: Set(new.trace_context),
+            request_key: Set(new.request_key),
+            created_at: Set(at),
+            updated_at: Set(at),
+        }
+        .insert(&txn)
+        .await?;
+        insert_event(&txn, &id, received, at, note).await?;
         if let Some(entry) = audit {
             audit::append(&txn, at, entry).await?;
         }
@@ -158,7 +243,7 @@ impl Repo {
     ) -> Result<Vec<application::Model>, DbErr> {
         let mut query = application::Entity::find();
         if let Some(state) = state {
-            query = query.filter(application::Column::State.eq(state.as_str()));
+            query = query.filter(application::Column::State.eq(State::from(state)));
         }
         query
             .order_by(application::Column::CreatedAt, Order::Desc)
@@ -172,22 +257,19 @@ impl Repo {
     /// Applies a transition if the row is still in one of `from`. Returns whether it applied.
     pub async fn transition(&self, t: Transition<'_>, now: DateTime<Utc>) -> Result<bool, DbErr> {
         let txn = db::begin(&self.db).await?;
-        let mut changes = t.changes;
-        changes.state = Set(t.to.as_str().to_owned());
+        let mut changes = t.changes.into_active_model();
+        changes.state = Set(t.to.into());
         changes.updated_at = Set(now);
-        let from: Vec<&str> = t.from.iter().map(|s| s.as_str()).collect();
-        let mut filter = Condition::all()
+        let from = t.from.iter().map(|&state| State::from(state));
+        let filter = Condition::all()
             .add(application::Column::ApplicationId.eq(t.application_id))
             .add(application::Column::State.is_in(from));
-        if let Some(condition) = t.condition {
-            filter = filter.add(condition);
-        }
         let result = application::Entity::update_many().set(changes).filter(filter).exec(&txn).await?;
         if result.rows_affected == 0 {
             txn.rollback().await?;
             return Ok(false);
         }
-        insert_event(&txn, t.application_id, t.to.as_str(), now, &t.note).await?;
+        insert_event(&txn, t.application_id, t.to, now, &t.note).await?;
         if let Some(entry) = t.audit {
             audit::append(&txn, now, entry).await?;
         }
@@ -201,17 +283,18 @@ impl Repo {
         &self,
         application_id: &str,
         state: ApplicationState,
-        mut changes: application::ActiveModel,
+        changes: Changes,
         audit: Option<AuditEntry>,
         messages: Messages,
         now: DateTime<Utc>,
     ) -> Result<bool, DbErr> {
         let txn = db::begin(&self.db).await?;
+        let mut changes = changes.into_active_model();
         changes.updated_at = Set(now);
         let result = application::Entity::update_many()
             .set(changes)
             .filter(application::Column::ApplicationId.eq(application_id))
-            .filter(application::Column::State.eq(state.as_str()))
+            .filter(application::Column::State.eq(State::from(state)))
             .exec(&txn)
             .await?;
         if result.rows_affected == 0 {
@@ -230,13 +313,13 @@ impl Repo {
 async fn insert_event<C: sea_orm::ConnectionTrait>(
     db: &C,
     application_id: &str,
-    state: &str,
+    state: ApplicationState,
     at: DateTime<Utc>,
     note: &str,
 ) -> Result<(), DbErr> {
     application_event::ActiveModel {
         application_id: Set(application_id.to_owned()),
-        state: Set(state.to_owned()),
+        state: Set(state.into()),
         at: Set(at),
         note: Set(note.to_owned()),
         ..Default::default()
@@ -246,48 +329,28 @@ async fn insert_event<C: sea_orm::ConnectionTrait>(
     Ok(())
 }
 
-/// A fresh set of changes (nothing set).
-pub fn changes() -> application::ActiveModel {
-    empty_changes()
-}
-
 #[cfg(test)]
 mod tests {
     use sea_orm::Database;
-    use yidi_domain::ApplicationKind;
     use yidi_intake_migration::{Migrator, MigratorTrait};
     use yidi_outbox::MessageState;
 
     use super::*;
 
-    fn received(id: &str) -> application::Model {
-        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
-        application::Model {
+    fn received(id: &str) -> NewApplication {
+        NewApplication {
             application_id: id.into(),
-            kind: ApplicationKind::Renewal.as_str().into(),
-            state: ApplicationState::Received.as_str().into(),
+            kind: ApplicationKind::Renewal,
             id_number: "360102199003071243".into(),
             declared_province: "36".into(),
             home_bureau_id: "home-jiangxi".into(),
             previous_card_serial: String::new(),
-            document_kind: "household_register_book".into(),
+            document_kind: DocumentKind::HouseholdRegisterBook,
             live_face_template: vec![1; 64],
             live_fingerprint_template: vec![2; 64],
-            refusal_reason: None,
-            decision: None,
-            loss_decision: None,
-            loss_recorded: false,
-            order_id: None,
-            new_card_serial: None,
-            home_notified: false,
-            halted: false,
-            attempts: 0,
-            last_error: None,
-            next_attempt_at: None,
             trace_context: None,
             request_key: None,
-            created_at: at,
-            updated_at: at,
+            received_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default(),
         }
     }
 
@@ -308,8 +371,7 @@ mod tests {
             application_id: "app-1",
             from,
             to: ApplicationState::Approved,
-            changes: changes(),
-            condition: None,
+            changes: Changes::default(),
             note: "approved".into(),
             audit: None,
             messages,

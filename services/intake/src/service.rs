@@ -3,8 +3,6 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
-use prost::Message;
-use sea_orm::ActiveValue::Set;
 use tokio::sync::{Notify, broadcast, mpsc};
 use yidi_audit::AuditEntry;
 use yidi_domain::{
@@ -13,14 +11,13 @@ use yidi_domain::{
 };
 use yidi_grpc::{ApiError, client::Connector};
 use yidi_outbox::{self as outbox, MessageState};
-use yidi_proto::v1 as pb;
 use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle};
 
 use crate::{
     entities::{application, application_event},
-    peers::{PeerError, Peers},
-    repo::{self, Messages, Repo, Transition},
-    worker,
+    peers::Peers,
+    repo::{Changes, Messages, NewApplication, Repo, Transition},
+    topic::Topic,
 };
 
 /// Who this station is and whom it works with.
@@ -98,35 +95,6 @@ pub fn is_final(kind: ApplicationKind, state: ApplicationState, loss_recorded: b
 /// Whether the home bureau has answered.
 fn past_verifying(state: ApplicationState) -> bool {
     !matches!(state, ApplicationState::Received | ApplicationState::Verifying)
-}
-
-pub fn document_str(kind: DocumentKind) -> &'static str {
-    match kind {
-        DocumentKind::HouseholdRegisterBook => "household_register_book",
-        DocumentKind::ResidencePermit => "residence_permit",
-        DocumentKind::ValidCertificate => "valid_certificate",
-        DocumentKind::WorkUnitProof => "work_unit_proof",
-    }
-}
-
-/// Why a withdrawal failed: one of ours, or the registry's (or home bureau's) own answer, which
-/// is passed to the caller unchanged.
-#[derive(Debug)]
-pub enum WithdrawError {
-    Api(ApiError),
-    Peer(Box<tonic::Status>),
-}
-
-impl From<ApiError> for WithdrawError {
-    fn from(error: ApiError) -> Self {
-        Self::Api(error)
-    }
-}
-
-impl From<sea_orm::DbErr> for WithdrawError {
-    fn from(error: sea_orm::DbErr) -> Self {
-        Self::Api(error.into())
-    }
 }
 
 pub(crate) struct Inner {
@@ -212,7 +180,7 @@ impl Intake {
 
     /// Writes an audit row after the outcome is settled; a failure is logged, never returned,
     /// so it cannot turn a done (or refused) action into an error.
-    async fn audit_or_log(&self, entry: AuditEntry) {
+    pub(crate) async fn audit_or_log(&self, entry: AuditEntry) {
         let (action, outcome) = (entry.action, entry.outcome.clone());
         if let Err(error) = self.inner.repo.audit(entry, self.now()).await {
             tracing::error!(%action, %outcome, %error, "could not write the audit row");
@@ -261,32 +229,19 @@ impl Intake {
         let home = self.counter_check(action, &applicant).await?;
         let now = self.now();
         let application_id = uuid::Uuid::new_v4().to_string();
-        let model = application::Model {
+        let new = NewApplication {
             application_id: application_id.clone(),
-            kind: kind.as_str().to_owned(),
-            state: ApplicationState::Received.as_str().to_owned(),
+            kind,
             id_number: applicant.id_number.as_str().to_owned(),
             declared_province: applicant.declared_province.clone(),
             home_bureau_id: home.id.clone(),
             previous_card_serial: card_serial,
-            document_kind: document_str(applicant.document_kind).to_owned(),
+            document_kind: applicant.document_kind,
             live_face_template: applicant.face_template,
             live_fingerprint_template: applicant.fingerprint_template,
-            refusal_reason: None,
-            decision: None,
-            loss_decision: None,
-            loss_recorded: false,
-            order_id: None,
-            new_card_serial: None,
-            home_notified: false,
-            halted: false,
-            attempts: 0,
-            last_error: None,
-            next_attempt_at: Some(now),
             trace_context: yidi_runtime::telemetry::current_traceparent(),
             request_key: request_key.clone(),
-            created_at: now,
-            updated_at: now,
+            received_at: now,
         };
         let mut changes = self.inner.changes.subscribe();
         let received = AuditEntry::new(
@@ -295,9 +250,9 @@ impl Intake {
             "received",
             format!("application {application_id} for {}", home.id),
         );
-        let owed = Messages::owe(worker::verify(&model));
+        let owed = Messages::owe(Topic::Verify.message(&application_id, &home.id));
         if let Err(error) =
-            self.inner.repo.insert_application(model, "received at the counter", Some(received), owed).await
+            self.inner.repo.insert_application(new, "received at the counter", Some(received), owed).await
         {
             // The same keyed request, run at once by another replica: its application is the answer.
             if let Some(key) = &request_key
@@ -348,7 +303,7 @@ impl Intake {
             .ok_or_else(|| ApiError::not_found("application", application_id))?;
         let events = self.inner.repo.events(application_id).await?;
         let messages = self.inner.repo.messages(application_id).await?;
-        view(model, &events, messages, &self.inner.station)
+        Ok(view(model, &events, messages, &self.inner.station))
     }
 
     /// Newest first; the next offset if there may be more.
@@ -368,7 +323,7 @@ impl Intake {
         for model in models {
             let own: Vec<_> = events.iter().filter(|e| e.application_id == model.application_id).cloned().collect();
             let sent: Vec<_> = messages.iter().filter(|m| m.subject == model.application_id).cloned().collect();
-            views.push(view(model, &own, sent, &self.inner.station)?);
+            views.push(view(model, &own, sent, &self.inner.station));
         }
         let next = more.then_some(offset + views.len() as u64);
         Ok((views, next))
@@ -433,7 +388,7 @@ impl Intake {
                 .get(application_id)
                 .await?
                 .ok_or_else(|| ApiError::not_found("application", application_id))?;
-            let (kind, state) = parse_kind_state(&model)?;
+            let (kind, state): (ApplicationKind, ApplicationState) = (model.kind.into(), model.state.into());
             // A loss report, once approved, is being filed at the registry: no longer cancellable.
             let loss_filing = kind == ApplicationKind::LossReport
                 && !matches!(state, ApplicationState::Received | ApplicationState::Verifying);
@@ -444,11 +399,10 @@ impl Intake {
                     format!("application {application_id} is {}{why}; it can no longer be cancelled", state.as_str()),
                 ));
             }
-            let mut changes = repo::changes();
             // The home bureau has heard of it (and keeps it open, K5) unless it never left the station.
             let home_knows = state != ApplicationState::Received && kind.makes_a_card();
-            changes.home_notified = Set(!home_knows);
-            let owed = if home_knows { Messages::owe(worker::close(&model)) } else { Messages::default() };
+            let changes = Changes { home_notified: Some(!home_knows), ..Changes::default() };
+            let owed = if home_knows { Messages::owe(closing(&model)) } else { Messages::default() };
             let owed = owed.dropping(application_id, "the application was cancelled");
             let masked = mask_id_number(&model.id_number);
             let applied = self
@@ -460,7 +414,6 @@ impl Intake {
                         from: &[state],
                         to: ApplicationState::Cancelled,
                         changes,
-                        condition: None,
                         note: format!("cancelled at the counter (was {})", state.as_str()),
                         audit: Some(AuditEntry::new("cancel_application", masked, "cancelled", application_id)),
                         messages: owed,
@@ -479,21 +432,29 @@ impl Intake {
         Err(ApiError::precondition("NOT_CANCELLABLE", format!("application {application_id} is changing; try again")))
     }
 
-    /// C3: the card is handed over only after a fresh face match against the home bureau's record.
-    pub async fn collect(&self, application_id: &str, live_face: &[u8]) -> Result<ApplicationView, ApiError> {
+    /// C3: the card is handed over only after a fresh face match against the home bureau's record,
+    /// read from the stored decision by `enrolled_face` (`None`: the decision is unreadable).
+    pub async fn collect(
+        &self,
+        application_id: &str,
+        live_face: &[u8],
+        enrolled_face: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    ) -> Result<ApplicationView, ApiError> {
         let model = self
             .inner
             .repo
             .get(application_id)
             .await?
             .ok_or_else(|| ApiError::not_found("application", application_id))?;
-        let (_, state) = parse_kind_state(&model)?;
+        let state = model.state.into();
         if state != ApplicationState::ReadyForCollection {
             return Err(not_ready(application_id, state));
         }
-        let decision = decode_decision(model.decision.as_deref())
+        let enrolled = model
+            .decision
+            .as_deref()
+            .and_then(enrolled_face)
             .ok_or_else(|| ApiError::Internal(format!("application {application_id} has no readable decision")))?;
-        let enrolled = decision.decision.and_then(|d| d.card).map(|c| c.face_template).unwrap_or_default();
         let outcome = self.inner.matcher.match_face(live_face, &enrolled);
         let masked = mask_id_number(&model.id_number);
         let serial = model.new_card_serial.clone().unwrap_or_default();
@@ -521,8 +482,7 @@ impl Intake {
                     application_id,
                     from: &[ApplicationState::ReadyForCollection],
                     to: ApplicationState::Collected,
-                    changes: repo::changes(),
-                    condition: None,
+                    changes: Changes::default(),
                     note: format!("card {serial} handed over after a face match"),
                     audit: Some(AuditEntry::new(
                         "collect_card",
@@ -530,7 +490,7 @@ impl Intake {
                         "collected",
                         format!("card {serial} score {:.3}", outcome.score),
                     )),
-                    messages: Messages::owe(worker::close(&model)),
+                    messages: Messages::owe(closing(&model)),
                 },
                 self.now(),
             )
@@ -544,67 +504,11 @@ impl Intake {
         self.inner.wake.notify_one();
         self.get(application_id).await
     }
-
-    /// K6: withdraw a loss report, in person; synchronous.
-    pub async fn withdraw_loss_report(
-        &self,
-        applicant: Applicant,
-        card_serial: String,
-    ) -> Result<pb::LossRegistryWithdrawLossReportResponse, WithdrawError> {
-        const ACTION: &str = "withdraw_loss_report";
-        let home = self.counter_check(ACTION, &applicant).await?;
-        let masked = applicant.id_number.masked();
-        let request = pb::VerifyRequest {
-            application_id: uuid::Uuid::new_v4().to_string(),
-            station_id: self.inner.station.id.clone(),
-            purpose: pb::DecisionPurpose::WithdrawLossReport as i32,
-            kind: pb::ApplicationKind::Unspecified as i32,
-            id_number: applicant.id_number.as_str().to_owned(),
-            card_serial: card_serial.clone(),
-            live: Some(pb::Biometrics {
-                face_template: applicant.face_template.clone(),
-                fingerprint_template: applicant.fingerprint_template.clone(),
-            }),
-            producer_id: String::new(),
-            declared_province: applicant.declared_province.clone(),
-        };
-        let key = request.application_id.clone();
-        let answer = self.inner.peers.verify(&home.id, request, &key).await.map_err(peer_error)?;
-        let Some(decision) = answer.decision else {
-            let reason = pb::RefusalReason::try_from(answer.refusal_reason)
-                .ok()
-                .and_then(yidi_grpc::convert::refusal_from_proto)
-                .ok_or_else(|| {
-                    ApiError::unavailable(&home.id, "answered neither a decision nor a known refusal reason")
-                })?;
-            self.audit_or_log(AuditEntry::new(ACTION, masked, "refused", reason.code())).await;
-            return Err(ApiError::Refused(reason).into());
-        };
-        let registry = self.inner.station.registry_id.clone();
-        match self.inner.peers.withdraw_loss_report(&registry, decision).await {
-            // The registry has acted (or answered): its answer stands even if the audit write fails.
-            Ok(response) => {
-                self.audit_or_log(AuditEntry::new(ACTION, masked, "withdrawn", format!("card {card_serial}"))).await;
-                tracing::info!(card = %card_serial, "loss report withdrawn");
-                Ok(response)
-            }
-            Err(error) => {
-                self.audit_or_log(AuditEntry::new(ACTION, masked, "failed", format!("card {card_serial}: {error}")))
-                    .await;
-                Err(peer_error(error))
-            }
-        }
-    }
 }
 
-fn peer_error(error: PeerError) -> WithdrawError {
-    if error.is_unavailable() {
-        return WithdrawError::Api(ApiError::unavailable(error.peer().to_owned(), error.to_string()));
-    }
-    match error {
-        PeerError::Status { status, .. } => WithdrawError::Peer(status),
-        other => WithdrawError::Api(ApiError::unavailable(other.peer().to_owned(), other.to_string())),
-    }
+/// Telling the home bureau the application ended (K5), owed by collection and cancellation.
+fn closing(model: &application::Model) -> outbox::NewMessage {
+    Topic::CloseApplication.message(&model.application_id, &model.home_bureau_id)
 }
 
 fn not_ready(application_id: &str, state: ApplicationState) -> ApiError {
@@ -612,18 +516,6 @@ fn not_ready(application_id: &str, state: ApplicationState) -> ApiError {
         "NOT_READY_FOR_COLLECTION",
         format!("application {application_id} is {}, not ready_for_collection", state.as_str()),
     )
-}
-
-pub(crate) fn parse_kind_state(model: &application::Model) -> Result<(ApplicationKind, ApplicationState), ApiError> {
-    let kind = ApplicationKind::parse(&model.kind)
-        .ok_or_else(|| ApiError::Internal(format!("unknown kind {:?} stored", model.kind)))?;
-    let state = ApplicationState::parse(&model.state)
-        .ok_or_else(|| ApiError::Internal(format!("unknown state {:?} stored", model.state)))?;
-    Ok((kind, state))
-}
-
-pub(crate) fn decode_decision(bytes: Option<&[u8]>) -> Option<pb::SignedDecision> {
-    pb::SignedDecision::decode(bytes?).ok()
 }
 
 /// The bureau whose step put an application in `state`: each state is entered by one of them.
@@ -650,19 +542,18 @@ fn view(
     events: &[application_event::Model],
     deliveries: Vec<outbox::Model>,
     station: &Station,
-) -> Result<ApplicationView, ApiError> {
-    let (kind, state) = parse_kind_state(&model)?;
+) -> ApplicationView {
     let history = events
         .iter()
-        .filter_map(|e| {
-            let state = ApplicationState::parse(&e.state)?;
+        .map(|e| {
+            let state = e.state.into();
             let bureau_id = bureau_of(state, &model, &station.id, &station.producer_id);
-            Some(HistoryEntry { state, at: e.at, note: e.note.clone(), bureau_id })
+            HistoryEntry { state, at: e.at, note: e.note.clone(), bureau_id }
         })
         .collect();
-    Ok(ApplicationView {
-        kind,
-        state,
+    ApplicationView {
+        kind: model.kind.into(),
+        state: model.state.into(),
         refusal_reason: model.refusal_reason.as_deref().and_then(RefusalReason::from_code),
         id_number_masked: mask_id_number(&model.id_number),
         home_bureau_id: model.home_bureau_id,
@@ -676,7 +567,7 @@ fn view(
         history,
         deliveries,
         application_id: model.application_id,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod m20261127_000001_create_applications;
 mod m20261127_000002_create_application_events;
 mod m20261127_000003_add_application_trace_context;
 mod m20261127_000004_add_application_request_key;
+mod m20261203_000005_drop_unused_application_columns;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateIdempotentRequests),
             // Appended: databases migrated before it run it last.
             Box::new(m20261127_000004_add_application_request_key::Migration),
+            Box::new(m20261203_000005_drop_unused_application_columns::Migration),
         ]
     }
 }

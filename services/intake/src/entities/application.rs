@@ -1,17 +1,19 @@
 use sea_orm::entity::prelude::*;
 
+use super::stored::{Document, Kind, State};
+
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "applications")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub application_id: String,
-    pub kind: String,
-    pub state: String,
+    pub kind: Kind,
+    pub state: State,
     pub id_number: String,
     pub declared_province: String,
     pub home_bureau_id: String,
     pub previous_card_serial: String,
-    pub document_kind: String,
+    pub document_kind: Document,
     pub live_face_template: Vec<u8>,
     pub live_fingerprint_template: Vec<u8>,
     pub refusal_reason: Option<String>,
@@ -21,12 +23,6 @@ pub struct Model {
     pub order_id: Option<String>,
     pub new_card_serial: Option<String>,
     pub home_notified: bool,
-    /// Retry bookkeeping of the worker before the outbox, which now keeps it per message
-    /// (`outbox_messages`): no longer written beyond their reset values.
-    pub halted: bool,
-    pub attempts: i32,
-    pub last_error: Option<String>,
-    pub next_attempt_at: Option<DateTimeUtc>,
     /// W3C `traceparent` of the request that lodged it: the worker's calls continue that trace.
     pub trace_context: Option<String>,
     /// Caller, method and `idempotency-key` of the request that lodged it, if keyed; unique.

@@ -1,12 +1,14 @@
 use sea_orm::entity::prelude::*;
 
+use super::stored::State;
+
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "application_events")]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
     pub application_id: String,
-    pub state: String,
+    pub state: State,
     pub at: DateTimeUtc,
     pub note: String,
 }

@@ -1,5 +1,5 @@
-//! What the station sends the other bureaus, delivered from its outbox (see
-//! `yidi_outbox`): verification by the home bureau → the loss report to the registry →
+//! The station's outbox handlers: what it sends the other bureaus (one [`Topic`] per step),
+//! delivered from its outbox (see `yidi_outbox`): verification by the home bureau → the loss report to the registry →
 //! the order to the producer → following the order until the card is dispatched → telling the
 //! home bureau the application ended (K5). Each step's answer is recorded in one transaction with
 //! the message it answers and the message the next step owes, so a crash anywhere leaves either
@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use prost::Message;
-use sea_orm::ActiveValue::Set;
 use tracing::Instrument;
 use yidi_audit::AuditEntry;
 use yidi_domain::{ApplicationKind, ApplicationState, mask::mask_id_number};
@@ -18,35 +17,25 @@ use yidi_proto::v1 as pb;
 use crate::{
     entities::application,
     peers::PeerError,
-    repo::{self, Messages, Transition},
-    service::{Intake, decode_decision, parse_kind_state},
+    repo::{Changes, Messages, Transition},
+    service::Intake,
+    topic::Topic,
 };
-
-pub const VERIFY: &str = "verify";
-pub const REPORT_LOSS: &str = "report_loss";
-pub const PLACE_ORDER: &str = "place_order";
-pub const AWAIT_ORDER: &str = "await_order";
-pub const CLOSE_APPLICATION: &str = "close_application";
-
-/// The first message an application owes: verification by its home bureau.
-pub fn verify(model: &application::Model) -> NewMessage {
-    NewMessage::new(VERIFY, &model.application_id, &model.home_bureau_id)
-}
 
 /// What a newly approved application owes next: its loss report (K1, K3) or its card.
 fn after_approval(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Option<NewMessage> {
     let station = &intake.inner.station;
     match kind {
         ApplicationKind::LossReport | ApplicationKind::Replacement => {
-            Some(NewMessage::new(REPORT_LOSS, &model.application_id, &station.registry_id))
+            Some(Topic::ReportLoss.message(&model.application_id, &station.registry_id))
         }
-        ApplicationKind::Renewal => Some(NewMessage::new(PLACE_ORDER, &model.application_id, &station.producer_id)),
+        ApplicationKind::Renewal => Some(Topic::PlaceOrder.message(&model.application_id, &station.producer_id)),
     }
 }
 
-/// Telling the home bureau the application ended (K5), owed by collection and cancellation.
-pub fn close(model: &application::Model) -> NewMessage {
-    NewMessage::new(CLOSE_APPLICATION, &model.application_id, &model.home_bureau_id)
+/// The home bureau's signed decision as stored with the application (see `verify_step`).
+fn decode_decision(bytes: Option<&[u8]>) -> Option<pb::SignedDecision> {
+    pb::SignedDecision::decode(bytes?).ok()
 }
 
 /// Between polls of an order still in production: half the time it has waited so far, from 1 s
@@ -67,28 +56,16 @@ fn from_api(error: ApiError) -> Delivery {
     }
 }
 
-/// Clears the error bookkeeping kept on the row by earlier versions.
-fn progress_changes() -> application::ActiveModel {
-    let mut changes = repo::changes();
-    changes.attempts = Set(0);
-    changes.last_error = Set(None);
-    changes.next_attempt_at = Set(None);
-    changes
-}
-
 /// Whether the application, as it is now, still needs what `topic` sends.
-fn still_owed(topic: &str, model: &application::Model) -> bool {
-    let Ok((_, state)) = parse_kind_state(model) else {
-        return true;
-    };
+fn still_owed(topic: Topic, model: &application::Model) -> bool {
     use ApplicationState as S;
+    let state = model.state.into();
     match topic {
-        VERIFY => matches!(state, S::Received | S::Verifying),
-        REPORT_LOSS => state == S::Approved && !model.loss_recorded,
-        PLACE_ORDER => state == S::Approved || (state == S::InProduction && model.order_id.is_none()),
-        AWAIT_ORDER => state == S::InProduction,
-        CLOSE_APPLICATION => matches!(state, S::Collected | S::Cancelled) && !model.home_notified,
-        _ => true,
+        Topic::Verify => matches!(state, S::Received | S::Verifying),
+        Topic::ReportLoss => state == S::Approved && !model.loss_recorded,
+        Topic::PlaceOrder => state == S::Approved || (state == S::InProduction && model.order_id.is_none()),
+        Topic::AwaitOrder => state == S::InProduction,
+        Topic::CloseApplication => matches!(state, S::Collected | S::Cancelled) && !model.home_notified,
     }
 }
 
@@ -108,19 +85,26 @@ impl Handler for Intake {
             Ok(model) => model,
             Err(outcome) => return outcome,
         };
+        // A topic this station does not send is undeliverable: a dead letter at once.
+        let topic = match message.topic.parse::<Topic>() {
+            Ok(topic) => topic,
+            Err(unknown) => return Delivery::Fail(unknown.to_string()),
+        };
+        let state = ApplicationState::from(model.state);
         // The step continues the trace of the request that lodged the application.
-        let span = tracing::info_span!("application_step", application_id = %model.application_id, topic = %message.topic, state = %model.state);
+        let span = tracing::info_span!("application_step", application_id = %model.application_id, %topic, state = state.as_str());
         yidi_runtime::telemetry::continue_trace(&span, model.trace_context.as_deref());
-        let outcome = step(self, message, &model).instrument(span).await;
+        let outcome = step(self, message, topic, &model).instrument(span).await;
         match &outcome {
             Delivery::Delivered => self.publish(&model.application_id).await,
             // A failure of a step no longer due (the application was cancelled meanwhile) is no
             // one's concern: it must neither be retried nor mark the application.
             Delivery::Retry(error) | Delivery::Fail(error) => {
                 if let Ok(now) = self.read(&message.subject).await
-                    && !still_owed(&message.topic, &now)
+                    && !still_owed(topic, &now)
                 {
-                    return Delivery::Dropped(format!("application is {} ({error})", now.state));
+                    let state = ApplicationState::from(now.state);
+                    return Delivery::Dropped(format!("application is {} ({error})", state.as_str()));
                 }
             }
             Delivery::Later { .. } | Delivery::Dropped(_) => {}
@@ -134,21 +118,17 @@ impl Handler for Intake {
     }
 }
 
-async fn step(intake: &Intake, message: &outbox::Model, model: &application::Model) -> Delivery {
-    let (kind, state) = match parse_kind_state(model) {
-        Ok(parsed) => parsed,
-        Err(error) => return from_api(error),
-    };
-    if !still_owed(&message.topic, model) {
+async fn step(intake: &Intake, message: &outbox::Model, topic: Topic, model: &application::Model) -> Delivery {
+    let (kind, state): (ApplicationKind, ApplicationState) = (model.kind.into(), model.state.into());
+    if !still_owed(topic, model) {
         return overtaken(model, state);
     }
-    let result = match message.topic.as_str() {
-        VERIFY => verify_step(intake, message, model, kind, state).await,
-        REPORT_LOSS => report_loss_step(intake, message, model, kind, state).await,
-        PLACE_ORDER => place_order_step(intake, message, model, state).await,
-        AWAIT_ORDER => await_order_step(intake, message, model, state).await,
-        CLOSE_APPLICATION => close_step(intake, message, model, state).await,
-        other => Ok(Delivery::Fail(format!("unknown topic {other:?}"))),
+    let result = match topic {
+        Topic::Verify => verify_step(intake, message, model, kind, state).await,
+        Topic::ReportLoss => report_loss_step(intake, message, model, kind, state).await,
+        Topic::PlaceOrder => place_order_step(intake, message, model, state).await,
+        Topic::AwaitOrder => await_order_step(intake, message, model, state).await,
+        Topic::CloseApplication => close_step(intake, message, model, state).await,
     };
     result.unwrap_or_else(from_api)
 }
@@ -172,8 +152,7 @@ async fn verify_step(
                 application_id: id,
                 from: &[ApplicationState::Received],
                 to: ApplicationState::Verifying,
-                changes: repo::changes(),
-                condition: None,
+                changes: Changes::default(),
                 note: format!("sent to home bureau {}", model.home_bureau_id),
                 audit: None,
                 messages: Messages::default(),
@@ -207,21 +186,22 @@ async fn verify_step(
     let masked = mask_id_number(&model.id_number);
     if let Some(decision) = answer.decision {
         let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
-        let mut changes = progress_changes();
-        // The home bureau names the card concerned (the register's current card when none was given).
-        if let Some(previous) =
-            decision.decision.as_ref().map(|d| d.previous_card_serial.clone()).filter(|s| !s.is_empty())
-        {
-            changes.previous_card_serial = Set(previous);
-        }
-        changes.decision = Set(Some(decision.encode_to_vec()));
-        changes.loss_decision = Set(answer.loss_decision.map(|d| d.encode_to_vec()));
+        let changes = Changes {
+            // The home bureau names the card concerned (the register's current card when none was given).
+            previous_card_serial: decision
+                .decision
+                .as_ref()
+                .map(|d| d.previous_card_serial.clone())
+                .filter(|s| !s.is_empty()),
+            decision: Some(decision.encode_to_vec()),
+            loss_decision: answer.loss_decision.map(|d| d.encode_to_vec()),
+            ..Changes::default()
+        };
         let approved = Transition {
             application_id: id,
             from: &[ApplicationState::Verifying],
             to: ApplicationState::Approved,
             changes,
-            condition: None,
             note: format!("approved by {} (decision {decision_id})", model.home_bureau_id),
             audit: Some(AuditEntry::new("verification", masked, "approved", format!("decision {decision_id}"))),
             messages: Messages::answering(&message.id).and_owe(after_approval(intake, model, kind)),
@@ -237,14 +217,11 @@ async fn verify_step(
     else {
         return Ok(Delivery::Fail(format!("{} answered neither a decision nor a known refusal", model.home_bureau_id)));
     };
-    let mut changes = progress_changes();
-    changes.refusal_reason = Set(Some(reason.code().to_owned()));
     let refused = Transition {
         application_id: id,
         from: &[ApplicationState::Verifying],
         to: ApplicationState::Refused,
-        changes,
-        condition: None,
+        changes: Changes { refusal_reason: Some(reason), ..Changes::default() },
         note: format!("refused by {}: {}", model.home_bureau_id, reason.code()),
         audit: Some(AuditEntry::new("verification", masked, "refused", reason.code())),
         messages: Messages::answering(&message.id),
@@ -292,9 +269,8 @@ async fn report_loss_step(
         }
         Err(error) => return Ok(from_peer(error)),
     };
-    let mut changes = progress_changes();
-    changes.loss_recorded = Set(true);
-    let next = kind.makes_a_card().then(|| NewMessage::new(PLACE_ORDER, id, &inner.station.producer_id));
+    let changes = Changes { loss_recorded: true, ..Changes::default() };
+    let next = kind.makes_a_card().then(|| Topic::PlaceOrder.message(id, &inner.station.producer_id));
     let recorded = inner
         .repo
         .update_in_state(
@@ -330,8 +306,7 @@ async fn place_order_step(
                 application_id: id,
                 from: &[ApplicationState::Approved],
                 to: ApplicationState::InProduction,
-                changes: progress_changes(),
-                condition: None,
+                changes: Changes::default(),
                 note: format!("ordering from {producer}"),
                 audit: None,
                 messages: Messages::default(),
@@ -360,11 +335,11 @@ async fn place_order_step(
         }
         Err(error) => return Ok(from_peer(error)),
     };
-    let mut changes = progress_changes();
-    changes.order_id = Set(Some(order.order_id.clone()));
-    if !order.card_serial.is_empty() {
-        changes.new_card_serial = Set(Some(order.card_serial.clone()));
-    }
+    let changes = Changes {
+        order_id: Some(order.order_id.clone()),
+        new_card_serial: Some(order.card_serial.clone()).filter(|s| !s.is_empty()),
+        ..Changes::default()
+    };
     let stored = inner
         .repo
         .update_in_state(
@@ -377,7 +352,7 @@ async fn place_order_step(
                 "ordered",
                 format!("order {} card {} decision {decision_id}", order.order_id, order.card_serial),
             )),
-            Messages::answering(&message.id).and_owe(Some(NewMessage::new(AWAIT_ORDER, id, producer))),
+            Messages::answering(&message.id).and_owe(Some(Topic::AwaitOrder.message(id, producer))),
             intake.clock().now(),
         )
         .await?;
@@ -413,16 +388,14 @@ async fn await_order_step(
         let note = Some(order.last_error).filter(|e| !e.is_empty());
         return Ok(Delivery::Later { after: poll_interval(waited), note });
     }
-    let mut changes = progress_changes();
-    if !order.card_serial.is_empty() {
-        changes.new_card_serial = Set(Some(order.card_serial.clone()));
-    }
     let ready = Transition {
         application_id: id,
         from: &[ApplicationState::InProduction],
         to: ApplicationState::ReadyForCollection,
-        changes,
-        condition: None,
+        changes: Changes {
+            new_card_serial: Some(order.card_serial.clone()).filter(|s| !s.is_empty()),
+            ..Changes::default()
+        },
         note: format!("card {} dispatched to the station", order.card_serial),
         audit: Some(AuditEntry::new(
             "card_dispatched",
@@ -468,8 +441,7 @@ async fn close_step(
         Err(error) if error.code() == Some(tonic::Code::NotFound) => {}
         Err(error) => return Ok(from_peer(error)),
     }
-    let mut changes = progress_changes();
-    changes.home_notified = Set(true);
+    let changes = Changes { home_notified: Some(true), ..Changes::default() };
     inner
         .repo
         .update_in_state(
