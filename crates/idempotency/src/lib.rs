@@ -117,20 +117,12 @@ pub fn key_of(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, FieldViolat
     Ok(Some(IdempotencyKey(String::from_utf8_lossy(bytes).into_owned())))
 }
 
-/// Whether an answer with `code` is final, so that a repeat must get it again: the request itself
-/// decided it. Transient failures (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED,
+/// Whether an answer with `code` is final, so that a repeat must get it again: OK, or an error the
+/// receiver decided about the request ([`yidi_grpc::client::is_transient`] says which, for every
+/// bureau alike). Transient failures (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED,
 /// INTERNAL, UNKNOWN, CANCELLED...) are not stored: the repeat runs again.
 pub fn is_definitive(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Ok
-            | Code::InvalidArgument
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::FailedPrecondition
-            | Code::PermissionDenied
-            | Code::OutOfRange
-    )
+    code == Code::Ok || !yidi_grpc::client::is_transient(code)
 }
 
 /// `[idempotency]`

@@ -1,12 +1,9 @@
-//! Calls to the other bureaus, over gRPC, through channels kept per bureau.
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+//! Calls to the other bureaus, over gRPC, through the channels of [`client::Peers`] (which follow
+//! the directory in force).
+use std::time::Duration;
 
 use tonic::{Code, Status};
-use yidi_grpc::client::{Connector, PeerChannel};
+use yidi_grpc::client::{self, Connector, PeerChannel};
 use yidi_outbox::IDEMPOTENCY_KEY;
 use yidi_proto::v1 as pb;
 use yidi_proto::v1::{
@@ -24,22 +21,13 @@ pub enum PeerError {
 }
 
 impl PeerError {
-    /// Whether retrying later may succeed (transport trouble, overload), as opposed to a
-    /// definitive refusal that retrying cannot change.
+    /// Whether retrying later may succeed (transport trouble, overload, a directory still to be
+    /// fixed), as opposed to a definitive refusal that retrying cannot change
+    /// ([`client::is_transient`]).
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Unreachable { .. } => true,
-            Self::Status { status, .. } => !matches!(
-                status.code(),
-                Code::PermissionDenied
-                    | Code::FailedPrecondition
-                    | Code::InvalidArgument
-                    | Code::Unimplemented
-                    | Code::Unauthenticated
-                    | Code::OutOfRange
-                    | Code::AlreadyExists
-                    | Code::NotFound
-            ),
+            Self::Status { status, .. } => client::is_transient(status.code()),
         }
     }
 
@@ -80,32 +68,20 @@ impl std::fmt::Display for PeerError {
 
 #[derive(Debug, Clone)]
 pub struct Peers {
-    directory: DirectoryHandle,
-    connector: Connector,
-    channels: Arc<Mutex<HashMap<String, PeerChannel>>>,
+    channels: client::Peers,
     /// The deadline of every call, sent along as `grpc-timeout`.
     call_timeout: Duration,
 }
 
 impl Peers {
     pub fn new(directory: DirectoryHandle, connector: Connector, call_timeout: Duration) -> Self {
-        Self { directory, connector, channels: Arc::default(), call_timeout }
+        Self { channels: client::Peers::new(directory, connector), call_timeout }
     }
 
     fn channel(&self, bureau_id: &str) -> Result<PeerChannel, PeerError> {
-        let unreachable = |message: String| PeerError::Unreachable { peer: bureau_id.to_owned(), message };
-        if let Ok(channels) = self.channels.lock()
-            && let Some(channel) = channels.get(bureau_id)
-        {
-            return Ok(channel.clone());
-        }
-        let directory = self.directory.current();
-        let bureau = directory.get(bureau_id).ok_or_else(|| unreachable("not in the directory".into()))?;
-        let channel = self.connector.channel(bureau).map_err(|e| unreachable(e.to_string()))?;
-        if let Ok(mut channels) = self.channels.lock() {
-            channels.insert(bureau_id.to_owned(), channel.clone());
-        }
-        Ok(channel)
+        self.channels
+            .channel(bureau_id)
+            .map_err(|e| PeerError::Unreachable { peer: bureau_id.to_owned(), message: e.to_string() })
     }
 
     /// A request carrying `key` as its idempotency key: a redelivery of the same outbox message

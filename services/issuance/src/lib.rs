@@ -16,7 +16,7 @@ use yidi_bureau::BureauConfig;
 use anyhow::Context;
 use yidi_bureau::startup::{self, Prepared};
 use yidi_domain::Role;
-use yidi_grpc::overload::MAX_REQUEST_BYTES;
+use yidi_grpc::{client::Peers, overload::MAX_REQUEST_BYTES};
 use yidi_issuance_migration::Migrator;
 use yidi_outbox::{self as outbox, Dispatcher};
 use yidi_proto::v1::issuance_server::IssuanceServer;
@@ -41,14 +41,15 @@ pub async fn serve(
     let prepared =
         startup::prepare::<Migrator, _, _>(sections, Role::Issuance, listener, shutdown, |directory, _, connector| {
             let registry = config.registry(directory)?.clone();
-            let channel =
-                connector.channel(&registry).map_err(|e| ConfigError::key("directory.path", e.to_string()))?;
-            Ok((registry, channel))
+            // The registry must be reachable the way `[tls]` says; its channel follows the directory.
+            connector.channel(&registry).map_err(|e| ConfigError::key("directory.path", e.to_string()))?;
+            Ok(registry)
         })
         .await?;
     let Prepared {
-        directory, clock, db, shutdown: stop, server, grace, checked: (registry, channel), outbox_wake, ..
+        directory, connector, clock, db, shutdown: stop, server, grace, checked: registry, outbox_wake, ..
     } = prepared;
+    let peers = Peers::new(directory.clone(), connector);
 
     let service = Arc::new(IssuanceService::new(IssuanceParts {
         repo: Repo::new(db.clone()),
@@ -64,7 +65,7 @@ pub async fn serve(
     // placed: a restart with a shorter delay (or a clock set back) cannot stall older orders.
     let latest = chrono::Utc::now() + chrono::Duration::milliseconds(config.production.delay_ms as i64);
     outbox::bring_forward(&db, worker::REGISTER_CARD, latest).await.context("rescheduling registrations")?;
-    let registrar = Registrar::new(Arc::clone(&service), channel, registry.id.clone(), config.outbox.call_timeout());
+    let registrar = Registrar::new(Arc::clone(&service), peers, registry.id.clone(), config.outbox.call_timeout());
     let dispatcher = Dispatcher::new(db.clone(), Arc::new(registrar), config.outbox.clone(), outbox_wake, stop.clone());
     let worker = tokio::spawn(dispatcher.run());
     tracing::info!(

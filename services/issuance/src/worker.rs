@@ -8,7 +8,7 @@ use tonic::Code;
 use tracing::Instrument;
 use uuid::Uuid;
 use yidi_audit::AuditEntry;
-use yidi_grpc::client::PeerChannel;
+use yidi_grpc::client::{self, Peers};
 use yidi_outbox::{self as outbox, Delivery, Handler, IDEMPOTENCY_KEY};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 
@@ -27,14 +27,10 @@ pub enum Verdict {
 }
 
 /// Definitive: the registry judged the request (PERMISSION_DENIED, FAILED_PRECONDITION, ALREADY_EXISTS
-/// for a different serial, INVALID_ARGUMENT). Everything else may pass on a later attempt.
+/// for a different serial, INVALID_ARGUMENT...); the codes every bureau retries are transient
+/// ([`client::is_transient`]).
 pub fn classify(code: Code) -> Verdict {
-    match code {
-        Code::PermissionDenied | Code::FailedPrecondition | Code::AlreadyExists | Code::InvalidArgument => {
-            Verdict::Definitive
-        }
-        _ => Verdict::Transient,
-    }
+    if client::is_transient(code) { Verdict::Transient } else { Verdict::Definitive }
 }
 
 /// The outbox topic of card registrations.
@@ -44,20 +40,16 @@ pub const REGISTER_CARD: &str = "register_card";
 /// dispatch to the station.
 pub struct Registrar {
     service: Arc<IssuanceService>,
-    client: LossRegistryClient<PeerChannel>,
+    /// The registry's channel, as the directory in force lists its endpoint.
+    peers: Peers,
     registry_id: String,
     /// The deadline of every call, sent along as `grpc-timeout`.
     call_timeout: Duration,
 }
 
 impl Registrar {
-    pub fn new(
-        service: Arc<IssuanceService>,
-        channel: PeerChannel,
-        registry_id: String,
-        call_timeout: Duration,
-    ) -> Self {
-        Self { service, client: LossRegistryClient::new(channel), registry_id, call_timeout }
+    pub fn new(service: Arc<IssuanceService>, peers: Peers, registry_id: String, call_timeout: Duration) -> Self {
+        Self { service, peers, registry_id, call_timeout }
     }
 }
 
@@ -107,7 +99,14 @@ impl Registrar {
         if let Ok(key) = message_id.parse() {
             request.metadata_mut().insert(IDEMPOTENCY_KEY, key);
         }
-        match self.client.clone().register_card(request).await {
+        let channel = match self.peers.channel(&self.registry_id) {
+            Ok(channel) => channel,
+            Err(error) => {
+                let message = format!("registry {}: {error}", self.registry_id);
+                return self.failed(&order, Verdict::Transient, message).await;
+            }
+        };
+        match LossRegistryClient::new(channel).register_card(request).await {
             Ok(response) => {
                 let response = response.into_inner();
                 if !response.card_serial.is_empty() && response.card_serial != order.card_serial {
