@@ -137,14 +137,14 @@ impl VerificationApi {
 }
 
 /// The `VerifyResponse` of an answer, encoded: stored with the verification and replayed unchanged.
-pub fn encode_answer(answer: &Answer) -> Vec<u8> {
+pub fn encode_answer(answer: Answer<'_>) -> Vec<u8> {
     let response = match answer {
         Answer::Refused(reason) => {
-            pb::VerifyResponse { decision: None, loss_decision: None, refusal_reason: refusal_to_proto(*reason) as i32 }
+            pb::VerifyResponse { decision: None, loss_decision: None, refusal_reason: refusal_to_proto(reason) as i32 }
         }
         Answer::Approved { decision, loss_decision } => pb::VerifyResponse {
             decision: Some(signed_decision_to_proto(decision)),
-            loss_decision: loss_decision.as_ref().map(signed_decision_to_proto),
+            loss_decision: loss_decision.map(signed_decision_to_proto),
             refusal_reason: pb::RefusalReason::Unspecified as i32,
         },
     };

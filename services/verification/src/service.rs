@@ -37,15 +37,15 @@ pub struct VerifyInput {
 }
 
 /// What Verify answers: a refusal, or the signed decisions.
-#[derive(Debug, Clone)]
-pub enum Answer {
+#[derive(Debug, Clone, Copy)]
+pub enum Answer<'a> {
     Refused(RefusalReason),
-    Approved { decision: SignedDecision, loss_decision: Option<SignedDecision> },
+    Approved { decision: &'a SignedDecision, loss_decision: Option<&'a SignedDecision> },
 }
 
 /// Encodes an answer as it is stored and replayed; the wire format is the gRPC face's
 /// (`grpc::encode_answer`).
-pub type EncodeAnswer = fn(&Answer) -> Vec<u8>;
+pub type EncodeAnswer = fn(Answer<'_>) -> Vec<u8>;
 
 /// The answer to Verify, encoded, as stored and replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,7 +325,7 @@ impl Verifier {
         masked: &str,
         now: DateTime<Utc>,
     ) -> Result<VerifyAnswer, ApiError> {
-        let response = (self.encode)(&Answer::Refused(reason));
+        let response = (self.encode)(Answer::Refused(reason));
         tx.insert_verification(NewVerification {
             application_id: input.application_id.clone(),
             purpose: input.purpose,
@@ -452,10 +452,9 @@ impl Verifier {
                 (decision, None, None)
             }
         };
+        let response = (self.encode)(Answer::Approved { decision: &decision, loss_decision: loss_decision.as_ref() });
         let decision_id = decision.decision.decision_id.clone();
-        let addressee_id = decision.decision.addressee_id.clone();
         let loss_decision_id = loss_decision.as_ref().map(|d| d.decision.decision_id.clone());
-        let response = (self.encode)(&Answer::Approved { decision, loss_decision });
         tx.insert_verification(NewVerification {
             application_id: input.application_id.clone(),
             purpose: input.purpose,
@@ -477,7 +476,7 @@ impl Verifier {
             input.application_id,
             input.purpose.as_str(),
             input.station_id,
-            addressee_id,
+            decision.decision.addressee_id,
             decision_id,
             loss_decision_id.map(|id| format!(" loss decision {id}")).unwrap_or_default()
         );
