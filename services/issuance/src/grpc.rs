@@ -17,7 +17,7 @@ use yidi_proto::v1::{self as pb, issuance_server::Issuance};
 use yidi_runtime::Shutdown;
 
 use crate::{
-    repo::{Order, OrderState},
+    order::{Order, OrderState},
     service::{IssuanceService, OrderKey, OrderRequest},
 };
 

@@ -6,9 +6,10 @@
 pub mod config;
 mod entities;
 mod grpc;
+mod order;
+mod outbox;
 mod repo;
 mod service;
-mod worker;
 
 use std::{future::Future, sync::Arc, time::Duration};
 use yidi_bureau::BureauConfig;
@@ -18,16 +19,17 @@ use yidi_bureau::startup::{self, Prepared};
 use yidi_domain::Role;
 use yidi_grpc::{client::Peers, overload::MAX_REQUEST_BYTES};
 use yidi_issuance_migration::Migrator;
-use yidi_outbox::{self as outbox, Dispatcher};
+use yidi_outbox::{Dispatcher, bring_forward};
 use yidi_proto::v1::issuance_server::IssuanceServer;
 use yidi_runtime::{Shutdown, config::ConfigError};
 
 use crate::{
     config::IssuanceConfig,
     grpc::IssuanceGrpc,
+    order::OrderEvents,
+    outbox::{Production, Registrar, Topic},
     repo::Repo,
     service::{IssuanceParts, IssuanceService},
-    worker::Registrar,
 };
 
 /// Runs the service on `listener` until `shutdown` resolves.
@@ -51,6 +53,13 @@ pub async fn serve(
     } = prepared;
     let peers = Peers::new(directory.clone(), connector);
 
+    let events = OrderEvents::default();
+    let production = Production {
+        repo: Repo::new(db.clone()),
+        clock: clock.clone(),
+        bureau_id: config.server.bureau_id.clone(),
+        events: events.clone(),
+    };
     let service = Arc::new(IssuanceService::new(IssuanceParts {
         repo: Repo::new(db.clone()),
         directory,
@@ -60,12 +69,13 @@ pub async fn serve(
         delay: Duration::from_millis(config.production.delay_ms),
         registry_id: registry.id.clone(),
         wake: Arc::clone(&outbox_wake),
+        events,
     }));
     // Production takes at most `production.delay_ms` from now, whatever it was when an order was
     // placed: a restart with a shorter delay (or a clock set back) cannot stall older orders.
     let latest = chrono::Utc::now() + chrono::Duration::milliseconds(config.production.delay_ms as i64);
-    outbox::bring_forward(&db, worker::REGISTER_CARD, latest).await.context("rescheduling registrations")?;
-    let registrar = Registrar::new(Arc::clone(&service), peers, registry.id.clone(), config.outbox.call_timeout());
+    bring_forward(&db, Topic::RegisterCard.as_str(), latest).await.context("rescheduling registrations")?;
+    let registrar = Registrar::new(production, peers, registry.id.clone(), config.outbox.call_timeout());
     let dispatcher = Dispatcher::new(db.clone(), Arc::new(registrar), config.outbox.clone(), outbox_wake, stop.clone());
     let worker = tokio::spawn(dispatcher.run());
     tracing::info!(

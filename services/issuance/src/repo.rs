@@ -12,71 +12,21 @@ use yidi_grpc::ApiError;
 use yidi_outbox::{self as outbox, NewMessage};
 use yidi_runtime::db;
 
-use crate::entities::orders;
+use crate::{
+    entities::orders,
+    order::{Order, OrderState},
+};
 
-/// The life of an order at the producer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OrderState {
-    InProduction,
-    Registered,
-    Dispatched,
-}
-
-impl OrderState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InProduction => "in_production",
-            Self::Registered => "registered",
-            Self::Dispatched => "dispatched",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::InProduction, Self::Registered, Self::Dispatched].into_iter().find(|v| v.as_str() == s)
-    }
-
-    pub fn is_final(self) -> bool {
-        self == Self::Dispatched
-    }
-}
-
-/// An order as the service and its callers see it: the id number is masked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Order {
-    pub order_id: Uuid,
-    pub decision_id: String,
-    pub application_id: String,
-    pub station_id: String,
-    pub id_number_masked: String,
-    pub card_serial: String,
-    pub state: OrderState,
-    pub valid_from: NaiveDate,
-    pub valid_until: Option<NaiveDate>,
-    pub ready_at: DateTime<Utc>,
-    pub attempts: i32,
-    pub last_error: String,
-    pub retry_stopped: bool,
-    /// W3C `traceparent` of the PlaceOrder request.
-    pub trace_context: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl TryFrom<orders::Model> for Order {
-    type Error = ApiError;
-
-    fn try_from(model: orders::Model) -> Result<Self, ApiError> {
-        let state = OrderState::parse(&model.state).ok_or_else(|| {
-            ApiError::Internal(format!("order {} has unknown state {:?}", model.order_id, model.state))
-        })?;
-        Ok(Self {
+impl From<orders::Model> for Order {
+    fn from(model: orders::Model) -> Self {
+        Self {
             order_id: model.order_id,
             decision_id: model.decision_id,
             application_id: model.application_id,
             station_id: model.station_id,
             id_number_masked: mask_id_number(&model.id_number),
             card_serial: model.card_serial,
-            state,
+            state: model.state,
             valid_from: model.valid_from,
             valid_until: model.valid_until,
             ready_at: model.ready_at,
@@ -86,7 +36,7 @@ impl TryFrom<orders::Model> for Order {
             trace_context: model.trace_context,
             created_at: model.created_at,
             updated_at: model.updated_at,
-        })
+        }
     }
 }
 
@@ -160,7 +110,7 @@ impl Repo {
                 station_id: Set(order.station_id),
                 id_number: Set(order.id_number),
                 card_serial: Set(order.card_serial),
-                state: Set(OrderState::InProduction.as_str().to_owned()),
+                state: Set(OrderState::InProduction),
                 signed_decision: Set(order.signed_decision),
                 valid_from: Set(order.valid_from),
                 valid_until: Set(order.valid_until),
@@ -181,7 +131,7 @@ impl Repo {
         }
         .await;
         match result {
-            Ok(model) => Order::try_from(model).map_err(|e| InsertError::Db(DbErr::Custom(e.to_string()))),
+            Ok(model) => Ok(Order::from(model)),
             Err(error) => {
                 if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) {
                     // Which key? Ask the database rather than parse driver messages.
@@ -210,11 +160,11 @@ impl Repo {
     }
 
     pub async fn find(&self, order_id: Uuid) -> Result<Option<Order>, ApiError> {
-        orders::Entity::find_by_id(order_id).one(&self.db).await?.map(Order::try_from).transpose()
+        Ok(orders::Entity::find_by_id(order_id).one(&self.db).await?.map(Order::from))
     }
 
     pub async fn find_by_decision(&self, decision_id: &str) -> Result<Option<Order>, ApiError> {
-        self.find_model_by_decision(decision_id).await?.map(Order::try_from).transpose()
+        Ok(self.find_model_by_decision(decision_id).await?.map(Order::from))
     }
 
     /// The stored signed decision (protobuf bytes) of an order.
@@ -234,7 +184,7 @@ impl Repo {
     ) -> Result<Option<Order>, ApiError> {
         let txn = db::begin(&self.db).await?;
         let mut update = orders::Entity::update_many()
-            .col_expr(orders::Column::State, Expr::value(to.as_str()))
+            .col_expr(orders::Column::State, Expr::value(to))
             .col_expr(orders::Column::UpdatedAt, Expr::value(now));
         if from == OrderState::InProduction {
             update = update
@@ -245,7 +195,7 @@ impl Repo {
         }
         let result = update
             .filter(orders::Column::OrderId.eq(order_id))
-            .filter(orders::Column::State.eq(from.as_str()))
+            .filter(orders::Column::State.eq(from))
             .exec(&txn)
             .await?;
         if result.rows_affected != 1 {
@@ -255,7 +205,7 @@ impl Repo {
         audit::append(&txn, now, audit).await?;
         let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
         txn.commit().await?;
-        model.map(Order::try_from).transpose()
+        Ok(model.map(Order::from))
     }
 
     /// Records a failed registration attempt of an order still in production.
@@ -277,7 +227,7 @@ impl Repo {
             .col_expr(orders::Column::RetryStopped, Expr::value(stop))
             .col_expr(orders::Column::UpdatedAt, Expr::value(now))
             .filter(orders::Column::OrderId.eq(order_id))
-            .filter(orders::Column::State.eq(OrderState::InProduction.as_str()))
+            .filter(orders::Column::State.eq(OrderState::InProduction))
             .exec(&txn)
             .await?;
         if result.rows_affected != 1 {
@@ -289,6 +239,6 @@ impl Repo {
         }
         let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
         txn.commit().await?;
-        model.map(Order::try_from).transpose()
+        Ok(model.map(Order::from))
     }
 }

@@ -12,8 +12,9 @@ use yidi_outbox::NewMessage;
 use yidi_runtime::{Clock, directory::DirectoryHandle};
 
 use crate::{
-    repo::{InsertError, NewOrder, Order, Repo},
-    worker::REGISTER_CARD,
+    order::{Order, OrderEvents},
+    outbox::Topic,
+    repo::{InsertError, NewOrder, Repo},
 };
 
 /// How many fresh serials PlaceOrder draws before giving up on a collision streak.
@@ -25,7 +26,7 @@ const SERIAL_SPACE: u64 = 10_000_000_000;
 #[derive(Debug, Clone)]
 pub struct OrderRequest {
     pub signed: SignedDecision,
-    /// `pb::SignedDecision` bytes, stored and forwarded to the registry verbatim.
+    /// The decision's protobuf encoding, stored and forwarded to the registry verbatim.
     pub encoded: Vec<u8>,
 }
 
@@ -52,7 +53,7 @@ pub struct IssuanceService {
     registry_id: String,
     /// Wakes the outbox dispatcher when an order is placed.
     wake: Arc<Notify>,
-    events: broadcast::Sender<Order>,
+    events: OrderEvents,
 }
 
 /// What the service is made of.
@@ -65,36 +66,20 @@ pub struct IssuanceParts {
     pub delay: Duration,
     pub registry_id: String,
     pub wake: Arc<Notify>,
+    /// Shared with the outbox handler, which publishes the registrations and dispatches.
+    pub events: OrderEvents,
 }
 
 impl IssuanceService {
     pub fn new(parts: IssuanceParts) -> Self {
-        let (events, _) = broadcast::channel(256);
-        let IssuanceParts { repo, directory, clock, bureau_id, serial_prefix, delay, registry_id, wake } = parts;
+        let IssuanceParts { repo, directory, clock, bureau_id, serial_prefix, delay, registry_id, wake, events } =
+            parts;
         Self { repo, directory, clock, bureau_id, serial_prefix, delay, registry_id, wake, events }
-    }
-
-    pub fn repo(&self) -> &Repo {
-        &self.repo
-    }
-
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
-    pub fn bureau_id(&self) -> &str {
-        &self.bureau_id
     }
 
     /// Every committed change of an order.
     pub fn subscribe(&self) -> broadcast::Receiver<Order> {
         self.events.subscribe()
-    }
-
-    /// Announces a committed change to the watchers.
-    pub fn publish(&self, order: &Order) {
-        // No receiver is fine: nobody is watching.
-        let _ = self.events.send(order.clone());
     }
 
     /// PlaceOrder (S4).
@@ -143,7 +128,7 @@ impl IssuanceService {
             let left = (ready_at - now).to_std().unwrap_or(Duration::ZERO).min(self.delay);
             let registration = NewMessage {
                 not_before: Some(Utc::now() + chrono::Duration::from_std(left).unwrap_or_default()),
-                ..NewMessage::new(REGISTER_CARD, order_id.to_string(), &self.registry_id)
+                ..NewMessage::new(Topic::RegisterCard.as_str(), order_id.to_string(), &self.registry_id)
             };
             match self.repo.insert_order(order, audit, registration).await {
                 Ok(order) => {
@@ -154,7 +139,7 @@ impl IssuanceService {
                         id_number = %order.id_number_masked,
                         "order placed: in production"
                     );
-                    self.publish(&order);
+                    self.events.publish(&order);
                     self.wake.notify_one();
                     return Ok(order);
                 }

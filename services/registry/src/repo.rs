@@ -4,7 +4,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, TryInsertResult,
+    QuerySelect, SqlErr, TryInsertResult,
     sea_query::Expr,
 };
 use tokio_stream::StreamExt;
@@ -13,12 +13,12 @@ use yidi_domain::StoredCardStatus;
 use yidi_runtime::db;
 
 use crate::{
-    entities::{cards, hits, loss_reports, status_events},
+    entities::{CardStatusColumn, cards, hits, loss_reports, status_events},
     index::{CardIndex, IndexedCard},
 };
 
 /// The columns a check needs, as the index loader reads them.
-type IndexRow = (String, String, String, String, Option<NaiveDate>, DateTime<Utc>);
+type IndexRow = (String, String, String, CardStatusColumn, Option<NaiveDate>, DateTime<Utc>);
 
 /// A card as the registry stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,24 +35,20 @@ pub struct Card {
     pub created_at: DateTime<Utc>,
 }
 
-impl TryFrom<cards::Model> for Card {
-    type Error = DbErr;
-
-    fn try_from(m: cards::Model) -> Result<Self, DbErr> {
-        let status = StoredCardStatus::parse(&m.status)
-            .ok_or_else(|| DbErr::Custom(format!("card {}: unknown status {:?}", m.serial, m.status)))?;
-        Ok(Self {
+impl From<cards::Model> for Card {
+    fn from(m: cards::Model) -> Self {
+        Self {
             serial: m.serial,
             id_number: m.id_number,
             home_bureau_id: m.home_bureau_id,
-            status,
+            status: m.status.into(),
             valid_from: m.valid_from,
             valid_until: m.valid_until,
             decision_id: m.decision_id,
             producer_id: m.producer_id,
             status_changed_at: m.status_changed_at,
             created_at: m.created_at,
-        })
+        }
     }
 }
 
@@ -83,12 +79,10 @@ impl TryFrom<status_events::Model> for StatusEvent {
     type Error = DbErr;
 
     fn try_from(m: status_events::Model) -> Result<Self, DbErr> {
-        let status = StoredCardStatus::parse(&m.status)
-            .ok_or_else(|| DbErr::Custom(format!("event {}: unknown status {:?}", m.sequence, m.status)))?;
         Ok(Self {
             sequence: u64::try_from(m.sequence).map_err(|_| DbErr::Custom("negative sequence".into()))?,
             card_serial: m.card_serial,
-            status,
+            status: m.status.into(),
             changed_at: m.changed_at,
         })
     }
@@ -166,10 +160,10 @@ async fn move_status<C: ConnectionTrait>(
         return Err(DbErr::Custom(format!("transition {} -> {} is not allowed", from.as_str(), to.as_str())));
     }
     let updated = cards::Entity::update_many()
-        .col_expr(cards::Column::Status, Expr::value(to.as_str()))
+        .col_expr(cards::Column::Status, Expr::value(CardStatusColumn::from(to)))
         .col_expr(cards::Column::StatusChangedAt, Expr::value(now))
         .filter(cards::Column::Serial.eq(serial))
-        .filter(cards::Column::Status.eq(from.as_str()))
+        .filter(cards::Column::Status.eq(CardStatusColumn::from(from)))
         .exec(db)
         .await?;
     if updated.rows_affected != 1 {
@@ -178,7 +172,7 @@ async fn move_status<C: ConnectionTrait>(
     let inserted = status_events::Entity::insert(status_events::ActiveModel {
         sequence: NotSet,
         card_serial: Set(serial.to_owned()),
-        status: Set(to.as_str().to_owned()),
+        status: Set(to.into()),
         changed_at: Set(now),
     })
     .exec(db)
@@ -192,7 +186,7 @@ fn card_model(card: NewCard, status_changed_at: DateTime<Utc>, now: DateTime<Utc
         serial: Set(card.serial),
         id_number: Set(card.id_number),
         home_bureau_id: Set(card.home_bureau_id),
-        status: Set(card.status.as_str().to_owned()),
+        status: Set(card.status.into()),
         valid_from: Set(card.valid_from),
         valid_until: Set(card.valid_until),
         decision_id: Set(card.decision_id),
@@ -209,7 +203,7 @@ impl Repo {
     }
 
     pub async fn card(&self, serial: &str) -> Result<Option<Card>, DbErr> {
-        cards::Entity::find_by_id(serial.to_owned()).one(&self.db).await?.map(Card::try_from).transpose()
+        Ok(cards::Entity::find_by_id(serial.to_owned()).one(&self.db).await?.map(Card::from))
     }
 
     /// Every card, into a new index sized for them (read as one stream, never all in memory).
@@ -232,13 +226,11 @@ impl Repo {
             .await?;
         while let Some(row) = rows.next().await {
             let (serial, id_number, home_bureau_id, status, valid_until, status_changed_at) = row?;
-            let status = StoredCardStatus::parse(&status)
-                .ok_or_else(|| DbErr::Custom(format!("card {serial}: unknown status {status:?}")))?;
             let card = IndexedCard {
                 serial: &serial,
                 id_number: &id_number,
                 home_bureau_id: &home_bureau_id,
-                status,
+                status: status.into(),
                 valid_until,
                 status_changed_at,
             };
@@ -249,13 +241,13 @@ impl Repo {
 
     /// Every card of a holder, whatever its status.
     pub async fn cards_of(&self, id_number: &str) -> Result<Vec<Card>, DbErr> {
-        cards::Entity::find()
+        Ok(cards::Entity::find()
             .filter(cards::Column::IdNumber.eq(id_number))
             .all(&self.db)
             .await?
             .into_iter()
-            .map(Card::try_from)
-            .collect()
+            .map(Card::from)
+            .collect())
     }
 
     /// The holder's cards that are still in force (valid or reported lost).
@@ -267,12 +259,7 @@ impl Repo {
     }
 
     pub async fn card_by_decision(&self, decision_id: &str) -> Result<Option<Card>, DbErr> {
-        cards::Entity::find()
-            .filter(cards::Column::DecisionId.eq(decision_id))
-            .one(&self.db)
-            .await?
-            .map(Card::try_from)
-            .transpose()
+        Ok(cards::Entity::find().filter(cards::Column::DecisionId.eq(decision_id)).one(&self.db).await?.map(Card::from))
     }
 
     /// Serials of the cards the registration of `serial` revoked.
@@ -412,17 +399,13 @@ impl Repo {
         let others = cards::Entity::find()
             .filter(cards::Column::IdNumber.eq(id_number.as_str()))
             .filter(cards::Column::Serial.ne(serial.as_str()))
-            .filter(
-                cards::Column::Status
-                    .is_in([StoredCardStatus::Valid.as_str(), StoredCardStatus::ReportedLost.as_str()]),
-            )
+            .filter(cards::Column::Status.is_in([CardStatusColumn::Valid, CardStatusColumn::ReportedLost]))
             .order_by_asc(cards::Column::Serial)
             .all(&txn)
             .await?;
         let mut events = Vec::with_capacity(others.len());
         for other in others {
-            let from = StoredCardStatus::parse(&other.status)
-                .ok_or_else(|| DbErr::Custom(format!("card {}: unknown status", other.serial)))?;
+            let from = StoredCardStatus::from(other.status);
             if let Some(event) = move_status(&txn, &other.serial, from, StoredCardStatus::Revoked, now).await? {
                 cards::Entity::update_many()
                     .col_expr(cards::Column::RevokedBy, Expr::value(serial.as_str()))
@@ -524,6 +507,11 @@ impl Repo {
     pub async fn close(self) -> Result<(), DbErr> {
         self.db.close().await
     }
+}
+
+/// Whether a database error is a unique-constraint violation (a concurrent duplicate insert).
+pub fn is_unique_violation(error: &DbErr) -> bool {
+    matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
 async fn insert_loss_report<C: ConnectionTrait>(

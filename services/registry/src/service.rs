@@ -2,7 +2,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
-use sea_orm::{DbErr, SqlErr};
+use sea_orm::DbErr;
 use tokio::sync::{Mutex, broadcast, mpsc};
 use yidi_audit::AuditEntry;
 use yidi_domain::{
@@ -17,7 +17,7 @@ use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Popu
 use crate::{
     index::{CardIndex, CardState, IndexedCard},
     limit::MissLimiter,
-    repo::{Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent},
+    repo::{Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent, is_unique_violation},
 };
 
 /// How often a status change is retried when another writer changed the card meanwhile.
@@ -87,10 +87,6 @@ pub struct Registry {
 /// N2: identity numbers are stored and compared with an upper-case check character.
 fn normalised(id_number: &str) -> String {
     id_number.trim().to_ascii_uppercase()
-}
-
-fn is_unique_violation(error: &DbErr) -> bool {
-    matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
 /// C2: the status a relying party is told, and since when.

@@ -9,12 +9,14 @@ use yidi_domain::{Credit, Registration};
 use yidi_grpc::{
     ApiError, FieldViolations,
     caller::ensure_acting_for_itself,
-    convert::{kind_from_proto, purpose_from_proto, state_from_proto, timestamp},
+    convert::{
+        kind_from_proto, purpose_from_proto, refusal_to_proto, signed_decision_to_proto, state_from_proto, timestamp,
+    },
     validate::MAX_TEXT_LEN,
 };
 use yidi_proto::v1::{self as pb, verification_server::Verification};
 
-use crate::service::{Verifier, VerifyInput};
+use crate::service::{Answer, Verifier, VerifyInput};
 
 /// Longest application id, card serial and bureau id accepted.
 const MAX_ID_LEN: usize = 64;
@@ -132,6 +134,21 @@ impl VerificationApi {
             _ => Err(ApiError::Internal("validation left a field unset".into())),
         }
     }
+}
+
+/// The `VerifyResponse` of an answer, encoded: stored with the verification and replayed unchanged.
+pub fn encode_answer(answer: Answer<'_>) -> Vec<u8> {
+    let response = match answer {
+        Answer::Refused(reason) => {
+            pb::VerifyResponse { decision: None, loss_decision: None, refusal_reason: refusal_to_proto(reason) as i32 }
+        }
+        Answer::Approved { decision, loss_decision } => pb::VerifyResponse {
+            decision: Some(signed_decision_to_proto(decision)),
+            loss_decision: loss_decision.map(signed_decision_to_proto),
+            refusal_reason: pb::RefusalReason::Unspecified as i32,
+        },
+    };
+    response.encode_to_vec()
 }
 
 fn credit_to_proto(credit: Credit) -> pb::CreditStatus {

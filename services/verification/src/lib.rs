@@ -85,6 +85,7 @@ async fn run(
         signer.keys,
         chrono::Duration::seconds(ttl_seconds),
         matcher,
+        grpc::encode_answer,
     ));
     let api = VerificationApi::new(verifier);
     server.serve(VerificationServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)).await?;
@@ -121,7 +122,7 @@ async fn import(repo: &Repo, path: &Path, bureau_id: &str, clock: &Clock) -> any
             current_card_valid_from: c.card.as_ref().map(|card| card.valid_from),
             current_card_valid_until: c.card.as_ref().and_then(|card| card.valid_until),
         };
-        rows.push(repo::new_citizen(&citizen, now));
+        rows.push(citizen);
     }
-    repo.import_citizens(rows).await.context("register import")
+    repo.import_citizens(rows, now).await.context("register import")
 }

@@ -8,44 +8,12 @@ use sea_orm::{
     sea_query::Expr,
 };
 use yidi_audit::{self as audit, AuditEntry};
-use yidi_domain::{Credit, Registration};
-use yidi_domain::{DecisionPurpose, Sex};
+use yidi_domain::{ApplicationKind, ApplicationState, Credit, DecisionPurpose, Registration, Sex};
 use yidi_runtime::db;
 
-use crate::entities::{citizens, verifications};
-
-pub fn purpose_str(purpose: DecisionPurpose) -> &'static str {
-    purpose.as_str()
-}
-
-pub fn sex_str(sex: Sex) -> &'static str {
-    match sex {
-        Sex::Male => "male",
-        Sex::Female => "female",
-    }
-}
-
-fn sex_parse(s: &str) -> Option<Sex> {
-    match s {
-        "male" => Some(Sex::Male),
-        "female" => Some(Sex::Female),
-        _ => None,
-    }
-}
-
-pub fn credit_str(credit: Credit) -> &'static str {
-    match credit {
-        Credit::Good => "good",
-        Credit::Bad => "bad",
-    }
-}
-
-pub fn registration_str(registration: Registration) -> &'static str {
-    match registration {
-        Registration::Active => "active",
-        Registration::Cancelled => "cancelled",
-    }
-}
+use crate::entities::{
+    StoredClosedState, StoredCredit, StoredOutcome, StoredPurpose, StoredRegistration, citizens, verifications,
+};
 
 /// A citizen of the register, read into domain types.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,38 +34,58 @@ pub struct Citizen {
     pub current_card_valid_until: Option<NaiveDate>,
 }
 
-impl TryFrom<citizens::Model> for Citizen {
-    type Error = DbErr;
-
-    fn try_from(m: citizens::Model) -> Result<Self, DbErr> {
-        let bad = |column: &str, value: &str| DbErr::Custom(format!("citizens.{column}: unexpected value {value:?}"));
-        let sex = sex_parse(&m.sex).ok_or_else(|| bad("sex", &m.sex))?;
-        let credit = match m.credit_status.as_str() {
-            "good" => Credit::Good,
-            "bad" => Credit::Bad,
-            other => return Err(bad("credit_status", other)),
-        };
-        let registration = match m.registration_status.as_str() {
-            "active" => Registration::Active,
-            "cancelled" => Registration::Cancelled,
-            other => return Err(bad("registration_status", other)),
-        };
-        Ok(Self {
+impl From<citizens::Model> for Citizen {
+    fn from(m: citizens::Model) -> Self {
+        Self {
             id_number: m.id_number,
             name: m.name,
-            sex,
+            sex: m.sex.into(),
             birth_date: m.birth_date,
             registration_province: m.registration_province,
             address: m.address,
             face_template: m.face_template,
             fingerprint_template: m.fingerprint_template,
-            credit,
-            registration,
+            credit: m.credit_status.into(),
+            registration: m.registration_status.into(),
             date_of_death: m.date_of_death,
             current_card_serial: m.current_card_serial,
             current_card_valid_from: m.current_card_valid_from,
             current_card_valid_until: m.current_card_valid_until,
-        })
+        }
+    }
+}
+
+/// A recorded Verify answer (approved or refused), read into domain types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub id: i32,
+    pub station_id: String,
+    pub id_number: String,
+    pub kind: Option<ApplicationKind>,
+    /// Refusal code (`RefusalReason::code`); None when approved.
+    pub refusal_reason: Option<String>,
+    /// The answer as stored, replayed unchanged for a repeated request.
+    pub response: Vec<u8>,
+    /// Term of the card the ISSUE_CARD decision authorises.
+    pub valid_from: Option<NaiveDate>,
+    pub valid_until: Option<NaiveDate>,
+    /// Collected or cancelled, once closed.
+    pub closed_state: Option<ApplicationState>,
+}
+
+impl From<verifications::Model> for Verification {
+    fn from(m: verifications::Model) -> Self {
+        Self {
+            id: m.id,
+            station_id: m.station_id,
+            id_number: m.id_number,
+            kind: m.kind.map(ApplicationKind::from),
+            refusal_reason: m.refusal_reason,
+            response: m.response,
+            valid_from: m.valid_from,
+            valid_until: m.valid_until,
+            closed_state: m.closed_state.map(ApplicationState::from),
+        }
     }
 }
 
@@ -108,7 +96,7 @@ pub struct NewVerification {
     pub purpose: DecisionPurpose,
     pub station_id: String,
     pub id_number: String,
-    pub kind: Option<&'static str>,
+    pub kind: Option<ApplicationKind>,
     pub refusal_reason: Option<&'static str>,
     pub decision_id: Option<String>,
     pub loss_decision_id: Option<String>,
@@ -145,7 +133,7 @@ impl Repo {
     }
 
     pub async fn citizen(&self, id_number: &str) -> Result<Option<Citizen>, DbErr> {
-        citizens::Entity::find_by_id(id_number.to_owned()).one(&self.db).await?.map(Citizen::try_from).transpose()
+        Ok(citizens::Entity::find_by_id(id_number.to_owned()).one(&self.db).await?.map(Citizen::from))
     }
 
     pub async fn open_application_ids(&self, id_number: &str) -> Result<Vec<String>, DbErr> {
@@ -156,17 +144,17 @@ impl Repo {
         &self,
         application_id: &str,
         purpose: DecisionPurpose,
-    ) -> Result<Option<verifications::Model>, DbErr> {
+    ) -> Result<Option<Verification>, DbErr> {
         verification(&self.db, application_id, purpose).await
     }
 
     /// Inserts every citizen not yet registered; existing rows are never overwritten.
     /// Returns how many were inserted.
-    pub async fn import_citizens(&self, citizens_to_add: Vec<citizens::ActiveModel>) -> Result<u64, DbErr> {
+    pub async fn import_citizens(&self, citizens_to_add: Vec<Citizen>, at: DateTime<Utc>) -> Result<u64, DbErr> {
         let tx = self.begin().await?;
         let mut inserted = 0;
-        for model in citizens_to_add {
-            let result = citizens::Entity::insert(model)
+        for citizen in citizens_to_add {
+            let result = citizens::Entity::insert(new_citizen(citizen, at))
                 .on_conflict_do_nothing_on([citizens::Column::IdNumber])
                 .exec_without_returning(&tx.txn)
                 .await?;
@@ -193,12 +181,13 @@ async fn verification<C: ConnectionTrait>(
     db: &C,
     application_id: &str,
     purpose: DecisionPurpose,
-) -> Result<Option<verifications::Model>, DbErr> {
-    verifications::Entity::find()
+) -> Result<Option<Verification>, DbErr> {
+    let row = verifications::Entity::find()
         .filter(verifications::Column::ApplicationId.eq(application_id))
-        .filter(verifications::Column::Purpose.eq(purpose_str(purpose)))
+        .filter(verifications::Column::Purpose.eq(StoredPurpose::from(purpose)))
         .one(db)
-        .await
+        .await?;
+    Ok(row.map(Verification::from))
 }
 
 /// A write transaction. Dropped without `commit`, it rolls back.
@@ -215,18 +204,13 @@ impl Tx {
         &self,
         application_id: &str,
         purpose: DecisionPurpose,
-    ) -> Result<Option<verifications::Model>, DbErr> {
+    ) -> Result<Option<Verification>, DbErr> {
         verification(&self.txn, application_id, purpose).await
     }
 
     /// Reads a citizen, locking the row until commit (PostgreSQL; SQLite holds the write lock already).
     pub async fn citizen_for_update(&self, id_number: &str) -> Result<Option<Citizen>, DbErr> {
-        citizens::Entity::find_by_id(id_number.to_owned())
-            .lock_exclusive()
-            .one(&self.txn)
-            .await?
-            .map(Citizen::try_from)
-            .transpose()
+        Ok(citizens::Entity::find_by_id(id_number.to_owned()).lock_exclusive().one(&self.txn).await?.map(Citizen::from))
     }
 
     pub async fn open_application_ids(&self, id_number: &str) -> Result<Vec<String>, DbErr> {
@@ -237,11 +221,11 @@ impl Tx {
         let model = verifications::ActiveModel {
             id: NotSet,
             application_id: Set(v.application_id),
-            purpose: Set(purpose_str(v.purpose).to_owned()),
+            purpose: Set(v.purpose.into()),
             station_id: Set(v.station_id),
             id_number: Set(v.id_number),
-            kind: Set(v.kind.map(str::to_owned)),
-            outcome: Set(if v.refusal_reason.is_some() { "refused" } else { "approved" }.to_owned()),
+            kind: Set(v.kind.map(Into::into)),
+            outcome: Set(if v.refusal_reason.is_some() { StoredOutcome::Refused } else { StoredOutcome::Approved }),
             refusal_reason: Set(v.refusal_reason.map(str::to_owned)),
             decision_id: Set(v.decision_id),
             loss_decision_id: Set(v.loss_decision_id),
@@ -269,11 +253,11 @@ impl Tx {
         at: DateTime<Utc>,
     ) -> Result<bool, DbErr> {
         let result = citizens::Entity::update_many()
-            .col_expr(citizens::Column::RegistrationStatus, Expr::value(registration_str(Registration::Cancelled)))
+            .col_expr(citizens::Column::RegistrationStatus, Expr::value(StoredRegistration::Cancelled))
             .col_expr(citizens::Column::DateOfDeath, Expr::value(date_of_death))
             .col_expr(citizens::Column::UpdatedAt, Expr::value(at))
             .filter(citizens::Column::IdNumber.eq(id_number))
-            .filter(citizens::Column::RegistrationStatus.eq(registration_str(Registration::Active)))
+            .filter(citizens::Column::RegistrationStatus.eq(StoredRegistration::Active))
             .exec(&self.txn)
             .await?;
         Ok(result.rows_affected == 1)
@@ -281,7 +265,7 @@ impl Tx {
 
     pub async fn set_credit(&self, id_number: &str, credit: Credit, at: DateTime<Utc>) -> Result<(), DbErr> {
         citizens::Entity::update_many()
-            .col_expr(citizens::Column::CreditStatus, Expr::value(credit_str(credit)))
+            .col_expr(citizens::Column::CreditStatus, Expr::value(StoredCredit::from(credit)))
             .col_expr(citizens::Column::UpdatedAt, Expr::value(at))
             .filter(citizens::Column::IdNumber.eq(id_number))
             .exec(&self.txn)
@@ -290,7 +274,8 @@ impl Tx {
     }
 
     /// Closes an open ISSUE_CARD verification; false when it was not open any more.
-    pub async fn close_verification(&self, id: i32, state: &str, at: DateTime<Utc>) -> Result<bool, DbErr> {
+    pub async fn close_verification(&self, id: i32, state: ApplicationState, at: DateTime<Utc>) -> Result<bool, DbErr> {
+        let state = StoredClosedState::try_from(state)?;
         let result = verifications::Entity::update_many()
             .col_expr(verifications::Column::Open, Expr::value(false))
             .col_expr(verifications::Column::ClosedState, Expr::value(state))
@@ -328,20 +313,20 @@ pub fn is_unique_violation(error: &DbErr) -> bool {
     matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
-pub fn new_citizen(c: &Citizen, at: DateTime<Utc>) -> citizens::ActiveModel {
+fn new_citizen(c: Citizen, at: DateTime<Utc>) -> citizens::ActiveModel {
     citizens::ActiveModel {
-        id_number: Set(c.id_number.clone()),
-        name: Set(c.name.clone()),
-        sex: Set(sex_str(c.sex).to_owned()),
+        id_number: Set(c.id_number),
+        name: Set(c.name),
+        sex: Set(c.sex.into()),
         birth_date: Set(c.birth_date),
-        registration_province: Set(c.registration_province.clone()),
-        address: Set(c.address.clone()),
-        face_template: Set(c.face_template.clone()),
-        fingerprint_template: Set(c.fingerprint_template.clone()),
-        credit_status: Set(credit_str(c.credit).to_owned()),
-        registration_status: Set(registration_str(c.registration).to_owned()),
+        registration_province: Set(c.registration_province),
+        address: Set(c.address),
+        face_template: Set(c.face_template),
+        fingerprint_template: Set(c.fingerprint_template),
+        credit_status: Set(c.credit.into()),
+        registration_status: Set(c.registration.into()),
         date_of_death: Set(c.date_of_death),
-        current_card_serial: Set(c.current_card_serial.clone()),
+        current_card_serial: Set(c.current_card_serial),
         current_card_valid_from: Set(c.current_card_valid_from),
         current_card_valid_until: Set(c.current_card_valid_until),
         updated_at: Set(at),

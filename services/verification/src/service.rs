@@ -2,28 +2,20 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
-use prost::Message;
 use yidi_audit::AuditEntry;
 use yidi_domain::{
     ApplicationKind, ApplicationState, BiometricMatcher, CardData, Decision, DecisionPurpose, Directory, IdNumber,
     RefusalReason, Role, SignedDecision, card, mask,
 };
 use yidi_domain::{Credit, Registration};
-use yidi_grpc::{
-    ApiError,
-    convert::{refusal_to_proto, signed_decision_to_proto},
-};
-use yidi_proto::v1 as pb;
+use yidi_grpc::ApiError;
 use yidi_runtime::{
     Clock,
     directory::DirectoryHandle,
     signing::{ActiveKey, KeyRing},
 };
 
-use crate::{
-    entities::verifications,
-    repo::{Citizen, NewVerification, Repo, Tx, is_unique_violation},
-};
+use crate::repo::{Citizen, NewVerification, Repo, Tx, Verification, is_unique_violation};
 
 /// A Verify request, validated.
 #[derive(Debug, Clone)]
@@ -44,7 +36,18 @@ pub struct VerifyInput {
     pub declared_province: String,
 }
 
-/// The answer to Verify: the encoded `VerifyResponse`, as stored and replayed.
+/// What Verify answers: a refusal, or the signed decisions.
+#[derive(Debug, Clone, Copy)]
+pub enum Answer<'a> {
+    Refused(RefusalReason),
+    Approved { decision: &'a SignedDecision, loss_decision: Option<&'a SignedDecision> },
+}
+
+/// Encodes an answer as it is stored and replayed; the wire format is the gRPC face's
+/// (`grpc::encode_answer`).
+pub type EncodeAnswer = fn(Answer<'_>) -> Vec<u8>;
+
+/// The answer to Verify, encoded, as stored and replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyAnswer {
     pub response: Vec<u8>,
@@ -72,6 +75,7 @@ pub struct Verifier {
     keys: Arc<KeyRing>,
     ttl: Duration,
     matcher: Arc<dyn BiometricMatcher>,
+    encode: EncodeAnswer,
 }
 
 /// What the register and the request say, judged by rules 1–7 of the brief; first failure wins.
@@ -153,10 +157,9 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
 /// same station, same citizen, same kind. Anything else is a reused id, refused without the stored
 /// body (it holds signed decisions with the citizen's full personal data, and the live biometrics of
 /// the repeat are never checked).
-fn replay(row: verifications::Model, input: &VerifyInput) -> Result<VerifyAnswer, ApiError> {
-    let same = row.station_id == input.station_id
-        && row.id_number == input.id_number.as_str()
-        && row.kind.as_deref() == input.kind.map(ApplicationKind::as_str);
+fn replay(row: Verification, input: &VerifyInput) -> Result<VerifyAnswer, ApiError> {
+    let same =
+        row.station_id == input.station_id && row.id_number == input.id_number.as_str() && row.kind == input.kind;
     if !same {
         tracing::warn!(
             application_id = %input.application_id,
@@ -191,8 +194,9 @@ impl Verifier {
         keys: Arc<KeyRing>,
         ttl: Duration,
         matcher: Arc<dyn BiometricMatcher>,
+        encode: EncodeAnswer,
     ) -> Self {
-        Self { repo, clock, directory, bureau_id, jurisdiction, keys, ttl, matcher }
+        Self { repo, clock, directory, bureau_id, jurisdiction, keys, ttl, matcher, encode }
     }
 
     /// The directory in force.
@@ -321,15 +325,13 @@ impl Verifier {
         masked: &str,
         now: DateTime<Utc>,
     ) -> Result<VerifyAnswer, ApiError> {
-        let response =
-            pb::VerifyResponse { decision: None, loss_decision: None, refusal_reason: refusal_to_proto(reason) as i32 }
-                .encode_to_vec();
+        let response = (self.encode)(Answer::Refused(reason));
         tx.insert_verification(NewVerification {
             application_id: input.application_id.clone(),
             purpose: input.purpose,
             station_id: input.station_id.clone(),
             id_number: input.id_number.as_str().to_owned(),
-            kind: input.kind.map(ApplicationKind::as_str),
+            kind: input.kind,
             refusal_reason: Some(reason.code()),
             decision_id: None,
             loss_decision_id: None,
@@ -450,12 +452,7 @@ impl Verifier {
                 (decision, None, None)
             }
         };
-        let response = pb::VerifyResponse {
-            decision: Some(signed_decision_to_proto(&decision)),
-            loss_decision: loss_decision.as_ref().map(signed_decision_to_proto),
-            refusal_reason: pb::RefusalReason::Unspecified as i32,
-        }
-        .encode_to_vec();
+        let response = (self.encode)(Answer::Approved { decision: &decision, loss_decision: loss_decision.as_ref() });
         let decision_id = decision.decision.decision_id.clone();
         let loss_decision_id = loss_decision.as_ref().map(|d| d.decision.decision_id.clone());
         tx.insert_verification(NewVerification {
@@ -463,7 +460,7 @@ impl Verifier {
             purpose: input.purpose,
             station_id: input.station_id.clone(),
             id_number: input.id_number.as_str().to_owned(),
-            kind: input.kind.map(ApplicationKind::as_str),
+            kind: input.kind,
             refusal_reason: None,
             decision_id: Some(decision_id.clone()),
             loss_decision_id: loss_decision_id.clone(),
@@ -597,13 +594,13 @@ impl Verifier {
         // Lock the citizen's row (PostgreSQL) before changing anything of theirs.
         tx.citizen_for_update(&row.id_number).await?;
         let state = final_state.as_str();
-        if let Some(closed) = row.closed_state.as_deref() {
-            return if closed == state {
+        if let Some(closed) = row.closed_state {
+            return if closed == final_state {
                 Ok(true)
             } else {
                 Err(ApiError::precondition(
                     "APPLICATION_ALREADY_CLOSED",
-                    format!("application {application_id} was already closed as {closed}"),
+                    format!("application {application_id} was already closed as {}", closed.as_str()),
                 ))
             };
         }
@@ -613,7 +610,7 @@ impl Verifier {
                 format!("application {application_id} was refused; no card can have been collected"),
             ));
         }
-        if !tx.close_verification(row.id, state, now).await? {
+        if !tx.close_verification(row.id, final_state, now).await? {
             return Err(ApiError::precondition(
                 "APPLICATION_ALREADY_CLOSED",
                 format!("application {application_id} is closed"),

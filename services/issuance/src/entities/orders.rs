@@ -1,6 +1,8 @@
 //! `orders`: one card order per signed ISSUE_CARD decision.
 use sea_orm::entity::prelude::*;
 
+use crate::order::OrderState;
+
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "orders")]
 pub struct Model {
@@ -13,8 +15,7 @@ pub struct Model {
     pub id_number: String,
     #[sea_orm(unique)]
     pub card_serial: String,
-    /// `in_production`, `registered` or `dispatched`.
-    pub state: String,
+    pub state: OrderState,
     /// The signed decision as received (`pb::SignedDecision`, protobuf bytes), forwarded verbatim.
     pub signed_decision: Vec<u8>,
     pub valid_from: Date,

@@ -1,5 +1,7 @@
 use sea_orm::entity::prelude::*;
 
+use super::CardStatusColumn;
+
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "cards")]
 pub struct Model {
@@ -7,8 +9,7 @@ pub struct Model {
     pub serial: String,
     pub id_number: String,
     pub home_bureau_id: String,
-    /// `StoredCardStatus::as_str`.
-    pub status: String,
+    pub status: CardStatusColumn,
     pub valid_from: Date,
     pub valid_until: Option<Date>,
     #[sea_orm(unique)]

@@ -1,13 +1,14 @@
 use sea_orm::entity::prelude::*;
 
+use super::CardStatusColumn;
+
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "status_events")]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub sequence: i64,
     pub card_serial: String,
-    /// `StoredCardStatus::as_str` of the new status.
-    pub status: String,
+    pub status: CardStatusColumn,
     pub changed_at: DateTimeUtc,
 }
 

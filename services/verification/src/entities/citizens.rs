@@ -2,14 +2,15 @@
 use chrono::NaiveDate;
 use sea_orm::entity::prelude::*;
 
+use super::{StoredCredit, StoredRegistration, StoredSex};
+
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "citizens")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id_number: String,
     pub name: String,
-    /// `male` / `female`
-    pub sex: String,
+    pub sex: StoredSex,
     pub birth_date: NaiveDate,
     pub registration_province: String,
     pub address: String,
@@ -17,10 +18,8 @@ pub struct Model {
     pub face_template: Vec<u8>,
     #[sea_orm(column_type = "Blob")]
     pub fingerprint_template: Vec<u8>,
-    /// `good` / `bad`
-    pub credit_status: String,
-    /// `active` / `cancelled`
-    pub registration_status: String,
+    pub credit_status: StoredCredit,
+    pub registration_status: StoredRegistration,
     pub date_of_death: Option<NaiveDate>,
     /// None: never held a card (K4).
     pub current_card_serial: Option<String>,

@@ -3,20 +3,20 @@
 use chrono::NaiveDate;
 use sea_orm::entity::prelude::*;
 
+use super::{StoredClosedState, StoredKind, StoredOutcome, StoredPurpose};
+
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "verifications")]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i32,
     pub application_id: String,
-    /// `issue_card` / `report_loss` / `withdraw_loss_report`
-    pub purpose: String,
+    pub purpose: StoredPurpose,
     pub station_id: String,
     pub id_number: String,
-    /// `replacement` / `renewal` / `loss_report`; None for a withdrawal.
-    pub kind: Option<String>,
-    /// `approved` / `refused`
-    pub outcome: String,
+    /// None for a withdrawal.
+    pub kind: Option<StoredKind>,
+    pub outcome: StoredOutcome,
     /// Refusal code (`RefusalReason::code`).
     pub refusal_reason: Option<String>,
     pub decision_id: Option<String>,
@@ -29,8 +29,7 @@ pub struct Model {
     pub valid_until: Option<NaiveDate>,
     /// True for an approved ISSUE_CARD until CloseApplication (K5).
     pub open: bool,
-    /// `collected` / `cancelled`
-    pub closed_state: Option<String>,
+    pub closed_state: Option<StoredClosedState>,
     pub closed_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
 }

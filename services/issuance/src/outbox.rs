@@ -1,7 +1,7 @@
-//! The production worker: once an order's production time has passed, its outbox message (queued
-//! with the order, due at that time) registers the card with the registry (presenting the stored
-//! signed decision verbatim), then dispatches it.
-use std::{sync::Arc, time::Duration};
+//! The producer's outbox handlers: once an order's production time has passed, its outbox message
+//! (queued with the order, due at that time) registers the card with the registry (presenting the
+//! stored signed decision verbatim), then dispatches it.
+use std::{fmt, str::FromStr, time::Duration};
 
 use prost::Message;
 use tonic::Code;
@@ -9,12 +9,13 @@ use tracing::Instrument;
 use uuid::Uuid;
 use yidi_audit::AuditEntry;
 use yidi_grpc::client::{self, Peers};
-use yidi_outbox::{self as outbox, Delivery, Handler, IDEMPOTENCY_KEY};
+use yidi_outbox::{Delivery, Handler, IDEMPOTENCY_KEY};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
+use yidi_runtime::Clock;
 
 use crate::{
-    repo::{Attempt, Order, OrderState},
-    service::IssuanceService,
+    order::{Order, OrderEvents, OrderState},
+    repo::{Attempt, Repo},
 };
 
 /// How the worker treats a registry's answer (a `Status`).
@@ -33,13 +34,55 @@ pub fn classify(code: Code) -> Verdict {
     if client::is_transient(code) { Verdict::Transient } else { Verdict::Definitive }
 }
 
-/// The outbox topic of card registrations.
-pub const REGISTER_CARD: &str = "register_card";
+/// What the producer's outbox messages are about, as stored in `outbox_messages.topic`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// Register an order's card with the registry, then dispatch it (subject: the order id).
+    RegisterCard,
+}
+
+impl Topic {
+    pub const ALL: [Self; 1] = [Self::RegisterCard];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RegisterCard => "register_card",
+        }
+    }
+}
+
+/// A stored topic this producer never queues.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown topic {0:?}")]
+pub struct UnknownTopic(pub String);
+
+impl FromStr for Topic {
+    type Err = UnknownTopic;
+
+    fn from_str(s: &str) -> Result<Self, UnknownTopic> {
+        Self::ALL.into_iter().find(|topic| topic.as_str() == s).ok_or_else(|| UnknownTopic(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the handler records its work through: the producer's orders, clock and watchers.
+pub struct Production {
+    pub repo: Repo,
+    pub clock: Clock,
+    /// This producer's bureau id, presented to the registry.
+    pub bureau_id: String,
+    pub events: OrderEvents,
+}
 
 /// Delivers the producer's outbox: each order's card registration with the registry, then its
 /// dispatch to the station.
 pub struct Registrar {
-    service: Arc<IssuanceService>,
+    production: Production,
     /// The registry's channel, as the directory in force lists its endpoint.
     peers: Peers,
     registry_id: String,
@@ -48,23 +91,33 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    pub fn new(service: Arc<IssuanceService>, peers: Peers, registry_id: String, call_timeout: Duration) -> Self {
-        Self { service, peers, registry_id, call_timeout }
+    pub fn new(production: Production, peers: Peers, registry_id: String, call_timeout: Duration) -> Self {
+        Self { production, peers, registry_id, call_timeout }
     }
 }
 
 impl Handler for Registrar {
-    async fn deliver(&self, message: &outbox::Model) -> Delivery {
+    async fn deliver(&self, message: &yidi_outbox::Model) -> Delivery {
+        // Undeliverable like any message this producer cannot act on: a dead letter for operators.
+        match message.topic.parse::<Topic>() {
+            Ok(Topic::RegisterCard) => self.register_card(message).await,
+            Err(error) => Delivery::Fail(error.to_string()),
+        }
+    }
+}
+
+impl Registrar {
+    async fn register_card(&self, message: &yidi_outbox::Model) -> Delivery {
         let Ok(order_id) = Uuid::parse_str(&message.subject) else {
             return Delivery::Fail(format!("{:?} is not an order id", message.subject));
         };
-        let order = match self.service.repo().find(order_id).await {
+        let order = match self.production.repo.find(order_id).await {
             Ok(Some(order)) => order,
             Ok(None) => return Delivery::Fail(format!("order {order_id} does not exist")),
             Err(error) => return Delivery::Retry(format!("producer database: {error}")),
         };
         // The work continues the trace of the PlaceOrder request (and so of the application).
-        let span = tracing::info_span!("order_step", order_id = %order.order_id, state = order.state.as_str());
+        let span = tracing::info_span!("order_step", order_id = %order.order_id, state = %order.state);
         yidi_runtime::telemetry::continue_trace(&span, order.trace_context.as_deref());
         match order.state {
             OrderState::InProduction => self.register(order, &message.id).instrument(span).await,
@@ -73,11 +126,9 @@ impl Handler for Registrar {
             OrderState::Dispatched => Delivery::Dropped(format!("order {order_id} is already dispatched")),
         }
     }
-}
 
-impl Registrar {
     async fn register(&self, order: Order, message_id: &str) -> Delivery {
-        let stored = match self.service.repo().signed_decision(order.order_id).await {
+        let stored = match self.production.repo.signed_decision(order.order_id).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Delivery::Fail(format!("order {} has no stored decision", order.order_id)),
             Err(error) => return Delivery::Retry(format!("producer database: {error}")),
@@ -91,7 +142,7 @@ impl Registrar {
         };
         let mut request = tonic::Request::new(pb::RegisterCardRequest {
             decision: Some(decision),
-            producer_id: self.service.bureau_id().to_owned(),
+            producer_id: self.production.bureau_id.clone(),
             card_serial: order.card_serial.clone(),
         });
         request.set_timeout(self.call_timeout);
@@ -117,7 +168,7 @@ impl Registrar {
                         "registry answered for another serial"
                     );
                 }
-                let now = self.service.clock().now();
+                let now = self.production.clock.now();
                 let audit = AuditEntry {
                     action: "register_card",
                     subject: order.card_serial.clone(),
@@ -130,14 +181,14 @@ impl Registrar {
                     ),
                 };
                 let transition = self
-                    .service
-                    .repo()
+                    .production
+                    .repo
                     .transition(order.order_id, OrderState::InProduction, OrderState::Registered, now, audit)
                     .await;
                 match transition {
                     Ok(Some(registered)) => {
                         tracing::info!(order_id = %order.order_id, card_serial = %order.card_serial, "card registered");
-                        self.service.publish(&registered);
+                        self.production.events.publish(&registered);
                         self.dispatch(registered).await
                     }
                     Ok(None) => Delivery::Retry(format!("order {} changed while registering", order.order_id)),
@@ -153,7 +204,7 @@ impl Registrar {
 
     /// Keeps the failure visible on the order (GetOrder, and so the station's application).
     async fn failed(&self, order: &Order, verdict: Verdict, message: String) -> Delivery {
-        let now = self.service.clock().now();
+        let now = self.production.clock.now();
         let (attempt, audit) = match verdict {
             Verdict::Transient => (Attempt::Retry(message.clone()), None),
             Verdict::Definitive => {
@@ -166,8 +217,8 @@ impl Registrar {
                 (Attempt::Refused(message.clone()), Some(audit))
             }
         };
-        match self.service.repo().record_attempt(order.order_id, attempt, now, audit).await {
-            Ok(Some(updated)) => self.service.publish(&updated),
+        match self.production.repo.record_attempt(order.order_id, attempt, now, audit).await {
+            Ok(Some(updated)) => self.production.events.publish(&updated),
             Ok(None) => {}
             Err(error) => tracing::warn!(order_id = %order.order_id, %error, "cannot record the failed attempt"),
         }
@@ -178,7 +229,7 @@ impl Registrar {
     }
 
     async fn dispatch(&self, order: Order) -> Delivery {
-        let now = self.service.clock().now();
+        let now = self.production.clock.now();
         let audit = AuditEntry {
             action: "dispatch",
             subject: order.card_serial.clone(),
@@ -186,14 +237,14 @@ impl Registrar {
             detail: format!("order {} sent to station {}", order.order_id, order.station_id),
         };
         match self
-            .service
-            .repo()
+            .production
+            .repo
             .transition(order.order_id, OrderState::Registered, OrderState::Dispatched, now, audit)
             .await
         {
             Ok(Some(dispatched)) => {
                 tracing::info!(order_id = %order.order_id, card_serial = %order.card_serial, "card dispatched");
-                self.service.publish(&dispatched);
+                self.production.events.publish(&dispatched);
                 Delivery::Delivered
             }
             Ok(None) => Delivery::Dropped(format!("order {} was dispatched meanwhile", order.order_id)),
@@ -205,6 +256,15 @@ impl Registrar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_read_back_as_stored_and_unknown_ones_are_errors() {
+        for topic in Topic::ALL {
+            assert_eq!(topic.as_str().parse::<Topic>(), Ok(topic));
+        }
+        assert_eq!("register_card".parse::<Topic>(), Ok(Topic::RegisterCard), "the string rows hold today");
+        assert_eq!("dispatch".parse::<Topic>(), Err(UnknownTopic("dispatch".into())));
+    }
 
     #[test]
     fn s4_registry_refusals_are_final_and_outages_are_retried() {
