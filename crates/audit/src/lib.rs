@@ -13,6 +13,17 @@
 //! first broken link. The one-row `audit_head` table holds the last sequence number and hash:
 //! appends take its row lock first, so that two concurrent transactions never chain onto the
 //! same predecessor, and a rolled-back append rolls the head back with it (no gap).
+//!
+//! # When an audit write fails
+//!
+//! One rule for every bureau. A refusal this bureau decides changed nothing, so it is answered
+//! only once its row is written: if the write fails the caller gets the database error
+//! (UNAVAILABLE or INTERNAL, to be retried) and the refusal is recorded when the call is repeated,
+//! never answered off the record. A change is written in the same transaction as its row, so the
+//! two stand or fall together. Only what another bureau has already done or decided (a loss
+//! report withdrawn at the registry, a home bureau's verdict relayed by the station) is answered
+//! even if the station's own row cannot be written, because the answer must say what happened;
+//! that failure is logged.
 #![forbid(unsafe_code)]
 
 pub mod rpc;

@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 use anyhow::Context;
 use tonic::{Status, transport::Channel};
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
-use yidi_testkit::ScratchDatabase;
+use yidi_runtime::scratch::ScratchDatabase;
 
 use crate::{
     Options, cards, echo,

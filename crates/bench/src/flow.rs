@@ -14,8 +14,8 @@ use tokio_stream::StreamExt;
 use yidi_demo::suite::{Backend, ClockSetting, Suite, SuiteOptions};
 use yidi_demo::topology::Process;
 use yidi_proto::v1::{self as pb, intake_client::IntakeClient};
+use yidi_runtime::scratch::ScratchDatabase;
 use yidi_runtime::{config::DatabaseConfig, population::Citizen};
-use yidi_testkit::ScratchDatabase;
 
 use crate::{
     Options,

@@ -17,7 +17,7 @@ mod soak;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
-use yidi_testkit::test_postgres_url;
+use yidi_runtime::scratch::test_postgres_url;
 
 const USAGE: &str = "\
 usage: yidi-bench <command> [options]

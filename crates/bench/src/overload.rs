@@ -20,7 +20,7 @@ use serde::Serialize;
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
-use yidi_testkit::ScratchDatabase;
+use yidi_runtime::scratch::ScratchDatabase;
 
 use crate::{
     Options, cards,

@@ -14,8 +14,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use yidi_domain::OperatorAccess;
 use yidi_grpc::tls::TlsFiles;
+use yidi_runtime::scratch::ScratchDatabase;
 use yidi_runtime::{directory::DirectoryFile, population::Population};
-use yidi_testkit::ScratchDatabase;
 
 use crate::{
     certs::{CaChoice, CertDir, write_certificates},

@@ -26,6 +26,8 @@
 //! stores the answer; a repeat then runs the handler again. A handler that must close it reads the
 //! key from the request's extensions ([`IdempotencyKey`]) and stores it with its own rows, in its
 //! own transaction. Rows are kept `idempotency.retention_hours` (pruned by [`spawn_pruner`]).
+#![forbid(unsafe_code)]
+
 use std::{
     collections::HashMap,
     convert::Infallible,

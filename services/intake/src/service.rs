@@ -170,16 +170,17 @@ impl Intake {
             Ok(home) => Ok(home),
             Err(reason) => {
                 tracing::info!(action, id = %applicant.id_number.masked(), reason = reason.code(), "refused at the counter");
-                // The refusal is the answer even if its audit row cannot be written.
-                self.audit_or_log(AuditEntry::new(action, applicant.id_number.masked(), "refused", reason.code()))
-                    .await;
+                // Refused here, nothing changed: answered only once on record (yidi_audit, "When
+                // an audit write fails").
+                let entry = AuditEntry::new(action, applicant.id_number.masked(), "refused", reason.code());
+                self.inner.repo.audit(entry, self.now()).await.map_err(ApiError::Database)?;
                 Err(ApiError::Refused(reason))
             }
         }
     }
 
-    /// Writes an audit row after the outcome is settled; a failure is logged, never returned,
-    /// so it cannot turn a done (or refused) action into an error.
+    /// Writes the audit row of something another bureau has already done or decided; a failure
+    /// is logged, never returned (yidi_audit, "When an audit write fails").
     pub(crate) async fn audit_or_log(&self, entry: AuditEntry) {
         let (action, outcome) = (entry.action, entry.outcome.clone());
         if let Err(error) = self.inner.repo.audit(entry, self.now()).await {

@@ -154,7 +154,8 @@ impl IssuanceService {
         Err(ApiError::Internal("no free card serial after several draws".into()))
     }
 
-    /// Records a refused decision in the audit log (and nothing else), then returns the refusal.
+    /// Records a refused decision in the audit log (and nothing else), then returns the refusal,
+    /// or the database error if it cannot be written (yidi_audit, "When an audit write fails").
     async fn refuse(&self, subject: String, decision_id: &str, error: DecisionError) -> ApiError {
         tracing::warn!(decision_id, id_number = %subject, reason = error.code(), "decision refused");
         let audit = AuditEntry {

@@ -217,7 +217,8 @@ impl Registry {
         self.directory.current().get_with_role(id, Role::Verification).is_some()
     }
 
-    /// Writes the audit record of a refusal and returns the refusal.
+    /// Writes the audit record of a refusal and returns the refusal, or the database error if it
+    /// cannot be written (yidi_audit, "When an audit write fails").
     async fn refuse(&self, action: &'static str, subject: String, detail: String, error: ApiError) -> ApiError {
         let outcome = format!("refused:{}", error.reason());
         tracing::info!(action, subject = %subject, outcome = %outcome, "request refused");
