@@ -18,19 +18,14 @@ use yidi_domain::{
 use yidi_proto::v1 as pb;
 
 static DIRECTORY: LazyLock<Directory> = LazyLock::new(|| {
-    let home = |id: &str, province: &str, seed: u8| Bureau {
-        id: id.into(),
-        role: Role::Verification,
-        name: id.into(),
-        jurisdiction: vec![province.into()],
-        region: String::new(),
-        endpoint: String::new(),
-        keys: vec![BureauKey {
+    let home = |id: &str, province: &str, seed: u8| {
+        let key = BureauKey {
             id: "k1".into(),
             public_key: SigningKey::from_bytes(&[seed; 32]).verifying_key(),
             valid_from: chrono::DateTime::UNIX_EPOCH,
             valid_until: None,
-        }],
+        };
+        Bureau::new(id, Role::Verification).with_name(id).with_jurisdiction([province]).with_keys(vec![key])
     };
     Directory::new(vec![home("home-jiangxi", "36", 1), home("home-sichuan", "51", 2)]).expect("a valid directory")
 });

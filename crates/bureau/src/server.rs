@@ -330,11 +330,11 @@ pub(crate) mod tests {
     use tonic::{Code, Status, transport::Channel};
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     use tonic_types::StatusExt;
-    use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, issuance_server::IssuanceServer};
+    use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient};
 
     use super::*;
 
-    pub(crate) use yidi_testkit::fake::{SlowIssuance, TestService};
+    pub(crate) use yidi_testkit::fake::{SlowIssuance, TestService, issuance_server};
 
     async fn listener() -> (TcpListener, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -388,7 +388,7 @@ pub(crate) mod tests {
             .into_inner();
         assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing as i32));
 
-        let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance::default())));
+        let serving = tokio::spawn(starting.serve(issuance_server(SlowIssuance::default())));
         assert_eq!(next(&mut watch).await, Some(ServingStatus::Serving as i32));
         assert_eq!(health_of(&channel, "yidi.v1.Issuance").await.unwrap(), ServingStatus::Serving);
         let served = IssuanceClient::new(channel.clone()).get_order(get_order()).await.unwrap_err();
@@ -410,7 +410,7 @@ pub(crate) mod tests {
             let starting =
                 start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, grace, Limits::default())
                     .unwrap();
-            let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance { delay })));
+            let serving = tokio::spawn(starting.serve(issuance_server(SlowIssuance { delay })));
             let channel = channel(address).await;
             let in_flight = tokio::spawn(async move { IssuanceClient::new(channel).get_order(get_order()).await });
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -439,7 +439,7 @@ pub(crate) mod tests {
             start::<TestService>(listeners, &ServerSecurity::plaintext(), shutdown, ENOUGH, Limits::default()).unwrap();
         let probe = channel(health_address).await;
         assert_eq!(health_of(&probe, "").await.unwrap(), ServingStatus::NotServing);
-        let serving = tokio::spawn(starting.serve(IssuanceServer::new(SlowIssuance::default())));
+        let serving = tokio::spawn(starting.serve(issuance_server(SlowIssuance::default())));
         let deadline = std::time::Instant::now() + ENOUGH;
         while health_of(&probe, "yidi.v1.Issuance").await.unwrap() != ServingStatus::Serving {
             assert!(std::time::Instant::now() < deadline, "the health port follows the service's health");
@@ -469,7 +469,7 @@ pub(crate) mod tests {
     async fn the_server_sheds_beyond_its_configured_limits_and_health_still_answers() {
         use tonic::transport::Channel;
         use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-        use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, issuance_server::IssuanceServer};
+        use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient};
 
         use yidi_grpc::{overload::Limits, security::ServerSecurity};
 
@@ -480,7 +480,7 @@ pub(crate) mod tests {
         let grace = Duration::from_secs(5);
         let starting = start::<TestService>(listener, &ServerSecurity::plaintext(), shutdown, grace, limits).unwrap();
         let slow = SlowIssuance { delay: Duration::from_secs(2) };
-        let serving = tokio::spawn(starting.serve(IssuanceServer::new(slow)));
+        let serving = tokio::spawn(starting.serve(issuance_server(slow)));
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
         let get_order = |timeout: Option<Duration>| {
             let mut request =

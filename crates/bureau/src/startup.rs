@@ -173,7 +173,8 @@ mod tests {
     };
 
     use super::*;
-    use crate::server::tests::{SlowIssuance, TestService};
+    use crate::config::BureauConfig;
+    use crate::server::tests::{SlowIssuance, TestService, issuance_server};
 
     async fn listener() -> TcpListener {
         TcpListener::bind("127.0.0.1:0").await.unwrap()
@@ -192,15 +193,14 @@ mod tests {
         }
     }
 
+    crate::bureau_config! {
+        /// Only the shared sections, which are all start-up reads.
+        pub struct SharedSectionsOnly {}
+    }
+
     struct Setup {
         dir: tempfile::TempDir,
-        server: ServerConfig,
-        database: DatabaseConfig,
-        directory: DirectoryConfig,
-        clock: ClockConfig,
-        log: LogConfig,
-        tls: TlsConfig,
-        idempotency: IdempotencyConfig,
+        config: SharedSectionsOnly,
     }
 
     impl Setup {
@@ -222,7 +222,7 @@ mod tests {
             }
             .write(&path)
             .unwrap();
-            Self {
+            let config = SharedSectionsOnly {
                 server: ServerConfig {
                     shutdown_grace_seconds: 3,
                     ..ServerConfig::new(bureau_id, "127.0.0.1:0".parse().unwrap())
@@ -236,20 +236,12 @@ mod tests {
                 log: LogConfig::default(),
                 tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
                 idempotency: IdempotencyConfig::default(),
-                dir,
-            }
+            };
+            Self { dir, config }
         }
 
         fn sections(&self) -> Sections<'_> {
-            Sections {
-                server: &self.server,
-                database: &self.database,
-                directory: &self.directory,
-                clock: &self.clock,
-                log: &self.log,
-                tls: &self.tls,
-                idempotency: &self.idempotency,
-            }
+            self.config.sections()
         }
 
         fn database_exists(&self) -> bool {
@@ -281,7 +273,7 @@ mod tests {
         assert!(!prepared.shutdown.is_triggered());
         fire.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), prepared.shutdown.wait()).await.unwrap();
-        let service = TestService::new(SlowIssuance::default());
+        let service = issuance_server(SlowIssuance::default());
         tokio::time::timeout(Duration::from_secs(5), prepared.server.serve(service)).await.unwrap().unwrap();
         prepared.db.close().await.unwrap();
     }
@@ -309,12 +301,12 @@ mod tests {
 
         let mut setup = Setup::new("registry-national");
         let now = chrono::Utc::now();
-        (setup.clock.fixed, setup.clock.start) = (Some(now), Some(now));
+        (setup.config.clock.fixed, setup.config.clock.start) = (Some(now), Some(now));
         let error = refused(&setup).await;
         assert!(error.to_string().contains("clock"), "{error}");
 
         let mut setup = Setup::new("registry-national");
-        setup.server.max_in_flight = 0;
+        setup.config.server.max_in_flight = 0;
         let error = refused(&setup).await;
         assert!(error.to_string().contains("server.max_in_flight"), "{error}");
 

@@ -6,11 +6,8 @@ use rcgen::{
 use tokio::net::TcpListener;
 use tonic::{Code, Request as GrpcRequest, Response as GrpcResponse, Status, transport::Endpoint};
 use yidi_domain::{Bureau, Directory, Operator, OperatorAccess, RelyingParty, Role};
-use yidi_proto::v1::{
-    self as pb,
-    issuance_client::IssuanceClient,
-    issuance_server::{Issuance, IssuanceServer},
-};
+use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient, issuance_server::IssuanceServer};
+use yidi_testkit::fake::{FakeIssuance, IssuanceFake, issuance_server};
 
 use yidi_bureau::server;
 use yidi_grpc::security::*;
@@ -25,29 +22,13 @@ use yidi_runtime::shutdown::Shutdown;
 struct WhoCalls;
 
 #[tonic::async_trait]
-impl Issuance for WhoCalls {
-    async fn place_order(
-        &self,
-        _: GrpcRequest<pb::PlaceOrderRequest>,
-    ) -> Result<GrpcResponse<pb::PlaceOrderResponse>, Status> {
-        Err(Status::unimplemented("test service"))
-    }
-
+impl IssuanceFake for WhoCalls {
     async fn get_order(
         &self,
         request: GrpcRequest<pb::GetOrderRequest>,
     ) -> Result<GrpcResponse<pb::GetOrderResponse>, Status> {
         let caller = caller_of(request.extensions()).map(|caller| format!("{:?}", caller.principal));
         Err(Status::not_found(caller.unwrap_or_else(|| "nobody".into())))
-    }
-
-    type WatchOrderStream = futures::stream::Empty<Result<pb::WatchOrderResponse, Status>>;
-
-    async fn watch_order(
-        &self,
-        _: GrpcRequest<pb::WatchOrderRequest>,
-    ) -> Result<GrpcResponse<Self::WatchOrderStream>, Status> {
-        Err(Status::unimplemented("test service"))
     }
 }
 
@@ -77,15 +58,7 @@ impl Ca {
 }
 
 fn directory() -> Directory {
-    let bureau = |id: &str, role| Bureau {
-        id: id.into(),
-        role,
-        name: id.into(),
-        jurisdiction: Vec::new(),
-        region: String::new(),
-        endpoint: String::new(),
-        keys: Vec::new(),
-    };
+    let bureau = |id: &str, role| Bureau::new(id, role).with_name(id);
     Directory::new(vec![bureau("producer", Role::Issuance), bureau("station", Role::Intake)])
         .unwrap()
         .with_principals(
@@ -103,7 +76,7 @@ async fn the_caller_is_the_directory_principal_its_certificate_names() {
     let security =
         ServerSecurity::new(Transport::MutualTls(Arc::new(ca.files("producer"))), Arc::new(directory()), "producer");
     let (trigger, shutdown) = Shutdown::new();
-    let starting = server::start::<IssuanceServer<WhoCalls>>(
+    let starting = server::start::<IssuanceServer<FakeIssuance<WhoCalls>>>(
         listener,
         &security,
         shutdown,
@@ -111,7 +84,7 @@ async fn the_caller_is_the_directory_principal_its_certificate_names() {
         Default::default(),
     )
     .unwrap();
-    let serving = tokio::spawn(starting.serve(IssuanceServer::new(WhoCalls)));
+    let serving = tokio::spawn(starting.serve(issuance_server(WhoCalls)));
 
     let ask_as = |id: &str| {
         let tls = ca.files(id).client_config("producer");

@@ -278,15 +278,7 @@ mod tests {
     }
 
     fn home_with(id: &str, province: &str, keys: Vec<BureauKey>) -> Bureau {
-        Bureau {
-            id: id.into(),
-            role: Role::Verification,
-            name: id.into(),
-            jurisdiction: vec![province.into()],
-            region: String::new(),
-            endpoint: String::new(),
-            keys,
-        }
+        Bureau::new(id, Role::Verification).with_name(id).with_jurisdiction([province]).with_keys(keys)
     }
 
     fn home(id: &str, province: &str, key: &SigningKey) -> Bureau {

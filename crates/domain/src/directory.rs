@@ -100,6 +100,32 @@ impl BureauKey {
 }
 
 impl Bureau {
+    /// A bureau with only its id and role, unnamed, holding no jurisdiction, without region,
+    /// endpoint or keys; the `with_*` methods add those (for directories built in code).
+    pub fn new(id: impl Into<String>, role: Role) -> Self {
+        Self {
+            id: id.into(),
+            role,
+            name: String::new(),
+            jurisdiction: Vec::new(),
+            region: String::new(),
+            endpoint: String::new(),
+            keys: Vec::new(),
+        }
+    }
+
+    pub fn with_name(self, name: impl Into<String>) -> Self {
+        Self { name: name.into(), ..self }
+    }
+
+    pub fn with_jurisdiction(self, provinces: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self { jurisdiction: provinces.into_iter().map(Into::into).collect(), ..self }
+    }
+
+    pub fn with_keys(self, keys: Vec<BureauKey>) -> Self {
+        Self { keys, ..self }
+    }
+
     pub fn holds_jurisdiction_over(&self, province: &str) -> bool {
         self.role == Role::Verification && self.jurisdiction.iter().any(|p| p == province)
     }
@@ -296,15 +322,7 @@ mod tests {
     }
 
     fn home(keys: Vec<BureauKey>) -> Bureau {
-        Bureau {
-            id: "home".into(),
-            role: Role::Verification,
-            name: String::new(),
-            jurisdiction: vec!["36".into()],
-            region: String::new(),
-            endpoint: String::new(),
-            keys,
-        }
+        Bureau::new("home", Role::Verification).with_jurisdiction(["36"]).with_keys(keys)
     }
 
     #[test]

@@ -577,11 +577,8 @@ mod tests {
         codegen::http::{HeaderMap, HeaderValue},
         transport::Channel,
     };
-    use yidi_proto::v1::{
-        self as pb,
-        issuance_client::IssuanceClient,
-        issuance_server::{Issuance, IssuanceServer},
-    };
+    use yidi_proto::v1::{self as pb, issuance_client::IssuanceClient};
+    use yidi_testkit::fake::{IssuanceFake, issuance_server};
 
     use tower::Layer;
 
@@ -663,7 +660,7 @@ mod tests {
     }
 
     #[tonic::async_trait]
-    impl Issuance for Counter {
+    impl IssuanceFake for Counter {
         async fn place_order(
             &self,
             request: GrpcRequest<pb::PlaceOrderRequest>,
@@ -683,22 +680,6 @@ mod tests {
                     Ok(GrpcResponse::new(pb::PlaceOrderResponse { order: Some(order) }))
                 }
             }
-        }
-
-        async fn get_order(
-            &self,
-            _: GrpcRequest<pb::GetOrderRequest>,
-        ) -> Result<GrpcResponse<pb::GetOrderResponse>, Status> {
-            Err(Status::unimplemented("test service"))
-        }
-
-        type WatchOrderStream = futures::stream::Empty<Result<pb::WatchOrderResponse, Status>>;
-
-        async fn watch_order(
-            &self,
-            _: GrpcRequest<pb::WatchOrderRequest>,
-        ) -> Result<GrpcResponse<Self::WatchOrderStream>, Status> {
-            Err(Status::unimplemented("test service"))
         }
     }
 
@@ -723,7 +704,7 @@ mod tests {
         // plaintext server leaves open).
         let server = tonic::transport::Server::builder()
             .layer(layer)
-            .add_service(IssuanceServer::new(counter))
+            .add_service(issuance_server(counter))
             .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
                 shutdown.wait().await
             });
@@ -852,7 +833,7 @@ mod tests {
         let layer = KeyedAnswers::layer();
         layer.shared().open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
         let counter = Counter::default();
-        let service = layer.layer(IssuanceServer::new(counter.clone()));
+        let service = layer.layer(issuance_server(counter.clone()));
         for caller in ["zj-station", "sc-station", "zj-station"] {
             let response = service.clone().oneshot(framed(b"ok", "same-key", caller)).await.unwrap();
             let (_, trailers) = collect(response.into_body(), None).await.unwrap();

@@ -281,16 +281,7 @@ mod tests {
     }
 
     fn directory(keys: Vec<BureauKey>) -> Directory {
-        Directory::new(vec![Bureau {
-            id: "home".into(),
-            role: Role::Verification,
-            name: String::new(),
-            jurisdiction: vec!["36".into()],
-            region: String::new(),
-            endpoint: String::new(),
-            keys,
-        }])
-        .unwrap()
+        Directory::new(vec![Bureau::new("home", Role::Verification).with_jurisdiction(["36"]).with_keys(keys)]).unwrap()
     }
 
     #[test]

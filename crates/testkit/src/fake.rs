@@ -5,28 +5,52 @@ use std::time::Duration;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 use yidi_proto::v1::{self as pb, issuance_server::IssuanceServer, loss_registry_server::LossRegistryServer};
 
-/// A stand-in service: `GetOrder` waits `delay`, then answers NOT_FOUND; the rest is
-/// unimplemented.
-#[derive(Debug, Clone, Default)]
-pub struct SlowIssuance {
-    pub delay: Duration,
-}
-
+/// The issuance calls a fake producer answers; every call it does not override answers
+/// UNIMPLEMENTED. Each gets the whole request (extensions and metadata included), as a layer in
+/// front of the service leaves it. Serve it with [`issuance_server`].
 #[tonic::async_trait]
-impl pb::issuance_server::Issuance for SlowIssuance {
+pub trait IssuanceFake: Send + Sync + 'static {
     async fn place_order(
         &self,
         _: GrpcRequest<pb::PlaceOrderRequest>,
     ) -> Result<GrpcResponse<pb::PlaceOrderResponse>, Status> {
-        Err(Status::unimplemented("test service"))
+        Err(unimplemented_by_test_service())
     }
 
     async fn get_order(
         &self,
         _: GrpcRequest<pb::GetOrderRequest>,
     ) -> Result<GrpcResponse<pb::GetOrderResponse>, Status> {
-        tokio::time::sleep(self.delay).await;
-        Err(Status::not_found("no orders here"))
+        Err(unimplemented_by_test_service())
+    }
+}
+
+fn unimplemented_by_test_service() -> Status {
+    Status::unimplemented("test service")
+}
+
+/// An [`IssuanceFake`] as an Issuance service.
+#[derive(Debug, Clone, Default)]
+pub struct FakeIssuance<T>(pub T);
+
+pub fn issuance_server<T: IssuanceFake>(fake: T) -> IssuanceServer<FakeIssuance<T>> {
+    IssuanceServer::new(FakeIssuance(fake))
+}
+
+#[tonic::async_trait]
+impl<T: IssuanceFake> pb::issuance_server::Issuance for FakeIssuance<T> {
+    async fn place_order(
+        &self,
+        request: GrpcRequest<pb::PlaceOrderRequest>,
+    ) -> Result<GrpcResponse<pb::PlaceOrderResponse>, Status> {
+        self.0.place_order(request).await
+    }
+
+    async fn get_order(
+        &self,
+        request: GrpcRequest<pb::GetOrderRequest>,
+    ) -> Result<GrpcResponse<pb::GetOrderResponse>, Status> {
+        self.0.get_order(request).await
     }
 
     type WatchOrderStream = futures::stream::Empty<Result<pb::WatchOrderResponse, Status>>;
@@ -35,11 +59,29 @@ impl pb::issuance_server::Issuance for SlowIssuance {
         &self,
         _: GrpcRequest<pb::WatchOrderRequest>,
     ) -> Result<GrpcResponse<Self::WatchOrderStream>, Status> {
-        Err(Status::unimplemented("test service"))
+        Err(unimplemented_by_test_service())
     }
 }
 
-pub type TestService = IssuanceServer<SlowIssuance>;
+/// A stand-in service: `GetOrder` waits `delay`, then answers NOT_FOUND; the rest is
+/// unimplemented.
+#[derive(Debug, Clone, Default)]
+pub struct SlowIssuance {
+    pub delay: Duration,
+}
+
+#[tonic::async_trait]
+impl IssuanceFake for SlowIssuance {
+    async fn get_order(
+        &self,
+        _: GrpcRequest<pb::GetOrderRequest>,
+    ) -> Result<GrpcResponse<pb::GetOrderResponse>, Status> {
+        tokio::time::sleep(self.delay).await;
+        Err(Status::not_found("no orders here"))
+    }
+}
+
+pub type TestService = IssuanceServer<FakeIssuance<SlowIssuance>>;
 
 /// Serves fake peers (`Routes::new(a).add_service(b)`) on a fresh loopback port until the test
 /// ends; returns their `http://` endpoint.
