@@ -35,9 +35,15 @@ pub struct KeyFileConfig {
 }
 
 /// Where a bureau's signing keys are: listed files and/or every `<key id>.key` file of a folder.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// As a config section (the registry's `[signing]`): `key_dir` and `[[signing.keys]]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeySources {
+    /// A folder of key files `<key id>.key`, re-read while running.
+    #[serde(default)]
     pub key_dir: Option<PathBuf>,
+    /// Key files with the directory key id each stands for.
+    #[serde(default)]
     pub keys: Vec<KeyFileConfig>,
 }
 

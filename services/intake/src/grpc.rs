@@ -35,6 +35,22 @@ impl IntakeGrpc {
     fn today(&self) -> chrono::NaiveDate {
         self.intake.clock().today()
     }
+
+    /// Validates the applicant and card serial of a loss report or its withdrawal.
+    fn applicant_and_serial(
+        &self,
+        raw_applicant: Option<&pb::Applicant>,
+        raw_serial: &str,
+    ) -> Result<(Applicant, String), ApiError> {
+        let mut v = FieldViolations::new();
+        let applicant = applicant(&mut v, raw_applicant, self.today());
+        let serial = card_serial(&mut v, raw_serial);
+        v.finish()?;
+        let (Some(applicant), Some(serial)) = (applicant, serial) else {
+            return Err(malformed());
+        };
+        Ok((applicant, serial))
+    }
 }
 
 /// Validates the person at the counter; every problem is reported under `applicant.*`.
@@ -244,13 +260,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
     ) -> Result<Response<pb::ReportLossResponse>, Status> {
         let request_key = request_key(&request, "ReportLoss");
         let request = request.into_inner();
-        let mut v = FieldViolations::new();
-        let applicant = applicant(&mut v, request.applicant.as_ref(), self.today());
-        let serial = card_serial(&mut v, &request.card_serial);
-        v.finish()?;
-        let (Some(applicant), Some(serial)) = (applicant, serial) else {
-            return Err(malformed().into());
-        };
+        let (applicant, serial) = self.applicant_and_serial(request.applicant.as_ref(), &request.card_serial)?;
         let view = self.intake.submit(ApplicationKind::LossReport, applicant, serial, request_key).await?;
         Ok(Response::new(pb::ReportLossResponse { application: Some(to_proto(view)) }))
     }
@@ -260,13 +270,7 @@ impl pb::intake_server::Intake for IntakeGrpc {
         request: Request<pb::WithdrawLossReportRequest>,
     ) -> Result<Response<pb::WithdrawLossReportResponse>, Status> {
         let request = request.into_inner();
-        let mut v = FieldViolations::new();
-        let applicant = applicant(&mut v, request.applicant.as_ref(), self.today());
-        let serial = card_serial(&mut v, &request.card_serial);
-        v.finish()?;
-        let (Some(applicant), Some(serial)) = (applicant, serial) else {
-            return Err(malformed().into());
-        };
+        let (applicant, serial) = self.applicant_and_serial(request.applicant.as_ref(), &request.card_serial)?;
         match self.intake.withdraw_loss_report(applicant, serial).await {
             Ok(answer) => Ok(Response::new(pb::WithdrawLossReportResponse {
                 card_serial: answer.card_serial,

@@ -18,7 +18,7 @@ use crate::{
     entities::application,
     peers::PeerError,
     repo::{Changes, Messages, Transition},
-    service::Intake,
+    service::{Inner, Intake},
     topic::Topic,
 };
 
@@ -118,17 +118,30 @@ impl Handler for Intake {
     }
 }
 
+/// What a step works on: the station, the message being delivered and the application as read for it.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    intake: &'a Intake,
+    inner: &'a Inner,
+    message: &'a outbox::Model,
+    model: &'a application::Model,
+    id: &'a str,
+    kind: ApplicationKind,
+    state: ApplicationState,
+}
+
 async fn step(intake: &Intake, message: &outbox::Model, topic: Topic, model: &application::Model) -> Delivery {
     let (kind, state): (ApplicationKind, ApplicationState) = (model.kind.into(), model.state.into());
     if !still_owed(topic, model) {
         return overtaken(model, state);
     }
+    let step = Step { intake, inner: &intake.inner, message, model, id: &model.application_id, kind, state };
     let result = match topic {
-        Topic::Verify => verify_step(intake, message, model, kind, state).await,
-        Topic::ReportLoss => report_loss_step(intake, message, model, kind, state).await,
-        Topic::PlaceOrder => place_order_step(intake, message, model, state).await,
-        Topic::AwaitOrder => await_order_step(intake, message, model, state).await,
-        Topic::CloseApplication => close_step(intake, message, model, state).await,
+        Topic::Verify => verify_step(step).await,
+        Topic::ReportLoss => report_loss_step(step).await,
+        Topic::PlaceOrder => place_order_step(step).await,
+        Topic::AwaitOrder => await_order_step(step).await,
+        Topic::CloseApplication => close_step(step).await,
     };
     result.unwrap_or_else(from_api)
 }
@@ -137,15 +150,8 @@ fn overtaken(model: &application::Model, state: ApplicationState) -> Delivery {
     Delivery::Dropped(format!("application {} is {}", model.application_id, state.as_str()))
 }
 
-async fn verify_step(
-    intake: &Intake,
-    message: &outbox::Model,
-    model: &application::Model,
-    kind: ApplicationKind,
-    state: ApplicationState,
-) -> Result<Delivery, ApiError> {
-    let inner = &intake.inner;
-    let id = model.application_id.as_str();
+async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
+    let Step { intake, inner, message, model, id, kind, state } = step;
     match state {
         ApplicationState::Received => {
             let sent = Transition {
@@ -234,15 +240,8 @@ async fn verify_step(
 }
 
 /// K1, K3: the loss report is filed before any card is ordered.
-async fn report_loss_step(
-    intake: &Intake,
-    message: &outbox::Model,
-    model: &application::Model,
-    kind: ApplicationKind,
-    state: ApplicationState,
-) -> Result<Delivery, ApiError> {
-    let inner = &intake.inner;
-    let id = model.application_id.as_str();
+async fn report_loss_step(step: Step<'_>) -> Result<Delivery, ApiError> {
+    let Step { intake, inner, message, model, id, kind, state } = step;
     if state != ApplicationState::Approved {
         return Ok(overtaken(model, state));
     }
@@ -291,14 +290,8 @@ async fn report_loss_step(
 
 /// Orders the card. The intent is recorded first: once IN_PRODUCTION the application can no longer
 /// be cancelled, so a cancel either wins before (and no order is placed) or is refused.
-async fn place_order_step(
-    intake: &Intake,
-    message: &outbox::Model,
-    model: &application::Model,
-    state: ApplicationState,
-) -> Result<Delivery, ApiError> {
-    let inner = &intake.inner;
-    let id = model.application_id.as_str();
+async fn place_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
+    let Step { intake, inner, message, model, id, state, .. } = step;
     let producer = &inner.station.producer_id;
     match state {
         ApplicationState::Approved => {
@@ -364,14 +357,8 @@ async fn place_order_step(
 }
 
 /// Follows the order until the producer has dispatched the card to the station.
-async fn await_order_step(
-    intake: &Intake,
-    message: &outbox::Model,
-    model: &application::Model,
-    state: ApplicationState,
-) -> Result<Delivery, ApiError> {
-    let inner = &intake.inner;
-    let id = model.application_id.as_str();
+async fn await_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
+    let Step { intake, inner, message, model, id, state, .. } = step;
     if state != ApplicationState::InProduction {
         return Ok(overtaken(model, state));
     }
@@ -412,13 +399,8 @@ async fn await_order_step(
 }
 
 /// Tells the home bureau the application ended, so it is no longer open there (K5).
-async fn close_step(
-    intake: &Intake,
-    message: &outbox::Model,
-    model: &application::Model,
-    state: ApplicationState,
-) -> Result<Delivery, ApiError> {
-    let inner = &intake.inner;
+async fn close_step(step: Step<'_>) -> Result<Delivery, ApiError> {
+    let Step { intake, inner, message, model, state, .. } = step;
     if !matches!(state, ApplicationState::Collected | ApplicationState::Cancelled) {
         return Ok(Delivery::Fail(format!("application {} is {}, not ended", model.application_id, state.as_str())));
     }

@@ -163,6 +163,16 @@ impl Intake {
         self.inner.clock.now()
     }
 
+    /// The application as stored; NOT_FOUND if there is none.
+    async fn existing(&self, application_id: &str) -> Result<application::Model, ApiError> {
+        self.inner.repo.get(application_id).await?.ok_or_else(|| ApiError::not_found("application", application_id))
+    }
+
+    /// Applies `transition` now; `false` if the application was no longer in its `from` state.
+    async fn apply(&self, transition: Transition<'_>) -> Result<bool, ApiError> {
+        Ok(self.inner.repo.transition(transition, self.now()).await?)
+    }
+
     /// The counter rules, in order: no agent (S2), the acceptance policy (P0–P4), a home bureau
     /// to route to (N3). A refusal writes one audit row and nothing else.
     pub async fn counter_check(&self, action: &'static str, applicant: &Applicant) -> Result<Bureau, ApiError> {
@@ -296,12 +306,7 @@ impl Intake {
     }
 
     pub async fn get(&self, application_id: &str) -> Result<ApplicationView, ApiError> {
-        let model = self
-            .inner
-            .repo
-            .get(application_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("application", application_id))?;
+        let model = self.existing(application_id).await?;
         let events = self.inner.repo.events(application_id).await?;
         let messages = self.inner.repo.messages(application_id).await?;
         Ok(view(model, &events, messages, &self.inner.station))
@@ -383,12 +388,7 @@ impl Intake {
     /// Cancellation before production; a loss report only until the home bureau approved it.
     pub async fn cancel(&self, application_id: &str) -> Result<ApplicationView, ApiError> {
         for _ in 0..5 {
-            let model = self
-                .inner
-                .repo
-                .get(application_id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("application", application_id))?;
+            let model = self.existing(application_id).await?;
             let (kind, state): (ApplicationKind, ApplicationState) = (model.kind.into(), model.state.into());
             // A loss report, once approved, is being filed at the registry: no longer cancellable.
             let loss_filing = kind == ApplicationKind::LossReport
@@ -407,20 +407,15 @@ impl Intake {
             let owed = owed.dropping(application_id, "the application was cancelled");
             let masked = mask_id_number(&model.id_number);
             let applied = self
-                .inner
-                .repo
-                .transition(
-                    Transition {
-                        application_id,
-                        from: &[state],
-                        to: ApplicationState::Cancelled,
-                        changes,
-                        note: format!("cancelled at the counter (was {})", state.as_str()),
-                        audit: Some(AuditEntry::new("cancel_application", masked, "cancelled", application_id)),
-                        messages: owed,
-                    },
-                    self.now(),
-                )
+                .apply(Transition {
+                    application_id,
+                    from: &[state],
+                    to: ApplicationState::Cancelled,
+                    changes,
+                    note: format!("cancelled at the counter (was {})", state.as_str()),
+                    audit: Some(AuditEntry::new("cancel_application", masked, "cancelled", application_id)),
+                    messages: owed,
+                })
                 .await?;
             if applied {
                 tracing::info!(%application_id, "application cancelled");
@@ -441,12 +436,7 @@ impl Intake {
         live_face: &[u8],
         enrolled_face: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
     ) -> Result<ApplicationView, ApiError> {
-        let model = self
-            .inner
-            .repo
-            .get(application_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("application", application_id))?;
+        let model = self.existing(application_id).await?;
         let state = model.state.into();
         if state != ApplicationState::ReadyForCollection {
             return Err(not_ready(application_id, state));
@@ -476,25 +466,20 @@ impl Intake {
             return Err(ApiError::Refused(RefusalReason::FaceMismatch));
         }
         let applied = self
-            .inner
-            .repo
-            .transition(
-                Transition {
-                    application_id,
-                    from: &[ApplicationState::ReadyForCollection],
-                    to: ApplicationState::Collected,
-                    changes: Changes::default(),
-                    note: format!("card {serial} handed over after a face match"),
-                    audit: Some(AuditEntry::new(
-                        "collect_card",
-                        masked,
-                        "collected",
-                        format!("card {serial} score {:.3}", outcome.score),
-                    )),
-                    messages: Messages::owe(closing(&model)),
-                },
-                self.now(),
-            )
+            .apply(Transition {
+                application_id,
+                from: &[ApplicationState::ReadyForCollection],
+                to: ApplicationState::Collected,
+                changes: Changes::default(),
+                note: format!("card {serial} handed over after a face match"),
+                audit: Some(AuditEntry::new(
+                    "collect_card",
+                    masked,
+                    "collected",
+                    format!("card {serial} score {:.3}", outcome.score),
+                )),
+                messages: Messages::owe(closing(&model)),
+            })
             .await?;
         if !applied {
             let current = self.get(application_id).await?;

@@ -3,10 +3,7 @@ use std::path::PathBuf;
 use yidi_bureau::BureauConfig;
 
 use serde::Deserialize;
-use yidi_runtime::{
-    config::ConfigError,
-    signing::{KeyFileConfig, KeySources},
-};
+use yidi_runtime::{config::ConfigError, signing::KeySources};
 
 yidi_bureau::bureau_config! {
     pub struct RegistryConfig {
@@ -19,23 +16,8 @@ yidi_bureau::bureau_config! {
     }
 }
 
-/// `[signing]`: as a home bureau's, for status statements.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SigningConfig {
-    /// A folder of key files `<key id>.key`, re-read while running.
-    #[serde(default)]
-    pub key_dir: Option<PathBuf>,
-    /// `[[signing.keys]]`: key files with the directory key id each stands for.
-    #[serde(default)]
-    pub keys: Vec<KeyFileConfig>,
-}
-
-impl SigningConfig {
-    pub fn sources(&self) -> KeySources {
-        KeySources { key_dir: self.key_dir.clone(), keys: self.keys.clone() }
-    }
-}
+/// `[signing]`: as a home bureau's, for status statements: `key_dir` and `[[signing.keys]]`.
+pub type SigningConfig = KeySources;
 
 /// `[registry]`: limits on relying parties' checks.
 #[derive(Debug, Clone, Deserialize)]
@@ -64,7 +46,7 @@ pub struct ImportConfig {
 impl RegistryConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.sections().validate()?;
-        self.signing.sources().validate("signing")?;
+        self.signing.validate("signing")?;
         if self.registry.check_misses_per_minute == 0 {
             return Err(ConfigError::key("registry.check_misses_per_minute", "must be at least 1"));
         }

@@ -41,7 +41,7 @@ pub async fn serve(
     let sections = config.sections();
     let now = Clock::from_config(&config.clock).map_err(|message| ConfigError::key("clock", message))?.now();
     let check_keys = |directory: &Directory, bureau: &Bureau, _: &yidi_grpc::client::Connector| {
-        let keys = KeyRing::load(bureau.id.clone(), config.signing.sources()).context("signing.keys")?;
+        let keys = KeyRing::load(bureau.id.clone(), config.signing.clone()).context("signing.keys")?;
         let active = keys.check(directory, now).context("signing.keys")?;
         tracing::info!(key_id = %active.id, held = ?keys.held_ids(), "status signing keys loaded");
         Ok(Arc::new(keys))

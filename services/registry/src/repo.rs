@@ -134,6 +134,15 @@ pub struct Hit {
     pub checked_at: DateTime<Utc>,
 }
 
+/// A loss report's (or its withdrawal's) decision on a card, with its audit record.
+#[derive(Debug, Clone)]
+pub struct LossDecision<'a> {
+    pub serial: &'a str,
+    pub decision_id: &'a str,
+    pub now: DateTime<Utc>,
+    pub audit: AuditEntry,
+}
+
 /// Whether a conditional status change found the card in the expected status.
 #[derive(Debug)]
 pub enum Change<T> {
@@ -292,14 +301,28 @@ impl Repo {
         audit::append(&self.db, at, entry).await
     }
 
-    /// A loss report for a card that already stands reported lost: the decision is used, no change.
-    pub async fn record_loss_report(
+    /// Opens the transaction of a status change and moves the card; `None` (rolled back, nothing
+    /// written) if the card was no longer in `from`.
+    async fn begin_move(
         &self,
         serial: &str,
-        decision_id: &str,
+        from: StoredCardStatus,
+        to: StoredCardStatus,
         now: DateTime<Utc>,
-        audit: AuditEntry,
-    ) -> Result<(), DbErr> {
+    ) -> Result<Option<(db::Transaction, StatusEvent)>, DbErr> {
+        let txn = db::begin(&self.db).await?;
+        match move_status(&txn, serial, from, to, now).await? {
+            Some(event) => Ok(Some((txn, event))),
+            None => {
+                txn.rollback().await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// A loss report for a card that already stands reported lost: the decision is used, no change.
+    pub async fn record_loss_report(&self, decision: LossDecision<'_>) -> Result<(), DbErr> {
+        let LossDecision { serial, decision_id, now, audit } = decision;
         let txn = db::begin(&self.db).await?;
         insert_loss_report(&txn, serial, decision_id, now).await?;
         audit::append(&txn, now, audit).await?;
@@ -307,18 +330,10 @@ impl Repo {
     }
 
     /// Valid → reported lost, with the loss report, the event and the audit record.
-    pub async fn report_loss(
-        &self,
-        serial: &str,
-        decision_id: &str,
-        now: DateTime<Utc>,
-        audit: AuditEntry,
-    ) -> Result<Change<StatusEvent>, DbErr> {
-        let txn = db::begin(&self.db).await?;
-        let Some(event) =
-            move_status(&txn, serial, StoredCardStatus::Valid, StoredCardStatus::ReportedLost, now).await?
-        else {
-            txn.rollback().await?;
+    pub async fn report_loss(&self, decision: LossDecision<'_>) -> Result<Change<StatusEvent>, DbErr> {
+        let LossDecision { serial, decision_id, now, audit } = decision;
+        let (from, to) = (StoredCardStatus::Valid, StoredCardStatus::ReportedLost);
+        let Some((txn, event)) = self.begin_move(serial, from, to, now).await? else {
             return Ok(Change::Raced);
         };
         insert_loss_report(&txn, serial, decision_id, now).await?;
@@ -328,18 +343,10 @@ impl Repo {
     }
 
     /// Reported lost → valid (K6): the open loss reports are closed, the latest with the decision.
-    pub async fn withdraw_loss_report(
-        &self,
-        serial: &str,
-        decision_id: &str,
-        now: DateTime<Utc>,
-        audit: AuditEntry,
-    ) -> Result<Change<StatusEvent>, DbErr> {
-        let txn = db::begin(&self.db).await?;
-        let Some(event) =
-            move_status(&txn, serial, StoredCardStatus::ReportedLost, StoredCardStatus::Valid, now).await?
-        else {
-            txn.rollback().await?;
+    pub async fn withdraw_loss_report(&self, decision: LossDecision<'_>) -> Result<Change<StatusEvent>, DbErr> {
+        let LossDecision { serial, decision_id, now, audit } = decision;
+        let (from, to) = (StoredCardStatus::ReportedLost, StoredCardStatus::Valid);
+        let Some((txn, event)) = self.begin_move(serial, from, to, now).await? else {
             return Ok(Change::Raced);
         };
         let open = loss_reports::Entity::find()

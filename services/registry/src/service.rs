@@ -17,7 +17,7 @@ use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Popu
 use crate::{
     index::{CardIndex, CardState, IndexedCard},
     limit::MissLimiter,
-    repo::{Card, Change, Hit, NewCard, NewHit, Repo, StatusEvent, is_unique_violation},
+    repo::{Card, Change, Hit, LossDecision, NewCard, NewHit, Repo, StatusEvent, is_unique_violation},
 };
 
 /// How often a status change is retried when another writer changed the card meanwhile.
@@ -307,7 +307,12 @@ impl Registry {
                 StoredCardStatus::ReportedLost => {
                     match self
                         .repo
-                        .record_loss_report(&card.serial, &d.decision_id, now, audit("already_reported"))
+                        .record_loss_report(LossDecision {
+                            serial: &card.serial,
+                            decision_id: &d.decision_id,
+                            now,
+                            audit: audit("already_reported"),
+                        })
                         .await
                     {
                         Ok(()) => {}
@@ -323,7 +328,13 @@ impl Registry {
                     });
                 }
                 StoredCardStatus::Valid => {
-                    match self.repo.report_loss(&card.serial, &d.decision_id, now, audit("reported_lost")).await {
+                    let decision = LossDecision {
+                        serial: &card.serial,
+                        decision_id: &d.decision_id,
+                        now,
+                        audit: audit("reported_lost"),
+                    };
+                    match self.repo.report_loss(decision).await {
                         Ok(Change::Done(event)) => {
                             self.index_events(std::slice::from_ref(&event), &card.id_number).await;
                             self.publish([event.clone()]);
@@ -397,7 +408,8 @@ impl Registry {
                         outcome: "withdrawn".into(),
                         detail: detail.clone(),
                     };
-                    match self.repo.withdraw_loss_report(&card.serial, &d.decision_id, now, audit).await {
+                    let decision = LossDecision { serial: &card.serial, decision_id: &d.decision_id, now, audit };
+                    match self.repo.withdraw_loss_report(decision).await {
                         Ok(Change::Done(event)) => {
                             self.index_events(std::slice::from_ref(&event), &card.id_number).await;
                             self.publish([event.clone()]);

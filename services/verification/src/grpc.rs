@@ -16,7 +16,7 @@ use yidi_grpc::{
 };
 use yidi_proto::v1::{self as pb, verification_server::Verification};
 
-use crate::service::{Answer, Verifier, VerifyInput};
+use crate::service::{Answer, Closing, Verifier, VerifyInput};
 
 /// Longest application id, card serial and bureau id accepted.
 const MAX_ID_LEN: usize = 64;
@@ -278,8 +278,9 @@ impl Verification for VerificationApi {
         else {
             return Err(ApiError::Internal("validation left a field unset".into()).into());
         };
-        let serial = new_card_serial.filter(|s| !s.is_empty());
-        let closed = self.verifier.close_application(application_id, station_id, final_state, serial).await?;
+        let new_card_serial = new_card_serial.filter(|s| !s.is_empty());
+        let closing = Closing { application_id, station_id, final_state, new_card_serial };
+        let closed = self.verifier.close_application(closing).await?;
         Ok(Response::new(pb::CloseApplicationResponse { closed }))
     }
 }

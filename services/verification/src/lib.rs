@@ -76,17 +76,17 @@ async fn run(
         fingerprint_threshold: config.biometrics.fingerprint_threshold,
     });
     let ttl_seconds = i64::try_from(config.signing.decision_ttl_seconds).context("signing.decision_ttl_seconds")?;
-    let verifier = Arc::new(Verifier::new(
+    let verifier = Arc::new(Verifier {
         repo,
         clock,
         directory,
         bureau_id,
-        signer.jurisdiction,
-        signer.keys,
-        chrono::Duration::seconds(ttl_seconds),
+        jurisdiction: signer.jurisdiction,
+        keys: signer.keys,
+        ttl: chrono::Duration::seconds(ttl_seconds),
         matcher,
-        grpc::encode_answer,
-    ));
+        encode: grpc::encode_answer,
+    });
     let api = VerificationApi::new(verifier);
     server.serve(VerificationServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)).await?;
     Ok(())

@@ -67,15 +67,25 @@ pub struct CitizenView {
 }
 
 pub struct Verifier {
-    repo: Repo,
-    clock: Clock,
-    directory: DirectoryHandle,
-    bureau_id: String,
-    jurisdiction: Vec<String>,
-    keys: Arc<KeyRing>,
-    ttl: Duration,
-    matcher: Arc<dyn BiometricMatcher>,
-    encode: EncodeAnswer,
+    pub(crate) repo: Repo,
+    pub(crate) clock: Clock,
+    pub(crate) directory: DirectoryHandle,
+    pub(crate) bureau_id: String,
+    pub(crate) jurisdiction: Vec<String>,
+    pub(crate) keys: Arc<KeyRing>,
+    pub(crate) ttl: Duration,
+    pub(crate) matcher: Arc<dyn BiometricMatcher>,
+    pub(crate) encode: EncodeAnswer,
+}
+
+/// A station's CloseApplication (K5), validated.
+#[derive(Debug, Clone, Copy)]
+pub struct Closing<'a> {
+    pub application_id: &'a str,
+    pub station_id: &'a str,
+    pub final_state: ApplicationState,
+    /// The card handed over, for a collection.
+    pub new_card_serial: Option<&'a str>,
 }
 
 /// What the register and the request say, judged by rules 1–7 of the brief; first failure wins.
@@ -179,26 +189,30 @@ fn replay(row: Verification, input: &VerifyInput) -> Result<VerifyAnswer, ApiErr
     Ok(VerifyAnswer { response: row.response, replayed: true })
 }
 
+/// The verification row of `input` as a refusal leaves it: neither decision nor term, not open.
+fn verification_of(input: &VerifyInput, response: Vec<u8>, created_at: DateTime<Utc>) -> NewVerification {
+    NewVerification {
+        application_id: input.application_id.clone(),
+        purpose: input.purpose,
+        station_id: input.station_id.clone(),
+        id_number: input.id_number.as_str().to_owned(),
+        kind: input.kind,
+        refusal_reason: None,
+        decision_id: None,
+        loss_decision_id: None,
+        response,
+        valid_from: None,
+        valid_until: None,
+        open: false,
+        created_at,
+    }
+}
+
 fn truncate_to_seconds(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
 }
 
 impl Verifier {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        repo: Repo,
-        clock: Clock,
-        directory: DirectoryHandle,
-        bureau_id: String,
-        jurisdiction: Vec<String>,
-        keys: Arc<KeyRing>,
-        ttl: Duration,
-        matcher: Arc<dyn BiometricMatcher>,
-        encode: EncodeAnswer,
-    ) -> Self {
-        Self { repo, clock, directory, bureau_id, jurisdiction, keys, ttl, matcher, encode }
-    }
-
     /// The directory in force.
     pub fn directory(&self) -> Arc<Directory> {
         self.directory.current()
@@ -327,19 +341,8 @@ impl Verifier {
     ) -> Result<VerifyAnswer, ApiError> {
         let response = (self.encode)(Answer::Refused(reason));
         tx.insert_verification(NewVerification {
-            application_id: input.application_id.clone(),
-            purpose: input.purpose,
-            station_id: input.station_id.clone(),
-            id_number: input.id_number.as_str().to_owned(),
-            kind: input.kind,
             refusal_reason: Some(reason.code()),
-            decision_id: None,
-            loss_decision_id: None,
-            response: response.clone(),
-            valid_from: None,
-            valid_until: None,
-            open: false,
-            created_at: now,
+            ..verification_of(input, response.clone(), now)
         })
         .await?;
         let detail = format!(
@@ -456,19 +459,12 @@ impl Verifier {
         let decision_id = decision.decision.decision_id.clone();
         let loss_decision_id = loss_decision.as_ref().map(|d| d.decision.decision_id.clone());
         tx.insert_verification(NewVerification {
-            application_id: input.application_id.clone(),
-            purpose: input.purpose,
-            station_id: input.station_id.clone(),
-            id_number: input.id_number.as_str().to_owned(),
-            kind: input.kind,
-            refusal_reason: None,
             decision_id: Some(decision_id.clone()),
             loss_decision_id: loss_decision_id.clone(),
-            response: response.clone(),
             valid_from: term.map(|t| t.valid_from),
             valid_until: term.and_then(|t| t.valid_until),
             open: input.purpose == DecisionPurpose::IssueCard,
-            created_at: now,
+            ..verification_of(input, response.clone(), now)
         })
         .await?;
         let detail = format!(
@@ -555,15 +551,10 @@ impl Verifier {
 
     /// K5: the application ended; for a collection the new card becomes the current one. Only the
     /// station that lodged the application may close it.
-    pub async fn close_application(
-        &self,
-        application_id: &str,
-        station_id: &str,
-        final_state: ApplicationState,
-        new_card_serial: Option<&str>,
-    ) -> Result<bool, ApiError> {
-        let closed = self.close_once(application_id, station_id, final_state, new_card_serial).await;
+    pub async fn close_application(&self, closing: Closing<'_>) -> Result<bool, ApiError> {
+        let closed = self.close_once(closing).await;
         if let Err(error @ ApiError::FailedPrecondition { .. }) = &closed {
+            let Closing { application_id, station_id, final_state, .. } = closing;
             let detail =
                 format!("application {application_id} {} by station {station_id}: {error}", final_state.as_str());
             self.audit_refusal("close_application", application_id.to_owned(), error, detail).await?;
@@ -571,13 +562,8 @@ impl Verifier {
         closed
     }
 
-    async fn close_once(
-        &self,
-        application_id: &str,
-        station_id: &str,
-        final_state: ApplicationState,
-        new_card_serial: Option<&str>,
-    ) -> Result<bool, ApiError> {
+    async fn close_once(&self, closing: Closing<'_>) -> Result<bool, ApiError> {
+        let Closing { application_id, station_id, final_state, new_card_serial } = closing;
         let now = self.clock.now();
         let tx = self.repo.begin().await?;
         let row = tx
