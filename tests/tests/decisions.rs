@@ -30,7 +30,7 @@ fn forgeries(
     let mut unsigned = genuine().sign(jiangxi);
     unsigned.signature.clear();
     let mut tampered = genuine().sign(jiangxi);
-    tampered.decision.card.name = "Someone Else".into();
+    tampered.decision.card.holder.name = "Someone Else".into();
     let mut other_bureau = genuine();
     other_bureau.bureau_id = topology::HOME_SICHUAN.into();
     other_bureau.key_id = sichuan.id.clone();
@@ -91,7 +91,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         let mut d = t.decision(&citizen, purpose, addressee, at(NATIONAL_DAY));
         d.bureau_id = topology::HOME_SICHUAN.into();
         d.key_id = sichuan.id.clone();
-        d.card.registration_province = "51".into();
+        d.card.holder.registration_province = "51".into();
         signed_decision_to_proto(&d.sign(&sichuan.key))
     };
     let refused = registry
@@ -123,7 +123,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     // Nothing above changed the card.
     let check = registry
         .check_card(pb::CheckCardRequest {
-            id_number: citizen.id_number.clone(),
+            id_number: citizen.person.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: topology::STATION.into(),
             nonce: Vec::new(),

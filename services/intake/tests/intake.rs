@@ -16,7 +16,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, service::Routes, transport::Channel};
 use tonic_types::StatusExt;
 use yidi_domain::{
-    ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, RefusalReason, Role, Sex,
+    ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, Particulars, RefusalReason, Role, Sex,
     biometrics::with_sensor_noise,
 };
 use yidi_grpc::{ApiError, convert::signed_decision_to_proto};
@@ -95,12 +95,14 @@ impl Fakes {
                 .ok()
                 .and_then(yidi_grpc::convert::kind_from_proto),
             card: CardData {
-                id_number: request.id_number.clone(),
-                name: "Li Na".into(),
-                sex: Sex::Female,
-                birth_date: id.birth_date(),
-                registration_province: id.province_code().into(),
-                address: "Nanchang".into(),
+                holder: Particulars {
+                    id_number: request.id_number.clone(),
+                    name: "Li Na".into(),
+                    sex: Sex::Female,
+                    birth_date: id.birth_date(),
+                    registration_province: id.province_code().into(),
+                    address: "Nanchang".into(),
+                },
                 face_template: register_face(),
                 valid_from: now.date_naive(),
                 valid_until: None,

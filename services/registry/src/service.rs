@@ -17,7 +17,7 @@ use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Popu
 use crate::{
     index::{CardIndex, CardState, IndexedCard},
     limit::MissLimiter,
-    repo::{Card, Change, Hit, LossDecision, NewCard, NewHit, Repo, StatusEvent, is_unique_violation},
+    repo::{Card, Change, Hit, LossDecision, NewHit, Repo, StatusEvent, is_unique_violation},
 };
 
 /// How often a status change is retried when another writer changed the card meanwhile.
@@ -240,7 +240,7 @@ impl Registry {
     async fn decision_card(&self, signed: &SignedDecision) -> Result<Option<Card>, ApiError> {
         let d = &signed.decision;
         let card = self.repo.card(&d.previous_card_serial).await?;
-        Ok(card.filter(|c| c.id_number == normalised(&d.card.id_number)))
+        Ok(card.filter(|c| c.id_number == normalised(&d.card.holder.id_number)))
     }
 
     /// S4: the registry knows which home bureau each card belongs to; a decision about it must be
@@ -266,7 +266,7 @@ impl Registry {
         const ACTION: &str = "report_loss";
         let now = self.now();
         let d = &signed.decision;
-        let subject = mask_id_number(&d.card.id_number);
+        let subject = mask_id_number(&d.card.holder.id_number);
         let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
         let expected = Expectation { purpose: DecisionPurpose::ReportLoss, addressee_id: &self.bureau_id, now };
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
@@ -361,7 +361,7 @@ impl Registry {
         const ACTION: &str = "withdraw_loss_report";
         let now = self.now();
         let d = &signed.decision;
-        let subject = mask_id_number(&d.card.id_number);
+        let subject = mask_id_number(&d.card.holder.id_number);
         let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
         let expected = Expectation { purpose: DecisionPurpose::WithdrawLossReport, addressee_id: &self.bureau_id, now };
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
@@ -441,7 +441,7 @@ impl Registry {
         const ACTION: &str = "register_card";
         let now = self.now();
         let d = &signed.decision;
-        let subject = mask_id_number(&d.card.id_number);
+        let subject = mask_id_number(&d.card.holder.id_number);
         let detail =
             format!("decision {} by {} producer {} card {}", d.decision_id, d.bureau_id, producer_id, card_serial);
         if self.directory.current().get_with_role(&producer_id, Role::Issuance).is_none() {
@@ -471,7 +471,7 @@ impl Registry {
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
                 return Err(self.refuse(ACTION, subject, detail, error).await);
             }
-            let holder = normalised(&d.card.id_number);
+            let holder = normalised(&d.card.holder.id_number);
             for card in self.repo.active_cards_of(&holder).await? {
                 if let Err(error) = Self::signed_by_holder_bureau(&card, &signed) {
                     return Err(self.refuse(ACTION, subject, detail, error).await);
@@ -484,7 +484,7 @@ impl Registry {
                 );
                 return Err(self.refuse(ACTION, card_serial.clone(), detail, error).await);
             }
-            let new = NewCard {
+            let new = Card {
                 serial: card_serial.clone(),
                 id_number: holder.clone(),
                 home_bureau_id: d.bureau_id.clone(),
@@ -493,6 +493,8 @@ impl Registry {
                 valid_until: d.card.valid_until,
                 decision_id: Some(d.decision_id.clone()),
                 producer_id: Some(producer_id.clone()),
+                status_changed_at: now,
+                created_at: now,
             };
             let audit = |revoked: &[String]| AuditEntry {
                 action: ACTION,
@@ -502,7 +504,7 @@ impl Registry {
             };
             match self.repo.register_card(new.clone(), now, audit).await {
                 Ok(events) => {
-                    self.index_card(new.indexed(now));
+                    self.index_card(new.indexed());
                     self.index_events(&events, &holder).await;
                     let revoked_card_serials: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
                     self.publish(events);
@@ -637,19 +639,21 @@ impl Registry {
         let mut imported = 0;
         for citizen in &population.citizens {
             let Some(card) = &citizen.card else { continue };
-            let new = NewCard {
+            let new = Card {
                 serial: card.serial.clone(),
-                id_number: normalised(&citizen.id_number),
+                id_number: normalised(&citizen.person.id_number),
                 home_bureau_id: citizen.home_bureau_id.clone(),
                 status: if card.reported_lost { StoredCardStatus::ReportedLost } else { StoredCardStatus::Valid },
                 valid_from: card.valid_from,
                 valid_until: card.valid_until,
                 decision_id: None,
                 producer_id: None,
+                status_changed_at: now,
+                created_at: now,
             };
             match self.repo.import_card(new.clone(), now).await {
-                Ok(Some(status_changed_at)) => {
-                    self.index_card(new.indexed(status_changed_at));
+                Ok(Some(stored)) => {
+                    self.index_card(stored.indexed());
                     imported += 1;
                 }
                 Ok(None) => {}

@@ -12,7 +12,7 @@ use yidi_domain::{
     CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision,
     status::{SignedStatusStatement, StatementError},
 };
-use yidi_domain::{Credit, Registration};
+use yidi_domain::{Credit, Particulars, Registration};
 use yidi_grpc::server_config::ServerConfig;
 use yidi_grpc::{
     convert::{signed_decision_to_proto, status_statement_from_proto},
@@ -58,12 +58,14 @@ fn person(sequence: u16, card: &str) -> Person {
 /// What the register holds of `p`, and what decisions about `p` print on a card.
 fn card_data(p: &Person) -> CardData {
     CardData {
-        id_number: p.id.clone(),
-        name: "Test Person".into(),
-        sex: Sex::Male,
-        birth_date: day(1990, 3, 7),
-        registration_province: "36".into(),
-        address: "Nanchang".into(),
+        holder: Particulars {
+            id_number: p.id.clone(),
+            name: "Test Person".into(),
+            sex: Sex::Male,
+            birth_date: day(1990, 3, 7),
+            registration_province: "36".into(),
+            address: "Nanchang".into(),
+        },
         face_template: vec![1, 2, 3],
         valid_from: day(2118, 1, 1),
         valid_until: Some(day(2138, 1, 1)),
@@ -73,12 +75,7 @@ fn card_data(p: &Person) -> CardData {
 fn citizen(p: &Person, valid_until: Option<NaiveDate>, reported_lost: bool) -> Citizen {
     let card = card_data(p);
     Citizen {
-        id_number: card.id_number,
-        name: card.name,
-        sex: card.sex,
-        birth_date: card.birth_date,
-        registration_province: card.registration_province,
-        address: card.address,
+        person: card.holder,
         home_bureau_id: JIANGXI.into(),
         scenario: "replacement".into(),
         credit: Credit::Good,
@@ -503,7 +500,7 @@ async fn s4_registry_refuses_tampered_decision() {
     // Signed for p's card, redirected to someone else's card.
     let mut tampered = h.loss(&p, "loss-1");
     tampered.decision.previous_card_serial = victim.card.clone();
-    tampered.decision.card.id_number = victim.id.clone();
+    tampered.decision.card.holder.id_number = victim.id.clone();
     let before = counts(&h).await;
     let error = h.report_loss(&tampered).await.unwrap_err();
     assert_eq!(error.code(), Code::PermissionDenied);

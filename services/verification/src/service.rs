@@ -106,12 +106,12 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
     let Some(citizen) = facts.citizen else {
         return Err(RefusalReason::UnknownCitizen);
     };
-    if !facts.jurisdiction.contains(&citizen.registration_province) {
+    if !facts.jurisdiction.contains(&citizen.person.registration_province) {
         return Err(RefusalReason::UnknownCitizen);
     }
     // The station routed by, and judged its acceptance policy on, the declared province: the register
     // must confirm it, or the request was routed (and judged) on a false premise.
-    if citizen.registration_province != input.declared_province {
+    if citizen.person.registration_province != input.declared_province {
         return Err(RefusalReason::UnknownCitizen);
     }
     // 2. S3: registration cancelled (deceased).
@@ -128,7 +128,7 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
         return Err(RefusalReason::FingerprintMismatch);
     }
     // Rules 4 and 5 are refusals "in a different place" (S3, K4): outside the registration province.
-    let different_place = !facts.station_region.starts_with(&citizen.registration_province);
+    let different_place = !facts.station_region.starts_with(&citizen.person.registration_province);
     // 4. S3: credit record.
     if different_place && citizen.credit == Credit::Bad {
         return Err(RefusalReason::BadCreditRecord);
@@ -402,12 +402,7 @@ impl Verifier {
         // judge() approved, so the citizen holds a card and any serial named is this one.
         let current = citizen.current_card_serial.clone().unwrap_or_else(|| input.card_serial.clone());
         let card_data = |valid_from: NaiveDate, valid_until: Option<NaiveDate>| CardData {
-            id_number: citizen.id_number.clone(),
-            name: citizen.name.clone(),
-            sex: citizen.sex,
-            birth_date: citizen.birth_date,
-            registration_province: citizen.registration_province.clone(),
-            address: citizen.address.clone(),
+            holder: citizen.person.clone(),
             face_template: citizen.face_template.clone(),
             valid_from,
             valid_until,
@@ -418,7 +413,7 @@ impl Verifier {
         let (decision, loss_decision, term) = match input.purpose {
             DecisionPurpose::IssueCard => {
                 // C1: the term of the new card, by age on the day of issue.
-                let term = card::term_for(citizen.birth_date, today);
+                let term = card::term_for(citizen.person.birth_date, today);
                 let data = card_data(term.valid_from, term.valid_until);
                 let decision = self.decision(
                     input,
@@ -491,8 +486,8 @@ impl Verifier {
         let open_application_ids = self.repo.open_application_ids(id_number.as_str()).await?;
         Ok(CitizenView {
             id_number_masked: id_number.masked(),
-            name_masked: mask::mask_name(&citizen.name),
-            registration_province: citizen.registration_province,
+            name_masked: mask::mask_name(&citizen.person.name),
+            registration_province: citizen.person.registration_province,
             registration: citizen.registration,
             credit: citizen.credit,
             current_card_serial: citizen.current_card_serial,
@@ -514,7 +509,7 @@ impl Verifier {
             .citizen_for_update(id_number.as_str())
             .await?
             .ok_or_else(|| ApiError::not_found("citizen", masked.clone()))?;
-        if date_of_death < citizen.birth_date {
+        if date_of_death < citizen.person.birth_date {
             return Err(yidi_grpc::FieldViolations::single("date_of_death", "must not be before the birth date"));
         }
         let changed = tx.cancel_registration(id_number.as_str(), date_of_death, now).await?;
@@ -618,7 +613,7 @@ impl Verifier {
 
 #[cfg(test)]
 mod tests {
-    use yidi_domain::{SimulatedMatcher, biometrics::with_sensor_noise};
+    use yidi_domain::{Particulars, SimulatedMatcher, biometrics::with_sensor_noise};
 
     use super::*;
 
@@ -636,12 +631,14 @@ mod tests {
 
     fn citizen() -> Citizen {
         Citizen {
-            id_number: id().as_str().to_owned(),
-            name: "Li Na".into(),
-            sex: yidi_domain::Sex::Male,
-            birth_date: NaiveDate::from_ymd_opt(1990, 3, 7).unwrap_or_default(),
-            registration_province: "36".into(),
-            address: "Nanchang".into(),
+            person: Particulars {
+                id_number: id().as_str().to_owned(),
+                name: "Li Na".into(),
+                sex: yidi_domain::Sex::Male,
+                birth_date: NaiveDate::from_ymd_opt(1990, 3, 7).unwrap_or_default(),
+                registration_province: "36".into(),
+                address: "Nanchang".into(),
+            },
             face_template: template(1),
             fingerprint_template: template(2),
             credit: Credit::Good,
@@ -699,7 +696,7 @@ mod tests {
     #[test]
     fn n3_a_citizen_of_another_jurisdiction_is_unknown() {
         let mut other = citizen();
-        other.registration_province = "51".into();
+        other.person.registration_province = "51".into();
         let request = input(DecisionPurpose::ReportLoss, Some(ApplicationKind::LossReport));
         assert_eq!(judge_with(&request, &other, 0), Err(RefusalReason::UnknownCitizen));
         let jurisdiction = vec!["36".to_owned()];

@@ -6,7 +6,9 @@ use ed25519_dalek::SigningKey;
 use sea_orm::{ConnectionTrait, Database, Statement};
 use tonic::{Code, transport::Channel};
 use yidi_domain::{Credit, Registration};
-use yidi_domain::{DecisionPurpose, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber};
+use yidi_domain::{
+    DecisionPurpose, Particulars, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber,
+};
 use yidi_grpc::convert::signed_decision_from_proto;
 use yidi_proto::v1::{self as pb, verification_client::VerificationClient};
 use yidi_runtime::{
@@ -99,12 +101,14 @@ fn citizen(
     registration: Registration,
 ) -> Citizen {
     Citizen {
-        id_number: p.id.as_str().to_owned(),
-        name: format!("Citizen {}", p.seed),
-        sex: p.id.sex(),
-        birth_date: p.id.birth_date(),
-        registration_province: province.into(),
-        address: "1 Bayi Avenue, Nanchang".into(),
+        person: Particulars {
+            id_number: p.id.as_str().to_owned(),
+            name: format!("Citizen {}", p.seed),
+            sex: p.id.sex(),
+            birth_date: p.id.birth_date(),
+            registration_province: province.into(),
+            address: "1 Bayi Avenue, Nanchang".into(),
+        },
         home_bureau_id: home.into(),
         scenario: "test".into(),
         credit,
@@ -293,7 +297,7 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
     let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
     let d = decision.verify(&directory, expect).unwrap();
     assert_eq!(d.bureau_id, HOME);
-    assert_eq!(d.card.id_number, p.id.as_str());
+    assert_eq!(d.card.holder.id_number, p.id.as_str());
     assert_eq!(d.card.face_template, template(p.seed), "the register's template, not the live capture");
     assert_eq!(d.previous_card_serial, "JX-0001");
     assert_eq!(d.application_kind, Some(yidi_domain::ApplicationKind::Replacement));
@@ -313,7 +317,7 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
 
     // Signed with this bureau's key: a tampered copy fails.
     let mut tampered = decision.clone();
-    tampered.decision.card.name = "Someone Else".into();
+    tampered.decision.card.holder.name = "Someone Else".into();
     let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
     assert!(tampered.verify(&directory, expect).is_err());
     assert_eq!(d.key_id, KEY_ID);
