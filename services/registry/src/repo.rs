@@ -430,8 +430,14 @@ impl Repo {
 
     /// Imports a legacy card if its serial is not yet known; never overwrites. A card already
     /// reported lost gets a loss report row `import:<serial>` so a withdrawal can close it.
+    /// `first_day_began`: when the card's first valid day began (in the clock's zone).
     /// `Some(since when the card has its status)` if it was imported.
-    pub async fn import_card(&self, card: NewCard, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, DbErr> {
+    pub async fn import_card(
+        &self,
+        card: NewCard,
+        first_day_began: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, DbErr> {
         if cards::Entity::find_by_id(card.serial.clone()).one(&self.db).await?.is_some() {
             return Ok(None);
         }
@@ -439,10 +445,7 @@ impl Repo {
         let lost = card.status == StoredCardStatus::ReportedLost;
         // A legacy valid card has been valid since its first day; when a legacy loss report was
         // made is unknown, so it counts from the import.
-        let since = match (lost, card.valid_from.and_hms_opt(0, 0, 0)) {
-            (false, Some(start)) => start.and_utc().min(now),
-            _ => now,
-        };
+        let since = if lost { now } else { first_day_began.min(now) };
         let txn = db::begin(&self.db).await?;
         let inserted = cards::Entity::insert(card_model(card, since, now))
             .on_conflict_do_nothing()
