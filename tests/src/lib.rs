@@ -86,7 +86,7 @@ pub async fn start(db: Db, date: &str, configure: impl FnOnce(&mut SuiteOptions)
     }
     configure(&mut options);
     let suite = Suite::start(options).await?;
-    Ok(Some(TestSuite { suite, today: now.date_naive(), _dir: dir }))
+    Ok(Some(TestSuite { suite, today: yidi_runtime::Clock::fixed(now).today(), _dir: dir }))
 }
 
 /// As [`start`], with mutual TLS on every port (a fresh CA and certificates in the suite folder).

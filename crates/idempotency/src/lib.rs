@@ -648,7 +648,7 @@ mod tests {
         let db = Database::connect("sqlite::memory:").await.unwrap();
         CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
         let layer = KeyedAnswers::layer();
-        layer.shared().open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        layer.shared().open(Store { db: db.clone(), clock: Clock::fixed(chrono::Utc::now()) });
         let counter = Counter::default();
         let calls = Arc::clone(&counter.calls);
         // The layer as every bureau's server mounts it (behind the security layers, which a
@@ -782,7 +782,7 @@ mod tests {
         let db = Database::connect("sqlite::memory:").await.unwrap();
         CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
         let layer = KeyedAnswers::layer();
-        layer.shared().open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        layer.shared().open(Store { db: db.clone(), clock: Clock::fixed(chrono::Utc::now()) });
         let counter = Counter::default();
         let service = layer.layer(issuance_server(counter.clone()));
         for caller in ["zj-station", "sc-station", "zj-station"] {

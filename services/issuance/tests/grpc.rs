@@ -164,7 +164,7 @@ impl Producer {
             },
             database: DatabaseConfig { url: self.database_url.clone(), max_connections: 4 },
             directory: DirectoryConfig::new(directory_path),
-            clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
+            clock: ClockConfig::fixed_at(now()),
             log: LogConfig::default(),
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             idempotency: Default::default(),

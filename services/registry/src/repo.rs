@@ -403,8 +403,14 @@ impl Repo {
 
     /// Imports a legacy card if its serial is not yet known; never overwrites. A card already
     /// reported lost gets a loss report row `import:<serial>` so a withdrawal can close it.
+    /// `first_day_began`: when the card's first valid day began (in the clock's zone).
     /// `Some(the card as stored)` if it was imported.
-    pub async fn import_card(&self, mut card: Card, now: DateTime<Utc>) -> Result<Option<Card>, DbErr> {
+    pub async fn import_card(
+        &self,
+        mut card: Card,
+        first_day_began: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Card>, DbErr> {
         if cards::Entity::find_by_id(card.serial.clone()).one(&self.db).await?.is_some() {
             return Ok(None);
         }
@@ -412,10 +418,7 @@ impl Repo {
         let lost = card.status == StoredCardStatus::ReportedLost;
         // A legacy valid card has been valid since its first day; when a legacy loss report was
         // made is unknown, so it counts from the import.
-        card.status_changed_at = match (lost, card.valid_from.and_hms_opt(0, 0, 0)) {
-            (false, Some(start)) => start.and_utc().min(now),
-            _ => now,
-        };
+        card.status_changed_at = if lost { now } else { first_day_began.min(now) };
         card.created_at = now;
         let txn = db::begin(&self.db).await?;
         let inserted = cards::Entity::insert(card_model(card.clone()))

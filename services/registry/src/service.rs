@@ -89,34 +89,33 @@ fn normalised(id_number: &str) -> String {
     id_number.trim().to_ascii_uppercase()
 }
 
-/// C2: the status a relying party is told, and since when.
+/// C2: the status a relying party is told at `at`, and since when; dates are the clock's.
 fn answer_state(
     status: StoredCardStatus,
     valid_until: Option<NaiveDate>,
     changed_at: DateTime<Utc>,
-    today: NaiveDate,
+    clock: &Clock,
+    at: DateTime<Utc>,
 ) -> CheckResult {
-    let status = status.effective(valid_until, today);
-    let status_changed_at = match (status, valid_until) {
+    let status = status.effective(valid_until, clock.date_of(at));
+    let status_changed_at = match (status, valid_until.and_then(|until| until.succ_opt())) {
         // An expired card entered EXPIRED at the start of the day after its last valid day.
-        (CardStatus::Expired, Some(until)) => {
-            until.succ_opt().and_then(|day| day.and_hms_opt(0, 0, 0)).map(|at| at.and_utc()).unwrap_or(changed_at)
-        }
+        (CardStatus::Expired, Some(first_expired_day)) => clock.start_of(first_expired_day),
         _ => changed_at,
     };
     CheckResult { status, status_changed_at: Some(status_changed_at) }
 }
 
-/// C2: the status a relying party is told about a stored card, and since when.
-pub fn answer(card: &Card, today: NaiveDate) -> CheckResult {
-    answer_state(card.status, card.valid_until, card.status_changed_at, today)
+/// C2: the status a relying party is told about a stored card at `at`, and since when.
+pub fn answer(card: &Card, clock: &Clock, at: DateTime<Utc>) -> CheckResult {
+    answer_state(card.status, card.valid_until, card.status_changed_at, clock, at)
 }
 
 /// C4: a card is known to a relying party only under the number of its holder (the index finds
 /// a card only under it).
-pub fn check_one(state: Option<&CardState>, today: NaiveDate) -> CheckResult {
+pub fn check_one(state: Option<&CardState>, clock: &Clock, at: DateTime<Utc>) -> CheckResult {
     match state {
-        Some(state) => answer_state(state.status, state.valid_until, state.status_changed_at, today),
+        Some(state) => answer_state(state.status, state.valid_until, state.status_changed_at, clock, at),
         None => CheckResult { status: CardStatus::Unknown, status_changed_at: None },
     }
 }
@@ -272,14 +271,13 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let today = self.today();
         let _writer = self.writer.lock().await;
         for _ in 0..ATTEMPTS {
             if self.repo.loss_report_decision_used(&d.decision_id).await? {
                 // The same decision again: answer as before, write nothing.
                 let card =
                     self.decision_card(&signed).await?.ok_or_else(|| Self::not_found(&d.previous_card_serial))?;
-                let answer = answer(&card, today);
+                let answer = answer(&card, &self.clock, now);
                 return Ok(LossOutcome {
                     card_serial: card.serial,
                     status: answer.status,
@@ -321,7 +319,7 @@ impl Registry {
                     }
                     tracing::info!(serial = %card.serial, "loss report recorded for a card already reported lost");
                     return Ok(LossOutcome {
-                        status: answer(&card, today).status,
+                        status: answer(&card, &self.clock, now).status,
                         changed_at: card.status_changed_at,
                         card_serial: card.serial,
                         already_reported: true,
@@ -367,7 +365,7 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let today = self.today();
+        let today = self.clock.date_of(now);
         let _writer = self.writer.lock().await;
         for _ in 0..ATTEMPTS {
             if self.repo.withdraw_decision_used(&d.decision_id).await? {
@@ -455,7 +453,7 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let today = self.today();
+        let today = self.clock.date_of(now);
         let _writer = self.writer.lock().await;
         for _ in 0..ATTEMPTS {
             if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
@@ -463,7 +461,7 @@ impl Registry {
                     // The same registration again: the same answer, nothing written.
                     let revoked_card_serials = self.repo.revoked_by_registration(&existing.serial).await?;
                     return Ok(RegisterOutcome {
-                        status: answer(&existing, today).status,
+                        status: answer(&existing, &self.clock, now).status,
                         card_serial: existing.serial,
                         revoked_card_serials,
                     });
@@ -534,13 +532,12 @@ impl Registry {
         caller: &str,
     ) -> Result<(Vec<CheckResult>, DateTime<Utc>), ApiError> {
         let checked_at = self.now();
-        let today = checked_at.date_naive();
         let mut hits = Vec::new();
         let results = queries
             .iter()
             .map(|query| {
                 let state = self.index.get(&query.card_serial, query.id_number.as_str());
-                let result = check_one(state.as_ref(), today);
+                let result = check_one(state.as_ref(), &self.clock, checked_at);
                 if let (CardStatus::ReportedLost, Some(state)) = (result.status, state) {
                     hits.push(NewHit {
                         card_serial: query.card_serial.clone(),
@@ -651,7 +648,7 @@ impl Registry {
                 status_changed_at: now,
                 created_at: now,
             };
-            match self.repo.import_card(new.clone(), now).await {
+            match self.repo.import_card(new.clone(), self.clock.start_of(card.valid_from), now).await {
                 Ok(Some(stored)) => {
                     self.index_card(stored.indexed());
                     imported += 1;
@@ -688,19 +685,38 @@ mod tests {
         }
     }
 
+    /// The clock's date is `day` (09:00 UTC, 17:00 Beijing).
+    fn on(day: NaiveDate) -> DateTime<Utc> {
+        day.and_hms_opt(9, 0, 0).unwrap().and_utc()
+    }
+
+    fn clock() -> Clock {
+        Clock::fixed(on(d(2118, 1, 1)))
+    }
+
     #[test]
     fn c2_expired_card_entered_expired_the_day_after_its_last_day() {
         let c = card(StoredCardStatus::Valid, Some(d(2118, 1, 1)));
-        let result = answer(&c, d(2118, 1, 5));
+        let result = answer(&c, &clock(), on(d(2118, 1, 5)));
         assert_eq!(result.status, CardStatus::Expired);
-        assert_eq!(result.status_changed_at, Some(d(2118, 1, 2).and_hms_opt(0, 0, 0).unwrap().and_utc()));
-        assert_eq!(answer(&c, d(2118, 1, 1)).status, CardStatus::Valid);
+        // Midnight in Beijing at the start of 2 January.
+        assert_eq!(result.status_changed_at, Some(d(2118, 1, 1).and_hms_opt(16, 0, 0).unwrap().and_utc()));
+        assert_eq!(answer(&c, &clock(), on(d(2118, 1, 1))).status, CardStatus::Valid);
+    }
+
+    #[test]
+    fn c2_a_card_expires_at_midnight_in_beijing() {
+        let c = card(StoredCardStatus::Valid, Some(d(2118, 1, 1)));
+        let at = |instant: &str| instant.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(answer(&c, &clock(), at("2118-01-01T15:59:59Z")).status, CardStatus::Valid);
+        assert_eq!(answer(&c, &clock(), at("2118-01-01T16:00:00Z")).status, CardStatus::Expired);
+        assert_eq!(answer(&c, &clock(), at("2118-01-01T23:30:00Z")).status, CardStatus::Expired);
     }
 
     #[test]
     fn c2_lost_card_stays_lost_after_expiry() {
         let c = card(StoredCardStatus::ReportedLost, Some(d(2118, 1, 1)));
-        assert_eq!(answer(&c, d(2119, 1, 1)).status, CardStatus::ReportedLost);
+        assert_eq!(answer(&c, &clock(), on(d(2119, 1, 1))).status, CardStatus::ReportedLost);
     }
 
     #[test]
@@ -709,11 +725,12 @@ mod tests {
         let index = CardIndex::with_capacity(1);
         index.insert(c.indexed()).unwrap();
         let other = IdNumber::compose("360102", d(1991, 3, 7), 124);
-        let result = check_one(index.get(&c.serial, other.as_str()).as_ref(), d(2118, 1, 1));
+        let now = on(d(2118, 1, 1));
+        let result = check_one(index.get(&c.serial, other.as_str()).as_ref(), &clock(), now);
         assert_eq!(result, CheckResult { status: CardStatus::Unknown, status_changed_at: None });
         let holder = IdNumber::parse(&c.id_number, d(2118, 1, 1)).unwrap();
         let found = index.get(&c.serial, holder.as_str());
-        assert_eq!(check_one(found.as_ref(), d(2118, 1, 1)), answer(&c, d(2118, 1, 1)));
-        assert_eq!(check_one(None, d(2118, 1, 1)).status, CardStatus::Unknown);
+        assert_eq!(check_one(found.as_ref(), &clock(), now), answer(&c, &clock(), now));
+        assert_eq!(check_one(None, &clock(), now).status, CardStatus::Unknown);
     }
 }

@@ -146,7 +146,7 @@ impl Harness {
             database: DatabaseConfig { url: db_url.clone(), max_connections: 4 },
             // Short, so that the rotation test sees a new directory soon.
             directory: DirectoryConfig { path: directory_path.clone(), reload_seconds: 1 },
-            clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
+            clock: ClockConfig::fixed_at(now()),
             log: LogConfig::default(),
             signing: SigningConfig { key_dir: Some(key_dir), keys: vec![] },
             // Tests check many unknown cards; the limit has its own test.
@@ -180,6 +180,12 @@ impl Harness {
         self.client = client;
         self.bureau = Some(bureau);
         self.ready().await;
+    }
+
+    /// Restarts with the clock standing at `instant` (in the default zone, Asia/Shanghai).
+    async fn restart_at(&mut self, instant: &str) {
+        self.config.clock = ClockConfig::fixed_at(instant.parse().unwrap());
+        self.restart().await;
     }
 
     async fn count(&self, table: &str) -> i64 {
@@ -632,7 +638,8 @@ async fn c2_unknown_serial_is_unknown() {
     assert_eq!(status_of(old.status), pb::CardStatus::Expired);
     assert_eq!(
         old.status_changed_at.map(|t| t.seconds),
-        Some(Utc.with_ymd_and_hms(2117, 7, 1, 0, 0, 0).unwrap().timestamp())
+        // From the start of 1 July in Beijing.
+        Some(Utc.with_ymd_and_hms(2117, 6, 30, 16, 0, 0).unwrap().timestamp())
     );
     assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid);
     // A loss report for a serial that is not the holder's: NOT_FOUND.
@@ -640,6 +647,45 @@ async fn c2_unknown_serial_is_unknown() {
     let error = h.report_loss(&h.loss(&wrong, "loss-1")).await.unwrap_err();
     assert_eq!(error.code(), Code::NotFound);
     assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+/// 23:30 on 31 December 2117 in Beijing (UTC+8), then 07:30 and 08:30 on 1 January 2118 there,
+/// while it is still 31 December in UTC at the first two.
+const AROUND_BEIJING_NEW_YEAR: [&str; 3] = ["2117-12-31T15:30:00Z", "2117-12-31T23:30:00Z", "2118-01-01T00:30:00Z"];
+
+#[tokio::test]
+async fn c2_a_card_that_expired_yesterday_in_beijing_is_expired_before_utc_midnight() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, Some(day(2117, 12, 31)), false)]).await;
+    let expired_since = Utc.with_ymd_and_hms(2117, 12, 31, 16, 0, 0).unwrap().timestamp();
+    for (instant, expected) in AROUND_BEIJING_NEW_YEAR.into_iter().zip([
+        pb::CardStatus::Valid,
+        pb::CardStatus::Expired,
+        pb::CardStatus::Expired,
+    ]) {
+        h.restart_at(instant).await;
+        let answer = h.check(&p.id, &p.card).await;
+        assert_eq!(status_of(answer.status), expected, "at {instant}");
+        if expected == pb::CardStatus::Expired {
+            assert_eq!(answer.status_changed_at.map(|t| t.seconds), Some(expired_since), "midnight in Beijing");
+        }
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn n1_a_number_born_today_in_beijing_is_checked_not_refused() {
+    let mut h = Harness::new(Vec::new()).await;
+    let newborn = IdNumber::compose("360102", day(2118, 1, 1), 5);
+    let [before, at_0730, at_0830] = AROUND_BEIJING_NEW_YEAR;
+    h.restart_at(before).await;
+    let error = h.try_check(newborn.as_str(), "JX-NEW", "bank-of-test").await.unwrap_err();
+    assert_eq!(violations(&error), vec!["id_number".to_owned()], "born tomorrow in Beijing");
+    for instant in [at_0730, at_0830] {
+        h.restart_at(instant).await;
+        assert_eq!(status_of(h.check(newborn.as_str(), "JX-NEW").await.status), pb::CardStatus::Unknown, "{instant}");
+    }
     h.shutdown().await;
 }
 
@@ -842,8 +888,11 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
     };
     assert!(config.validate().unwrap_err().to_string().contains("server.bureau_id"));
     config.server.bureau_id = REGISTRY.into();
-    config.clock = ClockConfig { fixed: Some(now()), start: Some(now()), offset_seconds: 0 };
+    config.clock = ClockConfig { start: Some(now()), ..ClockConfig::fixed_at(now()) };
     assert!(config.validate().unwrap_err().to_string().contains("clock"));
+    config.clock = ClockConfig { time_zone: "China/Beijing".into(), ..ClockConfig::default() };
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("clock") && error.contains("time_zone") && error.contains("China/Beijing"), "{error}");
     config.clock = ClockConfig::default();
     config.registry.check_misses_per_minute = 0;
     assert!(config.validate().unwrap_err().to_string().contains("registry.check_misses_per_minute"));

@@ -296,7 +296,7 @@ impl Verifier {
             return replay(row, input);
         }
         let now = self.clock.now();
-        let today = now.date_naive();
+        let today = self.clock.date_of(now);
         let citizen = tx.citizen_for_update(input.id_number.as_str()).await?;
         let other_open_applications = if input.purpose == DecisionPurpose::IssueCard {
             tx.open_application_ids(input.id_number.as_str())
@@ -396,7 +396,7 @@ impl Verifier {
         now: DateTime<Utc>,
     ) -> Result<VerifyAnswer, ApiError> {
         let issued_at = truncate_to_seconds(now);
-        let today = now.date_naive();
+        let today = self.clock.date_of(now);
         // Chosen for the instant the decisions carry, which the key must cover.
         let key = self.signing_key(&self.directory.current(), issued_at)?;
         // judge() approved, so the citizen holds a card and any serial named is this one.
