@@ -81,6 +81,8 @@ pub fn card_status_to_proto(status: CardStatus) -> pb::CardStatus {
         CardStatus::Revoked => pb::CardStatus::Revoked,
         CardStatus::Expired => pb::CardStatus::Expired,
         CardStatus::Unknown => pb::CardStatus::Unknown,
+        CardStatus::AwaitingCollection => pb::CardStatus::AwaitingCollection,
+        CardStatus::Voided => pb::CardStatus::Voided,
     }
 }
 
@@ -92,6 +94,8 @@ pub fn card_status_from_proto(status: pb::CardStatus) -> Option<CardStatus> {
         pb::CardStatus::Revoked => Some(CardStatus::Revoked),
         pb::CardStatus::Expired => Some(CardStatus::Expired),
         pb::CardStatus::Unknown => Some(CardStatus::Unknown),
+        pb::CardStatus::AwaitingCollection => Some(CardStatus::AwaitingCollection),
+        pb::CardStatus::Voided => Some(CardStatus::Voided),
     }
 }
 

@@ -129,6 +129,10 @@ pub trait RegistryFake: Send + Sync + 'static {
     async fn register_card(&self, _: pb::RegisterCardRequest) -> Result<pb::RegisterCardResponse, Status> {
         Err(unimplemented_by_fake())
     }
+
+    async fn record_collection(&self, _: pb::RecordCollectionRequest) -> Result<pb::RecordCollectionResponse, Status> {
+        Err(unimplemented_by_fake())
+    }
 }
 
 /// A [`RegistryFake`] as a LossRegistry service.
@@ -160,6 +164,13 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
         request: GrpcRequest<pb::RegisterCardRequest>,
     ) -> Result<GrpcResponse<pb::RegisterCardResponse>, Status> {
         self.0.register_card(request.into_inner()).await.map(GrpcResponse::new)
+    }
+
+    async fn record_collection(
+        &self,
+        request: GrpcRequest<pb::RecordCollectionRequest>,
+    ) -> Result<GrpcResponse<pb::RecordCollectionResponse>, Status> {
+        self.0.record_collection(request.into_inner()).await.map(GrpcResponse::new)
     }
 
     async fn check_card(

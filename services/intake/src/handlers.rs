@@ -66,6 +66,8 @@ fn still_owed(topic: Topic, model: &application::Model) -> bool {
         Topic::PlaceOrder => state == S::Approved || (state == S::InProduction && model.order_id.is_none()),
         Topic::AwaitOrder => state == S::InProduction,
         Topic::CloseApplication => matches!(state, S::Collected | S::Cancelled) && !model.home_notified,
+        // Repeat-safe at the registry: delivered until it answers.
+        Topic::RecordCollection => state == S::Collected,
     }
 }
 
@@ -142,6 +144,7 @@ async fn step(intake: &Intake, message: &outbox::Model, topic: Topic, model: &ap
         Topic::PlaceOrder => place_order_step(step).await,
         Topic::AwaitOrder => await_order_step(step).await,
         Topic::CloseApplication => close_step(step).await,
+        Topic::RecordCollection => record_collection_step(step).await,
     };
     result.unwrap_or_else(from_api)
 }
@@ -436,6 +439,35 @@ async fn close_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         )
         .await?;
     tracing::info!(application_id = %model.application_id, state = state.as_str(), "home bureau notified");
+    Ok(Delivery::Delivered)
+}
+
+/// C3, S1: the registry learns of the hand-over; only then is the new card valid and the old one
+/// revoked. Until it answers, relying parties are told the card awaits collection: never "valid"
+/// too early.
+async fn record_collection_step(step: Step<'_>) -> Result<Delivery, ApiError> {
+    let Step { inner, message, model, id, state, .. } = step;
+    if state != ApplicationState::Collected {
+        return Ok(overtaken(model, state));
+    }
+    let Some(serial) = model.new_card_serial.clone() else {
+        return Ok(Delivery::Fail(format!("application {id} was collected without a card serial")));
+    };
+    let request = pb::RecordCollectionRequest {
+        station_id: inner.station.id.clone(),
+        id_number: model.id_number.clone(),
+        card_serial: serial,
+    };
+    let response = match inner.peers.record_collection(&inner.station.registry_id, request, &message.id).await {
+        Ok(response) => response,
+        Err(error) => return Ok(from_peer(error)),
+    };
+    tracing::info!(
+        application_id = %id,
+        card = %response.card_serial,
+        revoked = response.revoked_card_serials.len(),
+        "collection recorded by the registry"
+    );
     Ok(Delivery::Delivered)
 }
 

@@ -70,6 +70,8 @@ struct FakeState {
     verify_provinces: Mutex<Vec<String>>,
     /// `station_id` of every CloseApplication request received.
     close_stations: Mutex<Vec<String>>,
+    /// (station_id, id_number, card_serial) of every RecordCollection request received.
+    collections: Mutex<Vec<(String, String, String)>>,
     now: Mutex<Option<DateTime<Utc>>>,
 }
 
@@ -218,6 +220,22 @@ impl RegistryFake for Fakes {
             card_serial: serial,
             status: pb::CardStatus::Valid as i32,
             changed_at: None,
+        })
+    }
+
+    async fn record_collection(
+        &self,
+        request: pb::RecordCollectionRequest,
+    ) -> Result<pb::RecordCollectionResponse, Status> {
+        let mut collections = self.state.collections.lock().unwrap();
+        let already_recorded = collections.iter().any(|c| c.2 == request.card_serial);
+        collections.push((request.station_id, request.id_number, request.card_serial.clone()));
+        Ok(pb::RecordCollectionResponse {
+            card_serial: request.card_serial,
+            status: pb::CardStatus::Valid as i32,
+            revoked_card_serials: Vec::new(),
+            already_recorded,
+            collected_at: None,
         })
     }
 }
@@ -803,6 +821,10 @@ async fn c3_card_handed_over_only_after_face_match() {
         .await
         .unwrap();
     assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
+    // C3: the registry is told of the hand-over (the card becomes valid only then), once.
+    eventually(250, 20, || !h.fakes.collections.lock().unwrap().is_empty()).await;
+    let collections = h.fakes.collections.lock().unwrap().clone();
+    assert_eq!(collections, [(STATION.to_owned(), jiangxi_applicant().id_number, "NEW-0001".to_owned())]);
     h.stop().await;
 }
 

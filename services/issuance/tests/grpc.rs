@@ -65,8 +65,8 @@ impl RegistryFake for FakeRegistry {
         }
         Ok(pb::RegisterCardResponse {
             card_serial: request.card_serial,
-            status: pb::CardStatus::Valid as i32,
-            revoked_card_serials: vec![],
+            status: pb::CardStatus::AwaitingCollection as i32,
+            ..Default::default()
         })
     }
 }

@@ -31,6 +31,8 @@ pub struct Card {
     pub valid_until: Option<NaiveDate>,
     pub decision_id: Option<String>,
     pub producer_id: Option<String>,
+    /// C3: the station that hands the card over; None for imported cards.
+    pub station_id: Option<String>,
     pub status_changed_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
 }
@@ -46,6 +48,7 @@ impl From<cards::Model> for Card {
             valid_until: m.valid_until,
             decision_id: m.decision_id,
             producer_id: m.producer_id,
+            station_id: m.station_id,
             status_changed_at: m.status_changed_at,
             created_at: m.created_at,
         }
@@ -176,6 +179,7 @@ fn card_model(card: Card) -> cards::ActiveModel {
         status_changed_at: Set(card.status_changed_at),
         created_at: Set(card.created_at),
         revoked_by: Set(None),
+        station_id: Set(card.station_id),
     }
 }
 
@@ -245,7 +249,7 @@ impl Repo {
     }
 
     /// Serials of the cards the registration of `serial` revoked.
-    pub async fn revoked_by_registration(&self, serial: &str) -> Result<Vec<String>, DbErr> {
+    pub async fn revoked_by_collection(&self, serial: &str) -> Result<Vec<String>, DbErr> {
         let models = cards::Entity::find()
             .filter(cards::Column::RevokedBy.eq(serial))
             .order_by_asc(cards::Column::Serial)
@@ -363,42 +367,88 @@ impl Repo {
         Ok(Change::Done(event))
     }
 
-    /// S1: inserts the new card and revokes every other card of the holder that is valid or
-    /// reported lost, one event per revoked card, all in one transaction.
-    pub async fn register_card(
+    /// C3: inserts a card its producer made, awaiting collection; the holder's other cards keep
+    /// their status until the collection (`collect_card`).
+    pub async fn register_card(&self, card: Card, now: DateTime<Utc>, audit: AuditEntry) -> Result<(), DbErr> {
+        let txn = db::begin(&self.db).await?;
+        cards::Entity::insert(card_model(card)).exec_without_returning(&txn).await?;
+        audit::append(&txn, now, audit).await?;
+        txn.commit().await
+    }
+
+    /// C3, S1: the holder collected `serial`: it becomes valid and every other card of the holder
+    /// that is or may still become valid is revoked, one event per card, all in one transaction.
+    /// `Raced` if the card was no longer awaiting collection.
+    pub async fn collect_card(
         &self,
-        card: Card,
+        serial: &str,
+        id_number: &str,
         now: DateTime<Utc>,
         audit: impl FnOnce(&[String]) -> AuditEntry,
-    ) -> Result<Vec<StatusEvent>, DbErr> {
-        let txn = db::begin(&self.db).await?;
-        let serial = card.serial.clone();
-        let id_number = card.id_number.clone();
-        // The insert comes first: on SQLite it takes the write lock before anything is read.
-        cards::Entity::insert(card_model(card)).exec_without_returning(&txn).await?;
+    ) -> Result<Change<Vec<StatusEvent>>, DbErr> {
+        let (from, to) = (StoredCardStatus::Made, StoredCardStatus::Valid);
+        let Some((txn, collected)) = self.begin_move(serial, from, to, now).await? else {
+            return Ok(Change::Raced);
+        };
+        let superseded: Vec<CardStatusColumn> = StoredCardStatus::ALL
+            .into_iter()
+            .filter(|status| status.superseded_by_collection())
+            .map(CardStatusColumn::from)
+            .collect();
         let others = cards::Entity::find()
-            .filter(cards::Column::IdNumber.eq(id_number.as_str()))
-            .filter(cards::Column::Serial.ne(serial.as_str()))
-            .filter(cards::Column::Status.is_in([CardStatusColumn::Valid, CardStatusColumn::ReportedLost]))
+            .filter(cards::Column::IdNumber.eq(id_number))
+            .filter(cards::Column::Serial.ne(serial))
+            .filter(cards::Column::Status.is_in(superseded))
             .order_by_asc(cards::Column::Serial)
             .all(&txn)
             .await?;
-        let mut events = Vec::with_capacity(others.len());
+        let mut events = vec![collected];
         for other in others {
             let from = StoredCardStatus::from(other.status);
             if let Some(event) = move_status(&txn, &other.serial, from, StoredCardStatus::Revoked, now).await? {
                 cards::Entity::update_many()
-                    .col_expr(cards::Column::RevokedBy, Expr::value(serial.as_str()))
+                    .col_expr(cards::Column::RevokedBy, Expr::value(serial))
                     .filter(cards::Column::Serial.eq(other.serial.as_str()))
                     .exec(&txn)
                     .await?;
                 events.push(event);
             }
         }
-        let revoked: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
+        let revoked: Vec<String> = events[1..].iter().map(|e| e.card_serial.clone()).collect();
         audit::append(&txn, now, audit(&revoked)).await?;
         txn.commit().await?;
-        Ok(events)
+        Ok(Change::Done(events))
+    }
+
+    /// C3: the cards made before `made_before` and still awaiting collection, oldest first.
+    pub async fn overdue_cards(&self, made_before: DateTime<Utc>, limit: u64) -> Result<Vec<Card>, DbErr> {
+        Ok(cards::Entity::find()
+            .filter(cards::Column::Status.eq(CardStatusColumn::Made))
+            .filter(cards::Column::StatusChangedAt.lt(made_before))
+            .order_by_asc(cards::Column::StatusChangedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(Card::from)
+            .collect())
+    }
+
+    /// C3: a card never collected in time becomes void, with its event and audit record. The
+    /// holder's other cards were never touched by it, so they keep their status.
+    pub async fn void_card(
+        &self,
+        serial: &str,
+        now: DateTime<Utc>,
+        audit: AuditEntry,
+    ) -> Result<Change<StatusEvent>, DbErr> {
+        let (from, to) = (StoredCardStatus::Made, StoredCardStatus::Voided);
+        let Some((txn, event)) = self.begin_move(serial, from, to, now).await? else {
+            return Ok(Change::Raced);
+        };
+        audit::append(&txn, now, audit).await?;
+        txn.commit().await?;
+        Ok(Change::Done(event))
     }
 
     /// Imports a legacy card if its serial is not yet known; never overwrites. A card already

@@ -46,7 +46,23 @@ pub struct WithdrawOutcome {
 pub struct RegisterOutcome {
     pub card_serial: String,
     pub status: CardStatus,
+}
+
+/// C3: a station reports the hand-over of a card (validated).
+#[derive(Debug, Clone)]
+pub struct Collection {
+    pub station_id: String,
+    pub id_number: IdNumber,
+    pub card_serial: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectOutcome {
+    pub card_serial: String,
+    pub status: CardStatus,
     pub revoked_card_serials: Vec<String>,
+    pub collected_at: DateTime<Utc>,
+    pub already_recorded: bool,
 }
 
 /// One card a relying party asks about (C4: number and serial, both validated).
@@ -68,6 +84,8 @@ pub struct CheckResult {
 pub struct Checks {
     pub keys: Arc<KeyRing>,
     pub limiter: MissLimiter,
+    /// C3: how long a made card may await collection before it is voided.
+    pub collection_deadline: chrono::Duration,
 }
 
 pub struct Registry {
@@ -256,6 +274,11 @@ impl Registry {
         .into())
     }
 
+    /// A loss decision about a card its holder never had (awaiting collection, or voided).
+    fn never_handed_over() -> ApiError {
+        ApiError::precondition("CARD_NOT_HANDED_OVER", "the card was never handed over to its holder")
+    }
+
     fn not_found(serial: &str) -> ApiError {
         ApiError::not_found("decision.previous_card_serial", serial)
     }
@@ -301,6 +324,9 @@ impl Registry {
                 StoredCardStatus::Revoked => {
                     let error = ApiError::precondition("CARD_REVOKED", "the card is revoked: a newer card was issued");
                     return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+                }
+                StoredCardStatus::Made | StoredCardStatus::Voided => {
+                    return Err(self.refuse(ACTION, card.serial.clone(), detail, Self::never_handed_over()).await);
                 }
                 StoredCardStatus::ReportedLost => {
                     match self
@@ -390,10 +416,20 @@ impl Registry {
                 );
                 return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
             }
+            // K6, C3: once a replacement is made, the loss report stands: the new card revokes
+            // this one when it is handed over, so "valid" now would be true for a few days at most.
+            let awaiting = |c: &Card| {
+                c.status == StoredCardStatus::Made && now - c.status_changed_at <= self.checks.collection_deadline
+            };
+            let replacement_made = card.status == StoredCardStatus::ReportedLost
+                && self.repo.cards_of(&card.id_number).await?.iter().any(awaiting);
+            if card.status == StoredCardStatus::Revoked || replacement_made {
+                let error = ApiError::Refused(RefusalReason::LossReportFinal);
+                return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+            }
             match card.status {
-                StoredCardStatus::Revoked => {
-                    let error = ApiError::Refused(RefusalReason::LossReportFinal);
-                    return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+                StoredCardStatus::Revoked | StoredCardStatus::Made | StoredCardStatus::Voided => {
+                    return Err(self.refuse(ACTION, card.serial.clone(), detail, Self::never_handed_over()).await);
                 }
                 StoredCardStatus::Valid => {
                     let error = ApiError::precondition("NOT_REPORTED_LOST", "the card is not reported lost");
@@ -428,8 +464,8 @@ impl Registry {
         Err(ApiError::Internal("the card kept changing; try again".into()))
     }
 
-    /// S1, S4: a producer registers a card made for a decision addressed to it; every older card
-    /// of the holder is revoked in the same transaction.
+    /// S4, C3: a producer registers a card made for a decision addressed to it. The card awaits
+    /// collection; the holder's older cards change only when it is handed over ([`Self::collect`]).
     pub async fn register_card(
         &self,
         signed: SignedDecision,
@@ -453,17 +489,14 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let today = self.clock.date_of(now);
         let _writer = self.writer.lock().await;
         for _ in 0..ATTEMPTS {
             if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
                 if existing.serial == card_serial {
                     // The same registration again: the same answer, nothing written.
-                    let revoked_card_serials = self.repo.revoked_by_registration(&existing.serial).await?;
                     return Ok(RegisterOutcome {
                         status: answer(&existing, &self.clock, now).status,
                         card_serial: existing.serial,
-                        revoked_card_serials,
                     });
                 }
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
@@ -486,38 +519,183 @@ impl Registry {
                 serial: card_serial.clone(),
                 id_number: holder.clone(),
                 home_bureau_id: d.bureau_id.clone(),
-                status: StoredCardStatus::Valid,
+                status: StoredCardStatus::Made,
                 valid_from: d.card.valid_from,
                 valid_until: d.card.valid_until,
                 decision_id: Some(d.decision_id.clone()),
                 producer_id: Some(producer_id.clone()),
+                station_id: Some(d.station_id.clone()),
                 status_changed_at: now,
                 created_at: now,
             };
-            let audit = |revoked: &[String]| AuditEntry {
+            let audit = AuditEntry {
                 action: ACTION,
                 subject: card_serial.clone(),
                 outcome: "registered".into(),
-                detail: format!("{detail}; revoked [{}]", revoked.join(", ")),
+                detail: format!("{detail}; awaiting collection at {}", d.station_id),
             };
             match self.repo.register_card(new.clone(), now, audit).await {
-                Ok(events) => {
+                Ok(()) => {
                     self.index_card(new.indexed());
-                    self.index_events(&events, &holder).await;
-                    let revoked_card_serials: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
-                    self.publish(events);
-                    tracing::info!(serial = %card_serial, holder = %subject, revoked = revoked_card_serials.len(), "card registered");
-                    return Ok(RegisterOutcome {
-                        status: StoredCardStatus::Valid.effective(d.card.valid_until, today),
-                        card_serial,
-                        revoked_card_serials,
-                    });
+                    tracing::info!(serial = %card_serial, holder = %subject, "card registered, awaiting collection");
+                    return Ok(RegisterOutcome { status: answer(&new, &self.clock, now).status, card_serial });
                 }
                 Err(e) if is_unique_violation(&e) => continue,
                 Err(e) => return Err(self.write_failed(e, &holder).await),
             }
         }
         Err(ApiError::Internal("the registration kept conflicting; try again".into()))
+    }
+
+    /// C3, S1: the station that lodged the application reports that the holder collected the card:
+    /// it becomes valid and every older card of the holder is revoked, in one change, before the
+    /// answer. Reporting it again changes nothing; a card not collected within the deadline is
+    /// voided instead, and the collection refused.
+    pub async fn collect(&self, collection: Collection) -> Result<CollectOutcome, ApiError> {
+        const ACTION: &str = "record_collection";
+        let Collection { station_id, id_number, card_serial } = collection;
+        let holder = normalised(id_number.as_str());
+        let subject = card_serial.clone();
+        let detail = format!("station {station_id} holder {}", mask_id_number(&holder));
+        let _writer = self.writer.lock().await;
+        for _ in 0..ATTEMPTS {
+            let now = self.now();
+            let card = self.repo.card(&card_serial).await?.filter(|card| card.id_number == holder);
+            let Some(card) = card else {
+                let error = ApiError::not_found("card_serial", &card_serial);
+                return Err(self.refuse(ACTION, subject, detail, error).await);
+            };
+            if card.station_id.as_deref() != Some(station_id.as_str()) {
+                let error = ApiError::PermissionDenied {
+                    reason: "NOT_THE_COLLECTING_STATION",
+                    message: format!("card {card_serial} is handed over by the station its application was lodged at"),
+                };
+                return Err(self.refuse(ACTION, subject, detail, error).await);
+            }
+            match card.status {
+                StoredCardStatus::Made if now - card.status_changed_at > self.checks.collection_deadline => {
+                    self.void(&card, now).await?;
+                    continue;
+                }
+                StoredCardStatus::Made => {}
+                StoredCardStatus::Valid | StoredCardStatus::ReportedLost => {
+                    // Collected before: the same answer, nothing written.
+                    return Ok(CollectOutcome {
+                        status: answer(&card, &self.clock, now).status,
+                        revoked_card_serials: self.repo.revoked_by_collection(&card.serial).await?,
+                        collected_at: card.status_changed_at,
+                        card_serial: card.serial,
+                        already_recorded: true,
+                    });
+                }
+                StoredCardStatus::Voided | StoredCardStatus::Revoked => {
+                    let reason = if card.status == StoredCardStatus::Voided { "CARD_VOIDED" } else { "CARD_REVOKED" };
+                    let error = ApiError::precondition(
+                        reason,
+                        format!("card {card_serial} is {}: it can no longer be handed over", card.status.as_str()),
+                    );
+                    return Err(self.refuse(ACTION, subject, detail, error).await);
+                }
+            }
+            let audit = |revoked: &[String]| AuditEntry {
+                action: ACTION,
+                subject: card_serial.clone(),
+                outcome: "collected".into(),
+                detail: format!("{detail}; revoked [{}]", revoked.join(", ")),
+            };
+            match self.repo.collect_card(&card.serial, &holder, now, audit).await {
+                Ok(Change::Done(events)) => {
+                    self.index_events(&events, &holder).await;
+                    let revoked_card_serials: Vec<String> = events[1..].iter().map(|e| e.card_serial.clone()).collect();
+                    self.publish(events);
+                    tracing::info!(serial = %card_serial, revoked = revoked_card_serials.len(), "card collected: valid");
+                    return Ok(CollectOutcome {
+                        status: StoredCardStatus::Valid.effective(card.valid_until, self.today()),
+                        card_serial,
+                        revoked_card_serials,
+                        collected_at: now,
+                        already_recorded: false,
+                    });
+                }
+                Ok(Change::Raced) => continue,
+                Err(e) => return Err(self.write_failed(e, &holder).await),
+            }
+        }
+        Err(ApiError::Internal("the card kept changing; try again".into()))
+    }
+
+    /// C3: voids one card never collected in time. Called under the writer lock.
+    async fn void(&self, card: &Card, now: DateTime<Utc>) -> Result<(), ApiError> {
+        let audit = AuditEntry {
+            action: "void_card",
+            subject: card.serial.clone(),
+            outcome: "voided".into(),
+            detail: format!("not collected since {}", card.status_changed_at),
+        };
+        match self.repo.void_card(&card.serial, now, audit).await {
+            Ok(Change::Done(event)) => {
+                self.index_events(std::slice::from_ref(&event), &card.id_number).await;
+                self.publish([event]);
+                tracing::info!(serial = %card.serial, "card voided: not collected in time");
+                Ok(())
+            }
+            Ok(Change::Raced) => Ok(()),
+            Err(e) => Err(self.write_failed(e, &card.id_number).await),
+        }
+    }
+
+    /// C3: voids overdue cards now, then every `every`, until shutdown.
+    pub fn spawn_void_sweeper(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        shutdown: Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                match self.void_overdue().await {
+                    Ok(0) => {}
+                    Ok(voided) => tracing::info!(voided, "cards not collected in time voided"),
+                    Err(error) => tracing::warn!(%error, "cannot void cards past the collection deadline"),
+                }
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+        })
+    }
+
+    /// C3: voids every card made longer than the collection deadline ago and still not collected;
+    /// returns how many. The holders' other cards keep their status.
+    pub async fn void_overdue(&self) -> Result<usize, ApiError> {
+        const PAGE: u64 = 500;
+        let mut voided = 0;
+        loop {
+            let now = self.now();
+            let overdue = self.repo.overdue_cards(now - self.checks.collection_deadline, PAGE).await?;
+            let _writer = self.writer.lock().await;
+            for card in &overdue {
+                self.void(card, now).await?;
+            }
+            voided += overdue.len();
+            if (overdue.len() as u64) < PAGE {
+                return Ok(voided);
+            }
+        }
+    }
+
+    /// C2, C3: the answer about one indexed card. A made card past the collection deadline is
+    /// void from the deadline on, even before the sweep has written it.
+    fn check_state(&self, state: Option<&CardState>, checked_at: DateTime<Utc>) -> CheckResult {
+        if let Some(state) = state
+            && state.status == StoredCardStatus::Made
+        {
+            let voided_at = state.status_changed_at + self.checks.collection_deadline;
+            if checked_at > voided_at {
+                return CheckResult { status: CardStatus::Voided, status_changed_at: Some(voided_at) };
+            }
+        }
+        check_one(state, &self.clock, checked_at)
     }
 
     /// C2, C4: the status of each card, in order, from the index: a check never waits on the
@@ -537,7 +715,7 @@ impl Registry {
             .iter()
             .map(|query| {
                 let state = self.index.get(&query.card_serial, query.id_number.as_str());
-                let result = check_one(state.as_ref(), &self.clock, checked_at);
+                let result = self.check_state(state.as_ref(), checked_at);
                 if let (CardStatus::ReportedLost, Some(state)) = (result.status, state) {
                     hits.push(NewHit {
                         card_serial: query.card_serial.clone(),
@@ -645,6 +823,7 @@ impl Registry {
                 valid_until: card.valid_until,
                 decision_id: None,
                 producer_id: None,
+                station_id: None,
                 status_changed_at: now,
                 created_at: now,
             };
@@ -680,6 +859,7 @@ mod tests {
             valid_until,
             decision_id: None,
             producer_id: None,
+            station_id: None,
             status_changed_at: at,
             created_at: at,
         }

@@ -33,6 +33,8 @@ const REGISTRY: &str = "registry-national";
 const PRODUCER: &str = "producer-zhejiang";
 const OTHER_PRODUCER: &str = "producer-other";
 const JIANGXI: &str = "home-jiangxi";
+const STATION: &str = "station-hangzhou";
+const OTHER_STATION: &str = "station-chengdu";
 const SICHUAN: &str = "home-sichuan";
 /// Every signing bureau's key id here (ids are unique per bureau only).
 const KEY_ID: &str = "k1";
@@ -121,7 +123,8 @@ impl Harness {
         let registry_key = generate_signing_key();
         let key_dir = write_key_dir(dir.path(), KEY_ID, &registry_key).unwrap();
         let directory_path = DirectoryBuilder::new()
-            .bureau("station-hangzhou", Role::Intake)
+            .bureau(STATION, Role::Intake)
+            .bureau(OTHER_STATION, Role::Intake)
             .bureau(JIANGXI, Role::Verification)
             .jurisdiction(&["36"])
             .key(KEY_ID, &jiangxi, key_valid_from())
@@ -150,7 +153,7 @@ impl Harness {
             log: LogConfig::default(),
             signing: SigningConfig { key_dir: Some(key_dir), keys: vec![] },
             // Tests check many unknown cards; the limit has its own test.
-            registry: ChecksConfig { check_misses_per_minute: 1_000_000 },
+            registry: ChecksConfig { check_misses_per_minute: 1_000_000, ..ChecksConfig::default() },
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             idempotency: Default::default(),
             import: ImportConfig { path: Some(population_path) },
@@ -209,7 +212,7 @@ impl Harness {
             key_id: KEY_ID.into(),
             addressee_id: addressee.into(),
             application_id: "00000000-0000-0000-0000-000000000001".into(),
-            station_id: "station-hangzhou".into(),
+            station_id: STATION.into(),
             application_kind: None,
             card: card_data(p),
             previous_card_serial: p.card.clone(),
@@ -255,6 +258,25 @@ impl Harness {
             card_serial: serial.into(),
         };
         self.client.register_card(request).await.map(|r| r.into_inner())
+    }
+
+    /// C3: the lodging station reports that `p` collected `serial`.
+    async fn collect(&mut self, p: &Person, serial: &str) -> Result<pb::RecordCollectionResponse, Status> {
+        self.collect_at(STATION, p, serial).await
+    }
+
+    async fn collect_at(
+        &mut self,
+        station: &str,
+        p: &Person,
+        serial: &str,
+    ) -> Result<pb::RecordCollectionResponse, Status> {
+        let request = pb::RecordCollectionRequest {
+            station_id: station.into(),
+            id_number: p.id.clone(),
+            card_serial: serial.into(),
+        };
+        self.client.record_collection(request).await.map(|r| r.into_inner())
     }
 
     async fn check(&mut self, id: &str, serial: &str) -> pb::CheckCardResponse {
@@ -352,7 +374,11 @@ async fn s1_check_right_after_loss_report_sees_reported_lost() {
     assert!(!reported.already_reported);
 
     let registered = h.register(&h.issue(&p, "issue-1"), PRODUCER, "JX0001000099").await.unwrap();
-    assert_eq!(registered.revoked_card_serials, vec![p.card.clone()]);
+    assert_eq!(status_of(registered.status), pb::CardStatus::AwaitingCollection);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost, "until the hand-over");
+    assert_eq!(status_of(h.check(&p.id, "JX0001000099").await.status), pb::CardStatus::AwaitingCollection);
+    let collected = h.collect(&p, "JX0001000099").await.unwrap();
+    assert_eq!(collected.revoked_card_serials, vec![p.card.clone()]);
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
     assert_eq!(status_of(h.check(&p.id, "JX0001000099").await.status), pb::CardStatus::Valid);
 
@@ -401,18 +427,17 @@ async fn s1_new_card_revokes_older_cards() {
     let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
     let first = h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1001").await.unwrap();
     assert_eq!(first.card_serial, "ZJ-1001");
-    assert_eq!(status_of(first.status), pb::CardStatus::Valid);
-    assert_eq!(first.revoked_card_serials, vec![p.card.clone()]);
+    assert_eq!(status_of(first.status), pb::CardStatus::AwaitingCollection);
+    let collected = h.collect(&p, "ZJ-1001").await.unwrap();
+    assert_eq!(status_of(collected.status), pb::CardStatus::Valid);
+    assert_eq!(collected.revoked_card_serials, vec![p.card.clone()]);
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
     assert_eq!(status_of(h.check(&p.id, "ZJ-1001").await.status), pb::CardStatus::Valid);
 
-    // The newer card was lost too; the next card revokes it.
+    // The newer card was lost too; the next card revokes it once collected.
     let newer = Person { id: p.id.clone(), card: "ZJ-1001".into() };
     h.report_loss(&h.loss(&newer, "loss-1")).await.unwrap();
     let second = h.register(&h.issue(&p, "issue-2"), PRODUCER, "ZJ-1002").await.unwrap();
-    assert_eq!(second.revoked_card_serials, vec!["ZJ-1001".to_owned()]);
-    assert_eq!(status_of(h.check(&p.id, "ZJ-1001").await.status), pb::CardStatus::Revoked);
-    assert_eq!(status_of(h.check(&p.id, "ZJ-1002").await.status), pb::CardStatus::Valid);
 
     // The producer retries the same registration: the same answer, nothing written.
     let events = h.count("status_events").await;
@@ -420,23 +445,110 @@ async fn s1_new_card_revokes_older_cards() {
     assert_eq!(again, second);
     assert_eq!(h.count("status_events").await, events);
 
-    // The feed holds every change: revocation, loss, revocation.
+    assert_eq!(h.collect(&p, "ZJ-1002").await.unwrap().revoked_card_serials, vec!["ZJ-1001".to_owned()]);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1001").await.status), pb::CardStatus::Revoked);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1002").await.status), pb::CardStatus::Valid);
+
+    // The feed holds every change in commit order: each collection, then what it revoked.
     let mut stream =
         h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
     let mut seen = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         let event = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
         seen.push((event.card_serial, status_of(event.status)));
     }
     assert_eq!(
         seen,
         vec![
+            ("ZJ-1001".to_owned(), pb::CardStatus::Valid),
             (p.card.clone(), pb::CardStatus::Revoked),
             ("ZJ-1001".to_owned(), pb::CardStatus::ReportedLost),
+            ("ZJ-1002".to_owned(), pb::CardStatus::Valid),
             ("ZJ-1001".to_owned(), pb::CardStatus::Revoked),
         ]
     );
     drop(stream);
+    h.shutdown().await;
+}
+
+/// C3: a made card is not valid until the station that lodged the application reports its
+/// hand-over; a renewal's old card, never lost, stays valid meanwhile.
+#[tokio::test]
+async fn c3_a_made_card_is_valid_only_once_its_collection_is_recorded() {
+    let p = person(123, "JX-0001");
+    let stranger = person(124, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&stranger, None, false)]).await;
+    h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::AwaitingCollection);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid, "renewal: the old card");
+    // Only the lodging station reports it, and only under the holder's number.
+    let before = counts(&h).await;
+    let error = h.collect_at(OTHER_STATION, &p, "ZJ-1").await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(reason(&error), "NOT_THE_COLLECTING_STATION");
+    assert_refusal_wrote_only_audit(&h, before).await;
+    let error = h.collect(&stranger, "ZJ-1").await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    let error = h.collect(&p, "").await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    // A loss report of a card its holder never had is refused.
+    let made = Person { id: p.id.clone(), card: "ZJ-1".into() };
+    assert_eq!(reason(&h.report_loss(&h.loss(&made, "loss-1")).await.unwrap_err()), "CARD_NOT_HANDED_OVER");
+
+    let collected = h.collect(&p, "ZJ-1").await.unwrap();
+    assert_eq!(status_of(collected.status), pb::CardStatus::Valid);
+    assert_eq!(collected.revoked_card_serials, vec![p.card.clone()]);
+    assert!(!collected.already_recorded);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Valid);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
+    // The station's outbox repeats it: the same answer, nothing written.
+    let events = h.count("status_events").await;
+    let again = h.collect(&p, "ZJ-1").await.unwrap();
+    assert!(again.already_recorded);
+    assert_eq!(
+        (again.revoked_card_serials, again.collected_at),
+        (collected.revoked_card_serials, collected.collected_at)
+    );
+    assert_eq!(h.count("status_events").await, events);
+    // The index is the database's.
+    h.restart().await;
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+/// C3: a card not collected within the deadline is voided (at start-up and by the periodic sweep);
+/// the holder's older card keeps the status it had, and the void card can never be handed over.
+#[tokio::test]
+async fn c3_a_card_never_collected_is_voided_and_the_old_card_keeps_its_status() {
+    let p = person(123, "JX-0001");
+    let q = person(124, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&q, None, false)]).await;
+    h.report_loss(&h.loss(&p, "loss-p")).await.unwrap();
+    h.register(&h.issue(&p, "issue-p"), PRODUCER, "ZJ-P").await.unwrap();
+    h.register(&h.issue(&q, "issue-q"), PRODUCER, "ZJ-Q").await.unwrap();
+    // K6, C3: with a replacement made, the loss report stands.
+    let error = h.withdraw(&h.withdrawal(&p, "found-early")).await.unwrap_err();
+    assert_eq!(reason(&error), "REFUSAL_REASON_LOSS_REPORT_FINAL");
+
+    // A day past the deadline.
+    let deadline = i64::from(h.config.registry.collection_deadline_days);
+    h.config.clock.fixed = Some(now() + chrono::Duration::days(deadline + 1));
+    h.restart().await;
+    for serial in ["ZJ-P", "ZJ-Q"] {
+        let id = if serial == "ZJ-P" { &p.id } else { &q.id };
+        assert_eq!(status_of(h.check(id, serial).await.status), pb::CardStatus::Voided, "{serial}");
+    }
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost, "as before");
+    assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid, "as before");
+    let error = h.collect(&p, "ZJ-P").await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&error), "CARD_VOIDED");
+    // No replacement is pending any more: the old card was found, and its loss report withdrawn.
+    let mut withdrawal = h.decision(DecisionPurpose::WithdrawLossReport, &p, "found-late", REGISTRY);
+    withdrawal.issued_at = h.config.clock.fixed.unwrap();
+    withdrawal.expires_at = withdrawal.issued_at + chrono::Duration::days(7);
+    let found = h.withdraw(&withdrawal.sign(&h.jiangxi)).await.unwrap();
+    assert_eq!(status_of(found.status), pb::CardStatus::Valid);
     h.shutdown().await;
 }
 
@@ -598,6 +710,7 @@ async fn s4_registry_refuses_replayed_decision() {
     assert_eq!(error.code(), Code::AlreadyExists);
     assert_eq!(reason(&error), "DECISION_ALREADY_USED");
     assert_refusal_wrote_only_audit(&h, before).await;
+    h.collect(&p, "ZJ-1").await.unwrap();
     // A withdrawal decision is used once.
     let current = Person { id: p.id.clone(), card: "ZJ-1".into() };
     h.report_loss(&h.loss(&current, "loss-1")).await.unwrap();
@@ -781,11 +894,16 @@ async fn k6_withdrawal_restores_valid_but_not_after_revocation() {
     assert_eq!(status_of(found.status), pb::CardStatus::Valid);
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
 
-    // Lost again, and this time a replacement is made: the old card is revoked for good.
+    // Lost again, and this time a replacement is made: from then on the loss report stands, and
+    // once the new card is handed over the old one is revoked for good.
     h.report_loss(&h.loss(&p, "loss-2")).await.unwrap();
     h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
     let error = h.withdraw(&h.withdrawal(&p, "found-2")).await.unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&error), "REFUSAL_REASON_LOSS_REPORT_FINAL");
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost);
+    h.collect(&p, "ZJ-1").await.unwrap();
+    let error = h.withdraw(&h.withdrawal(&p, "found-3")).await.unwrap_err();
     assert_eq!(reason(&error), "REFUSAL_REASON_LOSS_REPORT_FINAL");
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
     // A loss report of a revoked card is refused too.
@@ -922,8 +1040,9 @@ async fn s1_rules_hold_on_postgres_when_configured() {
         assert_eq!(status_of(found.status), pb::CardStatus::Valid);
         assert_eq!(h.withdraw(&h.withdrawal(&p, "found-1")).await.unwrap_err().code(), Code::AlreadyExists);
         let registered = h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
-        assert_eq!(registered.revoked_card_serials, vec![p.card.clone()]);
+        assert_eq!(status_of(registered.status), pb::CardStatus::AwaitingCollection);
         assert_eq!(h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap(), registered);
+        assert_eq!(h.collect(&p, "ZJ-1").await.unwrap().revoked_card_serials, vec![p.card.clone()]);
         assert_eq!(
             h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-2").await.unwrap_err().code(),
             Code::AlreadyExists
@@ -935,11 +1054,12 @@ async fn s1_rules_hold_on_postgres_when_configured() {
         let mut stream =
             h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
         let mut statuses = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let event = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
             statuses.push(status_of(event.status));
         }
-        assert_eq!(statuses, vec![pb::CardStatus::ReportedLost, pb::CardStatus::Valid, pb::CardStatus::Revoked]);
+        use pb::CardStatus::{ReportedLost, Revoked, Valid};
+        assert_eq!(statuses, vec![ReportedLost, Valid, Valid, Revoked], "lost, found, ZJ-1 collected, old revoked");
         drop(stream);
         h.restart().await;
         assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Valid);
