@@ -168,6 +168,16 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
             };
             if inner.repo.transition(sent, intake.clock().now()).await? {
                 intake.publish(id).await;
+            } else {
+                // Moved on meanwhile (cancelled, or sent by another replica): judged on the new state.
+                let now = match intake.read(id).await {
+                    Ok(now) => now,
+                    Err(outcome) => return Ok(outcome),
+                };
+                let state = ApplicationState::from(now.state);
+                if state != ApplicationState::Verifying {
+                    return Ok(overtaken(&now, state));
+                }
             }
         }
         ApplicationState::Verifying => {}
@@ -219,7 +229,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
             tracing::info!(application_id = %id, %decision_id, "approved by the home bureau");
             return Ok(Delivery::Delivered);
         }
-        return Ok(Delivery::Dropped(format!("application {id} moved on while the home bureau approved it")));
+        return approved_after_cancel(step).await;
     }
     let Some(reason) =
         pb::RefusalReason::try_from(answer.refusal_reason).ok().and_then(yidi_grpc::convert::refusal_from_proto)
@@ -240,6 +250,39 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         return Ok(Delivery::Delivered);
     }
     Ok(Delivery::Dropped(format!("application {id} moved on while the home bureau refused it")))
+}
+
+/// K5: the home bureau approved an application the station had moved on from meanwhile. If it
+/// was cancelled, the home bureau now holds it open: a close is owed unless one is still on its way
+/// (a close already delivered may have come before this approval was committed).
+async fn approved_after_cancel(step: Step<'_>) -> Result<Delivery, ApiError> {
+    let Step { intake, inner, message, id, kind, .. } = step;
+    let now = match intake.read(id).await {
+        Ok(now) => now,
+        Err(outcome) => return Ok(outcome),
+    };
+    let state = ApplicationState::from(now.state);
+    if state != ApplicationState::Cancelled || !crate::service::owes_a_close(kind) {
+        return Ok(Delivery::Dropped(format!("application {id} moved on while the home bureau approved it")));
+    }
+    let (changes, owed) = if now.home_notified {
+        (Changes { home_notified: Some(false), ..Changes::default() }, Some(crate::service::closing(&now)))
+    } else {
+        (Changes::default(), None)
+    };
+    let queued = owed.is_some();
+    let entry = AuditEntry::new(
+        "verification",
+        mask_id_number(&now.id_number),
+        "approved_after_cancel",
+        format!("application {id}: the home bureau is told it was cancelled"),
+    );
+    let messages = Messages::answering(&message.id).and_owe(owed);
+    if !inner.repo.update_in_state(id, state, changes, Some(entry), messages, intake.clock().now()).await? {
+        return Ok(Delivery::Retry(format!("application {id} changed while its late approval was answered")));
+    }
+    tracing::info!(application_id = %id, close_queued = queued, "approved after a cancel: the home bureau is told");
+    Ok(Delivery::Delivered)
 }
 
 /// K1, K3: the loss report is filed before any card is ordered.
@@ -422,7 +465,8 @@ async fn close_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     };
     match inner.peers.close_application(&model.home_bureau_id, request, &message.id).await {
         Ok(_) => {}
-        // The home bureau never opened it: nothing to close.
+        // Never opened there. A cancel never gets this from a home bureau that remembers a close
+        // arriving before its Verify (K5); only a bureau without that would answer it.
         Err(error) if error.code() == Some(tonic::Code::NotFound) => {}
         Err(error) => return Ok(from_peer(error)),
     }

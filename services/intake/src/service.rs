@@ -400,10 +400,12 @@ impl Intake {
                     format!("application {application_id} is {}{why}; it can no longer be cancelled", state.as_str()),
                 ));
             }
-            // The home bureau has heard of it (and keeps it open, K5) unless it never left the station.
-            let home_knows = state != ApplicationState::Received && kind.makes_a_card();
-            let changes = Changes { home_notified: Some(!home_knows), ..Changes::default() };
-            let owed = if home_knows { Messages::owe(closing(&model)) } else { Messages::default() };
+            // K5: the home bureau may have heard of it (and keep it open) in any state a cancel
+            // leaves: even in RECEIVED its Verify may be on the way. It is always told; a close that
+            // arrives first is remembered there and wins over the Verify.
+            let tell_home = owes_a_close(kind);
+            let changes = Changes { home_notified: Some(!tell_home), ..Changes::default() };
+            let owed = if tell_home { Messages::owe(closing(&model)) } else { Messages::default() };
             let owed = owed.dropping(application_id, "the application was cancelled");
             let masked = mask_id_number(&model.id_number);
             let applied = self
@@ -493,8 +495,14 @@ impl Intake {
     }
 }
 
+/// K5: whether cancelling an application of `kind` owes the home bureau a close: every
+/// application that makes a card may be open there, whatever its state (a loss report never is).
+pub(crate) fn owes_a_close(kind: ApplicationKind) -> bool {
+    kind.makes_a_card()
+}
+
 /// Telling the home bureau the application ended (K5), owed by collection and cancellation.
-fn closing(model: &application::Model) -> outbox::NewMessage {
+pub(crate) fn closing(model: &application::Model) -> outbox::NewMessage {
     Topic::CloseApplication.message(&model.application_id, &model.home_bureau_id)
 }
 
@@ -567,6 +575,13 @@ mod tests {
         assert!(!is_final(ApplicationKind::LossReport, ApplicationState::Approved, false));
         assert!(!is_final(ApplicationKind::Replacement, ApplicationState::Approved, true));
         assert!(is_final(ApplicationKind::Renewal, ApplicationState::Refused, false));
+    }
+
+    #[test]
+    fn k5_every_cancel_of_an_application_for_a_card_tells_the_home_bureau() {
+        assert!(owes_a_close(ApplicationKind::Replacement));
+        assert!(owes_a_close(ApplicationKind::Renewal));
+        assert!(!owes_a_close(ApplicationKind::LossReport), "a loss report is never open at the home bureau");
     }
 
     #[test]

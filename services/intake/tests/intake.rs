@@ -312,6 +312,11 @@ impl Harness {
 
     /// `database_url: None` uses an SQLite file in a temporary folder.
     async fn start_on(now: &str, home_reachable: bool, database_url: Option<String>) -> Self {
+        Self::start_full(now, home_reachable, database_url, "").await
+    }
+
+    /// `outbox`: more `[outbox]` settings, one a line.
+    async fn start_full(now: &str, home_reachable: bool, database_url: Option<String>, outbox: &str) -> Self {
         let now: DateTime<Utc> = now.parse().unwrap();
         let key = SigningKey::from_bytes(&[7; 32]);
         let state = Arc::new(FakeState::default());
@@ -365,10 +370,12 @@ producer_id = "{PRODUCER}"
 respond_within_ms = 3000
 [outbox]
 poll_ms = 20
+{}
 "#,
             database_url,
             directory_path.display(),
             now.to_rfc3339(),
+            outbox,
         );
         let config: IntakeConfig = toml::from_str(&config_text).unwrap();
         let bureau = Bureau::start(|listener, shutdown| yidi_intake::serve(config, listener, shutdown)).await.unwrap();
@@ -421,6 +428,28 @@ poll_ms = 20
     async fn report_loss(&mut self, applicant: pb::Applicant, card_serial: &str) -> Result<pb::Application, Status> {
         let request = pb::ReportLossRequest { applicant: Some(applicant), card_serial: card_serial.into() };
         Ok(self.client.report_loss(request).await?.into_inner().application.unwrap())
+    }
+
+    /// A renewal lodged while the home bureau holds its Verify, then cancelled (VERIFYING → CANCELLED).
+    async fn cancelled_while_verifying(&mut self) -> String {
+        self.fakes.hold_verify.store(true, Ordering::SeqCst);
+        let id = self.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
+        let cancelled = self.cancel(id.clone()).await.unwrap();
+        assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
+        id
+    }
+
+    /// Waits until nothing about the application is pending in the outbox; answers it then.
+    async fn wait_drained(&mut self, id: &str) -> pb::Application {
+        for _ in 0..500 {
+            let request = pb::GetApplicationTimelineRequest { application_id: id.into() };
+            let timeline = self.client.get_application_timeline(request).await.unwrap().into_inner();
+            if timeline.deliveries.iter().all(|d| d.state != pb::OutboxMessageState::Pending as i32) {
+                return timeline.application.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for the outbox to drain: {:?}", self.get(id).await);
     }
 
     async fn wait_until_ready(&mut self, id: &str) -> pb::Application {
@@ -680,13 +709,60 @@ async fn k5_cancellation_before_production_stops_the_worker_and_tells_the_home_b
     // The home bureau answers late: the worker must not move a cancelled application on.
     h.fakes.release_verify.notify_waiters();
     h.fakes.hold_verify.store(false, Ordering::SeqCst);
-    eventually(250, 20, || !h.fakes.closed.lock().unwrap().is_empty()).await;
-    assert_eq!(h.get(&id).await.state, pb::ApplicationState::Cancelled as i32);
+    let settled = h.wait_drained(&id).await;
+    assert_eq!(settled.state, pb::ApplicationState::Cancelled as i32);
     assert!(h.fakes.orders.lock().unwrap().is_empty(), "no card is made");
+    // Told once, or twice when the late approval came after the close (K5).
     let closed = h.fakes.closed.lock().unwrap().clone();
-    assert_eq!(closed, vec![(id.clone(), pb::ApplicationState::Cancelled as i32, String::new())]);
+    assert!(matches!(closed.len(), 1 | 2), "{closed:?}");
+    assert!(closed.iter().all(|c| *c == (id.clone(), pb::ApplicationState::Cancelled as i32, String::new())));
     let status = h.cancel(id).await.unwrap_err();
     assert_eq!(reason(&status), "NOT_CANCELLABLE");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn k5_a_cancel_before_the_verify_left_still_tells_the_home_bureau() {
+    // One delivery at a time: while the first application's Verify is held, the second's waits.
+    let mut h = Harness::start_full(NATIONAL, true, None, "concurrency = 1").await;
+    h.fakes.hold_verify.store(true, Ordering::SeqCst);
+    let first = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await;
+    assert_eq!(first.state, pb::ApplicationState::Verifying as i32);
+    let local = applicant(&zhejiang_citizen(), "33", pb::DocumentKind::HouseholdRegisterBook);
+    let second = h.submitted(submit(ApplicationKind::Renewal, local)).await;
+    assert_eq!(second.state, pb::ApplicationState::Received as i32, "its Verify is still queued");
+    let id = second.application_id;
+    let cancelled = h.cancel(id.clone()).await.unwrap();
+    assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
+    // Its Verify might have been on the way: the home bureau is told all the same.
+    h.fakes.hold_verify.store(false, Ordering::SeqCst);
+    h.fakes.release_verify.notify_waiters();
+    let closed = wait_closed(&h, &id).await;
+    assert!(closed.contains(&(id.clone(), pb::ApplicationState::Cancelled as i32, String::new())), "{closed:?}");
+    assert_eq!(h.fakes.close_stations.lock().unwrap().as_slice(), [STATION]);
+    let drained = h.wait_drained(&id).await;
+    assert_eq!(drained.state, pb::ApplicationState::Cancelled as i32);
+    assert_eq!(h.fakes.verify_calls.load(Ordering::SeqCst), 1, "only the first application's Verify left");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn k5_an_approval_after_the_close_is_answered_with_another_close() {
+    let mut h = Harness::start(NATIONAL).await;
+    let id = h.cancelled_while_verifying().await;
+    let cancel = (id.clone(), pb::ApplicationState::Cancelled as i32, String::new());
+    assert_eq!(wait_closed(&h, &id).await, vec![cancel.clone()]);
+    h.wait_drained(&id).await;
+    // The home bureau approves afterwards (its Verify was committed after the close, by a bureau
+    // that did not remember the close): it holds the application open, so it is told again.
+    h.fakes.hold_verify.store(false, Ordering::SeqCst);
+    h.fakes.release_verify.notify_waiters();
+    eventually(250, 20, || h.fakes.closed.lock().unwrap().len() >= 2).await;
+    assert_eq!(h.fakes.closed.lock().unwrap().clone(), vec![cancel.clone(), cancel]);
+    let after = h.wait_drained(&id).await;
+    assert_eq!(after.state, pb::ApplicationState::Cancelled as i32);
+    assert!(h.fakes.orders.lock().unwrap().is_empty(), "no card is made");
+    assert!(after.last_error.is_empty(), "{after:?}");
     h.stop().await;
 }
 
@@ -764,10 +840,7 @@ async fn k5_a_halted_application_cancelled_is_still_closed_at_the_home_bureau() 
 #[tokio::test]
 async fn k5_a_failure_after_a_cancel_does_not_mark_the_cancelled_application() {
     let mut h = Harness::start(NATIONAL).await;
-    h.fakes.hold_verify.store(true, Ordering::SeqCst);
-    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
-    let cancelled = h.cancel(id.clone()).await.unwrap();
-    assert_eq!(cancelled.state, pb::ApplicationState::Cancelled as i32);
+    let id = h.cancelled_while_verifying().await;
     // The home bureau now fails definitively for the step that ran before the cancel.
     *h.fakes.verify_error.lock().unwrap() = Some(Code::PermissionDenied);
     h.fakes.hold_verify.store(false, Ordering::SeqCst);

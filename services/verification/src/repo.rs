@@ -3,8 +3,8 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
-    SqliteTransactionMode, TransactionOptions,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, SqlErr, SqliteTransactionMode, Statement, TransactionOptions,
     sea_query::Expr,
 };
 use yidi_audit::{self as audit, AuditEntry};
@@ -12,8 +12,16 @@ use yidi_domain::{ApplicationKind, ApplicationState, Credit, DecisionPurpose, Pa
 use yidi_runtime::db;
 
 use crate::entities::{
-    StoredClosedState, StoredCredit, StoredOutcome, StoredPurpose, StoredRegistration, citizens, verifications,
+    StoredClosedState, StoredCredit, StoredOutcome, StoredPurpose, StoredRegistration, citizens, early_closes,
+    verifications,
 };
+
+/// A station's close of an application that came before its Verify (K5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyClose {
+    pub station_id: String,
+    pub final_state: ApplicationState,
+}
 
 /// A citizen of the register, read into domain types.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,6 +213,45 @@ impl Tx {
         verification(&self.txn, application_id, purpose).await
     }
 
+    /// K5: serialises the Verify and the CloseApplication of one application id until commit, so
+    /// that a close of an application not yet verified and its Verify never both miss each other.
+    /// A transaction-scoped advisory lock on PostgreSQL; SQLite's IMMEDIATE transactions are
+    /// serial already.
+    pub async fn lock_application(&self, application_id: &str) -> Result<(), DbErr> {
+        if self.txn.get_database_backend() != DbBackend::Postgres {
+            return Ok(());
+        }
+        let key = lock_key(application_id);
+        let lock =
+            Statement::from_sql_and_values(DbBackend::Postgres, "SELECT pg_advisory_xact_lock($1)", [key.into()]);
+        self.txn.execute_raw(lock).await?;
+        Ok(())
+    }
+
+    /// The close recorded before the application's Verify, if any (K5).
+    pub async fn early_close(&self, application_id: &str) -> Result<Option<EarlyClose>, DbErr> {
+        let row = early_closes::Entity::find_by_id(application_id.to_owned()).one(&self.txn).await?;
+        Ok(row.map(|m| EarlyClose { station_id: m.station_id, final_state: m.final_state.into() }))
+    }
+
+    /// Remembers a close that came before the application's Verify (K5).
+    pub async fn insert_early_close(
+        &self,
+        application_id: &str,
+        station_id: &str,
+        state: ApplicationState,
+        at: DateTime<Utc>,
+    ) -> Result<(), DbErr> {
+        let model = early_closes::ActiveModel {
+            application_id: Set(application_id.to_owned()),
+            station_id: Set(station_id.to_owned()),
+            final_state: Set(StoredClosedState::try_from(state)?),
+            closed_at: Set(at),
+        };
+        early_closes::Entity::insert(model).exec_without_returning(&self.txn).await?;
+        Ok(())
+    }
+
     /// Reads a citizen, locking the row until commit (PostgreSQL; SQLite holds the write lock already).
     pub async fn citizen_for_update(&self, id_number: &str) -> Result<Option<Citizen>, DbErr> {
         Ok(citizens::Entity::find_by_id(id_number.to_owned()).lock_exclusive().one(&self.txn).await?.map(Citizen::from))
@@ -303,6 +350,14 @@ impl Tx {
             .await?;
         Ok(())
     }
+}
+
+/// The advisory-lock key of an application id: FNV-1a, stable across processes and versions.
+fn lock_key(application_id: &str) -> i64 {
+    let hash = application_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
 /// Whether a database error is a unique-constraint violation (a concurrent duplicate insert).

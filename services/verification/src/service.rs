@@ -208,6 +208,15 @@ fn verification_of(input: &VerifyInput, response: Vec<u8>, created_at: DateTime<
     }
 }
 
+/// K5: only the station that lodged an application closes it.
+fn not_the_lodging_station(application_id: &str, station_id: &str) -> ApiError {
+    tracing::warn!(application_id, station_id, "close refused: not the lodging station");
+    ApiError::precondition(
+        "NOT_THE_LODGING_STATION",
+        format!("application {application_id} was not lodged at station {station_id}"),
+    )
+}
+
 fn truncate_to_seconds(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
 }
@@ -292,8 +301,26 @@ impl Verifier {
                 Some(self.registry_id()?)
             };
         let tx = self.repo.begin().await?;
+        let opens = input.purpose == DecisionPurpose::IssueCard;
+        if opens {
+            tx.lock_application(&input.application_id).await?;
+        }
         if let Some(row) = tx.verification(&input.application_id, input.purpose).await? {
             return replay(row, input);
+        }
+        // K5: the lodging station cancelled it and told us before this Verify arrived; the close wins.
+        if opens
+            && let Some(early) = tx.early_close(&input.application_id).await?
+            && early.station_id == input.station_id
+        {
+            tracing::info!(application_id = %input.application_id, station_id = %input.station_id, "verify refused: the application was cancelled");
+            return Err(ApiError::precondition(
+                "APPLICATION_CANCELLED",
+                format!(
+                    "application {} was cancelled at station {} before it was verified",
+                    input.application_id, input.station_id
+                ),
+            ));
         }
         let now = self.clock.now();
         let today = self.clock.date_of(now);
@@ -561,16 +588,12 @@ impl Verifier {
         let Closing { application_id, station_id, final_state, new_card_serial } = closing;
         let now = self.clock.now();
         let tx = self.repo.begin().await?;
-        let row = tx
-            .verification(application_id, DecisionPurpose::IssueCard)
-            .await?
-            .ok_or_else(|| ApiError::not_found("application", application_id))?;
+        tx.lock_application(application_id).await?;
+        let Some(row) = tx.verification(application_id, DecisionPurpose::IssueCard).await? else {
+            return self.close_before_verify(tx, closing, now).await;
+        };
         if row.station_id != station_id {
-            tracing::warn!(application_id, station_id, "close refused: not the lodging station");
-            return Err(ApiError::precondition(
-                "NOT_THE_LODGING_STATION",
-                format!("application {application_id} was not lodged at station {station_id}"),
-            ));
+            return Err(not_the_lodging_station(application_id, station_id));
         }
         // Lock the citizen's row (PostgreSQL) before changing anything of theirs.
         tx.citizen_for_update(&row.id_number).await?;
@@ -607,6 +630,29 @@ impl Verifier {
             .await?;
         tx.commit().await?;
         tracing::info!(id_number = %masked, application_id, state, "application closed");
+        Ok(true)
+    }
+
+    /// K5: a close of an application this bureau has not verified (yet): the station cancelled it
+    /// while its Verify was still on the way. Remembered, so that the Verify, when it comes, is
+    /// refused and opens nothing. A collection never comes before the approval it needs.
+    async fn close_before_verify(&self, tx: Tx, closing: Closing<'_>, now: DateTime<Utc>) -> Result<bool, ApiError> {
+        let Closing { application_id, station_id, final_state, .. } = closing;
+        if final_state != ApplicationState::Cancelled {
+            return Err(ApiError::not_found("application", application_id));
+        }
+        if let Some(early) = tx.early_close(application_id).await? {
+            return if early.station_id == station_id {
+                Ok(true)
+            } else {
+                Err(not_the_lodging_station(application_id, station_id))
+            };
+        }
+        tx.insert_early_close(application_id, station_id, final_state, now).await?;
+        let detail = format!("application {application_id} cancelled by station {station_id} before its verification");
+        tx.audit(now, AuditEntry::new("close_application", application_id, "CANCELLED_BEFORE_VERIFY", detail)).await?;
+        tx.commit().await?;
+        tracing::info!(application_id, station_id, "application closed before its verification");
         Ok(true)
     }
 }

@@ -536,7 +536,9 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
         new_card_serial: serial.into(),
         station_id: STATION.into(),
     };
-    let err = server.client.close_application(close("nope", pb::ApplicationState::Cancelled, "")).await.unwrap_err();
+    // A collection of an application never verified: nothing can have been collected.
+    let err =
+        server.client.close_application(close("nope", pb::ApplicationState::Collected, "JX-9")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = server.client.close_application(close("app-a", pb::ApplicationState::Approved, "")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -850,4 +852,408 @@ async fn k5_concurrent_applications_of_one_citizen_open_only_one() {
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 3);
     assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications WHERE open").await, 1);
+}
+
+fn close_request(
+    application_id: &str,
+    station_id: &str,
+    state: pb::ApplicationState,
+    serial: &str,
+) -> pb::CloseApplicationRequest {
+    pb::CloseApplicationRequest {
+        application_id: application_id.into(),
+        final_state: state as i32,
+        new_card_serial: serial.into(),
+        station_id: station_id.into(),
+    }
+}
+
+/// The ErrorInfo reason of a refused call, read from the status details.
+fn has_reason(status: &tonic::Status, reason: &str) -> bool {
+    String::from_utf8_lossy(status.details()).contains(reason)
+}
+
+#[tokio::test]
+async fn k5_a_close_before_its_verify_is_remembered_and_the_verify_is_refused() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let p = replacement();
+    // The station cancelled while its Verify was on the way; the close arrives first.
+    let early = close_request("app-early", STATION, pb::ApplicationState::Cancelled, "");
+    assert!(server.client.close_application(early.clone()).await.unwrap().into_inner().closed);
+    assert!(server.client.close_application(early.clone()).await.unwrap().into_inner().closed, "idempotent");
+    // Only the station that sent it can be the lodging one.
+    let other = pb::CloseApplicationRequest { station_id: "station-other".into(), ..early };
+    let err = server.client.close_application(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(has_reason(&err, "NOT_THE_LODGING_STATION"), "{err:?}");
+    // A collection cannot come before the approval it needs.
+    let collected = close_request("app-never", STATION, pb::ApplicationState::Collected, "JX-9");
+    assert_eq!(server.client.close_application(collected).await.unwrap_err().code(), Code::NotFound);
+
+    // The late Verify (and its redelivery) is refused as cancelled and opens nothing.
+    for _ in 0..2 {
+        let late = issue("app-early", &p, pb::ApplicationKind::Replacement, "JX-0001");
+        let err = server.client.verify(late).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(has_reason(&err, "APPLICATION_CANCELLED"), "{err:?}");
+        assert!(err.message().contains("app-early"), "{}", err.message());
+    }
+    assert!(server.citizen(&p).await.open_application_ids.is_empty());
+    // The citizen is free to apply elsewhere at once.
+    let next = pb::VerifyRequest {
+        station_id: "station-other".into(),
+        ..issue("app-next", &p, pb::ApplicationKind::Replacement, "JX-0001")
+    };
+    assert!(server.verify(next).await.decision.is_some());
+    assert_eq!(server.citizen(&p).await.open_application_ids, vec!["app-next".to_owned()]);
+    server.stop().await;
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 1);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM early_closes").await, 1);
+    let audit = "SELECT COUNT(*) FROM audit_log WHERE";
+    let before_verify = format!("{audit} action = 'close_application' AND outcome = 'CANCELLED_BEFORE_VERIFY'");
+    assert_eq!(fixture.count(&before_verify).await, 1);
+    let refused = format!("{audit} action = 'verify' AND outcome = 'refused:APPLICATION_CANCELLED'");
+    assert_eq!(fixture.count(&refused).await, 2, "each refused Verify is audited");
+}
+
+/// Verify and close of many applications at once: whichever commits first, nothing stays open.
+async fn close_racing_verify(fixture: &Fixture) {
+    let server = fixture.start().await;
+    let p = replacement();
+    for i in 0..12 {
+        let id = format!("race-close-{i}");
+        let mut verifier = server.client.clone();
+        let mut closer = server.client.clone();
+        let request = issue(&id, &p, pb::ApplicationKind::Replacement, "");
+        let close = close_request(&id, STATION, pb::ApplicationState::Cancelled, "");
+        let verify = tokio::spawn(async move { verifier.verify(request).await });
+        let closed = tokio::spawn(async move { closer.close_application(close).await });
+        assert!(closed.await.unwrap().unwrap().into_inner().closed);
+        match verify.await.unwrap() {
+            Ok(answer) => assert!(answer.into_inner().decision.is_some(), "{id}: approved, then closed"),
+            Err(err) => assert!(has_reason(&err, "APPLICATION_CANCELLED"), "{id}: {err:?}"),
+        }
+        let mut client = server.client.clone();
+        let citizen = client.get_citizen(pb::GetCitizenRequest { id_number: p.id.as_str().into() }).await.unwrap();
+        assert!(citizen.into_inner().open_application_ids.is_empty(), "{id} left open");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k5_a_close_racing_its_verify_never_leaves_it_open() {
+    close_racing_verify(&Fixture::new()).await;
+    if let Some(scratch) = postgres_for_tests("verification").await.unwrap() {
+        close_racing_verify(&Fixture::with_database(Some(scratch.url().to_owned()))).await;
+        scratch.drop().await.unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// K5 model: the lodging station as a model (its application states, its outbox, deliveries in
+// flight), driving the real home bureau through every interleaving its outbox can produce.
+
+/// An application at the modelled station: its state (as the station's rules move it) and whether
+/// the home bureau was told it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AtStation {
+    Received,
+    Verifying,
+    /// Approved, possibly in production: cancellable until collected in this model.
+    Approved,
+    Refused,
+    Cancelled,
+    Collected,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Verify,
+    Close,
+}
+
+/// What the home bureau answered a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Heard {
+    Approved,
+    Refused,
+    /// FAILED_PRECONDITION APPLICATION_CANCELLED: a close came first.
+    Cancelled,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Message {
+    app: usize,
+    step: Step,
+    /// Neither answered nor dropped.
+    pending: bool,
+}
+
+/// A delivery claimed by the dispatcher: sent (and answered) later, and recorded later still.
+#[derive(Debug)]
+struct InFlight {
+    message: usize,
+    /// The state the step read when it was claimed (the close names it).
+    state: AtStation,
+    heard: Option<Heard>,
+}
+
+struct ModelStation {
+    case: usize,
+    /// Whether a late approval of a cancelled application queues another close (the station's
+    /// rule); off, the home bureau's memory of early closes must suffice alone.
+    reclose: bool,
+    apps: Vec<(AtStation, bool)>,
+    messages: Vec<Message>,
+    in_flight: Vec<InFlight>,
+    log: Vec<String>,
+}
+
+/// xorshift64*: a seeded, reproducible sequence.
+struct Seeded(u64);
+
+impl Seeded {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+impl ModelStation {
+    fn app_id(&self, app: usize) -> String {
+        format!("model-{}-{app}", self.case)
+    }
+
+    fn owe(&mut self, app: usize, step: Step) {
+        self.messages.push(Message { app, step, pending: true });
+    }
+
+    fn open(&self) -> Vec<usize> {
+        (0..self.apps.len())
+            .filter(|&a| matches!(self.apps[a].0, AtStation::Received | AtStation::Verifying | AtStation::Approved))
+            .collect()
+    }
+
+    fn submit(&mut self) {
+        self.apps.push((AtStation::Received, false));
+        self.owe(self.apps.len() - 1, Step::Verify);
+    }
+
+    /// The station's cancel: every application for a card may be open at home, so a close is owed
+    /// in any cancellable state; what is still owed about it is dropped (deliveries in flight go on).
+    fn cancel(&mut self, app: usize) {
+        if !matches!(self.apps[app].0, AtStation::Received | AtStation::Verifying | AtStation::Approved) {
+            return;
+        }
+        self.apps[app] = (AtStation::Cancelled, false);
+        for m in self.messages.iter_mut().filter(|m| m.app == app) {
+            m.pending = false;
+        }
+        self.owe(app, Step::Close);
+    }
+
+    fn collect(&mut self, app: usize) {
+        if self.apps[app].0 == AtStation::Approved {
+            self.apps[app] = (AtStation::Collected, false);
+            self.owe(app, Step::Close);
+        }
+    }
+
+    /// The dispatcher claims a pending message; the step first checks it is still owed.
+    fn claim(&mut self, message: usize) {
+        let Message { app, step, .. } = self.messages[message];
+        let (state, notified) = self.apps[app];
+        let owed = match step {
+            Step::Verify => matches!(state, AtStation::Received | AtStation::Verifying),
+            Step::Close => matches!(state, AtStation::Cancelled | AtStation::Collected) && !notified,
+        };
+        if !owed {
+            self.messages[message].pending = false;
+            return;
+        }
+        if step == Step::Verify {
+            self.apps[app].0 = AtStation::Verifying;
+        }
+        self.in_flight.push(InFlight { message, state: self.apps[app].0, heard: None });
+    }
+
+    /// The call to the home bureau.
+    async fn send(&mut self, index: usize, server: &mut Server, p: &Person) {
+        let InFlight { message, state, .. } = self.in_flight[index];
+        let Message { app, step, .. } = self.messages[message];
+        let id = self.app_id(app);
+        let heard = match step {
+            Step::Verify => match server.client.verify(issue(&id, p, pb::ApplicationKind::Replacement, "")).await {
+                Ok(answer) if answer.get_ref().decision.is_some() => Heard::Approved,
+                Ok(_) => Heard::Refused,
+                Err(err) if has_reason(&err, "APPLICATION_CANCELLED") => Heard::Cancelled,
+                Err(err) => panic!("case {}: Verify of {id} failed: {err:?}\n{}", self.case, self.log.join("\n")),
+            },
+            Step::Close => {
+                let (final_state, serial) = match state {
+                    AtStation::Collected => (pb::ApplicationState::Collected, format!("NEW-{id}")),
+                    _ => (pb::ApplicationState::Cancelled, String::new()),
+                };
+                match server.client.close_application(close_request(&id, STATION, final_state, &serial)).await {
+                    Ok(_) => Heard::Closed,
+                    Err(err) => panic!("case {}: close of {id} failed: {err:?}\n{}", self.case, self.log.join("\n")),
+                }
+            }
+        };
+        self.log.push(format!("sent {step:?} {id}: {heard:?}"));
+        self.in_flight[index].heard = Some(heard);
+    }
+
+    /// The answer recorded, as the station's handlers do: conditional on the state it is in now.
+    fn record(&mut self, index: usize) {
+        let InFlight { message, heard, .. } = self.in_flight.remove(index);
+        let app = self.messages[message].app;
+        let (state, notified) = self.apps[app];
+        match heard {
+            Some(Heard::Approved) if state == AtStation::Verifying => self.apps[app].0 = AtStation::Approved,
+            // Approved after a cancel: a close is owed unless one is still on its way.
+            Some(Heard::Approved) if state == AtStation::Cancelled && notified && self.reclose => {
+                self.apps[app].1 = false;
+                self.owe(app, Step::Close);
+            }
+            Some(Heard::Refused) if state == AtStation::Verifying => self.apps[app].0 = AtStation::Refused,
+            Some(Heard::Cancelled) => {
+                assert_eq!(
+                    state,
+                    AtStation::Cancelled,
+                    "case {}: refused as cancelled\n{}",
+                    self.case,
+                    self.log.join("\n")
+                )
+            }
+            Some(Heard::Closed) => self.apps[app].1 = true,
+            _ => {}
+        }
+        self.messages[message].pending = false;
+        self.log.push(format!("recorded {:?} of app {app}: now {:?}", heard, self.apps[app]));
+    }
+
+    /// Delivers everything owed and in flight, in a random order.
+    async fn drain(&mut self, rng: &mut Seeded, server: &mut Server, p: &Person) {
+        loop {
+            if !self.in_flight.is_empty() {
+                let index = rng.below(self.in_flight.len());
+                if self.in_flight[index].heard.is_none() {
+                    self.send(index, server, p).await;
+                }
+                self.record(index);
+            } else if let Some(message) = self.messages.iter().position(|m| m.pending) {
+                self.claim(message);
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Whenever the station holds no open application (after the outbox drained), neither does the
+    /// home bureau; and the home bureau never holds open one the station has ended.
+    async fn check(&self, server: &mut Server, p: &Person) {
+        let open_at_home = server.citizen(p).await.open_application_ids;
+        let open_here: Vec<String> = self.open().into_iter().map(|a| self.app_id(a)).collect();
+        let ours: Vec<&String> =
+            open_at_home.iter().filter(|id| id.starts_with(&format!("model-{}-", self.case))).collect();
+        assert_eq!(ours.len(), open_at_home.len(), "case {}: another case left {open_at_home:?} open", self.case);
+        for id in ours {
+            assert!(
+                open_here.contains(id),
+                "case {}: {id} is open at home but not at the station ({:?})\n{}",
+                self.case,
+                self.apps,
+                self.log.join("\n")
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn k5_open_marks_converge_under_any_interleaving() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let p = replacement();
+    for case in 0..256 {
+        let mut rng = Seeded(0x9e37_79b9_7f4a_7c15 ^ (case as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9));
+        let mut station = ModelStation {
+            case,
+            reclose: case % 2 == 0,
+            apps: Vec::new(),
+            messages: Vec::new(),
+            in_flight: Vec::new(),
+            log: Vec::new(),
+        };
+        station.submit();
+        for _ in 0..60 {
+            let op = rng.below(15);
+            match op {
+                0 if station.apps.len() < 4 => {
+                    station.submit();
+                    station.log.push(format!("submit {}", station.apps.len() - 1));
+                }
+                1 | 2 => {
+                    let app = rng.below(station.apps.len());
+                    station.log.push(format!("cancel {app} ({:?})", station.apps[app].0));
+                    station.cancel(app);
+                }
+                3 => {
+                    let app = rng.below(station.apps.len());
+                    station.log.push(format!("collect {app} ({:?})", station.apps[app].0));
+                    station.collect(app);
+                }
+                // A restart: deliveries in flight are lost; their messages stay pending (a
+                // delivery already sent is redelivered).
+                4 => {
+                    station.log.push(format!("restart, {} in flight lost", station.in_flight.len()));
+                    station.in_flight.clear();
+                }
+                // Claim a pending message; now and then one already in flight (its lease ran out:
+                // a redelivery).
+                5..=7 | 14 => {
+                    let redeliver = op == 14;
+                    let pending: Vec<usize> = (0..station.messages.len())
+                        .filter(|&m| station.messages[m].pending)
+                        .filter(|&m| redeliver == station.in_flight.iter().any(|f| f.message == m))
+                        .collect();
+                    if !pending.is_empty() {
+                        station.claim(pending[rng.below(pending.len())]);
+                    }
+                }
+                8..=10 if !station.in_flight.is_empty() => {
+                    let index = rng.below(station.in_flight.len());
+                    if station.in_flight[index].heard.is_none() {
+                        station.send(index, &mut server, &p).await;
+                    }
+                }
+                11..=13 if !station.in_flight.is_empty() => {
+                    let index = rng.below(station.in_flight.len());
+                    if station.in_flight[index].heard.is_some() {
+                        station.record(index);
+                    }
+                }
+                _ => {}
+            }
+        }
+        station.drain(&mut rng, &mut server, &p).await;
+        station.check(&mut server, &p).await;
+        // Every application the station still holds ends (collected or cancelled); once told, the
+        // home bureau holds none.
+        for app in station.open() {
+            if rng.below(2) == 0 {
+                station.collect(app);
+            }
+            station.cancel(app);
+        }
+        station.drain(&mut rng, &mut server, &p).await;
+        assert!(station.open().is_empty());
+        let open_at_home = server.citizen(&p).await.open_application_ids;
+        assert!(open_at_home.is_empty(), "case {case}: {open_at_home:?} open at home\n{}", station.log.join("\n"));
+    }
+    server.stop().await;
 }

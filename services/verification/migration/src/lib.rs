@@ -9,6 +9,7 @@ use yidi_outbox::CreateOutbox;
 
 mod m20261127_000001_create_citizens;
 mod m20261127_000002_create_verifications;
+mod m20261203_000003_create_early_closes;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(ChainAuditLog),
             Box::new(CreateOutbox),
             Box::new(CreateIdempotentRequests),
+            Box::new(m20261203_000003_create_early_closes::Migration),
         ]
     }
 }

@@ -1,5 +1,6 @@
 //! One file per table, and the string columns' values.
 pub mod citizens;
+pub mod early_closes;
 pub mod verifications;
 
 use sea_orm::entity::prelude::*;
