@@ -406,24 +406,10 @@ impl Verifier {
         Ok(VerifyAnswer { response, replayed: false })
     }
 
-    /// A decision signed by `key`; `input` is the station's request it answers (None for an
+    /// A decision to be signed by `key`; `input` is the station's request it answers (None for an
     /// operator's, such as a transfer).
     #[allow(clippy::too_many_arguments)]
     fn decision(
-        &self,
-        input: Option<&VerifyInput>,
-        purpose: DecisionPurpose,
-        addressee_id: &str,
-        card: CardData,
-        current_card_serial: &str,
-        issued_at: DateTime<Utc>,
-        key: &ActiveKey,
-    ) -> SignedDecision {
-        self.unsigned(input, purpose, addressee_id, card, current_card_serial, issued_at, key).sign(&key.key)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn unsigned(
         &self,
         input: Option<&VerifyInput>,
         purpose: DecisionPurpose,
@@ -474,28 +460,33 @@ impl Verifier {
                 // C1: the term of the new card, by age on the day of issue.
                 let term = card::term_for(citizen.birth_date, today);
                 let data = card_data(term.valid_from, term.valid_until);
-                let decision = self.decision(
-                    Some(input),
-                    DecisionPurpose::IssueCard,
-                    &input.producer_id,
-                    data.clone(),
-                    &current,
-                    issued_at,
-                    &key,
-                );
+                let decision = self
+                    .decision(
+                        Some(input),
+                        DecisionPurpose::IssueCard,
+                        &input.producer_id,
+                        data.clone(),
+                        &current,
+                        issued_at,
+                        &key,
+                    )
+                    .sign(&key.key);
                 // K1: a replacement files the loss report too (if there is a card to lose: a first
                 // card, accepted only at home, has none).
                 let loss = if input.kind == Some(ApplicationKind::Replacement) && citizen.current_card_serial.is_some()
                 {
-                    Some(self.decision(
-                        Some(input),
-                        DecisionPurpose::ReportLoss,
-                        &registry(&registry_id)?,
-                        data,
-                        &current,
-                        issued_at,
-                        &key,
-                    ))
+                    Some(
+                        self.decision(
+                            Some(input),
+                            DecisionPurpose::ReportLoss,
+                            &registry(&registry_id)?,
+                            data,
+                            &current,
+                            issued_at,
+                            &key,
+                        )
+                        .sign(&key.key),
+                    )
                 } else {
                     None
                 };
@@ -506,7 +497,8 @@ impl Verifier {
                 let valid_from = citizen.current_card_valid_from.unwrap_or(today);
                 let data = card_data(valid_from, citizen.current_card_valid_until);
                 let registry_id = registry(&registry_id)?;
-                let decision = self.decision(Some(input), purpose, &registry_id, data, &current, issued_at, &key);
+                let decision =
+                    self.decision(Some(input), purpose, &registry_id, data, &current, issued_at, &key).sign(&key.key);
                 (decision, None, None)
             }
         };
@@ -664,7 +656,7 @@ impl Verifier {
         let purpose = DecisionPurpose::TransferRegistration;
         let decision = Decision {
             transfer_to_bureau_id: new_bureau.clone(),
-            ..self.unsigned(None, purpose, &registry_id, card, &current, issued_at, &key)
+            ..self.decision(None, purpose, &registry_id, card, &current, issued_at, &key)
         }
         .sign(&key.key);
         // The registry first: until it has recorded the transfer, the citizen stays on this register

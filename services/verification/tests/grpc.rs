@@ -283,6 +283,20 @@ fn report_loss(application_id: &str, p: &Person, serial: &str) -> pb::VerifyRequ
     }
 }
 
+fn closing(
+    application_id: &str,
+    state: pb::ApplicationState,
+    serial: &str,
+    station: &str,
+) -> pb::CloseApplicationRequest {
+    pb::CloseApplicationRequest {
+        application_id: application_id.into(),
+        final_state: state as i32,
+        new_card_serial: serial.into(),
+        station_id: station.into(),
+    }
+}
+
 fn refusal(response: &pb::VerifyResponse) -> pb::RefusalReason {
     assert!(response.decision.is_none() || response.refusal_reason == 0);
     pb::RefusalReason::try_from(response.refusal_reason).unwrap()
@@ -527,12 +541,7 @@ async fn k4_a_first_application_at_home_is_approved_without_a_loss_decision() {
     assert!(decision.decision.previous_card_serial.is_empty());
     let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
     decision.verify(&directory(&fixture), expect).unwrap();
-    let close = pb::CloseApplicationRequest {
-        application_id: "app-first-home".into(),
-        final_state: pb::ApplicationState::Collected as i32,
-        new_card_serial: "JX-FIRST".into(),
-        station_id: LOCAL_STATION.into(),
-    };
+    let close = closing("app-first-home", pb::ApplicationState::Collected, "JX-FIRST", LOCAL_STATION);
     assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
     assert_eq!(server.citizen(&p).await.current_card_serial, "JX-FIRST");
     server.stop().await;
@@ -554,12 +563,7 @@ async fn k6_a_withdrawal_while_a_new_card_is_pending_is_refused_at_the_home_bure
     withdraw.live.as_mut().unwrap().face_template.clear();
     let response = server.verify(withdraw.clone()).await;
     assert_eq!(refusal(&response), pb::RefusalReason::NewCardPending);
-    let close = pb::CloseApplicationRequest {
-        application_id: "app-open".into(),
-        final_state: pb::ApplicationState::Cancelled as i32,
-        new_card_serial: String::new(),
-        station_id: STATION.into(),
-    };
+    let close = closing("app-open", pb::ApplicationState::Cancelled, "", STATION);
     assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
     withdraw.application_id = "app-found-2".into();
     let response = server.verify(withdraw).await;
@@ -789,12 +793,7 @@ async fn s4_postgres_verify_replay_and_close() {
     decision.verify(&directory(&fixture), expect).unwrap();
     let second = server.verify(issue("pg-app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
-    let close = pb::CloseApplicationRequest {
-        application_id: "pg-app-1".into(),
-        final_state: pb::ApplicationState::Collected as i32,
-        new_card_serial: "JX-2001".into(),
-        station_id: STATION.into(),
-    };
+    let close = closing("pg-app-1", pb::ApplicationState::Collected, "JX-2001", STATION);
     assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
     let citizen = server.citizen(&p).await;
     assert_eq!(citizen.current_card_serial, "JX-2001");
@@ -899,12 +898,7 @@ async fn s4_a_registration_transfer_is_signed_delivered_and_leaves_the_register(
     let error = server.client.transfer_registration(transfer(&p, "51")).await.unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition);
     assert!(has_reason(&error, "APPLICATION_OPEN"), "{error:?}");
-    let close = pb::CloseApplicationRequest {
-        application_id: "app-open".into(),
-        final_state: pb::ApplicationState::Cancelled as i32,
-        new_card_serial: String::new(),
-        station_id: STATION.into(),
-    };
+    let close = closing("app-open", pb::ApplicationState::Cancelled, "", STATION);
     server.client.close_application(close).await.unwrap();
     // Only to another home bureau's province.
     let error = server.client.transfer_registration(transfer(&p, "36")).await.unwrap_err();
