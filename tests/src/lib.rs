@@ -86,7 +86,7 @@ pub async fn start(db: Db, date: &str, configure: impl FnOnce(&mut SuiteOptions)
     }
     configure(&mut options);
     let suite = Suite::start(options).await?;
-    Ok(Some(TestSuite { suite, today: now.date_naive(), _dir: dir }))
+    Ok(Some(TestSuite { suite, today: yidi_runtime::Clock::fixed(now).today(), _dir: dir }))
 }
 
 /// As [`start`], with mutual TLS on every port (a fresh CA and certificates in the suite folder).
@@ -139,9 +139,8 @@ impl TestSuite {
         addressee: &str,
         issued_at: DateTime<Utc>,
     ) -> Decision {
-        let term = term_for(citizen.birth_date, self.today);
-        let Citizen { id_number, name, sex, birth_date, registration_province, address, face_template, .. } =
-            citizen.clone();
+        let term = term_for(citizen.person.birth_date, self.today);
+        let Citizen { person, face_template, .. } = citizen.clone();
         Decision {
             decision_id: uuid::Uuid::new_v4().to_string(),
             purpose,
@@ -152,12 +151,7 @@ impl TestSuite {
             station_id: topology::STATION.into(),
             application_kind: (purpose == DecisionPurpose::IssueCard).then_some(ApplicationKind::Replacement),
             card: CardData {
-                id_number,
-                name,
-                sex,
-                birth_date,
-                registration_province,
-                address,
+                holder: person,
                 face_template,
                 valid_from: term.valid_from,
                 valid_until: term.valid_until,
@@ -175,7 +169,7 @@ impl TestSuite {
             .population
             .citizens
             .iter()
-            .find(|c| c.scenario == scenario && c.registration_province == province)
+            .find(|c| c.scenario == scenario && c.person.registration_province == province)
             .cloned()
             .with_context(|| format!("no citizen {scenario} in {province}"))
     }
@@ -186,7 +180,7 @@ impl TestSuite {
             .population
             .citizens
             .iter()
-            .filter(|c| c.scenario == "ordinary" && c.registration_province == province)
+            .filter(|c| c.scenario == "ordinary" && c.person.registration_province == province)
             .nth(n)
             .cloned()
             .with_context(|| format!("no ordinary citizen #{n} in {province}"))
@@ -267,10 +261,13 @@ pub fn applicant(citizen: &Citizen) -> pb::Applicant {
 
 pub fn applicant_with(citizen: &Citizen, document: pb::DocumentKind) -> pb::Applicant {
     pb::Applicant {
-        id_number: citizen.id_number.clone(),
-        declared_province: citizen.registration_province.clone(),
+        id_number: citizen.person.id_number.clone(),
+        declared_province: citizen.person.registration_province.clone(),
         live: Some(live(citizen)),
-        document: Some(pb::Document { kind: document as i32, number: format!("DOC-{}", &citizen.id_number[14..]) }),
+        document: Some(pb::Document {
+            kind: document as i32,
+            number: format!("DOC-{}", &citizen.person.id_number[14..]),
+        }),
         agent_id_number: String::new(),
     }
 }
@@ -290,7 +287,7 @@ pub fn serial(citizen: &Citizen) -> String {
 /// `relying_party`'s check of the card `card_serial` for `citizen`.
 pub fn card_check(citizen: &Citizen, card_serial: String, relying_party: &str) -> pb::CheckCardRequest {
     pb::CheckCardRequest {
-        id_number: citizen.id_number.clone(),
+        id_number: citizen.person.id_number.clone(),
         card_serial,
         relying_party: relying_party.into(),
         nonce: Vec::new(),

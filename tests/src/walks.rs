@@ -27,7 +27,7 @@ pub async fn replacement_across_provinces(t: &TestSuite) -> anyhow::Result<()> {
     let mut intake = t.intake().await?;
     let submitted = t.submit(pb::ApplicationKind::Replacement, &citizen, old_serial.clone()).await?;
     assert_eq!(submitted.home_bureau_id, "home-jiangxi");
-    assert!(!submitted.id_number_masked.contains(&citizen.id_number[6..14]), "number is masked");
+    assert!(!submitted.id_number_masked.contains(&citizen.person.id_number[6..14]), "number is masked");
 
     let ready = t.wait_for_state(&submitted.application_id, pb::ApplicationState::ReadyForCollection).await?;
     assert!(ready.loss_recorded, "K1: the replacement filed the loss report at the registry");
@@ -82,7 +82,7 @@ pub async fn replacement_across_provinces(t: &TestSuite) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let record =
-            home.get_citizen(pb::GetCitizenRequest { id_number: citizen.id_number.clone() }).await?.into_inner();
+            home.get_citizen(pb::GetCitizenRequest { id_number: citizen.person.id_number.clone() }).await?.into_inner();
         if record.current_card_serial == new_serial && record.open_application_ids.is_empty() {
             break;
         }

@@ -107,11 +107,11 @@ struct Secrets {
 
 impl Secrets {
     fn new(all: &[Citizen], used: &[&Citizen]) -> Self {
-        let numbers = all.iter().map(|c| c.id_number.clone()).collect();
+        let numbers = all.iter().map(|c| c.person.id_number.clone()).collect();
         let mut texts = Vec::new();
         for citizen in used {
-            let who = &citizen.id_number[14..];
-            texts.push((format!("name of …{who}"), citizen.name.clone()));
+            let who = &citizen.person.id_number[14..];
+            texts.push((format!("name of …{who}"), citizen.person.name.clone()));
             for (what, template) in [
                 ("face template", &citizen.face_template),
                 ("fingerprint template", &citizen.fingerprint_template),
@@ -195,7 +195,7 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     let citizen = t.citizen("agent_not_allowed", "36")?;
     let agent = t.ordinary("36", 7)?;
     let mut by_agent = applicant(&citizen);
-    by_agent.agent_id_number = agent.id_number.clone();
+    by_agent.agent_id_number = agent.person.id_number.clone();
     intake
         .report_loss(pb::ReportLossRequest { applicant: Some(by_agent), card_serial: serial(&citizen) })
         .await
@@ -222,13 +222,13 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     let mut home = t.home(Process::HomeSichuan).await?;
     let deceased = t.ordinary("51", 5)?;
     home.record_death(pb::RecordDeathRequest {
-        id_number: deceased.id_number.clone(),
+        id_number: deceased.person.id_number.clone(),
         date_of_death: "2118-02-01".into(),
     })
     .await?;
     let indebted = t.ordinary("51", 6)?;
     home.record_credit_status(pb::RecordCreditStatusRequest {
-        id_number: indebted.id_number.clone(),
+        id_number: indebted.person.id_number.clone(),
         credit_status: pb::CreditStatus::Bad as i32,
         note: "court order".into(),
     })
@@ -239,7 +239,7 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     let other = t.ordinary("36", 2)?;
     let _ = registry
         .check_card(pb::CheckCardRequest {
-            id_number: other.id_number.clone(),
+            id_number: other.person.id_number.clone(),
             card_serial: serial(&used[0]),
             relying_party: "test-bank".into(),
             nonce: Vec::new(),
@@ -250,7 +250,7 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     let used: Vec<&Citizen> = used.iter().collect();
     let secrets = Secrets::new(&t.suite.population.citizens, &used);
     // The grep finds what it looks for.
-    let planted = format!("lodged by {} ({})", used[0].id_number, used[0].name);
+    let planted = format!("lodged by {} ({})", used[0].person.id_number, used[0].person.name);
     assert_eq!(secrets.found_in(&planted).len(), 2, "{:?}", secrets.found_in(&planted));
     // (A template may be found under more than one label: a live template is often the enrolled one.)
     let planted = format!("face {}", base64::prelude::BASE64_STANDARD.encode(&used[1].live_face_template));
@@ -259,7 +259,7 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     assert!(secrets.found_in(&planted).iter().any(|what| what.ends_with("(Debug)")), "{planted}");
     let planted = format!("fingerprint {}", hex(&used[3].fingerprint_template));
     assert!(secrets.found_in(&planted).iter().any(|what| what.ends_with("(hex)")), "{planted}");
-    assert!(secrets.found_in(&format!("{}-not-a-number", &used[0].id_number[..17])).is_empty());
+    assert!(secrets.found_in(&format!("{}-not-a-number", &used[0].person.id_number[..17])).is_empty());
 
     let mut disclosed = Vec::new();
     let mut rows_read = 0;

@@ -33,7 +33,7 @@ fn forgeries(
     let mut unsigned = genuine().sign(jiangxi);
     unsigned.signature.clear();
     let mut tampered = genuine().sign(jiangxi);
-    tampered.decision.card.name = "Someone Else".into();
+    tampered.decision.card.holder.name = "Someone Else".into();
     let mut other_bureau = genuine();
     other_bureau.bureau_id = topology::HOME_SICHUAN.into();
     other_bureau.key_id = sichuan.id.clone();
@@ -94,7 +94,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         let mut d = t.decision(&citizen, purpose, addressee, at(NATIONAL_DAY));
         d.bureau_id = topology::HOME_SICHUAN.into();
         d.key_id = sichuan.id.clone();
-        d.card.registration_province = "51".into();
+        d.card.holder.registration_province = "51".into();
         signed_decision_to_proto(&d.sign(&sichuan.key))
     };
     let refused = registry
@@ -126,7 +126,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     // Nothing above changed the card.
     let check = registry
         .check_card(pb::CheckCardRequest {
-            id_number: citizen.id_number.clone(),
+            id_number: citizen.person.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: topology::STATION.into(),
             nonce: Vec::new(),
@@ -192,7 +192,7 @@ async fn s4_a_registration_transfer_hands_the_cards_to_the_new_home_bureau(db: D
         let signed = if signer == topology::HOME_SICHUAN {
             d.bureau_id = topology::HOME_SICHUAN.into();
             d.key_id = sichuan.id.clone();
-            d.card.registration_province = "51".into();
+            d.card.holder.registration_province = "51".into();
             d.sign(&sichuan.key)
         } else {
             d.sign(&t.suite.keys[topology::HOME_JIANGXI].key)
@@ -202,7 +202,8 @@ async fn s4_a_registration_transfer_hands_the_cards_to_the_new_home_bureau(db: D
     let refused = registry.report_loss(loss(topology::HOME_SICHUAN)).await.expect_err("before the transfer");
     assert_eq!(reason(&refused), "DECISION_WRONG_JURISDICTION", "{refused:?}");
 
-    let transfer = pb::TransferRegistrationRequest { id_number: citizen.id_number.clone(), new_province: "51".into() };
+    let transfer =
+        pb::TransferRegistrationRequest { id_number: citizen.person.id_number.clone(), new_province: "51".into() };
     let done = t.home(Process::HomeJiangxi).await?.transfer_registration(transfer).await?.into_inner();
     assert_eq!(done.new_home_bureau_id, topology::HOME_SICHUAN);
     assert_eq!(done.card_serials, vec![serial(&citizen)]);

@@ -46,7 +46,7 @@ async fn submit_round(t: &TestSuite, round: usize) -> anyhow::Result<Vec<Acknowl
                 .population
                 .citizens
                 .iter()
-                .filter(move |c| c.scenario == "renewal" && c.registration_province == province)
+                .filter(move |c| c.scenario == "renewal" && c.person.registration_province == province)
         })
         .cloned()
         .collect();
@@ -125,7 +125,7 @@ async fn settle_and_check(t: &TestSuite, acknowledged: &[Acknowledged]) -> anyho
             .find(|c| c.card.as_ref().is_some_and(|card| card.serial == application.previous_card_serial))
             .context("no citizen holds the application's card")?;
         let status = |serial: &str| pb::CheckCardRequest {
-            id_number: citizen.id_number.clone(),
+            id_number: citizen.person.id_number.clone(),
             card_serial: serial.to_owned(),
             relying_party: "fault-test".into(),
             nonce: Vec::new(),

@@ -40,7 +40,7 @@ async fn k3_loss_report_alone_invalidates_the_card_everywhere(db: Db) -> anyhow:
     let mut registry = t.registry().await?;
     let answer = registry
         .check_card(pb::CheckCardRequest {
-            id_number: citizen.id_number.clone(),
+            id_number: citizen.person.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: "railway-gate-7".into(),
             nonce: Vec::new(),
@@ -101,7 +101,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
     assert_eq!(withdrawn.status, pb::CardStatus::Valid as i32);
     let check = registry
         .check_card(pb::CheckCardRequest {
-            id_number: citizen.id_number.clone(),
+            id_number: citizen.person.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: "hotel".into(),
             nonce: Vec::new(),
@@ -144,7 +144,7 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
         .into_inner()
         .order
         .context("order")?;
-    let term = yidi_domain::card::term_for(citizen.birth_date, t.today);
+    let term = yidi_domain::card::term_for(citizen.person.birth_date, t.today);
     assert_eq!(order.valid_from, term.valid_from.to_string());
     assert_eq!(order.valid_until, term.valid_until.map(|d| d.to_string()).unwrap_or_default());
     assert_eq!(order.state, pb::OrderState::Dispatched as i32);
@@ -154,7 +154,7 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
         .registry()
         .await?
         .check_card(pb::CheckCardRequest {
-            id_number: citizen.id_number.clone(),
+            id_number: citizen.person.id_number.clone(),
             card_serial: serial(&citizen),
             relying_party: "bank".into(),
             nonce: Vec::new(),
@@ -170,7 +170,7 @@ async fn n3_routing_follows_the_declared_registration_not_the_number(db: Db) -> 
     let mut intake = t.intake().await?;
     // Number from Zhejiang (33...), household registration moved to Jiangxi.
     let moved = t.citizen("registration_moved", "36")?;
-    assert!(moved.id_number.starts_with("33"));
+    assert!(moved.person.id_number.starts_with("33"));
     let application = intake
         .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&moved)), card_serial: serial(&moved) })
         .await?
@@ -207,13 +207,13 @@ async fn c4_a_relying_party_must_name_number_and_serial(db: Db) -> anyhow::Resul
         relying_party: "bank".into(),
         nonce: Vec::new(),
     };
-    let valid = registry.check_card(request(&citizen.id_number, &serial(&citizen))).await?.into_inner();
+    let valid = registry.check_card(request(&citizen.person.id_number, &serial(&citizen))).await?.into_inner();
     assert_eq!(valid.status, pb::CardStatus::Valid as i32);
     // Another person's serial with this number: indistinguishable from a serial that does not exist.
-    let mismatched = registry.check_card(request(&citizen.id_number, &serial(&other))).await?.into_inner();
+    let mismatched = registry.check_card(request(&citizen.person.id_number, &serial(&other))).await?.into_inner();
     assert_eq!(mismatched.status, pb::CardStatus::Unknown as i32);
     assert!(mismatched.status_changed_at.is_none());
-    let missing = registry.check_card(request(&citizen.id_number, "")).await.expect_err("serial required");
+    let missing = registry.check_card(request(&citizen.person.id_number, "")).await.expect_err("serial required");
     assert_eq!(missing.code(), tonic::Code::InvalidArgument);
     assert!(yidi_tests::violated_fields(&missing).contains(&"card_serial".to_owned()));
 
@@ -221,8 +221,8 @@ async fn c4_a_relying_party_must_name_number_and_serial(db: Db) -> anyhow::Resul
     let batch = registry
         .check_cards(pb::CheckCardsRequest {
             cards: vec![
-                pb::CardQuery { id_number: citizen.id_number.clone(), card_serial: serial(&citizen) },
-                pb::CardQuery { id_number: citizen.id_number.clone(), card_serial: "ZZ0000000000".into() },
+                pb::CardQuery { id_number: citizen.person.id_number.clone(), card_serial: serial(&citizen) },
+                pb::CardQuery { id_number: citizen.person.id_number.clone(), card_serial: "ZZ0000000000".into() },
             ],
             relying_party: "bank".into(),
         })

@@ -120,7 +120,7 @@ async fn a_repeated_mutating_call_with_its_key_gets_the_first_answer_and_writes_
     assert_eq!(application.state, pb::ApplicationState::Cancelled as i32);
 
     let credit = pb::RecordCreditStatusRequest {
-        id_number: t.ordinary("51", 6)?.id_number,
+        id_number: t.ordinary("51", 6)?.person.id_number,
         credit_status: pb::CreditStatus::Bad as i32,
         note: "court order".into(),
     };

@@ -46,14 +46,14 @@ async fn s3_home_bureau_refusals_carry_their_reason(db: Db) -> anyhow::Result<()
     let citizen = t.ordinary("51", 5)?;
     let mut home = t.home(yidi_tests::topology::Process::HomeSichuan).await?;
     home.record_death(pb::RecordDeathRequest {
-        id_number: citizen.id_number.clone(),
+        id_number: citizen.person.id_number.clone(),
         date_of_death: "2118-02-01".into(),
     })
     .await?;
     assert_eq!(refusal_for(&t, &citizen, Replacement).await?, R::RegistrationCancelled as i32);
     let citizen = t.ordinary("51", 6)?;
     home.record_credit_status(pb::RecordCreditStatusRequest {
-        id_number: citizen.id_number.clone(),
+        id_number: citizen.person.id_number.clone(),
         credit_status: pb::CreditStatus::Bad as i32,
         note: "court order".into(),
     })
@@ -68,7 +68,7 @@ async fn s2_agents_are_refused_at_the_counter(db: Db) -> anyhow::Result<()> {
     let citizen = t.citizen("agent_not_allowed", "36")?;
     let relative = t.ordinary("36", 7)?;
     let mut by_agent = applicant(&citizen);
-    by_agent.agent_id_number = relative.id_number.clone();
+    by_agent.agent_id_number = relative.person.id_number.clone();
     let refused = intake
         .report_loss(pb::ReportLossRequest { applicant: Some(by_agent), card_serial: serial(&citizen) })
         .await
@@ -111,7 +111,7 @@ async fn n1_invalid_numbers_are_refused_at_the_edge_and_write_nothing(db: Db) ->
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     let mut intake = t.intake().await?;
     let citizen = t.ordinary("36", 8)?;
-    let good = citizen.id_number.clone();
+    let good = citizen.person.id_number.clone();
     let wrong_check = format!("{}{}", &good[..17], if &good[17..] == "0" { "1" } else { "0" });
     let bad_date = format!("{}20181332{}", &good[..6], &good[14..]);
     for bad in [&good[..17], wrong_check.as_str(), bad_date.as_str(), "36010219900307ABCD"] {

@@ -140,11 +140,11 @@ async fn home_signs_with(t: &TestSuite, citizen: &Citizen) -> anyhow::Result<Str
             station_id: topology::STATION.into(),
             purpose: pb::DecisionPurpose::ReportLoss as i32,
             kind: pb::ApplicationKind::LossReport as i32,
-            id_number: citizen.id_number.clone(),
+            id_number: citizen.person.id_number.clone(),
             card_serial: serial(citizen),
             live: Some(live(citizen)),
             producer_id: String::new(),
-            declared_province: citizen.registration_province.clone(),
+            declared_province: citizen.person.registration_province.clone(),
         })
         .await?
         .into_inner();

@@ -134,7 +134,7 @@ async fn submit(
     tally: &Mutex<Tally>,
 ) -> anyhow::Result<String> {
     // One citizen, one application (K5): the citizen names the request.
-    let key = format!("soak-{}", planned.citizen.id_number);
+    let key = format!("soak-{}", planned.citizen.person.id_number);
     let mut failed = false;
     loop {
         match submit_once(&mut intake, planned, &key).await {
@@ -150,7 +150,7 @@ async fn submit(
             Err(status) if Instant::now() < deadline => {
                 // Refusals at the counter would be a bug of the plan, not an outage: stop on them.
                 if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition) {
-                    bail!("{} of {} refused: {status:?}", kind_label(planned.kind), planned.citizen.id_number);
+                    bail!("{} of {} refused: {status:?}", kind_label(planned.kind), planned.citizen.person.id_number);
                 }
                 failed = true;
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -226,7 +226,7 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
                 .population
                 .citizens
                 .iter()
-                .filter(move |c| c.scenario == "renewal" && c.registration_province == *province)
+                .filter(move |c| c.scenario == "renewal" && c.person.registration_province == *province)
                 .skip(1)
         })
         .cloned()

@@ -2,7 +2,7 @@
 //! least one citizen for every refusal of the rulebook. The same `(date, size)` always gives the
 //! same people, so README commands and tests can name them.
 use chrono::{Duration, Months, NaiveDate};
-use yidi_domain::{Credit, Registration};
+use yidi_domain::{Credit, Particulars, Registration};
 use yidi_domain::{IdNumber, biometrics::TEMPLATE_LEN, card::term_for};
 use yidi_runtime::population::{Citizen, ExistingCard, Population};
 
@@ -157,12 +157,14 @@ fn citizen(rng: &mut Rng, province: &Province, index: usize, scenario: &str, tod
         _ => (face.clone(), fingerprint.clone()),
     };
     Citizen {
-        id_number,
-        name,
-        sex: IdNumber::compose(address_code, birth, (index % 1000) as u16).sex(),
-        birth_date: birth,
-        registration_province: province.code.to_owned(),
-        address: format!("{} {} Road {}", province.town, SURNAMES[index % SURNAMES.len()], 1 + index),
+        person: Particulars {
+            id_number,
+            name,
+            sex: IdNumber::compose(address_code, birth, (index % 1000) as u16).sex(),
+            birth_date: birth,
+            registration_province: province.code.to_owned(),
+            address: format!("{} {} Road {}", province.town, SURNAMES[index % SURNAMES.len()], 1 + index),
+        },
         home_bureau_id: if scenario == "unknown_citizen" { String::new() } else { province.bureau.to_owned() },
         scenario: scenario.to_owned(),
         credit: if scenario == "bad_credit" { Credit::Bad } else { Credit::Good },
@@ -189,8 +191,8 @@ mod tests {
         assert_eq!(population.citizens.len(), 400);
         let mut seen = std::collections::HashSet::new();
         for citizen in &population.citizens {
-            assert!(IdNumber::parse(&citizen.id_number, today()).is_ok(), "{}", citizen.id_number);
-            assert!(seen.insert(citizen.id_number.clone()), "duplicate {}", citizen.id_number);
+            assert!(IdNumber::parse(&citizen.person.id_number, today()).is_ok(), "{}", citizen.person.id_number);
+            assert!(seen.insert(citizen.person.id_number.clone()), "duplicate {}", citizen.person.id_number);
         }
     }
 
@@ -198,8 +200,8 @@ mod tests {
     fn n3_registration_may_differ_from_the_address_code() {
         let population = generate(today(), 50);
         let moved = population.citizens.iter().find(|c| c.scenario == "registration_moved").unwrap();
-        assert_eq!(&moved.id_number[..2], "33");
-        assert_eq!(moved.registration_province, "36");
+        assert_eq!(&moved.person.id_number[..2], "33");
+        assert_eq!(moved.person.registration_province, "36");
     }
 
     #[test]

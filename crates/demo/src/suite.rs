@@ -126,7 +126,8 @@ impl Suite {
             Process::ALL.iter().map(|p| (*p, if options.default_ports { p.default_port() } else { 0 })).collect();
         let keys = topology::generate_keys(&dir)?;
         let today = match options.clock {
-            ClockSetting::Start(at) | ClockSetting::Fixed(at) => at.date_naive(),
+            // The bureaus' default `clock.time_zone`: the date in China.
+            ClockSetting::Start(at) | ClockSetting::Fixed(at) => yidi_runtime::Clock::fixed(at).today(),
         };
         let population = crate::population::generate_with_renewals(
             today,

@@ -6,8 +6,8 @@ use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ed25519_dalek::SigningKey;
 use yidi_domain::{
-    ApplicationKind, Bureau, CardData, Decision, DecisionPurpose, Directory, DocumentKind, IdNumber, PolicyTimeline,
-    Role, Sex, biometrics::TEMPLATE_LEN, decision::Expectation,
+    ApplicationKind, Bureau, CardData, Decision, DecisionPurpose, Directory, DocumentKind, IdNumber, Particulars,
+    PolicyTimeline, Role, Sex, biometrics::TEMPLATE_LEN, decision::Expectation,
 };
 
 fn now() -> DateTime<Utc> {
@@ -46,12 +46,14 @@ fn decision(id_number: &str) -> Decision {
         station_id: "station-hangzhou".into(),
         application_kind: Some(ApplicationKind::Replacement),
         card: CardData {
-            id_number: id_number.into(),
-            name: "Zhou Nawei".into(),
-            sex: Sex::Female,
-            birth_date: day(1996, 11, 6),
-            registration_province: "36".into(),
-            address: "Nanchang".into(),
+            holder: Particulars {
+                id_number: id_number.into(),
+                name: "Zhou Nawei".into(),
+                sex: Sex::Female,
+                birth_date: day(1996, 11, 6),
+                registration_province: "36".into(),
+                address: "Nanchang".into(),
+            },
             face_template: vec![0x5A; TEMPLATE_LEN],
             valid_from: day(2118, 3, 1),
             valid_until: Some(day(2138, 3, 1)),

@@ -68,13 +68,25 @@ pub struct CardTerm {
     pub valid_until: Option<NaiveDate>,
 }
 
-/// Full years of age on `day`.
+/// Full years of age on `day`: the years whose birthday has come by `day`.
 pub fn age_on(birth: NaiveDate, day: NaiveDate) -> u32 {
     let mut age = day.year() - birth.year();
-    if (day.month(), day.day()) < (birth.month(), birth.day()) {
+    if day < birthday_in(birth, day.year()) {
         age -= 1;
     }
     u32::try_from(age).unwrap_or(0)
+}
+
+/// The birthday in `year`. Someone born on 29 February has their birthday on 28 February in a
+/// common year: a period of years with no corresponding day ends on the last day of that month
+/// (Civil Code of the PRC, art. 202), the same rule that ends a card valid from 29 February on
+/// 28 February ([`term_for`]).
+pub fn birthday_in(birth: NaiveDate, year: i32) -> NaiveDate {
+    let leap_day = (birth.month(), birth.day()) == (2, 29);
+    let (month, day) =
+        if leap_day && NaiveDate::from_ymd_opt(year, 2, 29).is_none() { (2, 28) } else { (birth.month(), birth.day()) };
+    // Only 29 February lacks a day in some years, and it is mapped above; keep `birth` if the year is out of range.
+    NaiveDate::from_ymd_opt(year, month, day).unwrap_or(birth)
 }
 
 /// C1: under 16 → 5 years; 16–25 → 10; 26–45 → 20; 46 and over → long-term.
@@ -123,6 +135,41 @@ mod tests {
     fn c1_leap_day_issue_ends_on_28_february() {
         assert_eq!(term_for(d(2080, 6, 1), d(2116, 2, 29)).valid_until, Some(d(2136, 2, 29)));
         assert_eq!(term_for(d(2100, 6, 1), d(2116, 2, 29)).valid_until, Some(d(2121, 2, 28)));
+    }
+
+    #[test]
+    fn c1_leap_day_birthday_is_28_february_in_a_common_year() {
+        assert_eq!(birthday_in(d(2096, 2, 29), 2117), d(2117, 2, 28));
+        assert_eq!(birthday_in(d(2096, 2, 29), 2116), d(2116, 2, 29));
+        assert_eq!(birthday_in(d(2096, 3, 1), 2117), d(2117, 3, 1));
+        // 2100 is a common year (a century not divisible by 400).
+        assert_eq!(birthday_in(d(2084, 2, 29), 2100), d(2100, 2, 28));
+        assert_eq!(age_on(d(2096, 2, 29), d(2117, 2, 27)), 20);
+        assert_eq!(age_on(d(2096, 2, 29), d(2117, 2, 28)), 21);
+        assert_eq!(age_on(d(2096, 2, 29), d(2117, 3, 1)), 21);
+        assert_eq!(age_on(d(2096, 2, 29), d(2116, 2, 28)), 19, "in a leap year the birthday is 29 February");
+        assert_eq!(age_on(d(2096, 2, 29), d(2116, 2, 29)), 20);
+    }
+
+    #[test]
+    fn c1_leap_day_birth_turns_16_26_and_46_on_28_february() {
+        let until = |birth, issue| term_for(birth, issue).valid_until;
+        // 16: a leap year 16 years on is a leap year too, except across a common century year.
+        let born = d(2084, 2, 29);
+        assert_eq!(until(born, d(2100, 2, 27)), Some(d(2105, 2, 27)), "15 the day before: 5 years");
+        assert_eq!(until(born, d(2100, 2, 28)), Some(d(2110, 2, 28)), "16 on 28 February: 10 years");
+        let born = d(2096, 2, 29);
+        assert_eq!(until(born, d(2112, 2, 28)), Some(d(2117, 2, 28)), "leap year: still 15 on 28 February");
+        assert_eq!(until(born, d(2112, 2, 29)), Some(d(2122, 2, 28)), "leap year: 16 on 29 February");
+        // 26
+        let born = d(2092, 2, 29);
+        assert_eq!(until(born, d(2118, 2, 27)), Some(d(2128, 2, 27)), "25 the day before: 10 years");
+        assert_eq!(until(born, d(2118, 2, 28)), Some(d(2138, 2, 28)), "26 on 28 February: 20 years");
+        // 46
+        let born = d(2072, 2, 29);
+        assert_eq!(until(born, d(2118, 2, 27)), Some(d(2138, 2, 27)), "45 the day before: 20 years");
+        assert_eq!(until(born, d(2118, 2, 28)), None, "46 on 28 February: long-term");
+        assert_eq!(until(born, d(2118, 3, 1)), None);
     }
 
     #[test]

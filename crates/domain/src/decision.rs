@@ -1,6 +1,7 @@
 //! Signed decisions of a home bureau (S4): canonical encoding, signing and verification.
 use chrono::{DateTime, NaiveDate, Utc};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     application::ApplicationKind,
@@ -32,15 +33,22 @@ impl DecisionPurpose {
     }
 }
 
-/// The data a card carries, as the home bureau's register holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CardData {
+/// Who a person is, as the home bureau's register records it and a card prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Particulars {
     pub id_number: String,
     pub name: String,
     pub sex: Sex,
     pub birth_date: NaiveDate,
+    /// Two-digit province of the household registration (may differ from the number's, N3).
     pub registration_province: String,
     pub address: String,
+}
+
+/// The data a card carries, as the home bureau's register holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardData {
+    pub holder: Particulars,
     pub face_template: Vec<u8>,
     pub valid_from: NaiveDate,
     /// None: long-term.
@@ -180,18 +188,18 @@ impl Decision {
         put(&mut out, self.station_id.as_bytes());
         put(&mut out, self.application_kind.map(ApplicationKind::as_str).unwrap_or("").as_bytes());
         let card = &self.card;
-        put(&mut out, card.id_number.as_bytes());
-        put(&mut out, card.name.as_bytes());
+        put(&mut out, card.holder.id_number.as_bytes());
+        put(&mut out, card.holder.name.as_bytes());
         put(
             &mut out,
-            match card.sex {
+            match card.holder.sex {
                 Sex::Male => b"male",
                 Sex::Female => b"female",
             },
         );
-        put(&mut out, card.birth_date.to_string().as_bytes());
-        put(&mut out, card.registration_province.as_bytes());
-        put(&mut out, card.address.as_bytes());
+        put(&mut out, card.holder.birth_date.to_string().as_bytes());
+        put(&mut out, card.holder.registration_province.as_bytes());
+        put(&mut out, card.holder.address.as_bytes());
         put(&mut out, &card.face_template);
         put(&mut out, card.valid_from.to_string().as_bytes());
         put(&mut out, card.valid_until.map(|d| d.to_string()).unwrap_or_default().as_bytes());
@@ -243,10 +251,10 @@ impl SignedDecision {
         // Genuine, but is the key still (and was it then) in force?
         check_key_window(&signer.id, key, [expected.now, decision.issued_at])?;
         // Signed by a real home bureau, but is it this citizen's home bureau?
-        if !signer.holds_jurisdiction_over(&decision.card.registration_province) {
+        if !signer.holds_jurisdiction_over(&decision.card.holder.registration_province) {
             return Err(DecisionError::WrongJurisdiction {
                 signer: signer.id.clone(),
-                province: decision.card.registration_province.clone(),
+                province: decision.card.holder.registration_province.clone(),
             });
         }
         if decision.purpose != expected.purpose {
@@ -316,12 +324,14 @@ mod tests {
             station_id: "station-hz".into(),
             application_kind: Some(ApplicationKind::Replacement),
             card: CardData {
-                id_number: "36010219900307123X".into(),
-                name: "Li Na".into(),
-                sex: Sex::Female,
-                birth_date: NaiveDate::from_ymd_opt(1990, 3, 7).unwrap(),
-                registration_province: "36".into(),
-                address: "Nanchang".into(),
+                holder: Particulars {
+                    id_number: "36010219900307123X".into(),
+                    name: "Li Na".into(),
+                    sex: Sex::Female,
+                    birth_date: NaiveDate::from_ymd_opt(1990, 3, 7).unwrap(),
+                    registration_province: "36".into(),
+                    address: "Nanchang".into(),
+                },
                 face_template: vec![1, 2, 3],
                 valid_from: day,
                 valid_until: None,
@@ -346,7 +356,7 @@ mod tests {
     #[test]
     fn s4_unsigned_and_tampered_decisions_are_refused() {
         let mut signed = decision().sign(&key(1));
-        signed.decision.card.name = "Someone Else".into();
+        signed.decision.card.holder.name = "Someone Else".into();
         assert_eq!(signed.verify(&directory(), expect("producer-zj")), Err(DecisionError::BadSignature));
         let mut unsigned = decision().sign(&key(1));
         unsigned.signature.clear();
@@ -457,10 +467,10 @@ mod tests {
     fn s4_canonical_encoding_separates_fields() {
         let mut a = decision();
         let mut b = decision();
-        a.card.name = "ab".into();
-        a.card.address = "c".into();
-        b.card.name = "a".into();
-        b.card.address = "bc".into();
+        a.card.holder.name = "ab".into();
+        a.card.holder.address = "c".into();
+        b.card.holder.name = "a".into();
+        b.card.holder.address = "bc".into();
         assert_ne!(a.canonical_bytes(), b.canonical_bytes());
     }
 
@@ -477,10 +487,10 @@ mod tests {
                 2 => &mut decision.addressee_id,
                 3 => &mut decision.application_id,
                 4 => &mut decision.station_id,
-                5 => &mut decision.card.id_number,
-                6 => &mut decision.card.name,
-                7 => &mut decision.card.registration_province,
-                8 => &mut decision.card.address,
+                5 => &mut decision.card.holder.id_number,
+                6 => &mut decision.card.holder.name,
+                7 => &mut decision.card.holder.registration_province,
+                8 => &mut decision.card.holder.address,
                 9 => &mut decision.previous_card_serial,
                 10 => &mut decision.key_id,
                 11 => &mut decision.transfer_to_bureau_id,

@@ -16,7 +16,7 @@ pub mod status;
 pub use application::{ApplicationKind, ApplicationState, RefusalReason};
 pub use biometrics::{BiometricMatcher, MatchOutcome, SimulatedMatcher};
 pub use card::{CardStatus, CardTerm, StoredCardStatus};
-pub use decision::{CardData, Decision, DecisionError, DecisionPurpose, SignedDecision};
+pub use decision::{CardData, Decision, DecisionError, DecisionPurpose, Particulars, SignedDecision};
 pub use directory::{Bureau, BureauKey, Directory, KeyWindow, Operator, OperatorAccess, Principal, RelyingParty, Role};
 pub use id_number::{IdNumber, IdNumberError, Sex};
 pub use policy::{DocumentKind, Phase, PolicyTimeline};

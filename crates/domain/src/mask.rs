@@ -1,13 +1,16 @@
 //! Masking of personal data for logs, audit records and operator screens.
 
-/// Keeps the first six (address code) and last four characters: `330102********123X`.
+/// Keeps the address code (first six characters) and the check character (the last); hides the
+/// birth date and the sequence number between them: `330102***********X`. A string too short to
+/// have both parts is hidden whole.
 pub fn mask_id_number(id: &str) -> String {
+    const KEPT_FRONT: usize = 6;
     let chars: Vec<char> = id.chars().collect();
-    if chars.len() <= 10 {
+    if chars.len() <= KEPT_FRONT + 1 {
         return "*".repeat(chars.len());
     }
-    let hidden = chars.len() - 10;
-    chars[..6].iter().chain(std::iter::repeat_n(&'*', hidden)).chain(&chars[chars.len() - 4..]).collect()
+    let hidden = chars.len() - KEPT_FRONT - 1;
+    chars[..KEPT_FRONT].iter().chain(std::iter::repeat_n(&'*', hidden)).chain(&chars[chars.len() - 1..]).collect()
 }
 
 /// Keeps the first character of a name: `王**`.
@@ -25,7 +28,10 @@ mod tests {
 
     #[test]
     fn c4_masked_numbers_hide_birth_date_and_sequence() {
-        assert_eq!(mask_id_number("11010519491231002X"), "110105********002X");
+        assert_eq!(mask_id_number("11010519491231002X"), "110105***********X");
+        assert_eq!(mask_id_number("330102199003071235"), "330102***********5");
+        assert_eq!(mask_id_number("1101051949"), "110105***9", "a malformed number keeps no more");
+        assert_eq!(mask_id_number("1101051"), "*******");
         assert_eq!(mask_name("Wang Fang"), "W********");
     }
 }

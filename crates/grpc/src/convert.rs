@@ -1,8 +1,8 @@
 //! proto ↔ domain conversions shared by the services.
 use chrono::{DateTime, NaiveDate, Utc};
 use yidi_domain::{
-    ApplicationKind, ApplicationState, CardData, CardStatus, Decision, DecisionPurpose, DocumentKind, RefusalReason,
-    SignedDecision,
+    ApplicationKind, ApplicationState, CardData, CardStatus, Decision, DecisionPurpose, DocumentKind, Particulars,
+    RefusalReason, SignedDecision,
     id_number::Sex,
     status::{SignedStatusStatement, StatusStatement},
 };
@@ -171,7 +171,7 @@ fn optional_date(date: Option<NaiveDate>) -> String {
 
 pub fn signed_decision_to_proto(signed: &SignedDecision) -> pb::SignedDecision {
     let d = &signed.decision;
-    let card = &d.card;
+    let (card, holder) = (&d.card, &d.card.holder);
     pb::SignedDecision {
         decision: Some(pb::Decision {
             decision_id: d.decision_id.clone(),
@@ -183,15 +183,15 @@ pub fn signed_decision_to_proto(signed: &SignedDecision) -> pb::SignedDecision {
             station_id: d.station_id.clone(),
             application_kind: d.application_kind.map_or(pb::ApplicationKind::Unspecified, kind_to_proto) as i32,
             card: Some(pb::CardData {
-                id_number: card.id_number.clone(),
-                name: card.name.clone(),
-                sex: match card.sex {
+                id_number: holder.id_number.clone(),
+                name: holder.name.clone(),
+                sex: match holder.sex {
                     Sex::Male => pb::Sex::Male,
                     Sex::Female => pb::Sex::Female,
                 } as i32,
-                birth_date: card.birth_date.to_string(),
-                registration_province: card.registration_province.clone(),
-                address: card.address.clone(),
+                birth_date: holder.birth_date.to_string(),
+                registration_province: holder.registration_province.clone(),
+                address: holder.address.clone(),
                 face_template: card.face_template.clone(),
                 valid_from: card.valid_from.to_string(),
                 valid_until: optional_date(card.valid_until),
@@ -303,12 +303,14 @@ pub fn signed_decision_from_proto(
             station_id: d.station_id.clone(),
             application_kind: kind,
             card: CardData {
-                id_number: card.id_number.clone(),
-                name: card.name.clone(),
-                sex,
-                birth_date,
-                registration_province: card.registration_province.clone(),
-                address: card.address.clone(),
+                holder: Particulars {
+                    id_number: card.id_number.clone(),
+                    name: card.name.clone(),
+                    sex,
+                    birth_date,
+                    registration_province: card.registration_province.clone(),
+                    address: card.address.clone(),
+                },
                 face_template: card.face_template.clone(),
                 valid_from,
                 valid_until,
@@ -339,12 +341,14 @@ mod tests {
             station_id: "s".into(),
             application_kind: Some(ApplicationKind::Renewal),
             card: CardData {
-                id_number: "11010519491231002X".into(),
-                name: "n".into(),
-                sex: Sex::Female,
-                birth_date: NaiveDate::from_ymd_opt(1949, 12, 31).unwrap(),
-                registration_province: "11".into(),
-                address: "x".into(),
+                holder: Particulars {
+                    id_number: "11010519491231002X".into(),
+                    name: "n".into(),
+                    sex: Sex::Female,
+                    birth_date: NaiveDate::from_ymd_opt(1949, 12, 31).unwrap(),
+                    registration_province: "11".into(),
+                    address: "x".into(),
+                },
                 face_template: vec![1, 2],
                 valid_from: NaiveDate::from_ymd_opt(2118, 1, 1).unwrap(),
                 valid_until: None,

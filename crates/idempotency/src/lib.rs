@@ -28,6 +28,10 @@
 //! own transaction. Rows are kept `idempotency.retention_hours` (pruned by [`spawn_pruner`]).
 #![forbid(unsafe_code)]
 
+mod migration;
+
+pub use migration::CreateIdempotentRequests;
+
 use std::{
     collections::HashMap,
     convert::Infallible,
@@ -193,59 +197,6 @@ pub mod record {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
-}
-
-/// The migration creating `idempotent_requests`; every service's migrator lists it.
-pub struct CreateIdempotentRequests;
-
-impl CreateIdempotentRequests {
-    /// Stable: recorded in each database's `seaql_migrations`.
-    pub const NAME: &'static str = "m20261127_950000_create_idempotent_requests";
-}
-
-impl MigrationName for CreateIdempotentRequests {
-    fn name(&self) -> &str {
-        Self::NAME
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for CreateIdempotentRequests {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        use record::{Column, Entity};
-        manager
-            .create_table(
-                Table::create()
-                    .table(Entity)
-                    .if_not_exists()
-                    .col(ColumnDef::new(Column::Caller).string_len(256).not_null())
-                    .col(ColumnDef::new(Column::Method).string_len(256).not_null())
-                    .col(ColumnDef::new(Column::IdempotencyKey).string_len(MAX_KEY_LEN as u32).not_null())
-                    .col(ColumnDef::new(Column::RequestSha256).blob().not_null())
-                    .col(ColumnDef::new(Column::StatusCode).integer().not_null())
-                    .col(ColumnDef::new(Column::Message).text().not_null())
-                    .col(ColumnDef::new(Column::Details).blob().not_null())
-                    .col(ColumnDef::new(Column::Response).blob().not_null())
-                    .col(ColumnDef::new(Column::CreatedAt).timestamp_with_time_zone().not_null())
-                    .primary_key(Index::create().col(Column::Caller).col(Column::Method).col(Column::IdempotencyKey))
-                    .to_owned(),
-            )
-            .await?;
-        manager
-            .create_index(
-                Index::create()
-                    .name("idx_idempotent_requests_created_at")
-                    .table(Entity)
-                    .col(Column::CreatedAt)
-                    .if_not_exists()
-                    .to_owned(),
-            )
-            .await
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(Table::drop().table(record::Entity).to_owned()).await
-    }
 }
 
 /// Deletes the rows older than `retention` now, then every [`PRUNE_EVERY`], until shutdown.
@@ -697,7 +648,7 @@ mod tests {
         let db = Database::connect("sqlite::memory:").await.unwrap();
         CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
         let layer = KeyedAnswers::layer();
-        layer.shared().open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        layer.shared().open(Store { db: db.clone(), clock: Clock::fixed(chrono::Utc::now()) });
         let counter = Counter::default();
         let calls = Arc::clone(&counter.calls);
         // The layer as every bureau's server mounts it (behind the security layers, which a
@@ -831,7 +782,7 @@ mod tests {
         let db = Database::connect("sqlite::memory:").await.unwrap();
         CreateIdempotentRequests.up(&SchemaManager::new(&db)).await.unwrap();
         let layer = KeyedAnswers::layer();
-        layer.shared().open(Store { db: db.clone(), clock: Clock::Fixed(chrono::Utc::now()) });
+        layer.shared().open(Store { db: db.clone(), clock: Clock::fixed(chrono::Utc::now()) });
         let counter = Counter::default();
         let service = layer.layer(issuance_server(counter.clone()));
         for caller in ["zj-station", "sc-station", "zj-station"] {

@@ -5,7 +5,7 @@ use std::path::Path;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
-use yidi_domain::{Credit, Registration, Sex};
+use yidi_domain::{Credit, Particulars, Registration};
 
 /// Templates travel as base64 in JSON, as grpcurl expects for `bytes` fields.
 mod base64_bytes {
@@ -35,13 +35,9 @@ pub struct ExistingCard {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Citizen {
-    pub id_number: String,
-    pub name: String,
-    pub sex: Sex,
-    pub birth_date: NaiveDate,
-    /// Two-digit province of the household registration (may differ from the number's, N3).
-    pub registration_province: String,
-    pub address: String,
+    /// Written flat in the file: `id_number`, `name`, `sex`, `birth_date`, ... at the citizen's level.
+    #[serde(flatten)]
+    pub person: Particulars,
     /// The home bureau holding the registration.
     pub home_bureau_id: String,
     /// What this citizen demonstrates, e.g. `replacement`, `face_mismatch` (docs/RUNBOOK.md, "Population").

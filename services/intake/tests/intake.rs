@@ -16,7 +16,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, service::Routes, transport::Channel};
 use tonic_types::StatusExt;
 use yidi_domain::{
-    ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, RefusalReason, Role, Sex,
+    ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, Particulars, RefusalReason, Role, Sex,
     biometrics::with_sensor_noise,
 };
 use yidi_grpc::{ApiError, convert::signed_decision_to_proto};
@@ -82,7 +82,8 @@ struct Fakes {
 impl Fakes {
     fn decision(&self, request: &pb::VerifyRequest, purpose: DecisionPurpose, addressee: &str) -> pb::SignedDecision {
         let now = self.state.now.lock().unwrap().unwrap_or_else(Utc::now);
-        let id = IdNumber::parse(&request.id_number, now.date_naive()).unwrap();
+        let today = yidi_runtime::Clock::fixed(now).today();
+        let id = IdNumber::parse(&request.id_number, today).unwrap();
         let decision = Decision {
             decision_id: format!("{}-{}", request.application_id, purpose.as_str()),
             purpose,
@@ -95,14 +96,16 @@ impl Fakes {
                 .ok()
                 .and_then(yidi_grpc::convert::kind_from_proto),
             card: CardData {
-                id_number: request.id_number.clone(),
-                name: "Li Na".into(),
-                sex: Sex::Female,
-                birth_date: id.birth_date(),
-                registration_province: id.province_code().into(),
-                address: "Nanchang".into(),
+                holder: Particulars {
+                    id_number: request.id_number.clone(),
+                    name: "Li Na".into(),
+                    sex: Sex::Female,
+                    birth_date: id.birth_date(),
+                    registration_province: id.province_code().into(),
+                    address: "Nanchang".into(),
+                },
                 face_template: register_face(),
-                valid_from: now.date_naive(),
+                valid_from: today,
                 valid_until: None,
             },
             previous_card_serial: request.card_serial.clone(),
@@ -497,6 +500,56 @@ async fn p0_nobody_is_accepted_outside_home_before_the_pilot() {
     assert_ne!(application.state, pb::ApplicationState::Refused as i32);
     assert_eq!(application.home_bureau_id, "home-zhejiang");
     h.stop().await;
+}
+
+/// What the station answers `request` with when its clock stands at `instant`.
+async fn submit_at(instant: &str, request: pb::SubmitApplicationRequest) -> Result<pb::Application, Status> {
+    let mut h = Harness::start(instant).await;
+    let answer = h.client.submit_application(request).await.map(|r| r.into_inner().application.unwrap());
+    h.stop().await;
+    answer
+}
+
+/// Asserts that `request` is accepted (and routed to `home`) at 07:30 and 08:30 in Beijing (UTC+8)
+/// on `boundary`, while it is still the day before in UTC at 07:30; answers the error it gets at
+/// 23:30 in Beijing the day before.
+async fn refused_until_beijing_midnight(boundary: &str, request: pb::SubmitApplicationRequest, home: &str) -> Status {
+    let day: NaiveDate = boundary.parse().unwrap();
+    let before = day.pred_opt().unwrap();
+    for instant in [format!("{before}T23:30:00Z"), format!("{day}T00:30:00Z")] {
+        let application = submit_at(&instant, request.clone()).await.unwrap();
+        assert_eq!(application.home_bureau_id, home, "{boundary} in Beijing at {instant}");
+    }
+    submit_at(&format!("{before}T15:30:00Z"), request).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn p1_the_pilot_begins_at_midnight_in_beijing() {
+    // A Jiangxi applicant at the Hangzhou station: the pilot pair 33–36 from 2115-07-01.
+    let request =
+        submit(ApplicationKind::Renewal, applicant(&jiangxi_citizen(), "36", pb::DocumentKind::WorkUnitProof));
+    let status = refused_until_beijing_midnight("2115-07-01", request, "home-jiangxi").await;
+    assert_eq!(reason(&status), "REFUSAL_REASON_NOT_ACCEPTED_HERE", "30 June in Beijing: P0");
+}
+
+#[tokio::test]
+async fn p3_national_acceptance_begins_at_midnight_in_beijing() {
+    // The household register book is a P3/P4 document: not accepted from Jiangxi under the pilot.
+    let request = submit(ApplicationKind::Renewal, jiangxi_applicant());
+    let status = refused_until_beijing_midnight("2117-07-01", request, "home-jiangxi").await;
+    assert_eq!(reason(&status), "REFUSAL_REASON_DOCUMENT_NOT_ACCEPTED", "30 June in Beijing: still the pilot");
+}
+
+#[tokio::test]
+async fn n1_a_citizen_born_today_in_beijing_is_served_at_the_counter() {
+    let newborn = IdNumber::compose("330102", NaiveDate::from_ymd_opt(2118, 1, 1).unwrap(), 44);
+    let request =
+        submit(ApplicationKind::Renewal, applicant(newborn.as_str(), "33", pb::DocumentKind::HouseholdRegisterBook));
+    let status = refused_until_beijing_midnight("2118-01-01", request, "home-zhejiang").await;
+    assert_eq!(status.code(), Code::InvalidArgument, "born tomorrow in Beijing");
+    let fields: Vec<String> =
+        status.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+    assert_eq!(fields, vec!["applicant.id_number".to_owned()]);
 }
 
 #[tokio::test]

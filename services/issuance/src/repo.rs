@@ -82,13 +82,13 @@ pub struct Repo {
 }
 
 impl Repo {
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
-    }
-
     pub async fn audit(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), ApiError> {
         audit::append(&self.db, at, entry).await?;
         Ok(())
+    }
+
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
     }
 
     /// Inserts the order, its audit row and the message that will register its card, in one

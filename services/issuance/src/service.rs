@@ -86,7 +86,7 @@ impl IssuanceService {
     pub async fn place_order(&self, request: OrderRequest) -> Result<Order, ApiError> {
         let now = self.clock.now();
         let decision = &request.signed.decision;
-        let subject = mask_id_number(&decision.card.id_number);
+        let subject = mask_id_number(&decision.card.holder.id_number);
         let expected = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: &self.bureau_id, now };
         if let Err(error) = request.signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(subject, &decision.decision_id, error).await);
@@ -104,7 +104,7 @@ impl IssuanceService {
                 decision_id: decision.decision_id.clone(),
                 application_id: decision.application_id.clone(),
                 station_id: decision.station_id.clone(),
-                id_number: decision.card.id_number.clone(),
+                id_number: decision.card.holder.id_number.clone(),
                 card_serial: serial.clone(),
                 signed_decision: request.encoded.clone(),
                 // The validity printed is the decision's, never recomputed here.

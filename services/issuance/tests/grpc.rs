@@ -15,7 +15,8 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Status, service::Routes, transport::Channel};
 use tonic_types::StatusExt;
 use yidi_domain::{
-    ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, Role, SignedDecision, mask::mask_id_number,
+    ApplicationKind, CardData, Decision, DecisionPurpose, IdNumber, Particulars, Role, SignedDecision,
+    mask::mask_id_number,
 };
 use yidi_grpc::server_config::ServerConfig;
 use yidi_grpc::{convert::signed_decision_to_proto, tls::TlsConfig};
@@ -163,7 +164,7 @@ impl Producer {
             },
             database: DatabaseConfig { url: self.database_url.clone(), max_connections: 4 },
             directory: DirectoryConfig::new(directory_path),
-            clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
+            clock: ClockConfig::fixed_at(now()),
             log: LogConfig::default(),
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             idempotency: Default::default(),
@@ -200,12 +201,14 @@ impl Producer {
             station_id: "station-hangzhou".into(),
             application_kind: Some(ApplicationKind::Replacement),
             card: CardData {
-                id_number: id_number.as_str().into(),
-                name: "Li Na".into(),
-                sex: id_number.sex(),
-                birth_date: birth,
-                registration_province: "36".into(),
-                address: "12 Bayi Avenue, Nanchang".into(),
+                holder: Particulars {
+                    id_number: id_number.as_str().into(),
+                    name: "Li Na".into(),
+                    sex: id_number.sex(),
+                    birth_date: birth,
+                    registration_province: "36".into(),
+                    address: "12 Bayi Avenue, Nanchang".into(),
+                },
                 face_template: vec![7, 1, 8, 2, 8],
                 // Deliberately not today (the clock's date): the producer must print these, not recompute.
                 valid_from: NaiveDate::from_ymd_opt(2118, 2, 27).unwrap(),
@@ -441,8 +444,8 @@ async fn s4_issuance_order_is_registered_and_dispatched() {
     let placed = producer.place(signed_decision_to_proto(&signed)).await.unwrap();
     assert_eq!(state(&placed), pb::OrderState::InProduction);
     assert!(placed.card_serial.starts_with("ZJ") && placed.card_serial.len() == 12, "{}", placed.card_serial);
-    assert_eq!(placed.id_number_masked, mask_id_number(&signed.decision.card.id_number));
-    assert_ne!(placed.id_number_masked, signed.decision.card.id_number);
+    assert_eq!(placed.id_number_masked, mask_id_number(&signed.decision.card.holder.id_number));
+    assert_ne!(placed.id_number_masked, signed.decision.card.holder.id_number);
     assert_eq!(placed.station_id, "station-hangzhou");
     assert_eq!(placed.application_id, signed.decision.application_id);
 

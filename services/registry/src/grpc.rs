@@ -42,7 +42,7 @@ impl RegistryGrpc {
         let decision = signed_decision_from_proto("decision", signed)?;
         let mut v = FieldViolations::new();
         let today = self.service.today();
-        if let Err(error) = IdNumber::parse(&decision.decision.card.id_number, today) {
+        if let Err(error) = IdNumber::parse(&decision.decision.card.holder.id_number, today) {
             v.add("decision.decision.card.id_number", error.to_string());
         }
         if needs_previous_serial {

@@ -20,7 +20,7 @@ use crate::{
 /// The columns a check needs, as the index loader reads them.
 type IndexRow = (String, String, String, CardStatusColumn, Option<NaiveDate>, DateTime<Utc>);
 
-/// A card as the registry stores it.
+/// A card as the registry stores it; also what RegisterCard and the import write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Card {
     pub serial: String,
@@ -85,33 +85,6 @@ impl TryFrom<status_events::Model> for StatusEvent {
             status: m.status.into(),
             changed_at: m.changed_at,
         })
-    }
-}
-
-/// A card to register (RegisterCard) or import (legacy cards, no decision).
-#[derive(Debug, Clone)]
-pub struct NewCard {
-    pub serial: String,
-    pub id_number: String,
-    pub home_bureau_id: String,
-    pub status: StoredCardStatus,
-    pub valid_from: NaiveDate,
-    pub valid_until: Option<NaiveDate>,
-    pub decision_id: Option<String>,
-    pub producer_id: Option<String>,
-}
-
-impl NewCard {
-    /// The card as the index keeps it once written, in its status since `status_changed_at`.
-    pub fn indexed(&self, status_changed_at: DateTime<Utc>) -> IndexedCard<'_> {
-        IndexedCard {
-            serial: &self.serial,
-            id_number: &self.id_number,
-            home_bureau_id: &self.home_bureau_id,
-            status: self.status,
-            valid_until: self.valid_until,
-            status_changed_at,
-        }
     }
 }
 
@@ -212,7 +185,7 @@ async fn move_status<C: ConnectionTrait>(
     Ok(Some(StatusEvent { sequence, card_serial: serial.to_owned(), status: to, changed_at: now }))
 }
 
-fn card_model(card: NewCard, status_changed_at: DateTime<Utc>, now: DateTime<Utc>) -> cards::ActiveModel {
+fn card_model(card: Card) -> cards::ActiveModel {
     cards::ActiveModel {
         serial: Set(card.serial),
         id_number: Set(card.id_number),
@@ -222,8 +195,8 @@ fn card_model(card: NewCard, status_changed_at: DateTime<Utc>, now: DateTime<Utc
         valid_until: Set(card.valid_until),
         decision_id: Set(card.decision_id),
         producer_id: Set(card.producer_id),
-        status_changed_at: Set(status_changed_at),
-        created_at: Set(now),
+        status_changed_at: Set(card.status_changed_at),
+        created_at: Set(card.created_at),
         revoked_by: Set(None),
     }
 }
@@ -474,7 +447,7 @@ impl Repo {
     /// reported lost, one event per revoked card, all in one transaction.
     pub async fn register_card(
         &self,
-        card: NewCard,
+        card: Card,
         now: DateTime<Utc>,
         audit: impl FnOnce(&[String]) -> AuditEntry,
     ) -> Result<Vec<StatusEvent>, DbErr> {
@@ -482,7 +455,7 @@ impl Repo {
         let serial = card.serial.clone();
         let id_number = card.id_number.clone();
         // The insert comes first: on SQLite it takes the write lock before anything is read.
-        cards::Entity::insert(card_model(card, now, now)).exec_without_returning(&txn).await?;
+        cards::Entity::insert(card_model(card)).exec_without_returning(&txn).await?;
         let others = cards::Entity::find()
             .filter(cards::Column::IdNumber.eq(id_number.as_str()))
             .filter(cards::Column::Serial.ne(serial.as_str()))
@@ -510,8 +483,14 @@ impl Repo {
 
     /// Imports a legacy card if its serial is not yet known; never overwrites. A card already
     /// reported lost gets a loss report row `import:<serial>` so a withdrawal can close it.
-    /// `Some(since when the card has its status)` if it was imported.
-    pub async fn import_card(&self, card: NewCard, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, DbErr> {
+    /// `first_day_began`: when the card's first valid day began (in the clock's zone).
+    /// `Some(the card as stored)` if it was imported.
+    pub async fn import_card(
+        &self,
+        mut card: Card,
+        first_day_began: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Card>, DbErr> {
         if cards::Entity::find_by_id(card.serial.clone()).one(&self.db).await?.is_some() {
             return Ok(None);
         }
@@ -519,12 +498,10 @@ impl Repo {
         let lost = card.status == StoredCardStatus::ReportedLost;
         // A legacy valid card has been valid since its first day; when a legacy loss report was
         // made is unknown, so it counts from the import.
-        let since = match (lost, card.valid_from.and_hms_opt(0, 0, 0)) {
-            (false, Some(start)) => start.and_utc().min(now),
-            _ => now,
-        };
+        card.status_changed_at = if lost { now } else { first_day_began.min(now) };
+        card.created_at = now;
         let txn = db::begin(&self.db).await?;
-        let inserted = cards::Entity::insert(card_model(card, since, now))
+        let inserted = cards::Entity::insert(card_model(card.clone()))
             .on_conflict_do_nothing()
             .exec_without_returning(&txn)
             .await?;
@@ -536,7 +513,7 @@ impl Repo {
             insert_loss_report(&txn, &serial, &format!("import:{serial}"), now).await?;
         }
         txn.commit().await?;
-        Ok(Some(since))
+        Ok(Some(card))
     }
 
     /// C4: hits, in one multi-row insert.

@@ -17,7 +17,7 @@ use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Popu
 use crate::{
     index::{CardIndex, CardState, IndexedCard},
     limit::MissLimiter,
-    repo::{Card, Change, Hit, LossDecision, NewCard, NewHit, Repo, StatusEvent, Transfer, is_unique_violation},
+    repo::{Card, Change, Hit, LossDecision, NewHit, Repo, StatusEvent, Transfer, is_unique_violation},
 };
 
 /// How often a status change is retried when another writer changed the card meanwhile.
@@ -101,34 +101,33 @@ fn normalised(id_number: &str) -> String {
     id_number.trim().to_ascii_uppercase()
 }
 
-/// C2: the status a relying party is told, and since when.
+/// C2: the status a relying party is told at `at`, and since when; dates are the clock's.
 fn answer_state(
     status: StoredCardStatus,
     valid_until: Option<NaiveDate>,
     changed_at: DateTime<Utc>,
-    today: NaiveDate,
+    clock: &Clock,
+    at: DateTime<Utc>,
 ) -> CheckResult {
-    let status = status.effective(valid_until, today);
-    let status_changed_at = match (status, valid_until) {
+    let status = status.effective(valid_until, clock.date_of(at));
+    let status_changed_at = match (status, valid_until.and_then(|until| until.succ_opt())) {
         // An expired card entered EXPIRED at the start of the day after its last valid day.
-        (CardStatus::Expired, Some(until)) => {
-            until.succ_opt().and_then(|day| day.and_hms_opt(0, 0, 0)).map(|at| at.and_utc()).unwrap_or(changed_at)
-        }
+        (CardStatus::Expired, Some(first_expired_day)) => clock.start_of(first_expired_day),
         _ => changed_at,
     };
     CheckResult { status, status_changed_at: Some(status_changed_at) }
 }
 
-/// C2: the status a relying party is told about a stored card, and since when.
-pub fn answer(card: &Card, today: NaiveDate) -> CheckResult {
-    answer_state(card.status, card.valid_until, card.status_changed_at, today)
+/// C2: the status a relying party is told about a stored card at `at`, and since when.
+pub fn answer(card: &Card, clock: &Clock, at: DateTime<Utc>) -> CheckResult {
+    answer_state(card.status, card.valid_until, card.status_changed_at, clock, at)
 }
 
 /// C4: a card is known to a relying party only under the number of its holder (the index finds
 /// a card only under it).
-pub fn check_one(state: Option<&CardState>, today: NaiveDate) -> CheckResult {
+pub fn check_one(state: Option<&CardState>, clock: &Clock, at: DateTime<Utc>) -> CheckResult {
     match state {
-        Some(state) => answer_state(state.status, state.valid_until, state.status_changed_at, today),
+        Some(state) => answer_state(state.status, state.valid_until, state.status_changed_at, clock, at),
         None => CheckResult { status: CardStatus::Unknown, status_changed_at: None },
     }
 }
@@ -252,7 +251,7 @@ impl Registry {
     async fn decision_card(&self, signed: &SignedDecision) -> Result<Option<Card>, ApiError> {
         let d = &signed.decision;
         let card = self.repo.card(&d.previous_card_serial).await?;
-        Ok(card.filter(|c| c.id_number == normalised(&d.card.id_number)))
+        Ok(card.filter(|c| c.id_number == normalised(&d.card.holder.id_number)))
     }
 
     /// S4: the registry knows which home bureau each card belongs to; a decision about it must be
@@ -292,20 +291,19 @@ impl Registry {
         const ACTION: &str = "report_loss";
         let now = self.now();
         let d = &signed.decision;
-        let subject = mask_id_number(&d.card.id_number);
+        let subject = mask_id_number(&d.card.holder.id_number);
         let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
         let expected = Expectation { purpose: DecisionPurpose::ReportLoss, addressee_id: &self.bureau_id, now };
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let today = self.today();
         let _writer = self.writer.lock().await;
         for _ in 0..ATTEMPTS {
             if self.repo.loss_report_decision_used(&d.decision_id).await? {
                 // The same decision again: answer as before, write nothing.
                 let card =
                     self.decision_card(&signed).await?.ok_or_else(|| Self::not_found(&d.previous_card_serial))?;
-                let answer = answer(&card, today);
+                let answer = answer(&card, &self.clock, now);
                 return Ok(LossOutcome {
                     card_serial: card.serial,
                     status: answer.status,
@@ -347,7 +345,7 @@ impl Registry {
                     }
                     tracing::info!(serial = %card.serial, "loss report recorded for a card already reported lost");
                     return Ok(LossOutcome {
-                        status: answer(&card, today).status,
+                        status: answer(&card, &self.clock, now).status,
                         changed_at: card.status_changed_at,
                         card_serial: card.serial,
                         already_reported: true,
@@ -387,13 +385,13 @@ impl Registry {
         const ACTION: &str = "withdraw_loss_report";
         let now = self.now();
         let d = &signed.decision;
-        let subject = mask_id_number(&d.card.id_number);
+        let subject = mask_id_number(&d.card.holder.id_number);
         let detail = format!("decision {} by {} card {}", d.decision_id, d.bureau_id, d.previous_card_serial);
         let expected = Expectation { purpose: DecisionPurpose::WithdrawLossReport, addressee_id: &self.bureau_id, now };
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let today = self.today();
+        let today = self.clock.date_of(now);
         let _writer = self.writer.lock().await;
         for _ in 0..ATTEMPTS {
             if self.repo.withdraw_decision_used(&d.decision_id).await? {
@@ -467,7 +465,7 @@ impl Registry {
         const ACTION: &str = "register_card";
         let now = self.now();
         let d = &signed.decision;
-        let subject = mask_id_number(&d.card.id_number);
+        let subject = mask_id_number(&d.card.holder.id_number);
         let detail =
             format!("decision {} by {} producer {} card {}", d.decision_id, d.bureau_id, producer_id, card_serial);
         if self.directory.current().get_with_role(&producer_id, Role::Issuance).is_none() {
@@ -481,7 +479,7 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let today = self.today();
+        let today = self.clock.date_of(now);
         let _writer = self.writer.lock().await;
         for _ in 0..ATTEMPTS {
             if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
@@ -489,7 +487,7 @@ impl Registry {
                     // The same registration again: the same answer, nothing written.
                     let revoked_card_serials = self.repo.revoked_by_registration(&existing.serial).await?;
                     return Ok(RegisterOutcome {
-                        status: answer(&existing, today).status,
+                        status: answer(&existing, &self.clock, now).status,
                         card_serial: existing.serial,
                         revoked_card_serials,
                     });
@@ -497,7 +495,7 @@ impl Registry {
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
                 return Err(self.refuse(ACTION, subject, detail, error).await);
             }
-            let holder = normalised(&d.card.id_number);
+            let holder = normalised(&d.card.holder.id_number);
             let active = self.repo.active_cards_of(&holder).await?;
             for card in &active {
                 if let Err(error) = Self::signed_by_holder_bureau(card, &signed) {
@@ -516,7 +514,7 @@ impl Registry {
                 );
                 return Err(self.refuse(ACTION, card_serial.clone(), detail, error).await);
             }
-            let new = NewCard {
+            let new = Card {
                 serial: card_serial.clone(),
                 id_number: holder.clone(),
                 home_bureau_id: d.bureau_id.clone(),
@@ -525,6 +523,8 @@ impl Registry {
                 valid_until: d.card.valid_until,
                 decision_id: Some(d.decision_id.clone()),
                 producer_id: Some(producer_id.clone()),
+                status_changed_at: now,
+                created_at: now,
             };
             let audit = |revoked: &[String]| AuditEntry {
                 action: ACTION,
@@ -534,7 +534,7 @@ impl Registry {
             };
             match self.repo.register_card(new.clone(), now, audit).await {
                 Ok(events) => {
-                    self.index_card(new.indexed(now));
+                    self.index_card(new.indexed());
                     self.index_events(&events, &holder).await;
                     let revoked_card_serials: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
                     self.publish(events);
@@ -561,7 +561,7 @@ impl Registry {
         const ACTION: &str = "transfer_registration";
         let now = self.now();
         let d = &signed.decision;
-        let subject = mask_id_number(&d.card.id_number);
+        let subject = mask_id_number(&d.card.holder.id_number);
         let to = d.transfer_to_bureau_id.as_str();
         let detail = format!("decision {} by {} to {to}", d.decision_id, d.bureau_id);
         let expected =
@@ -576,7 +576,7 @@ impl Registry {
             );
             return Err(self.refuse(ACTION, subject, detail, error).await);
         }
-        let holder = normalised(&d.card.id_number);
+        let holder = normalised(&d.card.holder.id_number);
         let _writer = self.writer.lock().await;
         let cards = self.repo.cards_of(&holder).await?;
         let following = |bureau: &str| -> Vec<String> {
@@ -647,13 +647,12 @@ impl Registry {
         caller: &str,
     ) -> Result<(Vec<CheckResult>, DateTime<Utc>), ApiError> {
         let checked_at = self.now();
-        let today = checked_at.date_naive();
         let mut hits = Vec::new();
         let results = queries
             .iter()
             .map(|query| {
                 let state = self.index.get(&query.card_serial, query.id_number.as_str());
-                let result = check_one(state.as_ref(), today);
+                let result = check_one(state.as_ref(), &self.clock, checked_at);
                 if let (CardStatus::ReportedLost, Some(state)) = (result.status, state) {
                     hits.push(NewHit {
                         card_serial: query.card_serial.clone(),
@@ -752,19 +751,21 @@ impl Registry {
         let mut imported = 0;
         for citizen in &population.citizens {
             let Some(card) = &citizen.card else { continue };
-            let new = NewCard {
+            let new = Card {
                 serial: card.serial.clone(),
-                id_number: normalised(&citizen.id_number),
+                id_number: normalised(&citizen.person.id_number),
                 home_bureau_id: citizen.home_bureau_id.clone(),
                 status: if card.reported_lost { StoredCardStatus::ReportedLost } else { StoredCardStatus::Valid },
                 valid_from: card.valid_from,
                 valid_until: card.valid_until,
                 decision_id: None,
                 producer_id: None,
+                status_changed_at: now,
+                created_at: now,
             };
-            match self.repo.import_card(new.clone(), now).await {
-                Ok(Some(status_changed_at)) => {
-                    self.index_card(new.indexed(status_changed_at));
+            match self.repo.import_card(new.clone(), self.clock.start_of(card.valid_from), now).await {
+                Ok(Some(stored)) => {
+                    self.index_card(stored.indexed());
                     imported += 1;
                 }
                 Ok(None) => {}
@@ -799,19 +800,38 @@ mod tests {
         }
     }
 
+    /// The clock's date is `day` (09:00 UTC, 17:00 Beijing).
+    fn on(day: NaiveDate) -> DateTime<Utc> {
+        day.and_hms_opt(9, 0, 0).unwrap().and_utc()
+    }
+
+    fn clock() -> Clock {
+        Clock::fixed(on(d(2118, 1, 1)))
+    }
+
     #[test]
     fn c2_expired_card_entered_expired_the_day_after_its_last_day() {
         let c = card(StoredCardStatus::Valid, Some(d(2118, 1, 1)));
-        let result = answer(&c, d(2118, 1, 5));
+        let result = answer(&c, &clock(), on(d(2118, 1, 5)));
         assert_eq!(result.status, CardStatus::Expired);
-        assert_eq!(result.status_changed_at, Some(d(2118, 1, 2).and_hms_opt(0, 0, 0).unwrap().and_utc()));
-        assert_eq!(answer(&c, d(2118, 1, 1)).status, CardStatus::Valid);
+        // Midnight in Beijing at the start of 2 January.
+        assert_eq!(result.status_changed_at, Some(d(2118, 1, 1).and_hms_opt(16, 0, 0).unwrap().and_utc()));
+        assert_eq!(answer(&c, &clock(), on(d(2118, 1, 1))).status, CardStatus::Valid);
+    }
+
+    #[test]
+    fn c2_a_card_expires_at_midnight_in_beijing() {
+        let c = card(StoredCardStatus::Valid, Some(d(2118, 1, 1)));
+        let at = |instant: &str| instant.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(answer(&c, &clock(), at("2118-01-01T15:59:59Z")).status, CardStatus::Valid);
+        assert_eq!(answer(&c, &clock(), at("2118-01-01T16:00:00Z")).status, CardStatus::Expired);
+        assert_eq!(answer(&c, &clock(), at("2118-01-01T23:30:00Z")).status, CardStatus::Expired);
     }
 
     #[test]
     fn c2_lost_card_stays_lost_after_expiry() {
         let c = card(StoredCardStatus::ReportedLost, Some(d(2118, 1, 1)));
-        assert_eq!(answer(&c, d(2119, 1, 1)).status, CardStatus::ReportedLost);
+        assert_eq!(answer(&c, &clock(), on(d(2119, 1, 1))).status, CardStatus::ReportedLost);
     }
 
     #[test]
@@ -820,11 +840,12 @@ mod tests {
         let index = CardIndex::with_capacity(1);
         index.insert(c.indexed()).unwrap();
         let other = IdNumber::compose("360102", d(1991, 3, 7), 124);
-        let result = check_one(index.get(&c.serial, other.as_str()).as_ref(), d(2118, 1, 1));
+        let now = on(d(2118, 1, 1));
+        let result = check_one(index.get(&c.serial, other.as_str()).as_ref(), &clock(), now);
         assert_eq!(result, CheckResult { status: CardStatus::Unknown, status_changed_at: None });
         let holder = IdNumber::parse(&c.id_number, d(2118, 1, 1)).unwrap();
         let found = index.get(&c.serial, holder.as_str());
-        assert_eq!(check_one(found.as_ref(), d(2118, 1, 1)), answer(&c, d(2118, 1, 1)));
-        assert_eq!(check_one(None, d(2118, 1, 1)).status, CardStatus::Unknown);
+        assert_eq!(check_one(found.as_ref(), &clock(), now), answer(&c, &clock(), now));
+        assert_eq!(check_one(None, &clock(), now).status, CardStatus::Unknown);
     }
 }

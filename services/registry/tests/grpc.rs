@@ -12,7 +12,7 @@ use yidi_domain::{
     CardData, Decision, DecisionPurpose, IdNumber, Role, Sex, SignedDecision,
     status::{SignedStatusStatement, StatementError},
 };
-use yidi_domain::{Credit, Registration};
+use yidi_domain::{Credit, Particulars, Registration};
 use yidi_grpc::server_config::ServerConfig;
 use yidi_grpc::{
     convert::{signed_decision_to_proto, status_statement_from_proto},
@@ -58,12 +58,14 @@ fn person(sequence: u16, card: &str) -> Person {
 /// What the register holds of `p`, and what decisions about `p` print on a card.
 fn card_data(p: &Person) -> CardData {
     CardData {
-        id_number: p.id.clone(),
-        name: "Test Person".into(),
-        sex: Sex::Male,
-        birth_date: day(1990, 3, 7),
-        registration_province: "36".into(),
-        address: "Nanchang".into(),
+        holder: Particulars {
+            id_number: p.id.clone(),
+            name: "Test Person".into(),
+            sex: Sex::Male,
+            birth_date: day(1990, 3, 7),
+            registration_province: "36".into(),
+            address: "Nanchang".into(),
+        },
         face_template: vec![1, 2, 3],
         valid_from: day(2118, 1, 1),
         valid_until: Some(day(2138, 1, 1)),
@@ -73,12 +75,7 @@ fn card_data(p: &Person) -> CardData {
 fn citizen(p: &Person, valid_until: Option<NaiveDate>, reported_lost: bool) -> Citizen {
     let card = card_data(p);
     Citizen {
-        id_number: card.id_number,
-        name: card.name,
-        sex: card.sex,
-        birth_date: card.birth_date,
-        registration_province: card.registration_province,
-        address: card.address,
+        person: card.holder,
         home_bureau_id: JIANGXI.into(),
         scenario: "replacement".into(),
         credit: Credit::Good,
@@ -149,7 +146,7 @@ impl Harness {
             database: DatabaseConfig { url: db_url.clone(), max_connections: 4 },
             // Short, so that the rotation test sees a new directory soon.
             directory: DirectoryConfig { path: directory_path.clone(), reload_seconds: 1 },
-            clock: ClockConfig { fixed: Some(now()), start: None, offset_seconds: 0 },
+            clock: ClockConfig::fixed_at(now()),
             log: LogConfig::default(),
             signing: SigningConfig { key_dir: Some(key_dir), keys: vec![] },
             // Tests check many unknown cards; the limit has its own test.
@@ -183,6 +180,12 @@ impl Harness {
         self.client = client;
         self.bureau = Some(bureau);
         self.ready().await;
+    }
+
+    /// Restarts with the clock standing at `instant` (in the default zone, Asia/Shanghai).
+    async fn restart_at(&mut self, instant: &str) {
+        self.config.clock = ClockConfig::fixed_at(instant.parse().unwrap());
+        self.restart().await;
     }
 
     async fn count(&self, table: &str) -> i64 {
@@ -504,7 +507,7 @@ async fn s4_registry_refuses_tampered_decision() {
     // Signed for p's card, redirected to someone else's card.
     let mut tampered = h.loss(&p, "loss-1");
     tampered.decision.previous_card_serial = victim.card.clone();
-    tampered.decision.card.id_number = victim.id.clone();
+    tampered.decision.card.holder.id_number = victim.id.clone();
     let before = counts(&h).await;
     let error = h.report_loss(&tampered).await.unwrap_err();
     assert_eq!(error.code(), Code::PermissionDenied);
@@ -636,7 +639,8 @@ async fn c2_unknown_serial_is_unknown() {
     assert_eq!(status_of(old.status), pb::CardStatus::Expired);
     assert_eq!(
         old.status_changed_at.map(|t| t.seconds),
-        Some(Utc.with_ymd_and_hms(2117, 7, 1, 0, 0, 0).unwrap().timestamp())
+        // From the start of 1 July in Beijing.
+        Some(Utc.with_ymd_and_hms(2117, 6, 30, 16, 0, 0).unwrap().timestamp())
     );
     assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid);
     // A loss report for a serial that is not the holder's: NOT_FOUND.
@@ -644,6 +648,45 @@ async fn c2_unknown_serial_is_unknown() {
     let error = h.report_loss(&h.loss(&wrong, "loss-1")).await.unwrap_err();
     assert_eq!(error.code(), Code::NotFound);
     assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+/// 23:30 on 31 December 2117 in Beijing (UTC+8), then 07:30 and 08:30 on 1 January 2118 there,
+/// while it is still 31 December in UTC at the first two.
+const AROUND_BEIJING_NEW_YEAR: [&str; 3] = ["2117-12-31T15:30:00Z", "2117-12-31T23:30:00Z", "2118-01-01T00:30:00Z"];
+
+#[tokio::test]
+async fn c2_a_card_that_expired_yesterday_in_beijing_is_expired_before_utc_midnight() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, Some(day(2117, 12, 31)), false)]).await;
+    let expired_since = Utc.with_ymd_and_hms(2117, 12, 31, 16, 0, 0).unwrap().timestamp();
+    for (instant, expected) in AROUND_BEIJING_NEW_YEAR.into_iter().zip([
+        pb::CardStatus::Valid,
+        pb::CardStatus::Expired,
+        pb::CardStatus::Expired,
+    ]) {
+        h.restart_at(instant).await;
+        let answer = h.check(&p.id, &p.card).await;
+        assert_eq!(status_of(answer.status), expected, "at {instant}");
+        if expected == pb::CardStatus::Expired {
+            assert_eq!(answer.status_changed_at.map(|t| t.seconds), Some(expired_since), "midnight in Beijing");
+        }
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn n1_a_number_born_today_in_beijing_is_checked_not_refused() {
+    let mut h = Harness::new(Vec::new()).await;
+    let newborn = IdNumber::compose("360102", day(2118, 1, 1), 5);
+    let [before, at_0730, at_0830] = AROUND_BEIJING_NEW_YEAR;
+    h.restart_at(before).await;
+    let error = h.try_check(newborn.as_str(), "JX-NEW", "bank-of-test").await.unwrap_err();
+    assert_eq!(violations(&error), vec!["id_number".to_owned()], "born tomorrow in Beijing");
+    for instant in [at_0730, at_0830] {
+        h.restart_at(instant).await;
+        assert_eq!(status_of(h.check(newborn.as_str(), "JX-NEW").await.status), pb::CardStatus::Unknown, "{instant}");
+    }
     h.shutdown().await;
 }
 
@@ -846,8 +889,11 @@ fn config_rejects_a_bad_clock_and_a_missing_bureau() {
     };
     assert!(config.validate().unwrap_err().to_string().contains("server.bureau_id"));
     config.server.bureau_id = REGISTRY.into();
-    config.clock = ClockConfig { fixed: Some(now()), start: Some(now()), offset_seconds: 0 };
+    config.clock = ClockConfig { start: Some(now()), ..ClockConfig::fixed_at(now()) };
     assert!(config.validate().unwrap_err().to_string().contains("clock"));
+    config.clock = ClockConfig { time_zone: "China/Beijing".into(), ..ClockConfig::default() };
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("clock") && error.contains("time_zone") && error.contains("China/Beijing"), "{error}");
     config.clock = ClockConfig::default();
     config.registry.check_misses_per_minute = 0;
     assert!(config.validate().unwrap_err().to_string().contains("registry.check_misses_per_minute"));
@@ -1030,7 +1076,7 @@ impl Harness {
     fn by_sichuan(&self, purpose: DecisionPurpose, p: &Person, decision_id: &str, addressee: &str) -> SignedDecision {
         let mut decision = self.decision(purpose, p, decision_id, addressee);
         decision.bureau_id = SICHUAN.into();
-        decision.card.registration_province = "51".into();
+        decision.card.holder.registration_province = "51".into();
         decision.sign(&self.sichuan)
     }
 
@@ -1064,7 +1110,7 @@ async fn s4_a_registration_transfer_moves_the_cards_to_the_new_home_bureau() {
     // Nor hand the citizen over to itself or anyone.
     let mut grab = h.decision(DecisionPurpose::TransferRegistration, &p, "sc-transfer", REGISTRY);
     grab.bureau_id = SICHUAN.into();
-    grab.card.registration_province = "51".into();
+    grab.card.holder.registration_province = "51".into();
     grab.transfer_to_bureau_id = JIANGXI.into();
     let error = h.transfer_registration(&grab.sign(&h.sichuan)).await.unwrap_err();
     assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");

@@ -15,7 +15,7 @@ use yidi_bureau::BureauConfig;
 
 use anyhow::Context;
 use yidi_bureau::startup::{self, Prepared};
-use yidi_domain::{BiometricMatcher, IdNumber, Role, SimulatedMatcher};
+use yidi_domain::{BiometricMatcher, IdNumber, Particulars, Role, SimulatedMatcher};
 use yidi_grpc::overload::MAX_REQUEST_BYTES;
 use yidi_proto::v1::verification_server::VerificationServer;
 use yidi_runtime::{Clock, config::ConfigError, population::Population, signing::KeyRing};
@@ -103,20 +103,15 @@ async fn import(repo: &Repo, path: &Path, bureau_id: &str, clock: &Clock) -> any
     let today = clock.today();
     let mut rows = Vec::new();
     for c in population.citizens.into_iter().filter(|c| c.home_bureau_id == bureau_id) {
-        let id_number = match IdNumber::parse(&c.id_number, today) {
+        let id_number = match IdNumber::parse(&c.person.id_number, today) {
             Ok(id) => id,
             Err(error) => {
-                tracing::warn!(id_number = %yidi_domain::mask::mask_id_number(&c.id_number), %error, "population entry skipped");
+                tracing::warn!(id_number = %yidi_domain::mask::mask_id_number(&c.person.id_number), %error, "population entry skipped");
                 continue;
             }
         };
         let citizen = Citizen {
-            id_number: id_number.as_str().to_owned(),
-            name: c.name,
-            sex: c.sex,
-            birth_date: c.birth_date,
-            registration_province: c.registration_province,
-            address: c.address,
+            person: Particulars { id_number: id_number.as_str().to_owned(), ..c.person },
             face_template: c.face_template,
             fingerprint_template: c.fingerprint_template,
             credit: c.credit,

@@ -8,7 +8,7 @@ use sea_orm::{
     sea_query::Expr,
 };
 use yidi_audit::{self as audit, AuditEntry};
-use yidi_domain::{ApplicationKind, ApplicationState, Credit, DecisionPurpose, Registration, Sex};
+use yidi_domain::{ApplicationKind, ApplicationState, Credit, DecisionPurpose, Particulars, Registration};
 use yidi_runtime::db;
 
 use crate::entities::{
@@ -18,12 +18,7 @@ use crate::entities::{
 /// A citizen of the register, read into domain types.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Citizen {
-    pub id_number: String,
-    pub name: String,
-    pub sex: Sex,
-    pub birth_date: NaiveDate,
-    pub registration_province: String,
-    pub address: String,
+    pub person: Particulars,
     pub face_template: Vec<u8>,
     pub fingerprint_template: Vec<u8>,
     pub credit: Credit,
@@ -37,12 +32,14 @@ pub struct Citizen {
 impl From<citizens::Model> for Citizen {
     fn from(m: citizens::Model) -> Self {
         Self {
-            id_number: m.id_number,
-            name: m.name,
-            sex: m.sex.into(),
-            birth_date: m.birth_date,
-            registration_province: m.registration_province,
-            address: m.address,
+            person: Particulars {
+                id_number: m.id_number,
+                name: m.name,
+                sex: m.sex.into(),
+                birth_date: m.birth_date,
+                registration_province: m.registration_province,
+                address: m.address,
+            },
             face_template: m.face_template,
             fingerprint_template: m.fingerprint_template,
             credit: m.credit_status.into(),
@@ -326,12 +323,12 @@ pub fn is_unique_violation(error: &DbErr) -> bool {
 
 fn new_citizen(c: Citizen, at: DateTime<Utc>) -> citizens::ActiveModel {
     citizens::ActiveModel {
-        id_number: Set(c.id_number),
-        name: Set(c.name),
-        sex: Set(c.sex.into()),
-        birth_date: Set(c.birth_date),
-        registration_province: Set(c.registration_province),
-        address: Set(c.address),
+        id_number: Set(c.person.id_number),
+        name: Set(c.person.name),
+        sex: Set(c.person.sex.into()),
+        birth_date: Set(c.person.birth_date),
+        registration_province: Set(c.person.registration_province),
+        address: Set(c.person.address),
         face_template: Set(c.face_template),
         fingerprint_template: Set(c.fingerprint_template),
         credit_status: Set(c.credit.into()),

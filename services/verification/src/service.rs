@@ -135,12 +135,12 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
     let Some(citizen) = facts.citizen else {
         return Err(RefusalReason::UnknownCitizen);
     };
-    if !facts.jurisdiction.contains(&citizen.registration_province) {
+    if !facts.jurisdiction.contains(&citizen.person.registration_province) {
         return Err(RefusalReason::UnknownCitizen);
     }
     // The station routed by, and judged its acceptance policy on, the declared province: the register
     // must confirm it, or the request was routed (and judged) on a false premise.
-    if citizen.registration_province != input.declared_province {
+    if citizen.person.registration_province != input.declared_province {
         return Err(RefusalReason::UnknownCitizen);
     }
     // 2. S3: registration cancelled (deceased).
@@ -157,7 +157,7 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
         return Err(RefusalReason::FingerprintMismatch);
     }
     // Rules 4 and 5 are refusals "in a different place" (S3, K4): outside the registration province.
-    let different_place = !facts.station_region.starts_with(&citizen.registration_province);
+    let different_place = !facts.station_region.starts_with(&citizen.person.registration_province);
     // 4. S3: credit record.
     if different_place && citizen.credit == Credit::Bad {
         return Err(RefusalReason::BadCreditRecord);
@@ -243,17 +243,7 @@ fn verification_of(input: &VerifyInput, response: Vec<u8>, created_at: DateTime<
 
 /// The card data of a decision about `citizen`, as the register holds them.
 fn card_data(citizen: &Citizen, valid_from: NaiveDate, valid_until: Option<NaiveDate>) -> CardData {
-    CardData {
-        id_number: citizen.id_number.clone(),
-        name: citizen.name.clone(),
-        sex: citizen.sex,
-        birth_date: citizen.birth_date,
-        registration_province: citizen.registration_province.clone(),
-        address: citizen.address.clone(),
-        face_template: citizen.face_template.clone(),
-        valid_from,
-        valid_until,
-    }
+    CardData { holder: citizen.person.clone(), face_template: citizen.face_template.clone(), valid_from, valid_until }
 }
 
 fn truncate_to_seconds(at: DateTime<Utc>) -> DateTime<Utc> {
@@ -344,7 +334,7 @@ impl Verifier {
             return replay(row, input);
         }
         let now = self.clock.now();
-        let today = now.date_naive();
+        let today = self.clock.date_of(now);
         let citizen = tx.citizen_for_update(input.id_number.as_str()).await?;
         let other_open_applications = if input.purpose != DecisionPurpose::ReportLoss {
             tx.open_application_ids(input.id_number.as_str())
@@ -446,7 +436,7 @@ impl Verifier {
         now: DateTime<Utc>,
     ) -> Result<VerifyAnswer, ApiError> {
         let issued_at = truncate_to_seconds(now);
-        let today = now.date_naive();
+        let today = self.clock.date_of(now);
         // Chosen for the instant the decisions carry, which the key must cover.
         let key = self.signing_key(&self.directory.current(), issued_at)?;
         // judge() approved, so the citizen holds a card and any serial named is this one.
@@ -458,7 +448,7 @@ impl Verifier {
         let (decision, loss_decision, term) = match input.purpose {
             DecisionPurpose::IssueCard => {
                 // C1: the term of the new card, by age on the day of issue.
-                let term = card::term_for(citizen.birth_date, today);
+                let term = card::term_for(citizen.person.birth_date, today);
                 let data = card_data(term.valid_from, term.valid_until);
                 let decision = self
                     .decision(
@@ -538,8 +528,8 @@ impl Verifier {
         let open_application_ids = self.repo.open_application_ids(id_number.as_str()).await?;
         Ok(CitizenView {
             id_number_masked: id_number.masked(),
-            name_masked: mask::mask_name(&citizen.name),
-            registration_province: citizen.registration_province,
+            name_masked: mask::mask_name(&citizen.person.name),
+            registration_province: citizen.person.registration_province,
             registration: citizen.registration,
             credit: citizen.credit,
             current_card_serial: citizen.current_card_serial,
@@ -561,7 +551,7 @@ impl Verifier {
             .citizen_for_update(id_number.as_str())
             .await?
             .ok_or_else(|| ApiError::not_found("citizen", masked.clone()))?;
-        if date_of_death < citizen.birth_date {
+        if date_of_death < citizen.person.birth_date {
             return Err(yidi_grpc::FieldViolations::single("date_of_death", "must not be before the birth date"));
         }
         let changed = tx.cancel_registration(id_number.as_str(), date_of_death, now).await?;
@@ -637,7 +627,7 @@ impl Verifier {
         let citizen = tx
             .citizen_for_update(id_number.as_str())
             .await?
-            .filter(|c| self.jurisdiction.contains(&c.registration_province))
+            .filter(|c| self.jurisdiction.contains(&c.person.registration_province))
             .ok_or_else(|| ApiError::not_found("citizen", masked.clone()))?;
         if citizen.registration == Registration::Cancelled {
             return Err(ApiError::precondition("REGISTRATION_CANCELLED", "the citizen's registration is cancelled"));
@@ -650,7 +640,7 @@ impl Verifier {
             ));
         }
         let key = self.signing_key(&directory, issued_at)?;
-        let valid_from = citizen.current_card_valid_from.unwrap_or(now.date_naive());
+        let valid_from = citizen.current_card_valid_from.unwrap_or(self.clock.date_of(now));
         let card = card_data(&citizen, valid_from, citizen.current_card_valid_until);
         let current = citizen.current_card_serial.clone().unwrap_or_default();
         let purpose = DecisionPurpose::TransferRegistration;
@@ -666,7 +656,7 @@ impl Verifier {
         tx.move_registration(id_number.as_str(), new_province, now).await?;
         let detail = format!(
             "province {} to {new_province}, home bureau {new_bureau}; decision {decision_id}; cards [{}]{}",
-            citizen.registration_province,
+            citizen.person.registration_province,
             recorded.card_serials.join(", "),
             if recorded.already_transferred { " (already recorded by the registry)" } else { "" }
         );
@@ -750,7 +740,7 @@ impl Verifier {
 
 #[cfg(test)]
 mod tests {
-    use yidi_domain::{SimulatedMatcher, biometrics::with_sensor_noise};
+    use yidi_domain::{Particulars, SimulatedMatcher, biometrics::with_sensor_noise};
 
     use super::*;
 
@@ -768,12 +758,14 @@ mod tests {
 
     fn citizen() -> Citizen {
         Citizen {
-            id_number: id().as_str().to_owned(),
-            name: "Li Na".into(),
-            sex: yidi_domain::Sex::Male,
-            birth_date: NaiveDate::from_ymd_opt(1990, 3, 7).unwrap_or_default(),
-            registration_province: "36".into(),
-            address: "Nanchang".into(),
+            person: Particulars {
+                id_number: id().as_str().to_owned(),
+                name: "Li Na".into(),
+                sex: yidi_domain::Sex::Male,
+                birth_date: NaiveDate::from_ymd_opt(1990, 3, 7).unwrap_or_default(),
+                registration_province: "36".into(),
+                address: "Nanchang".into(),
+            },
             face_template: template(1),
             fingerprint_template: template(2),
             credit: Credit::Good,
@@ -831,7 +823,7 @@ mod tests {
     #[test]
     fn n3_a_citizen_of_another_jurisdiction_is_unknown() {
         let mut other = citizen();
-        other.registration_province = "51".into();
+        other.person.registration_province = "51".into();
         let request = input(DecisionPurpose::ReportLoss, Some(ApplicationKind::LossReport));
         assert_eq!(judge_with(&request, &other, 0), Err(RefusalReason::UnknownCitizen));
         let jurisdiction = vec!["36".to_owned()];

@@ -6,7 +6,9 @@ use ed25519_dalek::SigningKey;
 use sea_orm::{ConnectionTrait, Database, Statement};
 use tonic::{Code, transport::Channel};
 use yidi_domain::{Credit, Registration};
-use yidi_domain::{DecisionPurpose, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber};
+use yidi_domain::{
+    DecisionPurpose, Particulars, Role, biometrics::with_sensor_noise, decision::Expectation, id_number::IdNumber,
+};
 use yidi_grpc::convert::signed_decision_from_proto;
 use yidi_proto::v1::{self as pb, verification_client::VerificationClient};
 use yidi_runtime::{
@@ -89,6 +91,14 @@ fn sichuan() -> Person {
 fn bad_credit() -> Person {
     person("360108", date(1980, 1, 1), 17, 8)
 }
+/// Turns 46 on 1 January 2118 (C1).
+fn turning_46() -> Person {
+    person("360109", date(2072, 1, 1), 19, 9)
+}
+/// Card valid until 1 April 2118: renewable from 1 January 2118, 90 days before (K2).
+fn due_on_new_year() -> Person {
+    person("360110", date(1980, 6, 1), 21, 10)
+}
 
 fn citizen(
     p: &Person,
@@ -99,12 +109,14 @@ fn citizen(
     registration: Registration,
 ) -> Citizen {
     Citizen {
-        id_number: p.id.as_str().to_owned(),
-        name: format!("Citizen {}", p.seed),
-        sex: p.id.sex(),
-        birth_date: p.id.birth_date(),
-        registration_province: province.into(),
-        address: "1 Bayi Avenue, Nanchang".into(),
+        person: Particulars {
+            id_number: p.id.as_str().to_owned(),
+            name: format!("Citizen {}", p.seed),
+            sex: p.id.sex(),
+            birth_date: p.id.birth_date(),
+            registration_province: province.into(),
+            address: "1 Bayi Avenue, Nanchang".into(),
+        },
         home_bureau_id: home.into(),
         scenario: "test".into(),
         credit,
@@ -134,6 +146,8 @@ fn population() -> Population {
             citizen(&sichuan_registered(), "51", HOME, card("JX-0006", None), Good, Active),
             citizen(&sichuan(), "51", "home-sichuan", card("SC-0001", None), Good, Active),
             citizen(&bad_credit(), "36", HOME, card("JX-0008", None), Bad, Active),
+            citizen(&turning_46(), "36", HOME, card("JX-0009", Some(date(2125, 1, 1))), Good, Active),
+            citizen(&due_on_new_year(), "36", HOME, card("JX-0010", Some(date(2118, 4, 1))), Good, Active),
         ],
     }
 }
@@ -193,6 +207,11 @@ impl Fixture {
     }
 
     fn config(&self, extra: &str) -> VerificationConfig {
+        self.config_at(now(), extra)
+    }
+
+    /// The configuration with the clock standing at `now` (in the default zone, Asia/Shanghai).
+    fn config_at(&self, now: DateTime<Utc>, extra: &str) -> VerificationConfig {
         let text = format!(
             r#"
 [server]
@@ -215,13 +234,17 @@ import_path = "{dir}/population.json"
 "#,
             db = self.db_url,
             dir = self.dir_path.display(),
-            now = now().to_rfc3339(),
+            now = now.to_rfc3339(),
         );
         toml::from_str(&text).unwrap()
     }
 
     async fn start(&self) -> Server {
         self.start_with(self.config("")).await.unwrap()
+    }
+
+    async fn start_at(&self, instant: &str) -> Server {
+        self.start_with(self.config_at(instant.parse().unwrap(), "")).await.unwrap()
     }
 
     async fn start_with(&self, config: VerificationConfig) -> anyhow::Result<Server> {
@@ -319,7 +342,7 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
     let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
     let d = decision.verify(&directory, expect).unwrap();
     assert_eq!(d.bureau_id, HOME);
-    assert_eq!(d.card.id_number, p.id.as_str());
+    assert_eq!(d.card.holder.id_number, p.id.as_str());
     assert_eq!(d.card.face_template, template(p.seed), "the register's template, not the live capture");
     assert_eq!(d.previous_card_serial, "JX-0001");
     assert_eq!(d.application_kind, Some(yidi_domain::ApplicationKind::Replacement));
@@ -339,7 +362,7 @@ async fn s4_an_approved_replacement_carries_decisions_that_verify() {
 
     // Signed with this bureau's key: a tampered copy fails.
     let mut tampered = decision.clone();
-    tampered.decision.card.name = "Someone Else".into();
+    tampered.decision.card.holder.name = "Someone Else".into();
     let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
     assert!(tampered.verify(&directory, expect).is_err());
     assert_eq!(d.key_id, KEY_ID);
@@ -652,6 +675,66 @@ async fn k2_a_renewal_before_the_window_is_refused() {
     server.stop().await;
 }
 
+/// Instants around the first day of 2118 in Beijing (UTC+8): 23:30 on 31 December there, then
+/// 07:30 and 08:30 on 1 January, while it is still 31 December in UTC at the first two.
+const BEFORE_BEIJING_NEW_YEAR: &str = "2117-12-31T15:30:00Z";
+const BEIJING_NEW_YEAR_0730: &str = "2117-12-31T23:30:00Z";
+const BEIJING_NEW_YEAR_0830: &str = "2118-01-01T00:30:00Z";
+
+/// The answer to `request` on a fresh register whose clock stands at `instant`.
+async fn verify_at(instant: &str, request: pb::VerifyRequest) -> pb::VerifyResponse {
+    let fixture = Fixture::new();
+    let mut server = fixture.start_at(instant).await;
+    let response = server.verify(request).await;
+    server.stop().await;
+    response
+}
+
+#[tokio::test]
+async fn c1_a_citizen_turning_46_that_beijing_morning_gets_a_long_term_card() {
+    let p = turning_46();
+    let term = |response: pb::VerifyResponse| {
+        let card = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap().decision.card;
+        (card.valid_from, card.valid_until)
+    };
+    let request = issue("app-term", &p, pb::ApplicationKind::Replacement, "JX-0009");
+    let before = term(verify_at(BEFORE_BEIJING_NEW_YEAR, request.clone()).await);
+    assert_eq!(before, (date(2117, 12, 31), Some(date(2137, 12, 31))), "still 45 in Beijing: 20 years");
+    for instant in [BEIJING_NEW_YEAR_0730, BEIJING_NEW_YEAR_0830] {
+        let on_the_day = term(verify_at(instant, request.clone()).await);
+        assert_eq!(on_the_day, (date(2118, 1, 1), None), "46 in Beijing at {instant}: long-term");
+    }
+}
+
+#[tokio::test]
+async fn k2_the_renewal_window_opens_at_midnight_in_beijing() {
+    let request = issue("app-renew", &due_on_new_year(), pb::ApplicationKind::Renewal, "JX-0010");
+    let early = verify_at(BEFORE_BEIJING_NEW_YEAR, request.clone()).await;
+    assert_eq!(refusal(&early), pb::RefusalReason::NotYetRenewable, "91 days before expiry in Beijing");
+    for instant in [BEIJING_NEW_YEAR_0730, BEIJING_NEW_YEAR_0830] {
+        let due = verify_at(instant, request.clone()).await;
+        assert!(due.decision.is_some(), "90 days before expiry in Beijing at {instant}: {due:?}");
+    }
+}
+
+#[tokio::test]
+async fn n1_a_citizen_born_today_in_beijing_is_not_born_in_the_future() {
+    let fixture = Fixture::new();
+    let newborn = IdNumber::compose("360102", date(2118, 1, 1), 33);
+    let get = |id: &IdNumber| pb::GetCitizenRequest { id_number: id.as_str().into() };
+    let mut server = fixture.start_at(BEFORE_BEIJING_NEW_YEAR).await;
+    let error = server.client.get_citizen(get(&newborn)).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "born tomorrow in Beijing");
+    assert!(error.message().contains("id_number:") && error.message().contains("future"), "{}", error.message());
+    server.stop().await;
+    for instant in [BEIJING_NEW_YEAR_0730, BEIJING_NEW_YEAR_0830] {
+        let mut server = fixture.start_at(instant).await;
+        let error = server.client.get_citizen(get(&newborn)).await.unwrap_err();
+        assert_eq!(error.code(), Code::NotFound, "a valid number, not on the register, at {instant}");
+        server.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn n3_a_citizen_outside_the_jurisdiction_is_unknown() {
     let fixture = Fixture::new();
@@ -768,12 +851,12 @@ async fn n3_the_import_takes_only_this_bureaus_citizens_and_never_overwrites() {
         .await
         .unwrap();
     server.stop().await;
-    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7, "only this bureau's citizens");
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 9, "only this bureau's citizens");
     let mut server = fixture.start().await;
     let citizen = server.citizen(&r).await;
     assert_eq!(citizen.credit_status, pb::CreditStatus::Bad as i32);
     server.stop().await;
-    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 9);
 }
 
 /// The main flow on PostgreSQL, in a scratch database of the test server (see
@@ -804,7 +887,7 @@ async fn s4_postgres_verify_replay_and_close() {
     // A restart re-runs the (idempotent) migration and import.
     let server = fixture.start().await;
     server.stop().await;
-    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 7);
+    assert_eq!(fixture.count("SELECT COUNT(*) FROM citizens").await, 9);
     assert_eq!(fixture.count("SELECT COUNT(*) FROM audit_log").await, 4);
     scratch.drop().await.unwrap();
 }
@@ -926,7 +1009,7 @@ async fn s4_a_registration_transfer_is_signed_delivered_and_leaves_the_register(
     let decision = signed.verify(&directory(&fixture), expect).unwrap();
     assert_eq!(decision.decision_id, done.decision_id);
     assert_eq!(decision.transfer_to_bureau_id, "home-sichuan");
-    assert_eq!(decision.card.registration_province, "36", "signed for the province this bureau holds");
+    assert_eq!(decision.card.holder.registration_province, "36", "signed for the province this bureau holds");
     assert_eq!(decision.previous_card_serial, "JX-0001");
 
     // The citizen has left this register.
