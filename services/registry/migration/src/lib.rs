@@ -11,7 +11,7 @@ mod m20261127_000001_create_cards;
 mod m20261127_000002_create_loss_reports;
 mod m20261127_000003_create_status_events;
 mod m20261127_000004_create_hits;
-mod m20261203_000005_create_registration_transfers;
+mod m20261203_000006_create_registration_transfers;
 
 pub struct Migrator;
 
@@ -27,7 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(ChainAuditLog),
             Box::new(CreateOutbox),
             Box::new(CreateIdempotentRequests),
-            Box::new(m20261203_000005_create_registration_transfers::Migration),
+            Box::new(m20261203_000006_create_registration_transfers::Migration),
         ]
     }
 }
