@@ -161,11 +161,11 @@ impl Suite {
             write_certificates(&suite.certs(), directory.principal_ids(), CaChoice::New)?;
         }
         // In dependency order, so that each bureau's directory already holds the endpoints of the
-        // bureaus it calls: the registry and home bureaus call nobody, the producer calls the
-        // registry, the station calls everyone.
+        // bureaus it calls: the registry calls nobody, the home bureaus (a registration transfer)
+        // and the producer call the registry, the station calls everyone.
         let stages: [&[Process]; 3] = [
-            &[Process::Registry, Process::HomeJiangxi, Process::HomeSichuan],
-            &[Process::Issuance],
+            &[Process::Registry],
+            &[Process::HomeJiangxi, Process::HomeSichuan, Process::Issuance],
             &[Process::Intake],
         ];
         for stage in stages {
