@@ -397,6 +397,8 @@ impl Suite {
     /// The last lines a bureau logged, for failure messages.
     pub fn log_tail(&self, process: Process) -> String {
         let text = std::fs::read_to_string(self.log_path(process)).unwrap_or_default();
+        // The error, not the frames of its backtrace (RUST_BACKTRACE may be set): the cause is above.
+        let text = text.split("\nStack backtrace:").next().unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
