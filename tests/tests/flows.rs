@@ -112,7 +112,9 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .into_inner();
     assert_eq!(check.status, pb::CardStatus::Valid as i32);
 
-    // Once a replacement card is made, the loss report stands: withdrawal is final.
+    // While a replacement is open (here: made, not yet collected) the home bureau refuses the
+    // withdrawal: the new card would revoke the card declared valid again. (Once revoked, the
+    // registry's refusal is final: registry `k6_withdrawal_restores_valid_but_not_after_revocation`.)
     let citizen = t.citizen("loss_report_final", "36")?;
     let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
     t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
@@ -122,9 +124,9 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
             card_serial: serial(&citizen),
         })
         .await
-        .expect_err("revoked is final");
+        .expect_err("a new card is pending");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    assert_eq!(reason(&refused), "REFUSAL_REASON_LOSS_REPORT_FINAL", "{refused:?}");
+    assert_eq!(reason(&refused), "REFUSAL_REASON_NEW_CARD_PENDING", "{refused:?}");
     t.stop().await
 }
 

@@ -133,6 +133,13 @@ pub trait RegistryFake: Send + Sync + 'static {
     async fn record_collection(&self, _: pb::RecordCollectionRequest) -> Result<pb::RecordCollectionResponse, Status> {
         Err(unimplemented_by_fake())
     }
+
+    async fn transfer_registration(
+        &self,
+        _: pb::LossRegistryTransferRegistrationRequest,
+    ) -> Result<pb::LossRegistryTransferRegistrationResponse, Status> {
+        Err(unimplemented_by_fake())
+    }
 }
 
 /// A [`RegistryFake`] as a LossRegistry service.
@@ -171,6 +178,13 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
         request: GrpcRequest<pb::RecordCollectionRequest>,
     ) -> Result<GrpcResponse<pb::RecordCollectionResponse>, Status> {
         self.0.record_collection(request.into_inner()).await.map(GrpcResponse::new)
+    }
+
+    async fn transfer_registration(
+        &self,
+        request: GrpcRequest<pb::LossRegistryTransferRegistrationRequest>,
+    ) -> Result<GrpcResponse<pb::LossRegistryTransferRegistrationResponse>, Status> {
+        self.0.transfer_registration(request.into_inner()).await.map(GrpcResponse::new)
     }
 
     async fn check_card(

@@ -22,14 +22,24 @@ use crate::{
     topic::Topic,
 };
 
-/// What a newly approved application owes next: its loss report (K1, K3) or its card.
-fn after_approval(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Option<NewMessage> {
+/// What a newly approved application owes next: its loss report (K1, K3) or its card. A
+/// replacement approved without a loss decision is a first card (K4: at home only), with no card
+/// to report lost: it goes straight to the order.
+fn after_approval(
+    intake: &Intake,
+    model: &application::Model,
+    kind: ApplicationKind,
+    loss_decision: bool,
+) -> Option<NewMessage> {
     let station = &intake.inner.station;
     match kind {
-        ApplicationKind::LossReport | ApplicationKind::Replacement => {
+        ApplicationKind::LossReport => Some(Topic::ReportLoss.message(&model.application_id, &station.registry_id)),
+        ApplicationKind::Replacement if loss_decision => {
             Some(Topic::ReportLoss.message(&model.application_id, &station.registry_id))
         }
-        ApplicationKind::Renewal => Some(Topic::PlaceOrder.message(&model.application_id, &station.producer_id)),
+        ApplicationKind::Replacement | ApplicationKind::Renewal => {
+            Some(Topic::PlaceOrder.message(&model.application_id, &station.producer_id))
+        }
     }
 }
 
@@ -205,6 +215,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     let masked = mask_id_number(&model.id_number);
     if let Some(decision) = answer.decision {
         let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
+        let loss_decision = answer.loss_decision.is_some();
         let changes = Changes {
             // The home bureau names the card concerned (the register's current card when none was given).
             previous_card_serial: decision
@@ -223,7 +234,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
             changes,
             note: format!("approved by {} (decision {decision_id})", model.home_bureau_id),
             audit: Some(AuditEntry::new("verification", masked, "approved", format!("decision {decision_id}"))),
-            messages: Messages::answering(&message.id).and_owe(after_approval(intake, model, kind)),
+            messages: Messages::answering(&message.id).and_owe(after_approval(intake, model, kind, loss_decision)),
         };
         if inner.repo.transition(approved, intake.clock().now()).await? {
             tracing::info!(application_id = %id, %decision_id, "approved by the home bureau");

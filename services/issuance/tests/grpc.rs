@@ -217,6 +217,7 @@ impl Producer {
             previous_card_serial: "ZJ0000000001".into(),
             issued_at: now() - chrono::Duration::minutes(1),
             expires_at: now() + chrono::Duration::days(7),
+            transfer_to_bureau_id: String::new(),
         }
     }
 

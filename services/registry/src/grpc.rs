@@ -129,6 +129,27 @@ impl LossRegistry for RegistryGrpc {
         }))
     }
 
+    async fn transfer_registration(
+        &self,
+        request: Request<pb::LossRegistryTransferRegistrationRequest>,
+    ) -> Result<Response<pb::LossRegistryTransferRegistrationResponse>, Status> {
+        let extensions = request.extensions().clone();
+        let request = request.into_inner();
+        let signed = self.decision(request.decision.as_ref(), false)?;
+        let mut v = FieldViolations::new();
+        v.required("decision.decision.transfer_to_bureau_id", &signed.decision.transfer_to_bureau_id, MAX_TEXT_LEN);
+        v.finish()?;
+        // Only the signer delivers its transfer.
+        ensure_acting_for_itself(&extensions, "decision.bureau_id", &signed.decision.bureau_id)?;
+        let outcome = self.service.transfer_registration(signed).await?;
+        Ok(Response::new(pb::LossRegistryTransferRegistrationResponse {
+            home_bureau_id: outcome.home_bureau_id,
+            card_serials: outcome.card_serials,
+            transferred_at: Some(timestamp(outcome.transferred_at)),
+            already_transferred: outcome.already_transferred,
+        }))
+    }
+
     async fn register_card(
         &self,
         request: Request<pb::RegisterCardRequest>,

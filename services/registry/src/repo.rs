@@ -13,7 +13,7 @@ use yidi_domain::StoredCardStatus;
 use yidi_runtime::db;
 
 use crate::{
-    entities::{CardStatusColumn, cards, hits, loss_reports, status_events},
+    entities::{CardStatusColumn, cards, hits, loss_reports, registration_transfers, status_events},
     index::{CardIndex, IndexedCard},
 };
 
@@ -117,6 +117,28 @@ pub struct LossDecision<'a> {
     pub decision_id: &'a str,
     pub now: DateTime<Utc>,
     pub audit: AuditEntry,
+}
+
+/// S4: a citizen's registration moved from one home bureau to another; the cards follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub decision_id: String,
+    pub id_number: String,
+    pub from_bureau_id: String,
+    pub to_bureau_id: String,
+    pub transferred_at: DateTime<Utc>,
+}
+
+impl From<registration_transfers::Model> for Transfer {
+    fn from(m: registration_transfers::Model) -> Self {
+        Self {
+            decision_id: m.decision_id,
+            id_number: m.id_number,
+            from_bureau_id: m.from_bureau_id,
+            to_bureau_id: m.to_bureau_id,
+            transferred_at: m.transferred_at,
+        }
+    }
 }
 
 /// Whether a conditional status change found the card in the expected status.
@@ -276,6 +298,64 @@ impl Repo {
 
     pub async fn audit(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
         audit::append(&self.db, at, entry).await
+    }
+
+    pub async fn transfer_by_decision(&self, decision_id: &str) -> Result<Option<Transfer>, DbErr> {
+        Ok(registration_transfers::Entity::find()
+            .filter(registration_transfers::Column::DecisionId.eq(decision_id))
+            .one(&self.db)
+            .await?
+            .map(Transfer::from))
+    }
+
+    /// The holder's most recent registration transfer, if any.
+    pub async fn latest_transfer(&self, id_number: &str) -> Result<Option<Transfer>, DbErr> {
+        Ok(registration_transfers::Entity::find()
+            .filter(registration_transfers::Column::IdNumber.eq(id_number))
+            .order_by_desc(registration_transfers::Column::Id)
+            .one(&self.db)
+            .await?
+            .map(Transfer::from))
+    }
+
+    /// S4: records the transfer and moves every card of the holder that follows its old home
+    /// bureau to the new one, with the audit record, in one transaction. The serials moved.
+    pub async fn transfer_registration(
+        &self,
+        transfer: Transfer,
+        audit: impl FnOnce(&[String]) -> AuditEntry,
+    ) -> Result<Vec<String>, DbErr> {
+        let Transfer { decision_id, id_number, from_bureau_id, to_bureau_id, transferred_at } = transfer;
+        let txn = db::begin(&self.db).await?;
+        // The insert comes first: on SQLite it takes the write lock before anything is read.
+        registration_transfers::Entity::insert(registration_transfers::ActiveModel {
+            id: NotSet,
+            decision_id: Set(decision_id),
+            id_number: Set(id_number.clone()),
+            from_bureau_id: Set(from_bureau_id.clone()),
+            to_bureau_id: Set(to_bureau_id.clone()),
+            transferred_at: Set(transferred_at),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        let moved: Vec<String> = cards::Entity::find()
+            .filter(cards::Column::IdNumber.eq(id_number.as_str()))
+            .filter(cards::Column::HomeBureauId.eq(from_bureau_id.as_str()))
+            .order_by_asc(cards::Column::Serial)
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|m| m.serial)
+            .collect();
+        cards::Entity::update_many()
+            .col_expr(cards::Column::HomeBureauId, Expr::value(to_bureau_id.as_str()))
+            .filter(cards::Column::IdNumber.eq(id_number.as_str()))
+            .filter(cards::Column::HomeBureauId.eq(from_bureau_id.as_str()))
+            .exec(&txn)
+            .await?;
+        audit::append(&txn, transferred_at, audit(&moved)).await?;
+        txn.commit().await?;
+        Ok(moved)
     }
 
     /// Opens the transaction of a status change and moves the card; `None` (rolled back, nothing

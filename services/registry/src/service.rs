@@ -17,7 +17,7 @@ use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Popu
 use crate::{
     index::{CardIndex, CardState, IndexedCard},
     limit::MissLimiter,
-    repo::{Card, Change, Hit, LossDecision, NewHit, Repo, StatusEvent, is_unique_violation},
+    repo::{Card, Change, Hit, LossDecision, NewHit, Repo, StatusEvent, Transfer, is_unique_violation},
 };
 
 /// How often a status change is retried when another writer changed the card meanwhile.
@@ -63,6 +63,18 @@ pub struct CollectOutcome {
     pub revoked_card_serials: Vec<String>,
     pub collected_at: DateTime<Utc>,
     pub already_recorded: bool,
+}
+
+/// S4: where a citizen's cards stand after a registration transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferOutcome {
+    /// The home bureau whose decisions the cards follow from now on.
+    pub home_bureau_id: String,
+    /// The cards that follow it (for a repeat: every card of the holder that does).
+    pub card_serials: Vec<String>,
+    pub transferred_at: DateTime<Utc>,
+    /// True when this transfer was already recorded; nothing was changed.
+    pub already_transferred: bool,
 }
 
 /// One card a relying party asks about (C4: number and serial, both validated).
@@ -277,6 +289,20 @@ impl Registry {
     /// A loss decision about a card its holder never had (awaiting collection, or voided).
     fn never_handed_over() -> ApiError {
         ApiError::precondition("CARD_NOT_HANDED_OVER", "the card was never handed over to its holder")
+    }
+
+    /// S4: a holder without cards in force follows the bureau of the latest registration transfer
+    /// (if any): no other may register a first card for them, whatever province it wrote.
+    async fn signed_by_transfer_bureau(&self, holder: &str, signed: &SignedDecision) -> Result<(), ApiError> {
+        let d = &signed.decision;
+        match self.repo.latest_transfer(holder).await? {
+            Some(transfer) if transfer.to_bureau_id != d.bureau_id => Err(DecisionError::WrongJurisdiction {
+                signer: d.bureau_id.clone(),
+                province: format!("of a citizen whose registration moved to {}", transfer.to_bureau_id),
+            }
+            .into()),
+            _ => Ok(()),
+        }
     }
 
     fn not_found(serial: &str) -> ApiError {
@@ -503,10 +529,16 @@ impl Registry {
                 return Err(self.refuse(ACTION, subject, detail, error).await);
             }
             let holder = normalised(&d.card.holder.id_number);
-            for card in self.repo.active_cards_of(&holder).await? {
-                if let Err(error) = Self::signed_by_holder_bureau(&card, &signed) {
+            let active = self.repo.active_cards_of(&holder).await?;
+            for card in &active {
+                if let Err(error) = Self::signed_by_holder_bureau(card, &signed) {
                     return Err(self.refuse(ACTION, subject, detail, error).await);
                 }
+            }
+            if active.is_empty()
+                && let Err(error) = self.signed_by_transfer_bureau(&holder, &signed).await
+            {
+                return Err(self.refuse(ACTION, subject, detail, error).await);
             }
             if self.repo.card(&card_serial).await?.is_some() {
                 let error = ApiError::precondition(
@@ -696,6 +728,89 @@ impl Registry {
             }
         }
         check_one(state, &self.clock, checked_at)
+    }
+
+    /// S4: the holder's registration moved to another home bureau. Signed by the bureau the cards
+    /// follow now (or, for a holder without cards, the bureau of the latest transfer, if any); from
+    /// the commit on, decisions about the holder's cards are accepted from the new bureau only. The
+    /// same decision again, or a new one for the transfer already recorded (the old bureau did not
+    /// learn the first answer), is answered as before without a change.
+    pub async fn transfer_registration(&self, signed: SignedDecision) -> Result<TransferOutcome, ApiError> {
+        const ACTION: &str = "transfer_registration";
+        let now = self.now();
+        let d = &signed.decision;
+        let subject = mask_id_number(&d.card.holder.id_number);
+        let to = d.transfer_to_bureau_id.as_str();
+        let detail = format!("decision {} by {} to {to}", d.decision_id, d.bureau_id);
+        let expected =
+            Expectation { purpose: DecisionPurpose::TransferRegistration, addressee_id: &self.bureau_id, now };
+        if let Err(error) = signed.verify(&self.directory.current(), expected) {
+            return Err(self.refuse(ACTION, subject, detail, error.into()).await);
+        }
+        if !self.is_home_bureau(to) || to == d.bureau_id {
+            let error = ApiError::precondition(
+                "TRANSFER_TARGET_INVALID",
+                format!("{to:?} is not another home bureau of the directory"),
+            );
+            return Err(self.refuse(ACTION, subject, detail, error).await);
+        }
+        let holder = normalised(&d.card.holder.id_number);
+        let _writer = self.writer.lock().await;
+        let cards = self.repo.cards_of(&holder).await?;
+        let following = |bureau: &str| -> Vec<String> {
+            cards.iter().filter(|c| c.home_bureau_id == bureau).map(|c| c.serial.clone()).collect()
+        };
+        let latest = self.repo.latest_transfer(&holder).await?;
+        let done = match self.repo.transfer_by_decision(&d.decision_id).await? {
+            Some(done) => Some(done),
+            None => latest.clone().filter(|t| {
+                t.from_bureau_id == d.bureau_id && t.to_bureau_id == to && cards.iter().all(|c| c.home_bureau_id == to)
+            }),
+        };
+        if let Some(done) = done {
+            return Ok(TransferOutcome {
+                card_serials: following(&done.to_bureau_id),
+                home_bureau_id: done.to_bureau_id,
+                transferred_at: done.transferred_at,
+                already_transferred: true,
+            });
+        }
+        for card in &cards {
+            if let Err(error) = Self::signed_by_holder_bureau(card, &signed) {
+                return Err(self.refuse(ACTION, subject, detail, error).await);
+            }
+        }
+        if cards.is_empty()
+            && let Err(error) = self.signed_by_transfer_bureau(&holder, &signed).await
+        {
+            return Err(self.refuse(ACTION, subject, detail, error).await);
+        }
+        let transfer = Transfer {
+            decision_id: d.decision_id.clone(),
+            id_number: holder.clone(),
+            from_bureau_id: d.bureau_id.clone(),
+            to_bureau_id: to.to_owned(),
+            transferred_at: now,
+        };
+        let audit = |moved: &[String]| AuditEntry {
+            action: ACTION,
+            subject: subject.clone(),
+            outcome: "transferred".into(),
+            detail: format!("{detail}; cards [{}]", moved.join(", ")),
+        };
+        match self.repo.transfer_registration(transfer, audit).await {
+            Ok(card_serials) => {
+                self.resync_holder(&holder).await;
+                tracing::info!(holder = %subject, from = %d.bureau_id, to, cards = card_serials.len(), "registration transferred");
+                Ok(TransferOutcome {
+                    home_bureau_id: to.to_owned(),
+                    card_serials,
+                    transferred_at: now,
+                    already_transferred: false,
+                })
+            }
+            Err(e) => Err(self.write_failed(e, &holder).await),
+        }
     }
 
     /// C2, C4: the status of each card, in order, from the index: a check never waits on the

@@ -218,6 +218,7 @@ impl Harness {
             previous_card_serial: p.card.clone(),
             issued_at: now(),
             expires_at: now() + chrono::Duration::days(7),
+            transfer_to_bureau_id: String::new(),
         }
     }
 
@@ -1187,5 +1188,118 @@ async fn c4_repeated_misses_from_one_caller_are_limited_but_hits_are_not() {
         relying_party: "bank-of-test".into(),
     };
     assert_eq!(h.client.check_cards(batch).await.unwrap_err().code(), Code::ResourceExhausted);
+    h.shutdown().await;
+}
+
+impl Harness {
+    /// A decision about `p` signed by Sichuan, writing Sichuan's province (51) into it.
+    fn by_sichuan(&self, purpose: DecisionPurpose, p: &Person, decision_id: &str, addressee: &str) -> SignedDecision {
+        let mut decision = self.decision(purpose, p, decision_id, addressee);
+        decision.bureau_id = SICHUAN.into();
+        decision.card.holder.registration_province = "51".into();
+        decision.sign(&self.sichuan)
+    }
+
+    /// Jiangxi hands `p` over to Sichuan.
+    fn transfer(&self, p: &Person, decision_id: &str) -> SignedDecision {
+        let mut decision = self.decision(DecisionPurpose::TransferRegistration, p, decision_id, REGISTRY);
+        decision.transfer_to_bureau_id = SICHUAN.into();
+        decision.sign(&self.jiangxi)
+    }
+
+    async fn transfer_registration(
+        &mut self,
+        signed: &SignedDecision,
+    ) -> Result<pb::LossRegistryTransferRegistrationResponse, Status> {
+        let request = pb::LossRegistryTransferRegistrationRequest { decision: Some(signed_decision_to_proto(signed)) };
+        self.client.transfer_registration(request).await.map(|r| r.into_inner())
+    }
+}
+
+/// S4: a citizen's cards follow the home bureau that registered them until that bureau transfers the
+/// registration: before, the new bureau's decisions are refused; after, the old bureau's are, and
+/// the new bureau's loss report, hits and new card are accepted. A transfer is recorded once.
+#[tokio::test]
+async fn s4_a_registration_transfer_moves_the_cards_to_the_new_home_bureau() {
+    let p = person(140, "JX-0140");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    // Before: Sichuan, even writing its own province, cannot decide about a Jiangxi card.
+    let early = h.by_sichuan(DecisionPurpose::ReportLoss, &p, "sc-loss-0", REGISTRY);
+    let error = h.report_loss(&early).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    // Nor hand the citizen over to itself or anyone.
+    let mut grab = h.decision(DecisionPurpose::TransferRegistration, &p, "sc-transfer", REGISTRY);
+    grab.bureau_id = SICHUAN.into();
+    grab.card.holder.registration_province = "51".into();
+    grab.transfer_to_bureau_id = JIANGXI.into();
+    let error = h.transfer_registration(&grab.sign(&h.sichuan)).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    // A transfer must name another home bureau.
+    let mut nowhere = h.decision(DecisionPurpose::TransferRegistration, &p, "jx-nowhere", REGISTRY);
+    nowhere.transfer_to_bureau_id = PRODUCER.into();
+    let error = h.transfer_registration(&nowhere.sign(&h.jiangxi)).await.unwrap_err();
+    assert_eq!(reason(&error), "TRANSFER_TARGET_INVALID");
+    let mut unnamed = h.decision(DecisionPurpose::TransferRegistration, &p, "jx-unnamed", REGISTRY);
+    unnamed.transfer_to_bureau_id.clear();
+    let error = h.transfer_registration(&unnamed.sign(&h.jiangxi)).await.unwrap_err();
+    assert_eq!(violations(&error), vec!["decision.decision.transfer_to_bureau_id"]);
+    assert_eq!(h.count("registration_transfers").await, 0);
+
+    // Jiangxi hands the citizen over to Sichuan.
+    let transfer = h.transfer(&p, "jx-transfer-1");
+    let done = h.transfer_registration(&transfer).await.unwrap();
+    assert_eq!(done.home_bureau_id, SICHUAN);
+    assert_eq!(done.card_serials, vec![p.card.clone()]);
+    assert!(!done.already_transferred);
+    // The same decision again, and a new one for the same transfer (the sender never learnt the
+    // answer): answered as before, nothing written.
+    assert!(h.transfer_registration(&transfer).await.unwrap().already_transferred);
+    let again = h.transfer_registration(&h.transfer(&p, "jx-transfer-2")).await.unwrap();
+    assert!(again.already_transferred);
+    assert_eq!(again.card_serials, vec![p.card.clone()]);
+    assert_eq!(h.count("registration_transfers").await, 1);
+
+    // After: the old bureau is refused, the new one accepted, and the index follows at once.
+    let error = h.report_loss(&h.loss(&p, "jx-loss-1")).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    let lost = h.report_loss(&h.by_sichuan(DecisionPurpose::ReportLoss, &p, "sc-loss-1", REGISTRY)).await.unwrap();
+    assert_eq!(status_of(lost.status), pb::CardStatus::ReportedLost);
+    h.check(&p.id, &p.card).await;
+    assert_eq!(h.hits(SICHUAN).await.unwrap().len(), 1, "the hit is the new bureau's");
+    assert!(h.hits(JIANGXI).await.unwrap().is_empty());
+
+    // It survives a restart; a new card is registered on the new bureau's decision only.
+    h.restart().await;
+    let error = h.withdraw(&h.withdrawal(&p, "jx-withdraw")).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    let error = h.register(&h.issue(&p, "jx-issue"), PRODUCER, "ZJ-0140").await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    let issue = h.by_sichuan(DecisionPurpose::IssueCard, &p, "sc-issue", PRODUCER);
+    let made = h.register(&issue, PRODUCER, "ZJ-0140").await.unwrap();
+    assert_eq!(status_of(made.status), pb::CardStatus::AwaitingCollection);
+    assert_eq!(h.collect(&p, "ZJ-0140").await.unwrap().revoked_card_serials, vec![p.card.clone()]);
+    h.shutdown().await;
+}
+
+/// S4: a first card (the citizen holds none in force) is registered on a decision of the bureau
+/// whose jurisdiction holds the province written in it; once a transfer is recorded, only on the
+/// new bureau's.
+#[tokio::test]
+async fn s4_a_first_card_follows_the_written_province_and_then_the_transfer() {
+    let p = person(141, "JX-0141");
+    let q = person(142, "JX-0142");
+    let mut h = Harness::new(vec![]).await;
+    // No card yet: either bureau may register a first card for the province it holds.
+    let issue = h.by_sichuan(DecisionPurpose::IssueCard, &q, "sc-first", PRODUCER);
+    let made = h.register(&issue, PRODUCER, "ZJ-0142").await.unwrap();
+    assert_eq!(status_of(made.status), pb::CardStatus::AwaitingCollection);
+    // After a transfer (of a citizen without cards), the old bureau registers no first card.
+    let done = h.transfer_registration(&h.transfer(&p, "jx-transfer")).await.unwrap();
+    assert!(done.card_serials.is_empty());
+    let error = h.register(&h.issue(&p, "jx-first"), PRODUCER, "ZJ-0141").await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    let issue = h.by_sichuan(DecisionPurpose::IssueCard, &p, "sc-first-p", PRODUCER);
+    let made = h.register(&issue, PRODUCER, "ZJ-0141").await.unwrap();
+    assert_eq!(status_of(made.status), pb::CardStatus::AwaitingCollection);
     h.shutdown().await;
 }
