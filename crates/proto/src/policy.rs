@@ -238,7 +238,8 @@ mod tests {
         assert_eq!(policy_of("/grpc.health.v1.Health/Check"), None, "the plumbing is not the contract's");
         assert_eq!(policy("/yidi.v1.LossRegistry/TransferRegistration"), (vec![HomeBureau], true));
         assert_eq!(policy("/yidi.v1.Verification/TransferRegistration"), (vec![OperatorAdmin], true));
-        assert_eq!(method_policies().len(), 31);
+        assert_eq!(policy("/yidi.v1.Intake/GetApplicationOutcome"), (vec![HomeBureau], false));
+        assert_eq!(method_policies().len(), 32);
         assert_eq!(method_policies().iter().filter(|p| p.mutating).count(), 17);
     }
 

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
-use yidi_proto::v1::{self as pb, issuance_server::IssuanceServer, loss_registry_server::LossRegistryServer};
+use yidi_proto::v1::{
+    self as pb, intake_server::IntakeServer, issuance_server::IssuanceServer, loss_registry_server::LossRegistryServer,
+};
 
 /// The issuance calls a fake producer answers; every call it does not override answers
 /// UNIMPLEMENTED. Each gets the whole request (extensions and metadata included), as a layer in
@@ -216,4 +218,60 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
     ) -> Result<GrpcResponse<pb::ListHitsResponse>, Status> {
         Err(unimplemented_by_fake())
     }
+}
+
+/// The intake calls a fake station answers: the one question a home bureau asks it (K5); every
+/// other call answers UNIMPLEMENTED. Serve it with [`intake_server`].
+#[tonic::async_trait]
+pub trait IntakeFake: Send + Sync + 'static {
+    async fn get_application_outcome(
+        &self,
+        _: GrpcRequest<pb::GetApplicationOutcomeRequest>,
+    ) -> Result<GrpcResponse<pb::GetApplicationOutcomeResponse>, Status> {
+        Err(unimplemented_by_fake())
+    }
+}
+
+/// An [`IntakeFake`] as an Intake service.
+#[derive(Debug, Clone)]
+pub struct FakeIntake<T>(pub T);
+
+pub fn intake_server<T: IntakeFake>(fake: T) -> IntakeServer<FakeIntake<T>> {
+    IntakeServer::new(FakeIntake(fake))
+}
+
+/// The Intake service of [`FakeIntake`]: `get_application_outcome` as the fake answers it, and
+/// the calls listed (`name(Request) -> Response`) UNIMPLEMENTED.
+macro_rules! fake_intake {
+    ($($name:ident($request:ty) -> $response:ty;)*) => {
+        #[tonic::async_trait]
+        impl<T: IntakeFake> pb::intake_server::Intake for FakeIntake<T> {
+            async fn get_application_outcome(
+                &self,
+                request: GrpcRequest<pb::GetApplicationOutcomeRequest>,
+            ) -> Result<GrpcResponse<pb::GetApplicationOutcomeResponse>, Status> {
+                self.0.get_application_outcome(request).await
+            }
+
+            type WatchApplicationStream = futures::stream::Empty<Result<pb::WatchApplicationResponse, Status>>;
+
+            $(
+                async fn $name(&self, _: GrpcRequest<$request>) -> Result<GrpcResponse<$response>, Status> {
+                    Err(unimplemented_by_fake())
+                }
+            )*
+        }
+    };
+}
+
+fake_intake! {
+    submit_application(pb::SubmitApplicationRequest) -> pb::SubmitApplicationResponse;
+    get_application(pb::GetApplicationRequest) -> pb::GetApplicationResponse;
+    get_application_timeline(pb::GetApplicationTimelineRequest) -> pb::GetApplicationTimelineResponse;
+    list_applications(pb::ListApplicationsRequest) -> pb::ListApplicationsResponse;
+    watch_application(pb::WatchApplicationRequest) -> Self::WatchApplicationStream;
+    cancel_application(pb::CancelApplicationRequest) -> pb::CancelApplicationResponse;
+    collect_card(pb::CollectCardRequest) -> pb::CollectCardResponse;
+    report_loss(pb::ReportLossRequest) -> pb::ReportLossResponse;
+    withdraw_loss_report(pb::WithdrawLossReportRequest) -> pb::WithdrawLossReportResponse;
 }

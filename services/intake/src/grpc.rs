@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use yidi_domain::ApplicationKind;
 use yidi_grpc::{
     ApiError, FieldViolations,
-    caller::caller_of,
+    caller::{caller_of, ensure_acting_for_itself},
     convert::{document_from_proto, kind_to_proto, refusal_to_proto, state_from_proto, state_to_proto, timestamp},
     validate::{page_size, page_token},
 };
@@ -188,6 +188,30 @@ impl pb::intake_server::Intake for IntakeGrpc {
         Ok(Response::new(pb::GetApplicationTimelineResponse {
             application: Some(to_proto(view)),
             deliveries: deliveries.into_iter().map(yidi_outbox::rpc::to_proto).collect(),
+        }))
+    }
+
+    async fn get_application_outcome(
+        &self,
+        request: Request<pb::GetApplicationOutcomeRequest>,
+    ) -> Result<Response<pb::GetApplicationOutcomeResponse>, Status> {
+        let mut v = FieldViolations::new();
+        let raw = request.get_ref();
+        let id = v.resource_id("application_id", &raw.application_id).map(str::to_owned);
+        let asker = v.required("home_bureau_id", &raw.home_bureau_id, MAX_SHORT).map(str::to_owned);
+        v.finish()?;
+        let (Some(id), Some(asker)) = (id, asker) else {
+            return Err(malformed().into());
+        };
+        ensure_acting_for_itself(request.extensions(), "home_bureau_id", &asker)?;
+        let outcome = self.intake.outcome(&id, &asker).await?;
+        let answer = if outcome.ended { pb::ApplicationOutcome::Ended } else { pb::ApplicationOutcome::Open };
+        Ok(Response::new(pb::GetApplicationOutcomeResponse {
+            application_id: id,
+            outcome: answer as i32,
+            state: state_to_proto(outcome.state) as i32,
+            new_card_serial: outcome.new_card_serial.unwrap_or_default(),
+            updated_at: Some(timestamp(outcome.updated_at)),
         }))
     }
 

@@ -72,6 +72,17 @@ pub struct ApplicationView {
     pub deliveries: Vec<outbox::Model>,
 }
 
+/// How an application stands, as its home bureau asks (K5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Nothing more will happen to it ([`is_final`]).
+    pub ended: bool,
+    pub state: ApplicationState,
+    /// The card handed over, once collected.
+    pub new_card_serial: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
 impl ApplicationView {
     /// Nothing more will happen to it: refused, collected, cancelled, or a recorded loss report.
     pub fn is_final(&self) -> bool {
@@ -310,6 +321,26 @@ impl Intake {
         let events = self.inner.repo.events(application_id).await?;
         let messages = self.inner.repo.messages(application_id).await?;
         Ok(view(model, &events, messages, &self.inner.station))
+    }
+
+    /// K5: how the application stands, for its home bureau `asker`, which holds it open and asks
+    /// whether it ended. Another bureau's application is NOT_FOUND, as an unknown one is.
+    pub async fn outcome(&self, application_id: &str, asker: &str) -> Result<Outcome, ApiError> {
+        let model = self
+            .inner
+            .repo
+            .get(application_id)
+            .await?
+            .filter(|model| model.home_bureau_id == asker)
+            .ok_or_else(|| ApiError::not_found("application", application_id))?;
+        let kind = model.kind.into();
+        let state: ApplicationState = model.state.into();
+        Ok(Outcome {
+            ended: is_final(kind, state, model.loss_recorded),
+            state,
+            new_card_serial: model.new_card_serial.filter(|_| state == ApplicationState::Collected),
+            updated_at: model.updated_at,
+        })
     }
 
     /// Newest first; the next offset if there may be more.

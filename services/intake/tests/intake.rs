@@ -1067,3 +1067,57 @@ async fn c3_lifecycle_on_postgresql() {
     h.stop().await;
     scratch.drop().await.unwrap();
 }
+
+/// K5: the home bureau asks whether an application it holds open ended here.
+async fn outcome(h: &mut Harness, id: &str, home: &str) -> Result<pb::GetApplicationOutcomeResponse, Status> {
+    let request = pb::GetApplicationOutcomeRequest { application_id: id.into(), home_bureau_id: home.into() };
+    Ok(h.client.get_application_outcome(request).await?.into_inner())
+}
+
+#[tokio::test]
+async fn k5_the_station_tells_an_application_s_outcome_only_to_its_home_bureau() {
+    let mut h = Harness::start(NATIONAL).await;
+    let submitted = h.submitted(submit(ApplicationKind::Replacement, jiangxi_applicant())).await;
+    let id = submitted.application_id;
+    assert_eq!(submitted.home_bureau_id, "home-jiangxi");
+    let open = outcome(&mut h, &id, "home-jiangxi").await.unwrap();
+    assert_eq!(open.outcome, pb::ApplicationOutcome::Open as i32, "{open:?}");
+    assert_eq!(open.application_id, id);
+    assert!(open.new_card_serial.is_empty());
+
+    // Another home bureau learns nothing: as for an application that does not exist.
+    let other = outcome(&mut h, &id, "home-zhejiang").await.unwrap_err();
+    assert_eq!(other.code(), Code::NotFound);
+    let unknown = outcome(&mut h, "00000000-0000-4000-8000-000000000000", "home-jiangxi").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert_eq!(
+        other.message().replace(&id, "<id>"),
+        unknown.message().replace("00000000-0000-4000-8000-000000000000", "<id>")
+    );
+    // The asker names itself.
+    let anonymous = outcome(&mut h, &id, " ").await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::InvalidArgument);
+    assert!(anonymous.message().contains("home_bureau_id:"), "{}", anonymous.message());
+
+    // Collected: ended, with the card handed over.
+    h.fakes.dispatched.store(true, Ordering::SeqCst);
+    h.wait_until_ready(&id).await;
+    let live =
+        pb::Biometrics { face_template: with_sensor_noise(&register_face(), 5, 9), fingerprint_template: Vec::new() };
+    let collected = h.collect(&id, Some(live)).await.unwrap();
+    let ended = outcome(&mut h, &id, "home-jiangxi").await.unwrap();
+    assert_eq!(ended.outcome, pb::ApplicationOutcome::Ended as i32, "{ended:?}");
+    assert_eq!(ended.state, pb::ApplicationState::Collected as i32);
+    assert_eq!(ended.new_card_serial, "NEW-0001");
+    assert_eq!(ended.updated_at, collected.updated_at);
+    assert_eq!(outcome(&mut h, &id, "home-zhejiang").await.unwrap_err().code(), Code::NotFound);
+
+    // Cancelled: ended, without a card.
+    let cancelled = h.cancelled_while_verifying().await;
+    let ended = outcome(&mut h, &cancelled, "home-jiangxi").await.unwrap();
+    assert_eq!(ended.outcome, pb::ApplicationOutcome::Ended as i32);
+    assert_eq!(ended.state, pb::ApplicationState::Cancelled as i32);
+    assert!(ended.new_card_serial.is_empty());
+    h.fakes.release_verify.notify_waiters();
+    h.stop().await;
+}

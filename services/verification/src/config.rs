@@ -1,4 +1,5 @@
-//! `VerificationConfig`: the common sections plus `[signing]`, `[register]`, `[biometrics]`.
+//! `VerificationConfig`: the common sections plus `[signing]`, `[register]`, `[biometrics]` and
+//! `[verification]`.
 use std::path::PathBuf;
 use yidi_bureau::BureauConfig;
 
@@ -15,6 +16,8 @@ yidi_bureau::bureau_config! {
         pub register: RegisterConfig,
         #[serde(default)]
         pub biometrics: BiometricsConfig,
+        #[serde(default)]
+        pub verification: OpenMarksConfig,
     }
 }
 
@@ -67,6 +70,36 @@ impl Default for BiometricsConfig {
     }
 }
 
+/// `[verification]`: K5, open applications whose close never came.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenMarksConfig {
+    /// An application held open this many seconds after its approval is asked about at the
+    /// station that lodged it; closed here if the station says it ended.
+    pub ask_station_after_seconds: u64,
+    /// How often such applications are looked for (and asked about again while they stay open).
+    pub ask_station_every_seconds: u64,
+}
+
+impl Default for OpenMarksConfig {
+    fn default() -> Self {
+        Self { ask_station_after_seconds: 3600, ask_station_every_seconds: 300 }
+    }
+}
+
+impl OpenMarksConfig {
+    pub fn ask_after(&self) -> chrono::Duration {
+        chrono::Duration::seconds(i64::try_from(self.ask_station_after_seconds).unwrap_or(i64::MAX))
+    }
+
+    pub fn every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ask_station_every_seconds)
+    }
+}
+
+/// Shortest and longest wait before a station is asked (K5): a minute, a year.
+const ASK_STATION_AFTER_SECONDS: std::ops::RangeInclusive<u64> = 60..=366 * 24 * 3600;
+
 /// Longest accepted decision lifetime: one year.
 const MAX_DECISION_TTL_SECONDS: u64 = 366 * 24 * 3600;
 
@@ -84,6 +117,19 @@ impl VerificationConfig {
             && path.as_os_str().is_empty()
         {
             return Err(ConfigError::key("register.import_path", "must not be empty when set"));
+        }
+        if !ASK_STATION_AFTER_SECONDS.contains(&self.verification.ask_station_after_seconds) {
+            return Err(ConfigError::key(
+                "verification.ask_station_after_seconds",
+                format!(
+                    "must be between {} and {}",
+                    ASK_STATION_AFTER_SECONDS.start(),
+                    ASK_STATION_AFTER_SECONDS.end()
+                ),
+            ));
+        }
+        if !(1..=86_400).contains(&self.verification.ask_station_every_seconds) {
+            return Err(ConfigError::key("verification.ask_station_every_seconds", "must be 1 to 86400"));
         }
         for (key, value) in [
             ("biometrics.face_threshold", self.biometrics.face_threshold),
@@ -115,6 +161,8 @@ mod tests {
         assert!((config.biometrics.face_threshold - 0.90).abs() < f32::EPSILON);
         assert!((config.biometrics.fingerprint_threshold - 0.95).abs() < f32::EPSILON);
         assert!(config.register.import_path.is_none());
+        assert_eq!(config.verification.ask_station_after_seconds, 3600);
+        assert_eq!(config.verification.ask_station_every_seconds, 300);
         assert!(config.validate().is_ok());
     }
 
@@ -123,6 +171,23 @@ mod tests {
         let config = config("[biometrics]\nface_threshold = 1.5\n").unwrap();
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("biometrics.face_threshold"), "{error}");
+    }
+
+    #[test]
+    fn k5_a_bad_wait_before_asking_the_station_names_its_key() {
+        for (extra, key) in [
+            ("ask_station_after_seconds = 59", "verification.ask_station_after_seconds"),
+            ("ask_station_after_seconds = 40000000", "verification.ask_station_after_seconds"),
+            ("ask_station_every_seconds = 0", "verification.ask_station_every_seconds"),
+            ("ask_station_every_seconds = 86401", "verification.ask_station_every_seconds"),
+        ] {
+            let config = config(&format!("[verification]\n{extra}\n")).unwrap();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(key), "{extra}: {error}");
+        }
+        let shortest = config("[verification]\nask_station_after_seconds = 60\nask_station_every_seconds = 1\n");
+        assert!(shortest.unwrap().validate().is_ok());
+        assert!(config("[verification]\nask_station = 1\n").is_err(), "unknown keys are refused");
     }
 
     #[test]

@@ -307,7 +307,7 @@ impl Verification for VerificationApi {
             return Err(ApiError::Internal("validation left a field unset".into()).into());
         };
         let new_card_serial = new_card_serial.filter(|s| !s.is_empty());
-        let closing = Closing { application_id, station_id, final_state, new_card_serial };
+        let closing = Closing { application_id, station_id, final_state, new_card_serial, asked: false };
         let closed = self.verifier.close_application(closing).await?;
         Ok(Response::new(pb::CloseApplicationResponse { closed }))
     }

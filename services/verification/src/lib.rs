@@ -6,9 +6,11 @@
 pub mod config;
 mod entities;
 mod grpc;
+mod open_marks;
 mod registry;
 mod repo;
 mod service;
+mod stations;
 
 use std::{future::Future, path::Path, sync::Arc};
 use yidi_bureau::BureauConfig;
@@ -65,7 +67,7 @@ async fn run(
     prepared: Prepared<VerificationServer<VerificationApi>, Signer>,
 ) -> anyhow::Result<()> {
     let Prepared { directory, clock, db, server, shutdown, checked: signer, connector, .. } = prepared;
-    signer.keys.spawn_reloader(config.directory.reload_every(), shutdown);
+    signer.keys.spawn_reloader(config.directory.reload_every(), shutdown.clone());
     let bureau_id = config.server.bureau_id.clone();
     let repo = Repo::new(db);
     if let Some(path) = &config.register.import_path {
@@ -78,7 +80,9 @@ async fn run(
     });
     let ttl_seconds = i64::try_from(config.signing.decision_ttl_seconds).context("signing.decision_ttl_seconds")?;
     let peers = yidi_grpc::client::Peers::new(directory.clone(), connector);
-    let registry = Arc::new(registry::RegistryLink::new(peers, yidi_grpc::client::DEFAULT_CALL_TIMEOUT));
+    let call_timeout = yidi_grpc::client::DEFAULT_CALL_TIMEOUT;
+    let stations = Arc::new(stations::StationLink::new(peers.clone(), bureau_id.clone(), call_timeout));
+    let registry = Arc::new(registry::RegistryLink::new(peers, call_timeout));
     let verifier = Arc::new(Verifier {
         repo,
         clock,
@@ -90,9 +94,17 @@ async fn run(
         matcher,
         encode: grpc::encode_answer,
         registry,
+        stations,
     });
+    let open_marks = &config.verification;
+    let sweeper =
+        Arc::clone(&verifier).spawn_station_sweeper(open_marks.ask_after(), open_marks.every(), shutdown.clone());
     let api = VerificationApi::new(verifier);
-    server.serve(VerificationServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)).await?;
+    let served = server.serve(VerificationServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)).await;
+    // Stopped like any transaction cut short: a close under way rolls back, and is asked again.
+    sweeper.abort();
+    let _ = sweeper.await;
+    served?;
     Ok(())
 }
 

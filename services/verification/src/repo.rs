@@ -23,6 +23,16 @@ pub struct EarlyClose {
     pub final_state: ApplicationState,
 }
 
+/// An application this bureau holds open (K5): approved, not yet closed by its station.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenMark {
+    pub id: i32,
+    pub application_id: String,
+    /// The station that lodged it, which alone may close it.
+    pub station_id: String,
+    pub opened_at: DateTime<Utc>,
+}
+
 /// A citizen of the register, read into domain types.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Citizen {
@@ -151,6 +161,33 @@ impl Repo {
         purpose: DecisionPurpose,
     ) -> Result<Option<Verification>, DbErr> {
         verification(&self.db, application_id, purpose).await
+    }
+
+    /// K5: up to `limit` applications held open since before `opened_before`, with a row id above
+    /// `after_id`, oldest first.
+    pub async fn open_marks(
+        &self,
+        opened_before: DateTime<Utc>,
+        after_id: i32,
+        limit: u64,
+    ) -> Result<Vec<OpenMark>, DbErr> {
+        let rows = verifications::Entity::find()
+            .filter(verifications::Column::Open.eq(true))
+            .filter(verifications::Column::CreatedAt.lt(opened_before))
+            .filter(verifications::Column::Id.gt(after_id))
+            .order_by_asc(verifications::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| OpenMark {
+                id: row.id,
+                application_id: row.application_id,
+                station_id: row.station_id,
+                opened_at: row.created_at,
+            })
+            .collect())
     }
 
     /// Inserts every citizen not yet registered; existing rows are never overwritten.

@@ -15,7 +15,10 @@ use yidi_runtime::{
     signing::{ActiveKey, KeyRing},
 };
 
-use crate::repo::{Citizen, NewVerification, Repo, Tx, Verification, is_unique_violation};
+use crate::{
+    open_marks::StationOutcomes,
+    repo::{Citizen, NewVerification, Repo, Tx, Verification, is_unique_violation},
+};
 
 /// A Verify request, validated.
 #[derive(Debug, Clone)]
@@ -105,6 +108,7 @@ pub struct Verifier {
     pub(crate) matcher: Arc<dyn BiometricMatcher>,
     pub(crate) encode: EncodeAnswer,
     pub(crate) registry: Arc<dyn TransferSink>,
+    pub(crate) stations: Arc<dyn StationOutcomes>,
 }
 
 /// A station's CloseApplication (K5), validated.
@@ -115,6 +119,8 @@ pub struct Closing<'a> {
     pub final_state: ApplicationState,
     /// The card handed over, for a collection.
     pub new_card_serial: Option<&'a str>,
+    /// Learnt by asking the station (K5, `open_marks`), not told by it.
+    pub asked: bool,
 }
 
 /// What the register and the request say, judged by rules 1–7 of the brief; first failure wins.
@@ -712,7 +718,7 @@ impl Verifier {
     }
 
     async fn close_once(&self, closing: Closing<'_>) -> Result<bool, ApiError> {
-        let Closing { application_id, station_id, final_state, new_card_serial } = closing;
+        let Closing { application_id, station_id, final_state, new_card_serial, asked } = closing;
         let now = self.clock.now();
         let tx = self.repo.begin().await?;
         tx.lock_application(application_id).await?;
@@ -752,6 +758,9 @@ impl Verifier {
         if let (ApplicationState::Collected, Some(serial)) = (final_state, new_card_serial) {
             tx.set_current_card(&row.id_number, serial, row.valid_from, row.valid_until, now).await?;
             detail.push_str(&format!("; current card is now {serial}"));
+        }
+        if asked {
+            detail.push_str("; learnt by asking the station, its close never came (K5)");
         }
         tx.audit(now, AuditEntry::new("close_application", masked.as_str(), state.to_ascii_uppercase(), detail))
             .await?;

@@ -1,5 +1,9 @@
 //! In-process gRPC tests: the real server on an SQLite temp file, talked to with the generated client.
-use std::path::PathBuf;
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use ed25519_dalek::SigningKey;
@@ -15,7 +19,7 @@ use yidi_runtime::{
     directory::{generate_signing_key, write_signing_key},
     population::{Citizen, ExistingCard, Population},
 };
-use yidi_testkit::{Bureau, DirectoryBuilder, directory::write_key_dir, postgres_for_tests};
+use yidi_testkit::{Bureau, DirectoryBuilder, bureau::closed_endpoint, directory::write_key_dir, postgres_for_tests};
 use yidi_verification::config::VerificationConfig;
 
 const HOME: &str = "home-jiangxi";
@@ -174,7 +178,23 @@ impl Fixture {
         Self::build(None, Some(endpoint))
     }
 
+    /// With the stations `STATION` and `station-other` at these endpoints (fakes, or closed ports).
+    fn with_stations(station: String, other: String) -> Self {
+        Self::build_with(None, None, Some((station, other)))
+    }
+
     fn build(database_url: Option<String>, registry_endpoint: Option<String>) -> Self {
+        Self::build_with(database_url, registry_endpoint, None)
+    }
+
+    fn build_with(
+        database_url: Option<String>,
+        registry_endpoint: Option<String>,
+        stations: Option<(String, String)>,
+    ) -> Self {
+        let (station_endpoint, other_endpoint) = stations.unwrap_or_else(|| {
+            (yidi_testkit::directory::UNREACHABLE.to_owned(), yidi_testkit::directory::UNREACHABLE.to_owned())
+        });
         let dir = tempfile::tempdir().unwrap();
         let dir_path = dir.path().to_path_buf();
         let key = generate_signing_key();
@@ -183,8 +203,10 @@ impl Fixture {
         let directory = DirectoryBuilder::new()
             .bureau(STATION, Role::Intake)
             .region("330106")
+            .endpoint(station_endpoint)
             .bureau("station-other", Role::Intake)
             .region("330102")
+            .endpoint(other_endpoint)
             .bureau(LOCAL_STATION, Role::Intake)
             .region("360102")
             .bureau(HOME, Role::Verification)
@@ -1408,4 +1430,213 @@ async fn s4_a_registration_transfer_is_signed_delivered_and_leaves_the_register(
     server.stop().await;
     let audited = "SELECT COUNT(*) FROM audit_log WHERE action = 'transfer_registration'";
     assert_eq!(fixture.count(&format!("{audited} AND outcome = 'TRANSFERRED'")).await, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// K5: an application held open for long is asked about at its station.
+
+/// A station that answers `GetApplicationOutcome` as the test sets it (NOT_FOUND for what it was
+/// not told about) and records every question.
+#[derive(Clone, Default)]
+struct OutcomeStation {
+    answers: Arc<Mutex<HashMap<String, Result<pb::GetApplicationOutcomeResponse, Code>>>>,
+    /// (application id, home bureau id) of each question, in order.
+    asked: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl OutcomeStation {
+    fn answer(&self, application_id: &str, answer: Result<pb::GetApplicationOutcomeResponse, Code>) {
+        self.answers.lock().unwrap().insert(application_id.to_owned(), answer);
+    }
+
+    fn times_asked(&self, application_id: &str) -> usize {
+        self.asked.lock().unwrap().iter().filter(|(id, _)| id == application_id).count()
+    }
+
+    /// Serves it; its endpoint.
+    async fn serve(&self) -> String {
+        let routes = tonic::service::Routes::new(yidi_testkit::fake::intake_server(self.clone()));
+        yidi_testkit::fake::serve_fakes(routes).await.unwrap().0
+    }
+}
+
+#[tonic::async_trait]
+impl yidi_testkit::fake::IntakeFake for OutcomeStation {
+    async fn get_application_outcome(
+        &self,
+        request: tonic::Request<pb::GetApplicationOutcomeRequest>,
+    ) -> Result<tonic::Response<pb::GetApplicationOutcomeResponse>, tonic::Status> {
+        let request = request.into_inner();
+        self.asked.lock().unwrap().push((request.application_id.clone(), request.home_bureau_id.clone()));
+        match self.answers.lock().unwrap().get(&request.application_id).cloned() {
+            Some(Ok(answer)) => Ok(tonic::Response::new(answer)),
+            Some(Err(code)) => Err(tonic::Status::new(code, "as the test says")),
+            None => Err(tonic::Status::not_found("no such application here")),
+        }
+    }
+}
+
+fn outcome(
+    application_id: &str,
+    outcome: pb::ApplicationOutcome,
+    state: pb::ApplicationState,
+    serial: &str,
+) -> pb::GetApplicationOutcomeResponse {
+    pb::GetApplicationOutcomeResponse {
+        application_id: application_id.into(),
+        outcome: outcome as i32,
+        state: state as i32,
+        new_card_serial: serial.into(),
+        updated_at: Some(yidi_grpc::convert::timestamp(now())),
+    }
+}
+
+/// The bureau restarted `hours` after `now()`, asking stations every second (after the default hour).
+async fn restarted_after(fixture: &Fixture, hours: i64) -> Server {
+    let later = now() + chrono::Duration::hours(hours);
+    let config = fixture.config_at(later, "[verification]\nask_station_every_seconds = 1\n");
+    fixture.start_with(config).await.unwrap()
+}
+
+/// Waits (up to 15 s) until `done`.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn open_ids(server: &mut Server, p: &Person) -> Vec<String> {
+    server.citizen(p).await.open_application_ids
+}
+
+const ASKED_BY_SWEEP: &str = "SELECT COUNT(*) FROM audit_log WHERE action = 'close_application' \
+                              AND detail LIKE '%learnt by asking the station%'";
+
+#[tokio::test]
+async fn k5_an_application_whose_close_was_lost_is_closed_once_its_station_says_it_ended() {
+    let station = OutcomeStation::default();
+    let fixture = Fixture::with_stations(station.serve().await, closed_endpoint());
+    let p = replacement();
+    let mut server = fixture.start().await;
+    assert!(server.verify(issue("app-lost", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.decision.is_some());
+    server.stop().await;
+    // The station handed the card over; its close never came (a dead letter, say).
+    station.answer(
+        "app-lost",
+        Ok(outcome("app-lost", pb::ApplicationOutcome::Ended, pb::ApplicationState::Collected, "JX-2001")),
+    );
+
+    // Open for less than the hour: nobody is asked.
+    let mut server = restarted_after(&fixture, 0).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(station.times_asked("app-lost"), 0);
+    assert_eq!(open_ids(&mut server, &p).await, ["app-lost"]);
+    server.stop().await;
+
+    let mut server = restarted_after(&fixture, 2).await;
+    until("the station was asked", || station.times_asked("app-lost") > 0).await;
+    let mut closed = false;
+    for _ in 0..100 {
+        if open_ids(&mut server, &p).await.is_empty() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(closed, "closed once the station said it ended");
+    // As the station's close would have: the card handed over is the current one.
+    let citizen = server.citizen(&p).await;
+    assert_eq!(citizen.current_card_serial, "JX-2001");
+    assert_eq!(station.asked.lock().unwrap().first().map(|(_, home)| home.as_str()), Some(HOME));
+    // A new application is no longer refused as a second open one.
+    let next = server.verify(issue("app-next", &p, pb::ApplicationKind::Replacement, "JX-2001")).await;
+    assert!(next.decision.is_some(), "{next:?}");
+    // Asked about no more once closed (only app-next, not yet an hour old, is open).
+    let asked = station.times_asked("app-lost");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(station.times_asked("app-lost"), asked);
+    // The station's late close is answered as a repeat.
+    let late = closing("app-lost", pb::ApplicationState::Collected, "JX-2001", STATION);
+    assert!(server.client.close_application(late).await.unwrap().into_inner().closed);
+    server.stop().await;
+    assert_eq!(fixture.count(&format!("{ASKED_BY_SWEEP} AND outcome = 'COLLECTED'")).await, 1);
+}
+
+#[tokio::test]
+async fn k5_an_application_its_station_still_holds_open_stays_open() {
+    let station = OutcomeStation::default();
+    let fixture = Fixture::with_stations(station.serve().await, closed_endpoint());
+    let p = replacement();
+    let mut server = fixture.start().await;
+    assert!(server.verify(issue("app-slow", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.decision.is_some());
+    server.stop().await;
+    let open = outcome("app-slow", pb::ApplicationOutcome::Open, pb::ApplicationState::InProduction, "");
+    station.answer("app-slow", Ok(open));
+    // So do an ended answer that closes nothing here, and a collection without its card.
+    let refused = outcome("app-slow", pb::ApplicationOutcome::Ended, pb::ApplicationState::Refused, "");
+    let cardless = outcome("app-slow", pb::ApplicationOutcome::Ended, pb::ApplicationState::Collected, "");
+
+    let mut server = restarted_after(&fixture, 2).await;
+    until("asked twice", || station.times_asked("app-slow") >= 2).await;
+    assert_eq!(open_ids(&mut server, &p).await, ["app-slow"]);
+    for answer in [refused, cardless] {
+        let asked = station.times_asked("app-slow");
+        station.answer("app-slow", Ok(answer));
+        until("asked again", || station.times_asked("app-slow") >= asked + 2).await;
+        assert_eq!(open_ids(&mut server, &p).await, ["app-slow"]);
+    }
+    // Still refused as a second open application.
+    let second = server.verify(issue("app-second", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
+    assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
+    server.stop().await;
+    assert_eq!(fixture.count(ASKED_BY_SWEEP).await, 0);
+}
+
+#[tokio::test]
+async fn k5_a_station_that_cannot_answer_leaves_the_application_open() {
+    let station = OutcomeStation::default();
+    // `station-other` is down: nobody listens at its endpoint.
+    let fixture = Fixture::with_stations(station.serve().await, closed_endpoint());
+    let (down, troubled) = (replacement(), due_on_new_year());
+    let mut server = fixture.start().await;
+    let at_other = pb::VerifyRequest {
+        station_id: "station-other".into(),
+        ..issue("app-down", &down, pb::ApplicationKind::Replacement, "JX-0001")
+    };
+    assert!(server.verify(at_other).await.decision.is_some());
+    let renewal = issue("app-troubled", &troubled, pb::ApplicationKind::Renewal, "JX-0010");
+    assert!(server.verify(renewal).await.decision.is_some());
+    server.stop().await;
+    // The other station answers UNAVAILABLE, then does not know the application: doubt either way.
+    station.answer("app-troubled", Err(Code::Unavailable));
+
+    let mut server = restarted_after(&fixture, 2).await;
+    // Each sweep asks in order of approval: app-down's station has been tried before each of these.
+    until("asked twice", || station.times_asked("app-troubled") >= 2).await;
+    station.answers.lock().unwrap().remove("app-troubled");
+    let asked = station.times_asked("app-troubled");
+    until("asked again", || station.times_asked("app-troubled") >= asked + 2).await;
+    assert_eq!(open_ids(&mut server, &down).await, ["app-down"]);
+    assert_eq!(open_ids(&mut server, &troubled).await, ["app-troubled"]);
+
+    // Once the station answers, the next sweep closes what it says ended; the unreachable one stays.
+    let cancelled = outcome("app-troubled", pb::ApplicationOutcome::Ended, pb::ApplicationState::Cancelled, "");
+    station.answer("app-troubled", Ok(cancelled));
+    let mut closed = false;
+    for _ in 0..100 {
+        if open_ids(&mut server, &troubled).await.is_empty() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(closed, "closed at a later sweep");
+    assert_eq!(server.citizen(&troubled).await.current_card_serial, "JX-0010", "a cancel changes no card");
+    assert_eq!(open_ids(&mut server, &down).await, ["app-down"]);
+    server.stop().await;
+    assert_eq!(fixture.count(&format!("{ASKED_BY_SWEEP} AND outcome = 'CANCELLED'")).await, 1);
 }

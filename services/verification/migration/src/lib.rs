@@ -10,6 +10,7 @@ use yidi_outbox::CreateOutbox;
 mod m20261127_000001_create_citizens;
 mod m20261127_000002_create_verifications;
 mod m20261203_000003_create_early_closes;
+mod m20261204_000004_index_open_marks;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateOutbox),
             Box::new(CreateIdempotentRequests),
             Box::new(m20261203_000003_create_early_closes::Migration),
+            Box::new(m20261204_000004_index_open_marks::Migration),
         ]
     }
 }
