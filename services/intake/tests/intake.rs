@@ -924,3 +924,84 @@ async fn c3_lifecycle_on_postgresql() {
     h.stop().await;
     scratch.drop().await.unwrap();
 }
+
+/// A Jiangxi citizen distinct for each `sequence`.
+fn jiangxi_citizen_number(sequence: u16) -> String {
+    IdNumber::compose("360102", NaiveDate::from_ymd_opt(1991, 4, 2).unwrap(), sequence).as_str().to_owned()
+}
+
+async fn page(
+    h: &mut Harness,
+    state: pb::ApplicationState,
+    page_token: String,
+) -> Result<pb::ListApplicationsResponse, Status> {
+    let request = pb::ListApplicationsRequest { state: state as i32, page_size: 3, page_token };
+    Ok(h.client.list_applications(request).await?.into_inner())
+}
+
+#[tokio::test]
+async fn list_applications_pages_are_stable_under_inserts_and_state_changes() {
+    let mut h = Harness::start(NATIONAL).await;
+    let lodge = |sequence: u16| {
+        let person = applicant(&jiangxi_citizen_number(sequence), "36", pb::DocumentKind::HouseholdRegisterBook);
+        submit(ApplicationKind::Renewal, person)
+    };
+    let mut throughout = Vec::new();
+    for sequence in 100..107 {
+        throughout.push(h.submitted(lodge(sequence)).await.application_id);
+    }
+    let mut seen = Vec::new();
+    let mut added = 0;
+    let mut token = String::new();
+    for round in 0.. {
+        let answer = page(&mut h, pb::ApplicationState::Unspecified, token).await.unwrap();
+        seen.extend(answer.applications.iter().map(|a| a.application_id.clone()));
+        token = answer.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        // Between pages: new applications are lodged, and older ones move on to the next state.
+        h.submitted(lodge(200 + round)).await;
+        added += 1;
+        if round == 1 {
+            h.fakes.dispatched.store(true, Ordering::SeqCst);
+            for id in &throughout {
+                h.wait_until_ready(id).await;
+            }
+            let live = pb::Biometrics {
+                face_template: with_sensor_noise(&register_face(), 5, 9),
+                fingerprint_template: Vec::new(),
+            };
+            h.collect(&throughout[3], Some(live)).await.unwrap();
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "no application twice: {seen:?}");
+    for id in &throughout {
+        assert!(seen.contains(id), "{id} existed throughout but was not listed: {seen:?}");
+    }
+
+    // A token belongs to its filter; an oversized page is clamped, not refused.
+    let first = page(&mut h, pb::ApplicationState::ReadyForCollection, String::new()).await.unwrap();
+    assert!(!first.next_page_token.is_empty());
+    let status = page(&mut h, pb::ApplicationState::Collected, first.next_page_token.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(violations.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(), ["page_token"]);
+    let mut ready: Vec<String> = first.applications.into_iter().map(|a| a.application_id).collect();
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let answer = page(&mut h, pb::ApplicationState::ReadyForCollection, token).await.unwrap();
+        ready.extend(answer.applications.into_iter().map(|a| a.application_id));
+        token = answer.next_page_token;
+    }
+    let collected = &throughout[3];
+    assert!(throughout.iter().all(|id| ready.contains(id) == (id != collected)), "{ready:?}");
+    let all = pb::ListApplicationsRequest { page_size: 10_000, ..Default::default() };
+    let all = h.client.list_applications(all).await.unwrap().into_inner();
+    assert!(all.next_page_token.is_empty());
+    assert_eq!(all.applications.len(), throughout.len() + added);
+    h.stop().await;
+}

@@ -763,7 +763,17 @@ async fn c4_lost_card_check_is_a_hit_for_the_home_bureau() {
         .unwrap()
         .into_inner();
     assert_eq!(rest.hits.len(), 1);
-    assert!(rest.next_page_token.is_empty());
+    // The last page still carries a cursor: polling with it returns nothing until a new hit, then it.
+    let poll = |page_token: String| pb::ListHitsRequest { home_bureau_id: JIANGXI.into(), page_size: 0, page_token };
+    let idle = h.client.list_hits(poll(rest.next_page_token.clone())).await.unwrap().into_inner();
+    assert!(idle.hits.is_empty());
+    assert_eq!(idle.next_page_token, rest.next_page_token);
+    h.try_check(&p.id, &p.card, "bank-of-nanchang").await.unwrap();
+    let new = h.client.list_hits(poll(idle.next_page_token)).await.unwrap().into_inner();
+    assert_eq!(new.hits.iter().map(|hit| hit.relying_party.as_str()).collect::<Vec<_>>(), ["bank-of-nanchang"]);
+    // The cursor is tied to its bureau.
+    let foreign = pb::ListHitsRequest { home_bureau_id: SICHUAN.into(), page_size: 0, page_token: new.next_page_token };
+    assert_eq!(violations(&h.client.list_hits(foreign).await.unwrap_err()), vec!["page_token"]);
     h.shutdown().await;
 }
 
