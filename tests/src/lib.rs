@@ -198,6 +198,7 @@ impl TestSuite {
                 kind: kind as i32,
                 applicant: Some(applicant(citizen)),
                 card_serial,
+                request_id: String::new(),
             })
             .await?
             .into_inner()

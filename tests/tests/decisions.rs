@@ -64,14 +64,17 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
 
     for (what, forged, expected) in forgeries(&t, &citizen, DecisionPurpose::IssueCard, topology::PRODUCER) {
         let wire = signed_decision_to_proto(&forged);
-        let refused =
-            issuance.place_order(pb::PlaceOrderRequest { decision: Some(wire.clone()) }).await.expect_err(what);
+        let refused = issuance
+            .place_order(pb::PlaceOrderRequest { decision: Some(wire.clone()), request_id: String::new() })
+            .await
+            .expect_err(what);
         assert_eq!(reason(&refused), expected, "issuance, {what}: {refused:?}");
         let refused = producer_at_registry
             .register_card(pb::RegisterCardRequest {
                 decision: Some(wire),
                 producer_id: topology::PRODUCER.into(),
                 card_serial: "ZJ9000000001".into(),
+                request_id: String::new(),
             })
             .await
             .expect_err(what);
@@ -79,7 +82,10 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     }
     for (what, forged, expected) in forgeries(&t, &citizen, DecisionPurpose::ReportLoss, topology::REGISTRY) {
         let refused = registry
-            .report_loss(pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&forged)) })
+            .report_loss(pb::LossRegistryReportLossRequest {
+                decision: Some(signed_decision_to_proto(&forged)),
+                request_id: String::new(),
+            })
             .await
             .expect_err(what);
         assert_eq!(reason(&refused), expected, "registry loss, {what}: {refused:?}");
@@ -97,6 +103,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     let refused = registry
         .report_loss(pb::LossRegistryReportLossRequest {
             decision: Some(rewritten(DecisionPurpose::ReportLoss, topology::REGISTRY)),
+            request_id: String::new(),
         })
         .await
         .expect_err("rewritten province, loss");
@@ -106,6 +113,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
             decision: Some(rewritten(DecisionPurpose::IssueCard, topology::PRODUCER)),
             producer_id: topology::PRODUCER.into(),
             card_serial: "ZJ9000000003".into(),
+            request_id: String::new(),
         })
         .await
         .expect_err("rewritten province, card");
@@ -116,7 +124,10 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         .decision(&citizen, DecisionPurpose::IssueCard, topology::REGISTRY, at(NATIONAL_DAY))
         .sign(&t.suite.keys[topology::HOME_JIANGXI].key);
     let refused = registry
-        .report_loss(pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&for_producer)) })
+        .report_loss(pb::LossRegistryReportLossRequest {
+            decision: Some(signed_decision_to_proto(&for_producer)),
+            request_id: String::new(),
+        })
         .await
         .expect_err("wrong purpose");
     assert_eq!(reason(&refused), "DECISION_WRONG_PURPOSE");
@@ -138,13 +149,15 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
             .sign(&t.suite.keys[topology::HOME_JIANGXI].key),
     );
     let order = issuance
-        .place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) })
+        .place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()), request_id: String::new() })
         .await?
         .into_inner()
         .order
         .context("order")?;
-    let replayed =
-        issuance.place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) }).await.expect_err("replay");
+    let replayed = issuance
+        .place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()), request_id: String::new() })
+        .await
+        .expect_err("replay");
     assert_eq!(replayed.code(), tonic::Code::AlreadyExists);
     assert_eq!(reason(&replayed), "DECISION_ALREADY_USED");
     // Wait until the producer has registered its card, then replay the decision at the registry.
@@ -168,6 +181,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
             decision: Some(genuine),
             producer_id: topology::PRODUCER.into(),
             card_serial: "ZJ9000000002".into(),
+            request_id: String::new(),
         })
         .await
         .expect_err("a second card for one decision");

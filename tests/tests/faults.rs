@@ -62,7 +62,11 @@ async fn submit_round(t: &TestSuite, round: usize) -> anyhow::Result<Vec<Acknowl
         let application = t
             .intake()
             .await?
-            .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&lost)), card_serial: serial(&lost) })
+            .report_loss(pb::ReportLossRequest {
+                applicant: Some(applicant(&lost)),
+                card_serial: serial(&lost),
+                request_id: String::new(),
+            })
             .await?
             .into_inner()
             .application

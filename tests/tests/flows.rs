@@ -25,7 +25,11 @@ async fn k3_loss_report_alone_invalidates_the_card_everywhere(db: Db) -> anyhow:
     let citizen = t.citizen("loss_report", "51")?;
     let mut intake = t.intake().await?;
     let reported = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) })
+        .report_loss(pb::ReportLossRequest {
+            applicant: Some(applicant(&citizen)),
+            card_serial: serial(&citizen),
+            request_id: String::new(),
+        })
         .await?
         .into_inner()
         .application
@@ -87,6 +91,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(wrong_finger),
             card_serial: serial(&citizen),
+            request_id: String::new(),
         })
         .await
         .expect_err("someone else's finger");
@@ -95,6 +100,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(applicant(&citizen)),
             card_serial: serial(&citizen),
+            request_id: String::new(),
         })
         .await?
         .into_inner();
@@ -118,6 +124,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(applicant(&citizen)),
             card_serial: serial(&citizen),
+            request_id: String::new(),
         })
         .await
         .expect_err("revoked is final");
@@ -170,7 +177,11 @@ async fn n3_routing_follows_the_declared_registration_not_the_number(db: Db) -> 
     let moved = t.citizen("registration_moved", "36")?;
     assert!(moved.person.id_number.starts_with("33"));
     let application = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&moved)), card_serial: serial(&moved) })
+        .report_loss(pb::ReportLossRequest {
+            applicant: Some(applicant(&moved)),
+            card_serial: serial(&moved),
+            request_id: String::new(),
+        })
         .await?
         .into_inner()
         .application
@@ -183,7 +194,11 @@ async fn n3_routing_follows_the_declared_registration_not_the_number(db: Db) -> 
     let mut wrong = applicant(&citizen);
     wrong.declared_province = "51".into();
     let application = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(wrong), card_serial: serial(&citizen) })
+        .report_loss(pb::ReportLossRequest {
+            applicant: Some(wrong),
+            card_serial: serial(&citizen),
+            request_id: String::new(),
+        })
         .await?
         .into_inner()
         .application
@@ -247,7 +262,10 @@ async fn lifecycle_cancellation_only_before_production(db: Db) -> anyhow::Result
     let application = t.submit(pb::ApplicationKind::Renewal, &waiting, serial(&waiting)).await?;
     assert_eq!(application.state, pb::ApplicationState::Verifying as i32, "{application:?}");
     let cancelled = intake
-        .cancel_application(pb::CancelApplicationRequest { application_id: application.application_id.clone() })
+        .cancel_application(pb::CancelApplicationRequest {
+            application_id: application.application_id.clone(),
+            request_id: String::new(),
+        })
         .await?
         .into_inner()
         .application
@@ -262,7 +280,10 @@ async fn lifecycle_cancellation_only_before_production(db: Db) -> anyhow::Result
     let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
     let ready = t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
     let refused = intake
-        .cancel_application(pb::CancelApplicationRequest { application_id: ready.application_id.clone() })
+        .cancel_application(pb::CancelApplicationRequest {
+            application_id: ready.application_id.clone(),
+            request_id: String::new(),
+        })
         .await
         .expect_err("too late to cancel");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);

@@ -184,6 +184,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         }),
         producer_id: if issue { inner.station.producer_id.clone() } else { String::new() },
         declared_province: model.declared_province.clone(),
+        request_id: String::new(),
     };
     let answer = match inner.peers.verify(&model.home_bureau_id, request, &message.id).await {
         Ok(answer) => answer,
@@ -416,6 +417,7 @@ async fn close_step(step: Step<'_>) -> Result<Delivery, ApiError> {
             String::new()
         },
         station_id: inner.station.id.clone(),
+        request_id: String::new(),
     };
     match inner.peers.close_application(&model.home_bureau_id, request, &message.id).await {
         Ok(_) => {}

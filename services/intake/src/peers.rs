@@ -137,7 +137,12 @@ impl Peers {
     ) -> Result<pb::LossRegistryReportLossResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .report_loss(self.keyed(pb::LossRegistryReportLossRequest { decision: Some(decision) }, key))
+            .report_loss(
+                self.keyed(
+                    pb::LossRegistryReportLossRequest { decision: Some(decision), request_id: String::new() },
+                    key,
+                ),
+            )
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
@@ -150,7 +155,10 @@ impl Peers {
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .withdraw_loss_report(self.request(pb::LossRegistryWithdrawLossReportRequest { decision: Some(decision) }))
+            .withdraw_loss_report(self.request(pb::LossRegistryWithdrawLossReportRequest {
+                decision: Some(decision),
+                request_id: String::new(),
+            }))
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
@@ -164,7 +172,7 @@ impl Peers {
     ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
         let response = client
-            .place_order(self.keyed(pb::PlaceOrderRequest { decision: Some(decision) }, key))
+            .place_order(self.keyed(pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() }, key))
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(producer))?;

@@ -391,17 +391,21 @@ poll_ms = 20
     }
 
     async fn cancel(&mut self, application_id: String) -> Result<pb::Application, Status> {
-        let request = pb::CancelApplicationRequest { application_id };
+        let request = pb::CancelApplicationRequest { application_id, request_id: String::new() };
         Ok(self.client.cancel_application(request).await?.into_inner().application.unwrap())
     }
 
     async fn collect(&mut self, id: &str, live: Option<pb::Biometrics>) -> Result<pb::Application, Status> {
-        let request = pb::CollectCardRequest { application_id: id.to_owned(), live };
+        let request = pb::CollectCardRequest { application_id: id.to_owned(), live, request_id: String::new() };
         Ok(self.client.collect_card(request).await?.into_inner().application.unwrap())
     }
 
     async fn report_loss(&mut self, applicant: pb::Applicant, card_serial: &str) -> Result<pb::Application, Status> {
-        let request = pb::ReportLossRequest { applicant: Some(applicant), card_serial: card_serial.into() };
+        let request = pb::ReportLossRequest {
+            applicant: Some(applicant),
+            card_serial: card_serial.into(),
+            request_id: String::new(),
+        };
         Ok(self.client.report_loss(request).await?.into_inner().application.unwrap())
     }
 
@@ -445,6 +449,7 @@ fn submit(kind: ApplicationKind, applicant: pb::Applicant) -> pb::SubmitApplicat
         kind: yidi_grpc::convert::kind_to_proto(kind) as i32,
         applicant: Some(applicant),
         card_serial: "OLD-0001".into(),
+        request_id: String::new(),
     }
 }
 
@@ -862,6 +867,7 @@ async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_u
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(person.clone()),
             card_serial: "OLD-0004".into(),
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -874,6 +880,7 @@ async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_u
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(person),
             card_serial: FINAL_SERIAL.into(),
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -1003,5 +1010,31 @@ async fn list_applications_pages_are_stable_under_inserts_and_state_changes() {
     let all = h.client.list_applications(all).await.unwrap().into_inner();
     assert!(all.next_page_token.is_empty());
     assert_eq!(all.applications.len(), throughout.len() + added);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_submission_with_the_same_request_id_is_answered_with_the_same_application() {
+    let mut h = Harness::start(NATIONAL).await;
+    let mut request = submit(ApplicationKind::Renewal, jiangxi_applicant());
+    request.request_id = "6f1c2d7e-2b1a-4c8e-9a51-0d3b8f7c4e21".into();
+    let first = h.submitted(request.clone()).await;
+    let again = h.submitted(request.clone()).await;
+    assert_eq!(again.application_id, first.application_id, "answered, not lodged again");
+    assert_eq!(h.list_all().await.len(), 1);
+    // The same request_id with another request is refused.
+    let mut other = request.clone();
+    other.card_serial = "OLD-0009".into();
+    let status = h.client.submit_application(other).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(reason(&status), "IDEMPOTENCY_KEY_REUSED");
+    // The header stays accepted, but must agree with the field.
+    let mut both = Request::new(request);
+    both.metadata_mut().insert("idempotency-key", "another-key".parse().unwrap());
+    let status = h.client.submit_application(both).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(violations.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(), ["request_id"]);
+    assert_eq!(h.list_all().await.len(), 1);
     h.stop().await;
 }

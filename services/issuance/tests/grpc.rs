@@ -225,7 +225,10 @@ impl Producer {
     }
 
     async fn place(&mut self, decision: pb::SignedDecision) -> Result<pb::Order, Status> {
-        let response = self.client.place_order(pb::PlaceOrderRequest { decision: Some(decision) }).await?;
+        let response = self
+            .client
+            .place_order(pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() })
+            .await?;
         Ok(response.into_inner().order.expect("order"))
     }
 
@@ -399,7 +402,11 @@ async fn s4_issuance_refuses_replayed_decision() {
 #[tokio::test]
 async fn s4_issuance_rejects_malformed_requests_with_field_violations() {
     let (mut producer, _registry) = producer_and_registry().await;
-    let status = producer.client.place_order(pb::PlaceOrderRequest { decision: None }).await.unwrap_err();
+    let status = producer
+        .client
+        .place_order(pb::PlaceOrderRequest { decision: None, request_id: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let fields = violated_fields(&status);
     assert_eq!(fields, vec!["decision".to_owned()]);

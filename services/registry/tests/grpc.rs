@@ -231,7 +231,10 @@ impl Harness {
     }
 
     async fn report_loss(&mut self, signed: &SignedDecision) -> Result<pb::LossRegistryReportLossResponse, Status> {
-        let request = pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(signed)) };
+        let request = pb::LossRegistryReportLossRequest {
+            decision: Some(signed_decision_to_proto(signed)),
+            request_id: String::new(),
+        };
         self.client.report_loss(request).await.map(|r| r.into_inner())
     }
 
@@ -239,7 +242,10 @@ impl Harness {
         &mut self,
         signed: &SignedDecision,
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
-        let request = pb::LossRegistryWithdrawLossReportRequest { decision: Some(signed_decision_to_proto(signed)) };
+        let request = pb::LossRegistryWithdrawLossReportRequest {
+            decision: Some(signed_decision_to_proto(signed)),
+            request_id: String::new(),
+        };
         self.client.withdraw_loss_report(request).await.map(|r| r.into_inner())
     }
 
@@ -253,6 +259,7 @@ impl Harness {
             decision: Some(signed_decision_to_proto(signed)),
             producer_id: producer.into(),
             card_serial: serial.into(),
+            request_id: String::new(),
         };
         self.client.register_card(request).await.map(|r| r.into_inner())
     }
@@ -854,7 +861,11 @@ async fn s4_invalid_decision_structure_is_invalid_argument_and_writes_nothing() 
     let p = person(123, "JX-0001");
     let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
     let before = counts(&h).await;
-    let error = h.client.report_loss(pb::LossRegistryReportLossRequest { decision: None }).await.unwrap_err();
+    let error = h
+        .client
+        .report_loss(pb::LossRegistryReportLossRequest { decision: None, request_id: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(violations(&error), vec!["decision"]);
     let mut no_serial = h.loss(&p, "loss-1");
     no_serial.decision.previous_card_serial.clear();
