@@ -164,7 +164,11 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let state = issuance
-            .get_order(pb::GetOrderRequest { order_id: order.order_id.clone(), decision_id: String::new() })
+            .get_order(pb::GetOrderRequest {
+                order_id: order.order_id.clone(),
+                decision_id: String::new(),
+                station_id: String::new(),
+            })
             .await?
             .into_inner()
             .order

@@ -142,6 +142,7 @@ async fn settle_and_check(t: &TestSuite, acknowledged: &[Acknowledged]) -> anyho
                     .get_order(pb::GetOrderRequest {
                         order_id: application.order_id.clone(),
                         decision_id: String::new(),
+                        station_id: String::new(),
                     })
                     .await?
                     .into_inner()

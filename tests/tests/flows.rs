@@ -144,7 +144,7 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
     let order = t
         .issuance()
         .await?
-        .get_order(pb::GetOrderRequest { order_id: ready.order_id.clone(), decision_id: String::new() })
+        .get_order(pb::GetOrderRequest { order_id: ready.order_id.clone(), ..Default::default() })
         .await?
         .into_inner()
         .order

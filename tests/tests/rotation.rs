@@ -170,7 +170,11 @@ async fn wait_until_dispatched(t: &TestSuite, order_id: &str) -> anyhow::Result<
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let order = issuance
-            .get_order(pb::GetOrderRequest { order_id: order_id.to_owned(), decision_id: String::new() })
+            .get_order(pb::GetOrderRequest {
+                order_id: order_id.to_owned(),
+                decision_id: String::new(),
+                station_id: String::new(),
+            })
             .await?
             .into_inner()
             .order

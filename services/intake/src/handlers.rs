@@ -322,7 +322,7 @@ async fn place_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     let order = match inner.peers.place_order(producer, decision, &message.id).await {
         Ok(order) => order,
         Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
-            match inner.peers.get_order(producer, "", &decision_id).await {
+            match inner.peers.get_order(producer, &inner.station.id, "", &decision_id).await {
                 Ok(order) => order,
                 Err(error) => return Ok(from_peer(error)),
             }
@@ -366,7 +366,7 @@ async fn await_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     let Some(order_id) = model.order_id.clone() else {
         return Ok(Delivery::Fail(format!("application {id} has no order to follow")));
     };
-    let order = match inner.peers.get_order(&inner.station.producer_id, &order_id, "").await {
+    let order = match inner.peers.get_order(&inner.station.producer_id, &inner.station.id, &order_id, "").await {
         Ok(order) => order,
         Err(error) => return Ok(from_peer(error)),
     };

@@ -182,17 +182,23 @@ impl Peers {
         })
     }
 
-    pub async fn get_order(&self, producer: &str, order_id: &str, decision_id: &str) -> Result<pb::Order, PeerError> {
+    pub async fn get_order(
+        &self,
+        producer: &str,
+        station_id: &str,
+        order_id: &str,
+        decision_id: &str,
+    ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
-        let response =
-            client
-                .get_order(self.request(pb::GetOrderRequest {
-                    order_id: order_id.to_owned(),
-                    decision_id: decision_id.to_owned(),
-                }))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(Self::status(producer))?;
+        let response = client
+            .get_order(self.request(pb::GetOrderRequest {
+                order_id: order_id.to_owned(),
+                decision_id: decision_id.to_owned(),
+                station_id: station_id.to_owned(),
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(producer))?;
         response.order.ok_or_else(|| PeerError::Unreachable {
             peer: producer.to_owned(),
             message: "GetOrder answered without an order".into(),

@@ -233,7 +233,8 @@ impl Producer {
     }
 
     async fn get(&mut self, decision_id: &str) -> Result<pb::Order, Status> {
-        let request = pb::GetOrderRequest { order_id: String::new(), decision_id: decision_id.into() };
+        let request =
+            pb::GetOrderRequest { order_id: String::new(), decision_id: decision_id.into(), station_id: String::new() };
         Ok(self.client.get_order(request).await?.into_inner().order.expect("order"))
     }
 
@@ -252,8 +253,12 @@ impl Producer {
 
     /// Every state the order passes through, from WatchOrder, until the stream ends.
     async fn watch_to_end(&mut self, order_id: &str) -> Vec<pb::Order> {
-        let mut stream =
-            self.client.watch_order(pb::WatchOrderRequest { order_id: order_id.into() }).await.unwrap().into_inner();
+        let mut stream = self
+            .client
+            .watch_order(pb::WatchOrderRequest { order_id: order_id.into(), station_id: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
         let mut seen = Vec::new();
         tokio::time::timeout(WAIT, async {
             while let Some(message) = stream.next().await {
@@ -423,15 +428,23 @@ async fn s4_issuance_rejects_malformed_requests_with_field_violations() {
     assert!(fields.contains(&"decision.decision.card.valid_from".to_owned()), "{fields:?}");
     assert!(fields.contains(&"decision.decision.expires_at".to_owned()), "{fields:?}");
 
-    let both = pb::GetOrderRequest { order_id: uuid::Uuid::new_v4().to_string(), decision_id: "d".into() };
+    let both = pb::GetOrderRequest {
+        order_id: uuid::Uuid::new_v4().to_string(),
+        decision_id: "d".into(),
+        station_id: String::new(),
+    };
     assert_eq!(producer.client.get_order(both).await.unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(
         producer.client.get_order(pb::GetOrderRequest::default()).await.unwrap_err().code(),
         Code::InvalidArgument
     );
-    let unknown = pb::GetOrderRequest { order_id: uuid::Uuid::new_v4().to_string(), decision_id: String::new() };
+    let unknown = pb::GetOrderRequest {
+        order_id: uuid::Uuid::new_v4().to_string(),
+        decision_id: String::new(),
+        station_id: String::new(),
+    };
     assert_eq!(producer.client.get_order(unknown).await.unwrap_err().code(), Code::NotFound);
-    let bad_watch = pb::WatchOrderRequest { order_id: "nope".into() };
+    let bad_watch = pb::WatchOrderRequest { order_id: "nope".into(), station_id: String::new() };
     assert_eq!(producer.client.watch_order(bad_watch).await.unwrap_err().code(), Code::InvalidArgument);
     // Invalid input writes nothing, not even an audit row.
     assert_eq!(producer.count("SELECT COUNT(*) AS n FROM orders").await, 0);
@@ -633,4 +646,32 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
         let error = result.expect("start-up fails at once").unwrap_err().to_string();
         assert!(error.contains(key_name), "case {index}: {error}");
     }
+}
+
+#[tokio::test]
+async fn s4_one_station_is_refused_another_stations_order() {
+    let fake = FakeRegistry::default();
+    let (endpoint, _registry) = start_registry(fake.clone()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let placed = producer.place(signed_decision_to_proto(&producer.signed("d-own"))).await.unwrap();
+    assert_eq!(placed.station_id, "station-hangzhou");
+    let ask = |station: &str| pb::GetOrderRequest {
+        order_id: placed.order_id.clone(),
+        decision_id: String::new(),
+        station_id: station.into(),
+    };
+    // The station that placed it sees it; another station is refused, by order id or by decision.
+    assert_eq!(producer.client.get_order(ask("station-hangzhou")).await.unwrap().into_inner().order.unwrap(), placed);
+    let status = producer.client.get_order(ask("station-ningbo")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "ORDER_OF_ANOTHER_STATION");
+    let by_decision = pb::GetOrderRequest {
+        order_id: String::new(),
+        decision_id: "d-own".into(),
+        station_id: "station-ningbo".into(),
+    };
+    assert_eq!(reason(&producer.client.get_order(by_decision).await.unwrap_err()), "ORDER_OF_ANOTHER_STATION");
+    let watch = pb::WatchOrderRequest { order_id: placed.order_id.clone(), station_id: "station-ningbo".into() };
+    assert_eq!(reason(&producer.client.watch_order(watch).await.unwrap_err()), "ORDER_OF_ANOTHER_STATION");
+    producer.shutdown().await;
 }
