@@ -159,6 +159,7 @@ impl TestSuite {
             previous_card_serial: serial(citizen),
             issued_at,
             expires_at: issued_at + chrono::Duration::days(7),
+            transfer_to_bureau_id: String::new(),
         }
     }
 

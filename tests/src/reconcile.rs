@@ -23,10 +23,12 @@ use yidi_demo::{suite::Suite, topology::Process};
 /// Where a run expects an application to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
-    /// READY_FOR_COLLECTION: one order, one card registered, the old card revoked.
+    /// READY_FOR_COLLECTION: one order, one card registered and awaiting collection, the old card
+    /// as the application left it (reported lost for a replacement, valid for a renewal).
     CardReady,
-    /// As `CardReady`, then COLLECTED at the counter, and the home bureau told (K5): its
-    /// verification is closed as collected and the new card is the citizen's current one.
+    /// As `CardReady`, then COLLECTED at the counter, the registry told (the new card valid, the old
+    /// one revoked) and the home bureau told (K5): its verification is closed as collected and the
+    /// new card is the citizen's current one.
     Collected,
     /// A loss report: APPROVED with the loss recorded, the card reported lost.
     LossRecorded,
@@ -74,6 +76,8 @@ struct Application {
     halted: bool,
     home_notified: bool,
     last_error: Option<String>,
+    /// C3: the registry answered the station's report of the collection.
+    registry_told: bool,
 }
 
 impl Application {
@@ -87,7 +91,9 @@ impl Application {
             && match self.state.as_str() {
                 "refused" | "ready_for_collection" => true,
                 // Settled once the home bureau has been told (K5).
-                "cancelled" | "collected" => self.home_notified,
+                "cancelled" => self.home_notified,
+                // And the registry told, so that the new card is valid (C3).
+                "collected" => self.home_notified && self.registry_told,
                 "approved" => self.kind == "loss_report" && self.loss_recorded,
                 _ => false,
             }
@@ -205,7 +211,9 @@ async fn applications(url: &str) -> anyhow::Result<Vec<Application>> {
          (SELECT COUNT(*) FROM outbox_messages m WHERE m.subject = a.application_id AND m.state = 'dead') > 0, \
          a.home_notified, \
          (SELECT m.last_error FROM outbox_messages m WHERE m.subject = a.application_id \
-           AND m.state IN ('pending', 'dead') ORDER BY m.created_at DESC LIMIT 1) \
+           AND m.state IN ('pending', 'dead') ORDER BY m.created_at DESC LIMIT 1), \
+         (SELECT COUNT(*) FROM outbox_messages m WHERE m.subject = a.application_id \
+           AND m.topic = 'record_collection' AND m.state = 'delivered') > 0 \
          FROM applications a",
     )
     .await?;
@@ -223,6 +231,7 @@ async fn applications(url: &str) -> anyhow::Result<Vec<Application>> {
                 halted: row.try_get_by_index(7)?,
                 home_notified: row.try_get_by_index(8)?,
                 last_error: row.try_get_by_index(9)?,
+                registry_told: row.try_get_by_index(10)?,
             })
         })
         .collect()
@@ -447,7 +456,11 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
                         [card] if card.serial != order.card_serial => {
                             report.lost.push(format!("{id}: registry holds {} for the order's decision", card.serial))
                         }
-                        [card] if card.status != "valid" => {
+                        // C3: valid once the registry was told of the collection, made until then.
+                        [card] if card.status != "valid" && application.registry_told => {
+                            report.unexpected.push(format!("{id}: new card {} is {}", card.serial, card.status))
+                        }
+                        [card] if !matches!(card.status.as_str(), "made" | "valid") => {
                             report.unexpected.push(format!("{id}: new card {} is {}", card.serial, card.status))
                         }
                         [_] => {}
@@ -460,8 +473,13 @@ pub async fn reconcile(databases: &Databases, acknowledged: &[Acknowledged]) -> 
                             .duplicated
                             .push(format!("{id}: {made} cards registered for a citizen who applied {ordered} times"));
                     }
+                    // S1: revoked by the new card's collection; until then, as the application left it.
+                    let new_valid =
+                        card_by_serial.get(order.card_serial.as_str()).is_some_and(|card| card.status == "valid");
+                    let old_until_collected = if application.kind == "renewal" { "valid" } else { "reported_lost" };
                     match card_by_serial.get(application.previous_card_serial.as_str()) {
-                        Some(old) if old.status == "revoked" => {}
+                        Some(old) if new_valid && old.status == "revoked" => {}
+                        Some(old) if !new_valid && old.status == old_until_collected => {}
                         Some(old) => report.unexpected.push(format!("{id}: old card {} is {}", old.serial, old.status)),
                         None => {
                             report.lost.push(format!("{id}: old card {} unknown", application.previous_card_serial))

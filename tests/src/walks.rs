@@ -34,22 +34,12 @@ pub async fn replacement_across_provinces(t: &TestSuite) -> anyhow::Result<()> {
     let new_serial = ready.new_card_serial.clone();
     assert!(!new_serial.is_empty() && new_serial != old_serial);
 
-    // S1: the old card was reported lost, then revoked by the new card.
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        let event = tokio::time::timeout(Duration::from_secs(10), revocations.next())
-            .await
-            .context("revocation stream stalled")?
-            .context("stream ended")??;
-        if event.card_serial == old_serial {
-            seen.push(event.status);
-        }
-    }
-    assert_eq!(seen, vec![pb::CardStatus::ReportedLost as i32, pb::CardStatus::Revoked as i32]);
+    // C3: the new card is made but not yet handed over: not valid, and the old card stays
+    // reported lost until it is.
     let old = bank.check_card(check(old_serial.clone())).await?.into_inner();
-    assert_eq!(old.status, pb::CardStatus::Revoked as i32);
+    assert_eq!(old.status, pb::CardStatus::ReportedLost as i32);
     let new = bank.check_card(check(new_serial.clone())).await?.into_inner();
-    assert_eq!(new.status, pb::CardStatus::Valid as i32);
+    assert_eq!(new.status, pb::CardStatus::AwaitingCollection as i32);
 
     // C3: handed over only after a fresh face match.
     let mut stranger = live(&citizen);
@@ -81,6 +71,24 @@ pub async fn replacement_across_provinces(t: &TestSuite) -> anyhow::Result<()> {
         [S::Received, S::Verifying, S::Approved, S::InProduction, S::ReadyForCollection, S::Collected]
             .map(|s| s as i32)
     );
+
+    // S1: the old card was reported lost, then revoked by the collection of the new card, which
+    // is valid from then on.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(10), revocations.next())
+            .await
+            .context("revocation stream stalled")?
+            .context("stream ended")??;
+        if event.card_serial == old_serial {
+            seen.push(event.status);
+        }
+    }
+    assert_eq!(seen, vec![pb::CardStatus::ReportedLost as i32, pb::CardStatus::Revoked as i32]);
+    let old = bank.check_card(check(old_serial.clone())).await?.into_inner();
+    assert_eq!(old.status, pb::CardStatus::Revoked as i32);
+    let new = bank.check_card(check(new_serial.clone())).await?.into_inner();
+    assert_eq!(new.status, pb::CardStatus::Valid as i32);
 
     // The home bureau now knows the new card as current; the application is closed (K5).
     let mut home = t.home(Process::HomeJiangxi).await?;

@@ -13,7 +13,10 @@ use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, at, on_both_databases, reason, serial, start_tls, topology, topology::Process,
 };
 
-on_both_databases!(s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry);
+on_both_databases!(
+    s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_issuance_and_registry,
+    s4_a_registration_transfer_hands_the_cards_to_the_new_home_bureau,
+);
 
 /// Every way a decision can be wrong, each expected to be refused with this `ErrorInfo.reason`.
 fn forgeries(
@@ -190,5 +193,52 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         .await
         .expect_err("a second card for one decision");
     assert_eq!(reason(&replayed), "DECISION_ALREADY_USED");
+    t.stop().await
+}
+
+/// S4 through the real suite over mutual TLS: Jiangxi's admin operator transfers a citizen's
+/// registration to Sichuan, and Jiangxi delivers the decision to the registry under its own
+/// certificate. Before, the registry refuses Sichuan's loss decision about the card; after, it
+/// refuses Jiangxi's and accepts Sichuan's, and Jiangxi no longer knows the citizen.
+async fn s4_a_registration_transfer_hands_the_cards_to_the_new_home_bureau(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let citizen = t.ordinary("36", 1)?;
+    let mut registry = LossRegistryClient::new(t.channel_as(Process::Registry, topology::STATION).await?);
+    let sichuan = &t.suite.keys[topology::HOME_SICHUAN];
+    let loss = |signer: &str| {
+        let mut d = t.decision(&citizen, DecisionPurpose::ReportLoss, topology::REGISTRY, at(NATIONAL_DAY));
+        let signed = if signer == topology::HOME_SICHUAN {
+            d.bureau_id = topology::HOME_SICHUAN.into();
+            d.key_id = sichuan.id.clone();
+            d.card.holder.registration_province = "51".into();
+            d.sign(&sichuan.key)
+        } else {
+            d.sign(&t.suite.keys[topology::HOME_JIANGXI].key)
+        };
+        pb::LossRegistryReportLossRequest {
+            decision: Some(signed_decision_to_proto(&signed)),
+            request_id: String::new(),
+        }
+    };
+    let refused = registry.report_loss(loss(topology::HOME_SICHUAN)).await.expect_err("before the transfer");
+    assert_eq!(reason(&refused), "DECISION_WRONG_JURISDICTION", "{refused:?}");
+
+    let transfer = pb::TransferRegistrationRequest {
+        id_number: citizen.person.id_number.clone(),
+        new_province: "51".into(),
+        request_id: String::new(),
+    };
+    let done = t.home(Process::HomeJiangxi).await?.transfer_registration(transfer).await?.into_inner();
+    assert_eq!(done.new_home_bureau_id, topology::HOME_SICHUAN);
+    assert_eq!(done.card_serials, vec![serial(&citizen)]);
+
+    let refused = registry.report_loss(loss(topology::HOME_JIANGXI)).await.expect_err("after the transfer");
+    assert_eq!(reason(&refused), "DECISION_WRONG_JURISDICTION", "{refused:?}");
+    let lost = registry.report_loss(loss(topology::HOME_SICHUAN)).await?.into_inner();
+    assert_eq!(lost.status, pb::CardStatus::ReportedLost as i32);
+    // The old home bureau no longer knows the citizen (N3).
+    let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
+    let refused = t.wait_for_state(&application.application_id, pb::ApplicationState::Refused).await?;
+    assert_eq!(refused.refusal_reason, pb::RefusalReason::UnknownCitizen as i32);
     t.stop().await
 }

@@ -151,9 +151,15 @@ async fn settle_and_check(t: &TestSuite, acknowledged: &[Acknowledged]) -> anyho
                 ensure!(order.state == pb::OrderState::Dispatched as i32, "{order:?}");
                 ensure!(order.card_serial == application.new_card_serial, "{order:?} vs {application:?}");
                 let new = registry.check_card(status(&application.new_card_serial)).await?.into_inner().status;
-                ensure!(new == pb::CardStatus::Valid as i32, "new card of {application:?} is {new}");
-                ensure!(old == pb::CardStatus::Revoked as i32, "old card of {application:?} is {old}");
+                ensure!(new == pb::CardStatus::AwaitingCollection as i32, "new card of {application:?} is {new}");
                 let kind = pb::ApplicationKind::try_from(application.kind)?;
+                // C3: the old card keeps its status until the new one is handed over.
+                let old_until_collected = if kind == pb::ApplicationKind::Renewal {
+                    pb::CardStatus::Valid
+                } else {
+                    pb::CardStatus::ReportedLost
+                };
+                ensure!(old == old_until_collected as i32, "old card of {application:?} is {old}");
                 ensure!(application.loss_recorded == (kind == pb::ApplicationKind::Replacement), "{application:?}");
             }
             Outcome::LossRecorded => {

@@ -1,7 +1,9 @@
 //! The flows end to end: the real binaries as separate processes, driven over gRPC.
 use anyhow::Context;
 use yidi_proto::v1 as pb;
-use yidi_tests::{Db, NATIONAL_DAY, applicant, on_both_databases, reason, serial, start, topology::Process, walks};
+use yidi_tests::{
+    Db, NATIONAL_DAY, applicant, live, on_both_databases, reason, serial, start, topology::Process, walks,
+};
 
 on_both_databases!(
     k1_replacement_across_provinces_end_to_end,
@@ -116,7 +118,9 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .into_inner();
     assert_eq!(check.status, pb::CardStatus::Valid as i32);
 
-    // Once a replacement card is made, the old card is revoked: withdrawal is final.
+    // While a replacement is open (here: made, not yet collected) the home bureau refuses the
+    // withdrawal: the new card would revoke the card declared valid again. (Once revoked, the
+    // registry's refusal is final: registry `k6_withdrawal_restores_valid_but_not_after_revocation`.)
     let citizen = t.citizen("loss_report_final", "36")?;
     let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
     t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
@@ -127,9 +131,9 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
             request_id: String::new(),
         })
         .await
-        .expect_err("revoked is final");
+        .expect_err("a new card is pending");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    assert_eq!(reason(&refused), "REFUSAL_REASON_LOSS_REPORT_FINAL", "{refused:?}");
+    assert_eq!(reason(&refused), "REFUSAL_REASON_NEW_CARD_PENDING", "{refused:?}");
     t.stop().await
 }
 
@@ -154,18 +158,36 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
     assert_eq!(order.valid_until, term.valid_until.map(|d| d.to_string()).unwrap_or_default());
     assert_eq!(order.state, pb::OrderState::Dispatched as i32);
 
-    // The renewed card revokes the old one (S1).
-    let old = t
-        .registry()
+    // C3: the old card stays valid until the renewed one is handed over; then it is revoked (S1).
+    let mut registry = t.registry().await?;
+    let check = |serial: String| pb::CheckCardRequest {
+        id_number: citizen.person.id_number.clone(),
+        card_serial: serial,
+        relying_party: "bank".into(),
+        nonce: Vec::new(),
+    };
+    let old = registry.check_card(check(serial(&citizen))).await?.into_inner();
+    assert_eq!(old.status, pb::CardStatus::Valid as i32);
+    let new = registry.check_card(check(ready.new_card_serial.clone())).await?.into_inner();
+    assert_eq!(new.status, pb::CardStatus::AwaitingCollection as i32);
+    t.intake()
         .await?
-        .check_card(pb::CheckCardRequest {
-            id_number: citizen.person.id_number.clone(),
-            card_serial: serial(&citizen),
-            relying_party: "bank".into(),
-            nonce: Vec::new(),
+        .collect_card(pb::CollectCardRequest {
+            application_id: ready.application_id.clone(),
+            live: Some(live(&citizen)),
+            request_id: String::new(),
         })
-        .await?
-        .into_inner();
+        .await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let new = registry.check_card(check(ready.new_card_serial.clone())).await?.into_inner();
+        if new.status == pb::CardStatus::Valid as i32 {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the collection never reached the registry: {new:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let old = registry.check_card(check(serial(&citizen))).await?.into_inner();
     assert_eq!(old.status, pb::CardStatus::Revoked as i32);
     t.stop().await
 }

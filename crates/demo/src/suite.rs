@@ -161,11 +161,11 @@ impl Suite {
             write_certificates(&suite.certs(), directory.principal_ids(), CaChoice::New)?;
         }
         // In dependency order, so that each bureau's directory already holds the endpoints of the
-        // bureaus it calls: the registry and home bureaus call nobody, the producer calls the
-        // registry, the station calls everyone.
+        // bureaus it calls: the registry calls nobody, the home bureaus (a registration transfer)
+        // and the producer call the registry, the station calls everyone.
         let stages: [&[Process]; 3] = [
-            &[Process::Registry, Process::HomeJiangxi, Process::HomeSichuan],
-            &[Process::Issuance],
+            &[Process::Registry],
+            &[Process::HomeJiangxi, Process::HomeSichuan, Process::Issuance],
             &[Process::Intake],
         ];
         for stage in stages {
@@ -397,6 +397,8 @@ impl Suite {
     /// The last lines a bureau logged, for failure messages.
     pub fn log_tail(&self, process: Process) -> String {
         let text = std::fs::read_to_string(self.log_path(process)).unwrap_or_default();
+        // The error, not the frames of its backtrace (RUST_BACKTRACE may be set): the cause is above.
+        let text = text.split("\nStack backtrace:").next().unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }

@@ -61,6 +61,7 @@ fn decision(id_number: &str) -> Decision {
         previous_card_serial: "JX0001000000".into(),
         issued_at: now(),
         expires_at: now() + Duration::days(7),
+        transfer_to_bureau_id: String::new(),
     }
 }
 

@@ -129,10 +129,12 @@ pub enum RefusalReason {
     CardNotCurrent,
     #[error("the loss report can no longer be withdrawn: a replacement card was made (K6)")]
     LossReportFinal,
+    #[error("the loss report cannot be withdrawn while an application for a new card is open (K6)")]
+    NewCardPending,
 }
 
 impl RefusalReason {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::FirstApplication,
         Self::FaceMismatch,
         Self::FingerprintMismatch,
@@ -146,6 +148,7 @@ impl RefusalReason {
         Self::ApplicationAlreadyOpen,
         Self::CardNotCurrent,
         Self::LossReportFinal,
+        Self::NewCardPending,
     ];
 
     /// Stable code, stored in databases and used as `ErrorInfo.reason` (upper-case).
@@ -164,6 +167,7 @@ impl RefusalReason {
             Self::ApplicationAlreadyOpen => "APPLICATION_ALREADY_OPEN",
             Self::CardNotCurrent => "CARD_NOT_CURRENT",
             Self::LossReportFinal => "LOSS_REPORT_FINAL",
+            Self::NewCardPending => "NEW_CARD_PENDING",
         }
     }
 

@@ -14,6 +14,10 @@ pub enum CardStatus {
     Revoked,
     Expired,
     Unknown,
+    /// C3: made and registered, not yet handed over to its holder: not valid yet.
+    AwaitingCollection,
+    /// C3: made but never collected within the deadline; it never becomes valid.
+    Voided,
 }
 
 /// The status the registry stores; `Expired` is derived from the date, `Unknown` from absence.
@@ -23,19 +27,33 @@ pub enum StoredCardStatus {
     Valid,
     ReportedLost,
     Revoked,
+    /// C3: made and registered by its producer, not yet handed over (answered AWAITING_COLLECTION).
+    Made,
+    /// C3: not collected within the deadline.
+    Voided,
 }
 
 impl StoredCardStatus {
+    pub const ALL: [Self; 5] = [Self::Valid, Self::ReportedLost, Self::Revoked, Self::Made, Self::Voided];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Valid => "valid",
             Self::ReportedLost => "reported_lost",
             Self::Revoked => "revoked",
+            Self::Made => "made",
+            Self::Voided => "voided",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Valid, Self::ReportedLost, Self::Revoked].into_iter().find(|v| v.as_str() == s)
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// S1: the cards a collection revokes: every other card of the holder that is or may still
+    /// become valid.
+    pub fn superseded_by_collection(self) -> bool {
+        matches!(self, Self::Valid | Self::ReportedLost | Self::Made)
     }
 
     /// C2: the status on `today` of a card stored with this status and expiry (None: long-term).
@@ -44,18 +62,22 @@ impl StoredCardStatus {
         match self {
             Self::ReportedLost => CardStatus::ReportedLost,
             Self::Revoked => CardStatus::Revoked,
+            Self::Made => CardStatus::AwaitingCollection,
+            Self::Voided => CardStatus::Voided,
             Self::Valid if valid_until.is_some_and(|until| today > until) => CardStatus::Expired,
             Self::Valid => CardStatus::Valid,
         }
     }
 
-    /// K6: a loss report can be withdrawn; a revocation is final.
+    /// K6: a loss report can be withdrawn; a revocation is final. C3: a card awaiting collection
+    /// becomes valid when handed over, void when never collected, revoked when a newer card is.
     pub fn can_move_to(self, next: Self) -> bool {
         matches!(
             (self, next),
             (Self::Valid, Self::ReportedLost)
                 | (Self::ReportedLost, Self::Valid)
-                | (Self::Valid | Self::ReportedLost, Self::Revoked)
+                | (Self::Valid | Self::ReportedLost | Self::Made, Self::Revoked)
+                | (Self::Made, Self::Valid | Self::Voided)
         )
     }
 }
@@ -199,5 +221,25 @@ mod tests {
         assert!(ReportedLost.can_move_to(Revoked));
         assert!(!Revoked.can_move_to(Valid));
         assert!(!Revoked.can_move_to(ReportedLost));
+    }
+
+    #[test]
+    fn c3_a_card_awaiting_collection_is_not_valid_until_handed_over() {
+        use StoredCardStatus::*;
+        let until = Some(d(2138, 1, 1));
+        assert_eq!(Made.effective(until, d(2118, 1, 1)), CardStatus::AwaitingCollection);
+        assert_eq!(Voided.effective(until, d(2118, 1, 1)), CardStatus::Voided);
+        assert_eq!(Voided.effective(until, d(2139, 1, 1)), CardStatus::Voided, "void stays void after expiry");
+        assert!(Made.can_move_to(Valid), "collected");
+        assert!(Made.can_move_to(Voided), "never collected");
+        assert!(Made.can_move_to(Revoked), "a newer card was collected");
+        assert!(!Made.can_move_to(ReportedLost), "the holder never had it");
+        assert!(!Voided.can_move_to(Valid), "void is final");
+        assert!(!Valid.can_move_to(Made));
+        let superseded: Vec<_> = StoredCardStatus::ALL.into_iter().filter(|s| s.superseded_by_collection()).collect();
+        assert_eq!(superseded, [Valid, ReportedLost, Made]);
+        for status in StoredCardStatus::ALL {
+            assert_eq!(StoredCardStatus::parse(status.as_str()), Some(status));
+        }
     }
 }

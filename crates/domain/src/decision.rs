@@ -18,6 +18,8 @@ pub enum DecisionPurpose {
     IssueCard,
     ReportLoss,
     WithdrawLossReport,
+    /// S4: the citizen's registration moved to the jurisdiction of `transfer_to_bureau_id`.
+    TransferRegistration,
 }
 
 impl DecisionPurpose {
@@ -26,6 +28,7 @@ impl DecisionPurpose {
             Self::IssueCard => "issue_card",
             Self::ReportLoss => "report_loss",
             Self::WithdrawLossReport => "withdraw_loss_report",
+            Self::TransferRegistration => "transfer_registration",
         }
     }
 }
@@ -69,6 +72,9 @@ pub struct Decision {
     pub previous_card_serial: String,
     pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// TRANSFER_REGISTRATION only: the home bureau that holds the citizen's registration from now
+    /// on; empty otherwise.
+    pub transfer_to_bureau_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +206,11 @@ impl Decision {
         put(&mut out, self.previous_card_serial.as_bytes());
         put_time(&mut out, self.issued_at);
         put_time(&mut out, self.expires_at);
+        // Only present when set, so every decision without it keeps the bytes (and signatures) it
+        // always had; with a fixed number of fields before it, the encoding stays unambiguous.
+        if !self.transfer_to_bureau_id.is_empty() {
+            put(&mut out, self.transfer_to_bureau_id.as_bytes());
+        }
         out
     }
 
@@ -328,6 +339,7 @@ mod tests {
             previous_card_serial: "S1".into(),
             issued_at: now(),
             expires_at: now() + chrono::Duration::days(7),
+            transfer_to_bureau_id: String::new(),
         }
     }
 
@@ -481,6 +493,7 @@ mod tests {
                 8 => &mut decision.card.holder.address,
                 9 => &mut decision.previous_card_serial,
                 10 => &mut decision.key_id,
+                11 => &mut decision.transfer_to_bureau_id,
                 _ => {
                     let changed = decision.card.face_template != bytes;
                     decision.card.face_template = bytes.to_vec();
@@ -495,14 +508,14 @@ mod tests {
         proptest! {
             #[test]
             fn s4_any_change_to_a_signed_decision_is_refused(
-                which in 0usize..12,
+                which in 0usize..13,
                 text in "[A-Za-z0-9 -]{0,20}",
                 bytes in proptest::collection::vec(any::<u8>(), 0..16),
                 days in -400i64..400,
             ) {
                 let mut signed = decision().sign(&key(1));
                 let mut changed = tamper(&mut signed.decision, which, &text, &bytes);
-                if days != 0 && which == 11 {
+                if days != 0 && which == 12 {
                     signed.decision.card.valid_from += chrono::Duration::days(days);
                     changed = true;
                 }
@@ -520,7 +533,7 @@ mod tests {
 
             #[test]
             fn s4_canonical_bytes_tell_any_two_decisions_apart(
-                which in 0usize..12,
+                which in 0usize..13,
                 text in "[A-Za-z0-9 -]{0,20}",
                 bytes in proptest::collection::vec(any::<u8>(), 0..16),
             ) {

@@ -71,6 +71,8 @@ fn status_name(status: CardStatus) -> &'static [u8] {
         CardStatus::Revoked => b"revoked",
         CardStatus::Expired => b"expired",
         CardStatus::Unknown => b"unknown",
+        CardStatus::AwaitingCollection => b"awaiting_collection",
+        CardStatus::Voided => b"voided",
     }
 }
 

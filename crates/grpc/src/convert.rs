@@ -67,6 +67,7 @@ pub fn refusal_to_proto(reason: RefusalReason) -> pb::RefusalReason {
         RefusalReason::ApplicationAlreadyOpen => pb::RefusalReason::ApplicationAlreadyOpen,
         RefusalReason::CardNotCurrent => pb::RefusalReason::CardNotCurrent,
         RefusalReason::LossReportFinal => pb::RefusalReason::LossReportFinal,
+        RefusalReason::NewCardPending => pb::RefusalReason::NewCardPending,
     }
 }
 
@@ -81,6 +82,8 @@ pub fn card_status_to_proto(status: CardStatus) -> pb::CardStatus {
         CardStatus::Revoked => pb::CardStatus::Revoked,
         CardStatus::Expired => pb::CardStatus::Expired,
         CardStatus::Unknown => pb::CardStatus::Unknown,
+        CardStatus::AwaitingCollection => pb::CardStatus::AwaitingCollection,
+        CardStatus::Voided => pb::CardStatus::Voided,
     }
 }
 
@@ -92,6 +95,8 @@ pub fn card_status_from_proto(status: pb::CardStatus) -> Option<CardStatus> {
         pb::CardStatus::Revoked => Some(CardStatus::Revoked),
         pb::CardStatus::Expired => Some(CardStatus::Expired),
         pb::CardStatus::Unknown => Some(CardStatus::Unknown),
+        pb::CardStatus::AwaitingCollection => Some(CardStatus::AwaitingCollection),
+        pb::CardStatus::Voided => Some(CardStatus::Voided),
     }
 }
 
@@ -150,6 +155,7 @@ pub fn purpose_to_proto(purpose: DecisionPurpose) -> pb::DecisionPurpose {
         DecisionPurpose::IssueCard => pb::DecisionPurpose::IssueCard,
         DecisionPurpose::ReportLoss => pb::DecisionPurpose::ReportLoss,
         DecisionPurpose::WithdrawLossReport => pb::DecisionPurpose::WithdrawLossReport,
+        DecisionPurpose::TransferRegistration => pb::DecisionPurpose::TransferRegistration,
     }
 }
 
@@ -159,6 +165,7 @@ pub fn purpose_from_proto(purpose: pb::DecisionPurpose) -> Option<DecisionPurpos
         pb::DecisionPurpose::IssueCard => Some(DecisionPurpose::IssueCard),
         pb::DecisionPurpose::ReportLoss => Some(DecisionPurpose::ReportLoss),
         pb::DecisionPurpose::WithdrawLossReport => Some(DecisionPurpose::WithdrawLossReport),
+        pb::DecisionPurpose::TransferRegistration => Some(DecisionPurpose::TransferRegistration),
     }
 }
 
@@ -196,6 +203,7 @@ pub fn signed_decision_to_proto(signed: &SignedDecision) -> pb::SignedDecision {
             previous_card_serial: d.previous_card_serial.clone(),
             issued_at: Some(timestamp(d.issued_at)),
             expires_at: Some(timestamp(d.expires_at)),
+            transfer_to_bureau_id: d.transfer_to_bureau_id.clone(),
         }),
         signature: signed.signature.clone(),
     }
@@ -265,6 +273,7 @@ pub fn signed_decision_from_proto(
         ("card.address", &card.address),
         ("card.registration_province", &card.registration_province),
         ("previous_card_serial", &d.previous_card_serial),
+        ("transfer_to_bureau_id", &d.transfer_to_bureau_id),
     ] {
         v.bounded(&f(name), value, crate::validate::MAX_TEXT_LEN);
     }
@@ -313,6 +322,7 @@ pub fn signed_decision_from_proto(
             previous_card_serial: d.previous_card_serial.clone(),
             issued_at,
             expires_at,
+            transfer_to_bureau_id: d.transfer_to_bureau_id.clone(),
         },
         signature: signed.signature.clone(),
     })
@@ -350,6 +360,7 @@ mod tests {
             previous_card_serial: "s1".into(),
             issued_at: at,
             expires_at: at,
+            transfer_to_bureau_id: "b2".into(),
         };
         let signed = SignedDecision { decision, signature: vec![7; 64] };
         let back = signed_decision_from_proto("decision", Some(&signed_decision_to_proto(&signed))).unwrap();

@@ -257,6 +257,7 @@ mod tests {
         assert_eq!(policy("/yidi.v1.Verification/Verify"), (vec![Station], true));
         assert_eq!(policy("/yidi.v1.Issuance/GetOrder"), (vec![Station, OperatorRead], false));
         assert_eq!(policy("/yidi.v1.LossRegistry/RegisterCard"), (vec![Producer], true));
+        assert_eq!(policy("/yidi.v1.LossRegistry/RecordCollection"), (vec![Station], true));
         assert_eq!(policy("/yidi.v1.LossRegistry/CheckCard"), (vec![RelyingParty, Station, OperatorRead], false));
         assert_eq!(policy("/yidi.v1.LossRegistry/ListHits"), (vec![HomeBureau, OperatorRead], false));
         assert_eq!(policy("/yidi.v1.Audit/VerifyAuditChain"), (vec![OperatorRead], false));
@@ -264,8 +265,10 @@ mod tests {
         assert_eq!(policy("/yidi.v1.Outbox/RetryDeadLetter"), (vec![OperatorAdmin], true));
         assert_eq!(policy_of("/yidi.v1.LossRegistry/DropAllCards"), None);
         assert_eq!(policy_of("/grpc.health.v1.Health/Check"), None, "the plumbing is not the contract's");
-        assert_eq!(method_policies().len(), 28);
-        assert_eq!(method_policies().iter().filter(|p| p.mutating).count(), 14);
+        assert_eq!(policy("/yidi.v1.LossRegistry/TransferRegistration"), (vec![HomeBureau], true));
+        assert_eq!(policy("/yidi.v1.Verification/TransferRegistration"), (vec![OperatorAdmin], true));
+        assert_eq!(method_policies().len(), 31);
+        assert_eq!(method_policies().iter().filter(|p| p.mutating).count(), 17);
     }
 
     #[test]

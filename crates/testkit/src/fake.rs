@@ -129,6 +129,17 @@ pub trait RegistryFake: Send + Sync + 'static {
     async fn register_card(&self, _: pb::RegisterCardRequest) -> Result<pb::RegisterCardResponse, Status> {
         Err(unimplemented_by_fake())
     }
+
+    async fn record_collection(&self, _: pb::RecordCollectionRequest) -> Result<pb::RecordCollectionResponse, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    async fn transfer_registration(
+        &self,
+        _: pb::LossRegistryTransferRegistrationRequest,
+    ) -> Result<pb::LossRegistryTransferRegistrationResponse, Status> {
+        Err(unimplemented_by_fake())
+    }
 }
 
 /// A [`RegistryFake`] as a LossRegistry service.
@@ -160,6 +171,20 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
         request: GrpcRequest<pb::RegisterCardRequest>,
     ) -> Result<GrpcResponse<pb::RegisterCardResponse>, Status> {
         self.0.register_card(request.into_inner()).await.map(GrpcResponse::new)
+    }
+
+    async fn record_collection(
+        &self,
+        request: GrpcRequest<pb::RecordCollectionRequest>,
+    ) -> Result<GrpcResponse<pb::RecordCollectionResponse>, Status> {
+        self.0.record_collection(request.into_inner()).await.map(GrpcResponse::new)
+    }
+
+    async fn transfer_registration(
+        &self,
+        request: GrpcRequest<pb::LossRegistryTransferRegistrationRequest>,
+    ) -> Result<GrpcResponse<pb::LossRegistryTransferRegistrationResponse>, Status> {
+        self.0.transfer_registration(request.into_inner()).await.map(GrpcResponse::new)
     }
 
     async fn check_card(

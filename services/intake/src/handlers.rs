@@ -22,14 +22,24 @@ use crate::{
     topic::Topic,
 };
 
-/// What a newly approved application owes next: its loss report (K1, K3) or its card.
-fn after_approval(intake: &Intake, model: &application::Model, kind: ApplicationKind) -> Option<NewMessage> {
+/// What a newly approved application owes next: its loss report (K1, K3) or its card. A
+/// replacement approved without a loss decision is a first card (K4: at home only), with no card
+/// to report lost: it goes straight to the order.
+fn after_approval(
+    intake: &Intake,
+    model: &application::Model,
+    kind: ApplicationKind,
+    loss_decision: bool,
+) -> Option<NewMessage> {
     let station = &intake.inner.station;
     match kind {
-        ApplicationKind::LossReport | ApplicationKind::Replacement => {
+        ApplicationKind::LossReport => Some(Topic::ReportLoss.message(&model.application_id, &station.registry_id)),
+        ApplicationKind::Replacement if loss_decision => {
             Some(Topic::ReportLoss.message(&model.application_id, &station.registry_id))
         }
-        ApplicationKind::Renewal => Some(Topic::PlaceOrder.message(&model.application_id, &station.producer_id)),
+        ApplicationKind::Replacement | ApplicationKind::Renewal => {
+            Some(Topic::PlaceOrder.message(&model.application_id, &station.producer_id))
+        }
     }
 }
 
@@ -66,6 +76,8 @@ fn still_owed(topic: Topic, model: &application::Model) -> bool {
         Topic::PlaceOrder => state == S::Approved || (state == S::InProduction && model.order_id.is_none()),
         Topic::AwaitOrder => state == S::InProduction,
         Topic::CloseApplication => matches!(state, S::Collected | S::Cancelled) && !model.home_notified,
+        // Repeat-safe at the registry: delivered until it answers.
+        Topic::RecordCollection => state == S::Collected,
     }
 }
 
@@ -142,6 +154,7 @@ async fn step(intake: &Intake, message: &outbox::Model, topic: Topic, model: &ap
         Topic::PlaceOrder => place_order_step(step).await,
         Topic::AwaitOrder => await_order_step(step).await,
         Topic::CloseApplication => close_step(step).await,
+        Topic::RecordCollection => record_collection_step(step).await,
     };
     result.unwrap_or_else(from_api)
 }
@@ -193,6 +206,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     let masked = mask_id_number(&model.id_number);
     if let Some(decision) = answer.decision {
         let decision_id = decision.decision.as_ref().map(|d| d.decision_id.clone()).unwrap_or_default();
+        let loss_decision = answer.loss_decision.is_some();
         let changes = Changes {
             // The home bureau names the card concerned (the register's current card when none was given).
             previous_card_serial: decision
@@ -211,7 +225,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
             changes,
             note: format!("approved by {} (decision {decision_id})", model.home_bureau_id),
             audit: Some(AuditEntry::new("verification", masked, "approved", format!("decision {decision_id}"))),
-            messages: Messages::answering(&message.id).and_owe(after_approval(intake, model, kind)),
+            messages: Messages::answering(&message.id).and_owe(after_approval(intake, model, kind, loss_decision)),
         };
         if inner.repo.transition(approved, intake.clock().now()).await? {
             tracing::info!(application_id = %id, %decision_id, "approved by the home bureau");
@@ -438,6 +452,36 @@ async fn close_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         )
         .await?;
     tracing::info!(application_id = %model.application_id, state = state.as_str(), "home bureau notified");
+    Ok(Delivery::Delivered)
+}
+
+/// C3, S1: the registry learns of the hand-over; only then is the new card valid and the old one
+/// revoked. Until it answers, relying parties are told the card awaits collection: never "valid"
+/// too early.
+async fn record_collection_step(step: Step<'_>) -> Result<Delivery, ApiError> {
+    let Step { inner, message, model, id, state, .. } = step;
+    if state != ApplicationState::Collected {
+        return Ok(overtaken(model, state));
+    }
+    let Some(serial) = model.new_card_serial.clone() else {
+        return Ok(Delivery::Fail(format!("application {id} was collected without a card serial")));
+    };
+    let request = pb::RecordCollectionRequest {
+        station_id: inner.station.id.clone(),
+        id_number: model.id_number.clone(),
+        card_serial: serial,
+        request_id: String::new(),
+    };
+    let response = match inner.peers.record_collection(&inner.station.registry_id, request, &message.id).await {
+        Ok(response) => response,
+        Err(error) => return Ok(from_peer(error)),
+    };
+    tracing::info!(
+        application_id = %id,
+        card = %response.card_serial,
+        revoked = response.revoked_card_serials.len(),
+        "collection recorded by the registry"
+    );
     Ok(Delivery::Delivered)
 }
 

@@ -148,6 +148,20 @@ impl Peers {
             .map_err(Self::status(registry))
     }
 
+    pub async fn record_collection(
+        &self,
+        registry: &str,
+        request: pb::RecordCollectionRequest,
+        key: &str,
+    ) -> Result<pb::RecordCollectionResponse, PeerError> {
+        let mut client = LossRegistryClient::new(self.channel(registry)?);
+        client
+            .record_collection(self.keyed(request, key))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(registry))
+    }
+
     pub async fn withdraw_loss_report(
         &self,
         registry: &str,

@@ -479,7 +479,8 @@ impl Intake {
                     "collected",
                     format!("card {serial} score {:.3}", outcome.score),
                 )),
-                messages: Messages::owe(closing(&model)),
+                messages: Messages::owe(closing(&model))
+                    .and_owe(Some(Topic::RecordCollection.message(application_id, &self.inner.station.registry_id))),
             })
             .await?;
         if !applied {

@@ -18,6 +18,8 @@ pub enum Topic {
     AwaitOrder,
     /// Telling the home bureau the application ended (K5).
     CloseApplication,
+    /// Telling the registry the card was handed over, so it becomes valid (C3, S1).
+    RecordCollection,
 }
 
 /// A stored topic this station does not send.
@@ -26,8 +28,14 @@ pub enum Topic {
 pub struct UnknownTopic(pub String);
 
 impl Topic {
-    pub const ALL: [Self; 5] =
-        [Self::Verify, Self::ReportLoss, Self::PlaceOrder, Self::AwaitOrder, Self::CloseApplication];
+    pub const ALL: [Self; 6] = [
+        Self::Verify,
+        Self::ReportLoss,
+        Self::PlaceOrder,
+        Self::AwaitOrder,
+        Self::CloseApplication,
+        Self::RecordCollection,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -36,6 +44,7 @@ impl Topic {
             Self::PlaceOrder => "place_order",
             Self::AwaitOrder => "await_order",
             Self::CloseApplication => "close_application",
+            Self::RecordCollection => "record_collection",
         }
     }
 
@@ -66,7 +75,10 @@ mod tests {
     #[test]
     fn topics_read_back_from_their_stored_strings_and_unknown_ones_are_errors() {
         let stored: Vec<_> = Topic::ALL.iter().map(|topic| topic.as_str()).collect();
-        assert_eq!(stored, ["verify", "report_loss", "place_order", "await_order", "close_application"]);
+        assert_eq!(
+            stored,
+            ["verify", "report_loss", "place_order", "await_order", "close_application", "record_collection"]
+        );
         for topic in Topic::ALL {
             assert_eq!(topic.as_str().parse(), Ok(topic));
         }

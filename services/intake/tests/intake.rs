@@ -70,6 +70,8 @@ struct FakeState {
     verify_provinces: Mutex<Vec<String>>,
     /// `station_id` of every CloseApplication request received.
     close_stations: Mutex<Vec<String>>,
+    /// (station_id, id_number, card_serial) of every RecordCollection request received.
+    collections: Mutex<Vec<(String, String, String)>>,
     now: Mutex<Option<DateTime<Utc>>>,
 }
 
@@ -111,6 +113,7 @@ impl Fakes {
             previous_card_serial: request.card_serial.clone(),
             issued_at: now,
             expires_at: now + chrono::Duration::days(7),
+            transfer_to_bureau_id: String::new(),
         };
         signed_decision_to_proto(&decision.sign(&self.key))
     }
@@ -136,8 +139,10 @@ impl pb::verification_server::Verification for Fakes {
         let response = match pb::DecisionPurpose::try_from(request.purpose) {
             Ok(pb::DecisionPurpose::IssueCard) => pb::VerifyResponse {
                 decision: Some(self.decision(&request, DecisionPurpose::IssueCard, &request.producer_id)),
-                loss_decision: (request.kind == pb::ApplicationKind::Replacement as i32)
-                    .then(|| self.decision(&request, DecisionPurpose::ReportLoss, REGISTRY)),
+                // As the real home bureau: a first card (no card named, K4 at home) has no loss decision.
+                loss_decision: (request.kind == pb::ApplicationKind::Replacement as i32
+                    && !request.card_serial.is_empty())
+                .then(|| self.decision(&request, DecisionPurpose::ReportLoss, REGISTRY)),
                 refusal_reason: 0,
             },
             Ok(pb::DecisionPurpose::ReportLoss) => pb::VerifyResponse {
@@ -168,6 +173,13 @@ impl pb::verification_server::Verification for Fakes {
         &self,
         _: Request<pb::RecordCreditStatusRequest>,
     ) -> Result<Response<pb::RecordCreditStatusResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn transfer_registration(
+        &self,
+        _: Request<pb::TransferRegistrationRequest>,
+    ) -> Result<Response<pb::TransferRegistrationResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
@@ -218,6 +230,22 @@ impl RegistryFake for Fakes {
             card_serial: serial,
             status: pb::CardStatus::Valid as i32,
             changed_at: None,
+        })
+    }
+
+    async fn record_collection(
+        &self,
+        request: pb::RecordCollectionRequest,
+    ) -> Result<pb::RecordCollectionResponse, Status> {
+        let mut collections = self.state.collections.lock().unwrap();
+        let already_recorded = collections.iter().any(|c| c.2 == request.card_serial);
+        collections.push((request.station_id, request.id_number, request.card_serial.clone()));
+        Ok(pb::RecordCollectionResponse {
+            card_serial: request.card_serial,
+            status: pb::CardStatus::Valid as i32,
+            revoked_card_serials: Vec::new(),
+            already_recorded,
+            collected_at: None,
         })
     }
 }
@@ -719,6 +747,44 @@ async fn k3_a_loss_report_being_filed_is_no_longer_cancellable() {
 }
 
 /// Polls `done` up to `tries` times, `interval_ms` apart; the caller asserts what it waited for.
+/// K4 at home: a first application (no card to name) at a station of the citizen's own province is
+/// approved without a loss decision and goes straight to the order: no loss step, no dead letter.
+#[tokio::test]
+async fn k4_a_first_application_at_home_completes_without_a_loss_step() {
+    let mut h = Harness::start(NATIONAL).await;
+    let local = applicant(&zhejiang_citizen(), "33", pb::DocumentKind::HouseholdRegisterBook);
+    let mut request = submit(ApplicationKind::Replacement, local);
+    request.card_serial.clear();
+    let submitted = h.submitted(request).await;
+    let id = submitted.application_id.clone();
+    assert_eq!(submitted.home_bureau_id, "home-zhejiang");
+    let ordered = h
+        .wait_for(&id, "ordered", |a| a.state == pb::ApplicationState::InProduction as i32 && !a.order_id.is_empty())
+        .await;
+    assert!(!ordered.loss_recorded, "no card, no loss report");
+    assert!(ordered.previous_card_serial.is_empty());
+    assert_eq!(h.fakes.report_loss_calls.load(Ordering::SeqCst), 0, "the registry hears of no loss");
+    h.fakes.dispatched.store(true, Ordering::SeqCst);
+    h.wait_until_ready(&id).await;
+    let live =
+        pb::Biometrics { face_template: with_sensor_noise(&register_face(), 5, 9), fingerprint_template: Vec::new() };
+    let collected = h.collect(&id, Some(live)).await.unwrap();
+    assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
+    assert!(collected.last_error.is_empty(), "{collected:?}");
+    let timeline = h
+        .client
+        .get_application_timeline(pb::GetApplicationTimelineRequest { application_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let topics: Vec<&str> = timeline.deliveries.iter().map(|m| m.topic.as_str()).collect();
+    assert!(!topics.contains(&"report_loss"), "{topics:?}");
+    let dead = pb::OutboxMessageState::Dead as i32;
+    assert!(timeline.deliveries.iter().all(|m| m.state != dead), "no dead letter: {:?}", timeline.deliveries);
+    wait_closed(&h, &id).await;
+    h.stop().await;
+}
+
 async fn eventually(tries: usize, interval_ms: u64, done: impl Fn() -> bool) {
     for _ in 0..tries {
         if done() {
@@ -808,6 +874,10 @@ async fn c3_card_handed_over_only_after_face_match() {
         .await
         .unwrap();
     assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
+    // C3: the registry is told of the hand-over (the card becomes valid only then), once.
+    eventually(250, 20, || !h.fakes.collections.lock().unwrap().is_empty()).await;
+    let collections = h.fakes.collections.lock().unwrap().clone();
+    assert_eq!(collections, [(STATION.to_owned(), jiangxi_applicant().id_number, "NEW-0001".to_owned())]);
     h.stop().await;
 }
 

@@ -175,10 +175,8 @@ impl Registrar {
                     subject: order.card_serial.clone(),
                     outcome: "registered".into(),
                     detail: format!(
-                        "order {} registered with {}; revoked {} older card(s)",
-                        order.order_id,
-                        self.registry_id,
-                        response.revoked_card_serials.len()
+                        "order {} registered with {}; awaiting collection",
+                        order.order_id, self.registry_id
                     ),
                 };
                 let transition = self

@@ -65,8 +65,8 @@ impl RegistryFake for FakeRegistry {
         }
         Ok(pb::RegisterCardResponse {
             card_serial: request.card_serial,
-            status: pb::CardStatus::Valid as i32,
-            revoked_card_serials: vec![],
+            status: pb::CardStatus::AwaitingCollection as i32,
+            ..Default::default()
         })
     }
 }
@@ -217,6 +217,7 @@ impl Producer {
             previous_card_serial: "ZJ0000000001".into(),
             issued_at: now() - chrono::Duration::minutes(1),
             expires_at: now() + chrono::Duration::days(7),
+            transfer_to_bureau_id: String::new(),
         }
     }
 

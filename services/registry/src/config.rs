@@ -26,11 +26,16 @@ pub struct ChecksConfig {
     /// C4: CheckCard/CheckCards misses (UNKNOWN) one caller may make in a burst, and regains per
     /// minute; beyond it, RESOURCE_EXHAUSTED.
     pub check_misses_per_minute: u32,
+    /// C3: days a made card may await collection; after that it is voided and can never become
+    /// valid (the holder applies again).
+    pub collection_deadline_days: u32,
+    /// C3: how often cards past the collection deadline are looked for and voided.
+    pub void_sweep_every_seconds: u64,
 }
 
 impl Default for ChecksConfig {
     fn default() -> Self {
-        Self { check_misses_per_minute: 60 }
+        Self { check_misses_per_minute: 60, collection_deadline_days: 180, void_sweep_every_seconds: 60 }
     }
 }
 
@@ -49,6 +54,12 @@ impl RegistryConfig {
         self.signing.validate("signing")?;
         if self.registry.check_misses_per_minute == 0 {
             return Err(ConfigError::key("registry.check_misses_per_minute", "must be at least 1"));
+        }
+        if !(1..=3650).contains(&self.registry.collection_deadline_days) {
+            return Err(ConfigError::key("registry.collection_deadline_days", "must be 1 to 3650"));
+        }
+        if !(1..=86_400).contains(&self.registry.void_sweep_every_seconds) {
+            return Err(ConfigError::key("registry.void_sweep_every_seconds", "must be 1 to 86400"));
         }
         if let Some(path) = &self.import.path
             && path.as_os_str().is_empty()

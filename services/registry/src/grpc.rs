@@ -2,10 +2,11 @@
 //! and answers (domain → proto). Invalid input never reaches the rules.
 use std::sync::Arc;
 
+use chrono::NaiveDate;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::http::Extensions};
-use yidi_domain::{CardStatus, IdNumber, SignedDecision, StoredCardStatus, status::MAX_NONCE_LEN};
+use yidi_domain::{IdNumber, SignedDecision, status::MAX_NONCE_LEN};
 use yidi_grpc::{
     ApiError, FieldViolations,
     caller::{caller_of, ensure_acting_for_itself},
@@ -15,7 +16,7 @@ use yidi_grpc::{
 };
 use yidi_proto::v1::{self as pb, loss_registry_server::LossRegistry};
 
-use crate::service::{CardQuery, Registry};
+use crate::service::{CardQuery, Collection, Registry};
 
 /// Longest card serial accepted.
 pub const MAX_SERIAL_LEN: usize = 64;
@@ -84,11 +85,8 @@ fn relying_party(v: &mut FieldViolations, value: &str) -> Option<String> {
 }
 
 fn event_to_proto(event: crate::repo::StatusEvent) -> pb::WatchRevocationsResponse {
-    let status = match event.status {
-        StoredCardStatus::Valid => CardStatus::Valid,
-        StoredCardStatus::ReportedLost => CardStatus::ReportedLost,
-        StoredCardStatus::Revoked => CardStatus::Revoked,
-    };
+    // What the card became at that instant (expiry is no event).
+    let status = event.status.effective(None, NaiveDate::MIN);
     pb::WatchRevocationsResponse {
         sequence: event.sequence,
         card_serial: event.card_serial,
@@ -132,6 +130,27 @@ impl LossRegistry for RegistryGrpc {
         }))
     }
 
+    async fn transfer_registration(
+        &self,
+        request: Request<pb::LossRegistryTransferRegistrationRequest>,
+    ) -> Result<Response<pb::LossRegistryTransferRegistrationResponse>, Status> {
+        let extensions = request.extensions().clone();
+        let request = request.into_inner();
+        let signed = self.decision(request.decision.as_ref(), false)?;
+        let mut v = FieldViolations::new();
+        v.required("decision.decision.transfer_to_bureau_id", &signed.decision.transfer_to_bureau_id, MAX_TEXT_LEN);
+        v.finish()?;
+        // Only the signer delivers its transfer.
+        ensure_acting_for_itself(&extensions, "decision.bureau_id", &signed.decision.bureau_id)?;
+        let outcome = self.service.transfer_registration(signed).await?;
+        Ok(Response::new(pb::LossRegistryTransferRegistrationResponse {
+            home_bureau_id: outcome.home_bureau_id,
+            card_serials: outcome.card_serials,
+            transferred_at: Some(timestamp(outcome.transferred_at)),
+            already_transferred: outcome.already_transferred,
+        }))
+    }
+
     async fn register_card(
         &self,
         request: Request<pb::RegisterCardRequest>,
@@ -156,10 +175,35 @@ impl LossRegistry for RegistryGrpc {
             return Err(ApiError::Internal("validation incomplete".into()).into());
         };
         let outcome = self.service.register_card(signed, producer_id, card_serial).await?;
+        // `revoked_card_serials` stays empty: older cards are revoked at collection.
         Ok(Response::new(pb::RegisterCardResponse {
             card_serial: outcome.card_serial,
             status: card_status_to_proto(outcome.status) as i32,
+            ..Default::default()
+        }))
+    }
+
+    async fn record_collection(
+        &self,
+        request: Request<pb::RecordCollectionRequest>,
+    ) -> Result<Response<pb::RecordCollectionResponse>, Status> {
+        ensure_acting_for_itself(request.extensions(), "station_id", &request.get_ref().station_id)?;
+        let request = request.into_inner();
+        let mut v = FieldViolations::new();
+        let station_id = v.required("station_id", &request.station_id, MAX_TEXT_LEN).map(str::to_owned);
+        let id_number = v.id_number("id_number", &request.id_number, self.service.today());
+        let card_serial = v.required("card_serial", &request.card_serial, MAX_SERIAL_LEN).map(str::to_owned);
+        v.finish()?;
+        let (Some(station_id), Some(id_number), Some(card_serial)) = (station_id, id_number, card_serial) else {
+            return Err(ApiError::Internal("validation incomplete".into()).into());
+        };
+        let outcome = self.service.collect(Collection { station_id, id_number, card_serial }).await?;
+        Ok(Response::new(pb::RecordCollectionResponse {
+            card_serial: outcome.card_serial,
+            status: card_status_to_proto(outcome.status) as i32,
             revoked_card_serials: outcome.revoked_card_serials,
+            already_recorded: outcome.already_recorded,
+            collected_at: Some(timestamp(outcome.collected_at)),
         }))
     }
 

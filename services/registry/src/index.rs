@@ -149,6 +149,8 @@ fn status_code(status: StoredCardStatus) -> u8 {
         StoredCardStatus::Valid => 0,
         StoredCardStatus::ReportedLost => 1,
         StoredCardStatus::Revoked => 2,
+        StoredCardStatus::Made => 3,
+        StoredCardStatus::Voided => 4,
     }
 }
 
@@ -156,6 +158,9 @@ fn status_from_code(code: u8) -> StoredCardStatus {
     match code {
         0 => StoredCardStatus::Valid,
         1 => StoredCardStatus::ReportedLost,
+        3 => StoredCardStatus::Made,
+        4 => StoredCardStatus::Voided,
+        // Never written; were it read, "revoked" is the answer that accepts nothing.
         _ => StoredCardStatus::Revoked,
     }
 }

@@ -61,8 +61,14 @@ pub async fn serve(
         clock,
         bureau_id,
         stop.clone(),
-        Checks { keys, limiter: MissLimiter::new(config.registry.check_misses_per_minute) },
+        Checks {
+            keys,
+            limiter: MissLimiter::new(config.registry.check_misses_per_minute),
+            collection_deadline: chrono::Duration::days(i64::from(config.registry.collection_deadline_days)),
+        },
     ));
+    let sweep_every = std::time::Duration::from_secs(config.registry.void_sweep_every_seconds);
+    let sweeper = Arc::clone(&registry).spawn_void_sweeper(sweep_every, stop.clone());
 
     if let Some(path) = &config.import.path {
         let population = Population::read(path)?;
@@ -73,6 +79,8 @@ pub async fn serve(
     let service =
         LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry))).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let served = server.serve(service).await;
+    // Stopped like any transaction cut short: an unfinished void rolls back.
+    sweeper.abort();
     drop(registry);
     repo.close().await.context("closing the database")?;
     served?;

@@ -13,7 +13,7 @@ use yidi_domain::StoredCardStatus;
 use yidi_runtime::db;
 
 use crate::{
-    entities::{CardStatusColumn, cards, hits, loss_reports, status_events},
+    entities::{CardStatusColumn, cards, hits, loss_reports, registration_transfers, status_events},
     index::{CardIndex, IndexedCard},
 };
 
@@ -31,6 +31,8 @@ pub struct Card {
     pub valid_until: Option<NaiveDate>,
     pub decision_id: Option<String>,
     pub producer_id: Option<String>,
+    /// C3: the station that hands the card over; None for imported cards.
+    pub station_id: Option<String>,
     pub status_changed_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
 }
@@ -46,6 +48,7 @@ impl From<cards::Model> for Card {
             valid_until: m.valid_until,
             decision_id: m.decision_id,
             producer_id: m.producer_id,
+            station_id: m.station_id,
             status_changed_at: m.status_changed_at,
             created_at: m.created_at,
         }
@@ -118,6 +121,28 @@ pub struct LossDecision<'a> {
     pub audit: AuditEntry,
 }
 
+/// S4: a citizen's registration moved from one home bureau to another; the cards follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub decision_id: String,
+    pub id_number: String,
+    pub from_bureau_id: String,
+    pub to_bureau_id: String,
+    pub transferred_at: DateTime<Utc>,
+}
+
+impl From<registration_transfers::Model> for Transfer {
+    fn from(m: registration_transfers::Model) -> Self {
+        Self {
+            decision_id: m.decision_id,
+            id_number: m.id_number,
+            from_bureau_id: m.from_bureau_id,
+            to_bureau_id: m.to_bureau_id,
+            transferred_at: m.transferred_at,
+        }
+    }
+}
+
 /// Whether a conditional status change found the card in the expected status.
 #[derive(Debug)]
 pub enum Change<T> {
@@ -178,6 +203,7 @@ fn card_model(card: Card) -> cards::ActiveModel {
         status_changed_at: Set(card.status_changed_at),
         created_at: Set(card.created_at),
         revoked_by: Set(None),
+        station_id: Set(card.station_id),
     }
 }
 
@@ -247,7 +273,7 @@ impl Repo {
     }
 
     /// Serials of the cards the registration of `serial` revoked.
-    pub async fn revoked_by_registration(&self, serial: &str) -> Result<Vec<String>, DbErr> {
+    pub async fn revoked_by_collection(&self, serial: &str) -> Result<Vec<String>, DbErr> {
         let models = cards::Entity::find()
             .filter(cards::Column::RevokedBy.eq(serial))
             .order_by_asc(cards::Column::Serial)
@@ -274,6 +300,64 @@ impl Repo {
 
     pub async fn audit(&self, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
         audit::append(&self.db, at, entry).await
+    }
+
+    pub async fn transfer_by_decision(&self, decision_id: &str) -> Result<Option<Transfer>, DbErr> {
+        Ok(registration_transfers::Entity::find()
+            .filter(registration_transfers::Column::DecisionId.eq(decision_id))
+            .one(&self.db)
+            .await?
+            .map(Transfer::from))
+    }
+
+    /// The holder's most recent registration transfer, if any.
+    pub async fn latest_transfer(&self, id_number: &str) -> Result<Option<Transfer>, DbErr> {
+        Ok(registration_transfers::Entity::find()
+            .filter(registration_transfers::Column::IdNumber.eq(id_number))
+            .order_by_desc(registration_transfers::Column::Id)
+            .one(&self.db)
+            .await?
+            .map(Transfer::from))
+    }
+
+    /// S4: records the transfer and moves every card of the holder that follows its old home
+    /// bureau to the new one, with the audit record, in one transaction. The serials moved.
+    pub async fn transfer_registration(
+        &self,
+        transfer: Transfer,
+        audit: impl FnOnce(&[String]) -> AuditEntry,
+    ) -> Result<Vec<String>, DbErr> {
+        let Transfer { decision_id, id_number, from_bureau_id, to_bureau_id, transferred_at } = transfer;
+        let txn = db::begin(&self.db).await?;
+        // The insert comes first: on SQLite it takes the write lock before anything is read.
+        registration_transfers::Entity::insert(registration_transfers::ActiveModel {
+            id: NotSet,
+            decision_id: Set(decision_id),
+            id_number: Set(id_number.clone()),
+            from_bureau_id: Set(from_bureau_id.clone()),
+            to_bureau_id: Set(to_bureau_id.clone()),
+            transferred_at: Set(transferred_at),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        let moved: Vec<String> = cards::Entity::find()
+            .filter(cards::Column::IdNumber.eq(id_number.as_str()))
+            .filter(cards::Column::HomeBureauId.eq(from_bureau_id.as_str()))
+            .order_by_asc(cards::Column::Serial)
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|m| m.serial)
+            .collect();
+        cards::Entity::update_many()
+            .col_expr(cards::Column::HomeBureauId, Expr::value(to_bureau_id.as_str()))
+            .filter(cards::Column::IdNumber.eq(id_number.as_str()))
+            .filter(cards::Column::HomeBureauId.eq(from_bureau_id.as_str()))
+            .exec(&txn)
+            .await?;
+        audit::append(&txn, transferred_at, audit(&moved)).await?;
+        txn.commit().await?;
+        Ok(moved)
     }
 
     /// Opens the transaction of a status change and moves the card; `None` (rolled back, nothing
@@ -365,42 +449,88 @@ impl Repo {
         Ok(Change::Done(event))
     }
 
-    /// S1: inserts the new card and revokes every other card of the holder that is valid or
-    /// reported lost, one event per revoked card, all in one transaction.
-    pub async fn register_card(
+    /// C3: inserts a card its producer made, awaiting collection; the holder's other cards keep
+    /// their status until the collection (`collect_card`).
+    pub async fn register_card(&self, card: Card, now: DateTime<Utc>, audit: AuditEntry) -> Result<(), DbErr> {
+        let txn = db::begin(&self.db).await?;
+        cards::Entity::insert(card_model(card)).exec_without_returning(&txn).await?;
+        audit::append(&txn, now, audit).await?;
+        txn.commit().await
+    }
+
+    /// C3, S1: the holder collected `serial`: it becomes valid and every other card of the holder
+    /// that is or may still become valid is revoked, one event per card, all in one transaction.
+    /// `Raced` if the card was no longer awaiting collection.
+    pub async fn collect_card(
         &self,
-        card: Card,
+        serial: &str,
+        id_number: &str,
         now: DateTime<Utc>,
         audit: impl FnOnce(&[String]) -> AuditEntry,
-    ) -> Result<Vec<StatusEvent>, DbErr> {
-        let txn = db::begin(&self.db).await?;
-        let serial = card.serial.clone();
-        let id_number = card.id_number.clone();
-        // The insert comes first: on SQLite it takes the write lock before anything is read.
-        cards::Entity::insert(card_model(card)).exec_without_returning(&txn).await?;
+    ) -> Result<Change<Vec<StatusEvent>>, DbErr> {
+        let (from, to) = (StoredCardStatus::Made, StoredCardStatus::Valid);
+        let Some((txn, collected)) = self.begin_move(serial, from, to, now).await? else {
+            return Ok(Change::Raced);
+        };
+        let superseded: Vec<CardStatusColumn> = StoredCardStatus::ALL
+            .into_iter()
+            .filter(|status| status.superseded_by_collection())
+            .map(CardStatusColumn::from)
+            .collect();
         let others = cards::Entity::find()
-            .filter(cards::Column::IdNumber.eq(id_number.as_str()))
-            .filter(cards::Column::Serial.ne(serial.as_str()))
-            .filter(cards::Column::Status.is_in([CardStatusColumn::Valid, CardStatusColumn::ReportedLost]))
+            .filter(cards::Column::IdNumber.eq(id_number))
+            .filter(cards::Column::Serial.ne(serial))
+            .filter(cards::Column::Status.is_in(superseded))
             .order_by_asc(cards::Column::Serial)
             .all(&txn)
             .await?;
-        let mut events = Vec::with_capacity(others.len());
+        let mut events = vec![collected];
         for other in others {
             let from = StoredCardStatus::from(other.status);
             if let Some(event) = move_status(&txn, &other.serial, from, StoredCardStatus::Revoked, now).await? {
                 cards::Entity::update_many()
-                    .col_expr(cards::Column::RevokedBy, Expr::value(serial.as_str()))
+                    .col_expr(cards::Column::RevokedBy, Expr::value(serial))
                     .filter(cards::Column::Serial.eq(other.serial.as_str()))
                     .exec(&txn)
                     .await?;
                 events.push(event);
             }
         }
-        let revoked: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
+        let revoked: Vec<String> = events[1..].iter().map(|e| e.card_serial.clone()).collect();
         audit::append(&txn, now, audit(&revoked)).await?;
         txn.commit().await?;
-        Ok(events)
+        Ok(Change::Done(events))
+    }
+
+    /// C3: the cards made before `made_before` and still awaiting collection, oldest first.
+    pub async fn overdue_cards(&self, made_before: DateTime<Utc>, limit: u64) -> Result<Vec<Card>, DbErr> {
+        Ok(cards::Entity::find()
+            .filter(cards::Column::Status.eq(CardStatusColumn::Made))
+            .filter(cards::Column::StatusChangedAt.lt(made_before))
+            .order_by_asc(cards::Column::StatusChangedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(Card::from)
+            .collect())
+    }
+
+    /// C3: a card never collected in time becomes void, with its event and audit record. The
+    /// holder's other cards were never touched by it, so they keep their status.
+    pub async fn void_card(
+        &self,
+        serial: &str,
+        now: DateTime<Utc>,
+        audit: AuditEntry,
+    ) -> Result<Change<StatusEvent>, DbErr> {
+        let (from, to) = (StoredCardStatus::Made, StoredCardStatus::Voided);
+        let Some((txn, event)) = self.begin_move(serial, from, to, now).await? else {
+            return Ok(Change::Raced);
+        };
+        audit::append(&txn, now, audit).await?;
+        txn.commit().await?;
+        Ok(Change::Done(event))
     }
 
     /// Imports a legacy card if its serial is not yet known; never overwrites. A card already

@@ -17,7 +17,7 @@ use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Popu
 use crate::{
     index::{CardIndex, CardState, IndexedCard},
     limit::MissLimiter,
-    repo::{Card, Change, Hit, LossDecision, NewHit, Repo, StatusEvent, is_unique_violation},
+    repo::{Card, Change, Hit, LossDecision, NewHit, Repo, StatusEvent, Transfer, is_unique_violation},
 };
 
 /// How often a status change is retried when another writer changed the card meanwhile.
@@ -46,7 +46,35 @@ pub struct WithdrawOutcome {
 pub struct RegisterOutcome {
     pub card_serial: String,
     pub status: CardStatus,
+}
+
+/// C3: a station reports the hand-over of a card (validated).
+#[derive(Debug, Clone)]
+pub struct Collection {
+    pub station_id: String,
+    pub id_number: IdNumber,
+    pub card_serial: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectOutcome {
+    pub card_serial: String,
+    pub status: CardStatus,
     pub revoked_card_serials: Vec<String>,
+    pub collected_at: DateTime<Utc>,
+    pub already_recorded: bool,
+}
+
+/// S4: where a citizen's cards stand after a registration transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferOutcome {
+    /// The home bureau whose decisions the cards follow from now on.
+    pub home_bureau_id: String,
+    /// The cards that follow it (for a repeat: every card of the holder that does).
+    pub card_serials: Vec<String>,
+    pub transferred_at: DateTime<Utc>,
+    /// True when this transfer was already recorded; nothing was changed.
+    pub already_transferred: bool,
 }
 
 /// One card a relying party asks about (C4: number and serial, both validated).
@@ -68,6 +96,8 @@ pub struct CheckResult {
 pub struct Checks {
     pub keys: Arc<KeyRing>,
     pub limiter: MissLimiter,
+    /// C3: how long a made card may await collection before it is voided.
+    pub collection_deadline: chrono::Duration,
 }
 
 pub struct Registry {
@@ -256,6 +286,25 @@ impl Registry {
         .into())
     }
 
+    /// A loss decision about a card its holder never had (awaiting collection, or voided).
+    fn never_handed_over() -> ApiError {
+        ApiError::precondition("CARD_NOT_HANDED_OVER", "the card was never handed over to its holder")
+    }
+
+    /// S4: a holder without cards in force follows the bureau of the latest registration transfer
+    /// (if any): no other may register a first card for them, whatever province it wrote.
+    async fn signed_by_transfer_bureau(&self, holder: &str, signed: &SignedDecision) -> Result<(), ApiError> {
+        let d = &signed.decision;
+        match self.repo.latest_transfer(holder).await? {
+            Some(transfer) if transfer.to_bureau_id != d.bureau_id => Err(DecisionError::WrongJurisdiction {
+                signer: d.bureau_id.clone(),
+                province: format!("of a citizen whose registration moved to {}", transfer.to_bureau_id),
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
     fn not_found(serial: &str) -> ApiError {
         ApiError::not_found("decision.previous_card_serial", serial)
     }
@@ -301,6 +350,9 @@ impl Registry {
                 StoredCardStatus::Revoked => {
                     let error = ApiError::precondition("CARD_REVOKED", "the card is revoked: a newer card was issued");
                     return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+                }
+                StoredCardStatus::Made | StoredCardStatus::Voided => {
+                    return Err(self.refuse(ACTION, card.serial.clone(), detail, Self::never_handed_over()).await);
                 }
                 StoredCardStatus::ReportedLost => {
                     match self
@@ -390,10 +442,20 @@ impl Registry {
                 );
                 return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
             }
+            // K6, C3: once a replacement is made, the loss report stands: the new card revokes
+            // this one when it is handed over, so "valid" now would be true for a few days at most.
+            let awaiting = |c: &Card| {
+                c.status == StoredCardStatus::Made && now - c.status_changed_at <= self.checks.collection_deadline
+            };
+            let replacement_made = card.status == StoredCardStatus::ReportedLost
+                && self.repo.cards_of(&card.id_number).await?.iter().any(awaiting);
+            if card.status == StoredCardStatus::Revoked || replacement_made {
+                let error = ApiError::Refused(RefusalReason::LossReportFinal);
+                return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+            }
             match card.status {
-                StoredCardStatus::Revoked => {
-                    let error = ApiError::Refused(RefusalReason::LossReportFinal);
-                    return Err(self.refuse(ACTION, card.serial.clone(), detail, error).await);
+                StoredCardStatus::Revoked | StoredCardStatus::Made | StoredCardStatus::Voided => {
+                    return Err(self.refuse(ACTION, card.serial.clone(), detail, Self::never_handed_over()).await);
                 }
                 StoredCardStatus::Valid => {
                     let error = ApiError::precondition("NOT_REPORTED_LOST", "the card is not reported lost");
@@ -428,8 +490,8 @@ impl Registry {
         Err(ApiError::Internal("the card kept changing; try again".into()))
     }
 
-    /// S1, S4: a producer registers a card made for a decision addressed to it; every older card
-    /// of the holder is revoked in the same transaction.
+    /// S4, C3: a producer registers a card made for a decision addressed to it. The card awaits
+    /// collection; the holder's older cards change only when it is handed over ([`Self::collect`]).
     pub async fn register_card(
         &self,
         signed: SignedDecision,
@@ -453,27 +515,30 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let today = self.clock.date_of(now);
         let _writer = self.writer.lock().await;
         for _ in 0..ATTEMPTS {
             if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
                 if existing.serial == card_serial {
                     // The same registration again: the same answer, nothing written.
-                    let revoked_card_serials = self.repo.revoked_by_registration(&existing.serial).await?;
                     return Ok(RegisterOutcome {
                         status: answer(&existing, &self.clock, now).status,
                         card_serial: existing.serial,
-                        revoked_card_serials,
                     });
                 }
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
                 return Err(self.refuse(ACTION, subject, detail, error).await);
             }
             let holder = normalised(&d.card.holder.id_number);
-            for card in self.repo.active_cards_of(&holder).await? {
-                if let Err(error) = Self::signed_by_holder_bureau(&card, &signed) {
+            let active = self.repo.active_cards_of(&holder).await?;
+            for card in &active {
+                if let Err(error) = Self::signed_by_holder_bureau(card, &signed) {
                     return Err(self.refuse(ACTION, subject, detail, error).await);
                 }
+            }
+            if active.is_empty()
+                && let Err(error) = self.signed_by_transfer_bureau(&holder, &signed).await
+            {
+                return Err(self.refuse(ACTION, subject, detail, error).await);
             }
             if self.repo.card(&card_serial).await?.is_some() {
                 let error = ApiError::precondition(
@@ -486,38 +551,266 @@ impl Registry {
                 serial: card_serial.clone(),
                 id_number: holder.clone(),
                 home_bureau_id: d.bureau_id.clone(),
-                status: StoredCardStatus::Valid,
+                status: StoredCardStatus::Made,
                 valid_from: d.card.valid_from,
                 valid_until: d.card.valid_until,
                 decision_id: Some(d.decision_id.clone()),
                 producer_id: Some(producer_id.clone()),
+                station_id: Some(d.station_id.clone()),
                 status_changed_at: now,
                 created_at: now,
             };
-            let audit = |revoked: &[String]| AuditEntry {
+            let audit = AuditEntry {
                 action: ACTION,
                 subject: card_serial.clone(),
                 outcome: "registered".into(),
-                detail: format!("{detail}; revoked [{}]", revoked.join(", ")),
+                detail: format!("{detail}; awaiting collection at {}", d.station_id),
             };
             match self.repo.register_card(new.clone(), now, audit).await {
-                Ok(events) => {
+                Ok(()) => {
                     self.index_card(new.indexed());
-                    self.index_events(&events, &holder).await;
-                    let revoked_card_serials: Vec<String> = events.iter().map(|e| e.card_serial.clone()).collect();
-                    self.publish(events);
-                    tracing::info!(serial = %card_serial, holder = %subject, revoked = revoked_card_serials.len(), "card registered");
-                    return Ok(RegisterOutcome {
-                        status: StoredCardStatus::Valid.effective(d.card.valid_until, today),
-                        card_serial,
-                        revoked_card_serials,
-                    });
+                    tracing::info!(serial = %card_serial, holder = %subject, "card registered, awaiting collection");
+                    return Ok(RegisterOutcome { status: answer(&new, &self.clock, now).status, card_serial });
                 }
                 Err(e) if is_unique_violation(&e) => continue,
                 Err(e) => return Err(self.write_failed(e, &holder).await),
             }
         }
         Err(ApiError::Internal("the registration kept conflicting; try again".into()))
+    }
+
+    /// C3, S1: the station that lodged the application reports that the holder collected the card:
+    /// it becomes valid and every older card of the holder is revoked, in one change, before the
+    /// answer. Reporting it again changes nothing; a card not collected within the deadline is
+    /// voided instead, and the collection refused.
+    pub async fn collect(&self, collection: Collection) -> Result<CollectOutcome, ApiError> {
+        const ACTION: &str = "record_collection";
+        let Collection { station_id, id_number, card_serial } = collection;
+        let holder = normalised(id_number.as_str());
+        let subject = card_serial.clone();
+        let detail = format!("station {station_id} holder {}", mask_id_number(&holder));
+        let _writer = self.writer.lock().await;
+        for _ in 0..ATTEMPTS {
+            let now = self.now();
+            let card = self.repo.card(&card_serial).await?.filter(|card| card.id_number == holder);
+            let Some(card) = card else {
+                let error = ApiError::not_found("card_serial", &card_serial);
+                return Err(self.refuse(ACTION, subject, detail, error).await);
+            };
+            if card.station_id.as_deref() != Some(station_id.as_str()) {
+                let error = ApiError::PermissionDenied {
+                    reason: "NOT_THE_COLLECTING_STATION",
+                    message: format!("card {card_serial} is handed over by the station its application was lodged at"),
+                };
+                return Err(self.refuse(ACTION, subject, detail, error).await);
+            }
+            match card.status {
+                StoredCardStatus::Made if now - card.status_changed_at > self.checks.collection_deadline => {
+                    self.void(&card, now).await?;
+                    continue;
+                }
+                StoredCardStatus::Made => {}
+                StoredCardStatus::Valid | StoredCardStatus::ReportedLost => {
+                    // Collected before: the same answer, nothing written.
+                    return Ok(CollectOutcome {
+                        status: answer(&card, &self.clock, now).status,
+                        revoked_card_serials: self.repo.revoked_by_collection(&card.serial).await?,
+                        collected_at: card.status_changed_at,
+                        card_serial: card.serial,
+                        already_recorded: true,
+                    });
+                }
+                StoredCardStatus::Voided | StoredCardStatus::Revoked => {
+                    let reason = if card.status == StoredCardStatus::Voided { "CARD_VOIDED" } else { "CARD_REVOKED" };
+                    let error = ApiError::precondition(
+                        reason,
+                        format!("card {card_serial} is {}: it can no longer be handed over", card.status.as_str()),
+                    );
+                    return Err(self.refuse(ACTION, subject, detail, error).await);
+                }
+            }
+            let audit = |revoked: &[String]| AuditEntry {
+                action: ACTION,
+                subject: card_serial.clone(),
+                outcome: "collected".into(),
+                detail: format!("{detail}; revoked [{}]", revoked.join(", ")),
+            };
+            match self.repo.collect_card(&card.serial, &holder, now, audit).await {
+                Ok(Change::Done(events)) => {
+                    self.index_events(&events, &holder).await;
+                    let revoked_card_serials: Vec<String> = events[1..].iter().map(|e| e.card_serial.clone()).collect();
+                    self.publish(events);
+                    tracing::info!(serial = %card_serial, revoked = revoked_card_serials.len(), "card collected: valid");
+                    return Ok(CollectOutcome {
+                        status: StoredCardStatus::Valid.effective(card.valid_until, self.today()),
+                        card_serial,
+                        revoked_card_serials,
+                        collected_at: now,
+                        already_recorded: false,
+                    });
+                }
+                Ok(Change::Raced) => continue,
+                Err(e) => return Err(self.write_failed(e, &holder).await),
+            }
+        }
+        Err(ApiError::Internal("the card kept changing; try again".into()))
+    }
+
+    /// C3: voids one card never collected in time. Called under the writer lock.
+    async fn void(&self, card: &Card, now: DateTime<Utc>) -> Result<(), ApiError> {
+        let audit = AuditEntry {
+            action: "void_card",
+            subject: card.serial.clone(),
+            outcome: "voided".into(),
+            detail: format!("not collected since {}", card.status_changed_at),
+        };
+        match self.repo.void_card(&card.serial, now, audit).await {
+            Ok(Change::Done(event)) => {
+                self.index_events(std::slice::from_ref(&event), &card.id_number).await;
+                self.publish([event]);
+                tracing::info!(serial = %card.serial, "card voided: not collected in time");
+                Ok(())
+            }
+            Ok(Change::Raced) => Ok(()),
+            Err(e) => Err(self.write_failed(e, &card.id_number).await),
+        }
+    }
+
+    /// C3: voids overdue cards now, then every `every`, until shutdown.
+    pub fn spawn_void_sweeper(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        shutdown: Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                match self.void_overdue().await {
+                    Ok(0) => {}
+                    Ok(voided) => tracing::info!(voided, "cards not collected in time voided"),
+                    Err(error) => tracing::warn!(%error, "cannot void cards past the collection deadline"),
+                }
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+        })
+    }
+
+    /// C3: voids every card made longer than the collection deadline ago and still not collected;
+    /// returns how many. The holders' other cards keep their status.
+    pub async fn void_overdue(&self) -> Result<usize, ApiError> {
+        const PAGE: u64 = 500;
+        let mut voided = 0;
+        loop {
+            let now = self.now();
+            let overdue = self.repo.overdue_cards(now - self.checks.collection_deadline, PAGE).await?;
+            let _writer = self.writer.lock().await;
+            for card in &overdue {
+                self.void(card, now).await?;
+            }
+            voided += overdue.len();
+            if (overdue.len() as u64) < PAGE {
+                return Ok(voided);
+            }
+        }
+    }
+
+    /// C2, C3: the answer about one indexed card. A made card past the collection deadline is
+    /// void from the deadline on, even before the sweep has written it.
+    fn check_state(&self, state: Option<&CardState>, checked_at: DateTime<Utc>) -> CheckResult {
+        if let Some(state) = state
+            && state.status == StoredCardStatus::Made
+        {
+            let voided_at = state.status_changed_at + self.checks.collection_deadline;
+            if checked_at > voided_at {
+                return CheckResult { status: CardStatus::Voided, status_changed_at: Some(voided_at) };
+            }
+        }
+        check_one(state, &self.clock, checked_at)
+    }
+
+    /// S4: the holder's registration moved to another home bureau. Signed by the bureau the cards
+    /// follow now (or, for a holder without cards, the bureau of the latest transfer, if any); from
+    /// the commit on, decisions about the holder's cards are accepted from the new bureau only. The
+    /// same decision again, or a new one for the transfer already recorded (the old bureau did not
+    /// learn the first answer), is answered as before without a change.
+    pub async fn transfer_registration(&self, signed: SignedDecision) -> Result<TransferOutcome, ApiError> {
+        const ACTION: &str = "transfer_registration";
+        let now = self.now();
+        let d = &signed.decision;
+        let subject = mask_id_number(&d.card.holder.id_number);
+        let to = d.transfer_to_bureau_id.as_str();
+        let detail = format!("decision {} by {} to {to}", d.decision_id, d.bureau_id);
+        let expected =
+            Expectation { purpose: DecisionPurpose::TransferRegistration, addressee_id: &self.bureau_id, now };
+        if let Err(error) = signed.verify(&self.directory.current(), expected) {
+            return Err(self.refuse(ACTION, subject, detail, error.into()).await);
+        }
+        if !self.is_home_bureau(to) || to == d.bureau_id {
+            let error = ApiError::precondition(
+                "TRANSFER_TARGET_INVALID",
+                format!("{to:?} is not another home bureau of the directory"),
+            );
+            return Err(self.refuse(ACTION, subject, detail, error).await);
+        }
+        let holder = normalised(&d.card.holder.id_number);
+        let _writer = self.writer.lock().await;
+        let cards = self.repo.cards_of(&holder).await?;
+        let following = |bureau: &str| -> Vec<String> {
+            cards.iter().filter(|c| c.home_bureau_id == bureau).map(|c| c.serial.clone()).collect()
+        };
+        let latest = self.repo.latest_transfer(&holder).await?;
+        let done = match self.repo.transfer_by_decision(&d.decision_id).await? {
+            Some(done) => Some(done),
+            None => latest.clone().filter(|t| {
+                t.from_bureau_id == d.bureau_id && t.to_bureau_id == to && cards.iter().all(|c| c.home_bureau_id == to)
+            }),
+        };
+        if let Some(done) = done {
+            return Ok(TransferOutcome {
+                card_serials: following(&done.to_bureau_id),
+                home_bureau_id: done.to_bureau_id,
+                transferred_at: done.transferred_at,
+                already_transferred: true,
+            });
+        }
+        for card in &cards {
+            if let Err(error) = Self::signed_by_holder_bureau(card, &signed) {
+                return Err(self.refuse(ACTION, subject, detail, error).await);
+            }
+        }
+        if cards.is_empty()
+            && let Err(error) = self.signed_by_transfer_bureau(&holder, &signed).await
+        {
+            return Err(self.refuse(ACTION, subject, detail, error).await);
+        }
+        let transfer = Transfer {
+            decision_id: d.decision_id.clone(),
+            id_number: holder.clone(),
+            from_bureau_id: d.bureau_id.clone(),
+            to_bureau_id: to.to_owned(),
+            transferred_at: now,
+        };
+        let audit = |moved: &[String]| AuditEntry {
+            action: ACTION,
+            subject: subject.clone(),
+            outcome: "transferred".into(),
+            detail: format!("{detail}; cards [{}]", moved.join(", ")),
+        };
+        match self.repo.transfer_registration(transfer, audit).await {
+            Ok(card_serials) => {
+                self.resync_holder(&holder).await;
+                tracing::info!(holder = %subject, from = %d.bureau_id, to, cards = card_serials.len(), "registration transferred");
+                Ok(TransferOutcome {
+                    home_bureau_id: to.to_owned(),
+                    card_serials,
+                    transferred_at: now,
+                    already_transferred: false,
+                })
+            }
+            Err(e) => Err(self.write_failed(e, &holder).await),
+        }
     }
 
     /// C2, C4: the status of each card, in order, from the index: a check never waits on the
@@ -537,7 +830,7 @@ impl Registry {
             .iter()
             .map(|query| {
                 let state = self.index.get(&query.card_serial, query.id_number.as_str());
-                let result = check_one(state.as_ref(), &self.clock, checked_at);
+                let result = self.check_state(state.as_ref(), checked_at);
                 if let (CardStatus::ReportedLost, Some(state)) = (result.status, state) {
                     hits.push(NewHit {
                         card_serial: query.card_serial.clone(),
@@ -636,6 +929,7 @@ impl Registry {
                 valid_until: card.valid_until,
                 decision_id: None,
                 producer_id: None,
+                station_id: None,
                 status_changed_at: now,
                 created_at: now,
             };
@@ -671,6 +965,7 @@ mod tests {
             valid_until,
             decision_id: None,
             producer_id: None,
+            station_id: None,
             status_changed_at: at,
             created_at: at,
         }

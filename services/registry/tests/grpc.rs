@@ -33,6 +33,8 @@ const REGISTRY: &str = "registry-national";
 const PRODUCER: &str = "producer-zhejiang";
 const OTHER_PRODUCER: &str = "producer-other";
 const JIANGXI: &str = "home-jiangxi";
+const STATION: &str = "station-hangzhou";
+const OTHER_STATION: &str = "station-chengdu";
 const SICHUAN: &str = "home-sichuan";
 /// Every signing bureau's key id here (ids are unique per bureau only).
 const KEY_ID: &str = "k1";
@@ -121,7 +123,8 @@ impl Harness {
         let registry_key = generate_signing_key();
         let key_dir = write_key_dir(dir.path(), KEY_ID, &registry_key).unwrap();
         let directory_path = DirectoryBuilder::new()
-            .bureau("station-hangzhou", Role::Intake)
+            .bureau(STATION, Role::Intake)
+            .bureau(OTHER_STATION, Role::Intake)
             .bureau(JIANGXI, Role::Verification)
             .jurisdiction(&["36"])
             .key(KEY_ID, &jiangxi, key_valid_from())
@@ -150,7 +153,7 @@ impl Harness {
             log: LogConfig::default(),
             signing: SigningConfig { key_dir: Some(key_dir), keys: vec![] },
             // Tests check many unknown cards; the limit has its own test.
-            registry: ChecksConfig { check_misses_per_minute: 1_000_000 },
+            registry: ChecksConfig { check_misses_per_minute: 1_000_000, ..ChecksConfig::default() },
             tls: TlsConfig { plaintext: true, ..TlsConfig::default() },
             idempotency: Default::default(),
             import: ImportConfig { path: Some(population_path) },
@@ -209,12 +212,13 @@ impl Harness {
             key_id: KEY_ID.into(),
             addressee_id: addressee.into(),
             application_id: "00000000-0000-0000-0000-000000000001".into(),
-            station_id: "station-hangzhou".into(),
+            station_id: STATION.into(),
             application_kind: None,
             card: card_data(p),
             previous_card_serial: p.card.clone(),
             issued_at: now(),
             expires_at: now() + chrono::Duration::days(7),
+            transfer_to_bureau_id: String::new(),
         }
     }
 
@@ -262,6 +266,26 @@ impl Harness {
             request_id: String::new(),
         };
         self.client.register_card(request).await.map(|r| r.into_inner())
+    }
+
+    /// C3: the lodging station reports that `p` collected `serial`.
+    async fn collect(&mut self, p: &Person, serial: &str) -> Result<pb::RecordCollectionResponse, Status> {
+        self.collect_at(STATION, p, serial).await
+    }
+
+    async fn collect_at(
+        &mut self,
+        station: &str,
+        p: &Person,
+        serial: &str,
+    ) -> Result<pb::RecordCollectionResponse, Status> {
+        let request = pb::RecordCollectionRequest {
+            station_id: station.into(),
+            id_number: p.id.clone(),
+            card_serial: serial.into(),
+            request_id: String::new(),
+        };
+        self.client.record_collection(request).await.map(|r| r.into_inner())
     }
 
     async fn check(&mut self, id: &str, serial: &str) -> pb::CheckCardResponse {
@@ -359,7 +383,11 @@ async fn s1_check_right_after_loss_report_sees_reported_lost() {
     assert!(!reported.already_reported);
 
     let registered = h.register(&h.issue(&p, "issue-1"), PRODUCER, "JX0001000099").await.unwrap();
-    assert_eq!(registered.revoked_card_serials, vec![p.card.clone()]);
+    assert_eq!(status_of(registered.status), pb::CardStatus::AwaitingCollection);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost, "until the hand-over");
+    assert_eq!(status_of(h.check(&p.id, "JX0001000099").await.status), pb::CardStatus::AwaitingCollection);
+    let collected = h.collect(&p, "JX0001000099").await.unwrap();
+    assert_eq!(collected.revoked_card_serials, vec![p.card.clone()]);
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
     assert_eq!(status_of(h.check(&p.id, "JX0001000099").await.status), pb::CardStatus::Valid);
 
@@ -408,18 +436,17 @@ async fn s1_new_card_revokes_older_cards() {
     let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
     let first = h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1001").await.unwrap();
     assert_eq!(first.card_serial, "ZJ-1001");
-    assert_eq!(status_of(first.status), pb::CardStatus::Valid);
-    assert_eq!(first.revoked_card_serials, vec![p.card.clone()]);
+    assert_eq!(status_of(first.status), pb::CardStatus::AwaitingCollection);
+    let collected = h.collect(&p, "ZJ-1001").await.unwrap();
+    assert_eq!(status_of(collected.status), pb::CardStatus::Valid);
+    assert_eq!(collected.revoked_card_serials, vec![p.card.clone()]);
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
     assert_eq!(status_of(h.check(&p.id, "ZJ-1001").await.status), pb::CardStatus::Valid);
 
-    // The newer card was lost too; the next card revokes it.
+    // The newer card was lost too; the next card revokes it once collected.
     let newer = Person { id: p.id.clone(), card: "ZJ-1001".into() };
     h.report_loss(&h.loss(&newer, "loss-1")).await.unwrap();
     let second = h.register(&h.issue(&p, "issue-2"), PRODUCER, "ZJ-1002").await.unwrap();
-    assert_eq!(second.revoked_card_serials, vec!["ZJ-1001".to_owned()]);
-    assert_eq!(status_of(h.check(&p.id, "ZJ-1001").await.status), pb::CardStatus::Revoked);
-    assert_eq!(status_of(h.check(&p.id, "ZJ-1002").await.status), pb::CardStatus::Valid);
 
     // The producer retries the same registration: the same answer, nothing written.
     let events = h.count("status_events").await;
@@ -427,23 +454,110 @@ async fn s1_new_card_revokes_older_cards() {
     assert_eq!(again, second);
     assert_eq!(h.count("status_events").await, events);
 
-    // The feed holds every change: revocation, loss, revocation.
+    assert_eq!(h.collect(&p, "ZJ-1002").await.unwrap().revoked_card_serials, vec!["ZJ-1001".to_owned()]);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1001").await.status), pb::CardStatus::Revoked);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1002").await.status), pb::CardStatus::Valid);
+
+    // The feed holds every change in commit order: each collection, then what it revoked.
     let mut stream =
         h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
     let mut seen = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         let event = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
         seen.push((event.card_serial, status_of(event.status)));
     }
     assert_eq!(
         seen,
         vec![
+            ("ZJ-1001".to_owned(), pb::CardStatus::Valid),
             (p.card.clone(), pb::CardStatus::Revoked),
             ("ZJ-1001".to_owned(), pb::CardStatus::ReportedLost),
+            ("ZJ-1002".to_owned(), pb::CardStatus::Valid),
             ("ZJ-1001".to_owned(), pb::CardStatus::Revoked),
         ]
     );
     drop(stream);
+    h.shutdown().await;
+}
+
+/// C3: a made card is not valid until the station that lodged the application reports its
+/// hand-over; a renewal's old card, never lost, stays valid meanwhile.
+#[tokio::test]
+async fn c3_a_made_card_is_valid_only_once_its_collection_is_recorded() {
+    let p = person(123, "JX-0001");
+    let stranger = person(124, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&stranger, None, false)]).await;
+    h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::AwaitingCollection);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid, "renewal: the old card");
+    // Only the lodging station reports it, and only under the holder's number.
+    let before = counts(&h).await;
+    let error = h.collect_at(OTHER_STATION, &p, "ZJ-1").await.unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(reason(&error), "NOT_THE_COLLECTING_STATION");
+    assert_refusal_wrote_only_audit(&h, before).await;
+    let error = h.collect(&stranger, "ZJ-1").await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    let error = h.collect(&p, "").await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    // A loss report of a card its holder never had is refused.
+    let made = Person { id: p.id.clone(), card: "ZJ-1".into() };
+    assert_eq!(reason(&h.report_loss(&h.loss(&made, "loss-1")).await.unwrap_err()), "CARD_NOT_HANDED_OVER");
+
+    let collected = h.collect(&p, "ZJ-1").await.unwrap();
+    assert_eq!(status_of(collected.status), pb::CardStatus::Valid);
+    assert_eq!(collected.revoked_card_serials, vec![p.card.clone()]);
+    assert!(!collected.already_recorded);
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Valid);
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
+    // The station's outbox repeats it: the same answer, nothing written.
+    let events = h.count("status_events").await;
+    let again = h.collect(&p, "ZJ-1").await.unwrap();
+    assert!(again.already_recorded);
+    assert_eq!(
+        (again.revoked_card_serials, again.collected_at),
+        (collected.revoked_card_serials, collected.collected_at)
+    );
+    assert_eq!(h.count("status_events").await, events);
+    // The index is the database's.
+    h.restart().await;
+    assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Valid);
+    h.shutdown().await;
+}
+
+/// C3: a card not collected within the deadline is voided (at start-up and by the periodic sweep);
+/// the holder's older card keeps the status it had, and the void card can never be handed over.
+#[tokio::test]
+async fn c3_a_card_never_collected_is_voided_and_the_old_card_keeps_its_status() {
+    let p = person(123, "JX-0001");
+    let q = person(124, "JX-0002");
+    let mut h = Harness::new(vec![citizen(&p, None, false), citizen(&q, None, false)]).await;
+    h.report_loss(&h.loss(&p, "loss-p")).await.unwrap();
+    h.register(&h.issue(&p, "issue-p"), PRODUCER, "ZJ-P").await.unwrap();
+    h.register(&h.issue(&q, "issue-q"), PRODUCER, "ZJ-Q").await.unwrap();
+    // K6, C3: with a replacement made, the loss report stands.
+    let error = h.withdraw(&h.withdrawal(&p, "found-early")).await.unwrap_err();
+    assert_eq!(reason(&error), "REFUSAL_REASON_LOSS_REPORT_FINAL");
+
+    // A day past the deadline.
+    let deadline = i64::from(h.config.registry.collection_deadline_days);
+    h.config.clock.fixed = Some(now() + chrono::Duration::days(deadline + 1));
+    h.restart().await;
+    for serial in ["ZJ-P", "ZJ-Q"] {
+        let id = if serial == "ZJ-P" { &p.id } else { &q.id };
+        assert_eq!(status_of(h.check(id, serial).await.status), pb::CardStatus::Voided, "{serial}");
+    }
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost, "as before");
+    assert_eq!(status_of(h.check(&q.id, &q.card).await.status), pb::CardStatus::Valid, "as before");
+    let error = h.collect(&p, "ZJ-P").await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&error), "CARD_VOIDED");
+    // No replacement is pending any more: the old card was found, and its loss report withdrawn.
+    let mut withdrawal = h.decision(DecisionPurpose::WithdrawLossReport, &p, "found-late", REGISTRY);
+    withdrawal.issued_at = h.config.clock.fixed.unwrap();
+    withdrawal.expires_at = withdrawal.issued_at + chrono::Duration::days(7);
+    let found = h.withdraw(&withdrawal.sign(&h.jiangxi)).await.unwrap();
+    assert_eq!(status_of(found.status), pb::CardStatus::Valid);
     h.shutdown().await;
 }
 
@@ -605,6 +719,7 @@ async fn s4_registry_refuses_replayed_decision() {
     assert_eq!(error.code(), Code::AlreadyExists);
     assert_eq!(reason(&error), "DECISION_ALREADY_USED");
     assert_refusal_wrote_only_audit(&h, before).await;
+    h.collect(&p, "ZJ-1").await.unwrap();
     // A withdrawal decision is used once.
     let current = Person { id: p.id.clone(), card: "ZJ-1".into() };
     h.report_loss(&h.loss(&current, "loss-1")).await.unwrap();
@@ -798,11 +913,16 @@ async fn k6_withdrawal_restores_valid_but_not_after_revocation() {
     assert_eq!(status_of(found.status), pb::CardStatus::Valid);
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
 
-    // Lost again, and this time a replacement is made: the old card is revoked for good.
+    // Lost again, and this time a replacement is made: from then on the loss report stands, and
+    // once the new card is handed over the old one is revoked for good.
     h.report_loss(&h.loss(&p, "loss-2")).await.unwrap();
     h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
     let error = h.withdraw(&h.withdrawal(&p, "found-2")).await.unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&error), "REFUSAL_REASON_LOSS_REPORT_FINAL");
+    assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::ReportedLost);
+    h.collect(&p, "ZJ-1").await.unwrap();
+    let error = h.withdraw(&h.withdrawal(&p, "found-3")).await.unwrap_err();
     assert_eq!(reason(&error), "REFUSAL_REASON_LOSS_REPORT_FINAL");
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Revoked);
     // A loss report of a revoked card is refused too.
@@ -943,8 +1063,9 @@ async fn s1_rules_hold_on_postgres_when_configured() {
         assert_eq!(status_of(found.status), pb::CardStatus::Valid);
         assert_eq!(h.withdraw(&h.withdrawal(&p, "found-1")).await.unwrap_err().code(), Code::AlreadyExists);
         let registered = h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap();
-        assert_eq!(registered.revoked_card_serials, vec![p.card.clone()]);
+        assert_eq!(status_of(registered.status), pb::CardStatus::AwaitingCollection);
         assert_eq!(h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-1").await.unwrap(), registered);
+        assert_eq!(h.collect(&p, "ZJ-1").await.unwrap().revoked_card_serials, vec![p.card.clone()]);
         assert_eq!(
             h.register(&h.issue(&p, "issue-1"), PRODUCER, "ZJ-2").await.unwrap_err().code(),
             Code::AlreadyExists
@@ -956,11 +1077,12 @@ async fn s1_rules_hold_on_postgres_when_configured() {
         let mut stream =
             h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
         let mut statuses = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let event = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
             statuses.push(status_of(event.status));
         }
-        assert_eq!(statuses, vec![pb::CardStatus::ReportedLost, pb::CardStatus::Valid, pb::CardStatus::Revoked]);
+        use pb::CardStatus::{ReportedLost, Revoked, Valid};
+        assert_eq!(statuses, vec![ReportedLost, Valid, Valid, Revoked], "lost, found, ZJ-1 collected, old revoked");
         drop(stream);
         h.restart().await;
         assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Valid);
@@ -1088,5 +1210,121 @@ async fn c4_repeated_misses_from_one_caller_are_limited_but_hits_are_not() {
         relying_party: "bank-of-test".into(),
     };
     assert_eq!(h.client.check_cards(batch).await.unwrap_err().code(), Code::ResourceExhausted);
+    h.shutdown().await;
+}
+
+impl Harness {
+    /// A decision about `p` signed by Sichuan, writing Sichuan's province (51) into it.
+    fn by_sichuan(&self, purpose: DecisionPurpose, p: &Person, decision_id: &str, addressee: &str) -> SignedDecision {
+        let mut decision = self.decision(purpose, p, decision_id, addressee);
+        decision.bureau_id = SICHUAN.into();
+        decision.card.holder.registration_province = "51".into();
+        decision.sign(&self.sichuan)
+    }
+
+    /// Jiangxi hands `p` over to Sichuan.
+    fn transfer(&self, p: &Person, decision_id: &str) -> SignedDecision {
+        let mut decision = self.decision(DecisionPurpose::TransferRegistration, p, decision_id, REGISTRY);
+        decision.transfer_to_bureau_id = SICHUAN.into();
+        decision.sign(&self.jiangxi)
+    }
+
+    async fn transfer_registration(
+        &mut self,
+        signed: &SignedDecision,
+    ) -> Result<pb::LossRegistryTransferRegistrationResponse, Status> {
+        let request = pb::LossRegistryTransferRegistrationRequest {
+            decision: Some(signed_decision_to_proto(signed)),
+            request_id: String::new(),
+        };
+        self.client.transfer_registration(request).await.map(|r| r.into_inner())
+    }
+}
+
+/// S4: a citizen's cards follow the home bureau that registered them until that bureau transfers the
+/// registration: before, the new bureau's decisions are refused; after, the old bureau's are, and
+/// the new bureau's loss report, hits and new card are accepted. A transfer is recorded once.
+#[tokio::test]
+async fn s4_a_registration_transfer_moves_the_cards_to_the_new_home_bureau() {
+    let p = person(140, "JX-0140");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    // Before: Sichuan, even writing its own province, cannot decide about a Jiangxi card.
+    let early = h.by_sichuan(DecisionPurpose::ReportLoss, &p, "sc-loss-0", REGISTRY);
+    let error = h.report_loss(&early).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    // Nor hand the citizen over to itself or anyone.
+    let mut grab = h.decision(DecisionPurpose::TransferRegistration, &p, "sc-transfer", REGISTRY);
+    grab.bureau_id = SICHUAN.into();
+    grab.card.holder.registration_province = "51".into();
+    grab.transfer_to_bureau_id = JIANGXI.into();
+    let error = h.transfer_registration(&grab.sign(&h.sichuan)).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    // A transfer must name another home bureau.
+    let mut nowhere = h.decision(DecisionPurpose::TransferRegistration, &p, "jx-nowhere", REGISTRY);
+    nowhere.transfer_to_bureau_id = PRODUCER.into();
+    let error = h.transfer_registration(&nowhere.sign(&h.jiangxi)).await.unwrap_err();
+    assert_eq!(reason(&error), "TRANSFER_TARGET_INVALID");
+    let mut unnamed = h.decision(DecisionPurpose::TransferRegistration, &p, "jx-unnamed", REGISTRY);
+    unnamed.transfer_to_bureau_id.clear();
+    let error = h.transfer_registration(&unnamed.sign(&h.jiangxi)).await.unwrap_err();
+    assert_eq!(violations(&error), vec!["decision.decision.transfer_to_bureau_id"]);
+    assert_eq!(h.count("registration_transfers").await, 0);
+
+    // Jiangxi hands the citizen over to Sichuan.
+    let transfer = h.transfer(&p, "jx-transfer-1");
+    let done = h.transfer_registration(&transfer).await.unwrap();
+    assert_eq!(done.home_bureau_id, SICHUAN);
+    assert_eq!(done.card_serials, vec![p.card.clone()]);
+    assert!(!done.already_transferred);
+    // The same decision again, and a new one for the same transfer (the sender never learnt the
+    // answer): answered as before, nothing written.
+    assert!(h.transfer_registration(&transfer).await.unwrap().already_transferred);
+    let again = h.transfer_registration(&h.transfer(&p, "jx-transfer-2")).await.unwrap();
+    assert!(again.already_transferred);
+    assert_eq!(again.card_serials, vec![p.card.clone()]);
+    assert_eq!(h.count("registration_transfers").await, 1);
+
+    // After: the old bureau is refused, the new one accepted, and the index follows at once.
+    let error = h.report_loss(&h.loss(&p, "jx-loss-1")).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    let lost = h.report_loss(&h.by_sichuan(DecisionPurpose::ReportLoss, &p, "sc-loss-1", REGISTRY)).await.unwrap();
+    assert_eq!(status_of(lost.status), pb::CardStatus::ReportedLost);
+    h.check(&p.id, &p.card).await;
+    assert_eq!(h.hits(SICHUAN).await.unwrap().len(), 1, "the hit is the new bureau's");
+    assert!(h.hits(JIANGXI).await.unwrap().is_empty());
+
+    // It survives a restart; a new card is registered on the new bureau's decision only.
+    h.restart().await;
+    let error = h.withdraw(&h.withdrawal(&p, "jx-withdraw")).await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    let error = h.register(&h.issue(&p, "jx-issue"), PRODUCER, "ZJ-0140").await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    let issue = h.by_sichuan(DecisionPurpose::IssueCard, &p, "sc-issue", PRODUCER);
+    let made = h.register(&issue, PRODUCER, "ZJ-0140").await.unwrap();
+    assert_eq!(status_of(made.status), pb::CardStatus::AwaitingCollection);
+    assert_eq!(h.collect(&p, "ZJ-0140").await.unwrap().revoked_card_serials, vec![p.card.clone()]);
+    h.shutdown().await;
+}
+
+/// S4: a first card (the citizen holds none in force) is registered on a decision of the bureau
+/// whose jurisdiction holds the province written in it; once a transfer is recorded, only on the
+/// new bureau's.
+#[tokio::test]
+async fn s4_a_first_card_follows_the_written_province_and_then_the_transfer() {
+    let p = person(141, "JX-0141");
+    let q = person(142, "JX-0142");
+    let mut h = Harness::new(vec![]).await;
+    // No card yet: either bureau may register a first card for the province it holds.
+    let issue = h.by_sichuan(DecisionPurpose::IssueCard, &q, "sc-first", PRODUCER);
+    let made = h.register(&issue, PRODUCER, "ZJ-0142").await.unwrap();
+    assert_eq!(status_of(made.status), pb::CardStatus::AwaitingCollection);
+    // After a transfer (of a citizen without cards), the old bureau registers no first card.
+    let done = h.transfer_registration(&h.transfer(&p, "jx-transfer")).await.unwrap();
+    assert!(done.card_serials.is_empty());
+    let error = h.register(&h.issue(&p, "jx-first"), PRODUCER, "ZJ-0141").await.unwrap_err();
+    assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
+    let issue = h.by_sichuan(DecisionPurpose::IssueCard, &p, "sc-first-p", PRODUCER);
+    let made = h.register(&issue, PRODUCER, "ZJ-0141").await.unwrap();
+    assert_eq!(status_of(made.status), pb::CardStatus::AwaitingCollection);
     h.shutdown().await;
 }

@@ -57,12 +57,19 @@ impl VerificationApi {
                 }
                 DecisionPurpose::ReportLoss => kind == Some(ApplicationKind::LossReport),
                 DecisionPurpose::WithdrawLossReport => kind.is_none(),
+                // Decided by TransferRegistration (an operator's), never by a station's Verify.
+                DecisionPurpose::TransferRegistration => {
+                    v.add("purpose", "DECISION_PURPOSE_TRANSFER_REGISTRATION is not decided by Verify");
+                    true
+                }
             };
             if !allowed {
                 let expected = match purpose {
                     DecisionPurpose::IssueCard => "APPLICATION_KIND_REPLACEMENT or APPLICATION_KIND_RENEWAL",
                     DecisionPurpose::ReportLoss => "APPLICATION_KIND_LOSS_REPORT",
-                    DecisionPurpose::WithdrawLossReport => "APPLICATION_KIND_UNSPECIFIED",
+                    DecisionPurpose::WithdrawLossReport | DecisionPurpose::TransferRegistration => {
+                        "APPLICATION_KIND_UNSPECIFIED"
+                    }
                 };
                 v.add("kind", format!("must be {expected} for {}", purpose.as_str()));
             }
@@ -249,6 +256,27 @@ impl Verification for VerificationApi {
         Ok(Response::new(pb::RecordCreditStatusResponse {
             credit_status: credit_to_proto(credit) as i32,
             recorded_at: Some(timestamp(recorded_at)),
+        }))
+    }
+
+    async fn transfer_registration(
+        &self,
+        request: Request<pb::TransferRegistrationRequest>,
+    ) -> Result<Response<pb::TransferRegistrationResponse>, Status> {
+        let request = request.get_ref();
+        let mut v = FieldViolations::new();
+        let id_number = v.id_number("id_number", &request.id_number, self.verifier.today());
+        let new_province = v.province("new_province", &request.new_province);
+        v.finish()?;
+        let (Some(id_number), Some(new_province)) = (id_number, new_province) else {
+            return Err(ApiError::Internal("validation left a field unset".into()).into());
+        };
+        let done = self.verifier.transfer_registration(&id_number, new_province).await?;
+        Ok(Response::new(pb::TransferRegistrationResponse {
+            new_home_bureau_id: done.new_home_bureau_id,
+            card_serials: done.card_serials,
+            transferred_at: Some(timestamp(done.transferred_at)),
+            decision_id: done.decision_id,
         }))
     }
 

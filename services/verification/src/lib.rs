@@ -6,6 +6,7 @@
 pub mod config;
 mod entities;
 mod grpc;
+mod registry;
 mod repo;
 mod service;
 
@@ -63,7 +64,7 @@ async fn run(
     config: &VerificationConfig,
     prepared: Prepared<VerificationServer<VerificationApi>, Signer>,
 ) -> anyhow::Result<()> {
-    let Prepared { directory, clock, db, server, shutdown, checked: signer, .. } = prepared;
+    let Prepared { directory, clock, db, server, shutdown, checked: signer, connector, .. } = prepared;
     signer.keys.spawn_reloader(config.directory.reload_every(), shutdown);
     let bureau_id = config.server.bureau_id.clone();
     let repo = Repo::new(db);
@@ -76,6 +77,8 @@ async fn run(
         fingerprint_threshold: config.biometrics.fingerprint_threshold,
     });
     let ttl_seconds = i64::try_from(config.signing.decision_ttl_seconds).context("signing.decision_ttl_seconds")?;
+    let peers = yidi_grpc::client::Peers::new(directory.clone(), connector);
+    let registry = Arc::new(registry::RegistryLink::new(peers, yidi_grpc::client::DEFAULT_CALL_TIMEOUT));
     let verifier = Arc::new(Verifier {
         repo,
         clock,
@@ -86,6 +89,7 @@ async fn run(
         ttl: chrono::Duration::seconds(ttl_seconds),
         matcher,
         encode: grpc::encode_answer,
+        registry,
     });
     let api = VerificationApi::new(verifier);
     server.serve(VerificationServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES)).await?;

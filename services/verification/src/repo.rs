@@ -260,6 +260,17 @@ impl Tx {
         Ok(result.rows_affected == 1)
     }
 
+    /// S4: the citizen's registration moved to `province` (another bureau's jurisdiction).
+    pub async fn move_registration(&self, id_number: &str, province: &str, at: DateTime<Utc>) -> Result<(), DbErr> {
+        citizens::Entity::update_many()
+            .col_expr(citizens::Column::RegistrationProvince, Expr::value(province))
+            .col_expr(citizens::Column::UpdatedAt, Expr::value(at))
+            .filter(citizens::Column::IdNumber.eq(id_number))
+            .exec(&self.txn)
+            .await?;
+        Ok(())
+    }
+
     pub async fn set_credit(&self, id_number: &str, credit: Credit, at: DateTime<Utc>) -> Result<(), DbErr> {
         citizens::Entity::update_many()
             .col_expr(citizens::Column::CreditStatus, Expr::value(StoredCredit::from(credit)))

@@ -1,5 +1,5 @@
 //! The rules of the home bureau (no tonic types): takes validated domain values.
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use yidi_audit::AuditEntry;
@@ -66,6 +66,34 @@ pub struct CitizenView {
     pub open_application_ids: Vec<String>,
 }
 
+/// What the registry answered to a registration transfer (S4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRecorded {
+    /// The citizen's cards that follow the new home bureau now.
+    pub card_serials: Vec<String>,
+    /// The registry had recorded this transfer already.
+    pub already_transferred: bool,
+}
+
+/// A registration transfer, done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferView {
+    pub new_home_bureau_id: String,
+    pub card_serials: Vec<String>,
+    pub transferred_at: DateTime<Utc>,
+    pub decision_id: String,
+}
+
+/// Delivers a signed transfer decision to the registry (the gRPC call is `registry::RegistryLink`);
+/// an error the registry decided is a FAILED_PRECONDITION, trouble reaching it UNAVAILABLE.
+pub trait TransferSink: Send + Sync {
+    fn deliver<'a>(
+        &'a self,
+        registry_id: &'a str,
+        decision: &'a SignedDecision,
+    ) -> Pin<Box<dyn Future<Output = Result<TransferRecorded, ApiError>> + Send + 'a>>;
+}
+
 pub struct Verifier {
     pub(crate) repo: Repo,
     pub(crate) clock: Clock,
@@ -76,6 +104,7 @@ pub struct Verifier {
     pub(crate) ttl: Duration,
     pub(crate) matcher: Arc<dyn BiometricMatcher>,
     pub(crate) encode: EncodeAnswer,
+    pub(crate) registry: Arc<dyn TransferSink>,
 }
 
 /// A station's CloseApplication (K5), validated.
@@ -92,7 +121,7 @@ pub struct Closing<'a> {
 pub struct Facts<'a> {
     pub citizen: Option<&'a Citizen>,
     pub jurisdiction: &'a [String],
-    /// Open ISSUE_CARD applications of the citizen other than this one (K5).
+    /// Open ISSUE_CARD applications of the citizen other than this one (K5; K6 for a withdrawal).
     pub other_open_applications: usize,
     /// The six-digit address code of the lodging station (its directory `region`); empty when unknown,
     /// which counts as a different place.
@@ -148,6 +177,10 @@ pub fn judge(input: &VerifyInput, facts: &Facts<'_>, matcher: &dyn BiometricMatc
             return Err(RefusalReason::CardNotCurrent);
         }
         _ => {}
+    }
+    // 7. K6: a withdrawal while a new card is on its way would be undone by that card's registration.
+    if input.purpose == DecisionPurpose::WithdrawLossReport && facts.other_open_applications > 0 {
+        return Err(RefusalReason::NewCardPending);
     }
     // 7. K5 and K2.
     if input.purpose == DecisionPurpose::IssueCard {
@@ -206,6 +239,11 @@ fn verification_of(input: &VerifyInput, response: Vec<u8>, created_at: DateTime<
         open: false,
         created_at,
     }
+}
+
+/// The card data of a decision about `citizen`, as the register holds them.
+fn card_data(citizen: &Citizen, valid_from: NaiveDate, valid_until: Option<NaiveDate>) -> CardData {
+    CardData { holder: citizen.person.clone(), face_template: citizen.face_template.clone(), valid_from, valid_until }
 }
 
 fn truncate_to_seconds(at: DateTime<Utc>) -> DateTime<Utc> {
@@ -298,7 +336,7 @@ impl Verifier {
         let now = self.clock.now();
         let today = self.clock.date_of(now);
         let citizen = tx.citizen_for_update(input.id_number.as_str()).await?;
-        let other_open_applications = if input.purpose == DecisionPurpose::IssueCard {
+        let other_open_applications = if input.purpose != DecisionPurpose::ReportLoss {
             tx.open_application_ids(input.id_number.as_str())
                 .await?
                 .into_iter()
@@ -358,32 +396,34 @@ impl Verifier {
         Ok(VerifyAnswer { response, replayed: false })
     }
 
+    /// A decision to be signed by `key`; `input` is the station's request it answers (None for an
+    /// operator's, such as a transfer).
     #[allow(clippy::too_many_arguments)]
     fn decision(
         &self,
-        input: &VerifyInput,
+        input: Option<&VerifyInput>,
         purpose: DecisionPurpose,
         addressee_id: &str,
         card: CardData,
         current_card_serial: &str,
         issued_at: DateTime<Utc>,
         key: &ActiveKey,
-    ) -> SignedDecision {
+    ) -> Decision {
         Decision {
             decision_id: uuid::Uuid::new_v4().to_string(),
             purpose,
             bureau_id: self.bureau_id.clone(),
             key_id: key.id.clone(),
             addressee_id: addressee_id.to_owned(),
-            application_id: input.application_id.clone(),
-            station_id: input.station_id.clone(),
-            application_kind: input.kind,
+            application_id: input.map(|i| i.application_id.clone()).unwrap_or_default(),
+            station_id: input.map(|i| i.station_id.clone()).unwrap_or_default(),
+            application_kind: input.and_then(|i| i.kind),
             card,
             previous_card_serial: current_card_serial.to_owned(),
             issued_at,
             expires_at: issued_at + self.ttl,
+            transfer_to_bureau_id: String::new(),
         }
-        .sign(&key.key)
     }
 
     async fn approve(
@@ -401,12 +441,7 @@ impl Verifier {
         let key = self.signing_key(&self.directory.current(), issued_at)?;
         // judge() approved, so the citizen holds a card and any serial named is this one.
         let current = citizen.current_card_serial.clone().unwrap_or_else(|| input.card_serial.clone());
-        let card_data = |valid_from: NaiveDate, valid_until: Option<NaiveDate>| CardData {
-            holder: citizen.person.clone(),
-            face_template: citizen.face_template.clone(),
-            valid_from,
-            valid_until,
-        };
+        let card_data = |valid_from, valid_until| card_data(citizen, valid_from, valid_until);
         let registry = |registry_id: &Option<String>| {
             registry_id.clone().ok_or_else(|| ApiError::Internal("registry addressee missing".into()))
         };
@@ -415,28 +450,33 @@ impl Verifier {
                 // C1: the term of the new card, by age on the day of issue.
                 let term = card::term_for(citizen.person.birth_date, today);
                 let data = card_data(term.valid_from, term.valid_until);
-                let decision = self.decision(
-                    input,
-                    DecisionPurpose::IssueCard,
-                    &input.producer_id,
-                    data.clone(),
-                    &current,
-                    issued_at,
-                    &key,
-                );
+                let decision = self
+                    .decision(
+                        Some(input),
+                        DecisionPurpose::IssueCard,
+                        &input.producer_id,
+                        data.clone(),
+                        &current,
+                        issued_at,
+                        &key,
+                    )
+                    .sign(&key.key);
                 // K1: a replacement files the loss report too (if there is a card to lose: a first
                 // card, accepted only at home, has none).
                 let loss = if input.kind == Some(ApplicationKind::Replacement) && citizen.current_card_serial.is_some()
                 {
-                    Some(self.decision(
-                        input,
-                        DecisionPurpose::ReportLoss,
-                        &registry(&registry_id)?,
-                        data,
-                        &current,
-                        issued_at,
-                        &key,
-                    ))
+                    Some(
+                        self.decision(
+                            Some(input),
+                            DecisionPurpose::ReportLoss,
+                            &registry(&registry_id)?,
+                            data,
+                            &current,
+                            issued_at,
+                            &key,
+                        )
+                        .sign(&key.key),
+                    )
                 } else {
                     None
                 };
@@ -446,7 +486,9 @@ impl Verifier {
                 // The card concerned is the current one.
                 let valid_from = citizen.current_card_valid_from.unwrap_or(today);
                 let data = card_data(valid_from, citizen.current_card_valid_until);
-                let decision = self.decision(input, purpose, &registry(&registry_id)?, data, &current, issued_at, &key);
+                let registry_id = registry(&registry_id)?;
+                let decision =
+                    self.decision(Some(input), purpose, &registry_id, data, &current, issued_at, &key).sign(&key.key);
                 (decision, None, None)
             }
         };
@@ -542,6 +584,91 @@ impl Verifier {
         tx.commit().await?;
         tracing::info!(id_number = %masked, outcome, "credit status recorded");
         Ok(now)
+    }
+
+    /// S4: the citizen's household registration moved to `new_province`, in another home bureau's
+    /// jurisdiction. A transfer decision naming that bureau is signed and delivered to the registry
+    /// (which from then on follows the new bureau's decisions for the citizen's cards); once the
+    /// registry has recorded it, the citizen's register entry names the new province, so this
+    /// bureau no longer serves the citizen (N3: UNKNOWN_CITIZEN). Refused while an application of
+    /// the citizen is open (K5), which would be left with a bureau that no longer decides for them.
+    pub async fn transfer_registration(
+        &self,
+        id_number: &IdNumber,
+        new_province: &str,
+    ) -> Result<TransferView, ApiError> {
+        let transferred = self.transfer_once(id_number, new_province).await;
+        if let Err(error @ ApiError::FailedPrecondition { .. }) = &transferred {
+            let detail = format!("to province {new_province}: {error}");
+            self.audit_refusal("transfer_registration", id_number.masked(), error, detail).await?;
+        }
+        transferred
+    }
+
+    async fn transfer_once(&self, id_number: &IdNumber, new_province: &str) -> Result<TransferView, ApiError> {
+        let now = self.clock.now();
+        let issued_at = truncate_to_seconds(now);
+        let masked = id_number.masked();
+        let directory = self.directory.current();
+        let new_bureau = directory.home_bureau_for(new_province).map(|b| b.id.clone()).ok_or_else(|| {
+            ApiError::precondition(
+                "NO_HOME_BUREAU",
+                format!("no home bureau of the directory holds province {new_province}"),
+            )
+        })?;
+        if new_bureau == self.bureau_id {
+            return Err(ApiError::precondition(
+                "SAME_HOME_BUREAU",
+                format!("province {new_province} is within this bureau's own jurisdiction"),
+            ));
+        }
+        let registry_id = self.registry_id()?;
+        let tx = self.repo.begin().await?;
+        let citizen = tx
+            .citizen_for_update(id_number.as_str())
+            .await?
+            .filter(|c| self.jurisdiction.contains(&c.person.registration_province))
+            .ok_or_else(|| ApiError::not_found("citizen", masked.clone()))?;
+        if citizen.registration == Registration::Cancelled {
+            return Err(ApiError::precondition("REGISTRATION_CANCELLED", "the citizen's registration is cancelled"));
+        }
+        let open = tx.open_application_ids(id_number.as_str()).await?;
+        if !open.is_empty() {
+            return Err(ApiError::precondition(
+                "APPLICATION_OPEN",
+                format!("application {} of the citizen is open; it must end first (K5)", open.join(", ")),
+            ));
+        }
+        let key = self.signing_key(&directory, issued_at)?;
+        let valid_from = citizen.current_card_valid_from.unwrap_or(self.clock.date_of(now));
+        let card = card_data(&citizen, valid_from, citizen.current_card_valid_until);
+        let current = citizen.current_card_serial.clone().unwrap_or_default();
+        let purpose = DecisionPurpose::TransferRegistration;
+        let decision = Decision {
+            transfer_to_bureau_id: new_bureau.clone(),
+            ..self.decision(None, purpose, &registry_id, card, &current, issued_at, &key)
+        }
+        .sign(&key.key);
+        // The registry first: until it has recorded the transfer, the citizen stays on this register
+        // (a failure here changes nothing, and a retry with a new decision is answered as the first).
+        let recorded = self.registry.deliver(&registry_id, &decision).await?;
+        let decision_id = decision.decision.decision_id;
+        tx.move_registration(id_number.as_str(), new_province, now).await?;
+        let detail = format!(
+            "province {} to {new_province}, home bureau {new_bureau}; decision {decision_id}; cards [{}]{}",
+            citizen.person.registration_province,
+            recorded.card_serials.join(", "),
+            if recorded.already_transferred { " (already recorded by the registry)" } else { "" }
+        );
+        tx.audit(now, AuditEntry::new("transfer_registration", masked.as_str(), "TRANSFERRED", detail)).await?;
+        tx.commit().await?;
+        tracing::info!(id_number = %masked, to = %new_bureau, "registration transferred");
+        Ok(TransferView {
+            new_home_bureau_id: new_bureau,
+            card_serials: recorded.card_serials,
+            transferred_at: now,
+            decision_id,
+        })
     }
 
     /// K5: the application ended; for a collection the new card becomes the current one. Only the
@@ -745,6 +872,17 @@ mod tests {
         assert_eq!(judge_with(&request, &citizen(), 0), Ok(()));
         request.live_fingerprint = template(9);
         assert_eq!(judge_with(&request, &citizen(), 0), Err(RefusalReason::FingerprintMismatch));
+    }
+
+    #[test]
+    fn k6_a_withdrawal_while_a_new_card_is_pending_is_refused() {
+        let mut request = input(DecisionPurpose::WithdrawLossReport, None);
+        request.live_face = Vec::new();
+        assert_eq!(judge_with(&request, &citizen(), 1), Err(RefusalReason::NewCardPending));
+        assert_eq!(judge_with(&request, &citizen(), 0), Ok(()));
+        // The person is judged first: a stranger learns nothing of the open application.
+        request.live_fingerprint = template(9);
+        assert_eq!(judge_with(&request, &citizen(), 1), Err(RefusalReason::FingerprintMismatch));
     }
 
     #[test]

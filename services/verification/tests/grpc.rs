@@ -166,12 +166,21 @@ impl Fixture {
 
     /// `database_url`: None for an SQLite file in the temp folder.
     fn with_database(database_url: Option<String>) -> Self {
+        Self::build(database_url, None)
+    }
+
+    /// With the registry at `endpoint` (a fake).
+    fn with_registry(endpoint: String) -> Self {
+        Self::build(None, Some(endpoint))
+    }
+
+    fn build(database_url: Option<String>, registry_endpoint: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let dir_path = dir.path().to_path_buf();
         let key = generate_signing_key();
         let other = generate_signing_key();
         write_key_dir(&dir_path, KEY_ID, &key).unwrap();
-        DirectoryBuilder::new()
+        let directory = DirectoryBuilder::new()
             .bureau(STATION, Role::Intake)
             .region("330106")
             .bureau("station-other", Role::Intake)
@@ -185,9 +194,12 @@ impl Fixture {
             .jurisdiction(&["51"])
             .key(KEY_ID, &other, key_valid_from())
             .bureau(PRODUCER, Role::Issuance)
-            .bureau(REGISTRY, Role::Registry)
-            .write_into(&dir_path)
-            .unwrap();
+            .bureau(REGISTRY, Role::Registry);
+        let directory = match registry_endpoint {
+            Some(endpoint) => directory.endpoint(endpoint),
+            None => directory,
+        };
+        directory.write_into(&dir_path).unwrap();
         population().write(&dir_path.join("population.json")).unwrap();
         let db_url =
             database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir_path.join("verification.db").display()));
@@ -292,6 +304,21 @@ fn report_loss(application_id: &str, p: &Person, serial: &str) -> pb::VerifyRequ
         kind: pb::ApplicationKind::LossReport as i32,
         producer_id: String::new(),
         ..issue(application_id, p, pb::ApplicationKind::LossReport, serial)
+    }
+}
+
+fn closing(
+    application_id: &str,
+    state: pb::ApplicationState,
+    serial: &str,
+    station: &str,
+) -> pb::CloseApplicationRequest {
+    pb::CloseApplicationRequest {
+        application_id: application_id.into(),
+        final_state: state as i32,
+        new_card_serial: serial.into(),
+        station_id: station.into(),
+        request_id: String::new(),
     }
 }
 
@@ -529,6 +556,58 @@ async fn k4_a_first_application_is_refused() {
     let response = server.verify(issue("app-old", &replacement(), pb::ApplicationKind::Replacement, "JX-OLD")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::CardNotCurrent);
     server.stop().await;
+}
+
+/// K4 at home: a citizen who never held a card applies at a station of the home province, naming no
+/// card. The home bureau approves a first card with no loss decision (there is no card to lose),
+/// and the card collected becomes the current one.
+#[tokio::test]
+async fn k4_a_first_application_at_home_is_approved_without_a_loss_decision() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let p = first_timer();
+    let request = pb::VerifyRequest {
+        station_id: LOCAL_STATION.into(),
+        ..issue("app-first-home", &p, pb::ApplicationKind::Replacement, "")
+    };
+    let response = server.verify(request).await;
+    assert_eq!(refusal(&response), pb::RefusalReason::Unspecified);
+    assert!(response.loss_decision.is_none(), "no card, no loss decision");
+    let decision = signed_decision_from_proto("decision", response.decision.as_ref()).unwrap();
+    assert!(decision.decision.previous_card_serial.is_empty());
+    let expect = Expectation { purpose: DecisionPurpose::IssueCard, addressee_id: PRODUCER, now: now() };
+    decision.verify(&directory(&fixture), expect).unwrap();
+    let close = closing("app-first-home", pb::ApplicationState::Collected, "JX-FIRST", LOCAL_STATION);
+    assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
+    assert_eq!(server.citizen(&p).await.current_card_serial, "JX-FIRST");
+    server.stop().await;
+}
+
+/// K6: the home bureau refuses to withdraw a loss report while an application of the citizen for a
+/// new card is open (the new card would revoke the card declared valid again); once it is closed,
+/// the withdrawal is decided.
+#[tokio::test]
+async fn k6_a_withdrawal_while_a_new_card_is_pending_is_refused_at_the_home_bureau() {
+    let fixture = Fixture::new();
+    let mut server = fixture.start().await;
+    let p = replacement();
+    let open = server.verify(issue("app-open", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
+    assert!(open.decision.is_some());
+    let mut withdraw = report_loss("app-found", &p, "JX-0001");
+    withdraw.purpose = pb::DecisionPurpose::WithdrawLossReport as i32;
+    withdraw.kind = pb::ApplicationKind::Unspecified as i32;
+    withdraw.live.as_mut().unwrap().face_template.clear();
+    let response = server.verify(withdraw.clone()).await;
+    assert_eq!(refusal(&response), pb::RefusalReason::NewCardPending);
+    let close = closing("app-open", pb::ApplicationState::Cancelled, "", STATION);
+    assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
+    withdraw.application_id = "app-found-2".into();
+    let response = server.verify(withdraw).await;
+    assert_eq!(refusal(&response), pb::RefusalReason::Unspecified);
+    assert!(response.decision.is_some());
+    server.stop().await;
+    let refused = "SELECT COUNT(*) FROM verifications WHERE refusal_reason = 'NEW_CARD_PENDING'";
+    assert_eq!(fixture.count(refused).await, 1);
 }
 
 #[tokio::test]
@@ -813,13 +892,7 @@ async fn s4_postgres_verify_replay_and_close() {
     decision.verify(&directory(&fixture), expect).unwrap();
     let second = server.verify(issue("pg-app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     assert_eq!(refusal(&second), pb::RefusalReason::ApplicationAlreadyOpen);
-    let close = pb::CloseApplicationRequest {
-        application_id: "pg-app-1".into(),
-        final_state: pb::ApplicationState::Collected as i32,
-        new_card_serial: "JX-2001".into(),
-        station_id: STATION.into(),
-        request_id: String::new(),
-    };
+    let close = closing("pg-app-1", pb::ApplicationState::Collected, "JX-2001", STATION);
     assert!(server.client.close_application(close).await.unwrap().into_inner().closed);
     let citizen = server.citizen(&p).await;
     assert_eq!(citizen.current_card_serial, "JX-2001");
@@ -870,4 +943,103 @@ async fn k5_concurrent_applications_of_one_citizen_open_only_one() {
     server.stop().await;
     assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications").await, 3);
     assert_eq!(fixture.count("SELECT COUNT(*) FROM verifications WHERE open").await, 1);
+}
+
+/// A registry that records the transfer decisions it receives and answers with the card named.
+#[derive(Clone, Default)]
+struct TransferRegistry {
+    received: std::sync::Arc<std::sync::Mutex<Vec<pb::SignedDecision>>>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[tonic::async_trait]
+impl yidi_testkit::fake::RegistryFake for TransferRegistry {
+    async fn transfer_registration(
+        &self,
+        request: pb::LossRegistryTransferRegistrationRequest,
+    ) -> Result<pb::LossRegistryTransferRegistrationResponse, tonic::Status> {
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(tonic::Status::permission_denied("DECISION_WRONG_JURISDICTION"));
+        }
+        let signed = request.decision.unwrap_or_default();
+        let decision = signed.decision.clone().unwrap_or_default();
+        self.received.lock().unwrap().push(signed);
+        Ok(pb::LossRegistryTransferRegistrationResponse {
+            home_bureau_id: decision.transfer_to_bureau_id,
+            card_serials: vec![decision.previous_card_serial],
+            transferred_at: None,
+            already_transferred: false,
+        })
+    }
+}
+
+fn has_reason(status: &tonic::Status, reason: &str) -> bool {
+    String::from_utf8_lossy(status.details()).contains(reason)
+}
+
+/// S4: the old home bureau signs a transfer decision naming the new bureau, the registry records it,
+/// and only then does the citizen leave this register (UNKNOWN_CITIZEN from then on). Not while an
+/// application is open, not to its own jurisdiction or a province no bureau holds, and nothing
+/// changes when the registry refuses.
+#[tokio::test]
+async fn s4_a_registration_transfer_is_signed_delivered_and_leaves_the_register() {
+    let registry = TransferRegistry::default();
+    let (endpoint, _) = yidi_testkit::fake::serve_fakes(tonic::service::Routes::new(
+        yidi_testkit::fake::registry_server(registry.clone()),
+    ))
+    .await
+    .unwrap();
+    let fixture = Fixture::with_registry(endpoint);
+    let mut server = fixture.start().await;
+    let p = replacement();
+    let transfer = |p: &Person, province: &str| pb::TransferRegistrationRequest {
+        id_number: p.id.as_str().into(),
+        new_province: province.into(),
+        request_id: String::new(),
+    };
+    // Not while an application of the citizen is open (K5).
+    assert!(server.verify(issue("app-open", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.decision.is_some());
+    let error = server.client.transfer_registration(transfer(&p, "51")).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert!(has_reason(&error, "APPLICATION_OPEN"), "{error:?}");
+    let close = closing("app-open", pb::ApplicationState::Cancelled, "", STATION);
+    server.client.close_application(close).await.unwrap();
+    // Only to another home bureau's province.
+    let error = server.client.transfer_registration(transfer(&p, "36")).await.unwrap_err();
+    assert!(has_reason(&error, "SAME_HOME_BUREAU"), "{error:?}");
+    let error = server.client.transfer_registration(transfer(&p, "11")).await.unwrap_err();
+    assert!(has_reason(&error, "NO_HOME_BUREAU"), "{error:?}");
+    let error = server.client.transfer_registration(transfer(&p, "99")).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(registry.received.lock().unwrap().is_empty());
+
+    // A refusal by the registry changes nothing here.
+    registry.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    let error = server.client.transfer_registration(transfer(&p, "51")).await.unwrap_err();
+    assert!(has_reason(&error, "REGISTRY_REFUSED"), "{error:?}");
+    assert_eq!(server.citizen(&p).await.registration_province, "36");
+    registry.refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let done = server.client.transfer_registration(transfer(&p, "51")).await.unwrap().into_inner();
+    assert_eq!(done.new_home_bureau_id, "home-sichuan");
+    assert_eq!(done.card_serials, vec!["JX-0001".to_owned()]);
+    let received = registry.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1);
+    let signed = signed_decision_from_proto("decision", received.first()).unwrap();
+    let expect = Expectation { purpose: DecisionPurpose::TransferRegistration, addressee_id: REGISTRY, now: now() };
+    let decision = signed.verify(&directory(&fixture), expect).unwrap();
+    assert_eq!(decision.decision_id, done.decision_id);
+    assert_eq!(decision.transfer_to_bureau_id, "home-sichuan");
+    assert_eq!(decision.card.holder.registration_province, "36", "signed for the province this bureau holds");
+    assert_eq!(decision.previous_card_serial, "JX-0001");
+
+    // The citizen has left this register.
+    assert_eq!(server.citizen(&p).await.registration_province, "51");
+    let response = server.verify(issue("app-after", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
+    assert_eq!(refusal(&response), pb::RefusalReason::UnknownCitizen);
+    let error = server.client.transfer_registration(transfer(&p, "51")).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    server.stop().await;
+    let audited = "SELECT COUNT(*) FROM audit_log WHERE action = 'transfer_registration'";
+    assert_eq!(fixture.count(&format!("{audited} AND outcome = 'TRANSFERRED'")).await, 1);
 }

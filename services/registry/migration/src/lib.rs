@@ -1,4 +1,5 @@
-//! Schema of the national loss registry: cards, loss reports, status events, hits, audit log.
+//! Schema of the national loss registry: cards, loss reports, status events, hits, registration
+//! transfers, audit log.
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
@@ -10,6 +11,8 @@ mod m20261127_000001_create_cards;
 mod m20261127_000002_create_loss_reports;
 mod m20261127_000003_create_status_events;
 mod m20261127_000004_create_hits;
+mod m20261203_000005_add_card_station;
+mod m20261203_000006_create_registration_transfers;
 
 pub struct Migrator;
 
@@ -25,6 +28,8 @@ impl MigratorTrait for Migrator {
             Box::new(ChainAuditLog),
             Box::new(CreateOutbox),
             Box::new(CreateIdempotentRequests),
+            Box::new(m20261203_000005_add_card_station::Migration),
+            Box::new(m20261203_000006_create_registration_transfers::Migration),
         ]
     }
 }

@@ -17,8 +17,10 @@ pub struct Model {
     pub producer_id: Option<String>,
     pub status_changed_at: DateTimeUtc,
     pub created_at: DateTimeUtc,
-    /// The card whose registration revoked this one (S1).
+    /// The card whose collection revoked this one (S1).
     pub revoked_by: Option<String>,
+    /// C3: the station that lodged the application the card was made for; None for imported cards.
+    pub station_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -2,6 +2,7 @@
 pub mod cards;
 pub mod hits;
 pub mod loss_reports;
+pub mod registration_transfers;
 pub mod status_events;
 
 use sea_orm::entity::prelude::*;
@@ -17,6 +18,10 @@ pub enum CardStatusColumn {
     ReportedLost,
     #[sea_orm(string_value = "revoked")]
     Revoked,
+    #[sea_orm(string_value = "made")]
+    Made,
+    #[sea_orm(string_value = "voided")]
+    Voided,
 }
 
 impl From<StoredCardStatus> for CardStatusColumn {
@@ -25,6 +30,8 @@ impl From<StoredCardStatus> for CardStatusColumn {
             StoredCardStatus::Valid => Self::Valid,
             StoredCardStatus::ReportedLost => Self::ReportedLost,
             StoredCardStatus::Revoked => Self::Revoked,
+            StoredCardStatus::Made => Self::Made,
+            StoredCardStatus::Voided => Self::Voided,
         }
     }
 }
@@ -35,6 +42,8 @@ impl From<CardStatusColumn> for StoredCardStatus {
             CardStatusColumn::Valid => Self::Valid,
             CardStatusColumn::ReportedLost => Self::ReportedLost,
             CardStatusColumn::Revoked => Self::Revoked,
+            CardStatusColumn::Made => Self::Made,
+            CardStatusColumn::Voided => Self::Voided,
         }
     }
 }
@@ -45,7 +54,7 @@ mod tests {
 
     #[test]
     fn card_statuses_are_stored_as_before() {
-        for status in [StoredCardStatus::Valid, StoredCardStatus::ReportedLost, StoredCardStatus::Revoked] {
+        for status in StoredCardStatus::ALL {
             let column = CardStatusColumn::from(status);
             assert_eq!(column.to_value(), status.as_str());
             assert_eq!(StoredCardStatus::from(column), status);

@@ -55,6 +55,7 @@ stored_enum! {
         IssueCard = "issue_card",
         ReportLoss = "report_loss",
         WithdrawLossReport = "withdraw_loss_report",
+        TransferRegistration = "transfer_registration",
     }
 }
 
