@@ -327,7 +327,7 @@ async fn s4_issuance_refuses_unsigned_decision() {
     let (mut producer, _registry) = producer_and_registry().await;
     let mut decision = signed_decision_to_proto(&producer.signed("d-unsigned"));
     decision.signature.clear();
-    assert_refused(&mut producer, decision, Code::PermissionDenied, "DECISION_UNSIGNED").await;
+    assert_refused(&mut producer, decision, Code::InvalidArgument, "DECISION_UNSIGNED").await;
     producer.shutdown().await;
 }
 
@@ -336,11 +336,11 @@ async fn s4_issuance_refuses_tampered_decision() {
     let (mut producer, _registry) = producer_and_registry().await;
     let mut decision = signed_decision_to_proto(&producer.signed("d-tampered"));
     decision.decision.as_mut().unwrap().card.as_mut().unwrap().name = "Someone Else".into();
-    assert_refused(&mut producer, decision, Code::PermissionDenied, "DECISION_BAD_SIGNATURE").await;
+    assert_refused(&mut producer, decision, Code::InvalidArgument, "DECISION_BAD_SIGNATURE").await;
     // A decision signed with a key that is not the named bureau's is the same forgery.
     let forged = signed_decision_to_proto(&producer.decision("d-forged").sign(&generate_signing_key()));
     let status = producer.place(forged).await.unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(reason(&status), "DECISION_BAD_SIGNATURE");
     producer.shutdown().await;
 }
@@ -355,7 +355,7 @@ async fn s4_issuance_refuses_wrong_jurisdiction() {
     assert_refused(
         &mut producer,
         signed_decision_to_proto(&signed),
-        Code::PermissionDenied,
+        Code::FailedPrecondition,
         "DECISION_WRONG_JURISDICTION",
     )
     .await;
@@ -368,13 +368,13 @@ async fn s4_issuance_refuses_misaddressed_decision() {
     let mut decision = producer.decision("d-misaddressed");
     decision.addressee_id = "producer-other".into();
     let signed = decision.sign(&producer.jiangxi);
-    assert_refused(&mut producer, signed_decision_to_proto(&signed), Code::PermissionDenied, "DECISION_MISADDRESSED")
+    assert_refused(&mut producer, signed_decision_to_proto(&signed), Code::FailedPrecondition, "DECISION_MISADDRESSED")
         .await;
     // A decision for another purpose is not an order either.
     let mut loss = producer.decision("d-loss");
     loss.purpose = DecisionPurpose::ReportLoss;
     let status = producer.place(signed_decision_to_proto(&loss.sign(&producer.jiangxi))).await.unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(reason(&status), "DECISION_WRONG_PURPOSE");
     producer.shutdown().await;
 }

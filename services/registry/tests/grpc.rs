@@ -608,13 +608,13 @@ async fn s4_registry_refuses_unsigned_decision() {
     unsigned.signature.clear();
     let before = counts(&h).await;
     let error = h.report_loss(&unsigned).await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied, "{error:?}");
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
     assert_eq!(reason(&error), "DECISION_UNSIGNED");
     assert_refusal_wrote_only_audit(&h, before).await;
     let mut unsigned_issue = h.issue(&p, "issue-1");
     unsigned_issue.signature.clear();
     let error = h.register(&unsigned_issue, PRODUCER, "ZJ-1").await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::InvalidArgument);
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
     h.shutdown().await;
 }
@@ -630,14 +630,14 @@ async fn s4_registry_refuses_tampered_decision() {
     tampered.decision.card.holder.id_number = victim.id.clone();
     let before = counts(&h).await;
     let error = h.report_loss(&tampered).await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::InvalidArgument);
     assert_eq!(reason(&error), "DECISION_BAD_SIGNATURE");
     assert_refusal_wrote_only_audit(&h, before).await;
     // A longer validity written into an issuance decision.
     let mut longer = h.issue(&p, "issue-1");
     longer.decision.card.valid_until = None;
     let error = h.register(&longer, PRODUCER, "ZJ-1").await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::InvalidArgument);
     assert_eq!(status_of(h.check(&victim.id, &victim.card).await.status), pb::CardStatus::Valid);
     assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Unknown);
     h.shutdown().await;
@@ -653,7 +653,7 @@ async fn s4_registry_refuses_wrong_jurisdiction() {
     let forged = decision.sign(&h.sichuan);
     let before = counts(&h).await;
     let error = h.report_loss(&forged).await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::FailedPrecondition);
     assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
     assert_refusal_wrote_only_audit(&h, before).await;
     let mut issue = h.decision(DecisionPurpose::IssueCard, &p, "issue-1", PRODUCER);
@@ -671,7 +671,7 @@ async fn s4_registry_refuses_misaddressed_decision() {
     let to_producer = h.decision(DecisionPurpose::ReportLoss, &p, "loss-1", PRODUCER).sign(&h.jiangxi);
     let before = counts(&h).await;
     let error = h.report_loss(&to_producer).await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::FailedPrecondition);
     assert_eq!(reason(&error), "DECISION_MISADDRESSED");
     assert_refusal_wrote_only_audit(&h, before).await;
     // An issuance decision for one producer presented by another.
