@@ -200,25 +200,12 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     let agent = t.ordinary("36", 7)?;
     let mut by_agent = applicant(&citizen);
     by_agent.agent_id_number = agent.person.id_number.clone();
-    intake
-        .report_loss(pb::ReportLossRequest {
-            applicant: Some(by_agent),
-            card_serial: serial(&citizen),
-            request_id: String::new(),
-        })
-        .await
-        .expect_err("agents are refused");
+    t.report_loss_as(by_agent, serial(&citizen)).await.expect_err("agents are refused");
     used.extend([citizen, agent]);
 
     // A loss report, a refused and a granted withdrawal, register upkeep by the home bureau.
     let citizen = t.citizen("loss_report", "51")?;
-    intake
-        .report_loss(pb::ReportLossRequest {
-            applicant: Some(applicant(&citizen)),
-            card_serial: serial(&citizen),
-            request_id: String::new(),
-        })
-        .await?;
+    t.report_loss(&citizen).await?;
     used.push(citizen);
     let citizen = t.citizen("withdrawal", "36")?;
     let stranger = t.ordinary("36", 1)?;
@@ -243,13 +230,7 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     })
     .await?;
     let indebted = t.ordinary("51", 6)?;
-    home.record_credit_status(pb::RecordCreditStatusRequest {
-        id_number: indebted.person.id_number.clone(),
-        credit_status: pb::CreditStatus::Bad as i32,
-        note: "court order".into(),
-        request_id: String::new(),
-    })
-    .await?;
+    t.record_bad_credit(Process::HomeSichuan, &indebted).await?;
     used.extend([deceased, indebted]);
 
     // A relying party naming a card that is not the holder's: a miss, not an answer.

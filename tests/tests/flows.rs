@@ -25,17 +25,7 @@ async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()
 async fn k3_loss_report_alone_invalidates_the_card_everywhere(db: Db) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     let citizen = t.citizen("loss_report", "51")?;
-    let mut intake = t.intake().await?;
-    let reported = intake
-        .report_loss(pb::ReportLossRequest {
-            applicant: Some(applicant(&citizen)),
-            card_serial: serial(&citizen),
-            request_id: String::new(),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let reported = t.report_loss(&citizen).await?;
     assert_eq!(reported.kind, pb::ApplicationKind::LossReport as i32);
     // The answer comes once the registry has recorded the loss: the card is invalid everywhere.
     assert!(reported.loss_recorded, "{reported:?}");
@@ -194,20 +184,10 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
 
 async fn n3_routing_follows_the_declared_registration_not_the_number(db: Db) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
-    let mut intake = t.intake().await?;
     // Number from Zhejiang (33...), household registration moved to Jiangxi.
     let moved = t.citizen("registration_moved", "36")?;
     assert!(moved.person.id_number.starts_with("33"));
-    let application = intake
-        .report_loss(pb::ReportLossRequest {
-            applicant: Some(applicant(&moved)),
-            card_serial: serial(&moved),
-            request_id: String::new(),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.report_loss(&moved).await?;
     assert_eq!(application.home_bureau_id, "home-jiangxi");
     t.wait_for(&application.application_id, "loss recorded", |a| a.loss_recorded).await?;
 
@@ -215,16 +195,7 @@ async fn n3_routing_follows_the_declared_registration_not_the_number(db: Db) -> 
     let citizen = t.ordinary("36", 2)?;
     let mut wrong = applicant(&citizen);
     wrong.declared_province = "51".into();
-    let application = intake
-        .report_loss(pb::ReportLossRequest {
-            applicant: Some(wrong),
-            card_serial: serial(&citizen),
-            request_id: String::new(),
-        })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.report_loss_as(wrong, serial(&citizen)).await?;
     assert_eq!(application.home_bureau_id, "home-sichuan");
     let refused = t.wait_for_state(&application.application_id, pb::ApplicationState::Refused).await?;
     assert_eq!(refused.refusal_reason, pb::RefusalReason::UnknownCitizen as i32);

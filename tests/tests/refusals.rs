@@ -53,13 +53,7 @@ async fn s3_home_bureau_refusals_carry_their_reason(db: Db) -> anyhow::Result<()
     .await?;
     assert_eq!(refusal_for(&t, &citizen, Replacement).await?, R::RegistrationCancelled as i32);
     let citizen = t.ordinary("51", 6)?;
-    home.record_credit_status(pb::RecordCreditStatusRequest {
-        id_number: citizen.person.id_number.clone(),
-        credit_status: pb::CreditStatus::Bad as i32,
-        note: "court order".into(),
-        request_id: String::new(),
-    })
-    .await?;
+    t.record_bad_credit(yidi_tests::topology::Process::HomeSichuan, &citizen).await?;
     assert_eq!(refusal_for(&t, &citizen, Replacement).await?, R::BadCreditRecord as i32);
     t.stop().await
 }
@@ -71,14 +65,7 @@ async fn s2_agents_are_refused_at_the_counter(db: Db) -> anyhow::Result<()> {
     let relative = t.ordinary("36", 7)?;
     let mut by_agent = applicant(&citizen);
     by_agent.agent_id_number = relative.person.id_number.clone();
-    let refused = intake
-        .report_loss(pb::ReportLossRequest {
-            applicant: Some(by_agent),
-            card_serial: serial(&citizen),
-            request_id: String::new(),
-        })
-        .await
-        .expect_err("agents are refused");
+    let refused = t.report_loss_as(by_agent, serial(&citizen)).await.expect_err("agents are refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert_eq!(reason(&refused), "REFUSAL_REASON_AGENT_NOT_ALLOWED");
 

@@ -681,7 +681,7 @@ async fn s4_registry_refuses_misaddressed_decision() {
     // A "producer" that is no issuance bureau.
     let to_registry = h.decision(DecisionPurpose::IssueCard, &p, "issue-2", REGISTRY).sign(&h.jiangxi);
     let error = h.register(&to_registry, REGISTRY, "ZJ-2").await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::FailedPrecondition);
     // Wrong purpose: an issuance decision used as a loss report.
     let error =
         h.report_loss(&h.decision(DecisionPurpose::IssueCard, &p, "x", REGISTRY).sign(&h.jiangxi)).await.unwrap_err();
