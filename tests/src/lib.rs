@@ -199,11 +199,43 @@ impl TestSuite {
                 kind: kind as i32,
                 applicant: Some(applicant(citizen)),
                 card_serial,
+                request_id: String::new(),
             })
             .await?
             .into_inner()
             .application
             .context("no application in answer")
+    }
+
+    /// Reports `citizen`'s card lost at the station, in person with the household register book.
+    pub async fn report_loss(&self, citizen: &Citizen) -> anyhow::Result<pb::Application> {
+        Ok(self.report_loss_as(applicant(citizen), serial(citizen)).await?)
+    }
+
+    /// ReportLoss at the station as `applicant` presents it: the application, or the refusal.
+    pub async fn report_loss_as(
+        &self,
+        applicant: pb::Applicant,
+        card_serial: String,
+    ) -> Result<pb::Application, tonic::Status> {
+        let mut intake = self.intake().await.map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+        let request = pb::ReportLossRequest { applicant: Some(applicant), card_serial, request_id: String::new() };
+        let answer = intake.report_loss(request).await?.into_inner();
+        answer.application.ok_or_else(|| tonic::Status::internal("no application in answer"))
+    }
+
+    /// The home bureau records a court order against `citizen` (S3: bad credit).
+    pub async fn record_bad_credit(&self, home: Process, citizen: &Citizen) -> anyhow::Result<()> {
+        self.home(home)
+            .await?
+            .record_credit_status(pb::RecordCreditStatusRequest {
+                id_number: citizen.person.id_number.clone(),
+                credit_status: pb::CreditStatus::Bad as i32,
+                note: "court order".into(),
+                request_id: String::new(),
+            })
+            .await?;
+        Ok(())
     }
 
     /// Polls the application until `done` holds; fails with the bureaus' logs after `timeout`.

@@ -45,7 +45,11 @@ pub async fn replacement_across_provinces(t: &TestSuite) -> anyhow::Result<()> {
     let mut stranger = live(&citizen);
     stranger.face_template = t.ordinary("51", 0)?.face_template;
     let refused = intake
-        .collect_card(pb::CollectCardRequest { application_id: ready.application_id.clone(), live: Some(stranger) })
+        .collect_card(pb::CollectCardRequest {
+            application_id: ready.application_id.clone(),
+            live: Some(stranger),
+            request_id: String::new(),
+        })
         .await
         .expect_err("a stranger cannot collect the card");
     assert_eq!(reason(&refused), "REFUSAL_REASON_FACE_MISMATCH");
@@ -53,6 +57,7 @@ pub async fn replacement_across_provinces(t: &TestSuite) -> anyhow::Result<()> {
         .collect_card(pb::CollectCardRequest {
             application_id: ready.application_id.clone(),
             live: Some(live(&citizen)),
+            request_id: String::new(),
         })
         .await?
         .into_inner()

@@ -16,10 +16,44 @@ use yidi_tests::{
     Db, NATIONAL_DAY, on_both_databases,
     raw::call,
     start_tls,
-    topology::{PRODUCER, Process, RELYING_PARTY, operator_id},
+    topology::{HOME_JIANGXI, HOME_SICHUAN, PRODUCER, Process, RELYING_PARTY, STATION, operator_id},
 };
 
-on_both_databases!(every_forbidden_role_and_rpc_pair_is_refused_and_every_granted_one_passes);
+on_both_databases!(
+    every_forbidden_role_and_rpc_pair_is_refused_and_every_granted_one_passes,
+    s4_a_station_is_refused_when_it_verifies_in_another_stations_name,
+    c4_a_home_bureau_is_refused_reading_another_bureaus_hits,
+);
+
+/// PERMISSION_DENIED with ErrorInfo `NOT_IN_OWN_NAME`.
+fn not_in_own_name(status: &tonic::Status) -> bool {
+    status.code() == Code::PermissionDenied
+        && status.get_error_details().error_info().is_some_and(|info| info.reason == "NOT_IN_OWN_NAME")
+}
+
+async fn s4_a_station_is_refused_when_it_verifies_in_another_stations_name(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let mut home = pb::verification_client::VerificationClient::new(t.channel_as(Process::HomeJiangxi, STATION).await?);
+    let request = pb::VerifyRequest { station_id: "station-ningbo".into(), ..Default::default() };
+    let status = home.verify(request).await.expect_err("verifying in another station's name");
+    assert!(not_in_own_name(&status), "{status:?}");
+    let close = pb::CloseApplicationRequest { station_id: "station-ningbo".into(), ..Default::default() };
+    let status = home.close_application(close).await.expect_err("closing in another station's name");
+    assert!(not_in_own_name(&status), "{status:?}");
+    t.stop().await
+}
+
+async fn c4_a_home_bureau_is_refused_reading_another_bureaus_hits(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let mut registry =
+        pb::loss_registry_client::LossRegistryClient::new(t.channel_as(Process::Registry, HOME_SICHUAN).await?);
+    let theirs = pb::ListHitsRequest { home_bureau_id: HOME_JIANGXI.into(), ..Default::default() };
+    let status = registry.list_hits(theirs).await.expect_err("reading another bureau's hits");
+    assert!(not_in_own_name(&status), "{status:?}");
+    let own = pb::ListHitsRequest { home_bureau_id: HOME_SICHUAN.into(), ..Default::default() };
+    registry.list_hits(own).await?;
+    t.stop().await
+}
 
 async fn every_forbidden_role_and_rpc_pair_is_refused_and_every_granted_one_passes(db: Db) -> anyhow::Result<()> {
     let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };

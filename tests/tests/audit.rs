@@ -37,7 +37,11 @@ async fn replacement_with_refusals(t: &TestSuite) -> anyhow::Result<()> {
     let mut intake = t.intake().await?;
     let mut stranger = live(&citizen);
     stranger.face_template = t.ordinary("51", 0)?.face_template;
-    let collect = |live| pb::CollectCardRequest { application_id: ready.application_id.clone(), live: Some(live) };
+    let collect = |live| pb::CollectCardRequest {
+        application_id: ready.application_id.clone(),
+        live: Some(live),
+        request_id: String::new(),
+    };
     intake.collect_card(collect(stranger)).await.expect_err("a stranger cannot collect the card");
     intake.collect_card(collect(live(&citizen))).await?;
 
@@ -196,17 +200,12 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     let agent = t.ordinary("36", 7)?;
     let mut by_agent = applicant(&citizen);
     by_agent.agent_id_number = agent.person.id_number.clone();
-    intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(by_agent), card_serial: serial(&citizen) })
-        .await
-        .expect_err("agents are refused");
+    t.report_loss_as(by_agent, serial(&citizen)).await.expect_err("agents are refused");
     used.extend([citizen, agent]);
 
     // A loss report, a refused and a granted withdrawal, register upkeep by the home bureau.
     let citizen = t.citizen("loss_report", "51")?;
-    intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) })
-        .await?;
+    t.report_loss(&citizen).await?;
     used.push(citizen);
     let citizen = t.citizen("withdrawal", "36")?;
     let stranger = t.ordinary("36", 1)?;
@@ -214,8 +213,11 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     if let Some(live) = wrong_finger.live.as_mut() {
         live.fingerprint_template = stranger.fingerprint_template.clone();
     }
-    let withdraw =
-        |applicant| pb::WithdrawLossReportRequest { applicant: Some(applicant), card_serial: serial(&citizen) };
+    let withdraw = |applicant| pb::WithdrawLossReportRequest {
+        applicant: Some(applicant),
+        card_serial: serial(&citizen),
+        request_id: String::new(),
+    };
     intake.withdraw_loss_report(withdraw(wrong_finger)).await.expect_err("someone else's finger");
     intake.withdraw_loss_report(withdraw(applicant(&citizen))).await?;
     used.extend([citizen, stranger]);
@@ -224,15 +226,11 @@ async fn neither_audit_rows_nor_logs_hold_a_full_number_a_name_or_a_template(db:
     home.record_death(pb::RecordDeathRequest {
         id_number: deceased.person.id_number.clone(),
         date_of_death: "2118-02-01".into(),
+        request_id: String::new(),
     })
     .await?;
     let indebted = t.ordinary("51", 6)?;
-    home.record_credit_status(pb::RecordCreditStatusRequest {
-        id_number: indebted.person.id_number.clone(),
-        credit_status: pb::CreditStatus::Bad as i32,
-        note: "court order".into(),
-    })
-    .await?;
+    t.record_bad_credit(Process::HomeSichuan, &indebted).await?;
     used.extend([deceased, indebted]);
 
     // A relying party naming a card that is not the holder's: a miss, not an answer.

@@ -67,14 +67,17 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
 
     for (what, forged, expected) in forgeries(&t, &citizen, DecisionPurpose::IssueCard, topology::PRODUCER) {
         let wire = signed_decision_to_proto(&forged);
-        let refused =
-            issuance.place_order(pb::PlaceOrderRequest { decision: Some(wire.clone()) }).await.expect_err(what);
+        let refused = issuance
+            .place_order(pb::PlaceOrderRequest { decision: Some(wire.clone()), request_id: String::new() })
+            .await
+            .expect_err(what);
         assert_eq!(reason(&refused), expected, "issuance, {what}: {refused:?}");
         let refused = producer_at_registry
             .register_card(pb::RegisterCardRequest {
                 decision: Some(wire),
                 producer_id: topology::PRODUCER.into(),
                 card_serial: "ZJ9000000001".into(),
+                request_id: String::new(),
             })
             .await
             .expect_err(what);
@@ -82,7 +85,10 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     }
     for (what, forged, expected) in forgeries(&t, &citizen, DecisionPurpose::ReportLoss, topology::REGISTRY) {
         let refused = registry
-            .report_loss(pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&forged)) })
+            .report_loss(pb::LossRegistryReportLossRequest {
+                decision: Some(signed_decision_to_proto(&forged)),
+                request_id: String::new(),
+            })
             .await
             .expect_err(what);
         assert_eq!(reason(&refused), expected, "registry loss, {what}: {refused:?}");
@@ -100,6 +106,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
     let refused = registry
         .report_loss(pb::LossRegistryReportLossRequest {
             decision: Some(rewritten(DecisionPurpose::ReportLoss, topology::REGISTRY)),
+            request_id: String::new(),
         })
         .await
         .expect_err("rewritten province, loss");
@@ -109,6 +116,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
             decision: Some(rewritten(DecisionPurpose::IssueCard, topology::PRODUCER)),
             producer_id: topology::PRODUCER.into(),
             card_serial: "ZJ9000000003".into(),
+            request_id: String::new(),
         })
         .await
         .expect_err("rewritten province, card");
@@ -119,7 +127,10 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
         .decision(&citizen, DecisionPurpose::IssueCard, topology::REGISTRY, at(NATIONAL_DAY))
         .sign(&t.suite.keys[topology::HOME_JIANGXI].key);
     let refused = registry
-        .report_loss(pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&for_producer)) })
+        .report_loss(pb::LossRegistryReportLossRequest {
+            decision: Some(signed_decision_to_proto(&for_producer)),
+            request_id: String::new(),
+        })
         .await
         .expect_err("wrong purpose");
     assert_eq!(reason(&refused), "DECISION_WRONG_PURPOSE");
@@ -141,20 +152,26 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
             .sign(&t.suite.keys[topology::HOME_JIANGXI].key),
     );
     let order = issuance
-        .place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) })
+        .place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()), request_id: String::new() })
         .await?
         .into_inner()
         .order
         .context("order")?;
-    let replayed =
-        issuance.place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()) }).await.expect_err("replay");
+    let replayed = issuance
+        .place_order(pb::PlaceOrderRequest { decision: Some(genuine.clone()), request_id: String::new() })
+        .await
+        .expect_err("replay");
     assert_eq!(replayed.code(), tonic::Code::AlreadyExists);
     assert_eq!(reason(&replayed), "DECISION_ALREADY_USED");
     // Wait until the producer has registered its card, then replay the decision at the registry.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let state = issuance
-            .get_order(pb::GetOrderRequest { order_id: order.order_id.clone(), decision_id: String::new() })
+            .get_order(pb::GetOrderRequest {
+                order_id: order.order_id.clone(),
+                decision_id: String::new(),
+                station_id: String::new(),
+            })
             .await?
             .into_inner()
             .order
@@ -171,6 +188,7 @@ async fn s4_forged_replayed_expired_and_misaddressed_decisions_are_refused_by_is
             decision: Some(genuine),
             producer_id: topology::PRODUCER.into(),
             card_serial: "ZJ9000000002".into(),
+            request_id: String::new(),
         })
         .await
         .expect_err("a second card for one decision");
@@ -197,13 +215,19 @@ async fn s4_a_registration_transfer_hands_the_cards_to_the_new_home_bureau(db: D
         } else {
             d.sign(&t.suite.keys[topology::HOME_JIANGXI].key)
         };
-        pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&signed)) }
+        pb::LossRegistryReportLossRequest {
+            decision: Some(signed_decision_to_proto(&signed)),
+            request_id: String::new(),
+        }
     };
     let refused = registry.report_loss(loss(topology::HOME_SICHUAN)).await.expect_err("before the transfer");
     assert_eq!(reason(&refused), "DECISION_WRONG_JURISDICTION", "{refused:?}");
 
-    let transfer =
-        pb::TransferRegistrationRequest { id_number: citizen.person.id_number.clone(), new_province: "51".into() };
+    let transfer = pb::TransferRegistrationRequest {
+        id_number: citizen.person.id_number.clone(),
+        new_province: "51".into(),
+        request_id: String::new(),
+    };
     let done = t.home(Process::HomeJiangxi).await?.transfer_registration(transfer).await?.into_inner();
     assert_eq!(done.new_home_bureau_id, topology::HOME_SICHUAN);
     assert_eq!(done.card_serials, vec![serial(&citizen)]);

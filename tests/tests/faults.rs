@@ -9,7 +9,7 @@ use sea_orm::{ConnectionTrait, Database, Statement};
 
 use yidi_proto::v1 as pb;
 use yidi_tests::{
-    Db, NATIONAL_DAY, TestSuite, applicant, on_both_databases,
+    Db, NATIONAL_DAY, TestSuite, on_both_databases,
     reconcile::{self, Acknowledged, Databases, Outcome},
     serial, start,
     topology::Process,
@@ -59,14 +59,7 @@ async fn submit_round(t: &TestSuite, round: usize) -> anyhow::Result<Vec<Acknowl
         acknowledged.push(Acknowledged { application_id: application.application_id, expect: Outcome::CardReady });
 
         let lost = t.ordinary(province, round * 4 + 2)?;
-        let application = t
-            .intake()
-            .await?
-            .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&lost)), card_serial: serial(&lost) })
-            .await?
-            .into_inner()
-            .application
-            .context("no application in answer")?;
+        let application = t.report_loss(&lost).await?;
         acknowledged.push(Acknowledged { application_id: application.application_id, expect: Outcome::LossRecorded });
     }
     // Three renewable citizens per province: the scenario's and two more.
@@ -138,6 +131,7 @@ async fn settle_and_check(t: &TestSuite, acknowledged: &[Acknowledged]) -> anyho
                     .get_order(pb::GetOrderRequest {
                         order_id: application.order_id.clone(),
                         decision_id: String::new(),
+                        station_id: String::new(),
                     })
                     .await?
                     .into_inner()

@@ -25,13 +25,7 @@ async fn k1_replacement_across_provinces_end_to_end(db: Db) -> anyhow::Result<()
 async fn k3_loss_report_alone_invalidates_the_card_everywhere(db: Db) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     let citizen = t.citizen("loss_report", "51")?;
-    let mut intake = t.intake().await?;
-    let reported = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let reported = t.report_loss(&citizen).await?;
     assert_eq!(reported.kind, pb::ApplicationKind::LossReport as i32);
     // The answer comes once the registry has recorded the loss: the card is invalid everywhere.
     assert!(reported.loss_recorded, "{reported:?}");
@@ -89,6 +83,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(wrong_finger),
             card_serial: serial(&citizen),
+            request_id: String::new(),
         })
         .await
         .expect_err("someone else's finger");
@@ -97,6 +92,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(applicant(&citizen)),
             card_serial: serial(&citizen),
+            request_id: String::new(),
         })
         .await?
         .into_inner();
@@ -122,6 +118,7 @@ async fn k6_withdrawal_needs_a_fresh_fingerprint_and_ends_at_revocation(db: Db) 
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(applicant(&citizen)),
             card_serial: serial(&citizen),
+            request_id: String::new(),
         })
         .await
         .expect_err("a new card is pending");
@@ -141,7 +138,7 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
     let order = t
         .issuance()
         .await?
-        .get_order(pb::GetOrderRequest { order_id: ready.order_id.clone(), decision_id: String::new() })
+        .get_order(pb::GetOrderRequest { order_id: ready.order_id.clone(), ..Default::default() })
         .await?
         .into_inner()
         .order
@@ -168,6 +165,7 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
         .collect_card(pb::CollectCardRequest {
             application_id: ready.application_id.clone(),
             live: Some(live(&citizen)),
+            request_id: String::new(),
         })
         .await?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -186,16 +184,10 @@ async fn k2_renewal_inside_the_window_makes_a_new_card(db: Db) -> anyhow::Result
 
 async fn n3_routing_follows_the_declared_registration_not_the_number(db: Db) -> anyhow::Result<()> {
     let Some(t) = start(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
-    let mut intake = t.intake().await?;
     // Number from Zhejiang (33...), household registration moved to Jiangxi.
     let moved = t.citizen("registration_moved", "36")?;
     assert!(moved.person.id_number.starts_with("33"));
-    let application = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(applicant(&moved)), card_serial: serial(&moved) })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.report_loss(&moved).await?;
     assert_eq!(application.home_bureau_id, "home-jiangxi");
     t.wait_for(&application.application_id, "loss recorded", |a| a.loss_recorded).await?;
 
@@ -203,12 +195,7 @@ async fn n3_routing_follows_the_declared_registration_not_the_number(db: Db) -> 
     let citizen = t.ordinary("36", 2)?;
     let mut wrong = applicant(&citizen);
     wrong.declared_province = "51".into();
-    let application = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(wrong), card_serial: serial(&citizen) })
-        .await?
-        .into_inner()
-        .application
-        .context("application")?;
+    let application = t.report_loss_as(wrong, serial(&citizen)).await?;
     assert_eq!(application.home_bureau_id, "home-sichuan");
     let refused = t.wait_for_state(&application.application_id, pb::ApplicationState::Refused).await?;
     assert_eq!(refused.refusal_reason, pb::RefusalReason::UnknownCitizen as i32);
@@ -268,7 +255,10 @@ async fn lifecycle_cancellation_only_before_production(db: Db) -> anyhow::Result
     let application = t.submit(pb::ApplicationKind::Renewal, &waiting, serial(&waiting)).await?;
     assert_eq!(application.state, pb::ApplicationState::Verifying as i32, "{application:?}");
     let cancelled = intake
-        .cancel_application(pb::CancelApplicationRequest { application_id: application.application_id.clone() })
+        .cancel_application(pb::CancelApplicationRequest {
+            application_id: application.application_id.clone(),
+            request_id: String::new(),
+        })
         .await?
         .into_inner()
         .application
@@ -283,7 +273,10 @@ async fn lifecycle_cancellation_only_before_production(db: Db) -> anyhow::Result
     let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
     let ready = t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
     let refused = intake
-        .cancel_application(pb::CancelApplicationRequest { application_id: ready.application_id.clone() })
+        .cancel_application(pb::CancelApplicationRequest {
+            application_id: ready.application_id.clone(),
+            request_id: String::new(),
+        })
         .await
         .expect_err("too late to cancel");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);

@@ -108,13 +108,14 @@ async fn a_repeated_mutating_call_with_its_key_gets_the_first_answer_and_writes_
         kind: pb::ApplicationKind::Renewal as i32,
         applicant: Some(applicant(&citizen)),
         card_serial: serial(&citizen),
+        request_id: String::new(),
     };
     let mut intake = t.intake().await?;
     let submitted = intake.submit_application(keyed(submit.clone(), "submit-1")?).await?;
     assert!(!is_replay(&submitted));
     let submitted = submitted.into_inner();
     let application_id = submitted.application.as_ref().context("application")?.application_id.clone();
-    let cancel = pb::CancelApplicationRequest { application_id };
+    let cancel = pb::CancelApplicationRequest { application_id, request_id: String::new() };
     let cancelled = intake.cancel_application(keyed(cancel.clone(), "cancel-1")?).await?.into_inner();
     let application = cancelled.application.as_ref().context("application")?;
     assert_eq!(application.state, pb::ApplicationState::Cancelled as i32);
@@ -123,6 +124,7 @@ async fn a_repeated_mutating_call_with_its_key_gets_the_first_answer_and_writes_
         id_number: t.ordinary("51", 6)?.person.id_number,
         credit_status: pb::CreditStatus::Bad as i32,
         note: "court order".into(),
+        request_id: String::new(),
     };
     let recorded = t
         .home(Process::HomeSichuan)
@@ -135,7 +137,10 @@ async fn a_repeated_mutating_call_with_its_key_gets_the_first_answer_and_writes_
     let decision = t
         .decision(&lost, DecisionPurpose::ReportLoss, topology::REGISTRY, at(NATIONAL_DAY))
         .sign(&t.suite.keys[topology::HOME_JIANGXI].key);
-    let loss = pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(&decision)) };
+    let loss = pb::LossRegistryReportLossRequest {
+        decision: Some(signed_decision_to_proto(&decision)),
+        request_id: String::new(),
+    };
     let reported = t.registry().await?.report_loss(keyed(loss.clone(), "loss-1")?).await?.into_inner();
     assert_eq!(reported.status, pb::CardStatus::ReportedLost as i32, "{reported:?}");
 
@@ -178,7 +183,11 @@ async fn a_station_that_died_before_keeping_its_answer_answers_a_repeat_with_the
         return Ok(());
     };
     let citizen = t.ordinary("51", 7)?;
-    let report = pb::ReportLossRequest { applicant: Some(applicant(&citizen)), card_serial: serial(&citizen) };
+    let report = pb::ReportLossRequest {
+        applicant: Some(applicant(&citizen)),
+        card_serial: serial(&citizen),
+        request_id: String::new(),
+    };
     let mut intake = t.intake().await?;
     let first = intake.report_loss(keyed(report.clone(), "loss-at-counter")?).await?.into_inner();
     let lodged = first.application.context("application")?;

@@ -87,7 +87,10 @@ async fn home_bureau_down_past_the_retry_budget_leaves_a_dead_letter_that_an_ope
     // Back up, and retried by the operator: the application completes, each step once.
     t.suite.restart(Process::HomeJiangxi).await?;
     let retried = outbox
-        .retry_dead_letter(pb::RetryDeadLetterRequest { message_id: dead.message_id.clone() })
+        .retry_dead_letter(pb::RetryDeadLetterRequest {
+            message_id: dead.message_id.clone(),
+            request_id: String::new(),
+        })
         .await?
         .into_inner()
         .message
@@ -109,9 +112,19 @@ async fn home_bureau_down_past_the_retry_budget_leaves_a_dead_letter_that_an_ope
     );
 
     // Only dead letters are retried.
-    let again = outbox.retry_dead_letter(pb::RetryDeadLetterRequest { message_id: dead.message_id.clone() }).await;
+    let again = outbox
+        .retry_dead_letter(pb::RetryDeadLetterRequest {
+            message_id: dead.message_id.clone(),
+            request_id: String::new(),
+        })
+        .await;
     ensure!(again.as_ref().is_err_and(|s| s.code() == Code::FailedPrecondition), "{again:?}");
-    let unknown = outbox.retry_dead_letter(pb::RetryDeadLetterRequest { message_id: "no-such-message".into() }).await;
+    let unknown = outbox
+        .retry_dead_letter(pb::RetryDeadLetterRequest {
+            message_id: "no-such-message".into(),
+            request_id: String::new(),
+        })
+        .await;
     ensure!(unknown.as_ref().is_err_and(|s| s.code() == Code::NotFound), "{unknown:?}");
     t.stop().await
 }
@@ -192,6 +205,7 @@ async fn two_station_replicas_on_one_postgresql_database_deliver_each_message_on
                 kind: pb::ApplicationKind::Replacement as i32,
                 applicant: Some(applicant(&citizen)),
                 card_serial: serial(&citizen),
+                request_id: String::new(),
             })
             .await?
             .into_inner();

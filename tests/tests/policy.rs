@@ -19,6 +19,7 @@ async fn try_report(t: &TestSuite, citizen: &Citizen, document: pb::DocumentKind
         .report_loss(pb::ReportLossRequest {
             applicant: Some(applicant_with(citizen, document)),
             card_serial: serial(citizen),
+            request_id: String::new(),
         })
         .await;
     match answer {

@@ -48,16 +48,12 @@ async fn s3_home_bureau_refusals_carry_their_reason(db: Db) -> anyhow::Result<()
     home.record_death(pb::RecordDeathRequest {
         id_number: citizen.person.id_number.clone(),
         date_of_death: "2118-02-01".into(),
+        request_id: String::new(),
     })
     .await?;
     assert_eq!(refusal_for(&t, &citizen, Replacement).await?, R::RegistrationCancelled as i32);
     let citizen = t.ordinary("51", 6)?;
-    home.record_credit_status(pb::RecordCreditStatusRequest {
-        id_number: citizen.person.id_number.clone(),
-        credit_status: pb::CreditStatus::Bad as i32,
-        note: "court order".into(),
-    })
-    .await?;
+    t.record_bad_credit(yidi_tests::topology::Process::HomeSichuan, &citizen).await?;
     assert_eq!(refusal_for(&t, &citizen, Replacement).await?, R::BadCreditRecord as i32);
     t.stop().await
 }
@@ -69,10 +65,7 @@ async fn s2_agents_are_refused_at_the_counter(db: Db) -> anyhow::Result<()> {
     let relative = t.ordinary("36", 7)?;
     let mut by_agent = applicant(&citizen);
     by_agent.agent_id_number = relative.person.id_number.clone();
-    let refused = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(by_agent), card_serial: serial(&citizen) })
-        .await
-        .expect_err("agents are refused");
+    let refused = t.report_loss_as(by_agent, serial(&citizen)).await.expect_err("agents are refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert_eq!(reason(&refused), "REFUSAL_REASON_AGENT_NOT_ALLOWED");
 
@@ -83,6 +76,7 @@ async fn s2_agents_are_refused_at_the_counter(db: Db) -> anyhow::Result<()> {
             kind: pb::ApplicationKind::Replacement as i32,
             applicant: Some(applicant_with(&citizen, pb::DocumentKind::WorkUnitProof)),
             card_serial: serial(&citizen),
+            request_id: String::new(),
         })
         .await
         .expect_err("document refused");
@@ -122,6 +116,7 @@ async fn n1_invalid_numbers_are_refused_at_the_edge_and_write_nothing(db: Db) ->
                 kind: pb::ApplicationKind::Replacement as i32,
                 applicant: Some(request),
                 card_serial: serial(&citizen),
+                request_id: String::new(),
             })
             .await
             .expect_err("invalid number");
@@ -130,7 +125,12 @@ async fn n1_invalid_numbers_are_refused_at_the_edge_and_write_nothing(db: Db) ->
     }
     // Unknown enum values and missing fields are named too.
     let refused = intake
-        .submit_application(pb::SubmitApplicationRequest { kind: 42, applicant: None, card_serial: String::new() })
+        .submit_application(pb::SubmitApplicationRequest {
+            kind: 42,
+            applicant: None,
+            card_serial: String::new(),
+            request_id: String::new(),
+        })
         .await
         .expect_err("empty request");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
@@ -142,7 +142,11 @@ async fn n1_invalid_numbers_are_refused_at_the_edge_and_write_nothing(db: Db) ->
         document.number = "9".repeat(10_000);
     }
     let refused = intake
-        .report_loss(pb::ReportLossRequest { applicant: Some(oversized), card_serial: "X".repeat(5_000) })
+        .report_loss(pb::ReportLossRequest {
+            applicant: Some(oversized),
+            card_serial: "X".repeat(5_000),
+            request_id: String::new(),
+        })
         .await
         .expect_err("oversized strings");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);

@@ -121,14 +121,17 @@ fn decision(
 async fn report_loss(t: &TestSuite, decision: pb::SignedDecision) -> Result<pb::CardStatus, tonic::Status> {
     let channel = t.channel_as(Process::Registry, topology::STATION).await;
     let mut registry = LossRegistryClient::new(channel.map_err(|e| tonic::Status::unavailable(e.to_string()))?);
-    let answer = registry.report_loss(pb::LossRegistryReportLossRequest { decision: Some(decision) }).await?;
+    let answer = registry
+        .report_loss(pb::LossRegistryReportLossRequest { decision: Some(decision), request_id: String::new() })
+        .await?;
     Ok(answer.into_inner().status())
 }
 
 async fn place_order(t: &TestSuite, decision: pb::SignedDecision) -> Result<pb::Order, tonic::Status> {
     let channel = t.channel_as(Process::Issuance, topology::STATION).await;
     let mut issuance = IssuanceClient::new(channel.map_err(|e| tonic::Status::unavailable(e.to_string()))?);
-    let answer = issuance.place_order(pb::PlaceOrderRequest { decision: Some(decision) }).await?;
+    let answer =
+        issuance.place_order(pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() }).await?;
     answer.into_inner().order.ok_or_else(|| tonic::Status::internal("no order"))
 }
 
@@ -145,6 +148,7 @@ async fn home_signs_with(t: &TestSuite, citizen: &Citizen) -> anyhow::Result<Str
             live: Some(live(citizen)),
             producer_id: String::new(),
             declared_province: citizen.person.registration_province.clone(),
+            request_id: String::new(),
         })
         .await?
         .into_inner();
@@ -166,7 +170,11 @@ async fn wait_until_dispatched(t: &TestSuite, order_id: &str) -> anyhow::Result<
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let order = issuance
-            .get_order(pb::GetOrderRequest { order_id: order_id.to_owned(), decision_id: String::new() })
+            .get_order(pb::GetOrderRequest {
+                order_id: order_id.to_owned(),
+                decision_id: String::new(),
+                station_id: String::new(),
+            })
             .await?
             .into_inner()
             .order

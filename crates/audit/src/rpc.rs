@@ -8,7 +8,7 @@ use crate::{self as audit, EntryQuery};
 use yidi_grpc::{
     convert::timestamp,
     error::{ApiError, FieldViolations},
-    validate::page_size,
+    page::{self, Filter, page_size},
 };
 
 /// The Audit service over a service's database.
@@ -25,20 +25,6 @@ impl AuditGrpc {
     /// The tonic server for it.
     pub fn server(db: DatabaseConnection) -> AuditServer<Self> {
         AuditServer::new(Self::new(db)).max_decoding_message_size(yidi_grpc::overload::MAX_REQUEST_BYTES)
-    }
-}
-
-/// Page tokens are the id of the last entry of the previous page; the next page lies below it.
-fn before_id(violations: &mut FieldViolations, field: &str, raw: &str) -> Option<i64> {
-    if raw.is_empty() {
-        return None;
-    }
-    match raw.parse::<i64>() {
-        Ok(id) if id > 0 => Some(id),
-        _ => {
-            violations.add(field, "is not a token from a previous page");
-            None
-        }
     }
 }
 
@@ -94,8 +80,10 @@ impl pb::audit_server::Audit for AuditGrpc {
     ) -> Result<Response<pb::ListAuditEntriesResponse>, Status> {
         let request = request.into_inner();
         let mut v = FieldViolations::new();
-        let limit = page_size(&mut v, "page_size", request.page_size);
-        let before_id = before_id(&mut v, "page_token", &request.page_token);
+        let limit = page_size(request.page_size);
+        // Page tokens carry the id of the last entry of the previous page; the next page lies below it.
+        let filter = Filter::new("audit.entries", &[&request.min_id.to_string(), &request.max_id.to_string()]);
+        let before_id = page::decode(&mut v, "page_token", &request.page_token, filter);
         let min_id = id_bound(&mut v, "min_id", request.min_id);
         let max_id = id_bound(&mut v, "max_id", request.max_id);
         if let (Some(min), Some(max)) = (min_id, max_id)
@@ -110,7 +98,7 @@ impl pb::audit_server::Audit for AuditGrpc {
         let more = rows.len() as u64 > limit;
         rows.truncate(limit as usize);
         let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => last.id.to_string(),
+            (true, Some(last)) => page::encode(filter, &last.id),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListAuditEntriesResponse {
@@ -165,11 +153,16 @@ mod tests {
 
     #[tokio::test]
     async fn bad_paging_is_invalid_argument() {
-        let service = service_with(0).await;
-        for request in [list(501, "", 0, 0), list(0, "x", 0, 0), list(0, "", -1, 0), list(0, "", 3, 2)] {
+        let service = service_with(3).await;
+        let first = service.list_audit_entries(list(1, "", 0, 0)).await.unwrap().into_inner();
+        // A token is tied to its range; an oversized page is clamped, not refused.
+        let other_range = list(1, &first.next_page_token, 1, 0);
+        for request in [list(0, "x", 0, 0), list(0, "2", 0, 0), other_range, list(0, "", -1, 0), list(0, "", 3, 2)] {
             let status = service.list_audit_entries(request).await.unwrap_err();
             assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         }
+        let clamped = service.list_audit_entries(list(10_000, "", 0, 0)).await.unwrap().into_inner();
+        assert_eq!(clamped.entries.len(), 3);
     }
 
     #[tokio::test]

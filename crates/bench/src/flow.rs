@@ -147,6 +147,7 @@ async fn replace(intake: IntakeClient<tonic::transport::Channel>, citizen: &Citi
             kind: pb::ApplicationKind::Replacement as i32,
             applicant: Some(yidi_tests::applicant(citizen)),
             card_serial: yidi_tests::serial(citizen),
+            request_id: String::new(),
         })
         .await?
         .into_inner()

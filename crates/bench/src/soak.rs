@@ -111,11 +111,18 @@ async fn submit_once(
         metadata.get(idempotency::REPLAYED_HEADER).is_some_and(|value| value == "true")
     };
     let (application, replay) = if planned.kind == pb::ApplicationKind::LossReport {
-        let response = intake.report_loss(keyed(pb::ReportLossRequest { applicant, card_serial }, key)).await?;
+        let response = intake
+            .report_loss(keyed(pb::ReportLossRequest { applicant, card_serial, request_id: String::new() }, key))
+            .await?;
         let replay = replayed(response.metadata());
         (response.into_inner().application, replay)
     } else {
-        let request = pb::SubmitApplicationRequest { kind: planned.kind as i32, applicant, card_serial };
+        let request = pb::SubmitApplicationRequest {
+            kind: planned.kind as i32,
+            applicant,
+            card_serial,
+            request_id: String::new(),
+        };
         let response = intake.submit_application(keyed(request, key)).await?;
         let replay = replayed(response.metadata());
         (response.into_inner().application, replay)
@@ -176,6 +183,7 @@ async fn collect(
                     let request = pb::CollectCardRequest {
                         application_id: application_id.to_owned(),
                         live: Some(yidi_tests::live(citizen)),
+                        request_id: String::new(),
                     };
                     // A failed call may have been committed: the next round reads the state again.
                     if intake.collect_card(request).await.is_ok() {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod health;
 pub mod layer;
 pub mod overload;
+pub mod page;
 pub mod rpc_telemetry;
 pub mod security;
 pub mod server_config;

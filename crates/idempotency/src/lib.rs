@@ -1,6 +1,8 @@
-//! Idempotent mutating RPCs: a caller that sends the metadata `idempotency-key` may repeat a
-//! mutating call (after a timeout, a dropped connection, a restart of either side) and gets the
-//! first answer again, with nothing written a second time.
+//! Idempotent mutating RPCs: a caller that sets the request's `request_id` field (AIP-155; every
+//! mutating request message has one) or sends the metadata `idempotency-key` may repeat a mutating
+//! call (after a timeout, a dropped connection, a restart of either side) and gets the first answer
+//! again, with nothing written a second time. Both name the same key: if a call carries both, they
+//! must be equal (else INVALID_ARGUMENT on `request_id`); `request_id` is validated like the header.
 //!
 //! The [`IdempotencyLayer`] sits on the main port behind the security layers, so it sees only
 //! admitted calls and knows their [`Caller`]. For a method listed in [`MUTATING`] that carries a
@@ -69,6 +71,8 @@ use yidi_runtime::{clock::Clock, shutdown::Shutdown};
 
 /// The request metadata carrying the caller's key.
 pub const HEADER: &str = "idempotency-key";
+/// The request field carrying the caller's key (AIP-155), in every mutating request message.
+pub const REQUEST_ID: &str = "request_id";
 /// The response header on a replayed answer.
 pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 /// The longest key accepted.
@@ -266,27 +270,107 @@ impl KeyedAnswers {
 }
 
 impl Intercept for KeyedAnswers {
-    fn intercept<S: Inner>(self: Arc<Self>, mut inner: S, mut request: Request<Body>) -> CallFuture {
+    fn intercept<S: Inner>(self: Arc<Self>, mut inner: S, request: Request<Body>) -> CallFuture {
         let path = request.uri().path();
-        if !is_mutating(path) {
+        let Some(policy) = yidi_proto::policy::policy_of(path).filter(|policy| policy.mutating) else {
+            return Box::pin(inner.call(request));
+        };
+        let header = match key_of(request.headers()) {
+            Ok(header) => header,
+            Err(violations) => return Box::pin(std::future::ready(Ok(invalid(violations)))),
+        };
+        let field = policy.request_id_field;
+        if header.is_none() && field.is_none() {
             return Box::pin(inner.call(request));
         }
-        let key = match key_of(request.headers()) {
-            Ok(None) => return Box::pin(inner.call(request)),
-            Ok(Some(key)) => key,
-            Err(violations) => {
-                let status = Status::from(yidi_grpc::ApiError::InvalidArgument(violations));
-                return Box::pin(std::future::ready(Ok(status.into_http())));
-            }
+        Box::pin(async move { Ok(keyed(inner, self, header, field, request).await.unwrap_or_else(Status::into_http)) })
+    }
+}
+
+fn invalid(violations: FieldViolations) -> Response<Body> {
+    Status::from(yidi_grpc::ApiError::InvalidArgument(violations)).into_http()
+}
+
+/// A mutating call that may carry a key (the header, or the request's `request_id`): the key is
+/// read, and the call answered [`once`] per key; without one, the service answers as usual.
+async fn keyed<S>(
+    mut inner: S,
+    shared: Arc<KeyedAnswers>,
+    header: Option<IdempotencyKey>,
+    field: Option<u32>,
+    request: Request<Body>,
+) -> Result<Response<Body>, Status>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    let (mut parts, body) = request.into_parts();
+    let (body, _) = collect(body, Some(MAX_REQUEST_BYTES)).await?;
+    let request_id = match field.map(|field| request_id_of(&body, field)).transpose() {
+        Ok(request_id) => request_id.flatten(),
+        Err(violations) => return Ok(invalid(violations)),
+    };
+    let key = match (header, request_id) {
+        (None, None) => {
+            let request = Request::from_parts(parts, Body::new(Buffered { data: Some(body), trailers: None }));
+            return match inner.call(request).await {
+                Ok(response) => Ok(response),
+                Err(never) => match never {},
+            };
+        }
+        (Some(key), None) | (None, Some(key)) => key,
+        (Some(header), Some(request_id)) if header == request_id => request_id,
+        (Some(_), Some(_)) => {
+            let mut violations = FieldViolations::new();
+            violations.add(REQUEST_ID, format!("differs from the {HEADER} header: send one, or the same in both"));
+            return Ok(invalid(violations));
+        }
+    };
+    let Some(store) = shared.store.get().cloned() else {
+        return Err(yidi_grpc::ApiError::Starting { service: "the idempotency store" }.into());
+    };
+    let caller = caller_of(&parts.extensions).map(|caller| caller.id().to_owned()).unwrap_or_default();
+    let id = (caller, parts.uri.path().to_owned(), key.0.clone());
+    parts.extensions.insert(key);
+    once(inner, shared, store, id, parts, body).await
+}
+
+/// The request's `request_id` (AIP-155), read from the encoded message (field number `field`):
+/// `Ok(None)` if absent or empty, `Err` (a violation on `request_id`) if it is not 1 to 128
+/// visible ASCII characters. The message is the body's first gRPC frame; a compressed one is not
+/// read (the servers accept no compression).
+pub fn request_id_of(body: &[u8], field: u32) -> Result<Option<IdempotencyKey>, FieldViolations> {
+    let Some(([0, l0, l1, l2, l3], message)) = body.split_first_chunk::<5>() else { return Ok(None) };
+    let length = u32::from_be_bytes([*l0, *l1, *l2, *l3]) as usize;
+    let Some(mut rest) = message.get(..length) else { return Ok(None) };
+    let mut found: Option<&[u8]> = None;
+    while !rest.is_empty() {
+        let Ok(key) = prost::encoding::decode_varint(&mut rest) else { return Ok(None) };
+        let (number, wire_type) = (key >> 3, key & 7);
+        let skip = match wire_type {
+            0 => prost::encoding::decode_varint(&mut rest).map(|_| 0).ok(),
+            1 => Some(8),
+            2 => prost::encoding::decode_varint(&mut rest).ok().and_then(|n| usize::try_from(n).ok()),
+            5 => Some(4),
+            _ => None,
         };
-        let Some(store) = self.store.get().cloned() else {
-            let status = Status::from(yidi_grpc::ApiError::Starting { service: "the idempotency store" });
-            return Box::pin(std::future::ready(Ok(status.into_http())));
-        };
-        let caller = caller_of(request.extensions()).map(|caller| caller.id().to_owned()).unwrap_or_default();
-        let id = (caller, path.to_owned(), key.0.clone());
-        request.extensions_mut().insert(key);
-        Box::pin(async move { Ok(once(inner, self, store, id, request).await.unwrap_or_else(Status::into_http)) })
+        let Some(value) = skip.and_then(|n| rest.get(..n)) else { return Ok(None) };
+        if wire_type == 2 && number == u64::from(field) {
+            // The last occurrence wins, as when the message is decoded.
+            found = Some(value);
+        }
+        rest = &rest[value.len()..];
+    }
+    let Some(bytes) = found.filter(|bytes| !bytes.is_empty()) else { return Ok(None) };
+    let mut violations = FieldViolations::new();
+    if bytes.len() > MAX_KEY_LEN {
+        violations.add(REQUEST_ID, format!("must be 1 to {MAX_KEY_LEN} characters, found {}", bytes.len()));
+    } else if !bytes.iter().all(u8::is_ascii_graphic) {
+        violations.add(REQUEST_ID, "must be visible ASCII characters (no spaces); a UUID is a good choice");
+    }
+    if violations.is_empty() {
+        Ok(Some(IdempotencyKey(String::from_utf8_lossy(bytes).into_owned())))
+    } else {
+        Err(violations)
     }
 }
 
@@ -296,13 +380,12 @@ async fn once<S>(
     shared: Arc<KeyedAnswers>,
     store: Store,
     id: RecordId,
-    request: Request<Body>,
+    parts: tonic::codegen::http::request::Parts,
+    body: Bytes,
 ) -> Result<Response<Body>, Status>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
 {
-    let (parts, body) = request.into_parts();
-    let (body, _) = collect(body, Some(MAX_REQUEST_BYTES)).await?;
     let request_sha256 = Sha256::digest(&body).to_vec();
     let _turn = KeyTurn::take(&shared, &id).await;
 
@@ -666,7 +749,8 @@ mod tests {
 
     fn order(signature: &[u8], key: Option<&str>) -> GrpcRequest<pb::PlaceOrderRequest> {
         let decision = pb::SignedDecision { decision: None, signature: signature.to_vec() };
-        let mut request = GrpcRequest::new(pb::PlaceOrderRequest { decision: Some(decision) });
+        let mut request =
+            GrpcRequest::new(pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() });
         if let Some(key) = key {
             request.metadata_mut().insert(HEADER, key.parse().unwrap());
         }
@@ -705,6 +789,35 @@ mod tests {
         assert_eq!(invalid.code(), Code::InvalidArgument);
         assert_eq!(invalid.get_details_bad_request().unwrap().field_violations[0].field, HEADER);
         assert_eq!(served.calls.load(Ordering::SeqCst), 4);
+    }
+
+    fn order_with_id(signature: &[u8], request_id: &str, header: Option<&str>) -> GrpcRequest<pb::PlaceOrderRequest> {
+        let mut request = order(signature, header);
+        request.get_mut().request_id = request_id.into();
+        request
+    }
+
+    #[tokio::test]
+    async fn the_request_id_field_is_the_key_and_must_agree_with_the_header() {
+        let served = serve().await;
+        let mut client = IssuanceClient::new(served.channel.clone());
+        let first = client.place_order(order_with_id(b"ok", "r-1", None)).await.unwrap();
+        let again = client.place_order(order_with_id(b"ok", "r-1", None)).await.unwrap();
+        assert_eq!(served.calls.load(Ordering::SeqCst), 1, "the repeat did not reach the service");
+        assert!(replayed(&again));
+        assert_eq!(first.get_ref(), again.get_ref());
+        assert_eq!(first.get_ref().order.as_ref().unwrap().last_error, "r-1", "the handler sees the key");
+        // The same key in the header and the field: one key.
+        let both = client.place_order(order_with_id(b"ok", "r-1", Some("r-1"))).await.unwrap();
+        assert!(replayed(&both));
+        let reused = client.place_order(order_with_id(b"other", "r-1", None)).await.unwrap_err();
+        assert_eq!(reused.get_details_error_info().unwrap().reason, KEY_REUSED);
+        for (request_id, header) in [("r-2", Some("r-3")), ("a key", None), (&"x".repeat(129)[..], None)] {
+            let refused = client.place_order(order_with_id(b"ok", request_id, header)).await.unwrap_err();
+            assert_eq!(refused.code(), Code::InvalidArgument);
+            assert_eq!(refused.get_details_bad_request().unwrap().field_violations[0].field, REQUEST_ID);
+        }
+        assert_eq!(served.calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -761,7 +874,7 @@ mod tests {
     fn framed(signature: &[u8], key: &str, caller: &str) -> Request<Body> {
         use prost::Message;
         let decision = pb::SignedDecision { decision: None, signature: signature.to_vec() };
-        let message = pb::PlaceOrderRequest { decision: Some(decision) }.encode_to_vec();
+        let message = pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() }.encode_to_vec();
         let mut frame = vec![0];
         frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
         frame.extend_from_slice(&message);

@@ -38,6 +38,7 @@ use tokio::{
     task::JoinSet,
 };
 
+use yidi_grpc::page::TimeId;
 use yidi_runtime::shutdown::Shutdown;
 
 /// The metadata key carrying the message id to the receiver.
@@ -230,7 +231,7 @@ pub async fn list(
     db: &impl ConnectionTrait,
     state: Option<MessageState>,
     subject: Option<&str>,
-    offset: u64,
+    after: Option<&TimeId>,
     limit: u64,
 ) -> Result<Vec<Model>, DbErr> {
     let mut query = Entity::find();
@@ -240,7 +241,10 @@ pub async fn list(
     if let Some(subject) = subject {
         query = query.filter(Column::Subject.eq(subject));
     }
-    query.order_by_desc(Column::CreatedAt).order_by_desc(Column::Id).offset(offset).limit(limit).all(db).await
+    if let Some(after) = after {
+        query = query.filter(after.older(Column::CreatedAt, Column::Id));
+    }
+    query.order_by_desc(Column::CreatedAt).order_by_desc(Column::Id).limit(limit).all(db).await
 }
 
 /// Why a dead letter could not be retried.

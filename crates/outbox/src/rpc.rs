@@ -11,7 +11,7 @@ use crate::{self as outbox, MessageState, RetryError};
 use yidi_grpc::{
     convert::timestamp,
     error::{ApiError, FieldViolations},
-    validate::{page_size, page_token},
+    page::{self, Filter, TimeId, page_size},
 };
 
 /// The Outbox service over a service's database.
@@ -64,8 +64,9 @@ impl pb::outbox_server::Outbox for OutboxGrpc {
     ) -> Result<Response<pb::ListOutboxMessagesResponse>, Status> {
         let request = request.into_inner();
         let mut v = FieldViolations::new();
-        let limit = page_size(&mut v, "page_size", request.page_size);
-        let offset = page_token(&mut v, "page_token", &request.page_token);
+        let limit = page_size(request.page_size);
+        let filter = Filter::new("outbox.messages", &[&request.state.to_string(), &request.subject]);
+        let after: Option<TimeId> = page::decode(&mut v, "page_token", &request.page_token, filter);
         let state = match pb::OutboxMessageState::try_from(request.state) {
             Ok(pb::OutboxMessageState::Unspecified) => None,
             Ok(pb::OutboxMessageState::Pending) => Some(MessageState::Pending),
@@ -83,10 +84,14 @@ impl pb::outbox_server::Outbox for OutboxGrpc {
         v.finish()?;
         let subject = Some(request.subject.as_str()).filter(|s| !s.is_empty());
         // One more than asked tells whether another page follows.
-        let mut rows = outbox::list(&self.db, state, subject, offset, limit + 1).await.map_err(ApiError::from)?;
+        let mut rows =
+            outbox::list(&self.db, state, subject, after.as_ref(), limit + 1).await.map_err(ApiError::from)?;
         let more = rows.len() as u64 > limit;
         rows.truncate(limit as usize);
-        let next_page_token = if more { (offset + rows.len() as u64).to_string() } else { String::new() };
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => page::encode(filter, &TimeId { at: last.created_at, id: last.id.clone() }),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListOutboxMessagesResponse {
             messages: rows.into_iter().map(to_proto).collect(),
             next_page_token,

@@ -29,7 +29,12 @@ pub struct MethodPolicy {
     pub grants: Vec<Grant>,
     /// Whether a call changes state that a repeat could duplicate.
     pub mutating: bool,
+    /// The field number of `string request_id` (AIP-155) in the request message, if it has one.
+    pub request_id_field: Option<u32>,
 }
+
+/// The name of the request id field every mutating request carries (AIP-155).
+pub const REQUEST_ID_FIELD: &str = "request_id";
 
 /// Every method of every service of the contract, in the order of the descriptor set (files in
 /// name order, dependencies first; methods as declared), parsed on first use.
@@ -52,6 +57,16 @@ pub fn policy_of(path: &str) -> Option<&'static MethodPolicy> {
 pub fn parse(encoded: &[u8]) -> Result<Vec<MethodPolicy>, prost::DecodeError> {
     let set = mirror::FileDescriptorSet::decode(encoded)?;
     let mut policies = Vec::new();
+    // Fully qualified message name → the number of its request_id field.
+    let mut request_ids = std::collections::HashMap::new();
+    for file in &set.file {
+        for message in &file.message_type {
+            if let Some(field) = message.field.iter().find(|f| f.name == REQUEST_ID_FIELD) {
+                let number = u32::try_from(field.number).unwrap_or(0);
+                request_ids.insert(format!(".{}.{}", file.package, message.name), number);
+            }
+        }
+    }
     for file in &set.file {
         for service in &file.service {
             let full = if file.package.is_empty() {
@@ -72,6 +87,7 @@ pub fn parse(encoded: &[u8]) -> Result<Vec<MethodPolicy>, prost::DecodeError> {
                         .filter(|g| *g != Grant::Unspecified)
                         .collect(),
                     mutating: policy.mutating,
+                    request_id_field: request_ids.get(&method.input_type).copied(),
                 });
             }
         }
@@ -95,11 +111,21 @@ mod mirror {
         pub name: String,
         #[prost(string, tag = "2")]
         pub package: String,
+        #[prost(message, repeated, tag = "4")]
+        pub message_type: Vec<DescriptorProto>,
         #[prost(message, repeated, tag = "6")]
         pub service: Vec<ServiceDescriptorProto>,
         /// The extensions the file declares (for the test of the field number).
         #[prost(message, repeated, tag = "7")]
         pub extension: Vec<FieldDescriptorProto>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DescriptorProto {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(message, repeated, tag = "2")]
+        pub field: Vec<FieldDescriptorProto>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -114,6 +140,9 @@ mod mirror {
     pub struct MethodDescriptorProto {
         #[prost(string, tag = "1")]
         pub name: String,
+        /// Fully qualified, with a leading dot: `.yidi.v1.SubmitApplicationRequest`.
+        #[prost(string, tag = "2")]
+        pub input_type: String,
         #[prost(message, optional, tag = "4")]
         pub options: Option<MethodOptions>,
     }
@@ -241,6 +270,14 @@ mod tests {
         assert_eq!(policy("/yidi.v1.Intake/GetApplicationOutcome"), (vec![HomeBureau], false));
         assert_eq!(method_policies().len(), 32);
         assert_eq!(method_policies().iter().filter(|p| p.mutating).count(), 17);
+    }
+
+    #[test]
+    fn every_mutating_request_and_no_other_carries_a_request_id() {
+        for policy in method_policies() {
+            assert_eq!(policy.request_id_field.is_some(), policy.mutating, "{}: request_id (AIP-155)", policy.path);
+        }
+        assert_eq!(policy_of("/yidi.v1.Intake/SubmitApplication").unwrap().request_id_field, Some(4));
     }
 
     #[test]

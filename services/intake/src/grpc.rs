@@ -10,7 +10,7 @@ use yidi_grpc::{
     ApiError, FieldViolations,
     caller::{caller_of, ensure_acting_for_itself},
     convert::{document_from_proto, kind_to_proto, refusal_to_proto, state_from_proto, state_to_proto, timestamp},
-    validate::{page_size, page_token},
+    page::{self, Filter, page_size},
 };
 use yidi_idempotency::IdempotencyKey;
 use yidi_proto::v1 as pb;
@@ -229,13 +229,13 @@ impl pb::intake_server::Intake for IntakeGrpc {
                 None
             }
         };
-        let size = page_size(&mut v, "page_size", request.page_size);
-        let offset = page_token(&mut v, "page_token", &request.page_token);
+        let filter = Filter::new("intake.applications", &[&request.state.to_string()]);
+        let after = page::decode(&mut v, "page_token", &request.page_token, filter);
         v.finish()?;
-        let (views, next) = self.intake.list(state, offset, size).await?;
+        let (views, next) = self.intake.list(state, after, page_size(request.page_size)).await?;
         Ok(Response::new(pb::ListApplicationsResponse {
             applications: views.into_iter().map(to_proto).collect(),
-            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+            next_page_token: next.map(|key| page::encode(filter, &key)).unwrap_or_default(),
         }))
     }
 

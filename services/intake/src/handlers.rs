@@ -207,6 +207,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         }),
         producer_id: if issue { inner.station.producer_id.clone() } else { String::new() },
         declared_province: model.declared_province.clone(),
+        request_id: String::new(),
     };
     let answer = match inner.peers.verify(&model.home_bureau_id, request, &message.id).await {
         Ok(answer) => answer,
@@ -378,7 +379,7 @@ async fn place_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     let order = match inner.peers.place_order(producer, decision, &message.id).await {
         Ok(order) => order,
         Err(error) if error.code() == Some(tonic::Code::AlreadyExists) => {
-            match inner.peers.get_order(producer, "", &decision_id).await {
+            match inner.peers.get_order(producer, &inner.station.id, "", &decision_id).await {
                 Ok(order) => order,
                 Err(error) => return Ok(from_peer(error)),
             }
@@ -422,7 +423,7 @@ async fn await_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     let Some(order_id) = model.order_id.clone() else {
         return Ok(Delivery::Fail(format!("application {id} has no order to follow")));
     };
-    let order = match inner.peers.get_order(&inner.station.producer_id, &order_id, "").await {
+    let order = match inner.peers.get_order(&inner.station.producer_id, &inner.station.id, &order_id, "").await {
         Ok(order) => order,
         Err(error) => return Ok(from_peer(error)),
     };
@@ -473,6 +474,7 @@ async fn close_step(step: Step<'_>) -> Result<Delivery, ApiError> {
             String::new()
         },
         station_id: inner.station.id.clone(),
+        request_id: String::new(),
     };
     match inner.peers.close_application(&model.home_bureau_id, request, &message.id).await {
         Ok(_) => {}
@@ -512,6 +514,7 @@ async fn record_collection_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         station_id: inner.station.id.clone(),
         id_number: model.id_number.clone(),
         card_serial: serial,
+        request_id: String::new(),
     };
     let response = match inner.peers.record_collection(&inner.station.registry_id, request, &message.id).await {
         Ok(response) => response,

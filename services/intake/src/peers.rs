@@ -137,7 +137,12 @@ impl Peers {
     ) -> Result<pb::LossRegistryReportLossResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .report_loss(self.keyed(pb::LossRegistryReportLossRequest { decision: Some(decision) }, key))
+            .report_loss(
+                self.keyed(
+                    pb::LossRegistryReportLossRequest { decision: Some(decision), request_id: String::new() },
+                    key,
+                ),
+            )
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
@@ -164,7 +169,10 @@ impl Peers {
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
         client
-            .withdraw_loss_report(self.request(pb::LossRegistryWithdrawLossReportRequest { decision: Some(decision) }))
+            .withdraw_loss_report(self.request(pb::LossRegistryWithdrawLossReportRequest {
+                decision: Some(decision),
+                request_id: String::new(),
+            }))
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(registry))
@@ -178,7 +186,7 @@ impl Peers {
     ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
         let response = client
-            .place_order(self.keyed(pb::PlaceOrderRequest { decision: Some(decision) }, key))
+            .place_order(self.keyed(pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() }, key))
             .await
             .map(tonic::Response::into_inner)
             .map_err(Self::status(producer))?;
@@ -188,17 +196,23 @@ impl Peers {
         })
     }
 
-    pub async fn get_order(&self, producer: &str, order_id: &str, decision_id: &str) -> Result<pb::Order, PeerError> {
+    pub async fn get_order(
+        &self,
+        producer: &str,
+        station_id: &str,
+        order_id: &str,
+        decision_id: &str,
+    ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
-        let response =
-            client
-                .get_order(self.request(pb::GetOrderRequest {
-                    order_id: order_id.to_owned(),
-                    decision_id: decision_id.to_owned(),
-                }))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(Self::status(producer))?;
+        let response = client
+            .get_order(self.request(pb::GetOrderRequest {
+                order_id: order_id.to_owned(),
+                decision_id: decision_id.to_owned(),
+                station_id: station_id.to_owned(),
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Self::status(producer))?;
         response.order.ok_or_else(|| PeerError::Unreachable {
             peer: producer.to_owned(),
             message: "GetOrder answered without an order".into(),

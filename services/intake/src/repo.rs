@@ -8,6 +8,7 @@ use sea_orm::{
 };
 use yidi_audit::{self as audit, AuditEntry};
 use yidi_domain::{ApplicationKind, ApplicationState, DocumentKind, RefusalReason};
+use yidi_grpc::page::TimeId;
 use yidi_outbox::{self as outbox, NewMessage};
 use yidi_runtime::db;
 
@@ -234,21 +235,23 @@ impl Repo {
             .await
     }
 
-    /// Newest first.
+    /// Newest first, after `after` in that order.
     pub async fn list(
         &self,
         state: Option<ApplicationState>,
-        offset: u64,
+        after: Option<&TimeId>,
         limit: u64,
     ) -> Result<Vec<application::Model>, DbErr> {
         let mut query = application::Entity::find();
         if let Some(state) = state {
             query = query.filter(application::Column::State.eq(State::from(state)));
         }
+        if let Some(after) = after {
+            query = query.filter(after.older(application::Column::CreatedAt, application::Column::ApplicationId));
+        }
         query
             .order_by(application::Column::CreatedAt, Order::Desc)
             .order_by(application::Column::ApplicationId, Order::Desc)
-            .offset(offset)
             .limit(limit)
             .all(&self.db)
             .await

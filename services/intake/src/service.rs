@@ -9,7 +9,7 @@ use yidi_domain::{
     ApplicationKind, ApplicationState, BiometricMatcher, Bureau, DocumentKind, IdNumber, PolicyTimeline, RefusalReason,
     mask::mask_id_number,
 };
-use yidi_grpc::{ApiError, client::Connector};
+use yidi_grpc::{ApiError, client::Connector, page::TimeId};
 use yidi_outbox::{self as outbox, MessageState};
 use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle};
 
@@ -343,16 +343,18 @@ impl Intake {
         })
     }
 
-    /// Newest first; the next offset if there may be more.
+    /// Newest first, after the key `after` (the last row of the previous page); the key of the last
+    /// row if there may be more.
     pub async fn list(
         &self,
         state: Option<ApplicationState>,
-        offset: u64,
+        after: Option<TimeId>,
         limit: u64,
-    ) -> Result<(Vec<ApplicationView>, Option<u64>), ApiError> {
-        let models = self.inner.repo.list(state, offset, limit + 1).await?;
+    ) -> Result<(Vec<ApplicationView>, Option<TimeId>), ApiError> {
+        let models = self.inner.repo.list(state, after.as_ref(), limit + 1).await?;
         let more = models.len() as u64 > limit;
         let models: Vec<_> = models.into_iter().take(limit as usize).collect();
+        let last = models.last().map(|m| TimeId { at: m.created_at, id: m.application_id.clone() });
         let ids: Vec<String> = models.iter().map(|m| m.application_id.clone()).collect();
         let events = self.inner.repo.events_for(&ids).await?;
         let messages = self.inner.repo.messages_for(&ids).await?;
@@ -362,8 +364,7 @@ impl Intake {
             let sent: Vec<_> = messages.iter().filter(|m| m.subject == model.application_id).cloned().collect();
             views.push(view(model, &own, sent, &self.inner.station));
         }
-        let next = more.then_some(offset + views.len() as u64);
-        Ok((views, next))
+        Ok((views, last.filter(|_| more)))
     }
 
     /// Broadcasts the application as committed, to watchers and waiting callers.

@@ -47,6 +47,7 @@ impl Intake {
             }),
             producer_id: String::new(),
             declared_province: applicant.declared_province.clone(),
+            request_id: String::new(),
         };
         let key = request.application_id.clone();
         let answer = self.inner.peers.verify(&home.id, request, &key).await.map_err(peer_error)?;

@@ -426,17 +426,21 @@ poll_ms = 20
     }
 
     async fn cancel(&mut self, application_id: String) -> Result<pb::Application, Status> {
-        let request = pb::CancelApplicationRequest { application_id };
+        let request = pb::CancelApplicationRequest { application_id, request_id: String::new() };
         Ok(self.client.cancel_application(request).await?.into_inner().application.unwrap())
     }
 
     async fn collect(&mut self, id: &str, live: Option<pb::Biometrics>) -> Result<pb::Application, Status> {
-        let request = pb::CollectCardRequest { application_id: id.to_owned(), live };
+        let request = pb::CollectCardRequest { application_id: id.to_owned(), live, request_id: String::new() };
         Ok(self.client.collect_card(request).await?.into_inner().application.unwrap())
     }
 
     async fn report_loss(&mut self, applicant: pb::Applicant, card_serial: &str) -> Result<pb::Application, Status> {
-        let request = pb::ReportLossRequest { applicant: Some(applicant), card_serial: card_serial.into() };
+        let request = pb::ReportLossRequest {
+            applicant: Some(applicant),
+            card_serial: card_serial.into(),
+            request_id: String::new(),
+        };
         Ok(self.client.report_loss(request).await?.into_inner().application.unwrap())
     }
 
@@ -502,6 +506,7 @@ fn submit(kind: ApplicationKind, applicant: pb::Applicant) -> pb::SubmitApplicat
         kind: yidi_grpc::convert::kind_to_proto(kind) as i32,
         applicant: Some(applicant),
         card_serial: "OLD-0001".into(),
+        request_id: String::new(),
     }
 }
 
@@ -1005,6 +1010,7 @@ async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_u
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(person.clone()),
             card_serial: "OLD-0004".into(),
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -1017,6 +1023,7 @@ async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_u
         .withdraw_loss_report(pb::WithdrawLossReportRequest {
             applicant: Some(person),
             card_serial: FINAL_SERIAL.into(),
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -1119,5 +1126,112 @@ async fn k5_the_station_tells_an_application_s_outcome_only_to_its_home_bureau()
     assert_eq!(ended.state, pb::ApplicationState::Cancelled as i32);
     assert!(ended.new_card_serial.is_empty());
     h.fakes.release_verify.notify_waiters();
+    h.stop().await;
+}
+
+/// A Jiangxi citizen distinct for each `sequence`.
+fn jiangxi_citizen_number(sequence: u16) -> String {
+    IdNumber::compose("360102", NaiveDate::from_ymd_opt(1991, 4, 2).unwrap(), sequence).as_str().to_owned()
+}
+
+async fn page(
+    h: &mut Harness,
+    state: pb::ApplicationState,
+    page_token: String,
+) -> Result<pb::ListApplicationsResponse, Status> {
+    let request = pb::ListApplicationsRequest { state: state as i32, page_size: 3, page_token };
+    Ok(h.client.list_applications(request).await?.into_inner())
+}
+
+#[tokio::test]
+async fn list_applications_pages_are_stable_under_inserts_and_state_changes() {
+    let mut h = Harness::start(NATIONAL).await;
+    let lodge = |sequence: u16| {
+        let person = applicant(&jiangxi_citizen_number(sequence), "36", pb::DocumentKind::HouseholdRegisterBook);
+        submit(ApplicationKind::Renewal, person)
+    };
+    let mut throughout = Vec::new();
+    for sequence in 100..107 {
+        throughout.push(h.submitted(lodge(sequence)).await.application_id);
+    }
+    let mut seen = Vec::new();
+    let mut added = 0;
+    let mut token = String::new();
+    for round in 0.. {
+        let answer = page(&mut h, pb::ApplicationState::Unspecified, token).await.unwrap();
+        seen.extend(answer.applications.iter().map(|a| a.application_id.clone()));
+        token = answer.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        // Between pages: new applications are lodged, and older ones move on to the next state.
+        h.submitted(lodge(200 + round)).await;
+        added += 1;
+        if round == 1 {
+            h.fakes.dispatched.store(true, Ordering::SeqCst);
+            for id in &throughout {
+                h.wait_until_ready(id).await;
+            }
+            let live = pb::Biometrics {
+                face_template: with_sensor_noise(&register_face(), 5, 9),
+                fingerprint_template: Vec::new(),
+            };
+            h.collect(&throughout[3], Some(live)).await.unwrap();
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "no application twice: {seen:?}");
+    for id in &throughout {
+        assert!(seen.contains(id), "{id} existed throughout but was not listed: {seen:?}");
+    }
+
+    // A token belongs to its filter; an oversized page is clamped, not refused.
+    let first = page(&mut h, pb::ApplicationState::ReadyForCollection, String::new()).await.unwrap();
+    assert!(!first.next_page_token.is_empty());
+    let status = page(&mut h, pb::ApplicationState::Collected, first.next_page_token.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(violations.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(), ["page_token"]);
+    let mut ready: Vec<String> = first.applications.into_iter().map(|a| a.application_id).collect();
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let answer = page(&mut h, pb::ApplicationState::ReadyForCollection, token).await.unwrap();
+        ready.extend(answer.applications.into_iter().map(|a| a.application_id));
+        token = answer.next_page_token;
+    }
+    let collected = &throughout[3];
+    assert!(throughout.iter().all(|id| ready.contains(id) == (id != collected)), "{ready:?}");
+    let all = pb::ListApplicationsRequest { page_size: 10_000, ..Default::default() };
+    let all = h.client.list_applications(all).await.unwrap().into_inner();
+    assert!(all.next_page_token.is_empty());
+    assert_eq!(all.applications.len(), throughout.len() + added);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_submission_with_the_same_request_id_is_answered_with_the_same_application() {
+    let mut h = Harness::start(NATIONAL).await;
+    let mut request = submit(ApplicationKind::Renewal, jiangxi_applicant());
+    request.request_id = "6f1c2d7e-2b1a-4c8e-9a51-0d3b8f7c4e21".into();
+    let first = h.submitted(request.clone()).await;
+    let again = h.submitted(request.clone()).await;
+    assert_eq!(again.application_id, first.application_id, "answered, not lodged again");
+    assert_eq!(h.list_all().await.len(), 1);
+    // The same request_id with another request is refused.
+    let mut other = request.clone();
+    other.card_serial = "OLD-0009".into();
+    let status = h.client.submit_application(other).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(reason(&status), "IDEMPOTENCY_KEY_REUSED");
+    // The header stays accepted, but must agree with the field.
+    let mut both = Request::new(request);
+    both.metadata_mut().insert("idempotency-key", "another-key".parse().unwrap());
+    let status = h.client.submit_application(both).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(violations.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(), ["request_id"]);
+    assert_eq!(h.list_all().await.len(), 1);
     h.stop().await;
 }

@@ -7,9 +7,10 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
+use yidi_domain::Principal;
 use yidi_grpc::{
     ApiError, FieldViolations,
-    caller::ensure_acting_for_itself,
+    caller::{Caller, caller_of, ensure_acting_for_itself},
     convert::{signed_decision_from_proto, timestamp},
     validate::MAX_TEXT_LEN,
 };
@@ -107,6 +108,26 @@ fn progress(order: &Order) -> (u8, i32, bool) {
     (rank, order.attempts, order.retry_stopped)
 }
 
+/// S4: an order is shown only to the station that placed it. The station asking is the caller on
+/// mutual TLS (a `station_id` it names must be its own), else the `station_id` the request names;
+/// operators (and plaintext requests naming no station) see every order.
+fn ensure_own_order(extensions: &tonic::codegen::http::Extensions, named: &str, order: &Order) -> Result<(), ApiError> {
+    if !named.is_empty() {
+        ensure_acting_for_itself(extensions, "station_id", named)?;
+    }
+    let asking = match caller_of(extensions) {
+        Some(Caller { principal: Principal::Bureau { id, .. } | Principal::RelyingParty { id } }) => Some(id.as_str()),
+        _ => Some(named).filter(|named| !named.is_empty()),
+    };
+    match asking {
+        Some(station) if station != order.station_id => Err(ApiError::PermissionDenied {
+            reason: "ORDER_OF_ANOTHER_STATION",
+            message: format!("order {} was placed by another station than {station:?}", order.order_id),
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl Issuance for IssuanceGrpc {
     async fn place_order(
@@ -123,6 +144,7 @@ impl Issuance for IssuanceGrpc {
     async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::GetOrderResponse>, Status> {
         let key = validate_get_order(request.get_ref())?;
         let order = self.service.get_order(&key).await?;
+        ensure_own_order(request.extensions(), &request.get_ref().station_id, &order)?;
         Ok(Response::new(pb::GetOrderResponse { order: Some(order_to_proto(&order)) }))
     }
 
@@ -136,6 +158,7 @@ impl Issuance for IssuanceGrpc {
         // Subscribe before reading, so no change between the read and the first receive is lost.
         let mut changes = self.service.subscribe();
         let current = self.service.get_order(&OrderKey::Id(id)).await?;
+        ensure_own_order(request.extensions(), &request.get_ref().station_id, &current)?;
         let (sender, receiver) = mpsc::channel(16);
         let service = Arc::clone(&self.service);
         let shutdown = self.shutdown.clone();
@@ -183,14 +206,24 @@ mod tests {
     fn s4_get_order_needs_exactly_one_key() {
         let neither = pb::GetOrderRequest::default();
         assert!(matches!(validate_get_order(&neither), Err(ApiError::InvalidArgument(_))));
-        let both = pb::GetOrderRequest { order_id: Uuid::new_v4().to_string(), decision_id: "d".into() };
+        let both = pb::GetOrderRequest {
+            order_id: Uuid::new_v4().to_string(),
+            decision_id: "d".into(),
+            station_id: String::new(),
+        };
         assert!(matches!(validate_get_order(&both), Err(ApiError::InvalidArgument(_))));
-        let bad = pb::GetOrderRequest { order_id: "not-a-uuid".into(), decision_id: String::new() };
+        let bad = pb::GetOrderRequest {
+            order_id: "not-a-uuid".into(),
+            decision_id: String::new(),
+            station_id: String::new(),
+        };
         assert!(matches!(validate_get_order(&bad), Err(ApiError::InvalidArgument(_))));
         let id = Uuid::new_v4();
-        let good = pb::GetOrderRequest { order_id: id.to_string(), decision_id: String::new() };
+        let good =
+            pb::GetOrderRequest { order_id: id.to_string(), decision_id: String::new(), station_id: String::new() };
         assert_eq!(validate_get_order(&good).unwrap(), OrderKey::Id(id));
-        let by_decision = pb::GetOrderRequest { order_id: String::new(), decision_id: "d-1".into() };
+        let by_decision =
+            pb::GetOrderRequest { order_id: String::new(), decision_id: "d-1".into(), station_id: String::new() };
         assert_eq!(validate_get_order(&by_decision).unwrap(), OrderKey::Decision("d-1".into()));
     }
 

@@ -144,6 +144,7 @@ impl Registrar {
             decision: Some(decision),
             producer_id: self.production.bureau_id.clone(),
             card_serial: order.card_serial.clone(),
+            request_id: String::new(),
         });
         request.set_timeout(self.call_timeout);
         // A redelivery is answered by the registry as the first delivery was.

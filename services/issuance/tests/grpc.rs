@@ -226,12 +226,16 @@ impl Producer {
     }
 
     async fn place(&mut self, decision: pb::SignedDecision) -> Result<pb::Order, Status> {
-        let response = self.client.place_order(pb::PlaceOrderRequest { decision: Some(decision) }).await?;
+        let response = self
+            .client
+            .place_order(pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() })
+            .await?;
         Ok(response.into_inner().order.expect("order"))
     }
 
     async fn get(&mut self, decision_id: &str) -> Result<pb::Order, Status> {
-        let request = pb::GetOrderRequest { order_id: String::new(), decision_id: decision_id.into() };
+        let request =
+            pb::GetOrderRequest { order_id: String::new(), decision_id: decision_id.into(), station_id: String::new() };
         Ok(self.client.get_order(request).await?.into_inner().order.expect("order"))
     }
 
@@ -250,8 +254,12 @@ impl Producer {
 
     /// Every state the order passes through, from WatchOrder, until the stream ends.
     async fn watch_to_end(&mut self, order_id: &str) -> Vec<pb::Order> {
-        let mut stream =
-            self.client.watch_order(pb::WatchOrderRequest { order_id: order_id.into() }).await.unwrap().into_inner();
+        let mut stream = self
+            .client
+            .watch_order(pb::WatchOrderRequest { order_id: order_id.into(), station_id: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
         let mut seen = Vec::new();
         tokio::time::timeout(WAIT, async {
             while let Some(message) = stream.next().await {
@@ -319,7 +327,7 @@ async fn s4_issuance_refuses_unsigned_decision() {
     let (mut producer, _registry) = producer_and_registry().await;
     let mut decision = signed_decision_to_proto(&producer.signed("d-unsigned"));
     decision.signature.clear();
-    assert_refused(&mut producer, decision, Code::PermissionDenied, "DECISION_UNSIGNED").await;
+    assert_refused(&mut producer, decision, Code::InvalidArgument, "DECISION_UNSIGNED").await;
     producer.shutdown().await;
 }
 
@@ -328,11 +336,11 @@ async fn s4_issuance_refuses_tampered_decision() {
     let (mut producer, _registry) = producer_and_registry().await;
     let mut decision = signed_decision_to_proto(&producer.signed("d-tampered"));
     decision.decision.as_mut().unwrap().card.as_mut().unwrap().name = "Someone Else".into();
-    assert_refused(&mut producer, decision, Code::PermissionDenied, "DECISION_BAD_SIGNATURE").await;
+    assert_refused(&mut producer, decision, Code::InvalidArgument, "DECISION_BAD_SIGNATURE").await;
     // A decision signed with a key that is not the named bureau's is the same forgery.
     let forged = signed_decision_to_proto(&producer.decision("d-forged").sign(&generate_signing_key()));
     let status = producer.place(forged).await.unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(reason(&status), "DECISION_BAD_SIGNATURE");
     producer.shutdown().await;
 }
@@ -347,7 +355,7 @@ async fn s4_issuance_refuses_wrong_jurisdiction() {
     assert_refused(
         &mut producer,
         signed_decision_to_proto(&signed),
-        Code::PermissionDenied,
+        Code::FailedPrecondition,
         "DECISION_WRONG_JURISDICTION",
     )
     .await;
@@ -360,13 +368,13 @@ async fn s4_issuance_refuses_misaddressed_decision() {
     let mut decision = producer.decision("d-misaddressed");
     decision.addressee_id = "producer-other".into();
     let signed = decision.sign(&producer.jiangxi);
-    assert_refused(&mut producer, signed_decision_to_proto(&signed), Code::PermissionDenied, "DECISION_MISADDRESSED")
+    assert_refused(&mut producer, signed_decision_to_proto(&signed), Code::FailedPrecondition, "DECISION_MISADDRESSED")
         .await;
     // A decision for another purpose is not an order either.
     let mut loss = producer.decision("d-loss");
     loss.purpose = DecisionPurpose::ReportLoss;
     let status = producer.place(signed_decision_to_proto(&loss.sign(&producer.jiangxi))).await.unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(reason(&status), "DECISION_WRONG_PURPOSE");
     producer.shutdown().await;
 }
@@ -400,7 +408,11 @@ async fn s4_issuance_refuses_replayed_decision() {
 #[tokio::test]
 async fn s4_issuance_rejects_malformed_requests_with_field_violations() {
     let (mut producer, _registry) = producer_and_registry().await;
-    let status = producer.client.place_order(pb::PlaceOrderRequest { decision: None }).await.unwrap_err();
+    let status = producer
+        .client
+        .place_order(pb::PlaceOrderRequest { decision: None, request_id: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let fields = violated_fields(&status);
     assert_eq!(fields, vec!["decision".to_owned()]);
@@ -417,15 +429,23 @@ async fn s4_issuance_rejects_malformed_requests_with_field_violations() {
     assert!(fields.contains(&"decision.decision.card.valid_from".to_owned()), "{fields:?}");
     assert!(fields.contains(&"decision.decision.expires_at".to_owned()), "{fields:?}");
 
-    let both = pb::GetOrderRequest { order_id: uuid::Uuid::new_v4().to_string(), decision_id: "d".into() };
+    let both = pb::GetOrderRequest {
+        order_id: uuid::Uuid::new_v4().to_string(),
+        decision_id: "d".into(),
+        station_id: String::new(),
+    };
     assert_eq!(producer.client.get_order(both).await.unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(
         producer.client.get_order(pb::GetOrderRequest::default()).await.unwrap_err().code(),
         Code::InvalidArgument
     );
-    let unknown = pb::GetOrderRequest { order_id: uuid::Uuid::new_v4().to_string(), decision_id: String::new() };
+    let unknown = pb::GetOrderRequest {
+        order_id: uuid::Uuid::new_v4().to_string(),
+        decision_id: String::new(),
+        station_id: String::new(),
+    };
     assert_eq!(producer.client.get_order(unknown).await.unwrap_err().code(), Code::NotFound);
-    let bad_watch = pb::WatchOrderRequest { order_id: "nope".into() };
+    let bad_watch = pb::WatchOrderRequest { order_id: "nope".into(), station_id: String::new() };
     assert_eq!(producer.client.watch_order(bad_watch).await.unwrap_err().code(), Code::InvalidArgument);
     // Invalid input writes nothing, not even an audit row.
     assert_eq!(producer.count("SELECT COUNT(*) AS n FROM orders").await, 0);
@@ -627,4 +647,32 @@ async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
         let error = result.expect("start-up fails at once").unwrap_err().to_string();
         assert!(error.contains(key_name), "case {index}: {error}");
     }
+}
+
+#[tokio::test]
+async fn s4_one_station_is_refused_another_stations_order() {
+    let fake = FakeRegistry::default();
+    let (endpoint, _registry) = start_registry(fake.clone()).await;
+    let mut producer = Producer::start(Options::new(&endpoint)).await;
+    let placed = producer.place(signed_decision_to_proto(&producer.signed("d-own"))).await.unwrap();
+    assert_eq!(placed.station_id, "station-hangzhou");
+    let ask = |station: &str| pb::GetOrderRequest {
+        order_id: placed.order_id.clone(),
+        decision_id: String::new(),
+        station_id: station.into(),
+    };
+    // The station that placed it sees it; another station is refused, by order id or by decision.
+    assert_eq!(producer.client.get_order(ask("station-hangzhou")).await.unwrap().into_inner().order.unwrap(), placed);
+    let status = producer.client.get_order(ask("station-ningbo")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "ORDER_OF_ANOTHER_STATION");
+    let by_decision = pb::GetOrderRequest {
+        order_id: String::new(),
+        decision_id: "d-own".into(),
+        station_id: "station-ningbo".into(),
+    };
+    assert_eq!(reason(&producer.client.get_order(by_decision).await.unwrap_err()), "ORDER_OF_ANOTHER_STATION");
+    let watch = pb::WatchOrderRequest { order_id: placed.order_id.clone(), station_id: "station-ningbo".into() };
+    assert_eq!(reason(&producer.client.watch_order(watch).await.unwrap_err()), "ORDER_OF_ANOTHER_STATION");
+    producer.shutdown().await;
 }

@@ -11,7 +11,8 @@ use yidi_grpc::{
     ApiError, FieldViolations,
     caller::{caller_of, ensure_acting_for_itself},
     convert::{card_status_to_proto, signed_decision_from_proto, status_statement_to_proto, timestamp},
-    validate::{MAX_TEXT_LEN, page_size, page_token},
+    page::{self, Filter, page_size},
+    validate::MAX_TEXT_LEN,
 };
 use yidi_proto::v1::{self as pb, loss_registry_server::LossRegistry};
 
@@ -326,13 +327,14 @@ impl LossRegistry for RegistryGrpc {
         {
             v.add("home_bureau_id", format!("{id:?} is not a home bureau (verification) in the directory"));
         }
-        let size = page_size(&mut v, "page_size", request.page_size);
-        let offset = page_token(&mut v, "page_token", &request.page_token);
+        // The cursor is the last hit returned; a bureau polls with it to get only newer hits.
+        let filter = Filter::new("registry.hits", &[&request.home_bureau_id]);
+        let after = page::decode(&mut v, "page_token", &request.page_token, filter).unwrap_or(0);
         v.finish()?;
         let Some(home_bureau_id) = home_bureau_id else {
             return Err(ApiError::Internal("validation incomplete".into()).into());
         };
-        let (hits, next) = self.service.list_hits(&home_bureau_id, offset, size).await?;
+        let (hits, next) = self.service.list_hits(&home_bureau_id, after, page_size(request.page_size)).await?;
         Ok(Response::new(pb::ListHitsResponse {
             hits: hits
                 .into_iter()
@@ -343,7 +345,7 @@ impl LossRegistry for RegistryGrpc {
                     checked_at: Some(timestamp(hit.checked_at)),
                 })
                 .collect(),
-            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+            next_page_token: page::encode(filter, &next),
         }))
     }
 }

@@ -104,6 +104,8 @@ pub struct NewHit {
 /// A stored hit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hit {
+    /// Its place in the order hits were recorded: a home bureau resumes after it.
+    pub id: i64,
     pub card_serial: String,
     pub id_number: String,
     pub relying_party: String,
@@ -583,19 +585,19 @@ impl Repo {
         Ok(())
     }
 
-    /// Hits on the cards of `home_bureau_id`, newest first.
-    pub async fn hits(&self, home_bureau_id: &str, offset: u64, limit: u64) -> Result<Vec<Hit>, DbErr> {
+    /// Hits on the cards of `home_bureau_id` recorded after the hit `after`, oldest first.
+    pub async fn hits(&self, home_bureau_id: &str, after: i64, limit: u64) -> Result<Vec<Hit>, DbErr> {
         let models = hits::Entity::find()
             .filter(hits::Column::HomeBureauId.eq(home_bureau_id))
-            .order_by_desc(hits::Column::CheckedAt)
-            .order_by_desc(hits::Column::Id)
-            .offset(offset)
+            .filter(hits::Column::Id.gt(after))
+            .order_by_asc(hits::Column::Id)
             .limit(limit)
             .all(&self.db)
             .await?;
         Ok(models
             .into_iter()
             .map(|m| Hit {
+                id: m.id,
                 card_serial: m.card_serial,
                 id_number: m.id_number,
                 relying_party: m.relying_party,

@@ -859,21 +859,12 @@ impl Registry {
         Ok((results, checked_at))
     }
 
-    /// C4: hits on the cards of a home bureau, newest first; the next offset if there is more.
-    pub async fn list_hits(
-        &self,
-        home_bureau_id: &str,
-        offset: u64,
-        size: u64,
-    ) -> Result<(Vec<Hit>, Option<u64>), ApiError> {
-        let mut hits = self.repo.hits(home_bureau_id, offset, size + 1).await?;
-        let next = if hits.len() as u64 > size {
-            hits.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-            Some(offset.saturating_add(size))
-        } else {
-            None
-        };
-        Ok((hits, next))
+    /// C4: hits on the cards of a home bureau recorded after the hit `after` (0: from the first),
+    /// oldest first; and the hit to resume after, which is `after` itself when there is nothing new.
+    pub async fn list_hits(&self, home_bureau_id: &str, after: i64, size: u64) -> Result<(Vec<Hit>, i64), ApiError> {
+        let hits = self.repo.hits(home_bureau_id, after, size).await?;
+        let last = hits.last().map_or(after, |hit| hit.id);
+        Ok((hits, last))
     }
 
     /// Sends every status event after `after` to `sink`, then the live ones, until shutdown or

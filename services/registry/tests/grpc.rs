@@ -235,7 +235,10 @@ impl Harness {
     }
 
     async fn report_loss(&mut self, signed: &SignedDecision) -> Result<pb::LossRegistryReportLossResponse, Status> {
-        let request = pb::LossRegistryReportLossRequest { decision: Some(signed_decision_to_proto(signed)) };
+        let request = pb::LossRegistryReportLossRequest {
+            decision: Some(signed_decision_to_proto(signed)),
+            request_id: String::new(),
+        };
         self.client.report_loss(request).await.map(|r| r.into_inner())
     }
 
@@ -243,7 +246,10 @@ impl Harness {
         &mut self,
         signed: &SignedDecision,
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
-        let request = pb::LossRegistryWithdrawLossReportRequest { decision: Some(signed_decision_to_proto(signed)) };
+        let request = pb::LossRegistryWithdrawLossReportRequest {
+            decision: Some(signed_decision_to_proto(signed)),
+            request_id: String::new(),
+        };
         self.client.withdraw_loss_report(request).await.map(|r| r.into_inner())
     }
 
@@ -257,6 +263,7 @@ impl Harness {
             decision: Some(signed_decision_to_proto(signed)),
             producer_id: producer.into(),
             card_serial: serial.into(),
+            request_id: String::new(),
         };
         self.client.register_card(request).await.map(|r| r.into_inner())
     }
@@ -276,6 +283,7 @@ impl Harness {
             station_id: station.into(),
             id_number: p.id.clone(),
             card_serial: serial.into(),
+            request_id: String::new(),
         };
         self.client.record_collection(request).await.map(|r| r.into_inner())
     }
@@ -600,13 +608,13 @@ async fn s4_registry_refuses_unsigned_decision() {
     unsigned.signature.clear();
     let before = counts(&h).await;
     let error = h.report_loss(&unsigned).await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied, "{error:?}");
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
     assert_eq!(reason(&error), "DECISION_UNSIGNED");
     assert_refusal_wrote_only_audit(&h, before).await;
     let mut unsigned_issue = h.issue(&p, "issue-1");
     unsigned_issue.signature.clear();
     let error = h.register(&unsigned_issue, PRODUCER, "ZJ-1").await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::InvalidArgument);
     assert_eq!(status_of(h.check(&p.id, &p.card).await.status), pb::CardStatus::Valid);
     h.shutdown().await;
 }
@@ -622,14 +630,14 @@ async fn s4_registry_refuses_tampered_decision() {
     tampered.decision.card.holder.id_number = victim.id.clone();
     let before = counts(&h).await;
     let error = h.report_loss(&tampered).await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::InvalidArgument);
     assert_eq!(reason(&error), "DECISION_BAD_SIGNATURE");
     assert_refusal_wrote_only_audit(&h, before).await;
     // A longer validity written into an issuance decision.
     let mut longer = h.issue(&p, "issue-1");
     longer.decision.card.valid_until = None;
     let error = h.register(&longer, PRODUCER, "ZJ-1").await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::InvalidArgument);
     assert_eq!(status_of(h.check(&victim.id, &victim.card).await.status), pb::CardStatus::Valid);
     assert_eq!(status_of(h.check(&p.id, "ZJ-1").await.status), pb::CardStatus::Unknown);
     h.shutdown().await;
@@ -645,7 +653,7 @@ async fn s4_registry_refuses_wrong_jurisdiction() {
     let forged = decision.sign(&h.sichuan);
     let before = counts(&h).await;
     let error = h.report_loss(&forged).await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::FailedPrecondition);
     assert_eq!(reason(&error), "DECISION_WRONG_JURISDICTION");
     assert_refusal_wrote_only_audit(&h, before).await;
     let mut issue = h.decision(DecisionPurpose::IssueCard, &p, "issue-1", PRODUCER);
@@ -663,7 +671,7 @@ async fn s4_registry_refuses_misaddressed_decision() {
     let to_producer = h.decision(DecisionPurpose::ReportLoss, &p, "loss-1", PRODUCER).sign(&h.jiangxi);
     let before = counts(&h).await;
     let error = h.report_loss(&to_producer).await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::FailedPrecondition);
     assert_eq!(reason(&error), "DECISION_MISADDRESSED");
     assert_refusal_wrote_only_audit(&h, before).await;
     // An issuance decision for one producer presented by another.
@@ -673,7 +681,7 @@ async fn s4_registry_refuses_misaddressed_decision() {
     // A "producer" that is no issuance bureau.
     let to_registry = h.decision(DecisionPurpose::IssueCard, &p, "issue-2", REGISTRY).sign(&h.jiangxi);
     let error = h.register(&to_registry, REGISTRY, "ZJ-2").await.unwrap_err();
-    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(error.code(), Code::FailedPrecondition);
     // Wrong purpose: an issuance decision used as a loss report.
     let error =
         h.report_loss(&h.decision(DecisionPurpose::IssueCard, &p, "x", REGISTRY).sign(&h.jiangxi)).await.unwrap_err();
@@ -877,7 +885,17 @@ async fn c4_lost_card_check_is_a_hit_for_the_home_bureau() {
         .unwrap()
         .into_inner();
     assert_eq!(rest.hits.len(), 1);
-    assert!(rest.next_page_token.is_empty());
+    // The last page still carries a cursor: polling with it returns nothing until a new hit, then it.
+    let poll = |page_token: String| pb::ListHitsRequest { home_bureau_id: JIANGXI.into(), page_size: 0, page_token };
+    let idle = h.client.list_hits(poll(rest.next_page_token.clone())).await.unwrap().into_inner();
+    assert!(idle.hits.is_empty());
+    assert_eq!(idle.next_page_token, rest.next_page_token);
+    h.try_check(&p.id, &p.card, "bank-of-nanchang").await.unwrap();
+    let new = h.client.list_hits(poll(idle.next_page_token)).await.unwrap().into_inner();
+    assert_eq!(new.hits.iter().map(|hit| hit.relying_party.as_str()).collect::<Vec<_>>(), ["bank-of-nanchang"]);
+    // The cursor is tied to its bureau.
+    let foreign = pb::ListHitsRequest { home_bureau_id: SICHUAN.into(), page_size: 0, page_token: new.next_page_token };
+    assert_eq!(violations(&h.client.list_hits(foreign).await.unwrap_err()), vec!["page_token"]);
     h.shutdown().await;
 }
 
@@ -963,7 +981,11 @@ async fn s4_invalid_decision_structure_is_invalid_argument_and_writes_nothing() 
     let p = person(123, "JX-0001");
     let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
     let before = counts(&h).await;
-    let error = h.client.report_loss(pb::LossRegistryReportLossRequest { decision: None }).await.unwrap_err();
+    let error = h
+        .client
+        .report_loss(pb::LossRegistryReportLossRequest { decision: None, request_id: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(violations(&error), vec!["decision"]);
     let mut no_serial = h.loss(&p, "loss-1");
     no_serial.decision.previous_card_serial.clear();
@@ -1211,7 +1233,10 @@ impl Harness {
         &mut self,
         signed: &SignedDecision,
     ) -> Result<pb::LossRegistryTransferRegistrationResponse, Status> {
-        let request = pb::LossRegistryTransferRegistrationRequest { decision: Some(signed_decision_to_proto(signed)) };
+        let request = pb::LossRegistryTransferRegistrationRequest {
+            decision: Some(signed_decision_to_proto(signed)),
+            request_id: String::new(),
+        };
         self.client.transfer_registration(request).await.map(|r| r.into_inner())
     }
 }

@@ -175,8 +175,9 @@ fn registration_to_proto(registration: Registration) -> pb::RegistrationStatus {
 #[tonic::async_trait]
 impl Verification for VerificationApi {
     async fn verify(&self, request: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyResponse>, Status> {
-        let input = self.validate_verify(request.get_ref())?;
+        // Acting in another station's name is refused before anything else is looked at.
         ensure_acting_for_itself(request.extensions(), "station_id", &request.get_ref().station_id)?;
+        let input = self.validate_verify(request.get_ref())?;
         let answer = self.verifier.verify(input).await?;
         let response = pb::VerifyResponse::decode(answer.response.as_slice())
             .map_err(|e| ApiError::Internal(format!("stored response does not decode: {e}")))?;

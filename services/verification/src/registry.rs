@@ -26,6 +26,7 @@ impl RegistryLink {
         let channel = self.peers.channel(registry_id).map_err(|e| ApiError::unavailable(registry_id, e.to_string()))?;
         let mut request = tonic::Request::new(pb::LossRegistryTransferRegistrationRequest {
             decision: Some(signed_decision_to_proto(decision)),
+            request_id: String::new(),
         });
         request.set_timeout(self.call_timeout);
         match LossRegistryClient::new(channel).transfer_registration(request).await {

@@ -316,6 +316,7 @@ fn issue(application_id: &str, p: &Person, kind: pb::ApplicationKind, serial: &s
         live: Some(pb::Biometrics { face_template: p.face(), fingerprint_template: p.fingerprint() }),
         producer_id: PRODUCER.into(),
         declared_province: p.province.clone(),
+        request_id: String::new(),
     }
 }
 
@@ -339,6 +340,7 @@ fn closing(
         final_state: state as i32,
         new_card_serial: serial.into(),
         station_id: station.into(),
+        request_id: String::new(),
     }
 }
 
@@ -509,17 +511,27 @@ async fn s3_a_cancelled_registration_and_a_bad_credit_record_are_refused() {
 
     // Register upkeep: a death recorded today cancels the registration (idempotently).
     let p = replacement();
-    let death = pb::RecordDeathRequest { id_number: p.id.as_str().into(), date_of_death: "2117-12-30".into() };
+    let death = pb::RecordDeathRequest {
+        id_number: p.id.as_str().into(),
+        date_of_death: "2117-12-30".into(),
+        request_id: String::new(),
+    };
     let answer = server.client.record_death(death.clone()).await.unwrap().into_inner();
     assert_eq!(answer.registration_status, pb::RegistrationStatus::Cancelled as i32);
     server.client.record_death(death).await.unwrap();
     let response = server.verify(issue("app-2", &p, pb::ApplicationKind::Replacement, "JX-0001")).await;
     assert_eq!(refusal(&response), pb::RefusalReason::RegistrationCancelled);
-    let future =
-        pb::RecordDeathRequest { id_number: renewable().id.as_str().into(), date_of_death: "2118-01-02".into() };
+    let future = pb::RecordDeathRequest {
+        id_number: renewable().id.as_str().into(),
+        date_of_death: "2118-01-02".into(),
+        request_id: String::new(),
+    };
     assert_eq!(server.client.record_death(future).await.unwrap_err().code(), Code::InvalidArgument);
-    let unknown =
-        pb::RecordDeathRequest { id_number: sichuan().id.as_str().into(), date_of_death: "2117-01-02".into() };
+    let unknown = pb::RecordDeathRequest {
+        id_number: sichuan().id.as_str().into(),
+        date_of_death: "2117-01-02".into(),
+        request_id: String::new(),
+    };
     assert_eq!(server.client.record_death(unknown).await.unwrap_err().code(), Code::NotFound);
 
     // Credit: bad, then good again.
@@ -528,6 +540,7 @@ async fn s3_a_cancelled_registration_and_a_bad_credit_record_are_refused() {
         id_number: r.id.as_str().into(),
         credit_status: status as i32,
         note: "court ruling 2117-123".into(),
+        request_id: String::new(),
     };
     server.client.record_credit_status(set(pb::CreditStatus::Bad)).await.unwrap();
     let response = server.verify(issue("app-3", &r, pb::ApplicationKind::Renewal, "JX-0002")).await;
@@ -635,6 +648,7 @@ async fn k5_a_second_open_application_is_refused_until_the_first_is_closed() {
         final_state: state as i32,
         new_card_serial: serial.into(),
         station_id: STATION.into(),
+        request_id: String::new(),
     };
     // A collection of an application never verified: nothing can have been collected.
     let err =
@@ -829,6 +843,7 @@ async fn n1_invalid_requests_name_every_field_and_write_nothing() {
             id_number: replacement().id.as_str().into(),
             credit_status: 0,
             note: "x".repeat(300),
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -871,6 +886,7 @@ async fn n3_the_import_takes_only_this_bureaus_citizens_and_never_overwrites() {
             id_number: r.id.as_str().into(),
             credit_status: pb::CreditStatus::Bad as i32,
             note: String::new(),
+            request_id: String::new(),
         })
         .await
         .unwrap();
@@ -905,7 +921,11 @@ async fn s4_postgres_verify_replay_and_close() {
     let citizen = server.citizen(&p).await;
     assert_eq!(citizen.current_card_serial, "JX-2001");
     assert_eq!(citizen.current_card_valid_until, "2138-01-01");
-    let death = pb::RecordDeathRequest { id_number: deceased().id.as_str().into(), date_of_death: "2117-01-01".into() };
+    let death = pb::RecordDeathRequest {
+        id_number: deceased().id.as_str().into(),
+        date_of_death: "2117-01-01".into(),
+        request_id: String::new(),
+    };
     server.client.record_death(death).await.unwrap();
     server.stop().await;
     // A restart re-runs the (idempotent) migration and import.
@@ -1384,6 +1404,7 @@ async fn s4_a_registration_transfer_is_signed_delivered_and_leaves_the_register(
     let transfer = |p: &Person, province: &str| pb::TransferRegistrationRequest {
         id_number: p.id.as_str().into(),
         new_province: province.into(),
+        request_id: String::new(),
     };
     // Not while an application of the citizen is open (K5).
     assert!(server.verify(issue("app-open", &p, pb::ApplicationKind::Replacement, "JX-0001")).await.decision.is_some());
