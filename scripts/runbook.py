@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 DEMO_PORTS = (50051, 50052, 50053, 50054, 50056)
-COMMAND_TIMEOUT_S = 90
+COMMAND_TIMEOUT_S = 180  # the dead-letter block waits out a retry budget (~1-1.5 min)
 DEMO_START_TIMEOUT_S = 120
 PORT_WAIT_S = 90
 
@@ -298,7 +298,7 @@ class Demo:
             if self.process.poll() is not None:
                 raise SystemExit(f"the demo exited at start ({self.process.returncode}):\n{self.tail()}")
             if time.monotonic() > deadline:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # the bureaus too, not only the demo
                 raise SystemExit(f"the demo did not start in {DEMO_START_TIMEOUT_S} s:\n{self.tail()}")
             time.sleep(0.2)
         certs = dir / "certs" if "--tls" in args else None

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use sea_orm::{ConnectionTrait, Database, Statement};
 
-use yidi_proto::v1 as pb;
+use yidi_demo::suite::DEMO_OUTBOX;
+use yidi_proto::v1::{self as pb, outbox_client::OutboxClient};
 use yidi_tests::{
     Db, NATIONAL_DAY, TestSuite, on_both_databases,
     reconcile::{self, Acknowledged, Databases, Outcome},
@@ -19,6 +20,7 @@ on_both_databases!(
     verification_killed_mid_flow_loses_and_duplicates_nothing,
     issuance_killed_mid_flow_loses_and_duplicates_nothing,
     registry_killed_mid_flow_loses_and_duplicates_nothing,
+    a_home_bureau_down_for_8_s_on_the_demos_settings_leaves_no_dead_letter,
 );
 
 /// Long enough for every application to settle after a restart, retry backoff included.
@@ -220,6 +222,39 @@ async fn registry_killed_mid_flow_loses_and_duplicates_nothing(db: Db) -> anyhow
     t.suite.kill(Process::Registry).await?;
     t.suite.restart(Process::Registry).await?;
     settle_and_check(&t, &acknowledged).await?;
+    t.stop().await
+}
+
+/// Short outages heal by themselves: on the demo's retry budget (`DEMO_OUTBOX`, which outlasts a
+/// 30 s restart), a home bureau killed during a batch and started again 8 s later leaves no dead
+/// letter, and every application completes with no operator action.
+async fn a_home_bureau_down_for_8_s_on_the_demos_settings_leaves_no_dead_letter(db: Db) -> anyhow::Result<()> {
+    let Some(mut t) = start(db, NATIONAL_DAY, |options| {
+        let station = format!("{DEMO_OUTBOX}\n[worker]\nrespond_within_ms = 0\n");
+        options.extra_config.insert(Process::Intake, station);
+        options.production_delay_ms = 200;
+        options.renewable_per_province = 2;
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let mut acknowledged = submit_round(&t, 0).await?;
+    t.suite.kill(Process::HomeJiangxi).await?;
+    acknowledged.extend(submit_round(&t, 1).await?);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    t.suite.restart(Process::HomeJiangxi).await?;
+    settle_and_check(&t, &acknowledged).await?;
+    let mut outbox = OutboxClient::new(t.channel(Process::Intake).await?);
+    let dead = outbox
+        .list_outbox_messages(pb::ListOutboxMessagesRequest {
+            state: pb::OutboxMessageState::Dead as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .messages;
+    ensure!(dead.is_empty(), "dead letters after an 8 s outage: {dead:#?}");
     t.stop().await
 }
 

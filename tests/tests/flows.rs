@@ -1,8 +1,9 @@
 //! The flows end to end: the real binaries as separate processes, driven over gRPC.
 use anyhow::Context;
 use yidi_proto::v1 as pb;
+use yidi_proto::v1::audit_client::AuditClient;
 use yidi_tests::{
-    Db, NATIONAL_DAY, applicant, live, on_both_databases, reason, serial, start, topology::Process, walks,
+    Db, NATIONAL_DAY, applicant, live, on_both_databases, reason, serial, start, start_tls, topology::Process, walks,
 };
 
 on_both_databases!(
@@ -13,6 +14,7 @@ on_both_databases!(
     n3_routing_follows_the_declared_registration_not_the_number,
     c4_a_relying_party_must_name_number_and_serial,
     lifecycle_cancellation_only_before_production,
+    lifecycle_the_producer_tells_the_station_over_mutual_tls,
 );
 
 /// The happy path of the seed over plaintext: a Jiangxi citizen living in Zhejiang lost his card.
@@ -290,5 +292,34 @@ async fn lifecycle_cancellation_only_before_production(db: Db) -> anyhow::Result
         .await
         .expect_err("malformed id");
     assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
+    t.stop().await
+}
+
+/// Told, not polled: with production delay 0 and a station that would first ask the producer after
+/// ten minutes, the card is ready well within the suite's wait, so the producer's notice did it
+/// (over mutual TLS, through the access layer: only a producer may tell). The station's audit row
+/// says how it learnt.
+async fn lifecycle_the_producer_tells_the_station_over_mutual_tls(db: Db) -> anyhow::Result<()> {
+    let Some(t) = start_tls(db, NATIONAL_DAY, |options| {
+        options.production_delay_ms = 0;
+        options.extra_config.insert(Process::Intake, "[worker]\norder_poll_after_ms = 600000\n".into());
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let citizen = t.ordinary("36", 5)?;
+    let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
+    let ready = t.wait_for_state(&application.application_id, pb::ApplicationState::ReadyForCollection).await?;
+    assert!(!ready.new_card_serial.is_empty(), "{ready:?}");
+    let mut audit = AuditClient::new(t.channel(Process::Intake).await?);
+    let entries = audit
+        .list_audit_entries(pb::ListAuditEntriesRequest { page_size: 500, ..Default::default() })
+        .await?
+        .into_inner()
+        .entries;
+    let dispatched: Vec<_> = entries.iter().filter(|e| e.action == "card_dispatched").collect();
+    anyhow::ensure!(dispatched.len() == 1, "one dispatch recorded: {dispatched:?}");
+    anyhow::ensure!(dispatched[0].detail.contains("told by producer-zhejiang"), "{:?}", dispatched[0]);
     t.stop().await
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use chrono::{NaiveDate, NaiveTime};
 use yidi_demo::{
     certs::{CaChoice, CertDir, write_certificates},
-    suite::{Backend, ClockSetting, Suite, SuiteOptions, default_bin_dir},
+    suite::{Backend, ClockSetting, DEMO_OUTBOX, Suite, SuiteOptions, default_bin_dir},
     topology::{self, Process},
 };
 
@@ -112,17 +112,13 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-const DEMO_OUTBOX: &str =
-    "[outbox]\ncall_timeout_ms = 2000\nmax_attempts = 3\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n";
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let start = args.date.and_time(NaiveTime::from_hms_opt(9, 0, 0).context("time")?).and_utc();
     let mut options = SuiteOptions::new(args.dir.clone(), default_bin_dir()?, start);
     options.default_ports = true;
     options.citizens_per_province = args.citizens;
     options.production_delay_ms = 2000;
-    // A short retry budget, so that an outage of a few seconds (docs/RUNBOOK.md: "What the station owes, and dead letters") already
-    // leaves a dead letter to retry; the defaults give ten attempts over about three minutes.
+    // A retry budget that outlasts a restart, with short call deadlines (see `DEMO_OUTBOX`).
     options.extra_config.insert(Process::Intake, DEMO_OUTBOX.into());
     options.clock = ClockSetting::Start(start);
     if let Some(url) = args.postgres {
@@ -153,12 +149,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         println!("try:        grpcurl -plaintext 127.0.0.1:50051 list");
     }
-    println!("Ctrl-C stops every service.");
-    yidi_runtime::shutdown::signal().await;
+    println!("A bureau that exits on its own is started again. Ctrl-C stops every service.");
+    let suite = supervise(suite).await?;
     println!("stopping ...");
     suite.stop().await?;
     println!("all services stopped cleanly");
     Ok(())
+}
+
+/// Keeps the suite running until Ctrl-C: a bureau whose process exits without being asked to (a
+/// crash, an operator's `kill`) is started again on the same port and database, and the output says
+/// so. A bureau that cannot start is tried again every second.
+async fn supervise(mut suite: Suite) -> anyhow::Result<Suite> {
+    let shutdown = yidi_runtime::shutdown::signal();
+    tokio::pin!(shutdown);
+    let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut down: Vec<Process> = Vec::new();
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(suite),
+            _ = every_second.tick() => {}
+        }
+        for (process, status) in suite.exited()? {
+            println!("{} ({}) exited unexpectedly ({status}); restarting it", process.slug(), process.bureau_id());
+            down.push(process);
+        }
+        let mut still_down = Vec::new();
+        for process in down.drain(..) {
+            match suite.restart(process).await {
+                Ok(()) => println!("{} restarted on {}", process.slug(), suite.endpoint(process)),
+                Err(error) => {
+                    println!("{} did not restart ({error:#}); trying again in a second", process.slug());
+                    suite.kill(process).await?;
+                    still_down.push(process);
+                }
+            }
+        }
+        down = still_down;
+    }
 }
 
 /// `certs --directory D --out DIR [--new-ca]`: a certificate and key for every principal of the

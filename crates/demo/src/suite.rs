@@ -92,6 +92,13 @@ impl SuiteOptions {
     }
 }
 
+/// The station's `[outbox]` in the demo: a retry budget that outlasts a bureau down for 30 s, so a
+/// restart never leaves a dead letter, and a short call deadline, so a paused bureau is noticed
+/// within 2 s. Ten attempts, the backoff from 1 s doubling to 10 s with equal jitter: between
+/// 32.5 s and 65 s of waiting before the last one (docs/RUNBOOK.md, "What the station owes").
+pub const DEMO_OUTBOX: &str =
+    "[outbox]\ncall_timeout_ms = 2000\nmax_attempts = 10\nbackoff_initial_ms = 1000\nbackoff_max_ms = 10000\n";
+
 /// The folder of the running executable's sibling binaries (`target/debug` for tests and the demo).
 pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("YIDI_BIN_DIR") {
@@ -419,6 +426,22 @@ impl Suite {
         // `Child::kill` sends SIGKILL and reaps the process.
         child.kill().await.with_context(|| format!("killing {}", process.slug()))?;
         Ok(())
+    }
+
+    /// The bureaus whose process ended without being asked to (a crash, a `kill` from outside),
+    /// each with how it ended. They are forgotten here, so [`Self::restart`] starts them again.
+    pub fn exited(&mut self) -> anyhow::Result<Vec<(Process, std::process::ExitStatus)>> {
+        let mut exited = Vec::new();
+        for (process, child) in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                exited.push((*process, status));
+            }
+        }
+        for (process, _) in &exited {
+            self.children.remove(process);
+            let _ = std::fs::remove_file(self.pid_path(*process));
+        }
+        Ok(exited)
     }
 
     /// Whether a bureau's process is running (started, not stopped or killed).

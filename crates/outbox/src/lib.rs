@@ -158,8 +158,30 @@ pub async fn enqueue(db: &impl ConnectionTrait, message: NewMessage) -> Result<S
 /// Marks a message delivered, inside the transaction that records its answer (so the answer and
 /// the delivery commit together). Returns whether it was still pending.
 pub async fn complete(db: &impl ConnectionTrait, message_id: &str) -> Result<bool, DbErr> {
+    let result = mark_delivered().filter(Column::Id.eq(message_id)).exec(db).await?;
+    Ok(result.rows_affected > 0)
+}
+
+/// Marks every pending message of one of `topics` about `subject` delivered, inside the
+/// transaction of the change that made them pointless because what they ask for has happened
+/// (e.g. the peer told us, so the poll asking it is done). A delivery in flight then finds its
+/// message no longer pending and records nothing. Returns how many were pending.
+pub async fn complete_topics(db: &impl ConnectionTrait, subject: &str, topics: &[&str]) -> Result<u64, DbErr> {
+    if topics.is_empty() {
+        return Ok(0);
+    }
+    let result = mark_delivered()
+        .filter(Column::Subject.eq(subject))
+        .filter(Column::Topic.is_in(topics.iter().copied()))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
+
+/// An update marking pending messages delivered now; the caller says which.
+fn mark_delivered() -> sea_orm::UpdateMany<Entity> {
     let now = Utc::now();
-    let result = Entity::update_many()
+    Entity::update_many()
         .col_expr(Column::State, Expr::value(MessageState::Delivered.as_str()))
         .col_expr(Column::DeliveredAt, Expr::value(now))
         .col_expr(Column::UpdatedAt, Expr::value(now))
@@ -167,11 +189,7 @@ pub async fn complete(db: &impl ConnectionTrait, message_id: &str) -> Result<boo
         .col_expr(Column::SettledBy, Expr::col(Column::LeaseOwner))
         .col_expr(Column::LeaseOwner, Expr::value(Option::<String>::None))
         .col_expr(Column::LeaseUntil, Expr::value(Option::<DateTime<Utc>>::None))
-        .filter(Column::Id.eq(message_id))
         .filter(Column::State.eq(MessageState::Pending.as_str()))
-        .exec(db)
-        .await?;
-    Ok(result.rows_affected > 0)
 }
 
 /// Makes pending `topic` messages due by `latest` at the latest (e.g. a shorter production time

@@ -220,14 +220,22 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
     }
 }
 
-/// The intake calls a fake station answers: the one question a home bureau asks it (K5); every
-/// other call answers UNIMPLEMENTED. Serve it with [`intake_server`].
+/// The intake calls a fake station answers: the one question a home bureau asks it (K5) and the
+/// producer's notice of a dispatched card; every other call answers UNIMPLEMENTED. Serve it with [`intake_server`].
 #[tonic::async_trait]
 pub trait IntakeFake: Send + Sync + 'static {
     async fn get_application_outcome(
         &self,
         _: GrpcRequest<pb::GetApplicationOutcomeRequest>,
     ) -> Result<GrpcResponse<pb::GetApplicationOutcomeResponse>, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    /// What a producer tells the station when it dispatches a card.
+    async fn notify_order_dispatched(
+        &self,
+        _: GrpcRequest<pb::NotifyOrderDispatchedRequest>,
+    ) -> Result<GrpcResponse<pb::NotifyOrderDispatchedResponse>, Status> {
         Err(unimplemented_by_fake())
     }
 }
@@ -240,7 +248,8 @@ pub fn intake_server<T: IntakeFake>(fake: T) -> IntakeServer<FakeIntake<T>> {
     IntakeServer::new(FakeIntake(fake))
 }
 
-/// The Intake service of [`FakeIntake`]: `get_application_outcome` as the fake answers it, and
+/// The Intake service of [`FakeIntake`]: `get_application_outcome` and `notify_order_dispatched`
+/// as the fake answers them, and
 /// the calls listed (`name(Request) -> Response`) UNIMPLEMENTED.
 macro_rules! fake_intake {
     ($($name:ident($request:ty) -> $response:ty;)*) => {
@@ -251,6 +260,13 @@ macro_rules! fake_intake {
                 request: GrpcRequest<pb::GetApplicationOutcomeRequest>,
             ) -> Result<GrpcResponse<pb::GetApplicationOutcomeResponse>, Status> {
                 self.0.get_application_outcome(request).await
+            }
+
+            async fn notify_order_dispatched(
+                &self,
+                request: GrpcRequest<pb::NotifyOrderDispatchedRequest>,
+            ) -> Result<GrpcResponse<pb::NotifyOrderDispatchedResponse>, Status> {
+                self.0.notify_order_dispatched(request).await
             }
 
             type WatchApplicationStream = futures::stream::Empty<Result<pb::WatchApplicationResponse, Status>>;

@@ -35,11 +35,15 @@ pub struct StationConfig {
 pub struct WorkerConfig {
     /// How long SubmitApplication / ReportLoss wait for the home bureau's answer.
     pub respond_within_ms: u64,
+    /// How long after ordering a card the station first asks the producer about the order
+    /// (GetOrder), then every 15 to 30 s. The producer tells the station when it dispatches the
+    /// card (NotifyOrderDispatched), so this poll only covers a notice that was lost.
+    pub order_poll_after_ms: u64,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { respond_within_ms: 5000 }
+        Self { respond_within_ms: 5000, order_poll_after_ms: 30_000 }
     }
 }
 
@@ -68,6 +72,9 @@ impl IntakeConfig {
         self.outbox.validate()?;
         if self.worker.respond_within_ms > 60_000 {
             return Err(ConfigError::key("worker.respond_within_ms", "must be at most 60000"));
+        }
+        if self.worker.order_poll_after_ms > 3_600_000 {
+            return Err(ConfigError::key("worker.order_poll_after_ms", "must be at most 3600000"));
         }
         let threshold = self.biometrics.face_threshold;
         if !(threshold > 0.0 && threshold <= 1.0) {

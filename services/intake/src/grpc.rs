@@ -16,6 +16,7 @@ use yidi_idempotency::IdempotencyKey;
 use yidi_proto::v1 as pb;
 
 use crate::{
+    handlers::DispatchNotice,
     service::{Applicant, ApplicationView, Intake},
     withdrawal::WithdrawError,
 };
@@ -213,6 +214,28 @@ impl pb::intake_server::Intake for IntakeGrpc {
             new_card_serial: outcome.new_card_serial.unwrap_or_default(),
             updated_at: Some(timestamp(outcome.updated_at)),
         }))
+    }
+
+    async fn notify_order_dispatched(
+        &self,
+        request: Request<pb::NotifyOrderDispatchedRequest>,
+    ) -> Result<Response<pb::NotifyOrderDispatchedResponse>, Status> {
+        let mut v = FieldViolations::new();
+        let raw = request.get_ref();
+        let id = v.resource_id("application_id", &raw.application_id).map(str::to_owned);
+        let order_id = v.resource_id("order_id", &raw.order_id).map(str::to_owned);
+        let serial = v.required("card_serial", &raw.card_serial, MAX_SHORT).map(str::to_owned);
+        let producer = v.required("producer_id", &raw.producer_id, MAX_SHORT).map(str::to_owned);
+        v.finish()?;
+        let (Some(application_id), Some(order_id), Some(card_serial), Some(producer_id)) =
+            (id, order_id, serial, producer)
+        else {
+            return Err(malformed().into());
+        };
+        ensure_acting_for_itself(request.extensions(), "producer_id", &producer_id)?;
+        let notice = DispatchNotice { application_id, order_id, card_serial, producer_id };
+        let state = self.intake.order_dispatched(notice).await?;
+        Ok(Response::new(pb::NotifyOrderDispatchedResponse { state: state_to_proto(state) as i32 }))
     }
 
     async fn list_applications(

@@ -49,7 +49,9 @@ fn decode_decision(bytes: Option<&[u8]>) -> Option<pb::SignedDecision> {
 }
 
 /// Between polls of an order still in production: half the time it has waited so far, from 1 s
-/// up to 30 s, so a quick order is seen quickly and a slow one costs few calls.
+/// up to 30 s, so a slow order costs few calls. The poll is the fallback: the producer tells the
+/// station when it dispatches the card (`NotifyOrderDispatched`, see [`Intake::order_dispatched`]),
+/// and the first poll waits `worker.order_poll_after_ms` for that.
 pub fn poll_interval(waited: Duration) -> Duration {
     (waited / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
@@ -327,18 +329,26 @@ async fn report_loss_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         Err(error) => return Ok(from_peer(error)),
     };
     let changes = Changes { loss_recorded: true, ..Changes::default() };
-    let next = kind.makes_a_card().then(|| Topic::PlaceOrder.message(id, &inner.station.producer_id));
-    let recorded = inner
-        .repo
-        .update_in_state(
-            id,
-            ApplicationState::Approved,
+    let audit = Some(AuditEntry::new("loss_report", mask_id_number(&model.id_number), "recorded", detail));
+    let recorded = if kind.makes_a_card() {
+        // The card is ordered next: the application enters production in this same transaction
+        // (one commit fewer than a separate step; see `place_order_step`).
+        let producer = &inner.station.producer_id;
+        let ordering = Transition {
+            application_id: id,
+            from: &[ApplicationState::Approved],
+            to: ApplicationState::InProduction,
             changes,
-            Some(AuditEntry::new("loss_report", mask_id_number(&model.id_number), "recorded", detail)),
-            Messages::answering(&message.id).and_owe(next),
-            intake.clock().now(),
-        )
-        .await?;
+            note: format!("ordering from {producer}"),
+            audit,
+            messages: Messages::answering(&message.id).and_owe(Some(Topic::PlaceOrder.message(id, producer))),
+        };
+        inner.repo.transition(ordering, intake.clock().now()).await?
+    } else {
+        let messages = Messages::answering(&message.id);
+        let now = intake.clock().now();
+        inner.repo.update_in_state(id, ApplicationState::Approved, changes, audit, messages, now).await?
+    };
     if !recorded {
         return Ok(Delivery::Dropped(format!("application {id} moved on while its loss report was filed")));
     }
@@ -403,7 +413,7 @@ async fn place_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
                 "ordered",
                 format!("order {} card {} decision {decision_id}", order.order_id, order.card_serial),
             )),
-            Messages::answering(&message.id).and_owe(Some(Topic::AwaitOrder.message(id, producer))),
+            Messages::answering(&message.id).and_owe(Some(await_order(inner, id))),
             intake.clock().now(),
         )
         .await?;
@@ -433,27 +443,114 @@ async fn await_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         let note = Some(order.last_error).filter(|e| !e.is_empty());
         return Ok(Delivery::Later { after: poll_interval(waited), note });
     }
-    let ready = Transition {
+    let how = format!("found by asking {}", inner.station.producer_id);
+    if inner.repo.transition(card_dispatched(model, &order_id, &order.card_serial, &how), intake.clock().now()).await? {
+        tracing::info!(application_id = %id, %order_id, "card dispatched (found by polling the producer)");
+        return Ok(Delivery::Delivered);
+    }
+    Ok(Delivery::Dropped(format!("application {id} moved on while its card was dispatched")))
+}
+
+/// The fallback poll of an order just placed: due only after `worker.order_poll_after_ms`, by when
+/// the producer has normally told the station the card is dispatched (and this message is settled
+/// without ever being sent).
+fn await_order(inner: &Inner, application_id: &str) -> NewMessage {
+    let after = chrono::Duration::from_std(inner.order_poll_after).unwrap_or_else(|_| chrono::Duration::zero());
+    NewMessage {
+        not_before: Some(chrono::Utc::now() + after),
+        ..Topic::AwaitOrder.message(application_id, &inner.station.producer_id)
+    }
+}
+
+/// IN_PRODUCTION → READY_FOR_COLLECTION: the producer dispatched the card of `order_id`, as it
+/// told us or as we found by asking (`how`). Settles, in the same transaction, whatever still
+/// waits on the order: the fallback poll, and a PlaceOrder whose answer is still being stored.
+fn card_dispatched<'a>(model: &'a application::Model, order_id: &str, card_serial: &str, how: &str) -> Transition<'a> {
+    let id = model.application_id.as_str();
+    Transition {
         application_id: id,
         from: &[ApplicationState::InProduction],
         to: ApplicationState::ReadyForCollection,
         changes: Changes {
-            new_card_serial: Some(order.card_serial.clone()).filter(|s| !s.is_empty()),
+            order_id: Some(order_id.to_owned()),
+            new_card_serial: Some(card_serial.to_owned()).filter(|s| !s.is_empty()),
             ..Changes::default()
         },
-        note: format!("card {} dispatched to the station", order.card_serial),
+        note: format!("card {card_serial} dispatched to the station"),
         audit: Some(AuditEntry::new(
             "card_dispatched",
             mask_id_number(&model.id_number),
             "ready_for_collection",
-            format!("order {order_id} card {}", order.card_serial),
+            format!("order {order_id} card {card_serial} ({how})"),
         )),
-        messages: Messages::answering(&message.id),
-    };
-    if inner.repo.transition(ready, intake.clock().now()).await? {
-        return Ok(Delivery::Delivered);
+        messages: Messages::default().settling(id, vec![Topic::AwaitOrder.as_str(), Topic::PlaceOrder.as_str()]),
     }
-    Ok(Delivery::Dropped(format!("application {id} moved on while its card was dispatched")))
+}
+
+/// What the producer says in `NotifyOrderDispatched`, validated.
+#[derive(Debug, Clone)]
+pub struct DispatchNotice {
+    pub application_id: String,
+    pub order_id: String,
+    pub card_serial: String,
+    pub producer_id: String,
+}
+
+impl Intake {
+    /// The producer tells the station the card of an order placed here is dispatched: the
+    /// application is ready at once. Repeat-safe (a notice for an application already ready or
+    /// collected answers its state). Only the entrusted producer is heard, and only about an order
+    /// it was given: a notice naming another order or card is refused, never applied.
+    pub async fn order_dispatched(&self, notice: DispatchNotice) -> Result<ApplicationState, ApiError> {
+        let producer = &self.inner.station.producer_id;
+        if &notice.producer_id != producer {
+            return Err(ApiError::PermissionDenied {
+                reason: "NOT_THE_PRODUCER",
+                message: format!("this station orders its cards from {producer:?}, not {:?}", notice.producer_id),
+            });
+        }
+        let id = notice.application_id.as_str();
+        // Twice at most: a transition lost to a concurrent one (the fallback poll) is judged again.
+        for _ in 0..2 {
+            let model = match self.inner.repo.get(id).await? {
+                Some(model) => model,
+                None => return Err(ApiError::not_found("application", id)),
+            };
+            let state = ApplicationState::from(model.state);
+            let names = |stored: &Option<String>, told: &str| stored.as_deref().is_none_or(|stored| stored == told);
+            if !names(&model.order_id, &notice.order_id) || !names(&model.new_card_serial, &notice.card_serial) {
+                return Err(ApiError::precondition(
+                    "ORDER_MISMATCH",
+                    format!(
+                        "application {id} awaits order {} card {}, not order {} card {}",
+                        model.order_id.as_deref().unwrap_or("?"),
+                        model.new_card_serial.as_deref().unwrap_or("?"),
+                        notice.order_id,
+                        notice.card_serial
+                    ),
+                ));
+            }
+            match state {
+                ApplicationState::InProduction => {
+                    let how = format!("told by {producer}");
+                    let ready = card_dispatched(&model, &notice.order_id, &notice.card_serial, &how);
+                    if self.inner.repo.transition(ready, self.clock().now()).await? {
+                        tracing::info!(application_id = %id, order_id = %notice.order_id, "card dispatched (told by the producer)");
+                        self.publish(id).await;
+                        return Ok(ApplicationState::ReadyForCollection);
+                    }
+                }
+                ApplicationState::ReadyForCollection | ApplicationState::Collected => return Ok(state),
+                other => {
+                    return Err(ApiError::precondition(
+                        "NOT_IN_PRODUCTION",
+                        format!("application {id} is {}: it awaits no card", other.as_str()),
+                    ));
+                }
+            }
+        }
+        Err(ApiError::unavailable(&self.inner.station.id, format!("application {id} is changing; try again")))
+    }
 }
 
 /// Tells the home bureau the application ended, so it is no longer open there (K5).

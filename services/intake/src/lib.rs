@@ -85,6 +85,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         wake: Arc::clone(&outbox_wake),
         call_timeout: config.outbox.call_timeout(),
+        order_poll_after: Duration::from_millis(config.worker.order_poll_after_ms),
     });
     let dispatcher =
         Dispatcher::new(db.clone(), Arc::new(intake.clone()), config.outbox.clone(), outbox_wake, shutdown.clone());

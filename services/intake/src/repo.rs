@@ -101,6 +101,9 @@ pub struct Messages {
     pub delivered: Option<String>,
     /// Messages about this subject still owed that the change makes pointless, and why.
     pub dropped: Option<(String, String)>,
+    /// Messages about this subject, of these topics, that the change answers without their being
+    /// delivered (the peer told us what they ask), marked delivered.
+    pub settled: Option<(String, Vec<&'static str>)>,
     pub owed: Vec<NewMessage>,
 }
 
@@ -119,6 +122,12 @@ impl Messages {
         self
     }
 
+    /// Marks what is still pending about `subject` of `topics` delivered: the change answers it.
+    pub fn settling(mut self, subject: &str, topics: Vec<&'static str>) -> Self {
+        self.settled = Some((subject.to_owned(), topics));
+        self
+    }
+
     pub fn and_owe(mut self, message: Option<NewMessage>) -> Self {
         self.owed.extend(message);
         self
@@ -127,6 +136,9 @@ impl Messages {
     async fn write<C: sea_orm::ConnectionTrait>(self, db: &C) -> Result<(), DbErr> {
         if let Some(id) = self.delivered {
             outbox::complete(db, &id).await?;
+        }
+        if let Some((subject, topics)) = self.settled {
+            outbox::complete_topics(db, &subject, &topics).await?;
         }
         if let Some((subject, why)) = self.dropped {
             outbox::drop_owed(db, &subject, &why).await?;

@@ -121,6 +121,8 @@ pub(crate) struct Inner {
     pub wake: Arc<Notify>,
     pub respond_within: Duration,
     pub shutdown: Shutdown,
+    /// How long after ordering the station first asks the producer about the order, unless told.
+    pub order_poll_after: Duration,
 }
 
 /// The intake service; cheap to clone.
@@ -143,6 +145,8 @@ pub struct IntakeParts {
     pub wake: Arc<Notify>,
     /// The deadline of every call to another bureau.
     pub call_timeout: Duration,
+    /// `worker.order_poll_after_ms`.
+    pub order_poll_after: Duration,
 }
 
 impl Intake {
@@ -162,6 +166,7 @@ impl Intake {
                 wake: parts.wake,
                 respond_within: parts.respond_within,
                 shutdown: parts.shutdown,
+                order_poll_after: parts.order_poll_after,
             }),
         }
     }

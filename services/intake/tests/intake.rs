@@ -59,6 +59,7 @@ struct FakeState {
     order_error: Mutex<String>,
     hold_loss: AtomicBool,
     place_order_calls: AtomicUsize,
+    get_order_calls: AtomicUsize,
     report_loss_calls: AtomicUsize,
     release_verify: Notify,
     dispatched: AtomicBool,
@@ -290,6 +291,7 @@ impl pb::issuance_server::Issuance for Fakes {
 
     async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::GetOrderResponse>, Status> {
         let r = request.into_inner();
+        self.state.get_order_calls.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(pb::GetOrderResponse { order: Some(self.order(&r.decision_id, "")) }))
     }
 
@@ -325,8 +327,20 @@ impl Harness {
         Self::start_full(now, home_reachable, database_url, "").await
     }
 
-    /// `outbox`: more `[outbox]` settings, one a line.
+    /// `outbox`: more `[outbox]` settings, one a line. The fake producer never tells the station
+    /// of a dispatch, so the station asks it at once (`worker.order_poll_after_ms = 0`).
     async fn start_full(now: &str, home_reachable: bool, database_url: Option<String>, outbox: &str) -> Self {
+        Self::start_polling_after(now, home_reachable, database_url, outbox, 0).await
+    }
+
+    /// `order_poll_after_ms`: how long the station waits to be told before asking the producer.
+    async fn start_polling_after(
+        now: &str,
+        home_reachable: bool,
+        database_url: Option<String>,
+        outbox: &str,
+        order_poll_after_ms: u64,
+    ) -> Self {
         let now: DateTime<Utc> = now.parse().unwrap();
         let key = SigningKey::from_bytes(&[7; 32]);
         let state = Arc::new(FakeState::default());
@@ -378,6 +392,7 @@ fixed = "{}"
 producer_id = "{PRODUCER}"
 [worker]
 respond_within_ms = 3000
+order_poll_after_ms = {}
 [outbox]
 poll_ms = 20
 {}
@@ -385,6 +400,7 @@ poll_ms = 20
             database_url,
             directory_path.display(),
             now.to_rfc3339(),
+            order_poll_after_ms,
             outbox,
         );
         let config: IntakeConfig = toml::from_str(&config_text).unwrap();
@@ -1233,5 +1249,127 @@ async fn a_retried_submission_with_the_same_request_id_is_answered_with_the_same
     let violations = status.get_details_bad_request().unwrap().field_violations;
     assert_eq!(violations.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(), ["request_id"]);
     assert_eq!(h.list_all().await.len(), 1);
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Told, not polled: the producer's notice of a dispatched card
+
+/// A renewal waiting IN_PRODUCTION on a station that asks the producer only after
+/// `order_poll_after_ms`; answers the application with its order.
+async fn in_production(order_poll_after_ms: u64) -> (Harness, pb::Application) {
+    let mut h = Harness::start_polling_after(NATIONAL, true, None, "", order_poll_after_ms).await;
+    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
+    let ordered = h.wait_for(&id, "an order", |a| !a.order_id.is_empty()).await;
+    assert_eq!(ordered.state, pb::ApplicationState::InProduction as i32);
+    (h, ordered)
+}
+
+fn notice(application: &pb::Application, producer: &str) -> pb::NotifyOrderDispatchedRequest {
+    pb::NotifyOrderDispatchedRequest {
+        application_id: application.application_id.clone(),
+        order_id: application.order_id.clone(),
+        card_serial: application.new_card_serial.clone(),
+        producer_id: producer.into(),
+        request_id: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_a_card_is_ready_as_soon_as_the_producer_tells_the_station() {
+    // The station would first ask after ten minutes: only the notice can make it ready now.
+    let (mut h, ordered) = in_production(600_000).await;
+    let id = ordered.application_id.clone();
+    assert_eq!(ordered.new_card_serial, "NEW-0001");
+    h.fakes.dispatched.store(true, Ordering::SeqCst);
+
+    let told = h.client.notify_order_dispatched(notice(&ordered, PRODUCER)).await.unwrap().into_inner();
+    assert_eq!(told.state, pb::ApplicationState::ReadyForCollection as i32);
+    // Ready when the notice is answered: no poll interval was waited for.
+    let ready = h.get(&id).await;
+    assert_eq!(ready.state, pb::ApplicationState::ReadyForCollection as i32);
+    assert_eq!(h.fakes.get_order_calls.load(Ordering::SeqCst), 0, "the station never asked the producer");
+    let note = &ready.history.last().unwrap().note;
+    assert_eq!(note, "card NEW-0001 dispatched to the station");
+    // The fallback poll is settled with it: nothing about the application is pending any more.
+    let drained = h.wait_drained(&id).await;
+    assert_eq!(drained.state, pb::ApplicationState::ReadyForCollection as i32);
+
+    // Repeat-safe: a notice sent again (the producer did not hear the answer) changes nothing.
+    let again = h.client.notify_order_dispatched(notice(&ordered, PRODUCER)).await.unwrap().into_inner();
+    assert_eq!(again.state, pb::ApplicationState::ReadyForCollection as i32);
+    assert_eq!(h.get(&id).await.history.len(), ready.history.len());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn lifecycle_a_notice_from_another_producer_or_about_another_order_is_refused() {
+    let (mut h, ordered) = in_production(600_000).await;
+    let other = h.client.notify_order_dispatched(notice(&ordered, "producer-other")).await.unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied, "{other:?}");
+    let mut wrong_order = notice(&ordered, PRODUCER);
+    wrong_order.order_id = "00000000-0000-4000-8000-999999999999".into();
+    let wrong = h.client.notify_order_dispatched(wrong_order).await.unwrap_err();
+    assert_eq!((wrong.code(), reason(&wrong).as_str()), (Code::FailedPrecondition, "ORDER_MISMATCH"));
+    let mut wrong_card = notice(&ordered, PRODUCER);
+    wrong_card.card_serial = "NEW-9999".into();
+    let wrong = h.client.notify_order_dispatched(wrong_card).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::FailedPrecondition);
+    let mut unknown = notice(&ordered, PRODUCER);
+    unknown.application_id = "00000000-0000-4000-8000-000000000001".into();
+    assert_eq!(h.client.notify_order_dispatched(unknown).await.unwrap_err().code(), Code::NotFound);
+    let malformed = pb::NotifyOrderDispatchedRequest { producer_id: PRODUCER.into(), ..Default::default() };
+    assert_eq!(h.client.notify_order_dispatched(malformed).await.unwrap_err().code(), Code::InvalidArgument);
+    // Nothing of it moved the application.
+    assert_eq!(h.get(&ordered.application_id).await.state, pb::ApplicationState::InProduction as i32);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn lifecycle_a_lost_notice_is_made_good_by_the_fallback_poll() {
+    // The producer never tells (its notice is lost): the station asks once its wait is over.
+    let (mut h, ordered) = in_production(300).await;
+    let id = ordered.application_id.clone();
+    h.fakes.dispatched.store(true, Ordering::SeqCst);
+    let ready = h.wait_until_ready(&id).await;
+    assert_eq!(ready.new_card_serial, "NEW-0001");
+    assert!(h.fakes.get_order_calls.load(Ordering::SeqCst) >= 1, "found by asking the producer");
+    // A notice arriving late, after the poll found the card, is answered all the same.
+    let late = h.client.notify_order_dispatched(notice(&ordered, PRODUCER)).await.unwrap().into_inner();
+    assert_eq!(late.state, pb::ApplicationState::ReadyForCollection as i32);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn lifecycle_a_notice_before_the_order_is_stored_makes_the_application_ready_once() {
+    // The producer is quick: its notice arrives while the station still waits for PlaceOrder's answer.
+    let mut h = Harness::start_polling_after(NATIONAL, true, None, "", 600_000).await;
+    h.fakes.hold_order.store(true, Ordering::SeqCst);
+    let id = h.submitted(submit(ApplicationKind::Renewal, jiangxi_applicant())).await.application_id;
+    eventually(500, 10, || h.fakes.place_order_calls.load(Ordering::SeqCst) > 0).await;
+    let ordering = h.get(&id).await;
+    assert_eq!((ordering.state, ordering.order_id.as_str()), (pb::ApplicationState::InProduction as i32, ""));
+    let decision_id = format!("{id}-{}", DecisionPurpose::IssueCard.as_str());
+    let order_id = format!("00000000-0000-4000-8000-{:012}", decision_id.len());
+    let early = pb::NotifyOrderDispatchedRequest {
+        application_id: id.clone(),
+        order_id: order_id.clone(),
+        card_serial: "NEW-0001".into(),
+        producer_id: PRODUCER.into(),
+        request_id: String::new(),
+    };
+    let told = h.client.notify_order_dispatched(early).await.unwrap().into_inner();
+    assert_eq!(told.state, pb::ApplicationState::ReadyForCollection as i32);
+    // PlaceOrder answers late: its answer finds the application ready and changes nothing.
+    h.fakes.hold_order.store(false, Ordering::SeqCst);
+    let settled = h.wait_drained(&id).await;
+    assert_eq!(settled.state, pb::ApplicationState::ReadyForCollection as i32);
+    assert_eq!((settled.order_id.as_str(), settled.new_card_serial.as_str()), (order_id.as_str(), "NEW-0001"));
+    assert!(settled.last_error.is_empty(), "{settled:?}");
+    let request = pb::GetApplicationTimelineRequest { application_id: id.clone() };
+    let timeline = h.client.get_application_timeline(request).await.unwrap().into_inner();
+    let dead = pb::OutboxMessageState::Dead as i32;
+    assert!(timeline.deliveries.iter().all(|d| d.state != dead), "{:?}", timeline.deliveries);
+    assert_eq!(h.fakes.place_order_calls.load(Ordering::SeqCst), 1);
     h.stop().await;
 }

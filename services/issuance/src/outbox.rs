@@ -1,6 +1,12 @@
 //! The producer's outbox handlers: once an order's production time has passed, its outbox message
 //! (queued with the order, due at that time) registers the card with the registry (presenting the
-//! stored signed decision verbatim), then dispatches it.
+//! stored signed decision verbatim), dispatches it, and tells the station (NotifyOrderDispatched).
+//!
+//! One message carries the three steps, so they cost one claim and one settlement: the
+//! registration and the dispatch are committed in one transaction (the registry's answer is what
+//! makes the card dispatchable; nothing waits in between), and the message stays pending until the
+//! station has been told, so a lost notice is sent again. The station never depends on the notice
+//! alone: it still asks for the order (GetOrder) when it has not been told for long.
 use std::{fmt, str::FromStr, time::Duration};
 
 use prost::Message;
@@ -10,7 +16,7 @@ use uuid::Uuid;
 use yidi_audit::AuditEntry;
 use yidi_grpc::client::{self, Peers};
 use yidi_outbox::{Delivery, Handler, IDEMPOTENCY_KEY};
-use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
+use yidi_proto::v1::{self as pb, intake_client::IntakeClient, loss_registry_client::LossRegistryClient};
 use yidi_runtime::Clock;
 
 use crate::{
@@ -37,7 +43,8 @@ pub fn classify(code: Code) -> Verdict {
 /// What the producer's outbox messages are about, as stored in `outbox_messages.topic`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
-    /// Register an order's card with the registry, then dispatch it (subject: the order id).
+    /// Register an order's card with the registry, dispatch it, then tell the station (subject:
+    /// the order id). The name is the one stored rows carry.
     RegisterCard,
 }
 
@@ -79,8 +86,8 @@ pub struct Production {
     pub events: OrderEvents,
 }
 
-/// Delivers the producer's outbox: each order's card registration with the registry, then its
-/// dispatch to the station.
+/// Delivers the producer's outbox: each order's card registration with the registry, its
+/// dispatch to the station, and the notice telling the station.
 pub struct Registrar {
     production: Production,
     /// The registry's channel, as the directory in force lists its endpoint.
@@ -121,9 +128,11 @@ impl Registrar {
         yidi_runtime::telemetry::continue_trace(&span, order.trace_context.as_deref());
         match order.state {
             OrderState::InProduction => self.register(order, &message.id).instrument(span).await,
-            // Registered before a crash or a lost answer: only the dispatch is left.
+            // Registered by an older version that dispatched in a second step: only the dispatch
+            // and the notice are left.
             OrderState::Registered => self.dispatch(order).instrument(span).await,
-            OrderState::Dispatched => Delivery::Dropped(format!("order {order_id} is already dispatched")),
+            // Dispatched, but the station has not acknowledged the notice yet.
+            OrderState::Dispatched => self.notify(&order).instrument(span).await,
         }
     }
 
@@ -170,7 +179,7 @@ impl Registrar {
                     );
                 }
                 let now = self.production.clock.now();
-                let audit = AuditEntry {
+                let registered = AuditEntry {
                     action: "register_card",
                     subject: order.card_serial.clone(),
                     outcome: "registered".into(),
@@ -179,16 +188,23 @@ impl Registrar {
                         order.order_id, self.registry_id
                     ),
                 };
+                // Registered and dispatched in one transaction: a crash before it commits leaves
+                // the order in production and the message pending, and the registry answers the
+                // redelivery (same idempotency key) as it answered this one.
+                let audits = vec![registered, dispatched_audit(&order)];
                 let transition = self
                     .production
                     .repo
-                    .transition(order.order_id, OrderState::InProduction, OrderState::Registered, now, audit)
+                    .transition(order.order_id, OrderState::InProduction, OrderState::Dispatched, now, audits)
                     .await;
                 match transition {
-                    Ok(Some(registered)) => {
-                        tracing::info!(order_id = %order.order_id, card_serial = %order.card_serial, "card registered");
+                    Ok(Some(dispatched)) => {
+                        tracing::info!(order_id = %order.order_id, card_serial = %order.card_serial, "card registered and dispatched");
+                        // Watchers see both steps, as they were taken.
+                        let registered = Order { state: OrderState::Registered, ..dispatched.clone() };
                         self.production.events.publish(&registered);
-                        self.dispatch(registered).await
+                        self.production.events.publish(&dispatched);
+                        self.notify(&dispatched).await
                     }
                     Ok(None) => Delivery::Retry(format!("order {} changed while registering", order.order_id)),
                     Err(error) => Delivery::Retry(format!("cannot record the registration: {error}")),
@@ -227,28 +243,71 @@ impl Registrar {
         }
     }
 
+    /// Dispatches an order registered by an older version (which dispatched in a second step).
     async fn dispatch(&self, order: Order) -> Delivery {
         let now = self.production.clock.now();
-        let audit = AuditEntry {
-            action: "dispatch",
-            subject: order.card_serial.clone(),
-            outcome: "dispatched".into(),
-            detail: format!("order {} sent to station {}", order.order_id, order.station_id),
-        };
+        let audits = vec![dispatched_audit(&order)];
         match self
             .production
             .repo
-            .transition(order.order_id, OrderState::Registered, OrderState::Dispatched, now, audit)
+            .transition(order.order_id, OrderState::Registered, OrderState::Dispatched, now, audits)
             .await
         {
             Ok(Some(dispatched)) => {
                 tracing::info!(order_id = %order.order_id, card_serial = %order.card_serial, "card dispatched");
                 self.production.events.publish(&dispatched);
-                Delivery::Delivered
+                self.notify(&dispatched).await
             }
-            Ok(None) => Delivery::Dropped(format!("order {} was dispatched meanwhile", order.order_id)),
+            Ok(None) => Delivery::Retry(format!("order {} changed while dispatching", order.order_id)),
             Err(error) => Delivery::Retry(format!("cannot record the dispatch: {error}")),
         }
+    }
+
+    /// Tells the station its card is dispatched (Intake.NotifyOrderDispatched). Sent without an
+    /// idempotency key: the station's answer depends only on its application's state, so a
+    /// repeat is harmless and the station stores no answer for it. A station that cannot be
+    /// reached is told again later (the message stays pending); one that does not know the RPC
+    /// (an older version) finds the order by polling, so the notice is dropped.
+    async fn notify(&self, order: &Order) -> Delivery {
+        let station = &order.station_id;
+        let channel = match self.peers.channel(station) {
+            Ok(channel) => channel,
+            Err(error) => return Delivery::Retry(format!("station {station}: {error}")),
+        };
+        let mut request = tonic::Request::new(pb::NotifyOrderDispatchedRequest {
+            application_id: order.application_id.clone(),
+            order_id: order.order_id.to_string(),
+            card_serial: order.card_serial.clone(),
+            producer_id: self.production.bureau_id.clone(),
+            request_id: String::new(),
+        });
+        request.set_timeout(self.call_timeout);
+        match IntakeClient::new(channel).notify_order_dispatched(request).await {
+            Ok(_) => {
+                tracing::info!(order_id = %order.order_id, %station, "station told: card dispatched");
+                Delivery::Delivered
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                Delivery::Dropped(format!("station {station} takes no notices; it polls the order"))
+            }
+            Err(status) => {
+                let message = format!("station {station}: {:?}: {}", status.code(), status.message());
+                match classify(status.code()) {
+                    Verdict::Transient => Delivery::Retry(message),
+                    Verdict::Definitive => Delivery::Fail(message),
+                }
+            }
+        }
+    }
+}
+
+/// The audit row of a dispatch.
+fn dispatched_audit(order: &Order) -> AuditEntry {
+    AuditEntry {
+        action: "dispatch",
+        subject: order.card_serial.clone(),
+        outcome: "dispatched".into(),
+        detail: format!("order {} sent to station {}", order.order_id, order.station_id),
     }
 }
 

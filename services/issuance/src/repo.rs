@@ -172,15 +172,15 @@ impl Repo {
         Ok(orders::Entity::find_by_id(order_id).one(&self.db).await?.map(|m| m.signed_decision))
     }
 
-    /// Moves an order from `from` to `to` if it is still in `from`, with its audit row. `None`: it
-    /// was not in `from` (another worker or a replay moved it).
+    /// Moves an order from `from` to `to` if it is still in `from`, with its audit rows (one per
+    /// step it takes). `None`: it was not in `from` (another worker or a replay moved it).
     pub async fn transition(
         &self,
         order_id: Uuid,
         from: OrderState,
         to: OrderState,
         now: DateTime<Utc>,
-        audit: AuditEntry,
+        audits: Vec<AuditEntry>,
     ) -> Result<Option<Order>, ApiError> {
         let txn = db::begin(&self.db).await?;
         let mut update = orders::Entity::update_many()
@@ -202,7 +202,9 @@ impl Repo {
             txn.rollback().await?;
             return Ok(None);
         }
-        audit::append(&txn, now, audit).await?;
+        for audit in audits {
+            audit::append(&txn, now, audit).await?;
+        }
         let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
         txn.commit().await?;
         Ok(model.map(Order::from))

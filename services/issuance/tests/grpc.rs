@@ -2,7 +2,10 @@
 //! registry where one is needed, and the generated clients.
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -31,7 +34,7 @@ use yidi_runtime::{
 };
 use yidi_testkit::{
     Bureau, DirectoryBuilder,
-    fake::{RegistryFake, registry_server, serve_fakes, serve_fakes_on},
+    fake::{IntakeFake, RegistryFake, intake_server, registry_server, serve_fakes, serve_fakes_on},
     postgres_for_tests,
 };
 
@@ -80,6 +83,33 @@ async fn start_registry(fake: FakeRegistry) -> (String, JoinHandle<()>) {
     serve_fakes(Routes::new(registry_server(fake))).await.unwrap()
 }
 
+// ---------------------------------------------------------------- fake station
+
+/// A station that records the producer's notices, answering the first `unavailable` of them
+/// UNAVAILABLE (a station restarting).
+#[derive(Clone, Default)]
+struct FakeStation {
+    notices: Arc<Mutex<Vec<pb::NotifyOrderDispatchedRequest>>>,
+    unavailable: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl IntakeFake for FakeStation {
+    async fn notify_order_dispatched(
+        &self,
+        request: tonic::Request<pb::NotifyOrderDispatchedRequest>,
+    ) -> Result<tonic::Response<pb::NotifyOrderDispatchedResponse>, Status> {
+        self.notices.lock().unwrap().push(request.into_inner());
+        let left = self.unavailable.load(Ordering::SeqCst);
+        if left > 0 {
+            self.unavailable.store(left - 1, Ordering::SeqCst);
+            return Err(Status::unavailable("station restarting"));
+        }
+        let state = pb::ApplicationState::ReadyForCollection as i32;
+        Ok(tonic::Response::new(pb::NotifyOrderDispatchedResponse { state }))
+    }
+}
+
 /// A producer whose registry (a fake) answers every registration.
 async fn producer_and_registry() -> (Producer, JoinHandle<()>) {
     let (endpoint, registry) = start_registry(FakeRegistry::default()).await;
@@ -104,6 +134,8 @@ struct Options {
     retry_interval_ms: u64,
     /// Default: an SQLite file in the temp dir.
     database_url: Option<String>,
+    /// Where the station is served; by default it has no endpoint (its notices are never delivered).
+    station_endpoint: Option<String>,
 }
 
 impl Options {
@@ -113,6 +145,7 @@ impl Options {
             delay_ms: 50,
             retry_interval_ms: 100,
             database_url: None,
+            station_endpoint: None,
         }
     }
 }
@@ -126,8 +159,11 @@ impl Producer {
         let dir = tempfile::tempdir().unwrap();
         let jiangxi = generate_signing_key();
         let sichuan = generate_signing_key();
-        let directory_path = DirectoryBuilder::new()
-            .bureau("station-hangzhou", Role::Intake)
+        let mut directory = DirectoryBuilder::new().bureau("station-hangzhou", Role::Intake);
+        if let Some(endpoint) = &options.station_endpoint {
+            directory = directory.endpoint(endpoint.clone());
+        }
+        let directory_path = directory
             .bureau("home-jiangxi", Role::Verification)
             .jurisdiction(&["36"])
             .key("k1", &jiangxi, key_valid_from())
@@ -480,6 +516,49 @@ async fn s4_issuance_order_is_registered_and_dispatched() {
     assert_eq!(again.iter().map(state).collect::<Vec<_>>(), vec![pb::OrderState::Dispatched]);
     assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE action = 'dispatch'").await, 1);
     assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE action = 'register_card'").await, 1);
+    producer.shutdown().await;
+}
+
+#[tokio::test]
+async fn s4_issuance_tells_the_station_once_the_card_is_dispatched_until_it_answers() {
+    let registry = FakeRegistry::default();
+    let (endpoint, _registry) = start_registry(registry.clone()).await;
+    let station = FakeStation::default();
+    station.unavailable.store(2, Ordering::SeqCst);
+    let (station_endpoint, _station) = serve_fakes(Routes::new(intake_server(station.clone()))).await.unwrap();
+    let options = Options { delay_ms: 0, station_endpoint: Some(station_endpoint), ..Options::new(&endpoint) };
+    let mut producer = Producer::start(options).await;
+    let placed = producer.place(signed_decision_to_proto(&producer.signed("d-told"))).await.unwrap();
+    let mut told = Vec::new();
+    for _ in 0..300 {
+        told = station.notices.lock().unwrap().clone();
+        if told.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Twice refused (the station restarting), told again until it answered.
+    assert_eq!(told.len(), 3, "{told:?}");
+    let expected = pb::NotifyOrderDispatchedRequest {
+        application_id: placed.application_id.clone(),
+        order_id: placed.order_id.clone(),
+        card_serial: placed.card_serial.clone(),
+        producer_id: PRODUCER.into(),
+        request_id: String::new(),
+    };
+    assert!(told.iter().all(|notice| notice == &expected), "{told:?}");
+    assert_eq!(state(&producer.get("d-told").await.unwrap()), pb::OrderState::Dispatched);
+    // Registered and dispatched once, whatever the notices cost.
+    assert_eq!(registry.calls().len(), 1);
+    assert_eq!(producer.count("SELECT COUNT(*) AS n FROM audit_log WHERE action = 'dispatch'").await, 1);
+    let delivered = "SELECT COUNT(*) AS n FROM outbox_messages WHERE state = 'delivered'";
+    for _ in 0..100 {
+        if producer.count(delivered).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(producer.count(delivered).await, 1, "the message is settled once the station answered");
     producer.shutdown().await;
 }
 
