@@ -153,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     };
     if command == "serve-echo" {
-        return echo::serve().await;
+        return echo::serve(&args[1..]).await;
     }
     let options = parse(&command, &args[1..])?;
     if command == "soak" {
