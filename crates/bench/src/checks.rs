@@ -44,6 +44,12 @@ pub async fn check_card(channel: Channel, n: u64, count: u64) -> Result<u64, Sta
     if answer.status != pb::CardStatus::Valid as i32 {
         return Err(Status::internal(format!("card {} answered status {}", mix(n) % count, answer.status)));
     }
+    // Every answer must be verifiable: a signed statement of the status it gives (verifying each
+    // signature here would take the cores the server needs; the registry's tests verify them).
+    let signed = answer.signed_status.as_ref().and_then(|s| s.statement.as_ref().map(|st| (st, &s.signature)));
+    if !signed.is_some_and(|(statement, signature)| statement.status == answer.status && signature.len() == 64) {
+        return Err(Status::internal(format!("card {}: the answer carries no signed statement", mix(n) % count)));
+    }
     Ok(1)
 }
 
