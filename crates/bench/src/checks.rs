@@ -97,6 +97,12 @@ pub async fn run_batch(server: &Server, spec: LoadSpec, count: u64, size: usize)
     .await
 }
 
+/// The registry on `url`, with the environment `--registry-env` gives.
+async fn start_registry(options: &Options, dir: &Path, url: &str, tls: Option<&BenchCerts>) -> anyhow::Result<Server> {
+    let env: Vec<(&str, &str)> = options.registry_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    process::start_registry_with_env(dir, &options.bin_dir, url, tls, &env).await
+}
+
 /// A registry on a fresh database holding `count` synthetic cards.
 pub struct LoadedRegistry {
     pub server: Server,
@@ -133,14 +139,14 @@ impl LoadedRegistry {
         eprintln!("{label}: loading {count} cards");
         let load_seconds = cards::load(&url, count).await?;
         eprintln!("{label}: loaded in {load_seconds:.1} s; starting the registry");
-        let server = process::start_registry(&dir, &options.bin_dir, &url, tls).await?;
+        let server = start_registry(options, &dir, &url, tls).await?;
         Ok(Self { server, database, load_seconds, count, url, dir })
     }
 
     /// The registry stopped and started again on the same cards, over `tls` or plaintext.
     pub async fn restart(self, options: &Options, tls: Option<&BenchCerts>) -> anyhow::Result<Self> {
         self.server.stop().await?;
-        let server = process::start_registry(&self.dir, &options.bin_dir, &self.url, tls).await?;
+        let server = start_registry(options, &self.dir, &self.url, tls).await?;
         Ok(Self { server, ..self })
     }
 

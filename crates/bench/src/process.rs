@@ -191,17 +191,8 @@ pub async fn start_echo(dir: &Path, tls: Option<&BenchCerts>) -> anyhow::Result<
 
 /// The registry binary of `bin_dir` on `database_url` (migrated and loaded at its start), with a
 /// directory of freshly generated keys in `dir`; over mutual TLS with the access layer on with
-/// `tls`, else `tls.plaintext = true`.
-pub async fn start_registry(
-    dir: &Path,
-    bin_dir: &Path,
-    database_url: &str,
-    tls: Option<&BenchCerts>,
-) -> anyhow::Result<Server> {
-    start_registry_with_env(dir, bin_dir, database_url, tls, &[]).await
-}
-
-/// [`start_registry`] with extra environment variables (configuration overrides, `YIDI__...`).
+/// `tls`, else `tls.plaintext = true`; with extra environment variables (configuration
+/// overrides, `YIDI__...`).
 pub async fn start_registry_with_env(
     dir: &Path,
     bin_dir: &Path,
