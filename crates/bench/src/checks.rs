@@ -1,6 +1,9 @@
 //! The read path: CheckCard against the echo baseline, CheckCards batches, the h2load
 //! cross-check, and the 10M-card scale run.
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context;
 use tonic::{Status, transport::Channel};
@@ -10,12 +13,14 @@ use yidi_runtime::scratch::ScratchDatabase;
 use crate::{
     Options, cards, echo,
     load::{self, LoadResult, LoadSpec},
-    process::{self, Server},
+    process::{self, BenchCerts, Server},
     raw,
     report::{LATENCY_COLUMNS, Report, Table, latency_row, thousands},
 };
 
-pub const RELYING_PARTY: &str = "bench-bank";
+/// The demo's relying party: over mutual TLS the load generator presents its certificate, and a
+/// relying party may check cards only in its own name.
+pub const RELYING_PARTY: &str = yidi_demo::topology::RELYING_PARTY;
 /// Cards per CheckCards call (the registry's limit).
 pub const BATCH: usize = 1000;
 /// Distinct pre-encoded batches the load generator cycles through.
@@ -38,6 +43,12 @@ pub async fn check_card(channel: Channel, n: u64, count: u64) -> Result<u64, Sta
     let answer = LossRegistryClient::new(channel).check_card(check_request(mix(n) % count)).await?.into_inner();
     if answer.status != pb::CardStatus::Valid as i32 {
         return Err(Status::internal(format!("card {} answered status {}", mix(n) % count, answer.status)));
+    }
+    // Every answer must be verifiable: a signed statement of the status it gives (verifying each
+    // signature here would take the cores the server needs; the registry's tests verify them).
+    let signed = answer.signed_status.as_ref().and_then(|s| s.statement.as_ref().map(|st| (st, &s.signature)));
+    if !signed.is_some_and(|(statement, signature)| statement.status == answer.status && signature.len() == 64) {
+        return Err(Status::internal(format!("card {}: the answer carries no signed statement", mix(n) % count)));
     }
     Ok(1)
 }
@@ -70,20 +81,26 @@ async fn check_cards(channel: Channel, batch: prost::bytes::Bytes, size: usize) 
 }
 
 pub async fn run_echo(server: &Server, spec: LoadSpec) -> anyhow::Result<LoadResult> {
-    load::drive(&server.endpoint, spec, |channel, _| echo::call(channel)).await
+    load::drive(&server.target, spec, |channel, _| echo::call(channel)).await
 }
 
 pub async fn run_check(server: &Server, spec: LoadSpec, count: u64) -> anyhow::Result<LoadResult> {
-    load::drive(&server.endpoint, spec, move |channel, n| check_card(channel, n, count)).await
+    load::drive(&server.target, spec, move |channel, n| check_card(channel, n, count)).await
 }
 
 pub async fn run_batch(server: &Server, spec: LoadSpec, count: u64, size: usize) -> anyhow::Result<LoadResult> {
     let batches = std::sync::Arc::new(batches(count, size));
-    load::drive(&server.endpoint, spec, move |channel, n| {
+    load::drive(&server.target, spec, move |channel, n| {
         let batch = batches[(n % BATCHES) as usize].clone();
         check_cards(channel, batch, size)
     })
     .await
+}
+
+/// The registry on `url`, with the environment `--registry-env` gives.
+async fn start_registry(options: &Options, dir: &Path, url: &str, tls: Option<&BenchCerts>) -> anyhow::Result<Server> {
+    let env: Vec<(&str, &str)> = options.registry_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    process::start_registry_with_env(dir, &options.bin_dir, url, tls, &env).await
 }
 
 /// A registry on a fresh database holding `count` synthetic cards.
@@ -92,10 +109,19 @@ pub struct LoadedRegistry {
     pub database: Option<ScratchDatabase>,
     pub load_seconds: f64,
     pub count: u64,
+    url: String,
+    dir: PathBuf,
 }
 
 impl LoadedRegistry {
-    pub async fn start(options: &Options, label: &str, postgres: bool, count: u64) -> anyhow::Result<Self> {
+    /// Over mutual TLS (access layer on) with `tls`, plaintext without.
+    pub async fn start(
+        options: &Options,
+        label: &str,
+        postgres: bool,
+        count: u64,
+        tls: Option<&BenchCerts>,
+    ) -> anyhow::Result<Self> {
         let dir = options.work.join(label);
         std::fs::create_dir_all(&dir)?;
         let (url, database) = if postgres {
@@ -113,8 +139,15 @@ impl LoadedRegistry {
         eprintln!("{label}: loading {count} cards");
         let load_seconds = cards::load(&url, count).await?;
         eprintln!("{label}: loaded in {load_seconds:.1} s; starting the registry");
-        let server = process::start_registry(&dir, &options.bin_dir, &url).await?;
-        Ok(Self { server, database, load_seconds, count })
+        let server = start_registry(options, &dir, &url, tls).await?;
+        Ok(Self { server, database, load_seconds, count, url, dir })
+    }
+
+    /// The registry stopped and started again on the same cards, over `tls` or plaintext.
+    pub async fn restart(self, options: &Options, tls: Option<&BenchCerts>) -> anyhow::Result<Self> {
+        self.server.stop().await?;
+        let server = start_registry(options, &self.dir, &self.url, tls).await?;
+        Ok(Self { server, ..self })
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
@@ -130,42 +163,90 @@ fn spec(options: &Options, connections: usize, in_flight: usize) -> LoadSpec {
     LoadSpec { connections, in_flight, warmup: options.warmup, duration: options.duration }
 }
 
-/// CheckCard vs the echo at several concurrencies (PostgreSQL and SQLite registries), CheckCards,
-/// and the h2load cross-check.
+/// CheckCard vs the echo at several concurrencies (PostgreSQL and SQLite registries) and
+/// CheckCards, first over mutual TLS with the access layer on (what ships; the echo over the same
+/// TLS), then plaintext for reference; and the h2load cross-check (plaintext: h2load presents no
+/// client certificate).
 pub async fn registry(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     let count = options.cards;
-    let echo_server = process::start_echo(&options.work).await?;
-    let postgres = LoadedRegistry::start(options, "check_postgres", true, count).await?;
-    let sqlite = LoadedRegistry::start(options, "check_sqlite", false, count).await?;
+    let certs = BenchCerts::create(&options.work.join("certs"))?;
+    let mut postgres = LoadedRegistry::start(options, "check_postgres", true, count, Some(&certs)).await?;
+    let mut sqlite = LoadedRegistry::start(options, "check_sqlite", false, count, Some(&certs)).await?;
+    for tls in [Some(&certs), None] {
+        if tls.is_none() {
+            postgres = postgres.restart(options, None).await?;
+            sqlite = sqlite.restart(options, None).await?;
+        }
+        let echo_server = process::start_echo(&options.work, tls).await?;
+        check_against_echo(options, report, &echo_server, &postgres, &sqlite).await?;
+        check_cards_table(options, report, &postgres).await?;
+        if tls.is_none() {
+            h2load(options, report, &echo_server, &postgres).await?;
+        }
+        echo_server.stop().await?;
+    }
+    postgres.stop().await?;
+    sqlite.stop().await?;
+    Ok(())
+}
 
-    let mut table =
-        Table::new(&format!("CheckCard vs bare tonic echo ({} cards)", thousands(count as f64)), LATENCY_COLUMNS);
+/// Run names: `tls_...` over mutual TLS, unprefixed (as before) plaintext.
+fn run_name(server: &Server, name: &str) -> String {
+    if server.target.tls.is_some() { format!("tls_{name}") } else { name.to_owned() }
+}
+
+async fn check_against_echo(
+    options: &Options,
+    report: &mut Report,
+    echo_server: &Server,
+    postgres: &LoadedRegistry,
+    sqlite: &LoadedRegistry,
+) -> anyhow::Result<()> {
+    let count = postgres.count;
+    let mut table = Table::new(
+        &format!(
+            "CheckCard vs bare tonic echo, {} ({} cards)",
+            postgres.server.target.transport(),
+            thousands(count as f64)
+        ),
+        LATENCY_COLUMNS,
+    );
     for connections in &options.connection_levels {
         let spec = spec(options, *connections, 1);
-        let baseline = run_echo(&echo_server, spec).await?;
+        let baseline = run_echo(echo_server, spec).await?;
         table.row(latency_row("echo (baseline)", &baseline, None));
         let pg = run_check(&postgres.server, spec, count).await?;
         table.row(latency_row("CheckCard, registry on PostgreSQL", &pg, Some(&baseline)));
         let lite = run_check(&sqlite.server, spec, count).await?;
         table.row(latency_row("CheckCard, registry on SQLite", &lite, Some(&baseline)));
-        report.runs.push((format!("echo_{connections}x1"), baseline));
-        report.runs.push((format!("check_postgres_{connections}x1"), pg));
-        report.runs.push((format!("check_sqlite_{connections}x1"), lite));
+        report.runs.push((run_name(echo_server, &format!("echo_{connections}x1")), baseline));
+        report.runs.push((run_name(&postgres.server, &format!("check_postgres_{connections}x1")), pg));
+        report.runs.push((run_name(&sqlite.server, &format!("check_sqlite_{connections}x1")), lite));
     }
+    let how = if postgres.server.target.tls.is_some() {
+        "Mutual TLS with the demo's certificates: the load generator presents the relying party's \
+         certificate, the registry's access layer checks it against the directory, and the echo \
+         demands a client certificate of the same CA (no access layer: it has none)."
+    } else {
+        "Plaintext (`tls.plaintext = true`: no TLS, no caller identity, access layer off), for reference."
+    };
     table.note(format!(
         "Each row: {:.0} s after {:.0} s warm-up; connections × requests in flight per connection, closed loop. \
-         Load generator (tonic client) in the same machine; servers are separate processes.",
+         Load generator (tonic client) in the same machine; servers are separate processes. {how}",
         options.duration.as_secs_f64(),
         options.warmup.as_secs_f64()
     ));
     report.tables.push(table);
+    Ok(())
+}
 
+async fn check_cards_table(options: &Options, report: &mut Report, postgres: &LoadedRegistry) -> anyhow::Result<()> {
     let mut batch_table = Table::new(
-        "CheckCards (1,000 cards per call, PostgreSQL registry)",
+        &format!("CheckCards (1,000 cards per call, PostgreSQL registry), {}", postgres.server.target.transport()),
         &["connections×in flight", "calls/s", "card checks/s", "p50 ms", "p99 ms", "errors"],
     );
     for (connections, in_flight) in [(1, 1), (2, 2), (4, 2)] {
-        let result = run_batch(&postgres.server, spec(options, connections, in_flight), count, BATCH).await?;
+        let result = run_batch(&postgres.server, spec(options, connections, in_flight), postgres.count, BATCH).await?;
         batch_table.row(vec![
             format!("{connections}×{in_flight}"),
             thousands(result.requests_per_second),
@@ -174,15 +255,9 @@ pub async fn registry(options: &Options, report: &mut Report) -> anyhow::Result<
             crate::report::ms(result.p99_us),
             result.errors.to_string(),
         ]);
-        report.runs.push((format!("check_cards_{connections}x{in_flight}"), result));
+        report.runs.push((run_name(&postgres.server, &format!("check_cards_{connections}x{in_flight}")), result));
     }
     report.tables.push(batch_table);
-
-    h2load(options, report, &echo_server, &postgres).await?;
-
-    echo_server.stop().await?;
-    postgres.stop().await?;
-    sqlite.stop().await?;
     Ok(())
 }
 
@@ -255,8 +330,9 @@ async fn h2load(
         thousands(check_tonic.requests_per_second),
         ratio(check_tonic.requests_per_second, echo_tonic.requests_per_second),
     ]);
-    let echo_h2 = h2load_run(options, &echo_server.endpoint, "/yidi.bench.v1.Echo/Echo", &echo_body).await;
-    let check_h2 = h2load_run(options, &registry.server.endpoint, "/yidi.v1.LossRegistry/CheckCard", &check_body).await;
+    let echo_h2 = h2load_run(options, &echo_server.target.url, "/yidi.bench.v1.Echo/Echo", &echo_body).await;
+    let check_h2 =
+        h2load_run(options, &registry.server.target.url, "/yidi.v1.LossRegistry/CheckCard", &check_body).await;
     match (echo_h2, check_h2) {
         (Ok(echo_rps), Ok(check_rps)) => {
             let tonic_ratio = check_tonic.requests_per_second / echo_tonic.requests_per_second.max(1.0);
@@ -287,16 +363,22 @@ async fn h2load(
     Ok(())
 }
 
-/// 100k vs 10M cards: load time, start-up (index load), resident memory, CheckCard latency.
+/// 100k vs 10M cards: load time, start-up (index load), resident memory, CheckCard latency; over
+/// mutual TLS (what ships), the echo too.
 pub async fn scale(options: &Options, report: &mut Report) -> anyhow::Result<()> {
-    let echo_server = process::start_echo(&options.work).await?;
-    let empty = LoadedRegistry::start(options, "scale_empty", true, 0).await?;
+    let certs = BenchCerts::create(&options.work.join("certs"))?;
+    let echo_server = process::start_echo(&options.work, Some(&certs)).await?;
+    let empty = LoadedRegistry::start(options, "scale_empty", true, 0, Some(&certs)).await?;
     warm(&empty.server).await;
     let rss_empty = empty.server.rss_bytes()?;
     empty.stop().await?;
 
     let mut table = Table::new(
-        "Scale: the card index at 100k and at 10M cards (PostgreSQL)",
+        &format!(
+            "Scale: the card index at {} and at {} cards (PostgreSQL, mutual TLS)",
+            thousands(options.cards as f64),
+            thousands(options.scale_cards as f64)
+        ),
         &[
             "cards",
             "load (COPY) s",
@@ -315,7 +397,7 @@ pub async fn scale(options: &Options, report: &mut Report) -> anyhow::Result<()>
     let mut p99s = Vec::new();
     for count in [options.cards, options.scale_cards] {
         let label = format!("scale_{count}");
-        let registry = LoadedRegistry::start(options, &label, true, count).await?;
+        let registry = LoadedRegistry::start(options, &label, true, count, Some(&certs)).await?;
         warm(&registry.server).await;
         let rss = registry.server.rss_bytes()?;
         let index_seconds = process::index_load_seconds(&registry.server.log_text());
@@ -361,33 +443,48 @@ pub async fn scale(options: &Options, report: &mut Report) -> anyhow::Result<()>
 /// A few calls so that lazily allocated parts (connections, buffers) count in the RSS.
 async fn warm(server: &Server) {
     let spec = LoadSpec { connections: 2, in_flight: 1, warmup: Duration::ZERO, duration: Duration::from_millis(500) };
-    let _ = load::drive(&server.endpoint, spec, |channel, _| async move {
+    let _ = load::drive(&server.target, spec, |channel, _| async move {
         LossRegistryClient::new(channel).check_card(check_request(0)).await.map(|_| 1)
     })
     .await;
 }
 
 /// A few seconds of everything the read path has, tiny, on SQLite: so the harness cannot rot.
+/// Plaintext, then one point over mutual TLS (echo and CheckCard).
 pub async fn smoke(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     let count = options.cards;
-    let echo_server = process::start_echo(&options.work).await?;
-    let registry = LoadedRegistry::start(options, "smoke_sqlite", false, count).await?;
+    let certs = BenchCerts::create(&options.work.join("certs"))?;
+    let echo_server = process::start_echo(&options.work, None).await?;
+    let registry = LoadedRegistry::start(options, "smoke_sqlite", false, count, None).await?;
     let spec = spec(options, 4, 1);
     let baseline = run_echo(&echo_server, spec).await?;
     let check = run_check(&registry.server, spec, count).await?;
     let batch = run_batch(&registry.server, spec, count, 100.min(count as usize)).await?;
+    echo_server.stop().await?;
+    let registry = registry.restart(options, Some(&certs)).await?;
+    let tls_echo_server = process::start_echo(&options.work, Some(&certs)).await?;
+    let tls_baseline = run_echo(&tls_echo_server, spec).await?;
+    let tls_check = run_check(&registry.server, spec, count).await?;
     let mut table = Table::new("Smoke (debug build, SQLite, no thresholds)", LATENCY_COLUMNS);
-    table.row(latency_row("echo (baseline)", &baseline, None));
-    table.row(latency_row("CheckCard", &check, Some(&baseline)));
-    table.row(latency_row("CheckCards of 100", &batch, Some(&baseline)));
+    table.row(latency_row("echo (baseline), plaintext", &baseline, None));
+    table.row(latency_row("CheckCard, plaintext", &check, Some(&baseline)));
+    table.row(latency_row("CheckCards of 100, plaintext", &batch, Some(&baseline)));
+    table.row(latency_row("echo (baseline), mutual TLS", &tls_baseline, None));
+    table.row(latency_row("CheckCard, mutual TLS, access layer on", &tls_check, Some(&tls_baseline)));
     report.tables.push(table);
-    let failed: Vec<String> = [&baseline, &check, &batch]
+    let failed: Vec<String> = [&baseline, &check, &batch, &tls_baseline, &tls_check]
         .iter()
         .filter(|r| r.requests == 0 || r.errors > 0)
         .map(|r| format!("{} requests, {} errors, first: {:?}", r.requests, r.errors, r.first_error))
         .collect();
-    report.runs.extend([("echo".into(), baseline), ("check".into(), check), ("batch".into(), batch)]);
-    echo_server.stop().await?;
+    report.runs.extend([
+        ("echo".into(), baseline),
+        ("check".into(), check),
+        ("batch".into(), batch),
+        ("tls_echo".into(), tls_baseline),
+        ("tls_check".into(), tls_check),
+    ]);
+    tls_echo_server.stop().await?;
     registry.stop().await?;
     anyhow::ensure!(failed.is_empty(), "smoke run failed: {}", failed.join("; "));
     Ok(())

@@ -22,10 +22,21 @@ impl Echo for Echoer {
 }
 
 /// Serves the echo on a free loopback port until the process is stopped; prints the address.
-pub async fn serve() -> anyhow::Result<()> {
+/// `--tls-dir DIR`: over mutual TLS with the certificates of [`crate::process::BenchCerts`] (the
+/// echo's own, a client certificate of the CA required), as a bureau's port is configured.
+pub async fn serve(args: &[String]) -> anyhow::Result<()> {
+    let mut builder = Server::builder();
+    match args {
+        [] => {}
+        [flag, dir] if flag == "--tls-dir" => {
+            let certs = yidi_demo::certs::CertDir::new(dir);
+            builder = builder.tls_config(certs.files(crate::process::ECHO_ID)?.server_config())?;
+        }
+        other => anyhow::bail!("serve-echo: unexpected arguments {other:?}"),
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("yidi-bench echo listening on {}", listener.local_addr()?);
-    Server::builder()
+    builder
         .add_service(EchoServer::new(Echoer))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await?;

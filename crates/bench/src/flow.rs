@@ -12,7 +12,8 @@ use hdrhistogram::Histogram;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tokio_stream::StreamExt;
 use yidi_demo::suite::{Backend, ClockSetting, Suite, SuiteOptions};
-use yidi_demo::topology::Process;
+use yidi_demo::topology::{Process, STATION, operator_id};
+use yidi_domain::OperatorAccess;
 use yidi_proto::v1::{self as pb, intake_client::IntakeClient};
 use yidi_runtime::scratch::ScratchDatabase;
 use yidi_runtime::{config::DatabaseConfig, population::Citizen};
@@ -186,7 +187,8 @@ struct Level {
 
 async fn run_level(suite: &Suite, citizens: &Arc<Mutex<Vec<Citizen>>>, concurrency: usize) -> anyhow::Result<Level> {
     let applications = applications_at(concurrency);
-    let channel = tonic::transport::Endpoint::from_shared(suite.endpoint(Process::Intake))?.connect().await?;
+    // Over mutual TLS as the station's admin operator, whom SubmitApplication grants.
+    let channel = suite.channel_as(Process::Intake, &operator_id(STATION, OperatorAccess::Admin)).await?;
     let remaining = Arc::new(Mutex::new(applications));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -257,6 +259,8 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
     suite_options.clock = ClockSetting::Start(now);
     suite_options.citizens_per_province = total / 2 + 40;
     suite_options.production_delay_ms = 0;
+    // What ships: mutual TLS between the bureaus and from the caller, access layer on.
+    suite_options.tls = true;
     let suite = Suite::start(suite_options).await?;
     let citizens: Vec<Citizen> =
         suite.population.citizens.iter().filter(|c| c.scenario == "ordinary" && c.card.is_some()).cloned().collect();
@@ -274,7 +278,7 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
     }
 
     let mut table = Table::new(
-        "Replacement flow on PostgreSQL: submitted → ready for collection",
+        "Replacement flow on PostgreSQL, mutual TLS: submitted → ready for collection",
         &["applications in flight", "applications", "completed/s", "p50 s", "p99 s", "failures"],
     );
     let mut completed = 0usize;

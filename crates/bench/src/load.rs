@@ -10,7 +10,9 @@ use std::{
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::process::Target;
 
 /// How hard and how long to drive a server.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -58,28 +60,23 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
-/// Opens `spec.connections` connections to `endpoint`.
-pub async fn connect(endpoint: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
+/// Opens `connections` connections to `target` (each with its own TLS session over mutual TLS).
+pub async fn connect(target: &Target, connections: usize) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let channel = Endpoint::from_shared(endpoint.to_owned())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {endpoint}"))?;
-        channels.push(channel);
+        channels.push(target.connect().await?);
     }
     Ok(channels)
 }
 
 /// Drives `call(channel, n)` (n counts each task's calls, for picking inputs) as `spec` says.
 /// `call` answers the number of items the call covered.
-pub async fn drive<F, Fut>(endpoint: &str, spec: LoadSpec, call: F) -> anyhow::Result<LoadResult>
+pub async fn drive<F, Fut>(target: &Target, spec: LoadSpec, call: F) -> anyhow::Result<LoadResult>
 where
     F: Fn(Channel, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<u64, tonic::Status>> + Send,
 {
-    let channels = connect(endpoint, spec.connections).await?;
+    let channels = connect(target, spec.connections).await?;
     let call = Arc::new(call);
     let start = Instant::now();
     let measure_from = start + spec.warmup;

@@ -50,6 +50,9 @@ options:
   --kills K          soak: at least this many kills (default 10)
   --callers C        soak: callers submitting at once (default 8)
   --seed S           soak: seed of the random kills (default: from the clock)
+  --registry-env K=V an environment variable for the registries of registry, scale and smoke
+                     (repeatable), e.g. YIDI__REGISTRY__STATEMENT_CACHE_ENTRIES=0 (a signature per
+                     answer) or OTEL_TRACES_SAMPLER=always_on (spans without an exporter)
   --out DIR          where reports go (default target/bench)
   --bin-dir DIR      folder of the yidi-* binaries (default: this executable's)
 ";
@@ -77,6 +80,8 @@ pub struct Options {
     pub seed: u64,
     /// `--postgres` was given (the soak then runs on PostgreSQL).
     pub postgres_given: bool,
+    /// `--registry-env`: added to the registries' environment.
+    pub registry_env: Vec<(String, String)>,
 }
 
 fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
@@ -107,6 +112,7 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1),
         postgres_given: false,
+        registry_env: Vec::new(),
     };
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
@@ -130,6 +136,11 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
             "--kills" => options.kills = value.parse()?,
             "--callers" => options.callers = value.parse()?,
             "--seed" => options.seed = value.parse()?,
+            "--registry-env" => {
+                let (key, value) =
+                    value.split_once('=').with_context(|| format!("--registry-env {value}: KEY=VALUE"))?;
+                options.registry_env.push((key.to_owned(), value.to_owned()));
+            }
             "--out" => options.out = PathBuf::from(value),
             "--bin-dir" => options.bin_dir = PathBuf::from(value),
             other => bail!("unknown option {other}\n\n{USAGE}"),
@@ -153,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     };
     if command == "serve-echo" {
-        return echo::serve().await;
+        return echo::serve(&args[1..]).await;
     }
     let options = parse(&command, &args[1..])?;
     if command == "soak" {

@@ -156,7 +156,7 @@ async fn open_loop(
     workload: Workload,
     count: u64,
 ) -> anyhow::Result<OverloadResult> {
-    let channels = load::connect(&server.endpoint, CONNECTIONS).await?;
+    let channels = load::connect(&server.target, CONNECTIONS).await?;
     let tally = Arc::new(Mutex::new(Tally {
         accepted: histogram()?,
         refused: histogram()?,
@@ -287,7 +287,7 @@ async fn start(
         // A line per hit would measure the log file.
         ("YIDI__LOG__FILTER", "warn"),
     ];
-    let server = process::start_registry_with_env(&dir, &options.bin_dir, database.url(), &env).await?;
+    let server = process::start_registry_with_env(&dir, &options.bin_dir, database.url(), None, &env).await?;
     Ok((server, database))
 }
 
@@ -302,7 +302,7 @@ async fn capacity(options: &Options, server: &Server, workload: Workload) -> any
     };
     let count = options.cards;
     let expected = workload.expected() as i32;
-    load::drive(&server.endpoint, spec, move |channel, n| async move {
+    load::drive(&server.target, spec, move |channel, n| async move {
         let status = check(channel, n, count, Duration::from_secs(5)).await?;
         if status == expected { Ok(1) } else { Err(Status::internal(format!("answered status {status}"))) }
     })

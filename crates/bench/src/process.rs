@@ -8,15 +8,77 @@ use std::{
 
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
-use yidi_demo::topology::{self, Process};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use yidi_demo::{
+    certs::{CaChoice, CertDir, write_certificates},
+    topology::{self, Process, RELYING_PARTY},
+};
 
 /// The fixed instant the registry judges by: the national phase, cards of the loader valid.
 pub const CLOCK: &str = "2118-03-01T09:00:00Z";
 
+/// The principal id of the echo baseline's certificate (it serves; nobody calls as it).
+pub const ECHO_ID: &str = "bench-echo";
+
+/// Certificates of a run, made the way the demo makes them (`yidi-demo certs`): a fresh CA, and a
+/// certificate for the registry, for the echo, and for the demo's relying party, which the load
+/// generator presents (the directory lets it call CheckCard and CheckCards).
+#[derive(Debug, Clone)]
+pub struct BenchCerts {
+    pub certs: CertDir,
+}
+
+impl BenchCerts {
+    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+        let certs = CertDir::new(dir);
+        write_certificates(&certs, [Process::Registry.bureau_id(), ECHO_ID, RELYING_PARTY], CaChoice::New)?;
+        Ok(Self { certs })
+    }
+
+    /// The client side of a call to `server_id`, as the relying party.
+    fn client(&self, server_id: &str) -> anyhow::Result<ClientTlsConfig> {
+        Ok(self.certs.files(RELYING_PARTY)?.client_config(server_id))
+    }
+
+    /// The `[tls]` section of `id`'s configuration.
+    fn config_section(&self, id: &str) -> String {
+        format!(
+            "ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"",
+            self.certs.ca_pem().display(),
+            self.certs.cert(id).display(),
+            self.certs.key(id).display()
+        )
+    }
+}
+
+/// How the load generator reaches a server: its address and, over mutual TLS, the client side
+/// (the CA, the relying party's certificate, and the name the server must prove).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    pub tls: Option<ClientTlsConfig>,
+}
+
+impl Target {
+    /// For table titles.
+    pub fn transport(&self) -> &'static str {
+        if self.tls.is_some() { "mutual TLS" } else { "plaintext" }
+    }
+
+    /// One connection (HTTP/2, Nagle off).
+    pub async fn connect(&self) -> anyhow::Result<Channel> {
+        let mut endpoint = Endpoint::from_shared(self.url.clone())?.tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        endpoint.connect().await.with_context(|| format!("connecting to {}", self.url))
+    }
+}
+
 pub struct Server {
     child: Child,
     pub pid: u32,
-    pub endpoint: String,
+    pub target: Target,
     log: PathBuf,
     /// From spawn until it answered a first request.
     pub startup: Duration,
@@ -28,8 +90,9 @@ impl Server {
         rss_of(self.pid)
     }
 
+    /// The server's log so far (a byte that is not UTF-8 spoils one character, not the whole log).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read(&self.log).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default()
     }
 
     /// SIGTERM (through `kill`: no unsafe code), then wait.
@@ -59,7 +122,12 @@ pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-async fn spawn(mut command: Command, log: PathBuf, ready: impl AsyncFn(&str) -> bool) -> anyhow::Result<Server> {
+async fn spawn(
+    mut command: Command,
+    log: PathBuf,
+    tls: Option<ClientTlsConfig>,
+    ready: impl AsyncFn(&Target) -> bool,
+) -> anyhow::Result<Server> {
     let file = std::fs::File::create(&log)?;
     let began = Instant::now();
     let child = command
@@ -70,7 +138,8 @@ async fn spawn(mut command: Command, log: PathBuf, ready: impl AsyncFn(&str) -> 
         .spawn()
         .context("starting a server")?;
     let pid = child.id().context("server has no pid")?;
-    let mut server = Server { child, pid, endpoint: String::new(), log, startup: Duration::ZERO };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut server = Server { child, pid, target: Target { url: String::new(), tls }, log, startup: Duration::ZERO };
     // Loading 10M cards takes a while; allow for it.
     let deadline = began + Duration::from_secs(900);
     loop {
@@ -83,8 +152,8 @@ async fn spawn(mut command: Command, log: PathBuf, ready: impl AsyncFn(&str) -> 
             .filter_map(|line| line.split_once(" listening on ").map(|(_, a)| a.trim().to_owned()))
             .next_back();
         if let Some(address) = address {
-            server.endpoint = format!("http://{address}");
-            if ready(&server.endpoint).await {
+            server.target.url = format!("{scheme}://{address}");
+            if ready(&server.target).await {
                 server.startup = began.elapsed();
                 return Ok(server);
             }
@@ -96,41 +165,39 @@ async fn spawn(mut command: Command, log: PathBuf, ready: impl AsyncFn(&str) -> 
     }
 }
 
-async fn answers_health(endpoint: &str) -> bool {
+async fn answers_health(target: &Target) -> bool {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(endpoint.to_owned()) else { return false };
-    let Ok(channel) = endpoint.connect().await else { return false };
+    let Ok(channel) = target.connect().await else { return false };
     let answer = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await;
     answer.is_ok_and(|a| a.get_ref().status == ServingStatus::Serving as i32)
 }
 
-/// The echo baseline, this same executable in another process.
-pub async fn start_echo(dir: &Path) -> anyhow::Result<Server> {
+/// The echo baseline, this same executable in another process; over mutual TLS with `tls` (the
+/// same handshake and client-certificate check as the registry's port, no access layer).
+pub async fn start_echo(dir: &Path, tls: Option<&BenchCerts>) -> anyhow::Result<Server> {
     let mut command = Command::new(std::env::current_exe()?);
     command.arg("serve-echo");
-    spawn(command, dir.join("echo.log"), async |endpoint: &str| {
-        match tonic::transport::Endpoint::from_shared(endpoint.to_owned()) {
-            Ok(e) => match e.connect().await {
-                Ok(channel) => crate::echo::call(channel).await.is_ok(),
-                Err(_) => false,
-            },
-            Err(_) => false,
-        }
+    if let Some(certs) = tls {
+        command.arg("--tls-dir").arg(&certs.certs.dir);
+    }
+    let client = tls.map(|certs| certs.client(ECHO_ID)).transpose()?;
+    let log = dir.join(if tls.is_some() { "echo-tls.log" } else { "echo.log" });
+    spawn(command, log, client, async |target: &Target| match target.connect().await {
+        Ok(channel) => crate::echo::call(channel).await.is_ok(),
+        Err(_) => false,
     })
     .await
 }
 
 /// The registry binary of `bin_dir` on `database_url` (migrated and loaded at its start), with a
-/// directory of freshly generated keys in `dir`.
-pub async fn start_registry(dir: &Path, bin_dir: &Path, database_url: &str) -> anyhow::Result<Server> {
-    start_registry_with_env(dir, bin_dir, database_url, &[]).await
-}
-
-/// [`start_registry`] with extra environment variables (configuration overrides, `YIDI__...`).
+/// directory of freshly generated keys in `dir`; over mutual TLS with the access layer on with
+/// `tls`, else `tls.plaintext = true`; with extra environment variables (configuration
+/// overrides, `YIDI__...`).
 pub async fn start_registry_with_env(
     dir: &Path,
     bin_dir: &Path,
     database_url: &str,
+    tls: Option<&BenchCerts>,
     env: &[(&str, &str)],
 ) -> anyhow::Result<Server> {
     std::fs::create_dir_all(dir)?;
@@ -138,29 +205,55 @@ pub async fn start_registry_with_env(
     if !binary.exists() {
         bail!("{} not found: build the services first (see BENCHMARKS.md)", binary.display());
     }
-    topology::write_keys_and_directory_with(dir, |_| topology::loopback_endpoint(1))?;
+    topology::write_keys_and_directory_with(dir, |_| topology::loopback_endpoint_with(tls.is_some(), 1))?;
+    let id = Process::Registry.bureau_id();
+    let tls_section = match tls {
+        Some(certs) => certs.config_section(id),
+        None => "plaintext = true".to_owned(),
+    };
     let config = dir.join("registry.toml");
     let text = format!(
         "[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = \"{database_url}\"\n\n\
-         [directory]\npath = \"{directory}\"\n\n[tls]\nplaintext = true\n\n[clock]\nfixed = \"{CLOCK}\"\n\n\
+         [directory]\npath = \"{directory}\"\n\n[tls]\n{tls_section}\n\n[clock]\nfixed = \"{CLOCK}\"\n\n\
          [log]\nformat = \"text\"\nfilter = \"warn,yidi_registry=info\"\n\n\
          [signing]\nkey_dir = \"{key_dir}\"\n",
-        id = Process::Registry.bureau_id(),
         directory = dir.join("directory.toml").display(),
         key_dir = topology::key_dir(dir, Process::Registry.bureau_id()).display(),
     );
     std::fs::write(&config, text)?;
     let mut command = Command::new(binary);
     command.arg("--config").arg(&config).env_remove("RUST_LOG").envs(env.iter().copied());
-    spawn(command, dir.join("registry.log"), async |endpoint: &str| answers_health(endpoint).await).await
+    let client = tls.map(|certs| certs.client(id)).transpose()?;
+    spawn(command, dir.join("registry.log"), client, async |target: &Target| answers_health(target).await).await
 }
 
-/// The seconds the registry said it took to load its card index (its "card index loaded" line).
+/// The seconds the registry said it took to load its card index: its "card index loaded" line, in
+/// the text format (`... card index loaded cards=N seconds=S [trace_id=...]`) or in JSON
+/// (`"fields":{"message":"card index loaded",...,"seconds":S}`), the last one of the log.
 pub fn index_load_seconds(log: &str) -> Option<f64> {
-    log.lines()
-        .filter(|line| line.contains("card index loaded"))
-        .filter_map(|line| line.split("seconds=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .filter_map(|value| value.parse().ok())
-        .next_back()
+    log.lines().filter(|line| line.contains("card index loaded")).filter_map(seconds_field).next_back()
+}
+
+fn seconds_field(line: &str) -> Option<f64> {
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        return json.pointer("/fields/seconds").and_then(serde_json::Value::as_f64);
+    }
+    line.split_whitespace().find_map(|field| field.strip_prefix("seconds=")).and_then(|value| value.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_load_is_read_from_a_text_or_a_json_log() {
+        let text = "yidi-registry listening on 127.0.0.1:1\n\
+            2026-12-03T11:53:02.405973Z  INFO yidi_registry: status signing keys loaded key_id=k\n\
+            2026-12-03T11:53:02.428504Z  INFO yidi_registry: card index loaded cards=1000 seconds=0.0127 \
+            trace_id=0af7651916cd43dd8448eb211c80319c span_id=b7ad6b7169203331\n";
+        assert_eq!(index_load_seconds(text), Some(0.0127));
+        let json = r#"{"timestamp":"x","level":"INFO","fields":{"message":"card index loaded","cards":10,"seconds":26.5},"target":"yidi_registry"}"#;
+        assert_eq!(index_load_seconds(json), Some(26.5));
+        assert_eq!(index_load_seconds("yidi-registry listening on 127.0.0.1:1\n"), None);
+    }
 }

@@ -1,6 +1,13 @@
 //! Signed status answers of the registry (C4, like OCSP): what a relying party was told about one
 //! card, signed so that it can prove it afterwards. The statement holds a hash of the holder's
 //! number, never the number itself: the relying party, who asked with the number, can recompute it.
+//!
+//! A statement holds from `answered_at` (OCSP's thisUpdate) until `next_update`: the registry
+//! signs a statement once per card and status and serves it again until half its window is gone
+//! (unless the status changed: then a new one), so that an answer costs no signature; a relying
+//! party relies on one only before its `next_update` ([`StatusStatement::is_current`]). A
+//! question with a nonce gets a statement signed for it. The rule, the encoding and test vectors:
+//! `docs/STATUS-STATEMENTS.md`.
 use chrono::{DateTime, Utc};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
 use sha2::{Digest, Sha256};
@@ -12,7 +19,8 @@ use crate::{
 };
 
 /// Domain separation tag: a status signature can never be mistaken for a decision's, or the reverse.
-const CANONICAL_TAG: &[u8] = b"yidi.status.v1";
+/// v2: with `next_update`.
+const CANONICAL_TAG: &[u8] = b"yidi.status.v2";
 /// Domain separation tag of the holder-number hash.
 const ID_NUMBER_HASH_TAG: &[u8] = b"yidi.status.id_number.v1";
 /// Longest nonce a relying party may send.
@@ -38,7 +46,10 @@ pub struct StatusStatement {
     pub status: CardStatus,
     /// When the card entered `status`; None for UNKNOWN.
     pub status_changed_at: Option<DateTime<Utc>>,
+    /// When the statement was made: the status held then (OCSP's thisUpdate).
     pub answered_at: DateTime<Utc>,
+    /// Until when the statement may be relied on (exclusive; OCSP's nextUpdate).
+    pub next_update: DateTime<Utc>,
     /// The relying party's nonce, echoed (empty if it sent none).
     pub nonce: Vec<u8>,
 }
@@ -62,6 +73,8 @@ pub enum StatementError {
     BadSignature,
     #[error("the statement answers another question (number, serial or nonce differ)")]
     OtherQuestion,
+    #[error("the statement is not current: it holds from {answered_at} until {next_update}, not at {at}")]
+    NotCurrent { answered_at: DateTime<Utc>, next_update: DateTime<Utc>, at: DateTime<Utc> },
 }
 
 fn status_name(status: CardStatus) -> &'static [u8] {
@@ -91,8 +104,14 @@ impl StatusStatement {
             None => put(&mut out, b""),
         }
         put_time(&mut out, self.answered_at);
+        put_time(&mut out, self.next_update);
         put(&mut out, &self.nonce);
         out
+    }
+
+    /// Whether the statement may be relied on at `at`: from `answered_at` until before `next_update`.
+    pub fn is_current(&self, at: DateTime<Utc>) -> bool {
+        self.answered_at <= at && at < self.next_update
     }
 
     pub fn sign(self, key: &SigningKey) -> SignedStatusStatement {
@@ -122,6 +141,19 @@ impl SignedStatusStatement {
         key.public_key.verify(&statement.canonical_bytes(), &signature).map_err(|_| StatementError::BadSignature)?;
         if key.window_at(statement.answered_at) != KeyWindow::Valid {
             return Err(StatementError::KeyNotValid { key_id: key.id.clone() });
+        }
+        Ok(statement)
+    }
+
+    /// [`Self::verify`], and the statement is current at `at` (a relying party's clock).
+    pub fn verify_current(&self, directory: &Directory, at: DateTime<Utc>) -> Result<&StatusStatement, StatementError> {
+        let statement = self.verify(directory)?;
+        if !statement.is_current(at) {
+            return Err(StatementError::NotCurrent {
+                answered_at: statement.answered_at,
+                next_update: statement.next_update,
+                at,
+            });
         }
         Ok(statement)
     }
@@ -186,6 +218,7 @@ mod tests {
             status: CardStatus::ReportedLost,
             status_changed_at: Some(at(1)),
             answered_at: at(2),
+            next_update: at(3),
             nonce: b"nonce-1".to_vec(),
         }
     }
@@ -207,6 +240,9 @@ mod tests {
         signed.statement.answered_at = at(3);
         assert_eq!(signed.verify(&directory()), Err(StatementError::BadSignature));
         let mut signed = statement().sign(&key());
+        signed.statement.next_update = at(4);
+        assert_eq!(signed.verify(&directory()), Err(StatementError::BadSignature));
+        let mut signed = statement().sign(&key());
         signed.statement.nonce.clear();
         assert_eq!(signed.verify(&directory()), Err(StatementError::BadSignature));
         let forged = statement().sign(&SigningKey::from_bytes(&[6; 32]));
@@ -219,6 +255,74 @@ mod tests {
         assert!(matches!(late.verify(&directory()), Err(StatementError::KeyNotValid { .. })));
         let unknown = StatusStatement { key_id: "r9".into(), ..statement() }.sign(&key());
         assert!(matches!(unknown.verify(&directory()), Err(StatementError::UnknownKey { .. })));
+    }
+
+    #[test]
+    fn c4_a_statement_is_relied_on_only_from_its_answer_until_before_its_next_update() {
+        let signed = statement().sign(&key());
+        let half_past = |hour| at(hour) + chrono::Duration::minutes(30);
+        assert!(signed.verify_current(&directory(), at(2)).is_ok());
+        assert!(signed.verify_current(&directory(), half_past(2)).is_ok());
+        for stale in [at(3), half_past(3)] {
+            assert!(matches!(signed.verify_current(&directory(), stale), Err(StatementError::NotCurrent { .. })));
+        }
+        assert!(matches!(signed.verify_current(&directory(), half_past(1)), Err(StatementError::NotCurrent { .. })));
+    }
+
+    /// `docs/status-statement-vectors.json`: what a relying party in any language checks its
+    /// implementation against (hash, canonical bytes, signature; altered ones must fail).
+    #[test]
+    fn c4_the_documented_test_vectors_hold() {
+        let text = include_str!("../../../docs/status-statement-vectors.json");
+        let file: serde_json::Value = serde_json::from_str(text).unwrap();
+        let hex = |value: &serde_json::Value| -> Vec<u8> {
+            let text = value.as_str().unwrap();
+            (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+        };
+        let time = |value: &serde_json::Value| value.as_str().unwrap().parse::<DateTime<Utc>>().unwrap();
+        let vectors = file["vectors"].as_array().unwrap();
+        assert!(vectors.len() >= 3);
+        for vector in vectors {
+            let name = vector["name"].as_str().unwrap();
+            let seed: [u8; 32] = hex(&file["private_key_seed"]).try_into().unwrap();
+            let key = SigningKey::from_bytes(&seed);
+            assert_eq!(key.verifying_key().to_bytes().to_vec(), hex(&file["public_key"]), "{name}");
+            let s = &vector["statement"];
+            let status = match s["status"].as_str().unwrap() {
+                "valid" => CardStatus::Valid,
+                "reported_lost" => CardStatus::ReportedLost,
+                "revoked" => CardStatus::Revoked,
+                "expired" => CardStatus::Expired,
+                "unknown" => CardStatus::Unknown,
+                "awaiting_collection" => CardStatus::AwaitingCollection,
+                "voided" => CardStatus::Voided,
+                other => panic!("{name}: status {other}"),
+            };
+            let number = s["id_number"].as_str().unwrap();
+            assert_eq!(id_number_hash(number).to_vec(), hex(&vector["id_number_sha256"]), "{name}");
+            let statement = StatusStatement {
+                registry_id: s["registry_id"].as_str().unwrap().into(),
+                key_id: s["key_id"].as_str().unwrap().into(),
+                card_serial: s["card_serial"].as_str().unwrap().into(),
+                id_number_hash: id_number_hash(number),
+                status,
+                status_changed_at: s["status_changed_at"].as_str().map(|_| time(&s["status_changed_at"])),
+                answered_at: time(&s["answered_at"]),
+                next_update: time(&s["next_update"]),
+                nonce: hex(&s["nonce"]),
+            };
+            assert_eq!(statement.canonical_bytes(), hex(&vector["canonical_bytes"]), "{name}");
+            let signed = statement.clone().sign(&key);
+            assert_eq!(signed.signature, hex(&vector["signature"]), "{name}: Ed25519 is deterministic");
+            let public = key.verifying_key();
+            let signature = Signature::from_slice(&hex(&vector["signature"])).unwrap();
+            assert!(public.verify(&hex(&vector["canonical_bytes"]), &signature).is_ok(), "{name}");
+            for altered in vector["altered_canonical_bytes_must_fail"].as_array().unwrap_or(&Vec::new()) {
+                assert!(public.verify(&hex(altered), &signature).is_err(), "{name}: an altered statement verified");
+            }
+            assert!(statement.is_current(time(&vector["current_at"])), "{name}");
+            assert!(!statement.is_current(time(&vector["not_current_at"])), "{name}");
+        }
     }
 
     #[test]

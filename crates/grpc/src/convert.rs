@@ -112,6 +112,7 @@ pub fn status_statement_to_proto(signed: &SignedStatusStatement) -> pb::SignedSt
             status_changed_at: s.status_changed_at.map(timestamp),
             answered_at: Some(timestamp(s.answered_at)),
             nonce: s.nonce.clone(),
+            next_update: Some(timestamp(s.next_update)),
         }),
         signature: signed.signature.clone(),
     }
@@ -134,6 +135,7 @@ pub fn status_statement_from_proto(signed: &pb::SignedStatusStatement) -> Option
             status,
             status_changed_at,
             answered_at: from_timestamp(s.answered_at.as_ref()?)?,
+            next_update: from_timestamp(s.next_update.as_ref()?)?,
             nonce: s.nonce.clone(),
         },
         signature: signed.signature.clone(),
@@ -381,6 +383,7 @@ mod tests {
                     status: CardStatus::Revoked,
                     status_changed_at,
                     answered_at: at,
+                    next_update: at + chrono::Duration::minutes(5),
                     nonce: vec![1, 2, 3],
                 },
                 signature: vec![7; 64],

@@ -14,6 +14,11 @@
 //!
 //! Health probes and reflection get metrics but no span.
 //!
+//! Telemetry off costs nothing per call: without tracing ([`telemetry::tracing_on`]: no exporter
+//! and no sampler configured) no span is built and no trace context read or written; without
+//! metrics export ([`telemetry::metrics_on`]) nothing is recorded; with neither, a call passes
+//! straight through (the path is not even parsed).
+//!
 //! A call ends, for its span and its metrics, when its status is known: at once for a response
 //! that carries it in its headers (a unary call's error), otherwise with the trailers after the
 //! last message, so that a stream's span and latency cover the whole stream and an error in the
@@ -40,6 +45,7 @@ use tonic::{
 };
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use yidi_runtime::telemetry;
 
 /// Which end of a call a layer sits on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,8 +217,8 @@ impl<S: std::fmt::Debug> std::fmt::Debug for RpcTelemetry<S> {
 }
 
 impl<S> RpcTelemetry<S> {
-    fn span(&self, rpc: &Rpc, headers: &mut HeaderMap) -> Span {
-        if rpc.is_untraced() {
+    fn span(&self, rpc: &Rpc, headers: &mut HeaderMap, traced: bool) -> Span {
+        if !traced || rpc.is_untraced() {
             return Span::none();
         }
         let propagator = TraceContextPropagator::new();
@@ -254,19 +260,27 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let (traced, metered) = (telemetry::tracing_on(), telemetry::metrics_on());
+        // The clone is not ready yet; the service that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !traced && !metered {
+            let call = inner.call(request);
+            return Box::pin(async move {
+                let response = call.await?;
+                Ok(response.map(|body| ObservedBody { inner: body, pending: None }))
+            });
+        }
         let rpc = Rpc::from_path(request.uri().path());
-        let span = self.span(&rpc, request.headers_mut());
+        let span = self.span(&rpc, request.headers_mut(), traced);
         let call_ends = CallEnd {
             span: span.clone(),
             rpc,
             side: self.side,
-            metrics: Arc::clone(&self.metrics),
+            metrics: metered.then(|| Arc::clone(&self.metrics)),
             started: Instant::now(),
             recorded: false,
         };
-        // The clone is not ready yet; the service that was polled ready is the one to call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let call = span.in_scope(|| inner.call(request));
         Box::pin(
             async move {
@@ -301,7 +315,8 @@ struct CallEnd {
     span: Span,
     rpc: Rpc,
     side: Side,
-    metrics: Arc<RpcMetrics>,
+    /// None when metrics are not exported.
+    metrics: Option<Arc<RpcMetrics>>,
     started: Instant,
     recorded: bool,
 }
@@ -316,11 +331,15 @@ impl CallEnd {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
-        self.span.set_attribute("rpc.grpc.status_code", i64::from(code as i32));
-        if is_span_error(self.side, code) {
-            self.span.set_status(opentelemetry::trace::Status::error(format!("{code:?}")));
+        if !self.span.is_none() {
+            self.span.set_attribute("rpc.grpc.status_code", i64::from(code as i32));
+            if is_span_error(self.side, code) {
+                self.span.set_status(opentelemetry::trace::Status::error(format!("{code:?}")));
+            }
         }
-        self.metrics.record(&self.rpc, code, self.started);
+        if let Some(metrics) = &self.metrics {
+            metrics.record(&self.rpc, code, self.started);
+        }
     }
 }
 
@@ -392,6 +411,54 @@ mod tests {
         assert_eq!(status_of(&headers), Code::Ok);
         headers.insert("grpc-status", HeaderValue::from_static("9"));
         assert_eq!(status_of(&headers), Code::FailedPrecondition);
+    }
+
+    /// Counts the spans a subscriber is asked to build.
+    struct SpanCounter(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl tracing::Subscriber for SpanCounter {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tracing::span::Id::from_u64(n as u64 + 1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn with_telemetry_off_a_call_builds_no_span_and_carries_no_trace_context() {
+        use tower::{Layer, Service, ServiceExt};
+        // No exporter, no sampler: `telemetry::init` never ran in this test process.
+        assert!(!telemetry::tracing_on() && !telemetry::metrics_on());
+        let spans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dispatch = tracing::Dispatch::new(SpanCounter(Arc::clone(&spans)));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let inner = {
+            let seen = Arc::clone(&seen);
+            tower::service_fn(move |request: Request<()>| {
+                if let Ok(mut seen) = seen.lock() {
+                    seen.extend(request.headers().keys().map(|name| name.to_string()));
+                }
+                async { Ok::<_, std::convert::Infallible>(Response::new(tonic::body::Body::empty())) }
+            })
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        tracing::dispatcher::with_default(&dispatch, || {
+            for layer in [RpcTelemetryLayer::server(), RpcTelemetryLayer::client()] {
+                let mut service = layer.layer(inner.clone());
+                let request = Request::builder().uri("/yidi.v1.LossRegistry/CheckCard").body(()).unwrap();
+                let response = runtime.block_on(async { service.ready().await.unwrap().call(request).await }).unwrap();
+                assert!(response.body().pending.is_none());
+            }
+        });
+        assert_eq!(spans.load(std::sync::atomic::Ordering::SeqCst), 0, "no span was built");
+        assert!(seen.lock().unwrap().is_empty(), "no traceparent was written: {:?}", seen.lock().unwrap());
     }
 
     #[test]

@@ -59,9 +59,14 @@ pub async fn begin(db: &DatabaseConnection) -> Result<Transaction, DbErr> {
     begin_with_options(db, TransactionOptions::default()).await
 }
 
-/// Begins a transaction with `options` (e.g. SQLite's IMMEDIATE mode) in its own span.
+/// Begins a transaction with `options` (e.g. SQLite's IMMEDIATE mode) in its own span (none when
+/// tracing is off: the span would only carry what a trace shows).
 pub async fn begin_with_options(db: &DatabaseConnection, options: TransactionOptions) -> Result<Transaction, DbErr> {
-    let span = tracing::info_span!("db.transaction", db.system = db_system(db.get_database_backend()));
+    let span = if crate::telemetry::tracing_on() {
+        tracing::info_span!("db.transaction", db.system = db_system(db.get_database_backend()))
+    } else {
+        tracing::Span::none()
+    };
     let txn = db.begin_with_options(options).instrument(span.clone()).await?;
     Ok(Transaction { txn, span })
 }

@@ -3,18 +3,28 @@
 //! * Logs: structured, on stderr, human-readable or JSON (`[log] format = "json"`). Every line
 //!   written inside a span carries the OpenTelemetry `trace_id` and `span_id` of that span, so a
 //!   log line can be found from a trace and the other way round.
-//! * Traces: every `tracing` span is an OpenTelemetry span. They are exported over OTLP/gRPC only
-//!   when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; otherwise
-//!   ids are still made (for the logs and for propagation to the next bureau) and nothing leaves
-//!   the process.
+//! * Traces: every `tracing` span is an OpenTelemetry span, exported over OTLP/gRPC when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. Which traces
+//!   are recorded is the sampler's choice, `OTEL_TRACES_SAMPLER` (+ `OTEL_TRACES_SAMPLER_ARG`):
+//!   `always_on`, `always_off`, `traceidratio`, `parentbased_always_on` (the default),
+//!   `parentbased_always_off`, `parentbased_traceidratio`. With no exporter and no sampler set
+//!   (or `always_off`), tracing is off: no OpenTelemetry layer is installed, the RPC layer builds
+//!   no span per call ([`tracing_on`]), log lines carry no trace ids and no trace context is
+//!   propagated. A sampler set without an exporter turns tracing on for the logs' ids and the
+//!   propagation only, nothing leaves the process.
 //! * Metrics: recorded through the global OpenTelemetry meter (see `rpc_telemetry`), exported over
-//!   OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._METRICS_ENDPOINT`) is set; a no-op
-//!   otherwise.
+//!   OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._METRICS_ENDPOINT`) is set; otherwise
+//!   not recorded at all ([`metrics_on`]).
 //!
 //! The standard variables are read by the OpenTelemetry SDK itself: `OTEL_SERVICE_NAME`,
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_EXPORTER_OTLP_*`;
 //! `OTEL_TRACES_EXPORTER=none` / `OTEL_METRICS_EXPORTER=none` switch one signal off.
-use std::{collections::HashMap, fmt, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use opentelemetry::{
     KeyValue,
@@ -22,7 +32,10 @@ use opentelemetry::{
     trace::{TraceContextExt, TracerProvider as _},
 };
 use opentelemetry_sdk::{
-    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator, trace::SdkTracerProvider,
+    Resource,
+    metrics::SdkMeterProvider,
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracerProvider},
 };
 use serde::Deserialize;
 use tracing::Level;
@@ -65,6 +78,24 @@ pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 const OTLP_METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
 const SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+const TRACES_SAMPLER: &str = "OTEL_TRACES_SAMPLER";
+const TRACES_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
+
+/// Whether the installed subscriber records spans (see [`tracing_on`]).
+static TRACING: AtomicBool = AtomicBool::new(false);
+/// Whether metrics are exported (see [`metrics_on`]).
+static METRICS: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process traces: an exporter or a sampler is configured ([`init`]). Off, the RPC
+/// layer builds no span per call and injects or reads no trace context.
+pub fn tracing_on() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
+/// Whether this process exports metrics; off, the RPC layer records none.
+pub fn metrics_on() -> bool {
+    METRICS.load(Ordering::Relaxed)
+}
 /// How long shutting down may wait for the last spans and metrics to be exported.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -81,12 +112,62 @@ pub struct Identity<'a> {
 pub enum TelemetryError {
     #[error("{variable}: {message}")]
     Exporter { variable: &'static str, message: String },
+    #[error("{variable}: {message}")]
+    Sampler { variable: &'static str, message: String },
+}
+
+/// The sampler `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` name (None: unset). Unlike
+/// the SDK, which falls back to `parentbased_always_on` with a warning, a value it cannot read
+/// stops the start.
+fn sampler_from(name: Option<&str>, arg: Option<&str>) -> Result<Option<Sampler>, TelemetryError> {
+    let Some(name) = name.map(str::trim).filter(|name| !name.is_empty()) else {
+        return Ok(None);
+    };
+    let ratio = || {
+        let arg = arg.map(str::trim).unwrap_or_default();
+        match arg.parse::<f64>() {
+            Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+            _ => Err(TelemetryError::Sampler {
+                variable: TRACES_SAMPLER_ARG,
+                message: format!("{name} needs a ratio between 0 and 1, found {arg:?}"),
+            }),
+        }
+    };
+    let parent_based = |root: Sampler| Sampler::ParentBased(Box::new(root));
+    Ok(Some(match name.to_ascii_lowercase().as_str() {
+        "always_on" => Sampler::AlwaysOn,
+        "always_off" => Sampler::AlwaysOff,
+        "traceidratio" => Sampler::TraceIdRatioBased(ratio()?),
+        "parentbased_always_on" => parent_based(Sampler::AlwaysOn),
+        "parentbased_always_off" => parent_based(Sampler::AlwaysOff),
+        "parentbased_traceidratio" => parent_based(Sampler::TraceIdRatioBased(ratio()?)),
+        other => {
+            return Err(TelemetryError::Sampler {
+                variable: TRACES_SAMPLER,
+                message: format!(
+                    "unknown sampler {other:?}; one of always_on, always_off, traceidratio, \
+                     parentbased_always_on, parentbased_always_off, parentbased_traceidratio"
+                ),
+            });
+        }
+    }))
+}
+
+/// The sampler to trace with, or None when tracing is off: no exporter and no sampler set, or a
+/// sampler that never records (`always_off`).
+fn tracing_sampler(exported: bool, configured: Option<Sampler>) -> Option<Sampler> {
+    match configured {
+        Some(Sampler::AlwaysOff) => None,
+        Some(sampler) => Some(sampler),
+        None if exported => Some(Sampler::ParentBased(Box::new(Sampler::AlwaysOn))),
+        None => None,
+    }
 }
 
 /// The installed providers; [`Telemetry::shutdown`] exports what is still buffered. Call it at exit.
 #[must_use = "call shutdown() at exit, or the last spans are lost"]
 pub struct Telemetry {
-    tracer: SdkTracerProvider,
+    tracer: Option<SdkTracerProvider>,
     meter: Option<SdkMeterProvider>,
 }
 
@@ -103,7 +184,7 @@ impl Telemetry {
         let Self { tracer, meter } = self;
         let flushed = tokio::task::spawn_blocking(move || {
             // Shutting down exports what is buffered first.
-            let traces = tracer.shutdown_with_timeout(FLUSH_TIMEOUT);
+            let traces = tracer.map_or(Ok(()), |tracer| tracer.shutdown_with_timeout(FLUSH_TIMEOUT));
             let metrics = meter.map(|meter| meter.shutdown_with_timeout(FLUSH_TIMEOUT));
             (traces, metrics)
         })
@@ -139,15 +220,23 @@ fn resource(identity: Identity<'_>) -> Resource {
 /// in one test) leaves the first subscriber in place.
 pub fn init(config: &LogConfig, identity: Identity<'_>) -> Result<Telemetry, TelemetryError> {
     let resource = resource(identity);
-    let mut tracer = SdkTracerProvider::builder().with_resource(resource.clone());
-    if exported(OTLP_TRACES_ENDPOINT, "OTEL_TRACES_EXPORTER") {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
-            .map_err(|e| TelemetryError::Exporter { variable: OTLP_ENDPOINT, message: e.to_string() })?;
-        tracer = tracer.with_batch_exporter(exporter);
-    }
-    let tracer = tracer.build();
+    let traces_exported = exported(OTLP_TRACES_ENDPOINT, "OTEL_TRACES_EXPORTER");
+    let configured =
+        sampler_from(std::env::var(TRACES_SAMPLER).ok().as_deref(), std::env::var(TRACES_SAMPLER_ARG).ok().as_deref())?;
+    let tracer = match tracing_sampler(traces_exported, configured) {
+        None => None,
+        Some(sampler) => {
+            let mut tracer = SdkTracerProvider::builder().with_resource(resource.clone()).with_sampler(sampler);
+            if traces_exported {
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .build()
+                    .map_err(|e| TelemetryError::Exporter { variable: OTLP_ENDPOINT, message: e.to_string() })?;
+                tracer = tracer.with_batch_exporter(exporter);
+            }
+            Some(tracer.build())
+        }
+    };
     let meter = if exported(OTLP_METRICS_ENDPOINT, "OTEL_METRICS_EXPORTER") {
         let exporter = opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
@@ -160,15 +249,19 @@ pub fn init(config: &LogConfig, identity: Identity<'_>) -> Result<Telemetry, Tel
         None
     };
 
-    // A second subscriber in one process (several services in one test) is refused: the first stays.
-    let _ = subscriber(config, &tracer, std::io::stderr).try_init();
+    // A second subscriber in one process (several services in one test) is refused: the first
+    // stays, and so do the switches it set.
+    if subscriber(config, tracer.as_ref(), std::io::stderr).try_init().is_ok() {
+        TRACING.store(tracer.is_some(), Ordering::Relaxed);
+        METRICS.store(meter.is_some(), Ordering::Relaxed);
+    }
     Ok(Telemetry { tracer, meter })
 }
 
-/// Logs (to `writer`, filtered by `[log] filter` or `RUST_LOG`) and spans (to `tracer`).
+/// Logs (to `writer`, filtered by `[log] filter` or `RUST_LOG`) and spans (to `tracer`, if any).
 fn subscriber<W>(
     config: &LogConfig,
-    tracer: &SdkTracerProvider,
+    tracer: Option<&SdkTracerProvider>,
     writer: W,
 ) -> Box<dyn tracing::Subscriber + Send + Sync>
 where
@@ -179,7 +272,8 @@ where
     let span_filter = Targets::new()
         .with_default(Level::INFO)
         .with_targets(["h2", "hyper", "tower", "sqlx", "sea_orm"].map(|target| (target, Level::WARN)));
-    let spans = tracing_opentelemetry::layer().with_tracer(tracer.tracer("yidi")).with_filter(span_filter);
+    let spans =
+        tracer.map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer.tracer("yidi")).with_filter(span_filter));
     let registry = tracing_subscriber::registry().with(spans);
     // No colours: the ids are added to a line formatted apart, which has none (and log files and
     // collectors want plain text anyway).
@@ -270,7 +364,7 @@ mod tests {
         };
         let config = LogConfig { format, ..LogConfig::default() };
         let tracer = SdkTracerProvider::builder().build();
-        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber(&config, &tracer, writer), || {
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber(&config, Some(&tracer), writer), || {
             let span = tracing::info_span!("request");
             let context = span.context().span().span_context().clone();
             span.in_scope(|| tracing::info!(answer = 42, "inside"));
@@ -315,10 +409,36 @@ mod tests {
     }
 
     #[test]
+    fn without_an_exporter_or_a_sampler_nothing_is_traced() {
+        let name = |sampler: Option<Sampler>| sampler.map(|s| format!("{s:?}"));
+        assert_eq!(name(tracing_sampler(false, None)), None, "off by default");
+        assert_eq!(name(tracing_sampler(true, None)), name(Some(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))));
+        assert_eq!(name(tracing_sampler(true, Some(Sampler::AlwaysOff))), None, "sampling off");
+        let ratio = sampler_from(Some("traceidratio"), Some("0.25")).unwrap();
+        assert_eq!(name(tracing_sampler(false, ratio)), Some("TraceIdRatioBased(0.25)".to_owned()));
+    }
+
+    #[test]
+    fn the_sampler_is_read_from_the_standard_variables_and_a_bad_one_stops_the_start() {
+        let name = |sampler: &str, arg: Option<&str>| {
+            sampler_from(Some(sampler), arg).map(|s| s.map(|s| format!("{s:?}"))).map_err(|e| e.to_string())
+        };
+        assert!(sampler_from(None, Some("0.5")).unwrap().is_none());
+        assert_eq!(
+            name("parentbased_traceidratio", Some("0.1")).unwrap().unwrap(),
+            "ParentBased(TraceIdRatioBased(0.1))"
+        );
+        assert_eq!(name("always_off", None).unwrap().unwrap(), "AlwaysOff");
+        assert!(name("traceidratio", None).unwrap_err().contains(TRACES_SAMPLER_ARG));
+        assert!(name("traceidratio", Some("2")).unwrap_err().contains(TRACES_SAMPLER_ARG));
+        assert!(name("sometimes", None).unwrap_err().contains(TRACES_SAMPLER));
+    }
+
+    #[test]
     fn a_stored_traceparent_becomes_the_parent_of_later_work() {
         let config = LogConfig::default();
         let tracer = SdkTracerProvider::builder().build();
-        tracing::subscriber::with_default(subscriber(&config, &tracer, std::io::sink), || {
+        tracing::subscriber::with_default(subscriber(&config, Some(&tracer), std::io::sink), || {
             let request = tracing::info_span!("request");
             let stored = request.in_scope(current_traceparent).unwrap_or_default();
             let request_context = request.context().span().span_context().clone();

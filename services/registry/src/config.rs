@@ -31,11 +31,22 @@ pub struct ChecksConfig {
     pub collection_deadline_days: u32,
     /// C3: how often cards past the collection deadline are looked for and voided.
     pub void_sweep_every_seconds: u64,
+    /// C4: how long a signed status statement may be relied on (`next_update` − `answered_at`);
+    /// one is served again until half of it is gone.
+    pub statement_validity_seconds: u64,
+    /// C4: statements held for serving again (the most recently checked cards); 0 signs every answer.
+    pub statement_cache_entries: usize,
 }
 
 impl Default for ChecksConfig {
     fn default() -> Self {
-        Self { check_misses_per_minute: 60, collection_deadline_days: 180, void_sweep_every_seconds: 60 }
+        Self {
+            check_misses_per_minute: 60,
+            collection_deadline_days: 180,
+            void_sweep_every_seconds: 60,
+            statement_validity_seconds: 600,
+            statement_cache_entries: 250_000,
+        }
     }
 }
 
@@ -60,6 +71,12 @@ impl RegistryConfig {
         }
         if !(1..=86_400).contains(&self.registry.void_sweep_every_seconds) {
             return Err(ConfigError::key("registry.void_sweep_every_seconds", "must be 1 to 86400"));
+        }
+        if !(2..=604_800).contains(&self.registry.statement_validity_seconds) {
+            return Err(ConfigError::key("registry.statement_validity_seconds", "must be 2 to 604800 (a week)"));
+        }
+        if self.registry.statement_cache_entries > 100_000_000 {
+            return Err(ConfigError::key("registry.statement_cache_entries", "must be at most 100000000"));
         }
         if let Some(path) = &self.import.path
             && path.as_os_str().is_empty()

@@ -234,7 +234,7 @@ impl LossRegistry for RegistryGrpc {
             status: card_status_to_proto(result.status) as i32,
             status_changed_at: result.status_changed_at.map(timestamp),
             checked_at: Some(timestamp(checked_at)),
-            signed_status: signed.as_ref().map(status_statement_to_proto),
+            signed_status: signed.as_deref().map(status_statement_to_proto),
         }))
     }
 

@@ -9,6 +9,7 @@ mod index;
 mod limit;
 mod repo;
 mod service;
+mod statements;
 
 use std::{future::Future, sync::Arc};
 use yidi_bureau::BureauConfig;
@@ -65,6 +66,10 @@ pub async fn serve(
             keys,
             limiter: MissLimiter::new(config.registry.check_misses_per_minute),
             collection_deadline: chrono::Duration::days(i64::from(config.registry.collection_deadline_days)),
+            statements: statements::StatementCache::new(config.registry.statement_cache_entries),
+            statement_validity: chrono::Duration::seconds(
+                i64::try_from(config.registry.statement_validity_seconds).unwrap_or(i64::MAX),
+            ),
         },
     ));
     let sweep_every = std::time::Duration::from_secs(config.registry.void_sweep_every_seconds);

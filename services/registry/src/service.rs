@@ -18,6 +18,7 @@ use crate::{
     index::{CardIndex, CardState, IndexedCard},
     limit::MissLimiter,
     repo::{Card, Change, Hit, LossDecision, NewHit, Repo, StatusEvent, Transfer, is_unique_violation},
+    statements::{self, StatementCache},
 };
 
 /// How often a status change is retried when another writer changed the card meanwhile.
@@ -98,6 +99,10 @@ pub struct Checks {
     pub limiter: MissLimiter,
     /// C3: how long a made card may await collection before it is voided.
     pub collection_deadline: chrono::Duration,
+    /// C4: the statements served again instead of a signature per answer.
+    pub statements: StatementCache,
+    /// C4: `next_update` − `answered_at` of every statement.
+    pub statement_validity: chrono::Duration,
 }
 
 pub struct Registry {
@@ -165,38 +170,76 @@ impl Registry {
         Self { checks, repo, index, directory, clock, bureau_id, events, writer: Mutex::new(()), shutdown }
     }
 
-    /// C4: the answer about one card, signed with the registry's newest key valid at `answered_at`;
-    /// None (and an error logged) if the directory lists no key the registry holds as valid.
+    /// C4: the answer about one card, signed with the registry's newest key valid at `answered_at`:
+    /// without a nonce, the card's cached statement while it may be served again
+    /// ([`statements::reusable`]), else a new one (cached); with a nonce, one signed for it. None
+    /// (and an error logged) if the directory lists no key the registry holds as valid.
     pub fn sign_status(
         &self,
         query: &CardQuery,
         result: &CheckResult,
         answered_at: DateTime<Utc>,
         nonce: Vec<u8>,
-    ) -> Option<SignedStatusStatement> {
+    ) -> Option<Arc<SignedStatusStatement>> {
+        let id_number_hash = id_number_hash(query.id_number.as_str());
+        let cacheable = nonce.is_empty() && result.status != CardStatus::Unknown;
+        self.statement(&query.card_serial, id_number_hash, result, answered_at, nonce, cacheable)
+    }
+
+    fn statement(
+        &self,
+        card_serial: &str,
+        id_number_hash: [u8; 32],
+        result: &CheckResult,
+        answered_at: DateTime<Utc>,
+        nonce: Vec<u8>,
+        cacheable: bool,
+    ) -> Option<Arc<SignedStatusStatement>> {
         let Some(key) = self.checks.keys.select(&self.directory.current(), answered_at) else {
             tracing::error!(held = ?self.checks.keys.held_ids(), "no status signing key is valid now: answer unsigned");
             return None;
         };
+        if cacheable
+            && let Some(cached) = self.checks.statements.get(card_serial)
+            && statements::reusable(&cached.statement, &key.id, &id_number_hash, result, answered_at)
+        {
+            return Some(cached);
+        }
         let statement = StatusStatement {
             registry_id: self.bureau_id.clone(),
             key_id: key.id.clone(),
-            card_serial: query.card_serial.clone(),
-            id_number_hash: id_number_hash(query.id_number.as_str()),
+            card_serial: card_serial.to_owned(),
+            id_number_hash,
             status: result.status,
             status_changed_at: result.status_changed_at,
             answered_at,
+            next_update: answered_at + self.checks.statement_validity,
             nonce,
         };
-        Some(statement.sign(&key.key))
+        let signed = Arc::new(statement.sign(&key.key));
+        if cacheable {
+            self.checks.statements.put(card_serial, Arc::clone(&signed));
+        }
+        Some(signed)
     }
 
     /// S1: a committed status change reaches the index before anyone is told. Called under the
     /// writer lock, so changes land in commit order.
+    ///
+    /// C4: a changed card's cached statement is replaced by one of its new status before the
+    /// change is acknowledged, so that no check after it can be answered with the old one.
     async fn index_events(&self, events: &[StatusEvent], id_number: &str) {
         let mut missing = false;
         for event in events {
             missing |= !self.index.set_status(&event.card_serial, event.status, event.changed_at);
+            if self.checks.statements.remove(&event.card_serial) {
+                let now = self.now();
+                let state = self.index.get(&event.card_serial, id_number);
+                let result = self.check_state(state.as_ref(), now);
+                if result.status != CardStatus::Unknown {
+                    self.statement(&event.card_serial, id_number_hash(id_number), &result, now, Vec::new(), true);
+                }
+            }
         }
         if missing {
             self.resync_holder(id_number).await;
@@ -204,6 +247,7 @@ impl Registry {
     }
 
     fn index_card(&self, card: IndexedCard<'_>) {
+        self.checks.statements.remove(card.serial);
         if let Err(error) = self.index.insert(card) {
             // Only a directory of more than 65,535 home bureaus gets here.
             tracing::error!(%error, serial = card.serial, "card not indexed");

@@ -1328,3 +1328,67 @@ async fn s4_a_first_card_follows_the_written_province_and_then_the_transfer() {
     assert_eq!(status_of(made.status), pb::CardStatus::AwaitingCollection);
     h.shutdown().await;
 }
+
+/// C4, S1: a statement is signed once per status and served again, yet a loss report followed at
+/// once by a check is answered by a statement of the new status, never a cached one of the old
+/// (and so is the withdrawal after it), 1,000 times over.
+#[tokio::test]
+async fn c4_a_check_right_after_a_change_gets_a_statement_of_the_new_status_every_time() {
+    let p = person(123, "JX0001000000");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
+    let (_, first) = signed_check(&mut h, &p.id, &p.card, b"").await;
+    let (_, again) = signed_check(&mut h, &p.id, &p.card, b"").await;
+    assert_eq!(again, first, "the same statement is served again, not signed anew");
+    for round in 0..1000 {
+        let reported = h.report_loss(&h.loss(&p, &format!("loss-{round}"))).await.unwrap();
+        let (answer, signed) = signed_check(&mut h, &p.id, &p.card, b"").await;
+        let statement = signed.verify_answer(&directory, &p.id, &p.card, b"").unwrap();
+        assert_eq!(
+            (statement.status, status_of(answer.status)),
+            (yidi_domain::CardStatus::ReportedLost, pb::CardStatus::ReportedLost),
+            "round {round}: a statement of the old status after the loss report"
+        );
+        assert_eq!(statement.status_changed_at.map(yidi_grpc::convert::timestamp), reported.changed_at);
+
+        let withdrawn = h.withdraw(&h.withdrawal(&p, &format!("withdraw-{round}"))).await.unwrap();
+        let (_, signed) = signed_check(&mut h, &p.id, &p.card, b"").await;
+        let statement = signed.verify_answer(&directory, &p.id, &p.card, b"").unwrap();
+        assert_eq!(statement.status, yidi_domain::CardStatus::Valid, "round {round}: after the withdrawal");
+        assert_eq!(statement.status_changed_at.map(yidi_grpc::convert::timestamp), withdrawn.changed_at);
+    }
+    h.shutdown().await;
+}
+
+/// C4: on a running clock, a cached statement is served again only while more than half of its
+/// window is left, so never past its `next_update`; a question with a nonce gets its own.
+#[tokio::test]
+async fn c4_a_statement_past_its_next_update_is_never_served() {
+    let p = person(123, "JX0001000000");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    h.config.registry.statement_validity_seconds = 2;
+    h.config.clock = ClockConfig { start: Some(now()), ..ClockConfig::default() };
+    h.restart().await;
+    let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
+    let mut made = std::collections::BTreeSet::new();
+    let until = std::time::Instant::now() + Duration::from_millis(3500);
+    while std::time::Instant::now() < until {
+        let (answer, signed) = signed_check(&mut h, &p.id, &p.card, b"").await;
+        let checked_at = yidi_grpc::convert::from_timestamp(answer.checked_at.as_ref().unwrap()).unwrap();
+        let statement = signed.verify_current(&directory, checked_at).unwrap();
+        assert_eq!(statement.next_update - statement.answered_at, chrono::Duration::seconds(2));
+        assert!(checked_at < statement.answered_at + chrono::Duration::seconds(1), "served with half its window gone");
+        made.insert(statement.answered_at);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!((2..=8).contains(&made.len()), "statements made: {made:?}: served again, and renewed in time");
+
+    let (answer, signed) = signed_check(&mut h, &p.id, &p.card, b"nonce-1").await;
+    let statement = signed.verify_answer(&directory, &p.id, &p.card, b"nonce-1").unwrap();
+    assert_eq!(
+        Some(yidi_grpc::convert::timestamp(statement.answered_at)),
+        answer.checked_at,
+        "signed for the question"
+    );
+    h.shutdown().await;
+}
