@@ -101,7 +101,7 @@ pub async fn prepare<M: MigratorTrait, S: GrpcService, T>(
     let signal = trigger.trigger_on(shutdown);
     let reloader = handle.spawn_reloader(sections.directory.reload_every(), shutdown_handle.clone());
 
-    let db = match connect_and_migrate::<M>(sections.database).await {
+    let db = match connect_and_migrate::<M>(sections.database, DATABASE_PATIENCE).await {
         Ok(db) => db,
         Err(error) => {
             signal.abort();
@@ -148,13 +148,41 @@ fn record_denials_in_the_audit_trail(security: &ServerSecurity, db: DatabaseConn
     });
 }
 
-async fn connect_and_migrate<M: MigratorTrait>(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnection> {
-    let db = db::connect(config).await.context("database.url: cannot connect")?;
-    if let Err(error) = M::up(&db, None).await {
-        let _ = db.close().await;
-        return Err(anyhow::Error::new(error).context("database migration"));
+/// How long start-up waits out a database that cannot be reached or is busy (a server restarting,
+/// every connection taken) before it gives up: long enough for a restart, short enough that an
+/// orchestrator sees a bureau that will never start.
+const DATABASE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Connects and migrates. A transient failure (the connection or the pool, a lock: see
+/// `is_transient_database_error`) is tried again with a growing pause until [`DATABASE_PATIENCE`]
+/// (`patience`) is spent; any other failure (a bad URL, a failed migration) ends the start at once. A migration
+/// interrupted half-way is safe to repeat: each one runs in its own transaction on PostgreSQL and
+/// the applied ones are recorded.
+async fn connect_and_migrate<M: MigratorTrait>(
+    config: &DatabaseConfig,
+    patience: Duration,
+) -> anyhow::Result<DatabaseConnection> {
+    use yidi_grpc::error::is_transient_database_error;
+    let give_up_at = tokio::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let (error, what) = match db::connect(config).await {
+            Err(error) => (error, "database.url: cannot connect"),
+            Ok(db) => match M::up(&db, None).await {
+                Ok(()) => return Ok(db),
+                Err(error) => {
+                    let _ = db.close().await;
+                    (error, "database migration")
+                }
+            },
+        };
+        if !is_transient_database_error(&error) || tokio::time::Instant::now() + pause > give_up_at {
+            return Err(anyhow::Error::new(error).context(what));
+        }
+        tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "{what}: the database is not answering; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(4));
     }
-    Ok(db)
 }
 
 #[cfg(test)]
@@ -276,6 +304,21 @@ mod tests {
         let service = issuance_server(SlowIssuance::default());
         tokio::time::timeout(Duration::from_secs(5), prepared.server.serve(service)).await.unwrap().unwrap();
         prepared.db.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_waited_for_and_a_bad_url_is_not() {
+        // Nothing listens on port 1: connection refused, a transient error, tried again.
+        let closed = DatabaseConfig { url: "postgres://postgres@127.0.0.1:1/none".into(), max_connections: 1 };
+        let started = std::time::Instant::now();
+        let error = connect_and_migrate::<AuditOnly>(&closed, Duration::from_secs(1)).await.unwrap_err();
+        assert!(format!("{error:#}").contains("cannot connect"), "{error:#}");
+        assert!(started.elapsed() >= Duration::from_millis(700), "tried again: {:?}", started.elapsed());
+        // A URL no driver takes is no outage: refused at once.
+        let bad = DatabaseConfig { url: "nosuchdb://x".into(), max_connections: 1 };
+        let started = std::time::Instant::now();
+        connect_and_migrate::<AuditOnly>(&bad, Duration::from_secs(30)).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     /// The error of a start-up that must fail.

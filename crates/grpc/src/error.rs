@@ -210,19 +210,21 @@ pub fn decision_code(error: &DecisionError) -> Code {
 pub fn is_transient_database_error(error: &DbErr) -> bool {
     use sea_orm::{RuntimeErr, sqlx};
     match error {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
-        DbErr::Exec(RuntimeErr::SqlxError(error)) | DbErr::Query(RuntimeErr::SqlxError(error)) => {
-            match error.as_ref() {
-                sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::Protocol(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                sqlx::Error::Database(database) => database.code().is_some_and(|code| is_transient_sql_code(&code)),
-                _ => false,
-            }
-        }
+        DbErr::ConnectionAcquire(_) => true,
+        // A connection that could not be made is transient when the server did not answer or was
+        // full, not when the URL or the credentials are wrong.
+        DbErr::Conn(RuntimeErr::SqlxError(error))
+        | DbErr::Exec(RuntimeErr::SqlxError(error))
+        | DbErr::Query(RuntimeErr::SqlxError(error)) => match error.as_ref() {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(database) => database.code().is_some_and(|code| is_transient_sql_code(&code)),
+            _ => false,
+        },
         _ => false,
     }
 }
