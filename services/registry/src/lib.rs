@@ -54,7 +54,12 @@ pub async fn serve(
     let bureau_id = config.server.bureau_id.clone();
     let loading = std::time::Instant::now();
     let index = repo.load_index().await.context("loading the card index")?;
-    tracing::info!(cards = index.len(), seconds = loading.elapsed().as_secs_f64(), "card index loaded");
+    tracing::info!(
+        cards = index.len(),
+        bytes = index.heap_bytes(),
+        seconds = loading.elapsed().as_secs_f64(),
+        "card index loaded"
+    );
     let registry = Arc::new(Registry::new(
         repo.clone(),
         index,

@@ -219,8 +219,7 @@ impl Repo {
     /// Every card, into a new index sized for them (read as one stream, never all in memory).
     pub async fn load_index(&self) -> Result<CardIndex, DbErr> {
         let count = cards::Entity::find().count(&self.db).await?;
-        // A little room for the cards registered while running, so the first ones do not re-hash.
-        let index = CardIndex::with_capacity(usize::try_from(count).unwrap_or(0).saturating_add(1024));
+        let mut index = CardIndex::loader(usize::try_from(count).unwrap_or(0));
         let mut rows = cards::Entity::find()
             .select_only()
             .columns([
@@ -244,9 +243,9 @@ impl Repo {
                 valid_until,
                 status_changed_at,
             };
-            index.insert(card).map_err(|e| DbErr::Custom(e.to_string()))?;
+            index.push(card).map_err(|e| DbErr::Custom(e.to_string()))?;
         }
-        Ok(index)
+        Ok(index.finish())
     }
 
     /// Every card of a holder, whatever its status.
