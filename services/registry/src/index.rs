@@ -1,7 +1,7 @@
 //! The card-status index: every card's status in memory, so that a check (CheckCard, CheckCards)
-//! never waits on the database (S1, C4). It is loaded from the database at start-up and updated by
-//! every write path after its transaction commits and before it answers, under the registry's
-//! writer lock, so the next check sees each committed change.
+//! never waits on the database (S1, C4). It is loaded from the database at start-up and updated
+//! from the registry's ordered log in its order (every replica's, whoever wrote), before a write is
+//! acknowledged (`feed`), so the next check sees each acknowledged change.
 //!
 //! Compact: a card costs one hash-table slot of 32 bytes plus one control byte. The serial (up to
 //! 12 characters of `0-9A-Z`, as every producer issues them) is packed into a `u64` key; the
@@ -198,14 +198,6 @@ impl Inner {
         self.bureau_refs.insert(id.to_owned(), next);
         Ok(next)
     }
-
-    fn entry_mut(&mut self, serial: &str) -> Option<&mut Entry> {
-        match pack_serial(serial) {
-            Some(key) => self.packed.get_mut(&key),
-            None => None,
-        }
-        .or_else(|| self.unpacked.get_mut(serial).map(|(_, entry)| entry))
-    }
 }
 
 impl CardIndex {
@@ -245,19 +237,6 @@ impl CardIndex {
             }
         }
         Ok(())
-    }
-
-    /// Records a committed status change of a known card; false if the card is not indexed.
-    pub fn set_status(&self, serial: &str, status: StoredCardStatus, changed_at: DateTime<Utc>) -> bool {
-        let mut inner = self.write();
-        match inner.entry_mut(serial) {
-            Some(entry) => {
-                entry.status = status_code(status);
-                entry.status_changed_at = changed_at.timestamp_micros();
-                true
-            }
-            None => false,
-        }
     }
 
     /// The state of card `serial` if its holder's number is `id_number` (C4: otherwise unknown).
@@ -343,10 +322,12 @@ mod tests {
     fn s1_a_status_change_is_seen_by_the_next_lookup() {
         let index = CardIndex::with_capacity(4);
         index.insert(card("JX0001000000", HOLDER)).unwrap();
-        assert!(index.set_status("JX0001000000", StoredCardStatus::ReportedLost, at(4_000_000_100)));
+        let mut lost = card("JX0001000000", HOLDER);
+        (lost.status, lost.status_changed_at) = (StoredCardStatus::ReportedLost, at(4_000_000_100));
+        index.insert(lost).unwrap();
         let state = index.get("JX0001000000", HOLDER).unwrap();
         assert_eq!((state.status, state.status_changed_at), (StoredCardStatus::ReportedLost, at(4_000_000_100)));
-        assert!(!index.set_status("JX0009999999", StoredCardStatus::Revoked, at(1)), "not indexed");
+        assert_eq!(index.len(), 1, "replaced, not added");
     }
 
     #[test]
@@ -359,7 +340,9 @@ mod tests {
         assert_eq!(index.get("legacy-serial-that-is-long", HOLDER).unwrap().valid_until, None);
         assert_eq!(index.get("legacy-serial-that-is-long", "360702209611060009"), None);
         assert!(index.get("JX1", "not-a-number").is_some());
-        assert!(index.set_status("legacy-serial-that-is-long", StoredCardStatus::Revoked, at(5)));
+        let mut revoked = card("legacy-serial-that-is-long", HOLDER);
+        (revoked.status, revoked.status_changed_at) = (StoredCardStatus::Revoked, at(5));
+        index.insert(revoked).unwrap();
         assert_eq!(index.get("legacy-serial-that-is-long", HOLDER).unwrap().status, StoredCardStatus::Revoked);
         assert_eq!(index.len(), 2);
     }
