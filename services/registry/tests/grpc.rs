@@ -1659,3 +1659,152 @@ async fn assert_single_writer_histories(scratch: &yidi_testkit::ScratchDatabase,
         assert_eq!(states[fields[0]], parse(fields[1]), "{}: its events end in its status", fields[0]);
     }
 }
+
+/// A `yidi-registry` process of the harness's database, directory and keys.
+struct ReplicaProcess {
+    child: tokio::process::Child,
+    client: Client,
+    channel: Channel,
+}
+
+impl ReplicaProcess {
+    async fn start(replica_id: &str, config_path: &std::path::Path) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_yidi-registry"))
+            .env("YIDI_CONFIG", config_path)
+            .env("YIDI__REGISTRY__REPLICA_ID", replica_id)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let address = loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap();
+            let line = line.unwrap_or_else(|| panic!("replica {replica_id} ended before listening"));
+            if let Some(address) = line.split("listening on ").nth(1) {
+                break address.trim().to_owned();
+            }
+        };
+        // Drained, so that its output never blocks it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let mut client = LossRegistryClient::new(channel.clone());
+        let probe = IdNumber::compose("360102", day(1990, 3, 7), 1);
+        let mut serving = false;
+        for _ in 0..200 {
+            if check_at(&mut client, probe.as_str(), "PROBE", "bank-of-test").await.is_ok() {
+                serving = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(serving, "replica {replica_id} never served");
+        Self { child, client, channel }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
+    async fn health(&self) -> Result<i32, Status> {
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let answer = tonic_health::pb::health_client::HealthClient::new(self.channel.clone()).check(request).await?;
+        Ok(answer.into_inner().status)
+    }
+}
+
+/// The registry's configuration as a file, for its processes.
+fn write_config_file(h: &Harness, db_url: &str) -> PathBuf {
+    let key_dir = h.config.signing.key_dir.as_ref().unwrap();
+    let config = format!(
+        "[server]\nbureau_id = \"{REGISTRY}\"\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 1\n\n\
+         [tls]\nplaintext = true\n\n[database]\nurl = \"{db_url}\"\nmax_connections = 4\n\n\
+         [directory]\npath = \"{}\"\n\n[clock]\nfixed = \"{}\"\n\n[signing]\nkey_dir = \"{}\"\n\n\
+         [registry]\ncheck_misses_per_minute = 1000000\n",
+        h.directory_path.display(),
+        now().to_rfc3339(),
+        key_dir.display(),
+    );
+    let path = h._dir.path().join("registry-replica.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Issue 15, done-when 2, with the `yidi-registry` binary: a replica stopped with SIGSTOP cannot
+/// prove it is fresh, so the checks and health probes it reads when it resumes (sent while it was
+/// stopped, longer ago than the fence bound) are answered UNAVAILABLE `REPLICA_BEHIND` and
+/// NOT_SERVING, never with the status it had; meanwhile writes through the other replicas are
+/// acknowledged within about the bound; then it catches up from the log and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_a_stopped_replica_answers_no_stale_check_and_catches_up_when_it_resumes() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let Some(scratch) = postgres_for_tests("registry_stopped_replica").await.unwrap() else { return };
+    {
+        let p = person(123, "JX-0001");
+        let mut h = Harness::with_database(vec![citizen(&p, None, false)], Some(scratch.url().to_owned())).await;
+        let config_path = write_config_file(&h, scratch.url());
+        let mut b = ReplicaProcess::start("replica-b", &config_path).await;
+        let mut c = ReplicaProcess::start("replica-c", &config_path).await;
+        assert_eq!(c.health().await.unwrap(), ServingStatus::Serving as i32);
+
+        c.signal("-STOP");
+        let fence = Duration::from_millis(ChecksConfig::default().fence_after_ms);
+        let mut checked = c.client.clone();
+        let (id, serial) = (p.id.clone(), p.card.clone());
+        let stale_check = tokio::spawn(async move { check_at(&mut checked, &id, &serial, "bank-of-test").await });
+        let c_channel = c.channel.clone();
+        let stale_health = tokio::spawn(async move {
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            tonic_health::pb::health_client::HealthClient::new(c_channel).check(request).await
+        });
+        let mut slowest = Duration::ZERO;
+        for round in 0..6 {
+            let started = std::time::Instant::now();
+            let expected = if round % 2 == 0 {
+                report_loss_at(&mut b.client, &h.loss(&p, &format!("loss-{round}"))).await.unwrap();
+                pb::CardStatus::ReportedLost
+            } else {
+                h.withdraw(&h.withdrawal(&p, &format!("found-{round}"))).await.unwrap();
+                pb::CardStatus::Valid
+            };
+            slowest = slowest.max(started.elapsed());
+            assert_eq!(status_of(h.check(&p.id, &p.card).await.status), expected);
+            let at_b = check_at(&mut b.client, &p.id, &p.card, "bank-of-test").await.unwrap();
+            assert_eq!(status_of(at_b.status), expected);
+        }
+        // The bound, plus what a busy test machine adds to a write and its check of the replicas.
+        assert!(slowest < fence + Duration::from_millis(800), "a write waited {slowest:?} for the stopped replica");
+        // Six writes: the card ends valid again; what the stopped replica had is "reported lost"
+        // after the first. Its answers read after it resumes must not be older than the last.
+        c.signal("-CONT");
+        let stale = stale_check.await.unwrap();
+        match &stale {
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert_eq!(reason(status), "REPLICA_BEHIND");
+            }
+            Ok(answer) => panic!("a check read after the stop was answered: {answer:?}"),
+        }
+        let health = stale_health.await.unwrap().unwrap().into_inner().status;
+        assert_eq!(health, ServingStatus::NotServing as i32, "health read after the stop");
+
+        let mut caught_up = None;
+        for _ in 0..100 {
+            if let Ok(answer) = check_at(&mut c.client, &p.id, &p.card, "bank-of-test").await {
+                caught_up = Some(answer);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let answer = caught_up.expect("the resumed replica serves again");
+        assert_eq!(status_of(answer.status), pb::CardStatus::Valid, "it applied every write it missed");
+        assert_eq!(c.health().await.unwrap(), ServingStatus::Serving as i32);
+        eprintln!("slowest write while a replica was stopped: {slowest:?}");
+        drop((b, c));
+        h.shutdown().await;
+    }
+    scratch.drop().await.unwrap();
+}
