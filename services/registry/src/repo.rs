@@ -58,19 +58,6 @@ impl From<cards::Model> for Card {
 }
 
 impl Card {
-    /// The card as the index keeps it.
-    #[cfg(test)]
-    pub fn indexed(&self) -> IndexedCard<'_> {
-        IndexedCard {
-            serial: &self.serial,
-            id_number: &self.id_number,
-            home_bureau_id: &self.home_bureau_id,
-            status: self.status,
-            valid_until: self.valid_until,
-            status_changed_at: self.status_changed_at,
-        }
-    }
-
     /// The card as a change of the ordered log leaves it.
     pub fn change(&self, status_event: bool) -> CardChange {
         CardChange {

@@ -1237,7 +1237,7 @@ mod tests {
     fn c4_serial_of_another_holder_is_unknown() {
         let c = card(StoredCardStatus::Valid, None);
         let index = CardIndex::with_capacity(1);
-        index.insert(c.indexed()).unwrap();
+        index.insert(c.change(false).indexed()).unwrap();
         let other = IdNumber::compose("360102", d(1991, 3, 7), 124);
         let now = on(d(2118, 1, 1));
         let result = check_one(index.get(&c.serial, other.as_str()).as_ref(), &clock(), now);
