@@ -173,8 +173,14 @@ impl Harness {
 
     /// Another replica: the same configuration and database, its own id.
     async fn replica(&self, replica_id: &str) -> (Client, Bureau) {
+        self.replica_with(replica_id, |_| {}).await
+    }
+
+    /// As [`Self::replica`], with `configure` applied to its configuration.
+    async fn replica_with(&self, replica_id: &str, configure: impl FnOnce(&mut RegistryConfig)) -> (Client, Bureau) {
         let mut config = self.config.clone();
         config.registry.replica_id = replica_id.into();
+        configure(&mut config);
         let (mut client, bureau) = start(config).await;
         let probe = IdNumber::compose("360102", day(1990, 3, 7), 1);
         // Serving once it has joined the replicas and applied the log.
@@ -1805,6 +1811,37 @@ async fn s1_a_stopped_replica_answers_no_stale_check_and_catches_up_when_it_resu
         eprintln!("slowest write while a replica was stopped: {slowest:?}");
         drop((b, c));
         h.shutdown().await;
+    }
+    scratch.drop().await.unwrap();
+}
+
+/// C4 across replicas (issue 15, point 3): the miss budget of a caller is one, however many
+/// replicas it spreads its guesses over.
+#[tokio::test]
+async fn c4_replicas_share_one_miss_budget_per_caller() {
+    let Some(scratch) = postgres_for_tests("registry_shared_budget").await.unwrap() else { return };
+    {
+        let p = person(123, "JX-0001");
+        let h = Harness::with_database(vec![citizen(&p, None, false)], Some(scratch.url().to_owned())).await;
+        let five = |config: &mut RegistryConfig| config.registry.check_misses_per_minute = 5;
+        let (mut a, a_bureau) = h.replica_with("budget-a", five).await;
+        let (mut b, b_bureau) = h.replica_with("budget-b", five).await;
+        // The same caller (its address) guesses at both replicas in turn: the two probes that
+        // found them serving and three guesses spend the five misses.
+        for guess in 0..3 {
+            let client = if guess % 2 == 0 { &mut a } else { &mut b };
+            let answer = check_at(client, &p.id, &format!("GUESS-{guess}"), "bank").await.unwrap();
+            assert_eq!(status_of(answer.status), pb::CardStatus::Unknown);
+        }
+        for client in [&mut a, &mut b] {
+            let refused = check_at(client, &p.id, "GUESS-X", "bank").await.unwrap_err();
+            assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+            assert_eq!(reason(&refused), "CHECK_MISSES_EXHAUSTED");
+        }
+        // Hits too, where the exhausted budget was seen (else the answers would tell them apart).
+        assert_eq!(check_at(&mut a, &p.id, &p.card, "bank").await.unwrap_err().code(), Code::ResourceExhausted);
+        a_bureau.stop().await.unwrap();
+        b_bureau.stop().await.unwrap();
     }
     scratch.drop().await.unwrap();
 }
