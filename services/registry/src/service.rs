@@ -52,6 +52,12 @@ pub struct ReplicaSettings {
     pub poll: Duration,
 }
 
+/// What a write holds from its decision to its commit ([`Registry::lock_for_write`]).
+struct WriteLocks<'a> {
+    _writer: tokio::sync::MutexGuard<'a, ()>,
+    _holder: feed::HolderLock,
+}
+
 /// One entry of the log as the live watchers receive it: every sequence, so a watcher can tell a
 /// gap from an entry that is no status event.
 #[derive(Debug, Clone)]
@@ -247,13 +253,21 @@ impl Registry {
             let mut listener = self.listen().await;
             let mut pruned = Instant::now();
             let prune_every = self.replica.fence * PRUNE_AFTER_FENCES / 2;
+            // Said once when it starts failing and once when it recovers, not at every poll.
+            let mut failing = false;
             loop {
                 match self.follow_once().await {
+                    Ok(true) if failing => {
+                        failing = false;
+                        tracing::info!("following the registry's log again: checks answered");
+                    }
                     Ok(true) => {}
                     // Joined again after being pruned: read the head again at once.
                     Ok(false) => continue,
+                    Err(error) if failing => tracing::debug!(%error, "still cannot follow the registry's log"),
                     Err(error) => {
-                        tracing::warn!(%error, "cannot follow the registry's log: checks fenced until it can")
+                        failing = true;
+                        tracing::warn!(%error, "cannot follow the registry's log: checks fenced until it can");
                     }
                 }
                 if self.on_postgres() && pruned.elapsed() >= prune_every {
@@ -348,6 +362,16 @@ impl Registry {
         self.index_card(entry.change.indexed());
         // No receiver is not an error: nobody watches.
         let _ = self.events.send(LogItem { sequence: entry.sequence, event: entry.status_event() });
+    }
+
+    /// Locks a write for `holder` until its commit: this process's writer lock, then the holder's
+    /// lock in the database. Released before the write waits for the replicas
+    /// ([`Self::acknowledge`]), so that a stopped replica slows each write by at most the fence
+    /// bound without queueing the others behind it.
+    async fn lock_for_write(&self, holder: &str) -> Result<WriteLocks<'_>, ApiError> {
+        let writer = self.writer.lock().await;
+        let holder = self.repo.lock_holder(holder).await?;
+        Ok(WriteLocks { _writer: writer, _holder: holder })
     }
 
     /// S1 across replicas: a committed write is answered only once every replica serving checks
@@ -524,8 +548,7 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let _writer = self.writer.lock().await;
-        let _holder = self.repo.lock_holder(&normalised(&d.card.holder.id_number)).await?;
+        let locks = self.lock_for_write(&normalised(&d.card.holder.id_number)).await?;
         for _ in 0..ATTEMPTS {
             if self.repo.loss_report_decision_used(&d.decision_id).await? {
                 // The same decision again: answer as before, write nothing.
@@ -591,6 +614,7 @@ impl Registry {
                     };
                     match self.repo.report_loss(decision).await {
                         Ok(Change::Done(entries)) => {
+                            drop(locks);
                             let sequence = self.acknowledge(&entries).await;
                             tracing::info!(serial = %card.serial, sequence, "card reported lost");
                             return Ok(LossOutcome {
@@ -622,8 +646,7 @@ impl Registry {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
         let today = self.clock.date_of(now);
-        let _writer = self.writer.lock().await;
-        let _holder = self.repo.lock_holder(&normalised(&d.card.holder.id_number)).await?;
+        let locks = self.lock_for_write(&normalised(&d.card.holder.id_number)).await?;
         for _ in 0..ATTEMPTS {
             if self.repo.withdraw_decision_used(&d.decision_id).await? {
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
@@ -676,6 +699,7 @@ impl Registry {
                     let decision = LossDecision { serial: &card.serial, decision_id: &d.decision_id, now, audit };
                     match self.repo.withdraw_loss_report(decision).await {
                         Ok(Change::Done(entries)) => {
+                            drop(locks);
                             let sequence = self.acknowledge(&entries).await;
                             tracing::info!(serial = %card.serial, sequence, "loss report withdrawn");
                             return Ok(WithdrawOutcome {
@@ -720,8 +744,7 @@ impl Registry {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
         let holder = normalised(&d.card.holder.id_number);
-        let _writer = self.writer.lock().await;
-        let _holder = self.repo.lock_holder(&holder).await?;
+        let locks = self.lock_for_write(&holder).await?;
         for _ in 0..ATTEMPTS {
             if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
                 if existing.serial == card_serial {
@@ -773,6 +796,7 @@ impl Registry {
             };
             match self.repo.register_card(new.clone(), now, audit).await {
                 Ok(entries) => {
+                    drop(locks);
                     let sequence = self.acknowledge(&entries).await;
                     tracing::info!(serial = %card_serial, holder = %subject, sequence, "card registered, awaiting collection");
                     return Ok(RegisterOutcome { status: answer(&new, &self.clock, now).status, card_serial });
@@ -794,8 +818,7 @@ impl Registry {
         let holder = normalised(id_number.as_str());
         let subject = card_serial.clone();
         let detail = format!("station {station_id} holder {}", mask_id_number(&holder));
-        let _writer = self.writer.lock().await;
-        let _holder = self.repo.lock_holder(&holder).await?;
+        let locks = self.lock_for_write(&holder).await?;
         for _ in 0..ATTEMPTS {
             let now = self.now();
             let card = self.repo.card(&card_serial).await?.filter(|card| card.id_number == holder);
@@ -845,6 +868,7 @@ impl Registry {
                 Ok(Change::Done(entries)) => {
                     let revoked_card_serials: Vec<String> =
                         entries.iter().skip(1).map(|e| e.change.serial.clone()).collect();
+                    drop(locks);
                     let sequence = self.acknowledge(&entries).await;
                     tracing::info!(serial = %card_serial, revoked = revoked_card_serials.len(), sequence, "card collected: valid");
                     return Ok(CollectOutcome {
@@ -911,9 +935,8 @@ impl Registry {
         loop {
             let now = self.now();
             let overdue = self.repo.overdue_cards(now - self.checks.collection_deadline, PAGE).await?;
-            let _writer = self.writer.lock().await;
             for card in &overdue {
-                let _holder = self.repo.lock_holder(&card.id_number).await?;
+                let _locks = self.lock_for_write(&card.id_number).await?;
                 self.void(card, now).await?;
             }
             voided += overdue.len();
@@ -962,8 +985,7 @@ impl Registry {
             return Err(self.refuse(ACTION, subject, detail, error).await);
         }
         let holder = normalised(&d.card.holder.id_number);
-        let _writer = self.writer.lock().await;
-        let _holder = self.repo.lock_holder(&holder).await?;
+        let locks = self.lock_for_write(&holder).await?;
         let cards = self.repo.cards_of(&holder).await?;
         let following = |bureau: &str| -> Vec<String> {
             cards.iter().filter(|c| c.home_bureau_id == bureau).map(|c| c.serial.clone()).collect()
@@ -1008,6 +1030,7 @@ impl Registry {
         };
         match self.repo.transfer_registration(transfer, audit).await {
             Ok((card_serials, entries)) => {
+                drop(locks);
                 self.acknowledge(&entries).await;
                 tracing::info!(holder = %subject, from = %d.bureau_id, to, cards = card_serials.len(), "registration transferred");
                 Ok(TransferOutcome {
