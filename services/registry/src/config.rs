@@ -19,7 +19,7 @@ yidi_bureau::bureau_config! {
 /// `[signing]`: as a home bureau's, for status statements: `key_dir` and `[[signing.keys]]`.
 pub type SigningConfig = KeySources;
 
-/// `[registry]`: limits on relying parties' checks.
+/// `[registry]`: limits on relying parties' checks, and how this replica stands among the others.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChecksConfig {

@@ -105,8 +105,11 @@ pub async fn serve(
     let served = server.serve(service).await;
     // Stopped like any transaction cut short: an unfinished void rolls back.
     sweeper.abort();
-    // It ends at shutdown, leaving the replicas.
-    let _ = follower.await;
+    // It ends at shutdown, leaving the replicas; a server that stopped otherwise stops it here.
+    let mut follower = follower;
+    if tokio::time::timeout(std::time::Duration::from_secs(2), &mut follower).await.is_err() {
+        follower.abort();
+    }
     drop(registry);
     repo.close().await.context("closing the database")?;
     served?;
