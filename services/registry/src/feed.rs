@@ -245,6 +245,39 @@ pub async fn prune(db: &DatabaseConnection, older_than: Duration) -> Result<u64,
     Ok(db.execute_raw(delete).await?.rows_affected())
 }
 
+/// Entries kept behind the slowest replica: a replica that starts reads the head, loads its index
+/// (minutes for a nation) and then reads the log from that head on, before it has a row.
+pub const RETAINED_ENTRIES: u64 = 1_000_000;
+
+/// Deletes the entries every replica has applied, but the last `retained` of them
+/// (`applied`: this replica's, the only one on SQLite). Status events stay: they are
+/// `WatchRevocations`' history. How many were deleted.
+pub async fn trim(db: &DatabaseConnection, applied: u64, retained: u64) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let below = match backend {
+        DbBackend::Postgres => {
+            let slowest =
+                Statement::from_string(backend, "SELECT MIN(applied_sequence) AS slowest FROM registry_replicas");
+            let row = db.query_one_raw(slowest).await?;
+            let slowest: Option<i64> = match row {
+                Some(row) => row.try_get("", "slowest")?,
+                None => None,
+            };
+            slowest.map_or(0, |slowest| sequence_of(slowest).unwrap_or(0)).min(applied)
+        }
+        _ => applied,
+    };
+    let Some(below) = below.checked_sub(retained) else {
+        return Ok(0);
+    };
+    let delete = Statement::from_sql_and_values(
+        backend,
+        "DELETE FROM registry_feed WHERE sequence < $1",
+        [stored(below).into()],
+    );
+    Ok(db.execute_raw(delete).await?.rows_affected())
+}
+
 /// PostgreSQL: this replica stops (writers no longer wait for it).
 pub async fn leave(db: &DatabaseConnection, replica_id: &str) -> Result<(), DbErr> {
     let delete = Statement::from_sql_and_values(
@@ -358,6 +391,38 @@ pub fn default_replica_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use yidi_registry_migration::{Migrator, MigratorTrait};
+    use yidi_runtime::config::DatabaseConfig;
+
+    #[tokio::test]
+    async fn the_log_is_gap_free_and_trimmed_only_behind_every_replica_and_its_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("registry.db").display());
+        let db = db::connect(&DatabaseConfig { url, max_connections: 1 }).await.unwrap();
+        Migrator::up(&db, None).await.unwrap();
+        let change = CardChange {
+            serial: "JX0001".into(),
+            id_number: "360102199003070012".into(),
+            home_bureau_id: "home-jiangxi".into(),
+            status: StoredCardStatus::Made,
+            valid_until: None,
+            status_changed_at: DateTime::from_timestamp(4_000_000_000, 0).unwrap(),
+            status_event: false,
+        };
+        for _ in 0..2 {
+            let txn = db::begin(&db).await.unwrap();
+            append(&txn, vec![change.clone(); 5]).await.unwrap();
+            txn.commit().await.unwrap();
+        }
+        assert_eq!(head(&db).await.unwrap().sequence, 10);
+        let sequences: Vec<u64> = entries(&db, 0, 10, 100).await.unwrap().iter().map(|e| e.sequence).collect();
+        assert_eq!(sequences, (1..=10).collect::<Vec<_>>());
+        assert_eq!(trim(&db, 10, 20).await.unwrap(), 0, "all within the retention");
+        assert_eq!(trim(&db, 8, 3).await.unwrap(), 4, "below 8 - 3");
+        assert_eq!(entries(&db, 0, 10, 100).await.unwrap()[0].sequence, 5);
+        assert_eq!(head(&db).await.unwrap().sequence, 10, "the head stays");
+        db.close().await.unwrap();
+    }
 
     #[test]
     fn s1_a_replica_is_fresh_only_within_the_fence_after_a_confirmation() {

@@ -270,13 +270,9 @@ impl Registry {
                         tracing::warn!(%error, "cannot follow the registry's log: checks fenced until it can");
                     }
                 }
-                if self.on_postgres() && pruned.elapsed() >= prune_every {
+                if pruned.elapsed() >= prune_every {
                     pruned = Instant::now();
-                    match feed::prune(self.repo.db(), self.replica.fence * PRUNE_AFTER_FENCES).await {
-                        Ok(0) => {}
-                        Ok(gone) => tracing::warn!(gone, "replicas not heard of for a while forgotten"),
-                        Err(error) => tracing::warn!(%error, "cannot prune the replicas"),
-                    }
+                    self.prune().await;
                 }
                 let poll = self.replica.poll;
                 let notified = async {
@@ -303,6 +299,22 @@ impl Registry {
                 tracing::warn!(%error, "cannot leave the replicas: writers wait for this one until it is pruned");
             }
         })
+    }
+
+    /// Forgets the replicas not heard of for [`PRUNE_AFTER_FENCES`] bounds, and the entries of the
+    /// log every replica has long applied.
+    async fn prune(&self) {
+        let db = self.repo.db();
+        if self.on_postgres() {
+            match feed::prune(db, self.replica.fence * PRUNE_AFTER_FENCES).await {
+                Ok(0) => {}
+                Ok(gone) => tracing::warn!(gone, "replicas not heard of for a while forgotten"),
+                Err(error) => tracing::warn!(%error, "cannot prune the replicas"),
+            }
+        }
+        if let Err(error) = feed::trim(db, self.freshness.applied(), feed::RETAINED_ENTRIES).await {
+            tracing::warn!(%error, "cannot trim the registry's log");
+        }
     }
 
     async fn listen(&self) -> Option<sqlx::postgres::PgListener> {
