@@ -135,6 +135,42 @@ impl MissBudgets {
     }
 }
 
+impl MissBudgets {
+    /// PostgreSQL: learns which callers are out of misses at any replica, so that this one refuses
+    /// their hits too (within one sync of the exhaustion), and forgets the buckets that are full
+    /// again. Nothing to do on SQLite.
+    pub async fn sync(&self, now: Instant) -> Result<(), DbErr> {
+        let Self::Shared { db, seen } = self else { return Ok(()) };
+        // A bucket refills at `per_second`; one older than a full refill holds nothing to learn.
+        let full_after = seen.capacity / seen.per_second;
+        let exhausted = db
+            .query_all_raw(pg(
+                "SELECT caller, tokens + EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 * $1 AS tokens \
+                 FROM registry_miss_budgets WHERE tokens < 1 \
+                 AND updated_at > clock_timestamp() - $2 * interval '1 second'",
+                vec![seen.per_second.into(), full_after.into()],
+            ))
+            .await?;
+        for row in exhausted {
+            let caller: String = row.try_get("", "caller")?;
+            let tokens: f64 = row.try_get("", "tokens")?;
+            if tokens < 1.0 {
+                seen.remember(&caller, tokens, now);
+            }
+        }
+        db.execute_raw(pg(
+            "DELETE FROM registry_miss_budgets WHERE updated_at < clock_timestamp() - $1 * interval '1 second'",
+            vec![full_after.into()],
+        ))
+        .await?;
+        Ok(())
+    }
+}
+
+fn pg(sql: &str, values: Vec<sea_orm::Value>) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
 /// Takes `misses` from the caller's shared bucket in one transaction (the row locked throughout).
 async fn take_shared(
     db: &DatabaseConnection,
@@ -142,16 +178,17 @@ async fn take_shared(
     caller: &str,
     misses: usize,
 ) -> Result<(Result<(), Exhausted>, f64), DbErr> {
-    let pg = |sql: &str, values: Vec<sea_orm::Value>| Statement::from_sql_and_values(DbBackend::Postgres, sql, values);
     let txn = db::begin(db).await?;
     txn.execute_raw(pg(
-        "INSERT INTO registry_miss_budgets (caller, tokens, updated_at) VALUES ($1, $2, clock_timestamp())          ON CONFLICT (caller) DO NOTHING",
+        "INSERT INTO registry_miss_budgets (caller, tokens, updated_at) VALUES ($1, $2, clock_timestamp()) \
+         ON CONFLICT (caller) DO NOTHING",
         vec![caller.into(), limiter.capacity.into()],
     ))
     .await?;
     let row = txn
         .query_one_raw(pg(
-            "SELECT tokens, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 AS elapsed,              clock_timestamp() AS read_at FROM registry_miss_budgets WHERE caller = $1 FOR UPDATE",
+            "SELECT tokens, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 AS elapsed, \
+             clock_timestamp() AS read_at FROM registry_miss_budgets WHERE caller = $1 FOR UPDATE",
             vec![caller.into()],
         ))
         .await?

@@ -302,7 +302,7 @@ impl Registry {
     }
 
     /// Forgets the replicas not heard of for [`PRUNE_AFTER_FENCES`] bounds, and the entries of the
-    /// log every replica has long applied.
+    /// log every replica has long applied; learns which callers are out of misses (C4).
     async fn prune(&self) {
         let db = self.repo.db();
         if self.on_postgres() {
@@ -314,6 +314,9 @@ impl Registry {
         }
         if let Err(error) = feed::trim(db, self.freshness.applied(), feed::RETAINED_ENTRIES).await {
             tracing::warn!(%error, "cannot trim the registry's log");
+        }
+        if let Err(error) = self.checks.limiter.sync(Instant::now()).await {
+            tracing::warn!(%error, "cannot read the shared miss budgets");
         }
     }
 
