@@ -246,6 +246,11 @@ impl<S: GrpcService> Starting<S> {
         self.idempotency.shared().open(store);
     }
 
+    /// The health the server reports (e.g. to add a readiness check of the service's own).
+    pub fn health(&self) -> HealthPhase {
+        self.health.clone()
+    }
+
     /// Hands the ready service over (health SERVING, unless shutdown has already begun) and serves
     /// until shutdown has drained.
     pub async fn serve(mut self, service: S) -> Result<(), ServeError> {

@@ -75,6 +75,10 @@ pub enum ApiError {
     /// The service is listening but not ready (its database is being migrated).
     #[error("{service} is starting: try again shortly")]
     Starting { service: &'static str },
+    /// This instance is serving but may not answer now (a replica behind its log): another
+    /// instance of the same service may.
+    #[error("{message}")]
+    NotReady { reason: &'static str, message: String },
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     #[error("internal error: {0}")]
@@ -101,7 +105,8 @@ impl ApiError {
             Self::NotFound { .. } => "NOT_FOUND".into(),
             Self::FailedPrecondition { reason, .. }
             | Self::PermissionDenied { reason, .. }
-            | Self::RateLimited { reason, .. } => (*reason).into(),
+            | Self::RateLimited { reason, .. }
+            | Self::NotReady { reason, .. } => (*reason).into(),
             Self::Refused(reason) => format!("REFUSAL_REASON_{}", reason.code()),
             Self::Decision(error) => error.code().into(),
             Self::Unavailable { .. } => "PEER_UNAVAILABLE".into(),
@@ -120,7 +125,7 @@ impl ApiError {
             Self::Decision(error) => decision_code(error),
             Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::RateLimited { .. } => Code::ResourceExhausted,
-            Self::Unavailable { .. } | Self::Starting { .. } => Code::Unavailable,
+            Self::Unavailable { .. } | Self::Starting { .. } | Self::NotReady { .. } => Code::Unavailable,
             Self::Database(error) if is_transient_database_error(error) => Code::Unavailable,
             Self::Database(_) | Self::Internal(_) => Code::Internal,
         }

@@ -4,7 +4,10 @@
 //! Our own implementation rather than `tonic_health`'s reporter: its `Watch` streams never end, so
 //! a load balancer or `grpcurl` watching health would hold every graceful shutdown until the grace
 //! period runs out. Here a `Watch` stream sends the final NOT_SERVING and then ends.
-use std::pin::Pin;
+use std::{
+    pin::Pin,
+    sync::{Arc, OnceLock},
+};
 
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -36,15 +39,32 @@ impl Phase {
     }
 }
 
+/// Whether a serving service can answer right now (asked by every `Check`).
+type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Sets the phase the health service reports.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HealthPhase {
     sender: watch::Sender<Phase>,
+    ready: Arc<OnceLock<ReadyCheck>>,
+}
+
+impl std::fmt::Debug for HealthPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthPhase").field("phase", &self.get()).finish_non_exhaustive()
+    }
 }
 
 impl HealthPhase {
     pub fn set(&self, phase: Phase) {
         self.sender.send_replace(phase);
+    }
+
+    /// While serving, `Check` also asks `ready` and says NOT_SERVING when it is false (a registry
+    /// replica behind its log). Asked at each call, so the answer is never older than the call;
+    /// `Watch` streams follow the phase only. The first check set stays.
+    pub fn set_ready_check(&self, ready: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.ready.set(Arc::new(ready));
     }
 
     pub fn get(&self) -> Phase {
@@ -55,13 +75,21 @@ impl HealthPhase {
 /// The health service for the service named `service_name`; "" (the whole server) reports the same.
 pub fn health_service(service_name: &'static str) -> (HealthPhase, HealthServer<ServiceHealth>) {
     let (sender, receiver) = watch::channel(Phase::Starting);
-    (HealthPhase { sender }, HealthServer::new(ServiceHealth { service_name, receiver }))
+    let ready = Arc::new(OnceLock::new());
+    let health = ServiceHealth { service_name, receiver, ready: Arc::clone(&ready) };
+    (HealthPhase { sender, ready }, HealthServer::new(health))
 }
 
-#[derive(Debug)]
 pub struct ServiceHealth {
     service_name: &'static str,
     receiver: watch::Receiver<Phase>,
+    ready: Arc<OnceLock<ReadyCheck>>,
+}
+
+impl std::fmt::Debug for ServiceHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceHealth").field("service_name", &self.service_name).finish_non_exhaustive()
+    }
 }
 
 impl ServiceHealth {
@@ -83,7 +111,11 @@ impl Health for ServiceHealth {
         if !self.knows(&service) {
             return Err(Status::not_found(format!("unknown service {service:?}")));
         }
-        Ok(Response::new(answer(self.receiver.borrow().serving_status())))
+        let status = match self.receiver.borrow().serving_status() {
+            ServingStatus::Serving if self.ready.get().is_some_and(|ready| !ready()) => ServingStatus::NotServing,
+            status => status,
+        };
+        Ok(Response::new(answer(status)))
     }
 
     type WatchStream = WatchStream;

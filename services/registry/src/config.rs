@@ -19,7 +19,7 @@ yidi_bureau::bureau_config! {
 /// `[signing]`: as a home bureau's, for status statements: `key_dir` and `[[signing.keys]]`.
 pub type SigningConfig = KeySources;
 
-/// `[registry]`: limits on relying parties' checks.
+/// `[registry]`: limits on relying parties' checks, and how this replica stands among the others.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChecksConfig {
@@ -36,6 +36,15 @@ pub struct ChecksConfig {
     pub statement_validity_seconds: u64,
     /// C4: statements held for serving again (the most recently checked cards); 0 signs every answer.
     pub statement_cache_entries: usize,
+    /// S1 across replicas: a replica answers checks only within this many milliseconds after it
+    /// last proved it had applied the whole log (else UNAVAILABLE `REPLICA_BEHIND`, health
+    /// NOT_SERVING); a write is acknowledged at the latest this long after its commit.
+    pub fence_after_ms: u64,
+    /// How often a replica reads the head of the log besides the notifications (milliseconds);
+    /// below half the fence bound, so a replica nothing changes for stays confirmed.
+    pub feed_poll_ms: u64,
+    /// This replica's id among those on the same database; empty: host, process id and start time.
+    pub replica_id: String,
 }
 
 impl Default for ChecksConfig {
@@ -46,6 +55,9 @@ impl Default for ChecksConfig {
             void_sweep_every_seconds: 60,
             statement_validity_seconds: 600,
             statement_cache_entries: 250_000,
+            fence_after_ms: 200,
+            feed_poll_ms: 50,
+            replica_id: String::new(),
         }
     }
 }
@@ -77,6 +89,18 @@ impl RegistryConfig {
         }
         if self.registry.statement_cache_entries > 100_000_000 {
             return Err(ConfigError::key("registry.statement_cache_entries", "must be at most 100000000"));
+        }
+        if !(20..=60_000).contains(&self.registry.fence_after_ms) {
+            return Err(ConfigError::key("registry.fence_after_ms", "must be 20 to 60000"));
+        }
+        if self.registry.feed_poll_ms == 0 || self.registry.feed_poll_ms * 2 > self.registry.fence_after_ms {
+            return Err(ConfigError::key(
+                "registry.feed_poll_ms",
+                "must be at least 1 and at most half of fence_after_ms",
+            ));
+        }
+        if self.registry.replica_id.len() > 256 {
+            return Err(ConfigError::key("registry.replica_id", "must be at most 256 characters"));
         }
         if let Some(path) = &self.import.path
             && path.as_os_str().is_empty()

@@ -226,7 +226,7 @@ impl LossRegistry for RegistryGrpc {
             return Err(ApiError::Internal("validation incomplete".into()).into());
         };
         let query = CardQuery { id_number, card_serial };
-        let (results, checked_at) =
+        let (results, checked_at, sequence) =
             self.service.check_cards(std::slice::from_ref(&query), &relying_party, &caller).await?;
         let result = results.into_iter().next().ok_or_else(|| ApiError::Internal("no result".into()))?;
         let signed = self.service.sign_status(&query, &result, checked_at, request.nonce);
@@ -235,6 +235,7 @@ impl LossRegistry for RegistryGrpc {
             status_changed_at: result.status_changed_at.map(timestamp),
             checked_at: Some(timestamp(checked_at)),
             signed_status: signed.as_deref().map(status_statement_to_proto),
+            sequence,
         }))
     }
 
@@ -272,7 +273,7 @@ impl LossRegistry for RegistryGrpc {
         let Some(relying_party) = relying_party else {
             return Err(ApiError::Internal("validation incomplete".into()).into());
         };
-        let (results, checked_at) = self.service.check_cards(&queries, &relying_party, &caller).await?;
+        let (results, checked_at, sequence) = self.service.check_cards(&queries, &relying_party, &caller).await?;
         Ok(Response::new(pb::CheckCardsResponse {
             results: results
                 .into_iter()
@@ -284,6 +285,7 @@ impl LossRegistry for RegistryGrpc {
                 })
                 .collect(),
             checked_at: Some(timestamp(checked_at)),
+            sequence,
         }))
     }
 

@@ -1,7 +1,7 @@
 //! The card-status index: every card's status in memory, so that a check (CheckCard, CheckCards)
-//! never waits on the database (S1, C4). It is loaded from the database at start-up and updated by
-//! every write path after its transaction commits and before it answers, so the next check sees
-//! each committed change.
+//! never waits on the database (S1, C4). It is loaded from the database at start-up and updated
+//! from the registry's ordered log in its order (every replica's, whoever wrote), before a write is
+//! acknowledged (`feed`), so the next check sees each acknowledged change.
 //!
 //! Compact, for a nation's 1.4 billion cards (docs/SCALING.md): a card loaded at start-up costs
 //! one 30-byte record in a sorted array, found by binary search; nothing else. The serial (up to
@@ -292,22 +292,6 @@ impl Shard {
         }
     }
 
-    fn set_status(&mut self, key: u64, status: u8, changed_at: i64) -> bool {
-        if let Some(at) = self.position(key) {
-            let mut entry = self.loaded[at].entry();
-            (entry.status, entry.status_changed_at) = (status, changed_at);
-            self.loaded[at] = entry.record(key);
-            return true;
-        }
-        match self.added.get_mut(&key) {
-            Some(entry) => {
-                (entry.status, entry.status_changed_at) = (status, changed_at);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Moves the new cards into the sorted array (one allocation of exactly the size needed).
     fn merge(&mut self) {
         let mut added: Vec<Record> = self.added.drain().map(|(key, entry)| entry.record(key)).collect();
@@ -368,7 +352,8 @@ impl IndexLoader {
         let entry = self.index.entry(card)?;
         match (pack_serial(card.serial), pack_id_number(card.id_number)) {
             (Some(key), Some(_)) => {
-                let shard = self.index.shards[shard_of(key)].get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let shard =
+                    self.index.shards[shard_of(key)].get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
                 shard.loaded.push(entry.record(key));
             }
             _ => self.index.insert_unpacked(card, entry),
@@ -430,23 +415,6 @@ impl CardIndex {
             _ => self.insert_unpacked(card, entry),
         }
         Ok(())
-    }
-
-    /// Records a committed status change of a known card; false if the card is not indexed.
-    pub fn set_status(&self, serial: &str, status: StoredCardStatus, changed_at: DateTime<Utc>) -> bool {
-        let (code, micros) = (status_code(status), changed_at.timestamp_micros());
-        if let Some(key) = pack_serial(serial)
-            && write(&self.shards[shard_of(key)]).set_status(key, code, micros)
-        {
-            return true;
-        }
-        match write(&self.unpacked).get_mut(serial) {
-            Some((_, entry)) => {
-                (entry.status, entry.status_changed_at) = (code, micros);
-                true
-            }
-            None => false,
-        }
     }
 
     /// The state of card `serial` if its holder's number is `id_number` (C4: otherwise unknown).
@@ -545,10 +513,12 @@ mod tests {
     fn s1_a_status_change_is_seen_by_the_next_lookup() {
         let index = CardIndex::with_capacity(4);
         index.insert(card("JX0001000000", HOLDER)).unwrap();
-        assert!(index.set_status("JX0001000000", StoredCardStatus::ReportedLost, at(4_000_000_100)));
+        let mut lost = card("JX0001000000", HOLDER);
+        (lost.status, lost.status_changed_at) = (StoredCardStatus::ReportedLost, at(4_000_000_100));
+        index.insert(lost).unwrap();
         let state = index.get("JX0001000000", HOLDER).unwrap();
         assert_eq!((state.status, state.status_changed_at), (StoredCardStatus::ReportedLost, at(4_000_000_100)));
-        assert!(!index.set_status("JX0009999999", StoredCardStatus::Revoked, at(1)), "not indexed");
+        assert_eq!(index.len(), 1, "replaced, not added");
     }
 
     #[test]
@@ -561,7 +531,9 @@ mod tests {
         assert_eq!(index.get("legacy-serial-that-is-long", HOLDER).unwrap().valid_until, None);
         assert_eq!(index.get("legacy-serial-that-is-long", "360702209611060009"), None);
         assert!(index.get("JX1", "not-a-number").is_some());
-        assert!(index.set_status("legacy-serial-that-is-long", StoredCardStatus::Revoked, at(5)));
+        let mut revoked = card("legacy-serial-that-is-long", HOLDER);
+        (revoked.status, revoked.status_changed_at) = (StoredCardStatus::Revoked, at(5));
+        index.insert(revoked).unwrap();
         assert_eq!(index.get("legacy-serial-that-is-long", HOLDER).unwrap().status, StoredCardStatus::Revoked);
         assert_eq!(index.len(), 2);
     }
@@ -592,7 +564,8 @@ mod tests {
             new.status = StoredCardStatus::Made;
             index.insert(new).unwrap();
             if n % 7 == 0 {
-                assert!(index.set_status(&serial, StoredCardStatus::Valid, at(4_000_000_000 + n as i64)));
+                new.status = StoredCardStatus::Valid;
+                index.insert(new).unwrap();
             }
         }
         assert!(index.shards.iter().any(|shard| read(shard).added.len() < read(shard).loaded.len() / 2));
@@ -616,8 +589,10 @@ mod tests {
             StoredCardStatus::Made,
             StoredCardStatus::Voided,
         ] {
-            assert!(index.set_status(&serial, status, at(9)));
-            assert_eq!(index.get(&serial, &number).map(|s| s.status), Some(status));
+            let mut changed = card(&serial, &number);
+            (changed.status, changed.status_changed_at) = (status, at(9));
+            index.insert(changed).unwrap();
+            assert_eq!(index.get(&serial, &number).map(|s| (s.status, s.status_changed_at)), Some((status, at(9))));
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod entities;
+mod feed;
 mod grpc;
 mod index;
 mod limit;
@@ -24,9 +25,9 @@ use yidi_runtime::{Clock, config::ConfigError, population::Population, signing::
 use crate::{
     config::RegistryConfig,
     grpc::RegistryGrpc,
-    limit::MissLimiter,
+    limit::MissBudgets,
     repo::Repo,
-    service::{Checks, Registry},
+    service::{Checks, Registry, ReplicaSettings},
 };
 
 /// Largest gRPC message accepted: a full CheckCards batch fits comfortably.
@@ -50,9 +51,12 @@ pub async fn serve(
     let Prepared { directory, clock, db, shutdown: stop, server, checked: keys, .. } =
         startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, check_keys).await?;
     keys.spawn_reloader(config.directory.reload_every(), stop.clone());
+    let limiter = MissBudgets::new(config.registry.check_misses_per_minute, &db);
     let repo = Repo::new(db);
     let bureau_id = config.server.bureau_id.clone();
     let loading = std::time::Instant::now();
+    // Read before the cards: the index then holds every entry up to it, perhaps more.
+    let head = feed::head(repo.db()).await.context("reading the head of the registry's log")?;
     let index = repo.load_index().await.context("loading the card index")?;
     tracing::info!(
         cards = index.len(),
@@ -60,23 +64,38 @@ pub async fn serve(
         seconds = loading.elapsed().as_secs_f64(),
         "card index loaded"
     );
+    let replica = ReplicaSettings {
+        id: match config.registry.replica_id.as_str() {
+            "" => feed::default_replica_id(),
+            id => id.to_owned(),
+        },
+        fence: std::time::Duration::from_millis(config.registry.fence_after_ms),
+        poll: std::time::Duration::from_millis(config.registry.feed_poll_ms),
+    };
+    let replica_id = replica.id.clone();
     let registry = Arc::new(Registry::new(
         repo.clone(),
-        index,
+        (index, head.sequence),
         directory.clone(),
         clock,
         bureau_id,
         stop.clone(),
         Checks {
             keys,
-            limiter: MissLimiter::new(config.registry.check_misses_per_minute),
+            limiter,
             collection_deadline: chrono::Duration::days(i64::from(config.registry.collection_deadline_days)),
             statements: statements::StatementCache::new(config.registry.statement_cache_entries),
             statement_validity: chrono::Duration::seconds(
                 i64::try_from(config.registry.statement_validity_seconds).unwrap_or(i64::MAX),
             ),
         },
+        replica,
     ));
+    registry.join().await.context("catching up with the registry's log")?;
+    tracing::info!(replica = %replica_id, applied = registry.freshness().applied(), "replica following the log");
+    let follower = Arc::clone(&registry).spawn_follower();
+    let freshness = registry.freshness();
+    server.health().set_ready_check(move || freshness.fresh_at(std::time::Instant::now()).is_some());
     let sweep_every = std::time::Duration::from_secs(config.registry.void_sweep_every_seconds);
     let sweeper = Arc::clone(&registry).spawn_void_sweeper(sweep_every, stop.clone());
 
@@ -91,6 +110,11 @@ pub async fn serve(
     let served = server.serve(service).await;
     // Stopped like any transaction cut short: an unfinished void rolls back.
     sweeper.abort();
+    // It ends at shutdown, leaving the replicas; a server that stopped otherwise stops it here.
+    let mut follower = follower;
+    if tokio::time::timeout(std::time::Duration::from_secs(2), &mut follower).await.is_err() {
+        follower.abort();
+    }
     drop(registry);
     repo.close().await.context("closing the database")?;
     served?;

@@ -5,11 +5,17 @@
 //! A caller whose bucket is empty is refused every check until a token is back, hits included:
 //! answering its hits while refusing its misses would tell the two apart, the very thing the limit
 //! is there to stop.
+//!
+//! Replicas on one PostgreSQL database share the buckets ([`MissBudgets::Shared`]): N replicas do
+//! not give a caller N budgets.
 use std::{
     collections::HashMap,
     sync::Mutex,
     time::{Duration, Instant},
 };
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+use yidi_runtime::db;
 
 /// Above this many callers tracked, buckets that have refilled are forgotten.
 const PRUNE_ABOVE: usize = 10_000;
@@ -49,29 +55,156 @@ impl MissLimiter {
         Duration::from_secs_f64(((1.0 - tokens).max(0.0) / self.per_second).max(0.001))
     }
 
-    /// Whether `caller` may be told answers of which `misses` are misses. Refused when it has no
-    /// token left, or fewer than its misses (the bucket is then emptied: a batch of guesses costs
+    /// The decision for `misses` out of `tokens`, and the tokens left. Refused when there is no
+    /// token left, or fewer than the misses (the bucket is then emptied: a batch of guesses costs
     /// what it would have cost one by one).
-    pub fn admit(&self, caller: &str, misses: usize, now: Instant) -> Result<(), Exhausted> {
+    fn take(&self, tokens: f64, misses: usize) -> (Result<(), Exhausted>, f64) {
+        if tokens < 1.0 {
+            (Err(Exhausted { retry_after: self.wait_for_one(tokens) }), tokens)
+        } else if (misses as f64) <= tokens {
+            (Ok(()), tokens - misses as f64)
+        } else {
+            (Err(Exhausted { retry_after: self.wait_for_one(0.0) }), 0.0)
+        }
+    }
+
+    fn buckets(&self, now: Instant) -> std::sync::MutexGuard<'_, HashMap<String, Bucket>> {
         let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if buckets.len() > PRUNE_ABOVE {
             let capacity = self.capacity;
             buckets.retain(|_, bucket| self.refilled(*bucket, now).tokens < capacity);
         }
+        buckets
+    }
+
+    /// Whether `caller` may be told answers of which `misses` are misses ([`Self::take`]).
+    pub fn admit(&self, caller: &str, misses: usize, now: Instant) -> Result<(), Exhausted> {
+        let mut buckets = self.buckets(now);
         let full = Bucket { tokens: self.capacity, updated: now };
         let bucket = buckets.get(caller).map_or(full, |bucket| self.refilled(*bucket, now));
-        let (result, tokens) = if bucket.tokens < 1.0 {
-            (Err(Exhausted { retry_after: self.wait_for_one(bucket.tokens) }), bucket.tokens)
-        } else if (misses as f64) <= bucket.tokens {
-            (Ok(()), bucket.tokens - misses as f64)
-        } else {
-            (Err(Exhausted { retry_after: self.wait_for_one(0.0) }), 0.0)
-        };
+        let (result, tokens) = self.take(bucket.tokens, misses);
         if misses > 0 || buckets.contains_key(caller) {
             buckets.insert(caller.to_owned(), Bucket { tokens, updated: now });
         }
         result
     }
+
+    /// Remembers that `caller` had `tokens` left at `now` (as the shared budgets said).
+    fn remember(&self, caller: &str, tokens: f64, now: Instant) {
+        self.buckets(now).insert(caller.to_owned(), Bucket { tokens, updated: now });
+    }
+}
+
+/// C4: the miss budgets of the callers, of this replica alone or shared by all.
+#[derive(Debug)]
+pub enum MissBudgets {
+    /// One replica (SQLite): the buckets live in this process.
+    Local(MissLimiter),
+    /// Replicas on one PostgreSQL database: every check with a miss takes its tokens from
+    /// `registry_miss_budgets` under the caller's row lock. A check without a miss never touches
+    /// the database: it is refused when the bucket this replica last saw for the caller is empty.
+    Shared { db: DatabaseConnection, seen: MissLimiter },
+}
+
+impl MissBudgets {
+    /// `per_minute` as [`MissLimiter::new`]; shared on PostgreSQL.
+    pub fn new(per_minute: u32, db: &DatabaseConnection) -> Self {
+        match db.get_database_backend() {
+            DbBackend::Postgres => Self::Shared { db: db.clone(), seen: MissLimiter::new(per_minute) },
+            _ => Self::Local(MissLimiter::new(per_minute)),
+        }
+    }
+
+    /// As [`MissLimiter::admit`], across every replica.
+    pub async fn admit(&self, caller: &str, misses: usize, now: Instant) -> Result<(), Exhausted> {
+        match self {
+            Self::Local(limiter) => limiter.admit(caller, misses, now),
+            Self::Shared { seen, .. } if misses == 0 => seen.admit(caller, 0, now),
+            Self::Shared { db, seen } => match take_shared(db, seen, caller, misses).await {
+                Ok((result, tokens)) => {
+                    seen.remember(caller, tokens, now);
+                    result
+                }
+                Err(error) => {
+                    // Counted here alone rather than not at all.
+                    tracing::warn!(%error, "shared miss budgets unavailable: counted by this replica");
+                    seen.admit(caller, misses, now)
+                }
+            },
+        }
+    }
+}
+
+impl MissBudgets {
+    /// PostgreSQL: learns which callers are out of misses at any replica, so that this one refuses
+    /// their hits too (within one sync of the exhaustion), and forgets the buckets that are full
+    /// again. Nothing to do on SQLite.
+    pub async fn sync(&self, now: Instant) -> Result<(), DbErr> {
+        let Self::Shared { db, seen } = self else { return Ok(()) };
+        // A bucket refills at `per_second`; one older than a full refill holds nothing to learn.
+        let full_after = seen.capacity / seen.per_second;
+        let exhausted = db
+            .query_all_raw(pg(
+                "SELECT caller, tokens + EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 * $1 AS tokens \
+                 FROM registry_miss_budgets WHERE tokens < 1 \
+                 AND updated_at > clock_timestamp() - $2 * interval '1 second'",
+                vec![seen.per_second.into(), full_after.into()],
+            ))
+            .await?;
+        for row in exhausted {
+            let caller: String = row.try_get("", "caller")?;
+            let tokens: f64 = row.try_get("", "tokens")?;
+            if tokens < 1.0 {
+                seen.remember(&caller, tokens, now);
+            }
+        }
+        db.execute_raw(pg(
+            "DELETE FROM registry_miss_budgets WHERE updated_at < clock_timestamp() - $1 * interval '1 second'",
+            vec![full_after.into()],
+        ))
+        .await?;
+        Ok(())
+    }
+}
+
+fn pg(sql: &str, values: Vec<sea_orm::Value>) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+/// Takes `misses` from the caller's shared bucket in one transaction (the row locked throughout).
+async fn take_shared(
+    db: &DatabaseConnection,
+    limiter: &MissLimiter,
+    caller: &str,
+    misses: usize,
+) -> Result<(Result<(), Exhausted>, f64), DbErr> {
+    let txn = db::begin(db).await?;
+    txn.execute_raw(pg(
+        "INSERT INTO registry_miss_budgets (caller, tokens, updated_at) VALUES ($1, $2, clock_timestamp()) \
+         ON CONFLICT (caller) DO NOTHING",
+        vec![caller.into(), limiter.capacity.into()],
+    ))
+    .await?;
+    let row = txn
+        .query_one_raw(pg(
+            "SELECT tokens, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 AS elapsed, \
+             clock_timestamp() AS read_at FROM registry_miss_budgets WHERE caller = $1 FOR UPDATE",
+            vec![caller.into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("registry_miss_budgets".into()))?;
+    let tokens: f64 = row.try_get("", "tokens")?;
+    let elapsed: f64 = row.try_get("", "elapsed")?;
+    let read_at: chrono::DateTime<chrono::Utc> = row.try_get("", "read_at")?;
+    let refilled = (tokens + elapsed.max(0.0) * limiter.per_second).min(limiter.capacity);
+    let (result, left) = limiter.take(refilled, misses);
+    txn.execute_raw(pg(
+        "UPDATE registry_miss_budgets SET tokens = $2, updated_at = $3 WHERE caller = $1",
+        vec![caller.into(), left.into(), read_at.into()],
+    ))
+    .await?;
+    txn.commit().await?;
+    Ok((result, left))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! All database access of the registry. Every status change is written together with its event
-//! row and its audit row in one transaction, committed before the caller answers or broadcasts.
+//! All database access of the registry. Every change of a card is written together with its
+//! entries of the replicas' ordered log ([`feed`]), its event row and its audit row in one
+//! transaction, committed before the caller waits for the replicas to apply it.
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
@@ -14,6 +15,7 @@ use yidi_runtime::db;
 
 use crate::{
     entities::{CardStatusColumn, cards, hits, loss_reports, registration_transfers, status_events},
+    feed::{self, CardChange, Entry},
     index::{CardIndex, IndexedCard},
 };
 
@@ -56,15 +58,16 @@ impl From<cards::Model> for Card {
 }
 
 impl Card {
-    /// The card as the index keeps it.
-    pub fn indexed(&self) -> IndexedCard<'_> {
-        IndexedCard {
-            serial: &self.serial,
-            id_number: &self.id_number,
-            home_bureau_id: &self.home_bureau_id,
+    /// The card as a change of the ordered log leaves it.
+    pub fn change(&self, status_event: bool) -> CardChange {
+        CardChange {
+            serial: self.serial.clone(),
+            id_number: self.id_number.clone(),
+            home_bureau_id: self.home_bureau_id.clone(),
             status: self.status,
             valid_until: self.valid_until,
             status_changed_at: self.status_changed_at,
+            status_event,
         }
     }
 }
@@ -156,15 +159,15 @@ pub struct Repo {
     db: DatabaseConnection,
 }
 
-/// Moves `serial` from `from` to `to` if it still is in `from`, and writes the event row.
-/// `None`: the card was not in `from` (nothing written).
+/// Moves `serial` from `from` to `to` if it still is in `from`: the card as it now is, for the
+/// log. `None`: the card was not in `from` (nothing written).
 async fn move_status<C: ConnectionTrait>(
     db: &C,
     serial: &str,
     from: StoredCardStatus,
     to: StoredCardStatus,
     now: DateTime<Utc>,
-) -> Result<Option<StatusEvent>, DbErr> {
+) -> Result<Option<CardChange>, DbErr> {
     if !from.can_move_to(to) {
         return Err(DbErr::Custom(format!("transition {} -> {} is not allowed", from.as_str(), to.as_str())));
     }
@@ -178,16 +181,11 @@ async fn move_status<C: ConnectionTrait>(
     if updated.rows_affected != 1 {
         return Ok(None);
     }
-    let inserted = status_events::Entity::insert(status_events::ActiveModel {
-        sequence: NotSet,
-        card_serial: Set(serial.to_owned()),
-        status: Set(to.into()),
-        changed_at: Set(now),
-    })
-    .exec(db)
-    .await?;
-    let sequence = u64::try_from(inserted.last_insert_id).map_err(|_| DbErr::Custom("negative sequence".into()))?;
-    Ok(Some(StatusEvent { sequence, card_serial: serial.to_owned(), status: to, changed_at: now }))
+    let card = cards::Entity::find_by_id(serial.to_owned())
+        .one(db)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("card {serial}")))?;
+    Ok(Some(Card::from(card).change(true)))
 }
 
 fn card_model(card: Card) -> cards::ActiveModel {
@@ -210,6 +208,15 @@ fn card_model(card: Card) -> cards::ActiveModel {
 impl Repo {
     pub fn new(db: DatabaseConnection) -> Self {
         Self { db }
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Serialises this holder's writes across every replica until the lock is dropped.
+    pub async fn lock_holder(&self, id_number: &str) -> Result<feed::HolderLock, DbErr> {
+        feed::HolderLock::acquire(&self.db, id_number).await
     }
 
     pub async fn card(&self, serial: &str) -> Result<Option<Card>, DbErr> {
@@ -325,7 +332,7 @@ impl Repo {
         &self,
         transfer: Transfer,
         audit: impl FnOnce(&[String]) -> AuditEntry,
-    ) -> Result<Vec<String>, DbErr> {
+    ) -> Result<(Vec<String>, Vec<Entry>), DbErr> {
         let Transfer { decision_id, id_number, from_bureau_id, to_bureau_id, transferred_at } = transfer;
         let txn = db::begin(&self.db).await?;
         // The insert comes first: on SQLite it takes the write lock before anything is read.
@@ -354,9 +361,18 @@ impl Repo {
             .filter(cards::Column::HomeBureauId.eq(from_bureau_id.as_str()))
             .exec(&txn)
             .await?;
+        let changes = cards::Entity::find()
+            .filter(cards::Column::Serial.is_in(moved.iter().map(String::as_str)))
+            .order_by_asc(cards::Column::Serial)
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|m| Card::from(m).change(false))
+            .collect();
         audit::append(&txn, transferred_at, audit(&moved)).await?;
+        let entries = feed::append(&txn, changes).await?;
         txn.commit().await?;
-        Ok(moved)
+        Ok((moved, entries))
     }
 
     /// Opens the transaction of a status change and moves the card; `None` (rolled back, nothing
@@ -367,10 +383,10 @@ impl Repo {
         from: StoredCardStatus,
         to: StoredCardStatus,
         now: DateTime<Utc>,
-    ) -> Result<Option<(db::Transaction, StatusEvent)>, DbErr> {
+    ) -> Result<Option<(db::Transaction, CardChange)>, DbErr> {
         let txn = db::begin(&self.db).await?;
         match move_status(&txn, serial, from, to, now).await? {
-            Some(event) => Ok(Some((txn, event))),
+            Some(change) => Ok(Some((txn, change))),
             None => {
                 txn.rollback().await?;
                 Ok(None)
@@ -388,23 +404,22 @@ impl Repo {
     }
 
     /// Valid → reported lost, with the loss report, the event and the audit record.
-    pub async fn report_loss(&self, decision: LossDecision<'_>) -> Result<Change<StatusEvent>, DbErr> {
+    pub async fn report_loss(&self, decision: LossDecision<'_>) -> Result<Change<Vec<Entry>>, DbErr> {
         let LossDecision { serial, decision_id, now, audit } = decision;
         let (from, to) = (StoredCardStatus::Valid, StoredCardStatus::ReportedLost);
-        let Some((txn, event)) = self.begin_move(serial, from, to, now).await? else {
+        let Some((txn, change)) = self.begin_move(serial, from, to, now).await? else {
             return Ok(Change::Raced);
         };
         insert_loss_report(&txn, serial, decision_id, now).await?;
         audit::append(&txn, now, audit).await?;
-        txn.commit().await?;
-        Ok(Change::Done(event))
+        commit_with(txn, vec![change]).await
     }
 
     /// Reported lost → valid (K6): the open loss reports are closed, the latest with the decision.
-    pub async fn withdraw_loss_report(&self, decision: LossDecision<'_>) -> Result<Change<StatusEvent>, DbErr> {
+    pub async fn withdraw_loss_report(&self, decision: LossDecision<'_>) -> Result<Change<Vec<Entry>>, DbErr> {
         let LossDecision { serial, decision_id, now, audit } = decision;
         let (from, to) = (StoredCardStatus::ReportedLost, StoredCardStatus::Valid);
-        let Some((txn, event)) = self.begin_move(serial, from, to, now).await? else {
+        let Some((txn, change)) = self.begin_move(serial, from, to, now).await? else {
             return Ok(Change::Raced);
         };
         let open = loss_reports::Entity::find()
@@ -444,17 +459,19 @@ impl Repo {
             }
         }
         audit::append(&txn, now, audit).await?;
-        txn.commit().await?;
-        Ok(Change::Done(event))
+        commit_with(txn, vec![change]).await
     }
 
     /// C3: inserts a card its producer made, awaiting collection; the holder's other cards keep
     /// their status until the collection (`collect_card`).
-    pub async fn register_card(&self, card: Card, now: DateTime<Utc>, audit: AuditEntry) -> Result<(), DbErr> {
+    pub async fn register_card(&self, card: Card, now: DateTime<Utc>, audit: AuditEntry) -> Result<Vec<Entry>, DbErr> {
         let txn = db::begin(&self.db).await?;
+        let change = card.change(false);
         cards::Entity::insert(card_model(card)).exec_without_returning(&txn).await?;
         audit::append(&txn, now, audit).await?;
-        txn.commit().await
+        let entries = feed::append(&txn, vec![change]).await?;
+        txn.commit().await?;
+        Ok(entries)
     }
 
     /// C3, S1: the holder collected `serial`: it becomes valid and every other card of the holder
@@ -466,7 +483,7 @@ impl Repo {
         id_number: &str,
         now: DateTime<Utc>,
         audit: impl FnOnce(&[String]) -> AuditEntry,
-    ) -> Result<Change<Vec<StatusEvent>>, DbErr> {
+    ) -> Result<Change<Vec<Entry>>, DbErr> {
         let (from, to) = (StoredCardStatus::Made, StoredCardStatus::Valid);
         let Some((txn, collected)) = self.begin_move(serial, from, to, now).await? else {
             return Ok(Change::Raced);
@@ -483,22 +500,21 @@ impl Repo {
             .order_by_asc(cards::Column::Serial)
             .all(&txn)
             .await?;
-        let mut events = vec![collected];
+        let mut changes = vec![collected];
         for other in others {
             let from = StoredCardStatus::from(other.status);
-            if let Some(event) = move_status(&txn, &other.serial, from, StoredCardStatus::Revoked, now).await? {
+            if let Some(change) = move_status(&txn, &other.serial, from, StoredCardStatus::Revoked, now).await? {
                 cards::Entity::update_many()
                     .col_expr(cards::Column::RevokedBy, Expr::value(serial))
                     .filter(cards::Column::Serial.eq(other.serial.as_str()))
                     .exec(&txn)
                     .await?;
-                events.push(event);
+                changes.push(change);
             }
         }
-        let revoked: Vec<String> = events[1..].iter().map(|e| e.card_serial.clone()).collect();
+        let revoked: Vec<String> = changes[1..].iter().map(|c| c.serial.clone()).collect();
         audit::append(&txn, now, audit(&revoked)).await?;
-        txn.commit().await?;
-        Ok(Change::Done(events))
+        commit_with(txn, changes).await
     }
 
     /// C3: the cards made before `made_before` and still awaiting collection, oldest first.
@@ -522,26 +538,25 @@ impl Repo {
         serial: &str,
         now: DateTime<Utc>,
         audit: AuditEntry,
-    ) -> Result<Change<StatusEvent>, DbErr> {
+    ) -> Result<Change<Vec<Entry>>, DbErr> {
         let (from, to) = (StoredCardStatus::Made, StoredCardStatus::Voided);
-        let Some((txn, event)) = self.begin_move(serial, from, to, now).await? else {
+        let Some((txn, change)) = self.begin_move(serial, from, to, now).await? else {
             return Ok(Change::Raced);
         };
         audit::append(&txn, now, audit).await?;
-        txn.commit().await?;
-        Ok(Change::Done(event))
+        commit_with(txn, vec![change]).await
     }
 
     /// Imports a legacy card if its serial is not yet known; never overwrites. A card already
     /// reported lost gets a loss report row `import:<serial>` so a withdrawal can close it.
     /// `first_day_began`: when the card's first valid day began (in the clock's zone).
-    /// `Some(the card as stored)` if it was imported.
+    /// Its entry of the log if it was imported.
     pub async fn import_card(
         &self,
         mut card: Card,
         first_day_began: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> Result<Option<Card>, DbErr> {
+    ) -> Result<Option<Entry>, DbErr> {
         if cards::Entity::find_by_id(card.serial.clone()).one(&self.db).await?.is_some() {
             return Ok(None);
         }
@@ -563,8 +578,9 @@ impl Repo {
         if lost {
             insert_loss_report(&txn, &serial, &format!("import:{serial}"), now).await?;
         }
+        let entries = feed::append(&txn, vec![card.change(false)]).await?;
         txn.commit().await?;
-        Ok(Some(card))
+        Ok(entries.into_iter().next())
     }
 
     /// C4: hits, in one multi-row insert.
@@ -622,6 +638,13 @@ impl Repo {
     pub async fn close(self) -> Result<(), DbErr> {
         self.db.close().await
     }
+}
+
+/// Appends the changes to the log and commits.
+async fn commit_with(txn: db::Transaction, changes: Vec<CardChange>) -> Result<Change<Vec<Entry>>, DbErr> {
+    let entries = feed::append(&txn, changes).await?;
+    txn.commit().await?;
+    Ok(Change::Done(entries))
 }
 
 /// Whether a database error is a unique-constraint violation (a concurrent duplicate insert).

@@ -1,8 +1,11 @@
 //! The registry's rules (S1, S4, C2, C4, K6) on validated domain values. No tonic types here.
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
-use sea_orm::DbErr;
+use sea_orm::{DbBackend, DbErr};
 use tokio::sync::{Mutex, broadcast, mpsc};
 use yidi_audit::AuditEntry;
 use yidi_domain::{
@@ -15,8 +18,9 @@ use yidi_grpc::ApiError;
 use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Population, signing::KeyRing};
 
 use crate::{
+    feed::{self, Entry, Freshness},
     index::{CardIndex, CardState, IndexedCard},
-    limit::MissLimiter,
+    limit::MissBudgets,
     repo::{Card, Change, Hit, LossDecision, NewHit, Repo, StatusEvent, Transfer, is_unique_violation},
     statements::{self, StatementCache},
 };
@@ -27,6 +31,40 @@ const ATTEMPTS: usize = 3;
 const BACKLOG_PAGE: u64 = 500;
 /// Capacity of the live event channel; a watcher that falls further behind re-reads the database.
 pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
+/// Entries of the log read per query when a replica catches up.
+const FEED_PAGE: u64 = 1000;
+/// Added to the fence bound before a write is acknowledged without a replica's confirmation:
+/// the replicas' and the writer's clocks may run at slightly different rates.
+const FENCE_MARGIN: Duration = Duration::from_millis(10);
+/// How often a writer looks whether every replica has applied its write.
+const ACK_POLL: Duration = Duration::from_millis(2);
+/// A replica not confirmed for this many fence bounds is forgotten by writers (stopped or gone).
+const PRUNE_AFTER_FENCES: u32 = 10;
+
+/// Where this replica stands among the others on its database (issue 15).
+#[derive(Debug, Clone)]
+pub struct ReplicaSettings {
+    /// Unique among the replicas of one database.
+    pub id: String,
+    /// S1: checks are answered only within this long after the last proof of freshness.
+    pub fence: Duration,
+    /// How often the head of the log is read when no notification comes.
+    pub poll: Duration,
+}
+
+/// What a write holds from its decision to its commit ([`Registry::lock_for_write`]).
+struct WriteLocks<'a> {
+    _writer: tokio::sync::MutexGuard<'a, ()>,
+    _holder: feed::HolderLock,
+}
+
+/// One entry of the log as the live watchers receive it: every sequence, so a watcher can tell a
+/// gap from an entry that is no status event.
+#[derive(Debug, Clone)]
+pub struct LogItem {
+    pub sequence: u64,
+    pub event: Option<StatusEvent>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LossOutcome {
@@ -96,7 +134,7 @@ pub struct CheckResult {
 /// the limit on misses.
 pub struct Checks {
     pub keys: Arc<KeyRing>,
-    pub limiter: MissLimiter,
+    pub limiter: MissBudgets,
     /// C3: how long a made card may await collection before it is voided.
     pub collection_deadline: chrono::Duration,
     /// C4: the statements served again instead of a signature per answer.
@@ -108,15 +146,18 @@ pub struct Checks {
 pub struct Registry {
     checks: Checks,
     repo: Repo,
-    /// Every card's status; checks read only this (S1: updated by each write before it answers).
+    /// Every card's status; checks read only this. Updated only from the ordered log, in its order.
     index: CardIndex,
     directory: DirectoryHandle,
     clock: Clock,
     bureau_id: String,
-    events: broadcast::Sender<StatusEvent>,
-    /// Serialises status changes so that events commit and broadcast in sequence order.
+    events: broadcast::Sender<LogItem>,
+    /// One write at a time in this process (a connection for the holder's lock, one for the write);
+    /// writes of several replicas are serialised per holder by the database ([`Repo::lock_holder`]).
     writer: Mutex<()>,
     shutdown: Shutdown,
+    replica: ReplicaSettings,
+    freshness: Arc<Freshness>,
 }
 
 /// N2: identity numbers are stored and compared with an upper-case check character.
@@ -156,18 +197,228 @@ pub fn check_one(state: Option<&CardState>, clock: &Clock, at: DateTime<Utc>) ->
 }
 
 impl Registry {
-    /// `index` holds every card of `repo` ([`Repo::load_index`]).
+    /// `index` holds every card of `repo` ([`Repo::load_index`]) as of the log's entry `applied`
+    /// or later (the head read before the index was loaded).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         repo: Repo,
-        index: CardIndex,
+        (index, applied): (CardIndex, u64),
         directory: DirectoryHandle,
         clock: Clock,
         bureau_id: String,
         shutdown: Shutdown,
         checks: Checks,
+        replica: ReplicaSettings,
     ) -> Self {
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
-        Self { checks, repo, index, directory, clock, bureau_id, events, writer: Mutex::new(()), shutdown }
+        let freshness = Arc::new(Freshness::new(replica.fence, applied));
+        Self {
+            checks,
+            repo,
+            index,
+            directory,
+            clock,
+            bureau_id,
+            events,
+            writer: Mutex::new(()),
+            shutdown,
+            replica,
+            freshness,
+        }
+    }
+
+    /// S1: how fresh this replica can prove it is (health and checks read it).
+    pub fn freshness(&self) -> Arc<Freshness> {
+        Arc::clone(&self.freshness)
+    }
+
+    fn on_postgres(&self) -> bool {
+        self.repo.db().get_database_backend() == DbBackend::Postgres
+    }
+
+    /// Joins the replicas of the database and applies the log up to its head: afterwards this
+    /// replica may answer checks.
+    pub async fn join(&self) -> Result<(), DbErr> {
+        if self.on_postgres() {
+            feed::join(self.repo.db(), &self.replica.id, self.freshness.applied()).await?;
+        }
+        while !self.follow_once().await? {}
+        Ok(())
+    }
+
+    /// Follows the log until shutdown (LISTEN as the wake-up on PostgreSQL, a poll of the head in
+    /// any case), then leaves the replicas.
+    pub fn spawn_follower(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut listener = self.listen().await;
+            let mut pruned = Instant::now();
+            let prune_every = self.replica.fence * PRUNE_AFTER_FENCES / 2;
+            // Said once when it starts failing and once when it recovers, not at every poll.
+            let mut failing = false;
+            loop {
+                match self.follow_once().await {
+                    Ok(true) if failing => {
+                        failing = false;
+                        tracing::info!("following the registry's log again: checks answered");
+                    }
+                    Ok(true) => {}
+                    // Joined again after being pruned: read the head again at once.
+                    Ok(false) => continue,
+                    Err(error) if failing => tracing::debug!(%error, "still cannot follow the registry's log"),
+                    Err(error) => {
+                        failing = true;
+                        tracing::warn!(%error, "cannot follow the registry's log: checks fenced until it can");
+                    }
+                }
+                if pruned.elapsed() >= prune_every {
+                    pruned = Instant::now();
+                    self.prune().await;
+                }
+                let poll = self.replica.poll;
+                let notified = async {
+                    match listener.as_mut() {
+                        Some(listener) => {
+                            if let Err(error) = listener.recv().await {
+                                tracing::debug!(%error, "registry log notification lost");
+                                tokio::time::sleep(poll).await;
+                            }
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = self.shutdown.wait() => break,
+                    () = self.freshness.nudge.notified() => {}
+                    () = notified => {}
+                    () = tokio::time::sleep(poll) => {}
+                }
+            }
+            if self.on_postgres()
+                && let Err(error) = feed::leave(self.repo.db(), &self.replica.id).await
+            {
+                tracing::warn!(%error, "cannot leave the replicas: writers wait for this one until it is pruned");
+            }
+        })
+    }
+
+    /// Forgets the replicas not heard of for [`PRUNE_AFTER_FENCES`] bounds, and the entries of the
+    /// log every replica has long applied; learns which callers are out of misses (C4).
+    async fn prune(&self) {
+        let db = self.repo.db();
+        if self.on_postgres() {
+            match feed::prune(db, self.replica.fence * PRUNE_AFTER_FENCES).await {
+                Ok(0) => {}
+                Ok(gone) => tracing::warn!(gone, "replicas not heard of for a while forgotten"),
+                Err(error) => tracing::warn!(%error, "cannot prune the replicas"),
+            }
+        }
+        if let Err(error) = feed::trim(db, self.freshness.applied(), feed::RETAINED_ENTRIES).await {
+            tracing::warn!(%error, "cannot trim the registry's log");
+        }
+        if let Err(error) = self.checks.limiter.sync(Instant::now()).await {
+            tracing::warn!(%error, "cannot read the shared miss budgets");
+        }
+    }
+
+    async fn listen(&self) -> Option<sqlx::postgres::PgListener> {
+        if !self.on_postgres() {
+            return None;
+        }
+        let listening = async {
+            let mut listener =
+                sqlx::postgres::PgListener::connect_with(self.repo.db().get_postgres_connection_pool()).await?;
+            listener.listen(feed::FEED_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match listening.await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for the registry's log: polling only");
+                None
+            }
+        }
+    }
+
+    /// Reads the head of the log, applies every entry up to it and records how far this replica
+    /// is; then it is confirmed from the instant the read was sent. False when its row had been
+    /// pruned: it joined again, and only a read sent after that may confirm it.
+    async fn follow_once(&self) -> Result<bool, DbErr> {
+        let db = self.repo.db();
+        let sent = Instant::now();
+        let head = feed::head(db).await?;
+        let mut applied = self.freshness.applied();
+        while applied < head.sequence {
+            let entries = feed::entries(db, applied, head.sequence, FEED_PAGE).await?;
+            if entries.is_empty() {
+                return Err(DbErr::Custom(format!("the log has no entry after {applied} below its head")));
+            }
+            for entry in &entries {
+                if entry.sequence != applied + 1 {
+                    return Err(DbErr::Custom(format!("the log has a gap after {applied}")));
+                }
+                self.apply(entry);
+                applied = entry.sequence;
+            }
+            self.freshness.set_applied(applied);
+        }
+        if let Some(read_at) = head.read_at
+            && !feed::record(db, &self.replica.id, applied, read_at).await?
+        {
+            feed::join(db, &self.replica.id, applied).await?;
+            return Ok(false);
+        }
+        self.freshness.confirm(sent);
+        Ok(true)
+    }
+
+    /// One entry of the log reaches the index and the live watchers. C4: a changed card's cached
+    /// statement is dropped, so no check after it is answered with the old one.
+    fn apply(&self, entry: &Entry) {
+        self.index_card(entry.change.indexed());
+        // No receiver is not an error: nobody watches.
+        let _ = self.events.send(LogItem { sequence: entry.sequence, event: entry.status_event() });
+    }
+
+    /// Locks a write for `holder` until its commit: this process's writer lock, then the holder's
+    /// lock in the database. Released before the write waits for the replicas
+    /// ([`Self::acknowledge`]), so that a stopped replica slows each write by at most the fence
+    /// bound without queueing the others behind it.
+    async fn lock_for_write(&self, holder: &str) -> Result<WriteLocks<'_>, ApiError> {
+        let writer = self.writer.lock().await;
+        let holder = self.repo.lock_holder(holder).await?;
+        Ok(WriteLocks { _writer: writer, _holder: holder })
+    }
+
+    /// S1 across replicas: a committed write is answered only once every replica serving checks
+    /// has applied it: this one (so its own next check sees it) and every other recorded in
+    /// `registry_replicas`; or once the fence bound has passed since the commit, by when a
+    /// replica that has not applied it has fenced itself (its last confirmation came from a head
+    /// read sent before the commit). The last sequence of the write.
+    async fn acknowledge(&self, entries: &[Entry]) -> u64 {
+        let Some(last) = entries.last().map(|entry| entry.sequence) else {
+            return self.freshness.applied();
+        };
+        let deadline = Instant::now() + self.replica.fence + FENCE_MARGIN;
+        self.freshness.nudge.notify_one();
+        if !self.freshness.applied_by(last, deadline).await {
+            tracing::warn!(sequence = last, "acknowledged before this replica applied it: fenced until it has");
+        }
+        if self.on_postgres() {
+            loop {
+                match feed::laggards(self.repo.db(), last).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "cannot read how far the replicas are: waiting out the fence"),
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    tracing::info!(sequence = last, "acknowledged: the replicas that have not applied it are fenced");
+                    break;
+                }
+                tokio::time::sleep(ACK_POLL.min(deadline - now)).await;
+            }
+        }
+        last
     }
 
     /// C4: the answer about one card, signed with the registry's newest key valid at `answered_at`:
@@ -223,57 +474,12 @@ impl Registry {
         Some(signed)
     }
 
-    /// S1: a committed status change reaches the index before anyone is told. Called under the
-    /// writer lock, so changes land in commit order.
-    ///
-    /// C4: a changed card's cached statement is replaced by one of its new status before the
-    /// change is acknowledged, so that no check after it can be answered with the old one.
-    async fn index_events(&self, events: &[StatusEvent], id_number: &str) {
-        let mut missing = false;
-        for event in events {
-            missing |= !self.index.set_status(&event.card_serial, event.status, event.changed_at);
-            if self.checks.statements.remove(&event.card_serial) {
-                let now = self.now();
-                let state = self.index.get(&event.card_serial, id_number);
-                let result = self.check_state(state.as_ref(), now);
-                if result.status != CardStatus::Unknown {
-                    self.statement(&event.card_serial, id_number_hash(id_number), &result, now, Vec::new(), true);
-                }
-            }
-        }
-        if missing {
-            self.resync_holder(id_number).await;
-        }
-    }
-
     fn index_card(&self, card: IndexedCard<'_>) {
         self.checks.statements.remove(card.serial);
         if let Err(error) = self.index.insert(card) {
             // Only a directory of more than 65,535 home bureaus gets here.
             tracing::error!(%error, serial = card.serial, "card not indexed");
         }
-    }
-
-    /// After a write whose outcome is unknown (an error, perhaps after the commit), or a change to
-    /// a card the index lacked: the holder's cards are read again, so the index never keeps a
-    /// status the database no longer has.
-    async fn resync_holder(&self, id_number: &str) {
-        match self.repo.cards_of(id_number).await {
-            Ok(cards) => {
-                for card in &cards {
-                    self.index_card(card.indexed());
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, holder = %mask_id_number(id_number), "card index not re-read after a failed write")
-            }
-        }
-    }
-
-    /// A write failed: its outcome may still have been committed, so the holder is re-read.
-    async fn write_failed(&self, error: DbErr, id_number: &str) -> ApiError {
-        self.resync_holder(id_number).await;
-        error.into()
     }
 
     /// Now, at the precision every database keeps (microseconds).
@@ -299,13 +505,6 @@ impl Registry {
         match self.repo.audit(self.now(), entry).await {
             Ok(()) => error,
             Err(db) => ApiError::Database(db),
-        }
-    }
-
-    fn publish(&self, events: impl IntoIterator<Item = StatusEvent>) {
-        for event in events {
-            // No receiver is not an error: nobody watches.
-            let _ = self.events.send(event);
         }
     }
 
@@ -364,7 +563,7 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let _writer = self.writer.lock().await;
+        let locks = self.lock_for_write(&normalised(&d.card.holder.id_number)).await?;
         for _ in 0..ATTEMPTS {
             if self.repo.loss_report_decision_used(&d.decision_id).await? {
                 // The same decision again: answer as before, write nothing.
@@ -429,20 +628,20 @@ impl Registry {
                         audit: audit("reported_lost"),
                     };
                     match self.repo.report_loss(decision).await {
-                        Ok(Change::Done(event)) => {
-                            self.index_events(std::slice::from_ref(&event), &card.id_number).await;
-                            self.publish([event.clone()]);
-                            tracing::info!(serial = %card.serial, sequence = event.sequence, "card reported lost");
+                        Ok(Change::Done(entries)) => {
+                            drop(locks);
+                            let sequence = self.acknowledge(&entries).await;
+                            tracing::info!(serial = %card.serial, sequence, "card reported lost");
                             return Ok(LossOutcome {
                                 card_serial: card.serial,
                                 status: CardStatus::ReportedLost,
-                                changed_at: event.changed_at,
+                                changed_at: now,
                                 already_reported: false,
                             });
                         }
                         Ok(Change::Raced) => continue,
                         Err(e) if is_unique_violation(&e) => continue,
-                        Err(e) => return Err(self.write_failed(e, &card.id_number).await),
+                        Err(e) => return Err(e.into()),
                     }
                 }
             }
@@ -462,7 +661,7 @@ impl Registry {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
         let today = self.clock.date_of(now);
-        let _writer = self.writer.lock().await;
+        let locks = self.lock_for_write(&normalised(&d.card.holder.id_number)).await?;
         for _ in 0..ATTEMPTS {
             if self.repo.withdraw_decision_used(&d.decision_id).await? {
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
@@ -514,19 +713,19 @@ impl Registry {
                     };
                     let decision = LossDecision { serial: &card.serial, decision_id: &d.decision_id, now, audit };
                     match self.repo.withdraw_loss_report(decision).await {
-                        Ok(Change::Done(event)) => {
-                            self.index_events(std::slice::from_ref(&event), &card.id_number).await;
-                            self.publish([event.clone()]);
-                            tracing::info!(serial = %card.serial, sequence = event.sequence, "loss report withdrawn");
+                        Ok(Change::Done(entries)) => {
+                            drop(locks);
+                            let sequence = self.acknowledge(&entries).await;
+                            tracing::info!(serial = %card.serial, sequence, "loss report withdrawn");
                             return Ok(WithdrawOutcome {
                                 status: StoredCardStatus::Valid.effective(card.valid_until, today),
                                 card_serial: card.serial,
-                                changed_at: event.changed_at,
+                                changed_at: now,
                             });
                         }
                         Ok(Change::Raced) => continue,
                         Err(e) if is_unique_violation(&e) => continue,
-                        Err(e) => return Err(self.write_failed(e, &card.id_number).await),
+                        Err(e) => return Err(e.into()),
                     }
                 }
             }
@@ -559,7 +758,8 @@ impl Registry {
         if let Err(error) = signed.verify(&self.directory.current(), expected) {
             return Err(self.refuse(ACTION, subject, detail, error.into()).await);
         }
-        let _writer = self.writer.lock().await;
+        let holder = normalised(&d.card.holder.id_number);
+        let locks = self.lock_for_write(&holder).await?;
         for _ in 0..ATTEMPTS {
             if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
                 if existing.serial == card_serial {
@@ -572,7 +772,6 @@ impl Registry {
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
                 return Err(self.refuse(ACTION, subject, detail, error).await);
             }
-            let holder = normalised(&d.card.holder.id_number);
             let active = self.repo.active_cards_of(&holder).await?;
             for card in &active {
                 if let Err(error) = Self::signed_by_holder_bureau(card, &signed) {
@@ -611,13 +810,14 @@ impl Registry {
                 detail: format!("{detail}; awaiting collection at {}", d.station_id),
             };
             match self.repo.register_card(new.clone(), now, audit).await {
-                Ok(()) => {
-                    self.index_card(new.indexed());
-                    tracing::info!(serial = %card_serial, holder = %subject, "card registered, awaiting collection");
+                Ok(entries) => {
+                    drop(locks);
+                    let sequence = self.acknowledge(&entries).await;
+                    tracing::info!(serial = %card_serial, holder = %subject, sequence, "card registered, awaiting collection");
                     return Ok(RegisterOutcome { status: answer(&new, &self.clock, now).status, card_serial });
                 }
                 Err(e) if is_unique_violation(&e) => continue,
-                Err(e) => return Err(self.write_failed(e, &holder).await),
+                Err(e) => return Err(e.into()),
             }
         }
         Err(ApiError::Internal("the registration kept conflicting; try again".into()))
@@ -633,7 +833,7 @@ impl Registry {
         let holder = normalised(id_number.as_str());
         let subject = card_serial.clone();
         let detail = format!("station {station_id} holder {}", mask_id_number(&holder));
-        let _writer = self.writer.lock().await;
+        let locks = self.lock_for_write(&holder).await?;
         for _ in 0..ATTEMPTS {
             let now = self.now();
             let card = self.repo.card(&card_serial).await?.filter(|card| card.id_number == holder);
@@ -680,11 +880,12 @@ impl Registry {
                 detail: format!("{detail}; revoked [{}]", revoked.join(", ")),
             };
             match self.repo.collect_card(&card.serial, &holder, now, audit).await {
-                Ok(Change::Done(events)) => {
-                    self.index_events(&events, &holder).await;
-                    let revoked_card_serials: Vec<String> = events[1..].iter().map(|e| e.card_serial.clone()).collect();
-                    self.publish(events);
-                    tracing::info!(serial = %card_serial, revoked = revoked_card_serials.len(), "card collected: valid");
+                Ok(Change::Done(entries)) => {
+                    let revoked_card_serials: Vec<String> =
+                        entries.iter().skip(1).map(|e| e.change.serial.clone()).collect();
+                    drop(locks);
+                    let sequence = self.acknowledge(&entries).await;
+                    tracing::info!(serial = %card_serial, revoked = revoked_card_serials.len(), sequence, "card collected: valid");
                     return Ok(CollectOutcome {
                         status: StoredCardStatus::Valid.effective(card.valid_until, self.today()),
                         card_serial,
@@ -694,13 +895,14 @@ impl Registry {
                     });
                 }
                 Ok(Change::Raced) => continue,
-                Err(e) => return Err(self.write_failed(e, &holder).await),
+                Err(e) => return Err(e.into()),
             }
         }
         Err(ApiError::Internal("the card kept changing; try again".into()))
     }
 
-    /// C3: voids one card never collected in time. Called under the writer lock.
+    /// C3: voids one card never collected in time. Called under the writer lock and the lock of
+    /// the card's holder.
     async fn void(&self, card: &Card, now: DateTime<Utc>) -> Result<(), ApiError> {
         let audit = AuditEntry {
             action: "void_card",
@@ -709,14 +911,13 @@ impl Registry {
             detail: format!("not collected since {}", card.status_changed_at),
         };
         match self.repo.void_card(&card.serial, now, audit).await {
-            Ok(Change::Done(event)) => {
-                self.index_events(std::slice::from_ref(&event), &card.id_number).await;
-                self.publish([event]);
-                tracing::info!(serial = %card.serial, "card voided: not collected in time");
+            Ok(Change::Done(entries)) => {
+                let sequence = self.acknowledge(&entries).await;
+                tracing::info!(serial = %card.serial, sequence, "card voided: not collected in time");
                 Ok(())
             }
             Ok(Change::Raced) => Ok(()),
-            Err(e) => Err(self.write_failed(e, &card.id_number).await),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -749,8 +950,8 @@ impl Registry {
         loop {
             let now = self.now();
             let overdue = self.repo.overdue_cards(now - self.checks.collection_deadline, PAGE).await?;
-            let _writer = self.writer.lock().await;
             for card in &overdue {
+                let _locks = self.lock_for_write(&card.id_number).await?;
                 self.void(card, now).await?;
             }
             voided += overdue.len();
@@ -799,7 +1000,7 @@ impl Registry {
             return Err(self.refuse(ACTION, subject, detail, error).await);
         }
         let holder = normalised(&d.card.holder.id_number);
-        let _writer = self.writer.lock().await;
+        let locks = self.lock_for_write(&holder).await?;
         let cards = self.repo.cards_of(&holder).await?;
         let following = |bureau: &str| -> Vec<String> {
             cards.iter().filter(|c| c.home_bureau_id == bureau).map(|c| c.serial.clone()).collect()
@@ -843,8 +1044,9 @@ impl Registry {
             detail: format!("{detail}; cards [{}]", moved.join(", ")),
         };
         match self.repo.transfer_registration(transfer, audit).await {
-            Ok(card_serials) => {
-                self.resync_holder(&holder).await;
+            Ok((card_serials, entries)) => {
+                drop(locks);
+                self.acknowledge(&entries).await;
                 tracing::info!(holder = %subject, from = %d.bureau_id, to, cards = card_serials.len(), "registration transferred");
                 Ok(TransferOutcome {
                     home_bureau_id: to.to_owned(),
@@ -853,7 +1055,7 @@ impl Registry {
                     already_transferred: false,
                 })
             }
-            Err(e) => Err(self.write_failed(e, &holder).await),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -862,12 +1064,19 @@ impl Registry {
     /// answer, so none is lost; only those calls touch the database.
     ///
     /// `caller` (the authenticated caller, else the peer address) may miss only so often.
+    ///
+    /// S1: answered only while this replica can prove it has applied every acknowledged write;
+    /// with the sequence of the log the answers reflect.
     pub async fn check_cards(
         &self,
         queries: &[CardQuery],
         relying_party: &str,
         caller: &str,
-    ) -> Result<(Vec<CheckResult>, DateTime<Utc>), ApiError> {
+    ) -> Result<(Vec<CheckResult>, DateTime<Utc>, u64), ApiError> {
+        let asked = Instant::now();
+        let Some(sequence) = self.freshness.fresh_at(asked) else {
+            return Err(Self::behind());
+        };
         let checked_at = self.now();
         let mut hits = Vec::new();
         let results = queries
@@ -888,7 +1097,7 @@ impl Registry {
             })
             .collect::<Vec<_>>();
         let misses = results.iter().filter(|r| r.status == CardStatus::Unknown).count();
-        if let Err(exhausted) = self.checks.limiter.admit(caller, misses, std::time::Instant::now()) {
+        if let Err(exhausted) = self.checks.limiter.admit(caller, misses, asked).await {
             tracing::warn!(caller, misses, "check refused: too many misses (C4)");
             return Err(ApiError::RateLimited {
                 reason: "CHECK_MISSES_EXHAUSTED",
@@ -900,7 +1109,15 @@ impl Registry {
             tracing::info!(hits = hits.len(), "checks of cards reported lost");
             self.repo.record_hits(hits).await?;
         }
-        Ok((results, checked_at))
+        Ok((results, checked_at, sequence))
+    }
+
+    /// S1: this replica has not confirmed the newest entry of the log within the fence bound.
+    fn behind() -> ApiError {
+        ApiError::NotReady {
+            reason: "REPLICA_BEHIND",
+            message: "this registry replica cannot prove it has every acknowledged change; ask another".into(),
+        }
     }
 
     /// C4: hits on the cards of a home bureau recorded after the hit `after` (0: from the first),
@@ -911,14 +1128,17 @@ impl Registry {
         Ok((hits, last))
     }
 
-    /// Sends every status event after `after` to `sink`, then the live ones, until shutdown or
-    /// until the receiver goes away. A lagging watcher re-reads the database.
+    /// Sends every status event after `after` to `sink`, then the live ones as this replica applies
+    /// the log, until shutdown or until the receiver goes away. A lagging watcher re-reads the
+    /// database.
     pub async fn watch(&self, mut after: u64, sink: mpsc::Sender<Result<StatusEvent, ApiError>>) {
         // Subscribe before reading the backlog, so nothing committed in between is missed.
         let mut live = self.events.subscribe();
         let mut catch_up = true;
         loop {
             if catch_up {
+                // Every entry up to it is committed: a backlog read after it holds their events.
+                let applied = self.freshness.applied();
                 match self.repo.events_after(after, BACKLOG_PAGE).await {
                     Ok(events) => {
                         let full = events.len() as u64 == BACKLOG_PAGE;
@@ -931,6 +1151,7 @@ impl Registry {
                         if full {
                             continue;
                         }
+                        after = after.max(applied);
                         catch_up = false;
                     }
                     Err(error) => {
@@ -943,10 +1164,12 @@ impl Registry {
                 () = self.shutdown.wait() => return,
                 () = sink.closed() => return,
                 received = live.recv() => match received {
-                    Ok(event) if event.sequence <= after => {}
-                    Ok(event) if event.sequence == after + 1 => {
-                        after = event.sequence;
-                        if sink.send(Ok(event)).await.is_err() {
+                    Ok(item) if item.sequence <= after => {}
+                    Ok(item) if item.sequence == after + 1 => {
+                        after = item.sequence;
+                        if let Some(event) = item.event
+                            && sink.send(Ok(event)).await.is_err()
+                        {
                             return;
                         }
                     }
@@ -961,7 +1184,7 @@ impl Registry {
     /// Registers every citizen's existing card not yet known (idempotent, never overwrites).
     pub async fn import(&self, population: &Population) -> Result<usize, ApiError> {
         let now = self.now();
-        let mut imported = 0;
+        let mut imported = Vec::new();
         for citizen in &population.citizens {
             let Some(card) = &citizen.card else { continue };
             let new = Card {
@@ -977,16 +1200,15 @@ impl Registry {
                 status_changed_at: now,
                 created_at: now,
             };
-            match self.repo.import_card(new.clone(), self.clock.start_of(card.valid_from), now).await {
-                Ok(Some(stored)) => {
-                    self.index_card(stored.indexed());
-                    imported += 1;
-                }
+            match self.repo.import_card(new, self.clock.start_of(card.valid_from), now).await {
+                Ok(Some(entry)) => imported.push(entry),
                 Ok(None) => {}
-                Err(e) => return Err(self.write_failed(e, &new.id_number).await),
+                Err(e) => return Err(e.into()),
             }
         }
-        Ok(imported)
+        // Acknowledged once: the last entry is applied only after every one before it.
+        self.acknowledge(&imported[imported.len().saturating_sub(1)..]).await;
+        Ok(imported.len())
     }
 }
 
@@ -1053,7 +1275,7 @@ mod tests {
     fn c4_serial_of_another_holder_is_unknown() {
         let c = card(StoredCardStatus::Valid, None);
         let index = CardIndex::with_capacity(1);
-        index.insert(c.indexed()).unwrap();
+        index.insert(c.change(false).indexed()).unwrap();
         let other = IdNumber::compose("360102", d(1991, 3, 7), 124);
         let now = on(d(2118, 1, 1));
         let result = check_one(index.get(&c.serial, other.as_str()).as_ref(), &clock(), now);

@@ -171,6 +171,28 @@ impl Harness {
         self.check(probe.as_str(), "PROBE").await;
     }
 
+    /// Another replica: the same configuration and database, its own id.
+    async fn replica(&self, replica_id: &str) -> (Client, Bureau) {
+        self.replica_with(replica_id, |_| {}).await
+    }
+
+    /// As [`Self::replica`], with `configure` applied to its configuration.
+    async fn replica_with(&self, replica_id: &str, configure: impl FnOnce(&mut RegistryConfig)) -> (Client, Bureau) {
+        let mut config = self.config.clone();
+        config.registry.replica_id = replica_id.into();
+        configure(&mut config);
+        let (mut client, bureau) = start(config).await;
+        let probe = IdNumber::compose("360102", day(1990, 3, 7), 1);
+        // Serving once it has joined the replicas and applied the log.
+        for _ in 0..100 {
+            match check_at(&mut client, probe.as_str(), "PROBE", "bank-of-test").await {
+                Ok(_) => return (client, bureau),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        panic!("replica {replica_id} never served");
+    }
+
     async fn shutdown(&mut self) {
         if let Some(bureau) = self.bureau.take() {
             bureau.stop().await.unwrap();
@@ -235,22 +257,14 @@ impl Harness {
     }
 
     async fn report_loss(&mut self, signed: &SignedDecision) -> Result<pb::LossRegistryReportLossResponse, Status> {
-        let request = pb::LossRegistryReportLossRequest {
-            decision: Some(signed_decision_to_proto(signed)),
-            request_id: String::new(),
-        };
-        self.client.report_loss(request).await.map(|r| r.into_inner())
+        report_loss_at(&mut self.client, signed).await
     }
 
     async fn withdraw(
         &mut self,
         signed: &SignedDecision,
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
-        let request = pb::LossRegistryWithdrawLossReportRequest {
-            decision: Some(signed_decision_to_proto(signed)),
-            request_id: String::new(),
-        };
-        self.client.withdraw_loss_report(request).await.map(|r| r.into_inner())
+        withdraw_at(&mut self.client, signed).await
     }
 
     async fn register(
@@ -259,13 +273,7 @@ impl Harness {
         producer: &str,
         serial: &str,
     ) -> Result<pb::RegisterCardResponse, Status> {
-        let request = pb::RegisterCardRequest {
-            decision: Some(signed_decision_to_proto(signed)),
-            producer_id: producer.into(),
-            card_serial: serial.into(),
-            request_id: String::new(),
-        };
-        self.client.register_card(request).await.map(|r| r.into_inner())
+        register_at(&mut self.client, signed, producer, serial).await
     }
 
     /// C3: the lodging station reports that `p` collected `serial`.
@@ -279,13 +287,7 @@ impl Harness {
         p: &Person,
         serial: &str,
     ) -> Result<pb::RecordCollectionResponse, Status> {
-        let request = pb::RecordCollectionRequest {
-            station_id: station.into(),
-            id_number: p.id.clone(),
-            card_serial: serial.into(),
-            request_id: String::new(),
-        };
-        self.client.record_collection(request).await.map(|r| r.into_inner())
+        collect_through(&mut self.client, station, &p.id, serial).await
     }
 
     async fn check(&mut self, id: &str, serial: &str) -> pb::CheckCardResponse {
@@ -293,19 +295,77 @@ impl Harness {
     }
 
     async fn try_check(&mut self, id: &str, serial: &str, party: &str) -> Result<pb::CheckCardResponse, Status> {
-        let request = pb::CheckCardRequest {
-            id_number: id.into(),
-            card_serial: serial.into(),
-            relying_party: party.into(),
-            nonce: Vec::new(),
-        };
-        self.client.check_card(request).await.map(|r| r.into_inner())
+        check_at(&mut self.client, id, serial, party).await
     }
 
     async fn hits(&mut self, bureau: &str) -> Result<Vec<pb::Hit>, Status> {
         let request = pb::ListHitsRequest { home_bureau_id: bureau.into(), page_size: 0, page_token: String::new() };
         self.client.list_hits(request).await.map(|r| r.into_inner().hits)
     }
+}
+
+type Client = LossRegistryClient<Channel>;
+
+async fn report_loss_at(
+    client: &mut Client,
+    signed: &SignedDecision,
+) -> Result<pb::LossRegistryReportLossResponse, Status> {
+    let request = pb::LossRegistryReportLossRequest {
+        decision: Some(signed_decision_to_proto(signed)),
+        request_id: String::new(),
+    };
+    client.report_loss(request).await.map(|r| r.into_inner())
+}
+
+async fn withdraw_at(
+    client: &mut Client,
+    signed: &SignedDecision,
+) -> Result<pb::LossRegistryWithdrawLossReportResponse, Status> {
+    let request = pb::LossRegistryWithdrawLossReportRequest {
+        decision: Some(signed_decision_to_proto(signed)),
+        request_id: String::new(),
+    };
+    client.withdraw_loss_report(request).await.map(|r| r.into_inner())
+}
+
+async fn register_at(
+    client: &mut Client,
+    signed: &SignedDecision,
+    producer: &str,
+    serial: &str,
+) -> Result<pb::RegisterCardResponse, Status> {
+    let request = pb::RegisterCardRequest {
+        decision: Some(signed_decision_to_proto(signed)),
+        producer_id: producer.into(),
+        card_serial: serial.into(),
+        request_id: String::new(),
+    };
+    client.register_card(request).await.map(|r| r.into_inner())
+}
+
+async fn collect_through(
+    client: &mut Client,
+    station: &str,
+    id: &str,
+    serial: &str,
+) -> Result<pb::RecordCollectionResponse, Status> {
+    let request = pb::RecordCollectionRequest {
+        station_id: station.into(),
+        id_number: id.into(),
+        card_serial: serial.into(),
+        request_id: String::new(),
+    };
+    client.record_collection(request).await.map(|r| r.into_inner())
+}
+
+async fn check_at(client: &mut Client, id: &str, serial: &str, party: &str) -> Result<pb::CheckCardResponse, Status> {
+    let request = pb::CheckCardRequest {
+        id_number: id.into(),
+        card_serial: serial.into(),
+        relying_party: party.into(),
+        nonce: Vec::new(),
+    };
+    client.check_card(request).await.map(|r| r.into_inner())
 }
 
 fn status_of(code: i32) -> pb::CardStatus {
@@ -570,17 +630,22 @@ async fn s1_watch_revocations_sends_history_then_live_changes_and_ends_on_shutdo
     let mut stream =
         h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await.unwrap().into_inner();
     let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!((first.sequence, first.card_serial.as_str()), (1, "JX-0001"));
+    // Sequences are the log's: the imports took the first ones (no status events).
+    assert_eq!(first.card_serial, "JX-0001");
     // A live change arrives on the open stream.
     h.report_loss(&h.loss(&q, "loss-q")).await.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!((second.sequence, second.card_serial.as_str()), (2, "JX-0002"));
+    assert_eq!((second.sequence, second.card_serial.as_str()), (first.sequence + 1, "JX-0002"));
     assert_eq!(status_of(second.status), pb::CardStatus::ReportedLost);
     // after_sequence skips what the watcher has.
-    let mut later =
-        h.client.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 1 }).await.unwrap().into_inner();
+    let mut later = h
+        .client
+        .watch_revocations(pb::WatchRevocationsRequest { after_sequence: first.sequence })
+        .await
+        .unwrap()
+        .into_inner();
     let only = tokio::time::timeout(Duration::from_secs(5), later.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(only.sequence, 2);
+    assert_eq!(only.sequence, second.sequence);
     // Shutdown ends the streams.
     h.bureau.as_mut().unwrap().trigger_shutdown();
     let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
@@ -1391,4 +1456,397 @@ async fn c4_a_statement_past_its_next_update_is_never_served() {
         "signed for the question"
     );
     h.shutdown().await;
+}
+
+/// A small deterministic generator, so a failing run can be repeated.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+/// S1 across replicas (issue 15, done-when 1): `rounds` times a loss report or its withdrawal
+/// through a random replica, then at once a check at another one (the same when there is one):
+/// the answer reflects the write every time, and carries a sequence at least the write's.
+async fn acknowledged_changes_are_seen_by_every_replica(h: &mut Harness, replicas: usize, rounds: usize) {
+    let p = person(123, "JX-0001");
+    let mut clients = vec![h.client.clone()];
+    let mut bureaus = Vec::new();
+    for n in 1..replicas {
+        let (client, bureau) = h.replica(&format!("replica-{n}")).await;
+        clients.push(client);
+        bureaus.push(bureau);
+    }
+    let mut pick = Lcg(15);
+    let mut last_sequence = 0;
+    for round in 0..rounds {
+        let writer = pick.below(replicas);
+        let reader = if replicas == 1 { 0 } else { (writer + 1 + pick.below(replicas - 1)) % replicas };
+        let expected = if round % 2 == 0 {
+            report_loss_at(&mut clients[writer], &h.loss(&p, &format!("loss-{round}"))).await.unwrap();
+            pb::CardStatus::ReportedLost
+        } else {
+            withdraw_at(&mut clients[writer], &h.withdrawal(&p, &format!("found-{round}"))).await.unwrap();
+            pb::CardStatus::Valid
+        };
+        let answer = check_at(&mut clients[reader], &p.id, &p.card, "bank-of-test").await.unwrap();
+        assert_eq!(status_of(answer.status), expected, "round {round}: written at {writer}, checked at {reader}");
+        assert!(answer.sequence > last_sequence, "round {round}: the answer reflects a newer sequence");
+        last_sequence = answer.sequence;
+    }
+    for bureau in bureaus {
+        bureau.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn s1_every_acknowledged_change_is_seen_at_once_by_the_one_sqlite_replica() {
+    let p = person(123, "JX-0001");
+    let mut h = Harness::new(vec![citizen(&p, None, false)]).await;
+    acknowledged_changes_are_seen_by_every_replica(&mut h, 1, 1000).await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn s1_every_acknowledged_change_is_seen_at_once_by_every_replica_on_postgres() {
+    let Some(scratch) = postgres_for_tests("registry_replicas").await.unwrap() else { return };
+    {
+        let p = person(123, "JX-0001");
+        let mut h = Harness::with_database(vec![citizen(&p, None, false)], Some(scratch.url().to_owned())).await;
+        acknowledged_changes_are_seen_by_every_replica(&mut h, 3, 1000).await;
+        h.shutdown().await;
+    }
+    scratch.drop().await.unwrap();
+}
+
+/// What a write through one replica came to.
+#[derive(Debug, Default)]
+struct Acknowledged {
+    registered: Vec<(String, String)>,
+    losses: Vec<String>,
+    withdrawals: Vec<String>,
+    collected: Vec<String>,
+}
+
+/// Issue 15, done-when 4: two replicas take registrations, collections, loss reports and
+/// withdrawals for one citizen at the same time, round after round. The database serialises them
+/// per holder: one current card at the end of every round, every card's history a sequence of
+/// allowed moves ending in its status, every acknowledged decision recorded exactly once.
+#[tokio::test]
+async fn s1_two_replicas_writing_for_one_citizen_at_once_leave_one_current_card() {
+    let Some(scratch) = postgres_for_tests("registry_replica_writers").await.unwrap() else { return };
+    {
+        let first = person(123, "JX-0001");
+        let mut h = Harness::with_database(vec![citizen(&first, None, false)], Some(scratch.url().to_owned())).await;
+        let (other, other_bureau) = h.replica("replica-b").await;
+        let mut acknowledged = Acknowledged::default();
+        let mut current = first.card.clone();
+        for round in 0..25 {
+            let p = Person { id: first.id.clone(), card: current.clone() };
+            let (mut a, mut b) = (h.client.clone(), other.clone());
+            let (mut c, mut d) = (h.client.clone(), other.clone());
+            let (issue_a, issue_b) =
+                (h.issue(&p, &format!("issue-{round}-a")), h.issue(&p, &format!("issue-{round}-b")));
+            let (loss, found) = (h.loss(&p, &format!("loss-{round}")), h.withdrawal(&p, &format!("found-{round}")));
+            let (serial_a, serial_b) = (format!("ZA{round}"), format!("ZB{round}"));
+            let make_and_hand_over = |client: &mut Client, issue: SignedDecision, serial: String| {
+                let mut client = client.clone();
+                let id = p.id.clone();
+                async move {
+                    let registered = register_at(&mut client, &issue, PRODUCER, &serial).await.is_ok();
+                    let collected = registered && collect_through(&mut client, STATION, &id, &serial).await.is_ok();
+                    (issue.decision.decision_id.clone(), serial, registered, collected)
+                }
+            };
+            let (made_a, made_b, lost, withdrawn) = tokio::join!(
+                make_and_hand_over(&mut a, issue_a, serial_a),
+                make_and_hand_over(&mut b, issue_b, serial_b),
+                report_loss_at(&mut c, &loss),
+                withdraw_at(&mut d, &found),
+            );
+            for (decision, serial, registered, collected) in [made_a, made_b] {
+                if registered {
+                    acknowledged.registered.push((decision, serial.clone()));
+                }
+                if collected {
+                    acknowledged.collected.push(serial);
+                }
+            }
+            if lost.is_ok_and(|answer| !answer.already_reported) {
+                acknowledged.losses.push(loss.decision.decision_id.clone());
+            }
+            if withdrawn.is_ok() {
+                acknowledged.withdrawals.push(found.decision.decision_id.clone());
+            }
+            let current_cards = query_strings(
+                &scratch,
+                &format!(
+                    "SELECT serial FROM cards WHERE id_number = '{}' AND status IN ('valid', 'reported_lost')",
+                    p.id
+                ),
+            )
+            .await;
+            assert_eq!(current_cards.len(), 1, "round {round}: one current card, found {current_cards:?}");
+            current = current_cards[0].clone();
+        }
+        assert!(acknowledged.collected.len() >= 25, "every round handed a card over: {acknowledged:?}");
+        assert_single_writer_histories(&scratch, &first.id).await;
+        for (decision, serial) in &acknowledged.registered {
+            let cards =
+                query_strings(&scratch, &format!("SELECT serial FROM cards WHERE decision_id = '{decision}'")).await;
+            assert_eq!(cards, vec![serial.clone()], "registration {decision}: recorded once, nothing lost");
+        }
+        for decision in &acknowledged.losses {
+            let reports = query_strings(
+                &scratch,
+                &format!("SELECT card_serial FROM loss_reports WHERE decision_id = '{decision}'"),
+            )
+            .await;
+            assert_eq!(reports.len(), 1, "loss report {decision}: recorded once");
+        }
+        for decision in &acknowledged.withdrawals {
+            let reports = query_strings(
+                &scratch,
+                &format!("SELECT card_serial FROM loss_reports WHERE withdraw_decision_id = '{decision}'"),
+            )
+            .await;
+            assert_eq!(reports.len(), 1, "withdrawal {decision}: recorded once");
+        }
+        other_bureau.stop().await.unwrap();
+        h.shutdown().await;
+    }
+    scratch.drop().await.unwrap();
+}
+
+async fn query_strings(scratch: &yidi_testkit::ScratchDatabase, sql: &str) -> Vec<String> {
+    let db =
+        yidi_runtime::db::connect(&DatabaseConfig { url: scratch.url().to_owned(), max_connections: 1 }).await.unwrap();
+    let rows = db.query_all_raw(Statement::from_string(db.get_database_backend(), sql.to_owned())).await.unwrap();
+    db.close().await.unwrap();
+    rows.iter().map(|row| row.try_get_by_index::<String>(0).unwrap()).collect()
+}
+
+/// Every card of the holder went through allowed moves only, from where it began (an imported
+/// card valid, a registered one made) to its stored status, in the order of the log.
+async fn assert_single_writer_histories(scratch: &yidi_testkit::ScratchDatabase, id_number: &str) {
+    use yidi_domain::StoredCardStatus;
+    let parse = |status: &str| StoredCardStatus::ALL.into_iter().find(|s| s.as_str() == status).unwrap();
+    let cards = query_strings(
+        scratch,
+        &format!("SELECT serial || ' ' || status || ' ' || COALESCE(decision_id, '') FROM cards WHERE id_number = '{id_number}'"),
+    )
+    .await;
+    let events = query_strings(
+        scratch,
+        &format!(
+            "SELECT e.card_serial || ' ' || e.status FROM status_events e JOIN cards c ON c.serial = e.card_serial \
+             WHERE c.id_number = '{id_number}' ORDER BY e.sequence"
+        ),
+    )
+    .await;
+    let mut states = std::collections::HashMap::new();
+    for card in &cards {
+        let fields: Vec<&str> = card.split(' ').collect();
+        let registered = fields.get(2).is_some_and(|decision| !decision.is_empty());
+        states.insert(fields[0].to_owned(), if registered { StoredCardStatus::Made } else { StoredCardStatus::Valid });
+    }
+    for event in &events {
+        let (serial, status) = event.split_once(' ').unwrap();
+        let to = parse(status);
+        let from = states[serial];
+        assert!(from.can_move_to(to), "{serial}: {} -> {} is no allowed move", from.as_str(), to.as_str());
+        states.insert(serial.to_owned(), to);
+    }
+    for card in &cards {
+        let fields: Vec<&str> = card.split(' ').collect();
+        assert_eq!(states[fields[0]], parse(fields[1]), "{}: its events end in its status", fields[0]);
+    }
+}
+
+/// A `yidi-registry` process of the harness's database, directory and keys.
+struct ReplicaProcess {
+    child: tokio::process::Child,
+    client: Client,
+    channel: Channel,
+}
+
+impl ReplicaProcess {
+    async fn start(replica_id: &str, config_path: &std::path::Path) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_yidi-registry"))
+            .env("YIDI_CONFIG", config_path)
+            .env("YIDI__REGISTRY__REPLICA_ID", replica_id)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let address = loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap();
+            let line = line.unwrap_or_else(|| panic!("replica {replica_id} ended before listening"));
+            if let Some(address) = line.split("listening on ").nth(1) {
+                break address.trim().to_owned();
+            }
+        };
+        // Drained, so that its output never blocks it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let mut client = LossRegistryClient::new(channel.clone());
+        let probe = IdNumber::compose("360102", day(1990, 3, 7), 1);
+        let mut serving = false;
+        for _ in 0..200 {
+            if check_at(&mut client, probe.as_str(), "PROBE", "bank-of-test").await.is_ok() {
+                serving = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(serving, "replica {replica_id} never served");
+        Self { child, client, channel }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
+    async fn health(&self) -> Result<i32, Status> {
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let answer = tonic_health::pb::health_client::HealthClient::new(self.channel.clone()).check(request).await?;
+        Ok(answer.into_inner().status)
+    }
+}
+
+/// The registry's configuration as a file, for its processes.
+fn write_config_file(h: &Harness, db_url: &str) -> PathBuf {
+    let key_dir = h.config.signing.key_dir.as_ref().unwrap();
+    let config = format!(
+        "[server]\nbureau_id = \"{REGISTRY}\"\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 1\n\n\
+         [tls]\nplaintext = true\n\n[database]\nurl = \"{db_url}\"\nmax_connections = 4\n\n\
+         [directory]\npath = \"{}\"\n\n[clock]\nfixed = \"{}\"\n\n[signing]\nkey_dir = \"{}\"\n\n\
+         [registry]\ncheck_misses_per_minute = 1000000\n",
+        h.directory_path.display(),
+        now().to_rfc3339(),
+        key_dir.display(),
+    );
+    let path = h._dir.path().join("registry-replica.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Issue 15, done-when 2, with the `yidi-registry` binary: a replica stopped with SIGSTOP cannot
+/// prove it is fresh, so the checks and health probes it reads when it resumes (sent while it was
+/// stopped, longer ago than the fence bound) are answered UNAVAILABLE `REPLICA_BEHIND` and
+/// NOT_SERVING, never with the status it had; meanwhile writes through the other replicas are
+/// acknowledged within about the bound; then it catches up from the log and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_a_stopped_replica_answers_no_stale_check_and_catches_up_when_it_resumes() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let Some(scratch) = postgres_for_tests("registry_stopped_replica").await.unwrap() else { return };
+    {
+        let p = person(123, "JX-0001");
+        let mut h = Harness::with_database(vec![citizen(&p, None, false)], Some(scratch.url().to_owned())).await;
+        let config_path = write_config_file(&h, scratch.url());
+        let mut b = ReplicaProcess::start("replica-b", &config_path).await;
+        let mut c = ReplicaProcess::start("replica-c", &config_path).await;
+        assert_eq!(c.health().await.unwrap(), ServingStatus::Serving as i32);
+
+        c.signal("-STOP");
+        let fence = Duration::from_millis(ChecksConfig::default().fence_after_ms);
+        let mut checked = c.client.clone();
+        let (id, serial) = (p.id.clone(), p.card.clone());
+        let stale_check = tokio::spawn(async move { check_at(&mut checked, &id, &serial, "bank-of-test").await });
+        let c_channel = c.channel.clone();
+        let stale_health = tokio::spawn(async move {
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            tonic_health::pb::health_client::HealthClient::new(c_channel).check(request).await
+        });
+        let mut slowest = Duration::ZERO;
+        for round in 0..6 {
+            let started = std::time::Instant::now();
+            let expected = if round % 2 == 0 {
+                report_loss_at(&mut b.client, &h.loss(&p, &format!("loss-{round}"))).await.unwrap();
+                pb::CardStatus::ReportedLost
+            } else {
+                h.withdraw(&h.withdrawal(&p, &format!("found-{round}"))).await.unwrap();
+                pb::CardStatus::Valid
+            };
+            slowest = slowest.max(started.elapsed());
+            assert_eq!(status_of(h.check(&p.id, &p.card).await.status), expected);
+            let at_b = check_at(&mut b.client, &p.id, &p.card, "bank-of-test").await.unwrap();
+            assert_eq!(status_of(at_b.status), expected);
+        }
+        // The bound, plus what a busy test machine adds to a write and its check of the replicas.
+        assert!(slowest < fence + Duration::from_millis(800), "a write waited {slowest:?} for the stopped replica");
+        // Six writes: the card ends valid again; what the stopped replica had is "reported lost"
+        // after the first. Its answers read after it resumes must not be older than the last.
+        c.signal("-CONT");
+        let stale = stale_check.await.unwrap();
+        match &stale {
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert_eq!(reason(status), "REPLICA_BEHIND");
+            }
+            Ok(answer) => panic!("a check read after the stop was answered: {answer:?}"),
+        }
+        let health = stale_health.await.unwrap().unwrap().into_inner().status;
+        assert_eq!(health, ServingStatus::NotServing as i32, "health read after the stop");
+
+        let mut caught_up = None;
+        for _ in 0..100 {
+            if let Ok(answer) = check_at(&mut c.client, &p.id, &p.card, "bank-of-test").await {
+                caught_up = Some(answer);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let answer = caught_up.expect("the resumed replica serves again");
+        assert_eq!(status_of(answer.status), pb::CardStatus::Valid, "it applied every write it missed");
+        assert_eq!(c.health().await.unwrap(), ServingStatus::Serving as i32);
+        eprintln!("slowest write while a replica was stopped: {slowest:?}");
+        drop((b, c));
+        h.shutdown().await;
+    }
+    scratch.drop().await.unwrap();
+}
+
+/// C4 across replicas (issue 15, point 3): the miss budget of a caller is one, however many
+/// replicas it spreads its guesses over.
+#[tokio::test]
+async fn c4_replicas_share_one_miss_budget_per_caller() {
+    let Some(scratch) = postgres_for_tests("registry_shared_budget").await.unwrap() else { return };
+    {
+        let p = person(123, "JX-0001");
+        let h = Harness::with_database(vec![citizen(&p, None, false)], Some(scratch.url().to_owned())).await;
+        let five = |config: &mut RegistryConfig| config.registry.check_misses_per_minute = 5;
+        let (mut a, a_bureau) = h.replica_with("budget-a", five).await;
+        let (mut b, b_bureau) = h.replica_with("budget-b", five).await;
+        // The two probes that found them serving and three guesses at replica a spend the five
+        // misses of the caller (its address).
+        for guess in 0..3 {
+            let answer = check_at(&mut a, &p.id, &format!("GUESS-{guess}"), "bank").await.unwrap();
+            assert_eq!(status_of(answer.status), pb::CardStatus::Unknown);
+        }
+        // Replica b learns of it within a sync (a second): its hits are refused too, or the
+        // answers would tell hits from misses.
+        let started = std::time::Instant::now();
+        while check_at(&mut b, &p.id, &p.card, "bank").await.is_ok() {
+            assert!(started.elapsed() < Duration::from_secs(3), "replica b never learnt of the exhausted budget");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for client in [&mut a, &mut b] {
+            let refused = check_at(client, &p.id, "GUESS-X", "bank").await.unwrap_err();
+            assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+            assert_eq!(reason(&refused), "CHECK_MISSES_EXHAUSTED");
+        }
+        assert_eq!(check_at(&mut a, &p.id, &p.card, "bank").await.unwrap_err().code(), Code::ResourceExhausted);
+        a_bureau.stop().await.unwrap();
+        b_bureau.stop().await.unwrap();
+    }
+    scratch.drop().await.unwrap();
 }

@@ -1,5 +1,5 @@
 //! Schema of the national loss registry: cards, loss reports, status events, hits, registration
-//! transfers, audit log.
+//! transfers, the replicas' ordered log, audit log.
 #![forbid(unsafe_code)]
 
 pub use sea_orm_migration::prelude::*;
@@ -13,6 +13,7 @@ mod m20261127_000003_create_status_events;
 mod m20261127_000004_create_hits;
 mod m20261203_000005_add_card_station;
 mod m20261203_000006_create_registration_transfers;
+mod m20261203_000007_create_replica_feed;
 
 pub struct Migrator;
 
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateIdempotentRequests),
             Box::new(m20261203_000005_add_card_station::Migration),
             Box::new(m20261203_000006_create_registration_transfers::Migration),
+            Box::new(m20261203_000007_create_replica_feed::Migration),
         ]
     }
 }

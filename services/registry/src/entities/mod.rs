@@ -3,6 +3,7 @@ pub mod cards;
 pub mod hits;
 pub mod loss_reports;
 pub mod registration_transfers;
+pub mod registry_feed;
 pub mod status_events;
 
 use sea_orm::entity::prelude::*;
