@@ -26,6 +26,9 @@ pub enum Phase {
     Starting,
     /// SERVING.
     Serving,
+    /// Serving, but cannot answer now (a registry replica behind its log): NOT_SERVING until it
+    /// can, without ending `Watch` streams.
+    Behind,
     /// Shutting down: NOT_SERVING, and `Watch` streams end after saying so.
     Stopping,
 }
@@ -34,7 +37,7 @@ impl Phase {
     fn serving_status(self) -> ServingStatus {
         match self {
             Self::Serving => ServingStatus::Serving,
-            Self::Starting | Self::Stopping => ServingStatus::NotServing,
+            Self::Starting | Self::Behind | Self::Stopping => ServingStatus::NotServing,
         }
     }
 }
@@ -60,9 +63,24 @@ impl HealthPhase {
         self.sender.send_replace(phase);
     }
 
+    /// Serving ↔ behind, for `Watch` streams; never once stopping (nor before serving).
+    pub fn set_behind(&self, behind: bool) {
+        self.sender.send_if_modified(|phase| match (*phase, behind) {
+            (Phase::Serving, true) => {
+                *phase = Phase::Behind;
+                true
+            }
+            (Phase::Behind, false) => {
+                *phase = Phase::Serving;
+                true
+            }
+            _ => false,
+        });
+    }
+
     /// While serving, `Check` also asks `ready` and says NOT_SERVING when it is false (a registry
     /// replica behind its log). Asked at each call, so the answer is never older than the call;
-    /// `Watch` streams follow the phase only. The first check set stays.
+    /// `Watch` streams follow the phase only ([`Self::set_behind`]). The first check set stays.
     pub fn set_ready_check(&self, ready: impl Fn() -> bool + Send + Sync + 'static) {
         let _ = self.ready.set(Arc::new(ready));
     }
@@ -111,9 +129,12 @@ impl Health for ServiceHealth {
         if !self.knows(&service) {
             return Err(Status::not_found(format!("unknown service {service:?}")));
         }
-        let status = match self.receiver.borrow().serving_status() {
-            ServingStatus::Serving if self.ready.get().is_some_and(|ready| !ready()) => ServingStatus::NotServing,
-            status => status,
+        let phase = *self.receiver.borrow();
+        // The readiness check, when there is one, is exact at the call; the phase may be a tick late.
+        let status = match (phase, self.ready.get()) {
+            (Phase::Serving | Phase::Behind, Some(ready)) if ready() => ServingStatus::Serving,
+            (Phase::Serving | Phase::Behind, Some(_)) => ServingStatus::NotServing,
+            (phase, _) => phase.serving_status(),
         };
         Ok(Response::new(answer(status)))
     }
@@ -151,5 +172,27 @@ impl Health for ServiceHealth {
                 Some((Ok(answer(phase.serving_status())), (receiver, Some(phase))))
             });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn behind_is_not_serving_and_never_undoes_a_start_or_a_stop() {
+        let (phase, _server) = health_service("yidi.v1.LossRegistry");
+        phase.set_behind(true);
+        assert_eq!(phase.get(), Phase::Starting, "not before serving");
+        phase.set(Phase::Serving);
+        phase.set_behind(true);
+        assert_eq!(phase.get(), Phase::Behind);
+        assert_eq!(Phase::Behind.serving_status(), ServingStatus::NotServing);
+        phase.set_behind(false);
+        assert_eq!(phase.get(), Phase::Serving);
+        phase.set(Phase::Stopping);
+        phase.set_behind(true);
+        phase.set_behind(false);
+        assert_eq!(phase.get(), Phase::Stopping, "a stop stays a stop");
     }
 }

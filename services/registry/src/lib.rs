@@ -94,8 +94,22 @@ pub async fn serve(
     registry.join().await.context("catching up with the registry's log")?;
     tracing::info!(replica = %replica_id, applied = registry.freshness().applied(), "replica following the log");
     let follower = Arc::clone(&registry).spawn_follower();
+    let health = server.health();
     let freshness = registry.freshness();
-    server.health().set_ready_check(move || freshness.fresh_at(std::time::Instant::now()).is_some());
+    health.set_ready_check(move || freshness.fresh_at(std::time::Instant::now()).is_some());
+    // Health `Watch` streams hear of it too, a quarter of the bound late at most.
+    let freshness = registry.freshness();
+    let every = std::time::Duration::from_millis(config.registry.fence_after_ms / 4);
+    let watched = stop.clone();
+    let health_watch = tokio::spawn(async move {
+        loop {
+            health.set_behind(freshness.fresh_at(std::time::Instant::now()).is_none());
+            tokio::select! {
+                () = watched.wait() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
     let sweep_every = std::time::Duration::from_secs(config.registry.void_sweep_every_seconds);
     let sweeper = Arc::clone(&registry).spawn_void_sweeper(sweep_every, stop.clone());
 
@@ -110,6 +124,7 @@ pub async fn serve(
     let served = server.serve(service).await;
     // Stopped like any transaction cut short: an unfinished void rolls back.
     sweeper.abort();
+    health_watch.abort();
     // It ends at shutdown, leaving the replicas; a server that stopped otherwise stops it here.
     let mut follower = follower;
     if tokio::time::timeout(std::time::Duration::from_secs(2), &mut follower).await.is_err() {
