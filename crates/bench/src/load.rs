@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::transport::Channel;
+use yidi_grpc::balance::Balanced;
 
 use crate::process::Target;
 
@@ -60,23 +60,30 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
-/// Opens `connections` connections to `target` (each with its own TLS session over mutual TLS).
-pub async fn connect(target: &Target, connections: usize) -> anyhow::Result<Vec<Channel>> {
+/// Opens `connections` connections to each of `targets` (one server, or the replicas of one
+/// bureau; each connection with its own TLS session over mutual TLS). Connection i to every target
+/// makes channel i, which spreads its calls over them and fails over as the bureaus' own calls do
+/// ([`Balanced`]).
+pub async fn connect(targets: &[Target], connections: usize) -> anyhow::Result<Vec<Balanced>> {
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        channels.push(target.connect().await?);
+        let mut replicas = Vec::with_capacity(targets.len());
+        for target in targets {
+            replicas.push((target.url.clone(), target.connect().await?));
+        }
+        channels.push(Balanced::new(replicas));
     }
     Ok(channels)
 }
 
 /// Drives `call(channel, n)` (n counts each task's calls, for picking inputs) as `spec` says.
 /// `call` answers the number of items the call covered.
-pub async fn drive<F, Fut>(target: &Target, spec: LoadSpec, call: F) -> anyhow::Result<LoadResult>
+pub async fn drive<F, Fut>(targets: &[Target], spec: LoadSpec, call: F) -> anyhow::Result<LoadResult>
 where
-    F: Fn(Channel, u64) -> Fut + Send + Sync + 'static,
+    F: Fn(Balanced, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<u64, tonic::Status>> + Send,
 {
-    let channels = connect(target, spec.connections).await?;
+    let channels = connect(targets, spec.connections).await?;
     let call = Arc::new(call);
     let start = Instant::now();
     let measure_from = start + spec.warmup;
