@@ -1,7 +1,8 @@
 //! One bureau at several endpoints (replicas behind one directory entry). [`Balanced`] spreads
 //! calls over them round robin and fails over by itself:
-//! - an endpoint that could not be reached or answered UNAVAILABLE is passed over by new calls for
-//!   [`PASS_OVER`] (then tried again; while every endpoint is passed over, all are still tried);
+//! - an endpoint that could not be reached, answered UNAVAILABLE or let a call's deadline pass is
+//!   passed over by new calls for [`PASS_OVER`] (then tried again; while every endpoint is passed
+//!   over, all are still tried);
 //! - a call moves on to the next endpoint when one cannot be reached or answers UNAVAILABLE, if
 //!   repeating it is safe: a read (`mutating: false` in the contract; health checks), a write
 //!   carrying an idempotency key (the `idempotency-key` header or a non-empty `request_id`: the
@@ -9,7 +10,8 @@
 //!   answered), or any call whose connection failed before it was sent. A write without a key that
 //!   reached a server is never repeated: it may have been applied;
 //! - every endpoint is tried at most once per call, within the call's deadline (`grpc-timeout`:
-//!   each further attempt carries what is left of it).
+//!   each further attempt carries what is left of it). A call whose deadline passed is not
+//!   repeated (nothing is left of it), but its endpoint is passed over by the next calls.
 //!
 //! With one endpoint a call goes straight to it.
 use std::{
@@ -214,8 +216,11 @@ impl Outcome {
         }
     }
 
+    /// Whether new calls should pass the endpoint over for a while. One that let a deadline pass
+    /// too: a replica that accepts calls but does not answer (stopped, swapping) would otherwise
+    /// cost every call sent to it its whole deadline.
     fn endpoint_down(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::NeverSent(_) | Self::Failed(_))
+        !matches!(self, Self::Answered(_))
     }
 
     fn into_result(self) -> Result<http::Response<Body>, BoxError> {

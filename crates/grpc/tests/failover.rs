@@ -1,7 +1,7 @@
 //! A bureau listed at several endpoints (replicas), called through the peer client against real
 //! tonic servers on 127.0.0.1: calls are spread over the endpoints; reads and keyed writes move to
 //! another endpoint when one is down (a closed port, a server stopped mid-test, UNAVAILABLE); a
-//! write without a key that reached a server is never sent twice.
+//! write without a key that reached a server is never sent twice; a call ends at its deadline.
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -30,6 +30,8 @@ type Calls = Arc<Mutex<BTreeMap<&'static str, Vec<(&'static str, bool)>>>>;
 struct Replica {
     name: &'static str,
     unavailable: bool,
+    /// How long it takes to answer.
+    delay: Duration,
     calls: Calls,
 }
 
@@ -50,11 +52,13 @@ impl IssuanceFake for Replica {
         &self,
         request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        tokio::time::sleep(self.delay).await;
         let order = self.answer("PlaceOrder", &request)?;
         Ok(Response::new(pb::PlaceOrderResponse { order: Some(order) }))
     }
 
     async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::GetOrderResponse>, Status> {
+        tokio::time::sleep(self.delay).await;
         let order = self.answer("GetOrder", &request)?;
         Ok(Response::new(pb::GetOrderResponse { order: Some(order) }))
     }
@@ -105,7 +109,7 @@ async fn place_order(peers: &Peers, key: Option<&str>) -> Result<String, Status>
 }
 
 fn replica(name: &'static str, calls: &Calls) -> Replica {
-    Replica { name, unavailable: false, calls: Arc::clone(calls) }
+    Replica { name, unavailable: false, delay: Duration::ZERO, calls: Arc::clone(calls) }
 }
 
 fn count(calls: &Calls, name: &str) -> usize {
@@ -146,13 +150,15 @@ async fn reads_and_keyed_writes_succeed_via_the_other_endpoint_when_one_is_a_clo
     let calls = Calls::default();
     let (up, _stop) = serve(replica("up", &calls)).await;
     let dir = tempfile::tempdir().unwrap();
-    let peers = peers(&dir, &[closed_endpoint(), up]);
+    // The first call of fresh peers tries the closed port first. A connection never made sent
+    // nothing: a write without a key moves on too.
+    let closed = closed_endpoint();
+    assert_eq!(place_order(&peers(&dir, &[closed.clone(), up.clone()]), None).await.unwrap(), "up");
+    let peers = peers(&dir, &[closed, up]);
     for _ in 0..10 {
         assert_eq!(get_order(&peers).await.unwrap(), "up");
         assert_eq!(place_order(&peers, Some("k-1")).await.unwrap(), "up");
     }
-    // A connection never made sent nothing: a write without a key may go elsewhere too.
-    assert_eq!(place_order(&peers, None).await.unwrap(), "up");
     assert_eq!(count(&calls, "up"), 21);
 }
 
@@ -182,6 +188,28 @@ async fn reads_and_keyed_writes_move_on_from_unavailable_and_a_write_without_a_k
         assert_eq!(place_order(&peers, None).await.unwrap(), "up");
     }
     assert_eq!(count(&calls, "behind"), 4);
+}
+
+#[tokio::test]
+async fn a_call_ends_at_its_deadline_and_the_replica_that_let_it_pass_is_passed_over() {
+    let calls = Calls::default();
+    let slow = Replica { delay: Duration::from_millis(1500), ..replica("slow", &calls) };
+    let (slow, _stop_slow) = serve(slow).await;
+    let (up, _stop_up) = serve(replica("up", &calls)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let peers = peers(&dir, &[slow, up]);
+    let mut request = Request::new(pb::GetOrderRequest { order_id: "o-1".into(), ..Default::default() });
+    request.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let late = IssuanceClient::new(peers.channel(PRODUCER).unwrap()).get_order(request).await.unwrap_err();
+    // tonic's client ends a call at its deadline as CANCELLED ("Timeout expired").
+    assert!(matches!(late.code(), Code::Cancelled | Code::DeadlineExceeded), "{late:?}");
+    assert!(started.elapsed() < Duration::from_millis(1000), "{:?}", started.elapsed());
+    assert_eq!(count(&calls, "up"), 0, "nothing is left of the deadline to try another replica");
+    // Without the pass-over, every other call would wait 1.5 s for "slow".
+    for _ in 0..4 {
+        assert_eq!(get_order(&peers).await.unwrap(), "up");
+    }
 }
 
 #[tokio::test]
