@@ -153,3 +153,49 @@ where
         first_error: total.first_error,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::echo::pb;
+
+    /// An echo that counts its calls.
+    struct Counting(Arc<AtomicU64>);
+
+    #[tonic::async_trait]
+    impl pb::echo_server::Echo for Counting {
+        async fn echo(&self, request: Request<pb::EchoRequest>) -> Result<Response<pb::EchoResponse>, Status> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(Response::new(pb::EchoResponse { payload: request.into_inner().payload }))
+        }
+    }
+
+    async fn counting_echo() -> (Target, Arc<AtomicU64>) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::echo_server::EchoServer::new(Counting(Arc::clone(&calls))))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (Target { url, tls: None }, calls)
+    }
+
+    #[tokio::test]
+    async fn the_load_is_spread_over_every_replica_of_the_target() {
+        let (first, first_calls) = counting_echo().await;
+        let (second, second_calls) = counting_echo().await;
+        let spec =
+            LoadSpec { connections: 2, in_flight: 2, warmup: Duration::ZERO, duration: Duration::from_millis(300) };
+        let result = drive(&[first, second], spec, |channel, _| crate::echo::call(channel)).await.unwrap();
+        assert_eq!(result.errors, 0, "{:?}", result.first_error);
+        let (first, second) = (first_calls.load(Ordering::Relaxed), second_calls.load(Ordering::Relaxed));
+        assert!(first > 10 && second > 10, "{first} and {second} calls");
+        assert!(first.abs_diff(second) <= 4, "round robin per connection: {first} and {second} calls");
+    }
+}
