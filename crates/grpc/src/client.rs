@@ -1,6 +1,8 @@
 //! Channels to other bureaus. Connections are lazy: a bureau that is down fails the calls made to
 //! it (with UNAVAILABLE, retried by the caller), never the start of the service that calls it.
-//! Every call through them has a client span and carries the trace context (`rpc_telemetry`).
+//! Every call through them has a client span and carries the trace context (`rpc_telemetry`). A
+//! bureau listed at several endpoints (replicas) gets one channel over all of them, which spreads
+//! the calls and fails over between them ([`crate::balance`]).
 //!
 //! [`Peers`] hands out the channel of a bureau as the directory in force names it, so a directory
 //! reload that moves a bureau is followed by the next call; [`is_transient`] is the one answer to
