@@ -7,12 +7,17 @@ Called by scripts/check-deploy.sh after the schema validation, with the resolved
   set, in the file or by a YIDI__SECTION__KEY variable of the container that reads it;
 - compose and Kubernetes: every bureau serves over mutual TLS (tls.ca/cert/key, never
   tls.plaintext); health checks and probes use its health port (server.health_listen, else listen);
-- compose: each bureau reads a TOML mounted from deploy/compose/, it exports to the collector under its own OTEL_SERVICE_NAME; every component a
-  pipeline of deploy/otel-collector.yaml names is defined, and the traces reach Jaeger;
-- Kubernetes: every Deployment's containers name an image, requests and limits, the non-root
-  security context, native gRPC liveness/readiness probes on the port the service listens on; every
-  ConfigMap/Secret key it mounts or reads exists; each directory endpoint is https:// and a
-  Service's name and port; kustomization.yaml lists every manifest but the placeholder secrets.
+- compose: each bureau reads a TOML mounted from deploy/compose/, it exports to the collector under its own OTEL_SERVICE_NAME
+  (replicas of one bureau: the same name, each its own service.instance.id); every component a
+  pipeline of deploy/otel-collector.yaml names is defined, and the traces reach Jaeger; every
+  directory endpoint `keygen --compose` writes is a compose service running that bureau;
+- Kubernetes: every Deployment's and StatefulSet's containers name an image, requests and limits,
+  the non-root security context, native gRPC liveness/readiness probes on the port the service
+  listens on; every ConfigMap/Secret key it mounts or reads exists; each directory endpoint is
+  https:// and a Service's name and port, or a StatefulSet replica's name under its headless
+  Service (`<set>-<ordinal>.<service>`), a bureau listed at several endpoints naming every replica
+  of its StatefulSet once, and every replicated workload has a PodDisruptionBudget;
+  kustomization.yaml lists every manifest but the placeholder secrets.
 Prints one line per problem and exits 1 if there is any.
 """
 
@@ -114,6 +119,8 @@ def check_compose(resolved: Path) -> None:
         if name not in services:
             problem("docker-compose.yml", f"service `{name}` missing")
     names = set()
+    instances = set()
+    bureau_hosts: dict[str, set[str]] = {}
     for name, service in services.items():
         command = service.get("command") or []
         if not (isinstance(command, list) and command and command[0].startswith("yidi-") and "--config" in command):
@@ -136,13 +143,35 @@ def check_compose(resolved: Path) -> None:
         if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") != "http://otel-collector:4317":
             problem(where, "OTEL_EXPORTER_OTLP_ENDPOINT is not http://otel-collector:4317")
         otel_name = env.get("OTEL_SERVICE_NAME")
-        if not otel_name or otel_name in names:
-            problem(where, f"OTEL_SERVICE_NAME missing or not unique: {otel_name!r}")
+        instance = (otel_name, env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+        if not otel_name or instance in instances:
+            problem(where, f"OTEL_SERVICE_NAME missing, or shared without its own service.instance.id: {otel_name!r}")
         names.add(otel_name)
+        instances.add(instance)
+        bureau_id = config.get("server", {}).get("bureau_id")
+        bureau_hosts.setdefault(bureau_id, set()).add(name)
         if "service_healthy" != service.get("depends_on", {}).get("postgres", {}).get("condition"):
             problem(where, "does not wait for a healthy postgres")
     if len(names) != 5:
         problem("docker-compose.yml", f"expected 5 bureaus, found {len(names)}")
+    check_compose_directory(bureau_hosts)
+
+
+def check_compose_directory(bureau_hosts: dict[str, set[str]]) -> None:
+    """The hosts `yidi-demo keygen --compose` lists (crates/demo/src/topology.rs) run their bureau."""
+    topology = (ROOT / "crates" / "demo" / "src" / "topology.rs").read_text()
+    body = re.search(r"fn compose_hosts\(self\)[^{]*\{(.*?)\n    \}", topology, re.S)
+    ids = dict(re.findall(r'pub const ([A-Z_]+): &str = "([a-z-]+)";', topology))
+    processes = dict(re.findall(r"Self::(\w+) => ([A-Z_]+),", topology))
+    if body is None:
+        problem("crates/demo/src/topology.rs", "no compose_hosts")
+        return
+    for arm, hosts in re.findall(r"Self::(\w+) => &\[([^\]]*)\]", body.group(1)):
+        bureau = ids.get(processes.get(arm, ""))
+        listed = set(re.findall(r'"([a-z0-9-]+)"', hosts))
+        if listed != bureau_hosts.get(bureau, set()):
+            problem("docker-compose.yml", f"bureau {bureau}: the directory lists {sorted(listed)}, "
+                    f"compose runs it as {sorted(bureau_hosts.get(bureau, set()))}")
 
 
 def check_collector() -> None:
@@ -217,22 +246,31 @@ def check_kubernetes() -> None:
         if key not in data.get((kind, name), {}):
             problem(where, f"{kind} {name} has no key {key}")
 
-    deployments = [obj for (kind, _), obj in objects.items() if kind == "Deployment"]
-    if len(deployments) != 5:
-        problem("deploy/k8s", f"expected 5 Deployments, found {len(deployments)}")
-    for deployment in deployments:
-        name = deployment["metadata"]["name"]
-        pod = deployment["spec"]["template"]["spec"]
+    workloads = [obj for (kind, _), obj in objects.items() if kind in ("Deployment", "StatefulSet")]
+    if len(workloads) != 5:
+        problem("deploy/k8s", f"expected 5 Deployments and StatefulSets (one per bureau), found {len(workloads)}")
+    budgets = [obj["spec"].get("selector", {}).get("matchLabels", {}) for (kind, _), obj in objects.items()
+               if kind == "PodDisruptionBudget"]
+    for workload in workloads:
+        kind, name = workload["kind"], workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
         pod_security = pod.get("securityContext", {})
         if pod_security.get("runAsNonRoot") is not True or pod_security.get("runAsUser") != 10001:
-            problem(f"Deployment {name}", "pod securityContext must run as non-root user 10001")
-        labels = deployment["spec"]["template"]["metadata"].get("labels", {})
-        if any(labels.get(k) != v for k, v in deployment["spec"]["selector"]["matchLabels"].items()):
-            problem(f"Deployment {name}", "selector does not match the pod labels")
+            problem(f"{kind} {name}", "pod securityContext must run as non-root user 10001")
+        labels = workload["spec"]["template"]["metadata"].get("labels", {})
+        if any(labels.get(k) != v for k, v in workload["spec"]["selector"]["matchLabels"].items()):
+            problem(f"{kind} {name}", "selector does not match the pod labels")
+        if workload["spec"].get("replicas", 1) > 1 and not any(
+                budget and all(labels.get(k) == v for k, v in budget.items()) for budget in budgets):
+            problem(f"{kind} {name}", "runs several replicas without a PodDisruptionBudget")
+        if kind == "StatefulSet":
+            headless = services.get(workload["spec"].get("serviceName", ""))
+            if headless is None or headless["spec"].get("clusterIP") != "None":
+                problem(f"{kind} {name}", "serviceName is not a headless Service (clusterIP: None)")
         for container in pod.get("initContainers", []):
-            check_container(f"Deployment {name} init container {container['name']}", container, main=False)
+            check_container(f"{kind} {name} init container {container['name']}", container, main=False)
         for container in pod["containers"]:
-            where = f"Deployment {name} container {container['name']}"
+            where = f"{kind} {name} container {container['name']}"
             check_container(where, container, main=True)
             env = {}
             for variable in container.get("env", []):
@@ -284,12 +322,29 @@ def check_kubernetes() -> None:
             if not env.get("OTEL_SERVICE_NAME"):
                 problem(where, "no OTEL_SERVICE_NAME")
 
+    replicas_of = {(obj["spec"].get("serviceName"), obj["metadata"]["name"]): obj["spec"].get("replicas", 1)
+                   for obj in workloads if obj["kind"] == "StatefulSet"}
     directory_text = data.get(("ConfigMap", "yidi-directory"), {}).get("directory.toml", "")
     for bureau in tomllib.loads(directory_text).get("bureaus", []) if directory_text else []:
-        match = re.fullmatch(r"https://([a-z0-9-]+):(\d+)", bureau.get("endpoint", ""))
-        service = services.get(match.group(1)) if match else None
-        if service is None or int(match.group(2)) not in {p["port"] for p in service["spec"]["ports"]}:
-            problem("ConfigMap yidi-directory", f"endpoint {bureau.get('endpoint')} is no Service's name and port")
+        endpoints = bureau.get("endpoints") or [bureau.get("endpoint", "")]
+        sets = set()
+        for endpoint in endpoints:
+            match = re.fullmatch(r"https://(?:([a-z0-9-]+)-(\d+)\.)?([a-z0-9-]+):(\d+)", endpoint)
+            service = services.get(match.group(3)) if match else None
+            if service is None or int(match.group(4)) not in {p["port"] for p in service["spec"]["ports"]}:
+                problem("ConfigMap yidi-directory", f"endpoint {endpoint} is no Service's name and port")
+                continue
+            if match.group(1):
+                replicas = replicas_of.get((match.group(3), match.group(1)))
+                if replicas is None or int(match.group(2)) >= replicas:
+                    problem("ConfigMap yidi-directory", f"endpoint {endpoint} is no replica of a StatefulSet "
+                            f"whose headless Service is {match.group(3)}")
+                    continue
+                sets.add((match.group(3), match.group(1)))
+        for key in sets:
+            if len(endpoints) != replicas_of[key] or len(set(endpoints)) != len(endpoints):
+                problem("ConfigMap yidi-directory", f"bureau {bureau.get('id')} lists {len(endpoints)} endpoints "
+                        f"for the {replicas_of[key]} replicas of StatefulSet {key[1]}")
     if not directory_text:
         problem(PLACEHOLDERS, "no ConfigMap yidi-directory with directory.toml")
 

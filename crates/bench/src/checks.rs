@@ -6,7 +6,8 @@ use std::{
 };
 
 use anyhow::Context;
-use tonic::{Status, transport::Channel};
+use tonic::Status;
+use yidi_grpc::balance::Balanced;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 use yidi_runtime::scratch::ScratchDatabase;
 
@@ -39,7 +40,7 @@ pub fn check_request(i: u64) -> pb::CheckCardRequest {
 }
 
 /// One CheckCard of a random loaded card; anything but VALID is an error.
-pub async fn check_card(channel: Channel, n: u64, count: u64) -> Result<u64, Status> {
+pub async fn check_card(channel: Balanced, n: u64, count: u64) -> Result<u64, Status> {
     let answer = LossRegistryClient::new(channel).check_card(check_request(mix(n) % count)).await?.into_inner();
     if answer.status != pb::CardStatus::Valid as i32 {
         return Err(Status::internal(format!("card {} answered status {}", mix(n) % count, answer.status)));
@@ -71,7 +72,7 @@ fn batches(count: u64, size: usize) -> Vec<prost::bytes::Bytes> {
         .collect()
 }
 
-async fn check_cards(channel: Channel, batch: prost::bytes::Bytes, size: usize) -> Result<u64, Status> {
+async fn check_cards(channel: Balanced, batch: prost::bytes::Bytes, size: usize) -> Result<u64, Status> {
     let answer: pb::CheckCardsResponse = raw::unary(channel, "/yidi.v1.LossRegistry/CheckCards", batch).await?;
     let valid = answer.results.iter().filter(|r| r.status == pb::CardStatus::Valid as i32).count();
     if answer.results.len() != size || valid != size {
@@ -81,16 +82,16 @@ async fn check_cards(channel: Channel, batch: prost::bytes::Bytes, size: usize) 
 }
 
 pub async fn run_echo(server: &Server, spec: LoadSpec) -> anyhow::Result<LoadResult> {
-    load::drive(&server.target, spec, |channel, _| echo::call(channel)).await
+    load::drive(server.targets(), spec, |channel, _| echo::call(channel)).await
 }
 
 pub async fn run_check(server: &Server, spec: LoadSpec, count: u64) -> anyhow::Result<LoadResult> {
-    load::drive(&server.target, spec, move |channel, n| check_card(channel, n, count)).await
+    load::drive(server.targets(), spec, move |channel, n| check_card(channel, n, count)).await
 }
 
 pub async fn run_batch(server: &Server, spec: LoadSpec, count: u64, size: usize) -> anyhow::Result<LoadResult> {
     let batches = std::sync::Arc::new(batches(count, size));
-    load::drive(&server.target, spec, move |channel, n| {
+    load::drive(server.targets(), spec, move |channel, n| {
         let batch = batches[(n % BATCHES) as usize].clone();
         check_cards(channel, batch, size)
     })
@@ -443,7 +444,7 @@ pub async fn scale(options: &Options, report: &mut Report) -> anyhow::Result<()>
 /// A few calls so that lazily allocated parts (connections, buffers) count in the RSS.
 async fn warm(server: &Server) {
     let spec = LoadSpec { connections: 2, in_flight: 1, warmup: Duration::ZERO, duration: Duration::from_millis(500) };
-    let _ = load::drive(&server.target, spec, |channel, _| async move {
+    let _ = load::drive(server.targets(), spec, |channel, _| async move {
         LossRegistryClient::new(channel).check_card(check_request(0)).await.map(|_| 1)
     })
     .await;

@@ -44,7 +44,7 @@ pub async fn serve(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// One echo call of [`PAYLOAD_LEN`] bytes.
-pub async fn call(channel: tonic::transport::Channel) -> Result<u64, Status> {
+pub async fn call(channel: yidi_grpc::balance::Balanced) -> Result<u64, Status> {
     let mut client = pb::echo_client::EchoClient::new(channel);
     client.echo(pb::EchoRequest { payload: vec![7; PAYLOAD_LEN] }).await?;
     Ok(1)

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::transport::Channel;
+use yidi_grpc::balance::Balanced;
 
 use crate::process::Target;
 
@@ -60,23 +60,30 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
-/// Opens `connections` connections to `target` (each with its own TLS session over mutual TLS).
-pub async fn connect(target: &Target, connections: usize) -> anyhow::Result<Vec<Channel>> {
+/// Opens `connections` connections to each of `targets` (one server, or the replicas of one
+/// bureau; each connection with its own TLS session over mutual TLS). Connection i to every target
+/// makes channel i, which spreads its calls over them and fails over as the bureaus' own calls do
+/// ([`Balanced`]).
+pub async fn connect(targets: &[Target], connections: usize) -> anyhow::Result<Vec<Balanced>> {
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        channels.push(target.connect().await?);
+        let mut replicas = Vec::with_capacity(targets.len());
+        for target in targets {
+            replicas.push((target.url.clone(), target.connect().await?));
+        }
+        channels.push(Balanced::new(replicas));
     }
     Ok(channels)
 }
 
 /// Drives `call(channel, n)` (n counts each task's calls, for picking inputs) as `spec` says.
 /// `call` answers the number of items the call covered.
-pub async fn drive<F, Fut>(target: &Target, spec: LoadSpec, call: F) -> anyhow::Result<LoadResult>
+pub async fn drive<F, Fut>(targets: &[Target], spec: LoadSpec, call: F) -> anyhow::Result<LoadResult>
 where
-    F: Fn(Channel, u64) -> Fut + Send + Sync + 'static,
+    F: Fn(Balanced, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<u64, tonic::Status>> + Send,
 {
-    let channels = connect(target, spec.connections).await?;
+    let channels = connect(targets, spec.connections).await?;
     let call = Arc::new(call);
     let start = Instant::now();
     let measure_from = start + spec.warmup;
@@ -145,4 +152,50 @@ where
         max_us: h.max(),
         first_error: total.first_error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::echo::pb;
+
+    /// An echo that counts its calls.
+    struct Counting(Arc<AtomicU64>);
+
+    #[tonic::async_trait]
+    impl pb::echo_server::Echo for Counting {
+        async fn echo(&self, request: Request<pb::EchoRequest>) -> Result<Response<pb::EchoResponse>, Status> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(Response::new(pb::EchoResponse { payload: request.into_inner().payload }))
+        }
+    }
+
+    async fn counting_echo() -> (Target, Arc<AtomicU64>) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::echo_server::EchoServer::new(Counting(Arc::clone(&calls))))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (Target { url, tls: None }, calls)
+    }
+
+    #[tokio::test]
+    async fn the_load_is_spread_over_every_replica_of_the_target() {
+        let (first, first_calls) = counting_echo().await;
+        let (second, second_calls) = counting_echo().await;
+        let spec =
+            LoadSpec { connections: 2, in_flight: 2, warmup: Duration::ZERO, duration: Duration::from_millis(300) };
+        let result = drive(&[first, second], spec, |channel, _| crate::echo::call(channel)).await.unwrap();
+        assert_eq!(result.errors, 0, "{:?}", result.first_error);
+        let (first, second) = (first_calls.load(Ordering::Relaxed), second_calls.load(Ordering::Relaxed));
+        assert!(first > 10 && second > 10, "{first} and {second} calls");
+        assert!(first.abs_diff(second) <= 4, "round robin per connection: {first} and {second} calls");
+    }
 }

@@ -17,8 +17,9 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use sea_orm::{ConnectionTrait, Database};
 use serde::Serialize;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
+use yidi_grpc::balance::Balanced;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
 use yidi_runtime::scratch::ScratchDatabase;
 
@@ -141,7 +142,7 @@ fn is_overloaded(status: &Status) -> bool {
 }
 
 /// One CheckCard with `deadline` as its `grpc-timeout`; the card's status.
-async fn check(channel: Channel, n: u64, count: u64, deadline: Duration) -> Result<i32, Status> {
+async fn check(channel: Balanced, n: u64, count: u64, deadline: Duration) -> Result<i32, Status> {
     let mut request = tonic::Request::new(check_request(mix(n) % count));
     request.set_timeout(deadline);
     Ok(LossRegistryClient::new(channel).check_card(request).await?.into_inner().status)
@@ -156,7 +157,7 @@ async fn open_loop(
     workload: Workload,
     count: u64,
 ) -> anyhow::Result<OverloadResult> {
-    let channels = load::connect(&server.target, CONNECTIONS).await?;
+    let channels = load::connect(server.targets(), CONNECTIONS).await?;
     let tally = Arc::new(Mutex::new(Tally {
         accepted: histogram()?,
         refused: histogram()?,
@@ -302,7 +303,7 @@ async fn capacity(options: &Options, server: &Server, workload: Workload) -> any
     };
     let count = options.cards;
     let expected = workload.expected() as i32;
-    load::drive(&server.target, spec, move |channel, n| async move {
+    load::drive(server.targets(), spec, move |channel, n| async move {
         let status = check(channel, n, count, Duration::from_secs(5)).await?;
         if status == expected { Ok(1) } else { Err(Status::internal(format!("answered status {status}"))) }
     })

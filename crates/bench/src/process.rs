@@ -13,6 +13,7 @@ use yidi_demo::{
     certs::{CaChoice, CertDir, write_certificates},
     topology::{self, Process, RELYING_PARTY},
 };
+use yidi_grpc::balance::Balanced;
 
 /// The fixed instant the registry judges by: the national phase, cards of the loader valid.
 pub const CLOCK: &str = "2118-03-01T09:00:00Z";
@@ -85,6 +86,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The load generator's targets: this server alone.
+    pub fn targets(&self) -> &[Target] {
+        std::slice::from_ref(&self.target)
+    }
+
     /// Resident memory (VmRSS) in bytes, from /proc.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         rss_of(self.pid)
@@ -183,7 +189,7 @@ pub async fn start_echo(dir: &Path, tls: Option<&BenchCerts>) -> anyhow::Result<
     let client = tls.map(|certs| certs.client(ECHO_ID)).transpose()?;
     let log = dir.join(if tls.is_some() { "echo-tls.log" } else { "echo.log" });
     spawn(command, log, client, async |target: &Target| match target.connect().await {
-        Ok(channel) => crate::echo::call(channel).await.is_ok(),
+        Ok(channel) => crate::echo::call(Balanced::new([(target.url.clone(), channel)])).await.is_ok(),
         Err(_) => false,
     })
     .await
@@ -205,7 +211,7 @@ pub async fn start_registry_with_env(
     if !binary.exists() {
         bail!("{} not found: build the services first (see BENCHMARKS.md)", binary.display());
     }
-    topology::write_keys_and_directory_with(dir, |_| topology::loopback_endpoint_with(tls.is_some(), 1))?;
+    topology::write_keys_and_directory_with(dir, |_| vec![topology::loopback_endpoint_with(tls.is_some(), 1)])?;
     let id = Process::Registry.bureau_id();
     let tls_section = match tls {
         Some(certs) => certs.config_section(id),

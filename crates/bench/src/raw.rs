@@ -7,8 +7,8 @@ use tonic::{
     Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     codegen::http::uri::PathAndQuery,
-    transport::Channel,
 };
+use yidi_grpc::balance::Balanced;
 
 /// Sends pre-encoded request bytes, decodes the answer as `M`.
 pub struct RawCodec<M>(PhantomData<M>);
@@ -59,7 +59,7 @@ impl<M: Message + Default + Send + 'static> Codec for RawCodec<M> {
 
 /// One unary call of `path` with an already encoded request.
 pub async fn unary<M: Message + Default + Send + 'static>(
-    channel: Channel,
+    channel: Balanced,
     path: &'static str,
     request: prost::bytes::Bytes,
 ) -> Result<M, Status> {

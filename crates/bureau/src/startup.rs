@@ -241,6 +241,7 @@ mod tests {
                 jurisdiction: Vec::new(),
                 region: String::new(),
                 endpoint: "http://127.0.0.1:1".into(),
+                endpoints: Vec::new(),
                 keys: Vec::new(),
             };
             let path = dir.path().join("directory.toml");

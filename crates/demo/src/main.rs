@@ -4,6 +4,7 @@
 //! yidi-demo [run] [--dir var/demo] [--date 2118-03-01] [--citizens 200] [--postgres URL] [--tls]
 //! yidi-demo keygen [--dir var/demo] [--tls]  # keys + directory.toml for the default ports
 //! yidi-demo keygen --compose [--dir D]      # the same, endpoints (https) named as in docker-compose.yml
+//! yidi-demo keygen --k8s [--dir D]          # the same, endpoints (https) named as in deploy/k8s
 //! yidi-demo certs --directory D --out DIR [--new-ca]  # a CA + a certificate per principal
 //! yidi-demo population [--date D] [--citizens N] --out FILE
 //! yidi-demo health ENDPOINT                  # gRPC health check (container probes)
@@ -28,6 +29,7 @@ struct Args {
     postgres: Option<String>,
     out: Option<PathBuf>,
     compose: bool,
+    k8s: bool,
     endpoint: Option<String>,
     tls: bool,
     directory: Option<PathBuf>,
@@ -44,6 +46,7 @@ fn parse_args() -> anyhow::Result<Args> {
         postgres: None,
         out: None,
         compose: false,
+        k8s: false,
         endpoint: None,
         tls: false,
         directory: None,
@@ -59,6 +62,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.endpoint = Some(value("health")?);
             }
             "--compose" => args.compose = true,
+            "--k8s" => args.k8s = true,
             "--tls" => args.tls = true,
             "--new-ca" => args.new_ca = true,
             "--directory" => args.directory = Some(PathBuf::from(value("--directory")?)),
@@ -85,14 +89,15 @@ async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     match args.command.as_str() {
         "keygen" => {
-            if args.compose {
-                // The compose file runs every bureau over mutual TLS.
+            if args.compose || args.k8s {
+                // Compose and Kubernetes run every bureau over mutual TLS.
                 topology::write_keys_and_directory_with(&args.dir, |p| {
-                    format!("https://{}:{}", p.compose_host(), p.default_port())
+                    let hosts = if args.k8s { p.k8s_hosts() } else { p.compose_hosts() };
+                    hosts.iter().map(|host| format!("https://{host}:{}", p.default_port())).collect()
                 })?;
             } else {
                 topology::write_keys_and_directory_with(&args.dir, |p| {
-                    topology::loopback_endpoint_with(args.tls, p.default_port())
+                    vec![topology::loopback_endpoint_with(args.tls, p.default_port())]
                 })?;
             }
             println!(

@@ -199,7 +199,7 @@ impl Suite {
 
     fn write_directory(&self) -> anyhow::Result<()> {
         topology::write_directory(&self.dir, &self.keys, |process| {
-            topology::loopback_endpoint_with(self.options.tls, self.ports[&process])
+            vec![topology::loopback_endpoint_with(self.options.tls, self.ports[&process])]
         })
     }
 

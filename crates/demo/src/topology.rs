@@ -77,14 +77,23 @@ impl Process {
         }
     }
 
-    /// Host name of the bureau in `docker-compose.yml`.
-    pub fn compose_host(self) -> &'static str {
+    /// Host names of the bureau's replicas in `docker-compose.yml` (the registry runs two).
+    pub fn compose_hosts(self) -> &'static [&'static str] {
         match self {
-            Self::Intake => "intake",
-            Self::HomeJiangxi => "verification-jiangxi",
-            Self::HomeSichuan => "verification-sichuan",
-            Self::Issuance => "issuance",
-            Self::Registry => "registry",
+            Self::Intake => &["intake"],
+            Self::HomeJiangxi => &["verification-jiangxi"],
+            Self::HomeSichuan => &["verification-sichuan"],
+            Self::Issuance => &["issuance"],
+            Self::Registry => &["registry", "registry-2"],
+        }
+    }
+
+    /// Host names of the bureau's replicas in `deploy/k8s` (Services of the namespace; the
+    /// registry's three StatefulSet replicas behind its headless Service).
+    pub fn k8s_hosts(self) -> &'static [&'static str] {
+        match self {
+            Self::Registry => &["registry-0.registry", "registry-1.registry", "registry-2.registry"],
+            other => other.compose_hosts(),
         }
     }
 
@@ -189,13 +198,14 @@ pub fn add_key(dir: &Path, keys: &mut Keys, bureau: &str, id: &str, valid_from: 
 /// Generates keys for the bureaus that sign and writes them to `dir/keys/<bureau>/` (mode 0600),
 /// and writes `dir/directory.toml` with their public keys and the given ports on loopback.
 pub fn write_keys_and_directory(dir: &Path, ports: &BTreeMap<Process, u16>) -> anyhow::Result<Keys> {
-    write_keys_and_directory_with(dir, |process| loopback_endpoint(ports[&process]))
+    write_keys_and_directory_with(dir, |process| vec![loopback_endpoint(ports[&process])])
 }
 
-/// As [`write_keys_and_directory`], with each bureau's endpoint given by `endpoint`.
-pub fn write_keys_and_directory_with(dir: &Path, endpoint: impl Fn(Process) -> String) -> anyhow::Result<Keys> {
+/// As [`write_keys_and_directory`], with each bureau's endpoints (one, or one per replica) given
+/// by `endpoints`.
+pub fn write_keys_and_directory_with(dir: &Path, endpoints: impl Fn(Process) -> Vec<String>) -> anyhow::Result<Keys> {
     let keys = generate_keys(dir)?;
-    write_directory(dir, &keys, endpoint)?;
+    write_directory(dir, &keys, endpoints)?;
     Ok(keys)
 }
 
@@ -222,43 +232,43 @@ pub fn generate_keys(dir: &Path) -> anyhow::Result<Keys> {
     Ok(keys)
 }
 
-/// Writes `dir/directory.toml`: every bureau with its endpoint, the signing ones with their keys,
+/// Writes `dir/directory.toml`: every bureau with its endpoints, the signing ones with their keys,
 /// the demo relying party, and a read and an admin operator for every bureau.
-pub fn write_directory(dir: &Path, keys: &Keys, endpoint: impl Fn(Process) -> String) -> anyhow::Result<()> {
-    let entry = |id: &str, role, name: &str| BureauEntry {
-        id: id.into(),
-        role,
-        name: name.into(),
-        jurisdiction: vec![],
-        region: String::new(),
-        endpoint: String::new(),
-        keys: keys.entries(id),
+pub fn write_directory(dir: &Path, keys: &Keys, endpoints: impl Fn(Process) -> Vec<String>) -> anyhow::Result<()> {
+    let entry = |process: Process, role, name: &str| {
+        let id = process.bureau_id();
+        // One endpoint is written as `endpoint`, as a directory of single processes always was.
+        let (endpoint, endpoints) = match <[String; 1]>::try_from(endpoints(process)) {
+            Ok([one]) => (one, Vec::new()),
+            Err(several) => (String::new(), several),
+        };
+        BureauEntry {
+            id: id.into(),
+            role,
+            name: name.into(),
+            jurisdiction: vec![],
+            region: String::new(),
+            endpoint,
+            endpoints,
+            keys: keys.entries(id),
+        }
     };
     let directory = DirectoryFile {
         bureaus: vec![
             BureauEntry {
                 region: STATION_REGION.into(),
-                endpoint: endpoint(Process::Intake),
-                ..entry(STATION, Role::Intake, "Hangzhou Xihu accepting station (Zhejiang)")
+                ..entry(Process::Intake, Role::Intake, "Hangzhou Xihu accepting station (Zhejiang)")
             },
             BureauEntry {
                 jurisdiction: vec!["36".into()],
-                endpoint: endpoint(Process::HomeJiangxi),
-                ..entry(HOME_JIANGXI, Role::Verification, "Jiangxi household registration bureau")
+                ..entry(Process::HomeJiangxi, Role::Verification, "Jiangxi household registration bureau")
             },
             BureauEntry {
                 jurisdiction: vec!["51".into()],
-                endpoint: endpoint(Process::HomeSichuan),
-                ..entry(HOME_SICHUAN, Role::Verification, "Sichuan household registration bureau")
+                ..entry(Process::HomeSichuan, Role::Verification, "Sichuan household registration bureau")
             },
-            BureauEntry {
-                endpoint: endpoint(Process::Issuance),
-                ..entry(PRODUCER, Role::Issuance, "Zhejiang entrusted card producer")
-            },
-            BureauEntry {
-                endpoint: endpoint(Process::Registry),
-                ..entry(REGISTRY, Role::Registry, "National loss registry")
-            },
+            entry(Process::Issuance, Role::Issuance, "Zhejiang entrusted card producer"),
+            entry(Process::Registry, Role::Registry, "National loss registry"),
         ],
         relying_parties: vec![RelyingPartyEntry { id: RELYING_PARTY.into(), name: "Demo bank (card checks)".into() }],
         operators: Process::ALL

@@ -25,7 +25,7 @@ fn home_bureau(key: &SigningKey) -> Bureau {
         name: "Jiangxi".into(),
         jurisdiction: vec!["36".into()],
         region: String::new(),
-        endpoint: String::new(),
+        endpoints: Vec::new(),
         keys: vec![yidi_domain::BureauKey {
             id: "k1".into(),
             public_key: key.verifying_key(),

@@ -1,4 +1,4 @@
-//! The directory of bureaus: who they are, their role, jurisdiction, endpoint and signing keys.
+//! The directory of bureaus: who they are, their role, jurisdiction, endpoints and signing keys.
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
@@ -57,8 +57,9 @@ pub struct Bureau {
     pub jurisdiction: Vec<String>,
     /// Six-digit address code of the place it serves (stations).
     pub region: String,
-    /// gRPC endpoint, e.g. `http://127.0.0.1:50052`.
-    pub endpoint: String,
+    /// gRPC endpoints, e.g. `http://127.0.0.1:50052`: one, or one per replica. Callers spread their
+    /// calls over them and fail over between them.
+    pub endpoints: Vec<String>,
     /// Ed25519 keys it signs with (home bureaus: decisions; the registry: status answers), each
     /// with its id and validity window. Several at once during a rotation.
     pub keys: Vec<BureauKey>,
@@ -109,7 +110,7 @@ impl Bureau {
             name: String::new(),
             jurisdiction: Vec::new(),
             region: String::new(),
-            endpoint: String::new(),
+            endpoints: Vec::new(),
             keys: Vec::new(),
         }
     }
@@ -120,6 +121,10 @@ impl Bureau {
 
     pub fn with_jurisdiction(self, provinces: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self { jurisdiction: provinces.into_iter().map(Into::into).collect(), ..self }
+    }
+
+    pub fn with_endpoints(self, endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self { endpoints: endpoints.into_iter().map(Into::into).collect(), ..self }
     }
 
     pub fn with_keys(self, keys: Vec<BureauKey>) -> Self {
@@ -363,7 +368,7 @@ mod tests {
             name: id.into(),
             jurisdiction: Vec::new(),
             region: String::new(),
-            endpoint: "https://127.0.0.1:1".into(),
+            endpoints: vec!["https://127.0.0.1:1".into()],
             keys: Vec::new(),
         }
     }

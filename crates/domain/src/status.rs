@@ -198,7 +198,7 @@ mod tests {
             name: String::new(),
             jurisdiction: vec![],
             region: String::new(),
-            endpoint: String::new(),
+            endpoints: Vec::new(),
             keys: vec![BureauKey {
                 id: "r1".into(),
                 public_key: key().verifying_key(),

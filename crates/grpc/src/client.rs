@@ -1,6 +1,8 @@
 //! Channels to other bureaus. Connections are lazy: a bureau that is down fails the calls made to
 //! it (with UNAVAILABLE, retried by the caller), never the start of the service that calls it.
-//! Every call through them has a client span and carries the trace context (`rpc_telemetry`).
+//! Every call through them has a client span and carries the trace context (`rpc_telemetry`). A
+//! bureau listed at several endpoints (replicas) gets one channel over all of them, which spreads
+//! the calls and fails over between them ([`crate::balance`]).
 //!
 //! [`Peers`] hands out the channel of a bureau as the directory in force names it, so a directory
 //! reload that moves a bureau is followed by the next call; [`is_transient`] is the one answer to
@@ -23,6 +25,7 @@ use yidi_domain::Bureau;
 use yidi_runtime::directory::DirectoryHandle;
 
 use crate::{
+    balance::Balanced,
     rpc_telemetry::{RpcTelemetry, RpcTelemetryLayer},
     tls::Transport,
 };
@@ -35,8 +38,9 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The metadata key of a call's deadline (gRPC over HTTP/2).
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
-/// A channel to another bureau, as every generated client takes it (`IntakeClient<PeerChannel>`).
-pub type PeerChannel = RpcTelemetry<DefaultDeadline<Channel>>;
+/// A channel to another bureau, as every generated client takes it (`IntakeClient<PeerChannel>`):
+/// one client span per call, the default deadline, then the bureau's endpoints ([`Balanced`]).
+pub type PeerChannel = RpcTelemetry<DefaultDeadline<Balanced>>;
 
 /// Whether a call that failed with `code` may succeed if repeated later, as opposed to an answer
 /// the receiver decided, which the same request meets again. Every bureau (the outbox's deliveries,
@@ -91,6 +95,8 @@ pub enum ConnectError {
     Scheme { bureau: String, endpoint: String, scheme: &'static str, why: &'static str },
     #[error("bureau {bureau}: endpoint {endpoint:?}: {source}")]
     Endpoint { bureau: String, endpoint: String, source: tonic::transport::Error },
+    #[error("bureau {bureau} lists no endpoint")]
+    NoEndpoint { bureau: String },
 }
 
 /// Makes the channels of one bureau to the others, as its `[tls]` section says: with mutual TLS,
@@ -114,9 +120,22 @@ impl Connector {
         &self.transport
     }
 
-    /// A lazy channel to `bureau` at its directory endpoint.
+    /// A lazy channel to `bureau`, balanced over the endpoints the directory lists for it, failing
+    /// over between them ([`Balanced`]).
     pub fn channel(&self, bureau: &Bureau) -> Result<PeerChannel, ConnectError> {
-        let endpoint = &bureau.endpoint;
+        if bureau.endpoints.is_empty() {
+            return Err(ConnectError::NoEndpoint { bureau: bureau.id.clone() });
+        }
+        let channels = bureau
+            .endpoints
+            .iter()
+            .map(|endpoint| Ok((endpoint.clone(), self.endpoint_channel(bureau, endpoint)?)))
+            .collect::<Result<Vec<_>, ConnectError>>()?;
+        Ok(RpcTelemetryLayer::client().layer(DefaultDeadline::new(Balanced::new(channels))))
+    }
+
+    /// A lazy channel to one endpoint of `bureau`.
+    fn endpoint_channel(&self, bureau: &Bureau, endpoint: &str) -> Result<Channel, ConnectError> {
         let scheme = self.transport.scheme();
         if !endpoint.starts_with(&format!("{scheme}://")) {
             let why = if self.transport.is_tls() {
@@ -124,18 +143,19 @@ impl Connector {
             } else {
                 "tls.plaintext is set, so peers are called without TLS"
             };
-            return Err(ConnectError::Scheme { bureau: bureau.id.clone(), endpoint: endpoint.clone(), scheme, why });
+            return Err(ConnectError::Scheme { bureau: bureau.id.clone(), endpoint: endpoint.to_owned(), scheme, why });
         }
-        let invalid = |source| ConnectError::Endpoint { bureau: bureau.id.clone(), endpoint: endpoint.clone(), source };
+        let invalid =
+            |source| ConnectError::Endpoint { bureau: bureau.id.clone(), endpoint: endpoint.to_owned(), source };
         // No `timeout` here: tonic would cap every call's own `grpc-timeout` at it.
-        let mut builder = Endpoint::from_shared(endpoint.clone())
+        let mut builder = Endpoint::from_shared(endpoint.to_owned())
             .map_err(invalid)?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true);
         if let Transport::MutualTls(files) = &self.transport {
             builder = builder.tls_config(files.client_config(&bureau.id)).map_err(invalid)?;
         }
-        Ok(RpcTelemetryLayer::client().layer(DefaultDeadline::new(builder.connect_lazy())))
+        Ok(builder.connect_lazy())
     }
 }
 
@@ -188,15 +208,18 @@ pub enum Unreachable {
 }
 
 /// The channels of one bureau to the others, following the directory in force: the channel for a
-/// bureau is kept while its endpoint stays the same, and replaced on the first call after a reload
-/// that moved it (SIGHUP, or a change of the file), without a restart.
+/// bureau is kept while its endpoints stay the same, and replaced on the first call after a reload
+/// that changed them (SIGHUP, or a change of the file), without a restart.
 #[derive(Debug, Clone)]
 pub struct Peers {
     directory: DirectoryHandle,
     connector: Connector,
-    /// Per bureau id: the endpoint its channel was built for, and the channel.
-    channels: Arc<Mutex<HashMap<String, (String, PeerChannel)>>>,
+    /// Per bureau id: its channel and the endpoints it was built for.
+    channels: Arc<Mutex<HashMap<String, BuiltFor>>>,
 }
+
+/// A bureau's channel and the endpoints it was built for.
+type BuiltFor = (Vec<String>, PeerChannel);
 
 impl Peers {
     pub fn new(directory: DirectoryHandle, connector: Connector) -> Self {
@@ -207,19 +230,19 @@ impl Peers {
         &self.directory
     }
 
-    /// The channel to `bureau_id` at the endpoint the directory in force lists for it.
+    /// The channel to `bureau_id` at the endpoints the directory in force lists for it.
     pub fn channel(&self, bureau_id: &str) -> Result<PeerChannel, Unreachable> {
         let directory = self.directory.current();
         let bureau = directory.get(bureau_id).ok_or(Unreachable::NotInDirectory)?;
         // A poisoned lock only means another caller panicked mid-insert; the map is still valid.
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((endpoint, channel)) = channels.get(bureau_id)
-            && *endpoint == bureau.endpoint
+        if let Some((endpoints, channel)) = channels.get(bureau_id)
+            && *endpoints == bureau.endpoints
         {
             return Ok(channel.clone());
         }
         let channel = self.connector.channel(bureau)?;
-        channels.insert(bureau_id.to_owned(), (bureau.endpoint.clone(), channel.clone()));
+        channels.insert(bureau_id.to_owned(), (bureau.endpoints.clone(), channel.clone()));
         Ok(channel)
     }
 }

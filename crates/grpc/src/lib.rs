@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod balance;
+pub mod body;
 pub mod caller;
 pub mod client;
 pub mod convert;

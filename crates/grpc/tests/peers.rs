@@ -65,6 +65,7 @@ fn write_directory(path: &Path, producer_endpoint: &str) {
         jurisdiction: Vec::new(),
         region: String::new(),
         endpoint: producer_endpoint.into(),
+        endpoints: Vec::new(),
         keys: Vec::new(),
     };
     DirectoryFile { bureaus: vec![producer], ..DirectoryFile::default() }.write(path).unwrap();

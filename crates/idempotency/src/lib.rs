@@ -37,14 +37,11 @@ pub use migration::CreateIdempotentRequests;
 use std::{
     collections::HashMap,
     convert::Infallible,
-    pin::Pin,
     sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError},
-    task::{Context, Poll},
     time::Duration,
 };
 
 use base64::Engine;
-use http_body::{Body as _, Frame};
 use sea_orm::{
     ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait, QueryFilter, entity::prelude::*, sea_query::OnConflict,
 };
@@ -63,6 +60,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tower::Service;
 
 use yidi_grpc::{
+    body::{self, Buffered, CollectError},
     caller::caller_of,
     error::{ERROR_DOMAIN, FieldViolations},
     layer::{CallFuture, Inner, Intercept, InterceptLayer},
@@ -339,28 +337,9 @@ where
 /// visible ASCII characters. The message is the body's first gRPC frame; a compressed one is not
 /// read (the servers accept no compression).
 pub fn request_id_of(body: &[u8], field: u32) -> Result<Option<IdempotencyKey>, FieldViolations> {
-    let Some(([0, l0, l1, l2, l3], message)) = body.split_first_chunk::<5>() else { return Ok(None) };
-    let length = u32::from_be_bytes([*l0, *l1, *l2, *l3]) as usize;
-    let Some(mut rest) = message.get(..length) else { return Ok(None) };
-    let mut found: Option<&[u8]> = None;
-    while !rest.is_empty() {
-        let Ok(key) = prost::encoding::decode_varint(&mut rest) else { return Ok(None) };
-        let (number, wire_type) = (key >> 3, key & 7);
-        let skip = match wire_type {
-            0 => prost::encoding::decode_varint(&mut rest).map(|_| 0).ok(),
-            1 => Some(8),
-            2 => prost::encoding::decode_varint(&mut rest).ok().and_then(|n| usize::try_from(n).ok()),
-            5 => Some(4),
-            _ => None,
-        };
-        let Some(value) = skip.and_then(|n| rest.get(..n)) else { return Ok(None) };
-        if wire_type == 2 && number == u64::from(field) {
-            // The last occurrence wins, as when the message is decoded.
-            found = Some(value);
-        }
-        rest = &rest[value.len()..];
-    }
-    let Some(bytes) = found.filter(|bytes| !bytes.is_empty()) else { return Ok(None) };
+    let Some(bytes) = body::length_delimited_field(body, field).filter(|bytes| !bytes.is_empty()) else {
+        return Ok(None);
+    };
     let mut violations = FieldViolations::new();
     if bytes.len() > MAX_KEY_LEN {
         violations.add(REQUEST_ID, format!("must be 1 to {MAX_KEY_LEN} characters, found {}", bytes.len()));
@@ -546,51 +525,13 @@ fn percent_decode(bytes: &[u8]) -> Option<String> {
 
 /// All of a body: its data, concatenated, and its trailers. More than `limit` bytes of data:
 /// OUT_OF_RANGE, as tonic answers a message over its decode limit.
-async fn collect(mut body: Body, limit: Option<usize>) -> Result<(Bytes, Option<HeaderMap>), Status> {
-    let mut data = Vec::new();
-    let mut trailers = None;
-    while let Some(frame) = futures::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        match frame?.into_data() {
-            Ok(chunk) => {
-                data.extend_from_slice(&chunk);
-                if let Some(limit) = limit
-                    && data.len() > limit
-                {
-                    return Err(Status::out_of_range(format!(
-                        "request larger than {limit} bytes: not accepted with {HEADER}"
-                    )));
-                }
-            }
-            Err(frame) => {
-                if let Ok(map) = frame.into_trailers() {
-                    trailers = Some(map);
-                }
-            }
+async fn collect(body: Body, limit: Option<usize>) -> Result<(Bytes, Option<HeaderMap>), Status> {
+    body::collect(body, limit).await.map_err(|error| match error {
+        CollectError::TooLarge(limit) => {
+            Status::out_of_range(format!("request larger than {limit} bytes: not accepted with {HEADER}"))
         }
-    }
-    Ok((Bytes::from(data), trailers))
-}
-
-/// A body already in memory: one data frame, then the trailers, if any.
-struct Buffered {
-    data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-}
-
-impl http_body::Body for Buffered {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(data) = self.data.take().filter(|data| !data.is_empty()) {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        Poll::Ready(self.trailers.take().map(|trailers| Ok(Frame::trailers(trailers))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.as_ref().is_none_or(Bytes::is_empty) && self.trailers.is_none()
-    }
+        CollectError::Body(status) => status,
+    })
 }
 
 #[cfg(test)]

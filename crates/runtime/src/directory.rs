@@ -35,7 +35,13 @@ pub struct BureauEntry {
     pub jurisdiction: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub region: String,
+    /// The bureau's gRPC endpoint, when it runs as one process. Give this or `endpoints`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint: String,
+    /// Its endpoints when it runs as several replicas: callers spread their calls over them and
+    /// fail over between them. Give this or `endpoint`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
     /// `[[bureaus.keys]]`: the signing keys (home bureaus; the registry), with ids and windows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<KeyEntry>,
@@ -59,6 +65,30 @@ pub struct KeyEntry {
         deserialize_with = "read_optional_instant"
     )]
     pub valid_until: Option<DateTime<Utc>>,
+}
+
+impl BureauEntry {
+    /// Where the bureau is reached: `endpoint`, or the `endpoints` list; exactly one of the two,
+    /// without an empty or repeated endpoint.
+    pub fn all_endpoints(&self) -> Result<Vec<String>, String> {
+        let endpoints = match (self.endpoint.is_empty(), self.endpoints.is_empty()) {
+            (false, true) => vec![self.endpoint.clone()],
+            (true, false) => self.endpoints.clone(),
+            (true, true) => return Err(format!("bureau {}: give its endpoint (or endpoints)", self.id)),
+            (false, false) => {
+                return Err(format!("bureau {}: give endpoint (one) or endpoints (several), not both", self.id));
+            }
+        };
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            if endpoint.trim().is_empty() {
+                return Err(format!("bureau {}: endpoints must not be empty", self.id));
+            }
+            if endpoints[..i].contains(endpoint) {
+                return Err(format!("bureau {}: endpoint {endpoint:?} is listed twice", self.id));
+            }
+        }
+        Ok(endpoints)
+    }
 }
 
 impl KeyEntry {
@@ -163,7 +193,7 @@ impl DirectoryFile {
                 name: entry.name.clone(),
                 jurisdiction: entry.jurisdiction.clone(),
                 region: entry.region.clone(),
-                endpoint: entry.endpoint.clone(),
+                endpoints: entry.all_endpoints()?,
                 keys,
             });
         }
@@ -310,4 +340,65 @@ pub fn write_signing_key(path: &Path, key: &SigningKey) -> std::io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REGISTRY: &str = r#"
+[[bureaus]]
+id = "registry-national"
+role = "registry"
+"#;
+
+    fn endpoints_of(lines: &str) -> Result<Vec<String>, DirectoryFileError> {
+        let directory = parse(Path::new("directory.toml"), &format!("{REGISTRY}{lines}"))?;
+        Ok(directory.get("registry-national").map(|bureau| bureau.endpoints.clone()).unwrap_or_default())
+    }
+
+    #[test]
+    fn a_bureau_is_reached_at_its_endpoint_or_at_each_of_its_endpoints() {
+        let one = endpoints_of(r#"endpoint = "https://registry:50054""#).unwrap();
+        assert_eq!(one, ["https://registry:50054"]);
+        let several =
+            endpoints_of(r#"endpoints = ["https://registry-0.registry:50054", "https://registry-1.registry:50054"]"#)
+                .unwrap();
+        assert_eq!(several, ["https://registry-0.registry:50054", "https://registry-1.registry:50054"]);
+    }
+
+    #[test]
+    fn a_bureau_without_an_endpoint_with_both_keys_or_with_one_endpoint_twice_is_refused() {
+        let refused = |lines: &str| endpoints_of(lines).unwrap_err().to_string();
+        assert!(refused("").contains("give its endpoint"), "{}", refused(""));
+        assert!(refused("endpoints = []").contains("give its endpoint"));
+        let both = refused("endpoint = \"https://a:1\"\nendpoints = [\"https://b:1\"]");
+        assert!(both.contains("not both"), "{both}");
+        let twice = refused(r#"endpoints = ["https://a:1", "https://a:1"]"#);
+        assert!(twice.contains("listed twice"), "{twice}");
+        assert!(refused(r#"endpoints = ["https://a:1", " "]"#).contains("must not be empty"));
+    }
+
+    #[test]
+    fn one_endpoint_is_written_as_endpoint_and_several_as_endpoints() {
+        let entry = |endpoint: &str, endpoints: &[&str]| BureauEntry {
+            id: "registry-national".into(),
+            role: Role::Registry,
+            name: String::new(),
+            jurisdiction: Vec::new(),
+            region: String::new(),
+            endpoint: endpoint.into(),
+            endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+            keys: Vec::new(),
+        };
+        let written = |entry: BureauEntry| {
+            toml::to_string_pretty(&DirectoryFile { bureaus: vec![entry], ..DirectoryFile::default() }).unwrap()
+        };
+        let one = written(entry("https://a:1", &[]));
+        assert!(one.contains(r#"endpoint = "https://a:1""#) && !one.contains("endpoints"), "{one}");
+        let several = written(entry("", &["https://a:1", "https://b:1"]));
+        assert!(several.contains("endpoints = [") && !several.contains("endpoint ="), "{several}");
+        let read: DirectoryFile = toml::from_str(&several).unwrap();
+        assert_eq!(read.to_directory().unwrap().get("registry-national").unwrap().endpoints.len(), 2);
+    }
 }

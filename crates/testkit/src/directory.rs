@@ -31,6 +31,7 @@ impl DirectoryBuilder {
             jurisdiction: Vec::new(),
             region: String::new(),
             endpoint: UNREACHABLE.into(),
+            endpoints: Vec::new(),
             keys: Vec::new(),
         });
         self
@@ -47,7 +48,19 @@ impl DirectoryBuilder {
 
     pub fn endpoint(self, endpoint: impl Into<String>) -> Self {
         let endpoint = endpoint.into();
-        self.with_last(|b| b.endpoint = endpoint)
+        self.with_last(|b| {
+            b.endpoint = endpoint;
+            b.endpoints.clear();
+        })
+    }
+
+    /// The last bureau runs as several replicas, reached at `endpoints`.
+    pub fn endpoints(self, endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let endpoints = endpoints.into_iter().map(Into::into).collect();
+        self.with_last(|b| {
+            b.endpoint.clear();
+            b.endpoints = endpoints;
+        })
     }
 
     /// Lists `key`'s public half as the last bureau's key `key_id`, valid from `valid_from`.

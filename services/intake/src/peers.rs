@@ -1,6 +1,6 @@
 //! Calls to the other bureaus, over gRPC, through the channels of [`client::Peers`] (which follow
 //! the directory in force).
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use tonic::{Code, Status};
 use yidi_grpc::client::{self, Connector, PeerChannel};
@@ -101,8 +101,14 @@ impl Peers {
         request
     }
 
-    fn status(peer: &str) -> impl FnOnce(Status) -> PeerError + '_ {
-        move |status| PeerError::Status { peer: peer.to_owned(), status: Box::new(status) }
+    /// The answer of one call to `peer`, as a [`PeerError`] if it failed.
+    async fn answer<T>(
+        peer: &str,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, PeerError> {
+        call.await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| PeerError::Status { peer: peer.to_owned(), status: Box::new(status) })
     }
 
     pub async fn verify(
@@ -112,7 +118,7 @@ impl Peers {
         key: &str,
     ) -> Result<pb::VerifyResponse, PeerError> {
         let mut client = VerificationClient::new(self.channel(home)?);
-        client.verify(self.keyed(request, key)).await.map(tonic::Response::into_inner).map_err(Self::status(home))
+        Self::answer(home, client.verify(self.keyed(request, key))).await
     }
 
     pub async fn close_application(
@@ -122,11 +128,7 @@ impl Peers {
         key: &str,
     ) -> Result<pb::CloseApplicationResponse, PeerError> {
         let mut client = VerificationClient::new(self.channel(home)?);
-        client
-            .close_application(self.keyed(request, key))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(home))
+        Self::answer(home, client.close_application(self.keyed(request, key))).await
     }
 
     pub async fn report_loss(
@@ -136,16 +138,8 @@ impl Peers {
         key: &str,
     ) -> Result<pb::LossRegistryReportLossResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
-        client
-            .report_loss(
-                self.keyed(
-                    pb::LossRegistryReportLossRequest { decision: Some(decision), request_id: String::new() },
-                    key,
-                ),
-            )
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(registry))
+        let request = pb::LossRegistryReportLossRequest { decision: Some(decision), request_id: String::new() };
+        Self::answer(registry, client.report_loss(self.keyed(request, key))).await
     }
 
     pub async fn record_collection(
@@ -155,27 +149,20 @@ impl Peers {
         key: &str,
     ) -> Result<pb::RecordCollectionResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
-        client
-            .record_collection(self.keyed(request, key))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(registry))
+        Self::answer(registry, client.record_collection(self.keyed(request, key))).await
     }
 
+    /// Keyed, so that a registry replica that does not answer can be replaced by another one
+    /// without the withdrawal being applied twice.
     pub async fn withdraw_loss_report(
         &self,
         registry: &str,
         decision: pb::SignedDecision,
+        key: &str,
     ) -> Result<pb::LossRegistryWithdrawLossReportResponse, PeerError> {
         let mut client = LossRegistryClient::new(self.channel(registry)?);
-        client
-            .withdraw_loss_report(self.request(pb::LossRegistryWithdrawLossReportRequest {
-                decision: Some(decision),
-                request_id: String::new(),
-            }))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(registry))
+        let request = pb::LossRegistryWithdrawLossReportRequest { decision: Some(decision), request_id: String::new() };
+        Self::answer(registry, client.withdraw_loss_report(self.keyed(request, key))).await
     }
 
     pub async fn place_order(
@@ -185,15 +172,9 @@ impl Peers {
         key: &str,
     ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
-        let response = client
-            .place_order(self.keyed(pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() }, key))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(producer))?;
-        response.order.ok_or_else(|| PeerError::Unreachable {
-            peer: producer.to_owned(),
-            message: "PlaceOrder answered without an order".into(),
-        })
+        let request = pb::PlaceOrderRequest { decision: Some(decision), request_id: String::new() };
+        let response = Self::answer(producer, client.place_order(self.keyed(request, key))).await?;
+        Self::order_of(producer, "PlaceOrder", response.order)
     }
 
     pub async fn get_order(
@@ -204,18 +185,19 @@ impl Peers {
         decision_id: &str,
     ) -> Result<pb::Order, PeerError> {
         let mut client = IssuanceClient::new(self.channel(producer)?);
-        let response = client
-            .get_order(self.request(pb::GetOrderRequest {
-                order_id: order_id.to_owned(),
-                decision_id: decision_id.to_owned(),
-                station_id: station_id.to_owned(),
-            }))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Self::status(producer))?;
-        response.order.ok_or_else(|| PeerError::Unreachable {
+        let request = pb::GetOrderRequest {
+            order_id: order_id.to_owned(),
+            decision_id: decision_id.to_owned(),
+            station_id: station_id.to_owned(),
+        };
+        let response = Self::answer(producer, client.get_order(self.request(request))).await?;
+        Self::order_of(producer, "GetOrder", response.order)
+    }
+
+    fn order_of(producer: &str, rpc: &str, order: Option<pb::Order>) -> Result<pb::Order, PeerError> {
+        order.ok_or_else(|| PeerError::Unreachable {
             peer: producer.to_owned(),
-            message: "GetOrder answered without an order".into(),
+            message: format!("{rpc} answered without an order"),
         })
     }
 }

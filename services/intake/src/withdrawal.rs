@@ -62,7 +62,7 @@ impl Intake {
             return Err(ApiError::Refused(reason).into());
         };
         let registry = self.inner.station.registry_id.clone();
-        match self.inner.peers.withdraw_loss_report(&registry, decision).await {
+        match self.inner.peers.withdraw_loss_report(&registry, decision, &key).await {
             // The registry has acted (or answered): its answer stands even if the audit write fails.
             Ok(response) => {
                 self.audit_or_log(AuditEntry::new(ACTION, masked, "withdrawn", format!("card {card_serial}"))).await;

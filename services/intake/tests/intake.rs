@@ -341,6 +341,23 @@ impl Harness {
         outbox: &str,
         order_poll_after_ms: u64,
     ) -> Self {
+        Self::start_listed(now, home_reachable, database_url, outbox, order_poll_after_ms, false).await
+    }
+
+    /// Every peer listed at two endpoints, the first a closed port: a replica that is down. One
+    /// attempt per outbox message: a call that did not fail over would be a dead letter.
+    async fn start_with_a_replica_down(now: &str) -> Self {
+        Self::start_listed(now, true, None, "max_attempts = 1", 0, true).await
+    }
+
+    async fn start_listed(
+        now: &str,
+        home_reachable: bool,
+        database_url: Option<String>,
+        outbox: &str,
+        order_poll_after_ms: u64,
+        a_replica_down: bool,
+    ) -> Self {
         let now: DateTime<Utc> = now.parse().unwrap();
         let key = SigningKey::from_bytes(&[7; 32]);
         let state = Arc::new(FakeState::default());
@@ -354,22 +371,29 @@ impl Harness {
         .await
         .unwrap();
         let home_endpoint = if home_reachable { fake_endpoint.clone() } else { closed_endpoint() };
+        let listed = |endpoint: &str| {
+            let mut endpoints = vec![endpoint.to_owned()];
+            if a_replica_down {
+                endpoints.insert(0, closed_endpoint());
+            }
+            endpoints
+        };
         let dir = tempfile::tempdir().unwrap();
         let directory_path = DirectoryBuilder::new()
             .bureau(STATION, Role::Intake)
             .region("330106")
             .bureau("home-jiangxi", Role::Verification)
             .jurisdiction(&["36"])
-            .endpoint(home_endpoint.clone())
+            .endpoints(listed(&home_endpoint))
             .key("k1", &key, DateTime::UNIX_EPOCH)
             .bureau("home-zhejiang", Role::Verification)
             .jurisdiction(&["33"])
-            .endpoint(home_endpoint)
+            .endpoints(listed(&home_endpoint))
             .key("k1", &key, DateTime::UNIX_EPOCH)
             .bureau(PRODUCER, Role::Issuance)
-            .endpoint(fake_endpoint.clone())
+            .endpoints(listed(&fake_endpoint))
             .bureau(REGISTRY, Role::Registry)
-            .endpoint(fake_endpoint)
+            .endpoints(listed(&fake_endpoint))
             .write_into(dir.path())
             .unwrap();
         let database_url =
@@ -480,6 +504,19 @@ poll_ms = 20
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("timed out waiting for the outbox to drain: {:?}", self.get(id).await);
+    }
+
+    /// The producer dispatches the card; the holder collects it (a live face close to the registered one).
+    async fn dispatched_and_collected(&mut self, id: &str) -> pb::Application {
+        self.fakes.dispatched.store(true, Ordering::SeqCst);
+        self.wait_until_ready(id).await;
+        let live = pb::Biometrics {
+            face_template: with_sensor_noise(&register_face(), 5, 9),
+            fingerprint_template: Vec::new(),
+        };
+        let collected = self.collect(id, Some(live)).await.unwrap();
+        assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
+        collected
     }
 
     async fn wait_until_ready(&mut self, id: &str) -> pb::Application {
@@ -856,12 +893,7 @@ async fn k4_a_first_application_at_home_completes_without_a_loss_step() {
     assert!(!ordered.loss_recorded, "no card, no loss report");
     assert!(ordered.previous_card_serial.is_empty());
     assert_eq!(h.fakes.report_loss_calls.load(Ordering::SeqCst), 0, "the registry hears of no loss");
-    h.fakes.dispatched.store(true, Ordering::SeqCst);
-    h.wait_until_ready(&id).await;
-    let live =
-        pb::Biometrics { face_template: with_sensor_noise(&register_face(), 5, 9), fingerprint_template: Vec::new() };
-    let collected = h.collect(&id, Some(live)).await.unwrap();
-    assert_eq!(collected.state, pb::ApplicationState::Collected as i32);
+    let collected = h.dispatched_and_collected(&id).await;
     assert!(collected.last_error.is_empty(), "{collected:?}");
     let timeline = h
         .client
@@ -1048,6 +1080,35 @@ async fn k6_withdrawal_answers_the_card_status_and_passes_the_registry_refusal_u
     assert_eq!(status.message(), expected.message());
     assert_eq!(reason(&status), "REFUSAL_REASON_LOSS_REPORT_FINAL");
     assert!(h.list_all().await.is_empty(), "a withdrawal is not an application");
+    h.stop().await;
+}
+
+/// Issue 15 point 4: every peer of the station (home bureau, producer, registry) listed at two
+/// endpoints, one of them a closed port: a replacement runs to collection, and a withdrawal is
+/// answered, through the endpoint that is up, each call failing over within itself (the outbox
+/// gets one attempt per message).
+#[tokio::test]
+async fn every_peer_with_a_replica_down_is_reached_through_the_other_from_submission_to_collection() {
+    let mut h = Harness::start_with_a_replica_down(NATIONAL).await;
+    let id = h.submitted(submit(ApplicationKind::Replacement, jiangxi_applicant())).await.application_id;
+    let ordered = h.wait_for(&id, "ordered", |a| !a.order_id.is_empty()).await;
+    assert!(ordered.loss_recorded, "ReportLoss reached the registry");
+    assert_eq!(h.fakes.loss_reports.lock().unwrap().as_slice(), ["OLD-0001"]);
+    let collected = h.dispatched_and_collected(&id).await;
+    assert!(collected.last_error.is_empty(), "no call failed: {}", collected.last_error);
+    eventually(250, 20, || !h.fakes.closed.lock().unwrap().is_empty()).await;
+
+    let withdrawn = h
+        .client
+        .withdraw_loss_report(pb::WithdrawLossReportRequest {
+            applicant: Some(jiangxi_applicant()),
+            card_serial: "OLD-0004".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(withdrawn.status, pb::CardStatus::Valid as i32);
     h.stop().await;
 }
 

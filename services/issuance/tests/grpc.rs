@@ -136,6 +136,8 @@ struct Options {
     database_url: Option<String>,
     /// Where the station is served; by default it has no endpoint (its notices are never delivered).
     station_endpoint: Option<String>,
+    /// The directory lists the registry at a closed port too, first: a replica that is down.
+    registry_replica_down: bool,
 }
 
 impl Options {
@@ -146,6 +148,7 @@ impl Options {
             retry_interval_ms: 100,
             database_url: None,
             station_endpoint: None,
+            registry_replica_down: false,
         }
     }
 }
@@ -173,7 +176,13 @@ impl Producer {
             .bureau(PRODUCER, Role::Issuance)
             .bureau("producer-other", Role::Issuance)
             .bureau("registry-national", Role::Registry)
-            .endpoint(options.registry_endpoint.clone())
+            .endpoints(
+                options
+                    .registry_replica_down
+                    .then(yidi_testkit::bureau::closed_endpoint)
+                    .into_iter()
+                    .chain([options.registry_endpoint.clone()]),
+            )
             .write_into(dir.path())
             .unwrap();
         let database_url = options
@@ -607,6 +616,21 @@ async fn s4_issuance_retries_registration_until_the_registry_answers() {
     assert_eq!(done.last_error, "");
     assert_eq!(fake.calls().len(), 1);
     assert!(producer.count("SELECT attempts AS n FROM orders").await >= 3, "failed attempts are counted");
+    producer.shutdown().await;
+}
+
+/// Issue 15 point 4: the registry listed at two endpoints, the first one down: the registration
+/// (keyed) fails over within its call, with no failed attempt on the order.
+#[tokio::test]
+async fn a_registration_fails_over_to_the_registry_replica_that_is_up() {
+    let fake = FakeRegistry::default();
+    let (endpoint, _registry) = start_registry(fake.clone()).await;
+    let mut producer = Producer::start(Options { registry_replica_down: true, ..Options::new(&endpoint) }).await;
+    producer.place(signed_decision_to_proto(&producer.signed("d-failover"))).await.unwrap();
+    let done = producer.wait_for("d-failover", |o| state(o) == pb::OrderState::Dispatched).await;
+    assert_eq!(done.last_error, "");
+    assert_eq!(fake.calls().len(), 1);
+    assert_eq!(producer.count("SELECT attempts AS n FROM orders").await, 1, "one attempt, which succeeded");
     producer.shutdown().await;
 }
 
