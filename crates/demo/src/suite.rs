@@ -527,6 +527,28 @@ impl Suite {
     /// started earlier take the new directory at their next `directory.reload_seconds`.
     pub async fn add_replica(&mut self, process: Process) -> anyhow::Result<Replica> {
         let replica = self.start_replica(process).await?;
+        self.wait_until_replica_serves(process, &replica).await?;
+        self.replica_ports.entry(process).or_default().push(replica.port);
+        self.write_directory()?;
+        for running in Process::ALL.into_iter().filter(|p| self.is_running(*p)) {
+            self.reload(running).await?;
+        }
+        Ok(replica)
+    }
+
+    /// Starts a killed replica of `process` again on its port (the directory still lists it) and
+    /// database, and waits until it serves.
+    pub async fn restart_replica(&self, process: Process, replica: &mut Replica) -> anyhow::Result<()> {
+        let binary = self.options.bin_dir.join(format!("yidi-{}", process.service()));
+        let config_path = self.dir.join(format!("{}-replica.toml", process.slug()));
+        std::fs::write(&config_path, self.config_text(process, replica.port))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&replica.log_path)?;
+        replica.child = self.launch(&binary, &config_path, log)?;
+        self.wait_until_replica_serves(process, replica).await
+    }
+
+    /// Waits (60 s at most) until a replica of `process` answers SERVING on health.
+    async fn wait_until_replica_serves(&self, process: Process, replica: &Replica) -> anyhow::Result<()> {
         let operator = operator_id(process.bureau_id(), OperatorAccess::Read);
         let endpoint = Endpoint::from_shared(replica.endpoint())?;
         let endpoint = if self.options.tls {
@@ -539,19 +561,13 @@ impl Suite {
             if let Ok(channel) = endpoint.connect().await
                 && yidi_grpc::client::wait_until_serving(&channel, Duration::from_secs(10)).await
             {
-                break;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("the {} replica never served", process.slug());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.replica_ports.entry(process).or_default().push(replica.port);
-        self.write_directory()?;
-        for running in Process::ALL.into_iter().filter(|p| self.is_running(*p)) {
-            self.reload(running).await?;
-        }
-        Ok(replica)
     }
 
     /// Stops every bureau (SIGTERM, newest first), checks each exited with 0, drops PostgreSQL databases.
