@@ -74,21 +74,33 @@ async fn submit_round(t: &TestSuite, round: usize) -> anyhow::Result<Vec<Acknowl
 
 /// Waits until one of the applications is in `state` (at most 30 s).
 async fn wait_for_any(t: &TestSuite, acknowledged: &[Acknowledged], state: pb::ApplicationState) -> anyhow::Result<()> {
+    wait_until(t, acknowledged, state.as_str_name(), |now| now.iter().any(|a| a.state == state as i32)).await
+}
+
+/// Waits until the applications, as the station answers now, are `what` `done` says (at most 30 s).
+async fn wait_until(
+    t: &TestSuite,
+    acknowledged: &[Acknowledged],
+    what: &str,
+    done: impl Fn(&[pb::Application]) -> bool,
+) -> anyhow::Result<()> {
     let mut intake = t.intake().await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
+        let mut now = Vec::new();
         for application in acknowledged {
-            let now = intake
+            let answer = intake
                 .get_application(pb::GetApplicationRequest { application_id: application.application_id.clone() })
                 .await?
                 .into_inner()
                 .application
                 .context("no application in answer")?;
-            if now.state == state as i32 {
-                return Ok(());
-            }
+            now.push(answer);
         }
-        ensure!(std::time::Instant::now() < deadline, "no application reached {}\n{}", state.as_str_name(), t.logs());
+        if done(&now) {
+            return Ok(());
+        }
+        ensure!(std::time::Instant::now() < deadline, "the applications never reached {what}\n{}", t.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -293,4 +305,82 @@ async fn postgres_connections_cut_mid_flow_lose_and_duplicate_nothing() -> anyho
     settle_and_check(&t, &acknowledged).await?;
     admin.close().await?;
     t.stop().await
+}
+
+/// Issue 15, done-when 5: the home bureau and the producer each run as two replicas on one
+/// PostgreSQL database, both listed in the directory, so the station's Verify and PlaceOrder calls
+/// (and the producer's outbox) spread over both. Mid-batch one replica of each is killed with
+/// SIGKILL and not started again: every application still settles, exactly once, and no message
+/// ends as a dead letter. PostgreSQL only: on SQLite a bureau's database is one file owned by one
+/// process, so there is nothing for a second replica to share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_verification_and_issuance_with_one_replica_of_each_killed_settle_each_application_once()
+-> anyhow::Result<()> {
+    const BATCH: usize = 40;
+    let Some(mut t) = start(Db::Postgres, NATIONAL_DAY, |options| {
+        let station = "[worker]\nrespond_within_ms = 0\n\n[outbox]\ncall_timeout_ms = 2000\npoll_ms = 50\n";
+        options.extra_config.insert(Process::Intake, station.into());
+        // A short call deadline keeps the lease short (deadline + 5 s): the messages the killed
+        // producer had claimed go to the other replica within seconds.
+        options.extra_config.insert(Process::Issuance, "[outbox]\ncall_timeout_ms = 2000\npoll_ms = 50\n".into());
+        // Orders stay in production a while, so the killed producer leaves some unfinished.
+        options.production_delay_ms = 800;
+        options.citizens_per_province = BATCH + 20;
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let home_replica = t.suite.add_replica(Process::HomeJiangxi).await?;
+    let mut producer_replica = t.suite.add_replica(Process::Issuance).await?;
+    // The bureaus re-read the directory on SIGHUP, asynchronously.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut acknowledged = lodge_replacements(&t, 0..BATCH / 2).await?;
+    // Killed mid-flow: some orders placed (on either producer), others still being verified.
+    let ordered = |now: &[pb::Application]| now.iter().filter(|a| !a.order_id.is_empty()).count() >= 6;
+    wait_until(&t, &acknowledged, "six orders", ordered).await?;
+    t.suite.kill(Process::HomeJiangxi).await?;
+    producer_replica.kill().await?;
+    acknowledged.extend(lodge_replacements(&t, BATCH / 2..BATCH).await?);
+    settle_and_check(&t, &acknowledged).await?;
+
+    // No dead letter at the station or at the producer.
+    for process in [Process::Intake, Process::Issuance] {
+        let db = Database::connect(t.suite.database_url(process)).await?;
+        let dead = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM outbox_messages WHERE state = 'dead'",
+            ))
+            .await?
+            .context("count")?
+            .try_get::<i64>("", "n")?;
+        db.close().await?;
+        ensure!(dead == 0, "{dead} dead letters at {}\n{}", process.slug(), t.logs());
+    }
+    // Both replicas of each bureau did part of the work before the kill.
+    let logged = |path: &std::path::Path, line: &str| {
+        std::fs::read_to_string(path).unwrap_or_default().lines().filter(|l| l.contains(line)).count()
+    };
+    for (process, replica_log, line) in [
+        (Process::HomeJiangxi, &home_replica.log_path, "verification approved"),
+        (Process::Issuance, &producer_replica.log_path, "order placed: in production"),
+    ] {
+        let (own, replica) = (logged(&t.suite.log_path(process), line), logged(replica_log, line));
+        ensure!(own > 0 && replica > 0, "{}: {line:?} {own} times, at its replica {replica} times", process.slug());
+    }
+    ensure!(home_replica.terminate().await? == Some(0), "the surviving replica stops cleanly");
+    t.stop().await
+}
+
+/// Lodges a replacement for each of the Jiangxi citizens `citizens` (ordinary ones, by index).
+async fn lodge_replacements(t: &TestSuite, citizens: std::ops::Range<usize>) -> anyhow::Result<Vec<Acknowledged>> {
+    let mut acknowledged = Vec::new();
+    for n in citizens {
+        let citizen = t.ordinary("36", n)?;
+        let application = t.submit(pb::ApplicationKind::Replacement, &citizen, serial(&citizen)).await?;
+        acknowledged.push(Acknowledged { application_id: application.application_id, expect: Outcome::CardReady });
+    }
+    Ok(acknowledged)
 }

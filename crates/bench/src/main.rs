@@ -50,6 +50,9 @@ options:
   --kills K          soak: at least this many kills (default 10)
   --callers C        soak: callers submitting at once (default 8)
   --seed S           soak: seed of the random kills (default: from the clock)
+  --replicated       soak: the station, the home bureaus and the producer run as two replicas each
+                     (both in the directory; kills fall on either); needs --postgres. The registry
+                     stays one process
   --registry-env K=V an environment variable for the registries of registry, scale and smoke
                      (repeatable), e.g. YIDI__REGISTRY__STATEMENT_CACHE_ENTRIES=0 (a signature per
                      answer) or OTEL_TRACES_SAMPLER=always_on (spans without an exporter)
@@ -82,6 +85,8 @@ pub struct Options {
     pub postgres_given: bool,
     /// `--registry-env`: added to the registries' environment.
     pub registry_env: Vec<(String, String)>,
+    /// `--replicated` (soak).
+    pub replicated: bool,
 }
 
 fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
@@ -113,9 +118,15 @@ fn parse(command: &str, args: &[String]) -> anyhow::Result<Options> {
             .unwrap_or(1),
         postgres_given: false,
         registry_env: Vec::new(),
+        replicated: false,
     };
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
+        // The one flag without a value.
+        if flag == "--replicated" {
+            options.replicated = true;
+            continue;
+        }
         let value = rest.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--seconds" => options.duration = Duration::from_secs_f64(value.parse()?),
@@ -175,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
             postgres: options.postgres_given.then(|| options.postgres_url.clone()),
             seed: options.seed,
             concurrency: options.callers,
+            replicated: options.replicated,
         };
         if !soak::soak(&soak, &options.bin_dir, &options.work).await? {
             std::process::exit(1);

@@ -32,11 +32,18 @@ pub struct SoakOptions {
     pub seed: u64,
     /// Callers submitting at once.
     pub concurrency: usize,
+    /// Every bureau that can run as replicas (station, home bureaus, producer) runs as two on its
+    /// PostgreSQL database, both in the directory; kills fall on either replica.
+    pub replicated: bool,
 }
 
 /// Every kill is one of these, chosen at random.
 const VICTIMS: [Process; 5] =
     [Process::Intake, Process::HomeJiangxi, Process::HomeSichuan, Process::Issuance, Process::Registry];
+
+/// The bureaus the replicated soak runs as two replicas each. The registry stays one process: its
+/// index and writer lock are per process until its shared ordered log exists (issue 15, points 1-3).
+const REPLICATED: [Process; 4] = [Process::Intake, Process::HomeJiangxi, Process::HomeSichuan, Process::Issuance];
 
 /// A duration between `low` and `high` milliseconds, drawn from the run's seeded sequence (so a
 /// failing run can be repeated).
@@ -207,6 +214,10 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     let now = yidi_tests::at(yidi_tests::NATIONAL_DAY);
     let mut suite_options = SuiteOptions::new(work.join("suite"), bin_dir.to_path_buf(), now);
     suite_options.clock = ClockSetting::Start(now);
+    if options.replicated && options.postgres.is_none() {
+        // SQLite is one file per process: there is no database for a second replica to share.
+        bail!("soak --replicated needs --postgres");
+    }
     if let Some(url) = &options.postgres {
         suite_options.backend = Backend::Postgres { admin_url: url.clone() };
     }
@@ -223,6 +234,13 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
         options.seed
     );
     let mut suite = Suite::start(suite_options).await?;
+    let mut replicas = Vec::new();
+    if options.replicated {
+        for process in REPLICATED {
+            replicas.push((process, suite.add_replica(process).await?));
+        }
+        eprintln!("soak: a second replica of {}", REPLICATED.map(Process::slug).join(", "));
+    }
     let databases = Databases::of(&suite);
     let ordinary: Vec<Citizen> =
         suite.population.citizens.iter().filter(|c| c.scenario == "ordinary" && c.card.is_some()).cloned().collect();
@@ -300,7 +318,7 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
 
     // Kill while anything is in flight, until at least the asked number of kills is done and
     // every application is lodged; never past the deadline.
-    let mut kills: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut kills: BTreeMap<String, usize> = BTreeMap::new();
     let mut total_kills = 0;
     let mut kill_log = Vec::new();
     while Instant::now() < deadline {
@@ -313,19 +331,35 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
             // Nothing in flight: killing now would test nothing.
             break;
         }
-        let victim = VICTIMS[rng.below(VICTIMS.len() as u64) as usize];
+        // Replicated: the second replica of a bureau is one more victim, drawn like the others.
+        let drawn = rng.below((VICTIMS.len() + replicas.len()) as u64) as usize;
         let down = millis(&mut rng, 0, 1500);
-        suite.kill(victim).await?;
+        let (victim, of_replica) = match drawn.checked_sub(VICTIMS.len()) {
+            None => {
+                let victim = VICTIMS[drawn];
+                suite.kill(victim).await?;
+                (victim, "")
+            }
+            Some(index) => {
+                let (process, replica) = &mut replicas[index];
+                replica.kill().await?;
+                (*process, " (replica)")
+            }
+        };
+        let label = format!("{}{of_replica}", victim.slug());
         total_kills += 1;
-        *kills.entry(victim.bureau_id()).or_default() += 1;
+        *kills.entry(format!("{}{of_replica}", victim.bureau_id())).or_default() += 1;
         kill_log.push(format!(
-            "{:>6.1} s  kill -9 {} (down {} ms)",
+            "{:>6.1} s  kill -9 {label} (down {} ms)",
             began.elapsed().as_secs_f64(),
-            victim.slug(),
             down.as_millis()
         ));
         tokio::time::sleep(down).await;
-        suite.restart(victim).await.with_context(|| format!("restarting {}", victim.slug()))?;
+        match drawn.checked_sub(VICTIMS.len()) {
+            None => suite.restart(victim).await,
+            Some(index) => suite.restart_replica(victim, &mut replicas[index].1).await,
+        }
+        .with_context(|| format!("restarting {label}"))?;
     }
     let submitted = watch_submitters.await?;
     let left = deadline.saturating_duration_since(Instant::now());
@@ -358,6 +392,12 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
         tally.after_retry,
         tally.replayed
     );
+    if options.replicated {
+        println!(
+            "replicated: {} as two replicas each on one PostgreSQL database; the registry as one process",
+            REPLICATED.map(Process::slug).join(", ")
+        );
+    }
     if let Err(error) = &submitted {
         println!("submission stopped: {error:#}");
     }
@@ -381,6 +421,11 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     );
     if total_kills < options.kills {
         println!("only {total_kills} of {} kills happened before everything settled or the bound", options.kills);
+    }
+    for (process, replica) in replicas {
+        if replica.terminate().await? != Some(0) {
+            println!("the {} replica did not stop cleanly", process.slug());
+        }
     }
     suite.stop().await?;
     Ok(clean)

@@ -121,6 +121,8 @@ pub struct Suite {
     children: BTreeMap<Process, Child>,
     /// With [`Backend::Postgres`], each bureau's scratch database.
     postgres: BTreeMap<Process, ScratchDatabase>,
+    /// Ports of the replicas listed in the directory beside a bureau's own process ([`Self::add_replica`]).
+    replica_ports: BTreeMap<Process, Vec<u16>>,
 }
 
 impl Suite {
@@ -159,7 +161,16 @@ impl Suite {
             }
             Backend::Postgres { admin_url } => create_databases(admin_url).await?,
         };
-        let mut suite = Self { dir, ports, keys, population, options, children: BTreeMap::new(), postgres };
+        let mut suite = Self {
+            dir,
+            ports,
+            keys,
+            population,
+            options,
+            children: BTreeMap::new(),
+            postgres,
+            replica_ports: BTreeMap::new(),
+        };
         if suite.options.tls {
             // Every principal of the directory (ports do not change who is in it).
             suite.write_directory()?;
@@ -199,7 +210,11 @@ impl Suite {
 
     fn write_directory(&self) -> anyhow::Result<()> {
         topology::write_directory(&self.dir, &self.keys, |process| {
-            vec![topology::loopback_endpoint_with(self.options.tls, self.ports[&process])]
+            let replicas = self.replica_ports.get(&process).map(Vec::as_slice).unwrap_or_default();
+            std::iter::once(self.ports[&process])
+                .chain(replicas.iter().copied())
+                .map(|port| topology::loopback_endpoint_with(self.options.tls, port))
+                .collect()
         })
     }
 
@@ -506,6 +521,55 @@ impl Suite {
         Ok(replica)
     }
 
+    /// Starts a replica of `process` ([`Self::start_replica`]), waits until it serves, lists it in
+    /// the directory beside the bureau's own process and has every bureau of the suite re-read the
+    /// directory (SIGHUP), so their calls to `process` spread over both from now on. Replicas
+    /// started earlier take the new directory at their next `directory.reload_seconds`.
+    pub async fn add_replica(&mut self, process: Process) -> anyhow::Result<Replica> {
+        let replica = self.start_replica(process).await?;
+        self.wait_until_replica_serves(process, &replica).await?;
+        self.replica_ports.entry(process).or_default().push(replica.port);
+        self.write_directory()?;
+        for running in Process::ALL.into_iter().filter(|p| self.is_running(*p)) {
+            self.reload(running).await?;
+        }
+        Ok(replica)
+    }
+
+    /// Starts a killed replica of `process` again on its port (the directory still lists it) and
+    /// database, and waits until it serves.
+    pub async fn restart_replica(&self, process: Process, replica: &mut Replica) -> anyhow::Result<()> {
+        let binary = self.options.bin_dir.join(format!("yidi-{}", process.service()));
+        let config_path = self.dir.join(format!("{}-replica.toml", process.slug()));
+        std::fs::write(&config_path, self.config_text(process, replica.port))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&replica.log_path)?;
+        replica.child = self.launch(&binary, &config_path, log)?;
+        self.wait_until_replica_serves(process, replica).await
+    }
+
+    /// Waits (60 s at most) until a replica of `process` answers SERVING on health.
+    async fn wait_until_replica_serves(&self, process: Process, replica: &Replica) -> anyhow::Result<()> {
+        let operator = operator_id(process.bureau_id(), OperatorAccess::Read);
+        let endpoint = Endpoint::from_shared(replica.endpoint())?;
+        let endpoint = if self.options.tls {
+            endpoint.tls_config(self.certs().files(&operator)?.client_config(process.bureau_id()))?
+        } else {
+            endpoint
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(channel) = endpoint.connect().await
+                && yidi_grpc::client::wait_until_serving(&channel, Duration::from_secs(10)).await
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the {} replica never served", process.slug());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops every bureau (SIGTERM, newest first), checks each exited with 0, drops PostgreSQL databases.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let mut failures = Vec::new();
@@ -551,6 +615,11 @@ pub struct Replica {
 impl Replica {
     pub fn endpoint(&self) -> String {
         topology::loopback_endpoint_with(self.tls, self.port)
+    }
+
+    /// Kills it outright (SIGKILL, as a crash would) and waits until it is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        Ok(self.child.kill().await?)
     }
 
     /// Asks it to stop (SIGTERM) and returns its exit code.

@@ -22,6 +22,11 @@ use crate::{
     service::{IssuanceService, OrderKey, OrderRequest},
 };
 
+/// How often a watch re-reads its order from the database: a change committed by another replica
+/// of this producer (its outbox worker took the order's message) is published only in that
+/// replica's process, so a watch held here learns of it by reading.
+const WATCH_REREAD: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct IssuanceGrpc {
     service: Arc<IssuanceService>,
     shutdown: Shutdown,
@@ -167,23 +172,38 @@ impl Issuance for IssuanceGrpc {
             if sender.send(Ok(pb::WatchOrderResponse { order: Some(order_to_proto(&last)) })).await.is_err() {
                 return;
             }
+            let mut reread = tokio::time::interval(WATCH_REREAD);
+            reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate: the order was just read.
+            reread.tick().await;
             while !last.state.is_final() {
-                let received = tokio::select! {
+                let published = tokio::select! {
                     () = shutdown.wait() => return,
                     () = sender.closed() => return,
-                    received = changes.recv() => received,
+                    // A failed read is not the watch's end: the next tick or change reads again.
+                    _ = reread.tick() => match service.get_order(&OrderKey::Id(id)).await {
+                        Ok(order) => Some(order),
+                        Err(error) => {
+                            tracing::debug!(order_id = %id, %error, "watch: cannot re-read the order");
+                            continue;
+                        }
+                    },
+                    received = changes.recv() => match received {
+                        Ok(order) if order.order_id == id => Some(order),
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(_)) => None,
+                        Err(RecvError::Closed) => return,
+                    },
                 };
-                let order = match received {
-                    Ok(order) if order.order_id == id => order,
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => match service.get_order(&OrderKey::Id(id)).await {
+                let order = match published {
+                    Some(order) => order,
+                    None => match service.get_order(&OrderKey::Id(id)).await {
                         Ok(order) => order,
                         Err(error) => {
                             let _ = sender.send(Err(error.into())).await;
                             return;
                         }
                     },
-                    Err(RecvError::Closed) => return,
                 };
                 if progress(&order) <= progress(&last) {
                     continue;

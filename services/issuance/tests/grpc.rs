@@ -699,6 +699,47 @@ async fn s4_issuance_works_on_postgresql() {
     scratch.drop().await.unwrap();
 }
 
+/// Two replicas of the producer on one PostgreSQL database (SQLite is one file per process): a
+/// WatchOrder held at one replica sees the dispatch committed by the other's outbox worker, which
+/// is published only in that other process, because the watch re-reads its order.
+#[tokio::test]
+async fn a_watch_at_one_replica_sees_the_dispatch_made_by_the_other() {
+    let Some(scratch) = postgres_for_tests("issuance_replicas").await.unwrap() else { return };
+    let (endpoint, _registry) = start_registry(FakeRegistry::default()).await;
+    // The watched replica cannot make the card: its production is long and its directory lists the
+    // registry at a closed port, so only the other replica can dispatch.
+    let watched = Options {
+        delay_ms: 60_000,
+        database_url: Some(scratch.url().to_owned()),
+        ..Options::new(&yidi_testkit::bureau::closed_endpoint())
+    };
+    let mut watched = Producer::start(watched).await;
+    let placed = watched.place(signed_decision_to_proto(&watched.signed("d-replicas"))).await.unwrap();
+    let watch = tokio::spawn({
+        let mut watched_client = watched.client.clone();
+        let order_id = placed.order_id.clone();
+        async move {
+            let request = pb::WatchOrderRequest { order_id, station_id: String::new() };
+            let mut stream = watched_client.watch_order(request).await.unwrap().into_inner();
+            let mut seen = Vec::new();
+            while let Some(message) = stream.next().await {
+                seen.push(state(&message.unwrap().order.unwrap()));
+            }
+            seen
+        }
+    });
+    // Started with a short production time, the other replica brings the order's message forward.
+    let other = Options { delay_ms: 50, database_url: Some(scratch.url().to_owned()), ..Options::new(&endpoint) };
+    let mut other = Producer::start(other).await;
+    let seen = tokio::time::timeout(WAIT, watch).await.expect("the watch ends once the card is dispatched").unwrap();
+    assert_eq!(seen.first(), Some(&pb::OrderState::InProduction));
+    assert_eq!(seen.last(), Some(&pb::OrderState::Dispatched));
+    assert_eq!(watched.count("SELECT COUNT(*) AS n FROM orders").await, 1);
+    other.shutdown().await;
+    watched.shutdown().await;
+    scratch.drop().await.unwrap();
+}
+
 /// Start-up fails, naming the key, when the directory has no registry or this bureau is no producer.
 #[tokio::test]
 async fn s4_issuance_refuses_to_start_with_a_wrong_directory() {
