@@ -266,9 +266,10 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
         .connect_lazy();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let queue = Arc::new(Mutex::new(planned.clone().into_iter().enumerate()));
-    // Lodging is spread over about three seconds per kill asked for (a kill, its outage and the
-    // restart take about that), so that every kill finds applications in flight, however few.
-    let span = Duration::from_secs(3 * options.kills as u64).min(options.max / 2);
+    // Lodging is spread over seven seconds per kill asked for: the longest a kill takes (the
+    // pause before it, up to 2.5 s; its outage, up to 1.5 s; the restart, about 3 s in a debug
+    // build), so that every kill finds applications in flight, however few and however fast.
+    let span = Duration::from_secs(7 * options.kills as u64).min(options.max / 2);
     let slot = span / u32::try_from(planned.len().max(1)).unwrap_or(u32::MAX);
     let submitting = Arc::new(AtomicBool::new(true));
     let mut submitters = tokio::task::JoinSet::new();
