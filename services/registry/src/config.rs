@@ -36,6 +36,17 @@ pub struct ChecksConfig {
     pub statement_validity_seconds: u64,
     /// C4: statements held for serving again (the most recently checked cards); 0 signs every answer.
     pub statement_cache_entries: usize,
+    /// Issue 16: how often a new status snapshot of every card is built (one is built at start).
+    pub snapshot_every_seconds: u64,
+    /// Issue 16: how often a status delta is signed and pushed (an empty one when nothing changed):
+    /// a relying party following the deltas learns a loss report within this time.
+    pub delta_every_seconds: u64,
+    /// Issue 16: columns of the snapshot's coverage filter; a pair never registered is answered
+    /// "not covered" except with probability 2^-bits, at about bits/8 bytes per card.
+    pub snapshot_coverage_bits: u8,
+    /// Issue 16: how long a snapshot (with its deltas) may be used; a card expiring sooner is not
+    /// covered (a relying party asks online).
+    pub snapshot_usable_seconds: u64,
 }
 
 impl Default for ChecksConfig {
@@ -46,6 +57,10 @@ impl Default for ChecksConfig {
             void_sweep_every_seconds: 60,
             statement_validity_seconds: 600,
             statement_cache_entries: 250_000,
+            snapshot_every_seconds: 3600,
+            delta_every_seconds: 60,
+            snapshot_coverage_bits: 24,
+            snapshot_usable_seconds: 7 * 86_400,
         }
     }
 }
@@ -57,6 +72,18 @@ pub struct ImportConfig {
     /// A population JSON file; every citizen's existing card is registered at start (idempotent).
     #[serde(default)]
     pub path: Option<PathBuf>,
+}
+
+impl ChecksConfig {
+    /// The snapshot keys as the snapshot maker takes them.
+    pub fn snapshot_settings(&self) -> crate::snapshot::SnapshotSettings {
+        crate::snapshot::SnapshotSettings {
+            snapshot_every: std::time::Duration::from_secs(self.snapshot_every_seconds),
+            delta_every: std::time::Duration::from_secs(self.delta_every_seconds),
+            coverage_bits: self.snapshot_coverage_bits,
+            usable_for: chrono::Duration::seconds(i64::try_from(self.snapshot_usable_seconds).unwrap_or(i64::MAX)),
+        }
+    }
 }
 
 impl RegistryConfig {
@@ -77,6 +104,18 @@ impl RegistryConfig {
         }
         if self.registry.statement_cache_entries > 100_000_000 {
             return Err(ConfigError::key("registry.statement_cache_entries", "must be at most 100000000"));
+        }
+        if !(1..=604_800).contains(&self.registry.snapshot_every_seconds) {
+            return Err(ConfigError::key("registry.snapshot_every_seconds", "must be 1 to 604800 (a week)"));
+        }
+        if !(1..=86_400).contains(&self.registry.delta_every_seconds) {
+            return Err(ConfigError::key("registry.delta_every_seconds", "must be 1 to 86400"));
+        }
+        if !(1..=yidi_status_filter::MAX_COVERAGE_BITS).contains(&self.registry.snapshot_coverage_bits) {
+            return Err(ConfigError::key("registry.snapshot_coverage_bits", "must be 1 to 32"));
+        }
+        if !(60..=31 * 86_400).contains(&self.registry.snapshot_usable_seconds) {
+            return Err(ConfigError::key("registry.snapshot_usable_seconds", "must be 60 to 2678400 (31 days)"));
         }
         if let Some(path) = &self.import.path
             && path.as_os_str().is_empty()

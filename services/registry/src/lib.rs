@@ -9,6 +9,7 @@ mod index;
 mod limit;
 mod repo;
 mod service;
+mod snapshot;
 mod statements;
 
 use std::{future::Future, sync::Arc};
@@ -50,11 +51,21 @@ pub async fn serve(
     let Prepared { directory, clock, db, shutdown: stop, server, checked: keys, .. } =
         startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, check_keys).await?;
     keys.spawn_reloader(config.directory.reload_every(), stop.clone());
+    let snapshot_db = db.clone();
     let repo = Repo::new(db);
     let bureau_id = config.server.bureau_id.clone();
     let loading = std::time::Instant::now();
     let index = repo.load_index().await.context("loading the card index")?;
     tracing::info!(cards = index.len(), seconds = loading.elapsed().as_secs_f64(), "card index loaded");
+    let snapshot_sources = snapshot::Sources {
+        repo: repo.clone(),
+        db: snapshot_db,
+        clock: clock.clone(),
+        keys: Arc::clone(&keys),
+        directory: directory.clone(),
+        bureau_id: config.server.bureau_id.clone(),
+    };
+    let snapshots = Arc::new(snapshot::Snapshots::new(snapshot_sources, config.registry.snapshot_settings()));
     let registry = Arc::new(Registry::new(
         repo.clone(),
         index,
@@ -81,11 +92,14 @@ pub async fn serve(
         tracing::info!(imported, path = %path.display(), "legacy cards imported");
     }
 
-    let service =
-        LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry))).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // After the import, so that the first snapshot holds the imported cards.
+    let snapshot_maker = Arc::clone(&snapshots).spawn(stop.clone());
+    let service = LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry), snapshots))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let served = server.serve(service).await;
     // Stopped like any transaction cut short: an unfinished void rolls back.
     sweeper.abort();
+    snapshot_maker.abort();
     drop(registry);
     repo.close().await.context("closing the database")?;
     served?;
