@@ -321,3 +321,103 @@ impl Snapshots {
         Ok(self.sources.repo.card(serial).await?.map(|card| *CardKey::new(&card.id_number, &card.serial).digest()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveDate, TimeZone};
+    use ed25519_dalek::SigningKey;
+    use yidi_domain::{Bureau, BureauKey, Directory, Role};
+    use yidi_status_filter::{Lookup, StatusView};
+
+    use super::*;
+    use crate::{index::CardIndex, service::check_one};
+
+    fn card(i: u32, now: DateTime<Utc>) -> Card {
+        let birth = NaiveDate::from_ymd_opt(1950, 1, 1).unwrap() + chrono::Duration::days(i64::from(i / 1000));
+        let province = ["11", "33", "36", "44", "51"][(i % 5) as usize];
+        let id_number = IdNumber::compose(&format!("{province}0102"), birth, (i % 1000) as u16);
+        // 1% not valid: half reported lost, half revoked.
+        let status = match i % 200 {
+            7 => StoredCardStatus::ReportedLost,
+            107 => StoredCardStatus::Revoked,
+            _ => StoredCardStatus::Valid,
+        };
+        Card {
+            serial: format!("P{i:011}"),
+            id_number: id_number.as_str().to_owned(),
+            home_bureau_id: "home".into(),
+            status,
+            valid_from: NaiveDate::from_ymd_opt(2110, 1, 1).unwrap(),
+            valid_until: NaiveDate::from_ymd_opt(2138, 1, 1),
+            decision_id: None,
+            producer_id: None,
+            station_id: None,
+            status_changed_at: now,
+            created_at: now,
+        }
+    }
+
+    /// Issue 16, done-when 1, in-process: a million cards through the registry's own path (the
+    /// index CheckCard reads and `check_one`, the classification and filter the snapshot maker
+    /// uses, signed and verified as a client verifies it), no server: importing a million cards
+    /// through the registry takes minutes in the debug profile.
+    #[test]
+    fn issue16_a_million_cards_are_answered_locally_as_check_card_answers_and_pairs_never_registered_never_valid() {
+        let now = Utc.with_ymd_and_hms(2118, 1, 1, 9, 0, 0).unwrap();
+        let clock = Clock::fixed(now);
+        let until = now + chrono::Duration::days(7);
+        let cards: Vec<Card> = (0..1_000_000).map(|i| card(i, now)).collect();
+        let index = CardIndex::with_capacity(cards.len());
+        let filter_cards: Vec<FilterCard> = cards
+            .iter()
+            .filter_map(|c| {
+                index.insert(c.indexed()).unwrap();
+                let valid = classify(c, &clock, now, until)?;
+                Some(FilterCard { key: CardKey::new(&c.id_number, &c.serial), valid })
+            })
+            .collect();
+        let filter = Filter::build(&filter_cards, 24);
+        let signing = SigningKey::from_bytes(&[5; 32]);
+        let header = Header {
+            kind: Kind::Snapshot,
+            registry_id: "registry".into(),
+            key_id: "k1".into(),
+            from_sequence: 9,
+            sequence: 9,
+            built_at: now,
+            usable_until: until,
+        };
+        let bytes = StatusFile { header, filter, ask_online: Vec::new() }.sign(&signing);
+        let key = BureauKey {
+            id: "k1".into(),
+            public_key: signing.verifying_key(),
+            valid_from: now - chrono::Duration::days(1),
+            valid_until: None,
+        };
+        let directory = Directory::new(vec![Bureau::new("registry", Role::Registry).with_keys(vec![key])]).unwrap();
+        let view = StatusView::new(StatusFile::verify(&bytes, &directory).unwrap()).unwrap();
+        let mut not_valid = 0;
+        for c in &cards {
+            let online = check_one(index.get(&c.serial, &c.id_number).as_ref(), &clock, now).status;
+            let expected = if online == CardStatus::Valid { Lookup::Valid } else { Lookup::NotValid };
+            not_valid += usize::from(expected == Lookup::NotValid);
+            assert_eq!(view.lookup(&CardKey::new(&c.id_number, &c.serial)), expected, "{}", c.serial);
+        }
+        assert_eq!(not_valid, 10_000);
+        // 100,000 pairs never registered: registered serials under other numbers, and unknown serials.
+        for i in 0..100_000u32 {
+            let mut stranger = card(i * 7 + 3, now);
+            stranger.id_number = card(i * 7 + 4, now).id_number;
+            if i % 2 == 0 {
+                stranger.serial = format!("Q{i:011}");
+            }
+            assert!(
+                check_one(index.get(&stranger.serial, &stranger.id_number).as_ref(), &clock, now).status
+                    == CardStatus::Unknown
+            );
+            let local = view.lookup(&CardKey::new(&stranger.id_number, &stranger.serial));
+            assert_ne!(local, Lookup::Valid, "{} {}", stranger.id_number, stranger.serial);
+        }
+        eprintln!("snapshot of {} cards: {} bytes", cards.len(), bytes.len());
+    }
+}
