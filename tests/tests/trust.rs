@@ -18,7 +18,7 @@ use yidi_tests::{
 
 on_both_databases!(
     replacement_end_to_end_over_mutual_tls,
-    issue16_c4_a_relying_party_s_revocation_stream_and_snapshot_hold_no_serial_and_no_number,
+    c4_a_relying_party_s_revocation_stream_and_snapshot_hold_no_serial_and_no_number,
     a_plaintext_client_on_a_mutual_tls_port_is_refused,
     a_certificate_from_another_ca_is_refused,
     a_valid_certificate_whose_id_is_not_in_the_directory_is_unauthenticated,
@@ -35,7 +35,7 @@ async fn replacement_end_to_end_over_mutual_tls(db: Db) -> anyhow::Result<()> {
 /// Issue 16 point 5: what a relying party receives about status (the revocation stream, the
 /// snapshot) holds no serial and no identity number of the population, searched in their bytes;
 /// the digest of the card reported lost lets a holder of its number and serial match the event.
-async fn issue16_c4_a_relying_party_s_revocation_stream_and_snapshot_hold_no_serial_and_no_number(
+async fn c4_a_relying_party_s_revocation_stream_and_snapshot_hold_no_serial_and_no_number(
     db: Db,
 ) -> anyhow::Result<()> {
     let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };

@@ -73,7 +73,8 @@ pub enum Local {
     NotValid,
     NotCovered,
     NoData,
-    /// The data is as of `as_of`, older than `max_age` (or past the snapshot's `usable_until`).
+    /// The data is as of `as_of`, older than `max_age` (or past the snapshot's `usable_until`, or
+    /// more than five minutes ahead of the clock).
     TooOld {
         as_of: DateTime<Utc>,
     },
@@ -154,7 +155,9 @@ impl Checker {
     pub fn local(&self, id_number: &str, card_serial: &str, now: DateTime<Utc>) -> Local {
         let view = self.view();
         let Some(view) = view.as_ref() else { return Local::NoData };
-        if now - view.as_of() > self.settings.max_age || now >= view.usable_until() {
+        // Data from the future means one of the clocks is wrong: fail closed as for old data.
+        let from_the_future = view.as_of() - now > chrono::Duration::minutes(5);
+        if now - view.as_of() > self.settings.max_age || now >= view.usable_until() || from_the_future {
             return Local::TooOld { as_of: view.as_of() };
         }
         match view.lookup(&CardKey::new(id_number, card_serial)) {
@@ -221,7 +224,7 @@ impl Checker {
         Ok(sequence)
     }
 
-    /// Verifies and applies the next delta.
+    /// Verifies and applies the next delta (one not newer than the data held is skipped).
     pub fn accept_delta(&self, bytes: &[u8]) -> Result<u64, CheckError> {
         let delta = StatusFile::verify(bytes, &self.directory)?;
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
@@ -229,6 +232,15 @@ impl Checker {
         let Some(held) = view.as_mut() else {
             return Err(ChainError::Gap { from: delta.header.from_sequence, at: 0 }.into());
         };
+        // An empty delta already held: the registry lists every kept delta starting at a
+        // sequence, and the empty ones of the sequence held were seen before.
+        let header = &delta.header;
+        if header.from_sequence == header.sequence
+            && header.sequence == held.sequence()
+            && header.built_at <= held.as_of()
+        {
+            return Ok(held.sequence());
+        }
         held.apply(delta)?;
         self.store.append_delta(bytes)?;
         Ok(held.sequence())
@@ -251,18 +263,27 @@ impl Checker {
     /// Brings the data up to date: the deltas since the data held, or a new snapshot when there is
     /// none or the registry no longer keeps them. Returns the sequence reached.
     pub async fn sync(&self, registry: &mut Registry) -> Result<u64, CheckError> {
-        let Some(sequence) = self.sequence() else { return self.fetch_snapshot(registry).await };
-        match registry.list_status_deltas(pb::ListStatusDeltasRequest { after_sequence: sequence }).await {
-            Ok(response) => {
-                let mut reached = sequence;
-                for delta in response.into_inner().deltas {
-                    reached = self.accept_delta(&delta)?;
-                }
-                Ok(reached)
-            }
-            Err(status) if status.code() == Code::FailedPrecondition => self.fetch_snapshot(registry).await,
-            Err(status) => Err(status.into()),
+        if self.sequence().is_none() {
+            self.fetch_snapshot(registry).await?;
         }
+        // Twice at most: the deltas of the data held, else of a new snapshot.
+        for _ in 0..2 {
+            let sequence = self.sequence().unwrap_or_default();
+            match registry.list_status_deltas(pb::ListStatusDeltasRequest { after_sequence: sequence }).await {
+                Ok(response) => {
+                    let mut reached = sequence;
+                    for delta in response.into_inner().deltas {
+                        reached = self.accept_delta(&delta)?;
+                    }
+                    return Ok(reached);
+                }
+                Err(status) if status.code() == Code::FailedPrecondition => {
+                    self.fetch_snapshot(registry).await?;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+        Err(tonic::Status::failed_precondition("no deltas follow even a new snapshot").into())
     }
 
     /// Syncs, then applies each delta the registry pushes until the stream ends (the registry

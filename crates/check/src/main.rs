@@ -21,6 +21,8 @@ options:
   --relying-party NAME    who checks (default bank-demo)
   --max-age-seconds N     answer locally only from data younger than this (default 300)
   --offline               never ask online: refuse (exit 3) when the local data cannot answer
+  --now RFC3339           the instant checks are made at (default the system clock; the demo's
+                          clock stands in 2118)
 
 exit status of check: 0 valid, 1 not valid or unknown, 3 no answer offline, 2 error";
 
@@ -31,6 +33,7 @@ struct Options {
     relying_party: String,
     max_age_seconds: i64,
     offline: bool,
+    now: Option<chrono::DateTime<chrono::Utc>>,
     command: Vec<String>,
 }
 
@@ -42,6 +45,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         relying_party: "bank-demo".into(),
         max_age_seconds: 300,
         offline: false,
+        now: None,
         command: Vec::new(),
     };
     while let Some(arg) = args.next() {
@@ -53,6 +57,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             "--relying-party" => options.relying_party = value("--relying-party")?,
             "--max-age-seconds" => options.max_age_seconds = value("--max-age-seconds")?.parse()?,
             "--offline" => options.offline = true,
+            "--now" => options.now = Some(value("--now")?.parse()?),
             "-h" | "--help" => bail!("{USAGE}"),
             _ if arg.starts_with("--") => bail!("unknown option {arg}\n{USAGE}"),
             _ => options.command.push(arg),
@@ -80,12 +85,12 @@ async fn run(options: Options) -> anyhow::Result<ExitCode> {
             let sequence = checker.sync(&mut registry(&options).await?).await?;
             println!(
                 "{{\"sequence\":{sequence},\"asOf\":\"{}\"}}",
-                checker.as_of().map(|t| t.to_rfc3339()).unwrap_or_default()
+                checker.as_of().map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default()
             );
             Ok(ExitCode::SUCCESS)
         }
         ["check", id_number, serial] => {
-            let now = chrono::Utc::now();
+            let now = options.now.unwrap_or_else(chrono::Utc::now);
             let answer = if options.offline {
                 checker.check_offline(id_number, serial, now)
             } else {

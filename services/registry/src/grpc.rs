@@ -332,8 +332,9 @@ impl LossRegistry for RegistryGrpc {
                     item = events_rx.recv() => {
                         let Some(item) = item else { break };
                         let item = match item {
+                            Ok(event) if with_serial => Ok(event_to_proto(event, None, true)),
                             Ok(event) => match snapshots.card_digest(&event.card_serial).await {
-                                Ok(digest) => Ok(event_to_proto(event, digest, with_serial)),
+                                Ok(digest) => Ok(event_to_proto(event, digest, false)),
                                 Err(error) => Err(Status::from(error)),
                             },
                             Err(error) => Err(Status::from(error)),

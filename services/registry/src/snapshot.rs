@@ -362,7 +362,7 @@ mod tests {
     /// uses, signed and verified as a client verifies it), no server: importing a million cards
     /// through the registry takes minutes in the debug profile.
     #[test]
-    fn issue16_a_million_cards_are_answered_locally_as_check_card_answers_and_pairs_never_registered_never_valid() {
+    fn c4_a_million_cards_are_answered_locally_as_check_card_answers_and_pairs_never_registered_never_valid() {
         let now = Utc.with_ymd_and_hms(2118, 1, 1, 9, 0, 0).unwrap();
         let clock = Clock::fixed(now);
         let until = now + chrono::Duration::days(7);

@@ -1427,7 +1427,7 @@ async fn snapshot_bytes(h: &mut Harness) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn issue16_local_answers_equal_check_card_and_pairs_never_registered_are_never_valid() {
+async fn c4_snapshot_answers_equal_check_card_and_pairs_never_registered_are_never_valid() {
     let (people, citizens) = snapshot_population(400);
     let (mut h, checker, _data) = snapshot_harness(citizens).await;
     checker.sync(&mut h.client).await.unwrap();
@@ -1460,7 +1460,7 @@ async fn issue16_local_answers_equal_check_card_and_pairs_never_registered_are_n
 }
 
 #[tokio::test]
-async fn issue16_a_loss_report_reaches_a_following_client_within_one_delta_and_old_data_asks_online() {
+async fn s1_a_loss_report_reaches_a_following_client_within_one_delta_and_old_data_asks_online() {
     let (people, citizens) = snapshot_population(20);
     let (mut h, checker, _data) = snapshot_harness(citizens).await;
     let checker = std::sync::Arc::new(checker);
@@ -1489,7 +1489,7 @@ async fn issue16_a_loss_report_reaches_a_following_client_within_one_delta_and_o
 }
 
 #[tokio::test]
-async fn issue16_a_changed_byte_or_a_retired_key_is_refused_by_the_client() {
+async fn c4_a_changed_byte_or_a_retired_key_is_refused_by_the_client() {
     let (people, citizens) = snapshot_population(20);
     let (mut h, checker, data) = snapshot_harness(citizens).await;
     let snapshot = snapshot_bytes(&mut h).await;
@@ -1539,7 +1539,7 @@ async fn issue16_a_changed_byte_or_a_retired_key_is_refused_by_the_client() {
 }
 
 #[tokio::test]
-async fn issue16_c4_local_hits_reported_by_the_client_appear_in_the_home_bureau_s_hits() {
+async fn c4_local_hits_reported_by_the_client_appear_in_the_home_bureau_s_hits() {
     let (people, citizens) = snapshot_population(20);
     let (mut h, checker, _data) = snapshot_harness(citizens).await;
     checker.sync(&mut h.client).await.unwrap();
@@ -1557,7 +1557,7 @@ async fn issue16_c4_local_hits_reported_by_the_client_appear_in_the_home_bureau_
 }
 
 #[tokio::test]
-async fn issue16_c4_a_snapshot_holds_no_serial_and_no_number_of_the_population() {
+async fn c4_a_snapshot_holds_no_serial_and_no_number_of_the_population() {
     let (people, citizens) = snapshot_population(200);
     let (mut h, _checker, _data) = snapshot_harness(citizens).await;
     let snapshot = snapshot_bytes(&mut h).await;
