@@ -219,7 +219,7 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
         Err(unimplemented_by_fake())
     }
 
-    type GetStatusSnapshotStream = futures::stream::Empty<Result<pb::StatusSnapshotChunk, Status>>;
+    type GetStatusSnapshotStream = futures::stream::Empty<Result<pb::GetStatusSnapshotResponse, Status>>;
 
     async fn get_status_snapshot(
         &self,
@@ -235,7 +235,7 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
         Err(unimplemented_by_fake())
     }
 
-    type WatchStatusDeltasStream = futures::stream::Empty<Result<pb::StatusDelta, Status>>;
+    type WatchStatusDeltasStream = futures::stream::Empty<Result<pb::WatchStatusDeltasResponse, Status>>;
 
     async fn watch_status_deltas(
         &self,

@@ -27,7 +27,7 @@ pub const MAX_SERIAL_LEN: usize = 64;
 pub const MAX_RELYING_PARTY_LEN: usize = 128;
 /// Most cards per CheckCards call, and hits per ReportLocalHits call.
 pub const MAX_BATCH: usize = 1000;
-/// Bytes per StatusSnapshotChunk: well under the 4 MiB a client accepts by default.
+/// Bytes per GetStatusSnapshotResponse: well under the 4 MiB a client accepts by default.
 const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
 pub struct RegistryGrpc {
@@ -107,8 +107,12 @@ fn event_to_proto(
     }
 }
 
-fn delta_to_proto(delta: &crate::snapshot::Signed) -> pb::StatusDelta {
-    pb::StatusDelta { from_sequence: delta.from_sequence, sequence: delta.sequence, delta: delta.bytes.clone() }
+fn delta_to_proto(delta: &crate::snapshot::Signed) -> pb::WatchStatusDeltasResponse {
+    pb::WatchStatusDeltasResponse {
+        from_sequence: delta.from_sequence,
+        sequence: delta.sequence,
+        delta: delta.bytes.clone(),
+    }
 }
 
 fn snapshot_required(after: u64) -> ApiError {
@@ -349,7 +353,7 @@ impl LossRegistry for RegistryGrpc {
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }
 
-    type GetStatusSnapshotStream = ReceiverStream<Result<pb::StatusSnapshotChunk, Status>>;
+    type GetStatusSnapshotStream = ReceiverStream<Result<pb::GetStatusSnapshotResponse, Status>>;
 
     async fn get_status_snapshot(
         &self,
@@ -360,7 +364,7 @@ impl LossRegistry for RegistryGrpc {
         tokio::spawn(async move {
             let total_bytes = snapshot.bytes.len() as u64;
             for (index, data) in snapshot.bytes.chunks(SNAPSHOT_CHUNK_BYTES).enumerate() {
-                let chunk = pb::StatusSnapshotChunk {
+                let chunk = pb::GetStatusSnapshotResponse {
                     sequence: snapshot.sequence,
                     total_bytes,
                     offset: (index * SNAPSHOT_CHUNK_BYTES) as u64,
@@ -383,7 +387,7 @@ impl LossRegistry for RegistryGrpc {
         Ok(Response::new(pb::ListStatusDeltasResponse { deltas: deltas.iter().map(|d| d.bytes.clone()).collect() }))
     }
 
-    type WatchStatusDeltasStream = ReceiverStream<Result<pb::StatusDelta, Status>>;
+    type WatchStatusDeltasStream = ReceiverStream<Result<pb::WatchStatusDeltasResponse, Status>>;
 
     async fn watch_status_deltas(
         &self,
