@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_stream::StreamExt;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
+use yidi_status_filter::CardKey;
 
 use crate::{
     TestSuite, card_check, live, reason, serial,
@@ -22,6 +23,7 @@ pub async fn replacement_across_provinces(t: &TestSuite) -> anyhow::Result<()> {
     let before = bank.check_card(check(old_serial.clone())).await?.into_inner();
     assert_eq!(before.status, pb::CardStatus::Valid as i32);
 
+    let old_digest = CardKey::new(&citizen.person.id_number, &old_serial).digest().to_vec();
     let mut revocations = bank.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await?.into_inner();
 
     let mut intake = t.intake().await?;
@@ -80,7 +82,11 @@ pub async fn replacement_across_provinces(t: &TestSuite) -> anyhow::Result<()> {
             .await
             .context("revocation stream stalled")?
             .context("stream ended")??;
-        if event.card_serial == old_serial {
+        // Issue 16: a relying party is told the card's digest, never its serial (on a plaintext
+        // suite there is no authenticated caller, and the serial is kept).
+        let (serial, digest) =
+            if t.suite.is_tls() { (String::new(), old_digest.clone()) } else { (old_serial.clone(), Vec::new()) };
+        if event.card_serial == serial && event.card_digest == digest {
             seen.push(event.status);
         }
     }

@@ -2,11 +2,14 @@
 //! (chained to the suite's CA) names, resolved through the directory.
 use std::time::Duration;
 
+use anyhow::Context;
+use prost::Message;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use yidi_demo::certs::{CertDir, CertificateAuthority};
 use yidi_grpc::tls::TlsFiles;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
+use yidi_status_filter::CardKey;
 use yidi_tests::{
     Db, NATIONAL_DAY, card_check, on_both_databases, serial, start_tls,
     topology::{Process, RELYING_PARTY},
@@ -15,6 +18,7 @@ use yidi_tests::{
 
 on_both_databases!(
     replacement_end_to_end_over_mutual_tls,
+    c4_a_relying_party_s_revocation_stream_and_snapshot_hold_no_serial_and_no_number,
     a_plaintext_client_on_a_mutual_tls_port_is_refused,
     a_certificate_from_another_ca_is_refused,
     a_valid_certificate_whose_id_is_not_in_the_directory_is_unauthenticated,
@@ -25,6 +29,48 @@ on_both_databases!(
 async fn replacement_end_to_end_over_mutual_tls(db: Db) -> anyhow::Result<()> {
     let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
     walks::replacement_across_provinces(&t).await?;
+    t.stop().await
+}
+
+/// Issue 16 point 5: what a relying party receives about status (the revocation stream, the
+/// snapshot) holds no serial and no identity number of the population, searched in their bytes;
+/// the digest of the card reported lost lets a holder of its number and serial match the event.
+async fn c4_a_relying_party_s_revocation_stream_and_snapshot_hold_no_serial_and_no_number(
+    db: Db,
+) -> anyhow::Result<()> {
+    let Some(t) = start_tls(db, NATIONAL_DAY, |_| {}).await? else { return Ok(()) };
+    let mut bank = LossRegistryClient::new(t.channel_as(Process::Registry, RELYING_PARTY).await?);
+    let citizen = t.citizen("replacement", "36")?;
+    let digest = CardKey::new(&citizen.person.id_number, &serial(&citizen)).digest().to_vec();
+    let mut revocations = bank.watch_revocations(pb::WatchRevocationsRequest { after_sequence: 0 }).await?.into_inner();
+    t.report_loss(&citizen).await?;
+    let mut received = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), revocations.message())
+            .await
+            .context("revocation stream stalled")??
+            .context("stream ended")?;
+        received.extend(event.encode_to_vec());
+        if event.card_digest == digest && event.status == pb::CardStatus::ReportedLost as i32 {
+            break;
+        }
+    }
+    let mut chunks = bank.get_status_snapshot(pb::GetStatusSnapshotRequest {}).await?.into_inner();
+    let mut snapshot = Vec::new();
+    while let Some(chunk) = chunks.message().await? {
+        snapshot.extend(chunk.data);
+    }
+    anyhow::ensure!(snapshot.len() > 100, "a snapshot of the population");
+    for other in &t.suite.population.citizens {
+        let mut secrets = vec![other.person.id_number.clone(), other.person.id_number[6..14].to_owned()];
+        secrets.extend(other.card.as_ref().map(|card| card.serial.clone()));
+        for secret in secrets {
+            for (what, bytes) in [("revocation stream", &received), ("snapshot", &snapshot)] {
+                let found = bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+                anyhow::ensure!(!found, "{secret} is in the relying party's {what}");
+            }
+        }
+    }
     t.stop().await
 }
 

@@ -12,6 +12,7 @@ mod overload;
 mod process;
 mod raw;
 mod report;
+mod snapshot;
 mod soak;
 
 use std::{path::PathBuf, time::Duration};
@@ -30,6 +31,9 @@ commands:
   overload   the registry at twice its capacity, open loop with deadlines: with load shedding vs
              without (limits nothing reaches); fails if nothing was shed or accepted calls were late
   smoke      a few seconds of echo, CheckCard and CheckCards on SQLite (CI; no thresholds)
+  snapshot   issue 16 in process: status snapshot bytes per card and per non-valid card, build
+             time, a delta of 1,000 changes, local check latency (--cards 1000000,10000000,
+             --coverage-bits 24)
   soak       applications of every kind while random bureaus are killed (SIGKILL) and restarted;
              reconciles the databases, exits non-zero on anything lost, duplicated or unsettled
 
@@ -176,6 +180,9 @@ async fn main() -> anyhow::Result<()> {
     };
     if command == "serve-echo" {
         return echo::serve(&args[1..]).await;
+    }
+    if command == "snapshot" {
+        return snapshot::run(&args[1..]);
     }
     let options = parse(&command, &args[1..])?;
     if command == "soak" {

@@ -445,7 +445,21 @@ mod tests {
             .filter(|r| r.grants.iter().any(|g| g.admits(&bank().principal, "registry")))
             .map(|r| r.method)
             .collect();
-        assert_eq!(allowed, ["CheckCard", "CheckCards", "WatchRevocations", "*", "*", "*"]);
+        assert_eq!(
+            allowed,
+            [
+                "CheckCard",
+                "CheckCards",
+                "WatchRevocations",
+                "GetStatusSnapshot",
+                "ListStatusDeltas",
+                "WatchStatusDeltas",
+                "ReportLocalHits",
+                "*",
+                "*",
+                "*"
+            ]
+        );
         let path = "/yidi.v1.LossRegistry/ListHits";
         let denial = check(path, Some(&bank()), "registry").unwrap_err();
         assert_eq!(

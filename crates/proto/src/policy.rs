@@ -269,8 +269,9 @@ mod tests {
         assert_eq!(policy("/yidi.v1.Verification/TransferRegistration"), (vec![OperatorAdmin], true));
         assert_eq!(policy("/yidi.v1.Intake/GetApplicationOutcome"), (vec![HomeBureau], false));
         assert_eq!(policy("/yidi.v1.Intake/NotifyOrderDispatched"), (vec![Producer], true));
-        assert_eq!(method_policies().len(), 33);
-        assert_eq!(method_policies().iter().filter(|p| p.mutating).count(), 18);
+        assert_eq!(policy("/yidi.v1.LossRegistry/ReportLocalHits"), (vec![RelyingParty, Station], true));
+        assert_eq!(method_policies().len(), 37);
+        assert_eq!(method_policies().iter().filter(|p| p.mutating).count(), 19);
     }
 
     #[test]

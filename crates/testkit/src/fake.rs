@@ -218,6 +218,38 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
     ) -> Result<GrpcResponse<pb::ListHitsResponse>, Status> {
         Err(unimplemented_by_fake())
     }
+
+    type GetStatusSnapshotStream = futures::stream::Empty<Result<pb::GetStatusSnapshotResponse, Status>>;
+
+    async fn get_status_snapshot(
+        &self,
+        _: GrpcRequest<pb::GetStatusSnapshotRequest>,
+    ) -> Result<GrpcResponse<Self::GetStatusSnapshotStream>, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    async fn list_status_deltas(
+        &self,
+        _: GrpcRequest<pb::ListStatusDeltasRequest>,
+    ) -> Result<GrpcResponse<pb::ListStatusDeltasResponse>, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    type WatchStatusDeltasStream = futures::stream::Empty<Result<pb::WatchStatusDeltasResponse, Status>>;
+
+    async fn watch_status_deltas(
+        &self,
+        _: GrpcRequest<pb::WatchStatusDeltasRequest>,
+    ) -> Result<GrpcResponse<Self::WatchStatusDeltasStream>, Status> {
+        Err(unimplemented_by_fake())
+    }
+
+    async fn report_local_hits(
+        &self,
+        _: GrpcRequest<pb::ReportLocalHitsRequest>,
+    ) -> Result<GrpcResponse<pb::ReportLocalHitsResponse>, Status> {
+        Err(unimplemented_by_fake())
+    }
 }
 
 /// The intake calls a fake station answers: the one question a home bureau asks it (K5) and the

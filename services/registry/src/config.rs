@@ -45,6 +45,17 @@ pub struct ChecksConfig {
     pub feed_poll_ms: u64,
     /// This replica's id among those on the same database; empty: host, process id and start time.
     pub replica_id: String,
+    /// Issue 16: how often a new status snapshot of every card is built (one is built at start).
+    pub snapshot_every_seconds: u64,
+    /// Issue 16: how often a status delta is signed and pushed (an empty one when nothing changed):
+    /// a relying party following the deltas learns a loss report within this time.
+    pub delta_every_seconds: u64,
+    /// Issue 16: columns of the snapshot's coverage filter; a pair never registered is answered
+    /// "not covered" except with probability 2^-bits, at about bits/8 bytes per card.
+    pub snapshot_coverage_bits: u8,
+    /// Issue 16: how long a snapshot (with its deltas) may be used; a card expiring sooner is not
+    /// covered (a relying party asks online).
+    pub snapshot_usable_seconds: u64,
 }
 
 impl Default for ChecksConfig {
@@ -58,6 +69,10 @@ impl Default for ChecksConfig {
             fence_after_ms: 200,
             feed_poll_ms: 50,
             replica_id: String::new(),
+            snapshot_every_seconds: 3600,
+            delta_every_seconds: 60,
+            snapshot_coverage_bits: 24,
+            snapshot_usable_seconds: 7 * 86_400,
         }
     }
 }
@@ -69,6 +84,18 @@ pub struct ImportConfig {
     /// A population JSON file; every citizen's existing card is registered at start (idempotent).
     #[serde(default)]
     pub path: Option<PathBuf>,
+}
+
+impl ChecksConfig {
+    /// The snapshot keys as the snapshot maker takes them.
+    pub fn snapshot_settings(&self) -> crate::snapshot::SnapshotSettings {
+        crate::snapshot::SnapshotSettings {
+            snapshot_every: std::time::Duration::from_secs(self.snapshot_every_seconds),
+            delta_every: std::time::Duration::from_secs(self.delta_every_seconds),
+            coverage_bits: self.snapshot_coverage_bits,
+            usable_for: chrono::Duration::seconds(i64::try_from(self.snapshot_usable_seconds).unwrap_or(i64::MAX)),
+        }
+    }
 }
 
 impl RegistryConfig {
@@ -101,6 +128,18 @@ impl RegistryConfig {
         }
         if self.registry.replica_id.len() > 256 {
             return Err(ConfigError::key("registry.replica_id", "must be at most 256 characters"));
+        }
+        if !(1..=604_800).contains(&self.registry.snapshot_every_seconds) {
+            return Err(ConfigError::key("registry.snapshot_every_seconds", "must be 1 to 604800 (a week)"));
+        }
+        if !(1..=86_400).contains(&self.registry.delta_every_seconds) {
+            return Err(ConfigError::key("registry.delta_every_seconds", "must be 1 to 86400"));
+        }
+        if !(1..=yidi_status_filter::MAX_COVERAGE_BITS).contains(&self.registry.snapshot_coverage_bits) {
+            return Err(ConfigError::key("registry.snapshot_coverage_bits", "must be 1 to 32"));
+        }
+        if !(60..=31 * 86_400).contains(&self.registry.snapshot_usable_seconds) {
+            return Err(ConfigError::key("registry.snapshot_usable_seconds", "must be 60 to 2678400 (31 days)"));
         }
         if let Some(path) = &self.import.path
             && path.as_os_str().is_empty()

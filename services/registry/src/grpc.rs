@@ -6,7 +6,7 @@ use chrono::NaiveDate;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::http::Extensions};
-use yidi_domain::{IdNumber, SignedDecision, status::MAX_NONCE_LEN};
+use yidi_domain::{IdNumber, Principal, SignedDecision, status::MAX_NONCE_LEN};
 use yidi_grpc::{
     ApiError, FieldViolations,
     caller::{caller_of, ensure_acting_for_itself},
@@ -16,22 +16,28 @@ use yidi_grpc::{
 };
 use yidi_proto::v1::{self as pb, loss_registry_server::LossRegistry};
 
-use crate::service::{CardQuery, Collection, Registry};
+use crate::{
+    service::{CardQuery, Collection, Registry},
+    snapshot::Snapshots,
+};
 
 /// Longest card serial accepted.
 pub const MAX_SERIAL_LEN: usize = 64;
 /// Longest relying party name accepted.
 pub const MAX_RELYING_PARTY_LEN: usize = 128;
-/// Most cards per CheckCards call.
+/// Most cards per CheckCards call, and hits per ReportLocalHits call.
 pub const MAX_BATCH: usize = 1000;
+/// Bytes per GetStatusSnapshotResponse: well under the 4 MiB a client accepts by default.
+const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
 pub struct RegistryGrpc {
     service: Arc<Registry>,
+    snapshots: Arc<Snapshots>,
 }
 
 impl RegistryGrpc {
-    pub fn new(service: Arc<Registry>) -> Self {
-        Self { service }
+    pub fn new(service: Arc<Registry>, snapshots: Arc<Snapshots>) -> Self {
+        Self { service, snapshots }
     }
 
     /// Reads a signed decision and checks the parts the registry stores: the holder's number
@@ -84,15 +90,36 @@ fn relying_party(v: &mut FieldViolations, value: &str) -> Option<String> {
     v.required("relying_party", value, MAX_RELYING_PARTY_LEN).map(str::to_owned)
 }
 
-fn event_to_proto(event: crate::repo::StatusEvent) -> pb::WatchRevocationsResponse {
+/// Issue 16 point 5: a relying party's revocation stream names no card; its digest stands in.
+fn event_to_proto(
+    event: crate::repo::StatusEvent,
+    card_digest: Option<[u8; 32]>,
+    with_serial: bool,
+) -> pb::WatchRevocationsResponse {
     // What the card became at that instant (expiry is no event).
     let status = event.status.effective(None, NaiveDate::MIN);
     pb::WatchRevocationsResponse {
         sequence: event.sequence,
-        card_serial: event.card_serial,
+        card_serial: if with_serial { event.card_serial } else { String::new() },
         status: card_status_to_proto(status) as i32,
         changed_at: Some(timestamp(event.changed_at)),
+        card_digest: card_digest.map(Vec::from).unwrap_or_default(),
     }
+}
+
+fn delta_to_proto(delta: &crate::snapshot::Signed) -> pb::WatchStatusDeltasResponse {
+    pb::WatchStatusDeltasResponse {
+        from_sequence: delta.from_sequence,
+        sequence: delta.sequence,
+        delta: delta.bytes.clone(),
+    }
+}
+
+fn snapshot_required(after: u64) -> ApiError {
+    ApiError::precondition(
+        "STATUS_SNAPSHOT_REQUIRED",
+        format!("no kept delta starts at sequence {after}: fetch a new snapshot (GetStatusSnapshot)"),
+    )
 }
 
 #[tonic::async_trait]
@@ -295,10 +322,13 @@ impl LossRegistry for RegistryGrpc {
         &self,
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        // Bureaus and operators keep the serial; relying parties (C4) get the digest only.
+        let with_serial = !matches!(caller_of(request.extensions()), Some(c) if matches!(c.principal, Principal::RelyingParty { .. }));
         let after = request.into_inner().after_sequence;
         let (events_tx, mut events_rx) = mpsc::channel(64);
         let (out_tx, out_rx) = mpsc::channel(64);
         let service = Arc::clone(&self.service);
+        let snapshots = Arc::clone(&self.snapshots);
         tokio::spawn(async move { service.watch(after, events_tx).await });
         tokio::spawn(async move {
             loop {
@@ -307,7 +337,14 @@ impl LossRegistry for RegistryGrpc {
                     () = out_tx.closed() => break,
                     item = events_rx.recv() => {
                         let Some(item) = item else { break };
-                        let item = item.map(event_to_proto).map_err(Status::from);
+                        let item = match item {
+                            Ok(event) if with_serial => Ok(event_to_proto(event, None, true)),
+                            Ok(event) => match snapshots.card_digest(&event.card_serial).await {
+                                Ok(digest) => Ok(event_to_proto(event, digest, false)),
+                                Err(error) => Err(Status::from(error)),
+                            },
+                            Err(error) => Err(Status::from(error)),
+                        };
                         if out_tx.send(item).await.is_err() {
                             break;
                         }
@@ -316,6 +353,121 @@ impl LossRegistry for RegistryGrpc {
             }
         });
         Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    type GetStatusSnapshotStream = ReceiverStream<Result<pb::GetStatusSnapshotResponse, Status>>;
+
+    async fn get_status_snapshot(
+        &self,
+        _: Request<pb::GetStatusSnapshotRequest>,
+    ) -> Result<Response<Self::GetStatusSnapshotStream>, Status> {
+        let snapshot = self.snapshots.latest().await;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let total_bytes = snapshot.bytes.len() as u64;
+            for (index, data) in snapshot.bytes.chunks(SNAPSHOT_CHUNK_BYTES).enumerate() {
+                let chunk = pb::GetStatusSnapshotResponse {
+                    sequence: snapshot.sequence,
+                    total_bytes,
+                    offset: (index * SNAPSHOT_CHUNK_BYTES) as u64,
+                    data: data.to_vec(),
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_status_deltas(
+        &self,
+        request: Request<pb::ListStatusDeltasRequest>,
+    ) -> Result<Response<pb::ListStatusDeltasResponse>, Status> {
+        let after = request.into_inner().after_sequence;
+        let deltas = self.snapshots.deltas_after(after).ok_or_else(|| snapshot_required(after))?;
+        Ok(Response::new(pb::ListStatusDeltasResponse { deltas: deltas.iter().map(|d| d.bytes.clone()).collect() }))
+    }
+
+    type WatchStatusDeltasStream = ReceiverStream<Result<pb::WatchStatusDeltasResponse, Status>>;
+
+    async fn watch_status_deltas(
+        &self,
+        request: Request<pb::WatchStatusDeltasRequest>,
+    ) -> Result<Response<Self::WatchStatusDeltasStream>, Status> {
+        let mut after = request.into_inner().after_sequence;
+        // Subscribe before reading the kept ones, so that none signed in between is missed.
+        let mut live = self.snapshots.subscribe();
+        let kept = self.snapshots.deltas_after(after).ok_or_else(|| snapshot_required(after))?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = 0;
+            for delta in &kept {
+                (after, last) = (delta.sequence, delta.index);
+                if tx.send(Ok(delta_to_proto(delta))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    () = tx.closed() => return,
+                    received = live.recv() => match received {
+                        // Not already sent as a kept one, and the next in the chain.
+                        Ok(delta) if delta.index > last && delta.from_sequence == after => {
+                            (after, last) = (delta.sequence, delta.index);
+                            if tx.send(Ok(delta_to_proto(&delta))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        // Fell behind: the kept deltas are the way back.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            let _ = tx.send(Err(Status::from(snapshot_required(after)))).await;
+                            return;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_local_hits(
+        &self,
+        request: Request<pb::ReportLocalHitsRequest>,
+    ) -> Result<Response<pb::ReportLocalHitsResponse>, Status> {
+        let checking = checking_party(request.extensions(), &request.get_ref().relying_party)?;
+        let request = request.into_inner();
+        let mut v = FieldViolations::new();
+        if request.hits.is_empty() || request.hits.len() > MAX_BATCH {
+            v.add("hits", format!("must hold 1 to {MAX_BATCH} checks, found {}", request.hits.len()));
+            return Err(ApiError::InvalidArgument(v).into());
+        }
+        let today = self.service.today();
+        let mut hits = Vec::with_capacity(request.hits.len());
+        for (index, hit) in request.hits.iter().enumerate() {
+            let mut item = FieldViolations::new();
+            let id_number = item.id_number("id_number", &hit.id_number, today);
+            let card_serial = item.required("card_serial", &hit.card_serial, MAX_SERIAL_LEN);
+            let checked_at = hit
+                .checked_at
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)));
+            for (field, description) in item.iter() {
+                v.add(format!("hits[{index}].{field}"), description.clone());
+            }
+            if let (Some(id_number), Some(card_serial)) = (id_number, card_serial) {
+                hits.push((id_number, card_serial.to_owned(), checked_at));
+            }
+        }
+        let relying_party = relying_party(&mut v, &checking);
+        v.finish()?;
+        let Some(relying_party) = relying_party else {
+            return Err(ApiError::Internal("validation incomplete".into()).into());
+        };
+        let recorded = self.snapshots.report_hits(&relying_party, hits).await?;
+        Ok(Response::new(pb::ReportLocalHitsResponse { recorded: u32::try_from(recorded).unwrap_or(u32::MAX) }))
     }
 
     async fn list_hits(&self, request: Request<pb::ListHitsRequest>) -> Result<Response<pb::ListHitsResponse>, Status> {

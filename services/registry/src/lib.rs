@@ -10,6 +10,7 @@ mod index;
 mod limit;
 mod repo;
 mod service;
+mod snapshot;
 mod statements;
 
 use std::{future::Future, sync::Arc};
@@ -52,6 +53,7 @@ pub async fn serve(
         startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, check_keys).await?;
     keys.spawn_reloader(config.directory.reload_every(), stop.clone());
     let limiter = MissBudgets::new(config.registry.check_misses_per_minute, &db);
+    let snapshot_db = db.clone();
     let repo = Repo::new(db);
     let bureau_id = config.server.bureau_id.clone();
     let loading = std::time::Instant::now();
@@ -73,6 +75,15 @@ pub async fn serve(
         poll: std::time::Duration::from_millis(config.registry.feed_poll_ms),
     };
     let replica_id = replica.id.clone();
+    let snapshot_sources = snapshot::Sources {
+        repo: repo.clone(),
+        db: snapshot_db,
+        clock: clock.clone(),
+        keys: Arc::clone(&keys),
+        directory: directory.clone(),
+        bureau_id: config.server.bureau_id.clone(),
+    };
+    let snapshots = Arc::new(snapshot::Snapshots::new(snapshot_sources, config.registry.snapshot_settings()));
     let registry = Arc::new(Registry::new(
         repo.clone(),
         (index, head.sequence),
@@ -119,8 +130,10 @@ pub async fn serve(
         tracing::info!(imported, path = %path.display(), "legacy cards imported");
     }
 
-    let service =
-        LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry))).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // After the import, so that the first snapshot holds the imported cards.
+    let snapshot_maker = Arc::clone(&snapshots).spawn(stop.clone());
+    let service = LossRegistryServer::new(RegistryGrpc::new(Arc::clone(&registry), snapshots))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let served = server.serve(service).await;
     // Stopped like any transaction cut short: an unfinished void rolls back.
     sweeper.abort();
@@ -130,6 +143,7 @@ pub async fn serve(
     if tokio::time::timeout(std::time::Duration::from_secs(2), &mut follower).await.is_err() {
         follower.abort();
     }
+    snapshot_maker.abort();
     drop(registry);
     repo.close().await.context("closing the database")?;
     served?;

@@ -1499,6 +1499,70 @@ async fn acknowledged_changes_are_seen_by_every_replica(h: &mut Harness, replica
     }
     for bureau in bureaus {
         bureau.stop().await.unwrap();
+
+/// Issue 16: a harness whose registry signs a delta every second, and a relying party's checker.
+async fn snapshot_harness(citizens: Vec<Citizen>) -> (Harness, yidi_check::Checker, tempfile::TempDir) {
+    let mut h = Harness::new(citizens).await;
+    h.config.registry.delta_every_seconds = 1;
+    h.restart().await;
+    let data = tempfile::tempdir().unwrap();
+    let checker = checker_in(&h, data.path(), yidi_runtime::directory::load(&h.directory_path).unwrap());
+    (h, checker, data)
+}
+
+fn checker_in(h: &Harness, dir: &std::path::Path, directory: yidi_domain::Directory) -> yidi_check::Checker {
+    let _ = h;
+    let settings =
+        yidi_check::Settings { relying_party: "bank-of-test".into(), max_age: chrono::Duration::seconds(60) };
+    yidi_check::Checker::open(dir, directory, settings).unwrap()
+}
+
+/// `count` Jiangxi citizens with cards; every tenth reported lost.
+fn snapshot_population(count: u16) -> (Vec<Person>, Vec<Citizen>) {
+    let people: Vec<Person> = (0..count).map(|i| person(i, &format!("JX{i:010}"))).collect();
+    let citizens = people.iter().enumerate().map(|(i, p)| citizen(p, Some(day(2138, 1, 1)), i % 10 == 3)).collect();
+    (people, citizens)
+}
+
+async fn snapshot_bytes(h: &mut Harness) -> Vec<u8> {
+    let mut chunks = h.client.get_status_snapshot(pb::GetStatusSnapshotRequest {}).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        bytes.extend(chunk.unwrap().data);
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn c4_snapshot_answers_equal_check_card_and_pairs_never_registered_are_never_valid() {
+    let (people, citizens) = snapshot_population(400);
+    let (mut h, checker, _data) = snapshot_harness(citizens).await;
+    checker.sync(&mut h.client).await.unwrap();
+    let cards: Vec<pb::CardQuery> =
+        people.iter().map(|p| pb::CardQuery { id_number: p.id.clone(), card_serial: p.card.clone() }).collect();
+    let online = h
+        .client
+        .check_cards(pb::CheckCardsRequest { cards: cards.clone(), relying_party: "bank-of-test".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    for (query, result) in cards.iter().zip(&online.results) {
+        let expected = match status_of(result.status) {
+            pb::CardStatus::Valid => yidi_check::Local::Valid,
+            _ => yidi_check::Local::NotValid,
+        };
+        assert_eq!(checker.local(&query.id_number, &query.card_serial, now()), expected, "{}", query.card_serial);
+    }
+    // Never registered: unknown serials, and known serials under another holder's number.
+    for i in 0..10_000u32 {
+        let holder = IdNumber::compose(
+            "510104",
+            day(1980, 1, 1) + chrono::Duration::days(i64::from(i / 1000)),
+            (i % 1000) as u16,
+        );
+        let serial = if i % 2 == 0 { format!("ZZ{i:010}") } else { people[i as usize % people.len()].card.clone() };
+        let local = checker.local(holder.as_str(), &serial, now());
+        assert_ne!(local, yidi_check::Local::Valid, "{holder:?} {serial}");
     }
 }
 
@@ -1849,4 +1913,111 @@ async fn c4_replicas_share_one_miss_budget_per_caller() {
         b_bureau.stop().await.unwrap();
     }
     scratch.drop().await.unwrap();
+
+async fn s1_a_loss_report_reaches_a_following_client_within_one_delta_and_old_data_asks_online() {
+    let (people, citizens) = snapshot_population(20);
+    let (mut h, checker, _data) = snapshot_harness(citizens).await;
+    let checker = std::sync::Arc::new(checker);
+    checker.sync(&mut h.client).await.unwrap();
+    let p = &people[0];
+    assert_eq!(checker.local(&p.id, &p.card, now()), yidi_check::Local::Valid);
+    let following = std::sync::Arc::clone(&checker);
+    let mut stream_client = h.client.clone();
+    let follower = tokio::spawn(async move { following.follow(&mut stream_client).await });
+    h.report_loss(&h.loss(p, "loss-issue16")).await.unwrap();
+    let reported = std::time::Instant::now();
+    while checker.local(&p.id, &p.card, now()) != yidi_check::Local::NotValid {
+        // One delta interval (1 s), and the time to sign and push it.
+        assert!(reported.elapsed() < Duration::from_millis(2500), "not learned within a delta interval");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    follower.abort();
+    // The registry's clock stands still: the data is as of now(). A minute and a second later it is
+    // older than the client's limit: no local answer, and the check goes online.
+    let later = now() + chrono::Duration::seconds(61);
+    let other = &people[1];
+    assert!(matches!(checker.local(&other.id, &other.card, later), yidi_check::Local::TooOld { .. }));
+    assert!(checker.check_offline(&other.id, &other.card, later).is_err(), "never valid from old data");
+    let answer = checker.check(&mut h.client, &other.id, &other.card, later).await.unwrap();
+    assert_eq!((answer.verdict, answer.source), (yidi_check::Verdict::Valid, yidi_check::Source::Online));
+}
+
+#[tokio::test]
+async fn c4_a_changed_byte_or_a_retired_key_is_refused_by_the_client() {
+    let (people, citizens) = snapshot_population(20);
+    let (mut h, checker, data) = snapshot_harness(citizens).await;
+    let snapshot = snapshot_bytes(&mut h).await;
+    let sequence = checker.accept_snapshot(&snapshot).unwrap();
+    h.report_loss(&h.loss(&people[0], "loss-tamper")).await.unwrap();
+    let mut deltas = Vec::new();
+    while deltas.iter().all(|d: &Vec<u8>| d.len() < 200) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let request = pb::ListStatusDeltasRequest { after_sequence: sequence };
+        deltas = h.client.list_status_deltas(request).await.unwrap().into_inner().deltas;
+    }
+    for bytes in [&snapshot, &deltas[0]] {
+        for position in [0, 40, bytes.len() / 2, bytes.len() - 1] {
+            let mut altered = bytes.to_vec();
+            altered[position] ^= 0x20;
+            let refused =
+                if bytes == &snapshot { checker.accept_snapshot(&altered) } else { checker.accept_delta(&altered) };
+            assert!(refused.is_err(), "byte {position} changed and accepted");
+        }
+    }
+    for delta in &deltas {
+        checker.accept_delta(delta).unwrap();
+    }
+    assert_eq!(checker.local(&people[0].id, &people[0].card, now()), yidi_check::Local::NotValid);
+    // The registry's key retired before the snapshot was made.
+    let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
+    let mut registry = directory.get(REGISTRY).unwrap().clone();
+    for key in &mut registry.keys {
+        key.valid_until = Some(now() - chrono::Duration::hours(1));
+    }
+    let retired = yidi_domain::Directory::new(vec![registry]).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let refusing = checker_in(&h, fresh.path(), retired);
+    let error = refusing.accept_snapshot(&snapshot).unwrap_err();
+    assert!(error.to_string().contains("was not valid when the file was made"), "{error}");
+    // What a client keeps on disk is verified again when it opens.
+    drop(checker);
+    let reopened = checker_in(&h, data.path(), yidi_runtime::directory::load(&h.directory_path).unwrap());
+    assert_eq!(reopened.local(&people[0].id, &people[0].card, now()), yidi_check::Local::NotValid);
+    let retired_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(data.path().join("snapshot.bin"), retired_dir.path().join("snapshot.bin")).unwrap();
+    let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
+    let mut registry = directory.get(REGISTRY).unwrap().clone();
+    registry.keys[0].valid_until = Some(now() - chrono::Duration::hours(1));
+    let stale = checker_in(&h, retired_dir.path(), yidi_domain::Directory::new(vec![registry]).unwrap());
+    assert_eq!(stale.local(&people[0].id, &people[0].card, now()), yidi_check::Local::NoData);
+}
+
+#[tokio::test]
+async fn c4_local_hits_reported_by_the_client_appear_in_the_home_bureau_s_hits() {
+    let (people, citizens) = snapshot_population(20);
+    let (mut h, checker, _data) = snapshot_harness(citizens).await;
+    checker.sync(&mut h.client).await.unwrap();
+    let lost = &people[3];
+    let answer = checker.check(&mut h.client, &lost.id, &lost.card, now()).await.unwrap();
+    assert_eq!((answer.verdict, answer.source), (yidi_check::Verdict::NotValid, yidi_check::Source::Local));
+    assert!(h.hits(JIANGXI).await.unwrap().is_empty(), "answered locally: nothing reached the registry yet");
+    let valid = &people[4];
+    checker.check(&mut h.client, &valid.id, &valid.card, now()).await.unwrap();
+    assert_eq!(checker.report_hits(&mut h.client).await.unwrap(), 1);
+    let hits = h.hits(JIANGXI).await.unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!((hits[0].card_serial.as_str(), hits[0].relying_party.as_str()), (lost.card.as_str(), "bank-of-test"));
+    assert_eq!(checker.report_hits(&mut h.client).await.unwrap(), 0, "reported once");
+}
+
+#[tokio::test]
+async fn c4_a_snapshot_holds_no_serial_and_no_number_of_the_population() {
+    let (people, citizens) = snapshot_population(200);
+    let (mut h, _checker, _data) = snapshot_harness(citizens).await;
+    let snapshot = snapshot_bytes(&mut h).await;
+    for p in &people {
+        for secret in [&p.id, &p.card, &p.id[6..14].to_owned()] {
+            assert!(!snapshot.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} in the snapshot");
+        }
+    }
 }

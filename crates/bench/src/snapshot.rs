@@ -1,0 +1,107 @@
+//! `yidi-bench snapshot`: issue 16's figures, in process (no registry: the filter, signing and the
+//! local lookup are what is measured). Sizes at each card count with 1% not valid, a delta of
+//! 1,000 changes, build time, local check latency.
+use std::time::Instant;
+
+use anyhow::Context;
+use chrono::Utc;
+use ed25519_dalek::SigningKey;
+use hdrhistogram::Histogram;
+use yidi_domain::{Bureau, BureauKey, Directory, IdNumber, Role};
+use yidi_status_filter::{CardKey, Filter, FilterCard, Header, Kind, StatusFile, StatusView};
+
+fn pair(i: u64) -> (String, String) {
+    let birth = chrono::NaiveDate::from_ymd_opt(1950, 1, 1).unwrap_or_default()
+        + chrono::Duration::days((i / 1000 % 25_000) as i64);
+    let province = ["11", "33", "36", "44", "51", "13", "14", "15"][(i % 8) as usize];
+    let id = IdNumber::compose(&format!("{province}{:04}", i / 25_000_000 % 10_000), birth, (i % 1000) as u16);
+    (id.as_str().to_owned(), format!("P{i:011}"))
+}
+
+fn signed(kind: Kind, filter: Filter, key: &SigningKey) -> Vec<u8> {
+    let now = Utc::now();
+    let header = Header {
+        kind,
+        registry_id: "registry".into(),
+        key_id: "k1".into(),
+        from_sequence: 0,
+        sequence: 0,
+        built_at: now,
+        usable_until: now + chrono::Duration::days(7),
+    };
+    StatusFile { header, filter, ask_online: Vec::new() }.sign(key)
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut counts = vec![1_000_000u64, 10_000_000];
+    let mut bits = 24u8;
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--cards" => counts = value.split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?,
+            "--coverage-bits" => bits = value.parse()?,
+            other => anyhow::bail!("unknown option {other} (snapshot: --cards N,M --coverage-bits B)"),
+        }
+    }
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let directory_key = BureauKey {
+        id: "k1".into(),
+        public_key: key.verifying_key(),
+        valid_from: Utc::now() - chrono::Duration::days(1),
+        valid_until: None,
+    };
+    let directory = Directory::new(vec![Bureau::new("registry", Role::Registry).with_keys(vec![directory_key])])?;
+    println!("coverage bits: {bits}");
+    println!(
+        "| cards | not valid | snapshot bytes | coverage bytes | status bytes | B/card | status B/not-valid card | key hashing s | build s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &count in &counts {
+        let hashing = Instant::now();
+        let cards: Vec<FilterCard> = (0..count)
+            .map(|i| {
+                let (id, serial) = pair(i);
+                FilterCard { key: CardKey::new(&id, &serial), valid: i % 100 != 7 }
+            })
+            .collect();
+        let hashing = hashing.elapsed().as_secs_f64();
+        let building = Instant::now();
+        let filter = Filter::build(&cards, bits);
+        let build = building.elapsed().as_secs_f64();
+        let (coverage, status) = filter.encoded_sizes();
+        let not_valid = count / 100;
+        let bytes = signed(Kind::Snapshot, filter, &key);
+        println!(
+            "| {count} | {not_valid} | {} | {coverage} | {status} | {:.4} | {:.3} | {hashing:.2} | {build:.2} |",
+            bytes.len(),
+            bytes.len() as f64 / count as f64,
+            status as f64 / not_valid as f64,
+        );
+        let view = StatusView::new(StatusFile::verify(&bytes, &directory)?)?;
+        let mut latency = Histogram::<u64>::new(3)?;
+        for i in (0..count).step_by((count / 200_000).max(1) as usize) {
+            let (id, serial) = pair(i);
+            let started = Instant::now();
+            std::hint::black_box(view.lookup(&CardKey::new(&id, &serial)));
+            latency.record(started.elapsed().as_nanos() as u64)?;
+        }
+        println!(
+            "local check (key hashing + lookup) at {count}: p50 {} ns, p99 {} ns, {} samples",
+            latency.value_at_quantile(0.5),
+            latency.value_at_quantile(0.99),
+            latency.len()
+        );
+        drop(cards);
+    }
+    // A delta of 1,000 changes: half loss reports, half new cards handed over.
+    let changes: Vec<FilterCard> = (0..1000u64)
+        .map(|i| {
+            let (id, serial) = pair(50_000_000_000 + i);
+            FilterCard { key: CardKey::new(&id, &serial), valid: i % 2 == 0 }
+        })
+        .collect();
+    let delta = signed(Kind::Delta, Filter::build(&changes, bits), &key);
+    println!("delta of 1,000 changes: {} bytes", delta.len());
+    Ok(())
+}

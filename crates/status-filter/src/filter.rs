@@ -1,0 +1,323 @@
+//! The filters: which cards a snapshot covers, and which of those are valid.
+//!
+//! Clubcard (Mozilla's, behind Firefox's CRLite) is exact for the elements of its universe and
+//! answers arbitrarily for anything else. Here the universe is the registered cards, and a
+//! relying party may ask about a pair that was never registered; clubcard alone would call most
+//! of those "valid". So a filter is two clubcards over the same keys, one block per province:
+//!
+//! * **coverage**: an approximate ribbon over every covered card (`coverage_bits` columns, no exact
+//!   stage: its universe, every pair that could be asked, cannot be enumerated). A covered card
+//!   always passes; a pair that is not covered passes with probability about 2^-coverage_bits.
+//! * **status**: an exact clubcard over the covered cards whose included set is "not valid".
+//!
+//! A lookup that fails coverage is "not covered": the client asks online.
+use std::collections::BTreeMap;
+
+use clubcard::{
+    AsQuery, Clubcard, ClubcardIndexEntry, Equation, Filterable, Queryable,
+    builder::{ApproximateRibbon, ClubcardBuilder, ExactRibbon},
+};
+
+use crate::{FormatError, key::CardKey, wire::Reader};
+
+/// 256-bit equations: clubcard's own choice for CRLite.
+const W: usize = 4;
+/// Most coverage columns: each costs about one bit per covered card.
+pub const MAX_COVERAGE_BITS: u8 = 32;
+/// Tweaks so that the two filters hash a key independently.
+const COVERAGE_TWEAK: u64 = 0x636f_7665_7261_6765;
+const STATUS_TWEAK: u64 = 0x7374_6174_7573_3031;
+
+type Club = Clubcard<W, (), ()>;
+
+/// What a filter (or a snapshot with its deltas) says about a card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Valid,
+    /// Reported lost, revoked, expired, awaiting collection or voided.
+    NotValid,
+    /// Not in the filter's universe (never registered, registered after the snapshot, or about
+    /// to expire): ask the registry.
+    NotCovered,
+}
+
+/// One card as the builder takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct FilterCard {
+    pub key: CardKey,
+    pub valid: bool,
+}
+
+/// A key as clubcard hashes it, for one of the two filters.
+struct Item {
+    key: CardKey,
+    tweak: u64,
+    not_valid: bool,
+}
+
+/// splitmix64's finaliser: spreads each digest word under a tweak.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl AsQuery<W> for Item {
+    fn as_query(&self, m: usize) -> Equation<W> {
+        let words = self.key.words();
+        let mut a = [0u64; W];
+        for (i, (a_i, word)) in a.iter_mut().zip(words).enumerate() {
+            *a_i = mix(word ^ self.tweak.rotate_left(16 * i as u32));
+        }
+        a[0] |= 1;
+        let start = mix(words[0] ^ words[3] ^ !self.tweak) % (m.max(1) as u64);
+        Equation::homogeneous(start as usize, a)
+    }
+
+    fn block(&self) -> &[u8] {
+        self.key.block()
+    }
+
+    fn discriminant(&self) -> &[u8] {
+        self.key.digest()
+    }
+}
+
+impl Filterable<W> for Item {
+    fn included(&self) -> bool {
+        self.not_valid
+    }
+}
+
+impl Queryable<W> for Item {
+    type UniverseMetadata = ();
+    type PartitionMetadata = ();
+
+    fn in_universe(&self, _: &()) -> bool {
+        true
+    }
+}
+
+/// See the module documentation.
+pub struct Filter {
+    coverage_bits: u8,
+    /// None when nothing is covered.
+    clubs: Option<(Club, Club)>,
+    covered: u64,
+    not_valid: u64,
+}
+
+impl Filter {
+    /// A filter covering `cards` (keys distinct), with `coverage_bits` (1..=32) columns of coverage.
+    pub fn build(cards: &[FilterCard], coverage_bits: u8) -> Self {
+        let coverage_bits = coverage_bits.clamp(1, MAX_COVERAGE_BITS);
+        let not_valid = cards.iter().filter(|c| !c.valid).count() as u64;
+        let mut blocks: BTreeMap<[u8; 2], Vec<FilterCard>> = BTreeMap::new();
+        for card in cards {
+            blocks.entry(card.key.block_id()).or_default().push(*card);
+        }
+        if blocks.is_empty() {
+            return Self { coverage_bits, clubs: None, covered: 0, not_valid: 0 };
+        }
+        let coverage = build_coverage(&blocks, coverage_bits);
+        let status = build_status(&blocks);
+        Self { coverage_bits, clubs: Some((coverage, status)), covered: cards.len() as u64, not_valid }
+    }
+
+    /// See [`Lookup`]. Exact for covered cards.
+    pub fn lookup(&self, key: &CardKey) -> Lookup {
+        let Some((coverage, status)) = &self.clubs else { return Lookup::NotCovered };
+        if !coverage.unchecked_contains(&Item { key: *key, tweak: COVERAGE_TWEAK, not_valid: false }) {
+            return Lookup::NotCovered;
+        }
+        if status.unchecked_contains(&Item { key: *key, tweak: STATUS_TWEAK, not_valid: false }) {
+            Lookup::NotValid
+        } else {
+            Lookup::Valid
+        }
+    }
+
+    pub fn coverage_bits(&self) -> u8 {
+        self.coverage_bits
+    }
+
+    /// Cards covered, and of those not valid (as built; 0 when decoded from bytes).
+    pub fn counts(&self) -> (u64, u64) {
+        (self.covered, self.not_valid)
+    }
+
+    /// Bytes of each part when encoded: (coverage, status).
+    pub fn encoded_sizes(&self) -> (usize, usize) {
+        match &self.clubs {
+            None => (0, 0),
+            Some((coverage, status)) => {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                encode_club(coverage, &mut a);
+                encode_club(status, &mut b);
+                (a.len(), b.len())
+            }
+        }
+    }
+
+    /// The canonical encoding (signed as part of a snapshot or delta).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.coverage_bits);
+        match &self.clubs {
+            None => out.push(0),
+            Some((coverage, status)) => {
+                out.push(1);
+                out.extend_from_slice(&self.covered.to_be_bytes());
+                out.extend_from_slice(&self.not_valid.to_be_bytes());
+                encode_club(coverage, out);
+                encode_club(status, out);
+            }
+        }
+    }
+
+    pub(crate) fn decode(reader: &mut Reader<'_>) -> Result<Self, FormatError> {
+        let coverage_bits = reader.u8()?;
+        if !(1..=MAX_COVERAGE_BITS).contains(&coverage_bits) {
+            return Err(FormatError::Invalid("coverage bits"));
+        }
+        match reader.u8()? {
+            0 => Ok(Self { coverage_bits, clubs: None, covered: 0, not_valid: 0 }),
+            1 => {
+                let covered = reader.u64()?;
+                let not_valid = reader.u64()?;
+                let coverage = decode_club(reader)?;
+                let status = decode_club(reader)?;
+                Ok(Self { coverage_bits, clubs: Some((coverage, status)), covered, not_valid })
+            }
+            _ => Err(FormatError::Invalid("filter presence")),
+        }
+    }
+}
+
+fn build_coverage(blocks: &BTreeMap<[u8; 2], Vec<FilterCard>>, bits: u8) -> Club {
+    let mut builder = ClubcardBuilder::<W, Item>::new();
+    let mut ribbons = Vec::with_capacity(blocks.len());
+    for (block, cards) in blocks {
+        let mut ribbon = builder.new_approx_builder(block);
+        for card in cards {
+            ribbon.insert(Item { key: card.key, tweak: COVERAGE_TWEAK, not_valid: true });
+        }
+        // A universe 2^bits times the covered set: clubcard then solves `bits` columns, so a key
+        // that is not covered passes with probability about 2^-bits.
+        ribbon.set_universe_size(cards.len().saturating_mul((1usize << bits) + 1));
+        ribbons.push(ApproximateRibbon::from(ribbon));
+    }
+    builder.collect_approx_ribbons(ribbons);
+    // No exact stage: each block's exact ribbon is empty, so a key passing the approximate one
+    // is "covered".
+    let exact = blocks.keys().map(|block| ExactRibbon::from(builder.new_exact_builder(block))).collect();
+    builder.collect_exact_ribbons(exact);
+    builder.build::<Item>((), ())
+}
+
+fn build_status(blocks: &BTreeMap<[u8; 2], Vec<FilterCard>>) -> Club {
+    let item = |card: &FilterCard| Item { key: card.key, tweak: STATUS_TWEAK, not_valid: !card.valid };
+    let mut builder = ClubcardBuilder::<W, Item>::new();
+    let mut ribbons = Vec::with_capacity(blocks.len());
+    for (block, cards) in blocks {
+        let not_valid = cards.iter().filter(|c| !c.valid).count();
+        // A ribbon costs in proportion to the set it encodes: encode the smaller side.
+        let inverted = 2 * not_valid > cards.len();
+        let mut ribbon = builder.new_approx_builder(block);
+        ribbon.set_universe_size(cards.len());
+        ribbon.set_inverted(inverted);
+        for card in cards.iter().filter(|c| c.valid == inverted) {
+            ribbon.insert(item(card));
+        }
+        ribbons.push(ApproximateRibbon::from(ribbon));
+    }
+    builder.collect_approx_ribbons(ribbons);
+    let mut exact = Vec::with_capacity(blocks.len());
+    for (block, cards) in blocks {
+        let mut ribbon = builder.new_exact_builder(block);
+        for card in cards {
+            ribbon.insert(item(card));
+        }
+        exact.push(ExactRibbon::from(ribbon));
+    }
+    builder.collect_exact_ribbons(exact);
+    builder.build::<Item>((), ())
+}
+
+fn put_u64s(words: &[u64], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(words.len() as u64).to_be_bytes());
+    for word in words {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+}
+
+fn encode_club(club: &Club, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(club.index.len() as u32).to_be_bytes());
+    for (block, entry) in &club.index {
+        crate::wire::put(out, block);
+        for value in [
+            entry.approx_filter_m,
+            entry.exact_filter_m,
+            entry.approx_filter_rank,
+            entry.approx_filter_offset,
+            entry.exact_filter_offset,
+        ] {
+            out.extend_from_slice(&(value as u64).to_be_bytes());
+        }
+        out.push(u8::from(entry.inverted));
+        out.extend_from_slice(&(entry.exceptions.len() as u32).to_be_bytes());
+        for exception in &entry.exceptions {
+            crate::wire::put(out, exception);
+        }
+    }
+    out.extend_from_slice(&(club.approx_filter.len() as u32).to_be_bytes());
+    for column in &club.approx_filter {
+        put_u64s(column, out);
+    }
+    put_u64s(&club.exact_filter, out);
+}
+
+fn decode_club(reader: &mut Reader<'_>) -> Result<Club, FormatError> {
+    let blocks = reader.u32()?;
+    let mut index = BTreeMap::new();
+    for _ in 0..blocks {
+        let block = reader.field()?.to_vec();
+        let mut values = [0usize; 5];
+        for value in &mut values {
+            *value = reader.usize()?;
+        }
+        let inverted = match reader.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(FormatError::Invalid("inverted flag")),
+        };
+        let count = reader.u32()?;
+        let mut exceptions = Vec::new();
+        for _ in 0..count {
+            exceptions.push(reader.field()?.to_vec());
+        }
+        let [approx_filter_m, exact_filter_m, approx_filter_rank, approx_filter_offset, exact_filter_offset] = values;
+        let entry = ClubcardIndexEntry {
+            approx_filter_m,
+            exact_filter_m,
+            approx_filter_rank,
+            approx_filter_offset,
+            exact_filter_offset,
+            inverted,
+            exceptions,
+        };
+        if index.insert(block, entry).is_some() {
+            return Err(FormatError::Invalid("a block twice"));
+        }
+    }
+    let columns = reader.u32()?;
+    let mut approx_filter = Vec::new();
+    for _ in 0..columns {
+        approx_filter.push(reader.words()?);
+    }
+    let exact_filter = reader.words()?;
+    // clubcard indexes the columns by rank: a rank beyond them would panic at lookup.
+    if index.values().any(|entry| entry.approx_filter_rank > approx_filter.len()) {
+        return Err(FormatError::Invalid("a block's rank exceeds the columns"));
+    }
+    Ok(Clubcard { universe: (), partition: (), index, approx_filter, exact_filter })
+}

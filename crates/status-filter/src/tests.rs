@@ -1,0 +1,200 @@
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use ed25519_dalek::SigningKey;
+use yidi_domain::{Bureau, BureauKey, Directory, Role};
+
+use crate::*;
+
+const REGISTRY: &str = "registry-national";
+
+fn at(hour: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2118, 3, 1, hour, 0, 0).unwrap()
+}
+
+fn signing_key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+/// A directory whose registry lists key `k1` (seed 7), valid from `from`, retired at `until`.
+fn directory(from: DateTime<Utc>, until: Option<DateTime<Utc>>) -> Directory {
+    let key =
+        BureauKey { id: "k1".into(), public_key: signing_key(7).verifying_key(), valid_from: from, valid_until: until };
+    Directory::new(vec![Bureau::new(REGISTRY, Role::Registry).with_keys(vec![key])]).unwrap()
+}
+
+/// A pseudo-random population over a few provinces: number, serial, valid (about 1% not).
+fn population(cards: usize, salt: u64) -> Vec<(String, String, bool)> {
+    let provinces = ["11", "33", "36", "44", "51"];
+    (0..cards)
+        .map(|i| {
+            let x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt;
+            let province = provinces[(x % provinces.len() as u64) as usize];
+            let id = format!("{province}0102{:010}{}", (x >> 8) % 10_000_000_000, x % 10);
+            let serial = format!("S{salt:02}{i:010}");
+            (id, serial, (x >> 20) % 100 != 0)
+        })
+        .collect()
+}
+
+fn filter_cards(people: &[(String, String, bool)]) -> Vec<FilterCard> {
+    people.iter().map(|(id, serial, valid)| FilterCard { key: CardKey::new(id, serial), valid: *valid }).collect()
+}
+
+fn snapshot(filter: Filter, sequence: u64, built_at: DateTime<Utc>) -> StatusFile {
+    StatusFile {
+        header: Header {
+            kind: Kind::Snapshot,
+            registry_id: REGISTRY.into(),
+            key_id: "k1".into(),
+            from_sequence: sequence,
+            sequence,
+            built_at,
+            usable_until: built_at + Duration::days(7),
+        },
+        filter,
+        ask_online: Vec::new(),
+    }
+}
+
+#[test]
+fn every_covered_card_is_answered_exactly_and_never_registered_pairs_are_rarely_covered() {
+    let people = population(20_000, 1);
+    let filter = Filter::build(&filter_cards(&people), 20);
+    for (id, serial, valid) in &people {
+        let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
+        assert_eq!(filter.lookup(&CardKey::new(id, serial)), expected, "{serial}");
+    }
+    // Never registered: other serials, and registered serials under other numbers.
+    let strangers = population(50_000, 2);
+    let mut covered = 0;
+    for (i, (id, serial, _)) in strangers.iter().enumerate() {
+        let serial = if i % 2 == 0 { serial.clone() } else { people[i % people.len()].1.clone() };
+        if filter.lookup(&CardKey::new(id, &serial)) != Lookup::NotCovered {
+            covered += 1;
+        }
+    }
+    // 2^-20 per pair: 0.05 expected of 50,000.
+    assert!(covered <= 2, "{covered} never-registered pairs covered");
+}
+
+#[test]
+fn numbers_are_normalised_and_blocks_are_provinces() {
+    let key = CardKey::new(" 36010219900307123x ", "JX1");
+    assert_eq!(key, CardKey::new("36010219900307123X", "JX1"));
+    assert_eq!(key.block(), b"36");
+    assert_ne!(key, CardKey::new("36010219900307123X", "JX2"));
+    assert_eq!(CardKey::new("legacy", "JX1").block(), b"--");
+}
+
+#[test]
+fn blocks_with_only_lost_cards_or_none_are_exact_too() {
+    let cards = [
+        ("110102199001010011", "A1", false),
+        ("110102199001010012", "A2", false),
+        ("330102199001010013", "B1", true),
+        ("510102199001010014", "C1", false),
+        ("510102199001010015", "C2", true),
+        ("510102199001010016", "C3", false),
+    ];
+    let people: Vec<_> = cards.iter().map(|(id, s, v)| (id.to_string(), s.to_string(), *v)).collect();
+    let filter = Filter::build(&filter_cards(&people), 16);
+    for (id, serial, valid) in &people {
+        let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
+        assert_eq!(filter.lookup(&CardKey::new(id, serial)), expected, "{serial}");
+    }
+    let empty = Filter::build(&[], 16);
+    assert_eq!(empty.lookup(&CardKey::new("110102199001010011", "A1")), Lookup::NotCovered);
+}
+
+#[test]
+fn a_signed_snapshot_round_trips_and_one_changed_byte_is_refused() {
+    let people = population(2_000, 3);
+    let file = snapshot(Filter::build(&filter_cards(&people), 16), 42, at(9));
+    let bytes = file.sign(&signing_key(7));
+    let dir = directory(at(0), None);
+    let read = StatusFile::verify(&bytes, &dir).unwrap();
+    assert_eq!(read.header, file.header);
+    for (id, serial, valid) in &people {
+        let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
+        assert_eq!(read.find(&CardKey::new(id, serial)), Some(expected));
+    }
+    // Every byte matters: header, filter, signature.
+    for position in (0..bytes.len()).step_by(bytes.len() / 97 + 1).chain([bytes.len() - 1]) {
+        let mut altered = bytes.clone();
+        altered[position] ^= 0x01;
+        assert!(StatusFile::verify(&altered, &dir).is_err(), "byte {position} changed and accepted");
+    }
+    assert!(StatusFile::verify(&bytes[..bytes.len() - 1], &dir).is_err());
+    assert!(StatusFile::verify(&[], &dir).is_err());
+    let other = snapshot(Filter::build(&filter_cards(&people), 16), 42, at(9)).sign(&signing_key(8));
+    assert_eq!(StatusFile::verify(&other, &dir).err(), Some(VerifyError::BadSignature));
+}
+
+#[test]
+fn a_snapshot_signed_by_a_retired_or_unknown_key_is_refused() {
+    let bytes = snapshot(Filter::build(&filter_cards(&population(100, 4)), 16), 1, at(9)).sign(&signing_key(7));
+    assert!(StatusFile::verify(&bytes, &directory(at(0), Some(at(10)))).is_ok(), "made before retirement");
+    let retired = StatusFile::verify(&bytes, &directory(at(0), Some(at(8)))).err();
+    assert_eq!(retired, Some(VerifyError::KeyNotValid { key_id: "k1".into() }));
+    let not_yet = StatusFile::verify(&bytes, &directory(at(10), None)).err();
+    assert_eq!(not_yet, Some(VerifyError::KeyNotValid { key_id: "k1".into() }));
+    let nobody = Directory::new(vec![]).unwrap();
+    assert_eq!(StatusFile::verify(&bytes, &nobody).err(), Some(VerifyError::UnknownRegistry(REGISTRY.into())));
+}
+
+fn delta(
+    from: u64,
+    to: u64,
+    built_at: DateTime<Utc>,
+    cards: &[(String, String, bool)],
+    ask: &[&(String, String, bool)],
+) -> StatusFile {
+    let mut filter_input = filter_cards(cards);
+    filter_input.extend(ask.iter().map(|(id, s, _)| FilterCard { key: CardKey::new(id, s), valid: false }));
+    let mut ask_online: Vec<[u8; 32]> = ask.iter().map(|(id, s, _)| *CardKey::new(id, s).digest()).collect();
+    ask_online.sort();
+    StatusFile {
+        header: Header {
+            kind: Kind::Delta,
+            registry_id: REGISTRY.into(),
+            key_id: "k1".into(),
+            from_sequence: from,
+            sequence: to,
+            built_at,
+            usable_until: built_at + Duration::days(7),
+        },
+        filter: Filter::build(&filter_input, 16),
+        ask_online,
+    }
+}
+
+#[test]
+fn deltas_override_the_snapshot_in_order_and_must_chain() {
+    let dir = directory(at(0), None);
+    let people = population(1_000, 5);
+    let snap =
+        StatusFile::verify(&snapshot(Filter::build(&filter_cards(&people), 16), 10, at(9)).sign(&signing_key(7)), &dir)
+            .unwrap();
+    let mut view = StatusView::new(snap).unwrap();
+    let (id, serial, valid) = people.iter().find(|p| p.2).unwrap().clone();
+    let key = CardKey::new(&id, &serial);
+    assert!(valid);
+    assert_eq!(view.lookup(&key), Lookup::Valid);
+    let lost = delta(10, 12, at(10), &[(id.clone(), serial.clone(), false)], &[]);
+    view.apply(StatusFile::verify(&lost.sign(&signing_key(7)), &dir).unwrap()).unwrap();
+    assert_eq!(view.lookup(&key), Lookup::NotValid);
+    assert_eq!((view.sequence(), view.as_of()), (12, at(10)));
+    let gap = delta(13, 14, at(11), &[], &[]);
+    assert_eq!(view.apply(gap).err(), Some(ChainError::Gap { from: 13, at: 12 }));
+    let empty = delta(12, 12, at(11), &[], &[]);
+    view.apply(empty).unwrap();
+    assert_eq!((view.sequence(), view.as_of()), (12, at(11)));
+    assert_eq!(view.lookup(&key), Lookup::NotValid, "an empty delta changes nothing");
+    let found = (id.clone(), serial.clone(), true);
+    view.apply(delta(12, 13, at(12), &[found.clone()], &[])).unwrap();
+    assert_eq!(view.lookup(&key), Lookup::Valid);
+    view.apply(delta(13, 14, at(13), &[], &[&found])).unwrap();
+    assert_eq!(view.lookup(&key), Lookup::NotCovered, "about to expire: ask online");
+    let untouched = people.iter().find(|p| p.1 != serial).unwrap();
+    let expected = if untouched.2 { Lookup::Valid } else { Lookup::NotValid };
+    assert_eq!(view.lookup(&CardKey::new(&untouched.0, &untouched.1)), expected);
+}
