@@ -371,7 +371,7 @@ mod tests {
         let filter_cards: Vec<FilterCard> = cards
             .iter()
             .filter_map(|c| {
-                index.insert(c.indexed()).unwrap();
+                index.insert(c.change(false).indexed()).unwrap();
                 let valid = classify(c, &clock, now, until)?;
                 Some(FilterCard { key: CardKey::new(&c.id_number, &c.serial), valid })
             })

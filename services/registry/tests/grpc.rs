@@ -1499,70 +1499,6 @@ async fn acknowledged_changes_are_seen_by_every_replica(h: &mut Harness, replica
     }
     for bureau in bureaus {
         bureau.stop().await.unwrap();
-
-/// Issue 16: a harness whose registry signs a delta every second, and a relying party's checker.
-async fn snapshot_harness(citizens: Vec<Citizen>) -> (Harness, yidi_check::Checker, tempfile::TempDir) {
-    let mut h = Harness::new(citizens).await;
-    h.config.registry.delta_every_seconds = 1;
-    h.restart().await;
-    let data = tempfile::tempdir().unwrap();
-    let checker = checker_in(&h, data.path(), yidi_runtime::directory::load(&h.directory_path).unwrap());
-    (h, checker, data)
-}
-
-fn checker_in(h: &Harness, dir: &std::path::Path, directory: yidi_domain::Directory) -> yidi_check::Checker {
-    let _ = h;
-    let settings =
-        yidi_check::Settings { relying_party: "bank-of-test".into(), max_age: chrono::Duration::seconds(60) };
-    yidi_check::Checker::open(dir, directory, settings).unwrap()
-}
-
-/// `count` Jiangxi citizens with cards; every tenth reported lost.
-fn snapshot_population(count: u16) -> (Vec<Person>, Vec<Citizen>) {
-    let people: Vec<Person> = (0..count).map(|i| person(i, &format!("JX{i:010}"))).collect();
-    let citizens = people.iter().enumerate().map(|(i, p)| citizen(p, Some(day(2138, 1, 1)), i % 10 == 3)).collect();
-    (people, citizens)
-}
-
-async fn snapshot_bytes(h: &mut Harness) -> Vec<u8> {
-    let mut chunks = h.client.get_status_snapshot(pb::GetStatusSnapshotRequest {}).await.unwrap().into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = chunks.next().await {
-        bytes.extend(chunk.unwrap().data);
-    }
-    bytes
-}
-
-#[tokio::test]
-async fn c4_snapshot_answers_equal_check_card_and_pairs_never_registered_are_never_valid() {
-    let (people, citizens) = snapshot_population(400);
-    let (mut h, checker, _data) = snapshot_harness(citizens).await;
-    checker.sync(&mut h.client).await.unwrap();
-    let cards: Vec<pb::CardQuery> =
-        people.iter().map(|p| pb::CardQuery { id_number: p.id.clone(), card_serial: p.card.clone() }).collect();
-    let online = h
-        .client
-        .check_cards(pb::CheckCardsRequest { cards: cards.clone(), relying_party: "bank-of-test".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    for (query, result) in cards.iter().zip(&online.results) {
-        let expected = match status_of(result.status) {
-            pb::CardStatus::Valid => yidi_check::Local::Valid,
-            _ => yidi_check::Local::NotValid,
-        };
-        assert_eq!(checker.local(&query.id_number, &query.card_serial, now()), expected, "{}", query.card_serial);
-    }
-    // Never registered: unknown serials, and known serials under another holder's number.
-    for i in 0..10_000u32 {
-        let holder = IdNumber::compose(
-            "510104",
-            day(1980, 1, 1) + chrono::Duration::days(i64::from(i / 1000)),
-            (i % 1000) as u16,
-        );
-        let serial = if i % 2 == 0 { format!("ZZ{i:010}") } else { people[i as usize % people.len()].card.clone() };
-        let local = checker.local(holder.as_str(), &serial, now());
-        assert_ne!(local, yidi_check::Local::Valid, "{holder:?} {serial}");
     }
 }
 
@@ -1913,7 +1849,75 @@ async fn c4_replicas_share_one_miss_budget_per_caller() {
         b_bureau.stop().await.unwrap();
     }
     scratch.drop().await.unwrap();
+}
 
+/// Issue 16: a harness whose registry signs a delta every second, and a relying party's checker.
+async fn snapshot_harness(citizens: Vec<Citizen>) -> (Harness, yidi_check::Checker, tempfile::TempDir) {
+    let mut h = Harness::new(citizens).await;
+    h.config.registry.delta_every_seconds = 1;
+    h.restart().await;
+    let data = tempfile::tempdir().unwrap();
+    let checker = checker_in(&h, data.path(), yidi_runtime::directory::load(&h.directory_path).unwrap());
+    (h, checker, data)
+}
+
+fn checker_in(h: &Harness, dir: &std::path::Path, directory: yidi_domain::Directory) -> yidi_check::Checker {
+    let _ = h;
+    let settings =
+        yidi_check::Settings { relying_party: "bank-of-test".into(), max_age: chrono::Duration::seconds(60) };
+    yidi_check::Checker::open(dir, directory, settings).unwrap()
+}
+
+/// `count` Jiangxi citizens with cards; every tenth reported lost.
+fn snapshot_population(count: u16) -> (Vec<Person>, Vec<Citizen>) {
+    let people: Vec<Person> = (0..count).map(|i| person(i, &format!("JX{i:010}"))).collect();
+    let citizens = people.iter().enumerate().map(|(i, p)| citizen(p, Some(day(2138, 1, 1)), i % 10 == 3)).collect();
+    (people, citizens)
+}
+
+async fn snapshot_bytes(h: &mut Harness) -> Vec<u8> {
+    let mut chunks = h.client.get_status_snapshot(pb::GetStatusSnapshotRequest {}).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        bytes.extend(chunk.unwrap().data);
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn c4_snapshot_answers_equal_check_card_and_pairs_never_registered_are_never_valid() {
+    let (people, citizens) = snapshot_population(400);
+    let (mut h, checker, _data) = snapshot_harness(citizens).await;
+    checker.sync(&mut h.client).await.unwrap();
+    let cards: Vec<pb::CardQuery> =
+        people.iter().map(|p| pb::CardQuery { id_number: p.id.clone(), card_serial: p.card.clone() }).collect();
+    let online = h
+        .client
+        .check_cards(pb::CheckCardsRequest { cards: cards.clone(), relying_party: "bank-of-test".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    for (query, result) in cards.iter().zip(&online.results) {
+        let expected = match status_of(result.status) {
+            pb::CardStatus::Valid => yidi_check::Local::Valid,
+            _ => yidi_check::Local::NotValid,
+        };
+        assert_eq!(checker.local(&query.id_number, &query.card_serial, now()), expected, "{}", query.card_serial);
+    }
+    // Never registered: unknown serials, and known serials under another holder's number.
+    for i in 0..10_000u32 {
+        let holder = IdNumber::compose(
+            "510104",
+            day(1980, 1, 1) + chrono::Duration::days(i64::from(i / 1000)),
+            (i % 1000) as u16,
+        );
+        let serial = if i % 2 == 0 { format!("ZZ{i:010}") } else { people[i as usize % people.len()].card.clone() };
+        let local = checker.local(holder.as_str(), &serial, now());
+        assert_ne!(local, yidi_check::Local::Valid, "{holder:?} {serial}");
+    }
+}
+
+#[tokio::test]
 async fn s1_a_loss_report_reaches_a_following_client_within_one_delta_and_old_data_asks_online() {
     let (people, citizens) = snapshot_population(20);
     let (mut h, checker, _data) = snapshot_harness(citizens).await;
