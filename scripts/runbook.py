@@ -21,8 +21,9 @@ Conventions in docs/RUNBOOK.md (kept unobtrusive so the file reads as a normal w
 * Comparison: the leading JSON values of both texts (grpcurl's pretty output or compact JSON) are
   compared as JSON (object key order and layout do not matter); whatever text follows (an error, a
   `list`) is compared line by line with runs of whitespace collapsed.
-* Placeholders in an answer stand for what differs per run: `<uuid>`, `<time>` (RFC 3339, UTC) and
-  `<serial>` (a producer's card serial, drawn at random so serials cannot be enumerated, C2/C4).
+* Placeholders in an answer stand for what differs per run: `<uuid>`, `<time>` (RFC 3339, UTC),
+  `<serial>` (a producer's card serial, drawn at random so serials cannot be enumerated, C2/C4) and
+  `<sequence>` (a position in the registry's ordered log, which registrations and imports share).
   A named one, `<serial:NAME>`, `<uuid:NAME>`, matches any value the first time and the same value
   every later time. Nothing else is normalised.
 
@@ -59,6 +60,7 @@ PLACEHOLDER_PATTERNS = {
     "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
     "time": r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z",
     "serial": r"[A-Z]{2}\d{10}",
+    "sequence": r"\d+",
 }
 PLACEHOLDER = re.compile(r"<(" + "|".join(PLACEHOLDER_PATTERNS) + r")(?::([A-Za-z0-9_-]+))?>")
 
