@@ -135,7 +135,7 @@ impl Balanced {
             let keyed = length_delimited_field(&data, field).is_some_and(|id| !id.is_empty());
             rule = if keyed { Repeat::Always } else { Repeat::IfNeverSent };
         }
-        let mut last = None;
+        let mut last: Option<Outcome> = None;
         for (attempt, &index) in order.iter().enumerate() {
             let mut parts = parts.clone();
             if attempt > 0
@@ -156,7 +156,10 @@ impl Balanced {
             if !repeat {
                 return outcome.into_result();
             }
-            last = Some(outcome);
+            last = Some(match last {
+                Some(earlier) => earlier.or_more_telling(outcome),
+                None => outcome,
+            });
         }
         match last {
             Some(outcome) => outcome.into_result(),
@@ -221,6 +224,16 @@ impl Outcome {
     /// cost every call sent to it its whole deadline.
     fn endpoint_down(&self) -> bool {
         !matches!(self, Self::Answered(_))
+    }
+
+    /// Of two failed attempts, the one to give the caller: a replica's UNAVAILABLE answer (it
+    /// carries the reason, e.g. `REPLICA_BEHIND`) over a transport error of another endpoint (a
+    /// dead replica, tried last because it was passed over, would otherwise hide it).
+    fn or_more_telling(self, later: Self) -> Self {
+        match (&self, &later) {
+            (Self::Unavailable(_), later) if !matches!(later, Self::Unavailable(_)) => self,
+            _ => later,
+        }
     }
 
     fn into_result(self) -> Result<http::Response<Body>, BoxError> {
@@ -295,5 +308,23 @@ mod tests {
         assert_eq!(Repeat::of(&request("/yidi.v1.LossRegistry/ReportLoss", true)), Repeat::Always);
         assert_eq!(Repeat::of(&request("/yidi.v1.LossRegistry/ReportLoss", false)), Repeat::IfRequestId(2));
         assert_eq!(Repeat::of(&request("/yidi.bench.v1.Echo/Echo", false)), Repeat::IfNeverSent);
+    }
+
+    #[test]
+    fn when_every_endpoint_fails_a_replicas_unavailable_answer_is_given_over_a_dead_ones_error() {
+        let unavailable = |reason: &str| {
+            let response =
+                http::Response::builder().header(GRPC_STATUS, "14").header("reason", reason).body(Body::empty());
+            Outcome::of(Ok(response.unwrap()))
+        };
+        let refused = || Outcome::NeverSent("tcp connect error".into());
+        let reason = |outcome: Outcome| match outcome.into_result() {
+            Ok(response) => response.headers()["reason"].to_str().unwrap().to_owned(),
+            Err(error) => error.to_string(),
+        };
+        assert_eq!(reason(unavailable("behind").or_more_telling(refused())), "behind");
+        assert_eq!(reason(refused().or_more_telling(unavailable("behind"))), "behind");
+        assert_eq!(reason(unavailable("first").or_more_telling(unavailable("second"))), "second");
+        assert_eq!(reason(refused().or_more_telling(Outcome::Failed("reset".into()))), "reset");
     }
 }
