@@ -1872,7 +1872,12 @@ fn check_load(
 /// kill may fail (the balancer repeats reads on another replica, so usually none does), throughput
 /// is back within a second, and the killed replica, restarted with its configuration while a loss
 /// was reported through another, catches up from the log and serves.
+///
+/// A timing test: on two cores shared with the rest of the suite, replicas starved of CPU fence
+/// themselves (as they must) and the throughput buckets mean nothing. `.ci/run` runs it alone,
+/// after the suite: `cargo nextest run -p yidi-registry --run-ignored only -E 'test(s1_a_replica_killed)'`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing under load: run alone (.ci/run does, after the suite)"]
 async fn s1_a_replica_killed_under_check_load_fails_only_checks_in_flight_and_catches_up_when_restarted() {
     const TASKS: usize = 8;
     const BUCKET: Duration = Duration::from_millis(100);
@@ -1884,6 +1889,10 @@ async fn s1_a_replica_killed_under_check_load_fails_only_checks_in_flight_and_ca
         let citizens = people.iter().map(|p| citizen(p, None, false)).collect();
         let mut h = Harness::with_database(citizens, Some(scratch.url().to_owned())).await;
         let config_path = write_config_file(&h, scratch.url());
+        // What this test is about is the kill, not the fence: a bound of a second keeps a replica
+        // that the load generator starves for a moment from fencing itself.
+        let mut file = std::fs::OpenOptions::new().append(true).open(&config_path).unwrap();
+        std::io::Write::write_all(&mut file, b"fence_after_ms = 1000\n").unwrap();
         let mut replicas = Vec::new();
         for replica_id in ["replica-a", "replica-b", "replica-c"] {
             replicas.push(ReplicaProcess::start(replica_id, &config_path).await);
