@@ -99,6 +99,12 @@ impl SuiteOptions {
 pub const DEMO_OUTBOX: &str =
     "[outbox]\ncall_timeout_ms = 2000\nmax_attempts = 10\nbackoff_initial_ms = 1000\nbackoff_max_ms = 10000\n";
 
+/// The registry's fence bound in the demo and the suites built on it: 2 s, not the 200 ms a
+/// production replica keeps. The demo's one registry shares two cores with four other bureaus
+/// (and, in the tests, with other suites): starved of CPU for 200 ms, it would rightly stop
+/// answering checks (REPLICA_BEHIND), which is not what a demo or a flow test is about.
+pub const DEMO_REGISTRY: &str = "\n[registry]\nfence_after_ms = 2000\n";
+
 /// The folder of the running executable's sibling binaries (`target/debug` for tests and the demo).
 pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("YIDI_BIN_DIR") {
@@ -350,7 +356,7 @@ impl Suite {
                 population.display()
             ),
             Process::Registry => format!(
-                "[signing]\nkey_dir = \"{}\"\n\n[import]\npath = \"{}\"\n",
+                "[signing]\nkey_dir = \"{}\"\n\n[import]\npath = \"{}\"\n{DEMO_REGISTRY}",
                 topology::key_dir(dir, process.bureau_id()).display(),
                 population.display()
             ),
