@@ -15,7 +15,8 @@ Conventions in docs/RUNBOOK.md (kept unobtrusive so the file reads as a normal w
 * Inside the runbook, every fenced ```sh block is run, in order, in ONE bash session (variables and
   functions carry over), in a scratch folder where `var/demo` is the demo's folder, as the runbook's
   `var/demo` is for `scripts/demo.sh` run at the repository root (paths in the blocks are relative
-  to the repository root, never to docs/). stdout and stderr are merged.
+  to the repository root, never to docs/; `target/debug` there is the binaries' folder). stdout
+  and stderr are merged.
 * A fenced block that follows a ```sh block with nothing but blank lines between is its answer
   (any info string: json, text or none). A ```sh block without an answer must print nothing.
 * Comparison: the leading JSON values of both texts (grpcurl's pretty output or compact JSON) are
@@ -418,6 +419,9 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="yidi-runbook-"))
     demo_dir = scratch / "var" / "demo"
+    # Blocks name the suite's other binaries as from the repository root (`target/debug/yidi-check`).
+    (scratch / "target").mkdir()
+    (scratch / "target" / "debug").symlink_to(args.bin_dir.resolve(), target_is_directory=True)
     matcher = Matcher()
     demo: Demo | None = None
     shell = Shell(scratch)

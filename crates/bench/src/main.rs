@@ -11,6 +11,7 @@ mod load;
 mod overload;
 mod process;
 mod raw;
+mod replicas;
 mod report;
 mod snapshot;
 mod soak;
@@ -24,12 +25,14 @@ const USAGE: &str = "\
 usage: yidi-bench <command> [options]
 
 commands:
-  all        registry + scale + write + overload (every table of BENCHMARKS.md)
+  all        registry + scale + replicas + write + overload (every table of BENCHMARKS.md)
   registry   CheckCard vs the echo baseline (PostgreSQL and SQLite), CheckCards, h2load cross-check
   scale      100k vs 10M cards: load, start-up, RSS per card, CheckCard latency
   write      the replacement flow on PostgreSQL vs the commit rate of the same server
   overload   the registry at twice its capacity, open loop with deadlines: with load shedding vs
              without (limits nothing reaches); fails if nothing was shed or accepted calls were late
+  replicas   CheckCard over 1, 2 and 3 registry replicas on one PostgreSQL (mutual TLS) beside the echo,
+             and the feed lag of 300 loss reports to every replica (each one's revocation stream)
   smoke      a few seconds of echo, CheckCard and CheckCards on SQLite (CI; no thresholds)
   snapshot   issue 16 in process: status snapshot bytes per card and per non-valid card, build
              time, a delta of 1,000 changes, local check latency (--cards 1000000,10000000,
@@ -54,9 +57,8 @@ options:
   --kills K          soak: at least this many kills (default 10)
   --callers C        soak: callers submitting at once (default 8)
   --seed S           soak: seed of the random kills (default: from the clock)
-  --replicated       soak: the station, the home bureaus and the producer run as two replicas each
-                     (both in the directory; kills fall on either); needs --postgres. The registry
-                     stays one process
+  --replicated       soak: every bureau (station, home bureaus, producer, registry) runs as two
+                     replicas (both in the directory; kills fall on either); needs --postgres
   --registry-env K=V an environment variable for the registries of registry, scale and smoke
                      (repeatable), e.g. YIDI__REGISTRY__STATEMENT_CACHE_ENTRIES=0 (a signature per
                      answer) or OTEL_TRACES_SAMPLER=always_on (spans without an exporter)
@@ -207,10 +209,12 @@ async fn main() -> anyhow::Result<()> {
         "scale" => checks::scale(&options, &mut report).await?,
         "write" => flow::write(&options, &mut report).await?,
         "smoke" => checks::smoke(&options, &mut report).await?,
+        "replicas" => replicas::replicas(&options, &mut report).await?,
         "overload" => problems = overload::overload(&options, &mut report, options.workload).await?,
         "all" => {
             checks::registry(&options, &mut report).await?;
             checks::scale(&options, &mut report).await?;
+            replicas::replicas(&options, &mut report).await?;
             flow::write(&options, &mut report).await?;
             problems = overload::overload(&options, &mut report, options.workload).await?;
         }

@@ -22,8 +22,9 @@ pub const CLOCK: &str = "2118-03-01T09:00:00Z";
 pub const ECHO_ID: &str = "bench-echo";
 
 /// Certificates of a run, made the way the demo makes them (`yidi-demo certs`): a fresh CA, and a
-/// certificate for the registry, for the echo, and for the demo's relying party, which the load
-/// generator presents (the directory lets it call CheckCard and CheckCards).
+/// certificate for the registry, for the echo, for the demo's relying party, which the load
+/// generator presents (the directory lets it call CheckCard and CheckCards), and for the demo's
+/// station, which forwards loss reports (the replicas' feed-lag run).
 #[derive(Debug, Clone)]
 pub struct BenchCerts {
     pub certs: CertDir,
@@ -32,13 +33,19 @@ pub struct BenchCerts {
 impl BenchCerts {
     pub fn create(dir: &Path) -> anyhow::Result<Self> {
         let certs = CertDir::new(dir);
-        write_certificates(&certs, [Process::Registry.bureau_id(), ECHO_ID, RELYING_PARTY], CaChoice::New)?;
+        let ids = [Process::Registry.bureau_id(), ECHO_ID, RELYING_PARTY, Process::Intake.bureau_id()];
+        write_certificates(&certs, ids, CaChoice::New)?;
         Ok(Self { certs })
     }
 
     /// The client side of a call to `server_id`, as the relying party.
     fn client(&self, server_id: &str) -> anyhow::Result<ClientTlsConfig> {
-        Ok(self.certs.files(RELYING_PARTY)?.client_config(server_id))
+        self.client_as(RELYING_PARTY, server_id)
+    }
+
+    /// The client side of a call to `server_id`, as `caller` (one of [`Self::create`]'s).
+    pub fn client_as(&self, caller: &str, server_id: &str) -> anyhow::Result<ClientTlsConfig> {
+        Ok(self.certs.files(caller)?.client_config(server_id))
     }
 
     /// The `[tls]` section of `id`'s configuration.
@@ -206,18 +213,37 @@ pub async fn start_registry_with_env(
     tls: Option<&BenchCerts>,
     env: &[(&str, &str)],
 ) -> anyhow::Result<Server> {
+    prepare_registry_dir(dir, tls)?;
+    spawn_registry(dir, bin_dir, database_url, tls, env, "registry").await
+}
+
+/// Fresh keys of every signing bureau and the directory (the registry's endpoint a placeholder:
+/// the load generator is given the address) in `dir`.
+pub fn prepare_registry_dir(dir: &Path, tls: Option<&BenchCerts>) -> anyhow::Result<topology::Keys> {
     std::fs::create_dir_all(dir)?;
+    topology::write_keys_and_directory_with(dir, |_| vec![topology::loopback_endpoint_with(tls.is_some(), 1)])
+}
+
+/// One registry process with the keys and directory of `dir` ([`prepare_registry_dir`]);
+/// `name` names its configuration and log there, so that replicas of one registry share a folder.
+pub async fn spawn_registry(
+    dir: &Path,
+    bin_dir: &Path,
+    database_url: &str,
+    tls: Option<&BenchCerts>,
+    env: &[(&str, &str)],
+    name: &str,
+) -> anyhow::Result<Server> {
     let binary = bin_dir.join("yidi-registry");
     if !binary.exists() {
         bail!("{} not found: build the services first (see BENCHMARKS.md)", binary.display());
     }
-    topology::write_keys_and_directory_with(dir, |_| vec![topology::loopback_endpoint_with(tls.is_some(), 1)])?;
     let id = Process::Registry.bureau_id();
     let tls_section = match tls {
         Some(certs) => certs.config_section(id),
         None => "plaintext = true".to_owned(),
     };
-    let config = dir.join("registry.toml");
+    let config = dir.join(format!("{name}.toml"));
     let text = format!(
         "[server]\nbureau_id = \"{id}\"\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = \"{database_url}\"\n\n\
          [directory]\npath = \"{directory}\"\n\n[tls]\n{tls_section}\n\n[clock]\nfixed = \"{CLOCK}\"\n\n\
@@ -230,7 +256,7 @@ pub async fn start_registry_with_env(
     let mut command = Command::new(binary);
     command.arg("--config").arg(&config).env_remove("RUST_LOG").envs(env.iter().copied());
     let client = tls.map(|certs| certs.client(id)).transpose()?;
-    spawn(command, dir.join("registry.log"), client, async |target: &Target| answers_health(target).await).await
+    spawn(command, dir.join(format!("{name}.log")), client, async |target: &Target| answers_health(target).await).await
 }
 
 /// The seconds the registry said it took to load its card index: its "card index loaded" line, in

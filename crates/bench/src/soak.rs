@@ -41,9 +41,8 @@ pub struct SoakOptions {
 const VICTIMS: [Process; 5] =
     [Process::Intake, Process::HomeJiangxi, Process::HomeSichuan, Process::Issuance, Process::Registry];
 
-/// The bureaus the replicated soak runs as two replicas each. The registry stays one process: its
-/// index and writer lock are per process until its shared ordered log exists (issue 15, points 1-3).
-const REPLICATED: [Process; 4] = [Process::Intake, Process::HomeJiangxi, Process::HomeSichuan, Process::Issuance];
+/// The bureaus the replicated soak runs as two replicas each: every one.
+const REPLICATED: [Process; 5] = VICTIMS;
 
 /// A duration between `low` and `high` milliseconds, drawn from the run's seeded sequence (so a
 /// failing run can be repeated).
@@ -395,7 +394,7 @@ pub async fn soak(options: &SoakOptions, bin_dir: &std::path::Path, work: &std::
     );
     if options.replicated {
         println!(
-            "replicated: {} as two replicas each on one PostgreSQL database; the registry as one process",
+            "replicated: {} as two replicas each, each bureau's on one PostgreSQL database",
             REPLICATED.map(Process::slug).join(", ")
         );
     }

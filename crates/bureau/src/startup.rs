@@ -5,7 +5,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use sea_orm_migration::MigratorTrait;
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
 use yidi_domain::{Bureau, Directory, Role};
@@ -168,7 +168,7 @@ async fn connect_and_migrate<M: MigratorTrait>(
     loop {
         let (error, what) = match db::connect(config).await {
             Err(error) => (error, "database.url: cannot connect"),
-            Ok(db) => match M::up(&db, None).await {
+            Ok(db) => match migrate_alone::<M>(&db, config).await {
                 Ok(()) => return Ok(db),
                 Err(error) => {
                     let _ = db.close().await;
@@ -183,6 +183,27 @@ async fn connect_and_migrate<M: MigratorTrait>(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(4));
     }
+}
+
+/// The key of the advisory lock migrations run under (advisory locks are per database).
+const MIGRATION_LOCK: i64 = 0x7969_6469_6d69_6772; // "yidimigr"
+
+/// Migrates `db`. On PostgreSQL the migrations run under an advisory lock held by a connection of
+/// its own, so that replicas started together on an empty database (compose starts two
+/// registries) do not create the same tables at once: the second waits, then finds them applied.
+async fn migrate_alone<M: MigratorTrait>(db: &DatabaseConnection, config: &DatabaseConfig) -> Result<(), DbErr> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return M::up(db, None).await;
+    }
+    let lock = db::connect(&DatabaseConfig { url: config.url.clone(), max_connections: 1 }).await?;
+    let acquire = Statement::from_string(DbBackend::Postgres, format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"));
+    let migrated = match lock.execute_raw(acquire).await {
+        Ok(_) => M::up(db, None).await,
+        Err(error) => Err(error),
+    };
+    // Ending the session releases the lock, also when the migrations failed.
+    let _ = lock.close().await;
+    migrated
 }
 
 #[cfg(test)]
@@ -366,5 +387,18 @@ mod tests {
         .unwrap_err();
         assert!(error.to_string().contains("import.path"), "{error}");
         assert!(!setup.database_exists(), "the service's own check runs before the database is touched");
+    }
+
+    /// Replicas of one bureau started together on an empty PostgreSQL database each migrate it
+    /// (under the lock, one after another) and each start.
+    #[tokio::test]
+    async fn replicas_started_together_on_an_empty_postgres_database_all_migrate_it() {
+        let Some(scratch) = yidi_testkit::postgres_for_tests("bureau_migrate_together").await.unwrap() else { return };
+        let config = DatabaseConfig { url: scratch.url().to_owned(), max_connections: 2 };
+        let starts = (0..4).map(|_| connect_and_migrate::<AuditOnly>(&config, Duration::from_secs(5)));
+        for started in futures::future::join_all(starts).await {
+            started.unwrap().close().await.unwrap();
+        }
+        scratch.drop().await.unwrap();
     }
 }

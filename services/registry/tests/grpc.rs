@@ -1716,6 +1716,27 @@ impl ReplicaProcess {
         assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());
     }
 
+    /// SIGSTOP, returning once every thread has stopped. `kill` returns when the signal is
+    /// queued; Linux wakes one thread to begin the group stop, and on a busy machine the others
+    /// may run (and answer a check) until it is scheduled. Such an answer precedes the stop and
+    /// is not stale; the test is about what the replica says after it.
+    async fn stop(&self) {
+        self.signal("-STOP");
+        let tasks = format!("/proc/{}/task", self.child.id().unwrap());
+        for _ in 0..1000 {
+            let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
+                let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the command name, which is in parentheses.
+                stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+            });
+            if all_stopped {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the replica's threads did not all stop within a second");
+    }
+
     async fn health(&self) -> Result<i32, Status> {
         let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
         let answer = tonic_health::pb::health_client::HealthClient::new(self.channel.clone()).check(request).await?;
@@ -1757,7 +1778,7 @@ async fn s1_a_stopped_replica_answers_no_stale_check_and_catches_up_when_it_resu
         let mut c = ReplicaProcess::start("replica-c", &config_path).await;
         assert_eq!(c.health().await.unwrap(), ServingStatus::Serving as i32);
 
-        c.signal("-STOP");
+        c.stop().await;
         let fence = Duration::from_millis(ChecksConfig::default().fence_after_ms);
         let mut checked = c.client.clone();
         let (id, serial) = (p.id.clone(), p.card.clone());
