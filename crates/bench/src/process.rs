@@ -263,14 +263,31 @@ pub async fn spawn_registry(
 /// the text format (`... card index loaded cards=N seconds=S [trace_id=...]`) or in JSON
 /// (`"fields":{"message":"card index loaded",...,"seconds":S}`), the last one of the log.
 pub fn index_load_seconds(log: &str) -> Option<f64> {
-    log.lines().filter(|line| line.contains("card index loaded")).filter_map(seconds_field).next_back()
+    log_field(log, "card index loaded", "seconds")
 }
 
-fn seconds_field(line: &str) -> Option<f64> {
+/// Field `field` of the last log line with `message` (text or JSON format), as a number.
+pub fn log_field(log: &str, message: &str, field: &str) -> Option<f64> {
+    log.lines().filter(|line| line.contains(message)).filter_map(|line| number_field(line, field)).next_back()
+}
+
+fn number_field(line: &str, field: &str) -> Option<f64> {
     if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
-        return json.pointer("/fields/seconds").and_then(serde_json::Value::as_f64);
+        return json.pointer(&format!("/fields/{field}")).and_then(serde_json::Value::as_f64);
     }
-    line.split_whitespace().find_map(|field| field.strip_prefix("seconds=")).and_then(|value| value.parse().ok())
+    let prefix = format!("{field}=");
+    line.split_whitespace().find_map(|pair| pair.strip_prefix(prefix.as_str())).and_then(|value| value.parse().ok())
+}
+
+/// Peak resident memory (VmHWM) of process `pid` in bytes, from /proc.
+pub fn peak_rss_of(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmHWM in /proc/PID/status")?;
+    Ok(kb * 1024)
 }
 
 #[cfg(test)]
