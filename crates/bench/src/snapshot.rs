@@ -94,14 +94,27 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
         drop(cards);
     }
-    // A delta of 1,000 changes: half loss reports, half new cards handed over.
+    // A delta of 1,000 changes over every province, as a nation's minute is: half loss reports,
+    // half new cards handed over. Deltas are one block; a block per province for comparison.
+    const PROVINCES: [&str; 34] = [
+        "11", "12", "13", "14", "15", "21", "22", "23", "31", "32", "33", "34", "35", "36", "37", "41", "42", "43",
+        "44", "45", "46", "50", "51", "52", "53", "54", "61", "62", "63", "64", "65", "71", "81", "82",
+    ];
     let changes: Vec<FilterCard> = (0..1000u64)
         .map(|i| {
-            let (id, serial) = pair(50_000_000_000 + i);
-            FilterCard { key: CardKey::new(&id, &serial), valid: i % 2 == 0 }
+            let province = PROVINCES[(i % 34) as usize];
+            let birth =
+                chrono::NaiveDate::from_ymd_opt(1980, 1, 1).unwrap_or_default() + chrono::Duration::days(i as i64);
+            let id = IdNumber::compose(&format!("{province}0102"), birth, (i % 1000) as u16);
+            FilterCard { key: CardKey::new(id.as_str(), &format!("D{i:011}")), valid: i % 2 == 0 }
         })
         .collect();
-    let delta = signed(Kind::Delta, Filter::build(&changes, bits), &key);
-    println!("delta of 1,000 changes: {} bytes", delta.len());
+    let delta = signed(Kind::Delta, Filter::build_one_block(&changes, bits), &key);
+    let by_province = signed(Kind::Delta, Filter::build(&changes, bits), &key);
+    println!(
+        "delta of 1,000 changes over 34 provinces: {} bytes signed (a block per province: {} bytes)",
+        delta.len(),
+        by_province.len()
+    );
     Ok(())
 }

@@ -162,7 +162,7 @@ fn delta(
             built_at,
             usable_until: built_at + Duration::days(7),
         },
-        filter: Filter::build(&filter_input, 16),
+        filter: Filter::build_one_block(&filter_input, 16),
         ask_online,
     }
 }
@@ -197,4 +197,41 @@ fn deltas_override_the_snapshot_in_order_and_must_chain() {
     let untouched = people.iter().find(|p| p.1 != serial).unwrap();
     let expected = if untouched.2 { Lookup::Valid } else { Lookup::NotValid };
     assert_eq!(view.lookup(&CardKey::new(&untouched.0, &untouched.1)), expected);
+}
+
+/// 1,000 changes over every province, as a minute of a nation's changes are.
+fn changes_over_every_province() -> Vec<(String, String, bool)> {
+    let provinces = [
+        "11", "12", "13", "14", "15", "21", "22", "23", "31", "32", "33", "34", "35", "36", "37", "41", "42", "43",
+        "44", "45", "46", "50", "51", "52", "53", "54", "61", "62", "63", "64", "65", "71", "81", "82",
+    ];
+    (0..1000usize)
+        .map(|i| (format!("{}0102{i:012}", provinces[i % provinces.len()]), format!("D{i:011}"), i % 2 == 0))
+        .collect()
+}
+
+#[test]
+fn a_one_block_delta_answers_as_exactly_round_trips_signed_and_is_half_the_size() {
+    let changes = changes_over_every_province();
+    let one = Filter::build_one_block(&filter_cards(&changes), 24);
+    let by_province = Filter::build(&filter_cards(&changes), 24);
+    for (id, serial, valid) in &changes {
+        let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
+        assert_eq!(one.lookup(&CardKey::new(id, serial)), expected, "{serial}");
+    }
+    let (mut one_bytes, mut by_province_bytes) = (Vec::new(), Vec::new());
+    one.encode(&mut one_bytes);
+    by_province.encode(&mut by_province_bytes);
+    assert!(
+        2 * one_bytes.len() < by_province_bytes.len() + by_province_bytes.len() / 5,
+        "{} vs {}",
+        one_bytes.len(),
+        by_province_bytes.len()
+    );
+    let signed = delta(0, 1, at(9), &changes, &[]).sign(&signing_key(7));
+    let file = StatusFile::verify(&signed, &directory(at(0), None)).unwrap();
+    for (id, serial, valid) in &changes {
+        let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
+        assert_eq!(file.find(&CardKey::new(id, serial)), Some(expected), "{serial}");
+    }
 }

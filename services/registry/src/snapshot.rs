@@ -194,7 +194,8 @@ impl Snapshots {
         }
         ask.sort_unstable();
         let bits = self.settings.coverage_bits;
-        let filter = tokio::task::spawn_blocking(move || Filter::build(&cards, bits))
+        // One block: a delta's few cards spread over every province (see `Filter::build_one_block`).
+        let filter = tokio::task::spawn_blocking(move || Filter::build_one_block(&cards, bits))
             .await
             .map_err(|e| ApiError::Internal(format!("delta build: {e}")))?;
         let Some(mut delta) = self.sign(Kind::Delta, from, to, now, filter, ask) else { return Ok(None) };
