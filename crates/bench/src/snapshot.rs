@@ -8,7 +8,7 @@ use chrono::Utc;
 use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
 use yidi_domain::{Bureau, BureauKey, Directory, IdNumber, Role};
-use yidi_status_filter::{CardKey, Filter, FilterCard, Header, Kind, StatusFile, StatusView};
+use yidi_status_filter::{CardKey, Filter, FilterBuilder, FilterCard, Header, Kind, StatusFile, StatusView};
 
 fn pair(i: u64) -> (String, String) {
     let birth = chrono::NaiveDate::from_ymd_opt(1950, 1, 1).unwrap_or_default()
@@ -66,8 +66,17 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             })
             .collect();
         let hashing = hashing.elapsed().as_secs_f64();
+        // As the registry builds it: one province at a time.
         let building = Instant::now();
-        let filter = Filter::build(&cards, bits);
+        let mut by_province: std::collections::BTreeMap<Vec<u8>, Vec<FilterCard>> = Default::default();
+        for card in &cards {
+            by_province.entry(card.key.block().to_vec()).or_default().push(*card);
+        }
+        let mut builder = FilterBuilder::new(bits);
+        for province in by_province.into_values() {
+            builder.add_province(&province)?;
+        }
+        let filter = builder.finish();
         let build = building.elapsed().as_secs_f64();
         let (coverage, status) = filter.encoded_sizes();
         let not_valid = count / 100;

@@ -3,7 +3,7 @@
 //! Clubcard (Mozilla's, behind Firefox's CRLite) is exact for the elements of its universe and
 //! answers arbitrarily for anything else. Here the universe is the registered cards, and a
 //! relying party may ask about a pair that was never registered; clubcard alone would call most
-//! of those "valid". So a filter is two clubcards over the same keys, one block per province:
+//! of those "valid". So a filter is two clubcards over the same keys:
 //!
 //! * **coverage**: an approximate ribbon over every covered card (`coverage_bits` columns, no exact
 //!   stage: its universe, every pair that could be asked, cannot be enumerated). A covered card
@@ -12,9 +12,11 @@
 //!
 //! A lookup that fails coverage is "not covered": the client asks online.
 //!
-//! A delta holds one block for every province ([`Filter::build_one_block`]): its few cards
-//! spread over some 34 provinces, and each block costs its own index entry and padding (1,000
-//! changes over 34 provinces: 7.5 kB in blocks, 3.9 kB in one).
+//! A snapshot is a pair per province ([`FilterBuilder`]), built one province after another, so
+//! that the builder never holds the nation's cards and equations at once. A delta is one pair
+//! in one block ([`Filter::build_one_block`]): its few cards spread over some 34 provinces, and
+//! each block costs its own index entry and padding (1,000 changes over 34 provinces: 7.5 kB in
+//! blocks, 3.9 kB in one).
 use std::collections::BTreeMap;
 
 use clubcard::{
@@ -127,16 +129,91 @@ impl Queryable<W> for Item {
 /// See the module documentation.
 pub struct Filter {
     coverage_bits: u8,
-    blocks: Blocks,
-    /// None when nothing is covered.
-    clubs: Option<(Club, Club)>,
+    parts: Parts,
     covered: u64,
     not_valid: u64,
 }
 
+/// The clubcards of a filter.
+enum Parts {
+    /// Nothing covered.
+    Empty,
+    /// One pair (coverage, status) whose blocks are provinces, or one block.
+    Joint { blocks: Blocks, coverage: Club, status: Club },
+    /// A pair per province, sorted by province ([`FilterBuilder`]): built one province at a
+    /// time, so a nation's snapshot never holds every card's equations at once.
+    PerProvince(Vec<([u8; 2], Club, Club)>),
+}
+
+/// Builds a filter one province at a time ([`Parts::PerProvince`]): the memory a build needs is
+/// one province's cards and equations, plus the filters already built.
+pub struct FilterBuilder {
+    coverage_bits: u8,
+    provinces: Vec<([u8; 2], Club, Club)>,
+    covered: u64,
+    not_valid: u64,
+}
+
+/// A province given to [`FilterBuilder::add_province`] twice.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("province block {0:?} was already built")]
+pub struct ProvinceAgain(pub String);
+
+impl FilterBuilder {
+    pub fn new(coverage_bits: u8) -> Self {
+        let coverage_bits = coverage_bits.clamp(1, MAX_COVERAGE_BITS);
+        Self { coverage_bits, provinces: Vec::new(), covered: 0, not_valid: 0 }
+    }
+
+    /// Builds the filters of the provinces `cards` hold (keys distinct); each province once.
+    pub fn add_province(&mut self, cards: &[FilterCard]) -> Result<(), ProvinceAgain> {
+        let mut blocks: BTreeMap<[u8; 2], Vec<FilterCard>> = BTreeMap::new();
+        for card in cards {
+            blocks.entry(card.key.block_id()).or_default().push(*card);
+        }
+        for (block, cards) in blocks {
+            if self.provinces.iter().any(|(built, _, _)| *built == block) {
+                return Err(ProvinceAgain(String::from_utf8_lossy(&block).into_owned()));
+            }
+            self.covered += cards.len() as u64;
+            self.not_valid += cards.iter().filter(|c| !c.valid).count() as u64;
+            let one = BTreeMap::from([(block, cards)]);
+            let coverage = build_coverage(&one, self.coverage_bits);
+            let status = build_status(&one);
+            self.provinces.push((block, coverage, status));
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Filter {
+        if self.provinces.is_empty() {
+            return Filter { coverage_bits: self.coverage_bits, parts: Parts::Empty, covered: 0, not_valid: 0 };
+        }
+        self.provinces.sort_unstable_by_key(|(block, _, _)| *block);
+        Filter {
+            coverage_bits: self.coverage_bits,
+            parts: Parts::PerProvince(self.provinces),
+            covered: self.covered,
+            not_valid: self.not_valid,
+        }
+    }
+}
+
+/// Coverage, then status, of one clubcard pair.
+fn lookup_in(coverage: &Club, status: &Club, key: &CardKey, block: [u8; 2]) -> Lookup {
+    if !coverage.unchecked_contains(&Item { key: *key, block, tweak: COVERAGE_TWEAK, not_valid: false }) {
+        return Lookup::NotCovered;
+    }
+    if status.unchecked_contains(&Item { key: *key, block, tweak: STATUS_TWEAK, not_valid: false }) {
+        Lookup::NotValid
+    } else {
+        Lookup::Valid
+    }
+}
+
 impl Filter {
     /// A filter covering `cards` (keys distinct), with `coverage_bits` (1..=32) columns of
-    /// coverage, a block per province (snapshots).
+    /// coverage: one clubcard pair with a block per province.
     pub fn build(cards: &[FilterCard], coverage_bits: u8) -> Self {
         Self::build_in(Blocks::ByProvince, cards, coverage_bits)
     }
@@ -154,24 +231,26 @@ impl Filter {
             blocks.entry(kind.of(&card.key)).or_default().push(*card);
         }
         if blocks.is_empty() {
-            return Self { coverage_bits, blocks: kind, clubs: None, covered: 0, not_valid: 0 };
+            return Self { coverage_bits, parts: Parts::Empty, covered: 0, not_valid: 0 };
         }
         let coverage = build_coverage(&blocks, coverage_bits);
         let status = build_status(&blocks);
-        Self { coverage_bits, blocks: kind, clubs: Some((coverage, status)), covered: cards.len() as u64, not_valid }
+        let parts = Parts::Joint { blocks: kind, coverage, status };
+        Self { coverage_bits, parts, covered: cards.len() as u64, not_valid }
     }
 
     /// See [`Lookup`]. Exact for covered cards.
     pub fn lookup(&self, key: &CardKey) -> Lookup {
-        let Some((coverage, status)) = &self.clubs else { return Lookup::NotCovered };
-        let block = self.blocks.of(key);
-        if !coverage.unchecked_contains(&Item { key: *key, block, tweak: COVERAGE_TWEAK, not_valid: false }) {
-            return Lookup::NotCovered;
-        }
-        if status.unchecked_contains(&Item { key: *key, block, tweak: STATUS_TWEAK, not_valid: false }) {
-            Lookup::NotValid
-        } else {
-            Lookup::Valid
+        match &self.parts {
+            Parts::Empty => Lookup::NotCovered,
+            Parts::Joint { blocks, coverage, status } => lookup_in(coverage, status, key, blocks.of(key)),
+            Parts::PerProvince(provinces) => {
+                let block = key.block_id();
+                match provinces.binary_search_by_key(&block, |(province, _, _)| *province) {
+                    Ok(at) => lookup_in(&provinces[at].1, &provinces[at].2, key, block),
+                    Err(_) => Lookup::NotCovered,
+                }
+            }
         }
     }
 
@@ -186,31 +265,51 @@ impl Filter {
 
     /// Bytes of each part when encoded: (coverage, status).
     pub fn encoded_sizes(&self) -> (usize, usize) {
-        match &self.clubs {
-            None => (0, 0),
-            Some((coverage, status)) => {
-                let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        match &self.parts {
+            Parts::Empty => {}
+            Parts::Joint { coverage, status, .. } => {
                 encode_club(coverage, &mut a);
                 encode_club(status, &mut b);
-                (a.len(), b.len())
+            }
+            Parts::PerProvince(provinces) => {
+                for (_, coverage, status) in provinces {
+                    encode_club(coverage, &mut a);
+                    encode_club(status, &mut b);
+                }
             }
         }
+        (a.len(), b.len())
     }
 
     /// The canonical encoding (signed as part of a snapshot or delta).
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.push(self.coverage_bits);
-        match &self.clubs {
-            None => out.push(0),
-            Some((coverage, status)) => {
-                out.push(match self.blocks {
-                    Blocks::ByProvince => 1,
-                    Blocks::One => 2,
-                });
-                out.extend_from_slice(&self.covered.to_be_bytes());
-                out.extend_from_slice(&self.not_valid.to_be_bytes());
+        let presence = match &self.parts {
+            Parts::Empty => 0,
+            Parts::Joint { blocks: Blocks::ByProvince, .. } => 1,
+            Parts::Joint { blocks: Blocks::One, .. } => 2,
+            Parts::PerProvince(_) => 3,
+        };
+        out.push(presence);
+        if presence == 0 {
+            return;
+        }
+        out.extend_from_slice(&self.covered.to_be_bytes());
+        out.extend_from_slice(&self.not_valid.to_be_bytes());
+        match &self.parts {
+            Parts::Empty => {}
+            Parts::Joint { coverage, status, .. } => {
                 encode_club(coverage, out);
                 encode_club(status, out);
+            }
+            Parts::PerProvince(provinces) => {
+                out.extend_from_slice(&(provinces.len() as u32).to_be_bytes());
+                for (block, coverage, status) in provinces {
+                    out.extend_from_slice(block);
+                    encode_club(coverage, out);
+                    encode_club(status, out);
+                }
             }
         }
     }
@@ -220,18 +319,33 @@ impl Filter {
         if !(1..=MAX_COVERAGE_BITS).contains(&coverage_bits) {
             return Err(FormatError::Invalid("coverage bits"));
         }
-        match reader.u8()? {
-            0 => Ok(Self { coverage_bits, blocks: Blocks::ByProvince, clubs: None, covered: 0, not_valid: 0 }),
-            presence @ (1 | 2) => {
-                let blocks = if presence == 1 { Blocks::ByProvince } else { Blocks::One };
-                let covered = reader.u64()?;
-                let not_valid = reader.u64()?;
-                let coverage = decode_club(reader)?;
-                let status = decode_club(reader)?;
-                Ok(Self { coverage_bits, blocks, clubs: Some((coverage, status)), covered, not_valid })
-            }
-            _ => Err(FormatError::Invalid("filter presence")),
+        let presence = reader.u8()?;
+        if presence == 0 {
+            return Ok(Self { coverage_bits, parts: Parts::Empty, covered: 0, not_valid: 0 });
         }
+        let covered = reader.u64()?;
+        let not_valid = reader.u64()?;
+        let parts = match presence {
+            1 | 2 => {
+                let blocks = if presence == 1 { Blocks::ByProvince } else { Blocks::One };
+                Parts::Joint { blocks, coverage: decode_club(reader)?, status: decode_club(reader)? }
+            }
+            3 => {
+                let count = reader.u32()?;
+                let mut provinces: Vec<([u8; 2], Club, Club)> = Vec::new();
+                for _ in 0..count {
+                    let block: [u8; 2] =
+                        reader.take(2)?.try_into().map_err(|_| FormatError::Invalid("province block"))?;
+                    if provinces.last().is_some_and(|(before, _, _)| *before >= block) {
+                        return Err(FormatError::Invalid("province blocks out of order"));
+                    }
+                    provinces.push((block, decode_club(reader)?, decode_club(reader)?));
+                }
+                Parts::PerProvince(provinces)
+            }
+            _ => return Err(FormatError::Invalid("filter presence")),
+        };
+        Ok(Self { coverage_bits, parts, covered, not_valid })
     }
 }
 

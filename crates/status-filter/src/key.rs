@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 /// Domain separation: a card key is never another hash of the suite.
 const CARD_KEY_TAG: &[u8] = b"yidi.status-filter.card.v1";
 /// The block of numbers that do not start with a province code (never issued so, but accepted).
-const NO_PROVINCE: [u8; 2] = *b"--";
+pub const NO_PROVINCE_BLOCK: [u8; 2] = *b"--";
 
 /// See the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,7 +27,7 @@ impl CardKey {
         hasher.update(card_serial.as_bytes());
         let block = match id_number.as_bytes() {
             [a, b, ..] if a.is_ascii_digit() && b.is_ascii_digit() => [*a, *b],
-            _ => NO_PROVINCE,
+            _ => NO_PROVINCE_BLOCK,
         };
         Self { digest: hasher.finalize().into(), block }
     }

@@ -14,8 +14,8 @@ mod signed;
 mod view;
 mod wire;
 
-pub use filter::{Filter, FilterCard, Lookup, MAX_COVERAGE_BITS};
-pub use key::CardKey;
+pub use filter::{Filter, FilterBuilder, FilterCard, Lookup, MAX_COVERAGE_BITS, ProvinceAgain};
+pub use key::{CardKey, NO_PROVINCE_BLOCK};
 pub use signed::{Header, Kind, StatusFile, VerifyError};
 pub use view::{ChainError, StatusView};
 

@@ -235,3 +235,35 @@ fn a_one_block_delta_answers_as_exactly_round_trips_signed_and_is_half_the_size(
         assert_eq!(file.find(&CardKey::new(id, serial)), Some(expected), "{serial}");
     }
 }
+
+#[test]
+fn a_filter_built_one_province_at_a_time_answers_as_the_joint_one_and_round_trips_signed() {
+    let people = population(20_000, 3);
+    let cards = filter_cards(&people);
+    let mut builder = FilterBuilder::new(20);
+    for province in ["11", "33", "36", "44", "51"] {
+        let of_province: Vec<FilterCard> =
+            cards.iter().zip(&people).filter(|(_, (id, _, _))| id.starts_with(province)).map(|(c, _)| *c).collect();
+        builder.add_province(&of_province).unwrap();
+    }
+    let again = cards.iter().zip(&people).find(|(_, (id, _, _))| id.starts_with("33")).map(|(c, _)| *c).unwrap();
+    assert_eq!(builder.add_province(&[again]), Err(ProvinceAgain("33".into())));
+    let separate = builder.finish();
+    assert_eq!(separate.counts(), (20_000, people.iter().filter(|(_, _, valid)| !valid).count() as u64));
+    let signed = snapshot(separate, 5, at(9)).sign(&signing_key(7));
+    let file = StatusFile::verify(&signed, &directory(at(0), None)).unwrap();
+    for (id, serial, valid) in &people {
+        let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
+        assert_eq!(file.find(&CardKey::new(id, serial)), Some(expected), "{serial}");
+    }
+    // A province the snapshot has no filter for, and pairs never registered.
+    assert_eq!(file.find(&CardKey::new("650102199001011234", "S990000000001")), None);
+    let strangers = population(20_000, 4);
+    let covered = strangers.iter().filter(|(id, serial, _)| file.find(&CardKey::new(id, serial)).is_some()).count();
+    assert!(covered <= 2, "{covered} of 20,000 never-registered pairs covered at 20 bits");
+    // One changed byte anywhere in the filters is refused.
+    let mut tampered = signed.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 1;
+    assert!(StatusFile::verify(&tampered, &directory(at(0), None)).is_err());
+}

@@ -16,13 +16,13 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use sea_orm::{DatabaseConnection, DbErr, EntityTrait, ExprTrait, QuerySelect, sea_query::Expr};
+use sea_orm::{DatabaseConnection, DbErr, EntityTrait, ExprTrait, QueryOrder, QuerySelect, sea_query::Expr};
 use tokio::sync::{Notify, broadcast};
 use tokio_stream::StreamExt;
 use yidi_domain::{CardStatus, IdNumber, StoredCardStatus};
 use yidi_grpc::ApiError;
 use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, signing::KeyRing};
-use yidi_status_filter::{CardKey, Filter, FilterCard, Header, Kind, StatusFile};
+use yidi_status_filter::{CardKey, Filter, FilterBuilder, FilterCard, Header, Kind, StatusFile};
 
 use crate::{
     entities::{cards, status_events},
@@ -231,20 +231,52 @@ impl Snapshots {
         };
         let now = self.sources.clock.now();
         let until = now + self.settings.usable_for;
-        let mut cards = Vec::new();
-        let mut rows = cards::Entity::find().stream(&self.sources.db).await?;
-        while let Some(row) = rows.next().await {
-            let card = Card::from(row?);
-            if let Some(valid) = classify(&card, &self.sources.clock, now, until) {
-                cards.push(FilterCard { key: CardKey::new(&card.id_number, &card.serial), valid });
-            }
-        }
-        drop(rows);
-        let covered = cards.len();
+        // One province at a time: the cards are read in identity-number order, so each province's
+        // arrive together, and the builder holds one province's cards and equations, never the
+        // nation's (docs/SCALING.md). The channel holds one province: reading waits for building.
         let bits = self.settings.coverage_bits;
-        let filter = tokio::task::spawn_blocking(move || Filter::build(&cards, bits))
-            .await
-            .map_err(|e| ApiError::Internal(format!("snapshot build: {e}")))?;
+        let (provinces, mut to_build) = tokio::sync::mpsc::channel::<Vec<FilterCard>>(1);
+        let building = tokio::task::spawn_blocking(move || {
+            let mut builder = FilterBuilder::new(bits);
+            while let Some(cards) = to_build.blocking_recv() {
+                builder.add_province(&cards)?;
+            }
+            Ok::<_, yidi_status_filter::ProvinceAgain>(builder.finish())
+        });
+        let read = async {
+            let mut rows = cards::Entity::find().order_by_asc(cards::Column::IdNumber).stream(&self.sources.db).await?;
+            let (mut province, mut unplaced, mut covered) = (Vec::<FilterCard>::new(), Vec::new(), 0usize);
+            while let Some(row) = rows.next().await {
+                let card = Card::from(row?);
+                let Some(valid) = classify(&card, &self.sources.clock, now, until) else { continue };
+                let key = CardKey::new(&card.id_number, &card.serial);
+                if key.block() == yidi_status_filter::NO_PROVINCE_BLOCK {
+                    // Numbers that do not start with a province code (never issued so) sort apart.
+                    unplaced.push(FilterCard { key, valid });
+                    continue;
+                }
+                if province.last().is_some_and(|last: &FilterCard| last.key.block() != key.block()) {
+                    covered += province.len();
+                    if provinces.send(std::mem::take(&mut province)).await.is_err() {
+                        break;
+                    }
+                }
+                province.push(FilterCard { key, valid });
+            }
+            for last in [province, unplaced] {
+                covered += last.len();
+                if !last.is_empty() && provinces.send(last).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<usize, DbErr>(covered)
+        };
+        let read = read.await;
+        // Ends the builder's loop, also when reading failed half-way.
+        drop(provinces);
+        let built = building.await.map_err(|e| ApiError::Internal(format!("snapshot build: {e}")))?;
+        let covered = read?;
+        let filter = built.map_err(|e| ApiError::Internal(format!("snapshot build: {e}")))?;
         let Some(snapshot) = self.sign(Kind::Snapshot, sequence, sequence, now, filter, Vec::new()) else {
             return Ok(());
         };
