@@ -167,21 +167,25 @@ impl FilterBuilder {
 
     /// Builds the filters of the provinces `cards` hold (keys distinct); each province once.
     pub fn add_province(&mut self, cards: &[FilterCard]) -> Result<(), ProvinceAgain> {
-        let mut blocks: BTreeMap<[u8; 2], Vec<FilterCard>> = BTreeMap::new();
-        for card in cards {
-            blocks.entry(card.key.block_id()).or_default().push(*card);
-        }
-        for (block, cards) in blocks {
-            if self.provinces.iter().any(|(built, _, _)| *built == block) {
-                return Err(ProvinceAgain(String::from_utf8_lossy(&block).into_owned()));
+        let Some(first) = cards.first() else { return Ok(()) };
+        let block = first.key.block_id();
+        if cards.iter().any(|card| card.key.block_id() != block) {
+            // Several provinces: each on its own (the registry gives one at a time, uncopied).
+            let mut blocks: BTreeMap<[u8; 2], Vec<FilterCard>> = BTreeMap::new();
+            for card in cards {
+                blocks.entry(card.key.block_id()).or_default().push(*card);
             }
-            self.covered += cards.len() as u64;
-            self.not_valid += cards.iter().filter(|c| !c.valid).count() as u64;
-            let one = BTreeMap::from([(block, cards)]);
-            let coverage = build_coverage(&one, self.coverage_bits);
-            let status = build_status(&one);
-            self.provinces.push((block, coverage, status));
+            return blocks.values().try_for_each(|province| self.add_province(province));
         }
+        if self.provinces.iter().any(|(built, _, _)| *built == block) {
+            return Err(ProvinceAgain(String::from_utf8_lossy(&block).into_owned()));
+        }
+        self.covered += cards.len() as u64;
+        self.not_valid += cards.iter().filter(|c| !c.valid).count() as u64;
+        let one = [(block, cards)];
+        let coverage = build_coverage(&one, self.coverage_bits);
+        let status = build_status(&one);
+        self.provinces.push((block, coverage, status));
         Ok(())
     }
 
@@ -233,6 +237,8 @@ impl Filter {
         if blocks.is_empty() {
             return Self { coverage_bits, parts: Parts::Empty, covered: 0, not_valid: 0 };
         }
+        let blocks: Vec<([u8; 2], &[FilterCard])> =
+            blocks.iter().map(|(block, cards)| (*block, cards.as_slice())).collect();
         let coverage = build_coverage(&blocks, coverage_bits);
         let status = build_status(&blocks);
         let parts = Parts::Joint { blocks: kind, coverage, status };
@@ -349,12 +355,12 @@ impl Filter {
     }
 }
 
-fn build_coverage(blocks: &BTreeMap<[u8; 2], Vec<FilterCard>>, bits: u8) -> Club {
+fn build_coverage(blocks: &[([u8; 2], &[FilterCard])], bits: u8) -> Club {
     let mut builder = ClubcardBuilder::<W, Item>::new();
     let mut ribbons = Vec::with_capacity(blocks.len());
     for (block, cards) in blocks {
         let mut ribbon = builder.new_approx_builder(block);
-        for card in cards {
+        for card in cards.iter() {
             ribbon.insert(Item { key: card.key, block: *block, tweak: COVERAGE_TWEAK, not_valid: true });
         }
         // A universe 2^bits times the covered set: clubcard then solves `bits` columns, so a key
@@ -365,12 +371,12 @@ fn build_coverage(blocks: &BTreeMap<[u8; 2], Vec<FilterCard>>, bits: u8) -> Club
     builder.collect_approx_ribbons(ribbons);
     // No exact stage: each block's exact ribbon is empty, so a key passing the approximate one
     // is "covered".
-    let exact = blocks.keys().map(|block| ExactRibbon::from(builder.new_exact_builder(block))).collect();
+    let exact = blocks.iter().map(|(block, _)| ExactRibbon::from(builder.new_exact_builder(block))).collect();
     builder.collect_exact_ribbons(exact);
     builder.build::<Item>((), ())
 }
 
-fn build_status(blocks: &BTreeMap<[u8; 2], Vec<FilterCard>>) -> Club {
+fn build_status(blocks: &[([u8; 2], &[FilterCard])]) -> Club {
     let item = |block: &[u8; 2], card: &FilterCard| Item {
         key: card.key,
         block: *block,
@@ -395,7 +401,7 @@ fn build_status(blocks: &BTreeMap<[u8; 2], Vec<FilterCard>>) -> Club {
     let mut exact = Vec::with_capacity(blocks.len());
     for (block, cards) in blocks {
         let mut ribbon = builder.new_exact_builder(block);
-        for card in cards {
+        for card in cards.iter() {
             ribbon.insert(item(block, card));
         }
         exact.push(ExactRibbon::from(ribbon));
