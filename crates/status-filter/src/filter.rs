@@ -264,7 +264,7 @@ impl Filter {
         self.coverage_bits
     }
 
-    /// Cards covered, and of those not valid (as built; 0 when decoded from bytes).
+    /// Cards covered, and of those not valid (0 and 0 for an empty filter).
     pub fn counts(&self) -> (u64, u64) {
         (self.covered, self.not_valid)
     }
