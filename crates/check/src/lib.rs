@@ -40,7 +40,14 @@ pub struct Settings {
     pub relying_party: String,
     /// Local answers only from data younger than this (the newest snapshot or delta).
     pub max_age: chrono::Duration,
+    /// `follow` takes the registry's newer snapshot once it holds this many deltas that cover
+    /// cards: each is one more filter a pair never registered may pass by chance
+    /// (docs/STATUS-SNAPSHOTS.md).
+    pub renew_after_deltas: usize,
 }
+
+/// [`Settings::renew_after_deltas`] by default: an hour of the registry's one-minute deltas.
+pub const RENEW_AFTER_DELTAS: usize = 60;
 
 /// What a check concluded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,16 +255,48 @@ impl Checker {
 
     /// Fetches the latest snapshot.
     pub async fn fetch_snapshot(&self, registry: &mut Registry) -> Result<u64, CheckError> {
+        match self.fetch_snapshot_after(registry, None).await? {
+            Some(sequence) => Ok(sequence),
+            None => Err(tonic::Status::data_loss("the registry sent an empty snapshot").into()),
+        }
+    }
+
+    /// Fetches the latest snapshot if its sequence is past `after` (None: whatever it is); the
+    /// stream is dropped after its first chunk otherwise. The sequence reached, if fetched.
+    async fn fetch_snapshot_after(
+        &self,
+        registry: &mut Registry,
+        after: Option<u64>,
+    ) -> Result<Option<u64>, CheckError> {
         let mut chunks = registry.get_status_snapshot(pb::GetStatusSnapshotRequest {}).await?.into_inner();
         let mut bytes = Vec::new();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
+            if after.is_some_and(|after| chunk.sequence <= after) {
+                return Ok(None);
+            }
             if chunk.offset != bytes.len() as u64 {
                 return Err(tonic::Status::data_loss("snapshot chunks out of order").into());
             }
             bytes.extend_from_slice(&chunk.data);
         }
-        self.accept_snapshot(&bytes)
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        self.accept_snapshot(&bytes).map(Some)
+    }
+
+    /// The sequence of the snapshot held (the deltas since go further: [`Self::sequence`]).
+    pub fn snapshot_sequence(&self) -> Option<u64> {
+        self.held().map(|(sequence, _)| sequence)
+    }
+
+    /// The sequence of the snapshot held, and how many of the deltas held since cover cards.
+    fn held(&self) -> Option<(u64, usize)> {
+        self.view().as_ref().map(|view| {
+            let covering = view.deltas().iter().filter(|delta| delta.filter.counts().0 > 0).count();
+            (view.snapshot().header.sequence, covering)
+        })
     }
 
     /// Brings the data up to date: the deltas since the data held, or a new snapshot when there is
@@ -287,15 +326,29 @@ impl Checker {
     }
 
     /// Syncs, then applies each delta the registry pushes until the stream ends (the registry
-    /// stops) or fails.
+    /// stops) or fails. Once [`Settings::renew_after_deltas`] deltas that cover cards are held,
+    /// takes the registry's newer snapshot when there is one (asking again every quarter of that
+    /// many deltas while there is none), and follows on from it.
     pub async fn follow(&self, registry: &mut Registry) -> Result<(), CheckError> {
-        let sequence = self.sync(registry).await?;
-        let request = pb::WatchStatusDeltasRequest { after_sequence: sequence };
-        let mut deltas = registry.watch_status_deltas(request).await?.into_inner();
-        while let Some(delta) = deltas.next().await {
-            self.accept_delta(&delta?.delta)?;
+        let renew_after = self.settings.renew_after_deltas.max(1);
+        'from_a_snapshot: loop {
+            let sequence = self.sync(registry).await?;
+            let request = pb::WatchStatusDeltasRequest { after_sequence: sequence };
+            let mut deltas = registry.watch_status_deltas(request).await?.into_inner();
+            let mut ask_at = renew_after;
+            while let Some(delta) = deltas.next().await {
+                self.accept_delta(&delta?.delta)?;
+                let Some((snapshot, covering)) = self.held() else { continue };
+                if covering < ask_at {
+                    continue;
+                }
+                if self.fetch_snapshot_after(registry, Some(snapshot)).await?.is_some() {
+                    continue 'from_a_snapshot;
+                }
+                ask_at = covering + (renew_after / 4).max(1);
+            }
+            return Ok(());
         }
-        Ok(())
     }
 
     /// Reports the checks answered "not valid" locally, in batches; returns how many of them the

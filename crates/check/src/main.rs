@@ -20,6 +20,8 @@ options:
   --data DIR              where the snapshot, deltas and pending hits are kept (default ./yidi-check-data)
   --relying-party NAME    who checks (default bank-demo)
   --max-age-seconds N     answer locally only from data younger than this (default 300)
+  --renew-after-deltas N  follow: take the registry's newer snapshot once N deltas that cover
+                          cards are held (default 60: an hour of the registry's deltas)
   --offline               never ask online: refuse (exit 3) when the local data cannot answer
   --now RFC3339           the instant checks are made at (default the system clock; the demo's
                           clock stands in 2118)
@@ -32,6 +34,7 @@ struct Options {
     data: PathBuf,
     relying_party: String,
     max_age_seconds: i64,
+    renew_after_deltas: usize,
     offline: bool,
     now: Option<chrono::DateTime<chrono::Utc>>,
     command: Vec<String>,
@@ -44,6 +47,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         data: "yidi-check-data".into(),
         relying_party: "bank-demo".into(),
         max_age_seconds: 300,
+        renew_after_deltas: yidi_check::RENEW_AFTER_DELTAS,
         offline: false,
         now: None,
         command: Vec::new(),
@@ -56,6 +60,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             "--data" => options.data = value("--data")?.into(),
             "--relying-party" => options.relying_party = value("--relying-party")?,
             "--max-age-seconds" => options.max_age_seconds = value("--max-age-seconds")?.parse()?,
+            "--renew-after-deltas" => options.renew_after_deltas = value("--renew-after-deltas")?.parse()?,
             "--offline" => options.offline = true,
             "--now" => options.now = Some(value("--now")?.parse()?),
             "-h" | "--help" => bail!("{USAGE}"),
@@ -77,6 +82,7 @@ async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let settings = Settings {
         relying_party: options.relying_party.clone(),
         max_age: chrono::Duration::seconds(options.max_age_seconds),
+        renew_after_deltas: options.renew_after_deltas,
     };
     let checker = Checker::open(&options.data, directory, settings)?;
     let command: Vec<&str> = options.command.iter().map(String::as_str).collect();

@@ -2084,8 +2084,11 @@ async fn snapshot_harness(citizens: Vec<Citizen>) -> (Harness, yidi_check::Check
 
 fn checker_in(h: &Harness, dir: &std::path::Path, directory: yidi_domain::Directory) -> yidi_check::Checker {
     let _ = h;
-    let settings =
-        yidi_check::Settings { relying_party: "bank-of-test".into(), max_age: chrono::Duration::seconds(60) };
+    let settings = yidi_check::Settings {
+        relying_party: "bank-of-test".into(),
+        max_age: chrono::Duration::seconds(60),
+        renew_after_deltas: yidi_check::RENEW_AFTER_DELTAS,
+    };
     yidi_check::Checker::open(dir, directory, settings).unwrap()
 }
 
@@ -2165,6 +2168,50 @@ async fn s1_a_loss_report_reaches_a_following_client_within_one_delta_and_old_da
     assert!(checker.check_offline(&other.id, &other.card, later).is_err(), "never valid from old data");
     let answer = checker.check(&mut h.client, &other.id, &other.card, later).await.unwrap();
     assert_eq!((answer.verdict, answer.source), (yidi_check::Verdict::Valid, yidi_check::Source::Online));
+}
+
+/// Each delta that covers cards is one more filter a pair never registered may pass by chance, so
+/// a following client takes the registry's newer snapshot once it holds enough of them, and goes
+/// on answering from it.
+#[tokio::test]
+async fn c4_a_following_client_takes_a_newer_snapshot_after_enough_deltas() {
+    let (people, citizens) = snapshot_population(20);
+    let mut h = Harness::new(citizens).await;
+    h.config.registry.delta_every_seconds = 1;
+    h.config.registry.snapshot_every_seconds = 2;
+    h.restart().await;
+    let data = tempfile::tempdir().unwrap();
+    let settings = yidi_check::Settings {
+        relying_party: "bank-of-test".into(),
+        max_age: chrono::Duration::seconds(60),
+        renew_after_deltas: 2,
+    };
+    let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
+    let checker = std::sync::Arc::new(yidi_check::Checker::open(data.path(), directory, settings).unwrap());
+    checker.sync(&mut h.client).await.unwrap();
+    let first = checker.snapshot_sequence().unwrap();
+    let following = std::sync::Arc::clone(&checker);
+    let mut stream_client = h.client.clone();
+    let follower = tokio::spawn(async move { following.follow(&mut stream_client).await });
+    let lost = &people[..4];
+    for (i, p) in lost.iter().enumerate() {
+        h.report_loss(&h.loss(p, &format!("loss-renew-{i}"))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    let began = std::time::Instant::now();
+    while checker.snapshot_sequence().unwrap() <= first {
+        assert!(!follower.is_finished(), "the follower ended: {:?}", follower.await);
+        assert!(began.elapsed() < Duration::from_secs(10), "no newer snapshot taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for p in lost {
+        while checker.local(&p.id, &p.card, now()) != yidi_check::Local::NotValid {
+            assert!(began.elapsed() < Duration::from_secs(15), "{} not learned", p.card);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(checker.local(&people[5].id, &people[5].card, now()), yidi_check::Local::Valid);
+    follower.abort();
 }
 
 #[tokio::test]
