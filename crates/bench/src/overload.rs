@@ -26,7 +26,7 @@ use yidi_runtime::scratch::ScratchDatabase;
 use crate::{
     Options, cards,
     checks::{check_request, mix},
-    load::{self, LoadSpec},
+    load::{self, LoadSpec, histogram},
     process::{self, Server},
     report::{Report, Table, ms, thousands},
 };
@@ -131,10 +131,6 @@ struct Tally {
     accepted: Histogram<u64>,
     refused: Histogram<u64>,
     result: OverloadResult,
-}
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
 fn is_overloaded(status: &Status) -> bool {

@@ -126,12 +126,22 @@ impl Server {
 
 /// Resident memory (VmRSS) of process `pid` in bytes, from /proc.
 pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
+    memory_of(pid, "VmRSS")
+}
+
+/// Peak resident memory (VmHWM) of process `pid` in bytes, from /proc.
+pub fn peak_rss_of(pid: u32) -> anyhow::Result<u64> {
+    memory_of(pid, "VmHWM")
+}
+
+/// A `kB` line of /proc/PID/status, in bytes.
+fn memory_of(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("no VmRSS in /proc/PID/status")?;
+        .with_context(|| format!("no {field} in /proc/PID/status"))?;
     Ok(kb * 1024)
 }
 
@@ -279,20 +289,15 @@ fn number_field(line: &str, field: &str) -> Option<f64> {
     line.split_whitespace().find_map(|pair| pair.strip_prefix(prefix.as_str())).and_then(|value| value.parse().ok())
 }
 
-/// Peak resident memory (VmHWM) of process `pid` in bytes, from /proc.
-pub fn peak_rss_of(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("no VmHWM in /proc/PID/status")?;
-    Ok(kb * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_and_peak_memory_are_read_from_proc() {
+        let (rss, peak) = (rss_of(std::process::id()).unwrap(), peak_rss_of(std::process::id()).unwrap());
+        assert!(rss > 0 && peak >= rss, "rss {rss}, peak {peak}");
+    }
 
     #[test]
     fn the_index_load_is_read_from_a_text_or_a_json_log() {

@@ -21,7 +21,7 @@ use yidi_status_filter::CardKey;
 use crate::{
     Options, cards,
     checks::{check_card, run_echo},
-    load::{self, LoadSpec},
+    load::{self, LoadSpec, histogram},
     process::{self, BenchCerts, CLOCK, Server, Target},
     report::{LATENCY_COLUMNS, Report, Table, latency_row, ms, thousands},
 };
@@ -149,10 +149,6 @@ impl Lag {
             "first_to_last": quantiles(&self.first_to_last),
         })
     }
-}
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
 fn micros(d: Duration) -> u64 {
