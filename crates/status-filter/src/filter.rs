@@ -12,6 +12,12 @@
 //!
 //! A lookup that fails coverage is "not covered": the client asks online.
 //!
+//! A relying party that reads a card's registration receipt (`receipt`: the registry's signature
+//! that the card was registered by a sequence) knows the card is in a snapshot of that sequence or
+//! later, as Firefox knows from a certificate's CT timestamps. It needs no coverage: the snapshot
+//! without it ([`Filter::encode_status_only`], `coverage_bits` 0) is the status filter alone, about
+//! a byte per card that is not valid and next to nothing per valid card.
+//!
 //! A snapshot is a pair per province ([`FilterBuilder`]), built one province after another, so
 //! that the builder never holds the nation's cards and equations at once. A delta is one pair
 //! in one block ([`Filter::build_one_block`]): its few cards spread over some 34 provinces, and
@@ -139,17 +145,20 @@ enum Parts {
     /// Nothing covered.
     Empty,
     /// One pair (coverage, status) whose blocks are provinces, or one block.
-    Joint { blocks: Blocks, coverage: Club, status: Club },
+    Joint { blocks: Blocks, coverage: Option<Club>, status: Club },
     /// A pair per province, sorted by province ([`FilterBuilder`]): built one province at a
     /// time, so a nation's snapshot never holds every card's equations at once.
-    PerProvince(Vec<([u8; 2], Club, Club)>),
+    PerProvince(Vec<Province>),
 }
+
+/// One province's coverage (none in a status-only filter) and status.
+type Province = ([u8; 2], Option<Club>, Club);
 
 /// Builds a filter one province at a time ([`Parts::PerProvince`]): the memory a build needs is
 /// one province's cards and equations, plus the filters already built.
 pub struct FilterBuilder {
     coverage_bits: u8,
-    provinces: Vec<([u8; 2], Club, Club)>,
+    provinces: Vec<Province>,
     covered: u64,
     not_valid: u64,
 }
@@ -185,7 +194,7 @@ impl FilterBuilder {
         let one = [(block, cards)];
         let coverage = build_coverage(&one, self.coverage_bits);
         let status = build_status(&one);
-        self.provinces.push((block, coverage, status));
+        self.provinces.push((block, Some(coverage), status));
         Ok(())
     }
 
@@ -203,10 +212,14 @@ impl FilterBuilder {
     }
 }
 
-/// Coverage, then status, of one clubcard pair.
-fn lookup_in(coverage: &Club, status: &Club, key: &CardKey, block: [u8; 2]) -> Lookup {
-    if !coverage.unchecked_contains(&Item { key: *key, block, tweak: COVERAGE_TWEAK, not_valid: false }) {
-        return Lookup::NotCovered;
+/// Coverage, then status, of one clubcard pair; `registered`: the caller knows the card is in the
+/// filter's universe (a receipt), so coverage is not asked.
+fn lookup_in(coverage: Option<&Club>, status: &Club, key: &CardKey, block: [u8; 2], registered: bool) -> Lookup {
+    if !registered {
+        let item = Item { key: *key, block, tweak: COVERAGE_TWEAK, not_valid: false };
+        if !coverage.is_some_and(|coverage| coverage.unchecked_contains(&item)) {
+            return Lookup::NotCovered;
+        }
     }
     if status.unchecked_contains(&Item { key: *key, block, tweak: STATUS_TWEAK, not_valid: false }) {
         Lookup::NotValid
@@ -241,25 +254,39 @@ impl Filter {
             blocks.iter().map(|(block, cards)| (*block, cards.as_slice())).collect();
         let coverage = build_coverage(&blocks, coverage_bits);
         let status = build_status(&blocks);
-        let parts = Parts::Joint { blocks: kind, coverage, status };
+        let parts = Parts::Joint { blocks: kind, coverage: Some(coverage), status };
         Self { coverage_bits, parts, covered: cards.len() as u64, not_valid }
     }
 
-    /// See [`Lookup`]. Exact for covered cards.
+    /// See [`Lookup`]. Exact for covered cards; a status-only filter covers none.
     pub fn lookup(&self, key: &CardKey) -> Lookup {
+        self.lookup_as(key, false)
+    }
+
+    /// The status of a card the caller knows to be in the filter's universe (its receipt says it
+    /// was registered by the filter's sequence): exact. For any other card the answer is
+    /// arbitrary, which is why only a verified receipt may lead here.
+    pub fn lookup_registered(&self, key: &CardKey) -> Lookup {
+        self.lookup_as(key, true)
+    }
+
+    fn lookup_as(&self, key: &CardKey, registered: bool) -> Lookup {
         match &self.parts {
             Parts::Empty => Lookup::NotCovered,
-            Parts::Joint { blocks, coverage, status } => lookup_in(coverage, status, key, blocks.of(key)),
+            Parts::Joint { blocks, coverage, status } => {
+                lookup_in(coverage.as_ref(), status, key, blocks.of(key), registered)
+            }
             Parts::PerProvince(provinces) => {
                 let block = key.block_id();
                 match provinces.binary_search_by_key(&block, |(province, _, _)| *province) {
-                    Ok(at) => lookup_in(&provinces[at].1, &provinces[at].2, key, block),
+                    Ok(at) => lookup_in(provinces[at].1.as_ref(), &provinces[at].2, key, block, registered),
                     Err(_) => Lookup::NotCovered,
                 }
             }
         }
     }
 
+    /// Columns of coverage; 0 for a status-only filter.
     pub fn coverage_bits(&self) -> u8 {
         self.coverage_bits
     }
@@ -275,12 +302,12 @@ impl Filter {
         match &self.parts {
             Parts::Empty => {}
             Parts::Joint { coverage, status, .. } => {
-                encode_club(coverage, &mut a);
+                coverage.iter().for_each(|coverage| encode_club(coverage, &mut a));
                 encode_club(status, &mut b);
             }
             Parts::PerProvince(provinces) => {
                 for (_, coverage, status) in provinces {
-                    encode_club(coverage, &mut a);
+                    coverage.iter().for_each(|coverage| encode_club(coverage, &mut a));
                     encode_club(status, &mut b);
                 }
             }
@@ -290,7 +317,22 @@ impl Filter {
 
     /// The canonical encoding (signed as part of a snapshot or delta).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.coverage_bits);
+        self.encode_parts(out, true);
+    }
+
+    /// The encoding without coverage (`coverage_bits` 0): the status filter alone, for relying
+    /// parties that check cards by their receipts.
+    pub fn encode_status_only(&self, out: &mut Vec<u8>) {
+        self.encode_parts(out, false);
+    }
+
+    fn encode_parts(&self, out: &mut Vec<u8>, with_coverage: bool) {
+        let club = |coverage: &Option<Club>, out: &mut Vec<u8>| {
+            if let (true, Some(coverage)) = (with_coverage, coverage) {
+                encode_club(coverage, out);
+            }
+        };
+        out.push(if with_coverage { self.coverage_bits } else { 0 });
         let presence = match &self.parts {
             Parts::Empty => 0,
             Parts::Joint { blocks: Blocks::ByProvince, .. } => 1,
@@ -306,14 +348,14 @@ impl Filter {
         match &self.parts {
             Parts::Empty => {}
             Parts::Joint { coverage, status, .. } => {
-                encode_club(coverage, out);
+                club(coverage, out);
                 encode_club(status, out);
             }
             Parts::PerProvince(provinces) => {
                 out.extend_from_slice(&(provinces.len() as u32).to_be_bytes());
                 for (block, coverage, status) in provinces {
                     out.extend_from_slice(block);
-                    encode_club(coverage, out);
+                    club(coverage, out);
                     encode_club(status, out);
                 }
             }
@@ -322,9 +364,13 @@ impl Filter {
 
     pub(crate) fn decode(reader: &mut Reader<'_>) -> Result<Self, FormatError> {
         let coverage_bits = reader.u8()?;
-        if !(1..=MAX_COVERAGE_BITS).contains(&coverage_bits) {
+        if coverage_bits > MAX_COVERAGE_BITS {
             return Err(FormatError::Invalid("coverage bits"));
         }
+        // Status only (0): no coverage club precedes a status club.
+        let coverage = |reader: &mut Reader<'_>| -> Result<Option<Club>, FormatError> {
+            if coverage_bits == 0 { Ok(None) } else { decode_club(reader).map(Some) }
+        };
         let presence = reader.u8()?;
         if presence == 0 {
             return Ok(Self { coverage_bits, parts: Parts::Empty, covered: 0, not_valid: 0 });
@@ -334,18 +380,18 @@ impl Filter {
         let parts = match presence {
             1 | 2 => {
                 let blocks = if presence == 1 { Blocks::ByProvince } else { Blocks::One };
-                Parts::Joint { blocks, coverage: decode_club(reader)?, status: decode_club(reader)? }
+                Parts::Joint { blocks, coverage: coverage(reader)?, status: decode_club(reader)? }
             }
             3 => {
                 let count = reader.u32()?;
-                let mut provinces: Vec<([u8; 2], Club, Club)> = Vec::new();
+                let mut provinces: Vec<Province> = Vec::new();
                 for _ in 0..count {
                     let block: [u8; 2] =
                         reader.take(2)?.try_into().map_err(|_| FormatError::Invalid("province block"))?;
                     if provinces.last().is_some_and(|(before, _, _)| *before >= block) {
                         return Err(FormatError::Invalid("province blocks out of order"));
                     }
-                    provinces.push((block, decode_club(reader)?, decode_club(reader)?));
+                    provinces.push((block, coverage(reader)?, decode_club(reader)?));
                 }
                 Parts::PerProvince(provinces)
             }

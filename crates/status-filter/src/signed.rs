@@ -19,7 +19,7 @@ use crate::{
 };
 
 const TAG: &[u8] = b"yidi.status-filter.v1";
-const SIGNATURE_LEN: usize = 64;
+pub(crate) const SIGNATURE_LEN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -112,9 +112,23 @@ impl Header {
 impl StatusFile {
     /// The signed encoding, by `key` (whose id the header names).
     pub fn sign(&self, key: &SigningKey) -> Vec<u8> {
+        self.sign_parts(key, true)
+    }
+
+    /// The same without the filter's coverage: for relying parties that check cards by their
+    /// registration receipts ([`crate::CardReceipt`]).
+    pub fn sign_status_only(&self, key: &SigningKey) -> Vec<u8> {
+        self.sign_parts(key, false)
+    }
+
+    fn sign_parts(&self, key: &SigningKey, with_coverage: bool) -> Vec<u8> {
         let mut out = Vec::new();
         self.header.encode(&mut out);
-        self.filter.encode(&mut out);
+        if with_coverage {
+            self.filter.encode(&mut out);
+        } else {
+            self.filter.encode_status_only(&mut out);
+        }
         out.extend_from_slice(&(self.ask_online.len() as u32).to_be_bytes());
         for digest in &self.ask_online {
             out.extend_from_slice(digest);
@@ -131,17 +145,7 @@ impl StatusFile {
         let (signed, signature) = bytes.split_at(split);
         let mut reader = Reader::new(signed);
         let header = Header::decode(&mut reader)?;
-        let registry = directory
-            .get_with_role(&header.registry_id, Role::Registry)
-            .ok_or_else(|| VerifyError::UnknownRegistry(header.registry_id.clone()))?;
-        let key = registry
-            .key(&header.key_id)
-            .ok_or_else(|| VerifyError::UnknownKey { registry: registry.id.clone(), key_id: header.key_id.clone() })?;
-        let signature = Signature::from_slice(signature).map_err(|_| VerifyError::BadSignature)?;
-        key.public_key.verify(signed, &signature).map_err(|_| VerifyError::BadSignature)?;
-        if key.window_at(header.built_at) != KeyWindow::Valid {
-            return Err(VerifyError::KeyNotValid { key_id: key.id.clone() });
-        }
+        verify_signature(directory, &header.registry_id, &header.key_id, signed, signature, header.built_at)?;
         let filter = Filter::decode(&mut reader)?;
         let count = reader.u32()? as usize;
         let digests = reader.take(count.checked_mul(32).ok_or(FormatError::Truncated)?)?;
@@ -157,10 +161,44 @@ impl StatusFile {
 
     /// What this file alone says: None if the card is not in it (for a delta: unchanged).
     pub fn find(&self, key: &CardKey) -> Option<Lookup> {
-        match self.filter.lookup(key) {
+        self.answer(self.filter.lookup(key), key)
+    }
+
+    /// What a snapshot says of a card its receipt shows was registered by the snapshot's sequence
+    /// (see [`Filter::lookup_registered`]).
+    pub fn find_registered(&self, key: &CardKey) -> Option<Lookup> {
+        self.answer(self.filter.lookup_registered(key), key)
+    }
+
+    fn answer(&self, lookup: Lookup, key: &CardKey) -> Option<Lookup> {
+        match lookup {
             Lookup::NotCovered => None,
             _ if self.ask_online.binary_search(key.digest()).is_ok() => Some(Lookup::NotCovered),
             answer => Some(answer),
         }
     }
+}
+
+/// `signature` is over `signed` by the key `key_id` of registry `registry_id` in `directory`, and
+/// that key was valid at `signed_at`.
+pub(crate) fn verify_signature(
+    directory: &Directory,
+    registry_id: &str,
+    key_id: &str,
+    signed: &[u8],
+    signature: &[u8],
+    signed_at: DateTime<Utc>,
+) -> Result<(), VerifyError> {
+    let registry = directory
+        .get_with_role(registry_id, Role::Registry)
+        .ok_or_else(|| VerifyError::UnknownRegistry(registry_id.to_owned()))?;
+    let key = registry
+        .key(key_id)
+        .ok_or_else(|| VerifyError::UnknownKey { registry: registry.id.clone(), key_id: key_id.to_owned() })?;
+    let signature = Signature::from_slice(signature).map_err(|_| VerifyError::BadSignature)?;
+    key.public_key.verify(signed, &signature).map_err(|_| VerifyError::BadSignature)?;
+    if key.window_at(signed_at) != KeyWindow::Valid {
+        return Err(VerifyError::KeyNotValid { key_id: key.id.clone() });
+    }
+    Ok(())
 }

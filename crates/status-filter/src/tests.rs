@@ -267,3 +267,108 @@ fn a_filter_built_one_province_at_a_time_answers_as_the_joint_one_and_round_trip
     tampered[middle] ^= 1;
     assert!(StatusFile::verify(&tampered, &directory(at(0), None)).is_err());
 }
+
+fn receipt_of(id: &str, serial: &str, sequence: u64, valid_until: Option<chrono::NaiveDate>) -> CardReceipt {
+    CardReceipt {
+        registry_id: REGISTRY.into(),
+        key_id: "k1".into(),
+        card: *CardKey::new(id, serial).digest(),
+        sequence,
+        signed_at: at(8),
+        valid_until,
+    }
+}
+
+fn far_day() -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::from_ymd_opt(2130, 6, 30)
+}
+
+#[test]
+fn c4_a_status_only_snapshot_answers_cards_by_their_receipts_exactly_and_pairs_without_one_never() {
+    let dir = directory(at(0), None);
+    let people = population(20_000, 6);
+    let mut builder = FilterBuilder::new(24);
+    builder.add_province(&filter_cards(&people)).unwrap();
+    let file = snapshot(builder.finish(), 50, at(9));
+    let full = file.sign(&signing_key(7));
+    let status_only = file.sign_status_only(&signing_key(7));
+    let view = StatusView::new(StatusFile::verify(&status_only, &dir).unwrap()).unwrap();
+    assert_eq!(view.snapshot().filter.coverage_bits(), 0);
+    for (i, (id, serial, valid)) in people.iter().enumerate() {
+        let key = CardKey::new(id, serial);
+        let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
+        let receipt = receipt_of(id, serial, 40 + (i as u64 % 11), far_day());
+        assert_eq!(view.lookup_with_receipt(&key, &receipt), expected, "{serial}");
+        assert_eq!(view.lookup(&key), Lookup::NotCovered, "no coverage: never without a receipt");
+    }
+    // Never registered: no receipt (above), or another card's receipt.
+    for (i, (id, serial, _)) in population(20_000, 7).iter().enumerate() {
+        let other = &people[i % people.len()];
+        let lent = receipt_of(&other.0, &other.1, 40, far_day());
+        assert_eq!(view.lookup_with_receipt(&CardKey::new(id, serial), &lent), Lookup::NotCovered);
+        let serial_lent = CardKey::new(id, &other.1);
+        assert_eq!(view.lookup_with_receipt(&serial_lent, &lent), Lookup::NotCovered, "another holder's serial");
+    }
+    let (id, serial, _) = &people[0];
+    let key = CardKey::new(id, serial);
+    // Registered after the snapshot, or expiring while it is used: left out of it, asked online.
+    assert_eq!(view.lookup_with_receipt(&key, &receipt_of(id, serial, 51, far_day())), Lookup::NotCovered);
+    let expiring = chrono::NaiveDate::from_ymd_opt(2118, 3, 5);
+    assert_eq!(view.lookup_with_receipt(&key, &receipt_of(id, serial, 50, expiring)), Lookup::NotCovered);
+    let mut elsewhere = receipt_of(id, serial, 50, None);
+    elsewhere.registry_id = "registry-elsewhere".into();
+    assert_eq!(view.lookup_with_receipt(&key, &elsewhere), Lookup::NotCovered);
+    assert!(full.len() > 60_000, "the coverage (24 bits a card) is what the receipt saves: {}", full.len());
+    assert!(status_only.len() < 2_000, "{}", status_only.len());
+}
+
+#[test]
+fn c4_a_status_only_snapshot_is_within_2_bytes_per_card_not_valid_and_0_02_per_valid_card() {
+    let people = population(200_000, 9);
+    // Coverage is left out of the encoding: one column keeps the build short.
+    let mut builder = FilterBuilder::new(1);
+    builder.add_province(&filter_cards(&people)).unwrap();
+    let status_only = snapshot(builder.finish(), 1, at(9)).sign_status_only(&signing_key(7));
+    let not_valid = people.iter().filter(|p| !p.2).count();
+    let budget = 0.02 * (people.len() - not_valid) as f64 + 2.0 * not_valid as f64;
+    assert!((status_only.len() as f64) <= budget, "{} bytes, budget {budget:.0}", status_only.len());
+}
+
+#[test]
+fn c4_a_receipt_round_trips_and_one_changed_byte_a_retired_or_an_unknown_key_is_refused() {
+    let receipt = receipt_of("110102199001010011", "A1", 7, far_day());
+    let bytes = receipt.sign(&signing_key(7));
+    let dir = directory(at(0), None);
+    assert_eq!(CardReceipt::verify(&bytes, &dir), Ok(receipt.clone()));
+    for position in 0..bytes.len() {
+        let mut altered = bytes.clone();
+        altered[position] ^= 0x01;
+        assert!(CardReceipt::verify(&altered, &dir).is_err(), "byte {position} changed and accepted");
+    }
+    assert!(CardReceipt::verify(&bytes[..bytes.len() - 1], &dir).is_err());
+    let retired = CardReceipt::verify(&bytes, &directory(at(0), Some(at(7)))).err();
+    assert_eq!(retired, Some(VerifyError::KeyNotValid { key_id: "k1".into() }));
+    let forged = receipt.sign(&signing_key(8));
+    assert_eq!(CardReceipt::verify(&forged, &dir).err(), Some(VerifyError::BadSignature));
+    let unlimited = receipt_of("110102199001010011", "A1", 7, None);
+    assert_eq!(CardReceipt::verify(&unlimited.sign(&signing_key(7)), &dir), Ok(unlimited));
+}
+
+#[test]
+fn c4_a_delta_overrides_the_status_only_snapshot_for_a_card_presented_with_its_receipt() {
+    let dir = directory(at(0), None);
+    let people = population(1_000, 8);
+    let (id, serial, _) = people.iter().find(|p| p.2).unwrap().clone();
+    let snap = snapshot(Filter::build(&filter_cards(&people), 16), 10, at(9)).sign_status_only(&signing_key(7));
+    let mut view = StatusView::new(StatusFile::verify(&snap, &dir).unwrap()).unwrap();
+    let key = CardKey::new(&id, &serial);
+    let receipt = receipt_of(&id, &serial, 3, far_day());
+    assert_eq!(view.lookup_with_receipt(&key, &receipt), Lookup::Valid);
+    view.apply(delta(10, 12, at(10), &[(id.clone(), serial.clone(), false)], &[])).unwrap();
+    assert_eq!(view.lookup_with_receipt(&key, &receipt), Lookup::NotValid);
+    // A card registered after the snapshot is answered from the delta that holds it.
+    let newer = ("330102200001010022".to_owned(), "N1".to_owned(), true);
+    view.apply(delta(12, 13, at(11), std::slice::from_ref(&newer), &[])).unwrap();
+    let newer_key = CardKey::new(&newer.0, &newer.1);
+    assert_eq!(view.lookup_with_receipt(&newer_key, &receipt_of(&newer.0, &newer.1, 13, far_day())), Lookup::Valid);
+}

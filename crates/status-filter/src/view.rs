@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use crate::{
     filter::Lookup,
     key::CardKey,
+    receipt::CardReceipt,
     signed::{Kind, StatusFile},
 };
 
@@ -77,11 +78,29 @@ impl StatusView {
 
     /// The newest word on a card: the last delta holding it, else the snapshot.
     pub fn lookup(&self, key: &CardKey) -> Lookup {
-        self.deltas
-            .iter()
-            .rev()
-            .find_map(|delta| delta.find(key))
-            .or_else(|| self.snapshot.find(key))
-            .unwrap_or(Lookup::NotCovered)
+        self.in_deltas(key).or_else(|| self.snapshot.find(key)).unwrap_or(Lookup::NotCovered)
+    }
+
+    fn in_deltas(&self, key: &CardKey) -> Option<Lookup> {
+        self.deltas.iter().rev().find_map(|delta| delta.find(key))
+    }
+
+    /// The same for a card presented with its receipt (verified by the caller): the snapshot
+    /// answers it without coverage when the receipt shows the card registered by the snapshot's
+    /// sequence and not expiring while the snapshot is used (such cards are left out of it).
+    /// A receipt of another card, another registry, or a later sequence that no delta holds:
+    /// not covered.
+    pub fn lookup_with_receipt(&self, key: &CardKey, receipt: &CardReceipt) -> Lookup {
+        let header = &self.snapshot.header;
+        if !receipt.is_for(key) || receipt.registry_id != header.registry_id {
+            return Lookup::NotCovered;
+        }
+        if let Some(found) = self.in_deltas(key) {
+            return found;
+        }
+        if receipt.sequence > header.sequence || receipt.may_expire_between(header.built_at, header.usable_until) {
+            return Lookup::NotCovered;
+        }
+        self.snapshot.find_registered(key).unwrap_or(Lookup::NotCovered)
     }
 }
