@@ -55,7 +55,7 @@ async fn c4_a_relying_party_s_revocation_stream_and_snapshot_hold_no_serial_and_
             break;
         }
     }
-    let mut chunks = bank.get_status_snapshot(pb::GetStatusSnapshotRequest {}).await?.into_inner();
+    let mut chunks = bank.get_status_snapshot(pb::GetStatusSnapshotRequest::default()).await?.into_inner();
     let mut snapshot = Vec::new();
     while let Some(chunk) = chunks.message().await? {
         snapshot.extend(chunk.data);

@@ -8,6 +8,11 @@
 //!   expire), it asks `CheckCard` online. Fail closed: data older than `max_age` never answers
 //!   "valid", online or not.
 //!
+//! A card presented with its registration receipt (read from the card, or fetched once with
+//! [`Checker::fetch_receipt`]) is answered from the snapshot without coverage, so a relying party
+//! whose cards carry receipts keeps only the status filter ([`Settings::status_only`]): about a
+//! byte per card that is not valid.
+//!
 //! Checks answered "not valid" locally are kept (on disk) and reported in batches
 //! (`ReportLocalHits`), so that the home bureau sees them as it sees online checks (C4).
 #![forbid(unsafe_code)]
@@ -25,7 +30,7 @@ use tonic::{Code, transport::Channel};
 use yidi_domain::Directory;
 use yidi_grpc::convert::timestamp;
 use yidi_proto::v1::{self as pb, loss_registry_client::LossRegistryClient};
-use yidi_status_filter::{CardKey, ChainError, Lookup, StatusFile, StatusView, VerifyError};
+use yidi_status_filter::{CardKey, CardReceipt, ChainError, Lookup, StatusFile, StatusView, VerifyError};
 
 use crate::store::{PendingHit, Store};
 
@@ -44,6 +49,9 @@ pub struct Settings {
     /// cards: each is one more filter a pair never registered may pass by chance
     /// (docs/STATUS-SNAPSHOTS.md).
     pub renew_after_deltas: usize,
+    /// Fetch snapshots without coverage: only cards presented with their receipts are answered
+    /// locally (docs/STATUS-SNAPSHOTS.md, "Receipts").
+    pub status_only: bool,
 }
 
 /// [`Settings::renew_after_deltas`] by default: an hour of the registry's one-minute deltas.
@@ -160,6 +168,17 @@ impl Checker {
 
     /// What the local data says about a card at `now`, without asking anyone.
     pub fn local(&self, id_number: &str, card_serial: &str, now: DateTime<Utc>) -> Local {
+        self.local_with(id_number, card_serial, None, now)
+    }
+
+    /// The same for a card presented with its receipt ([`Self::verify_receipt`]).
+    pub fn local_with(
+        &self,
+        id_number: &str,
+        card_serial: &str,
+        receipt: Option<&CardReceipt>,
+        now: DateTime<Utc>,
+    ) -> Local {
         let view = self.view();
         let Some(view) = view.as_ref() else { return Local::NoData };
         // Data from the future means one of the clocks is wrong: fail closed as for old data.
@@ -167,17 +186,47 @@ impl Checker {
         if now - view.as_of() > self.settings.max_age || now >= view.usable_until() || from_the_future {
             return Local::TooOld { as_of: view.as_of() };
         }
-        match view.lookup(&CardKey::new(id_number, card_serial)) {
+        let key = CardKey::new(id_number, card_serial);
+        let lookup = match receipt {
+            Some(receipt) => view.lookup_with_receipt(&key, receipt),
+            None => view.lookup(&key),
+        };
+        match lookup {
             Lookup::Valid => Local::Valid,
             Lookup::NotValid => Local::NotValid,
             Lookup::NotCovered => Local::NotCovered,
         }
     }
 
+    /// Reads a card's registration receipt: refused unless a registry of the directory signed it.
+    pub fn verify_receipt(&self, bytes: &[u8]) -> Result<CardReceipt, CheckError> {
+        Ok(CardReceipt::verify(bytes, &self.directory)?)
+    }
+
+    /// Fetches a card's receipt from the registry (`GetCardReceipt`), verified.
+    pub async fn fetch_receipt(
+        &self,
+        registry: &mut Registry,
+        id_number: &str,
+        card_serial: &str,
+    ) -> Result<(Vec<u8>, CardReceipt), CheckError> {
+        let request =
+            pb::GetCardReceiptRequest { id_number: id_number.to_owned(), card_serial: card_serial.to_owned() };
+        let bytes = registry.get_card_receipt(request).await?.into_inner().receipt;
+        let receipt = self.verify_receipt(&bytes)?;
+        Ok((bytes, receipt))
+    }
+
     /// A local answer, or [`CheckError::NoLocalAnswer`]: never "valid" from data that is too old.
-    pub fn check_offline(&self, id_number: &str, card_serial: &str, now: DateTime<Utc>) -> Result<Answer, CheckError> {
+    pub fn check_offline(
+        &self,
+        id_number: &str,
+        card_serial: &str,
+        receipt: Option<&CardReceipt>,
+        now: DateTime<Utc>,
+    ) -> Result<Answer, CheckError> {
         let local = |verdict| Answer { verdict, source: Source::Local, status: None };
-        match self.local(id_number, card_serial, now) {
+        match self.local_with(id_number, card_serial, receipt, now) {
             Local::Valid => Ok(local(Verdict::Valid)),
             Local::NotValid => {
                 self.queue_hit(id_number, card_serial, now)?;
@@ -193,9 +242,10 @@ impl Checker {
         registry: &mut Registry,
         id_number: &str,
         card_serial: &str,
+        receipt: Option<&CardReceipt>,
         now: DateTime<Utc>,
     ) -> Result<Answer, CheckError> {
-        match self.check_offline(id_number, card_serial, now) {
+        match self.check_offline(id_number, card_serial, receipt, now) {
             Err(CheckError::NoLocalAnswer(_)) => {}
             answered => return answered,
         }
@@ -268,7 +318,8 @@ impl Checker {
         registry: &mut Registry,
         after: Option<u64>,
     ) -> Result<Option<u64>, CheckError> {
-        let mut chunks = registry.get_status_snapshot(pb::GetStatusSnapshotRequest {}).await?.into_inner();
+        let request = pb::GetStatusSnapshotRequest { status_only: self.settings.status_only };
+        let mut chunks = registry.get_status_snapshot(request).await?.into_inner();
         let mut bytes = Vec::new();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;

@@ -7,10 +7,11 @@ use anyhow::{Context, bail};
 use yidi_check::{CheckError, Checker, Settings, Source, Verdict};
 
 const USAGE: &str = "\
-usage: yidi-check [options] sync | check ID_NUMBER SERIAL | follow | report-hits
+usage: yidi-check [options] sync | check ID_NUMBER SERIAL | receipt ID_NUMBER SERIAL FILE | follow | report-hits
 
   sync          fetch the snapshot (or the deltas since the one held)
   check         answer locally if the data allows, else ask CheckCard online
+  receipt       fetch the card's registration receipt (GetCardReceipt) into FILE, verified
   follow        sync, then apply each delta the registry pushes; report local hits every minute
   report-hits   report the checks answered \"not valid\" locally
 
@@ -22,6 +23,10 @@ options:
   --max-age-seconds N     answer locally only from data younger than this (default 300)
   --renew-after-deltas N  follow: take the registry's newer snapshot once N deltas that cover
                           cards are held (default 60: an hour of the registry's deltas)
+  --status-only           fetch snapshots without coverage: only cards checked with --receipt
+                          are answered locally (about 1/300 of the data)
+  --receipt FILE          check: the card's registration receipt (read from the card, or
+                          fetched with `receipt`)
   --offline               never ask online: refuse (exit 3) when the local data cannot answer
   --now RFC3339           the instant checks are made at (default the system clock; the demo's
                           clock stands in 2118)
@@ -36,6 +41,8 @@ struct Options {
     max_age_seconds: i64,
     renew_after_deltas: usize,
     offline: bool,
+    status_only: bool,
+    receipt: Option<PathBuf>,
     now: Option<chrono::DateTime<chrono::Utc>>,
     command: Vec<String>,
 }
@@ -49,6 +56,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         max_age_seconds: 300,
         renew_after_deltas: yidi_check::RENEW_AFTER_DELTAS,
         offline: false,
+        status_only: false,
+        receipt: None,
         now: None,
         command: Vec::new(),
     };
@@ -62,6 +71,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             "--max-age-seconds" => options.max_age_seconds = value("--max-age-seconds")?.parse()?,
             "--renew-after-deltas" => options.renew_after_deltas = value("--renew-after-deltas")?.parse()?,
             "--offline" => options.offline = true,
+            "--status-only" => options.status_only = true,
+            "--receipt" => options.receipt = Some(value("--receipt")?.into()),
             "--now" => options.now = Some(value("--now")?.parse()?),
             "-h" | "--help" => bail!("{USAGE}"),
             _ if arg.starts_with("--") => bail!("unknown option {arg}\n{USAGE}"),
@@ -83,6 +94,7 @@ async fn run(options: Options) -> anyhow::Result<ExitCode> {
         relying_party: options.relying_party.clone(),
         max_age: chrono::Duration::seconds(options.max_age_seconds),
         renew_after_deltas: options.renew_after_deltas,
+        status_only: options.status_only,
     };
     let checker = Checker::open(&options.data, directory, settings)?;
     let command: Vec<&str> = options.command.iter().map(String::as_str).collect();
@@ -97,10 +109,17 @@ async fn run(options: Options) -> anyhow::Result<ExitCode> {
         }
         ["check", id_number, serial] => {
             let now = options.now.unwrap_or_else(chrono::Utc::now);
+            let receipt = match &options.receipt {
+                Some(file) => {
+                    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+                    Some(checker.verify_receipt(&bytes).with_context(|| format!("the receipt {}", file.display()))?)
+                }
+                None => None,
+            };
             let answer = if options.offline {
-                checker.check_offline(id_number, serial, now)
+                checker.check_offline(id_number, serial, receipt.as_ref(), now)
             } else {
-                checker.check(&mut registry(&options).await?, id_number, serial, now).await
+                checker.check(&mut registry(&options).await?, id_number, serial, receipt.as_ref(), now).await
             };
             match answer {
                 Ok(answer) => {
@@ -123,6 +142,12 @@ async fn run(options: Options) -> anyhow::Result<ExitCode> {
                 }
                 Err(error) => Err(error.into()),
             }
+        }
+        ["receipt", id_number, serial, file] => {
+            let (bytes, receipt) = checker.fetch_receipt(&mut registry(&options).await?, id_number, serial).await?;
+            std::fs::write(file, &bytes).with_context(|| format!("writing {file}"))?;
+            println!("{{\"sequence\":{},\"bytes\":{}}}", receipt.sequence, bytes.len());
+            Ok(ExitCode::SUCCESS)
         }
         ["report-hits"] => {
             let recorded = checker.report_hits(&mut registry(&options).await?).await?;

@@ -454,6 +454,7 @@ mod tests {
                 "GetStatusSnapshot",
                 "ListStatusDeltas",
                 "WatchStatusDeltas",
+                "GetCardReceipt",
                 "ReportLocalHits",
                 "*",
                 "*",

@@ -270,7 +270,11 @@ mod tests {
         assert_eq!(policy("/yidi.v1.Intake/GetApplicationOutcome"), (vec![HomeBureau], false));
         assert_eq!(policy("/yidi.v1.Intake/NotifyOrderDispatched"), (vec![Producer], true));
         assert_eq!(policy("/yidi.v1.LossRegistry/ReportLocalHits"), (vec![RelyingParty, Station], true));
-        assert_eq!(method_policies().len(), 37);
+        assert_eq!(
+            policy("/yidi.v1.LossRegistry/GetCardReceipt"),
+            (vec![Producer, Station, RelyingParty, OperatorRead], false)
+        );
+        assert_eq!(method_policies().len(), 38);
         assert_eq!(method_policies().iter().filter(|p| p.mutating).count(), 19);
     }
 

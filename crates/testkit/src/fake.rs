@@ -244,6 +244,13 @@ impl<T: RegistryFake> pb::loss_registry_server::LossRegistry for FakeRegistry<T>
         Err(unimplemented_by_fake())
     }
 
+    async fn get_card_receipt(
+        &self,
+        _: GrpcRequest<pb::GetCardReceiptRequest>,
+    ) -> Result<GrpcResponse<pb::GetCardReceiptResponse>, Status> {
+        Err(unimplemented_by_fake())
+    }
+
     async fn report_local_hits(
         &self,
         _: GrpcRequest<pb::ReportLocalHitsRequest>,

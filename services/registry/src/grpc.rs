@@ -359,13 +359,15 @@ impl LossRegistry for RegistryGrpc {
 
     async fn get_status_snapshot(
         &self,
-        _: Request<pb::GetStatusSnapshotRequest>,
+        request: Request<pb::GetStatusSnapshotRequest>,
     ) -> Result<Response<Self::GetStatusSnapshotStream>, Status> {
+        let status_only = request.get_ref().status_only;
         let snapshot = self.snapshots.latest().await;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            let total_bytes = snapshot.bytes.len() as u64;
-            for (index, data) in snapshot.bytes.chunks(SNAPSHOT_CHUNK_BYTES).enumerate() {
+            let bytes = if status_only { &snapshot.status_only } else { &snapshot.bytes };
+            let total_bytes = bytes.len() as u64;
+            for (index, data) in bytes.chunks(SNAPSHOT_CHUNK_BYTES).enumerate() {
                 let chunk = pb::GetStatusSnapshotResponse {
                     sequence: snapshot.sequence,
                     total_bytes,
@@ -431,6 +433,23 @@ impl LossRegistry for RegistryGrpc {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_card_receipt(
+        &self,
+        request: Request<pb::GetCardReceiptRequest>,
+    ) -> Result<Response<pb::GetCardReceiptResponse>, Status> {
+        let caller = limit_key(&request);
+        let request = request.into_inner();
+        let mut v = FieldViolations::new();
+        let id_number = v.id_number("id_number", &request.id_number, self.service.today());
+        let card_serial = v.required("card_serial", &request.card_serial, MAX_SERIAL_LEN).map(str::to_owned);
+        v.finish()?;
+        let (Some(id_number), Some(card_serial)) = (id_number, card_serial) else {
+            return Err(ApiError::Internal("validation incomplete".into()).into());
+        };
+        let (receipt, sequence) = self.service.card_receipt(&CardQuery { id_number, card_serial }, &caller).await?;
+        Ok(Response::new(pb::GetCardReceiptResponse { receipt, sequence }))
     }
 
     async fn report_local_hits(

@@ -16,6 +16,7 @@ use yidi_domain::{
 };
 use yidi_grpc::ApiError;
 use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle, population::Population, signing::KeyRing};
+use yidi_status_filter::{CardKey, CardReceipt};
 
 use crate::{
     feed::{self, Entry, Freshness},
@@ -1110,6 +1111,45 @@ impl Registry {
             self.repo.record_hits(hits).await?;
         }
         Ok((results, checked_at, sequence))
+    }
+
+    /// Issue 16: the registration receipt of a card (yidi-status-filter `CardReceipt`) and the
+    /// sequence it states. A pair the registry does not hold is NOT_FOUND and spends `caller`'s
+    /// misses as an unknown check does (C4: no enumeration through receipts).
+    pub async fn card_receipt(&self, query: &CardQuery, caller: &str) -> Result<(Vec<u8>, u64), ApiError> {
+        let asked = Instant::now();
+        if self.freshness.fresh_at(asked).is_none() {
+            return Err(Self::behind());
+        }
+        let Some(state) = self.index.get(&query.card_serial, query.id_number.as_str()) else {
+            if let Err(exhausted) = self.checks.limiter.admit(caller, 1, asked).await {
+                return Err(ApiError::RateLimited {
+                    reason: "CHECK_MISSES_EXHAUSTED",
+                    message: "too many checks of unknown number/serial pairs; try again later".into(),
+                    retry_after: exhausted.retry_after,
+                });
+            }
+            return Err(ApiError::not_found("card", &query.card_serial));
+        };
+        // Read after the card was found: the log's head is then at or past its registration (the
+        // index may hold entries it has not yet counted as applied).
+        let sequence = feed::head(self.repo.db()).await?.sequence;
+        let now = self.now();
+        let Some(key) = self.checks.keys.select(&self.directory.current(), now) else {
+            return Err(ApiError::NotReady {
+                reason: "NO_SIGNING_KEY",
+                message: "no status signing key of this registry is valid now".into(),
+            });
+        };
+        let receipt = CardReceipt {
+            registry_id: self.bureau_id.clone(),
+            key_id: key.id.clone(),
+            card: *CardKey::new(query.id_number.as_str(), &query.card_serial).digest(),
+            sequence,
+            signed_at: now,
+            valid_until: state.valid_until,
+        };
+        Ok((receipt.sign(&key.key), sequence))
     }
 
     /// S1: this replica has not confirmed the newest entry of the log within the fence bound.

@@ -2084,12 +2084,16 @@ async fn snapshot_harness(citizens: Vec<Citizen>) -> (Harness, yidi_check::Check
 
 fn checker_in(h: &Harness, dir: &std::path::Path, directory: yidi_domain::Directory) -> yidi_check::Checker {
     let _ = h;
-    let settings = yidi_check::Settings {
+    yidi_check::Checker::open(dir, directory, checker_settings()).unwrap()
+}
+
+fn checker_settings() -> yidi_check::Settings {
+    yidi_check::Settings {
         relying_party: "bank-of-test".into(),
         max_age: chrono::Duration::seconds(60),
         renew_after_deltas: yidi_check::RENEW_AFTER_DELTAS,
-    };
-    yidi_check::Checker::open(dir, directory, settings).unwrap()
+        status_only: false,
+    }
 }
 
 /// `count` Jiangxi citizens with cards; every tenth reported lost.
@@ -2100,7 +2104,7 @@ fn snapshot_population(count: u16) -> (Vec<Person>, Vec<Citizen>) {
 }
 
 async fn snapshot_bytes(h: &mut Harness) -> Vec<u8> {
-    let mut chunks = h.client.get_status_snapshot(pb::GetStatusSnapshotRequest {}).await.unwrap().into_inner();
+    let mut chunks = h.client.get_status_snapshot(pb::GetStatusSnapshotRequest::default()).await.unwrap().into_inner();
     let mut bytes = Vec::new();
     while let Some(chunk) = chunks.next().await {
         bytes.extend(chunk.unwrap().data);
@@ -2141,6 +2145,64 @@ async fn c4_snapshot_answers_equal_check_card_and_pairs_never_registered_are_nev
     }
 }
 
+/// Issue 16 with receipts: a relying party keeping only the status filter answers every card
+/// presented with its receipt as CheckCard does, learns a loss from the next delta, and never
+/// answers a pair without the pair's own receipt.
+#[tokio::test]
+async fn c4_cards_checked_by_their_receipts_against_the_status_only_snapshot_answer_as_check_card() {
+    let (people, citizens) = snapshot_population(200);
+    let (mut h, _, _data) = snapshot_harness(citizens).await;
+    let data = tempfile::tempdir().unwrap();
+    let settings = yidi_check::Settings { status_only: true, ..checker_settings() };
+    let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
+    let checker = yidi_check::Checker::open(data.path(), directory, settings).unwrap();
+    checker.sync(&mut h.client).await.unwrap();
+    let full = snapshot_bytes(&mut h).await;
+    let status_only = std::fs::metadata(data.path().join("snapshot.bin")).unwrap().len();
+    // 200 cards: the header, signature and block index weigh most; see the bench for a nation.
+    assert!(status_only * 4 < full.len() as u64, "{status_only} bytes without coverage, {} with", full.len());
+    let mut receipts = Vec::new();
+    for p in &people {
+        let (bytes, receipt) = checker.fetch_receipt(&mut h.client, &p.id, &p.card).await.unwrap();
+        assert!(bytes.len() < 200, "{}", bytes.len());
+        let online = check_at(&mut h.client, &p.id, &p.card, "bank-of-test").await.unwrap();
+        let expected = match status_of(online.status) {
+            pb::CardStatus::Valid => yidi_check::Local::Valid,
+            _ => yidi_check::Local::NotValid,
+        };
+        assert_eq!(checker.local_with(&p.id, &p.card, Some(&receipt), now()), expected, "{}", p.card);
+        assert_eq!(checker.local(&p.id, &p.card, now()), yidi_check::Local::NotCovered, "no receipt, no coverage");
+        receipts.push(receipt);
+    }
+    // Never registered: no receipt to fetch, and another card's receipt does not fit.
+    let stranger = IdNumber::compose("510104", day(1980, 1, 1), 7);
+    let missing = checker.fetch_receipt(&mut h.client, stranger.as_str(), &people[0].card).await.unwrap_err();
+    assert!(matches!(missing, yidi_check::CheckError::Rpc(ref s) if s.code() == Code::NotFound), "{missing}");
+    for (i, receipt) in receipts.iter().enumerate() {
+        let other = &people[(i + 1) % people.len()];
+        let local = checker.local_with(&other.id, &other.card, Some(receipt), now());
+        assert_eq!(local, yidi_check::Local::NotCovered, "{}'s receipt lent to {}", people[i].card, other.card);
+        let local = checker.local_with(stranger.as_str(), &people[i].card, Some(receipt), now());
+        assert_eq!(local, yidi_check::Local::NotCovered);
+    }
+    let mut altered = checker.fetch_receipt(&mut h.client, &people[0].id, &people[0].card).await.unwrap().0;
+    altered[60] ^= 1;
+    assert!(checker.verify_receipt(&altered).is_err(), "a changed byte");
+    // A loss report reaches the status-only client with the next delta.
+    let p = people
+        .iter()
+        .zip(&receipts)
+        .find(|(p, r)| checker.local_with(&p.id, &p.card, Some(r), now()) == yidi_check::Local::Valid);
+    let (p, receipt) = p.unwrap();
+    h.report_loss(&h.loss(p, "loss-by-receipt")).await.unwrap();
+    let reported = std::time::Instant::now();
+    while checker.local_with(&p.id, &p.card, Some(receipt), now()) != yidi_check::Local::NotValid {
+        assert!(reported.elapsed() < Duration::from_secs(5), "the loss never reached the client");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        checker.sync(&mut h.client).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn s1_a_loss_report_reaches_a_following_client_within_one_delta_and_old_data_asks_online() {
     let (people, citizens) = snapshot_population(20);
@@ -2165,8 +2227,8 @@ async fn s1_a_loss_report_reaches_a_following_client_within_one_delta_and_old_da
     let later = now() + chrono::Duration::seconds(61);
     let other = &people[1];
     assert!(matches!(checker.local(&other.id, &other.card, later), yidi_check::Local::TooOld { .. }));
-    assert!(checker.check_offline(&other.id, &other.card, later).is_err(), "never valid from old data");
-    let answer = checker.check(&mut h.client, &other.id, &other.card, later).await.unwrap();
+    assert!(checker.check_offline(&other.id, &other.card, None, later).is_err(), "never valid from old data");
+    let answer = checker.check(&mut h.client, &other.id, &other.card, None, later).await.unwrap();
     assert_eq!((answer.verdict, answer.source), (yidi_check::Verdict::Valid, yidi_check::Source::Online));
 }
 
@@ -2181,11 +2243,7 @@ async fn c4_a_following_client_takes_a_newer_snapshot_after_enough_deltas() {
     h.config.registry.snapshot_every_seconds = 2;
     h.restart().await;
     let data = tempfile::tempdir().unwrap();
-    let settings = yidi_check::Settings {
-        relying_party: "bank-of-test".into(),
-        max_age: chrono::Duration::seconds(60),
-        renew_after_deltas: 2,
-    };
+    let settings = yidi_check::Settings { renew_after_deltas: 2, ..checker_settings() };
     let directory = yidi_runtime::directory::load(&h.directory_path).unwrap();
     let checker = std::sync::Arc::new(yidi_check::Checker::open(data.path(), directory, settings).unwrap());
     checker.sync(&mut h.client).await.unwrap();
@@ -2270,11 +2328,11 @@ async fn c4_local_hits_reported_by_the_client_appear_in_the_home_bureau_s_hits()
     let (mut h, checker, _data) = snapshot_harness(citizens).await;
     checker.sync(&mut h.client).await.unwrap();
     let lost = &people[3];
-    let answer = checker.check(&mut h.client, &lost.id, &lost.card, now()).await.unwrap();
+    let answer = checker.check(&mut h.client, &lost.id, &lost.card, None, now()).await.unwrap();
     assert_eq!((answer.verdict, answer.source), (yidi_check::Verdict::NotValid, yidi_check::Source::Local));
     assert!(h.hits(JIANGXI).await.unwrap().is_empty(), "answered locally: nothing reached the registry yet");
     let valid = &people[4];
-    checker.check(&mut h.client, &valid.id, &valid.card, now()).await.unwrap();
+    checker.check(&mut h.client, &valid.id, &valid.card, None, now()).await.unwrap();
     assert_eq!(checker.report_hits(&mut h.client).await.unwrap(), 1);
     let hits = h.hits(JIANGXI).await.unwrap();
     assert_eq!(hits.len(), 1);
