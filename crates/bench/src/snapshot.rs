@@ -1,6 +1,7 @@
 //! `yidi-bench snapshot`: issue 16's figures, in process (no registry: the filter, signing and the
 //! local lookup are what is measured). Sizes at each card count with 1% not valid, a delta of
-//! 1,000 changes, build time, local check latency.
+//! 1,000 changes, build time, local check latency; and the same for the snapshot without coverage
+//! that relying parties checking cards by their receipts keep.
 use std::time::Instant;
 
 use anyhow::Context;
@@ -8,7 +9,9 @@ use chrono::Utc;
 use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
 use yidi_domain::{Bureau, BureauKey, Directory, IdNumber, Role};
-use yidi_status_filter::{CardKey, Filter, FilterBuilder, FilterCard, Header, Kind, StatusFile, StatusView};
+use yidi_status_filter::{
+    CardKey, CardReceipt, Filter, FilterBuilder, FilterCard, Header, Kind, Lookup, StatusFile, StatusView,
+};
 
 fn pair(i: u64) -> (String, String) {
     let birth = chrono::NaiveDate::from_ymd_opt(1950, 1, 1).unwrap_or_default()
@@ -19,6 +22,11 @@ fn pair(i: u64) -> (String, String) {
 }
 
 fn signed(kind: Kind, filter: Filter, key: &SigningKey) -> Vec<u8> {
+    signed_both(kind, filter, key).0
+}
+
+/// The signed file, and the same without coverage.
+fn signed_both(kind: Kind, filter: Filter, key: &SigningKey) -> (Vec<u8>, Vec<u8>) {
     let now = Utc::now();
     let header = Header {
         kind,
@@ -29,7 +37,19 @@ fn signed(kind: Kind, filter: Filter, key: &SigningKey) -> Vec<u8> {
         built_at: now,
         usable_until: now + chrono::Duration::days(7),
     };
-    StatusFile { header, filter, ask_online: Vec::new() }.sign(key)
+    let file = StatusFile { header, filter, ask_online: Vec::new() };
+    (file.sign(key), file.sign_status_only(key))
+}
+
+fn receipt_of(id: &str, serial: &str) -> CardReceipt {
+    CardReceipt {
+        registry_id: "registry".into(),
+        key_id: "k1".into(),
+        card: *CardKey::new(id, serial).digest(),
+        sequence: 0,
+        signed_at: Utc::now(),
+        valid_until: chrono::NaiveDate::from_ymd_opt(2140, 1, 1),
+    }
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -54,9 +74,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let directory = Directory::new(vec![Bureau::new("registry", Role::Registry).with_keys(vec![directory_key])])?;
     println!("coverage bits: {bits}");
     println!(
-        "| cards | not valid | snapshot bytes | coverage bytes | status bytes | B/card | status B/not-valid card | key hashing s | build s |"
+        "| cards | not valid | snapshot bytes | coverage bytes | status bytes | B/card | status B/not-valid card | without coverage (receipts): bytes | its share of the target (0.02 B/valid + 2 B/not valid) | key hashing s | build s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &count in &counts {
         let hashing = Instant::now();
         let cards: Vec<FilterCard> = (0..count)
@@ -80,14 +100,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let build = building.elapsed().as_secs_f64();
         let (coverage, status) = filter.encoded_sizes();
         let not_valid = count / 100;
-        let bytes = signed(Kind::Snapshot, filter, &key);
+        let (bytes, status_only) = signed_both(Kind::Snapshot, filter, &key);
+        let budget = 0.02 * (count - not_valid) as f64 + 2.0 * not_valid as f64;
         println!(
-            "| {count} | {not_valid} | {} | {coverage} | {status} | {:.4} | {:.3} | {hashing:.2} | {build:.2} |",
+            "| {count} | {not_valid} | {} | {coverage} | {status} | {:.4} | {:.3} | {} | {:.2} | {hashing:.2} | {build:.2} |",
             bytes.len(),
             bytes.len() as f64 / count as f64,
             status as f64 / not_valid as f64,
+            status_only.len(),
+            status_only.len() as f64 / budget,
         );
         let view = StatusView::new(StatusFile::verify(&bytes, &directory)?)?;
+        let by_receipt = StatusView::new(StatusFile::verify(&status_only, &directory)?)?;
         let mut latency = Histogram::<u64>::new(3)?;
         for i in (0..count).step_by((count / 200_000).max(1) as usize) {
             let (id, serial) = pair(i);
@@ -100,6 +124,29 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             latency.value_at_quantile(0.5),
             latency.value_at_quantile(0.99),
             latency.len()
+        );
+        // By receipt: verified once when the card is read (as a TLS client verifies a chain),
+        // then the lookup, which is what each check costs.
+        let (mut verifying, mut checking) = (Histogram::<u64>::new(3)?, Histogram::<u64>::new(3)?);
+        for i in (0..count).step_by((count / 20_000).max(1) as usize) {
+            let (id, serial) = pair(i);
+            let bytes = receipt_of(&id, &serial).sign(&key);
+            let started = Instant::now();
+            let receipt = CardReceipt::verify(&bytes, &directory)?;
+            verifying.record(started.elapsed().as_nanos() as u64)?;
+            let started = Instant::now();
+            let answer = by_receipt.lookup_with_receipt(&CardKey::new(&id, &serial), &receipt);
+            checking.record(started.elapsed().as_nanos() as u64)?;
+            let expected = if i % 100 == 7 { Lookup::NotValid } else { Lookup::Valid };
+            anyhow::ensure!(answer == expected, "card {i} by receipt: {answer:?}, expected {expected:?}");
+        }
+        println!(
+            "by receipt at {count}: check (key hashing + lookup) p50 {} ns, p99 {} ns; receipt verification (once per card read) p50 {} ns, p99 {} ns; {} samples",
+            checking.value_at_quantile(0.5),
+            checking.value_at_quantile(0.99),
+            verifying.value_at_quantile(0.5),
+            verifying.value_at_quantile(0.99),
+            checking.len()
         );
         drop(cards);
     }
@@ -118,10 +165,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             FilterCard { key: CardKey::new(id.as_str(), &format!("D{i:011}")), valid: i % 2 == 0 }
         })
         .collect();
-    let delta = signed(Kind::Delta, Filter::build_one_block(&changes, bits), &key);
+    let one_block = Filter::build_one_block(&changes, bits);
+    let (coverage, status) = one_block.encoded_sizes();
+    let delta = signed(Kind::Delta, one_block, &key);
     let by_province = signed(Kind::Delta, Filter::build(&changes, bits), &key);
     println!(
-        "delta of 1,000 changes over 34 provinces: {} bytes signed (a block per province: {} bytes)",
+        "delta of 1,000 changes over 34 provinces: {} bytes signed, {coverage} of coverage and {status} of status (a block per province: {} bytes)",
         delta.len(),
         by_province.len()
     );

@@ -30,7 +30,11 @@ use clubcard::{
     builder::{ApproximateRibbon, ClubcardBuilder, ExactRibbon},
 };
 
-use crate::{FormatError, key::CardKey, wire::Reader};
+use crate::{
+    FormatError,
+    key::CardKey,
+    wire::{Reader, put, put_varint},
+};
 
 /// 256-bit equations: clubcard's own choice for CRLite.
 const W: usize = 4;
@@ -301,14 +305,15 @@ impl Filter {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         match &self.parts {
             Parts::Empty => {}
-            Parts::Joint { coverage, status, .. } => {
-                coverage.iter().for_each(|coverage| encode_club(coverage, &mut a));
-                encode_club(status, &mut b);
+            Parts::Joint { blocks, coverage, status } => {
+                let sizes = Sizes::of(*blocks);
+                coverage.iter().for_each(|coverage| encode_club(coverage, &mut a, sizes));
+                encode_club(status, &mut b, sizes);
             }
             Parts::PerProvince(provinces) => {
                 for (_, coverage, status) in provinces {
-                    coverage.iter().for_each(|coverage| encode_club(coverage, &mut a));
-                    encode_club(status, &mut b);
+                    coverage.iter().for_each(|coverage| encode_club(coverage, &mut a, Sizes::Fixed));
+                    encode_club(status, &mut b, Sizes::Fixed);
                 }
             }
         }
@@ -327,39 +332,58 @@ impl Filter {
     }
 
     fn encode_parts(&self, out: &mut Vec<u8>, with_coverage: bool) {
-        let club = |coverage: &Option<Club>, out: &mut Vec<u8>| {
+        let club = |coverage: &Option<Club>, out: &mut Vec<u8>, sizes| {
             if let (true, Some(coverage)) = (with_coverage, coverage) {
-                encode_club(coverage, out);
+                encode_club(coverage, out, sizes);
             }
         };
         out.push(if with_coverage { self.coverage_bits } else { 0 });
         let presence = match &self.parts {
             Parts::Empty => 0,
             Parts::Joint { blocks: Blocks::ByProvince, .. } => 1,
-            Parts::Joint { blocks: Blocks::One, .. } => 2,
+            // 2 was one block with fixed-width sizes (still read).
+            Parts::Joint { blocks: Blocks::One, .. } => 4,
             Parts::PerProvince(_) => 3,
         };
         out.push(presence);
         if presence == 0 {
             return;
         }
-        out.extend_from_slice(&self.covered.to_be_bytes());
-        out.extend_from_slice(&self.not_valid.to_be_bytes());
+        let sizes = match &self.parts {
+            Parts::Joint { blocks, .. } => Sizes::of(*blocks),
+            _ => Sizes::Fixed,
+        };
+        sizes.put_u64(out, self.covered);
+        sizes.put_u64(out, self.not_valid);
         match &self.parts {
             Parts::Empty => {}
             Parts::Joint { coverage, status, .. } => {
-                club(coverage, out);
-                encode_club(status, out);
+                club(coverage, out, sizes);
+                encode_club(status, out, sizes);
             }
             Parts::PerProvince(provinces) => {
                 out.extend_from_slice(&(provinces.len() as u32).to_be_bytes());
                 for (block, coverage, status) in provinces {
                     out.extend_from_slice(block);
-                    club(coverage, out);
-                    encode_club(status, out);
+                    club(coverage, out, sizes);
+                    encode_club(status, out, sizes);
                 }
             }
         }
+    }
+
+    /// A one-block filter as registries before presence 4 encoded it (presence 2, fixed-width
+    /// sizes): such deltas are still read.
+    #[cfg(test)]
+    pub(crate) fn encode_as_presence_2(&self, out: &mut Vec<u8>) {
+        let Parts::Joint { blocks: Blocks::One, coverage: Some(coverage), status } = &self.parts else {
+            panic!("not a one-block filter with coverage");
+        };
+        out.extend_from_slice(&[self.coverage_bits, 2]);
+        out.extend_from_slice(&self.covered.to_be_bytes());
+        out.extend_from_slice(&self.not_valid.to_be_bytes());
+        encode_club(coverage, out, Sizes::Fixed);
+        encode_club(status, out, Sizes::Fixed);
     }
 
     pub(crate) fn decode(reader: &mut Reader<'_>) -> Result<Self, FormatError> {
@@ -368,19 +392,20 @@ impl Filter {
             return Err(FormatError::Invalid("coverage bits"));
         }
         // Status only (0): no coverage club precedes a status club.
-        let coverage = |reader: &mut Reader<'_>| -> Result<Option<Club>, FormatError> {
-            if coverage_bits == 0 { Ok(None) } else { decode_club(reader).map(Some) }
+        let coverage = |reader: &mut Reader<'_>, sizes| -> Result<Option<Club>, FormatError> {
+            if coverage_bits == 0 { Ok(None) } else { decode_club(reader, sizes).map(Some) }
         };
         let presence = reader.u8()?;
         if presence == 0 {
             return Ok(Self { coverage_bits, parts: Parts::Empty, covered: 0, not_valid: 0 });
         }
-        let covered = reader.u64()?;
-        let not_valid = reader.u64()?;
+        let sizes = if presence == 4 { Sizes::Varint } else { Sizes::Fixed };
+        let covered = sizes.u64(reader)?;
+        let not_valid = sizes.u64(reader)?;
         let parts = match presence {
-            1 | 2 => {
+            1 | 2 | 4 => {
                 let blocks = if presence == 1 { Blocks::ByProvince } else { Blocks::One };
-                Parts::Joint { blocks, coverage: coverage(reader)?, status: decode_club(reader)? }
+                Parts::Joint { blocks, coverage: coverage(reader, sizes)?, status: decode_club(reader, sizes)? }
             }
             3 => {
                 let count = reader.u32()?;
@@ -391,7 +416,7 @@ impl Filter {
                     if provinces.last().is_some_and(|(before, _, _)| *before >= block) {
                         return Err(FormatError::Invalid("province blocks out of order"));
                     }
-                    provinces.push((block, coverage(reader)?, decode_club(reader)?));
+                    provinces.push((block, coverage(reader, sizes)?, decode_club(reader, sizes)?));
                 }
                 Parts::PerProvince(provinces)
             }
@@ -456,17 +481,95 @@ fn build_status(blocks: &[([u8; 2], &[FilterCard])]) -> Club {
     builder.build::<Item>((), ())
 }
 
-fn put_u64s(words: &[u64], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(words.len() as u64).to_be_bytes());
-    for word in words {
-        out.extend_from_slice(&word.to_le_bytes());
+/// How a clubcard's counts, sizes and lengths are written. A delta's 1,000 cards make about 50
+/// of them, and each fixed-width one is 4 or 8 bytes where a varint is 1 or 2 (about 250 bytes
+/// a delta).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sizes {
+    /// Counts and lengths u32, sizes u64, big-endian (snapshots).
+    Fixed,
+    /// Every count, size and length a LEB128 varint (deltas, presence 4).
+    Varint,
+}
+
+impl Sizes {
+    fn of(blocks: Blocks) -> Self {
+        match blocks {
+            Blocks::ByProvince => Self::Fixed,
+            Blocks::One => Self::Varint,
+        }
+    }
+
+    fn put_u32(self, out: &mut Vec<u8>, value: usize) {
+        match self {
+            Self::Fixed => out.extend_from_slice(&(value as u32).to_be_bytes()),
+            Self::Varint => put_varint(out, value as u64),
+        }
+    }
+
+    fn put_u64(self, out: &mut Vec<u8>, value: u64) {
+        match self {
+            Self::Fixed => out.extend_from_slice(&value.to_be_bytes()),
+            Self::Varint => put_varint(out, value),
+        }
+    }
+
+    fn put_field(self, out: &mut Vec<u8>, field: &[u8]) {
+        match self {
+            Self::Fixed => put(out, field),
+            Self::Varint => {
+                put_varint(out, field.len() as u64);
+                out.extend_from_slice(field);
+            }
+        }
+    }
+
+    fn put_words(self, out: &mut Vec<u8>, words: &[u64]) {
+        self.put_u64(out, words.len() as u64);
+        for word in words {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+
+    fn u32(self, reader: &mut Reader<'_>) -> Result<usize, FormatError> {
+        match self {
+            Self::Fixed => Ok(reader.u32()? as usize),
+            Self::Varint => self.usize(reader),
+        }
+    }
+
+    fn u64(self, reader: &mut Reader<'_>) -> Result<u64, FormatError> {
+        match self {
+            Self::Fixed => reader.u64(),
+            Self::Varint => reader.varint(),
+        }
+    }
+
+    fn usize(self, reader: &mut Reader<'_>) -> Result<usize, FormatError> {
+        usize::try_from(self.u64(reader)?).map_err(|_| FormatError::Invalid("a size beyond this machine"))
+    }
+
+    fn field<'a>(self, reader: &mut Reader<'a>) -> Result<&'a [u8], FormatError> {
+        match self {
+            Self::Fixed => reader.field(),
+            Self::Varint => {
+                let len = self.usize(reader)?;
+                reader.take(len)
+            }
+        }
+    }
+
+    fn words(self, reader: &mut Reader<'_>) -> Result<Vec<u64>, FormatError> {
+        let len = self.usize(reader)?;
+        let bytes = reader.take(len.checked_mul(8).ok_or(FormatError::Truncated)?)?;
+        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect())
     }
 }
 
-fn encode_club(club: &Club, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(club.index.len() as u32).to_be_bytes());
+fn encode_club(club: &Club, out: &mut Vec<u8>, sizes: Sizes) {
+    sizes.put_u32(out, club.index.len());
     for (block, entry) in &club.index {
-        crate::wire::put(out, block);
+        sizes.put_field(out, block);
         for value in [
             entry.approx_filter_m,
             entry.exact_filter_m,
@@ -474,39 +577,39 @@ fn encode_club(club: &Club, out: &mut Vec<u8>) {
             entry.approx_filter_offset,
             entry.exact_filter_offset,
         ] {
-            out.extend_from_slice(&(value as u64).to_be_bytes());
+            sizes.put_u64(out, value as u64);
         }
         out.push(u8::from(entry.inverted));
-        out.extend_from_slice(&(entry.exceptions.len() as u32).to_be_bytes());
+        sizes.put_u32(out, entry.exceptions.len());
         for exception in &entry.exceptions {
-            crate::wire::put(out, exception);
+            sizes.put_field(out, exception);
         }
     }
-    out.extend_from_slice(&(club.approx_filter.len() as u32).to_be_bytes());
+    sizes.put_u32(out, club.approx_filter.len());
     for column in &club.approx_filter {
-        put_u64s(column, out);
+        sizes.put_words(out, column);
     }
-    put_u64s(&club.exact_filter, out);
+    sizes.put_words(out, &club.exact_filter);
 }
 
-fn decode_club(reader: &mut Reader<'_>) -> Result<Club, FormatError> {
-    let blocks = reader.u32()?;
+fn decode_club(reader: &mut Reader<'_>, sizes: Sizes) -> Result<Club, FormatError> {
+    let blocks = sizes.u32(reader)?;
     let mut index = BTreeMap::new();
     for _ in 0..blocks {
-        let block = reader.field()?.to_vec();
+        let block = sizes.field(reader)?.to_vec();
         let mut values = [0usize; 5];
         for value in &mut values {
-            *value = reader.usize()?;
+            *value = sizes.usize(reader)?;
         }
         let inverted = match reader.u8()? {
             0 => false,
             1 => true,
             _ => return Err(FormatError::Invalid("inverted flag")),
         };
-        let count = reader.u32()?;
+        let count = sizes.u32(reader)?;
         let mut exceptions = Vec::new();
         for _ in 0..count {
-            exceptions.push(reader.field()?.to_vec());
+            exceptions.push(sizes.field(reader)?.to_vec());
         }
         let [approx_filter_m, exact_filter_m, approx_filter_rank, approx_filter_offset, exact_filter_offset] = values;
         let entry = ClubcardIndexEntry {
@@ -522,12 +625,12 @@ fn decode_club(reader: &mut Reader<'_>) -> Result<Club, FormatError> {
             return Err(FormatError::Invalid("a block twice"));
         }
     }
-    let columns = reader.u32()?;
+    let columns = sizes.u32(reader)?;
     let mut approx_filter = Vec::new();
     for _ in 0..columns {
-        approx_filter.push(reader.words()?);
+        approx_filter.push(sizes.words(reader)?);
     }
-    let exact_filter = reader.words()?;
+    let exact_filter = sizes.words(reader)?;
     // clubcard indexes the columns by rank: a rank beyond them would panic at lookup.
     if index.values().any(|entry| entry.approx_filter_rank > approx_filter.len()) {
         return Err(FormatError::Invalid("a block's rank exceeds the columns"));

@@ -219,8 +219,16 @@ fn a_one_block_delta_answers_as_exactly_round_trips_signed_and_is_half_the_size(
         let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
         assert_eq!(one.lookup(&CardKey::new(id, serial)), expected, "{serial}");
     }
-    let (mut one_bytes, mut by_province_bytes) = (Vec::new(), Vec::new());
+    let (mut one_bytes, mut by_province_bytes, mut as_before) = (Vec::new(), Vec::new(), Vec::new());
     one.encode(&mut one_bytes);
+    // Deltas signed before varint sizes (presence 2) still read, with the same answers.
+    one.encode_as_presence_2(&mut as_before);
+    assert!(one_bytes.len() + 200 < as_before.len(), "{} vs {}", one_bytes.len(), as_before.len());
+    let before = Filter::decode(&mut crate::wire::Reader::new(&as_before)).unwrap();
+    for (id, serial, valid) in &changes {
+        let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };
+        assert_eq!(before.lookup(&CardKey::new(id, serial)), expected, "{serial}");
+    }
     by_province.encode(&mut by_province_bytes);
     assert!(
         2 * one_bytes.len() < by_province_bytes.len() + by_province_bytes.len() / 5,
@@ -229,6 +237,10 @@ fn a_one_block_delta_answers_as_exactly_round_trips_signed_and_is_half_the_size(
         by_province_bytes.len()
     );
     let signed = delta(0, 1, at(9), &changes, &[]).sign(&signing_key(7));
+    // Issue 16's target: at most 4 kB per 1,000 changes (24 coverage bits as the registry's default).
+    let at_24_bits = StatusFile { filter: one, ..delta(0, 1, at(9), &[], &[]) }.sign(&signing_key(7));
+    eprintln!("a delta of 1,000 changes at 24 coverage bits: {} bytes signed", at_24_bits.len());
+    assert!(at_24_bits.len() <= 4_000, "{} bytes signed", at_24_bits.len());
     let file = StatusFile::verify(&signed, &directory(at(0), None)).unwrap();
     for (id, serial, valid) in &changes {
         let expected = if *valid { Lookup::Valid } else { Lookup::NotValid };

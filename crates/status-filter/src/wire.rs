@@ -16,6 +16,15 @@ pub(crate) fn put_time(out: &mut Vec<u8>, at: DateTime<Utc>) {
     out.extend_from_slice(&at.timestamp_subsec_nanos().to_be_bytes());
 }
 
+/// Appends `value` as LEB128: seven bits a byte, low first, the high bit set on all but the last.
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
 pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
 }
@@ -52,8 +61,20 @@ impl<'a> Reader<'a> {
         self.array().map(u64::from_be_bytes)
     }
 
-    pub(crate) fn usize(&mut self) -> Result<usize, FormatError> {
-        usize::try_from(self.u64()?).map_err(|_| FormatError::Invalid("a size beyond this machine"))
+    pub(crate) fn varint(&mut self) -> Result<u64, FormatError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(FormatError::Invalid("varint beyond 64 bits"));
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(FormatError::Invalid("varint beyond 64 bits"))
     }
 
     pub(crate) fn field(&mut self) -> Result<&'a [u8], FormatError> {
@@ -69,12 +90,6 @@ impl<'a> Reader<'a> {
         let seconds = i64::from_be_bytes(self.array()?);
         let nanos = self.u32()?;
         DateTime::from_timestamp(seconds, nanos).ok_or(FormatError::Invalid("time"))
-    }
-
-    pub(crate) fn words(&mut self) -> Result<Vec<u64>, FormatError> {
-        let len = self.usize()?;
-        let bytes = self.take(len.checked_mul(8).ok_or(FormatError::Truncated)?)?;
-        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect())
     }
 
     pub(crate) fn is_empty(&self) -> bool {
