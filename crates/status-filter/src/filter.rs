@@ -184,11 +184,8 @@ impl FilterBuilder {
         let block = first.key.block_id();
         if cards.iter().any(|card| card.key.block_id() != block) {
             // Several provinces: each on its own (the registry gives one at a time, uncopied).
-            let mut blocks: BTreeMap<[u8; 2], Vec<FilterCard>> = BTreeMap::new();
-            for card in cards {
-                blocks.entry(card.key.block_id()).or_default().push(*card);
-            }
-            return blocks.values().try_for_each(|province| self.add_province(province));
+            let provinces = grouped(cards, Blocks::ByProvince);
+            return provinces.values().try_for_each(|province| self.add_province(province));
         }
         if self.provinces.iter().any(|(built, _, _)| *built == block) {
             return Err(ProvinceAgain(String::from_utf8_lossy(&block).into_owned()));
@@ -214,6 +211,15 @@ impl FilterBuilder {
             not_valid: self.not_valid,
         }
     }
+}
+
+/// `cards` by the block each is in.
+fn grouped(cards: &[FilterCard], blocks: Blocks) -> BTreeMap<[u8; 2], Vec<FilterCard>> {
+    let mut grouped: BTreeMap<[u8; 2], Vec<FilterCard>> = BTreeMap::new();
+    for card in cards {
+        grouped.entry(blocks.of(&card.key)).or_default().push(*card);
+    }
+    grouped
 }
 
 /// Coverage, then status, of one clubcard pair; `registered`: the caller knows the card is in the
@@ -247,10 +253,7 @@ impl Filter {
     fn build_in(kind: Blocks, cards: &[FilterCard], coverage_bits: u8) -> Self {
         let coverage_bits = coverage_bits.clamp(1, MAX_COVERAGE_BITS);
         let not_valid = cards.iter().filter(|c| !c.valid).count() as u64;
-        let mut blocks: BTreeMap<[u8; 2], Vec<FilterCard>> = BTreeMap::new();
-        for card in cards {
-            blocks.entry(kind.of(&card.key)).or_default().push(*card);
-        }
+        let blocks = grouped(cards, kind);
         if blocks.is_empty() {
             return Self { coverage_bits, parts: Parts::Empty, covered: 0, not_valid: 0 };
         }

@@ -53,7 +53,6 @@ pub async fn serve(
         startup::prepare::<Migrator, _, _>(sections, Role::Registry, listener, shutdown, check_keys).await?;
     keys.spawn_reloader(config.directory.reload_every(), stop.clone());
     let limiter = MissBudgets::new(config.registry.check_misses_per_minute, &db);
-    let snapshot_db = db.clone();
     let repo = Repo::new(db);
     let bureau_id = config.server.bureau_id.clone();
     let loading = std::time::Instant::now();
@@ -77,7 +76,6 @@ pub async fn serve(
     let replica_id = replica.id.clone();
     let snapshot_sources = snapshot::Sources {
         repo: repo.clone(),
-        db: snapshot_db,
         clock: clock.clone(),
         keys: Arc::clone(&keys),
         directory: directory.clone(),

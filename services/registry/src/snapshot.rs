@@ -16,7 +16,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use sea_orm::{DatabaseConnection, DbErr, EntityTrait, QueryOrder};
+use sea_orm::{DbErr, EntityTrait, QueryOrder};
 use tokio::sync::{Notify, broadcast};
 use tokio_stream::StreamExt;
 use yidi_domain::{CardStatus, IdNumber, StoredCardStatus};
@@ -72,7 +72,6 @@ struct State {
 /// What the snapshot maker reads from and signs with.
 pub struct Sources {
     pub repo: Repo,
-    pub db: DatabaseConnection,
     pub clock: Clock,
     pub keys: Arc<KeyRing>,
     pub directory: DirectoryHandle,
@@ -138,7 +137,7 @@ impl Snapshots {
     /// after it hold them. Snapshots and deltas end at a head (or a later event), the sequences
     /// receipts state: a receipt's sequence at or below a snapshot's means the card is in it.
     async fn last_sequence(&self) -> Result<u64, DbErr> {
-        Ok(feed::head(&self.sources.db).await?.sequence)
+        Ok(feed::head(self.sources.repo.db()).await?.sequence)
     }
 
     fn sign(
@@ -250,7 +249,8 @@ impl Snapshots {
             Ok::<_, yidi_status_filter::ProvinceAgain>(builder.finish())
         });
         let read = async {
-            let mut rows = cards::Entity::find().order_by_asc(cards::Column::IdNumber).stream(&self.sources.db).await?;
+            let mut rows =
+                cards::Entity::find().order_by_asc(cards::Column::IdNumber).stream(self.sources.repo.db()).await?;
             let (mut province, mut unplaced, mut covered) = (Vec::<FilterCard>::new(), Vec::new(), 0usize);
             while let Some(row) = rows.next().await {
                 let card = Card::from(row?);
