@@ -102,7 +102,8 @@ async fn run(options: Options) -> anyhow::Result<ExitCode> {
         ["sync"] => {
             let sequence = checker.sync(&mut registry(&options).await?).await?;
             println!(
-                "{{\"sequence\":{sequence},\"asOf\":\"{}\"}}",
+                // A 64-bit sequence as a string, as proto3 JSON (and grpcurl) writes one.
+                "{{\"sequence\":\"{sequence}\",\"asOf\":\"{}\"}}",
                 checker.as_of().map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default()
             );
             Ok(ExitCode::SUCCESS)
@@ -146,7 +147,7 @@ async fn run(options: Options) -> anyhow::Result<ExitCode> {
         ["receipt", id_number, serial, file] => {
             let (bytes, receipt) = checker.fetch_receipt(&mut registry(&options).await?, id_number, serial).await?;
             std::fs::write(file, &bytes).with_context(|| format!("writing {file}"))?;
-            println!("{{\"sequence\":{},\"bytes\":{}}}", receipt.sequence, bytes.len());
+            println!("{{\"sequence\":\"{}\",\"bytes\":{}}}", receipt.sequence, bytes.len());
             Ok(ExitCode::SUCCESS)
         }
         ["report-hits"] => {
