@@ -24,10 +24,7 @@ impl RegistryLink {
 
     async fn transfer(&self, registry_id: &str, decision: &SignedDecision) -> Result<TransferRecorded, ApiError> {
         let channel = self.peers.channel(registry_id).map_err(|e| ApiError::unavailable(registry_id, e.to_string()))?;
-        let mut request = tonic::Request::new(pb::LossRegistryTransferRegistrationRequest {
-            decision: Some(signed_decision_to_proto(decision)),
-            request_id: String::new(),
-        });
+        let mut request = tonic::Request::new(transfer_request(decision));
         request.set_timeout(self.call_timeout);
         match LossRegistryClient::new(channel).transfer_registration(request).await {
             Ok(response) => {
@@ -45,6 +42,15 @@ impl RegistryLink {
                 format!("{registry_id} refused the transfer: {:?}: {}", status.code(), status.message()),
             )),
         }
+    }
+}
+
+/// The transfer of `decision`, keyed by its decision id: a retry (by the operator, or by the
+/// channel on another registry replica) is then answered as the first call was (AIP-155).
+fn transfer_request(decision: &SignedDecision) -> pb::LossRegistryTransferRegistrationRequest {
+    pb::LossRegistryTransferRegistrationRequest {
+        decision: Some(signed_decision_to_proto(decision)),
+        request_id: format!("transfer-{}", decision.decision.decision_id),
     }
 }
 

@@ -973,6 +973,8 @@ async fn k5_concurrent_applications_of_one_citizen_open_only_one() {
 #[derive(Clone, Default)]
 struct TransferRegistry {
     received: std::sync::Arc<std::sync::Mutex<Vec<pb::SignedDecision>>>,
+    /// The `request_id` of each call received.
+    keys: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -988,6 +990,7 @@ impl yidi_testkit::fake::RegistryFake for TransferRegistry {
         let signed = request.decision.unwrap_or_default();
         let decision = signed.decision.clone().unwrap_or_default();
         self.received.lock().unwrap().push(signed);
+        self.keys.lock().unwrap().push(request.request_id);
         Ok(pb::LossRegistryTransferRegistrationResponse {
             home_bureau_id: decision.transfer_to_bureau_id,
             card_serials: vec![decision.previous_card_serial],
@@ -1438,6 +1441,9 @@ async fn s4_a_registration_transfer_is_signed_delivered_and_leaves_the_register(
     let expect = Expectation { purpose: DecisionPurpose::TransferRegistration, addressee_id: REGISTRY, now: now() };
     let decision = signed.verify(&directory(&fixture), expect).unwrap();
     assert_eq!(decision.decision_id, done.decision_id);
+    // Keyed by the decision, so that a retry on another registry replica is answered as the first.
+    let keys = registry.keys.lock().unwrap().clone();
+    assert_eq!(keys.last().cloned(), Some(format!("transfer-{}", done.decision_id)), "{keys:?}");
     assert_eq!(decision.transfer_to_bureau_id, "home-sichuan");
     assert_eq!(decision.card.holder.registration_province, "36", "signed for the province this bureau holds");
     assert_eq!(decision.previous_card_serial, "JX-0001");
