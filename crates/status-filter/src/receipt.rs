@@ -14,13 +14,13 @@
 //! and `valid_until` as days since 0001-01-01 (i32 big-endian), or a byte 0 for a card without a
 //! last day, then the Ed25519 signature (64 bytes) over every byte before it.
 use chrono::{DateTime, Datelike, Days, NaiveDate, Utc};
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::SigningKey;
 use yidi_domain::Directory;
 
 use crate::{
     FormatError,
     key::CardKey,
-    signed::{SIGNATURE_LEN, VerifyError, verify_signature},
+    signed::{VerifyError, append_signature, split_signature, verify_signature},
     wire::{Reader, put, put_time},
 };
 
@@ -61,16 +61,13 @@ impl CardReceipt {
     pub fn sign(&self, key: &SigningKey) -> Vec<u8> {
         let mut out = Vec::new();
         self.encode(&mut out);
-        let signature = key.sign(&out);
-        out.extend_from_slice(&signature.to_bytes());
-        out
+        append_signature(out, key)
     }
 
     /// Reads `bytes` and accepts them only if signed by a registry of `directory` with a key it
     /// lists that was valid at `signed_at`, and unaltered since.
     pub fn verify(bytes: &[u8], directory: &Directory) -> Result<Self, VerifyError> {
-        let split = bytes.len().checked_sub(SIGNATURE_LEN).ok_or(FormatError::Truncated)?;
-        let (signed, signature) = bytes.split_at(split);
+        let (signed, signature) = split_signature(bytes)?;
         let mut reader = Reader::new(signed);
         if reader.field()? != TAG {
             return Err(FormatError::Invalid("tag").into());

@@ -19,7 +19,7 @@ use crate::{
 };
 
 const TAG: &[u8] = b"yidi.status-filter.v1";
-pub(crate) const SIGNATURE_LEN: usize = 64;
+const SIGNATURE_LEN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -133,16 +133,13 @@ impl StatusFile {
         for digest in &self.ask_online {
             out.extend_from_slice(digest);
         }
-        let signature = key.sign(&out);
-        out.extend_from_slice(&signature.to_bytes());
-        out
+        append_signature(out, key)
     }
 
     /// Reads `bytes` and accepts them only if signed by a registry of `directory`, with a key it
     /// lists that was valid at `built_at`, and unaltered since.
     pub fn verify(bytes: &[u8], directory: &Directory) -> Result<Self, VerifyError> {
-        let split = bytes.len().checked_sub(SIGNATURE_LEN).ok_or(FormatError::Truncated)?;
-        let (signed, signature) = bytes.split_at(split);
+        let (signed, signature) = split_signature(bytes)?;
         let mut reader = Reader::new(signed);
         let header = Header::decode(&mut reader)?;
         verify_signature(directory, &header.registry_id, &header.key_id, signed, signature, header.built_at)?;
@@ -201,4 +198,17 @@ pub(crate) fn verify_signature(
         return Err(VerifyError::KeyNotValid { key_id: key.id.clone() });
     }
     Ok(())
+}
+
+/// `signed` followed by its Ed25519 signature by `key`.
+pub(crate) fn append_signature(mut signed: Vec<u8>, key: &SigningKey) -> Vec<u8> {
+    let signature = key.sign(&signed);
+    signed.extend_from_slice(&signature.to_bytes());
+    signed
+}
+
+/// The signed bytes and the signature that ends them.
+pub(crate) fn split_signature(bytes: &[u8]) -> Result<(&[u8], &[u8]), FormatError> {
+    let split = bytes.len().checked_sub(SIGNATURE_LEN).ok_or(FormatError::Truncated)?;
+    Ok(bytes.split_at(split))
 }
