@@ -1098,14 +1098,7 @@ impl Registry {
             })
             .collect::<Vec<_>>();
         let misses = results.iter().filter(|r| r.status == CardStatus::Unknown).count();
-        if let Err(exhausted) = self.checks.limiter.admit(caller, misses, asked).await {
-            tracing::warn!(caller, misses, "check refused: too many misses (C4)");
-            return Err(ApiError::RateLimited {
-                reason: "CHECK_MISSES_EXHAUSTED",
-                message: "too many checks of unknown number/serial pairs; try again later".into(),
-                retry_after: exhausted.retry_after,
-            });
-        }
+        self.spend_misses(caller, misses, asked).await?;
         if !hits.is_empty() {
             tracing::info!(hits = hits.len(), "checks of cards reported lost");
             self.repo.record_hits(hits).await?;
@@ -1122,13 +1115,7 @@ impl Registry {
             return Err(Self::behind());
         }
         let Some(state) = self.index.get(&query.card_serial, query.id_number.as_str()) else {
-            if let Err(exhausted) = self.checks.limiter.admit(caller, 1, asked).await {
-                return Err(ApiError::RateLimited {
-                    reason: "CHECK_MISSES_EXHAUSTED",
-                    message: "too many checks of unknown number/serial pairs; try again later".into(),
-                    retry_after: exhausted.retry_after,
-                });
-            }
+            self.spend_misses(caller, 1, asked).await?;
             return Err(ApiError::not_found("card", &query.card_serial));
         };
         // Read after the card was found: the log's head is then at or past its registration (the
@@ -1150,6 +1137,18 @@ impl Registry {
             valid_until: state.valid_until,
         };
         Ok((receipt.sign(&key.key), sequence))
+    }
+
+    /// C4: `caller` asked about `misses` pairs the registry does not hold; refused once it is out
+    /// of misses.
+    async fn spend_misses(&self, caller: &str, misses: usize, asked: Instant) -> Result<(), ApiError> {
+        let Err(exhausted) = self.checks.limiter.admit(caller, misses, asked).await else { return Ok(()) };
+        tracing::warn!(caller, misses, "check refused: too many misses (C4)");
+        Err(ApiError::RateLimited {
+            reason: "CHECK_MISSES_EXHAUSTED",
+            message: "too many checks of unknown number/serial pairs; try again later".into(),
+            retry_after: exhausted.retry_after,
+        })
     }
 
     /// S1: this replica has not confirmed the newest entry of the log within the fence bound.
