@@ -110,7 +110,8 @@ impl Handler for Intake {
         yidi_runtime::telemetry::continue_trace(&span, model.trace_context.as_deref());
         let outcome = step(self, message, topic, &model).instrument(span).await;
         match &outcome {
-            Delivery::Delivered => self.publish(&model.application_id).await,
+            // Watchers are told once the message is settled (`settled` below).
+            Delivery::Delivered => {}
             // A failure of a step no longer due (the application was cancelled meanwhile) is no
             // one's concern: it must neither be retried nor mark the application.
             Delivery::Retry(error) | Delivery::Fail(error) => {
@@ -128,7 +129,7 @@ impl Handler for Intake {
 
     async fn settled(&self, message: &outbox::Model) {
         // Watchers see attempts, errors and dead letters as they happen.
-        self.publish(&message.subject).await;
+        self.publish(&message.subject);
     }
 }
 
@@ -179,7 +180,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
                 messages: Messages::default(),
             };
             if inner.repo.transition(sent, intake.clock().now()).await? {
-                intake.publish(id).await;
+                intake.publish(id);
             } else {
                 // Moved on meanwhile (cancelled, or sent by another replica): judged on the new state.
                 let now = match intake.read(id).await {
@@ -375,7 +376,7 @@ async fn place_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
             if !inner.repo.transition(ordering, intake.clock().now()).await? {
                 return Ok(Delivery::Retry(format!("application {id} changed while ordering; judged again")));
             }
-            intake.publish(id).await;
+            intake.publish(id);
         }
         ApplicationState::InProduction if model.order_id.is_none() => {}
         other => return Ok(overtaken(model, other)),
@@ -536,7 +537,7 @@ impl Intake {
                     let ready = card_dispatched(&model, &notice.order_id, &notice.card_serial, &how);
                     if self.inner.repo.transition(ready, self.clock().now()).await? {
                         tracing::info!(application_id = %id, order_id = %notice.order_id, "card dispatched (told by the producer)");
-                        self.publish(id).await;
+                        self.publish(id);
                         return Ok(ApplicationState::ReadyForCollection);
                     }
                 }

@@ -11,6 +11,7 @@ mod peers;
 mod repo;
 mod service;
 mod topic;
+mod watchers;
 mod withdrawal;
 
 use std::{future::Future, sync::Arc, time::Duration};

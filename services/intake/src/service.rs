@@ -18,6 +18,7 @@ use crate::{
     peers::Peers,
     repo::{Changes, Messages, NewApplication, Repo, Transition},
     topic::Topic,
+    watchers::{Watchers, publish_marked},
 };
 
 /// Who this station is and whom it works with.
@@ -116,7 +117,7 @@ pub(crate) struct Inner {
     pub policy: PolicyTimeline,
     pub matcher: Arc<dyn BiometricMatcher>,
     pub peers: Peers,
-    pub changes: broadcast::Sender<ApplicationView>,
+    pub watchers: Arc<Watchers>,
     /// Wakes the outbox dispatcher when a message is queued.
     pub wake: Arc<Notify>,
     pub respond_within: Duration,
@@ -151,24 +152,24 @@ pub struct IntakeParts {
 
 impl Intake {
     pub fn new(parts: IntakeParts) -> Self {
-        let (changes, _) = broadcast::channel(256);
+        let (watchers, marked) = Watchers::new();
         let peers = Peers::new(parts.directory.clone(), parts.connector, parts.call_timeout);
-        Self {
-            inner: Arc::new(Inner {
-                repo: parts.repo,
-                clock: parts.clock,
-                directory: parts.directory,
-                station: parts.station,
-                policy: parts.policy,
-                matcher: parts.matcher,
-                peers,
-                changes,
-                wake: parts.wake,
-                respond_within: parts.respond_within,
-                shutdown: parts.shutdown,
-                order_poll_after: parts.order_poll_after,
-            }),
-        }
+        let inner = Arc::new(Inner {
+            repo: parts.repo,
+            clock: parts.clock,
+            directory: parts.directory,
+            station: parts.station,
+            policy: parts.policy,
+            matcher: parts.matcher,
+            peers,
+            watchers,
+            wake: parts.wake,
+            respond_within: parts.respond_within,
+            shutdown: parts.shutdown,
+            order_poll_after: parts.order_poll_after,
+        });
+        tokio::spawn(publish_marked(Arc::downgrade(&inner), marked));
+        Self { inner }
     }
 
     pub fn clock(&self) -> &Clock {
@@ -270,7 +271,7 @@ impl Intake {
             request_key: request_key.clone(),
             received_at: now,
         };
-        let mut changes = self.inner.changes.subscribe();
+        let mut watching = self.inner.watchers.watch(&application_id);
         let received = AuditEntry::new(
             action,
             applicant.id_number.masked(),
@@ -290,14 +291,14 @@ impl Intake {
             return Err(error.into());
         }
         tracing::info!(%application_id, kind = kind.as_str(), id = %applicant.id_number.masked(), home = %home.id, "application received");
-        self.publish(&application_id).await;
+        self.publish(&application_id);
         self.inner.wake.notify_one();
 
         let deadline = tokio::time::Instant::now() + self.inner.respond_within;
         loop {
             // Another replica sharing the database may deliver it: look at the row now and then.
             let wait = (tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline);
-            match tokio::time::timeout_at(wait, changes.recv()).await {
+            match tokio::time::timeout_at(wait, watching.views.recv()).await {
                 Err(_) if wait < deadline => {
                     let view = self.get(&application_id).await?;
                     if view.is_answered() {
@@ -372,19 +373,14 @@ impl Intake {
         Ok((views, last.filter(|_| more)))
     }
 
-    /// Broadcasts the application as committed, to watchers and waiting callers.
-    pub(crate) async fn publish(&self, application_id: &str) {
-        match self.get(application_id).await {
-            Ok(view) => {
-                let _ = self.inner.changes.send(view);
-            }
-            Err(error) => tracing::warn!(%application_id, %error, "could not publish a change"),
-        }
+    /// Tells the application's watchers, if any, that it changed (committed).
+    pub(crate) fn publish(&self, application_id: &str) {
+        self.inner.watchers.mark(application_id);
     }
 
     /// The current state, then every change, until a final state or shutdown.
     pub async fn watch(&self, application_id: &str) -> Result<mpsc::Receiver<ApplicationView>, ApiError> {
-        let mut changes = self.inner.changes.subscribe();
+        let mut watching = self.inner.watchers.watch(application_id);
         let current = self.get(application_id).await?;
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
@@ -398,7 +394,7 @@ impl Intake {
                 let next = tokio::select! {
                     () = this.inner.shutdown.wait() => return,
                     () = tx.closed() => return,
-                    next = changes.recv() => next,
+                    next = watching.views.recv() => next,
                 };
                 let view = match next {
                     Ok(view) if view.application_id == id => view,
@@ -458,7 +454,7 @@ impl Intake {
                 .await?;
             if applied {
                 tracing::info!(%application_id, "application cancelled");
-                self.publish(application_id).await;
+                self.publish(application_id);
                 self.inner.wake.notify_one();
                 return self.get(application_id).await;
             }
@@ -526,7 +522,7 @@ impl Intake {
             return Err(not_ready(application_id, current.state));
         }
         tracing::info!(%application_id, card = %serial, "card collected");
-        self.publish(application_id).await;
+        self.publish(application_id);
         self.inner.wake.notify_one();
         self.get(application_id).await
     }
