@@ -190,7 +190,6 @@ pub async fn append(db: &impl AuditTarget, at: DateTime<Utc>, entry: AuditEntry)
 /// every bureau's writes carry one or more); SQLite has no writing CTE, so it takes three.
 async fn chain_onto_head(txn: &impl ConnectionTrait, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
     let backend = txn.get_database_backend();
-    let missing = || DbErr::Custom("audit_head has no row: is the audit log migrated?".into());
     let head = txn
         .query_one_raw(Statement::from_string(
             backend,
@@ -200,7 +199,7 @@ async fn chain_onto_head(txn: &impl ConnectionTrait, at: DateTime<Utc>, entry: A
             ),
         ))
         .await?
-        .ok_or_else(missing)?;
+        .ok_or_else(|| DbErr::Custom("audit_head has no row: is the audit log migrated?".into()))?;
     let seq: i64 = head.try_get("", "last_seq")?;
     let prev_hash: String = head.try_get("", "last_hash")?;
     let at = micros(at);

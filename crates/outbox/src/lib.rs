@@ -393,8 +393,8 @@ pub trait Handler: Send + Sync + 'static {
     fn deliver(&self, message: &Model) -> impl Future<Output = Delivery> + Send;
 
     /// Called after an attempt was recorded (delivered, rescheduled, dead, dropped), e.g. to tell
-    /// watchers, with the row as it then stands: its state fields may be those it was claimed with
-    /// when the handler settled it in its own transaction.
+    /// watchers, with the message as it was claimed: its id, topic, subject and target never
+    /// change; its new state is in the table (not read back here, as no handler needs it).
     fn settled(&self, _message: &Model) -> impl Future<Output = ()> + Send {
         async {}
     }
@@ -490,7 +490,9 @@ impl<H: Handler> Dispatcher<H> {
         };
         let attempts = u32::try_from(message.attempts).unwrap_or(0);
         let settled = match &outcome {
-            Delivery::Delivered => settle(&self.db, &message, &self.owner, MessageState::Delivered, None).await,
+            Delivery::Delivered => {
+                settle(&self.db, &message.id, &self.owner, MessageState::Delivered, None).await.map(|()| true)
+            }
             Delivery::Later { after, note } => {
                 reschedule(&self.db, &message, &self.owner, message.attempts, *after, note.clone(), false).await
             }
@@ -509,7 +511,9 @@ impl<H: Handler> Dispatcher<H> {
             }
             Delivery::Dropped(why) => {
                 tracing::info!(message_id = %message.id, topic = %message.topic, subject = %message.subject, %why, "outbox: no longer owed; dropped");
-                settle(&self.db, &message, &self.owner, MessageState::Dropped, Some(why.clone())).await
+                settle(&self.db, &message.id, &self.owner, MessageState::Dropped, Some(why.clone()))
+                    .await
+                    .map(|()| true)
             }
             Delivery::Fail(error) => {
                 tracing::warn!(message_id = %message.id, topic = %message.topic, subject = %message.subject, %error, "outbox: refused; dead letter");
@@ -518,9 +522,9 @@ impl<H: Handler> Dispatcher<H> {
             }
         };
         match settled {
-            Ok(Some(row)) => self.handler.settled(&row).await,
+            Ok(true) => self.handler.settled(&message).await,
             // The lease was lost (another replica took over after it ran out): theirs now.
-            Ok(None) => {}
+            Ok(false) => {}
             Err(error) => {
                 tracing::warn!(message_id = %message.id, %error, "outbox: cannot record the attempt; the lease will expire")
             }
@@ -579,16 +583,15 @@ async fn release(db: &DatabaseConnection, owner: &str) -> Result<u64, DbErr> {
 }
 
 /// Ends a leased message: delivered (if the handler has not already marked it in its
-/// transaction) or dropped, with a note. The row as this left it, or, when the handler had
-/// settled it in its own transaction, as it was claimed (id, topic, subject and target never
-/// change), so that nothing is read back.
+/// transaction) or dropped, with a note. If the row is no longer this replica's pending lease,
+/// the handler settled it, or another replica took it over: nothing is written.
 async fn settle(
     db: &DatabaseConnection,
-    message: &Model,
+    message_id: &str,
     owner: &str,
     state: MessageState,
     note: Option<String>,
-) -> Result<Option<Model>, DbErr> {
+) -> Result<(), DbErr> {
     let now = Utc::now();
     let mut update = Entity::update_many()
         .col_expr(Column::State, Expr::value(state.as_str()))
@@ -598,37 +601,21 @@ async fn settle(
         update = update.col_expr(Column::DeliveredAt, Expr::value(now));
     }
     if note.is_some() {
-        update = update.col_expr(Column::LastError, Expr::value(note.clone()));
+        update = update.col_expr(Column::LastError, Expr::value(note));
     }
-    let result = update
+    update
         .col_expr(Column::LeaseOwner, Expr::value(Option::<String>::None))
         .col_expr(Column::LeaseUntil, Expr::value(Option::<DateTime<Utc>>::None))
-        .filter(Column::Id.eq(message.id.as_str()))
+        .filter(Column::Id.eq(message_id))
         .filter(Column::State.eq(MessageState::Pending.as_str()))
         .filter(Column::LeaseOwner.eq(owner))
         .exec(db)
         .await?;
-    if result.rows_affected == 0 {
-        return Ok(Some(message.clone()));
-    }
-    let mut row = released(message, now);
-    row.state = state.as_str().to_owned();
-    row.settled_by = Some(owner.to_owned());
-    if state == MessageState::Delivered {
-        row.delivered_at = Some(now);
-    }
-    if note.is_some() {
-        row.last_error = note;
-    }
-    Ok(Some(row))
+    Ok(())
 }
 
-/// `message` with its lease handed back at `now`.
-fn released(message: &Model, now: DateTime<Utc>) -> Model {
-    Model { lease_owner: None, lease_until: None, updated_at: now, ..message.clone() }
-}
-
-/// Records an attempt that did not deliver: when to try again, or that it is dead.
+/// Records an attempt that did not deliver: when to try again, or that it is dead. False if the
+/// lease was lost (another replica took the message over after it ran out): theirs now.
 async fn reschedule(
     db: &DatabaseConnection,
     message: &Model,
@@ -637,11 +624,10 @@ async fn reschedule(
     wait: Duration,
     error: Option<String>,
     dead: bool,
-) -> Result<Option<Model>, DbErr> {
+) -> Result<bool, DbErr> {
     let now = Utc::now();
     let state = if dead { MessageState::Dead } else { MessageState::Pending };
     let error = error.map(|e| e.chars().take(2000).collect::<String>());
-    let next_attempt_at = now + chrono::Duration::from_std(wait).unwrap_or_default();
     let mut update = Entity::update_many();
     if dead {
         update = update.col_expr(Column::SettledBy, Expr::value(owner));
@@ -649,8 +635,8 @@ async fn reschedule(
     let result = update
         .col_expr(Column::State, Expr::value(state.as_str()))
         .col_expr(Column::Attempts, Expr::value(attempts))
-        .col_expr(Column::NextAttemptAt, Expr::value(next_attempt_at))
-        .col_expr(Column::LastError, Expr::value(error.clone()))
+        .col_expr(Column::NextAttemptAt, Expr::value(now + chrono::Duration::from_std(wait).unwrap_or_default()))
+        .col_expr(Column::LastError, Expr::value(error))
         .col_expr(Column::UpdatedAt, Expr::value(now))
         .col_expr(Column::LeaseOwner, Expr::value(Option::<String>::None))
         .col_expr(Column::LeaseUntil, Expr::value(Option::<DateTime<Utc>>::None))
@@ -659,18 +645,7 @@ async fn reschedule(
         .filter(Column::LeaseOwner.eq(owner))
         .exec(db)
         .await?;
-    if result.rows_affected == 0 {
-        return Ok(None);
-    }
-    let mut row = released(message, now);
-    row.state = state.as_str().to_owned();
-    row.attempts = attempts;
-    row.next_attempt_at = next_attempt_at;
-    row.last_error = error;
-    if dead {
-        row.settled_by = Some(owner.to_owned());
-    }
-    Ok(Some(row))
+    Ok(result.rows_affected > 0)
 }
 
 #[cfg(test)]
@@ -729,15 +704,12 @@ mod tests {
         assert_eq!(taken.len(), 1);
         // The first replica, back late, cannot settle what is no longer its own.
         let stored = || async { Entity::find_by_id(id.clone()).one(&db).await.unwrap().unwrap() };
-        let late = settle(&db, &first[0], "replica-a", MessageState::Delivered, None).await.unwrap();
-        assert!(late.is_some_and(|m| m.state == "pending"));
+        settle(&db, &id, "replica-a", MessageState::Delivered, None).await.unwrap();
         assert_eq!(stored().await.message_state(), Some(MessageState::Pending));
-        let done = settle(&db, &taken[0], "replica-b", MessageState::Delivered, None).await.unwrap().unwrap();
-        assert_eq!(done.message_state(), Some(MessageState::Delivered));
+        settle(&db, &id, "replica-b", MessageState::Delivered, None).await.unwrap();
         let row = stored().await;
         assert_eq!(row.message_state(), Some(MessageState::Delivered));
         assert_eq!((row.settled_by.as_deref(), row.lease_owner.as_deref()), (Some("replica-b"), None));
-        assert_eq!((done.settled_by, done.lease_owner), (row.settled_by, None));
     }
 
     #[tokio::test]
