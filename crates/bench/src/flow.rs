@@ -20,6 +20,7 @@ use yidi_runtime::{config::DatabaseConfig, population::Citizen};
 
 use crate::{
     Options,
+    process::{cpu_seconds_of, machine_busy_seconds},
     report::{Report, Table, ms, thousands},
 };
 
@@ -177,6 +178,22 @@ async fn replace(intake: IntakeClient<tonic::transport::Channel>, citizen: &Citi
     }
 }
 
+/// CPU seconds used so far by each bureau process, by this load generator and by the whole machine.
+struct CpuReading {
+    bureaus: BTreeMap<Process, f64>,
+    load_generator: f64,
+    machine: f64,
+}
+
+fn read_cpu(suite: &Suite) -> anyhow::Result<CpuReading> {
+    let mut bureaus = BTreeMap::new();
+    for process in Process::ALL {
+        let pid = suite.pid(process).with_context(|| format!("{} is not running", process.slug()))?;
+        bureaus.insert(process, cpu_seconds_of(pid)?);
+    }
+    Ok(CpuReading { bureaus, load_generator: cpu_seconds_of(std::process::id())?, machine: machine_busy_seconds()? })
+}
+
 struct Level {
     concurrency: usize,
     applications: usize,
@@ -281,10 +298,26 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
         "Replacement flow on PostgreSQL, mutual TLS: submitted → ready for collection",
         &["applications in flight", "applications", "completed/s", "p50 s", "p99 s", "failures"],
     );
+    let mut cpu = Table::new(
+        "CPU per completed application, ms, by process (from /proc; the rest is PostgreSQL, the kernel's \
+         softirq work and anything else running)",
+        &[
+            "applications in flight",
+            "station",
+            "home bureaus",
+            "producer",
+            "registry",
+            "load generator",
+            "the rest",
+            "whole machine",
+        ],
+    );
     let mut completed = 0usize;
     let mut best_rate: f64 = 0.0;
     for concurrency in options.flow_levels.iter().copied() {
+        let cpu_before = read_cpu(&suite)?;
         let level = run_level(&suite, &citizens, concurrency).await?;
+        let cpu_after = read_cpu(&suite)?;
         let done = level.latencies.len() as usize;
         completed += done;
         let rate = done as f64 / level.seconds;
@@ -300,6 +333,22 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
         if let Some(first) = level.failures.first() {
             table.note(format!("First failure at {concurrency}: {first}"));
         }
+        let per_app = |seconds: f64| format!("{:.1}", seconds * 1000.0 / done.max(1) as f64);
+        let used = |process: Process| cpu_after.bureaus[&process] - cpu_before.bureaus[&process];
+        let bureaus: f64 = Process::ALL.iter().map(|p| used(*p)).sum();
+        let load_generator = cpu_after.load_generator - cpu_before.load_generator;
+        let machine = cpu_after.machine - cpu_before.machine;
+        cpu.row(vec![
+            concurrency.to_string(),
+            per_app(used(Process::Intake)),
+            per_app(used(Process::HomeJiangxi) + used(Process::HomeSichuan)),
+            per_app(used(Process::Issuance)),
+            per_app(used(Process::Registry)),
+            per_app(load_generator),
+            per_app(machine - bureaus - load_generator),
+            per_app(machine),
+        ]);
+        report.value(&format!("flow_cpu_ms_per_application_{concurrency}"), machine * 1000.0 / done.max(1) as f64);
         report.value(&format!("flow_rate_{concurrency}"), rate);
         report.value(&format!("flow_p50_ms_{concurrency}"), ms(level.latencies.value_at_quantile(0.5)));
     }
@@ -362,6 +411,7 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
     report.value("db_stats_before", by_bureau(&before));
     report.value("db_stats_after", by_bureau(&after));
     report.tables.push(table);
+    report.tables.push(cpu);
     report.tables.push(per_app);
     Ok(())
 }

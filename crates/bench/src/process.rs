@@ -145,6 +145,33 @@ fn memory_of(pid: u32, field: &str) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
+/// Linux reports process and machine CPU time in USER_HZ ticks, 100 a second on every architecture.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time (user + system) process `pid` has used so far, in seconds, from /proc/PID/stat.
+pub fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after it start past its ')'.
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).context("no ')' in /proc/PID/stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 12 and 13 after the state (field 3).
+    let ticks = |index: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(index).context("short /proc/PID/stat")?.parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND)
+}
+
+/// CPU time the whole machine has spent busy (everything but idle and I/O wait), in seconds,
+/// summed over its cores, from /proc/stat.
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<f64> = line.split_whitespace().skip(1).map(|t| t.parse::<f64>()).collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: f64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    Ok(busy / TICKS_PER_SECOND)
+}
+
 async fn spawn(
     mut command: Command,
     log: PathBuf,
@@ -292,6 +319,26 @@ fn number_field(line: &str, field: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_read_from_proc() {
+        // Spin until /proc says this process used 50 ms more CPU; on a busy machine that takes
+        // longer than 50 ms of wall time, never less.
+        let (started, before) = (std::time::Instant::now(), cpu_seconds_of(std::process::id()).unwrap());
+        let mut x = 0u64;
+        while cpu_seconds_of(std::process::id()).unwrap() < before + 0.05 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(20), "CPU time never grew");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(35),
+            "50 ms of CPU (in 10 ms ticks) in {:?}",
+            started.elapsed()
+        );
+        assert!(machine_busy_seconds().unwrap() >= before + 0.05);
+    }
 
     #[test]
     fn resident_and_peak_memory_are_read_from_proc() {

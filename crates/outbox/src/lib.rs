@@ -375,8 +375,11 @@ impl OutboxConfig {
 /// What became of one delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    /// Delivered and its answer recorded (the handler may already have marked it, see [`complete`]).
+    /// Delivered and its answer recorded; the dispatcher marks the message delivered.
     Delivered,
+    /// Delivered, and the handler's own transaction already marked the message delivered with
+    /// the change its answer caused ([`complete`]): nothing is left for the dispatcher to write.
+    Answered,
     /// Nothing is wrong, but it is not done: ask again after this long (an order still being
     /// made). Not counted as a failure; `note` says what the peer is doing.
     Later { after: Duration, note: Option<String> },
@@ -490,6 +493,7 @@ impl<H: Handler> Dispatcher<H> {
         };
         let attempts = u32::try_from(message.attempts).unwrap_or(0);
         let settled = match &outcome {
+            Delivery::Answered => Ok(true),
             Delivery::Delivered => {
                 settle(&self.db, &message.id, &self.owner, MessageState::Delivered, None).await.map(|()| true)
             }

@@ -111,7 +111,7 @@ impl Handler for Intake {
         let outcome = step(self, message, topic, &model).instrument(span).await;
         match &outcome {
             // Watchers are told once the message is settled (`settled` below).
-            Delivery::Delivered => {}
+            Delivery::Delivered | Delivery::Answered => {}
             // A failure of a step no longer due (the application was cancelled meanwhile) is no
             // one's concern: it must neither be retried nor mark the application.
             Delivery::Retry(error) | Delivery::Fail(error) => {
@@ -242,7 +242,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         };
         if inner.repo.transition(approved, intake.clock().now()).await? {
             tracing::info!(application_id = %id, %decision_id, "approved by the home bureau");
-            return Ok(Delivery::Delivered);
+            return Ok(Delivery::Answered);
         }
         return approved_after_cancel(step).await;
     }
@@ -262,7 +262,7 @@ async fn verify_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     };
     if inner.repo.transition(refused, intake.clock().now()).await? {
         tracing::info!(application_id = %id, reason = reason.code(), "refused by the home bureau");
-        return Ok(Delivery::Delivered);
+        return Ok(Delivery::Answered);
     }
     Ok(Delivery::Dropped(format!("application {id} moved on while the home bureau refused it")))
 }
@@ -297,7 +297,7 @@ async fn approved_after_cancel(step: Step<'_>) -> Result<Delivery, ApiError> {
         return Ok(Delivery::Retry(format!("application {id} changed while its late approval was answered")));
     }
     tracing::info!(application_id = %id, close_queued = queued, "approved after a cancel: the home bureau is told");
-    Ok(Delivery::Delivered)
+    Ok(Delivery::Answered)
 }
 
 /// K1, K3: the loss report is filed before any card is ordered.
@@ -354,7 +354,7 @@ async fn report_loss_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         return Ok(Delivery::Dropped(format!("application {id} moved on while its loss report was filed")));
     }
     tracing::info!(application_id = %id, "loss report recorded by the registry");
-    Ok(Delivery::Delivered)
+    Ok(Delivery::Answered)
 }
 
 /// Orders the card. The intent is recorded first: once IN_PRODUCTION the application can no longer
@@ -422,7 +422,7 @@ async fn place_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         return Ok(Delivery::Retry(format!("application {id} changed while its order was stored")));
     }
     tracing::info!(application_id = %id, order_id = %order.order_id, "order placed");
-    Ok(Delivery::Delivered)
+    Ok(Delivery::Answered)
 }
 
 /// Follows the order until the producer has dispatched the card to the station.
@@ -447,7 +447,7 @@ async fn await_order_step(step: Step<'_>) -> Result<Delivery, ApiError> {
     let how = format!("found by asking {}", inner.station.producer_id);
     if inner.repo.transition(card_dispatched(model, &order_id, &order.card_serial, &how), intake.clock().now()).await? {
         tracing::info!(application_id = %id, %order_id, "card dispatched (found by polling the producer)");
-        return Ok(Delivery::Delivered);
+        return Ok(Delivery::Answered);
     }
     Ok(Delivery::Dropped(format!("application {id} moved on while its card was dispatched")))
 }
@@ -582,7 +582,7 @@ async fn close_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         Err(error) => return Ok(from_peer(error)),
     }
     let changes = Changes { home_notified: Some(true), ..Changes::default() };
-    inner
+    let recorded = inner
         .repo
         .update_in_state(
             &model.application_id,
@@ -594,7 +594,8 @@ async fn close_step(step: Step<'_>) -> Result<Delivery, ApiError> {
         )
         .await?;
     tracing::info!(application_id = %model.application_id, state = state.as_str(), "home bureau notified");
-    Ok(Delivery::Delivered)
+    // Not recorded (the application changed meanwhile): the dispatcher marks the message.
+    Ok(if recorded { Delivery::Answered } else { Delivery::Delivered })
 }
 
 /// C3, S1: the registry learns of the hand-over; only then is the new card valid and the old one

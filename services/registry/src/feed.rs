@@ -148,8 +148,9 @@ pub async fn append<C: ConnectionTrait>(txn: &C, changes: Vec<CardChange>) -> Re
         entries.push(Entry { sequence: sequence_of(sequence)?, change });
     }
     if backend == DbBackend::Postgres {
-        // Delivered at commit, and only then.
-        txn.execute_unprepared(&format!("NOTIFY {FEED_CHANNEL}")).await?;
+        // Delivered at commit, and only then. The payload is the last sequence written, so a
+        // replica that has already applied it (the writer itself) need not read the head again.
+        txn.execute_unprepared(&format!("NOTIFY {FEED_CHANNEL}, '{last}'")).await?;
     }
     Ok(entries)
 }
@@ -222,12 +223,14 @@ pub async fn record(
     Ok(db.execute_raw(update).await?.rows_affected() == 1)
 }
 
-/// PostgreSQL: how many replicas have not yet recorded applying `sequence`.
-pub async fn laggards(db: &DatabaseConnection, sequence: u64) -> Result<i64, DbErr> {
+/// PostgreSQL: how many replicas other than `writer` have not yet recorded applying `sequence`.
+/// The writer knows it has applied its own write from its own memory; its row is written a moment
+/// later, and waiting for that row would cost every write a poll interval.
+pub async fn laggards(db: &DatabaseConnection, sequence: u64, writer: &str) -> Result<i64, DbErr> {
     let count = Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "SELECT COUNT(*) AS laggards FROM registry_replicas WHERE applied_sequence < $1",
-        [stored(sequence).into()],
+        "SELECT COUNT(*) AS laggards FROM registry_replicas WHERE applied_sequence < $1 AND replica_id <> $2",
+        [stored(sequence).into(), writer.into()],
     );
     let row = db.query_one_raw(count).await?.ok_or_else(|| DbErr::RecordNotFound("registry_replicas".into()))?;
     row.try_get("", "laggards")
@@ -323,6 +326,12 @@ pub struct Freshness {
     applied_watch: watch::Sender<u64>,
     /// Asks the follower to read the head now (a write of this replica committed).
     pub(crate) nudge: Notify,
+    /// When the head read of a confirmation still being recorded was sent (as `confirmed`), 0 if
+    /// none: once this replica's progress row is written, a writer may acknowledge its write and
+    /// its caller check here before the confirmation lands.
+    confirming: AtomicU64,
+    /// Told when a confirmation being recorded lands or is given up.
+    confirmations: Notify,
 }
 
 impl Freshness {
@@ -334,7 +343,14 @@ impl Freshness {
             applied: AtomicU64::new(applied),
             applied_watch: watch::Sender::new(applied),
             nudge: Notify::new(),
+            confirming: AtomicU64::new(0),
+            confirmations: Notify::new(),
         }
+    }
+
+    fn nanos_since_start(&self, at: Instant) -> u64 {
+        // 0 means "never": an instant in the very first nanosecond counts from the next.
+        u64::try_from(at.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX).max(1)
     }
 
     pub fn applied(&self) -> u64 {
@@ -349,9 +365,40 @@ impl Freshness {
 
     /// Every entry committed before `sent` is applied (a head read sent at `sent` found no more).
     pub fn confirm(&self, sent: Instant) {
-        let nanos = u64::try_from(sent.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX);
-        // 0 means "never": a read sent in the very first nanosecond counts from the next.
-        self.confirmed.store(nanos.max(1), Ordering::Release);
+        self.confirmed.store(self.nanos_since_start(sent), Ordering::Release);
+        self.confirming.store(0, Ordering::Release);
+        self.confirmations.notify_waiters();
+    }
+
+    /// A head read sent at `sent` is applied and its progress row is being written; [`Self::confirm`]
+    /// follows once it is, or [`Self::not_confirmed`].
+    pub fn confirming(&self, sent: Instant) {
+        self.confirming.store(self.nanos_since_start(sent), Ordering::Release);
+    }
+
+    /// The confirmation being recorded failed (the row could not be written, or was pruned).
+    pub fn not_confirmed(&self) {
+        self.confirming.store(0, Ordering::Release);
+        self.confirmations.notify_waiters();
+    }
+
+    /// [`Self::fresh_at`] for a check asked at `asked`; if it is fenced only because a confirmation
+    /// is still being recorded, it waits for that one (at most the fence bound). Without this a
+    /// check could be refused right after a writer saw this replica's row and acknowledged.
+    pub async fn fresh_for_check(&self, asked: Instant) -> Option<u64> {
+        if let Some(sequence) = self.fresh_at(asked) {
+            return Some(sequence);
+        }
+        let landed = self.confirmations.notified();
+        tokio::pin!(landed);
+        landed.as_mut().enable();
+        let pending = self.confirming.load(Ordering::Acquire);
+        let fence = u64::try_from(self.fence.as_nanos()).unwrap_or(u64::MAX);
+        if pending == 0 || self.nanos_since_start(asked).saturating_sub(pending) >= fence {
+            return self.fresh_at(asked);
+        }
+        let _ = tokio::time::timeout(self.fence, landed).await;
+        self.fresh_at(asked)
     }
 
     /// S1: the sequence every answer given `now` reflects, or None when this replica cannot prove
@@ -435,5 +482,46 @@ mod tests {
         freshness.set_applied(9);
         freshness.confirm(start + Duration::from_millis(250));
         assert_eq!(freshness.fresh_at(start + Duration::from_millis(300)), Some(9));
+    }
+
+    /// A writer acknowledges once this replica's progress row is written, which is a moment before
+    /// the confirmation lands in memory: a check asked in between waits for it, and is answered.
+    #[tokio::test]
+    async fn s1_a_check_asked_while_a_confirmation_is_recorded_waits_for_it() {
+        let freshness = std::sync::Arc::new(Freshness::new(Duration::from_millis(200), 7));
+        let old = Instant::now();
+        freshness.confirm(old);
+        tokio::time::sleep(Duration::from_millis(210)).await;
+        let asked = Instant::now();
+        assert_eq!(freshness.fresh_for_check(asked).await, None, "fenced, and nothing on its way");
+
+        let sent = Instant::now();
+        freshness.set_applied(8);
+        freshness.confirming(sent);
+        let landing = {
+            let freshness = std::sync::Arc::clone(&freshness);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                freshness.confirm(sent);
+            })
+        };
+        let asked = Instant::now();
+        assert_eq!(freshness.fresh_for_check(asked).await, Some(8), "answered once the confirmation lands");
+        landing.await.unwrap();
+
+        // A confirmation given up (its row was pruned) is not waited for longer than that.
+        tokio::time::sleep(Duration::from_millis(210)).await;
+        freshness.confirming(Instant::now());
+        let giving_up = {
+            let freshness = std::sync::Arc::clone(&freshness);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                freshness.not_confirmed();
+            })
+        };
+        let waited = Instant::now();
+        assert_eq!(freshness.fresh_for_check(Instant::now()).await, None);
+        assert!(waited.elapsed() < Duration::from_millis(150), "waited {:?}", waited.elapsed());
+        giving_up.await.unwrap();
     }
 }

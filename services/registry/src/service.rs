@@ -278,12 +278,23 @@ impl Registry {
                 let poll = self.replica.poll;
                 let notified = async {
                     match listener.as_mut() {
-                        Some(listener) => {
-                            if let Err(error) = listener.recv().await {
-                                tracing::debug!(%error, "registry log notification lost");
-                                tokio::time::sleep(poll).await;
+                        Some(listener) => loop {
+                            match listener.recv().await {
+                                // A write already applied (this replica's own, applied when the
+                                // writer nudged it) asks for nothing.
+                                Ok(notice)
+                                    if notice
+                                        .payload()
+                                        .parse::<u64>()
+                                        .is_ok_and(|last| last <= self.freshness.applied()) => {}
+                                Ok(_) => break,
+                                Err(error) => {
+                                    tracing::debug!(%error, "registry log notification lost");
+                                    tokio::time::sleep(poll).await;
+                                    break;
+                                }
                             }
-                        }
+                        },
                         None => std::future::pending().await,
                     }
                 };
@@ -362,11 +373,20 @@ impl Registry {
             }
             self.freshness.set_applied(applied);
         }
-        if let Some(read_at) = head.read_at
-            && !feed::record(db, &self.replica.id, applied, read_at).await?
-        {
-            feed::join(db, &self.replica.id, applied).await?;
-            return Ok(false);
+        if let Some(read_at) = head.read_at {
+            self.freshness.confirming(sent);
+            match feed::record(db, &self.replica.id, applied, read_at).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.freshness.not_confirmed();
+                    feed::join(db, &self.replica.id, applied).await?;
+                    return Ok(false);
+                }
+                Err(error) => {
+                    self.freshness.not_confirmed();
+                    return Err(error);
+                }
+            }
         }
         self.freshness.confirm(sent);
         Ok(true)
@@ -406,7 +426,7 @@ impl Registry {
         }
         if self.on_postgres() {
             loop {
-                match feed::laggards(self.repo.db(), last).await {
+                match feed::laggards(self.repo.db(), last, &self.replica.id).await {
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "cannot read how far the replicas are: waiting out the fence"),
@@ -1075,7 +1095,7 @@ impl Registry {
         caller: &str,
     ) -> Result<(Vec<CheckResult>, DateTime<Utc>, u64), ApiError> {
         let asked = Instant::now();
-        let Some(sequence) = self.freshness.fresh_at(asked) else {
+        let Some(sequence) = self.freshness.fresh_for_check(asked).await else {
             return Err(Self::behind());
         };
         let checked_at = self.now();
@@ -1111,7 +1131,7 @@ impl Registry {
     /// misses as an unknown check does (C4: no enumeration through receipts).
     pub async fn card_receipt(&self, query: &CardQuery, caller: &str) -> Result<(Vec<u8>, u64), ApiError> {
         let asked = Instant::now();
-        if self.freshness.fresh_at(asked).is_none() {
+        if self.freshness.fresh_for_check(asked).await.is_none() {
             return Err(Self::behind());
         }
         let Some(state) = self.index.get(&query.card_serial, query.id_number.as_str()) else {
