@@ -333,7 +333,8 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
         if let Some(first) = level.failures.first() {
             table.note(format!("First failure at {concurrency}: {first}"));
         }
-        let per_app = |seconds: f64| format!("{:.1}", seconds * 1000.0 / done.max(1) as f64);
+        let ms_per_app = |seconds: f64| seconds * 1000.0 / done.max(1) as f64;
+        let per_app = |seconds: f64| format!("{:.1}", ms_per_app(seconds));
         let used = |process: Process| cpu_after.bureaus[&process] - cpu_before.bureaus[&process];
         let bureaus: f64 = Process::ALL.iter().map(|p| used(*p)).sum();
         let load_generator = cpu_after.load_generator - cpu_before.load_generator;
@@ -348,7 +349,7 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
             per_app(machine - bureaus - load_generator),
             per_app(machine),
         ]);
-        report.value(&format!("flow_cpu_ms_per_application_{concurrency}"), machine * 1000.0 / done.max(1) as f64);
+        report.value(&format!("flow_cpu_ms_per_application_{concurrency}"), ms_per_app(machine));
         report.value(&format!("flow_rate_{concurrency}"), rate);
         report.value(&format!("flow_p50_ms_{concurrency}"), ms(level.latencies.value_at_quantile(0.5)));
     }

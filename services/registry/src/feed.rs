@@ -393,8 +393,7 @@ impl Freshness {
         tokio::pin!(landed);
         landed.as_mut().enable();
         let pending = self.confirming.load(Ordering::Acquire);
-        let fence = u64::try_from(self.fence.as_nanos()).unwrap_or(u64::MAX);
-        if pending == 0 || self.nanos_since_start(asked).saturating_sub(pending) >= fence {
+        if pending == 0 || !self.within_fence(pending, asked) {
             return self.fresh_at(asked);
         }
         let _ = tokio::time::timeout(self.fence, landed).await;
@@ -406,12 +405,13 @@ impl Freshness {
     /// covers were stored before it.
     pub fn fresh_at(&self, now: Instant) -> Option<u64> {
         let confirmed = self.confirmed.load(Ordering::Acquire);
-        if confirmed == 0 {
-            return None;
-        }
-        let now = u64::try_from(now.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX);
+        (confirmed != 0 && self.within_fence(confirmed, now)).then(|| self.applied())
+    }
+
+    /// Whether `at` is less than the fence bound after the instant stored as `since`.
+    fn within_fence(&self, since: u64, at: Instant) -> bool {
         let fence = u64::try_from(self.fence.as_nanos()).unwrap_or(u64::MAX);
-        (now.saturating_sub(confirmed) < fence).then(|| self.applied())
+        self.nanos_since_start(at).saturating_sub(since) < fence
     }
 
     /// Waits until `sequence` is applied, or `deadline`; whether it is.

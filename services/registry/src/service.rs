@@ -375,17 +375,13 @@ impl Registry {
         }
         if let Some(read_at) = head.read_at {
             self.freshness.confirming(sent);
-            match feed::record(db, &self.replica.id, applied, read_at).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.freshness.not_confirmed();
-                    feed::join(db, &self.replica.id, applied).await?;
-                    return Ok(false);
-                }
-                Err(error) => {
-                    self.freshness.not_confirmed();
-                    return Err(error);
-                }
+            let recorded = feed::record(db, &self.replica.id, applied, read_at).await;
+            if !matches!(recorded, Ok(true)) {
+                self.freshness.not_confirmed();
+            }
+            if !recorded? {
+                feed::join(db, &self.replica.id, applied).await?;
+                return Ok(false);
             }
         }
         self.freshness.confirm(sent);
