@@ -182,14 +182,23 @@ pub async fn append(db: &impl AuditTarget, at: DateTime<Utc>, entry: AuditEntry)
     db.append_entry(at, entry).await
 }
 
-/// The append itself, inside a transaction. The first statement is a write to the head row that
-/// returns it: on PostgreSQL it takes the row lock, and a transaction that waited for it re-reads
-/// the committed head (READ COMMITTED); on SQLite it takes the database's write lock before
-/// anything is read, so a deferred transaction cannot be refused an upgrade. On PostgreSQL the row
-/// and the new head hash are then written by one statement (two round trips per append, where
-/// every bureau's writes carry one or more); SQLite has no writing CTE, so it takes three.
+/// The append itself, inside a transaction.
+///
+/// On PostgreSQL it is one statement, one round trip while the chain's head is locked: the head
+/// row is locked and read (`FOR UPDATE`: a transaction that waited for it reads the head its
+/// predecessor committed), moved on, and the row written with the hash computed by the server,
+/// byte for byte as [`entry_hash`] does (SHA-256 over the same tag and length-prefixed fields;
+/// `verify_chain` recomputes it in Rust).
+///
+/// On SQLite the first statement is a write to the head row that returns it: it takes the
+/// database's write lock before anything is read, so a deferred transaction cannot be refused an
+/// upgrade. SQLite has no writing CTE, so it takes three statements.
 async fn chain_onto_head(txn: &impl ConnectionTrait, at: DateTime<Utc>, entry: AuditEntry) -> Result<(), DbErr> {
     let backend = txn.get_database_backend();
+    let at = micros(at);
+    if backend == DbBackend::Postgres {
+        return chain_onto_head_in_one_statement(txn, at, entry).await;
+    }
     let head = txn
         .query_one_raw(Statement::from_string(
             backend,
@@ -199,31 +208,10 @@ async fn chain_onto_head(txn: &impl ConnectionTrait, at: DateTime<Utc>, entry: A
             ),
         ))
         .await?
-        .ok_or_else(|| DbErr::Custom("audit_head has no row: is the audit log migrated?".into()))?;
+        .ok_or_else(no_head)?;
     let seq: i64 = head.try_get("", "last_seq")?;
     let prev_hash: String = head.try_get("", "last_hash")?;
-    let at = micros(at);
     let hash = entry_hash(seq, at, entry.action, &entry.subject, &entry.outcome, &entry.detail, &prev_hash);
-    if backend == DbBackend::Postgres {
-        let insert = format!(
-            "WITH moved AS (UPDATE audit_head SET last_hash = $8 WHERE id = {}) \
-             INSERT INTO audit_log (at, action, subject, outcome, detail, seq, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            head::ROW
-        );
-        let values: Vec<sea_orm::Value> = vec![
-            at.into(),
-            entry.action.into(),
-            entry.subject.into(),
-            entry.outcome.into(),
-            entry.detail.into(),
-            seq.into(),
-            prev_hash.into(),
-            hash.into(),
-        ];
-        txn.execute_raw(Statement::from_sql_and_values(backend, insert, values)).await?;
-        return Ok(());
-    }
     Entity::insert(ActiveModel {
         id: NotSet,
         at: Set(at),
@@ -242,6 +230,55 @@ async fn chain_onto_head(txn: &impl ConnectionTrait, at: DateTime<Utc>, entry: A
         .filter(head::Column::Id.eq(head::ROW))
         .exec(txn)
         .await?;
+    Ok(())
+}
+
+fn no_head() -> DbErr {
+    DbErr::Custom("audit_head has no row: is the audit log migrated?".into())
+}
+
+/// [`entry_hash`] in SQL: `f` is the name of a field (or `$n` of a parameter) in the statement.
+fn sql_length_prefixed(f: &str) -> String {
+    format!("int8send(octet_length(convert_to({f}, 'UTF8'))::int8) || convert_to({f}, 'UTF8')")
+}
+
+/// PostgreSQL: lock and read the head, move it on and write the row, in one statement.
+/// Parameters: $1 at, $2 action, $3 subject, $4 outcome, $5 detail, $6 at in microseconds.
+async fn chain_onto_head_in_one_statement(
+    txn: &impl ConnectionTrait,
+    at: DateTime<Utc>,
+    entry: AuditEntry,
+) -> Result<(), DbErr> {
+    let hash = format!(
+        "encode(sha256(convert_to('yidi.audit_log.v1', 'UTF8') || int8send(head.last_seq + 1) || int8send($6::int8) \
+         || {} || {} || {} || {} || {}), 'hex')",
+        sql_length_prefixed("$2::text"),
+        sql_length_prefixed("$3::text"),
+        sql_length_prefixed("$4::text"),
+        sql_length_prefixed("$5::text"),
+        sql_length_prefixed("head.last_hash"),
+    );
+    let sql = format!(
+        "WITH head AS (SELECT last_seq, last_hash FROM audit_head WHERE id = {row} FOR UPDATE), \
+         moved AS (UPDATE audit_head SET last_seq = head.last_seq + 1, last_hash = {hash} FROM head \
+                   WHERE audit_head.id = {row} \
+                   RETURNING audit_head.last_seq, head.last_hash AS prev_hash, audit_head.last_hash) \
+         INSERT INTO audit_log (at, action, subject, outcome, detail, seq, prev_hash, hash) \
+         SELECT $1, $2, $3, $4, $5, last_seq, prev_hash, last_hash FROM moved",
+        row = head::ROW
+    );
+    let values: Vec<sea_orm::Value> = vec![
+        at.into(),
+        entry.action.into(),
+        entry.subject.into(),
+        entry.outcome.into(),
+        entry.detail.into(),
+        at.timestamp_micros().into(),
+    ];
+    let written = txn.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
+    if written.rows_affected() == 0 {
+        return Err(no_head());
+    }
     Ok(())
 }
 
@@ -530,7 +567,8 @@ mod tests {
                 let db = db.clone();
                 tokio::spawn(async move {
                     for n in 0..APPENDS {
-                        let entry = AuditEntry::new("race", format!("writer {writer}"), "o", format!("append {n}"));
+                        // Multi-byte text: the server's hash counts bytes, as entry_hash does.
+                        let entry = AuditEntry::new("race", format!("写入者 {writer}"), "o", format!("append {n} ✓"));
                         match n % 3 {
                             0 => append(&db, Utc::now(), entry).await.unwrap(),
                             1 => {

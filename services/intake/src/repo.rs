@@ -228,6 +228,16 @@ impl Repo {
         application::Entity::find_by_id(application_id.to_owned()).one(&self.db).await
     }
 
+    pub async fn get_many(&self, ids: &[String]) -> Result<Vec<application::Model>, DbErr> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        application::Entity::find()
+            .filter(application::Column::ApplicationId.is_in(ids.iter().cloned()))
+            .all(&self.db)
+            .await
+    }
+
     pub async fn events(&self, application_id: &str) -> Result<Vec<application_event::Model>, DbErr> {
         application_event::Entity::find()
             .filter(application_event::Column::ApplicationId.eq(application_id))

@@ -1,6 +1,6 @@
 //! The station's rules: counter checks, applications, cancellation, collection, withdrawal.
 //! Takes validated domain values; never decides who the applicant is (that is the home bureau's).
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -361,16 +361,37 @@ impl Intake {
         let more = models.len() as u64 > limit;
         let models: Vec<_> = models.into_iter().take(limit as usize).collect();
         let last = models.last().map(|m| TimeId { at: m.created_at, id: m.application_id.clone() });
+        Ok((self.views_of(models).await?, last.filter(|_| more)))
+    }
+
+    /// The views of the applications `ids` that exist, in the order of `ids`: three queries
+    /// whatever their number.
+    pub(crate) async fn views(&self, ids: &[String]) -> Result<Vec<ApplicationView>, ApiError> {
+        let mut models = self.inner.repo.get_many(ids).await?;
+        models.sort_by_key(|model| ids.iter().position(|id| *id == model.application_id));
+        self.views_of(models).await
+    }
+
+    /// The views of `models`, their events and messages read in one query each.
+    async fn views_of(&self, models: Vec<application::Model>) -> Result<Vec<ApplicationView>, ApiError> {
         let ids: Vec<String> = models.iter().map(|m| m.application_id.clone()).collect();
-        let events = self.inner.repo.events_for(&ids).await?;
-        let messages = self.inner.repo.messages_for(&ids).await?;
-        let mut views = Vec::with_capacity(models.len());
-        for model in models {
-            let own: Vec<_> = events.iter().filter(|e| e.application_id == model.application_id).cloned().collect();
-            let sent: Vec<_> = messages.iter().filter(|m| m.subject == model.application_id).cloned().collect();
-            views.push(view(model, &own, sent, &self.inner.station));
+        let mut events_of: HashMap<String, Vec<application_event::Model>> = HashMap::new();
+        for event in self.inner.repo.events_for(&ids).await? {
+            events_of.entry(event.application_id.clone()).or_default().push(event);
         }
-        Ok((views, last.filter(|_| more)))
+        let mut messages_of: HashMap<String, Vec<outbox::Model>> = HashMap::new();
+        for message in self.inner.repo.messages_for(&ids).await? {
+            messages_of.entry(message.subject.clone()).or_default().push(message);
+        }
+        let views = models
+            .into_iter()
+            .map(|model| {
+                let own = events_of.remove(model.application_id.as_str()).unwrap_or_default();
+                let sent = messages_of.remove(model.application_id.as_str()).unwrap_or_default();
+                view(model, &own, sent, &self.inner.station)
+            })
+            .collect();
+        Ok(views)
     }
 
     /// Tells the application's watchers, if any, that it changed (committed).

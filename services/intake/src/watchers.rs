@@ -71,7 +71,8 @@ impl Watchers {
 
 /// Reads and broadcasts marked applications until the station is dropped. Marks that arrive while
 /// a batch is read are taken together in the next one, so a burst of changes to one application
-/// costs one read; each read starts after the marks it answers, so no change is missed.
+/// costs one read, and the applications of a batch are read together (three queries); each read
+/// starts after the marks it answers, so no change is missed.
 pub(crate) async fn publish_marked(station: Weak<Inner>, mut marked: mpsc::UnboundedReceiver<String>) {
     while let Some(first) = marked.recv().await {
         let mut batch = BTreeSet::from([first]);
@@ -80,14 +81,15 @@ pub(crate) async fn publish_marked(station: Weak<Inner>, mut marked: mpsc::Unbou
         }
         let Some(inner) = station.upgrade() else { return };
         let intake = Intake { inner };
-        let watched: Vec<&String> = batch.iter().filter(|id| intake.inner.watchers.is_watched(id)).collect();
-        let reads = futures::future::join_all(watched.iter().map(|id| intake.get(id))).await;
-        for (read, id) in reads.into_iter().zip(watched) {
-            match read {
-                // No receiver is not an error: the watcher has just gone.
-                Ok(view) => drop(intake.inner.watchers.views.send(view)),
-                Err(error) => tracing::warn!(application_id = %id, %error, "could not publish a change"),
+        let watched: Vec<String> = batch.into_iter().filter(|id| intake.inner.watchers.is_watched(id)).collect();
+        match intake.views(&watched).await {
+            Ok(views) => {
+                for view in views {
+                    // No receiver is not an error: the watcher has just gone.
+                    drop(intake.inner.watchers.views.send(view));
+                }
             }
+            Err(error) => tracing::warn!(applications = ?watched, %error, "could not publish a change"),
         }
     }
 }

@@ -4,8 +4,8 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, SqlErr, TryInsertResult,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, SqlErr, TryInsertResult,
     sea_query::Expr,
 };
 use tokio_stream::StreamExt;
@@ -70,6 +70,17 @@ impl Card {
             status_event,
         }
     }
+}
+
+/// The cards a registration checks ([`Repo::registration_cards`]).
+#[derive(Debug, Clone, Default)]
+pub struct RegistrationCards {
+    /// The card already made for the decision.
+    pub by_decision: Option<Card>,
+    /// The holder's cards not revoked, whatever else their status.
+    pub active_of_holder: Vec<Card>,
+    /// The card that has the serial to register, whoever holds it.
+    pub with_serial: Option<Card>,
 }
 
 /// One row of `status_events`, as watchers receive it.
@@ -266,16 +277,36 @@ impl Repo {
             .collect())
     }
 
-    /// The holder's cards that are still in force (valid or reported lost).
-    pub async fn active_cards_of(&self, id_number: &str) -> Result<Vec<Card>, DbErr> {
-        // A holder has a handful of cards: filtering here keeps one query for both questions.
-        let mut cards = self.cards_of(id_number).await?;
-        cards.retain(|card| card.status != StoredCardStatus::Revoked);
-        Ok(cards)
-    }
-
-    pub async fn card_by_decision(&self, decision_id: &str) -> Result<Option<Card>, DbErr> {
-        Ok(cards::Entity::find().filter(cards::Column::DecisionId.eq(decision_id)).one(&self.db).await?.map(Card::from))
+    /// What a registration checks before it writes, read in one query: the card made for
+    /// `decision_id`, the holder's cards in force and the card that already has `serial`.
+    pub async fn registration_cards(
+        &self,
+        decision_id: &str,
+        holder: &str,
+        serial: &str,
+    ) -> Result<RegistrationCards, DbErr> {
+        let cards = cards::Entity::find()
+            .filter(
+                Condition::any()
+                    .add(cards::Column::DecisionId.eq(decision_id))
+                    .add(cards::Column::IdNumber.eq(holder))
+                    .add(cards::Column::Serial.eq(serial)),
+            )
+            .all(&self.db)
+            .await?;
+        let mut found = RegistrationCards::default();
+        for card in cards.into_iter().map(Card::from) {
+            if card.decision_id.as_deref() == Some(decision_id) {
+                found.by_decision = Some(card.clone());
+            }
+            if card.serial == serial {
+                found.with_serial = Some(card.clone());
+            }
+            if card.id_number == holder && card.status != StoredCardStatus::Revoked {
+                found.active_of_holder.push(card);
+            }
+        }
+        Ok(found)
     }
 
     /// Serials of the cards the registration of `serial` revoked.

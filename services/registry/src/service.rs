@@ -778,7 +778,8 @@ impl Registry {
         let holder = normalised(&d.card.holder.id_number);
         let locks = self.lock_for_write(&holder).await?;
         for _ in 0..ATTEMPTS {
-            if let Some(existing) = self.repo.card_by_decision(&d.decision_id).await? {
+            let known = self.repo.registration_cards(&d.decision_id, &holder, &card_serial).await?;
+            if let Some(existing) = known.by_decision {
                 if existing.serial == card_serial {
                     // The same registration again: the same answer, nothing written.
                     return Ok(RegisterOutcome {
@@ -789,7 +790,7 @@ impl Registry {
                 let error = DecisionError::AlreadyUsed(d.decision_id.clone()).into();
                 return Err(self.refuse(ACTION, subject, detail, error).await);
             }
-            let active = self.repo.active_cards_of(&holder).await?;
+            let active = known.active_of_holder;
             for card in &active {
                 if let Err(error) = Self::signed_by_holder_bureau(card, &signed) {
                     return Err(self.refuse(ACTION, subject, detail, error).await);
@@ -800,7 +801,7 @@ impl Registry {
             {
                 return Err(self.refuse(ACTION, subject, detail, error).await);
             }
-            if self.repo.card(&card_serial).await?.is_some() {
+            if known.with_serial.is_some() {
                 let error = ApiError::precondition(
                     "CARD_SERIAL_EXISTS",
                     format!("card serial {card_serial:?} is already registered"),
