@@ -118,8 +118,8 @@ impl Registrar {
         let Ok(order_id) = Uuid::parse_str(&message.subject) else {
             return Delivery::Fail(format!("{:?} is not an order id", message.subject));
         };
-        let order = match self.production.repo.find(order_id).await {
-            Ok(Some(order)) => order,
+        let (order, signed_decision) = match self.production.repo.find_with_decision(order_id).await {
+            Ok(Some(found)) => found,
             Ok(None) => return Delivery::Fail(format!("order {order_id} does not exist")),
             Err(error) => return Delivery::Retry(format!("producer database: {error}")),
         };
@@ -127,7 +127,7 @@ impl Registrar {
         let span = tracing::info_span!("order_step", order_id = %order.order_id, state = %order.state);
         yidi_runtime::telemetry::continue_trace(&span, order.trace_context.as_deref());
         match order.state {
-            OrderState::InProduction => self.register(order, &message.id).instrument(span).await,
+            OrderState::InProduction => self.register(order, &signed_decision, &message.id).instrument(span).await,
             // Registered by an older version that dispatched in a second step: only the dispatch
             // and the notice are left.
             OrderState::Registered => self.dispatch(order).instrument(span).await,
@@ -136,13 +136,9 @@ impl Registrar {
         }
     }
 
-    async fn register(&self, order: Order, message_id: &str) -> Delivery {
-        let stored = match self.production.repo.signed_decision(order.order_id).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Delivery::Fail(format!("order {} has no stored decision", order.order_id)),
-            Err(error) => return Delivery::Retry(format!("producer database: {error}")),
-        };
-        let decision = match pb::SignedDecision::decode(stored.as_slice()) {
+    /// `stored`: the order's signed decision as PlaceOrder stored it (protobuf bytes).
+    async fn register(&self, order: Order, stored: &[u8], message_id: &str) -> Delivery {
+        let decision = match pb::SignedDecision::decode(stored) {
             Ok(decision) => decision,
             Err(error) => {
                 let message = format!("stored decision cannot be decoded: {error}");

@@ -2,7 +2,8 @@
 //! acknowledged or broadcast; state transitions are conditional updates.
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Set, SqlErr,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Set, SqlErr,
+    UpdateMany,
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
@@ -167,9 +168,13 @@ impl Repo {
         Ok(self.find_model_by_decision(decision_id).await?.map(Order::from))
     }
 
-    /// The stored signed decision (protobuf bytes) of an order.
-    pub async fn signed_decision(&self, order_id: Uuid) -> Result<Option<Vec<u8>>, ApiError> {
-        Ok(orders::Entity::find_by_id(order_id).one(&self.db).await?.map(|m| m.signed_decision))
+    /// An order with its stored signed decision (protobuf bytes), in one read.
+    pub async fn find_with_decision(&self, order_id: Uuid) -> Result<Option<(Order, Vec<u8>)>, ApiError> {
+        let model = orders::Entity::find_by_id(order_id).one(&self.db).await?;
+        Ok(model.map(|mut model| {
+            let signed_decision = std::mem::take(&mut model.signed_decision);
+            (Order::from(model), signed_decision)
+        }))
     }
 
     /// Moves an order from `from` to `to` if it is still in `from`, with its audit rows (one per
@@ -193,21 +198,16 @@ impl Repo {
                 // Registered after all (an operator retried a refused registration).
                 .col_expr(orders::Column::RetryStopped, Expr::value(false));
         }
-        let result = update
-            .filter(orders::Column::OrderId.eq(order_id))
-            .filter(orders::Column::State.eq(from))
-            .exec(&txn)
-            .await?;
-        if result.rows_affected != 1 {
+        let update = update.filter(orders::Column::State.eq(from));
+        let Some(model) = update_one(&txn, update, order_id).await? else {
             txn.rollback().await?;
             return Ok(None);
-        }
+        };
         for audit in audits {
             audit::append(&txn, now, audit).await?;
         }
-        let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
         txn.commit().await?;
-        Ok(model.map(Order::from))
+        Ok(Some(Order::from(model)))
     }
 
     /// Records a failed registration attempt of an order still in production.
@@ -223,24 +223,38 @@ impl Repo {
             Attempt::Refused(error) => (error, true),
         };
         let txn = db::begin(&self.db).await?;
-        let result = orders::Entity::update_many()
+        let update = orders::Entity::update_many()
             .col_expr(orders::Column::Attempts, Expr::col(orders::Column::Attempts).add(1))
             .col_expr(orders::Column::LastError, Expr::value(error))
             .col_expr(orders::Column::RetryStopped, Expr::value(stop))
             .col_expr(orders::Column::UpdatedAt, Expr::value(now))
-            .filter(orders::Column::OrderId.eq(order_id))
-            .filter(orders::Column::State.eq(OrderState::InProduction))
-            .exec(&txn)
-            .await?;
-        if result.rows_affected != 1 {
+            .filter(orders::Column::State.eq(OrderState::InProduction));
+        let Some(model) = update_one(&txn, update, order_id).await? else {
             txn.rollback().await?;
             return Ok(None);
-        }
+        };
         if let Some(entry) = audit {
             audit::append(&txn, now, entry).await?;
         }
-        let model = orders::Entity::find_by_id(order_id).one(&txn).await?;
         txn.commit().await?;
-        Ok(model.map(Order::from))
+        Ok(Some(Order::from(model)))
     }
+}
+
+/// Runs `update` on order `order_id` and returns the row as it left it, `None` if it matched
+/// nothing: one statement where the database returns updated rows (PostgreSQL), an update and a
+/// read back in `txn` otherwise (SQLite).
+async fn update_one(
+    txn: &impl ConnectionTrait,
+    update: UpdateMany<orders::Entity>,
+    order_id: Uuid,
+) -> Result<Option<orders::Model>, DbErr> {
+    let update = update.filter(orders::Column::OrderId.eq(order_id));
+    if txn.support_returning() {
+        return Ok(update.exec_with_returning(txn).await?.into_iter().next());
+    }
+    if update.exec(txn).await?.rows_affected != 1 {
+        return Ok(None);
+    }
+    orders::Entity::find_by_id(order_id).one(txn).await
 }
