@@ -87,7 +87,7 @@ pub async fn replicas(options: &Options, report: &mut Report) -> anyhow::Result<
     let jiangxi = keys.of(HOME_JIANGXI).last().context("no key of the Jiangxi home bureau")?;
     let lag = feed_lag(&certs, &replicas, options.cards, &jiangxi.id, &jiangxi.key).await?;
     report.tables.push(lag.table(replicas.len()));
-    report.value("feed_lag", &lag.summary());
+    report.value("feed_lag", lag.summary());
 
     for server in replicas {
         server.stop().await?;

@@ -83,9 +83,9 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
 }
 
 async fn registry(options: &Options) -> anyhow::Result<yidi_check::Registry> {
-    Ok(yidi_check::Registry::connect(options.registry.clone())
+    yidi_check::Registry::connect(options.registry.clone())
         .await
-        .with_context(|| format!("connecting to {}", options.registry))?)
+        .with_context(|| format!("connecting to {}", options.registry))
 }
 
 async fn run(options: Options) -> anyhow::Result<ExitCode> {

@@ -14,6 +14,9 @@ const SNAPSHOT: &str = "snapshot.bin";
 const DELTAS: &str = "deltas.bin";
 const HITS: &str = "hits.txt";
 
+/// A stored snapshot (encoded) and the deltas appended after it, oldest first.
+pub type Stored = (Vec<u8>, Vec<Vec<u8>>);
+
 /// A check answered "not valid" locally, to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingHit {
@@ -45,7 +48,7 @@ impl Store {
 
     /// The stored snapshot and deltas, if any. A delta record cut short (a crash while appending)
     /// ends the list.
-    pub fn read(&self) -> io::Result<Option<(Vec<u8>, Vec<Vec<u8>>)>> {
+    pub fn read(&self) -> io::Result<Option<Stored>> {
         let snapshot = match fs::read(self.path(SNAPSHOT)) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

@@ -30,7 +30,7 @@ fn population(cards: usize, salt: u64) -> Vec<(String, String, bool)> {
             let province = provinces[(x % provinces.len() as u64) as usize];
             let id = format!("{province}0102{:010}{}", (x >> 8) % 10_000_000_000, x % 10);
             let serial = format!("S{salt:02}{i:010}");
-            (id, serial, (x >> 20) % 100 != 0)
+            (id, serial, !(x >> 20).is_multiple_of(100))
         })
         .collect()
 }
@@ -190,7 +190,7 @@ fn deltas_override_the_snapshot_in_order_and_must_chain() {
     assert_eq!((view.sequence(), view.as_of()), (12, at(11)));
     assert_eq!(view.lookup(&key), Lookup::NotValid, "an empty delta changes nothing");
     let found = (id.clone(), serial.clone(), true);
-    view.apply(delta(12, 13, at(12), &[found.clone()], &[])).unwrap();
+    view.apply(delta(12, 13, at(12), std::slice::from_ref(&found), &[])).unwrap();
     assert_eq!(view.lookup(&key), Lookup::Valid);
     view.apply(delta(13, 14, at(13), &[], &[&found])).unwrap();
     assert_eq!(view.lookup(&key), Lookup::NotCovered, "about to expire: ask online");
