@@ -40,6 +40,7 @@ use sea_orm_migration::prelude::{
     ColumnDef, Index, MigrationName, MigrationTrait, SchemaManager, Table, TableAlterStatement, async_trait,
 };
 use sha2::{Digest, Sha256};
+use std::sync::LazyLock;
 
 /// A row of `audit_log`.
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -244,11 +245,8 @@ fn sql_length_prefixed(f: &str) -> String {
 
 /// PostgreSQL: lock and read the head, move it on and write the row, in one statement.
 /// Parameters: $1 at, $2 action, $3 subject, $4 outcome, $5 detail, $6 at in microseconds.
-async fn chain_onto_head_in_one_statement(
-    txn: &impl ConnectionTrait,
-    at: DateTime<Utc>,
-    entry: AuditEntry,
-) -> Result<(), DbErr> {
+/// Built once: every audited change of every bureau sends it.
+static APPEND_IN_ONE_STATEMENT: LazyLock<String> = LazyLock::new(|| {
     let hash = format!(
         "encode(sha256(convert_to('yidi.audit_log.v1', 'UTF8') || int8send(head.last_seq + 1) || int8send($6::int8) \
          || {} || {} || {} || {} || {}), 'hex')",
@@ -258,7 +256,7 @@ async fn chain_onto_head_in_one_statement(
         sql_length_prefixed("$5::text"),
         sql_length_prefixed("head.last_hash"),
     );
-    let sql = format!(
+    format!(
         "WITH head AS (SELECT last_seq, last_hash FROM audit_head WHERE id = {row} FOR UPDATE), \
          moved AS (UPDATE audit_head SET last_seq = head.last_seq + 1, last_hash = {hash} FROM head \
                    WHERE audit_head.id = {row} \
@@ -266,7 +264,14 @@ async fn chain_onto_head_in_one_statement(
          INSERT INTO audit_log (at, action, subject, outcome, detail, seq, prev_hash, hash) \
          SELECT $1, $2, $3, $4, $5, last_seq, prev_hash, last_hash FROM moved",
         row = head::ROW
-    );
+    )
+});
+
+async fn chain_onto_head_in_one_statement(
+    txn: &impl ConnectionTrait,
+    at: DateTime<Utc>,
+    entry: AuditEntry,
+) -> Result<(), DbErr> {
     let values: Vec<sea_orm::Value> = vec![
         at.into(),
         entry.action.into(),
@@ -275,7 +280,9 @@ async fn chain_onto_head_in_one_statement(
         entry.detail.into(),
         at.timestamp_micros().into(),
     ];
-    let written = txn.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
+    let written = txn
+        .execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, APPEND_IN_ONE_STATEMENT.as_str(), values))
+        .await?;
     if written.rows_affected() == 0 {
         return Err(no_head());
     }
