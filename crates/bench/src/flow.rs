@@ -121,6 +121,21 @@ async fn writers(url: &str) -> anyhow::Result<HashSet<String>> {
     Ok(ids)
 }
 
+/// The next transaction id the server will assign. Only a transaction that writes gets one, and
+/// reading this assigns none, so the difference over a level is the writing transactions of the
+/// whole server in it: exact, where the xmin count of [`writers`] misses a transaction whose every
+/// row was written again later (progress rows, claimed and settled messages).
+async fn next_transaction_id(admin: &DatabaseConnection) -> anyhow::Result<i64> {
+    let row = admin
+        .query_one_raw(Statement::from_string(
+            admin.get_database_backend(),
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+        ))
+        .await?
+        .context("no snapshot")?;
+    Ok(row.try_get_by_index(0)?)
+}
+
 async fn stats(
     admin: &DatabaseConnection,
     names: &BTreeMap<Process, String>,
@@ -296,7 +311,15 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
 
     let mut table = Table::new(
         "Replacement flow on PostgreSQL, mutual TLS: submitted → ready for collection",
-        &["applications in flight", "applications", "completed/s", "p50 s", "p99 s", "failures"],
+        &[
+            "applications in flight",
+            "applications",
+            "completed/s",
+            "p50 s",
+            "p99 s",
+            "failures",
+            "writing transactions/application (all five, exact)",
+        ],
     );
     let mut cpu = Table::new(
         "CPU per completed application, ms, by process (from /proc; the rest is PostgreSQL, the kernel's \
@@ -314,14 +337,22 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
     );
     let mut completed = 0usize;
     let mut best_rate: f64 = 0.0;
+    let mut writing_at_best = 0.0;
     for concurrency in options.flow_levels.iter().copied() {
         let cpu_before = read_cpu(&suite)?;
+        let xid_before = next_transaction_id(&admin).await?;
         let level = run_level(&suite, &citizens, concurrency).await?;
+        let xid_after = next_transaction_id(&admin).await?;
         let cpu_after = read_cpu(&suite)?;
         let done = level.latencies.len() as usize;
         completed += done;
         let rate = done as f64 / level.seconds;
-        best_rate = best_rate.max(rate);
+        let writing = (xid_after - xid_before) as f64 / done.max(1) as f64;
+        if rate > best_rate {
+            best_rate = rate;
+            writing_at_best = writing;
+        }
+        report.value(&format!("flow_writing_transactions_per_application_{concurrency}"), writing);
         table.row(vec![
             level.concurrency.to_string(),
             level.applications.to_string(),
@@ -329,6 +360,7 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
             format!("{:.2}", level.latencies.value_at_quantile(0.5) as f64 / 1e6),
             format!("{:.2}", level.latencies.value_at_quantile(0.99) as f64 / 1e6),
             level.failures.len().to_string(),
+            format!("{writing:.1}"),
         ]);
         if let Some(first) = level.failures.first() {
             table.note(format!("First failure at {concurrency}: {first}"));
@@ -391,17 +423,23 @@ pub async fn write(options: &Options, report: &mut Report) -> anyhow::Result<()>
             format!("{:.1}", (a.rows_written - b.rows_written) as f64 / apps),
         ]);
     }
-    let bound = best_commit_rate / writing_total.max(1.0);
+    let lower_bound = best_commit_rate / writing_total.max(1.0);
+    let bound = best_commit_rate / writing_at_best.max(1.0);
     per_app.row(vec!["**all five**".into(), format!("**{writing_total:.1}**"), String::new(), String::new()]);
     per_app.note(format!(
-        "Writing transactions are counted as the distinct transaction ids (xmin) of the row versions the run left \
-         (read-only transactions get none; a transaction whose every row was later updated again is missed, so \
-         this is a lower bound). Bound from the commit rate: {} commits/s ÷ {writing_total:.1} = {bound:.1} \
-         applications/s; best measured {best_rate:.1}/s = {:.2}x of it.",
+        "Writing transactions in this table are the distinct transaction ids (xmin) of the row versions the run \
+         left, per bureau (read-only transactions get none; a transaction whose every row was later updated again \
+         is missed, so this is a lower bound). The flow's table counts them exactly for the whole server: the \
+         transaction ids assigned during a level, background writes included (the registry's progress rows, \
+         autovacuum's analyses). Bound from the commit rate at the best level: {} commits/s ÷ {writing_at_best:.1} \
+         = {bound:.1} applications/s; best measured {best_rate:.1}/s = **{:.2}x** of it ({:.2}x with the lower \
+         bound of {writing_total:.1}).",
         thousands(best_commit_rate),
         best_rate / bound.max(f64::MIN_POSITIVE),
+        best_rate / lower_bound.max(f64::MIN_POSITIVE),
     ));
-    report.value("flow_writing_transactions_per_application", writing_total);
+    report.value("flow_writing_transactions_per_application", writing_at_best);
+    report.value("flow_writing_transactions_per_application_lower_bound", writing_total);
     report.value("flow_commit_bound", bound);
     report.value("flow_applications_completed", completed);
     report.value("flow_best_rate", best_rate);
