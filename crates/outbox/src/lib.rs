@@ -44,8 +44,9 @@ use yidi_runtime::shutdown::Shutdown;
 /// The metadata key carrying the message id to the receiver.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// A row of `outbox_messages`.
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+/// A row of `outbox_messages` (also read from PostgreSQL's JSON of the row, so field names are
+/// the column names).
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, serde::Deserialize)]
 #[sea_orm(table_name = "outbox_messages")]
 pub struct Model {
     /// A UUID; also the idempotency key of every delivery attempt.

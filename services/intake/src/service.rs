@@ -1,6 +1,6 @@
 //! The station's rules: counter checks, applications, cancellation, collection, withdrawal.
 //! Takes validated domain values; never decides who the applicant is (that is the home bureau's).
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -16,7 +16,7 @@ use yidi_runtime::{Clock, Shutdown, directory::DirectoryHandle};
 use crate::{
     entities::{application, application_event},
     peers::Peers,
-    repo::{Changes, Messages, NewApplication, Repo, Transition},
+    repo::{Changes, Messages, NewApplication, Repo, Transition, WithHistory},
     topic::Topic,
     watchers::{Watchers, publish_marked},
 };
@@ -367,30 +367,19 @@ impl Intake {
     /// The views of the applications `ids` that exist, in no particular order: three queries
     /// whatever their number.
     pub(crate) async fn views(&self, ids: &[String]) -> Result<Vec<ApplicationView>, ApiError> {
-        let models = self.inner.repo.get_many(ids).await?;
-        self.views_of(models).await
+        let stored = self.inner.repo.with_history(ids).await?;
+        Ok(self.to_views(stored))
     }
 
     /// The views of `models`, their events and messages read in one query each.
     async fn views_of(&self, models: Vec<application::Model>) -> Result<Vec<ApplicationView>, ApiError> {
-        let ids: Vec<String> = models.iter().map(|m| m.application_id.clone()).collect();
-        let mut events_of: HashMap<String, Vec<application_event::Model>> = HashMap::new();
-        for event in self.inner.repo.events_for(&ids).await? {
-            events_of.entry(event.application_id.clone()).or_default().push(event);
-        }
-        let mut messages_of: HashMap<String, Vec<outbox::Model>> = HashMap::new();
-        for message in self.inner.repo.messages_for(&ids).await? {
-            messages_of.entry(message.subject.clone()).or_default().push(message);
-        }
-        let views = models
-            .into_iter()
-            .map(|model| {
-                let own = events_of.remove(model.application_id.as_str()).unwrap_or_default();
-                let sent = messages_of.remove(model.application_id.as_str()).unwrap_or_default();
-                view(model, &own, sent, &self.inner.station)
-            })
-            .collect();
-        Ok(views)
+        let stored = self.inner.repo.history_of(models).await?;
+        Ok(self.to_views(stored))
+    }
+
+    fn to_views(&self, stored: Vec<WithHistory>) -> Vec<ApplicationView> {
+        let station = &self.inner.station;
+        stored.into_iter().map(|s| view(s.application, &s.events, s.messages, station)).collect()
     }
 
     /// Tells the application's watchers, if any, that it changed (committed).
