@@ -537,16 +537,12 @@ impl<H: Handler> Dispatcher<H> {
     }
 }
 
-fn placeholders(backend: DbBackend, count: usize) -> Vec<String> {
-    (1..=count).map(|n| if backend == DbBackend::Postgres { format!("${n}") } else { "?".to_owned() }).collect()
-}
-
 /// Takes up to `limit` due messages for `owner`: pending, due, and not leased to a live replica.
 async fn claim(db: &DatabaseConnection, owner: &str, lease: Duration, limit: usize) -> Result<Vec<Model>, DbErr> {
     let backend = db.get_database_backend();
     let now = Utc::now();
     let until = now + chrono::Duration::from_std(lease).unwrap_or_default();
-    let p = placeholders(backend, 6);
+    let p = yidi_runtime::db::placeholders(backend, 6);
     // PostgreSQL: concurrent claimers skip each other's rows instead of waiting or double-taking.
     // SQLite: one writer at a time, so the UPDATE is atomic by itself.
     let lock = if backend == DbBackend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };

@@ -59,6 +59,11 @@ fn db_system(backend: DbBackend) -> &'static str {
     }
 }
 
+/// `count` bind placeholders for hand-written SQL: `$1`, `$2`, … on PostgreSQL, `?` elsewhere.
+pub fn placeholders(backend: DbBackend, count: usize) -> Vec<String> {
+    (1..=count).map(|n| if backend == DbBackend::Postgres { format!("${n}") } else { "?".to_owned() }).collect()
+}
+
 /// Begins a transaction (with sea-orm's default options) in its own span.
 pub async fn begin(db: &DatabaseConnection) -> Result<Transaction, DbErr> {
     begin_with_options(db, TransactionOptions::default()).await

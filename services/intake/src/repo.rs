@@ -1,9 +1,9 @@
 //! All database access. Every state change is committed, with its event row (and audit row), in
 //! one transaction before anyone is told; transitions are conditional on the expected state.
 //! Callers describe changes in domain terms ([`NewApplication`], [`Changes`]); the rows are built here.
-use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveEnum, ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
     DbBackend, DbErr, EntityTrait, FromQueryResult, Order, QueryFilter, QueryOrder, QuerySelect, Statement,
@@ -252,7 +252,7 @@ impl Repo {
             let applications = self.get_many(ids).await?;
             return self.history_of(applications).await;
         }
-        let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
+        let placeholders = db::placeholders(DbBackend::Postgres, ids.len());
         let sql = format!(
             "SELECT a.*, \
              COALESCE((SELECT json_agg(e ORDER BY e.id) FROM application_events e \

@@ -364,8 +364,8 @@ impl Intake {
         Ok((self.views_of(models).await?, last.filter(|_| more)))
     }
 
-    /// The views of the applications `ids` that exist, in no particular order: three queries
-    /// whatever their number.
+    /// The views of the applications `ids` that exist, in no particular order: one statement on
+    /// PostgreSQL, three queries elsewhere, whatever their number.
     pub(crate) async fn views(&self, ids: &[String]) -> Result<Vec<ApplicationView>, ApiError> {
         let stored = self.inner.repo.with_history(ids).await?;
         Ok(self.to_views(stored))
